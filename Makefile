@@ -1,0 +1,32 @@
+# Set-up and everyday commands. Every target creates .venv when it is missing.
+# torch is installed first and pinned to the CPU wheel on this machine's disk, so
+# that "torch>=2.4" in pyproject.toml is already satisfied and pip never pulls
+# a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q torch==$(TORCH_VERSION)
+
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PIP) install --disable-pip-version-check -q -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/lorafit demo
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

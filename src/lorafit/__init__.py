@@ -1,0 +1,50 @@
+"""lorafit: LoRA adapters for PyTorch models, in PEFT's file format.
+
+    import lorafit
+    lorafit.attach(model, lorafit.LoraConfig(r=8, target_modules=["query", "value"]))
+    ...train...
+    lorafit.save_adapter(model, "out/adapter")
+"""
+
+from lorafit.config import LoraConfig
+from lorafit.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from lorafit.model import (
+    ParameterReport,
+    active_adapters,
+    adapter_configs,
+    adapter_parameters,
+    attach,
+    detach,
+    disabled,
+    merge,
+    merge_and_unload,
+    merged_adapters,
+    set_active,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "ParameterReport",
+    "active_adapters",
+    "adapter_configs",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "attach",
+    "detach",
+    "disabled",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "merged_adapters",
+    "read_adapter",
+    "save_adapter",
+    "set_active",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,243 @@
+"""LoraConfig: what to adapt and how.
+
+Field names and meanings follow PEFT's ``LoraConfig`` so that an
+``adapter_config.json`` written by either tool is read by the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+ALL_LINEAR = "all-linear"
+INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
+BIAS_MODES = ("none", "all", "lora_only")
+
+# Keys PEFT writes that describe features lorafit does not implement. They are
+# accepted when reading a file only while they hold their "off" value.
+_PEFT_OFF_VALUES: dict[str, Any] = {
+    "use_dora": False,
+    "use_qalora": False,
+    "loftq_config": {},
+    "layer_replication": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "lora_bias": False,
+    "eva_config": None,
+    "corda_config": None,
+    "runtime_config": None,
+    "arrow_config": None,
+    "alora_invocation_tokens": None,
+    "ensure_weight_tying": False,
+}
+# Keys PEFT writes that carry no meaning for lorafit (bookkeeping only).
+_PEFT_IGNORED = {"peft_type", "auto_mapping", "revision", "peft_version", "qalora_group_size", "modules_to_tie",
+                 "use_bdlora", "lora_ga_config", "bdlora_config"}
+
+TargetSpec = Union[str, list[str], None]
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter.
+
+    A frozen weight ``W`` (d_out x d_in) gets ``A`` (r x d_in) and ``B``
+    (d_out x r); the layer computes ``W x + s * B (A dropout(x))`` with
+    ``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+
+    ``target_modules``: a list matches a module whose full name equals an entry
+    or ends with ``"." + entry``; a string is a regular expression that must
+    match the whole module name; ``"all-linear"`` means every linear layer
+    except the output head. ``exclude_modules`` uses the same rules.
+    ``rank_pattern`` / ``alpha_pattern`` map a module-name pattern (regex,
+    matched against the end of the name) to a per-module rank / alpha.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the allowed values."""
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
+            0.0 <= self.lora_dropout < 1.0
+        ):
+            raise ValueError(f"lora_dropout must be a number with 0 <= lora_dropout < 1, got {self.lora_dropout!r}")
+        _check_targets("target_modules", self.target_modules)
+        _check_targets("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"fan_in_fan_out must be true or false, got {self.fan_in_fan_out!r}")
+        if not any(self.init_lora_weights is s or (isinstance(s, str) and self.init_lora_weights == s) for s in INIT_SCHEMES):
+            allowed = ", ".join(repr(s) for s in INIT_SCHEMES)
+            raise ValueError(f"init_lora_weights must be one of {allowed}, got {self.init_lora_weights!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"rank_pattern must be a mapping of module pattern to rank, got {self.rank_pattern!r}")
+        for key, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", rank)
+            _check_regex(f"rank_pattern key {key!r}", key)
+        if not isinstance(self.alpha_pattern, dict):
+            raise ValueError(f"alpha_pattern must be a mapping of module pattern to alpha, got {self.alpha_pattern!r}")
+        for key, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", alpha)
+            _check_regex(f"alpha_pattern key {key!r}", key)
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+                raise ValueError(f"layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}")
+            if isinstance(self.target_modules, str):
+                raise ValueError(
+                    "layers_to_transform cannot be combined with a regex string in target_modules; "
+                    "put the layer indices into the regex instead"
+                )
+        if self.layers_pattern is not None:
+            if layers is None:
+                raise ValueError("layers_pattern is only meaningful together with layers_to_transform")
+            pats = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
+                raise ValueError(f"layers_pattern must be a string or a list of strings, got {self.layers_pattern!r}")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise ValueError(f"task_type must be a string such as 'SEQ_CLS' or 'CAUSAL_LM', got {self.task_type!r}")
+
+    # -- per-module values --------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.lora_alpha if key is None else float(self.alpha_pattern[key])
+
+    def scale_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON object PEFT writes as ``adapter_config.json``."""
+        out: dict[str, Any] = {"peft_type": "LORA"}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+        out["use_dora"] = False
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "LoraConfig":
+        """Build a config from a PEFT-style dict; unknown keys are warned about and ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads only LoRA adapters ('LORA')")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        unknown: list[str] = []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_OFF_VALUES:
+                if value not in (_PEFT_OFF_VALUES[key], None, False, {}, []):
+                    raise ValueError(f"{source}: {key}={value!r} uses a PEFT feature lorafit does not implement")
+            elif key not in _PEFT_IGNORED:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoraConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
+
+
+def _check_targets(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value != ALL_LINEAR:
+            _check_regex(name, value)
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(
+            f"{name} must be a non-empty list of module names, a regex string or {ALL_LINEAR!r}, got {value!r}"
+        )
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    # Same rule as PEFT: the first pattern that matches the end of the name at a dot boundary.
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None

@@ -1,0 +1,161 @@
+"""Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (and
+``lora_B``), ``...lora_embedding_A`` / ``...lora_embedding_B`` for embeddings,
+a modules_to_save copy under the module's own parameter names, and trained
+biases under their names in the wrapped model. The adapter name is not part of
+the key. Only safetensors are read: nothing in an adapter file can run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafit.config import LoraConfig
+from lorafit.model import adapter_configs, adapter_parameters, attach, detach
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+
+
+def peft_key(param_name: str, adapter: str) -> str:
+    """Map a parameter's name in the wrapped model to its key in a PEFT adapter file."""
+    for factor in ("lora_A", "lora_B"):
+        suffix = f".{factor}.{adapter}"
+        if param_name.endswith(suffix):
+            return PREFIX + param_name[: -len(suffix)] + f".{factor}.weight"
+    for factor in ("lora_embedding_A", "lora_embedding_B"):
+        suffix = f".{factor}.{adapter}"
+        if param_name.endswith(suffix):
+            return PREFIX + param_name[: -len(suffix)] + f".{factor}"
+    return PREFIX + param_name.replace(f".modules_to_save.{adapter}.", ".")
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``name`` under PEFT's keys (detached, on their own device)."""
+    return {peft_key(k, name): p.detach() for k, p in adapter_parameters(model, name).items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` to ``directory`` (created if needed).
+
+    Each file is written to a temporary name and renamed into place, weights
+    first, so an interrupted save leaves the previous adapter files intact.
+    """
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r} to save; attached adapters: {list(configs) or 'none'}")
+    config = configs[name]
+    if config.base_model_name_or_path is None:
+        base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        config = dataclasses.replace(config, base_model_name_or_path=base_name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model, name).items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+    return directory
+
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = LoraConfig.load(config_path)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
+        if pickles:
+            raise ValueError(
+                f"{directory} holds {pickles[0]}, a pickle file, which can run arbitrary code when loaded; "
+                f"lorafit reads only {WEIGHTS_NAME}. Convert it once in a trusted environment "
+                "(e.g. load it with PEFT and save_pretrained(..., safe_serialization=True))"
+            )
+        raise FileNotFoundError(f"{weights_path} is missing")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {exc}") from None
+    return config, tensors
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    activate: bool = True,
+) -> nn.Module:
+    """Attach the adapter stored in ``directory`` to ``model`` as ``name`` and load its weights.
+
+    ``model`` may be a plain base model or one that already has other adapters.
+    Every tensor in the file must belong to a module the config targets, with
+    the right shape, and every such module must have its tensors; otherwise a
+    ``ValueError`` names the tensors and the model is left as it was.
+    """
+    config, tensors = read_adapter(directory)
+    attach(model, config, name, activate=activate, trainable=trainable)
+    try:
+        expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
+        _check_tensors(Path(directory) / WEIGHTS_NAME, expected, tensors)
+    except BaseException:
+        detach(model, name)
+        raise
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
+    return model
+
+
+def _check_tensors(path: Path, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]) -> None:
+    problems: list[str] = []
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {_few(missing)}")
+    if extra:
+        problems.append(f"tensors that match no adapted module of this model {_few(extra)}")
+    for key in sorted(set(expected) & set(found)):
+        want, got = tuple(expected[key].shape), tuple(found[key].shape)
+        if want != got:
+            problems.append(f"tensor {key!r} has shape {list(got)} in the file but the model needs {list(want)}")
+        elif not found[key].is_floating_point():
+            problems.append(f"tensor {key!r} has dtype {found[key].dtype}; expected a floating-point tensor")
+    if problems:
+        raise ValueError(f"{path} does not fit this model (is it for another base model?): " + "; ".join(problems))
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"

@@ -1,0 +1,9 @@
+"""One LoRA wrapper per adaptable layer kind."""
+
+from lorafit.layers.base import LoraLayer
+from lorafit.layers.conv import Conv
+from lorafit.layers.embedding import Embedding
+from lorafit.layers.linear import Linear, is_gpt2_conv1d
+from lorafit.layers.modules_to_save import ModulesToSave
+
+__all__ = ["LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "is_gpt2_conv1d"]

@@ -1,0 +1,49 @@
+"""LoRA for ``nn.Conv1d`` and ``nn.Conv2d``.
+
+``A`` is a convolution with the base layer's kernel, stride, padding and
+dilation but ``r`` output channels; ``B`` is a 1x1 convolution from ``r`` to the
+base layer's output channels. Because ``B`` is pointwise, the pair equals one
+convolution with weight ``B A`` (contracted over r), which is what merging adds.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from lorafit.layers.base import LoraLayer
+
+
+class Conv(LoraLayer):
+    def __init__(self, base_layer: nn.Module) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"LoRA on a grouped convolution (groups={base_layer.groups}) is not supported; "
+                "exclude this module from target_modules"
+            )
+        super().__init__(base_layer)
+        self._pointwise = nn.functional.conv1d if isinstance(base_layer, nn.Conv1d) else nn.functional.conv2d
+
+    def factor_shapes(self, r: int):
+        out_ch, in_ch, *kernel = self.base_layer.weight.shape
+        return (r, in_ch, *kernel), (out_ch, r, *([1] * len(kernel)))
+
+    def init_factors(self, name: str, init: bool | str) -> None:
+        if init in ("pissa", "olora"):
+            raise ValueError(f"init_lora_weights={init!r} is only supported for Linear layers, not convolutions")
+        super().init_factors(name, init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        weight = self.base_layer.weight
+        delta = (b.float().flatten(1) @ a.float().flatten(1)).view(weight.shape) * self.scaling[name]
+        return delta.to(weight.dtype)
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        # The base layer's own conv call, so padding_mode and string paddings match exactly.
+        h = self.base_layer._conv_forward(self.lora_input(x, name), a, None)
+        return result + (self._pointwise(h, b) * self.scaling[name]).to(result.dtype)
+
+

@@ -1,0 +1,51 @@
+"""LoRA for ``nn.Embedding``.
+
+The factors are a low-rank table: ``A: (r, num_embeddings)`` is looked up like
+an embedding and ``B: (embedding_dim, r)`` projects it, so
+``y = base(ids) + s * A^T[ids] B^T``. PEFT stores them as
+``lora_embedding_A`` / ``lora_embedding_B`` and applies no dropout here (the
+input is token ids), and neither do we.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafit.layers.base import LoraLayer
+
+
+class Embedding(LoraLayer):
+    a_name = "lora_embedding_A"
+    b_name = "lora_embedding_B"
+
+    def factor_shapes(self, r: int):
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def init_factors(self, name: str, init: bool | str) -> None:
+        a, b = self.factors_a[name], self.factors_b[name]
+        with torch.no_grad():
+            if init is True or init == "gaussian":
+                # Zero A, random B: the lookup of a zero table is zero, and B gets gradients at once.
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+            elif init is False:
+                nn.init.normal_(a)
+                nn.init.normal_(b)
+            else:
+                raise ValueError(f"init_lora_weights={init!r} is not supported for Embedding layers")
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        delta = (b.float() @ a.float()).T * self.scaling[name]
+        return delta.to(self.base_layer.weight.dtype)
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        base = self.base_layer
+        h = nn.functional.embedding(
+            x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+        return result + (nn.functional.linear(h, b) * self.scaling[name]).to(result.dtype)

@@ -1,0 +1,65 @@
+"""LoRA for ``nn.Linear`` and for transformers' GPT-2 ``Conv1D``.
+
+``y = base(x) + s * B (A dropout(x))`` with ``A: (r, d_in)``, ``B: (d_out, r)``.
+GPT-2's ``Conv1D`` stores its weight transposed, ``(d_in, d_out)``
+(``fan_in_fan_out``); the factors keep the Linear layout either way, as PEFT
+does, and only the merged delta is transposed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafit.layers.base import LoraLayer
+from lorafit.layers.init import olora_init, pissa_init
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    # Recognised by shape of the API rather than imported, so the core needs no transformers.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class Linear(LoraLayer):
+    """LoRA around an ``nn.Linear`` (or a GPT-2 ``Conv1D`` with ``fan_in_fan_out``)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out or is_gpt2_conv1d(base_layer)
+        d0, d1 = base_layer.weight.shape
+        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+
+    def factor_shapes(self, r: int):
+        return (r, self.in_features), (self.out_features, r)
+
+    def init_factors(self, name: str, init: bool | str) -> None:
+        if init in ("pissa", "olora"):
+            if self.rank[name] > min(self.in_features, self.out_features):
+                raise ValueError(
+                    f"init_lora_weights={init!r} needs r <= min(d_in, d_out) = "
+                    f"{min(self.in_features, self.out_features)}, got r={self.rank[name]}"
+                )
+            fn = pissa_init if init == "pissa" else olora_init
+            fn(self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],
+               transposed=self.fan_in_fan_out)
+        else:
+            super().init_factors(name, init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        weight = self.base_layer.weight
+        a, b = self.factors_a[name], self.factors_b[name]
+        # float32 product so merging into a bf16/fp16 weight loses nothing extra
+        delta = (b.float() @ a.float()) * self.scaling[name]
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(weight.dtype)
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        h = nn.functional.linear(self.lora_input(x, name), a)
+        if h.dtype == result.dtype:
+            # result + s * h B^T in one fused call: no separate scaled temporary.
+            flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.T,
+                               alpha=self.scaling[name])
+            return flat.view(result.shape)
+        return result + (nn.functional.linear(h, b) * self.scaling[name]).to(result.dtype)

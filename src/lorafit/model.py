@@ -1,0 +1,350 @@
+"""Model operations: attach, detach, merge, unmerge, select and disable adapters.
+
+All functions work on the user's own ``nn.Module`` in place: targeted layers are
+replaced by LoRA wrappers that keep the original layer as ``base_layer``.
+The configs of the attached adapters live on the model as ``_lorafit_configs``
+(name -> LoraConfig) so that saving needs nothing but the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorafit.config import LoraConfig
+from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
+from lorafit.targeting import layer_kind, name_matches, resolve_targets
+
+_CONFIGS = "_lorafit_configs"
+_ORIGINAL_GRAD = "_lorafit_original_requires_grad"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters attached to ``model``, by name."""
+    return model.__dict__.setdefault(_CONFIGS, {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def _wrappers(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
+    return [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _wrap(module: nn.Module, config: LoraConfig) -> LoraLayer:
+    kind = layer_kind(module)
+    if kind == "linear":
+        return Linear(module, fan_in_fan_out=config.fan_in_fan_out)
+    if kind == "embedding":
+        return Embedding(module)
+    return Conv(module)
+
+
+def attach(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    trainable: bool = True,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Add adapter ``name`` to the modules ``config`` targets and freeze everything else.
+
+    Returns ``model`` (changed in place). Afterwards only the new adapter's
+    factors, its ``modules_to_save`` copies and the biases ``config.bias``
+    names require gradients (all of them frozen too if ``trainable=False``).
+    ``dtype`` sets the adapter's dtype (default: each base layer's dtype).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"adapter name must match [A-Za-z0-9_-]+, got {name!r}")
+    configs = adapter_configs(model)
+    if name in configs:
+        raise ValueError(f"an adapter named {name!r} is already attached; detach it first or pick another name")
+    targets = resolve_targets(model, config)
+    saved_names = _modules_to_save_names(model, config)
+
+    if _ORIGINAL_GRAD not in model.__dict__:
+        model.__dict__[_ORIGINAL_GRAD] = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    for target in targets:
+        module = model.get_submodule(target)
+        if not isinstance(module, LoraLayer):
+            module = _wrap(module, config)
+            _replace(model, target, module)
+        module.add_adapter(
+            name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
+            init=config.init_lora_weights, dtype=dtype,
+        )
+    for target in saved_names:
+        module = model.get_submodule(target)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _replace(model, target, module)
+        module.add_adapter(name)
+    configs[name] = config
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if trainable:
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(True)
+    if activate:
+        # Merged adapters stay active (they are in the weights); the new one joins them.
+        set_active(model, merged_adapters(model) + [name])
+    return model
+
+
+def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, m in model.named_modules() if n and name_matches(config.modules_to_save, n)
+             and not isinstance(m, LoraLayer)]
+    # Keep only the outermost match: a ModulesToSave wrapper's own insides also end with the name.
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    names = [n for n in names if ".modules_to_save." not in n and not n.endswith(".original_module")]
+    if not names:
+        raise ValueError(
+            f"modules_to_save {config.modules_to_save!r} matched no module; top-level modules are: "
+            f"{', '.join(n for n, _ in model.named_children())}"
+        )
+    return names
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The parameters that belong to adapter ``name``, by their name in ``model``.
+
+    Its LoRA factors, its ``modules_to_save`` copies, and the biases its config trains.
+    """
+    config = adapter_configs(model).get(name)
+    if config is None:
+        raise KeyError(_unknown(model, name))
+    out: dict[str, nn.Parameter] = {}
+    for path, layer in lora_layers(model):
+        if name in layer.adapter_names:
+            out[f"{path}.{layer.a_name}.{name}"] = layer.factors_a[name]
+            out[f"{path}.{layer.b_name}.{name}"] = layer.factors_b[name]
+            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                out[f"{path}.base_layer.bias"] = layer.base_layer.bias
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.adapter_names:
+            for pname, p in wrapper.modules_to_save[name].named_parameters():
+                out[f"{path}.modules_to_save.{name}.{pname}"] = p
+    if config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".lora_" not in pname and ".modules_to_save." not in pname \
+                    and ".original_module." not in pname:
+                out[pname] = p
+    return out
+
+
+def _unknown(model: nn.Module, name: str) -> str:
+    known = list(adapter_configs(model))
+    return f"no adapter named {name!r} is attached; attached adapters: {known or 'none'}"
+
+
+def _names(model: nn.Module, names: str | list[str] | None) -> list[str]:
+    configs = adapter_configs(model)
+    if names is None:
+        return list(configs)
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if n not in configs:
+            raise KeyError(_unknown(model, n))
+    return names
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("_lorafit_active", []))
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly ``names`` the active adapters (their outputs add up)."""
+    names = _names(model, names)
+    merged = merged_adapters(model)
+    if merged and set(merged) - set(names):
+        raise ValueError(f"adapters {merged} are merged into the weights; unmerge them before changing the active set")
+    for wrapper in _wrappers(model):
+        wrapper.set_active(names)
+    model.__dict__["_lorafit_active"] = names
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    seen: list[str] = []
+    for _, layer in lora_layers(model):
+        seen += [n for n in layer.merged if n not in seen]
+    return seen
+
+
+def detach(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name``; layers left without adapters become their base layer again."""
+    _names(model, name)
+    for path, layer in list(lora_layers(model)):
+        if name in layer.adapter_names:
+            layer.remove_adapter(name)
+            if not layer.adapter_names:
+                _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.adapter_names:
+            wrapper.remove_adapter(name)
+            if not wrapper.adapter_names:
+                _replace(model, path, wrapper.original_module)
+    del adapter_configs(model)[name]
+    model.__dict__["_lorafit_active"] = [n for n in active_adapters(model) if n != name]
+    if not adapter_configs(model):
+        _restore_requires_grad(model)
+    return model
+
+
+def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the base weights.
+
+    With ``safe=True`` a layer whose merged weight would hold NaN or inf is left
+    unchanged and a ``ValueError`` names the adapter.
+    """
+    names = active_adapters(model) if names is None else _names(model, names)
+    inactive = [n for n in names if n not in active_adapters(model)]
+    if inactive:
+        raise ValueError(f"adapters {inactive} are not active; only active adapters can be merged")
+    for _, layer in lora_layers(model):
+        layer.merge([n for n in names if n in layer.adapter_names], safe=safe)
+
+
+def unmerge(model: nn.Module, names: str | list[str] | None = None) -> None:
+    """Subtract merged adapters (default: all) from the base weights again."""
+    names = None if names is None else _names(model, names)
+    for _, layer in lora_layers(model):
+        layer.unmerge(names)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the base model: inside the block no adapter contributes to the output.
+
+    Merged adapters are unmerged for the duration and merged back afterwards.
+    """
+    merged = {id(layer): list(layer.merged) for _, layer in lora_layers(model)}
+    unmerge(model)
+    wrappers = _wrappers(model)
+    before = [w.disabled for w in wrappers]
+    for w in wrappers:
+        w.disabled = True
+    try:
+        yield model
+    finally:
+        for w, flag in zip(wrappers, before):
+            w.disabled = flag
+        for _, layer in lora_layers(model):
+            layer.merge(merged.get(id(layer), []))
+
+
+def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
+    """Merge the active adapters and return the plain model, with no LoRA wrapper left.
+
+    ``modules_to_save`` modules become the active adapter's trained copy.
+    """
+    merge(model, safe=safe)
+    for path, layer in list(lora_layers(model)):
+        _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        _replace(model, path, wrapper.current)
+    _forget(model)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and return the original base model.
+
+    If nothing was merged, the base weights are bitwise the originals; merged
+    adapters are subtracted first (exact up to floating-point rounding).
+    """
+    unmerge(model)
+    for path, layer in list(lora_layers(model)):
+        _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        _replace(model, path, wrapper.original_module)
+    _restore_requires_grad(model)
+    _forget(model)
+    return model
+
+
+def _restore_requires_grad(model: nn.Module) -> None:
+    original = model.__dict__.pop(_ORIGINAL_GRAD, {})
+    for n, p in model.named_parameters():
+        if n in original:
+            p.requires_grad_(original[n])
+
+
+def _forget(model: nn.Module) -> None:
+    for key in (_CONFIGS, _ORIGINAL_GRAD, "_lorafit_active"):
+        model.__dict__.pop(key, None)
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Trainable vs total parameter counts (total includes the adapters)."""
+
+    trainable: int
+    total: int
+    adapter: int
+
+    @property
+    def base(self) -> int:
+        """Parameters of the model without adapters: what full fine-tuning would train."""
+        return self.total - self.adapter
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    @property
+    def reduction_vs_full(self) -> float:
+        """Fraction fewer trainable parameters than full fine-tuning (0.86 = 86% fewer)."""
+        return 1.0 - self.trainable / self.base if self.base else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.trainable_percent:.4f} || full fine-tuning would train {self.base:,} "
+            f"({100 * self.reduction_vs_full:.1f}% fewer with LoRA)"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> ParameterReport:
+    """Count trainable parameters, all parameters, and those added by adapters.
+
+    Each parameter is counted once even if it is shared (tied embeddings).
+    """
+    seen: set[int] = set()
+    trainable = total = adapter = 0
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        if ".lora_" in f".{name}" or ".modules_to_save." in name:
+            adapter += n
+    return ParameterReport(trainable=trainable, total=total, adapter=adapter)

@@ -1,0 +1,183 @@
+"""Which modules of a model get an adapter.
+
+Matching rules are PEFT's, because users' configs rely on them:
+a list entry matches a module whose name equals it or ends with ``"." + entry``;
+a string is a regex that must match the whole name; ``"all-linear"`` is every
+linear layer except the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorafit.config import ALL_LINEAR, LoraConfig
+from lorafit.layers import LoraLayer, ModulesToSave, is_gpt2_conv1d
+
+# Defaults for when a config names no targets, by transformers' config.model_type
+# (the attention query/value projections, as in the LoRA paper).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+SEQ_CLS_HEADS = ("classifier", "score")
+SUPPORTED = "Linear, Embedding, Conv1d, Conv2d and transformers' Conv1D"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'embedding', 'conv' for modules lorafit can adapt, else None."""
+    if isinstance(module, LoraLayer):
+        module = module.base_layer
+    if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    return None
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules that could be targeted: never the insides of a LoRA or modules_to_save wrapper."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(name + ".")
+            if isinstance(module, ModulesToSave):
+                continue
+        yield name, module
+
+
+def name_matches(spec: str | list[str], name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def layer_index_allowed(config: LoraConfig, name: str) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    wanted = config.layers_to_transform
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    patterns = config.layers_pattern
+    if patterns is None:
+        # The first dotted number preceded by a named segment: "model.layers.3.self_attn.q_proj" -> 3
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            if match:
+                break
+    return match is not None and int(match.group(1)) in wanted
+
+
+def output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    """The modules "all-linear" leaves alone: the LM head, or a classification head."""
+    heads: list[nn.Module] = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads.append(out)
+    elif config.task_type == "SEQ_CLS":
+        heads += [getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules that ``config`` adapts in ``model``; raises when there are none."""
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                "target_modules is not set and lorafit has no default for this model "
+                f"(model_type={model_type!r}); name the modules to adapt, e.g. target_modules=['q_proj', 'v_proj'], "
+                f"or use {ALL_LINEAR!r}"
+            )
+        spec = DEFAULT_TARGETS[model_type]
+
+    # Modules copied whole by modules_to_save (and everything inside them) are never adapted.
+    saved = _full_names(model, config.modules_to_save or [])
+    heads = output_head_names(model, config) if spec == ALL_LINEAR else set()
+    found: list[str] = []
+    for name, module in candidate_modules(model):
+        if name in saved or any(name.startswith(s + ".") for s in saved):
+            continue
+        if config.exclude_modules is not None and name_matches(config.exclude_modules, name):
+            continue
+        if spec == ALL_LINEAR:
+            if layer_kind(module) != "linear" or name in heads:
+                continue
+        elif not name_matches(spec, name):
+            continue
+        if not layer_index_allowed(config, name):
+            continue
+        kind = layer_kind(module)
+        if kind is None:
+            raise ValueError(
+                f"target_modules matches {name!r}, a {type(module).__name__}; lorafit can adapt {SUPPORTED}. "
+                "Name the layers inside it instead"
+            )
+        if name.endswith("out_proj") and isinstance(_parent(model, name), nn.MultiheadAttention):
+            raise ValueError(
+                f"{name!r} belongs to nn.MultiheadAttention, which reads out_proj.weight directly and would "
+                "bypass the adapter; exclude it"
+            )
+        found.append(name)
+
+    if not found:
+        raise ValueError(_nothing_matched(model, "target_modules", spec, config))
+    return found
+
+
+def _full_names(model: nn.Module, entries: list[str]) -> list[str]:
+    if not entries:
+        return []
+    return [name for name, _ in model.named_modules() if name and name_matches(entries, name)]
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module | None:
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+def _nothing_matched(model: nn.Module, field: str, spec, config: LoraConfig) -> str:
+    adaptable = [name for name, m in candidate_modules(model) if layer_kind(m)]
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in adaptable})
+    msg = f"{field} {spec!r} matched no adaptable module"
+    if config.layers_to_transform is not None:
+        msg += f" in layers {config.layers_to_transform!r}"
+    if not adaptable:
+        return msg + f"; this model has no layer lorafit can adapt ({SUPPORTED})"
+    examples = ", ".join(adaptable[:5])
+    return (
+        f"{msg}. Adaptable module names in this model: {', '.join(suffixes)} "
+        f"({len(adaptable)} modules, e.g. {examples})"
+    )
