@@ -87,8 +87,8 @@ def layer_index_allowed(config: LoraConfig, name: str) -> bool:
     wanted = [wanted] if isinstance(wanted, int) else wanted
     patterns = config.layers_pattern
     if patterns is None:
-        # The first dotted number preceded by a named segment: "model.layers.3.self_attn.q_proj" -> 3
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        # The first number segment after a named one: "model.layers.3.self_attn.q_proj" -> 3
+        match = re.match(r"(?:^|.*?\.)[^.]+\.(\d+)\.", name)
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:

@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """At least float32 for products that are merged into a weight, so bf16/fp16 lose nothing extra."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 class LoraLayer(nn.Module):
     """Base class of the LoRA wrappers; not used directly."""
 

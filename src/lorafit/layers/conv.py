@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.layers.base import LoraLayer
+from lorafit.layers.base import LoraLayer, compute_dtype
 
 
 class Conv(LoraLayer):
@@ -37,7 +37,8 @@ class Conv(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]
         weight = self.base_layer.weight
-        delta = (b.float().flatten(1) @ a.float().flatten(1)).view(weight.shape) * self.scaling[name]
+        dt = compute_dtype(weight)
+        delta = (b.to(dt).flatten(1) @ a.to(dt).flatten(1)).view(weight.shape) * self.scaling[name]
         return delta.to(weight.dtype)
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.layers.base import LoraLayer
+from lorafit.layers.base import LoraLayer, compute_dtype
 
 
 class Embedding(LoraLayer):
@@ -38,7 +38,8 @@ class Embedding(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]
-        delta = (b.float() @ a.float()).T * self.scaling[name]
+        dt = compute_dtype(self.base_layer.weight)
+        delta = (b.to(dt) @ a.to(dt)).T * self.scaling[name]
         return delta.to(self.base_layer.weight.dtype)
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.layers.base import LoraLayer
+from lorafit.layers.base import LoraLayer, compute_dtype
 from lorafit.layers.init import olora_init, pissa_init
 
 
@@ -48,8 +48,8 @@ class Linear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
         a, b = self.factors_a[name], self.factors_b[name]
-        # float32 product so merging into a bf16/fp16 weight loses nothing extra
-        delta = (b.float() @ a.float()) * self.scaling[name]
+        dt = compute_dtype(weight)
+        delta = (b.to(dt) @ a.to(dt)) * self.scaling[name]
         if self.fan_in_fan_out:
             delta = delta.T
         return delta.to(weight.dtype)
