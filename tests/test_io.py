@@ -1,0 +1,167 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lorafit
+from lorafit import LoraConfig
+from lorafit.io import CONFIG_NAME, WEIGHTS_NAME
+from lorafit.layers import LoraLayer
+from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
+
+
+def _trained(tmp_path, **kw):
+    torch.manual_seed(0)
+    base = Mixed().eval()
+    model = copy.deepcopy(base)
+    kw.setdefault("target_modules", ALL_KINDS)
+    lorafit.attach(model, LoraConfig(r=4, lora_alpha=8, **kw))
+    randomize_adapters(model)
+    path = tmp_path / "adapter"
+    lorafit.save_adapter(model, path)
+    return base, model, path
+
+
+def test_save_writes_peft_layout(tmp_path):
+    _, model, path = _trained(tmp_path, modules_to_save=["classifier"])
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    with safe_open(path / WEIGHTS_NAME, "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    assert "base_model.model.mlp.0.lora_A.weight" in keys
+    assert "base_model.model.conv2.lora_B.weight" in keys
+    assert "base_model.model.embed.lora_embedding_A" in keys
+    assert "base_model.model.classifier.weight" in keys and "base_model.model.classifier.bias" in keys
+    assert not any("default" in k for k in keys)
+    assert json.loads((path / CONFIG_NAME).read_text())["r"] == 4
+
+
+def test_reload_gives_same_outputs(tmp_path):
+    base, model, path = _trained(tmp_path, modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.mul_(2)
+    lorafit.save_adapter(model, path)
+    inputs = mixed_inputs()
+    loaded = lorafit.load_adapter(copy.deepcopy(base), path)
+    assert torch.equal(loaded(*inputs), model(*inputs))
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference by default
+    trainable = lorafit.load_adapter(copy.deepcopy(base), path, trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+def test_second_adapter_loads_beside_the_first(tmp_path):
+    base, model, path = _trained(tmp_path)
+    other = lorafit.load_adapter(copy.deepcopy(base), path, name="first")
+    lorafit.load_adapter(other, path, name="second", activate=False)
+    assert lorafit.active_adapters(other) == ["first"]
+    inputs = mixed_inputs()
+    lorafit.set_active(other, "second")
+    assert torch.equal(other(*inputs), model(*inputs))
+
+
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
+    base, model, path = _trained(tmp_path)
+    good = (path / WEIGHTS_NAME).read_bytes()
+    randomize_adapters(model, scale=1.0)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lorafit.io.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        lorafit.save_adapter(model, path)
+    assert (path / WEIGHTS_NAME).read_bytes() == good
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left
+    lorafit.load_adapter(copy.deepcopy(base), path)
+
+
+def test_pickle_is_refused(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "target_modules": ["mlp.0"]}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ValueError, match=r"holds adapter_model.bin, a pickle file, which can run arbitrary code"):
+        lorafit.load_adapter(Mixed(), tmp_path)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lorafit.load_adapter(Mixed(), tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        lorafit.load_adapter(Mixed(), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "target_modules": ["mlp.0"]}))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+        lorafit.load_adapter(Mixed(), tmp_path)
+
+
+def test_corrupt_weights_are_reported(tmp_path):
+    base, _, path = _trained(tmp_path)
+    (path / WEIGHTS_NAME).write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        lorafit.load_adapter(base, path)
+
+
+def _rewrite(path, change):
+    with safe_open(path / WEIGHTS_NAME, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    base, _, path = _trained(tmp_path)
+    _rewrite(path, lambda t: t.__setitem__("base_model.model.mlp.0.lora_A.weight", torch.zeros(4, 13)))
+    untouched = copy.deepcopy(base)
+    with pytest.raises(ValueError) as info:
+        lorafit.load_adapter(base, path)
+    msg = str(info.value)
+    assert "tensor 'base_model.model.mlp.0.lora_A.weight' has shape [4, 13] in the file but the model needs [4, 12]" in msg
+    assert "another base model" in msg
+    # the failed load left the model as it was
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())
+    assert str(base) == str(untouched)
+    assert lorafit.adapter_configs(base) == {}
+
+
+def test_missing_and_extra_tensors_are_named(tmp_path):
+    base, _, path = _trained(tmp_path)
+
+    def change(t):
+        del t["base_model.model.conv1.lora_B.weight"]
+        t["base_model.model.decoder.lora_A.weight"] = torch.zeros(4, 4)
+
+    _rewrite(path, change)
+    with pytest.raises(ValueError) as info:
+        lorafit.load_adapter(base, path)
+    msg = str(info.value)
+    assert "missing tensors ['base_model.model.conv1.lora_B.weight']" in msg
+    assert "tensors that match no adapted module of this model ['base_model.model.decoder.lora_A.weight']" in msg
+
+
+def test_adapter_for_other_targets_fails_cleanly(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    save_file({"x": torch.zeros(1)}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"target_modules \['q_proj'\] matched no adaptable module"):
+        lorafit.load_adapter(Mixed(), tmp_path)
+
+
+def test_save_unknown_adapter(tmp_path):
+    with pytest.raises(KeyError, match="no adapter named 'default' to save"):
+        lorafit.save_adapter(Mixed(), tmp_path)
+
+
+def test_bias_all_round_trip(tmp_path):
+    base, model, path = _trained(tmp_path, bias="all", target_modules=["mlp.0"])
+    with torch.no_grad():
+        model.mlp[0].base_layer.bias.add_(1.0)
+        model.classifier.bias.add_(1.0)
+    lorafit.save_adapter(model, path)
+    with safe_open(path / WEIGHTS_NAME, "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.mlp.0.base_layer.bias" in keys and "base_model.model.classifier.bias" in keys
+    loaded = lorafit.load_adapter(copy.deepcopy(base), path)
+    inputs = mixed_inputs()
+    assert torch.equal(loaded(*inputs), model(*inputs))
