@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="LoRA vs full fine-tuning on scikit-learn's digits, end to end",
                           description="Train an MLP on digits 0-4, adapt it to 5-9 with LoRA and with full "
                                       "fine-tuning, compare, then save, reload and merge the adapter.")
-    demo.add_argument("--rank", type=_positive_int, default=4, help="LoRA rank r (default: 4)")
+    demo.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default: 8)")
     demo.add_argument("--epochs", type=_positive_int, default=20, help="epochs per training phase (default: 20)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the split, init and batches (default: 0)")
     demo.add_argument("--out", metavar="DIR", help="keep the adapter in DIR (default: a temporary directory)")

@@ -124,13 +124,20 @@ def measured(fn, device: torch.device) -> tuple[object, float, int | None]:
     return out, seconds, grew
 
 
-def run_demo(rank: int = 4, epochs: int = 20, seed: int = 0, out: str | Path | None = None,
-             device: str | torch.device | None = None, lr: float = 1e-2) -> dict:
-    """Pretrain on 0-4, adapt to 5-9 with LoRA and with full fine-tuning; return all the numbers."""
+def run_demo(rank: int = 8, epochs: int = 20, seed: int = 0, out: str | Path | None = None,
+             device: str | torch.device | None = None, lr: float = 1e-2, pretrain_lr: float = 1e-3) -> dict:
+    """Pretrain on 0-4, adapt to 5-9 with LoRA and with full fine-tuning; return all the numbers.
+
+    Pretraining uses a gentler ``pretrain_lr``: a hard-trained ReLU net has many units
+    that are dead on 5-9, and a frozen base with dead features is a poor start for LoRA.
+    Both adaptations use the same ``lr``, data and steps.
+    """
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.get_default_dtype()
     train_set, test_set = load_data(seed, device, dtype)
+    # The first forward/backward/Adam step pays one-time setup (seconds on CPU); keep it out of the timings.
+    train(MLP().to(device=device, dtype=dtype), *train_set[OLD], epochs=1, lr=lr, seed=seed)
 
     def evaluate(model):
         return {group: accuracy(model, *test_set[group]) for group in (OLD, NEW)}
@@ -141,7 +148,7 @@ def run_demo(rank: int = 4, epochs: int = 20, seed: int = 0, out: str | Path | N
     # 1. The base model: digits 0-4 only.
     torch.manual_seed(seed)
     base = MLP().to(device=device, dtype=dtype)
-    opt, seconds, mem = measured(lambda: train(base, *train_set[OLD], epochs, lr, seed), device)
+    opt, seconds, mem = measured(lambda: train(base, *train_set[OLD], epochs, pretrain_lr, seed), device)
     base_acc = evaluate(base)
     rows = {"base": dict(trainable=n_params(base), total=n_params(base), before=None, new=base_acc[NEW],
                          old=base_acc[OLD], seconds=seconds, peak_mem=mem, state=training_state_bytes(base, opt))}
@@ -195,7 +202,7 @@ def run_demo(rank: int = 4, epochs: int = 20, seed: int = 0, out: str | Path | N
         merged_diff = (merged(x_new) - trained_logits).abs().max().item()
 
     return {
-        "rank": rank, "epochs": epochs, "seed": seed, "lr": lr, "device": str(device), "dtype": str(dtype),
+        "rank": rank, "epochs": epochs, "seed": seed, "lr": lr, "pretrain_lr": pretrain_lr, "device": str(device), "dtype": str(dtype),
         "n_train": {g: len(train_set[g][1]) for g in (OLD, NEW)},
         "n_test": {g: len(test_set[g][1]) for g in (OLD, NEW)},
         "steps": epochs * -(-len(train_set[NEW][1]) // 64),
@@ -250,9 +257,10 @@ def format_report(r: dict) -> str:
     return "\n".join([
         f"lorafit demo: scikit-learn digits (8x8), train {ntr[OLD]}+{ntr[NEW]} / test {nte[OLD]}+{nte[NEW]} "
         f"images ({OLD}+{NEW})",
-        f"MLP 64-128-128-10 on {r['device']} ({r['dtype']}); Adam lr {r['lr']:g}, batch 64, {r['epochs']} epochs "
-        f"per phase ({r['steps']} steps to adapt); seed {r['seed']}",
-        "accuracies are on the test set; LoRA and full fine-tuning train on 5-9 only",
+        f"MLP 64-128-128-10 (ReLU) on {r['device']} ({r['dtype']}); Adam, batch 64, {r['epochs']} epochs per phase, "
+        f"lr {r['pretrain_lr']:g} to pretrain, {r['lr']:g} to adapt ({r['steps']} steps); seed {r['seed']}",
+        "accuracy on held-out test images; LoRA and full fine-tuning both train on 5-9 only, so both forget 0-4,",
+        "but LoRA leaves the base weights untouched: disabling the adapter brings 0-4 back exactly.",
         "",
         *lines,
         "",
@@ -265,8 +273,9 @@ def format_report(r: dict) -> str:
         f"{_same(r['merged_acc'], r['lora_acc'])}, max |logit diff| {r['merged_max_logit_diff']:.1e}, "
         f"{r['merged_params']:,} params (+{r['merged_params'] - r['base_params']} vs base)",
         "",
-        f"grads+Adam: exact bytes of gradients and Adam moments after training (what LoRA shrinks).",
-        f"peak mem +: {r['memory_method']} during the phase; a high-water mark, so a phase that stays",
-        "below an earlier peak shows 0 B, and for a model this small it is mostly allocator noise.",
+        "grads+Adam: exact bytes of gradients and Adam moments after training (what LoRA shrinks).",
+        f"peak mem +: {r['memory_method']} during the phase"
+        + ("." if r["device"].startswith("cuda") else "; a high-water mark, so a phase that stays below an earlier\n"
+           "peak shows 0 B, and for a model this small it is mostly allocator noise, not the method's cost."),
         f"total time {r['seconds']:.1f} s",
     ])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lorafit.layers.base import LoraLayer, compute_dtype
+from lorafit.layers.fused_linear import lora_linear_infer, lora_linear_train
 from lorafit.layers.init import olora_init, pissa_init
 
 
@@ -53,6 +54,29 @@ class Linear(LoraLayer):
         if self.fan_in_fan_out:
             delta = delta.T
         return delta.to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.unmerged_active()
+        if not names or args or kwargs or not self._fusable():
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        adapters = [
+            (self.factors_a[n], self.factors_b[n], self.scaling[n], self.dropout[n] if self.training else 0.0)
+            for n in names
+        ]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for a, b, _, _ in adapters for t in (a, b))
+            or any(t is not None and t.requires_grad for t in (base.weight, base.bias))
+        )
+        dropout = any(p > 0 for *_, p in adapters)
+        fn = lora_linear_train if needs_grad or dropout else lora_linear_infer
+        return fn(x, base.weight, base.bias, self.fan_in_fan_out, adapters)
+
+    def _fusable(self) -> bool:
+        """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""
+        base = self.base_layer
+        plain = type(base).forward is nn.Linear.forward or is_gpt2_conv1d(base)
+        return plain and not base._forward_hooks and not base._forward_pre_hooks
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]

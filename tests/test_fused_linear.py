@@ -1,0 +1,134 @@
+"""The fused Linear paths compute exactly the plain formula: forward, and gradients of A, B and x."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorafit
+from lorafit import LoraConfig
+from lorafit.layers.fused_linear import draw_seed, dropout_mask
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def _layer(base, adapters, dtype, dropout=0.0, adapter_dtype=None):
+    model = nn.Sequential(base.to(dtype))
+    for name, r in adapters:
+        lorafit.attach(model, LoraConfig(r=r, lora_alpha=2 * r + 1, lora_dropout=dropout, target_modules=["0"],
+                                         init_lora_weights=False), name, dtype=adapter_dtype)
+    lorafit.set_active(model, [n for n, _ in adapters])
+    for p in model.parameters():
+        p.requires_grad_(".lora_" in _name_of(model, p))
+    return model
+
+
+def _name_of(model, param):
+    return next(n for n, p in model.named_parameters() if p is param)
+
+
+def _reference(layer, x, seeds, factors=None):
+    """base(x) + sum s * B A (mask * x) by plain autograd, in x's dtype, with no fused code."""
+    base = layer.base_layer
+    w = base.weight.T if layer.fan_in_fan_out else base.weight
+    out = nn.functional.linear(x, w.to(x.dtype), base.bias.to(x.dtype))
+    for name in layer.active:
+        a, b = factors[name] if factors else (layer.lora_A[name], layer.lora_B[name])
+        xi = x.to(a.dtype)
+        if name in seeds:
+            # the mask is drawn exactly as the fused path draws it: same seed, shape, dtype and device
+            like = x.to(layer.lora_A[name].dtype).reshape(-1, x.shape[-1])
+            xi = xi * dropout_mask(like, layer.dropout[name], seeds[name]).view(xi.shape).to(xi.dtype)
+        out = out + ((xi @ a.T @ b.T) * layer.scaling[name]).to(out.dtype)
+    return out
+
+
+def _compare(model, x, dropout, dtype):
+    """Fused output and gradients in ``dtype`` against a float64 reference from the same values."""
+    layer = model[0]
+    model.train()
+    torch.manual_seed(123)
+    x1 = x.clone().requires_grad_(True)
+    out = model(x1)
+    assert "LoraLinearFunction" in type(out.grad_fn).__name__  # the fused path really ran
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.manual_seed(123)  # the fused path draws one seed per adapter with dropout, in order
+    seeds = {n: draw_seed() for n in layer.active} if dropout else {}
+    factors = {n: (layer.lora_A[n].detach().double().requires_grad_(True),
+                   layer.lora_B[n].detach().double().requires_grad_(True)) for n in layer.active}
+    x2 = x.detach().double().requires_grad_(True)
+    ref = _reference(layer, x2, seeds, factors)
+    ref.backward(g.double())
+    pairs = [(out, ref), (x1.grad, x2.grad)]
+    for n in layer.active:
+        pairs += [(layer.lora_A[n].grad, factors[n][0].grad), (layer.lora_B[n].grad, factors[n][1].grad)]
+    for got, want in pairs:
+        tol = TOL[got.dtype]
+        # absolute tolerance relative to the tensor's scale: low precision errors grow with magnitude
+        torch.testing.assert_close(got.double(), want, atol=tol["atol"] * max(1.0, want.abs().max().item()),
+                                   rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("gpt2", [False, True])
+def test_training_path_matches_formula(dtype, dropout, gpt2):
+    base = Conv1D(24, 16) if gpt2 else nn.Linear(16, 24)
+    if gpt2:
+        nn.init.normal_(base.weight, std=0.2)
+    model = _layer(base, [("a", 4), ("b", 2)], dtype, dropout)
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    _compare(model, x, dropout, dtype)
+
+
+def test_float32_adapters_on_bfloat16_base():
+    model = _layer(nn.Linear(16, 24), [("a", 4)], torch.bfloat16, 0.1, adapter_dtype=torch.float32)
+    _compare(model, torch.randn(7, 16, dtype=torch.bfloat16), 0.1, torch.bfloat16)
+
+
+def test_dropout_really_drops_and_is_repeatable():
+    model = _layer(nn.Linear(64, 64), [("a", 8)], torch.float32, 0.5).train()
+    x = torch.randn(32, 64)
+    torch.manual_seed(5)
+    y1 = model(x)
+    torch.manual_seed(5)
+    y2 = model(x)
+    torch.manual_seed(6)
+    y3 = model(x)
+    assert torch.equal(y1, y2) and not torch.allclose(y1, y3)
+    model.eval()
+    assert torch.allclose(model(x), _reference(model[0], x, {}), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 500])  # below and above the fold-into-weight threshold
+@pytest.mark.parametrize("gpt2", [False, True])
+def test_inference_paths_match_formula(rows, gpt2):
+    base = Conv1D(24, 16) if gpt2 else nn.Linear(16, 24)
+    model = _layer(base, [("a", 4), ("b", 3)], torch.float32).eval()
+    x = torch.randn(rows, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference(model[0], x, {}), atol=1e-5, rtol=1e-4)
+
+
+def test_base_weight_gradients_when_base_is_trainable():
+    model = _layer(nn.Linear(8, 6), [("a", 2)], torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    model(x).pow(2).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _reference(model[0], x, {}).pow(2).sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_hooks_on_the_base_layer_still_run():
+    model = _layer(nn.Linear(8, 6), [("a", 2)], torch.float32)
+    calls = []
+    model[0].base_layer.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model(x), _reference(model[0], x, {}))
+    assert calls == [1]
