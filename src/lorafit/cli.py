@@ -61,7 +61,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(("tensor", "shape", "dtype"))]
     print()
     for row in [("tensor", "shape", "dtype"), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     total = sum(t.numel() for t in tensors.values())
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"\n{len(tensors)} tensors, {total:,} parameters ({size:,} bytes)")
