@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.layers.fused_linear import draw_seed, dropout_mask
+from lorafit.layers.fused_linear import dropout_keep
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -28,7 +28,7 @@ def _name_of(model, param):
     return next(n for n, p in model.named_parameters() if p is param)
 
 
-def _reference(layer, x, seeds, factors=None):
+def _reference(layer, x, masks, factors=None):
     """base(x) + sum s * B A (mask * x) by plain autograd, in x's dtype, with no fused code."""
     base = layer.base_layer
     w = base.weight.T if layer.fan_in_fan_out else base.weight
@@ -36,10 +36,9 @@ def _reference(layer, x, seeds, factors=None):
     for name in layer.active:
         a, b = factors[name] if factors else (layer.lora_A[name], layer.lora_B[name])
         xi = x.to(a.dtype)
-        if name in seeds:
-            # the mask is drawn exactly as the fused path draws it: same seed, shape, dtype and device
-            like = x.to(layer.lora_A[name].dtype).reshape(-1, x.shape[-1])
-            xi = xi * dropout_mask(like, layer.dropout[name], seeds[name]).view(xi.shape).to(xi.dtype)
+        if name in masks:
+            p = layer.dropout[name]
+            xi = xi * masks[name].view(xi.shape).to(xi.dtype) / (1 - p)
         out = out + ((xi @ a.T @ b.T) * layer.scaling[name]).to(out.dtype)
     return out
 
@@ -54,16 +53,19 @@ def _compare(model, x, dropout, dtype):
     assert "LoraLinearFunction" in type(out.grad_fn).__name__  # the fused path really ran
     g = torch.randn_like(out)
     out.backward(g)
-    torch.manual_seed(123)  # the fused path draws one seed per adapter with dropout, in order
-    seeds = {n: draw_seed() for n in layer.active} if dropout else {}
+    torch.manual_seed(123)  # the fused path draws one mask per adapter with dropout, in order
+    like = x.to(layer.lora_A[layer.active[0]].dtype).reshape(-1, x.shape[-1])
+    masks = {n: dropout_keep(like, layer.dropout[n]) for n in layer.active} if dropout else {}
     factors = {n: (layer.lora_A[n].detach().double().requires_grad_(True),
                    layer.lora_B[n].detach().double().requires_grad_(True)) for n in layer.active}
     x2 = x.detach().double().requires_grad_(True)
-    ref = _reference(layer, x2, seeds, factors)
+    ref = _reference(layer, x2, masks, factors)
     ref.backward(g.double())
     pairs = [(out, ref), (x1.grad, x2.grad)]
     for n in layer.active:
-        pairs += [(layer.lora_A[n].grad, factors[n][0].grad), (layer.lora_B[n].grad, factors[n][1].grad)]
+        for mine, theirs in zip((layer.lora_A[n], layer.lora_B[n]), factors[n]):
+            if mine.requires_grad:
+                pairs.append((mine.grad, theirs.grad))
     for got, want in pairs:
         tol = TOL[got.dtype]
         # absolute tolerance relative to the tensor's scale: low precision errors grow with magnitude
@@ -132,3 +134,11 @@ def test_hooks_on_the_base_layer_still_run():
     x = torch.randn(2, 8)
     torch.testing.assert_close(model(x), _reference(model[0], x, {}))
     assert calls == [1]
+
+
+def test_frozen_adapter_with_dropout_next_to_a_trained_one():
+    # backward must pair each adapter with its own saved mask even when one needs no gradient
+    model = _layer(nn.Linear(16, 24), [("a", 4), ("b", 2)], torch.float64, 0.3)
+    model[0].lora_A["a"].requires_grad_(False)
+    model[0].lora_B["a"].requires_grad_(False)
+    _compare(model, torch.randn(6, 16, dtype=torch.float64), 0.3, torch.float64)

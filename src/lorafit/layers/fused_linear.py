@@ -7,11 +7,13 @@ Training, for adapters i with factors A_i (r x d_in), B_i (d_out x r):
     dA_i = s_i (dY B_i)^T D_i(x)
     dx   = dY W + sum_i s_i ((dY B_i) A_i) * M_i / (1 - p_i)
 
-What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is the dropped
-copy of x and its mask per adapter (two activation-sized tensors) plus the
-scaled product. Here backward keeps only x (which the caller's graph usually
-holds anyway), the small H_i, and one integer seed per adapter: the dropout
-mask is drawn again from that seed when backward needs it. The low-rank
+What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
+adapter, the dropped copy of x (4 bytes an element in float32) and its mask,
+plus the scaled product. Here backward keeps only x (which adapters on q, k
+and v share), the small H_i and the keep-mask as bool (1 byte an element); the
+dropped input is recomputed from them when backward needs it. Redrawing the
+mask from a seed instead would save that byte but costs a second RNG pass,
+and on a CPU the RNG is the most expensive part of dropout. The low-rank
 product is accumulated into the base output in place (``addmm_``).
 
 Inference (no gradients needed) picks by shape: the unmerged low-rank path
@@ -25,16 +27,9 @@ import torch
 from torch.nn import functional as F
 
 
-def draw_seed() -> int:
-    """A dropout seed taken from the global RNG, so ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), the same for the same seed on the same device."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+def dropout_keep(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's keep-mask (True with probability 1 - p) from the global RNG, as a bool tensor."""
+    return torch.rand_like(like) >= p
 
 
 def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
@@ -45,32 +40,34 @@ def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool)
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, transposed, scales, ps, seeds, *factors):
+    def forward(ctx, x, weight, bias, transposed, scales, ps, *factors):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         y = _base_linear(x2, weight, bias, transposed)
-        hs = []
+        hs, keeps = [], []
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
             xi = x2.to(a.dtype)
             if ps[i] > 0:
-                xi = xi * dropout_mask(xi, ps[i], seeds[i])
+                keep = dropout_keep(xi, ps[i])
+                xi = xi.mul(keep).mul_(1.0 / (1.0 - ps[i]))
+                keeps.append(keep)
             h = xi @ a.T
             if b.dtype == y.dtype:
                 y.addmm_(h, b.T, alpha=s)
             else:
                 y.add_((h @ b.T).to(y.dtype), alpha=s)
             hs.append(h)
-        ctx.save_for_backward(x, weight, *factors, *hs)
-        ctx.meta = (transposed, scales, ps, seeds, bias is not None)
+        ctx.save_for_backward(x, weight, *factors, *hs, *keeps)
+        ctx.meta = (transposed, scales, ps, bias is not None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        transposed, scales, ps, seeds, has_bias = ctx.meta
+        transposed, scales, ps, has_bias = ctx.meta
         x, weight, *rest = ctx.saved_tensors
         n = len(scales)
-        factors, hs = rest[: 2 * n], rest[2 * n:]
+        factors, hs, keeps = rest[: 2 * n], rest[2 * n: 3 * n], iter(rest[3 * n:])
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -86,14 +83,15 @@ class LoraLinearFunction(torch.autograd.Function):
         gfactors: list[torch.Tensor | None] = []
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
-            need_a, need_b = need[7 + 2 * i], need[8 + 2 * i]
+            need_a, need_b = need[6 + 2 * i], need[7 + 2 * i]
+            keep = next(keeps) if ps[i] > 0 else None
             gl = g2.to(b.dtype)
             gb = torch.mm(gl.T, hs[i]).mul_(s) if need_b else None
             ga = None
             if need_a or gx is not None:
                 gh = gl @ b  # dY B, N x r
                 xi = x2.to(a.dtype)
-                mask = dropout_mask(xi, ps[i], seeds[i]) if ps[i] > 0 else None  # same draw as forward
+                mask = None if keep is None else keep.to(a.dtype).mul_(1.0 / (1.0 - ps[i]))
                 if need_a:
                     ga = torch.mm(gh.T, xi if mask is None else xi * mask).mul_(s)
                 if gx is not None:
@@ -107,16 +105,15 @@ class LoraLinearFunction(torch.autograd.Function):
             gfactors += [ga, gb]
         if gx is not None:
             gx = gx.view(x.shape)
-        return (gx, gw, gbias, None, None, None, None, *gfactors)
+        return (gx, gw, gbias, None, None, None, *gfactors)
 
 
 def lora_linear_train(x, weight, bias, transposed, adapters):
     """``adapters``: list of (A, B, scale, dropout_p) — the training path with a compact backward."""
     scales = tuple(s for _, _, s, _ in adapters)
     ps = tuple(p for _, _, _, p in adapters)
-    seeds = tuple(draw_seed() if p > 0 else 0 for p in ps)
     factors = [t for a, b, _, _ in adapters for t in (a, b)]
-    return LoraLinearFunction.apply(x, weight, bias, transposed, scales, ps, seeds, *factors)
+    return LoraLinearFunction.apply(x, weight, bias, transposed, scales, ps, *factors)
 
 
 def lora_linear_infer(x, weight, bias, transposed, adapters):

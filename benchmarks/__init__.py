@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: lorafit vs PEFT vs full fine-tuning, interleaved, medians and ratios."""

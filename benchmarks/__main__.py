@@ -1,0 +1,202 @@
+"""Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
+
+    python -m benchmarks                 # everything on the real models (several minutes)
+    python -m benchmarks --only train    # one part: train, memory, infer, load, smollm
+    python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
+
+Every timing is interleaved (each round runs every variant once, in rotating
+order) and reported as the median with ratios measured in the same run.
+Results are printed as Markdown tables and written to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import lorafit
+from benchmarks import models, train_step
+from benchmarks.timing import interleaved, median, table
+
+PARTS = ("train", "memory", "infer", "load", "smollm")
+
+
+def bench_train(args, out: dict) -> None:
+    batch, seq = (4, 16) if args.quick else (32, 64)
+    base = models.bert_classifier(args.quick)
+    variants = ["full", "floor", "peft", "lorafit"]
+    steps, counts = {}, {}
+    for dropout in (0.1, 0.0):
+        for v in variants:
+            if v in ("full", "floor") and dropout == 0.0:
+                continue
+            key = v if v in ("full", "floor") else f"{v} (dropout {dropout})"
+            model = train_step.make_variant(base, v, dropout=dropout)
+            steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
+            counts[key] = train_step.trainable_count(model)
+    times = interleaved(steps, reps=args.reps, warmup=1)
+    full = median(times["full"])
+    peft = {d: median(times[f"peft (dropout {d})"]) for d in (0.1, 0.0)}
+    rows = []
+    for key, ts in times.items():
+        m = median(ts)
+        vs_peft = ""
+        for d in (0.1, 0.0):
+            if key.endswith(f"(dropout {d})"):
+                vs_peft = f"{m / peft[d]:.2f}"
+        rows.append([key, f"{counts[key]:,}", f"{1000 * m:.0f}", f"{m / full:.2f}", vs_peft])
+    title = f"Training step, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq} tokens, " \
+            f"r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps"
+    _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT"]))
+    out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
+                    "all_s": times, "trainable": counts}
+
+
+def bench_memory(args, out: dict) -> None:
+    batch, seq = (4, 16) if args.quick else (32, 64)
+    rows, res = [], {}
+    runs = [("full", 0.1), ("floor", 0.1), ("peft", 0.1), ("lorafit", 0.1), ("peft", 0.0), ("lorafit", 0.0)]
+    for variant, dropout in runs:
+        cmd = [sys.executable, "-m", "benchmarks.memory_probe", "bert", variant, str(batch), str(seq),
+               "--dropout", str(dropout)] + (["--quick", "--steps", "1"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        key = variant if variant in ("full", "floor") else f"{variant} (dropout {dropout})"
+        if key in res:
+            continue
+        res[key] = data
+    full = res["full"]["peak_mb"]
+    for key, data in res.items():
+        rows.append([key, f"{data['peak_mb']:.0f}", f"{data['peak_mb'] - res['floor']['peak_mb']:+.0f}",
+                     f"{data['peak_mb'] / full:.2f}"])
+    title = f"Peak RSS during training steps (MB; one fresh process per variant, batch {batch} x {seq})"
+    _print(title, table(rows, ["variant", "peak MB", "vs floor MB", "x full"]))
+    out["memory"] = res
+
+
+def bench_infer(args, out: dict) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    batch, seq = (4, 16) if args.quick else (32, 64)
+    base = models.bert_classifier(args.quick).eval()
+    inputs = train_step.make_batch(base, batch, seq)
+    inputs.pop("labels")
+    targets = train_step.TARGETS["bert"]
+
+    def adapted(kind: str, merged: bool):
+        m = copy.deepcopy(base)
+        if kind == "peft":
+            m = get_peft_model(m, PeftLoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+            if merged:
+                m = m.merge_and_unload()
+        else:
+            lorafit.attach(m, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+            if merged:
+                m = lorafit.merge_and_unload(m)
+        return m.eval()
+
+    models_ = {"base": base, "peft unmerged": adapted("peft", False), "lorafit unmerged": adapted("lorafit", False),
+               "peft merged": adapted("peft", True), "lorafit merged": adapted("lorafit", True)}
+
+    def run(m):
+        def f():
+            with torch.inference_mode():
+                m(**inputs)
+        return f
+
+    times = interleaved({k: run(m) for k, m in models_.items()}, reps=args.reps * 2, warmup=2)
+    b = median(times["base"])
+    rows = [[k, f"{1000 * median(v):.1f}", f"{median(v) / b:.3f}"] for k, v in times.items()]
+    _print(f"Inference, batch {batch} x {seq}, r=8 on query/key/value/dense", table(rows, ["model", "median ms", "x base"]))
+    out["infer"] = {k: median(v) for k, v in times.items()}
+
+
+def bench_load(args, out: dict) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    base = models.bert_classifier(args.quick).eval()
+    targets = train_step.TARGETS["bert"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = lorafit.attach(copy.deepcopy(base), lorafit.LoraConfig(r=8, target_modules=targets,
+                                                                    init_lora_weights=False))
+        lorafit.save_adapter(src, tmp)
+        running_lf = copy.deepcopy(base)
+        running_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp, adapter_name="first")
+        counter = {"n": 0}
+
+        def load_lorafit():
+            lorafit.load_adapter(running_lf, tmp, name="x")
+            lorafit.detach(running_lf, "x")
+
+        def load_peft():
+            counter["n"] += 1
+            running_peft.load_adapter(tmp, adapter_name=f"x{counter['n']}")
+            running_peft.delete_adapter(f"x{counter['n']}")
+
+        times = interleaved({"peft load_adapter": load_peft, "lorafit load_adapter": load_lorafit},
+                            reps=args.reps * 2, warmup=2)
+        del get_peft_model, PeftLoraConfig
+    p = median(times["peft load_adapter"])
+    rows = [[k, f"{1000 * median(v):.1f}", f"{median(v) / p:.2f}"] for k, v in times.items()]
+    _print("Loading an r=8 adapter into a running model (load + remove)", table(rows, ["call", "median ms", "x PEFT"]))
+    out["load"] = {k: median(v) for k, v in times.items()}
+
+
+def bench_smollm(args, out: dict) -> None:
+    batch, seq = (2, 16) if args.quick else (8, 128)
+    base = models.smollm2(args.quick)
+    steps = {}
+    for v in ("floor", "peft", "lorafit"):
+        model = train_step.make_variant(base, v, dropout=0.1)
+        steps[v] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
+    del base
+    reps = max(2, args.reps // 3)
+    times = interleaved(steps, reps=reps, warmup=1)
+    p = median(times["peft"])
+    rows = [[k, f"{median(v):.2f}", f"{median(v) / p:.2f}"] for k, v in times.items()]
+    _print(f"Training step, SmolLM2-135M, batch {batch} x {seq}, r=8 on q/k/v/o, dropout 0.1, {reps} reps",
+           table(rows, ["variant", "median s", "x PEFT"]))
+    out["smollm"] = {k: median(v) for k, v in times.items()}
+
+
+def _print(title: str, body: str) -> None:
+    print(f"\n### {title}\n\n{body}\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny random models and few reps (CI smoke run)")
+    ap.add_argument("--only", action="append", choices=PARTS, help="run only these parts (repeatable)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 10, 2 with --quick)")
+    ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    args = ap.parse_args(argv)
+    args.reps = args.reps or (2 if args.quick else 10)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import peft
+    import transformers
+
+    print(f"# lorafit benchmarks ({time.strftime('%Y-%m-%d %H:%M')})\n\nmachine: {platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}, peft {peft.__version__}, lorafit {lorafit.__version__}")
+    out: dict = {}
+    for part in args.only or PARTS:
+        globals()[f"bench_{part}"](args, out)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Peak resident memory of training steps, measured in a fresh process per variant.
+
+Run by the suite as ``python -m benchmarks.memory_probe MODEL VARIANT BATCH SEQ [--quick]``; prints
+JSON. After the model, optimizer and one warm-up step exist, the kernel's
+peak-RSS counter is reset (``/proc/self/clear_refs``), so the reported peak is
+that of the training steps themselves, not of loading the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+from benchmarks import models, train_step
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", choices=["bert", "llama"])
+    ap.add_argument("variant")
+    ap.add_argument("batch", type=int)
+    ap.add_argument("seq", type=int)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = (models.bert_classifier if args.model == "bert" else models.smollm2)(args.quick)
+    model = train_step.make_variant(base, args.variant, dropout=args.dropout)
+    del base
+    batch = train_step.make_batch(model, args.batch, args.seq)
+    step = train_step.stepper(model, batch)
+    step()  # optimizer state now exists
+    before = _status_kb("VmRSS")
+    exact = reset_peak()
+    for _ in range(args.steps):
+        step()
+    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "peak_reset": exact}))
+
+
+if __name__ == "__main__":
+    main()
