@@ -76,12 +76,13 @@ def _compare(model, x, dropout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("gpt2", [False, True])
-def test_training_path_matches_formula(dtype, dropout, gpt2):
+@pytest.mark.parametrize("rows", [5, 40])  # 40 rows > d_in, d_out: the folded forward and backward
+def test_training_path_matches_formula(dtype, dropout, gpt2, rows):
     base = Conv1D(24, 16) if gpt2 else nn.Linear(16, 24)
     if gpt2:
         nn.init.normal_(base.weight, std=0.2)
     model = _layer(base, [("a", 4), ("b", 2)], dtype, dropout)
-    x = torch.randn(3, 5, 16, dtype=dtype)
+    x = torch.randn(rows // 5, 5, 16, dtype=dtype)
     _compare(model, x, dropout, dtype)
 
 

@@ -16,9 +16,15 @@ mask from a seed instead would save that byte but costs a second RNG pass,
 and on a CPU the RNG is the most expensive part of dropout. The low-rank
 product is accumulated into the base output in place (``addmm_``).
 
-Inference (no gradients needed) picks by shape: the unmerged low-rank path
-costs about N r (d_in + d_out) multiply-adds for N rows, folding the adapters
-into a temporary weight costs r d_in d_out; the cheaper one runs.
+Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
+dY (W + s B A) is the whole input gradient. Folding the adapters into a
+temporary weight costs r d_in d_out multiply-adds and one weight-sized
+buffer; the unfolded path costs a pass over an N x d activation instead. On a
+CPU those passes are what LoRA's extra time is made of, so the cheaper one
+runs, by shape: forward folds when N > d_in, backward when N > d_out, and
+inference without gradients when N (d_in + d_out) > d_in d_out. Folding is
+only used in float32/float64 with adapters of the weight's dtype: in bf16 or
+fp16 a small s B A would be rounded away against W.
 """
 
 from __future__ import annotations
@@ -38,12 +44,27 @@ def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool)
     return F.linear(x2, weight, bias)
 
 
+def _can_fold(weight: torch.Tensor, factors) -> bool:
+    return weight.dtype in (torch.float32, torch.float64) and all(f.dtype == weight.dtype for f in factors)
+
+
+def _folded(weight: torch.Tensor, transposed: bool, factors, scales) -> torch.Tensor:
+    """W + sum s B A, in W's own layout."""
+    for i, s in enumerate(scales):
+        a, b = factors[2 * i], factors[2 * i + 1]
+        weight = torch.addmm(weight, a.T, b.T, alpha=s) if transposed else torch.addmm(weight, b, a, alpha=s)
+    return weight
+
+
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, transposed, scales, ps, *factors):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
-        y = _base_linear(x2, weight, bias, transposed)
+        rows = x2.shape[0]
+        no_dropout = not any(ps)
+        fold = no_dropout and rows > d_in and _can_fold(weight, factors)
+        y = _base_linear(x2, _folded(weight, transposed, factors, scales) if fold else weight, bias, transposed)
         hs, keeps = [], []
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
@@ -52,11 +73,12 @@ class LoraLinearFunction(torch.autograd.Function):
                 keep = dropout_keep(xi, ps[i])
                 xi = xi.mul(keep).mul_(1.0 / (1.0 - ps[i]))
                 keeps.append(keep)
-            h = xi @ a.T
-            if b.dtype == y.dtype:
-                y.addmm_(h, b.T, alpha=s)
-            else:
-                y.add_((h @ b.T).to(y.dtype), alpha=s)
+            h = xi @ a.T  # kept for dB; small (N x r)
+            if not fold:
+                if b.dtype == y.dtype:
+                    y.addmm_(h, b.T, alpha=s)
+                else:
+                    y.add_((h @ b.T).to(y.dtype), alpha=s)
             hs.append(h)
         ctx.save_for_backward(x, weight, *factors, *hs, *keeps)
         ctx.meta = (transposed, scales, ps, bias is not None)
@@ -71,10 +93,13 @@ class LoraLinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
+        rows, d_out = g2.shape
 
         gx = None
+        fold = need[0] and not any(ps) and rows > d_out and _can_fold(weight, factors)
         if need[0]:
-            gx = g2 @ (weight.T if transposed else weight)
+            w = _folded(weight, transposed, factors, scales) if fold else weight
+            gx = g2 @ (w.T if transposed else w)
         gw = None
         if need[1]:
             gw = x2.T @ g2 if transposed else g2.T @ x2
@@ -86,22 +111,24 @@ class LoraLinearFunction(torch.autograd.Function):
             need_a, need_b = need[6 + 2 * i], need[7 + 2 * i]
             keep = next(keeps) if ps[i] > 0 else None
             gl = g2.to(b.dtype)
-            gb = torch.mm(gl.T, hs[i]).mul_(s) if need_b else None
+            # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
+            gb = torch.mm(hs[i].T, gl).T.mul_(s) if need_b else None
             ga = None
-            if need_a or gx is not None:
+            lora_gx = gx is not None and not fold
+            if need_a or lora_gx:
                 gh = gl @ b  # dY B, N x r
                 xi = x2.to(a.dtype)
                 mask = None if keep is None else keep.to(a.dtype).mul_(1.0 / (1.0 - ps[i]))
                 if need_a:
                     ga = torch.mm(gh.T, xi if mask is None else xi * mask).mul_(s)
-                if gx is not None:
+                if lora_gx:
                     if mask is None and a.dtype == gx.dtype:
                         gx.addmm_(gh, a, alpha=s)
                     else:
-                        lora_gx = gh @ a
+                        part = gh @ a
                         if mask is not None:
-                            lora_gx.mul_(mask)
-                        gx.add_(lora_gx.to(gx.dtype), alpha=s)
+                            part.mul_(mask)
+                        gx.add_(part.to(gx.dtype), alpha=s)
             gfactors += [ga, gb]
         if gx is not None:
             gx = gx.view(x.shape)
@@ -109,7 +136,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def lora_linear_train(x, weight, bias, transposed, adapters):
-    """``adapters``: list of (A, B, scale, dropout_p) — the training path with a compact backward."""
+    """``adapters``: list of (A, B, scale, dropout_p): the training path with a compact backward."""
     scales = tuple(s for _, _, s, _ in adapters)
     ps = tuple(p for _, _, _, p in adapters)
     factors = [t for a, b, _, _ in adapters for t in (a, b)]
@@ -117,21 +144,20 @@ def lora_linear_train(x, weight, bias, transposed, adapters):
 
 
 def lora_linear_infer(x, weight, bias, transposed, adapters):
-    """No-gradient path: fold into a temporary weight when that is cheaper than the low-rank path."""
+    """No-gradient path, no dropout: fold into a temporary weight when that is cheaper."""
     d_in = x.shape[-1]
     d_out = weight.shape[1] if transposed else weight.shape[0]
-    rows = x.numel() // d_in
-    if rows * (d_in + d_out) > d_in * d_out:
-        w = weight
+    x2 = x.reshape(-1, d_in)
+    factors = [t for a, b, _, _ in adapters for t in (a, b)]
+    scales = [s for _, _, s, _ in adapters]
+    if x2.shape[0] * (d_in + d_out) > d_in * d_out and _can_fold(weight, factors):
+        y = _base_linear(x2, _folded(weight, transposed, factors, scales), bias, transposed)
+    else:
+        y = _base_linear(x2, weight, bias, transposed)
         for a, b, s, _ in adapters:
-            delta = (a.T @ b.T) if transposed else (b @ a)
-            w = w + delta.to(w.dtype) * s if delta.dtype != w.dtype else torch.add(w, delta, alpha=s)
-        return _base_linear(x.reshape(-1, d_in), w, bias, transposed).view(*x.shape[:-1], d_out)
-    y = _base_linear(x.reshape(-1, d_in), weight, bias, transposed)
-    for a, b, s, _ in adapters:
-        h = x.reshape(-1, d_in).to(a.dtype) @ a.T
-        if b.dtype == y.dtype:
-            y.addmm_(h, b.T, alpha=s)
-        else:
-            y.add_((h @ b.T).to(y.dtype), alpha=s)
+            h = x2.to(a.dtype) @ a.T
+            if b.dtype == y.dtype:
+                y.addmm_(h, b.T, alpha=s)
+            else:
+                y.add_((h @ b.T).to(y.dtype), alpha=s)
     return y.view(*x.shape[:-1], d_out)
