@@ -37,10 +37,14 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "arrow_config": None,
     "alora_invocation_tokens": None,
     "ensure_weight_tying": False,
+    "kasa_config": None,
+    "monteclora_config": None,
 }
 # Keys PEFT writes that carry no meaning for lorafit (bookkeeping only).
 _PEFT_IGNORED = {"peft_type", "auto_mapping", "revision", "peft_version", "qalora_group_size", "modules_to_tie",
-                 "use_bdlora", "lora_ga_config", "bdlora_config"}
+                 "use_bdlora", "lora_ga_config", "bdlora_config",
+                 # VeLoRA only changes what backward keeps in memory; the adapter computes the same function.
+                 "velora_config"}
 
 TargetSpec = Union[str, list[str], None]
 

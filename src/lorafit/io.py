@@ -128,7 +128,9 @@ def load_adapter(
     attach(model, config, name, activate=activate, trainable=trainable)
     try:
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
-        _check_tensors(Path(directory) / WEIGHTS_NAME, expected, tensors)
+        path = Path(directory) / WEIGHTS_NAME
+        tensors = _without_base_copies(path, model, expected, tensors)
+        _check_tensors(path, expected, tensors)
     except BaseException:
         detach(model, name)
         raise
@@ -136,6 +138,44 @@ def load_adapter(
         for key, param in expected.items():
             param.copy_(tensors[key])
     return model
+
+
+def _without_base_copies(
+    path: Path, model: nn.Module, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``found`` without the copies of existing weights that PEFT saves beside an adapter.
+
+    PEFT writes the whole matrix of a targeted embedding (``<module>.base_layer.weight``)
+    and, with ``bias="all"``, the biases inside a modules_to_save wrapper
+    (``<module>.original_module.bias``, and ``<module>.modules_to_save.bias``, an alias
+    of ``<module>.bias``). lorafit never overwrites base weights, so such a copy is
+    accepted only if it equals what the model (or, for the alias, the file) holds.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    kept: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for key, tensor in found.items():
+        name = key.removeprefix(PREFIX)
+        alias = PREFIX + name.replace(".modules_to_save.", ".", 1)
+        source, reference = name, None
+        if key in expected or not key.startswith(PREFIX):
+            pass
+        elif ".base_layer." in name or ".original_module." in name:
+            reference = params.get(name)
+        elif ".modules_to_save." in name and alias in expected:
+            source, reference = alias, found[alias]
+        if reference is None:
+            kept[key] = tensor  # not a copy: _check_tensors judges it
+        elif reference.shape != tensor.shape:
+            problems.append(f"tensor {key!r}, a copy of {source!r}, has shape {list(tensor.shape)} in the file "
+                            f"but the model needs {list(reference.shape)}")
+        elif not (torch.equal(reference.to(tensor.dtype), tensor)
+                  or torch.equal(reference, tensor.to(reference.dtype))):  # a bf16 file may copy fp32 weights
+            problems.append(f"tensor {key!r}, a copy of {source!r}, holds other values than the model; lorafit "
+                            "does not overwrite base weights, so load the base model the adapter was trained on")
+    if problems:
+        raise ValueError(f"{path} does not fit this model (is it for another base model?): " + "; ".join(problems))
+    return kept
 
 
 def _check_tensors(path: Path, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]) -> None:

@@ -81,8 +81,8 @@ def name_matches(spec: str | list[str], name: str) -> bool:
 
 
 def layer_index_allowed(config: LoraConfig, name: str) -> bool:
-    if config.layers_to_transform is None:
-        return True
+    if config.layers_to_transform is None or config.layers_to_transform == []:
+        return True  # PEFT reads an empty list as "no layer selection" too
     wanted = config.layers_to_transform
     wanted = [wanted] if isinstance(wanted, int) else wanted
     patterns = config.layers_pattern
@@ -137,7 +137,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 continue
         elif not name_matches(spec, name):
             continue
-        if not layer_index_allowed(config, name):
+        # As in PEFT, a module a list names in full is adapted whatever layers_to_transform says.
+        if not layer_index_allowed(config, name) and not (isinstance(spec, list) and name in spec):
             continue
         kind = layer_kind(module)
         if kind is None:
