@@ -351,3 +351,14 @@ def test_meta_device_is_respected():
     model = nn.Sequential(nn.Linear(4, 4, device="meta"))
     lorafit.attach(model, LoraConfig(target_modules=["0"], r=2))
     assert model[0].lora_A["default"].device.type == "meta"
+
+
+def test_seq_cls_task_trains_the_classification_head():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32))
+    lorafit.attach(model, LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+    assert isinstance(model.classifier, ModulesToSave)
+    assert model.classifier.modules_to_save["default"].weight.requires_grad
+    assert lorafit.adapter_configs(model)["default"].modules_to_save == ["classifier"]

@@ -9,6 +9,7 @@ The configs of the attached adapters live on the model as ``_lorafit_configs``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
-from lorafit.targeting import layer_kind, name_matches, resolve_targets
+from lorafit.targeting import SEQ_CLS_HEADS, layer_kind, name_matches, resolve_targets
 
 _CONFIGS = "_lorafit_configs"
 _ORIGINAL_GRAD = "_lorafit_original_requires_grad"
@@ -82,6 +83,7 @@ def attach(
     configs = adapter_configs(model)
     if name in configs:
         raise ValueError(f"an adapter named {name!r} is already attached; detach it first or pick another name")
+    config = _with_classification_head(model, config)
     targets = resolve_targets(model, config)
     saved_names = _modules_to_save_names(model, config)
 
@@ -114,6 +116,15 @@ def attach(
         # Merged adapters stay active (they are in the weights); the new one joins them.
         set_active(model, merged_adapters(model) + [name])
     return model
+
+
+def _with_classification_head(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """As PEFT does for task_type="SEQ_CLS": the new classification head trains with the adapter."""
+    if config.task_type != "SEQ_CLS":
+        return config
+    listed = config.modules_to_save or []
+    heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module) and h not in listed]
+    return dataclasses.replace(config, modules_to_save=listed + heads) if heads else config
 
 
 def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
