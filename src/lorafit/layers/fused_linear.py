@@ -70,8 +70,10 @@ class LoraLinearFunction(torch.autograd.Function):
             a, b = factors[2 * i], factors[2 * i + 1]
             xi = x2.to(a.dtype)
             if ps[i] > 0:
+                # H = (x * keep) A^T without the 1/(1-p): that factor rides on the scalar s instead
                 keep = dropout_keep(xi, ps[i])
-                xi = xi.mul(keep).mul_(1.0 / (1.0 - ps[i]))
+                xi = xi.mul(keep)
+                s = s / (1.0 - ps[i])
                 keeps.append(keep)
             h = xi @ a.T  # kept for dB; small (N x r)
             if not fold:
@@ -110,6 +112,8 @@ class LoraLinearFunction(torch.autograd.Function):
             a, b = factors[2 * i], factors[2 * i + 1]
             need_a, need_b = need[6 + 2 * i], need[7 + 2 * i]
             keep = next(keeps) if ps[i] > 0 else None
+            if keep is not None:
+                s = s / (1.0 - ps[i])
             gl = g2.to(b.dtype)
             # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
             gb = torch.mm(hs[i].T, gl).T.mul_(s) if need_b else None
@@ -117,17 +121,16 @@ class LoraLinearFunction(torch.autograd.Function):
             lora_gx = gx is not None and not fold
             if need_a or lora_gx:
                 gh = gl @ b  # dY B, N x r
-                xi = x2.to(a.dtype)
-                mask = None if keep is None else keep.to(a.dtype).mul_(1.0 / (1.0 - ps[i]))
                 if need_a:
-                    ga = torch.mm(gh.T, xi if mask is None else xi * mask).mul_(s)
+                    xi = x2.to(a.dtype)
+                    ga = torch.mm(gh.T, xi if keep is None else xi.mul(keep)).mul_(s)
                 if lora_gx:
-                    if mask is None and a.dtype == gx.dtype:
+                    if keep is None and a.dtype == gx.dtype:
                         gx.addmm_(gh, a, alpha=s)
                     else:
                         part = gh @ a
-                        if mask is not None:
-                            part.mul_(mask)
+                        if keep is not None:
+                            part.mul_(keep)
                         gx.add_(part.to(gx.dtype), alpha=s)
             gfactors += [ga, gb]
         if gx is not None:
