@@ -2,6 +2,9 @@
 
     lorafit demo [--rank R] [--epochs N] [--seed S] [--out DIR] [--device DEV]
     lorafit inspect DIR
+    lorafit train CONFIG.toml [--set KEY=VALUE ...] [--method lora|full] [--output-dir DIR] [--resume | --overwrite]
+    lorafit eval RUN_DIR [--split validation|test] [--adapter DIR] [--set KEY=VALUE ...]
+    lorafit merge RUN_DIR OUT_DIR [--adapter DIR] [--overwrite]
 
 Mistakes a user can fix (a missing directory, a bad value) end with a one-line
 message on stderr and exit status 2, like argparse's own usage errors.
@@ -10,6 +13,7 @@ message on stderr and exit status 2, like argparse's own usage errors.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -68,6 +72,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set or [])
+    if getattr(args, "method", None):
+        overrides.append(f"train.method={args.method}")
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorafit.train import train  # transformers is imported only for the commands that need it
+
+    train(args.config, _train_overrides(args), resume=args.resume, overwrite=args.overwrite,
+          progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorafit.train import evaluate
+
+    metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        width = max(len(k) for k in metrics)
+        for key, value in metrics.items():
+            print(f"{key.ljust(width)}  {value:.4f}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorafit.train import merge
+
+    out = merge(args.run_dir, args.out_dir, adapter=args.adapter, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafit", description="LoRA adapters for PyTorch, in PEFT's file format.")
     parser.add_argument("--version", action="version", version=f"lorafit {lorafit.__version__}")
@@ -89,6 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
                                          "directory (adapter_config.json + adapter_model.safetensors).")
     inspect.add_argument("dir", metavar="DIR", help="adapter directory")
     inspect.set_defaults(func=cmd_inspect)
+
+    set_help = "override a config key, e.g. --set train.lr=1e-4 --set lora.r=16 (repeatable)"
+    train = sub.add_parser("train", help="fine-tune a model from a TOML run config (LoRA or full)",
+                           description="Fine-tune a model on local data as described by a TOML run config. The "
+                                       "output directory receives the adapter (PEFT format), the config used, "
+                                       "metrics.jsonl, curves.png and summary.json.")
+    train.add_argument("config", metavar="CONFIG", help="TOML run config (see examples/)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    train.add_argument("--method", choices=["lora", "full"], help="LoRA or full fine-tuning (same as --set "
+                                                                  "train.method=...)")
+    train.add_argument("--output-dir", metavar="DIR", help="where the run goes (same as --set output_dir=...)")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the interrupted run in the output directory")
+    mode.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a finished run's adapter (or fine-tuned model)",
+                        description="Load the base model of a run, apply its adapter, and print the task's "
+                                    "metrics on a split of the run's data.")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="output directory of `lorafit train`")
+    ev.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                    help="which split (default: validation)")
+    ev.add_argument("--adapter", metavar="DIR", help="another adapter directory (default: RUN_DIR/adapter)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser("merge", help="write the base model with a run's adapter merged in",
+                        description="Merge a run's adapter into its base model and save the result with "
+                                    "save_pretrained (plus the tokenizer): a plain model with no LoRA layers.")
+    mg.add_argument("run_dir", metavar="RUN_DIR", help="output directory of `lorafit train`")
+    mg.add_argument("out_dir", metavar="OUT_DIR", help="where the merged model goes")
+    mg.add_argument("--adapter", metavar="DIR", help="another adapter directory (default: RUN_DIR/adapter)")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's contents")
+    mg.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -96,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, FloatingPointError) as exc:
         # Bad input, not a bug: one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"lorafit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

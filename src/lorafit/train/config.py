@@ -1,0 +1,355 @@
+"""The run config: one TOML file with [model], [data], [task], [lora] and [train] sections.
+
+    output_dir = "runs/sst2"
+    [model]  name = "minilm"
+    [data]   train = "${LORAFIT_DATA}/sst2/train.jsonl"   validation = "..."
+    [task]   type = "classification"   max_length = 64
+    [lora]   r = 8   lora_alpha = 16   target_modules = ["query", "key", "value", "dense"]
+    [train]  epochs = 3   lr = 5e-4   batch_size = 32
+
+Every key can be overridden with ``key=value`` strings (``train.lr=1e-4``); a
+value is read as a TOML value, and as a plain string if it is not one. Unknown
+keys are errors that suggest the closest known key. The [lora] section holds
+``lorafit.LoraConfig`` fields and is validated by LoraConfig itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import LoraConfig
+
+TASKS = ("classification", "causal_lm", "seq2seq")
+METHODS = ("lora", "full")
+SCHEDULERS = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+FORMATS = ("auto", "jsonl", "csv", "tsv")
+
+
+@dataclass
+class ModelSection:
+    name: str = ""  # "minilm", "smollm2-135m", a local Hugging Face directory, or a hub name when online
+    dtype: str = "float32"  # the base weights' dtype; "auto" keeps the checkpoint's
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    validation: str | None = None
+    test: str | None = None
+    validation_fraction: float = 0.0  # held out of train when no validation file is given
+    format: str = "auto"  # from the file extension: .jsonl/.json, .csv, .tsv
+    # classification
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    labels: list | None = None  # the label set, in order; default: the sorted labels found in train
+    # generation: instruction (+ optional input) -> output, or a chat `messages` list
+    instruction_field: str | None = None
+    input_field: str | None = None
+    output_field: str | None = None
+    messages_field: str | None = None
+    instruction: str | None = None  # a fixed instruction put before every example (e.g. "Summarize:")
+    max_train_rows: int | None = None
+    max_eval_rows: int | None = None
+    max_test_rows: int | None = None
+
+
+@dataclass
+class TaskSection:
+    type: str = "classification"
+    max_length: int = 128  # tokens per example (the prompt+response, or the source for seq2seq)
+    max_target_length: int = 128  # seq2seq targets
+    max_new_tokens: int = 64  # generation during evaluation
+    generate_rows: int = 0  # evaluate ROUGE on generations for this many eval rows (0: loss/perplexity only)
+
+
+@dataclass
+class TrainSection:
+    method: str = "lora"
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0  # never applied to biases and norm weights
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of every epoch
+    save_every: int = 0  # optimizer steps between checkpoints; 0: whenever it evaluates
+    keep_best: bool = True  # the final adapter is the best evaluated one, not the last
+    metric: str = ""  # what "best" means; default: accuracy (classification) or eval_loss
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    seed: int = 0
+    bf16: bool = False  # bfloat16 autocast for forward and loss
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    log_every: int = 10
+    tensorboard: bool = False
+    num_threads: int = 0  # CPU threads for torch (0: torch's default)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    lora: dict[str, Any] = field(default_factory=dict)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    # -- building ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        config = cls()
+        for key, value in data.items():
+            if key in _SECTIONS:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{source}: [{key}] must be a table of settings, got {value!r}")
+                for sub, sub_value in value.items():
+                    config.set(f"{key}.{sub}", sub_value, source=source)
+            else:
+                config.set(key, value, source=source)
+        config.validate(source)
+        return config
+
+    def set(self, key: str, value: Any, source: str = "config") -> None:
+        """Set one dotted key (``train.lr``), checking the key and the value's type."""
+        section, _, name = key.partition(".")
+        if section == "lora" and name:
+            if name not in _LORA_FIELDS:
+                raise ValueError(f"{source}: unknown key {key!r}{_suggest(name, _LORA_FIELDS, 'lora.')}")
+            self.lora[name] = value
+            return
+        if key not in _TYPES:
+            raise ValueError(f"{source}: unknown key {key!r}{_suggest(key, list(_TYPES))}")
+        _check_type(key, value, _TYPES[key], source)
+        if _TYPES[key] is float and isinstance(value, int):
+            value = float(value)
+        target = self if "." not in key else getattr(self, section)
+        setattr(target, key.rpartition(".")[2], value)
+
+    def apply_overrides(self, overrides: list[str] | dict[str, Any] | None, source: str = "--set") -> None:
+        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+        for key, value in items:
+            self.set(key, parse_value(value) if isinstance(value, str) and not isinstance(overrides, dict) else value,
+                     source=f"{source} {key}")
+        self.validate(source)
+
+    # -- checking ---------------------------------------------------------------
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"{source}: {key} {msg}")
+
+        if not self.model.name:
+            bad("model.name", "is required: 'minilm', 'smollm2-135m' or a model directory")
+        if not self.data.train:
+            bad("data.train", "is required: a JSONL, CSV or TSV file")
+        if not self.output_dir:
+            bad("output_dir", "is required")
+        _one_of("model.dtype", self.model.dtype, DTYPES, source)
+        _one_of("data.format", self.data.format, FORMATS, source)
+        _one_of("task.type", self.task.type, TASKS, source)
+        _one_of("train.method", self.train.method, METHODS, source)
+        _one_of("train.scheduler", self.train.scheduler, SCHEDULERS, source)
+        if not 0.0 <= self.data.validation_fraction < 1.0:
+            bad("data.validation_fraction", f"must be >= 0 and < 1, got {self.data.validation_fraction}")
+        for key in ("task.max_length", "task.max_target_length", "task.max_new_tokens", "train.epochs",
+                    "train.batch_size", "train.eval_batch_size", "train.grad_accum", "train.log_every"):
+            if self.get(key) < 1:
+                bad(key, f"must be >= 1, got {self.get(key)}")
+        for key in ("task.generate_rows", "train.max_steps", "train.warmup_steps", "train.eval_every",
+                    "train.save_every", "train.early_stopping_patience", "train.num_threads",
+                    "data.max_train_rows", "data.max_eval_rows", "data.max_test_rows"):
+            value = self.get(key)
+            if value is not None and value < 0:
+                bad(key, f"must be >= 0, got {value}")
+        for key in ("train.lr", "train.adam_eps"):
+            if not (math.isfinite(self.get(key)) and self.get(key) > 0):
+                bad(key, f"must be a finite number > 0, got {self.get(key)}")
+        for key in ("train.weight_decay", "train.max_grad_norm"):
+            if not (math.isfinite(self.get(key)) and self.get(key) >= 0):
+                bad(key, f"must be a finite number >= 0, got {self.get(key)}")
+        if not 0.0 <= self.train.warmup_ratio < 1.0:
+            bad("train.warmup_ratio", f"must be >= 0 and < 1, got {self.train.warmup_ratio}")
+        betas = self.train.adam_betas
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            bad("train.adam_betas", f"must be two numbers in [0, 1), got {betas}")
+        if self.data.labels is not None and (not self.data.labels or len(set(map(str, self.data.labels)))
+                                             != len(self.data.labels)):
+            bad("data.labels", f"must be a non-empty list of distinct labels, got {self.data.labels}")
+        if self.task.type != "classification" and not (self.data.output_field or self.data.messages_field):
+            bad("data.output_field", f"(or data.messages_field) is required for task.type = {self.task.type!r}")
+        if self.task.type == "seq2seq" and self.data.messages_field:
+            bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
+        if self.train.method == "lora":
+            self.lora_config()
+
+    def lora_config(self) -> LoraConfig:
+        try:
+            return LoraConfig(**self.lora)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"[lora]: {exc}") from None
+
+    def get(self, key: str) -> Any:
+        obj: Any = self
+        for part in key.split("."):
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+        return obj
+
+    # -- serialising ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"output_dir": self.output_dir}
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            values = dict(section) if isinstance(section, dict) else dataclasses.asdict(section)
+            out[name] = {k: v for k, v in values.items() if v is not None}
+        return out
+
+    def to_toml(self) -> str:
+        lines = [f"output_dir = {_toml_value(self.output_dir)}"]
+        for name, values in self.to_dict().items():
+            if name == "output_dir":
+                continue
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        return "\n".join(lines) + "\n"
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML run config and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    config = RunConfig.from_dict(data, source=str(path))
+    config.apply_overrides(overrides)
+    return config
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: TOML (``3``, ``1e-4``, ``true``, ``["q", "v"]``) or else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def default_data_dir() -> Path:
+    """$LORAFIT_DATA, else ../shared/data beside the repository this package lives in."""
+    if os.environ.get("LORAFIT_DATA"):
+        return Path(os.environ["LORAFIT_DATA"])
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def expand_path(text: str) -> Path:
+    """A data path with ``${LORAFIT_DATA}`` (or ``$LORAFIT_DATA``) and ``~`` expanded."""
+    text = re.sub(r"\$\{LORAFIT_DATA\}|\$LORAFIT_DATA\b", lambda _: str(default_data_dir()), text)
+    return Path(os.path.expandvars(text)).expanduser()
+
+
+# -- internals ------------------------------------------------------------------------
+
+_SECTIONS = ("model", "data", "task", "lora", "train")
+_LORA_FIELDS = [f.name for f in dataclasses.fields(LoraConfig)]
+
+
+def _collect_types() -> dict[str, Any]:
+    types: dict[str, Any] = {"output_dir": str}
+    for name, cls in (("model", ModelSection), ("data", DataSection), ("task", TaskSection), ("train", TrainSection)):
+        for key, hint in typing.get_type_hints(cls).items():
+            types[f"{name}.{key}"] = hint
+    return types
+
+
+_TYPES = _collect_types()
+
+
+def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
+    if not _matches(value, hint):
+        raise ValueError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list or hint is list:
+        return "a list" + (f" of {_describe(args[0])}s" if args else "")
+    if args and len(args) < len(typing.get_args(hint)):  # Optional[X]
+        return _describe(args[0]) if len(args) == 1 else " or ".join(_describe(a) for a in args)
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _one_of(key: str, value: Any, allowed: tuple, source: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{source}: {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                         f"{_suggest(str(value), list(allowed))}")
+
+
+def _suggest(word: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects key=value (e.g. train.lr=1e-4), got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        import json
+
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"cannot write {value!r} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)

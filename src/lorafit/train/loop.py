@@ -1,0 +1,231 @@
+"""The training loop: AdamW, warm-up + decay, accumulation, clipping, evaluation, checkpoints.
+
+Everything the loop does after a checkpoint is a function of what the
+checkpoint holds (weights, optimizer, schedule, random states, data position)
+and of the seed, so a resumed run computes the same steps as one that was never
+interrupted. The epoch's batch order comes from a generator seeded with
+(seed, epoch), not from the global random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafit.train import checkpoint as ckpt
+from lorafit.train.config import TrainSection
+from lorafit.train.data import epoch_batches, steps_per_epoch
+from lorafit.train.metrics import MetricsLog
+from lorafit.train.tasks import Task
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations in a row without improvement
+    stopped_early: bool = False
+    finished: bool = False
+    train_tokens: int = 0
+    train_seconds: float = 0.0  # wall time spent in the loop, summed over resumed sessions
+    last_eval_step: int = -1
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and norm weights (1-D) never decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.AdamW:
+    groups = parameter_groups(model, t.weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based): linear warm-up, then decay to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, t: TrainSection):
+    warmup = t.warmup_steps or round(t.warmup_ratio * total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, t.scheduler))
+
+
+def total_steps(n_rows: int, t: TrainSection) -> int:
+    return t.max_steps or t.epochs * steps_per_epoch(n_rows, t.batch_size, t.grad_accum)
+
+
+def autocast_for(device: torch.device, bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    train_features: list[dict],
+    eval_features: list[dict],
+    t: TrainSection,
+    device: torch.device,
+    run_dir: Path,
+    log: MetricsLog,
+    metric: str,
+    resume_from: Path | None = None,
+    callbacks: tuple[Callable[[dict], None], ...] = (),
+    progress: bool = True,
+) -> LoopState:
+    """Train ``model`` in place; returns the final loop state. The best weights are in checkpoints/best."""
+    optimizer = build_optimizer(model, t)
+    total = total_steps(len(train_features), t)
+    scheduler = build_scheduler(optimizer, total, t)
+    state = LoopState()
+    if resume_from is not None:
+        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+        log.truncate_after(state.step)
+    if state.finished:
+        return state
+    autocast = autocast_for(device, t.bf16)
+    lengths = [len(f["input_ids"]) for f in train_features]
+    params = [p for p in model.parameters() if p.requires_grad]
+    greater = task.greater_is_better(metric)
+    evaluating = bool(eval_features)
+
+    bar = _progress_bar(total, state.step, progress)
+    session_start, session_tokens = time.perf_counter(), 0
+    window_loss, window_units = 0.0, 0
+
+    def checkpoint() -> None:
+        state.train_seconds += time.perf_counter() - session_clock[0]
+        session_clock[0] = time.perf_counter()
+        ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, asdict(state))
+
+    def evaluate_now() -> None:
+        metrics = task.evaluate(model, eval_features, device, t.eval_batch_size, autocast)
+        model.train()
+        state.last_eval_step = state.step
+        value = metrics[metric]
+        improved = state.best_value is None or (value > state.best_value if greater else value < state.best_value)
+        if improved:
+            state.best_value, state.best_step, state.bad_evals = value, state.step, 0
+            ckpt.save_best(run_dir, model, {"step": state.step, "metric": metric, "value": value})
+        else:
+            state.bad_evals += 1
+            if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
+                state.stopped_early = True
+        log.write({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
+        bar.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                  + ("  (best)" if improved else ""))
+
+    session_clock = [time.perf_counter()]
+    model.train()
+    while state.step < total and not state.stopped_early:
+        batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
+        while state.batch_in_epoch < len(batches) and state.step < total:
+            window = [task.collate([train_features[i] for i in idx])
+                      for idx in batches[state.batch_in_epoch:state.batch_in_epoch + t.grad_accum]]
+            units = sum(task.num_units(b) for b in window)
+            step_loss = 0.0
+            for batch in window:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast():
+                    loss = task.loss_sum(model, batch)
+                (loss / max(units, 1)).backward()
+                step_loss += loss.item()
+                tokens = int(batch["attention_mask"].sum())
+                state.train_tokens += tokens
+                session_tokens += tokens
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += len(window)
+            window_loss += step_loss
+            window_units += units
+
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"the loss became {step_loss} at step {state.step}; lower train.lr, or "
+                                         "check the data (empty targets?)")
+            speed = session_tokens / max(time.perf_counter() - session_start, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss / max(units, 1):.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+            if state.step % t.log_every == 0 or state.step == total:
+                record = {"type": "train", "step": state.step, "epoch": state.epoch,
+                          "loss": window_loss / max(window_units, 1), "lr": lr, "tokens_per_s": speed}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                log.write(record)
+                window_loss, window_units = 0.0, 0
+
+            evaluated = False
+            if evaluating and t.eval_every and state.step % t.eval_every == 0:
+                evaluate_now()
+                evaluated = True
+            if (t.save_every and state.step % t.save_every == 0) or (evaluated and not t.save_every):
+                checkpoint()
+            for callback in callbacks:
+                callback({**asdict(state), "loss": step_loss / max(units, 1), "lr": lr})
+            if state.stopped_early:
+                break
+        if state.stopped_early:
+            break
+        if state.batch_in_epoch >= len(batches):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if evaluating and not t.eval_every:
+                evaluate_now()
+            if not t.save_every and not t.eval_every:
+                checkpoint()
+    if evaluating and state.last_eval_step != state.step:
+        evaluate_now()  # the final weights are always compared with the best so far
+    state.finished = True
+    checkpoint()
+    bar.close()
+    return state
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+    def write(self, text: str) -> None:
+        print(text)

@@ -1,0 +1,389 @@
+"""One training run from config to output directory, and ``evaluate`` / ``merge`` of a finished run.
+
+Everything that can be wrong with the input (config, files, fields, labels,
+model, lengths, an occupied output directory) is checked before the first byte
+is written, so a run that fails on bad input leaves the disk as it was.
+
+Output directory::
+
+    config.toml          the config used (rerun it with `lorafit train OUT/config.toml`)
+    adapter/             the adapter, PEFT format (method = "lora")
+    model/               the fine-tuned model + tokenizer, save_pretrained format (method = "full")
+    metrics.jsonl        one line per log / evaluation
+    curves.png           loss and validation metric against the step
+    summary.json         trainable parameters, peak memory, wall time, best and final metrics
+    checkpoints/         the latest resumable state, and the best weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lorafit
+from lorafit.train import checkpoint as ckpt
+from lorafit.train.config import RunConfig, load_config
+from lorafit.train.data import Splits, label_set, load_splits
+from lorafit.train.loop import fit, total_steps
+from lorafit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves, read_metrics
+from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, resolve_model
+from lorafit.train.tasks import Task, build_task
+
+CONFIG_FILE = "config.toml"
+RUN_MARKERS = (CONFIG_FILE, "checkpoints", "summary.json", "metrics.jsonl")
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    source: ModelSource
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+    splits: Splits
+    labels: list | None
+    device: torch.device
+
+
+def _as_config(config: RunConfig | str | os.PathLike, overrides) -> RunConfig:
+    if isinstance(config, RunConfig):
+        config.apply_overrides(overrides)
+        return config
+    return load_config(config, overrides)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except Exception as exc:  # RuntimeError or AssertionError, depending on the backend
+        raise ValueError(f"model.device {name!r} is not usable: {' '.join(str(exc).split())}") from None
+    return device
+
+
+def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
+    """Data, labels, tokenizer and model, all checked. Writes nothing."""
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    device = select_device(config.model.device)
+    splits = load_splits(config)
+    labels = label_set(config, splits) if config.task.type == "classification" else None
+    source = resolve_model(config.model.name)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source)
+    if model is None:
+        torch.manual_seed(config.train.seed)  # a new classification head is initialised here
+        model = load_model(source, config.task.type, config.model.dtype, labels)
+    check_max_length(model, config.task.max_length)
+    if config.task.type == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
+    task = build_task(config, tokenizer, labels)
+    return Prepared(config, source, model, tokenizer, task, splits, labels, device)
+
+
+def _encode(prep: Prepared, split: str) -> list[dict]:
+    rows = getattr(prep.splits, split)
+    if not rows:
+        return []
+    encoded = prep.task.encode(rows, split)
+    if encoded.skipped:
+        print(f"lorafit: {encoded.skipped} of {len(rows)} {split} rows skipped: no response token fits into "
+              f"task.max_length = {prep.config.task.max_length}")
+    if not encoded.features:
+        raise ValueError(f"{prep.splits.sources[split]}: no usable {split} rows (empty data set after encoding; "
+                         f"task.max_length = {prep.config.task.max_length})")
+    return encoded.features
+
+
+def lora_config_for(prep: Prepared) -> lorafit.LoraConfig:
+    config = prep.config
+    lora = dict(config.lora)
+    task_type = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+    lora.setdefault("task_type", task_type[config.task.type])
+    if config.task.type == "classification" and "modules_to_save" not in lora:
+        # The head is new and random: it must train, and it must be saved with the adapter.
+        lora["modules_to_save"] = [h for h in SEQ_CLS_HEADS if isinstance(getattr(prep.model, h, None), nn.Module)]
+        lora["modules_to_save"] = lora["modules_to_save"] or None
+    lora.setdefault("base_model_name_or_path", prep.source.path)
+    try:
+        return lorafit.LoraConfig(**lora)
+    except ValueError as exc:
+        raise ValueError(f"[lora]: {exc}") from None
+
+
+def apply_method(prep: Prepared) -> None:
+    model = prep.model
+    if prep.config.train.method == "lora":
+        torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
+        lorafit.attach(model, lora_config_for(prep))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.to(prep.device)
+    if prep.config.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+
+
+def run_kind(out: Path) -> str:
+    """'none' (free to use), 'run' (a lorafit run) or 'other' (a non-empty directory of something else)."""
+    if not out.exists():
+        return "none"
+    if not out.is_dir():
+        raise ValueError(f"output_dir {str(out)!r} exists and is a file")
+    entries = list(out.iterdir())
+    if not entries:
+        return "none"
+    return "run" if any((out / m).exists() for m in RUN_MARKERS) else "other"
+
+
+def _check_output(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """The output directory and the checkpoint to resume from; refuses to clobber a run."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in output_dir and --overwrite replaces it; pick one")
+    out = Path(config.output_dir).expanduser()
+    kind = run_kind(out)
+    if kind == "other" and not overwrite:
+        raise ValueError(f"output_dir {str(out)!r} is not empty and holds no lorafit run; choose a new directory "
+                         "(or pass --overwrite to replace its contents)")
+    if kind == "run" and not (resume or overwrite):
+        raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or "
+                         "--overwrite to replace it (or choose another output_dir)")
+    if not (resume and kind == "run"):
+        return out, None
+    saved = out / CONFIG_FILE
+    if saved.is_file():
+        before = load_config(saved).to_dict()
+        now = config.to_dict()
+        changed = _diff(before, now)
+        if changed:
+            raise ValueError(f"--resume: the config differs from the one {str(out)!r} was started with "
+                             f"({'; '.join(changed[:5])}); resume with the same config and --set values")
+    if (out / "summary.json").is_file() and not (out / "checkpoints").exists():
+        raise ValueError(f"{str(out)!r} holds a finished run without checkpoints; nothing to resume")
+    return out, ckpt.latest_checkpoint(out)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
+    return out
+
+
+def train(
+    config: RunConfig | str | os.PathLike,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    callbacks: tuple[Callable[[dict], None], ...] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a training job; returns the summary (also in ``OUTPUT_DIR/summary.json``).
+
+    ``config`` is a TOML path or a ``RunConfig``; ``overrides`` are ``"key=value"``
+    strings or a dict. ``resume`` continues the run in ``output_dir`` from its
+    latest checkpoint; ``overwrite`` replaces a previous run there (only once the
+    new run's inputs have passed every check). ``model`` / ``tokenizer`` replace
+    loading ``model.name`` (notebooks). Each of ``callbacks`` is called with the
+    loop state after every optimizer step.
+    """
+    wall_start = time.perf_counter()
+    config = _as_config(config, overrides)
+    out, resume_from = _check_output(config, resume, overwrite)
+    if config.train.tensorboard:
+        try:  # fail before the work starts, not after
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ImportError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
+                from None
+    prep = prepare(config, model, tokenizer)
+    train_features = _encode(prep, "train")
+    eval_features = _encode(prep, "validation")
+    test_features = _encode(prep, "test")
+    metric = config.train.metric or prep.task.metric
+    if eval_features:
+        probe = {"classification": ("eval_loss", "accuracy", "macro_f1")}.get(
+            config.task.type, ("eval_loss", "perplexity") + (("rouge1", "rouge2", "rougeL")
+                                                             if config.task.generate_rows else ()))
+        if metric not in probe:
+            raise ValueError(f"train.metric {metric!r} is not computed for this task; choose one of {', '.join(probe)}")
+    elif config.train.early_stopping_patience:
+        raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
+                         "data.validation_fraction)")
+    apply_method(prep)
+    report = lorafit.trainable_parameters(prep.model)
+
+    # Every input is fine: only now is anything written.
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        ckpt.atomic_write_text(out / CONFIG_FILE, config.to_toml())
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a run that died before its first checkpoint
+    ckpt.atomic_write_json(out / "data.json", {
+        "sources": prep.splits.sources, "labels": prep.labels,
+        "rows": {s: len(f) for s, f in (("train", train_features), ("validation", eval_features),
+                                         ("test", test_features))},
+        "chat_template": getattr(prep.task, "uses_model_template", None)})
+    log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
+    earlier_seconds = json.loads((resume_from / "state.json").read_text())["train_seconds"] if resume_from else 0.0
+    n_steps = total_steps(len(train_features), config.train)
+    print(f"lorafit train: {config.model.name} ({prep.source.path}), {config.task.type}, method {config.train.method}"
+          f", {len(train_features)} train / {len(eval_features)} validation rows, {n_steps} steps, "
+          f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}")
+    try:
+        state = fit(prep.model, prep.task, train_features, eval_features, config.train, prep.device, out, log,
+                    metric, resume_from=resume_from, callbacks=callbacks, progress=progress)
+    finally:
+        log.close()
+
+    # The final weights: the best evaluated ones, or the last.
+    use_best = config.train.keep_best and state.best_step is not None
+    if use_best:
+        ckpt.load_best(out, prep.model, state.best_step)
+    autocast = _autocast(prep)
+    results: dict[str, dict[str, float]] = {}
+    if eval_features:
+        results["validation"] = prep.task.evaluate(prep.model, eval_features, prep.device,
+                                                   config.train.eval_batch_size, autocast)
+    if test_features:
+        results["test"] = prep.task.evaluate(prep.model, test_features, prep.device,
+                                             config.train.eval_batch_size, autocast)
+        log = MetricsLog(out / "metrics.jsonl")
+        log.write({"type": "eval", "split": "test", "step": state.best_step if use_best else state.step,
+                   **results["test"]})
+    save_result(prep, out)
+
+    peak, peak_method = peak_memory(prep.device)
+    summary = {
+        "method": config.train.method,
+        "lora_r": config.lora_config().r if config.train.method == "lora" else None,
+        "model": config.model.name,
+        "task": config.task.type,
+        "params": {"trainable": report.trainable, "total": report.total,
+                   "trainable_percent": report.trainable_percent, "base_model": report.base},
+        "steps": state.step,
+        "epochs_done": state.epoch + state.batch_in_epoch / max(1, -(-len(train_features) // config.train.batch_size)),
+        "early_stopped": state.stopped_early,
+        "train_tokens": state.train_tokens,
+        "train_time_s": state.train_seconds,
+        "train_tokens_per_s": state.train_tokens / max(state.train_seconds, 1e-9),
+        "peak_memory_bytes": peak,
+        "peak_memory_method": peak_method,
+        "device": str(prep.device),
+        "threads": torch.get_num_threads(),
+        "best": {"metric": metric, "value": state.best_value, "step": state.best_step} if state.best_step is not None
+        else None,
+        "final_weights": f"best (step {state.best_step})" if use_best else f"last (step {state.step})",
+        "validation": results.get("validation"),
+        "test": results.get("test"),
+        "output": str(out / ("adapter" if config.train.method == "lora" else "model")),
+    }
+    # wall time: this session, plus the training time of the sessions before a resume
+    summary["wall_time_s"] = time.perf_counter() - wall_start + earlier_seconds
+    ckpt.atomic_write_json(out / "summary.json", summary)
+    plot_curves(read_metrics(out / "metrics.jsonl"), metric, out / "curves.png",
+                title=f"{config.model.name} {config.task.type} ({config.train.method})")
+    print(format_summary(summary))
+    return summary
+
+
+def _autocast(prep: Prepared):
+    from lorafit.train.loop import autocast_for
+
+    return autocast_for(prep.device, prep.config.train.bf16)
+
+
+def save_result(prep: Prepared, out: Path) -> None:
+    """The adapter (PEFT format) or, for full fine-tuning, the whole model and its tokenizer."""
+    if prep.config.train.method == "lora":
+        ckpt.publish_dir(lambda tmp: lorafit.save_adapter(prep.model, tmp), out / "adapter")
+    else:
+        def build(tmp: Path) -> None:
+            prep.model.save_pretrained(tmp)
+            prep.tokenizer.save_pretrained(tmp)
+
+        ckpt.publish_dir(build, out / "model")
+
+
+# -- evaluate and merge a finished run ---------------------------------------------
+
+
+def _load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike | None) -> Prepared:
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a lorafit run directory (no {CONFIG_FILE})")
+    config = load_config(config_path, overrides)
+    if config.train.method == "full" and adapter is None:
+        model_dir = run_dir / "model"
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir} is missing; did the run finish?")
+        config.model.name = str(model_dir)  # the fine-tuned model is the base now
+        prep = prepare(config)
+        prep.model.to(prep.device)
+        return prep
+    adapter_dir = Path(adapter) if adapter is not None else run_dir / "adapter"
+    prep = prepare(config)
+    lorafit.load_adapter(prep.model, adapter_dir)
+    prep.model.to(prep.device)
+    return prep
+
+
+def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=None,
+             adapter: str | os.PathLike | None = None) -> dict[str, float]:
+    """Metrics of a finished run's adapter (or fine-tuned model) on ``split``."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    prep = _load_run(run_dir, overrides, adapter)
+    if not getattr(prep.splits, split):
+        raise ValueError(f"the run's config has no {split} data; set it, e.g. --set data.{split}=FILE")
+    features = _encode(prep, split)
+    return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep))
+
+
+def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+          overwrite: bool = False) -> Path:
+    """Write the base model with the run's adapter merged in (save_pretrained format, plus the tokenizer)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{str(out)!r} is not empty; choose a new directory or pass --overwrite")
+    prep = _load_run(run_dir, None, adapter)
+    if prep.config.train.method == "full":
+        raise ValueError("this run fine-tuned the whole model; its model/ directory is already a full model")
+    merged = lorafit.merge_and_unload(prep.model, safe=True)
+
+    def build(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+
+    ckpt.publish_dir(build, out)
+    return out
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

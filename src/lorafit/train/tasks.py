@@ -1,0 +1,330 @@
+"""The three tasks: what an example becomes in tokens, how a batch is padded, what the loss and metrics are.
+
+- ``classification``: text (and optional text pair) -> label; cross-entropy;
+  accuracy and macro-F1.
+- ``causal_lm``: a prompt and a response rendered with the model's chat
+  template; the loss covers the response tokens only (every assistant turn of
+  a chat); perplexity, and ROUGE on greedy generations.
+- ``seq2seq``: an encoder-decoder (T5/BART) maps the prompt to the output;
+  loss on the target tokens; perplexity and ROUGE.
+
+Losses are returned as a *sum* with the number of units it covers (examples or
+target tokens), so gradient accumulation can divide by the units of the whole
+optimizer step: accumulated micro-batches then equal one large batch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafit.train.config import RunConfig
+from lorafit.train.data import eval_batches
+
+IGNORE = -100
+# Used when a tokenizer has no chat template of its own (base models, tests).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class Encoded:
+    features: list[dict[str, Any]]  # token id lists per example
+    skipped: int = 0  # rows that could not fit a single target token into max_length
+
+
+def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> "Task":
+    kind = config.task.type
+    cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq}[kind]
+    return cls(config, tokenizer, labels)
+
+
+class Task:
+    metric = "eval_loss"  # the default "best" metric
+    unit = "tokens"
+
+    def __init__(self, config: RunConfig, tokenizer, labels: list | None = None) -> None:
+        self.config = config
+        self.tok = tokenizer
+        self.labels = labels
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @staticmethod
+    def greater_is_better(metric: str) -> bool:
+        return not (metric.endswith("loss") or metric == "perplexity")
+
+    # -- shared helpers -----------------------------------------------------------
+    def _pad(self, seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _prompt_text(self, row: dict) -> str:
+        d = self.config.data
+        parts = [d.instruction, row.get(d.instruction_field) if d.instruction_field else None,
+                 row.get(d.input_field) if d.input_field else None]
+        return "\n\n".join(str(p) for p in parts if p not in (None, ""))
+
+    def num_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["units"])
+
+    def evaluate(self, model: nn.Module, features: list[dict], device: torch.device, batch_size: int,
+                 autocast: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Classification(Task):
+    metric = "accuracy"
+    unit = "examples"
+
+    def __init__(self, config, tokenizer, labels) -> None:
+        super().__init__(config, tokenizer, labels)
+        self.label_ids = {str(v): i for i, v in enumerate(labels or [])}
+
+    def encode(self, rows: list[dict], split: str) -> Encoded:
+        d = self.config.data
+        texts = [str(r[d.text_field]) for r in rows]
+        pairs = [str(r[d.text_pair_field]) for r in rows] if d.text_pair_field else None
+        enc = self.tok(texts, pairs, truncation=True, max_length=self.config.task.max_length)
+        features = []
+        for i, row in enumerate(rows):
+            f = {"input_ids": enc["input_ids"][i], "label": self.label_ids[str(row[d.label_field])]}
+            if "token_type_ids" in enc:
+                f["token_type_ids"] = enc["token_type_ids"][i]
+            features.append(f)
+        return Encoded(features)
+
+    def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        ids = self._pad([f["input_ids"] for f in feats], self.pad_id)
+        batch = {"input_ids": ids, "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in feats], 0),
+                 "labels": torch.tensor([f["label"] for f in feats]), "units": torch.tensor(len(feats))}
+        if "token_type_ids" in feats[0]:
+            batch["token_type_ids"] = self._pad([f["token_type_ids"] for f in feats], 0)
+        return batch
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return model(**inputs).logits
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.logits(model, batch).float(), batch["labels"], reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model, features, device, batch_size, autocast) -> dict[str, float]:
+        model.eval()
+        preds, gold, loss = [], [], 0.0
+        for idx in eval_batches([len(f["input_ids"]) for f in features], batch_size):
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx]).items()}
+            with autocast():
+                logits = self.logits(model, batch).float()
+            loss += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            preds += logits.argmax(-1).tolist()
+            gold += batch["labels"].tolist()
+        return {"eval_loss": loss / len(gold), "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(gold),
+                "macro_f1": macro_f1(preds, gold, len(self.label_ids))}
+
+
+def macro_f1(preds: list[int], gold: list[int], n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and g == c for p, g in zip(preds, gold))
+        fp = sum(p == c and g != c for p, g in zip(preds, gold))
+        fn = sum(p != c and g == c for p, g in zip(preds, gold))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class _Generative(Task):
+    def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        ids = self._pad([f["input_ids"] for f in feats], self.pad_id)
+        labels = self._pad([f["labels"] for f in feats], IGNORE)
+        batch = {"input_ids": ids, "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in feats], 0),
+                 "labels": labels}
+        batch["units"] = self._target_count(labels)
+        return batch
+
+    def _target_count(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels != IGNORE).sum()
+
+    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                           reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model, features, device, batch_size, autocast) -> dict[str, float]:
+        model.eval()
+        loss, units = 0.0, 0
+        for idx in eval_batches([len(f["input_ids"]) for f in features], batch_size):
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx]).items()}
+            with autocast():
+                loss += self.loss_sum(model, batch).item()
+            units += int(batch["units"])
+        out = {"eval_loss": loss / max(units, 1)}
+        out["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+        n = self.config.task.generate_rows
+        if n:
+            rows = [f for f in features if f.get("reference") is not None][:n]
+            predictions = self.generate(model, [f["prompt_ids"] for f in rows], device, batch_size, autocast)
+            out.update(rouge([f["reference"] for f in rows], predictions))
+        return out
+
+    def generate(self, model, prompts: list[list[int]], device, batch_size: int, autocast) -> list[str]:
+        raise NotImplementedError
+
+
+class CausalLM(_Generative):
+    """Prompt + response through the chat template; only response tokens carry loss."""
+
+    def __init__(self, config, tokenizer, labels=None) -> None:
+        super().__init__(config, tokenizer, labels)
+        self.template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.uses_model_template = bool(tokenizer.chat_template)
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def messages(self, row: dict) -> list[dict]:
+        d = self.config.data
+        if d.messages_field:
+            return [{"role": m["role"], "content": str(m["content"])} for m in row[d.messages_field]]
+        return [{"role": "user", "content": self._prompt_text(row)},
+                {"role": "assistant", "content": str(row[d.output_field])}]
+
+    def encode_messages(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids and labels: each assistant turn's tokens are labels, everything else IGNORE."""
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""  # the text rendered so far
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:i], generation_prompt=True)
+            full = self._render(messages[: i + 1], generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError("the chat template does not render a conversation as a prefix of its "
+                                 "continuation, so response tokens cannot be told apart; set a simpler "
+                                 "tokenizer chat template")
+            context = self._ids(prompt[len(done):])
+            response = self._ids(full[len(prompt):])
+            ids += context + response
+            labels += [IGNORE] * len(context) + response
+            done = full
+        return ids, labels
+
+    def encode(self, rows: list[dict], split: str) -> Encoded:
+        max_len = self.config.task.max_length
+        features, skipped = [], 0
+        for row in rows:
+            messages = self.messages(row)
+            ids, labels = self.encode_messages(messages)
+            ids, labels = ids[:max_len], labels[:max_len]
+            if all(x == IGNORE for x in labels[1:]):
+                skipped += 1
+                continue
+            f: dict[str, Any] = {"input_ids": ids, "labels": labels}
+            if split != "train" and messages[-1]["role"] == "assistant":
+                prompt_ids = self._ids(self._render(messages[:-1], generation_prompt=True))
+                if len(prompt_ids) + self.config.task.max_new_tokens <= max_len or not self.config.task.generate_rows:
+                    f["prompt_ids"] = prompt_ids
+                    f["reference"] = messages[-1]["content"]
+            features.append(f)
+        return Encoded(features, skipped)
+
+    def _target_count(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels[:, 1:] != IGNORE).sum()  # the first token is never predicted
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self._token_loss(logits[:, :-1], batch["labels"][:, 1:])
+
+    @torch.no_grad()
+    def generate(self, model, prompts, device, batch_size, autocast) -> list[str]:
+        out: list[str] = [""] * len(prompts)
+        for idx in eval_batches([len(p) for p in prompts], batch_size):
+            ids = self._pad([prompts[i] for i in idx], self.pad_id, left=True).to(device)
+            mask = self._pad([[1] * len(prompts[i]) for i in idx], 0, left=True).to(device)
+            with autocast():
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.config.task.max_new_tokens,
+                                     do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id)
+            for j, i in enumerate(idx):
+                out[i] = self.tok.decode(gen[j, ids.shape[1]:], skip_special_tokens=True).strip()
+        return out
+
+
+class Seq2Seq(_Generative):
+    """Encoder-decoder: the prompt is the encoder input, the output the decoder target."""
+
+    def _with_eos(self, ids: list[int], max_len: int) -> list[int]:
+        eos = self.tok.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids[: max_len - 1] + [eos]
+        return ids
+
+    def encode(self, rows: list[dict], split: str) -> Encoded:
+        t = self.config.task
+        sources = [self._prompt_text(r) for r in rows]
+        targets = [str(r[self.config.data.output_field]) for r in rows]
+        src = self.tok(sources, truncation=True, max_length=t.max_length)["input_ids"]
+        tgt = self.tok(targets, truncation=True, max_length=t.max_target_length)["input_ids"]
+        features = []
+        for s, y, ref in zip(src, tgt, targets):
+            f = {"input_ids": self._with_eos(s, t.max_length), "labels": self._with_eos(y, t.max_target_length)}
+            if split != "train":
+                f["prompt_ids"], f["reference"] = f["input_ids"], ref
+            features.append(f)
+        return Encoded(features)
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        labels = batch["labels"]
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            raise ValueError(f"{type(model).__name__} cannot build decoder inputs from labels; is it a seq2seq model?")
+        decoder_ids = prepare(labels=labels)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_ids).logits
+        return self._token_loss(logits, labels)
+
+    @torch.no_grad()
+    def generate(self, model, prompts, device, batch_size, autocast) -> list[str]:
+        out: list[str] = [""] * len(prompts)
+        for idx in eval_batches([len(p) for p in prompts], batch_size):
+            ids = self._pad([prompts[i] for i in idx], self.pad_id).to(device)
+            mask = self._pad([[1] * len(prompts[i]) for i in idx], 0).to(device)
+            with autocast():
+                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                     max_new_tokens=self.config.task.max_new_tokens)
+            for j, i in enumerate(idx):
+                out[i] = self.tok.decode(gen[j], skip_special_tokens=True).strip()
+        return out
+
+
+def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (x100) with Porter stemming, as in the summarization literature."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ImportError("ROUGE needs the rouge-score package: pip install 'lorafit[train]'") from None
+    if not references:
+        warnings.warn("no evaluation rows fit a generation into task.max_length; ROUGE skipped", stacklevel=2)
+        return {}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for ref, pred in zip(references, predictions):
+        for key, score in scorer.score(ref, pred).items():
+            totals[key] += score.fmeasure
+    return {k: 100 * v / len(references) for k, v in totals.items()}

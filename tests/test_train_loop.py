@@ -1,0 +1,304 @@
+"""End-to-end training on tiny random models: learning, resume == uninterrupted, PEFT loads the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train_support import (
+    classification_setup,
+    instruction_rows,
+    tiny_llama_dir,
+    tiny_t5_dir,
+    toml_config,
+    write_jsonl,
+)
+
+transformers = pytest.importorskip("transformers")
+
+import lorafit  # noqa: E402
+from lorafit.train import evaluate, merge, train  # noqa: E402
+from lorafit.train.data import epoch_batches  # noqa: E402
+from lorafit.train.loop import lr_factor, parameter_groups  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "train"]
+
+
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+# -- classification ------------------------------------------------------------------
+
+
+def test_lora_classification_learns_and_writes_a_complete_run(tmp_path):
+    config = classification_setup(tmp_path, extra="")
+    summary = train(config, progress=False)
+    run = tmp_path / "run"
+    losses = train_losses(run)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert summary["best"]["metric"] == "accuracy" and summary["best"]["value"] >= 0.75
+    assert summary["validation"]["accuracy"] == summary["best"]["value"]  # keep-best: the final adapter is the best
+    for name in ("config.toml", "metrics.jsonl", "curves.png", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["params"]["trainable"] < saved["params"]["total"] and saved["peak_memory_bytes"] > 0
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["modules_to_save"] == ["classifier"]
+    assert adapter_config["task_type"] == "SEQ_CLS"
+    # `lorafit eval` reproduces the validation metrics from the files alone
+    again = evaluate(run, "validation")
+    assert again["accuracy"] == pytest.approx(summary["validation"]["accuracy"])
+    assert again["eval_loss"] == pytest.approx(summary["validation"]["eval_loss"], abs=1e-5)
+
+
+def test_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = classification_setup(tmp_path)
+    train(config, ["train.epochs=1", "train.eval_every=0"], progress=False)
+    run = tmp_path / "run"
+    model_dir = tmp_path / "tiny-bert"
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(["the film was great", "a very dull plot"], padding=True, return_tensors="pt")
+
+    def base():
+        torch.manual_seed(123)  # the head PEFT replaces is random: any seed will do
+        return transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+
+    ours = lorafit.load_adapter(base(), run / "adapter")
+    theirs = peft.PeftModel.from_pretrained(base(), run / "adapter").eval()
+    with torch.no_grad():
+        a, b = ours(**batch).logits, theirs(**batch).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(a, base()(**batch).logits)  # the adapter (and head) changed something
+
+    # `lorafit merge`: a plain model with the same logits
+    merged_dir = merge(run, tmp_path / "merged")
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert not any(isinstance(m, lorafit.layers.LoraLayer) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, a, atol=1e-5, rtol=0)
+
+
+def test_full_fine_tuning_trains_every_weight(tmp_path):
+    config = classification_setup(tmp_path)
+    summary = train(config, ["train.method=full", "train.epochs=1", "train.lr=1e-3"], progress=False)
+    assert summary["params"]["trainable"] == summary["params"]["total"]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert not (tmp_path / "run" / "adapter").exists()
+    metrics = evaluate(tmp_path / "run", "validation")
+    assert metrics["accuracy"] == pytest.approx(summary["validation"]["accuracy"])
+
+
+# -- resume ---------------------------------------------------------------------------
+
+RESUME = ["train.epochs=8", "train.save_every=3", "train.eval_every=6", "train.grad_accum=2", "train.batch_size=4",
+          "lora.lora_dropout=0.2", "train.early_stopping_patience=0"]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step: int):
+    def callback(state: dict) -> None:
+        if state["step"] == step:
+            raise Crash(f"simulated crash at step {step}")
+
+    return callback
+
+
+def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
+    config = classification_setup(tmp_path)
+    full = train(config, RESUME + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    args = RESUME + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(17),), progress=False)  # last checkpoint: step 15
+    assert not (tmp_path / "b" / "summary.json").exists()
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        train(config, args, progress=False)
+    resumed = train(config, args, resume=True, progress=False)
+    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+    assert resumed["best"] == full["best"] and resumed["steps"] == full["steps"]
+    assert resumed["validation"] == pytest.approx(full["validation"], abs=1e-6)
+    # metrics.jsonl holds each step once, as if never interrupted
+    steps = [(r["type"], r["step"]) for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())]
+    assert len(steps) == len(set(steps))
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    config = classification_setup(tmp_path)
+    args = [a for o in RESUME + ["train.epochs=12"] for a in ("--set", o)]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorafit.cli", "train", str(config), "--output-dir", str(killed), "--no-progress", *args],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pointer = killed / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 9:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (killed / "summary.json").exists()
+    killed_at = json.loads(pointer.read_text())["step"]
+
+    cli = [sys.executable, "-m", "lorafit.cli", "train", str(config), "--no-progress", *args]
+    result = subprocess.run(cli + ["--output-dir", str(killed), "--resume"], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {killed / 'checkpoints'}" in result.stdout
+    straight = tmp_path / "straight"
+    result = subprocess.run(cli + ["--output-dir", str(straight)], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_tensors(adapter_tensors(straight), adapter_tensors(killed))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
+    assert a["steps"] == b["steps"] > killed_at and a["best"] == b["best"]
+
+
+# -- generation tasks --------------------------------------------------------------------
+
+
+def test_causal_lm_instruction_tuning_masks_the_prompt_and_learns(tmp_path):
+    rows = instruction_rows(40)
+    model_dir = tiny_llama_dir(tmp_path, rows)
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    write_jsonl(tmp_path / "val.jsonl", rows[32:])
+    config = toml_config(tmp_path / "lm.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[model]
+name = "{model_dir}"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+validation = "{tmp_path / 'val.jsonl'}"
+instruction_field = "instruction"
+input_field = "input"
+output_field = "output"
+[task]
+type = "causal_lm"
+max_length = 48
+max_new_tokens = 8
+generate_rows = 4
+[lora]
+r = 8
+lora_alpha = 16
+target_modules = "all-linear"
+[train]
+epochs = 10
+batch_size = 8
+lr = 3e-2
+eval_every = 8
+num_threads = 1
+""")
+    from lorafit.train.run import prepare
+
+    from lorafit.train.config import load_config
+
+    prep = prepare(load_config(config))
+    ids, labels = prep.task.encode_messages(prep.task.messages(rows[0]))
+    text = prep.tokenizer.decode([t for t, y in zip(ids, labels) if y != -100])
+    assert text.split() == rows[0]["output"].split() + ["<eos>"]  # the response and its end, nothing else
+    assert prep.tokenizer.decode(ids).startswith("<|user|> repeat")
+
+    summary = train(config, progress=False)
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert {"eval_loss", "perplexity", "rouge1", "rouge2", "rougeL"} <= set(summary["validation"])
+    assert summary["best"]["metric"] == "eval_loss"
+
+
+def test_seq2seq_t5_summarization_learns(tmp_path):
+    rows = instruction_rows(40)
+    model_dir = tiny_t5_dir(tmp_path, rows)
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    config = toml_config(tmp_path / "s2s.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[model]
+name = "{model_dir}"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+validation_fraction = 0.25
+input_field = "input"
+output_field = "output"
+instruction = "repeat"
+[task]
+type = "seq2seq"
+max_length = 24
+max_target_length = 12
+max_new_tokens = 8
+generate_rows = 4
+[lora]
+r = 8
+lora_alpha = 16
+target_modules = ["q", "k", "v", "o", "wi", "wo"]
+[train]
+epochs = 6
+batch_size = 8
+lr = 1e-2
+num_threads = 1
+""")
+    summary = train(config, progress=False)
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert summary["validation"]["rouge1"] >= 0 and "perplexity" in summary["validation"]
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_2_SEQ_LM"
+
+
+# -- pieces of the loop --------------------------------------------------------------------
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                           intermediate_size=64, vocab_size=50))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"embeddings.LayerNorm.weight", "pooler.dense.bias"}
+
+
+def test_schedule_warms_up_then_decays():
+    linear = [lr_factor(s, 10, 2, "linear") for s in range(10)]
+    assert linear[0] < linear[1] < linear[2] == 1.0 and linear[-1] < 0.2 and linear == sorted(linear[:3]) + linear[3:]
+    cosine = [lr_factor(s, 10, 0, "cosine") for s in range(11)]
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.0) and all(a >= b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_length_grouped_batches_are_deterministic_and_pad_little():
+    lengths = [int(x) for x in torch.randint(1, 100, (1000,), generator=torch.Generator().manual_seed(0))]
+    grouped = epoch_batches(lengths, 16, seed=3, epoch=1)
+    assert grouped == epoch_batches(lengths, 16, seed=3, epoch=1) != epoch_batches(lengths, 16, seed=3, epoch=2)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    plain = epoch_batches(lengths, 16, seed=3, epoch=1, group_by_length=False)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 5
