@@ -27,7 +27,7 @@ import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
 
-PARTS = ("train", "memory", "infer", "load", "smollm")
+PARTS = ("train", "memory", "infer", "load", "smollm", "padding")
 
 
 def bench_train(args, out: dict) -> None:
@@ -176,6 +176,72 @@ def bench_smollm(args, out: dict) -> None:
     _print(f"Training step, SmolLM2-135M, batch {batch} x {seq}, r=8 on q/k/v/o, dropout 0.1, {reps} reps",
            table(rows, ["variant", "median s", "x PEFT"]))
     out["smollm"] = {k: median(v) for k, v in times.items()}
+
+
+def bench_padding(args, out: dict) -> None:
+    """LoRA training over SST-2 rows: every batch padded to 64 vs padded to its longest row vs length-grouped."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    rows = _sst2_rows()
+    if args.quick:
+        rows = rows[:64]
+    elif args.reps < 10:
+        rows = rows[:1600]
+    tok = AutoTokenizer.from_pretrained(models.minilm_dir()) if not args.quick else None
+    model = train_step.make_variant(models.bert_classifier(args.quick), "lorafit", dropout=0.1)
+    batch = 8 if args.quick else 32
+    if tok is None:  # --quick: token ids from word lengths, enough to exercise the code path
+        encoded = [[1 + len(w) % 90 for w in r["text"].split()][:64] for r in rows]
+    else:
+        encoded = tok([r["text"] for r in rows], truncation=True, max_length=64)["input_ids"]
+    labels = [r["label"] for r in rows]
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    # length-grouped: sort shuffled chunks of 50 batches by length, then shuffle the batches
+    grouped = []
+    for i in range(0, len(order), 50 * batch):
+        chunk = sorted(order[i:i + 50 * batch], key=lambda j: len(encoded[j]))
+        grouped += [chunk[k:k + batch] for k in range(0, len(chunk), batch)]
+    random.Random(1).shuffle(grouped)
+    plans = {"pad to 64": ([order[k:k + batch] for k in range(0, len(order), batch)], 64),
+             "dynamic padding": ([order[k:k + batch] for k in range(0, len(order), batch)], None),
+             "dynamic + length-grouped": (grouped, None)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def epoch(batches, pad_to):
+        tokens = 0
+        for idx in batches:
+            width = pad_to or max(len(encoded[j]) for j in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, j in enumerate(idx):
+                ids[row, : len(encoded[j])] = torch.tensor(encoded[j])
+                mask[row, : len(encoded[j])] = 1
+            tokens += ids.numel()
+            model(input_ids=ids, attention_mask=mask, labels=torch.tensor([labels[j] for j in idx])).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return tokens
+
+    padded = {k: epoch(b, w) for k, (b, w) in plans.items()}
+    times = interleaved({k: (lambda b=b, w=w: epoch(b, w)) for k, (b, w) in plans.items()}, reps=1, warmup=0)
+    base = times["pad to 64"][0]
+    rows_ = [[k, f"{padded[k]:,}", f"{v[0]:.1f}", f"{v[0] / base:.2f}"] for k, v in times.items()]
+    _print(f"One LoRA training pass over {len(rows)} SST-2 training rows, batch {batch}, max length 64",
+           table(rows_, ["batching", "tokens incl. padding", "seconds", "x pad to 64"]))
+    out["padding"] = {k: v[0] for k, v in times.items()} | {"rows": len(rows)}
+
+
+def _sst2_rows() -> list[dict]:
+    from pathlib import Path
+
+    root = Path(os.environ.get("LORAFIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    path = root / "sst2" / "train.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"SST-2 not found at {path}; set LORAFIT_DATA to the data directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _print(title: str, body: str) -> None:
