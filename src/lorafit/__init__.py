@@ -6,6 +6,7 @@
     lorafit.save_adapter(model, "out/adapter")
 """
 
+from lorafit.arithmetic import combine_adapters
 from lorafit.config import LoraConfig
 from lorafit.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from lorafit.model import (
@@ -35,6 +36,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_state_dict",
     "attach",
+    "combine_adapters",
     "detach",
     "disabled",
     "load_adapter",

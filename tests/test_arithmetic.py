@@ -1,0 +1,100 @@
+import pytest
+import torch
+from torch import nn
+
+import lorafit
+from lorafit import LoraConfig
+from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
+
+
+def _two_adapters(**second):
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    lorafit.attach(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_KINDS), "a")
+    lorafit.attach(model, LoraConfig(r=second.pop("r", 2), lora_alpha=3, use_rslora=True, rank_pattern=second.pop("ranks", {}),
+                                     target_modules=second.pop("targets", ALL_KINDS)), "b")
+    randomize_adapters(model, scale=0.3)
+    return model
+
+
+def _deltas(model, name):
+    return {p: layer.delta_weight(name) for p, layer in lorafit.model.lora_layers(model) if name in layer.adapter_names}
+
+
+@pytest.mark.parametrize("wa, wb", [(1.0, 1.0), (0.7, -0.4)])
+def test_exact_is_the_weighted_sum_of_deltas(wa, wb):
+    model = _two_adapters(ranks={"conv2": 3})
+    da, db = _deltas(model, "a"), _deltas(model, "b")
+    errors = lorafit.combine_adapters(model, {"a": wa, "b": wb}, "ab")
+    assert max(errors.values()) < 1e-6
+    for path, delta in _deltas(model, "ab").items():
+        torch.testing.assert_close(delta, wa * da[path] + wb * db[path], atol=1e-6, rtol=1e-5)
+    assert model.mlp[0].lora_A["ab"].shape[0] == 6  # ranks add up, per module
+    assert model.conv2.lora_A["ab"].shape[0] == 7
+    # and the model output: the combined adapter equals both adapters active, weighted
+    inputs = mixed_inputs()
+    lorafit.set_active(model, "ab")
+    combined = model(*inputs)
+    for n, w in (("a", wa), ("b", wb)):
+        for layer in lorafit.model.lora_layers(model):
+            layer[1].scaling[n] *= w
+    lorafit.set_active(model, ["a", "b"])
+    torch.testing.assert_close(combined, model(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_negation_cancels_an_adapter():
+    model = _two_adapters()
+    inputs = mixed_inputs()
+    with lorafit.disabled(model):
+        base = model(*inputs)
+    lorafit.combine_adapters(model, {"a": 1.0, "b": 0.5}, "plus")
+    lorafit.combine_adapters(model, {"plus": 1.0, "b": -0.5}, "back")
+    lorafit.combine_adapters(model, {"a": 1.0, "back": -1.0}, "zero")
+    lorafit.set_active(model, "zero")
+    torch.testing.assert_close(model(*inputs), base, atol=1e-5, rtol=0)
+
+
+def test_svd_truncation_reports_its_error():
+    model = _two_adapters()
+    full = lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "svd6", method="svd", rank=6)
+    assert max(full.values()) < 1e-5  # rank 6 holds a rank <= 6 sum exactly
+    cut = lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "svd1", method="svd", rank=1)
+    assert min(cut.values()) > 1e-3
+    da, db = _deltas(model, "a"), _deltas(model, "b")
+    for path, delta in _deltas(model, "svd1").items():
+        target = da[path] + db[path]
+        rel = ((delta - target).norm() / target.norm()).item()
+        assert rel == pytest.approx(cut[path], rel=1e-3, abs=1e-5)
+        assert model.get_submodule(path).factors_a["svd1"].shape[0] == 1
+
+
+def test_linear_is_an_approximation_with_measured_error():
+    model = _two_adapters(r=4)
+    errors = lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "lin", method="linear")
+    assert all(e > 0 for e in errors.values())  # cross terms
+    with pytest.raises(ValueError, match="method 'linear' needs equal ranks"):
+        lorafit.combine_adapters(_two_adapters(r=2), {"a": 1.0, "b": 1.0}, "lin", method="linear")
+
+
+def test_bad_combinations_are_refused():
+    model = _two_adapters(targets=["mlp.0", "mlp.2"])
+    with pytest.raises(ValueError, match=r"adapters 'a' and 'b' adapt different modules \(only 'a': \['conv1', 'conv2', 'embed'\]"):
+        lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "ab")
+    with pytest.raises(KeyError, match=r"no adapters named \['c'\]"):
+        lorafit.combine_adapters(model, {"c": 1.0}, "x")
+    with pytest.raises(ValueError, match="method must be one of"):
+        lorafit.combine_adapters(model, {"a": 1.0}, "x", method="ties")
+    with pytest.raises(ValueError, match="method 'svd' needs rank >= 1"):
+        lorafit.combine_adapters(model, {"a": 1.0}, "x", method="svd")
+
+
+def test_combined_adapter_saves_and_reloads(tmp_path):
+    model = _two_adapters()
+    lorafit.combine_adapters(model, {"a": 1.0, "b": -1.0}, "ab")
+    lorafit.set_active(model, "ab")
+    inputs = mixed_inputs()
+    expected = model(*inputs)
+    lorafit.save_adapter(model, tmp_path, "ab")
+    torch.manual_seed(0)
+    fresh = lorafit.load_adapter(Mixed().eval(), tmp_path)
+    torch.testing.assert_close(fresh(*inputs), expected, atol=1e-5, rtol=0)
