@@ -165,3 +165,30 @@ def test_bias_all_round_trip(tmp_path):
     loaded = lorafit.load_adapter(copy.deepcopy(base), path)
     inputs = mixed_inputs()
     torch.testing.assert_close(loaded(*inputs), model(*inputs), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_export_as_plain_lora_of_the_original_weights(tmp_path, init):
+    torch.manual_seed(0)
+    original = Mixed().eval()
+    model = copy.deepcopy(original)
+    lorafit.attach(model, LoraConfig(r=3, lora_alpha=6, init_lora_weights=init, target_modules=["mlp.0", "mlp.2", "proj"],
+                                     rank_pattern={"proj": 2}, alpha_pattern={"mlp.2": 1}))
+    with torch.no_grad():  # "training"
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    inputs = mixed_inputs()
+    trained = model(*inputs)
+    lorafit.save_adapter(model, tmp_path / "plain", as_plain_lora=True)
+    cfg = json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 6
+    loaded = lorafit.load_adapter(copy.deepcopy(original), tmp_path / "plain")
+    assert loaded.proj.lora_A["default"].shape[0] == 4
+    torch.testing.assert_close(loaded(*inputs), trained, atol=1e-5, rtol=0)
+
+
+def test_plain_export_needs_a_pissa_adapter(tmp_path):
+    _, model, _ = _trained(tmp_path)
+    with pytest.raises(ValueError, match="as_plain_lora is for PiSSA/OLoRA adapters"):
+        lorafit.save_adapter(model, tmp_path / "x", as_plain_lora=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.model import adapter_configs, adapter_parameters, attach, detach
+from lorafit.model import adapter_configs, adapter_parameters, attach, detach, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,11 +49,17 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return {peft_key(k, name): p.detach() for k, p in adapter_parameters(model, name).items()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, name: str = "default", *, as_plain_lora: bool = False
+) -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` (created if needed).
 
     Each file is written to a temporary name and renamed into place, weights
     first, so an interrupted save leaves the previous adapter files intact.
+
+    ``as_plain_lora=True`` writes a PiSSA/OLoRA adapter as an ordinary LoRA of
+    the *original* base weight (which those inits changed into a residual):
+    ``s (B A - B0 A0) = s [B, -B0] [A; A0]``, so the rank doubles.
     """
     configs = adapter_configs(model)
     if name not in configs:
@@ -61,13 +68,48 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if config.base_model_name_or_path is None:
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
         config = dataclasses.replace(config, base_model_name_or_path=base_name)
+    tensors = adapter_state_dict(model, name)
+    if as_plain_lora:
+        config, tensors = _as_plain_lora(model, name, config, tensors)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model, name).items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
     return directory
+
+
+def _as_plain_lora(model, name, config, tensors):
+    if config.init_lora_weights not in ("pissa", "olora"):
+        raise ValueError(
+            f"as_plain_lora is for PiSSA/OLoRA adapters; {name!r} has init_lora_weights="
+            f"{config.init_lora_weights!r} and already is a plain LoRA of the base weights"
+        )
+    ranks, alphas = {}, {}
+    default_scale = config.scale_for("")
+    for path, layer in lora_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        if name not in getattr(layer, "initial_factors", {}):
+            raise ValueError(
+                f"the initial factors of {name!r} on {path!r} are not known (the adapter was loaded, not "
+                "initialised, in this process); as_plain_lora needs the model it was initialised in"
+            )
+        a0, b0 = layer.initial_factors[name]
+        key_a = peft_key(f"{path}.{layer.a_name}.{name}", name)
+        key_b = peft_key(f"{path}.{layer.b_name}.{name}", name)
+        tensors[key_a] = torch.cat([tensors[key_a], a0.to(tensors[key_a])], dim=0)
+        tensors[key_b] = torch.cat([tensors[key_b], -b0.to(tensors[key_b])], dim=1)
+        rank, scale = 2 * layer.rank[name], layer.scaling[name]
+        if rank != 2 * config.r or scale != default_scale:
+            ranks[re.escape(path)] = rank
+            alphas[re.escape(path)] = scale * rank
+    plain = dataclasses.replace(
+        config, init_lora_weights=True, r=2 * config.r, lora_alpha=default_scale * 2 * config.r,
+        use_rslora=False, rank_pattern=ranks, alpha_pattern=alphas,
+    )
+    return plain, tensors
 
 
 def _atomic_write(target: Path, write: Callable[[str], None]) -> None:

@@ -29,6 +29,9 @@ class Linear(LoraLayer):
         self.fan_in_fan_out = fan_in_fan_out or is_gpt2_conv1d(base_layer)
         d0, d1 = base_layer.weight.shape
         self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        # PiSSA/OLoRA factors at initialisation: what it takes to express the trained
+        # adapter as a plain LoRA of the original weight (see io.save_adapter).
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -43,8 +46,14 @@ class Linear(LoraLayer):
             fn = pissa_init if init == "pissa" else olora_init
             fn(self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],
                transposed=self.fan_in_fan_out)
+            self.initial_factors[name] = (self.factors_a[name].detach().clone(),
+                                          self.factors_b[name].detach().clone())
         else:
             super().init_factors(name, init)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.initial_factors.pop(name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
