@@ -19,6 +19,7 @@ from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
+from lorafit.quantize import QuantizedLinear
 from lorafit.targeting import SEQ_CLS_HEADS, layer_kind, name_matches, resolve_targets
 
 _CONFIGS = "_lorafit_configs"
@@ -273,8 +274,12 @@ def disabled(model: nn.Module):
 def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     """Merge the active adapters and return the plain model, with no LoRA wrapper left.
 
-    ``modules_to_save`` modules become the active adapter's trained copy.
+    ``modules_to_save`` modules become the active adapter's trained copy; a
+    quantized base is dequantized first (the merged model is a plain float model).
     """
+    for path, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            _replace(model, path, module.to_linear())
     merge(model, safe=safe)
     for path, layer in list(lora_layers(model)):
         _replace(model, path, layer.base_layer)

@@ -15,6 +15,7 @@ from torch import nn
 
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.layers import LoraLayer, ModulesToSave, is_gpt2_conv1d
+from lorafit.quantize import QuantizedLinear
 
 # Defaults for when a config names no targets, by transformers' config.model_type
 # (the attention query/value projections, as in the LoRA paper).
@@ -45,14 +46,14 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bart": ["q_proj", "v_proj"],
 }
 SEQ_CLS_HEADS = ("classifier", "score")
-SUPPORTED = "Linear, Embedding, Conv1d, Conv2d and transformers' Conv1D"
+SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d and transformers' Conv1D"
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """'linear', 'embedding', 'conv' for modules lorafit can adapt, else None."""
     if isinstance(module, LoraLayer):
         module = module.base_layer
-    if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+    if isinstance(module, (nn.Linear, QuantizedLinear)) or is_gpt2_conv1d(module):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"

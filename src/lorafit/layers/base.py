@@ -123,6 +123,11 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        if hasattr(self.base_layer, "dequantize"):
+            raise ValueError(
+                "cannot merge into a quantized base layer: the adapter would be rounded away by re-quantizing; "
+                "use merge_and_unload, which dequantizes the base first"
+            )
         weight = self.base_layer.weight
         for name in names if names is not None else list(self.active):
             if name in self.merged:

@@ -1,0 +1,168 @@
+"""A quantized frozen base (QLoRA): linear weights kept in 4-bit NF4 or 8 bits.
+
+Weights are split into blocks of ``block_size`` values; each block stores its
+absolute maximum and every value as a code relative to it.
+
+- ``bits=4``: NF4, the 16 levels of the QLoRA paper (Dettmers et al., 2023):
+  quantiles of a standard normal scaled to [-1, 1], an exact zero, two codes
+  per byte.
+- ``bits=8``: symmetric linear int8 per block.
+- ``double_quant``: the per-block absmax values are themselves quantized
+  (int8, blocks of 256, around their mean), 0.5 bits a parameter less for
+  blocks of 64. The paper uses 8-bit floats here; int8 with a per-256 scale
+  is the plain-PyTorch variant of the same idea.
+
+The weight is dequantized on the fly in forward and again in backward (for
+the input gradient), never kept: a custom autograd function saves only the
+codes. LoRA wraps a ``QuantizedLinear`` like any linear layer; ``merge`` into
+it is refused (it would re-quantize the adapter away), ``merge_and_unload``
+dequantizes it into a plain ``nn.Linear`` and merges there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# The NF4 levels (QLoRA paper, appendix E).
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+SCALE_BLOCK = 256  # block size of the double-quantized absmax values
+
+
+def _blocks(weight: torch.Tensor, block_size: int, where: str) -> torch.Tensor:
+    if weight.numel() % block_size:
+        raise ValueError(
+            f"{where}: a weight of shape {list(weight.shape)} ({weight.numel()} values) does not split into blocks "
+            f"of {block_size}; choose a block_size that divides it or skip this layer"
+        )
+    return weight.detach().float().reshape(-1, block_size)
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int = 64, where: str = "weight"):
+    """(packed codes uint8 [n/2], absmax float32 [n/block])."""
+    blocks = _blocks(weight, block_size, where)
+    absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    levels = torch.tensor(NF4, device=weight.device)
+    # nearest level = the bucket between midpoints
+    codes = torch.bucketize(blocks / absmax[:, None], (levels[1:] + levels[:-1]) / 2).to(torch.uint8).flatten()
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).flatten().long()
+    levels = torch.tensor(NF4, device=packed.device, dtype=torch.float32)
+    values = levels[codes].view(absmax.shape[0], -1) * absmax[:, None]
+    return values.view(shape).to(dtype)
+
+
+def quantize_int8(weight: torch.Tensor, block_size: int = 64, where: str = "weight"):
+    blocks = _blocks(weight, block_size, where)
+    absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round(blocks / absmax[:, None] * 127).to(torch.int8).flatten()
+    return codes, absmax
+
+
+def dequantize_int8(codes: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
+    values = codes.view(absmax.shape[0], -1).float() * (absmax[:, None] / 127)
+    return values.view(shape).to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight lives in 4 or 8 bits; see the module docstring."""
+
+    def __init__(self, linear: nn.Linear, bits: int = 4, block_size: int = 64, double_quant: bool = True,
+                 compute_dtype: torch.dtype | None = None, where: str = "weight") -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 (NF4) or 8, got {bits!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.block_size = bits, block_size
+        self.compute_dtype = compute_dtype or linear.weight.dtype
+        quant = quantize_nf4 if bits == 4 else quantize_int8
+        codes, absmax = quant(linear.weight, block_size, where)
+        self.register_buffer("codes", codes)
+        self.double_quant = double_quant and absmax.numel() % SCALE_BLOCK == 0
+        if self.double_quant:
+            mean = absmax.mean()
+            q, scale = quantize_int8(absmax - mean, SCALE_BLOCK)
+            self.register_buffer("absmax_codes", q)
+            self.register_buffer("absmax_scale", scale)
+            self.register_buffer("absmax_mean", mean)
+        else:
+            self.register_buffer("absmax", absmax)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def block_absmax(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax
+        n = self.absmax_codes.numel()
+        return dequantize_int8(self.absmax_codes, self.absmax_scale, (n,), torch.float32) + self.absmax_mean
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dq = dequantize_nf4 if self.bits == 4 else dequantize_int8
+        return dq(self.codes, self.block_absmax(), self.shape, dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (computed on every access; not a parameter)."""
+        return self.dequantize()
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight."""
+        weight = self.dequantize()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantizedLinearFunction.apply(x, self, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "nf4" if self.bits == 4 else "int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"block_size={self.block_size}, double_quant={self.double_quant}")
+
+
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W dequantized here and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, module, bias):
+        ctx.module = module
+        ctx.has_bias = bias is not None
+        return F.linear(x, module.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        gx = gy @ ctx.module.dequantize(gy.dtype) if ctx.needs_input_grad[0] else None
+        gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, None, gb
+
+
+def quantize_base(model: nn.Module, bits: int = 4, block_size: int = 64, double_quant: bool = True,
+                  skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (except names ending in ``skip``) by a QuantizedLinear, in place."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)]
+    if not targets:
+        raise ValueError("quantize_base found no nn.Linear layer to quantize")
+    quantized = {name: QuantizedLinear(m, bits, block_size, double_quant, compute_dtype, where=name)
+                 for name, m in targets}  # all or nothing: a shape error leaves the model unchanged
+    for name, q in quantized.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    return model

@@ -1,0 +1,97 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorafit
+from lorafit import LoraConfig
+from lorafit.quantize import NF4, QuantizedLinear, dequantize_nf4, quantize_base, quantize_nf4
+
+
+def _reference_nf4(weight, block):
+    """Straightforward per-element nearest-level NF4, to check the vectorised code against."""
+    levels = torch.tensor(NF4)
+    blocks = weight.reshape(-1, block)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    codes = (blocks / absmax).unsqueeze(-1).sub(levels).abs().argmin(-1)
+    return codes.flatten(), absmax.flatten()
+
+
+def test_nf4_codes_match_nearest_level_reference():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    packed, absmax = quantize_nf4(w, 64)
+    codes_ref, absmax_ref = _reference_nf4(w, 64)
+    codes = torch.stack((packed >> 4, packed & 15), -1).flatten().long()
+    assert torch.equal(codes, codes_ref)
+    torch.testing.assert_close(absmax, absmax_ref)
+    deq = dequantize_nf4(packed, absmax, w.shape, torch.float32)
+    # error bounded by half the widest gap between NF4 levels, times the block's absmax
+    gap = max(b - a for a, b in zip(NF4, NF4[1:])) / 2
+    assert ((deq - w).abs().view(-1, 64) <= gap * absmax[:, None] + 1e-6).all()
+    assert (deq - w).abs().mean() < 0.1 * w.abs().mean()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantized_linear_forward_and_backward(bits, double_quant):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    q = QuantizedLinear(lin, bits=bits, double_quant=double_quant)
+    assert q.double_quant == double_quant  # 512 blocks of 64: a multiple of 256
+    w = q.dequantize()
+    rel = ((w - lin.weight).norm() / lin.weight.norm()).item()
+    assert rel < (0.12 if bits == 4 else 0.01)
+    x = torch.randn(5, 256, requires_grad=True)
+    y = q(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, w, lin.bias))
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w)
+    stored = sum(b.numel() * b.element_size() for b in q.buffers())
+    assert stored < lin.weight.numel() * lin.weight.element_size() / (7 if bits == 4 else 3.5)
+
+
+def test_lora_on_nf4_base_trains_and_merges_into_a_float_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
+    quantize_base(model, bits=4, skip=("4",))
+    assert isinstance(model[0], QuantizedLinear) and type(model[4]) is nn.Linear
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["0", "2"], modules_to_save=["4"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, y = torch.randn(64, 64), torch.randint(0, 8, (64,))
+    first = None
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+    assert model[0].base_layer.codes.dtype == torch.uint8  # the base stayed quantized
+    with pytest.raises(ValueError, match="cannot merge into a quantized base layer"):
+        lorafit.merge(model)
+    expected = model(x)
+    merged = lorafit.merge_and_unload(model)
+    assert all(type(m) is nn.Linear for m in merged if not isinstance(m, nn.ReLU))
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_size_that_does_not_fit_is_named():
+    model = nn.Sequential(nn.Linear(10, 7))
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"0: a weight of shape \[7, 10\] \(70 values\) does not split into blocks of 64"):
+        quantize_base(model, skip=())
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before[0].weight)
+    with pytest.raises(ValueError, match="bits must be 4"):
+        QuantizedLinear(nn.Linear(64, 64), bits=3)
+
+
+def test_bfloat16_compute():
+    torch.manual_seed(0)
+    q = QuantizedLinear(nn.Linear(64, 64), compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert q(x).dtype == torch.bfloat16
