@@ -173,7 +173,7 @@ def test_target_that_matches_nothing_lists_existing_names():
 
 def test_unsupported_layer_type_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    with pytest.raises(ValueError, match=r"matches '1', a LayerNorm; lorafit can adapt Linear, Embedding"):
+    with pytest.raises(ValueError, match=r"matches '1', a LayerNorm; lorafit can adapt Linear \(also quantized\), Embedding"):
         lorafit.attach(model, LoraConfig(target_modules=["1"]))
     with pytest.raises(ValueError, match="grouped convolution"):
         lorafit.attach(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoraConfig(target_modules=["0"]))
