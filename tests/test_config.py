@@ -31,6 +31,7 @@ from lorafit import LoraConfig
         ({"layers_pattern": "layers"}, "layers_pattern is only meaningful together with layers_to_transform"),
         ({"use_rslora": "yes"}, "use_rslora must be true or false"),
         ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false"),
+        ({"use_dora": "yes"}, "use_dora must be true or false"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, message):
@@ -83,8 +84,8 @@ def test_peft_bookkeeping_keys_are_silent():
 
 
 def test_features_lorafit_lacks_are_refused_not_ignored():
-    with pytest.raises(ValueError, match="use_dora=True uses a PEFT feature lorafit does not implement"):
-        LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ValueError, match="use_qalora=True uses a PEFT feature lorafit does not implement"):
+        LoraConfig.from_dict({"peft_type": "LORA", "use_qalora": True})
     with pytest.raises(ValueError, match="peft_type is 'IA3'"):
         LoraConfig.from_dict({"peft_type": "IA3"})
 

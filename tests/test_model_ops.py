@@ -362,3 +362,13 @@ def test_seq_cls_task_trains_the_classification_head():
     assert isinstance(model.classifier, ModulesToSave)
     assert model.classifier.modules_to_save["default"].weight.requires_grad
     assert lorafit.adapter_configs(model)["default"].modules_to_save == ["classifier"]
+
+
+def test_wrappers_keep_the_training_mode_of_the_model():
+    model = _attach(_mixed().eval(), lora_dropout=0.5, modules_to_save=["classifier"])
+    assert not any(m.training for m in model.modules())
+    inputs = mixed_inputs()
+    randomize_adapters(model)
+    assert torch.equal(model(*inputs), model(*inputs))  # no dropout in eval mode
+    plain = lorafit.merge_and_unload(model.train())
+    assert all(m.training for m in plain.modules())

@@ -22,7 +22,6 @@ BIAS_MODES = ("none", "all", "lora_only")
 # Keys PEFT writes that describe features lorafit does not implement. They are
 # accepted when reading a file only while they hold their "off" value.
 _PEFT_OFF_VALUES: dict[str, Any] = {
-    "use_dora": False,
     "use_qalora": False,
     "loftq_config": {},
     "layer_replication": None,
@@ -75,6 +74,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: int | list[int] | None = None
@@ -118,6 +118,8 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights must be one of {allowed}, got {self.init_lora_weights!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}")
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"rank_pattern must be a mapping of module pattern to rank, got {self.rank_pattern!r}")
         for key, rank in self.rank_pattern.items():
@@ -167,7 +169,6 @@ class LoraConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
-        out["use_dora"] = False
         return out
 
     @classmethod

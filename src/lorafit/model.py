@@ -49,6 +49,8 @@ def _wrappers(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    old = model.get_submodule(name)
+    new.train(old.training)  # a wrapper starts in the mode of the layer it replaces (and vice versa)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -98,7 +100,7 @@ def attach(
             _replace(model, target, module)
         module.add_adapter(
             name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
-            init=config.init_lora_weights, dtype=dtype,
+            init=config.init_lora_weights, dtype=dtype, use_dora=config.use_dora,
         )
     for target in saved_names:
         module = model.get_submodule(target)
@@ -157,6 +159,9 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if name in layer.adapter_names:
             out[f"{path}.{layer.a_name}.{name}"] = layer.factors_a[name]
             out[f"{path}.{layer.b_name}.{name}"] = layer.factors_b[name]
+            magnitudes = getattr(layer, "lora_magnitude_vector", {})
+            if name in magnitudes:
+                out[f"{path}.lora_magnitude_vector.{name}"] = magnitudes[name]
             if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = layer.base_layer.bias
     for path, wrapper in saved_modules(model):

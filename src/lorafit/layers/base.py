@@ -72,7 +72,13 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         init: bool | str = True,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
+        if use_dora:
+            raise ValueError(
+                f"DoRA (use_dora=True) is supported for Linear layers, not {type(self.base_layer).__name__}; "
+                "exclude this module or turn DoRA off"
+            )
         if name in self.factors_a:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         weight = self.base_layer.weight

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
 from lorafit.layers.fused_linear import lora_linear_infer, lora_linear_train
 from lorafit.layers.init import olora_init, pissa_init
@@ -32,6 +33,8 @@ class Linear(LoraLayer):
         # PiSSA/OLoRA factors at initialisation: what it takes to express the trained
         # adapter as a plain LoRA of the original weight (see io.save_adapter).
         self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only; PEFT's name
+        self._dora_factors: dict[str, torch.Tensor] = {}  # per-row factor of a merged DoRA adapter
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -51,9 +54,44 @@ class Linear(LoraLayer):
         else:
             super().init_factors(name, init)
 
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool | str = True,
+                    dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
+        super().add_adapter(name, r, scale, dropout, init, dtype)
+        if use_dora:
+            self.lora_magnitude_vector[name] = dora.init_magnitude(self, name)
+
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self.initial_factors.pop(name, None)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        names = list(self.active) if names is None else names
+        plain = [n for n in names if n not in self.lora_magnitude_vector]
+        super().merge(plain, safe=safe)
+        for name in names:
+            if name in plain or name in self.merged:
+                continue
+            new, factor = dora.merged_weight(self, name)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging DoRA adapter {name!r} would put NaN or inf into the weights; nothing merged")
+            with torch.no_grad():
+                self.base_layer.weight.copy_(new)
+            self._dora_factors[name] = factor
+            self.merged.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        # Undo in reverse order of merging: a DoRA merge rescales whatever the weight held before.
+        for name in list(reversed(self.merged)) if names is None else list(reversed(names)):
+            if name not in self.merged:
+                continue
+            if name in self.lora_magnitude_vector:
+                with torch.no_grad():
+                    self.base_layer.weight.copy_(dora.unmerged_weight(self, name, self._dora_factors.pop(name)))
+                self.merged.remove(name)
+            else:
+                super().unmerge([name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -66,7 +104,7 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.unmerged_active()
-        if not names or args or kwargs or not self._fusable():
+        if not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         adapters = [
@@ -88,6 +126,8 @@ class Linear(LoraLayer):
         return plain and not base._forward_hooks and not base._forward_pre_hooks
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.add_dora(self, result, x, name)
         a, b = self.factors_a[name], self.factors_b[name]
         h = nn.functional.linear(self.lora_input(x, name), a)
         if h.dtype == result.dtype:
