@@ -27,7 +27,7 @@ import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
 
-PARTS = ("train", "memory", "infer", "load", "smollm", "padding")
+PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora")
 
 
 def bench_train(args, out: dict) -> None:
@@ -232,6 +232,26 @@ def bench_padding(args, out: dict) -> None:
     _print(f"One LoRA training pass over {len(rows)} SST-2 training rows, batch {batch}, max length 64",
            table(rows_, ["batching", "tokens incl. padding", "seconds", "x pad to 64"]))
     out["padding"] = {k: v[0] for k, v in times.items()} | {"rows": len(rows)}
+
+
+def bench_qlora(args, out: dict) -> None:
+    """SmolLM2-135M LoRA training with the frozen base in float32, int8 and NF4 (fresh process each)."""
+    batch, seq = (2, 16) if args.quick else (4, 128)
+    res = {}
+    for label, bits in (("float32 base", None), ("int8 base", 8), ("NF4 base", 4)):
+        cmd = [sys.executable, "-m", "benchmarks.memory_probe", "llama", "lorafit", str(batch), str(seq),
+               "--steps", "1" if args.quick else "2"] + (["--quick"] if args.quick else [])
+        if bits:
+            cmd += ["--quantize", str(bits)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    f = res["float32 base"]
+    rows = [[k, f"{v['weights_mb']:.0f}", f"{v['peak_mb']:.0f}", f"{v['peak_mb'] / f['peak_mb']:.2f}",
+             f"{v['step_s']:.2f}", f"{v['step_s'] / f['step_s']:.2f}"] for k, v in res.items()]
+    _print(f"QLoRA: {'tiny Llama' if args.quick else 'SmolLM2-135M'}, LoRA r=8 on q/k/v/o, batch {batch} x {seq} "
+           "(weights = parameters + buffers; embeddings and head stay float32)",
+           table(rows, ["frozen base", "weights MB", "peak RSS MB", "x float32", "step s", "x float32"]))
+    out["qlora"] = res
 
 
 def _sst2_rows() -> list[dict]:

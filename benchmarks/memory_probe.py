@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -42,20 +43,29 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="NF4/int8 frozen base (QLoRA)")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = (models.bert_classifier if args.model == "bert" else models.smollm2)(args.quick)
+    if args.quantize:
+        from lorafit.quantize import quantize_base
+
+        quantize_base(base, bits=args.quantize, skip=("lm_head", "classifier"))
     model = train_step.make_variant(base, args.variant, dropout=args.dropout)
     del base
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     batch = train_step.make_batch(model, args.batch, args.seq)
     step = train_step.stepper(model, batch)
     step()  # optimizer state now exists
     before = _status_kb("VmRSS")
     exact = reset_peak()
+    start = time.perf_counter()
     for _ in range(args.steps):
         step()
+    seconds = (time.perf_counter() - start) / args.steps
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "peak_reset": exact}))
+    print(json.dumps({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "peak_reset": exact,
+                      "weights_mb": weight_bytes / 2**20, "step_s": seconds}))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ def test_quick_benchmark_suite_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for title in ("Training step", "Peak RSS", "Inference", "Loading an r=8 adapter", "SmolLM2", "SST-2"):
+    for title in ("Training step", "Peak RSS", "Inference", "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
-    assert set(data) == {"train", "memory", "infer", "load", "smollm", "padding"}
+    assert set(data) == {"train", "memory", "infer", "load", "smollm", "padding", "qlora"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
