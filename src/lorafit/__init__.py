@@ -7,6 +7,7 @@
 """
 
 from lorafit.arithmetic import combine_adapters
+from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
 from lorafit.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from lorafit.model import (
@@ -33,6 +34,7 @@ __all__ = [
     "ParameterReport",
     "active_adapters",
     "adapter_configs",
+    "adapter_per_row",
     "adapter_parameters",
     "adapter_state_dict",
     "attach",

@@ -167,7 +167,7 @@ def load_adapter(
     ``ValueError`` names the tensors and the model is left as it was.
     """
     config, tensors = read_adapter(directory)
-    attach(model, config, name, activate=activate, trainable=trainable)
+    attach(model, config, name, activate=activate, trainable=trainable, initialize=False)
     try:
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
         path = Path(directory) / WEIGHTS_NAME
@@ -193,6 +193,8 @@ def _without_base_copies(
     of ``<module>.bias``). lorafit never overwrites base weights, so such a copy is
     accepted only if it equals what the model (or, for the alias, the file) holds.
     """
+    if all(key in expected for key in found):
+        return found  # the usual case: nothing but the adapter's own tensors
     params = dict(model.named_parameters(remove_duplicate=False))
     kept: dict[str, torch.Tensor] = {}
     problems: list[str] = []

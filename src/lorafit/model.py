@@ -32,27 +32,36 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return model.__dict__.setdefault(_CONFIGS, {})
 
 
+def _wrapped(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+    """The LoRA and modules_to_save wrappers, by name, in ``named_modules`` order. It does
+    not descend into a wrapper (there is never one inside another), which makes it much
+    cheaper than ``named_modules`` on a wrapped transformer: loading an adapter calls it often."""
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (LoraLayer, ModulesToSave)):
+            yield path, child
+        else:
+            yield from _wrapped(child, path)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
+    return ((n, m) for n, m in _wrapped(model) if isinstance(m, LoraLayer))
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave):
-            yield name, module
+    return ((n, m) for n, m in _wrapped(model) if isinstance(m, ModulesToSave))
 
 
 def _wrappers(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
-    return [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    return [m for _, m in _wrapped(model)]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    old = model.get_submodule(name)
-    new.train(old.training)  # a wrapper starts in the mode of the layer it replaces (and vice versa)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(parent._modules[child].training)  # a wrapper starts in the mode of the layer it replaces
     setattr(parent, child, new)
 
 
@@ -73,6 +82,7 @@ def attach(
     activate: bool = True,
     trainable: bool = True,
     dtype: torch.dtype | None = None,
+    initialize: bool = True,
 ) -> nn.Module:
     """Add adapter ``name`` to the modules ``config`` targets and freeze everything else.
 
@@ -80,6 +90,9 @@ def attach(
     factors, its ``modules_to_save`` copies and the biases ``config.bias``
     names require gradients (all of them frozen too if ``trainable=False``).
     ``dtype`` sets the adapter's dtype (default: each base layer's dtype).
+    ``initialize=False`` leaves the factors uninitialised, for weights that are
+    loaded right after (data-dependent inits such as PiSSA still run: they
+    change the base weights).
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"adapter name must match [A-Za-z0-9_-]+, got {name!r}")
@@ -98,9 +111,10 @@ def attach(
         if not isinstance(module, LoraLayer):
             module = _wrap(module, config)
             _replace(model, target, module)
+        init = config.init_lora_weights
         module.add_adapter(
             name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
-            init=config.init_lora_weights, dtype=dtype, use_dora=config.use_dora,
+            init=init if initialize or init in ("pissa", "olora") else None, dtype=dtype, use_dora=config.use_dora,
         )
     for target in saved_names:
         module = model.get_submodule(target)

@@ -25,6 +25,8 @@ class LoraLayer(nn.Module):
     # Attribute names of the factor dicts; PEFT names them differently for embeddings.
     a_name = "lora_A"
     b_name = "lora_B"
+    # Set by lorafit.batched.adapter_per_row: a forward in which each batch row has its own adapter.
+    row_plan = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -93,11 +95,15 @@ class LoraLayer(nn.Module):
         self.dropout[name] = dropout
         self.init_factors(name, init)
 
-    def init_factors(self, name: str, init: bool | str) -> None:
-        """Default initialisation: ``B A = 0`` so the model's output is unchanged."""
+    def init_factors(self, name: str, init: bool | str | None) -> None:
+        """Default initialisation: ``B A = 0`` so the model's output is unchanged.
+
+        ``None`` leaves the factors as allocated, for weights about to be loaded."""
         a, b = self.factors_a[name], self.factors_b[name]
         with torch.no_grad():
-            if init is True:
+            if init is None:
+                pass
+            elif init is True:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 nn.init.zeros_(b)
             elif init == "gaussian":
@@ -168,6 +174,8 @@ class LoraLayer(nn.Module):
         return [n for n in self.active if n not in self.merged]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_plan is not None:
+            return self.row_plan(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             result = self.add_lora(result, x, name)

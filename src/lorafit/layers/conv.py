@@ -29,7 +29,7 @@ class Conv(LoraLayer):
         out_ch, in_ch, *kernel = self.base_layer.weight.shape
         return (r, in_ch, *kernel), (out_ch, r, *([1] * len(kernel)))
 
-    def init_factors(self, name: str, init: bool | str) -> None:
+    def init_factors(self, name: str, init: bool | str | None) -> None:
         if init in ("pissa", "olora"):
             raise ValueError(f"init_lora_weights={init!r} is only supported for Linear layers, not convolutions")
         super().init_factors(name, init)

@@ -23,10 +23,12 @@ class Embedding(LoraLayer):
         num, dim = self.base_layer.weight.shape
         return (r, num), (dim, r)
 
-    def init_factors(self, name: str, init: bool | str) -> None:
+    def init_factors(self, name: str, init: bool | str | None) -> None:
         a, b = self.factors_a[name], self.factors_b[name]
         with torch.no_grad():
-            if init is True or init == "gaussian":
+            if init is None:
+                pass
+            elif init is True or init == "gaussian":
                 # Zero A, random B: the lookup of a zero table is zero, and B gets gradients at once.
                 nn.init.zeros_(a)
                 nn.init.normal_(b)

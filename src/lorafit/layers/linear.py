@@ -39,7 +39,7 @@ class Linear(LoraLayer):
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
 
-    def init_factors(self, name: str, init: bool | str) -> None:
+    def init_factors(self, name: str, init: bool | str | None) -> None:
         if init in ("pissa", "olora"):
             if self.rank[name] > min(self.in_features, self.out_features):
                 raise ValueError(
@@ -103,6 +103,8 @@ class Linear(LoraLayer):
         return delta.to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_plan is not None:
+            return self.row_plan(x, *args, **kwargs)
         names = self.unmerged_active()
         if not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names):
             return super().forward(x, *args, **kwargs)

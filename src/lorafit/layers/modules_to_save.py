@@ -20,6 +20,8 @@ class ModulesToSave(nn.Module):
         self.active: str | None = None
         self.disabled = False
 
+    row_plan = None  # set by lorafit.batched.adapter_per_row: each batch row picks its copy
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -55,4 +57,6 @@ class ModulesToSave(nn.Module):
         self.active = next((n for n in names if n in self.modules_to_save), None)
 
     def forward(self, *args, **kwargs):
+        if self.row_plan is not None:
+            return self.row_plan(*args, **kwargs)
         return self.current(*args, **kwargs)
