@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part: train, memory, infer, load, smollm
+    python -m benchmarks --only train    # one part: train, memory, infer, load, smollm, padding, qlora, mixed, serve
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -27,7 +27,7 @@ import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
 
-PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora")
+PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve")
 
 
 def bench_train(args, out: dict) -> None:
@@ -253,6 +253,73 @@ def bench_qlora(args, out: dict) -> None:
            "(weights = parameters + buffers; embeddings and head stay float32)",
            table(rows, ["frozen base", "weights MB", "peak RSS MB", "x float32", "step s", "x float32"]))
     out["qlora"] = res
+
+
+def bench_mixed(args, out: dict) -> None:
+    """One batch, each row with its own adapter: lorafit's adapter_per_row vs PEFT's adapter_names=."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    batch, seq = (4, 16) if args.quick else (32, 64)
+    counts = (1, 2, 4) if args.quick else (1, 8, 32)
+    n = max(counts)
+    base = models.bert_classifier(args.quick).eval()
+    inputs = train_step.make_batch(base, batch, seq)
+    inputs.pop("labels")
+    targets = train_step.TARGETS["bert"]
+    names = [f"a{i}" for i in range(n)]
+    lf = copy.deepcopy(base)
+    for name in names:
+        lorafit.attach(lf, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
+                       name)
+    pf = None
+    for name in names:
+        cfg = PeftLoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+        if pf is None:
+            pf = get_peft_model(copy.deepcopy(base), cfg, adapter_name=name)
+        else:
+            pf.add_adapter(name, cfg)
+    pf.eval()
+
+    def rows(k: int) -> list[str]:
+        return [names[i % k] for i in range(batch)]
+
+    def run_base():
+        with torch.inference_mode():
+            base(**inputs)
+
+    def run_lorafit(k):
+        def f():
+            with torch.inference_mode(), lorafit.adapter_per_row(lf, rows(k)):
+                lf(**inputs)
+        return f
+
+    def run_peft(k):
+        def f():
+            with torch.inference_mode():
+                pf(**inputs, adapter_names=rows(k))
+        return f
+
+    variants = {"base model": run_base}
+    for k in counts:
+        label = "1 adapter" if k == 1 else f"{k} distinct adapters"
+        variants[f"lorafit, {label}"] = run_lorafit(k)
+        variants[f"PEFT adapter_names, {label}"] = run_peft(k)
+    times = interleaved(variants, reps=args.reps * 2, warmup=2)
+    b = median(times["base model"])
+    rows_ = [[k, f"{1000 * median(v):.1f}", f"{median(v) / b:.2f}"] for k, v in times.items()]
+    _print(f"Mixed-adapter batch, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq}, "
+           f"r=8 on query/key/value/dense, row i uses adapter i mod k, {args.reps * 2} interleaved reps",
+           table(rows_, ["variant", "median ms", "x base"]))
+    out["mixed"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
+                    "x_base": {k: median(v) / b for k, v in times.items()}}
+
+
+def bench_serve(args, out: dict) -> None:
+    """Load test of `lorafit serve` over loopback (see benchmarks/serve_load.py)."""
+    from benchmarks import serve_load
+
+    out["serve"] = serve_load.run(args, _print)
 
 
 def _sst2_rows() -> list[dict]:

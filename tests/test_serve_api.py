@@ -1,0 +1,273 @@
+"""The HTTP API of `lorafit serve` through FastAPI's TestClient, and one real uvicorn start."""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import lorafit  # noqa: E402
+from lorafit.serve.app import Limits, create_app  # noqa: E402
+from lorafit.serve.server import build_service  # noqa: E402
+from tests import serve_models as sm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    bert, llama = sm.bert_dir(root), sm.llama_dir(root)
+    for i, name in enumerate(["pos-neg", "topic_v2", "c.3"]):
+        sm.make_adapter(bert, root / "cls" / name, seed=i, r=2 + 2 * i,
+                        labels=["neg", "neu", "pos"] if i == 0 else None)
+    for i, name in enumerate(["chat", "poet"]):
+        sm.make_adapter(llama, root / "gen" / name, seed=10 + i, r=4 * (i + 1))
+    return root, bert, llama
+
+
+@pytest.fixture
+def cls_client(dirs, tmp_path):
+    root, bert, _ = dirs
+    adapters = tmp_path / "cls"
+    shutil.copytree(root / "cls", adapters)
+    service = build_service(str(bert), adapters, token=TOKEN, max_adapters=2,
+                            limits=Limits(max_body_bytes=4096, max_texts=8, max_wait_ms=20))
+    with TestClient(create_app(service)) as client:
+        client.adapters = adapters
+        client.service = service
+        yield client
+
+
+@pytest.fixture(scope="module")
+def gen_client(dirs):
+    root, _, llama = dirs
+    service = build_service(str(llama), root / "gen", token=None,
+                            limits=Limits(max_prompt_tokens=12, max_new_tokens=16, max_wait_ms=20))
+    with TestClient(create_app(service)) as client:
+        client.service = service
+        yield client
+
+
+def _direct_probs(model_dir, adapter_dir, texts):
+    model = sm.load(model_dir)
+    if adapter_dir is not None:
+        lorafit.load_adapter(model, adapter_dir)
+    tok = sm.tokenizer(causal=False)
+    with torch.no_grad():
+        return model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+
+
+def test_health_and_adapter_list(cls_client):
+    assert cls_client.get("/health").json()["status"] == "ok"
+    rows = {r["name"]: r for r in cls_client.get("/v1/adapters").json()["adapters"]}
+    assert set(rows) == {"pos-neg", "topic_v2", "c.3"}
+    assert rows["topic_v2"]["rank"] == 4 and not rows["topic_v2"]["loaded"] and rows["topic_v2"]["size_bytes"] > 0
+
+
+def test_classify_matches_the_adapter_alone(cls_client, dirs):
+    _, bert, _ = dirs
+    texts = ["great movie", "the plot was boring and bad", "fun"]
+    for adapter in ("pos-neg", "topic_v2", None):
+        body = cls_client.post("/v1/classify", json={"texts": texts, "adapter": adapter})
+        assert body.status_code == 200, body.text
+        results = body.json()["results"]
+        expected = _direct_probs(bert, cls_client.adapters / adapter if adapter else None, texts)
+        got = torch.tensor([list(r["probabilities"].values()) for r in results])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert set(results[0]["probabilities"]) == {"LABEL_0", "LABEL_1", "LABEL_2"}
+    named = cls_client.post("/v1/classify", json={"texts": texts, "adapter": "pos-neg"}).json()["results"]
+    assert named[0]["label"] in ("neg", "neu", "pos")
+    rows = {r["name"]: r for r in cls_client.get("/v1/adapters").json()["adapters"]}
+    assert rows["pos-neg"]["hits"] == 2 and rows["pos-neg"]["loaded"]
+
+
+def test_requests_are_batched_across_adapters(cls_client, dirs):
+    _, bert, _ = dirs
+    names = ["pos-neg", "topic_v2", None, "pos-neg"] * 3
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda a: cls_client.post("/v1/classify", json={"texts": ["good fun"], "adapter": a}),
+                                  names))
+    assert all(r.status_code == 200 for r in responses)
+    for adapter, r in zip(names, responses):
+        expected = _direct_probs(bert, cls_client.adapters / adapter if adapter else None, ["good fun"])[0]
+        torch.testing.assert_close(torch.tensor(list(r.json()["results"][0]["probabilities"].values())), expected,
+                                   atol=1e-5, rtol=1e-4)
+    metrics = cls_client.get("/metrics").text
+    count = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("lorafit_batch_rows_count")))
+    assert count < len(names)  # some requests shared a batch
+
+
+def test_bad_input(cls_client):
+    post = cls_client.post
+    assert post("/v1/classify", json={"texts": ["x"], "adapter": "missing"}).status_code == 404
+    r = post("/v1/classify", content=b'{"texts": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    r = post("/v1/classify", json={"texts": "not a list"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "texts"]
+    r = post("/v1/classify", json={"texts": [1, 2]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "texts"]
+    r = post("/v1/classify", json={"texts": ["a"] * 9})  # max_texts=8
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "texts"]
+    assert post("/v1/classify", json={"texts": []}).status_code == 422
+    assert post("/v1/classify", json={"texts": ["a"], "unknown": 1}).status_code == 422
+    r = post("/v1/classify", json={"texts": ["a" * 5000]})  # max_body_bytes=4096
+    assert r.status_code == 413
+    for name in ("../../etc", "..", "a/b", "x y"):
+        r = post("/v1/classify", json={"texts": ["a"], "adapter": name})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "adapter"], name
+    assert post("/v1/generate", json={"prompt": "hi"}).status_code == 404  # not a generation server
+    assert cls_client.get("/health").status_code == 200
+
+
+def test_load_and_unload_need_the_token(cls_client):
+    assert cls_client.post("/v1/adapters", json={"name": "c.3"}).status_code == 401
+    assert cls_client.post("/v1/adapters", json={"name": "c.3"}, headers={"Authorization": "Bearer no"}).status_code \
+        == 401
+    assert cls_client.delete("/v1/adapters/c.3").status_code == 401
+    r = cls_client.post("/v1/adapters", json={"name": "c.3", "pin": True}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["rank"] == 6 and r.json()["pinned"]
+    assert {r["name"]: r for r in cls_client.get("/v1/adapters").json()["adapters"]}["c.3"]["loaded"]
+    assert cls_client.delete("/v1/adapters/c.3", headers=AUTH).status_code == 200
+    assert cls_client.delete("/v1/adapters/c.3", headers=AUTH).status_code == 404  # not loaded any more
+    assert cls_client.post("/v1/adapters", json={"name": "nope"}, headers=AUTH).status_code == 404
+    r = cls_client.post("/v1/adapters", json={"name": "../../etc"}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    assert cls_client.delete("/v1/adapters/..%2F..%2Fetc", headers=AUTH).status_code in (404, 422)
+    assert cls_client.delete("/v1/adapters/..", headers=AUTH).status_code in (404, 422)
+
+
+def test_corrupt_adapter_is_400_and_the_server_keeps_serving(cls_client):
+    bad = cls_client.adapters / "broken"
+    shutil.copytree(cls_client.adapters / "c.3", bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    r = cls_client.post("/v1/adapters", json={"name": "broken"}, headers=AUTH)
+    assert r.status_code == 400 and "safetensors" in r.json()["detail"]
+    assert cls_client.post("/v1/classify", json={"texts": ["a"], "adapter": "broken"}).status_code == 400
+    (bad / "adapter_config.json").write_text("{not json")
+    assert cls_client.post("/v1/classify", json={"texts": ["a"], "adapter": "broken"}).status_code == 400
+    assert cls_client.post("/v1/classify", json={"texts": ["fun"], "adapter": "c.3"}).status_code == 200
+
+
+def test_metrics(cls_client):
+    cls_client.post("/v1/classify", json={"texts": ["fun"], "adapter": "c.3"})
+    cls_client.post("/v1/classify", json={"texts": ["fun"], "adapter": "zzz"})
+    text = cls_client.get("/metrics").text
+    assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="200"} 1' in text
+    assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="404"} 1' in text
+    assert 'lorafit_request_seconds_bucket{route="/v1/classify",le="+Inf"} 2' in text
+    assert "lorafit_adapters_loaded 1" in text and "lorafit_batch_rows_count" in text
+
+
+def test_generate_matches_hf_generate_with_the_adapter(gen_client, dirs):
+    root, _, llama = dirs
+    tok = sm.tokenizer(causal=True)
+    model = sm.load(llama)
+    lorafit.load_adapter(model, root / "gen" / "poet")
+    ids = tok("hello world the movie", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, eos_token_id=3)
+    expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    # two prompts of different lengths in one batch (left padding) give each its own answer
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda body: gen_client.post("/v1/generate", json=body), [
+            {"prompt": "hello world the movie", "adapter": "poet", "max_new_tokens": 6},
+            {"prompt": "hello", "adapter": "chat", "max_new_tokens": 6}])
+    assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+    assert a.json()["text"] == expected
+
+
+def test_generate_sampling_chat_and_stream(gen_client):
+    body = {"prompt": "the movie", "adapter": "chat", "max_new_tokens": 8, "temperature": 1.5, "top_p": 0.9,
+            "seed": 7}
+    first = gen_client.post("/v1/generate", json=body).json()
+    assert first == gen_client.post("/v1/generate", json=body).json()  # same seed, same text
+    chat = gen_client.post("/v1/generate", json={"messages": [{"role": "user", "content": "hello"}],
+                                                 "max_new_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["tokens"] <= 4
+    with gen_client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e.strip()]
+    deltas = [json.loads(e.removeprefix("data: "))["delta"] for e in events if e.startswith("data: ")]
+    done = json.loads(events[-1].split("data: ", 1)[1])
+    assert events[-1].startswith("event: done") and "".join(deltas) == done["text"] == first["text"]
+
+
+def test_generate_limits(gen_client):
+    post = gen_client.post
+    r = post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 17})  # limit 16
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_new_tokens"]
+    r = post("/v1/generate", json={"prompt": "hello " * 20})  # limit 12 tokens
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
+    r = post("/v1/generate", json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 422
+    assert post("/v1/generate", json={"prompt": "hi", "temperature": "hot"}).status_code == 422
+    assert post("/v1/generate", json={"prompt": "hi", "top_p": 0}).status_code == 422
+    assert post("/v1/generate", json={"prompt": "hi", "adapter": "nope"}).status_code == 404
+    assert post("/v1/classify", json={"texts": ["a"]}).status_code == 404
+    # no token at start-up: loading over HTTP is disabled
+    assert post("/v1/adapters", json={"name": "chat"}, headers=AUTH).status_code == 403
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_and_graceful_shutdown(dirs):
+    """`lorafit serve` under uvicorn on 127.0.0.1: serves, and on SIGTERM finishes the request in flight."""
+    import httpx
+
+    root, bert, _ = dirs
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAFIT_SERVE_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "serve", "--model", str(bert), "--adapters",
+                             str(root / "cls"), "--port", str(port), "--max-wait-ms", "1500", "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "c.3"}, headers=AUTH).status_code == 200
+        result = {}
+
+        def slow():  # waits ~1.5 s in the batcher (--max-wait-ms 1500)
+            result["r"] = httpx.post(f"{url}/v1/classify", json={"texts": ["fun"], "adapter": "pos-neg"}, timeout=30)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["results"][0]["label"] in ("neg", "neu", "pos")
+        # uvicorn finishes the shutdown, then re-raises the signal it caught (exit by SIGTERM, as asked)
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,0 +1,206 @@
+"""Adapter registry: loading on demand, LRU eviction (count, bytes), pinning, reload on change, unload,
+path safety, corrupt files, and thread safety with requests in flight."""
+
+import os
+import random
+import shutil
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lorafit  # noqa: E402
+from lorafit.serve.registry import AdapterNotFound, AdapterRegistry, BadAdapter  # noqa: E402
+from tests import serve_models as sm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    model_dir = sm.bert_dir(root)
+    adapters = root / "adapters"
+    for i, name in enumerate("abcdef"):
+        sm.make_adapter(model_dir, adapters / name, seed=i, r=2 + i)
+    return model_dir, adapters
+
+
+def _registry(bert, tmp_path, **kw):
+    model_dir, adapters = bert
+    local = tmp_path / "adapters"
+    shutil.copytree(adapters, local)
+    return AdapterRegistry(sm.load(model_dir), local, **kw), local
+
+
+def _attached(reg):
+    return set(lorafit.adapter_configs(reg.model))
+
+
+def _logits(reg, entry, ids):
+    with reg.model_lock, torch.no_grad(), lorafit.adapter_per_row(reg.model, [entry.internal] * len(ids)):
+        return reg.model(input_ids=ids).logits
+
+
+def test_lru_eviction_by_count_and_pinning(bert, tmp_path):
+    reg, _ = _registry(bert, tmp_path, max_adapters=2)
+    for name in "abc":
+        reg.release(reg.acquire(name))
+    assert [e.name for e in reg.loaded()] == ["b", "c"]
+    assert len(_attached(reg)) == 2 and reg.stats["evictions"] == 1
+    reg.release(reg.acquire("b"))  # b is now the most recently used: d evicts c
+    reg.release(reg.acquire("d"))
+    assert [e.name for e in reg.loaded()] == ["b", "d"]
+    reg.load("a", pin=True)
+    for name in "cef":
+        reg.release(reg.acquire(name))
+    names = [e.name for e in reg.loaded()]
+    assert "a" in names and len(names) == 2 and names[-1] == "f"
+    rows = {r["name"]: r for r in reg.describe()}
+    assert rows["a"]["pinned"] and rows["a"]["loaded"] and rows["b"]["hits"] == 2 and not rows["c"]["loaded"]
+    assert rows["d"]["rank"] == 5 and rows["d"]["size_bytes"] > 0
+
+
+def test_eviction_by_bytes(bert, tmp_path):
+    reg, _ = _registry(bert, tmp_path)
+    size = reg.load("f").nbytes  # the largest (r=7)
+    reg.unload("f")
+    reg.max_bytes = size + 1
+    reg.load("a")
+    reg.load("b")
+    assert reg.bytes_loaded() <= size + 1
+    reg.load("f")
+    assert [e.name for e in reg.loaded()] == ["f"]
+
+
+def test_reload_on_change_keeps_in_flight_version(bert, tmp_path):
+    reg, local = _registry(bert, tmp_path)
+    ids = torch.randint(4, 30, (2, 6))
+    first = reg.acquire("a")
+    before = _logits(reg, first, ids)
+    assert reg.acquire("a") is first  # unchanged files: same version, no reload
+    reg.release(first)
+    # replace a's files by b's: a different content hash
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(local / "b" / f, local / "a" / f)
+        os.utime(local / "a" / f, ns=(1, 1))
+    second = reg.acquire("a")
+    assert second is not first and second.digest != first.digest and reg.stats["reloads"] == 1
+    assert first.internal in _attached(reg)  # still in flight: kept
+    torch.testing.assert_close(_logits(reg, first, ids), before)
+    expected = _logits(reg, reg.acquire("b"), ids)
+    torch.testing.assert_close(_logits(reg, second, ids), expected)
+    reg.release(first)
+    assert first.internal not in _attached(reg)
+    # touched but identical content: no reload
+    os.utime(local / "a" / "adapter_model.safetensors", ns=(2, 2))
+    assert reg.acquire("a") is second
+
+
+def test_unload_waits_for_requests_in_flight(bert, tmp_path):
+    reg, _ = _registry(bert, tmp_path)
+    entry = reg.acquire("c")
+    assert reg.unload("c") and not reg.unload("c")
+    assert entry.internal in _attached(reg) and "c" not in [e.name for e in reg.loaded()]
+    reg.release(entry)
+    assert entry.internal not in _attached(reg)
+    again = reg.acquire("c")  # the files are still there: loads again on the next request
+    assert again is not entry and again.internal in _attached(reg)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "..", ".", "a/b", "", "a b", "a\\b", "%2e%2e", "x" * 201])
+def test_names_outside_the_directory_are_refused(bert, tmp_path, name):
+    reg, _ = _registry(bert, tmp_path)
+    with pytest.raises((ValueError, AdapterNotFound)):
+        reg.acquire(name)
+    assert not _attached(reg)
+
+
+def test_symlink_out_of_the_directory_is_refused(bert, tmp_path):
+    reg, local = _registry(bert, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.copytree(local / "a", outside)
+    (local / "escape").symlink_to(outside)
+    with pytest.raises(ValueError, match="outside"):
+        reg.acquire("escape")
+    assert "escape" not in reg.available()
+
+
+def test_missing_and_corrupt_adapters(bert, tmp_path):
+    reg, local = _registry(bert, tmp_path)
+    with pytest.raises(AdapterNotFound):
+        reg.acquire("nope")
+    bad = local / "bad"
+    shutil.copytree(local / "a", bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(BadAdapter, match="safetensors"):
+        reg.acquire("bad")
+    wrong = local / "wrong"
+    shutil.copytree(local / "a", wrong)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(wrong / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(3, 3)
+    save_file(tensors, wrong / "adapter_model.safetensors")
+    with pytest.raises(BadAdapter, match="shape"):
+        reg.acquire("wrong")
+    assert not _attached(reg)  # nothing half-attached
+    reg.release(reg.acquire("a"))  # and the registry keeps working
+
+
+def test_thread_safety_under_load_unload_and_eviction(bert, tmp_path):
+    """Eight threads run forwards on random adapters while another loads and unloads; every output is right."""
+    reg, _ = _registry(bert, tmp_path, max_adapters=3)
+    ids = torch.randint(4, 30, (1, 5))
+    reference = {}
+    for name in "abcdef":
+        entry = reg.acquire(name)
+        reference[name] = _logits(reg, entry, ids)
+        reg.release(entry)
+    errors, checked = [], [0]
+    stop = threading.Event()
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        try:
+            while not stop.is_set():
+                names = [rnd.choice("abcdef") for _ in range(3)]
+                entries = [reg.acquire(n) for n in names]
+                try:
+                    with reg.model_lock, torch.no_grad(), lorafit.adapter_per_row(
+                            reg.model, [e.internal for e in entries]):
+                        out = reg.model(input_ids=ids.expand(3, -1)).logits
+                finally:
+                    for e in entries:
+                        reg.release(e)
+                for row, name in enumerate(names):
+                    torch.testing.assert_close(out[row:row + 1], reference[name], atol=1e-5, rtol=1e-5)
+                checked[0] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def churn():
+        rnd = random.Random(99)
+        try:
+            while not stop.is_set():
+                name = rnd.choice("abcdef")
+                if rnd.random() < 0.5:
+                    reg.unload(name)
+                else:
+                    reg.load(name, pin=rnd.random() < 0.2)
+                    reg.load(name, pin=False)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)] + [threading.Thread(target=churn)]
+    for t in threads:
+        t.start()
+    stop.wait(4.0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:3]
+    assert checked[0] > 20
+    # afterwards: nothing in flight, so exactly the loaded versions are attached
+    assert _attached(reg) == {e.internal for e in reg.loaded()}
+    assert len(reg.loaded()) <= 3
