@@ -302,3 +302,48 @@ def test_length_grouped_batches_are_deterministic_and_pad_little():
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
     assert padding(grouped) < padding(plain) / 5
+
+
+def test_bf16_autocast_gradient_checkpointing_and_early_stopping(tmp_path):
+    config = classification_setup(tmp_path)
+    summary = train(config, ["train.bf16=true", "train.gradient_checkpointing=true", "train.epochs=3",
+                             "train.eval_every=2", "train.early_stopping_patience=1", "train.lr=1e-6"], progress=False)
+    assert summary["early_stopped"] and summary["steps"] < 36
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "eval"]
+    assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in evals)
+
+
+def test_chat_messages_train_on_every_assistant_turn(tmp_path):
+    rows = instruction_rows(24)
+    model_dir = tiny_llama_dir(tmp_path, rows)
+    chats = [{"messages": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]},
+                           {"role": "user", "content": "repeat"}, {"role": "assistant", "content": r["input"]}]}
+             for r in rows]
+    write_jsonl(tmp_path / "chat.jsonl", chats)
+    config = toml_config(tmp_path / "chat.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[model]
+name = "{model_dir}"
+[data]
+train = "{tmp_path / 'chat.jsonl'}"
+messages_field = "messages"
+[task]
+type = "causal_lm"
+max_length = 64
+[lora]
+target_modules = ["q_proj", "v_proj"]
+[train]
+epochs = 1
+batch_size = 8
+num_threads = 1
+""")
+    from lorafit.train.config import load_config
+    from lorafit.train.run import prepare
+
+    prep = prepare(load_config(config))
+    ids, labels = prep.task.encode_messages(chats[0]["messages"])
+    trained = prep.tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]).split()
+    assert trained == rows[0]["output"].split() + ["<eos>"] + rows[0]["input"].split() + ["<eos>"]
+    summary = train(config, progress=False)
+    assert summary["steps"] == 3 and summary["validation"] is None
