@@ -161,3 +161,13 @@ def test_torch_compile_fullgraph_has_no_graph_breaks():
     torch.testing.assert_close(got, model[0].lora_A["a"].grad)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), model.eval()(x))
+
+
+def test_autocast_uses_the_plain_path_and_works():
+    model = _layer(nn.Linear(16, 24), [("a", 4)], torch.float32, 0.1).train()
+    x = torch.randn(40, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and "LoraLinearFunction" not in type(out.grad_fn).__name__
+    out.float().sum().backward()
+    assert model[0].lora_A["a"].grad.dtype == torch.float32 and x.grad is not None

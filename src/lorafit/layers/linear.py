@@ -106,7 +106,8 @@ class Linear(LoraLayer):
         if self.row_plan is not None:
             return self.row_plan(x, *args, **kwargs)
         names = self.unmerged_active()
-        if not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names):
+        if (not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names)
+                or torch.is_autocast_enabled(x.device.type)):  # autocast casts per op; the fused function can't
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         adapters = [
