@@ -93,7 +93,7 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     return Prepared(config, source, model, tokenizer, task, splits, labels, device)
 
 
-def _encode(prep: Prepared, split: str) -> list[dict]:
+def encode_split(prep: Prepared, split: str) -> list[dict]:
     rows = getattr(prep.splits, split)
     if not rows:
         return []
@@ -238,9 +238,9 @@ def train(
             raise ImportError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
                 from None
     prep = prepare(config, model, tokenizer)
-    train_features = _encode(prep, "train")
-    eval_features = _encode(prep, "validation")
-    test_features = _encode(prep, "test")
+    train_features = encode_split(prep, "train")
+    eval_features = encode_split(prep, "validation")
+    test_features = encode_split(prep, "test")
     metric = config.train.metric or prep.task.metric
     if eval_features:
         probe = {"classification": ("eval_loss", "accuracy", "macro_f1")}.get(
@@ -351,7 +351,7 @@ def save_result(prep: Prepared, out: Path) -> None:
 # -- evaluate and merge a finished run ---------------------------------------------
 
 
-def _load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike | None) -> Prepared:
+def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike | None) -> Prepared:
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
@@ -377,10 +377,10 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
     """Metrics of a finished run's adapter (or fine-tuned model) on ``split``."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
-    prep = _load_run(run_dir, overrides, adapter)
+    prep = load_run(run_dir, overrides, adapter)
     if not getattr(prep.splits, split):
         raise ValueError(f"the run's config has no {split} data; set it, e.g. --set data.{split}=FILE")
-    features = _encode(prep, split)
+    features = encode_split(prep, split)
     return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep))
 
 
@@ -390,7 +390,7 @@ def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, adapter: st
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{str(out)!r} is not empty; choose a new directory or pass --overwrite")
-    prep = _load_run(run_dir, None, adapter)
+    prep = load_run(run_dir, None, adapter)
     if prep.config.train.method == "full":
         raise ValueError("this run fine-tuned the whole model; its model/ directory is already a full model")
     merged = lorafit.merge_and_unload(prep.model, safe=True)
