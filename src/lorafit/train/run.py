@@ -132,30 +132,12 @@ def apply_method(prep: Prepared) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
     model.to(prep.device)
-    if prep.config.train.bf16 and prep.config.train.method == "lora":
-        _use_unfused_lora(model)
     if prep.config.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
-
-
-def _use_unfused_lora(model: nn.Module) -> None:
-    """Route LoRA linears through their plain (autocast-aware) forward instead of the fused autograd function.
-
-    Workaround: lorafit.layers.fused_linear's autograd function is not declared
-    autocast-aware (no torch.amp.custom_fwd/custom_bwd), so under bf16 autocast
-    its backward multiplies bf16 gradients with fp32 weights and fails. The
-    fused path is skipped for base layers with forward hooks; a no-op hook
-    selects the plain path, which autocast handles.
-    """
-    from lorafit.layers import LoraLayer
-
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.base_layer.register_forward_pre_hook(lambda mod, args: None)
 
 
 def run_kind(out: Path) -> str:
