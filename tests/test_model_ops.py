@@ -372,3 +372,16 @@ def test_wrappers_keep_the_training_mode_of_the_model():
     assert torch.equal(model(*inputs), model(*inputs))  # no dropout in eval mode
     plain = lorafit.merge_and_unload(model.train())
     assert all(m.training for m in plain.modules())
+
+
+def test_a_layer_refusing_the_adapter_leaves_no_half_attached_model():
+    model = _mixed()
+    before = str(model)
+    # mlp.0 takes DoRA, then the embedding refuses it: nothing may stay wrapped
+    with pytest.raises(ValueError, match="DoRA"):
+        _attach(model, target_modules=["mlp.0", "embed"], use_dora=True)
+    assert str(model) == before and lorafit.adapter_configs(model) == {}
+    _attach(model, "a", target_modules=["mlp.0"])
+    with pytest.raises(ValueError, match="DoRA"):
+        _attach(model, "b", target_modules=["mlp.0", "embed"], use_dora=True)
+    assert model.mlp[0].adapter_names == ["a"] and not isinstance(model.embed, LoraLayer)

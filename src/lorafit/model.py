@@ -106,22 +106,27 @@ def attach(
     if _ORIGINAL_GRAD not in model.__dict__:
         model.__dict__[_ORIGINAL_GRAD] = {n: p.requires_grad for n, p in model.named_parameters()}
 
-    for target in targets:
-        module = model.get_submodule(target)
-        if not isinstance(module, LoraLayer):
-            module = _wrap(module, config)
-            _replace(model, target, module)
-        init = config.init_lora_weights
-        module.add_adapter(
-            name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
-            init=init if initialize or init in ("pissa", "olora") else None, dtype=dtype, use_dora=config.use_dora,
-        )
-    for target in saved_names:
-        module = model.get_submodule(target)
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
-            _replace(model, target, module)
-        module.add_adapter(name)
+    try:
+        for target in targets:
+            module = model.get_submodule(target)
+            if not isinstance(module, LoraLayer):
+                module = _wrap(module, config)
+                _replace(model, target, module)
+            init = config.init_lora_weights
+            module.add_adapter(
+                name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
+                init=init if initialize or init in ("pissa", "olora") else None, dtype=dtype,
+                use_dora=config.use_dora,
+            )
+        for target in saved_names:
+            module = model.get_submodule(target)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _replace(model, target, module)
+            module.add_adapter(name)
+    except BaseException:
+        _remove_everywhere(model, name)  # a layer that refused the adapter leaves no half-attached model
+        raise
     configs[name] = config
 
     for p in model.parameters():
@@ -231,21 +236,26 @@ def merged_adapters(model: nn.Module) -> list[str]:
 def detach(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name``; layers left without adapters become their base layer again."""
     _names(model, name)
-    for path, layer in list(lora_layers(model)):
-        if name in layer.adapter_names:
-            layer.remove_adapter(name)
-            if not layer.adapter_names:
-                _replace(model, path, layer.base_layer)
-    for path, wrapper in list(saved_modules(model)):
-        if name in wrapper.adapter_names:
-            wrapper.remove_adapter(name)
-            if not wrapper.adapter_names:
-                _replace(model, path, wrapper.original_module)
+    _remove_everywhere(model, name)
     del adapter_configs(model)[name]
     model.__dict__["_lorafit_active"] = [n for n in active_adapters(model) if n != name]
     if not adapter_configs(model):
         _restore_requires_grad(model)
     return model
+
+
+def _remove_everywhere(model: nn.Module, name: str) -> None:
+    """Take adapter ``name`` off every wrapper; wrappers left without adapters become their layer again."""
+    for path, layer in list(lora_layers(model)):
+        if name in layer.adapter_names:
+            layer.remove_adapter(name)
+        if not layer.adapter_names:
+            _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.adapter_names:
+            wrapper.remove_adapter(name)
+        if not wrapper.adapter_names:
+            _replace(model, path, wrapper.original_module)
 
 
 def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool = False) -> None:
