@@ -379,7 +379,8 @@ class ParameterReport:
 def trainable_parameters(model: nn.Module) -> ParameterReport:
     """Count trainable parameters, all parameters, and those added by adapters.
 
-    Each parameter is counted once even if it is shared (tied embeddings).
+    Each parameter is counted once even if it is shared (tied embeddings); the weight of a
+    quantized base layer counts as ``out_features * in_features`` parameters.
     """
     seen: set[int] = set()
     trainable = total = adapter = 0
@@ -392,4 +393,6 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         trainable += n if p.requires_grad else 0
         if ".lora_" in f".{name}" or ".modules_to_save." in name:
             adapter += n
+    # A quantized base weight is a buffer of codes, not a parameter, but it is still one of the model's weights.
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     return ParameterReport(trainable=trainable, total=total, adapter=adapter)

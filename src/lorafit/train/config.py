@@ -33,6 +33,7 @@ METHODS = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 FORMATS = ("auto", "jsonl", "csv", "tsv")
+QUANTIZE_BITS = (0, 4, 8)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelSection:
     name: str = ""  # "minilm", "smollm2-135m", a local Hugging Face directory, or a hub name when online
     dtype: str = "float32"  # the base weights' dtype; "auto" keeps the checkpoint's
     device: str = "auto"  # "auto": cuda when available, else cpu
+    quantize: int = 0  # 0: none; 4: NF4, 8: int8 frozen base linear layers (QLoRA; train.method "lora" only)
 
 
 @dataclass
@@ -197,6 +199,11 @@ class RunConfig:
             bad("data.output_field", f"(or data.messages_field) is required for task.type = {self.task.type!r}")
         if self.task.type == "seq2seq" and self.data.messages_field:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
+        if self.model.quantize not in QUANTIZE_BITS:
+            bad("model.quantize", f"must be 0 (no quantization), 4 (NF4) or 8 (int8), got {self.model.quantize}")
+        if self.model.quantize and self.train.method != "lora":
+            bad("model.quantize", f"= {self.model.quantize} quantizes the frozen base under LoRA; train.method "
+                f"{self.train.method!r} trains the base weights themselves, so it needs model.quantize = 0")
         if self.train.method == "lora":
             self.lora_config()
 

@@ -123,9 +123,24 @@ def lora_config_for(prep: Prepared) -> lorafit.LoraConfig:
         raise ValueError(f"[lora]: {exc}") from None
 
 
+def quantize_for(prep: Prepared) -> None:
+    """model.quantize: the frozen base's linear layers in NF4 / int8, heads and modules_to_save kept as they are."""
+    bits = prep.config.model.quantize
+    if not bits:
+        return
+    from lorafit.quantize import quantize_base
+
+    keep = ("lm_head",) + SEQ_CLS_HEADS + tuple(lora_config_for(prep).modules_to_save or ())
+    try:
+        quantize_base(prep.model, bits=bits, skip=keep)
+    except ValueError as exc:
+        raise ValueError(f"model.quantize = {bits}: {exc}") from None
+
+
 def apply_method(prep: Prepared) -> None:
     model = prep.model
     if prep.config.train.method == "lora":
+        quantize_for(prep)
         torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
         lorafit.attach(model, lora_config_for(prep))
     else:
@@ -349,6 +364,7 @@ def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike |
         return prep
     adapter_dir = Path(adapter) if adapter is not None else run_dir / "adapter"
     prep = prepare(config)
+    quantize_for(prep)  # the adapter was trained on this base
     lorafit.load_adapter(prep.model, adapter_dir)
     prep.model.to(prep.device)
     return prep
