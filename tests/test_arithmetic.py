@@ -98,3 +98,88 @@ def test_combined_adapter_saves_and_reloads(tmp_path):
     torch.manual_seed(0)
     fresh = lorafit.load_adapter(Mixed().eval(), tmp_path)
     torch.testing.assert_close(fresh(*inputs), expected, atol=1e-5, rtol=0)
+
+
+# -- two tasks, each with its own head (of its own size) ------------------------------------
+
+
+class _TaskNet(nn.Module):
+    """A shared body and a classifier head with ``n_labels`` outputs."""
+
+    def __init__(self, n_labels: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the same body for every task
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.classifier = nn.Linear(16, n_labels)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def _task_adapter(tmp_path, name: str, n_labels: int, seed: int):
+    model = _TaskNet(n_labels).eval()
+    lorafit.attach(model, LoraConfig(r=2, lora_alpha=4, target_modules=["body.0", "body.2"],
+                                     modules_to_save=["classifier"]), name)
+    torch.manual_seed(seed)
+    randomize_adapters(model, scale=0.3)
+    with torch.no_grad():
+        model.classifier.modules_to_save[name].weight.normal_()
+    lorafit.save_adapter(model, tmp_path / name, name)
+    return model
+
+
+def test_task_adapters_with_heads_of_other_sizes_load_and_combine_into_one_model(tmp_path):
+    x = torch.randn(5, 8)
+    sentiment = _task_adapter(tmp_path, "sentiment", 2, seed=1)
+    topic = _task_adapter(tmp_path, "topic", 4, seed=2)
+    # one model, built for 2 labels, holds both adapters; the topic adapter brings its 4-output head
+    model = _TaskNet(2).eval()
+    lorafit.load_adapter(model, tmp_path / "sentiment", "sentiment")
+    lorafit.load_adapter(model, tmp_path / "topic", "topic")
+    assert model.classifier.modules_to_save["topic"].out_features == 4
+    assert not any(p.requires_grad for p in model.parameters())  # loaded for inference, the new head too
+    for name, alone in (("sentiment", sentiment), ("topic", topic)):
+        lorafit.set_active(model, name)
+        torch.testing.assert_close(model(x), alone(x), atol=1e-6, rtol=0)
+
+    # the combined LoRA with each task's own head: both deltas in the body, that task's head on top
+    for task, other in (("sentiment", "topic"), ("topic", "sentiment")):
+        errors = lorafit.combine_adapters(model, {"sentiment": 1.0, "topic": 1.0}, f"both-{task}", heads=task)
+        assert max(errors.values()) < 1e-6
+        lorafit.set_active(model, f"both-{task}")
+        combined = model(x)
+        lorafit.set_active(model, [task, other])  # both factors active; the first named adapter's head runs
+        torch.testing.assert_close(combined, model(x), atol=1e-5, rtol=0)
+        head = model.classifier.modules_to_save[f"both-{task}"]
+        assert head is not model.classifier.modules_to_save[task]  # a copy, not shared
+        torch.testing.assert_close(head.weight, model.classifier.modules_to_save[task].weight, atol=0, rtol=0)
+        # saved and reloaded into a fresh model, it is a complete adapter for that task
+        lorafit.save_adapter(model, tmp_path / f"both-{task}", f"both-{task}")
+        fresh = lorafit.load_adapter(_TaskNet(2).eval(), tmp_path / f"both-{task}")
+        torch.testing.assert_close(fresh(x), combined, atol=1e-5, rtol=0)
+    # without heads= the combined adapter keeps the model's original head
+    lorafit.combine_adapters(model, {"sentiment": 1.0, "topic": 1.0}, "both")
+    lorafit.set_active(model, "both")
+    assert model(x).shape == (5, 2)
+
+
+def test_heads_must_name_an_adapter_with_a_head_and_the_head_must_fit_the_body(tmp_path):
+    _task_adapter(tmp_path, "sentiment", 2, seed=1)
+    model = _TaskNet(2).eval()
+    lorafit.load_adapter(model, tmp_path / "sentiment", "sentiment")
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["body.0", "body.2"]), "plain")
+    with pytest.raises(KeyError, match=r"heads='nope': no such adapter is attached"):
+        lorafit.combine_adapters(model, {"sentiment": 1.0, "plain": 1.0}, "x", heads="nope")
+    with pytest.raises(ValueError, match=r"heads='plain': that adapter has no modules_to_save copies"):
+        lorafit.combine_adapters(model, {"sentiment": 1.0, "plain": 1.0}, "x", heads="plain")
+    assert "x" not in lorafit.adapter_configs(model)
+    # only the number of outputs may differ: a head for another hidden size is refused, the model unchanged
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "sentiment" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.classifier.weight"] = torch.zeros(3, 12)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"classifier.weight' has shape \[3, 12\] in the file but the model needs "
+                                         r"\[2, 16\]"):
+        lorafit.load_adapter(model, tmp_path / "sentiment", "other")
+    assert "other" not in lorafit.adapter_configs(model)

@@ -13,18 +13,20 @@ target is D = sum_i w_i D_i (negative weights subtract a task: "task negation").
   each layer is returned so the cost of the truncation is visible.
 
 Modules_to_save copies (task heads) are not combined: each task keeps its own
-head, and the new adapter uses the original modules.
+head. ``heads="a"`` gives the new adapter a copy of adapter a's heads (so it can
+be used and saved for task a); by default it uses the original modules.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
 import torch
 from torch import nn
 
-from lorafit.model import adapter_configs, attach, lora_layers
+from lorafit.model import adapter_configs, attach, lora_layers, saved_modules
 
 METHODS = ("exact", "linear", "svd")
 
@@ -35,11 +37,13 @@ def combine_adapters(
     name: str,
     method: str = "exact",
     rank: int | None = None,
+    heads: str | None = None,
 ) -> dict[str, float]:
     """Attach ``name`` = sum of ``weights[a]`` times adapter ``a``; returns per-layer relative error.
 
     The error is 0 up to float rounding for ``"exact"``; for ``"linear"`` and ``"svd"`` it is
-    ||D - D_new||_F / ||D||_F of each layer, measured, not assumed.
+    ||D - D_new||_F / ||D||_F of each layer, measured, not assumed. ``heads`` names an attached
+    adapter whose ``modules_to_save`` copies (e.g. its classifier head) the new adapter copies.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
@@ -53,6 +57,13 @@ def combine_adapters(
         raise ValueError(f"method 'svd' needs rank >= 1, got {rank!r}")
     if rank is not None and method != "svd":
         raise ValueError(f"rank is only used by method 'svd' (the rank of {method!r} follows from the adapters)")
+    head_modules = None
+    if heads is not None:
+        if heads not in configs:
+            raise KeyError(f"heads={heads!r}: no such adapter is attached; attached adapters: {list(configs)}")
+        head_modules = configs[heads].modules_to_save
+        if not head_modules:
+            raise ValueError(f"heads={heads!r}: that adapter has no modules_to_save copies (no head) to take")
 
     layers = _layers_of(model, list(weights))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -73,8 +84,8 @@ def combine_adapters(
     config = dataclasses.replace(
         first, r=common, lora_alpha=common, use_rslora=False, lora_dropout=first.lora_dropout,
         target_modules=list(layers), rank_pattern=special, alpha_pattern=dict(special),
-        layers_to_transform=None, layers_pattern=None, modules_to_save=None, init_lora_weights=True, bias="none",
-        exclude_modules=None,
+        layers_to_transform=None, layers_pattern=None, modules_to_save=head_modules, init_lora_weights=True,
+        bias="none", exclude_modules=None,
     )
     some_layer = next(iter(layers.values()))
     attach(model, config, name, activate=False, dtype=some_layer.factors_a[next(iter(weights))].dtype)
@@ -83,6 +94,12 @@ def combine_adapters(
             layer = layers[path]
             layer.factors_a[name].copy_(a)
             layer.factors_b[name].copy_(b)
+    if heads is not None:
+        for _, wrapper in saved_modules(model):
+            if heads in wrapper.adapter_names and name in wrapper.adapter_names:
+                head = copy.deepcopy(wrapper.modules_to_save[heads])  # its own size too (another label count)
+                head.requires_grad_(True)  # like every copy attach makes: the new adapter's own weights
+                wrapper.modules_to_save[name] = head
     return errors
 
 

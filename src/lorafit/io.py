@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.model import adapter_configs, adapter_parameters, attach, detach, lora_layers
+from lorafit.model import adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,11 +164,14 @@ def load_adapter(
     ``model`` may be a plain base model or one that already has other adapters.
     Every tensor in the file must belong to a module the config targets, with
     the right shape, and every such module must have its tensors; otherwise a
-    ``ValueError`` names the tensors and the model is left as it was.
+    ``ValueError`` names the tensors and the model is left as it was. A linear
+    ``modules_to_save`` head may have another number of outputs than the model's
+    (a classifier for another label set): the adapter gets a head of the saved size.
     """
     config, tensors = read_adapter(directory)
     attach(model, config, name, activate=activate, trainable=trainable, initialize=False)
     try:
+        _fit_head_sizes(model, name, tensors, trainable)
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
         path = Path(directory) / WEIGHTS_NAME
         tensors = _without_base_copies(path, model, expected, tensors)
@@ -180,6 +183,28 @@ def load_adapter(
         for key, param in expected.items():
             param.copy_(tensors[key])
     return model
+
+
+def _fit_head_sizes(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], trainable: bool) -> None:
+    """Give a linear modules_to_save copy the number of outputs its saved weight has.
+
+    A classifier head per task: an adapter trained for 4 labels loads beside one for 2
+    into the same base model, each with its own head. Only the output size may differ;
+    the input size must still be the base model's (otherwise _check_tensors refuses it).
+    """
+    for path, wrapper in saved_modules(model):
+        copy = wrapper.modules_to_save[name] if name in wrapper.adapter_names else None
+        if type(copy) is not nn.Linear:
+            continue
+        weight = tensors.get(peft_key(f"{path}.modules_to_save.{name}.weight", name))
+        if weight is None or weight.ndim != 2 or weight.shape[1] != copy.in_features \
+                or weight.shape[0] == copy.out_features:
+            continue
+        head = nn.Linear(copy.in_features, weight.shape[0], bias=copy.bias is not None,
+                         device=copy.weight.device, dtype=copy.weight.dtype)
+        head.train(copy.training)
+        head.requires_grad_(trainable)
+        wrapper.modules_to_save[name] = head
 
 
 def _without_base_copies(
