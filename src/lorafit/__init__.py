@@ -9,7 +9,7 @@
 from lorafit.arithmetic import combine_adapters
 from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
-from lorafit.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from lorafit.io import adapter_files, adapter_state_dict, load_adapter, read_adapter, save_adapter, write_adapter
 from lorafit.model import (
     ParameterReport,
     active_adapters,
@@ -34,6 +34,7 @@ __all__ = [
     "ParameterReport",
     "active_adapters",
     "adapter_configs",
+    "adapter_files",
     "adapter_per_row",
     "adapter_parameters",
     "adapter_state_dict",
@@ -51,4 +52,5 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "write_adapter",
 ]

@@ -171,10 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     set_help = "override a config key, e.g. --set train.lr=1e-4 --set lora.r=16 (repeatable)"
+    from lorafit.train.distributed import LAUNCH_HELP  # torch only: keeps --help fast
+
     train = sub.add_parser("train", help="fine-tune a model from a TOML run config (LoRA or full)",
                            description="Fine-tune a model on local data as described by a TOML run config. The "
                                        "output directory receives the adapter (PEFT format), the config used, "
-                                       "metrics.jsonl, curves.png and summary.json.")
+                                       "metrics.jsonl, curves.png and summary.json.",
+                           epilog=LAUNCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", metavar="CONFIG", help="TOML run config (see examples/)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     train.add_argument("--method", choices=["lora", "full"], help="LoRA or full fine-tuning (same as --set "

@@ -45,8 +45,14 @@ def peft_key(param_name: str, adapter: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of adapter ``name`` under PEFT's keys (detached, on their own device)."""
-    return {peft_key(k, name): p.detach() for k, p in adapter_parameters(model, name).items()}
+    """The tensors of adapter ``name`` under PEFT's keys (detached, on their own device).
+
+    A parameter sharded by FSDP is gathered whole (a collective: every process must call this)."""
+    return {peft_key(k, name): _whole(p.detach()) for k, p in adapter_parameters(model, name).items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard, duck-typed (torch only)
 
 
 def save_adapter(
@@ -61,6 +67,14 @@ def save_adapter(
     the *original* base weight (which those inits changed into a residual):
     ``s (B A - B0 A0) = s [B, -B0] [A; A0]``, so the rank doubles.
     """
+    config, tensors = adapter_files(model, name, as_plain_lora=as_plain_lora)
+    return write_adapter(directory, config, tensors)
+
+
+def adapter_files(model: nn.Module, name: str = "default", *, as_plain_lora: bool = False
+                  ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """What ``save_adapter`` writes: the config and the tensors under PEFT's keys. Separate from the
+    writing so that in a distributed run every process gathers and one process writes."""
     configs = adapter_configs(model)
     if name not in configs:
         raise KeyError(f"no adapter named {name!r} to save; attached adapters: {list(configs) or 'none'}")
@@ -71,6 +85,11 @@ def save_adapter(
     tensors = adapter_state_dict(model, name)
     if as_plain_lora:
         config, tensors = _as_plain_lora(model, name, config, tensors)
+    return config, tensors
+
+
+def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter directory (PEFT format) from a config and PEFT-keyed tensors, atomically per file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}

@@ -8,10 +8,12 @@ the rest of the run depends on:
 - ``optimizer.safetensors`` + ``optimizer.json``: AdamW's moments and step counts, and its param groups
 - ``scheduler.json``: the learning-rate schedule's position
 - ``rng.safetensors`` + ``rng.json``: torch (CPU and CUDA), Python and NumPy random states
-  (dropout draws from them)
+  (dropout draws from them); ``rng-rank<R>.*`` the same for process R of a distributed run
 - ``state.json``: step, epoch, batches done in the epoch, best metric, early-stopping count
 
-Nothing is pickled. The directory is written under a temporary name and renamed
+In a distributed run every process holds the same trainable weights and optimizer
+state (FSDP shards are gathered into full tensors first); process 0 writes the
+one checkpoint. Nothing is pickled. The directory is written under a temporary name and renamed
 into place, then ``checkpoints/latest.json`` is replaced atomically to point at
 it, and only then are older checkpoints deleted: at every instant the pointer
 names a complete checkpoint.
@@ -30,6 +32,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lorafit.train.distributed import SINGLE, Distributed, full_tensor, like_param
 
 LATEST = "latest.json"
 BEST = "best"
@@ -103,7 +107,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable parameter, whole (a collective when FSDP shards them: every process must call)."""
+    return {n: full_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: torch.nn.Module, path: Path) -> None:
@@ -117,7 +122,7 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
         for name, p in params.items():
             if tuple(p.shape) != tuple(tensors[name].shape):
                 raise ValueError(f"{path}: {name} has shape {list(tensors[name].shape)}, the model {list(p.shape)}")
-            p.copy_(tensors[name])
+            p.copy_(like_param(tensors[name], p))
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -127,17 +132,19 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous()
+                tensors[f"{pid}.{key}"] = full_tensor(value.detach()).contiguous()
             else:
                 other.setdefault(str(pid), {})[key] = value
     return tensors, {"param_groups": sd["param_groups"], "state": other}
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids are positions here
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         pid, _, name = key.partition(".")
-        state.setdefault(int(pid), {})[name] = value
+        param = params[int(pid)]
+        state.setdefault(int(pid), {})[name] = like_param(value, param) if value.shape == param.shape else value
     for pid, values in meta["state"].items():
         state.setdefault(int(pid), {}).update(values)
     groups = meta["param_groups"]
@@ -184,28 +191,39 @@ def _load_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 # -- whole checkpoints -------------------------------------------------------------
 
 
+def _rng_name(rank: int) -> str:
+    return "rng" if rank == 0 else f"rng-rank{rank}"
+
+
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> Path:
-    """Write the checkpoint for ``state["step"]``, point ``latest.json`` at it, drop older ones."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any],
+                    dist: Distributed = SINGLE) -> Path:
+    """Write the checkpoint for ``state["step"]``, point ``latest.json`` at it, drop older ones.
+
+    Distributed: every process calls this (gathering is collective); process 0 writes."""
     root = run_dir / "checkpoints"
     name = f"step-{state['step']:07d}"
+    trainable = trainable_tensors(model)
+    opt_tensors, opt_meta = _optimizer_parts(optimizer)
+    rng_states = dist.gather_objects(_rng_parts())
 
     def build(tmp: Path) -> None:
-        save_file(trainable_tensors(model), tmp / "trainable.safetensors", metadata={"format": "pt"})
-        opt_tensors, opt_meta = _optimizer_parts(optimizer)
+        save_file(trainable, tmp / "trainable.safetensors", metadata={"format": "pt"})
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        rng_tensors, rng_meta = _rng_parts()
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        (tmp / "rng.json").write_text(json.dumps(rng_meta))
+        for rank, (rng_tensors, rng_meta) in enumerate(rng_states):
+            save_file(rng_tensors, tmp / f"{_rng_name(rank)}.safetensors")
+            (tmp / f"{_rng_name(rank)}.json").write_text(json.dumps(rng_meta))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
-    publish_dir(build, root / name)
-    atomic_write_json(root / LATEST, {"checkpoint": name, "step": state["step"]})
-    for old in root.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main:
+        publish_dir(build, root / name)
+        atomic_write_json(root / LATEST, {"checkpoint": name, "step": state["step"]})
+        for old in root.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return root / name
 
 
@@ -220,22 +238,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, dist: Distributed = SINGLE) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and random states; return the saved loop state."""
     load_trainable(model, path / "trainable.safetensors")
     _load_optimizer(optimizer, load_file(path / "optimizer.safetensors"),
                     json.loads((path / "optimizer.json").read_text()))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    _load_rng(load_file(path / "rng.safetensors"), json.loads((path / "rng.json").read_text()))
-    return json.loads((path / "state.json").read_text())
+    state = json.loads((path / "state.json").read_text())
+    rng = path / f"{_rng_name(dist.rank)}.safetensors"
+    if rng.is_file():
+        _load_rng(load_file(rng), json.loads(rng.with_suffix(".json").read_text()))
+    else:  # resumed with more processes than the run had: the new ones start fresh random streams
+        print(f"lorafit: {path} holds no random state for process {dist.rank}; it draws a new stream "
+              "(dropout masks differ from an uninterrupted run)")
+        torch.manual_seed(state["step"] * 1_000_003 + dist.rank)
+    return state
 
 
-def save_best(run_dir: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
+def save_best(run_dir: Path, model: torch.nn.Module, info: dict[str, Any], dist: Distributed = SINGLE) -> None:
+    trainable = trainable_tensors(model)
+
     def build(tmp: Path) -> None:
-        save_file(trainable_tensors(model), tmp / "trainable.safetensors", metadata={"format": "pt"})
+        save_file(trainable, tmp / "trainable.safetensors", metadata={"format": "pt"})
         (tmp / "best.json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
-    publish_dir(build, run_dir / "checkpoints" / BEST)
+    if dist.is_main:
+        publish_dir(build, run_dir / "checkpoints" / BEST)
+    dist.barrier()
 
 
 def load_best(run_dir: Path, model: torch.nn.Module, step: int) -> None:

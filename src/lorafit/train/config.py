@@ -33,6 +33,7 @@ METHODS = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 FORMATS = ("auto", "jsonl", "csv", "tsv")
+DISTRIBUTED = ("ddp", "fsdp")
 QUANTIZE_BITS = (0, 4, 8)
 
 
@@ -104,6 +105,7 @@ class TrainSection:
     log_every: int = 10
     tensorboard: bool = False
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    distributed: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (the frozen base sharded)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class RunConfig:
         _one_of("task.type", self.task.type, TASKS, source)
         _one_of("train.method", self.train.method, METHODS, source)
         _one_of("train.scheduler", self.train.scheduler, SCHEDULERS, source)
+        _one_of("train.distributed", self.train.distributed, DISTRIBUTED, source)
         if not 0.0 <= self.data.validation_fraction < 1.0:
             bad("data.validation_fraction", f"must be >= 0 and < 1, got {self.data.validation_fraction}")
         for key in ("task.max_length", "task.max_target_length", "task.max_new_tokens", "train.epochs",

@@ -5,6 +5,11 @@ checkpoint holds (weights, optimizer, schedule, random states, data position)
 and of the seed, so a resumed run computes the same steps as one that was never
 interrupted. The epoch's batch order comes from a generator seeded with
 (seed, epoch), not from the global random state.
+
+Under torchrun each process takes its share of every global batch (see
+``distributed.py``); the loss is normalised by the units of the whole global
+step and gradients are summed, so the processes together take the step one
+process would take with the same batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
 from lorafit.train.data import epoch_batches, steps_per_epoch
+from lorafit.train.distributed import SINGLE, Distributed, full_tensor
 from lorafit.train.metrics import MetricsLog
 from lorafit.train.tasks import Task
 
@@ -100,15 +106,20 @@ def fit(
     resume_from: Path | None = None,
     callbacks: tuple[Callable[[dict], None], ...] = (),
     progress: bool = True,
+    dist: Distributed = SINGLE,
 ) -> LoopState:
-    """Train ``model`` in place; returns the final loop state. The best weights are in checkpoints/best."""
+    """Train ``model`` in place; returns the final loop state. The best weights are in checkpoints/best.
+
+    ``log`` is written by process 0 only (other processes may pass None)."""
+    wrapped = dist.wrap(model)  # before the optimizer: FSDP replaces the parameters by shards
     optimizer = build_optimizer(model, t)
     total = total_steps(len(train_features), t)
     scheduler = build_scheduler(optimizer, total, t)
     state = LoopState()
     if resume_from is not None:
-        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
-        log.truncate_after(state.step)
+        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, dist))
+        if dist.is_main:
+            log.truncate_after(state.step)
     if state.finished:
         return state
     autocast = autocast_for(device, t.bf16)
@@ -117,53 +128,60 @@ def fit(
     greater = task.greater_is_better(metric)
     evaluating = bool(eval_features)
 
-    bar = _progress_bar(total, state.step, progress)
+    bar = _progress_bar(total, state.step, progress and dist.is_main)
     session_start, session_tokens = time.perf_counter(), 0
     window_loss, window_units = 0.0, 0
 
     def checkpoint() -> None:
         state.train_seconds += time.perf_counter() - session_clock[0]
         session_clock[0] = time.perf_counter()
-        ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, asdict(state))
+        ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, asdict(state), dist)
 
     def evaluate_now() -> None:
-        metrics = task.evaluate(model, eval_features, device, t.eval_batch_size, autocast)
-        model.train()
+        metrics = task.evaluate(model, eval_features, device, t.eval_batch_size, autocast, dist)
+        wrapped.train()
         state.last_eval_step = state.step
         value = metrics[metric]
         improved = state.best_value is None or (value > state.best_value if greater else value < state.best_value)
         if improved:
             state.best_value, state.best_step, state.bad_evals = value, state.step, 0
-            ckpt.save_best(run_dir, model, {"step": state.step, "metric": metric, "value": value})
+            ckpt.save_best(run_dir, model, {"step": state.step, "metric": metric, "value": value}, dist)
         else:
             state.bad_evals += 1
             if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
                 state.stopped_early = True
-        log.write({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
-        bar.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                  + ("  (best)" if improved else ""))
+        if dist.is_main:
+            log.write({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
+            bar.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                      + ("  (best)" if improved else ""))
 
     session_clock = [time.perf_counter()]
-    model.train()
+    wrapped.train()
     while state.step < total and not state.stopped_early:
         batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
         while state.batch_in_epoch < len(batches) and state.step < total:
-            window = [task.collate([train_features[i] for i in idx])
+            window = [_micro_batch(task, train_features, dist.shard(idx), idx)
                       for idx in batches[state.batch_in_epoch:state.batch_in_epoch + t.grad_accum]]
-            units = sum(task.num_units(b) for b in window)
-            step_loss = 0.0
-            for batch in window:
+            local_units = sum(task.num_units(b) for b, real in window if real)
+            units = int(dist.all_reduce_sum([local_units], device)[0])
+            step_loss, step_tokens = 0.0, 0
+            for j, (batch, real) in enumerate(window):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast():
-                    loss = task.loss_sum(model, batch)
-                (loss / max(units, 1)).backward()
-                step_loss += loss.item()
-                tokens = int(batch["attention_mask"].sum())
-                state.train_tokens += tokens
-                session_tokens += tokens
+                with dist.accumulating(wrapped, last=j == len(window) - 1):
+                    with autocast():
+                        loss = task.loss_sum(wrapped, batch)
+                    if not real:
+                        loss = loss * 0.0  # this process has no row here but must join the gradient sync
+                    (loss / max(units, 1)).backward()
+                if real:
+                    step_loss += loss.item()
+                    step_tokens += int(batch["attention_mask"].sum())
+            step_loss, step_tokens = dist.all_reduce_sum([step_loss, step_tokens], device)
+            state.train_tokens += int(step_tokens)
+            session_tokens += int(step_tokens)
             grad_norm = None
             if t.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -179,7 +197,7 @@ def fit(
             lr = scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss / max(units, 1):.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-            if state.step % t.log_every == 0 or state.step == total:
+            if dist.is_main and (state.step % t.log_every == 0 or state.step == total):
                 record = {"type": "train", "step": state.step, "epoch": state.epoch,
                           "loss": window_loss / max(window_units, 1), "lr": lr, "tokens_per_s": speed}
                 if grad_norm is not None:
@@ -212,6 +230,13 @@ def fit(
     checkpoint()
     bar.close()
     return state
+
+
+def _micro_batch(task: Task, features: list[dict], mine: list[int], whole: list[int]) -> tuple[dict, bool]:
+    """This process's rows of a global micro-batch, collated; (a row of it, False) when it has none."""
+    if mine:
+        return task.collate([features[i] for i in mine]), True
+    return task.collate([features[whole[0]]]), False
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

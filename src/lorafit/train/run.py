@@ -13,6 +13,9 @@ Output directory::
     curves.png           loss and validation metric against the step
     summary.json         trainable parameters, peak memory, wall time, best and final metrics
     checkpoints/         the latest resumable state, and the best weights
+
+Under torchrun (see ``distributed.py``) every process runs this same function;
+process 0 alone writes the output directory.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torch import nn
 import lorafit
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import RunConfig, load_config
+from lorafit.train import distributed
 from lorafit.train.data import Splits, label_set, load_splits
+from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import fit, total_steps
 from lorafit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves, read_metrics
 from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, resolve_model
@@ -73,11 +78,12 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
+def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = None,
+            device: torch.device | None = None) -> Prepared:
     """Data, labels, tokenizer and model, all checked. Writes nothing."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    device = select_device(config.model.device)
+    device = device or select_device(config.model.device)
     splits = load_splits(config)
     labels = label_set(config, splits) if config.task.type == "classification" else None
     source = resolve_model(config.model.name)
@@ -227,6 +233,19 @@ def train(
     """
     wall_start = time.perf_counter()
     config = _as_config(config, overrides)
+    dist, device = distributed.setup(config.model.device, config.train.distributed)
+    try:
+        return _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
+                      tokenizer=tokenizer, callbacks=callbacks, progress=progress)
+    finally:
+        dist.close()
+
+
+def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wall_start: float, *, resume: bool,
+           overwrite: bool, model: nn.Module | None, tokenizer: Any, callbacks, progress: bool) -> dict[str, Any]:
+    if dist.enabled and config.train.batch_size < dist.world_size:
+        raise ValueError(f"train.batch_size = {config.train.batch_size} is the global batch and must be at least "
+                         f"the number of processes ({dist.world_size})")
     out, resume_from = _check_output(config, resume, overwrite)
     if config.train.tensorboard:
         try:  # fail before the work starts, not after
@@ -234,7 +253,7 @@ def train(
         except ImportError:
             raise ImportError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
                 from None
-    prep = prepare(config, model, tokenizer)
+    prep = prepare(config, model, tokenizer, device)
     train_features = encode_split(prep, "train")
     eval_features = encode_split(prep, "validation")
     test_features = encode_split(prep, "test")
@@ -250,6 +269,10 @@ def train(
                          "data.validation_fraction)")
     apply_method(prep)
     report = lorafit.trainable_parameters(prep.model)
+    dist.barrier()  # every process has checked its inputs (and seen the output directory as it was)
+    if not dist.is_main:
+        return _train_worker(prep, dist, out, resume_from, train_features, eval_features, test_features, metric,
+                             callbacks)
 
     # Every input is fine: only now is anything written.
     if overwrite and out.exists():
@@ -269,31 +292,24 @@ def train(
     n_steps = total_steps(len(train_features), config.train)
     print(f"lorafit train: {config.model.name} ({prep.source.path}), {config.task.type}, method {config.train.method}"
           f", {len(train_features)} train / {len(eval_features)} validation rows, {n_steps} steps, "
-          f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}")
+          f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}\n  {_processes(dist)}")
     try:
         state = fit(prep.model, prep.task, train_features, eval_features, config.train, prep.device, out, log,
-                    metric, resume_from=resume_from, callbacks=callbacks, progress=progress)
+                    metric, resume_from=resume_from, callbacks=callbacks, progress=progress, dist=dist)
     finally:
         log.close()
 
-    # The final weights: the best evaluated ones, or the last.
-    use_best = config.train.keep_best and state.best_step is not None
-    if use_best:
-        ckpt.load_best(out, prep.model, state.best_step)
-    autocast = _autocast(prep)
-    results: dict[str, dict[str, float]] = {}
-    if eval_features:
-        results["validation"] = prep.task.evaluate(prep.model, eval_features, prep.device,
-                                                   config.train.eval_batch_size, autocast)
+    use_best, results = _final_weights_and_metrics(prep, dist, out, state, eval_features, test_features)
     if test_features:
-        results["test"] = prep.task.evaluate(prep.model, test_features, prep.device,
-                                             config.train.eval_batch_size, autocast)
         log = MetricsLog(out / "metrics.jsonl")
         log.write({"type": "eval", "split": "test", "step": state.best_step if use_best else state.step,
                    **results["test"]})
-    save_result(prep, out)
+    save_result(prep, out, dist)
 
     peak, peak_method = peak_memory(prep.device)
+    if dist.enabled:
+        peak = int(dist.all_reduce_max(float(peak or 0), prep.device)) or None
+        peak_method += f", the largest of {dist.world_size} processes"
     summary = {
         "method": config.train.method,
         "lora_r": config.lora_config().r if config.train.method == "lora" else None,
@@ -311,6 +327,10 @@ def train(
         "peak_memory_method": peak_method,
         "device": str(prep.device),
         "threads": torch.get_num_threads(),
+        "processes": dist.world_size,
+        "distributed": dist.mode if dist.enabled else None,
+        "gradient_bytes_all_reduced_per_step": dist.bytes_reduced / max(state.step, 1) if dist.enabled
+        and not dist.fsdp else None,
         "best": {"metric": metric, "value": state.best_value, "step": state.best_step} if state.best_step is not None
         else None,
         "final_weights": f"best (step {state.best_step})" if use_best else f"last (step {state.step})",
@@ -327,22 +347,70 @@ def train(
     return summary
 
 
+def _processes(dist: Distributed) -> str:
+    if not dist.enabled:
+        return "1 process (for several processes or machines, see `lorafit train --help`)"
+    return (f"{dist.world_size} processes ({dist.mode}, {torch.distributed.get_backend()}); train.batch_size is the "
+            f"global batch, split across them")
+
+
+def _final_weights_and_metrics(prep: Prepared, dist: Distributed, out: Path, state, eval_features: list[dict],
+                               test_features: list[dict]) -> tuple[bool, dict[str, dict[str, float]]]:
+    """Load the best evaluated weights (or keep the last) and evaluate them on validation and test."""
+    config = prep.config
+    use_best = config.train.keep_best and state.best_step is not None
+    if use_best:
+        ckpt.load_best(out, prep.model, state.best_step)
+    autocast = _autocast(prep)
+    results: dict[str, dict[str, float]] = {}
+    for split, features in (("validation", eval_features), ("test", test_features)):
+        if features:
+            results[split] = prep.task.evaluate(prep.model, features, prep.device, config.train.eval_batch_size,
+                                                autocast, dist)
+    return use_best, results
+
+
+def _train_worker(prep: Prepared, dist: Distributed, out: Path, resume_from: Path | None, train_features,
+                  eval_features, test_features, metric: str, callbacks) -> dict[str, Any]:
+    """Processes other than 0: the same collective work, nothing written. Returns the final metrics."""
+    state = fit(prep.model, prep.task, train_features, eval_features, prep.config.train, prep.device, out, None,
+                metric, resume_from=resume_from, callbacks=callbacks, progress=False, dist=dist)
+    _, results = _final_weights_and_metrics(prep, dist, out, state, eval_features, test_features)
+    save_result(prep, out, dist)
+    peak, _ = peak_memory(prep.device)
+    dist.all_reduce_max(float(peak or 0), prep.device)
+    return {"rank": dist.rank, "steps": state.step, **results}
+
+
 def _autocast(prep: Prepared):
     from lorafit.train.loop import autocast_for
 
     return autocast_for(prep.device, prep.config.train.bf16)
 
 
-def save_result(prep: Prepared, out: Path) -> None:
-    """The adapter (PEFT format) or, for full fine-tuning, the whole model and its tokenizer."""
+def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
+    """The adapter (PEFT format) or, for full fine-tuning, the whole model and its tokenizer.
+
+    Every process calls this (FSDP shards are gathered collectively); process 0 writes."""
     if prep.config.train.method == "lora":
-        ckpt.publish_dir(lambda tmp: lorafit.save_adapter(prep.model, tmp), out / "adapter")
+        config, tensors = lorafit.adapter_files(prep.model)
+        if dist.is_main:
+            ckpt.publish_dir(lambda tmp: lorafit.write_adapter(tmp, config, tensors), out / "adapter")
     else:
+        state_dict = None
+        if dist.fsdp:  # gathered shard by shard into process 0's CPU memory
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(prep.model, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+
         def build(tmp: Path) -> None:
-            prep.model.save_pretrained(tmp)
+            prep.model.save_pretrained(tmp, state_dict=state_dict)
             prep.tokenizer.save_pretrained(tmp)
 
-        ckpt.publish_dir(build, out / "model")
+        if dist.is_main:
+            ckpt.publish_dir(build, out / "model")
+    dist.barrier()
 
 
 # -- evaluate and merge a finished run ---------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 
 from lorafit.train.config import RunConfig
 from lorafit.train.data import eval_batches
+from lorafit.train.distributed import SINGLE, Distributed, unwrap
 
 IGNORE = -100
 # Used when a tokenizer has no chat template of its own (base models, tests).
@@ -75,6 +76,17 @@ class Task:
     def num_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["units"])
 
+    def _eval_batches(self, features: list[dict], batch_size: int, dist: Distributed,
+                      device: torch.device) -> list[list[int] | None]:
+        """This process's evaluation batches (indices into ``features``). Under FSDP every process must run
+        the same number of forwards, so the short ones get ``None`` batches: run, then ignored."""
+        mine = dist.shard(list(range(len(features))))
+        batches = [[mine[i] for i in b] for b in eval_batches([len(features[i]["input_ids"]) for i in mine],
+                                                              batch_size)]
+        if dist.fsdp:
+            batches += [None] * (int(dist.all_reduce_max(len(batches), device)) - len(batches))
+        return batches
+
     def evaluate(self, model: nn.Module, features: list[dict], device: torch.device, batch_size: int,
                  autocast: Any) -> dict[str, float]:
         raise NotImplementedError
@@ -117,16 +129,21 @@ class Classification(Task):
         return nn.functional.cross_entropy(self.logits(model, batch).float(), batch["labels"], reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, model, features, device, batch_size, autocast) -> dict[str, float]:
+    def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
         model.eval()
         preds, gold, loss = [], [], 0.0
-        for idx in eval_batches([len(f["input_ids"]) for f in features], batch_size):
-            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx]).items()}
+        for idx in self._eval_batches(features, batch_size, dist, device):
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx or [0]]).items()}
             with autocast():
                 logits = self.logits(model, batch).float()
+            if idx is None:
+                continue
             loss += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             preds += logits.argmax(-1).tolist()
             gold += batch["labels"].tolist()
+        parts = dist.gather_objects((preds, gold, loss))
+        preds, gold = [p for part in parts for p in part[0]], [g for part in parts for g in part[1]]
+        loss = sum(part[2] for part in parts)
         return {"eval_loss": loss / len(gold), "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(gold),
                 "macro_f1": macro_f1(preds, gold, len(self.label_ids))}
 
@@ -160,24 +177,34 @@ class _Generative(Task):
                                            reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, model, features, device, batch_size, autocast) -> dict[str, float]:
+    def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
         model.eval()
         loss, units = 0.0, 0
-        for idx in eval_batches([len(f["input_ids"]) for f in features], batch_size):
-            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx]).items()}
+        for idx in self._eval_batches(features, batch_size, dist, device):
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx or [0]]).items()}
             with autocast():
-                loss += self.loss_sum(model, batch).item()
-            units += int(batch["units"])
+                batch_loss = self.loss_sum(model, batch).item()
+            if idx is not None:
+                loss += batch_loss
+                units += int(batch["units"])
+        loss, units = dist.all_reduce_sum([loss, units], device)
         out = {"eval_loss": loss / max(units, 1)}
         out["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
         n = self.config.task.generate_rows
         if n:
-            rows = [f for f in features if f.get("reference") is not None][:n]
-            predictions = self.generate(model, [f["prompt_ids"] for f in rows], device, batch_size, autocast)
-            out.update(rouge([f["reference"] for f in rows], predictions))
+            rows = dist.shard([f for f in features if f.get("reference") is not None][:n])
+            prompts = [f["prompt_ids"] for f in rows]
+            if dist.fsdp:  # same number of generate calls everywhere; the extra outputs are dropped
+                most = int(dist.all_reduce_max(len(prompts), device))
+                prompts += [features[0].get("prompt_ids", features[0]["input_ids"])] * (most - len(prompts))
+            predictions = self.generate(model, prompts, device, batch_size, autocast, synced=dist.fsdp)
+            parts = dist.gather_objects(([f["reference"] for f in rows], predictions[:len(rows)]))
+            out.update(rouge([r for part in parts for r in part[0]], [p for part in parts for p in part[1]]))
         return out
 
-    def generate(self, model, prompts: list[list[int]], device, batch_size: int, autocast) -> list[str]:
+    def generate(self, model, prompts: list[list[int]], device, batch_size: int, autocast,
+                 synced: bool = False) -> list[str]:
+        """Greedy generations; ``synced`` keeps FSDP processes stepping together until all are done."""
         raise NotImplementedError
 
 
@@ -253,14 +280,15 @@ class CausalLM(_Generative):
         return self._token_loss(logits[:, :-1], batch["labels"][:, 1:])
 
     @torch.no_grad()
-    def generate(self, model, prompts, device, batch_size, autocast) -> list[str]:
+    def generate(self, model, prompts, device, batch_size, autocast, synced: bool = False) -> list[str]:
         out: list[str] = [""] * len(prompts)
         for idx in eval_batches([len(p) for p in prompts], batch_size):
             ids = self._pad([prompts[i] for i in idx], self.pad_id, left=True).to(device)
             mask = self._pad([[1] * len(prompts[i]) for i in idx], 0, left=True).to(device)
             with autocast():
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.config.task.max_new_tokens,
-                                     do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id)
+                                     do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id,
+                                     synced_gpus=synced)
             for j, i in enumerate(idx):
                 out[i] = self.tok.decode(gen[j, ids.shape[1]:], skip_special_tokens=True).strip()
         return out
@@ -291,7 +319,7 @@ class Seq2Seq(_Generative):
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         labels = batch["labels"]
-        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        prepare = getattr(unwrap(model), "prepare_decoder_input_ids_from_labels", None)
         if prepare is None:
             raise ValueError(f"{type(model).__name__} cannot build decoder inputs from labels; is it a seq2seq model?")
         decoder_ids = prepare(labels=labels)
@@ -300,13 +328,13 @@ class Seq2Seq(_Generative):
         return self._token_loss(logits, labels)
 
     @torch.no_grad()
-    def generate(self, model, prompts, device, batch_size, autocast) -> list[str]:
+    def generate(self, model, prompts, device, batch_size, autocast, synced: bool = False) -> list[str]:
         out: list[str] = [""] * len(prompts)
         for idx in eval_batches([len(p) for p in prompts], batch_size):
             ids = self._pad([prompts[i] for i in idx], self.pad_id).to(device)
             mask = self._pad([[1] * len(prompts[i]) for i in idx], 0).to(device)
             with autocast():
-                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, synced_gpus=synced,
                                      max_new_tokens=self.config.task.max_new_tokens)
             for j, i in enumerate(idx):
                 out[i] = self.tok.decode(gen[j], skip_special_tokens=True).strip()

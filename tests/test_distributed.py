@@ -1,0 +1,137 @@
+"""Multi-process training through torchrun on CPU (gloo): DDP and FSDP end where one process ends.
+
+Each test launches ``torchrun --standalone --nproc-per-node 2 -m lorafit train`` on a
+tiny random BERT, exactly as a user would, and compares the adapter with a
+one-process run of the same config (same global batch, same seed). LoRA dropout
+is 0 here: with dropout the processes draw their own masks, so the runs are
+equally valid but not bitwise comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train_support import classification_setup
+
+transformers = pytest.importorskip("transformers")
+
+from lorafit.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(config: Path, out: Path, *extra: str, nproc: int = 2, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lorafit", "train", str(config), "--output-dir", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, from /proc (torchrun starts its workers in process groups of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
+def finish(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float = 1e-5) -> None:
+    ta, tb = adapter(a), adapter(b)
+    assert ta.keys() == tb.keys() and ta
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=0, msg=key)
+    assert json.loads((a / "adapter" / "adapter_config.json").read_text()) == \
+        json.loads((b / "adapter" / "adapter_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """49 rows in global batches of 8 with accumulation 2: the last micro-batch has one row, so one
+    process has none and must still join the gradient sync."""
+    root = tmp_path_factory.mktemp("dist")
+    config = classification_setup(root, n_train=49, extra="grad_accum = 2\nsave_every = 2\n")
+    config.write_text(config.read_text().replace("epochs = 12", "epochs = 3").replace("eval_every = 12",
+                                                                                      "eval_every = 4"))
+    one = root / "one"
+    train(config, [f"output_dir={json.dumps(str(one))}"], progress=False)
+    return config, one
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_end_with_the_one_process_adapter(setup, tmp_path, mode):
+    config, one = setup
+    two = tmp_path / mode
+    output = finish(torchrun(config, two, "--set", f"train.distributed={mode}"))
+    assert f"2 processes ({mode}, gloo)" in output
+    assert_same_adapter(one, two)
+    # one output directory, written once: one checkpoint, RNG states of both processes in it
+    steps = sorted(p.name for p in (two / "checkpoints").glob("step-*"))
+    assert steps == [f"step-{json.loads((one / 'summary.json').read_text())['steps']:07d}"]
+    assert {p.name for p in (two / "checkpoints" / steps[0]).glob("rng*.safetensors")} == \
+        {"rng.safetensors", "rng-rank1.safetensors"}
+    assert not list(two.rglob("*.tmp*"))
+    s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert s2["processes"] == 2 and s2["distributed"] == mode and s1["processes"] == 1
+    assert s2["validation"]["accuracy"] == pytest.approx(s1["validation"]["accuracy"])
+    assert s2["validation"]["eval_loss"] == pytest.approx(s1["validation"]["eval_loss"], abs=1e-5)
+    assert s2["best"]["step"] == s1["best"]["step"]
+    # metrics are reduced across processes: the loss and token counts of the whole global batch
+    train_lines = [[r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                    if r["type"] == "train"] for run in (one, two)]
+    assert [r["step"] for r in train_lines[0]] == [r["step"] for r in train_lines[1]]
+    for r1, r2 in zip(*train_lines):
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
+    assert s2["train_tokens"] == s1["train_tokens"]
+    if mode == "ddp":
+        # only the adapter's gradients travel: 4 bytes per trainable parameter per step, not the model
+        assert s2["gradient_bytes_all_reduced_per_step"] == 4 * s1["params"]["trainable"]
+        assert s1["params"]["trainable"] < s1["params"]["total"] / 5
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers through /proc")
+def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    config, one = setup
+    run = tmp_path / "killed"
+    proc = torchrun(config, run)
+    pointer = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while not pointer.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and both workers, mid-run
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    if (run / "summary.json").is_file():
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    assert pointer.is_file(), "no checkpoint was written before the deadline"
+    output = finish(torchrun(config, run, "--resume"))
+    assert "resuming from" in output and "step-" in output
+    assert_same_adapter(one, run)
