@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part: train, memory, infer, load, smollm, padding, qlora, mixed, serve
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., serve, ddp
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -27,7 +27,7 @@ import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
 
-PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve")
+PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp")
 
 
 def bench_train(args, out: dict) -> None:
@@ -319,6 +319,13 @@ def bench_serve(args, out: dict) -> None:
     from benchmarks import serve_load
 
     out["serve"] = serve_load.run(args, _print)
+
+
+def bench_ddp(args, out: dict) -> None:
+    """Gradient bytes all-reduced per DDP step, LoRA vs full (see benchmarks/ddp_bytes.py)."""
+    from benchmarks import ddp_bytes
+
+    out["ddp"] = ddp_bytes.run(args, _sst2_rows(), _print)
 
 
 def _sst2_rows() -> list[dict]:

@@ -181,7 +181,9 @@ def shard_with_fsdp(model: nn.Module, world_size: int) -> nn.Module:
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in block_names:
             fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # The root too is resharded after each forward (not FSDP's default): otherwise its parameters stay
+    # gathered after an evaluation, and loading the best weights would write into a temporary copy.
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # sum, as for DDP above
