@@ -135,3 +135,23 @@ def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp
     output = finish(torchrun(config, run, "--resume"))
     assert "resuming from" in output and "step-" in output
     assert_same_adapter(one, run)
+
+
+def test_the_global_batch_must_cover_every_process(tmp_path):
+    from lorafit.train.config import load_config
+    from lorafit.train.distributed import Distributed
+    from lorafit.train.run import _train
+
+    config = load_config(classification_setup(tmp_path), ["train.batch_size=3"])
+    with pytest.raises(ValueError, match=r"train.batch_size = 3 is the global batch .* processes \(4\)"):
+        _train(config, Distributed(rank=0, world_size=4), None, 0.0, resume=False, overwrite=False, model=None,
+               tokenizer=None, callbacks=(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_instructions_are_in_the_help():
+    from lorafit.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "torchrun --nproc-per-node N -m lorafit train CONFIG.toml" in text
+    assert "--nnodes M" in text and "--rdzv-endpoint" in text and "train.distributed=fsdp" in text

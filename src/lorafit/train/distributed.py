@@ -37,8 +37,10 @@ from torch import nn
 class Distributed:
     """Where this process stands (rank, world size, device) and the few collectives training needs."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, mode: str = "ddp") -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, mode: str = "ddp",
+                 owns_group: bool = False) -> None:
         self.rank, self.world_size, self.local_rank, self.mode = rank, world_size, local_rank, mode
+        self.owns_group = owns_group  # False when the caller had already joined a process group
         self.bytes_reduced = 0  # gradient bytes this process sent into all-reduces (DDP)
 
     @property
@@ -121,7 +123,7 @@ class Distributed:
                 yield
 
     def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
+        if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -146,10 +148,11 @@ def setup(device_name: str, mode: str = "ddp") -> tuple[Distributed, torch.devic
     else:
         device = torch.device(device_name if device_name != "auto" else "cpu")
         backend = "gloo"
-    if not torch.distributed.is_initialized():
+    owns_group = not torch.distributed.is_initialized()
+    if owns_group:
         # Long evaluations (generation) run between collectives: a generous timeout.
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-    return Distributed(rank, world, local_rank, mode), device
+    return Distributed(rank, world, local_rank, mode, owns_group), device
 
 
 def model_device(model: nn.Module) -> torch.device:
