@@ -118,10 +118,11 @@ def test_two_processes_end_with_the_one_process_adapter(setup, tmp_path, mode):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers through /proc")
-def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mode):
     config, one = setup
     run = tmp_path / "killed"
-    proc = torchrun(config, run)
+    proc = torchrun(config, run, "--set", f"train.distributed={mode}")
     pointer = run / "checkpoints" / "latest.json"
     deadline = time.time() + 120
     while not pointer.is_file() and proc.poll() is None and time.time() < deadline:
@@ -132,7 +133,7 @@ def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp
     if (run / "summary.json").is_file():
         pytest.skip("the run finished before it could be killed (machine too fast for this test)")
     assert pointer.is_file(), "no checkpoint was written before the deadline"
-    output = finish(torchrun(config, run, "--resume"))
+    output = finish(torchrun(config, run, "--resume", "--set", f"train.distributed={mode}"))
     assert "resuming from" in output and "step-" in output
     assert_same_adapter(one, run)
 
