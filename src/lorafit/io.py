@@ -93,9 +93,9 @@ def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dic
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
     return directory
 
 
@@ -131,7 +131,10 @@ def _as_plain_lora(model, name, config, tensors):
     return plain, tensors
 
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+def atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``target``, fsync, rename: a reader
+    sees the old file or the new one, never a partial one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

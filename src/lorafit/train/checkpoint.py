@@ -33,25 +33,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorafit.io import atomic_write
 from lorafit.train.distributed import SINGLE, Distributed, full_tensor, like_param
 
 LATEST = "latest.json"
 BEST = "best"
-
-
-def atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``target``, fsync, rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(target: Path, text: str) -> None:

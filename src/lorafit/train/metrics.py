@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lorafit.train.checkpoint import atomic_write
+from lorafit.io import atomic_write
 
 
 class MetricsLog:
