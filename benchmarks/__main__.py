@@ -26,6 +26,7 @@ import torch
 import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
+from lorafit.layers.fused_linear import dropout_keep
 
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp")
 
@@ -47,7 +48,7 @@ def bench_train(args, out: dict) -> None:
     # nn.Dropout and lorafit both do. With the base frozen this is a large share of a LoRA step on a CPU.
     shapes = [(batch * seq, layer.in_features) for _, layer in lorafit.model.lora_layers(
         train_step.make_variant(base, "lorafit", dropout=0.1))]
-    steps["dropout masks alone"] = lambda: [torch.rand(shape) >= 0.1 for shape in shapes]
+    steps["dropout masks alone"] = lambda: [dropout_keep(torch.empty(shape), 0.1) for shape in shapes]
     times = interleaved(steps, reps=args.reps, warmup=1)
     counts["dropout masks alone"] = 0
     full = median(times["full"])
