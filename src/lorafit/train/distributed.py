@@ -97,7 +97,9 @@ class Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         self._broadcast_trainable(model)  # the replicas must start equal; the frozen base is equal by loading
-        ddp = DistributedDataParallel(model, init_sync=False,
+        # No buffer broadcast before every forward: the frozen base's buffers (position ids, a quantized
+        # base's codes) are equal everywhere by loading, and would otherwise travel every step.
+        ddp = DistributedDataParallel(model, init_sync=False, broadcast_buffers=False,
                                       device_ids=[model_device(model)] if model_device(model).type == "cuda" else None)
         ddp.register_comm_hook(self, _counting_allreduce_hook)
         return ddp
