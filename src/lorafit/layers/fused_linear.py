@@ -123,7 +123,9 @@ class LoraLinearFunction(torch.autograd.Function):
             ga = None
             lora_gx = gx is not None and not fold
             if need_a or lora_gx:
-                gh = gl @ b  # dY B, N x r
+                # dY B (N x r) as dY (B^T)^T: with B^T stored r-major MKL runs this skinny product
+                # about 2x faster than with B itself (measured at N=832, d_out=384 and 1536)
+                gh = F.linear(gl, b.T.contiguous())
                 if need_a:
                     xi = x2.to(a.dtype)
                     ga = torch.mm(gh.T, xi if keep is None else xi.mul(keep)).mul_(s)
