@@ -70,8 +70,8 @@ def main() -> None:
 
         steps[name] = step
 
-    for name in steps:  # warm-up
-        steps[name]()
+    for step in steps.values():  # warm-up
+        step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for rep in range(args.reps):

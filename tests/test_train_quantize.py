@@ -11,12 +11,12 @@ from tests.test_train_support import classification_setup
 
 pytest.importorskip("transformers")
 
-import lorafit  # noqa: E402
-from lorafit.layers import LoraLayer  # noqa: E402
-from lorafit.quantize import QuantizedLinear  # noqa: E402
-from lorafit.train import evaluate, train  # noqa: E402
-from lorafit.train.config import load_config  # noqa: E402
-from lorafit.train.run import load_run  # noqa: E402
+import lorafit
+from lorafit.layers import LoraLayer
+from lorafit.quantize import QuantizedLinear
+from lorafit.train import evaluate, train
+from lorafit.train.config import load_config
+from lorafit.train.run import load_run
 
 
 @pytest.mark.parametrize("bits", [4, 8])
