@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 import lorafit
 from lorafit.layers import LoraLayer
 from lorafit.quantize import QuantizedLinear
-from lorafit.train import evaluate, train
+from lorafit.train import evaluate, merge, train
 from lorafit.train.config import load_config
 from lorafit.train.run import load_run
 
@@ -47,6 +47,17 @@ def test_lora_on_a_quantized_base_trains_and_reloads_on_the_same_base(tmp_path, 
     # ... and on the float base the same adapter gives other logits (the quantization was in effect)
     float_base = evaluate(run, "validation", overrides=["model.quantize=0"])
     assert float_base["eval_loss"] != pytest.approx(summary["validation"]["eval_loss"], abs=1e-5)
+
+    # `lorafit merge`: a plain float model (dequantized base + adapter) with the same logits
+    transformers = pytest.importorskip("transformers")
+    merged_dir = merge(run, tmp_path / "merged")
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert not any(isinstance(m, (LoraLayer, QuantizedLinear)) for m in merged.modules())
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    prep.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, prep.model(**batch).logits, atol=1e-5, rtol=0)
 
 
 def test_quantize_is_checked_before_anything_is_written(tmp_path):
