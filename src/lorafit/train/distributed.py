@@ -124,9 +124,15 @@ class Distributed:
             with wrapped.no_sync():
                 yield
 
-    def close(self) -> None:
-        if self.owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group we joined. After a finished run every process first waits for the
+        others (process 0 still writes the summary), so none tears down its connections while a peer
+        is still using them; a rare gloo abort at exit was seen without this wait."""
+        if not (self.owns_group and torch.distributed.is_initialized()):
+            return
+        if finished:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 SINGLE = Distributed()

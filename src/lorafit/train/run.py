@@ -234,11 +234,14 @@ def train(
     wall_start = time.perf_counter()
     config = _as_config(config, overrides)
     dist, device = distributed.setup(config.model.device, config.train.distributed)
+    finished = False
     try:
-        return _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
-                      tokenizer=tokenizer, callbacks=callbacks, progress=progress)
+        summary = _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
+                         tokenizer=tokenizer, callbacks=callbacks, progress=progress)
+        finished = True
+        return summary
     finally:
-        dist.close()
+        dist.close(finished)
 
 
 def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wall_start: float, *, resume: bool,
