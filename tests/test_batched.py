@@ -180,3 +180,24 @@ def test_generate_keeps_each_rows_adapter():
     with torch.no_grad(), lorafit.disabled(model):
         base0 = model.generate(prompts[:1], attention_mask=torch.ones_like(prompts[:1]), **kwargs)
     assert not torch.allclose(mixed.scores[0][0], base0.scores[0][0], atol=1e-3)
+
+
+def test_heads_of_different_sizes_cannot_share_a_batch():
+    # e.g. a 2-class SST-2 head and a 4-class AG News head: one output tensor cannot hold both
+    model = Saved().eval()
+    for name in ("x", "y"):
+        lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]), name)
+    model.head.modules_to_save["y"] = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 5))
+    ids = torch.randint(0, 30, (3, 7))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"adapters \['x', 'y'\] have modules_to_save copies of different "
+                                             r"shapes.*separate batches"):
+            with adapter_per_row(model, ["x", "y", None]):
+                pass
+        rows = ["x", None, "x"]  # rows of same-sized heads still share a batch
+        with adapter_per_row(model, rows):
+            mixed = model(ids)
+        alone = _alone(model, rows, lambda k: model(ids[k:k + 1]))
+        with adapter_per_row(model, ["y", "y"]):
+            assert model(ids[:2]).shape == (2, 5)
+    torch.testing.assert_close(mixed, alone, **TOL)

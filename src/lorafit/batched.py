@@ -239,8 +239,15 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
     if len(set(slots)) == 1:
         module = copies[slots[0]]
         return lambda *args, **kwargs: module(*args, **kwargs)
+    shapes = {_param_shapes(copies[slot]) for slot in set(slots)}
+    if len(shapes) > 1:  # e.g. a 2-class and a 4-class head: their outputs cannot share one batch tensor
+        names = sorted({r for r in rows if r is not None and r in wrapper.adapter_names})
+        raise ValueError(f"adapters {names} have modules_to_save copies of different shapes for the same module "
+                         f"({', '.join(str(list(s)) for s in sorted(shapes))}); run rows of these adapters in "
+                         "separate batches")
     plain = {type(c) for c in copies}
-    if plain == {nn.Linear} and n * copies[0].weight.numel() <= GATHER_LIMIT:
+    same_shapes = len({_param_shapes(c) for c in copies}) == 1
+    if plain == {nn.Linear} and same_shapes and n * copies[0].weight.numel() <= GATHER_LIMIT:
         params = [p for c in copies for p in (c.weight, c.bias) if p is not None]
         w, bias = _cached(wrapper, _key(params, "linear"), lambda: (
             torch.stack([c.weight.detach().T for c in copies]),
@@ -255,7 +262,7 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
             y = torch.baddbmm(b_rows, h, w_rows) if b_rows is not None else torch.bmm(h, w_rows)
             return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
         return forward
-    if plain == {nn.Embedding} and all(c.max_norm is None for c in copies):
+    if plain == {nn.Embedding} and same_shapes and all(c.max_norm is None for c in copies):
         tables = _cached(wrapper, _key([c.weight for c in copies], "embedding"),
                          lambda: torch.stack([c.weight.detach() for c in copies]))
         idx = torch.tensor(slots, device=tables.device)
@@ -280,6 +287,10 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
             out[idx.to(out.device)] = part
         return out
     return forward
+
+
+def _param_shapes(module: nn.Module) -> tuple:
+    return tuple(tuple(p.shape) for p in module.parameters())
 
 
 def _check_rows(x: torch.Tensor, n: int) -> None:
