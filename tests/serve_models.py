@@ -72,9 +72,13 @@ def load(path: Path):
     return cls.from_pretrained(path).eval()
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, labels: list[str] | None = None) -> Path:
-    """A random adapter (non-zero B) for the model in ``model_dir``; classifiers get their own head."""
+def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, labels: list[str] | None = None,
+                 num_labels: int | None = None) -> Path:
+    """A random adapter (non-zero B) for the model in ``model_dir``; classifiers get their own head
+    (with ``num_labels`` outputs if given, else the model's)."""
     model = load(model_dir)
+    if num_labels is not None:
+        model.classifier = torch.nn.Linear(model.classifier.in_features, num_labels)
     causal = "Llama" in type(model).__name__
     targets = ["q_proj", "v_proj", "down_proj"] if causal else ["query", "value", "dense"]
     config = lorafit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,

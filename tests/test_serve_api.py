@@ -114,6 +114,35 @@ def test_requests_are_batched_across_adapters(cls_client, dirs):
     assert count < len(names)  # some requests shared a batch
 
 
+def test_adapters_with_heads_of_different_sizes(dirs, tmp_path):
+    """A 2-class and a 4-class adapter on a 3-class base, requested concurrently: no global label
+    count is needed, and every response has its adapter's classes and scores."""
+    _, bert, _ = dirs
+    adapters = tmp_path / "heads"
+    sm.make_adapter(bert, adapters / "sst2", seed=20, num_labels=2, labels=["negative", "positive"])
+    sm.make_adapter(bert, adapters / "agnews", seed=21, num_labels=4)
+    service = build_service(str(bert), adapters, limits=Limits(max_wait_ms=200))
+    names = ["sst2", "agnews", None, "agnews", "sst2", "agnews"]
+    texts = ["good fun", "the story and the music"]
+    with TestClient(create_app(service)) as client, concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        responses = list(pool.map(lambda a: client.post("/v1/classify", json={"texts": texts, "adapter": a}), names))
+        metrics = client.get("/metrics").text
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    for adapter, r in zip(names, responses):
+        results = r.json()["results"]
+        expected = _direct_probs(bert, adapters / adapter if adapter else None, texts)
+        assert expected.shape[1] == {"sst2": 2, "agnews": 4, None: 3}[adapter]
+        got = torch.tensor([list(row["probabilities"].values()) for row in results])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        if adapter == "sst2":
+            assert set(results[0]["probabilities"]) == {"negative", "positive"}
+            assert results[0]["label"] in ("negative", "positive")
+        else:
+            assert set(results[0]["probabilities"]) == {f"LABEL_{i}" for i in range(expected.shape[1])}
+    count = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("lorafit_batch_rows_count")))
+    assert 3 <= count < len(names)  # one batch per head size at least, and requests of one size shared one
+
+
 def test_bad_input(cls_client):
     post = cls_client.post
     assert post("/v1/classify", json={"texts": ["x"], "adapter": "missing"}).status_code == 404

@@ -1,5 +1,5 @@
 """Adapter registry: loading on demand, LRU eviction (count, bytes), pinning, reload on change, unload,
-path safety, corrupt files, and thread safety with requests in flight."""
+path safety, corrupt files, thread safety with requests in flight, and classifier heads of different sizes."""
 
 import os
 import random
@@ -204,3 +204,45 @@ def test_thread_safety_under_load_unload_and_eviction(bert, tmp_path):
     # afterwards: nothing in flight, so exactly the loaded versions are attached
     assert _attached(reg) == {e.internal for e in reg.loaded()}
     assert len(reg.loaded()) <= 3
+
+
+def test_heads_of_different_sizes_share_the_server_not_a_batch(bert, tmp_path):
+    """2- and 4-class heads on a 3-class base: each batched forward holds one head shape; every
+    result has its adapter's number of classes and equals that adapter alone."""
+    from lorafit.serve.engine import Batcher, Job, classify_batch
+
+    model_dir, _ = bert
+    adapters = tmp_path / "adapters"
+    for name, k in (("two", 2), ("four", 4), ("four-b", 4)):
+        sm.make_adapter(model_dir, adapters / name, seed=k + len(name), num_labels=k,
+                        labels=["neg", "pos"] if k == 2 else None)
+    reg = AdapterRegistry(sm.load(model_dir), adapters)
+    tok = sm.tokenizer(causal=False)
+    texts = {"two": ["great fun", "bad"], "four": ["the plot"], None: ["it was boring", "loved it"],
+             "four-b": ["music and story", "hello", "what"]}
+    order = ["two", "four", None, "four-b", "two", "four"]
+    entries = [reg.acquire(n) if n else None for n in order]
+    assert entries[0].head and entries[1].head == entries[3].head != entries[0].head and entries[2] is None
+    jobs = [Job(rows=len(texts[n]), payload=texts[n], entry=e) for n, e in zip(order, entries)]
+    name_of = {id(job): n for job, n in zip(jobs, order)}
+    batches = []
+
+    def run(batch):
+        batches.append([name_of[id(job)] for job in batch])
+        return classify_batch(reg.model, tok, reg.model_lock, 32, batch)
+
+    batcher = Batcher(run, reg, max_wait=1.0)  # every job is queued before the first batch is taken
+    results = [f.result(timeout=60) for f in [batcher.submit(job) for job in jobs]]
+    batcher.close()
+    assert batches == [["two", "two"], ["four", "four-b", "four"], [None]]  # grouped, each in arrival order
+    for name, rows in zip(order, results):
+        model = sm.load(model_dir)
+        if name:
+            lorafit.load_adapter(model, adapters / name)
+        with torch.no_grad():
+            expected = model(**tok(texts[name], padding=True, return_tensors="pt")).logits.softmax(-1)
+        got = torch.tensor([list(r["probabilities"].values()) for r in rows])
+        assert got.shape == expected.shape == (len(texts[name]), {"two": 2, None: 3}.get(name, 4))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert set(rows[0]["probabilities"]) == ({"neg", "pos"} if name == "two" else
+                                                 {f"LABEL_{i}" for i in range(got.shape[1])})

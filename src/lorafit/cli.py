@@ -133,8 +133,9 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--max-adapter-mb", type=float, help="evict least recently used above this many MB of weights")
     sv.add_argument("--pin", action="append", metavar="NAME", help="load at start and never evict (repeatable)")
     sv.add_argument("--preload", action="store_true", help="load adapters at start (up to --max-adapters)")
-    sv.add_argument("--num-labels", type=_positive_int, help="classes of the classifier heads "
-                                                             "(default: read from the adapters)")
+    sv.add_argument("--num-labels", type=_positive_int, help="classes of the base model's own classifier head, "
+                                                             "used without an adapter (default: its config's; "
+                                                             "each adapter's head keeps its saved size)")
     sv.add_argument("--max-batch", type=_positive_int, default=32, help="rows per batched forward (default: 32)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default: 5)")
     sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request body limit (1 MiB)")

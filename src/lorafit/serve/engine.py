@@ -2,7 +2,10 @@
 
 One worker thread runs the batches. Requests that arrive within ``max_wait``
 of the first waiting one are put in the same batch (up to ``max_batch`` rows),
-whatever adapters they ask for: ``adapter_per_row`` gives each row its own.
+whatever adapters they ask for: ``adapter_per_row`` gives each row its own. Only
+the heads must agree: a batch holds requests whose adapters' ``modules_to_save``
+copies have the same shapes (``Entry.head``; one output tensor cannot hold rows
+of 2 and 4 logits). Others wait, in arrival order, for the next batch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ class Job:
     entry: Entry | None  # None: the base model
     future: Future = field(default_factory=Future)
     on_token: Callable[[int, str], None] | None = None  # streaming generation: (row, text so far)
+    queued: float = 0.0  # time.monotonic() at submit
+
+    @property
+    def head(self) -> tuple:
+        """Jobs with equal ``head`` can share a forward (the base model's is ``()``)."""
+        return self.entry.head if self.entry is not None else ()
 
 
 class Batcher:
@@ -48,6 +57,7 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
+            job.queued = time.monotonic()
             self._jobs.append(job)
             self._cond.notify()
         return job.future
@@ -69,17 +79,23 @@ class Batcher:
                 if self._closed:
                     return None
                 self._cond.wait()
-            deadline = time.monotonic() + self.max_wait
+            deadline = self._jobs[0].queued + self.max_wait  # a job left out of the last batch has waited already
             while not self._closed and sum(j.rows for j in self._jobs) < self.max_batch:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
+            head = self._jobs[0].head
             batch, rows = [], 0
-            while self._jobs and (not batch or rows + self._jobs[0].rows <= self.max_batch):
-                job = self._jobs.popleft()
+            for job in self._jobs:
+                if job.head != head:
+                    continue
+                if batch and rows + job.rows > self.max_batch:
+                    break
                 batch.append(job)
                 rows += job.rows
+            taken = {id(job) for job in batch}
+            self._jobs = deque(job for job in self._jobs if id(job) not in taken)
             return batch
 
     def _loop(self) -> None:
@@ -109,23 +125,14 @@ def minilm_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def head_size(adapters: Path) -> int | None:
-    """Number of classes of the first adapter that carries a classifier head (read from the file header)."""
-    from safetensors import safe_open
+def load_model(spec: str, num_labels: int | None = None):
+    """(model, tokenizer, task) for ``--model``: ``minilm`` or a local transformers model directory.
 
-    for path in sorted(adapters.glob("*/adapter_model.safetensors")) if adapters.is_dir() else []:
-        try:
-            with safe_open(path, "pt") as fh:
-                for key in fh.keys():
-                    if key.endswith(("classifier.weight", "score.weight")) and ".lora_" not in key:
-                        return fh.get_slice(key).get_shape()[0]
-        except Exception:  # noqa: BLE001 - a corrupt adapter is reported when it is loaded, not here
-            continue
-    return None
-
-
-def load_model(spec: str, adapters: Path, num_labels: int | None = None):
-    """(model, tokenizer, task) for ``--model``: ``minilm`` or a local transformers model directory."""
+    A classifier keeps the head its checkpoint describes (``num_labels`` of its config;
+    2, randomly initialised, for a model without a head such as minilm) unless
+    ``num_labels`` overrides it. That head serves requests without an adapter; an
+    adapter with a head brings its own number of classes from its file.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
@@ -139,7 +146,7 @@ def load_model(spec: str, adapters: Path, num_labels: int | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         task = "generate"
     else:
-        labels = num_labels or head_size(adapters) or getattr(config, "num_labels", 2)
+        labels = num_labels or getattr(config, "num_labels", 2)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=torch.float32)
         task = "classify"
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -160,13 +167,15 @@ def classify_batch(model, tokenizer, lock: threading.Lock, max_tokens: int, jobs
         logits = model(**enc).logits
     probs = logits.float().softmax(-1)
     id2label = getattr(model.config, "id2label", None) or {}
+    size = probs.shape[-1]  # one head size per batch (the batcher groups by head)
+    if len(id2label) != size:  # the base model's names do not fit an adapter's head of another size
+        id2label = {}
     out, start = [], 0
     for job in jobs:
         labels = (job.entry.labels if job.entry and job.entry.labels else None)
+        names_ = labels if labels and len(labels) == size else [id2label.get(i, f"LABEL_{i}") for i in range(size)]
         rows = []
         for p in probs[start:start + job.rows]:
-            names_ = labels if labels and len(labels) == p.numel() else [
-                id2label.get(i, f"LABEL_{i}") for i in range(p.numel())]
             best = int(p.argmax())
             rows.append({"label": names_[best], "score": float(p[best]),
                          "probabilities": {names_[i]: float(v) for i, v in enumerate(p)}})

@@ -14,6 +14,10 @@ Every subdirectory ``DIR/<name>`` holding a PEFT adapter is adapter ``name``.
   ``max_bytes``; pinned adapters never are.
 - On acquire, a changed ``(size, mtime)`` of the files triggers a content hash
   (SHA-256); a different hash reloads the adapter.
+- A classifier head (linear ``modules_to_save`` copy) gets the number of outputs
+  stored in the file, so adapters for 2 and 4 classes share one base model;
+  ``Entry.head`` records such differences from the base model's modules, and only
+  requests with equal ``head`` can share a batched forward.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 from torch import nn
 
 import lorafit
-from lorafit.io import CONFIG_NAME, WEIGHTS_NAME, _check_tensors, _without_base_copies, peft_key
+from lorafit.io import CONFIG_NAME, WEIGHTS_NAME, _check_tensors, _fit_head_sizes, _without_base_copies, peft_key
+from lorafit.model import saved_modules
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -61,6 +66,7 @@ class Entry:
     rank: int
     nbytes: int
     labels: list[str] | None = None
+    head: tuple = ()  # (module, parameter shapes) of its modules_to_save copies shaped unlike the base's
     pinned: bool = False
     refs: int = 0
     retired: bool = False  # unloaded, evicted or replaced: detach when refs reaches 0
@@ -166,9 +172,10 @@ class AdapterRegistry:
             labels = _labels(path)
             with self.model_lock:
                 self._attach(path, internal, config, tensors)
+                head = _head(self.model, internal)
             entry = Entry(name=name, internal=internal, digest=digest, signature=signature, rank=config.r,
                           nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), labels=labels,
-                          pinned=name in self._pinned)
+                          head=head, pinned=name in self._pinned)
             with self._lock:
                 previous = self._loaded.pop(name, None)
                 self._loaded[name] = entry
@@ -195,6 +202,7 @@ class AdapterRegistry:
         except (ValueError, KeyError) as exc:
             raise BadAdapter(f"adapter {path.name!r} does not fit the base model: {exc}") from None
         try:
+            _fit_head_sizes(model, internal, tensors, trainable=False)
             expected = {peft_key(k, internal): p for k, p in lorafit.adapter_parameters(model, internal).items()}
             found = _without_base_copies(path / WEIGHTS_NAME, model, expected, tensors)
             _check_tensors(path / WEIGHTS_NAME, expected, found)
@@ -269,6 +277,16 @@ class AdapterRegistry:
     def bytes_loaded(self) -> int:
         with self._lock:
             return sum(e.nbytes for e in self._loaded.values())
+
+
+def _head(model: nn.Module, internal: str) -> tuple:
+    """The modules_to_save copies of adapter ``internal`` whose parameters are shaped unlike the
+    base model's module (a 4-class head on a 2-class base), as ``((module, shapes), ...)``."""
+    def shapes(module: nn.Module) -> tuple:
+        return tuple(tuple(p.shape) for p in module.parameters())
+
+    return tuple((path, shapes(w.modules_to_save[internal])) for path, w in saved_modules(model)
+                 if internal in w.adapter_names and shapes(w.modules_to_save[internal]) != shapes(w.original_module))
 
 
 def _digest(path: Path) -> str:

@@ -16,7 +16,7 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
     adapters = Path(adapters)
     if not adapters.is_dir():
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
-    base, tokenizer, task = load_model(model, adapters, num_labels)
+    base, tokenizer, task = load_model(model, num_labels)
     registry = AdapterRegistry(base, adapters, max_adapters=max_adapters,
                                max_bytes=int(max_adapter_mb * 2**20) if max_adapter_mb else None)
     for name in pin or []:
