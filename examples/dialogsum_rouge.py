@@ -99,9 +99,10 @@ def main() -> None:
                                        add_generation_prompt=True)
         prompts.append(tok(text, add_special_tokens=False)["input_ids"])
 
-    use_adapter = is_run and config.train.method == "lora" and not args.no_adapter
+    has_adapter = is_run and config.train.method == "lora"
+    use_adapter = has_adapter and not args.no_adapter
     start = time.perf_counter()
-    with contextlib.nullcontext() if use_adapter or not is_run else lorafit.disabled(prep.model):
+    with lorafit.disabled(prep.model) if has_adapter and args.no_adapter else contextlib.nullcontext():
         predictions = task.generate(prep.model, prompts, prep.device, config.train.eval_batch_size,
                                     contextlib.nullcontext)
     seconds = time.perf_counter() - start
@@ -119,7 +120,7 @@ def main() -> None:
     with open(out / "generations.jsonl", "w", encoding="utf-8") as fh:
         for row, pred, refs in zip(rows, predictions, references):
             fh.write(json.dumps({"fname": row.get("fname"), "prediction": pred, "references": refs}) + "\n")
-    what = "with adapter" if use_adapter else "base model, no adapter"
+    what = "with adapter" if use_adapter else "no adapter" if has_adapter else "as loaded, no adapter"
     print(f"{config.model.name} ({what}), {len(rows)} rows of {args.data}, {seconds:.0f} s of generation")
     for how in ("max", "mean"):
         print(f"  ROUGE F x100, {how} over references: " +
