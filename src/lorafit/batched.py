@@ -239,14 +239,14 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
     if len(set(slots)) == 1:
         module = copies[slots[0]]
         return lambda *args, **kwargs: module(*args, **kwargs)
-    shapes = {_param_shapes(copies[slot]) for slot in set(slots)}
+    shapes = {param_shapes(copies[slot]) for slot in set(slots)}
     if len(shapes) > 1:  # e.g. a 2-class and a 4-class head: their outputs cannot share one batch tensor
         names = sorted({r for r in rows if r is not None and r in wrapper.adapter_names})
         raise ValueError(f"adapters {names} have modules_to_save copies of different shapes for the same module "
                          f"({', '.join(str(list(s)) for s in sorted(shapes))}); run rows of these adapters in "
                          "separate batches")
     plain = {type(c) for c in copies}
-    same_shapes = len({_param_shapes(c) for c in copies}) == 1
+    same_shapes = len({param_shapes(c) for c in copies}) == 1
     if plain == {nn.Linear} and same_shapes and n * copies[0].weight.numel() <= GATHER_LIMIT:
         params = [p for c in copies for p in (c.weight, c.bias) if p is not None]
         w, bias = _cached(wrapper, _key(params, "linear"), lambda: (
@@ -289,7 +289,8 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
     return forward
 
 
-def _param_shapes(module: nn.Module) -> tuple:
+def param_shapes(module: nn.Module) -> tuple:
+    """The shapes of a module's parameters: copies with equal shapes can share a batch."""
     return tuple(tuple(p.shape) for p in module.parameters())
 
 

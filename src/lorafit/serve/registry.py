@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import lorafit
+from lorafit.batched import param_shapes
 from lorafit.io import CONFIG_NAME, WEIGHTS_NAME, _check_tensors, _fit_head_sizes, _without_base_copies, peft_key
 from lorafit.model import saved_modules
 
@@ -282,11 +283,9 @@ class AdapterRegistry:
 def _head(model: nn.Module, internal: str) -> tuple:
     """The modules_to_save copies of adapter ``internal`` whose parameters are shaped unlike the
     base model's module (a 4-class head on a 2-class base), as ``((module, shapes), ...)``."""
-    def shapes(module: nn.Module) -> tuple:
-        return tuple(tuple(p.shape) for p in module.parameters())
-
-    return tuple((path, shapes(w.modules_to_save[internal])) for path, w in saved_modules(model)
-                 if internal in w.adapter_names and shapes(w.modules_to_save[internal]) != shapes(w.original_module))
+    return tuple((path, param_shapes(w.modules_to_save[internal])) for path, w in saved_modules(model)
+                 if internal in w.adapter_names
+                 and param_shapes(w.modules_to_save[internal]) != param_shapes(w.original_module))
 
 
 def _digest(path: Path) -> str:

@@ -37,9 +37,8 @@ from torch import nn
 class Distributed:
     """Where this process stands (rank, world size, device) and the few collectives training needs."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, mode: str = "ddp",
-                 owns_group: bool = False) -> None:
-        self.rank, self.world_size, self.local_rank, self.mode = rank, world_size, local_rank, mode
+    def __init__(self, rank: int = 0, world_size: int = 1, mode: str = "ddp", owns_group: bool = False) -> None:
+        self.rank, self.world_size, self.mode = rank, world_size, mode
         self.owns_group = owns_group  # False when the caller had already joined a process group
         self.bytes_reduced = 0  # gradient bytes this process sent into all-reduces (DDP)
 
@@ -145,7 +144,7 @@ def setup(device_name: str, mode: str = "ddp") -> tuple[Distributed, torch.devic
     if world <= 1:
         return Distributed(mode=mode), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available() or device_name.startswith("cuda")
+    use_cuda = (device_name in ("auto", "cuda") and torch.cuda.is_available()) or device_name.startswith("cuda")
     if use_cuda:
         if device_name not in ("auto", "cuda"):
             raise ValueError(f"model.device {device_name!r}: under torchrun each process uses cuda:LOCAL_RANK; "
@@ -160,7 +159,7 @@ def setup(device_name: str, mode: str = "ddp") -> tuple[Distributed, torch.devic
     if owns_group:
         # Long evaluations (generation) run between collectives: a generous timeout.
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-    return Distributed(rank, world, local_rank, mode, owns_group), device
+    return Distributed(rank, world, mode, owns_group), device
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -34,8 +34,8 @@ from torch import nn
 
 import lorafit
 from lorafit.train import checkpoint as ckpt
-from lorafit.train.config import RunConfig, load_config
 from lorafit.train import distributed
+from lorafit.train.config import RunConfig, load_config
 from lorafit.train.data import Splits, label_set, load_splits
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import fit, total_steps

@@ -88,7 +88,7 @@ class Task:
         return batches
 
     def evaluate(self, model: nn.Module, features: list[dict], device: torch.device, batch_size: int,
-                 autocast: Any) -> dict[str, float]:
+                 autocast: Any, dist: Distributed = SINGLE) -> dict[str, float]:
         raise NotImplementedError
 
 
