@@ -10,7 +10,7 @@ Training, for adapters i with factors A_i (r x d_in), B_i (d_out x r):
 What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
 adapter, the dropped copy of x (4 bytes an element in float32) and its mask,
 plus the scaled product. Here backward keeps only x (which adapters on q, k
-and v share), the small H_i and the keep-mask as bool (1 byte an element); the
+and v share), the small H_i and the keep-mask as 0/1 bytes; the
 dropped input is recomputed from them when backward needs it. Redrawing the
 mask from a seed instead would save that byte but costs a second RNG pass. The low-rank
 product is accumulated into the base output in place (``addmm_``).
@@ -36,7 +36,7 @@ _MASK_LEVELS = 1 << 16  # the keep-mask compares 16-bit random integers with a t
 
 
 def dropout_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout's keep-mask for a tensor shaped like ``like``, and the rescale 1 / P(keep).
+    """Dropout's keep-mask (uint8, 1 = keep) for a tensor shaped like ``like``, and the rescale 1 / P(keep).
 
     Each element is dropped when a uniform 16-bit integer falls below round(p * 2^16), so the
     drop probability is p rounded to a multiple of 2^-16 (0.1 becomes 0.1000061); the rescale
@@ -47,7 +47,9 @@ def dropout_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     n = like.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(1 << 63), None)
     lanes = words.view(torch.int16)[:n].view(like.shape)  # each lane uniform over [-2^15, 2^15)
-    keep = lanes >= drop - (_MASK_LEVELS >> 1)
+    # 0/1 bytes rather than bool: x.mul(uint8) runs about 3x faster than x.mul(bool), which
+    # converts the mask to x's dtype in a pass of its own (and than torch.where)
+    keep = (lanes >= drop - (_MASK_LEVELS >> 1)).view(torch.uint8)
     return keep, _MASK_LEVELS / (_MASK_LEVELS - drop)
 
 
@@ -83,7 +85,7 @@ class LoraLinearFunction(torch.autograd.Function):
             a, b = factors[2 * i], factors[2 * i + 1]
             xi = x2.to(a.dtype)
             if ps[i] > 0:
-                # H = (x * keep) A^T without the 1/(1-p): that factor rides on the scalar s instead
+                # H = (x * keep) A^T without the rescale: that factor rides on the scalar s instead
                 keep, rescale = dropout_keep(xi, ps[i])
                 xi = xi.mul(keep)
                 s = s * rescale
@@ -129,6 +131,7 @@ class LoraLinearFunction(torch.autograd.Function):
             keep = next(keeps) if ps[i] > 0 else None
             if keep is not None:
                 s = s * next(rescales)
+                keep = keep.to(a.dtype)  # once here; mul and addcmul would each convert the bytes
             gl = g2.to(b.dtype)
             # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
             gb = torch.mm(hs[i].T, gl).T.mul_(s) if need_b else None
@@ -146,9 +149,12 @@ class LoraLinearFunction(torch.autograd.Function):
                         gx.addmm_(gh, a, alpha=s)
                     else:
                         part = gh @ a
-                        if keep is not None:
-                            part.mul_(keep)
-                        gx.add_(part.to(gx.dtype), alpha=s)
+                        if keep is None:
+                            gx.add_(part.to(gx.dtype), alpha=s)
+                        elif a.dtype == gx.dtype:
+                            gx.addcmul_(part, keep, value=s)
+                        else:
+                            gx.add_(part.mul_(keep).to(gx.dtype), alpha=s)
             gfactors += [ga, gb]
         if gx is not None:
             gx = gx.view(x.shape)
