@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., serve, ddp
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., ddp, e2e
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -28,7 +28,7 @@ from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
 from lorafit.layers.fused_linear import dropout_keep
 
-PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp")
+PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
 def bench_train(args, out: dict) -> None:
@@ -327,6 +327,13 @@ def bench_ddp(args, out: dict) -> None:
     from benchmarks import ddp_bytes
 
     out["ddp"] = ddp_bytes.run(args, _sst2_rows(), _print)
+
+
+def bench_e2e(args, out: dict) -> None:
+    """lorafit train on SST-2, LoRA vs full fine-tuning, 2 epochs each (see benchmarks/end_to_end.py)."""
+    from benchmarks import end_to_end
+
+    out["e2e"] = end_to_end.run(args, _sst2_rows(), _print)
 
 
 def _sst2_rows() -> list[dict]:

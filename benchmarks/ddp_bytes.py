@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,22 +42,6 @@ log_every = 1
 """
 
 
-def _model_dir(quick: bool, root: Path) -> Path:
-    """all-MiniLM-L6-v2, or (--quick) a tiny random BERT with MiniLM's tokenizer."""
-    if not quick:
-        return models.minilm_dir()
-    from transformers import BertConfig, BertModel
-
-    real = models.minilm_dir()
-    tiny = root / "tiny-bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tiny)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (real / name).is_file():
-            shutil.copy(real / name, tiny / name)
-    return tiny
-
-
 def run(args, rows: list[dict], print_fn) -> dict:
     steps = 2 if args.quick else 6
     results: dict[str, dict] = {}
@@ -66,7 +49,7 @@ def run(args, rows: list[dict], print_fn) -> dict:
         root = Path(tmp)
         data = root / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows[: 32 * steps]))
-        model = _model_dir(args.quick, root)
+        model = models.minilm_dir() if not args.quick else models.tiny_bert_dir(root)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         for method in ("lora", "full"):
             out = root / method

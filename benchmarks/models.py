@@ -18,6 +18,21 @@ def minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def tiny_bert_dir(root: Path) -> Path:
+    """A tiny random BERT saved under ``root`` with MiniLM's tokenizer: for --quick runs of ``lorafit train``."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    real, tiny = minilm_dir(), root / "tiny-bert"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tiny)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (real / name).is_file():
+            shutil.copy(real / name, tiny / name)
+    return tiny
+
+
 def bert_classifier(quick: bool, seed: int = 0) -> torch.nn.Module:
     """all-MiniLM-L6-v2 with a fresh 2-class head (or a tiny random BERT with --quick)."""
     from transformers import BertConfig, BertForSequenceClassification, logging

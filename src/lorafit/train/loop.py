@@ -45,6 +45,7 @@ class LoopState:
     finished: bool = False
     train_tokens: int = 0
     train_seconds: float = 0.0  # wall time spent in the loop, summed over resumed sessions
+    eval_seconds: float = 0.0  # the part of train_seconds spent evaluating on the validation set
     last_eval_step: int = -1
 
 
@@ -138,7 +139,9 @@ def fit(
         ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, asdict(state), dist)
 
     def evaluate_now() -> None:
+        started = time.perf_counter()
         metrics = task.evaluate(model, eval_features, device, t.eval_batch_size, autocast, dist)
+        state.eval_seconds += time.perf_counter() - started
         wrapped.train()
         state.last_eval_step = state.step
         value = metrics[metric]

@@ -325,7 +325,8 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         "early_stopped": state.stopped_early,
         "train_tokens": state.train_tokens,
         "train_time_s": state.train_seconds,
-        "train_tokens_per_s": state.train_tokens / max(state.train_seconds, 1e-9),
+        "eval_time_s": state.eval_seconds,  # included in train_time_s
+        "train_tokens_per_s": state.train_tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
         "peak_memory_bytes": peak,
         "peak_memory_method": peak_method,
         "device": str(prep.device),
