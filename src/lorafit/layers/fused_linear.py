@@ -45,7 +45,8 @@ def dropout_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     than ``bernoulli_``, whose per-element draws made dropout the largest cost of a LoRA step."""
     drop = min(round(p * _MASK_LEVELS), _MASK_LEVELS - 1)
     n = like.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(1 << 63), None)
+    # randint over the whole int64 range rather than random_(): torch.compile traces randint
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
     lanes = words.view(torch.int16)[:n].view(like.shape)  # each lane uniform over [-2^15, 2^15)
     # 0/1 bytes rather than bool: x.mul(uint8) runs about 3x faster than x.mul(bool), which
     # converts the mask to x's dtype in a pass of its own (and than torch.where)
