@@ -153,3 +153,10 @@ def test_cli_eval_and_merge_errors(capsys, tmp_path):
     assert code == 2 and "is not a lorafit run directory" in err
     code, err = run_cli(capsys, "merge", str(tmp_path), str(tmp_path / "m"))
     assert code == 2 and "is not a lorafit run directory" in err
+
+
+def test_reference_fields_only_for_generation(capsys, setup):
+    err = fails(capsys, setup, "--set", 'data.reference_fields=["summary1"]')
+    assert "data.reference_fields" in err and "not for classification" in err
+    err = fails(capsys, setup, "--set", "data.reference_fields=[]")
+    assert "data.reference_fields must be a non-empty list of field names" in err

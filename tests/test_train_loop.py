@@ -270,8 +270,38 @@ num_threads = 1
     adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_2_SEQ_LM"
 
+    # several references per row (DialogSum's test split): rows without the output field are scored
+    # against data.reference_fields, the best one per row, and take the first as their loss target
+    held = rows[32:]
+    write_jsonl(tmp_path / "test_out.jsonl", held)
+    write_jsonl(tmp_path / "test_refs.jsonl", [{"input": r["input"], "ref_b": r["output"], "ref_a": "zq xv"}
+                                               for r in held])
+
+    def scores(test: str, refs: list[str] | None) -> dict[str, float]:
+        sets = [f"data.test={tmp_path / test}"] + ([f"data.reference_fields={json.dumps(refs)}"] if refs else [])
+        return evaluate(tmp_path / "run", "test", overrides=sets)
+
+    plain, b_first = scores("test_out.jsonl", None), scores("test_refs.jsonl", ["ref_b", "ref_a"])
+    assert b_first["eval_loss"] == pytest.approx(plain["eval_loss"])  # ref_b == output is the target
+    assert b_first["rouge1"] == pytest.approx(plain["rouge1"])  # ref_a never beats the true output
+    a_only = scores("test_refs.jsonl", ["ref_a"])
+    both = scores("test_refs.jsonl", ["ref_a", "ref_b"])
+    assert a_only["rouge1"] < both["rouge1"] == pytest.approx(plain["rouge1"])
+    with pytest.raises(ValueError, match=r"row 1 has neither 'output' \(data.output_field\) nor every one of"):
+        scores("test_refs.jsonl", ["ref_a", "ref_c"])
+
 
 # -- pieces of the loop --------------------------------------------------------------------
+
+
+def test_rouge_takes_the_best_reference_of_each_row():
+    from lorafit.train.tasks import rouge
+
+    one = rouge([["the cat sat on the mat"]], ["the cat sat on the mat"])
+    assert one["rouge1"] == pytest.approx(100)
+    best = rouge([["a dog ran home", "the cat sat on the mat"], ["a dog ran home"]],
+                 ["the cat sat on the mat", "the cat sat on the mat"])
+    assert best["rouge1"] == pytest.approx(50)  # row 1 scores its second reference (100), row 2 nothing (0)
 
 
 def test_no_weight_decay_on_biases_and_norms():

@@ -63,6 +63,9 @@ class DataSection:
     output_field: str | None = None
     messages_field: str | None = None
     instruction: str | None = None  # a fixed instruction put before every example (e.g. "Summarize:")
+    # evaluation of generation: ROUGE against each of these fields (the best one per row); a validation or
+    # test row without output_field takes the first as its target (e.g. DialogSum's summary1..summary3)
+    reference_fields: list[str] | None = None
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     max_test_rows: int | None = None
@@ -200,6 +203,12 @@ class RunConfig:
             bad("data.labels", f"must be a non-empty list of distinct labels, got {self.data.labels}")
         if self.task.type != "classification" and not (self.data.output_field or self.data.messages_field):
             bad("data.output_field", f"(or data.messages_field) is required for task.type = {self.task.type!r}")
+        refs = self.data.reference_fields
+        if refs is not None and (not refs or not all(isinstance(f, str) and f for f in refs)):
+            bad("data.reference_fields", f"must be a non-empty list of field names, got {refs!r}")
+        if refs and (self.task.type == "classification" or self.data.messages_field):
+            bad("data.reference_fields", "is for generation tasks that read data.output_field "
+                "(not for classification or data.messages_field)")
         if self.task.type == "seq2seq" and self.data.messages_field:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
         if self.model.quantize not in QUANTIZE_BITS:

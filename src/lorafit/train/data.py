@@ -75,8 +75,8 @@ def _read_json(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def required_fields(config: RunConfig) -> list[tuple[str, str]]:
-    """(config key, field name) pairs every row must have."""
+def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, str]]:
+    """(config key, field name) pairs every row of ``split`` must have."""
     d, task = config.data, config.task.type
     if task == "classification":
         pairs = [("data.text_field", d.text_field), ("data.label_field", d.label_field)]
@@ -85,24 +85,31 @@ def required_fields(config: RunConfig) -> list[tuple[str, str]]:
         return pairs
     if d.messages_field:
         return [("data.messages_field", d.messages_field)]
-    pairs = [("data.output_field", d.output_field)]
+    # evaluation rows may carry data.reference_fields instead of the output field (check_fields)
+    pairs = [] if split != "train" and d.reference_fields else [("data.output_field", d.output_field)]
     for key in ("instruction_field", "input_field"):
         if getattr(d, key):
             pairs.append((f"data.{key}", getattr(d, key)))
-    if len(pairs) == 1 and not d.instruction:
+    if not any(key in ("data.instruction_field", "data.input_field") for key, _ in pairs) and not d.instruction:
         raise ValueError("data: a generation task needs data.instruction_field or data.input_field (the prompt), "
                          "or data.messages_field")
     return pairs
 
 
-def check_fields(rows: list[dict], config: RunConfig, source: str) -> None:
+def check_fields(rows: list[dict], config: RunConfig, source: str, split: str = "train") -> None:
     fields = list(rows[0])
-    for key, name in required_fields(config):
+    for key, name in required_fields(config, split):
         missing = next((i for i, row in enumerate(rows, start=1) if name not in row), None)
         if missing is not None:
             where = "" if missing == 1 else f" in row {missing}"
             raise ValueError(f"{source}: field {name!r} ({key}) not found{where}; the file has fields: "
                              f"{', '.join(fields)}")
+    refs, output = config.data.reference_fields, config.data.output_field
+    if split != "train" and refs:
+        for i, row in enumerate(rows, start=1):
+            if output not in row and not all(f in row for f in refs):
+                raise ValueError(f"{source}: row {i} has neither {output!r} (data.output_field) nor every one of "
+                                 f"{refs} (data.reference_fields); the file has fields: {', '.join(fields)}")
     if config.data.messages_field:
         for i, row in enumerate(rows, start=1):
             msgs = row[config.data.messages_field]
@@ -125,7 +132,7 @@ def load_splits(config: RunConfig) -> Splits:
     if d.validation:
         path = expand_path(d.validation)
         validation = read_rows(path, d.format)
-        check_fields(validation, config, str(path))
+        check_fields(validation, config, str(path), "validation")
         sources["validation"] = str(path)
     elif d.validation_fraction > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
@@ -141,7 +148,7 @@ def load_splits(config: RunConfig) -> Splits:
     if d.test:
         path = expand_path(d.test)
         test = read_rows(path, d.format)
-        check_fields(test, config, str(path))
+        check_fields(test, config, str(path), "test")
         sources["test"] = str(path)
     train = train[: d.max_train_rows] if d.max_train_rows else train
     validation = validation[: d.max_eval_rows] if d.max_eval_rows else validation

@@ -73,6 +73,16 @@ class Task:
                  row.get(d.input_field) if d.input_field else None]
         return "\n\n".join(str(p) for p in parts if p not in (None, ""))
 
+    def _target_text(self, row: dict) -> str:
+        """The output field, or for an evaluation row that has only references, the first of them."""
+        d = self.config.data
+        return str(row[d.output_field] if d.output_field in row or not d.reference_fields else row[d.reference_fields[0]])
+
+    def _references(self, row: dict) -> list[str]:
+        """What ROUGE scores against: the row's data.reference_fields, or else its target."""
+        refs = [str(row[f]) for f in self.config.data.reference_fields or () if f in row]
+        return refs or [self._target_text(row)]
+
     def num_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["units"])
 
@@ -230,7 +240,7 @@ class CausalLM(_Generative):
         if d.messages_field:
             return [{"role": m["role"], "content": str(m["content"])} for m in row[d.messages_field]]
         return [{"role": "user", "content": self._prompt_text(row)},
-                {"role": "assistant", "content": str(row[d.output_field])}]
+                {"role": "assistant", "content": self._target_text(row)}]
 
     def encode_messages(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """Token ids and labels: each assistant turn's tokens are labels, everything else IGNORE."""
@@ -268,7 +278,8 @@ class CausalLM(_Generative):
                 prompt_ids = self._ids(self._render(messages[:-1], generation_prompt=True))
                 if len(prompt_ids) + self.config.task.max_new_tokens <= max_len or not self.config.task.generate_rows:
                     f["prompt_ids"] = prompt_ids
-                    f["reference"] = messages[-1]["content"]
+                    chat = self.config.data.messages_field
+                    f["reference"] = [messages[-1]["content"]] if chat else self._references(row)
             features.append(f)
         return Encoded(features, skipped)
 
@@ -306,14 +317,14 @@ class Seq2Seq(_Generative):
     def encode(self, rows: list[dict], split: str) -> Encoded:
         t = self.config.task
         sources = [self._prompt_text(r) for r in rows]
-        targets = [str(r[self.config.data.output_field]) for r in rows]
+        targets = [self._target_text(r) for r in rows]
         src = self.tok(sources, truncation=True, max_length=t.max_length)["input_ids"]
         tgt = self.tok(targets, truncation=True, max_length=t.max_target_length)["input_ids"]
         features = []
-        for s, y, ref in zip(src, tgt, targets):
+        for s, y, row in zip(src, tgt, rows):
             f = {"input_ids": self._with_eos(s, t.max_length), "labels": self._with_eos(y, t.max_target_length)}
             if split != "train":
-                f["prompt_ids"], f["reference"] = f["input_ids"], ref
+                f["prompt_ids"], f["reference"] = f["input_ids"], self._references(row)
             features.append(f)
         return Encoded(features)
 
@@ -341,8 +352,10 @@ class Seq2Seq(_Generative):
         return out
 
 
-def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure (x100) with Porter stemming, as in the summarization literature."""
+def rouge(references: list[list[str]], predictions: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (x100) with Porter stemming, as in the summarization literature.
+
+    A row with several references scores its best one per ROUGE type (rouge-score's ``score_multi``)."""
     try:
         from rouge_score import rouge_scorer
     except ImportError:
@@ -352,7 +365,7 @@ def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:
         return {}
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for ref, pred in zip(references, predictions):
-        for key, score in scorer.score(ref, pred).items():
+    for refs, pred in zip(references, predictions):
+        for key, score in scorer.score_multi(refs, pred).items():
             totals[key] += score.fmeasure
     return {k: 100 * v / len(references) for k, v in totals.items()}
