@@ -10,10 +10,10 @@ Training, for adapters i with factors A_i (r x d_in), B_i (d_out x r):
 What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
 adapter, the dropped copy of x (4 bytes an element in float32) and its mask,
 plus the scaled product. Here backward keeps only x (which adapters on q, k
-and v share), the small H_i and the keep-mask as 0/1 bytes; the
-dropped input is recomputed from them when backward needs it. Redrawing the
-mask from a seed instead would save that byte but costs a second RNG pass. The low-rank
-product is accumulated into the base output in place (``addmm_``).
+and v share), the small H_i and the keep-mask as 0/1 bytes; the dropped
+input is recomputed from them when backward needs it. Redrawing the mask from
+a saved RNG state instead would save that byte but cost a second RNG pass.
+The low-rank product is accumulated into the base output in place (``addmm_``).
 
 Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
 dY (W + s B A) is the whole input gradient. Folding the adapters into a
