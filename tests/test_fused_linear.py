@@ -186,3 +186,16 @@ def test_dropout_keep_rate_and_rescale(p):
     assert abs(keep.float().mean().item() - (1 - p)) < 3e-3  # ~6 standard deviations at 1e6 draws
     rows = keep.float().mean(1)  # no lane or position is biased
     assert abs(rows[::2].mean() - rows[1::2].mean()) < 3e-3
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 1001])
+def test_mask_packing_round_trips(n):
+    from lorafit.layers.fused_linear import pack_mask, unpack_mask
+
+    keep = (torch.rand(3, n) > 0.3).to(torch.uint8)
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-3 * n // 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(unpack_mask(packed, keep.shape, dtype), keep.to(dtype))
+    every = torch.ones(16, dtype=torch.uint8)  # bit 7 set: the shift goes through the sign of int64
+    assert pack_mask(every).tolist() == [255, 255]

@@ -10,9 +10,10 @@ Training, for adapters i with factors A_i (r x d_in), B_i (d_out x r):
 What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
 adapter, the dropped copy of x (4 bytes an element in float32) and its mask,
 plus the scaled product. Here backward keeps only x (which adapters on q, k
-and v share), the small H_i and the keep-mask as 0/1 bytes; the dropped
-input is recomputed from them when backward needs it. Redrawing the mask from
-a saved RNG state instead would save that byte but cost a second RNG pass.
+and v share), the small H_i and the keep-mask packed to one bit an element;
+the dropped input is recomputed from them when backward needs it. Redrawing
+the mask from a saved RNG state instead would save that bit but cost a second
+pass of the RNG, which runs on one thread on a CPU.
 The low-rank product is accumulated into the base output in place (``addmm_``).
 
 Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
@@ -54,6 +55,25 @@ def dropout_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return keep, _MASK_LEVELS / (_MASK_LEVELS - drop)
 
 
+# byte i of an int64 word of 0/1 bytes lands on bit 56 + i of word * _GATHER (no carries occur)
+_GATHER = 0x0102040810204080
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """0/1 bytes to one bit each (uint8, 8 per byte): what backward keeps of a dropout mask."""
+    flat = keep.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)  # the cast keeps the low byte
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 mask of ``shape`` that ``pack_mask`` packed, in ``dtype``: one lookup of 8 values per byte."""
+    device = packed.device
+    table = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).to(dtype)
+    return table.index_select(0, packed.int()).view(-1)[: shape.numel()].view(shape)
+
+
 def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
     if transposed:  # GPT-2 Conv1D: weight is (d_in, d_out)
         return torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
@@ -90,7 +110,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 keep, rescale = dropout_keep(xi, ps[i])
                 xi = xi.mul(keep)
                 s = s * rescale
-                keeps.append(keep)
+                keeps.append(pack_mask(keep))
                 rescales.append(rescale)
             h = xi @ a.T  # kept for dB; small (N x r)
             if not fold:
@@ -132,7 +152,7 @@ class LoraLinearFunction(torch.autograd.Function):
             keep = next(keeps) if ps[i] > 0 else None
             if keep is not None:
                 s = s * next(rescales)
-                keep = keep.to(a.dtype)  # once here; mul and addcmul would each convert the bytes
+                keep = unpack_mask(keep, x2.shape, a.dtype)
             gl = g2.to(b.dtype)
             # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
             gb = torch.mm(hs[i].T, gl).T.mul_(s) if need_b else None
