@@ -73,7 +73,7 @@ def run(args, rows: list[dict], print_fn) -> dict:
         body.append([name, " / ".join(f"{r['train_s']:.1f}" for r in runs), f"{t:.1f}", f"{t / full_s:.2f}",
                      f"{rss / 2**20:.0f}", f"{(full_rss - rss) / 2**20:+.0f}", accs])
     print_fn(f"End to end: lorafit train on SST-2, {epochs} epoch(s), batch 32, max length 64, "
-             f"{len(rounds)} round(s); full fine-tuning's AdamW state = {adam_state / 2**20:.0f} MB",
-             table(body, ["run", "train s (each round)", "median s", "x full", "peak RSS MB",
-                          "MB below full", "dev acc % (each round)"]))
+             f"{len(rounds)} round(s); full fine-tuning's AdamW state = {adam_state / 2**20:.0f} MiB",
+             table(body, ["run", "train s (each round)", "median s", "x full", "peak RSS MiB",
+                          "MiB below full", "dev acc % (each round)"]))
     return {"results": results, "adam_state_bytes": adam_state}
