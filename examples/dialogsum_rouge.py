@@ -7,7 +7,8 @@
 
 DialogSum's test rows have ``summary1``..``summary3`` instead of the ``summary``
 the training config reads. ``lorafit eval --split test`` with ``data.reference_fields``
-scores them too, but only the rows whose prompt fits ``task.max_length``. This script builds the same prompt as training (the config's instruction and the
+scores them too, but only the rows whose prompt fits ``task.max_length``. This
+script builds the same prompt as training (the config's instruction and the
 dialogue, through the model's chat template), generates greedily with the
 config's ``task.max_new_tokens``, and reports ROUGE-1/2/L F-measure (x100,
 Porter stemming, the ``rouge-score`` package) two ways:

@@ -21,7 +21,8 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "End to end: lorafit train on SST-2"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
-    assert set(data) == {"train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e"}
+    assert set(data) == {"train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp",
+                         "e2e"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["mixed"]["median_s"].values())
     assert data["serve"]["churn"]["failed"] == 0 and data["serve"]["1 adapters"]["failed"] == 0

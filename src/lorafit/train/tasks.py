@@ -76,7 +76,8 @@ class Task:
     def _target_text(self, row: dict) -> str:
         """The output field, or for an evaluation row that has only references, the first of them."""
         d = self.config.data
-        return str(row[d.output_field] if d.output_field in row or not d.reference_fields else row[d.reference_fields[0]])
+        field = d.output_field if d.output_field in row or not d.reference_fields else d.reference_fields[0]
+        return str(row[field])
 
     def _references(self, row: dict) -> list[str]:
         """What ROUGE scores against: the row's data.reference_fields, or else its target."""
