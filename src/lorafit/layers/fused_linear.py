@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-
 _MASK_LEVELS = 1 << 16  # the keep-mask compares 16-bit random integers with a threshold
 
 
