@@ -184,8 +184,8 @@ def test_dropout_keep_rate_and_rescale(p):
     assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1} and keep.shape == (1000, 1001)
     assert abs(1 / rescale - (1 - p)) < 2 ** -16  # p is used to 16 bits and the rescale matches it exactly
     assert abs(keep.float().mean().item() - (1 - p)) < 3e-3  # ~6 standard deviations at 1e6 draws
-    rows = keep.float().mean(1)  # no lane or position is biased
-    assert abs(rows[::2].mean() - rows[1::2].mean()) < 3e-3
+    lanes = keep.reshape(-1, 4).float().mean(0)  # each of the 4 lanes of a 64-bit draw keeps at the same rate
+    assert (lanes - (1 - p)).abs().max() < 4e-3  # ~6 standard deviations at 250k draws a lane
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 64, 1001])
