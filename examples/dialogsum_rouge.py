@@ -31,36 +31,25 @@ from pathlib import Path
 
 import lorafit
 from lorafit.train.config import expand_path, load_config
+from lorafit.train.data import read_rows
 from lorafit.train.run import CONFIG_FILE, load_run, prepare
+from lorafit.train.tasks import rouge
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def read_jsonl(path: Path, n: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-            if len(rows) == n:
-                break
-    return rows
-
-
 def score(references: list[list[str]], predictions: list[str]) -> dict[str, dict[str, float]]:
+    """"max" is lorafit's own multi-reference ROUGE; "mean" averages each row's references instead."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    best = {k: 0.0 for k in ROUGE_TYPES}
     mean = {k: 0.0 for k in ROUGE_TYPES}
     for refs, pred in zip(references, predictions):
-        for k, s in scorer.score_multi(refs, pred).items():
-            best[k] += s.fmeasure
         for ref in refs:
             for k, s in scorer.score(ref, pred).items():
                 mean[k] += s.fmeasure / len(refs)
     n = len(predictions)
-    return {"max": {k: 100 * v / n for k, v in best.items()}, "mean": {k: 100 * v / n for k, v in mean.items()}}
+    return {"max": rouge(references, predictions), "mean": {k: 100 * v / n for k, v in mean.items()}}
 
 
 def main() -> None:
@@ -86,7 +75,7 @@ def main() -> None:
     if config.task.type != "causal_lm" or config.data.messages_field:
         raise SystemExit("this script scores a causal_lm run with an instruction/input prompt")
 
-    rows = read_jsonl(expand_path(args.data), args.rows)
+    rows = read_rows(expand_path(args.data))[: args.rows]
     missing = [f for f in args.refs if f not in rows[0]]
     if missing:
         raise SystemExit(f"{args.data}: no field {missing}; the rows have {', '.join(rows[0])}")
