@@ -26,7 +26,7 @@ import torch
 import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
-from lorafit.layers.fused_linear import dropout_keep
+from lorafit.layers import dropout_mask
 
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
@@ -44,11 +44,13 @@ def bench_train(args, out: dict) -> None:
             model = train_step.make_variant(base, v, dropout=dropout)
             steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
             counts[key] = train_step.trainable_count(model)
-    # What drawing dropout's masks costs by itself: one mask per adapted layer input, as PEFT's
-    # nn.Dropout and lorafit both draw (lorafit from 16-bit random lanes, see dropout_keep).
-    shapes = [(batch * seq, layer.in_features) for _, layer in lorafit.model.lora_layers(
+    # What dropout costs by itself: one mask per adapted layer input, applied to that input, as in
+    # lorafit's forward (backward applies each mask twice more: to x for dA and to the input gradient).
+    inputs = [torch.randn(batch * seq, layer.in_features) for _, layer in lorafit.model.lora_layers(
         train_step.make_variant(base, "lorafit", dropout=0.1))]
-    steps["dropout masks alone"] = lambda: [dropout_keep(torch.empty(shape), 0.1)[0] for shape in shapes]
+    t, _ = dropout_mask.threshold(0.1, inputs[0].device)
+    steps["dropout masks alone"] = lambda: [dropout_mask.dropped(x, dropout_mask.new_key(x.device), t)
+                                            for x in inputs]
     times = interleaved(steps, reps=args.reps, warmup=1)
     counts["dropout masks alone"] = 0
     full = median(times["full"])

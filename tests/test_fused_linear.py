@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.layers.fused_linear import dropout_keep
+from lorafit.layers import dropout_mask
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -53,9 +53,12 @@ def _compare(model, x, dropout, dtype):
     assert "LoraLinearFunction" in type(out.grad_fn).__name__  # the fused path really ran
     g = torch.randn_like(out)
     out.backward(g)
-    torch.manual_seed(123)  # the fused path draws one mask per adapter with dropout, in order
-    like = x.to(layer.lora_A[layer.active[0]].dtype).reshape(-1, x.shape[-1])
-    masks = {n: dropout_keep(like, layer.dropout[n]) for n in layer.active} if dropout else {}
+    torch.manual_seed(123)  # the fused path draws one mask key per adapter with dropout, in order
+    masks = {}
+    for n in layer.active if dropout else ():
+        t, rescale = dropout_mask.threshold(layer.dropout[n], x.device)
+        keep = dropout_mask.keep_mask(x.numel() // x.shape[-1], x.shape[-1], dropout_mask.new_key(x.device), t)
+        masks[n] = (keep, rescale)
     factors = {n: (layer.lora_A[n].detach().double().requires_grad_(True),
                    layer.lora_B[n].detach().double().requires_grad_(True)) for n in layer.active}
     x2 = x.detach().double().requires_grad_(True)
@@ -179,23 +182,40 @@ def test_autocast_uses_the_plain_path_and_works():
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
 def test_dropout_keep_rate_and_rescale(p):
-    torch.manual_seed(0)
-    keep, rescale = dropout_keep(torch.empty(1000, 1001), p)  # an odd element count: a partial 64-bit word
-    assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1} and keep.shape == (1000, 1001)
+    cpu = torch.device("cpu")
+    t, rescale = dropout_mask.threshold(p, cpu)
     assert abs(1 / rescale - (1 - p)) < 2 ** -16  # p is used to 16 bits and the rescale matches it exactly
+    torch.manual_seed(0)
+    keep = dropout_mask.keep_mask(1000, 1001, dropout_mask.new_key(cpu), t)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1001)
     assert abs(keep.float().mean().item() - (1 - p)) < 3e-3  # ~6 standard deviations at 1e6 draws
-    lanes = keep.reshape(-1, 4).float().mean(0)  # each of the 4 lanes of a 64-bit draw keeps at the same rate
-    assert (lanes - (1 - p)).abs().max() < 4e-3  # ~6 standard deviations at 250k draws a lane
+    for axis in (0, 1):  # no row or column keeps at a rate of its own (1000 draws each: 6 sd ~ 0.09)
+        assert (keep.float().mean(axis) - (1 - p)).abs().max() < 0.09
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 64, 1001])
-def test_mask_packing_round_trips(n):
-    from lorafit.layers.fused_linear import pack_mask, unpack_mask
+def test_dropout_masks_are_independent_across_keys_and_neighbours():
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    t, _ = dropout_mask.threshold(0.5, cpu)
+    m1, m2 = (dropout_mask.keep_mask(512, 384, dropout_mask.new_key(cpu), t).float().flatten() for _ in range(2))
+    bound = 6 / 512  # ~6 standard deviations of a correlation over 196k pairs
+    assert abs(torch.corrcoef(torch.stack([m1, m2]))[0, 1]) < bound  # two adapters of one input
+    assert abs(torch.corrcoef(torch.stack([m1[:-1], m1[1:]]))[0, 1]) < bound  # neighbouring elements
+    assert abs(torch.corrcoef(torch.stack([m1[:-384], m1[384:]]))[0, 1]) < bound  # neighbouring rows
+    key = torch.tensor(-7, dtype=torch.int32)
+    assert torch.equal(dropout_mask.keep_mask(3, 5, key, t), dropout_mask.keep_mask(3, 5, key, t))
 
-    keep = (torch.rand(3, n) > 0.3).to(torch.uint8)
-    packed = pack_mask(keep)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-3 * n // 8)
-    for dtype in (torch.float32, torch.bfloat16):
-        assert torch.equal(unpack_mask(packed, keep.shape, dtype), keep.to(dtype))
-    every = torch.ones(16, dtype=torch.uint8)  # bit 7 set: the shift goes through the sign of int64
-    assert pack_mask(every).tolist() == [255, 255]
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_dropout_kernels_equal_the_eager_ops(dtype):
+    torch.manual_seed(0)
+    key = dropout_mask.new_key(torch.device("cpu"))
+    t, _ = dropout_mask.threshold(0.3, key.device)
+    for rows, cols in [(37, 16), (64, 384)]:  # odd sizes: the vector loops' tails
+        x, part = torch.randn(rows, cols, dtype=dtype), torch.randn(rows, cols)
+        total = torch.randn(rows, cols, dtype=dtype)
+        keep = dropout_mask.keep_mask(rows, cols, key, t)
+        assert torch.equal(dropout_mask.dropped(x, key, t), x * keep)
+        want = (total + part * keep).to(dtype)
+        assert torch.equal(dropout_mask.added(total, part, key, t), want)
+    assert not dropout_mask._Compiled.broken  # the compiled kernels, not the eager fallback, ran

@@ -5,15 +5,14 @@ Training, for adapters i with factors A_i (r x d_in), B_i (d_out x r):
     y   = x W^T + b + sum_i s_i (D_i(x) A_i^T) B_i^T       D_i = dropout with mask M_i
     dB_i = s_i dY^T H_i                                      H_i = D_i(x) A_i^T   (N x r, saved)
     dA_i = s_i (dY B_i)^T D_i(x)
-    dx   = dY W + sum_i s_i ((dY B_i) A_i) * M_i / q_i          q_i = P(M_i = 1), see dropout_keep
+    dx   = dY W + sum_i s_i ((dY B_i) A_i) * M_i / q_i          q_i = P(M_i = 1), see dropout_mask
 
 What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
 adapter, the dropped copy of x (4 bytes an element in float32) and its mask,
 plus the scaled product. Here backward keeps only x (which adapters on q, k
-and v share), the small H_i and the keep-mask packed to one bit an element;
-the dropped input is recomputed from them when backward needs it. Redrawing
-the mask from a saved RNG state instead would save that bit but cost a second
-pass of the RNG, which runs on one thread on a CPU.
+and v share), the small H_i and each mask's 32-bit key: a mask is a hash of
+its key and the element positions, recomputed inside each fused pass that
+applies it: to x for dA, and to the input gradient.
 The low-rank product is accumulated into the base output in place (``addmm_``).
 
 Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
@@ -32,46 +31,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-_MASK_LEVELS = 1 << 16  # the keep-mask compares 16-bit random integers with a threshold
-
-
-def dropout_keep(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout's keep-mask (uint8, 1 = keep) for a tensor shaped like ``like``, and the rescale 1 / P(keep).
-
-    Each element is dropped when a uniform 16-bit integer falls below round(p * 2^16), so the
-    drop probability is p rounded to a multiple of 2^-16 (0.1 becomes 0.1000061); the rescale
-    uses that exact probability, so E[mask * scale] = 1 holds exactly. Four 16-bit lanes come
-    from each 64-bit draw of the device's default generator: on a CPU that is about 5x faster
-    than ``bernoulli_``, whose per-element draws made dropout the largest cost of a LoRA step."""
-    drop = min(round(p * _MASK_LEVELS), _MASK_LEVELS - 1)
-    n = like.numel()
-    # randint over the whole int64 range rather than random_(): torch.compile traces randint
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
-    lanes = words.view(torch.int16)[:n].view(like.shape)  # each lane uniform over [-2^15, 2^15)
-    # 0/1 bytes rather than bool: x.mul(uint8) runs about 3x faster than x.mul(bool), which
-    # converts the mask to x's dtype in a pass of its own (and than torch.where)
-    keep = (lanes >= drop - (_MASK_LEVELS >> 1)).view(torch.uint8)
-    return keep, _MASK_LEVELS / (_MASK_LEVELS - drop)
-
-
-# byte i of an int64 word of 0/1 bytes lands on bit 56 + i of word * _GATHER (no carries occur)
-_GATHER = 0x0102040810204080
-
-
-def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """0/1 bytes to one bit each (uint8, 8 per byte): what backward keeps of a dropout mask."""
-    flat = keep.reshape(-1)
-    if flat.numel() % 8:
-        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)  # the cast keeps the low byte
-
-
-def unpack_mask(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The 0/1 mask of ``shape`` that ``pack_mask`` packed, in ``dtype``: one lookup of 8 values per byte."""
-    device = packed.device
-    table = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).to(dtype)
-    return table.index_select(0, packed.int()).view(-1)[: shape.numel()].view(shape)
-
+from lorafit.layers import dropout_mask
 
 def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
     if transposed:  # GPT-2 Conv1D: weight is (d_in, d_out)
@@ -100,17 +60,16 @@ class LoraLinearFunction(torch.autograd.Function):
         no_dropout = not any(ps)
         fold = no_dropout and rows > d_in and _can_fold(weight, factors)
         y = _base_linear(x2, _folded(weight, transposed, factors, scales) if fold else weight, bias, transposed)
-        hs, keeps, rescales = [], [], []
+        hs, keys = [], []
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
             xi = x2.to(a.dtype)
             if ps[i] > 0:
                 # H = (x * keep) A^T without the rescale: that factor rides on the scalar s instead
-                keep, rescale = dropout_keep(xi, ps[i])
-                xi = xi.mul(keep)
+                t, rescale = dropout_mask.threshold(ps[i], x.device)
+                keys.append(dropout_mask.new_key(x.device))
+                xi = dropout_mask.dropped(xi, keys[-1], t)
                 s = s * rescale
-                keeps.append(pack_mask(keep))
-                rescales.append(rescale)
             h = xi @ a.T  # kept for dB; small (N x r)
             if not fold:
                 if b.dtype == y.dtype:
@@ -118,17 +77,17 @@ class LoraLinearFunction(torch.autograd.Function):
                 else:
                     y.add_((h @ b.T).to(y.dtype), alpha=s)
             hs.append(h)
-        ctx.save_for_backward(x, weight, *factors, *hs, *keeps)
-        ctx.meta = (transposed, scales, ps, tuple(rescales), bias is not None)
+        ctx.save_for_backward(x, weight, *factors, *hs, *keys)
+        ctx.meta = (transposed, scales, ps, bias is not None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        transposed, scales, ps, rescales, has_bias = ctx.meta
+        transposed, scales, ps, has_bias = ctx.meta
         x, weight, *rest = ctx.saved_tensors
         n = len(scales)
         factors, hs = rest[: 2 * n], rest[2 * n: 3 * n]
-        keeps, rescales = iter(rest[3 * n:]), iter(rescales)
+        keys = iter(rest[3 * n:])
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -148,10 +107,10 @@ class LoraLinearFunction(torch.autograd.Function):
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
             need_a, need_b = need[6 + 2 * i], need[7 + 2 * i]
-            keep = next(keeps) if ps[i] > 0 else None
-            if keep is not None:
-                s = s * next(rescales)
-                keep = unpack_mask(keep, x2.shape, a.dtype)
+            key = next(keys) if ps[i] > 0 else None
+            if key is not None:
+                t, rescale = dropout_mask.threshold(ps[i], x.device)
+                s = s * rescale
             gl = g2.to(b.dtype)
             # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
             gb = torch.mm(hs[i].T, gl).T.mul_(s) if need_b else None
@@ -161,20 +120,22 @@ class LoraLinearFunction(torch.autograd.Function):
                 # dY B (N x r) as dY (B^T)^T: with B^T stored r-major MKL runs this skinny product
                 # about 2x faster than with B itself (measured at N=832, d_out=384 and 1536)
                 gh = F.linear(gl, b.T.contiguous())
-                if need_a:
-                    xi = x2.to(a.dtype)
-                    ga = torch.mm(gh.T, xi if keep is None else xi.mul(keep)).mul_(s)
-                if lora_gx:
-                    if keep is None and a.dtype == gx.dtype:
-                        gx.addmm_(gh, a, alpha=s)
-                    else:
-                        part = gh @ a
-                        if keep is None:
-                            gx.add_(part.to(gx.dtype), alpha=s)
-                        elif a.dtype == gx.dtype:
-                            gx.addcmul_(part, keep, value=s)
+                xi = x2.to(a.dtype) if need_a else None
+                if key is None:
+                    if need_a:
+                        ga = torch.mm(gh.T, xi).mul_(s)
+                    if lora_gx:
+                        if a.dtype == gx.dtype:
+                            gx.addmm_(gh, a, alpha=s)
                         else:
-                            gx.add_(part.mul_(keep).to(gx.dtype), alpha=s)
+                            gx.add_((gh @ a).to(gx.dtype), alpha=s)
+                else:
+                    # the mask is recomputed from its key in each pass that applies it
+                    part = gh.mul(s) @ a if lora_gx else None
+                    if lora_gx:
+                        gx = dropout_mask.added(gx, part, key, t)
+                    if need_a:
+                        ga = torch.mm(gh.T, dropout_mask.dropped(xi, key, t)).mul_(s)
             gfactors += [ga, gb]
         if gx is not None:
             gx = gx.view(x.shape)
