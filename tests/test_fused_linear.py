@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.layers import dropout_mask
+from lorafit.layers import dropout_cpu, dropout_mask
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -206,16 +206,34 @@ def test_dropout_masks_are_independent_across_keys_and_neighbours():
     assert torch.equal(dropout_mask.keep_mask(3, 5, key, t), dropout_mask.keep_mask(3, 5, key, t))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_dropout_kernels_equal_the_eager_ops(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dropout_kernels_equal_the_eager_ops(dtype):
+    """The C kernel (CPU) and the torch.compile'd ops (other devices; compiled here on the CPU) give the
+    eager reference's masks bit for bit."""
     torch.manual_seed(0)
     key = dropout_mask.new_key(torch.device("cpu"))
     t, _ = dropout_mask.threshold(0.3, key.device)
-    for rows, cols in [(37, 16), (64, 384)]:  # odd sizes: the vector loops' tails
-        x, part = torch.randn(rows, cols, dtype=dtype), torch.randn(rows, cols)
-        total = torch.randn(rows, cols, dtype=dtype)
-        keep = dropout_mask.keep_mask(rows, cols, key, t)
-        assert torch.equal(dropout_mask.dropped(x, key, t), x * keep)
-        want = (total + part * keep).to(dtype)
-        assert torch.equal(dropout_mask.added(total, part, key, t), want)
+    assert dropout_cpu.kernel() is not None
+    for rows, cols in [(37, 19), (64, 384)]:  # odd sizes: the vector loops' tails
+        x = torch.randn(rows, cols + 5, dtype=dtype)[:, 2:-3]  # rows with a stride of their own
+        part, total = torch.randn(rows, cols), torch.randn(rows, cols, dtype=dtype)
+        want_x = torch.where(dropout_mask.keep_mask(rows, cols, key, t), x, 0)
+        want_total = (total + torch.where(dropout_mask.keep_mask(rows, cols, key, t), part, 0)).to(dtype)
+        assert 0.6 < (want_x != 0).float().mean() < 0.8
+        for dropped, add_masked in [(dropout_mask.dropped, dropout_mask.add_masked),
+                                    (dropout_mask._compiled_dropped, dropout_mask._compiled_add_masked)]:
+            assert torch.equal(dropped(x, key, t), want_x)
+            assert torch.equal(add_masked(total.clone(), part.clone(), key, t), want_total)
     assert not dropout_mask._Compiled.broken  # the compiled kernels, not the eager fallback, ran
+
+
+def test_dropout_without_a_c_compiler_warns_and_gives_the_same_masks(monkeypatch, tmp_path):
+    monkeypatch.setattr(dropout_cpu, "_kernel", None)  # forget the built kernel, build again without a compiler
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    key, (t, _) = torch.tensor(11, dtype=torch.int32), dropout_mask.threshold(0.5, torch.device("cpu"))
+    x = torch.randn(8, 16)
+    with pytest.warns(UserWarning, match="CPU dropout kernel is unavailable.*no-such-cc"):
+        got = dropout_mask.dropped(x, key, t)
+    assert torch.equal(got, torch.where(dropout_mask.keep_mask(8, 16, key, t), x, 0))
+    assert dropout_cpu.kernel() is None and not list((tmp_path / "cache").glob("*"))  # nothing half-built kept

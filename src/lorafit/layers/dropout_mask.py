@@ -15,11 +15,13 @@ probability, so E[keep * rescale] = 1.
 
 Why a hash: the device generator runs on one thread on a CPU, and drawing
 bits there cost more than the rest of the LoRA path. The hash is plain
-integer arithmetic, so ``torch.compile`` fuses it with the multiply that
-applies the mask into one vectorised, multi-threaded loop; and since the mask
-is a function of (key, position), backward regenerates it in the same loop as
-its own use of it and forward keeps nothing but the key. Where compiling is
-not possible the same functions run eagerly and give the same masks.
+integer arithmetic that one loop can compute while it applies the mask, on
+all cores and vectorised; since the mask is a function of (key, position),
+forward keeps nothing but the key and backward regenerates the mask inside
+each loop that uses it. On a CPU that loop is dropout_mask.c (see
+dropout_cpu.py); on other devices it is these torch ops, compiled by
+``torch.compile``. Where neither can be built, the torch ops run eagerly:
+the same masks, slower.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from lorafit.layers import dropout_cpu
 
 _LEVELS = 1 << 16
 # lowbias32's multipliers as signed 32-bit values: torch's int32 arithmetic wraps like uint32's
@@ -64,17 +68,17 @@ def keep_mask(rows: int, cols: int, key: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def _dropped(x, key, t):
-    return x * keep_mask(x.shape[0], x.shape[1], key, t)
+    return torch.where(keep_mask(x.shape[0], x.shape[1], key, t), x, 0)
 
 
-def _added(total, part, key, t):
-    return (total + part * keep_mask(part.shape[0], part.shape[1], key, t)).to(total.dtype)
+def _add_masked(total, part, key, t):
+    return (total + torch.where(keep_mask(part.shape[0], part.shape[1], key, t), part, 0)).to(total.dtype)
 
 
 class _Compiled:
     """One function, compiled on first use (dynamic shapes); run eagerly where compiling fails."""
 
-    broken = False  # shared: once the compiler fails (say, no C++ compiler), stop trying
+    broken = False  # shared: once the compiler fails, stop trying
 
     def __init__(self, fn):
         self.fn, self.compiled = fn, None
@@ -89,11 +93,31 @@ class _Compiled:
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager ops give the same masks
             _Compiled.broken = True
             warnings.warn(f"lorafit: compiling the dropout kernels failed ({type(err).__name__}: {err}); "
-                          "LoRA dropout runs eagerly from now on (same masks, slower)", stacklevel=2)
+                          "LoRA dropout runs eagerly from now on (same masks, slower)", stacklevel=3)
             return self.fn(*args)
 
 
-dropped = _Compiled(_dropped)
-"""dropped(x, key, t): x * keep for a 2-D x."""
-added = _Compiled(_added)
-"""added(total, part, key, t): total + part * keep, in total's dtype."""
+_compiled_dropped = _Compiled(_dropped)
+_compiled_add_masked = _Compiled(_add_masked)
+
+
+def _cpu_kernel(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and dropout_cpu.kernel() is not None
+
+
+def dropped(x: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A new tensor: the 2-D x with the elements ``keep_mask`` drops set to 0 (no rescale)."""
+    if not _cpu_kernel(x):
+        return _compiled_dropped(x, key, t)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    dropout_cpu.mask_into(x if x.stride(-1) == 1 else x.contiguous(), out, int(key), int(t))
+    return out
+
+
+def add_masked(total: torch.Tensor, part: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """total + (part with the elements ``keep_mask`` drops set to 0), in total's dtype. Both are
+    temporaries of the caller: on a CPU the result is total itself, and part is overwritten."""
+    if not (_cpu_kernel(part) and part.is_contiguous()):
+        return _compiled_add_masked(total, part, key, t)
+    dropout_cpu.mask_into(part, part, int(key), int(t))
+    return total.add_(part)

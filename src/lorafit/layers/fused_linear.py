@@ -133,7 +133,7 @@ class LoraLinearFunction(torch.autograd.Function):
                     # the mask is recomputed from its key in each pass that applies it
                     part = gh.mul(s) @ a if lora_gx else None
                     if lora_gx:
-                        gx = dropout_mask.added(gx, part, key, t)
+                        gx = dropout_mask.add_masked(gx, part, key, t)
                     if need_a:
                         ga = torch.mm(gh.T, dropout_mask.dropped(xi, key, t)).mul_(s)
             gfactors += [ga, gb]
