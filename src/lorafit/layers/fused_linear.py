@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from lorafit.layers import dropout_mask
 
+
 def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
     if transposed:  # GPT-2 Conv1D: weight is (d_in, d_out)
         return torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
