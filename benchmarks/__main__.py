@@ -46,13 +46,25 @@ def bench_train(args, out: dict) -> None:
             counts[key] = train_step.trainable_count(model)
     # What dropout costs by itself: one mask per adapted layer input, applied to that input, as in
     # lorafit's forward (backward applies each mask twice more: to x for dA and to the input gradient).
-    inputs = [torch.randn(batch * seq, layer.in_features) for _, layer in lorafit.model.lora_layers(
-        train_step.make_variant(base, "lorafit", dropout=0.1))]
+    layers = [layer for _, layer in lorafit.model.lora_layers(train_step.make_variant(base, "lorafit", dropout=0.1))]
+    inputs = [torch.randn(batch * seq, layer.in_features) for layer in layers]
     t, _ = dropout_mask.threshold(0.1, inputs[0].device)
     steps["dropout masks alone"] = lambda: [dropout_mask.dropped(x, dropout_mask.new_key(x.device), t)
                                             for x in inputs]
+    # What the low-rank path costs at the least: each adapter's four skinny products in a step
+    # (H = x A^T, dY B, (dY B)^T x, H^T dY), in the layouts fused_linear uses, nothing else.
+    operands = [(x, torch.randn(8, x.shape[1]), torch.randn(layer.out_features, 8),
+                 torch.randn(x.shape[0], layer.out_features)) for x, layer in zip(inputs, layers)]
+
+    def products() -> None:
+        for x, a, b, gy in operands:
+            h = x @ a.T
+            gh = torch.nn.functional.linear(gy, b.T.contiguous())
+            torch.mm(gh.T, x), torch.mm(h.T, gy)
+
+    steps["low-rank products alone"] = products
     times = interleaved(steps, reps=args.reps, warmup=1)
-    counts["dropout masks alone"] = 0
+    counts["dropout masks alone"] = counts["low-rank products alone"] = 0
     full = median(times["full"])
     peft = {d: median(times[f"peft (dropout {d})"]) for d in (0.1, 0.0)}
     rows = []
