@@ -1,5 +1,7 @@
 """The fused Linear paths compute exactly the plain formula: forward, and gradients of A, B and x."""
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -213,7 +215,8 @@ def test_dropout_kernels_equal_the_eager_ops(dtype):
     torch.manual_seed(0)
     key = dropout_mask.new_key(torch.device("cpu"))
     t, _ = dropout_mask.threshold(0.3, key.device)
-    assert dropout_cpu.kernel() is not None
+    if shutil.which("cc") or shutil.which("gcc"):  # with a C compiler the C kernel must build and run
+        assert dropout_cpu.kernel() is not None
     for rows, cols in [(37, 19), (64, 384)]:  # odd sizes: the vector loops' tails
         x = torch.randn(rows, cols + 5, dtype=dtype)[:, 2:-3]  # rows with a stride of their own
         part, total = torch.randn(rows, cols), torch.randn(rows, cols, dtype=dtype)
