@@ -121,22 +121,17 @@ class LoraLinearFunction(torch.autograd.Function):
                 # dY B (N x r) as dY (B^T)^T: with B^T stored r-major MKL runs this skinny product
                 # about 2x faster than with B itself (measured at N=832, d_out=384 and 1536)
                 gh = F.linear(gl, b.T.contiguous())
-                xi = x2.to(a.dtype) if need_a else None
-                if key is None:
-                    if need_a:
-                        ga = torch.mm(gh.T, xi).mul_(s)
-                    if lora_gx:
-                        if a.dtype == gx.dtype:
-                            gx.addmm_(gh, a, alpha=s)
-                        else:
-                            gx.add_((gh @ a).to(gx.dtype), alpha=s)
-                else:
-                    # the mask is recomputed from its key in each pass that applies it
-                    part = gh.mul(s) @ a if lora_gx else None
-                    if lora_gx:
-                        gx = dropout_mask.add_masked(gx, part, key, t)
-                    if need_a:
-                        ga = torch.mm(gh.T, dropout_mask.dropped(xi, key, t)).mul_(s)
+                # with dropout, the mask is recomputed from its key in each pass that applies it
+                if need_a:
+                    xi = x2.to(a.dtype)
+                    ga = torch.mm(gh.T, xi if key is None else dropout_mask.dropped(xi, key, t)).mul_(s)
+                if lora_gx:
+                    if key is not None:
+                        gx = dropout_mask.add_masked(gx, gh.mul(s) @ a, key, t)
+                    elif a.dtype == gx.dtype:
+                        gx.addmm_(gh, a, alpha=s)
+                    else:
+                        gx.add_((gh @ a).to(gx.dtype), alpha=s)
             gfactors += [ga, gb]
         if gx is not None:
             gx = gx.view(x.shape)
