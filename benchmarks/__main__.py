@@ -26,7 +26,7 @@ import torch
 import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
-from lorafit.layers import dropout_mask
+from lorafit.layers import dropout_mask, low_rank_ops
 
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
@@ -44,27 +44,29 @@ def bench_train(args, out: dict) -> None:
             model = train_step.make_variant(base, v, dropout=dropout)
             steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
             counts[key] = train_step.trainable_count(model)
-    # What dropout costs by itself: one mask per adapted layer input, applied to that input, as in
-    # lorafit's forward (backward applies each mask twice more: to x for dA and to the input gradient).
+    # What the low-rank path costs at the least: each adapter's skinny products in a step, through the
+    # same ops as fused_linear and nothing else. Without dropout: H = x A^T, dY B, (dY B)^T x and H^T dY
+    # (dx's low-rank part is folded into the base matmul at these shapes). With dropout, the mask is
+    # applied inside H and (dY B)^T x, and the low-rank part of dx is a masked sum of its own.
     layers = [layer for _, layer in lorafit.model.lora_layers(train_step.make_variant(base, "lorafit", dropout=0.1))]
-    inputs = [torch.randn(batch * seq, layer.in_features) for layer in layers]
-    t, _ = dropout_mask.threshold(0.1, inputs[0].device)
-    steps["dropout masks alone"] = lambda: [dropout_mask.dropped(x, dropout_mask.new_key(x.device), t)
-                                            for x in inputs]
-    # What the low-rank path costs at the least: each adapter's four skinny products in a step
-    # (H = x A^T, dY B, (dY B)^T x, H^T dY), in the layouts fused_linear uses, nothing else.
-    operands = [(x, torch.randn(8, x.shape[1]), torch.randn(layer.out_features, 8),
-                 torch.randn(x.shape[0], layer.out_features)) for x, layer in zip(inputs, layers)]
+    t, _ = dropout_mask.threshold(0.1, torch.device("cpu"))
+    operands = [(torch.randn(batch * seq, layer.in_features), torch.randn(8, layer.in_features),
+                 torch.randn(layer.out_features, 8), torch.randn(batch * seq, layer.out_features),
+                 torch.zeros(batch * seq, layer.in_features)) for layer in layers]
 
-    def products() -> None:
-        for x, a, b, gy in operands:
-            h = x @ a.T
-            gh = torch.nn.functional.linear(gy, b.T.contiguous())
-            torch.mm(gh.T, x), torch.mm(h.T, gy)
+    def products(dropout: bool) -> None:
+        for x, a, b, gy, gx in operands:
+            key = dropout_mask.new_key(x.device) if dropout else None
+            h = low_rank_ops.down(x, a, key, t)
+            gh = low_rank_ops.down(gy, b.T.contiguous())
+            low_rank_ops.grad_a(gh, x, key, t), low_rank_ops.grad_a(h, gy)
+            if dropout:
+                low_rank_ops.up_add(gx, gh, a, key, t)
 
-    steps["low-rank products alone"] = products
+    steps["low-rank products alone"] = lambda: products(False)
+    steps["low-rank products alone, dropout 0.1"] = lambda: products(True)
     times = interleaved(steps, reps=args.reps, warmup=1)
-    counts["dropout masks alone"] = counts["low-rank products alone"] = 0
+    counts["low-rank products alone"] = counts["low-rank products alone, dropout 0.1"] = 0
     full = median(times["full"])
     peft = {d: median(times[f"peft (dropout {d})"]) for d in (0.1, 0.0)}
     rows = []

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.layers import dropout_cpu, dropout_mask
+from lorafit.layers import cpu_kernels, dropout_mask
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -86,7 +86,7 @@ def test_training_path_matches_formula(dtype, dropout, gpt2, rows):
     base = Conv1D(24, 16) if gpt2 else nn.Linear(16, 24)
     if gpt2:
         nn.init.normal_(base.weight, std=0.2)
-    model = _layer(base, [("a", 4), ("b", 2)], dtype, dropout)
+    model = _layer(base, [("a", 4), ("b", 2), ("c", 12)], dtype, dropout)  # r 12: C only with a mask
     x = torch.randn(rows // 5, 5, 16, dtype=dtype)
     _compare(model, x, dropout, dtype)
 
@@ -217,7 +217,7 @@ def test_dropout_kernels_equal_the_eager_ops(dtype):
     t, _ = dropout_mask.threshold(0.3, key.device)
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler:  # with a C compiler the C kernel must build and run
-        assert dropout_cpu.kernel() is not None
+        assert cpu_kernels.library() is not None
     for rows, cols in [(37, 19), (64, 384)]:  # odd sizes: the vector loops' tails
         x = torch.randn(rows, cols + 5, dtype=dtype)[:, 2:-3]  # rows with a stride of their own
         part, total = torch.randn(rows, cols), torch.randn(rows, cols, dtype=dtype)
@@ -231,13 +231,38 @@ def test_dropout_kernels_equal_the_eager_ops(dtype):
     assert not (compiler and dropout_mask._Compiled.broken)  # the compiled kernels, not the eager fallback, ran
 
 
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")
+@pytest.mark.parametrize("masked", [True, False])
+def test_c_lora_products_equal_the_plain_formula(masked):
+    """The float32 C products, with and without a fused mask, against float64 ops on the same mask."""
+    torch.manual_seed(0)
+    assert cpu_kernels.library() is not None
+    key, (t, _) = dropout_mask.new_key(torch.device("cpu")), dropout_mask.threshold(0.3, torch.device("cpu"))
+    args = (int(key), int(t)) if masked else (None, 0)
+    # odd sizes for the vector loops' tails, r below, at and past a block of 8
+    for rows, cols, r in [(37, 19, 3), (64, 384, 8), (50, 101, 13), (5, 8, 16)]:
+        x = torch.randn(rows, cols + 5)[:, 2:-3]  # rows with a stride of their own
+        a, g, total = torch.randn(r, cols), torch.randn(rows, r), torch.randn(rows, cols)
+        keep = dropout_mask.keep_mask(rows, cols, key, t) if masked else torch.ones(rows, cols, dtype=torch.bool)
+        xd = torch.where(keep, x, 0).double()
+        close = dict(rtol=1e-5, atol=1e-5 * cols ** 0.5)
+        torch.testing.assert_close(cpu_kernels.lora_down(x, a, *args).double(), xd @ a.double().T, **close)
+        torch.testing.assert_close(cpu_kernels.lora_grad_a(g, x, *args).double(), g.double().T @ xd, **close)
+        want = total.double() + torch.where(keep, g.double() @ a.double(), 0)
+        out = torch.zeros(rows, cols + 1)
+        out[:, 1:] = total
+        got = cpu_kernels.lora_up_add(out[:, 1:], g, a, *args)  # in place, through a row stride
+        assert got.data_ptr() == out[:, 1:].data_ptr() and torch.equal(out[:, 0], torch.zeros(rows))
+        torch.testing.assert_close(got.double(), want, **close)
+
+
 def test_dropout_without_a_c_compiler_warns_and_gives_the_same_masks(monkeypatch, tmp_path):
-    monkeypatch.setattr(dropout_cpu, "_kernel", None)  # forget the built kernel, build again without a compiler
+    monkeypatch.setattr(cpu_kernels, "_library", None)  # forget the built kernel, build again without a compiler
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
     key, (t, _) = torch.tensor(11, dtype=torch.int32), dropout_mask.threshold(0.5, torch.device("cpu"))
     x = torch.randn(8, 16)
-    with pytest.warns(UserWarning, match="CPU dropout kernel is unavailable.*no-such-cc"):
+    with pytest.warns(UserWarning, match="CPU kernels are unavailable.*no-such-cc"):
         got = dropout_mask.dropped(x, key, t)
     assert torch.equal(got, torch.where(dropout_mask.keep_mask(8, 16, key, t), x, 0))
-    assert dropout_cpu.kernel() is None and not list((tmp_path / "cache").glob("*"))  # nothing half-built kept
+    assert cpu_kernels.library() is None and not list((tmp_path / "cache").glob("*"))  # nothing half-built kept

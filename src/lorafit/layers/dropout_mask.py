@@ -18,8 +18,9 @@ bits there cost more than the rest of the LoRA path. The hash is plain
 integer arithmetic that one loop can compute while it applies the mask, on
 all cores and vectorised; since the mask is a function of (key, position),
 forward keeps nothing but the key and backward regenerates the mask inside
-each loop that uses it. On a CPU that loop is dropout_mask.c (see
-dropout_cpu.py); on other devices it is these torch ops, compiled by
+each loop that uses it. On a CPU those loops are cpu_kernels.c (float32
+LoRA products with the mask fused in, and a mask for any dtype); on other
+devices they are these torch ops, compiled by
 ``torch.compile``. Where neither can be built, the torch ops run eagerly:
 the same masks, slower.
 """
@@ -30,7 +31,7 @@ import warnings
 
 import torch
 
-from lorafit.layers import dropout_cpu
+from lorafit.layers import cpu_kernels
 
 _LEVELS = 1 << 16
 # lowbias32's multipliers as signed 32-bit values: torch's int32 arithmetic wraps like uint32's
@@ -102,7 +103,7 @@ _compiled_add_masked = _Compiled(_add_masked)
 
 
 def _cpu_kernel(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and dropout_cpu.kernel() is not None
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.library() is not None
 
 
 def dropped(x: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ def dropped(x: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     if not _cpu_kernel(x):
         return _compiled_dropped(x, key, t)
     out = torch.empty(x.shape, dtype=x.dtype)
-    dropout_cpu.mask_into(x if x.stride(-1) == 1 else x.contiguous(), out, int(key), int(t))
+    cpu_kernels.mask_into(x if x.stride(-1) == 1 else x.contiguous(), out, int(key), int(t))
     return out
 
 
@@ -119,5 +120,6 @@ def add_masked(total: torch.Tensor, part: torch.Tensor, key: torch.Tensor, t: to
     temporaries of the caller: on a CPU the result is total itself, and part is overwritten."""
     if not (_cpu_kernel(part) and part.is_contiguous()):
         return _compiled_add_masked(total, part, key, t)
-    dropout_cpu.mask_into(part, part, int(key), int(t))
+    cpu_kernels.mask_into(part, part, int(key), int(t))
     return total.add_(part)
+

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from lorafit.layers import dropout_mask
+from lorafit.layers import dropout_mask, low_rank_ops
 
 
 def _base_linear(x2: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
@@ -64,14 +64,15 @@ class LoraLinearFunction(torch.autograd.Function):
         hs, keys = [], []
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
-            xi = x2.to(a.dtype)
             if ps[i] > 0:
                 # H = (x * keep) A^T without the rescale: that factor rides on the scalar s instead
                 t, rescale = dropout_mask.threshold(ps[i], x.device)
                 keys.append(dropout_mask.new_key(x.device))
-                xi = dropout_mask.dropped(xi, keys[-1], t)
+                h = low_rank_ops.down(x2, a, keys[-1], t)
                 s = s * rescale
-            h = xi @ a.T  # kept for dB; small (N x r)
+            else:
+                h = low_rank_ops.down(x2, a)
+            # h is kept for dB; it is small (N x r)
             if not fold:
                 if b.dtype == y.dtype:
                     y.addmm_(h, b.T, alpha=s)
@@ -108,30 +109,25 @@ class LoraLinearFunction(torch.autograd.Function):
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
             need_a, need_b = need[6 + 2 * i], need[7 + 2 * i]
-            key = next(keys) if ps[i] > 0 else None
-            if key is not None:
+            key = t = None
+            if ps[i] > 0:
+                key = next(keys)
                 t, rescale = dropout_mask.threshold(ps[i], x.device)
                 s = s * rescale
             gl = g2.to(b.dtype)
             # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
-            gb = torch.mm(hs[i].T, gl).T.mul_(s) if need_b else None
+            gb = low_rank_ops.grad_a(hs[i], gl).T.mul_(s) if need_b else None
             ga = None
             lora_gx = gx is not None and not fold
             if need_a or lora_gx:
                 # dY B (N x r) as dY (B^T)^T: with B^T stored r-major MKL runs this skinny product
                 # about 2x faster than with B itself (measured at N=832, d_out=384 and 1536)
-                gh = F.linear(gl, b.T.contiguous())
+                gh = low_rank_ops.down(gl, b.T.contiguous())
                 # with dropout, the mask is recomputed from its key in each pass that applies it
                 if need_a:
-                    xi = x2.to(a.dtype)
-                    ga = torch.mm(gh.T, xi if key is None else dropout_mask.dropped(xi, key, t)).mul_(s)
+                    ga = low_rank_ops.grad_a(gh, x2, key, t).mul_(s)
                 if lora_gx:
-                    if key is not None:
-                        gx = dropout_mask.add_masked(gx, gh.mul(s) @ a, key, t)
-                    elif a.dtype == gx.dtype:
-                        gx.addmm_(gh, a, alpha=s)
-                    else:
-                        gx.add_((gh @ a).to(gx.dtype), alpha=s)
+                    gx = low_rank_ops.up_add(gx, gh.mul(s), a, key, t)
             gfactors += [ga, gb]
         if gx is not None:
             gx = gx.view(x.shape)

@@ -1,0 +1,171 @@
+/* lorafit's CPU kernels: LoRA dropout masks applied inside the loops that need them.
+ *
+ * The mask is dropout_mask.py's keep_mask, bit for bit: position i = row * cols + col
+ * (mod 2^32), v = lowbias32's two rounds of (i ^ key), kept where v as a signed 32-bit
+ * integer is >= t. Built and loaded by cpu_kernels.py.
+ *
+ * lorafit_dropout_mask zeroes the dropped elements of any floating dtype (it goes by
+ * element size). The lorafit_lora_* kernels are the float32 low-rank products with the
+ * mask fused in (or none, masked = 0): each reads the activation once, where separate
+ * ops would write the dropped copy and read it again. Rows (or column strips) are split
+ * over OpenMP threads and every sum runs in a fixed order, so results do not depend on
+ * the thread count. GCC/Clang vector extensions keep 8 float lanes per register: AVX2
+ * with -march=native on x86, two 4-lane registers elsewhere. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline int32_t keep_key(uint32_t i, uint32_t key) {
+    uint32_t v = i ^ key;
+    v = (v ^ (v >> 16)) * 0x7feb352dU;
+    v = (v ^ (v >> 15)) * 0x846ca68bU;
+    return (int32_t)v;
+}
+
+static const v8u LANES = {0, 1, 2, 3, 4, 5, 6, 7};
+
+/* x with the lanes the mask drops set to 0; i0 is lane 0's position */
+static inline v8f keep8(v8f x, uint32_t i0, uint32_t key, int32_t t) {
+    v8u v = (LANES + i0) ^ key;
+    v = (v ^ (v >> 16)) * 0x7feb352dU;
+    v = (v ^ (v >> 15)) * 0x846ca68bU;
+    return (v8f)((v8i)x & ((v8i)v >= t));
+}
+
+static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline float sum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+#define MASK_ROWS(T)                                                               \
+    for (int64_t r = 0; r < rows; r++) {                                           \
+        const T *s = (const T *)(src + r * src_row_bytes);                         \
+        T *d = (T *)(dst + r * dst_row_bytes);                                     \
+        uint32_t base = (uint32_t)r * (uint32_t)cols;                              \
+        for (int64_t c = 0; c < cols; c++)                                         \
+            d[c] = keep_key(base + (uint32_t)c, (uint32_t)key) >= t ? s[c] : (T)0; \
+    }
+
+/* dst = src where the mask keeps an element, else 0 */
+void lorafit_dropout_mask(const char *src, char *dst, int64_t rows, int64_t cols,
+                          int64_t src_row_bytes, int64_t dst_row_bytes, int64_t elem_bytes,
+                          int32_t key, int32_t t, int32_t threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        if (elem_bytes == 4) {
+#pragma omp for schedule(static)
+            MASK_ROWS(uint32_t)
+        } else if (elem_bytes == 2) {
+#pragma omp for schedule(static)
+            MASK_ROWS(uint16_t)
+        } else {
+#pragma omp for schedule(static)
+            MASK_ROWS(uint64_t)
+        }
+    }
+}
+
+/* h (rows x r, contiguous) = mask(x) a^T; x (rows x cols) has row stride xs, a is (r x cols) */
+void lorafit_lora_down(const float *x, int64_t xs, const float *a, float *h, int64_t rows, int64_t cols,
+                       int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
+    const int64_t c8 = cols / 8 * 8;
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = masked ? malloc(cols * sizeof(float)) : NULL; /* the dropped row, reused by every k */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < rows; n++) {
+            const float *xn = x + n * xs;
+            if (row) {
+                const uint32_t base = (uint32_t)n * (uint32_t)cols;
+                for (int64_t c = 0; c < c8; c += 8) store8(row + c, keep8(load8(xn + c), base + c, key, t));
+                for (int64_t c = c8; c < cols; c++) row[c] = keep_key(base + c, key) >= t ? xn[c] : 0.0f;
+                xn = row;
+            }
+            int64_t k = 0;
+            for (; k + 8 <= r; k += 8) { /* eight dot products share each load of the row */
+                const float *ak = a + k * cols;
+                v8f acc[8] = {0};
+                for (int64_t c = 0; c < c8; c += 8) {
+                    const v8f xv = load8(xn + c);
+                    for (int j = 0; j < 8; j++) acc[j] += xv * load8(ak + j * cols + c);
+                }
+                for (int j = 0; j < 8; j++) {
+                    float s = sum8(acc[j]);
+                    for (int64_t c = c8; c < cols; c++) s += xn[c] * ak[j * cols + c];
+                    h[n * r + k + j] = s;
+                }
+            }
+            for (; k < r; k++) {
+                const float *ak = a + k * cols;
+                v8f acc = {0};
+                for (int64_t c = 0; c < c8; c += 8) acc += load8(xn + c) * load8(ak + c);
+                float s = sum8(acc);
+                for (int64_t c = c8; c < cols; c++) s += xn[c] * ak[c];
+                h[n * r + k] = s;
+            }
+        }
+        free(row);
+    }
+}
+
+/* ga (r x cols, contiguous) = g^T mask(x); g is (rows x r, contiguous). Threads take strips of
+ * 8 columns and 8 of the r outputs, and run down all rows, so no partial sums need merging. */
+void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, int64_t rows, int64_t cols,
+                         int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
+    const int64_t strips = (cols + 7) / 8, blocks = (r + 7) / 8;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t s = 0; s < strips; s++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t c = s * 8, k = b * 8;
+            const int kn = r - k < 8 ? (int)(r - k) : 8;
+            if (c + 8 <= cols) {
+                v8f acc[8] = {0};
+                for (int64_t n = 0; n < rows; n++) {
+                    v8f xv = load8(x + n * xs + c);
+                    if (masked) xv = keep8(xv, (uint32_t)n * (uint32_t)cols + c, key, t);
+                    const float *gn = g + n * r + k;
+                    if (kn == 8)
+                        for (int j = 0; j < 8; j++) acc[j] += gn[j] * xv;
+                    else
+                        for (int j = 0; j < kn; j++) acc[j] += gn[j] * xv;
+                }
+                for (int j = 0; j < kn; j++) store8(ga + (k + j) * cols + c, acc[j]);
+            } else { /* the last cols % 8 columns */
+                for (int j = 0; j < kn; j++)
+                    for (int64_t cc = c; cc < cols; cc++) {
+                        float sum = 0.0f;
+                        for (int64_t n = 0; n < rows; n++)
+                            if (!masked || keep_key((uint32_t)n * (uint32_t)cols + cc, key) >= t)
+                                sum += g[n * r + k + j] * x[n * xs + cc];
+                        ga[(k + j) * cols + cc] = sum;
+                    }
+            }
+        }
+    }
+}
+
+/* gx (rows x cols, row stride gs) += mask(g a); g is (rows x r, contiguous), a is (r x cols) */
+void lorafit_lora_up_add(const float *g, const float *a, float *gx, int64_t gs, int64_t rows, int64_t cols,
+                         int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
+    const int64_t c8 = cols / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < rows; n++) {
+        const float *gn = g + n * r;
+        float *out = gx + n * gs;
+        const uint32_t base = (uint32_t)n * (uint32_t)cols;
+        for (int64_t c = 0; c < c8; c += 8) {
+            v8f acc = {0};
+            for (int64_t k = 0; k < r; k++) acc += gn[k] * load8(a + k * cols + c);
+            if (masked) acc = keep8(acc, base + c, key, t);
+            store8(out + c, load8(out + c) + acc);
+        }
+        for (int64_t c = c8; c < cols; c++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < r; k++) acc += gn[k] * a[k * cols + c];
+            if (!masked || keep_key(base + c, key) >= t) out[c] += acc;
+        }
+    }
+}

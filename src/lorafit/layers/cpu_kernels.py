@@ -1,0 +1,140 @@
+"""The CPU kernels (cpu_kernels.c): built with the system's C compiler on first use, loaded with ctypes.
+
+Plain C functions rather than torch.compile on a CPU: the same fused loops, but
+without inductor in the process (about 100 MiB of resident memory and seconds of
+start-up per process) or its per-call guard checks. The built library is cached
+per source, compiler and CPU under ~/.cache/lorafit (``LORAFIT_CACHE`` overrides).
+
+``mask_into`` serves every floating dtype; the ``lora_*`` products are float32
+only, with the dropout mask of ``key`` and ``t`` fused in (``key=None``: none).
+Callers check ``library()`` first and fall back to torch ops where it is None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_library = None  # the loaded library, False where it cannot be built
+
+_PTR, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_SIGNATURES = {
+    "lorafit_dropout_mask": [_PTR, _PTR] + [_I64] * 5 + [_I32] * 3,
+    # (in, in row stride, factor, out, rows, cols, r, masked, key, t, threads) and the like
+    "lorafit_lora_down": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4,
+    "lorafit_lora_grad_a": [_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4,
+    "lorafit_lora_up_add": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64] + [_I32] * 4,
+}
+
+
+def _cpu_tag() -> bytes:
+    """What -march=native depends on: a library built on one CPU may not run on another."""
+    try:
+        flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+    except OSError:
+        flags = []
+    return (platform.machine() + (flags[0] if flags else platform.processor())).encode()
+
+
+def _build():
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_tag()).hexdigest()[:16]
+    cache = Path(os.environ.get("LORAFIT_CACHE") or Path.home() / ".cache" / "lorafit")
+    path = cache / f"cpu_kernels-{tag}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(partial)], capture_output=True, text=True,
+                              check=False)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(partial, path)  # atomic: processes building at once (DDP ranks) never load half a file
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def library():
+    """The loaded library, or None where it cannot be built (then a warning says why, once)."""
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                try:
+                    _library = _build()
+                except (OSError, RuntimeError, AttributeError) as err:
+                    warnings.warn(f"lorafit: the CPU kernels are unavailable ({err}); LoRA dropout runs as "
+                                  "plain torch ops instead (the same masks, slower)", stacklevel=3)
+                    _library = False
+    return _library or None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with unit column stride, as the kernels read rows through a row stride."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mask_args(key: int | None, t: int) -> tuple[int, int, int]:
+    return (0, 0, 0) if key is None else (1, key, t)
+
+
+def mask_into(src: torch.Tensor, dst: torch.Tensor, key: int, t: int) -> None:
+    """dst = src where keep_mask(key, t) keeps, else 0, for 2-D tensors of one shape and dtype whose
+    rows are contiguous; dst may be src."""
+    if src.shape != dst.shape or src.dtype != dst.dtype or src.stride(-1) != 1 or dst.stride(-1) != 1:
+        raise ValueError(f"mask_into: src {tuple(src.shape)} {src.dtype} stride {src.stride()} and dst "
+                         f"{tuple(dst.shape)} {dst.dtype} stride {dst.stride()} need one shape, dtype, unit column stride")
+    size = src.element_size()
+    if size not in (2, 4, 8):
+        raise ValueError(f"mask_into: elements of {size} bytes ({src.dtype}) are not supported")
+    rows, cols = src.shape
+    _library.lorafit_dropout_mask(src.data_ptr(), dst.data_ptr(), rows, cols, src.stride(0) * size,
+                                  dst.stride(0) * size, size, key, t, torch.get_num_threads())
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, key: int | None, t: int) -> torch.Tensor:
+    """mask(x) A^T for float32 x (N x d) and A (r x d): a new N x r tensor."""
+    x, a = _rows(x), a.contiguous()
+    (rows, cols), r = x.shape, a.shape[0]
+    h = torch.empty(rows, r, dtype=x.dtype, device=x.device)
+    _library.lorafit_lora_down(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), rows, cols, r,
+                               *_mask_args(key, t), torch.get_num_threads())
+    return h
+
+
+def lora_grad_a(g: torch.Tensor, x: torch.Tensor, key: int | None, t: int) -> torch.Tensor:
+    """G^T mask(x) for float32 G (N x r) and x (N x d): a new r x d tensor."""
+    g, x = g.contiguous(), _rows(x)
+    (rows, cols), r = x.shape, g.shape[1]
+    ga = torch.empty(r, cols, dtype=x.dtype, device=x.device)
+    _library.lorafit_lora_grad_a(g.data_ptr(), x.data_ptr(), x.stride(0), ga.data_ptr(), rows, cols, r,
+                                 *_mask_args(key, t), torch.get_num_threads())
+    return ga
+
+
+def lora_up_add(gx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, key: int | None, t: int) -> torch.Tensor:
+    """gx += mask(G A) in place, for float32 gx (N x d) with unit column stride, G (N x r), A (r x d)."""
+    if gx.stride(-1) != 1:
+        raise ValueError(f"lora_up_add: gx stride {gx.stride()} needs a unit column stride")
+    g, a = g.contiguous(), a.contiguous()
+    (rows, cols), r = gx.shape, a.shape[0]
+    _library.lorafit_lora_up_add(g.data_ptr(), a.data_ptr(), gx.data_ptr(), gx.stride(0), rows, cols, r,
+                                 *_mask_args(key, t), torch.get_num_threads())
+    return gx
