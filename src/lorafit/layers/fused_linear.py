@@ -11,8 +11,9 @@ What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
 adapter, the dropped copy of x (4 bytes an element in float32) and its mask,
 plus the scaled product. Here backward keeps only x (which adapters on q, k
 and v share), the small H_i and each mask's 32-bit key: a mask is a hash of
-its key and the element positions, recomputed inside each fused pass that
-applies it: to x for dA, and to the input gradient.
+its key and the element positions, recomputed inside each pass that applies
+it: to x for H and for dA, and to the input gradient (low_rank_ops, in C on
+a CPU in float32).
 The low-rank product is accumulated into the base output in place (``addmm_``).
 
 Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
