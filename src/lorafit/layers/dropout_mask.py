@@ -122,4 +122,3 @@ def add_masked(total: torch.Tensor, part: torch.Tensor, key: torch.Tensor, t: to
         return _compiled_add_masked(total, part, key, t)
     cpu_kernels.mask_into(part, part, int(key), int(t))
     return total.add_(part)
-
