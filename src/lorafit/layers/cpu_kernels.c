@@ -19,10 +19,16 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
+/* lowbias32's two rounds, for a uint32_t or a v8u alike (vector extensions broadcast the scalars) */
+#define LOWBIAS32(v)                       \
+    do {                                   \
+        v = (v ^ (v >> 16)) * 0x7feb352dU; \
+        v = (v ^ (v >> 15)) * 0x846ca68bU; \
+    } while (0)
+
 static inline int32_t keep_key(uint32_t i, uint32_t key) {
     uint32_t v = i ^ key;
-    v = (v ^ (v >> 16)) * 0x7feb352dU;
-    v = (v ^ (v >> 15)) * 0x846ca68bU;
+    LOWBIAS32(v);
     return (int32_t)v;
 }
 
@@ -31,8 +37,7 @@ static const v8u LANES = {0, 1, 2, 3, 4, 5, 6, 7};
 /* x with the lanes the mask drops set to 0; i0 is lane 0's position */
 static inline v8f keep8(v8f x, uint32_t i0, uint32_t key, int32_t t) {
     v8u v = (LANES + i0) ^ key;
-    v = (v ^ (v >> 16)) * 0x7feb352dU;
-    v = (v ^ (v >> 15)) * 0x846ca68bU;
+    LOWBIAS32(v);
     return (v8f)((v8i)x & ((v8i)v >= t));
 }
 
@@ -127,7 +132,7 @@ void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, 
                     v8f xv = load8(x + n * xs + c);
                     if (masked) xv = keep8(xv, (uint32_t)n * (uint32_t)cols + c, key, t);
                     const float *gn = g + n * r + k;
-                    if (kn == 8)
+                    if (kn == 8) /* a constant trip count keeps acc in registers */
                         for (int j = 0; j < 8; j++) acc[j] += gn[j] * xv;
                     else
                         for (int j = 0; j < kn; j++) acc[j] += gn[j] * xv;

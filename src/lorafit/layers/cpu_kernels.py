@@ -80,10 +80,17 @@ def library():
                 try:
                     _library = _build()
                 except (OSError, RuntimeError, AttributeError) as err:
-                    warnings.warn(f"lorafit: the CPU kernels are unavailable ({err}); LoRA dropout runs as "
-                                  "plain torch ops instead (the same masks, slower)", stacklevel=3)
+                    warnings.warn(f"lorafit: the CPU kernels are unavailable ({err}); LoRA's low-rank products "
+                                  "and dropout run as plain torch ops instead (the same masks, slower)",
+                                  stacklevel=3)
                     _library = False
     return _library or None
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on x: a CPU tensor, outside torch.compile's tracing (which must see
+    torch ops), with the library built."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and library() is not None
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -102,13 +102,9 @@ _compiled_dropped = _Compiled(_dropped)
 _compiled_add_masked = _Compiled(_add_masked)
 
 
-def _cpu_kernel(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.library() is not None
-
-
 def dropped(x: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A new tensor: the 2-D x with the elements ``keep_mask`` drops set to 0 (no rescale)."""
-    if not _cpu_kernel(x):
+    if not cpu_kernels.serves(x):
         return _compiled_dropped(x, key, t)
     out = torch.empty(x.shape, dtype=x.dtype)
     cpu_kernels.mask_into(x if x.stride(-1) == 1 else x.contiguous(), out, int(key), int(t))
@@ -118,7 +114,7 @@ def dropped(x: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 def add_masked(total: torch.Tensor, part: torch.Tensor, key: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """total + (part with the elements ``keep_mask`` drops set to 0), in total's dtype. Both are
     temporaries of the caller: on a CPU the result is total itself, and part is overwritten."""
-    if not (_cpu_kernel(part) and part.is_contiguous()):
+    if not (cpu_kernels.serves(part) and part.is_contiguous()):
         return _compiled_add_masked(total, part, key, t)
     cpu_kernels.mask_into(part, part, int(key), int(t))
     return total.add_(part)

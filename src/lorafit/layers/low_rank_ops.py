@@ -31,18 +31,17 @@ _MAX_RANK_MASKED, _MAX_RANK_PLAIN = 16, 8
 def _c_kernel(r: int, key, *tensors: torch.Tensor) -> bool:
     if r > (_MAX_RANK_PLAIN if key is None else _MAX_RANK_MASKED):
         return False
-    return (tensors[0].device.type == "cpu" and all(x.dtype == torch.float32 for x in tensors)
-            and not torch.compiler.is_compiling() and cpu_kernels.library() is not None)
+    return all(x.dtype == torch.float32 for x in tensors) and cpu_kernels.serves(tensors[0])
 
 
-def _mask_args(key, t) -> tuple:
+def _ints(key, t) -> tuple:
     return (None, 0) if key is None else (int(key), int(t))
 
 
 def down(x: torch.Tensor, a: torch.Tensor, key=None, t=None) -> torch.Tensor:
     """mask(x) A^T, in A's dtype."""
     if _c_kernel(a.shape[0], key, x, a):
-        return cpu_kernels.lora_down(x, a, *_mask_args(key, t))
+        return cpu_kernels.lora_down(x, a, *_ints(key, t))
     x = x.to(a.dtype)
     return (x if key is None else dropout_mask.dropped(x, key, t)) @ a.T
 
@@ -50,7 +49,7 @@ def down(x: torch.Tensor, a: torch.Tensor, key=None, t=None) -> torch.Tensor:
 def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t=None) -> torch.Tensor:
     """G^T mask(x), in G's dtype: a new tensor the caller may scale in place."""
     if _c_kernel(g.shape[1], key, g, x):
-        return cpu_kernels.lora_grad_a(g, x, *_mask_args(key, t))
+        return cpu_kernels.lora_grad_a(g, x, *_ints(key, t))
     x = x.to(g.dtype)
     return torch.mm(g.T, x if key is None else dropout_mask.dropped(x, key, t))
 
@@ -59,7 +58,7 @@ def up_add(total: torch.Tensor, g: torch.Tensor, a: torch.Tensor, key=None, t=No
     """total + mask(G A), in total's dtype. total is the caller's temporary: the sum is formed in it
     where it can be, so use the returned tensor."""
     if key is not None and total.stride(-1) == 1 and _c_kernel(a.shape[0], key, total, g, a):
-        return cpu_kernels.lora_up_add(total, g, a, *_mask_args(key, t))
+        return cpu_kernels.lora_up_add(total, g, a, *_ints(key, t))
     if key is not None:
         return dropout_mask.add_masked(total, g @ a, key, t)
     if a.dtype == total.dtype:
