@@ -27,6 +27,7 @@ import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, table
 from lorafit.layers import dropout_mask, low_rank_ops
+from lorafit.train import allocator
 
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
@@ -92,7 +93,7 @@ def bench_memory(args, out: dict) -> None:
         runs = [("full", 0.1), ("lorafit", 0.1)]
     for variant, dropout in runs:
         cmd = [sys.executable, "-m", "benchmarks.memory_probe", "bert", variant, str(batch), str(seq),
-               "--dropout", str(dropout)] + (["--quick", "--steps", "1"] if args.quick else [])
+               "--dropout", str(dropout)] + (["--quick", "--steps", "1"] if args.quick else []) + _malloc_flag(args)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         data = json.loads(proc.stdout.strip().splitlines()[-1])
         key = variant if variant in ("full", "floor") else f"{variant} (dropout {dropout})"
@@ -257,7 +258,7 @@ def bench_qlora(args, out: dict) -> None:
     variants = (("float32 base", None), ("int8 base", 8), ("NF4 base", 4))
     for label, bits in variants[::2] if args.quick else variants:
         cmd = [sys.executable, "-m", "benchmarks.memory_probe", "llama", "lorafit", str(batch), str(seq),
-               "--steps", "1" if args.quick else "2"] + (["--quick"] if args.quick else [])
+               "--steps", "1" if args.quick else "2"] + (["--quick"] if args.quick else []) + _malloc_flag(args)
         if bits:
             cmd += ["--quantize", str(bits)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -362,6 +363,10 @@ def _sst2_rows() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _malloc_flag(args) -> list[str]:
+    return ["--malloc-defaults"] if args.malloc_defaults else []
+
+
 def _print(title: str, body: str) -> None:
     print(f"\n### {title}\n\n{body}\n", flush=True)
 
@@ -373,7 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", action="append", choices=PARTS, help="run only these parts (repeatable)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 10, 2 with --quick)")
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    ap.add_argument("--malloc-defaults", action="store_true",
+                    help="keep glibc's malloc thresholds in every process; by default the suite, like lorafit train, "
+                         "keeps freed memory for reuse (lorafit/train/allocator.py), for every variant alike")
     args = ap.parse_args(argv)
+    kept = not args.malloc_defaults and allocator.keep_freed_memory()
     args.reps = args.reps or (2 if args.quick else 10)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import peft
@@ -381,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# lorafit benchmarks ({time.strftime('%Y-%m-%d %H:%M')})\n\nmachine: {platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}, peft {peft.__version__}, lorafit {lorafit.__version__}")
+          f"transformers {transformers.__version__}, peft {peft.__version__}, lorafit {lorafit.__version__}, "
+          f"malloc: {'freed memory kept for reuse' if kept else 'glibc defaults'}")
     out: dict = {}
     for part in args.only or PARTS:
         globals()[f"bench_{part}"](args, out)

@@ -56,7 +56,8 @@ def run(args, rows: list[dict], print_fn) -> dict:
             config = root / f"{method}.toml"
             config.write_text(CONFIG.format(out=out, model=model, data=data, steps=steps))
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                   "lorafit", "train", str(config), "--method", method, "--no-progress"]
+                   "lorafit", "train", str(config), "--method", method, "--no-progress",
+                   "--set", f"train.keep_freed_memory={'false' if args.malloc_defaults else 'true'}"]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise SystemExit(f"torchrun {method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

@@ -55,7 +55,8 @@ def run(args, rows: list[dict], print_fn) -> dict:
                 cmd = [sys.executable, "-m", "lorafit", "train", str(ROOT / "examples" / "sst2_minilm.toml"),
                        "--output-dir", str(out), "--no-progress", *VARIANTS[name], *extra,
                        "--set", f"train.epochs={epochs}", "--set", "train.eval_every=0",
-                       "--set", f"train.num_threads={torch.get_num_threads()}"]
+                       "--set", f"train.num_threads={torch.get_num_threads()}",
+                       "--set", f"train.keep_freed_memory={'false' if args.malloc_defaults else 'true'}"]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
                 if proc.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

@@ -1,6 +1,7 @@
 """Peak resident memory of training steps, measured in a fresh process per variant.
 
-Run by the suite as ``python -m benchmarks.memory_probe MODEL VARIANT BATCH SEQ [--quick]``; prints
+Run by the suite as ``python -m benchmarks.memory_probe MODEL VARIANT BATCH SEQ [--quick]
+[--malloc-defaults]``; prints
 JSON. After the model, optimizer and one warm-up step exist, the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs``), so the reported peak is
 that of the training steps themselves, not of loading the model.
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import models, train_step
+from lorafit.train import allocator
 
 
 def _status_kb(field: str) -> int:
@@ -44,7 +46,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="NF4/int8 frozen base (QLoRA)")
+    ap.add_argument("--malloc-defaults", action="store_true", help="do not keep freed memory for reuse")
     args = ap.parse_args()
+    if not args.malloc_defaults:
+        allocator.keep_freed_memory()
     torch.manual_seed(0)
     base = (models.bert_classifier if args.model == "bert" else models.smollm2)(args.quick)
     if args.quantize:

@@ -239,8 +239,9 @@ def test_c_lora_products_equal_the_plain_formula(masked):
     assert cpu_kernels.library() is not None
     key, (t, _) = dropout_mask.new_key(torch.device("cpu")), dropout_mask.threshold(0.3, torch.device("cpu"))
     args = (int(key), int(t)) if masked else (None, 0)
-    # odd sizes for the vector loops' tails, r below, at and past a block of 8
-    for rows, cols, r in [(37, 19, 3), (64, 384, 8), (50, 101, 13), (5, 8, 16)]:
+    # odd sizes for the vector loops' tails, r below, at and past a block of 8; fewer rows than
+    # grad_a's block of 4; columns past one panel of grad_a's accumulators
+    for rows, cols, r in [(37, 19, 3), (64, 384, 8), (50, 101, 13), (5, 8, 16), (3, 24, 8), (9, 1100, 13)]:
         x = torch.randn(rows, cols + 5)[:, 2:-3]  # rows with a stride of their own
         a, g, total = torch.randn(r, cols), torch.randn(rows, r), torch.randn(rows, cols)
         keep = dropout_mask.keep_mask(rows, cols, key, t) if masked else torch.ones(rows, cols, dtype=torch.bool)
@@ -254,6 +255,15 @@ def test_c_lora_products_equal_the_plain_formula(masked):
         got = cpu_kernels.lora_up_add(out[:, 1:], g, a, *args)  # in place, through a row stride
         assert got.data_ptr() == out[:, 1:].data_ptr() and torch.equal(out[:, 0], torch.zeros(rows))
         torch.testing.assert_close(got.double(), want, **close)
+        # sums run in a fixed order: the thread count does not change a bit
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = [cpu_kernels.lora_down(x, a, *args), cpu_kernels.lora_grad_a(g, x, *args)]
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one[0], cpu_kernels.lora_down(x, a, *args))
+        assert torch.equal(one[1], cpu_kernels.lora_grad_a(g, x, *args))
 
 
 def test_dropout_without_a_c_compiler_warns_and_gives_the_same_masks(monkeypatch, tmp_path):

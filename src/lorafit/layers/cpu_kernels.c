@@ -7,7 +7,7 @@
  * lorafit_dropout_mask zeroes the dropped elements of any floating dtype (it goes by
  * element size). The lorafit_lora_* kernels are the float32 low-rank products with the
  * mask fused in (or none, masked = 0): each reads the activation once, where separate
- * ops would write the dropped copy and read it again. Rows (or column strips) are split
+ * ops would write the dropped copy and read it again. Rows (or column ranges) are split
  * over OpenMP threads and every sum runs in a fixed order, so results do not depend on
  * the thread count. GCC/Clang vector extensions keep 8 float lanes per register: AVX2
  * with -march=native on x86, two 4-lane registers elsewhere. */
@@ -116,52 +116,98 @@ void lorafit_lora_down(const float *x, int64_t xs, const float *a, float *h, int
     }
 }
 
-/* ga (r x cols, contiguous) = g^T mask(x); g is (rows x r, contiguous). Threads take strips of
- * 8 columns and 8 of the r outputs, and run down all rows, so no partial sums need merging. */
+/* Floats of one thread's accumulators in lorafit_lora_grad_a: 16 KB, half of a small L1 */
+#define GRAD_A_ACC 4096
+
+/* ga (r x cols, contiguous) = g^T mask(x); g is (rows x r, contiguous). x streams in row order,
+ * four rows per load of the accumulators; walking down columns instead (x's rows are kilobytes
+ * apart) defeats the prefetcher and, at power-of-two-ish row strides, the cache sets. Threads
+ * own column ranges, cut into panels whose r accumulator rows fit in GRAD_A_ACC; every sum runs
+ * over the rows in order. */
 void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, int64_t rows, int64_t cols,
                          int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
-    const int64_t strips = (cols + 7) / 8, blocks = (r + 7) / 8;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t s = 0; s < strips; s++) {
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t c = s * 8, k = b * 8;
-            const int kn = r - k < 8 ? (int)(r - k) : 8;
-            if (c + 8 <= cols) {
-                v8f acc[8] = {0};
-                for (int64_t n = 0; n < rows; n++) {
-                    v8f xv = load8(x + n * xs + c);
-                    if (masked) xv = keep8(xv, (uint32_t)n * (uint32_t)cols + c, key, t);
-                    const float *gn = g + n * r + k;
-                    if (kn == 8) /* a constant trip count keeps acc in registers */
-                        for (int j = 0; j < 8; j++) acc[j] += gn[j] * xv;
-                    else
-                        for (int j = 0; j < kn; j++) acc[j] += gn[j] * xv;
-                }
-                for (int j = 0; j < kn; j++) store8(ga + (k + j) * cols + c, acc[j]);
-            } else { /* the last cols % 8 columns */
-                for (int j = 0; j < kn; j++)
-                    for (int64_t cc = c; cc < cols; cc++) {
-                        float sum = 0.0f;
-                        for (int64_t n = 0; n < rows; n++)
-                            if (!masked || keep_key((uint32_t)n * (uint32_t)cols + cc, key) >= t)
-                                sum += g[n * r + k + j] * x[n * xs + cc];
-                        ga[(k + j) * cols + cc] = sum;
+    const int64_t vecs = cols / 8, c8 = vecs * 8;
+    int64_t width = (GRAD_A_ACC / r - 8) / 8 * 8;
+    if (width < 8) width = 8;
+    const int64_t stride = width + 8; /* padded so that accumulator rows do not alias 4 KB apart */
+    const int64_t parts = vecs < threads ? vecs : threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < parts; p++) {
+        const int64_t c0 = vecs * p / parts * 8, c1 = vecs * (p + 1) / parts * 8;
+        float *acc = malloc(sizeof(float) * r * stride);
+        for (int64_t s0 = c0; s0 < c1; s0 += width) {
+            const int64_t w = s0 + width < c1 ? width : c1 - s0;
+            for (int64_t k = 0; k < r; k++) memset(acc + k * stride, 0, sizeof(float) * w);
+            int64_t n = 0;
+            for (; n + 4 <= rows; n += 4) {
+                const float *xn = x + n * xs + s0, *gn = g + n * r;
+                const uint32_t i0 = (uint32_t)n * (uint32_t)cols + (uint32_t)s0;
+                for (int64_t c = 0; c < w; c += 8) {
+                    v8f x0 = load8(xn + c), x1 = load8(xn + xs + c), x2 = load8(xn + 2 * xs + c),
+                        x3 = load8(xn + 3 * xs + c);
+                    if (masked) {
+                        x0 = keep8(x0, i0 + c, key, t);
+                        x1 = keep8(x1, i0 + (uint32_t)cols + c, key, t);
+                        x2 = keep8(x2, i0 + 2 * (uint32_t)cols + c, key, t);
+                        x3 = keep8(x3, i0 + 3 * (uint32_t)cols + c, key, t);
                     }
+                    for (int64_t k = 0; k < r; k++) {
+                        v8f s = load8(acc + k * stride + c);
+                        s += gn[k] * x0;
+                        s += gn[r + k] * x1;
+                        s += gn[2 * r + k] * x2;
+                        s += gn[3 * r + k] * x3;
+                        store8(acc + k * stride + c, s);
+                    }
+                }
             }
+            for (; n < rows; n++) {
+                const float *xn = x + n * xs + s0, *gn = g + n * r;
+                for (int64_t c = 0; c < w; c += 8) {
+                    v8f x0 = load8(xn + c);
+                    if (masked) x0 = keep8(x0, (uint32_t)n * (uint32_t)cols + (uint32_t)(s0 + c), key, t);
+                    for (int64_t k = 0; k < r; k++)
+                        store8(acc + k * stride + c, load8(acc + k * stride + c) + gn[k] * x0);
+                }
+            }
+            for (int64_t k = 0; k < r; k++) memcpy(ga + k * cols + s0, acc + k * stride, sizeof(float) * w);
         }
+        free(acc);
     }
+    for (int64_t k = 0; k < r; k++) /* the last cols % 8 columns */
+        for (int64_t c = c8; c < cols; c++) {
+            float sum = 0.0f;
+            for (int64_t n = 0; n < rows; n++)
+                if (!masked || keep_key((uint32_t)n * (uint32_t)cols + (uint32_t)c, key) >= t)
+                    sum += g[n * r + k] * x[n * xs + c];
+            ga[k * cols + c] = sum;
+        }
 }
 
-/* gx (rows x cols, row stride gs) += mask(g a); g is (rows x r, contiguous), a is (r x cols) */
+/* gx (rows x cols, row stride gs) += mask(g a); g is (rows x r, contiguous), a is (r x cols).
+ * Eight column vectors per pass over k: eight independent sums, where one would wait out each
+ * multiply-add's latency before the next. */
 void lorafit_lora_up_add(const float *g, const float *a, float *gx, int64_t gs, int64_t rows, int64_t cols,
                          int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
-    const int64_t c8 = cols / 8 * 8;
+    const int64_t c8 = cols / 8 * 8, c64 = cols / 64 * 64;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < rows; n++) {
         const float *gn = g + n * r;
         float *out = gx + n * gs;
         const uint32_t base = (uint32_t)n * (uint32_t)cols;
-        for (int64_t c = 0; c < c8; c += 8) {
+        for (int64_t c = 0; c < c64; c += 64) {
+            v8f acc[8] = {0};
+            for (int64_t k = 0; k < r; k++) {
+                const float *ak = a + k * cols + c;
+                const float gk = gn[k];
+                for (int j = 0; j < 8; j++) acc[j] += gk * load8(ak + 8 * j);
+            }
+            for (int j = 0; j < 8; j++) {
+                const v8f part = masked ? keep8(acc[j], base + c + 8 * j, key, t) : acc[j];
+                store8(out + c + 8 * j, load8(out + c + 8 * j) + part);
+            }
+        }
+        for (int64_t c = c64; c < c8; c += 8) {
             v8f acc = {0};
             for (int64_t k = 0; k < r; k++) acc += gn[k] * load8(a + k * cols + c);
             if (masked) acc = keep8(acc, base + c, key, t);

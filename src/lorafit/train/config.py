@@ -108,6 +108,7 @@ class TrainSection:
     log_every: int = 10
     tensorboard: bool = False
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    keep_freed_memory: bool = True  # glibc: reuse freed memory across steps, see lorafit.train.allocator
     distributed: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (the frozen base sharded)
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import lorafit
+from lorafit.train import allocator
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import distributed
 from lorafit.train.config import RunConfig, load_config
@@ -83,6 +84,8 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     """Data, labels, tokenizer and model, all checked. Writes nothing."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    if config.train.keep_freed_memory:
+        allocator.keep_freed_memory()
     device = device or select_device(config.model.device)
     splits = load_splits(config)
     labels = label_set(config, splits) if config.task.type == "classification" else None
