@@ -243,7 +243,7 @@ def test_c_lora_products_equal_the_plain_formula(masked):
     # grad_a's block of 4; columns past one panel of grad_a's accumulators
     for rows, cols, r in [(37, 19, 3), (64, 384, 8), (50, 101, 13), (5, 8, 16), (3, 24, 8), (9, 1100, 13)]:
         x = torch.randn(rows, cols + 5)[:, 2:-3]  # rows with a stride of their own
-        a, g, total = torch.randn(r, cols), torch.randn(rows, r), torch.randn(rows, cols)
+        a, g, total, bias = torch.randn(r, cols), torch.randn(rows, r), torch.randn(rows, cols), torch.randn(cols)
         keep = dropout_mask.keep_mask(rows, cols, key, t) if masked else torch.ones(rows, cols, dtype=torch.bool)
         xd = torch.where(keep, x, 0).double()
         close = dict(rtol=1e-5, atol=1e-5 * cols ** 0.5)
@@ -255,6 +255,16 @@ def test_c_lora_products_equal_the_plain_formula(masked):
         got = cpu_kernels.lora_up_add(out[:, 1:], g, a, *args)  # in place, through a row stride
         assert got.data_ptr() == out[:, 1:].data_ptr() and torch.equal(out[:, 0], torch.zeros(rows))
         torch.testing.assert_close(got.double(), want, **close)
+        if not masked:  # the forward's output: bias + s G A, then the next adapter's s G A summed into it
+            ad, gd = a.double(), g.double()
+            up = cpu_kernels.lora_up(g, a, 0.7, bias=bias)
+            torch.testing.assert_close(up.double(), bias.double() + 0.7 * gd @ ad, **close)
+            torch.testing.assert_close(cpu_kernels.lora_up(g, a, 2.0).double(), 2.0 * gd @ ad, **close)
+            out = torch.zeros(rows, cols + 1)
+            out[:, 1:] = total
+            got = cpu_kernels.lora_up(g, a, -0.5, out[:, 1:])
+            assert got.data_ptr() == out[:, 1:].data_ptr() and torch.equal(out[:, 0], torch.zeros(rows))
+            torch.testing.assert_close(got.double(), total.double() - 0.5 * gd @ ad, **close)
         # sums run in a fixed order: the thread count does not change a bit (1 against 3, whatever the
         # machine has, so the check means something on a 1-core runner too)
         threads = torch.get_num_threads()
@@ -262,12 +272,12 @@ def test_c_lora_products_equal_the_plain_formula(masked):
         try:
             for n in (1, 3):
                 torch.set_num_threads(n)
-                runs.append([cpu_kernels.lora_down(x, a, *args), cpu_kernels.lora_grad_a(g, x, *args)])
+                runs.append([cpu_kernels.lora_down(x, a, *args), cpu_kernels.lora_grad_a(g, x, *args),
+                             cpu_kernels.lora_up(g, a, 0.7, bias=bias)])
         finally:
             torch.set_num_threads(threads)
-        one, three = runs
-        assert torch.equal(one[0], three[0])
-        assert torch.equal(one[1], three[1])
+        for one, three in zip(*runs):
+            assert torch.equal(one, three)
 
 
 def test_dropout_without_a_c_compiler_warns_and_gives_the_same_masks(monkeypatch, tmp_path):

@@ -228,3 +228,42 @@ void lorafit_lora_up_add(const float *g, const float *a, float *gx, int64_t gs, 
         }
     }
 }
+
+/* out (rows x cols, row stride os) = base + scale g a, where base is out itself if accumulate,
+ * else bias (a cols-vector; NULL: zeros). g is (rows x r), a (r x cols), both contiguous. In
+ * the forward pass this writes bias + s H B^T as the output that the base product then adds
+ * into: one pass over the output, where the bias copy and the low-rank sum would take two.
+ * Eight column vectors per pass over k: eight independent sums, where one would wait out
+ * each multiply-add's latency before the next. */
+void lorafit_lora_up(const float *g, const float *a, const float *bias, float *out, int64_t os, float scale,
+                     int32_t accumulate, int64_t rows, int64_t cols, int64_t r, int32_t threads) {
+    const int64_t c8 = cols / 8 * 8, c64 = cols / 64 * 64;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < rows; n++) {
+        const float *gn = g + n * r;
+        float *o = out + n * os;
+        for (int64_t c = 0; c < c64; c += 64) {
+            v8f acc[8] = {0};
+            for (int64_t k = 0; k < r; k++) {
+                const float *ak = a + k * cols + c;
+                const float gk = gn[k];
+                for (int j = 0; j < 8; j++) acc[j] += gk * load8(ak + 8 * j);
+            }
+            for (int j = 0; j < 8; j++) {
+                const float *b = accumulate ? o + c + 8 * j : bias ? bias + c + 8 * j : NULL;
+                store8(o + c + 8 * j, (b ? load8(b) : (v8f){0}) + scale * acc[j]);
+            }
+        }
+        for (int64_t c = c64; c < c8; c += 8) {
+            v8f acc = {0};
+            for (int64_t k = 0; k < r; k++) acc += gn[k] * load8(a + k * cols + c);
+            const float *b = accumulate ? o + c : bias ? bias + c : NULL;
+            store8(o + c, (b ? load8(b) : (v8f){0}) + scale * acc);
+        }
+        for (int64_t c = c8; c < cols; c++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < r; k++) acc += gn[k] * a[k * cols + c];
+            o[c] = (accumulate ? o[c] : bias ? bias[c] : 0.0f) + scale * acc;
+        }
+    }
+}

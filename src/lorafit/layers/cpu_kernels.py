@@ -29,13 +29,14 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _library = None  # the loaded library, False where it cannot be built
 
-_PTR, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_PTR, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 _SIGNATURES = {
     "lorafit_dropout_mask": [_PTR, _PTR] + [_I64] * 5 + [_I32] * 3,
     # (in, in row stride, factor, out, rows, cols, r, masked, key, t, threads) and the like
     "lorafit_lora_down": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4,
     "lorafit_lora_grad_a": [_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4,
     "lorafit_lora_up_add": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64] + [_I32] * 4,
+    "lorafit_lora_up": [_PTR, _PTR, _PTR, _PTR, _I64, _F32, _I32, _I64, _I64, _I64, _I32],
 }
 
 
@@ -145,3 +146,22 @@ def lora_up_add(gx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, key: int | N
     _library.lorafit_lora_up_add(g.data_ptr(), a.data_ptr(), gx.data_ptr(), gx.stride(0), rows, cols, r,
                                  *_mask_args(key, t), torch.get_num_threads())
     return gx
+
+
+def lora_up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out + scale G A in place, or where out is None a new bias + scale G A (bias None: no bias), for
+    float32 G (N x r), A (r x d), bias (d) and out (N x d, unit column stride)."""
+    g, a = g.contiguous(), a.contiguous()
+    (rows, r), cols = g.shape, a.shape[1]
+    if out is None:
+        out = torch.empty(rows, cols, dtype=a.dtype, device=a.device)
+        accumulate = 0
+    elif out.stride(-1) != 1:
+        raise ValueError(f"lora_up: out stride {out.stride()} needs a unit column stride")
+    else:
+        accumulate = 1
+    bias = bias.contiguous() if bias is not None and not accumulate else None
+    _library.lorafit_lora_up(g.data_ptr(), a.data_ptr(), bias.data_ptr() if bias is not None else None,
+                             out.data_ptr(), out.stride(0), scale, accumulate, rows, cols, r, torch.get_num_threads())
+    return out

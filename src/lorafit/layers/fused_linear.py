@@ -14,7 +14,8 @@ and v share), the small H_i and each mask's 32-bit key: a mask is a hash of
 its key and the element positions, recomputed inside each pass that applies
 it: to x for H and for dA, and to the input gradient (low_rank_ops, in C on
 a CPU in float32).
-The low-rank product is accumulated into the base output in place (``addmm_``).
+The output starts as bias + sum_i s_i H_i B_i^T (low_rank_ops.up: one pass
+over it) and the base product x W^T adds into it in place (``addmm_``).
 
 Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
 dY (W + s B A) is the whole input gradient. Folding the adapters into a
@@ -61,8 +62,7 @@ class LoraLinearFunction(torch.autograd.Function):
         rows = x2.shape[0]
         no_dropout = not any(ps)
         fold = no_dropout and rows > d_in and _can_fold(weight, factors)
-        y = _base_linear(x2, _folded(weight, transposed, factors, scales) if fold else weight, bias, transposed)
-        hs, keys = [], []
+        hs, keys, y = [], [], None
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
             if ps[i] > 0:
@@ -73,13 +73,15 @@ class LoraLinearFunction(torch.autograd.Function):
                 s = s * rescale
             else:
                 h = low_rank_ops.down(x2, a)
-            # h is kept for dB; it is small (N x r)
+            hs.append(h)  # kept for dB; it is small (N x r)
             if not fold:
-                if b.dtype == y.dtype:
-                    y.addmm_(h, b.T, alpha=s)
-                else:
-                    y.add_((h @ b.T).to(y.dtype), alpha=s)
-            hs.append(h)
+                # the output starts as bias + s H B^T and x W^T adds into it below: one pass over the
+                # output for the bias and the low-rank sum together
+                y = low_rank_ops.up(h, b, s, y, bias, weight.dtype)
+        if fold:
+            y = _base_linear(x2, _folded(weight, transposed, factors, scales), bias, transposed)
+        else:
+            y.addmm_(x2, weight if transposed else weight.T)
         ctx.save_for_backward(x, weight, *factors, *hs, *keys)
         ctx.meta = (transposed, scales, ps, bias is not None)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -3,9 +3,10 @@
 For x (N x d_in), A (r x d_in), G (N x r) and a mask given by (key, t) from
 dropout_mask (key None: no mask):
 
-    down(x, A)         = mask(x) A^T              the N x r input of B
-    grad_a(G, x)       = G^T mask(x)              A's gradient before scaling
-    up_add(total, G, A) = total + mask(G A)       the low-rank part of dx
+    down(x, A)             = mask(x) A^T              the N x r input of B
+    up(H, B, s, bias=bias) = bias + s H B^T           the output, before x W^T adds into it
+    grad_a(G, x)           = G^T mask(x)              A's gradient before scaling
+    up_add(total, G, A)    = total + mask(G A)        the low-rank part of dx
 
 In float32 on a CPU each is one C loop (cpu_kernels.c) that reads the
 activation once and applies the mask as it goes, where torch ops would write
@@ -28,10 +29,11 @@ from lorafit.layers import cpu_kernels, dropout_mask
 _MAX_RANK_MASKED, _MAX_RANK_PLAIN = 16, 8
 
 
-def _c_kernel(r: int, key, *tensors: torch.Tensor) -> bool:
+def _c_kernel(r: int, key, *tensors: torch.Tensor | None) -> bool:
     if r > (_MAX_RANK_PLAIN if key is None else _MAX_RANK_MASKED):
         return False
-    return all(x.dtype == torch.float32 for x in tensors) and cpu_kernels.serves(tensors[0])
+    given = [x for x in tensors if x is not None]
+    return all(x.dtype == torch.float32 for x in given) and cpu_kernels.serves(given[0])
 
 
 def _ints(key, t) -> tuple:
@@ -44,6 +46,22 @@ def down(x: torch.Tensor, a: torch.Tensor, key=None, t=None) -> torch.Tensor:
         return cpu_kernels.lora_down(x, a, *_ints(key, t))
     x = x.to(a.dtype)
     return (x if key is None else dropout_mask.dropped(x, key, t)) @ a.T
+
+
+def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out + s H B^T, formed in out; where out is None, a new tensor bias + s H B^T (bias None: none) in
+    ``dtype`` (default B's)."""
+    dtype = out.dtype if out is not None else dtype or b.dtype
+    if (dtype == torch.float32 and (out is None or out.stride(-1) == 1)
+            and _c_kernel(b.shape[1], None, h, b, out, bias)):
+        return cpu_kernels.lora_up(h, b.T, s, out, bias)
+    if out is not None:
+        return out.addmm_(h, b.T, alpha=s) if b.dtype == out.dtype else out.add_((h @ b.T).to(out.dtype), alpha=s)
+    if bias is not None and b.dtype == dtype == bias.dtype:
+        return torch.addmm(bias, h, b.T, alpha=s)
+    part = (h @ b.T).mul_(s).to(dtype)
+    return part if bias is None else part.add_(bias)
 
 
 def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t=None) -> torch.Tensor:
