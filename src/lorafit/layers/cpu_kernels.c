@@ -146,11 +146,32 @@ void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, 
                 const float *xn = x + n * xs + s0, *gn = g + n * r;
                 const uint32_t i0 = (uint32_t)n * (uint32_t)cols + (uint32_t)s0;
                 const int fetch = n + 4 + GRAD_A_AHEAD <= rows;
-                for (int64_t c = 0; c < w; c += 8) {
-                    if (fetch && c % 16 == 0) { /* once per 64-byte line of each of the four rows */
-                        const float *ahead = xn + GRAD_A_AHEAD * xs + c;
-                        for (int j = 0; j < 4; j++) __builtin_prefetch(ahead + j * xs);
+                int64_t c = 0;
+                for (; c + 16 <= w; c += 16) { /* two vectors a row: each broadcast of g serves two FMAs */
+                    if (fetch) /* once per 64-byte line of each of the four rows */
+                        for (int j = 0; j < 4; j++) __builtin_prefetch(xn + (GRAD_A_AHEAD + j) * xs + c);
+                    v8f lo[4], hi[4];
+                    for (int j = 0; j < 4; j++) {
+                        lo[j] = load8(xn + j * xs + c);
+                        hi[j] = load8(xn + j * xs + c + 8);
+                        if (masked) {
+                            lo[j] = keep8(lo[j], i0 + (uint32_t)j * (uint32_t)cols + c, key, t);
+                            hi[j] = keep8(hi[j], i0 + (uint32_t)j * (uint32_t)cols + c + 8, key, t);
+                        }
                     }
+                    for (int64_t k = 0; k < r; k++) {
+                        float *ak = acc + k * stride + c;
+                        v8f sl = load8(ak), sh = load8(ak + 8);
+                        for (int j = 0; j < 4; j++) {
+                            const float gj = gn[j * r + k];
+                            sl += gj * lo[j];
+                            sh += gj * hi[j];
+                        }
+                        store8(ak, sl);
+                        store8(ak + 8, sh);
+                    }
+                }
+                if (c < w) { /* the panel's last 8 columns */
                     v8f x0 = load8(xn + c), x1 = load8(xn + xs + c), x2 = load8(xn + 2 * xs + c),
                         x3 = load8(xn + 3 * xs + c);
                     if (masked) {
