@@ -2,8 +2,9 @@
 
 Variants, all from the same base weights and batch:
   full     every parameter trains (full fine-tuning)
-  floor    base frozen, only the head trains, but the backward pass still runs through every
-           layer (input gradients), with no low-rank path at all: the cost LoRA cannot go below
+  floor    base frozen, only the head trains, but the backward pass computes the gradient at every
+           target layer's output (input gradients down to the first layer's targets), with no
+           low-rank path at all: the cost LoRA cannot go below
   peft     Hugging Face PEFT LoRA
   lorafit  lorafit LoRA
 """
@@ -38,8 +39,11 @@ def make_variant(base: nn.Module, variant: str, r: int = 8, dropout: float = 0.1
         for head in HEADS[kind]:
             for p in getattr(model, head).parameters():
                 p.requires_grad_(True)
-        # gradients must flow back through every layer, as they do with adapters in the first layer
-        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+        # autograd must compute what adapters need and no more: the gradient at each target layer's
+        # output, hence back through every layer down to the first targets, but not into the embeddings
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS[kind]:
+                module.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     elif variant == "peft":
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
