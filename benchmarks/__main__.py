@@ -25,7 +25,7 @@ import torch
 
 import lorafit
 from benchmarks import models, train_step
-from benchmarks.timing import interleaved, median, table
+from benchmarks.timing import interleaved, median, over, ratio, table
 from lorafit.layers import dropout_mask, low_rank_ops
 from lorafit.train import allocator
 
@@ -68,21 +68,21 @@ def bench_train(args, out: dict) -> None:
     steps["low-rank products alone, dropout 0.1"] = lambda: products(True)
     times = interleaved(steps, reps=args.reps, warmup=1)
     counts["low-rank products alone"] = counts["low-rank products alone, dropout 0.1"] = 0
-    full = median(times["full"])
-    peft = {d: median(times[f"peft (dropout {d})"]) for d in (0.1, 0.0)}
     rows = []
     for key, ts in times.items():
-        m = median(ts)
-        vs_peft = ""
+        vs_peft = vs_floor = ""
         for d in (0.1, 0.0):
             if key.endswith(f"(dropout {d})"):
-                vs_peft = f"{m / peft[d]:.2f}"
-        rows.append([key, f"{counts[key]:,}", f"{1000 * m:.0f}", f"{m / full:.2f}", vs_peft])
+                vs_peft = f"{ratio(times, key, f'peft (dropout {d})'):.2f}"
+        if key not in ("full", "floor") and not key.startswith("low-rank"):
+            vs_floor = f"{over(times, key, 'floor', 'full'):+.2f}"
+        rows.append([key, f"{counts[key]:,}", f"{1000 * median(ts):.0f}", f"{ratio(times, key, 'full'):.2f}", vs_peft,
+                     vs_floor])
     title = f"Training step, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq} tokens, " \
             f"r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps"
-    _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT"]))
+    _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT", "floor + (x full)"]))
     out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
-                    "all_s": times, "trainable": counts}
+                    "x_full": {k: ratio(times, k, "full") for k in times}, "all_s": times, "trainable": counts}
 
 
 def bench_memory(args, out: dict) -> None:
@@ -142,8 +142,7 @@ def bench_infer(args, out: dict) -> None:
         return f
 
     times = interleaved({k: run(m) for k, m in models_.items()}, reps=args.reps * 2, warmup=2)
-    b = median(times["base"])
-    rows = [[k, f"{1000 * median(v):.1f}", f"{median(v) / b:.3f}"] for k, v in times.items()]
+    rows = [[k, f"{1000 * median(v):.1f}", f"{ratio(times, k, 'base'):.3f}"] for k, v in times.items()]
     _print(f"Inference, batch {batch} x {seq}, r=8 on query/key/value/dense", table(rows, ["model", "median ms", "x base"]))
     out["infer"] = {k: median(v) for k, v in times.items()}
 
@@ -174,8 +173,7 @@ def bench_load(args, out: dict) -> None:
                 times["peft load_adapter"].append(t1 - t0)
                 times["lorafit load_adapter"].append(t3 - t2)
         del get_peft_model, PeftLoraConfig
-    p = median(times["peft load_adapter"])
-    rows = [[k, f"{1000 * median(v):.1f}", f"{median(v) / p:.2f}"] for k, v in times.items()]
+    rows = [[k, f"{1000 * median(v):.1f}", f"{ratio(times, k, 'peft load_adapter'):.2f}"] for k, v in times.items()]
     _print("Loading an r=8 adapter into a running model (files to ready-to-run adapter; removal not timed)",
            table(rows, ["call", "median ms", "x PEFT"]))
     out["load"] = {k: median(v) for k, v in times.items()}
@@ -191,8 +189,7 @@ def bench_smollm(args, out: dict) -> None:
     del base
     reps = max(2, args.reps // 3)
     times = interleaved(steps, reps=reps, warmup=1)
-    p = median(times["peft"])
-    rows = [[k, f"{median(v):.2f}", f"{median(v) / p:.2f}"] for k, v in times.items()]
+    rows = [[k, f"{median(v):.2f}", f"{ratio(times, k, 'peft'):.2f}"] for k, v in times.items()]
     _print(f"Training step, SmolLM2-135M, batch {batch} x {seq}, r=8 on q/k/v/o, dropout 0.1, {reps} reps",
            table(rows, ["variant", "median s", "x PEFT"]))
     out["smollm"] = {k: median(v) for k, v in times.items()}
@@ -323,13 +320,12 @@ def bench_mixed(args, out: dict) -> None:
         variants[f"lorafit, {label}"] = run_lorafit(k)
         variants[f"PEFT adapter_names, {label}"] = run_peft(k)
     times = interleaved(variants, reps=args.reps * 2, warmup=2)
-    b = median(times["base model"])
-    rows_ = [[k, f"{1000 * median(v):.1f}", f"{median(v) / b:.2f}"] for k, v in times.items()]
+    rows_ = [[k, f"{1000 * median(v):.1f}", f"{ratio(times, k, 'base model'):.2f}"] for k, v in times.items()]
     _print(f"Mixed-adapter batch, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq}, "
            f"r=8 on query/key/value/dense, row i uses adapter i mod k, {args.reps * 2} interleaved reps",
            table(rows_, ["variant", "median ms", "x base"]))
     out["mixed"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
-                    "x_base": {k: median(v) / b for k, v in times.items()}}
+                    "x_base": {k: ratio(times, k, "base model") for k in times}}
 
 
 def bench_serve(args, out: dict) -> None:

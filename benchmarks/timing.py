@@ -1,5 +1,6 @@
 """Interleaved timing: every variant runs once per round, in a rotating order, so a
-noisy neighbour on this shared machine slows all variants alike."""
+noisy neighbour on this shared machine slows all variants alike; ratios are taken
+within each round (``ratio``), then the median over rounds."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: in
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """The median over rounds of name's time over ref's time in the same round. This machine drifts
+    (a step took 1.2 s and 2.0 s within minutes) faster than the variants rotate, so a ratio of
+    whole-run medians moves with the drift; a variant and its reference in one round move together."""
+    return median([t / r for t, r in zip(times[name], times[ref], strict=True)])
+
+
+def over(times: dict[str, list[float]], name: str, base: str, unit: str) -> float:
+    """The median over rounds of (name's time - base's time) / unit's time, all from the same round."""
+    return median([(t - b) / u for t, b, u in zip(times[name], times[base], times[unit], strict=True)])
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
