@@ -48,21 +48,21 @@ def bench_train(args, out: dict) -> None:
     # What the low-rank path costs at the least: each adapter's skinny products in a step, through the
     # same ops as fused_linear and nothing else. Without dropout: H = x A^T, dY B, (dY B)^T x and H^T dY
     # (dx's low-rank part is folded into the base matmul at these shapes). With dropout, the mask is
-    # applied inside H and (dY B)^T x, and the low-rank part of dx is a masked sum of its own.
+    # applied inside H and (dY B)^T x, and the low-rank part of dx is a masked product written in a pass
+    # of its own (that dY W then adds into).
     layers = [layer for _, layer in lorafit.model.lora_layers(train_step.make_variant(base, "lorafit", dropout=0.1))]
     t, _ = dropout_mask.threshold(0.1, torch.device("cpu"))
     operands = [(torch.randn(batch * seq, layer.in_features), torch.randn(8, layer.in_features),
-                 torch.randn(layer.out_features, 8), torch.randn(batch * seq, layer.out_features),
-                 torch.zeros(batch * seq, layer.in_features)) for layer in layers]
+                 torch.randn(layer.out_features, 8), torch.randn(batch * seq, layer.out_features)) for layer in layers]
 
     def products(dropout: bool) -> None:
-        for x, a, b, gy, gx in operands:
+        for x, a, b, gy in operands:
             key = dropout_mask.new_key(x.device) if dropout else None
             h = low_rank_ops.down(x, a, key, t)
             gh = low_rank_ops.down(gy, b.T.contiguous())
             low_rank_ops.grad_a(gh, x, key, t), low_rank_ops.grad_a(h, gy)
             if dropout:
-                low_rank_ops.up_add(gx, gh, a, key, t)
+                low_rank_ops.up(gh, a.T, 1.0, None, None, x.dtype, key, t)
 
     steps["low-rank products alone"] = lambda: products(False)
     steps["low-rank products alone, dropout 0.1"] = lambda: products(True)

@@ -213,56 +213,22 @@ void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, 
         }
 }
 
-/* gx (rows x cols, row stride gs) += mask(g a); g is (rows x r, contiguous), a is (r x cols).
- * Eight column vectors per pass over k: eight independent sums, where one would wait out each
- * multiply-add's latency before the next. */
-void lorafit_lora_up_add(const float *g, const float *a, float *gx, int64_t gs, int64_t rows, int64_t cols,
-                         int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
-    const int64_t c8 = cols / 8 * 8, c64 = cols / 64 * 64;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < rows; n++) {
-        const float *gn = g + n * r;
-        float *out = gx + n * gs;
-        const uint32_t base = (uint32_t)n * (uint32_t)cols;
-        for (int64_t c = 0; c < c64; c += 64) {
-            v8f acc[8] = {0};
-            for (int64_t k = 0; k < r; k++) {
-                const float *ak = a + k * cols + c;
-                const float gk = gn[k];
-                for (int j = 0; j < 8; j++) acc[j] += gk * load8(ak + 8 * j);
-            }
-            for (int j = 0; j < 8; j++) {
-                const v8f part = masked ? keep8(acc[j], base + c + 8 * j, key, t) : acc[j];
-                store8(out + c + 8 * j, load8(out + c + 8 * j) + part);
-            }
-        }
-        for (int64_t c = c64; c < c8; c += 8) {
-            v8f acc = {0};
-            for (int64_t k = 0; k < r; k++) acc += gn[k] * load8(a + k * cols + c);
-            if (masked) acc = keep8(acc, base + c, key, t);
-            store8(out + c, load8(out + c) + acc);
-        }
-        for (int64_t c = c8; c < cols; c++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < r; k++) acc += gn[k] * a[k * cols + c];
-            if (!masked || keep_key(base + c, key) >= t) out[c] += acc;
-        }
-    }
-}
-
-/* out (rows x cols, row stride os) = base + scale g a, where base is out itself if accumulate,
- * else bias (a cols-vector; NULL: zeros). g is (rows x r), a (r x cols), both contiguous. In
- * the forward pass this writes bias + s H B^T as the output that the base product then adds
- * into: one pass over the output, where the bias copy and the low-rank sum would take two.
- * Eight column vectors per pass over k: eight independent sums, where one would wait out
- * each multiply-add's latency before the next. */
+/* out (rows x cols, row stride os) = base + scale mask(g a), where base is out itself if accumulate,
+ * else bias (a cols-vector; NULL: zeros). g is (rows x r), a (r x cols), both contiguous. The
+ * forward pass writes bias + s H B^T with it, and backward s mask(dY B A) for dx, as the output
+ * that the base product then adds into: one pass that only writes, where the bias copy (or the
+ * base product) and a separate low-rank sum would each pass over the output. Eight column
+ * vectors per pass over k: eight independent sums, where one would wait out each multiply-add's
+ * latency before the next. */
 void lorafit_lora_up(const float *g, const float *a, const float *bias, float *out, int64_t os, float scale,
-                     int32_t accumulate, int64_t rows, int64_t cols, int64_t r, int32_t threads) {
+                     int32_t accumulate, int64_t rows, int64_t cols, int64_t r, int32_t masked, int32_t key, int32_t t,
+                     int32_t threads) {
     const int64_t c8 = cols / 8 * 8, c64 = cols / 64 * 64;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < rows; n++) {
         const float *gn = g + n * r;
         float *o = out + n * os;
+        const uint32_t i0 = (uint32_t)n * (uint32_t)cols;
         for (int64_t c = 0; c < c64; c += 64) {
             v8f acc[8] = {0};
             for (int64_t k = 0; k < r; k++) {
@@ -271,20 +237,24 @@ void lorafit_lora_up(const float *g, const float *a, const float *bias, float *o
                 for (int j = 0; j < 8; j++) acc[j] += gk * load8(ak + 8 * j);
             }
             for (int j = 0; j < 8; j++) {
-                const float *b = accumulate ? o + c + 8 * j : bias ? bias + c + 8 * j : NULL;
-                store8(o + c + 8 * j, (b ? load8(b) : (v8f){0}) + scale * acc[j]);
+                const int64_t cj = c + 8 * j;
+                const float *b = accumulate ? o + cj : bias ? bias + cj : NULL;
+                const v8f part = scale * acc[j];
+                store8(o + cj, (b ? load8(b) : (v8f){0}) + (masked ? keep8(part, i0 + cj, key, t) : part));
             }
         }
         for (int64_t c = c64; c < c8; c += 8) {
             v8f acc = {0};
             for (int64_t k = 0; k < r; k++) acc += gn[k] * load8(a + k * cols + c);
             const float *b = accumulate ? o + c : bias ? bias + c : NULL;
-            store8(o + c, (b ? load8(b) : (v8f){0}) + scale * acc);
+            const v8f part = scale * acc;
+            store8(o + c, (b ? load8(b) : (v8f){0}) + (masked ? keep8(part, i0 + c, key, t) : part));
         }
         for (int64_t c = c8; c < cols; c++) {
             float acc = 0.0f;
             for (int64_t k = 0; k < r; k++) acc += gn[k] * a[k * cols + c];
-            o[c] = (accumulate ? o[c] : bias ? bias[c] : 0.0f) + scale * acc;
+            const float part = masked && keep_key(i0 + c, key) < t ? 0.0f : scale * acc;
+            o[c] = (accumulate ? o[c] : bias ? bias[c] : 0.0f) + part;
         }
     }
 }

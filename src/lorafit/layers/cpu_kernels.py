@@ -35,8 +35,7 @@ _SIGNATURES = {
     # (in, in row stride, factor, out, rows, cols, r, masked, key, t, threads) and the like
     "lorafit_lora_down": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4,
     "lorafit_lora_grad_a": [_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4,
-    "lorafit_lora_up_add": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64] + [_I32] * 4,
-    "lorafit_lora_up": [_PTR, _PTR, _PTR, _PTR, _I64, _F32, _I32, _I64, _I64, _I64, _I32],
+    "lorafit_lora_up": [_PTR, _PTR, _PTR, _PTR, _I64, _F32, _I32, _I64, _I64, _I64] + [_I32] * 4,
 }
 
 
@@ -137,21 +136,10 @@ def lora_grad_a(g: torch.Tensor, x: torch.Tensor, key: int | None, t: int) -> to
     return ga
 
 
-def lora_up_add(gx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, key: int | None, t: int) -> torch.Tensor:
-    """gx += mask(G A) in place, for float32 gx (N x d) with unit column stride, G (N x r), A (r x d)."""
-    if gx.stride(-1) != 1:
-        raise ValueError(f"lora_up_add: gx stride {gx.stride()} needs a unit column stride")
-    g, a = g.contiguous(), a.contiguous()
-    (rows, cols), r = gx.shape, a.shape[0]
-    _library.lorafit_lora_up_add(g.data_ptr(), a.data_ptr(), gx.data_ptr(), gx.stride(0), rows, cols, r,
-                                 *_mask_args(key, t), torch.get_num_threads())
-    return gx
-
-
 def lora_up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """out + scale G A in place, or where out is None a new bias + scale G A (bias None: no bias), for
-    float32 G (N x r), A (r x d), bias (d) and out (N x d, unit column stride)."""
+            bias: torch.Tensor | None = None, key: int | None = None, t: int = 0) -> torch.Tensor:
+    """out + scale mask(G A) in place, or where out is None a new bias + scale mask(G A) (bias None: no
+    bias), for float32 G (N x r), A (r x d), bias (d) and out (N x d, unit column stride)."""
     g, a = g.contiguous(), a.contiguous()
     (rows, r), cols = g.shape, a.shape[1]
     if out is None:
@@ -163,5 +151,6 @@ def lora_up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | 
         accumulate = 1
     bias = bias.contiguous() if bias is not None and not accumulate else None
     _library.lorafit_lora_up(g.data_ptr(), a.data_ptr(), bias.data_ptr() if bias is not None else None,
-                             out.data_ptr(), out.stride(0), scale, accumulate, rows, cols, r, torch.get_num_threads())
+                             out.data_ptr(), out.stride(0), scale, accumulate, rows, cols, r, *_mask_args(key, t),
+                             torch.get_num_threads())
     return out

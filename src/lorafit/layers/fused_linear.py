@@ -98,16 +98,14 @@ class LoraLinearFunction(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         rows, d_out = g2.shape
 
-        gx = None
         fold = need[0] and not any(ps) and rows > d_out and _can_fold(weight, factors)
-        if need[0]:
-            w = _folded(weight, transposed, factors, scales) if fold else weight
-            gx = g2 @ (w.T if transposed else w)
+        lora_gx = need[0] and not fold
         gw = None
         if need[1]:
             gw = x2.T @ g2 if transposed else g2.T @ x2
         gbias = g2.sum(0) if has_bias and need[2] else None
 
+        gx = None
         gfactors: list[torch.Tensor | None] = []
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
@@ -119,7 +117,6 @@ class LoraLinearFunction(torch.autograd.Function):
                 s = s * rescale
             gl = g2.to(b.dtype)
             ga = gh = None
-            lora_gx = gx is not None and not fold
             if need_a or lora_gx:
                 # dY B (N x r) as dY (B^T)^T: with B^T stored r-major MKL runs this skinny product
                 # about 2x faster than with B itself (measured at N=832, d_out=384 and 1536). It
@@ -127,13 +124,17 @@ class LoraLinearFunction(torch.autograd.Function):
                 gh = low_rank_ops.down(gl, b.T.contiguous())
             # (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H
             gb = low_rank_ops.grad_a(hs[i], gl).T.mul_(s) if need_b else None
-            if gh is not None:
-                # with dropout, the mask is recomputed from its key in each pass that applies it
-                if need_a:
-                    ga = low_rank_ops.grad_a(gh, x2, key, t).mul_(s)
-                if lora_gx:
-                    gx = low_rank_ops.up_add(gx, gh.mul(s), a, key, t)
+            # with dropout, the mask is recomputed from its key in each pass that applies it
+            if need_a:
+                ga = low_rank_ops.grad_a(gh, x2, key, t).mul_(s)
+            if lora_gx:
+                # dx starts as s mask(dY B A), and dY W adds into it below, as in forward
+                gx = low_rank_ops.up(gh, a.T, s, gx, None, x.dtype, key, t)
             gfactors += [ga, gb]
+        if need[0]:
+            w = _folded(weight, transposed, factors, scales) if fold else weight
+            w = w.T if transposed else w
+            gx = g2 @ w if gx is None else gx.addmm_(g2, w)
         if gx is not None:
             gx = gx.view(x.shape)
         return (gx, gw, gbias, None, None, None, *gfactors)

@@ -3,10 +3,10 @@
 For x (N x d_in), A (r x d_in), G (N x r) and a mask given by (key, t) from
 dropout_mask (key None: no mask):
 
-    down(x, A)             = mask(x) A^T              the N x r input of B
-    up(H, B, s, bias=bias) = bias + s H B^T           the output, before x W^T adds into it
-    grad_a(G, x)           = G^T mask(x)              A's gradient before scaling
-    up_add(total, G, A)    = total + mask(G A)        the low-rank part of dx
+    down(x, A)              = mask(x) A^T              the N x r input of B
+    grad_a(G, x)            = G^T mask(x)              A's gradient before scaling
+    up(H, B, s, bias=bias)  = bias + s H B^T           the output, before x W^T adds into it
+    up(G, A^T, s, out=gx)   = gx + s mask(G A)         the low-rank part of dx
 
 In float32 on a CPU each is one C loop (cpu_kernels.c) that reads the
 activation once and applies the mask as it goes, where torch ops would write
@@ -25,7 +25,8 @@ from lorafit.layers import cpu_kernels, dropout_mask
 # Ranks up to which the C loops win (N = 800 and 2048 rows, d = 384 and 1536): with a mask to fuse,
 # through r = 16 (down 2.1x and 1.3x faster than mask-then-MKL, grad_a 2.1x and 1.3x); without one,
 # through r = 8 (down 1.4-2.0x, grad_a 1.0-1.4x faster than MKL). At r = 32 MKL wins either way.
-# The sum with G A runs in C only with a mask: without one, MKL's addmm_ is 2x faster.
+# Adding G A into an existing tensor runs in C only with a mask: without one, MKL's addmm_ is 2x
+# faster. A new output (bias + s H B^T) is written in C in one pass either way.
 _MAX_RANK_MASKED, _MAX_RANK_PLAIN = 16, 8
 
 
@@ -49,13 +50,19 @@ def down(x: torch.Tensor, a: torch.Tensor, key=None, t=None) -> torch.Tensor:
 
 
 def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-       dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out + s H B^T, formed in out; where out is None, a new tensor bias + s H B^T (bias None: none) in
-    ``dtype`` (default B's)."""
+       dtype: torch.dtype | None = None, key=None, t=None) -> torch.Tensor:
+    """out + s mask(H B^T), formed in out; where out is None, a new tensor bias + s mask(H B^T) (bias None:
+    none) in ``dtype`` (default B's)."""
     dtype = out.dtype if out is not None else dtype or b.dtype
-    if (dtype == torch.float32 and (out is None or out.stride(-1) == 1)
-            and _c_kernel(b.shape[1], None, h, b, out, bias)):
-        return cpu_kernels.lora_up(h, b.T, s, out, bias)
+    if (dtype == torch.float32 and (out is None or (key is not None and out.stride(-1) == 1))
+            and _c_kernel(b.shape[1], key, h, b, out, bias)):
+        return cpu_kernels.lora_up(h, b.T, s, out, bias, *_ints(key, t))
+    if key is not None:
+        part = (h @ b.T).mul_(s)
+        if out is not None:
+            return dropout_mask.add_masked(out, part, key, t)
+        part = dropout_mask.dropped(part, key, t).to(dtype)
+        return part if bias is None else part.add_(bias)
     if out is not None:
         return out.addmm_(h, b.T, alpha=s) if b.dtype == out.dtype else out.add_((h @ b.T).to(out.dtype), alpha=s)
     if bias is not None and b.dtype == dtype == bias.dtype:
@@ -70,15 +77,3 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t=None) -> torch.Tensor:
         return cpu_kernels.lora_grad_a(g, x, *_ints(key, t))
     x = x.to(g.dtype)
     return torch.mm(g.T, x if key is None else dropout_mask.dropped(x, key, t))
-
-
-def up_add(total: torch.Tensor, g: torch.Tensor, a: torch.Tensor, key=None, t=None) -> torch.Tensor:
-    """total + mask(G A), in total's dtype. total is the caller's temporary: the sum is formed in it
-    where it can be, so use the returned tensor."""
-    if key is not None and total.stride(-1) == 1 and _c_kernel(a.shape[0], key, total, g, a):
-        return cpu_kernels.lora_up_add(total, g, a, *_ints(key, t))
-    if key is not None:
-        return dropout_mask.add_masked(total, g @ a, key, t)
-    if a.dtype == total.dtype:
-        return total.addmm_(g, a)
-    return total.add_((g @ a).to(total.dtype))
