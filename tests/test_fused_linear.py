@@ -34,7 +34,7 @@ def _reference(layer, x, masks, factors=None):
     """base(x) + sum s * B A (mask * x) by plain autograd, in x's dtype, with no fused code."""
     base = layer.base_layer
     w = base.weight.T if layer.fan_in_fan_out else base.weight
-    out = nn.functional.linear(x, w.to(x.dtype), base.bias.to(x.dtype))
+    out = nn.functional.linear(x, w.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
     for name in layer.active:
         a, b = factors[name] if factors else (layer.lora_A[name], layer.lora_B[name])
         xi = x.to(a.dtype)
@@ -89,6 +89,14 @@ def test_training_path_matches_formula(dtype, dropout, gpt2, rows):
     model = _layer(base, [("a", 4), ("b", 2), ("c", 12)], dtype, dropout)  # r 12: C only with a mask
     x = torch.randn(rows // 5, 5, 16, dtype=dtype)
     _compare(model, x, dropout, dtype)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("rows", [5, 40])
+def test_training_path_without_bias(dropout, rows):
+    """The output starts as the low-rank sum alone when the base layer has no bias (as in Llama)."""
+    model = _layer(nn.Linear(16, 24, bias=False), [("a", 4), ("b", 2)], torch.float32, dropout)
+    _compare(model, torch.randn(rows // 5, 5, 16), dropout, torch.float32)
 
 
 def test_float32_adapters_on_bfloat16_base():
