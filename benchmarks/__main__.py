@@ -82,7 +82,7 @@ def bench_train(args, out: dict) -> None:
             f"r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps"
     _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT", "floor + (x full)"]))
     out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
-                    "x_full": {k: ratio(times, k, "full") for k in times}, "all_s": times, "trainable": counts}
+                    "all_s": times, "trainable": counts}
 
 
 def bench_memory(args, out: dict) -> None:
