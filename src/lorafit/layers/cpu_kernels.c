@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -44,6 +47,21 @@ static inline v8f keep8(v8f x, uint32_t i0, uint32_t key, int32_t t) {
 static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 static inline float sum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* s[j] = sum8(acc[j]) for j < 8, in sum8's order (the same bits): with AVX, six shuffles and adds for
+ * the eight, where scalar sums take 56 dependent adds after every row of lorafit_lora_down */
+static inline void sum8x8(const v8f acc[8], float s[8]) {
+#ifdef __AVX__
+    __m256 pair[4]; /* lanes 0-3: acc[j]'s halves added, 4-7: acc[j + 4]'s */
+    for (int j = 0; j < 4; j++) {
+        const __m256 u = (__m256)acc[j], v = (__m256)acc[j + 4];
+        pair[j] = _mm256_add_ps(_mm256_permute2f128_ps(u, v, 0x20), _mm256_permute2f128_ps(u, v, 0x31));
+    }
+    _mm256_storeu_ps(s, _mm256_hadd_ps(_mm256_hadd_ps(pair[0], pair[1]), _mm256_hadd_ps(pair[2], pair[3])));
+#else
+    for (int j = 0; j < 8; j++) s[j] = sum8(acc[j]);
+#endif
+}
 
 #define MASK_ROWS(T)                                                               \
     for (int64_t r = 0; r < rows; r++) {                                           \
@@ -79,36 +97,48 @@ void lorafit_lora_down(const float *x, int64_t xs, const float *a, float *h, int
     const int64_t c8 = cols / 8 * 8;
 #pragma omp parallel num_threads(threads)
     {
-        float *row = masked ? malloc(cols * sizeof(float)) : NULL; /* the dropped row, reused by every k */
+        float *row = masked ? malloc(cols * sizeof(float)) : NULL; /* the dropped row, for every k after the first 8 */
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < rows; n++) {
-            const float *xn = x + n * xs;
+            const float *xn = x + n * xs, *tail = xn; /* tail: where the last cols % 8 columns are read */
+            const uint32_t base = (uint32_t)n * (uint32_t)cols;
             if (row) {
-                const uint32_t base = (uint32_t)n * (uint32_t)cols;
-                for (int64_t c = 0; c < c8; c += 8) store8(row + c, keep8(load8(xn + c), base + c, key, t));
                 for (int64_t c = c8; c < cols; c++) row[c] = keep_key(base + c, key) >= t ? xn[c] : 0.0f;
-                xn = row;
+                tail = row;
+                if (r < 8) { /* no block of eight k below to drop the row as it reads it */
+                    for (int64_t c = 0; c < c8; c += 8) store8(row + c, keep8(load8(xn + c), base + c, key, t));
+                    xn = row;
+                }
             }
             int64_t k = 0;
             for (; k + 8 <= r; k += 8) { /* eight dot products share each load of the row */
+                /* with a mask, the first eight drop the row as they read it: the hash's integer work overlaps
+                 * their multiply-adds, where a pass of its own would not. Later k read the kept copy. */
+                const int drop = row && k == 0, keep = drop && r > 8;
                 const float *ak = a + k * cols;
                 v8f acc[8] = {0};
                 for (int64_t c = 0; c < c8; c += 8) {
-                    const v8f xv = load8(xn + c);
+                    v8f xv = load8(xn + c);
+                    if (drop) {
+                        xv = keep8(xv, base + c, key, t);
+                        if (keep) store8(row + c, xv);
+                    }
                     for (int j = 0; j < 8; j++) acc[j] += xv * load8(ak + j * cols + c);
                 }
+                float s[8];
+                sum8x8(acc, s);
                 for (int j = 0; j < 8; j++) {
-                    float s = sum8(acc[j]);
-                    for (int64_t c = c8; c < cols; c++) s += xn[c] * ak[j * cols + c];
-                    h[n * r + k + j] = s;
+                    for (int64_t c = c8; c < cols; c++) s[j] += tail[c] * ak[j * cols + c];
+                    h[n * r + k + j] = s[j];
                 }
+                if (drop) xn = row;
             }
             for (; k < r; k++) {
                 const float *ak = a + k * cols;
                 v8f acc = {0};
                 for (int64_t c = 0; c < c8; c += 8) acc += load8(xn + c) * load8(ak + c);
                 float s = sum8(acc);
-                for (int64_t c = c8; c < cols; c++) s += xn[c] * ak[c];
+                for (int64_t c = c8; c < cols; c++) s += tail[c] * ak[c];
                 h[n * r + k] = s;
             }
         }
