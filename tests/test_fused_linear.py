@@ -269,6 +269,11 @@ def test_c_lora_products_equal_the_plain_formula(masked):
         torch.testing.assert_close(up.double(), bias.double() + 0.7 * torch.where(keep, gd @ ad, 0), **close)
         torch.testing.assert_close(cpu_kernels.lora_up(g, a, 2.0, None, None, *args).double(),
                                    2.0 * torch.where(keep, gd @ ad, 0), **close)
+        # or a matrix start (a weight to fold into), read through a row stride
+        start = torch.zeros(rows, cols + 1)
+        start[:, 1:] = total
+        torch.testing.assert_close(cpu_kernels.lora_up(g, a, 0.7, None, start[:, 1:], *args).double(), want, **close)
+        assert torch.equal(start[:, 1:], total)
         # sums run in a fixed order: the thread count does not change a bit (1 against 3, whatever the
         # machine has, so the check means something on a 1-core runner too)
         threads = torch.get_num_threads()

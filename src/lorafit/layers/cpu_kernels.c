@@ -243,20 +243,20 @@ void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, 
         }
 }
 
-/* out (rows x cols, row stride os) = base + scale mask(g a), where base is out itself if accumulate,
- * else bias (a cols-vector; NULL: zeros). g is (rows x r), a (r x cols), both contiguous. The
- * forward pass writes bias + s H B^T with it, and backward s mask(dY B A) for dx, as the output
- * that the base product then adds into: one pass that only writes, where the bias copy (or the
- * base product) and a separate low-rank sum would each pass over the output. Eight column
- * vectors per pass over k: eight independent sums, where one would wait out each multiply-add's
- * latency before the next. */
-void lorafit_lora_up(const float *g, const float *a, const float *bias, float *out, int64_t os, float scale,
-                     int32_t accumulate, int64_t rows, int64_t cols, int64_t r, int32_t masked, int32_t key, int32_t t,
+/* out (rows x cols, row stride os) = start + scale mask(g a), where start is NULL (zeros), a cols-vector
+ * (ss = 0: a bias) or a matrix of row stride ss, out itself included. g is (rows x r), a (r x cols), both
+ * contiguous. Forward writes bias + s H B^T with it as the output that x W^T then adds into; backward
+ * s mask(dY B A) for dx, which dY W adds into; folding writes W + s B A. One pass that only writes the
+ * output, where a copy of the start and a separate low-rank sum would each pass over it. Eight column
+ * vectors per pass over k: eight independent sums, where one would wait out each multiply-add's latency
+ * before the next. */
+void lorafit_lora_up(const float *g, const float *a, const float *start, int64_t ss, float *out, int64_t os,
+                     float scale, int64_t rows, int64_t cols, int64_t r, int32_t masked, int32_t key, int32_t t,
                      int32_t threads) {
     const int64_t c8 = cols / 8 * 8, c64 = cols / 64 * 64;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < rows; n++) {
-        const float *gn = g + n * r;
+        const float *gn = g + n * r, *sn = start ? start + n * ss : NULL;
         float *o = out + n * os;
         const uint32_t i0 = (uint32_t)n * (uint32_t)cols;
         for (int64_t c = 0; c < c64; c += 64) {
@@ -268,23 +268,21 @@ void lorafit_lora_up(const float *g, const float *a, const float *bias, float *o
             }
             for (int j = 0; j < 8; j++) {
                 const int64_t cj = c + 8 * j;
-                const float *b = accumulate ? o + cj : bias ? bias + cj : NULL;
                 const v8f part = scale * acc[j];
-                store8(o + cj, (b ? load8(b) : (v8f){0}) + (masked ? keep8(part, i0 + cj, key, t) : part));
+                store8(o + cj, (sn ? load8(sn + cj) : (v8f){0}) + (masked ? keep8(part, i0 + cj, key, t) : part));
             }
         }
         for (int64_t c = c64; c < c8; c += 8) {
             v8f acc = {0};
             for (int64_t k = 0; k < r; k++) acc += gn[k] * load8(a + k * cols + c);
-            const float *b = accumulate ? o + c : bias ? bias + c : NULL;
             const v8f part = scale * acc;
-            store8(o + c, (b ? load8(b) : (v8f){0}) + (masked ? keep8(part, i0 + c, key, t) : part));
+            store8(o + c, (sn ? load8(sn + c) : (v8f){0}) + (masked ? keep8(part, i0 + c, key, t) : part));
         }
         for (int64_t c = c8; c < cols; c++) {
             float acc = 0.0f;
             for (int64_t k = 0; k < r; k++) acc += gn[k] * a[k * cols + c];
             const float part = masked && keep_key(i0 + c, key) < t ? 0.0f : scale * acc;
-            o[c] = (accumulate ? o[c] : bias ? bias[c] : 0.0f) + part;
+            o[c] = (sn ? sn[c] : 0.0f) + part;
         }
     }
 }

@@ -35,7 +35,7 @@ _SIGNATURES = {
     # (in, in row stride, factor, out, rows, cols, r, masked, key, t, threads) and the like
     "lorafit_lora_down": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4,
     "lorafit_lora_grad_a": [_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4,
-    "lorafit_lora_up": [_PTR, _PTR, _PTR, _PTR, _I64, _F32, _I32, _I64, _I64, _I64] + [_I32] * 4,
+    "lorafit_lora_up": [_PTR, _PTR, _PTR, _I64, _PTR, _I64, _F32, _I64, _I64, _I64] + [_I32] * 4,
 }
 
 
@@ -137,20 +137,23 @@ def lora_grad_a(g: torch.Tensor, x: torch.Tensor, key: int | None, t: int) -> to
 
 
 def lora_up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-            bias: torch.Tensor | None = None, key: int | None = None, t: int = 0) -> torch.Tensor:
-    """out + scale mask(G A) in place, or where out is None a new bias + scale mask(G A) (bias None: no
-    bias), for float32 G (N x r), A (r x d), bias (d) and out (N x d, unit column stride)."""
+            start: torch.Tensor | None = None, key: int | None = None, t: int = 0) -> torch.Tensor:
+    """out + scale mask(G A) in place, or where out is None a new start + scale mask(G A), for float32
+    G (N x r) and A (r x d). start: None (zeros), a d-vector added to every row (a bias) or an N x d
+    matrix; out and a matrix start need a unit column stride."""
     g, a = g.contiguous(), a.contiguous()
     (rows, r), cols = g.shape, a.shape[1]
-    if out is None:
-        out = torch.empty(rows, cols, dtype=a.dtype, device=a.device)
-        accumulate = 0
-    elif out.stride(-1) != 1:
-        raise ValueError(f"lora_up: out stride {out.stride()} needs a unit column stride")
+    for name, m in (("out", out), ("start", start)):
+        if m is not None and m.stride(-1) != 1:
+            raise ValueError(f"lora_up: {name} stride {m.stride()} needs a unit column stride")
+    if out is not None:
+        if start is not None:
+            raise ValueError("lora_up: give out (to add into) or start, not both")
+        start, ss = out, out.stride(0)
     else:
-        accumulate = 1
-    bias = bias.contiguous() if bias is not None and not accumulate else None
-    _library.lorafit_lora_up(g.data_ptr(), a.data_ptr(), bias.data_ptr() if bias is not None else None,
-                             out.data_ptr(), out.stride(0), scale, accumulate, rows, cols, r, *_mask_args(key, t),
+        out = torch.empty(rows, cols, dtype=a.dtype, device=a.device)
+        ss = 0 if start is None or start.dim() == 1 else start.stride(0)
+    _library.lorafit_lora_up(g.data_ptr(), a.data_ptr(), start.data_ptr() if start is not None else None, ss,
+                             out.data_ptr(), out.stride(0), scale, rows, cols, r, *_mask_args(key, t),
                              torch.get_num_threads())
     return out

@@ -23,7 +23,10 @@ temporary weight costs r d_in d_out multiply-adds and one weight-sized
 buffer; the unfolded path costs a pass over an N x d activation instead. On a
 CPU those passes are what LoRA's extra time is made of, so the cheaper one
 runs, by shape: forward folds when N > d_in, backward when N > d_out, and
-inference without gradients when N (d_in + d_out) > d_in d_out. Folding is
+inference without gradients when N (d_in + d_out) > d_in d_out. Where both
+passes fold, backward reuses forward's folded weight: rebuilding it was 1-2%
+of a MiniLM step, and it is smaller than the x that is kept anyway (N > d_out).
+Folding is
 only used in float32/float64 with adapters of the weight's dtype: in bf16 or
 fp16 a small s B A would be rounded away against W.
 """
@@ -47,10 +50,10 @@ def _can_fold(weight: torch.Tensor, factors) -> bool:
 
 
 def _folded(weight: torch.Tensor, transposed: bool, factors, scales) -> torch.Tensor:
-    """W + sum s B A, in W's own layout."""
+    """W + sum s B A, in W's own layout (a new tensor)."""
     for i, s in enumerate(scales):
         a, b = factors[2 * i], factors[2 * i + 1]
-        weight = torch.addmm(weight, a.T, b.T, alpha=s) if transposed else torch.addmm(weight, b, a, alpha=s)
+        weight = low_rank_ops.up(a.T, b, s, start=weight) if transposed else low_rank_ops.up(b, a.T, s, start=weight)
     return weight
 
 
@@ -75,21 +78,26 @@ class LoraLinearFunction(torch.autograd.Function):
                 h = low_rank_ops.down(x2, a)
             hs.append(h)  # kept for dB; it is small (N x r)
             if not fold:
-                # the output starts as bias + s H B^T and x W^T adds into it below: one pass over the
-                # output for the bias and the low-rank sum together
-                y = low_rank_ops.up(h, b, s, y, bias, weight.dtype)
+                # the output starts as bias + s H B^T (later adapters add into it) and x W^T adds into
+                # it below: one pass over the output for the bias and the low-rank sum together
+                y = low_rank_ops.up(h, b, s, y, bias if y is None else None, weight.dtype)
+        folded = None
         if fold:
-            y = _base_linear(x2, _folded(weight, transposed, factors, scales), bias, transposed)
+            folded = _folded(weight, transposed, factors, scales)
+            y = _base_linear(x2, folded, bias, transposed)
+            d_out = weight.shape[1] if transposed else weight.shape[0]
+            if not (ctx.needs_input_grad[0] and rows > d_out):
+                folded = None  # backward folds too only where this holds; then the weight is kept, not rebuilt
         else:
             y.addmm_(x2, weight if transposed else weight.T)
-        ctx.save_for_backward(x, weight, *factors, *hs, *keys)
+        ctx.save_for_backward(x, weight, folded, *factors, *hs, *keys)
         ctx.meta = (transposed, scales, ps, bias is not None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
         transposed, scales, ps, has_bias = ctx.meta
-        x, weight, *rest = ctx.saved_tensors
+        x, weight, folded, *rest = ctx.saved_tensors
         n = len(scales)
         factors, hs = rest[: 2 * n], rest[2 * n: 3 * n]
         keys = iter(rest[3 * n:])
@@ -132,7 +140,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 gx = low_rank_ops.up(gh, a.T, s, gx, None, x.dtype, key, t)
             gfactors += [ga, gb]
         if need[0]:
-            w = _folded(weight, transposed, factors, scales) if fold else weight
+            w = (folded if folded is not None else _folded(weight, transposed, factors, scales)) if fold else weight
             w = w.T if transposed else w
             gx = g2 @ w if gx is None else gx.addmm_(g2, w)
         if gx is not None:

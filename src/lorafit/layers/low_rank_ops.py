@@ -5,8 +5,9 @@ dropout_mask (key None: no mask):
 
     down(x, A)              = mask(x) A^T              the N x r input of B
     grad_a(G, x)            = G^T mask(x)              A's gradient before scaling
-    up(H, B, s, bias=bias)  = bias + s H B^T           the output, before x W^T adds into it
+    up(H, B, s, start=bias) = bias + s H B^T           the output, before x W^T adds into it
     up(G, A^T, s, out=gx)   = gx + s mask(G A)         the low-rank part of dx
+    up(B, A^T, s, start=W)  = W + s B A                a weight with the adapter folded in
 
 In float32 on a CPU each is one C loop (cpu_kernels.c) that reads the
 activation once and applies the mask as it goes, where torch ops would write
@@ -26,7 +27,7 @@ from lorafit.layers import cpu_kernels, dropout_mask
 # through r = 16 (down 2.1x and 1.3x faster than mask-then-MKL, grad_a 2.1x and 1.3x); without one,
 # through r = 8 (down 1.4-2.0x, grad_a 1.0-1.4x faster than MKL). At r = 32 MKL wins either way.
 # Adding G A into an existing tensor runs in C only with a mask: without one, MKL's addmm_ is 2x
-# faster. A new output (bias + s H B^T) is written in C in one pass either way.
+# faster. A new output (bias + s H B^T, or W + s B A) is written in C in one pass either way.
 _MAX_RANK_MASKED, _MAX_RANK_PLAIN = 16, 8
 
 
@@ -49,26 +50,26 @@ def down(x: torch.Tensor, a: torch.Tensor, key=None, t=None) -> torch.Tensor:
     return (x if key is None else dropout_mask.dropped(x, key, t)) @ a.T
 
 
-def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-       dtype: torch.dtype | None = None, key=None, t=None) -> torch.Tensor:
-    """out + s mask(H B^T), formed in out; where out is None, a new tensor bias + s mask(H B^T) (bias None:
-    none) in ``dtype`` (default B's)."""
+def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None,
+       start: torch.Tensor | None = None, dtype: torch.dtype | None = None, key=None, t=None) -> torch.Tensor:
+    """out + s mask(H B^T), formed in out; where out is None, a new tensor start + s mask(H B^T) in ``dtype``
+    (default B's), start being None (zeros), a bias vector or a matrix of the output's shape."""
     dtype = out.dtype if out is not None else dtype or b.dtype
     if (dtype == torch.float32 and (out is None or (key is not None and out.stride(-1) == 1))
-            and _c_kernel(b.shape[1], key, h, b, out, bias)):
-        return cpu_kernels.lora_up(h, b.T, s, out, bias, *_ints(key, t))
+            and (start is None or start.stride(-1) == 1) and _c_kernel(b.shape[1], key, h, b, out, start)):
+        return cpu_kernels.lora_up(h, b.T, s, out, start, *_ints(key, t))
     if key is not None:
         part = (h @ b.T).mul_(s)
         if out is not None:
             return dropout_mask.add_masked(out, part, key, t)
         part = dropout_mask.dropped(part, key, t).to(dtype)
-        return part if bias is None else part.add_(bias)
+        return part if start is None else part.add_(start)
     if out is not None:
         return out.addmm_(h, b.T, alpha=s) if b.dtype == out.dtype else out.add_((h @ b.T).to(out.dtype), alpha=s)
-    if bias is not None and b.dtype == dtype == bias.dtype:
-        return torch.addmm(bias, h, b.T, alpha=s)
+    if start is not None and b.dtype == dtype == start.dtype:
+        return torch.addmm(start, h, b.T, alpha=s)
     part = (h @ b.T).mul_(s).to(dtype)
-    return part if bias is None else part.add_(bias)
+    return part if start is None else part.add_(start)
 
 
 def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t=None) -> torch.Tensor:

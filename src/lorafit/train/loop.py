@@ -64,7 +64,9 @@ def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.AdamW:
     groups = parameter_groups(model, t.weight_decay)
     if not groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    # foreach: one op per group and moment instead of one per tensor. PyTorch picks it by itself on GPUs
+    # only; on a CPU, a LoRA's many small tensors made the per-tensor loop 1.7x slower (86 MiniLM tensors).
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, foreach=True)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
