@@ -48,8 +48,8 @@ static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return
 static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 static inline float sum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-/* s[j] = sum8(acc[j]) for j < 8, in sum8's order (the same bits): with AVX, six shuffles and adds for
- * the eight, where scalar sums take 56 dependent adds after every row of lorafit_lora_down */
+/* s[j] = sum8(acc[j]) for j < 8, in sum8's order (the same bits): with AVX, 15 vector shuffles and adds
+ * for all eight, where scalar sums take 56 adds after every row of lorafit_lora_down */
 static inline void sum8x8(const v8f acc[8], float s[8]) {
 #ifdef __AVX__
     __m256 pair[4]; /* lanes 0-3: acc[j]'s halves added, 4-7: acc[j + 4]'s */
@@ -114,14 +114,14 @@ void lorafit_lora_down(const float *x, int64_t xs, const float *a, float *h, int
             for (; k + 8 <= r; k += 8) { /* eight dot products share each load of the row */
                 /* with a mask, the first eight drop the row as they read it: the hash's integer work overlaps
                  * their multiply-adds, where a pass of its own would not. Later k read the kept copy. */
-                const int drop = row && k == 0, keep = drop && r > 8;
+                const int drop = row && k == 0, save_row = drop && r > 8;
                 const float *ak = a + k * cols;
                 v8f acc[8] = {0};
                 for (int64_t c = 0; c < c8; c += 8) {
                     v8f xv = load8(xn + c);
                     if (drop) {
                         xv = keep8(xv, base + c, key, t);
-                        if (keep) store8(row + c, xv);
+                        if (save_row) store8(row + c, xv);
                     }
                     for (int j = 0; j < 8; j++) acc[j] += xv * load8(ak + j * cols + c);
                 }

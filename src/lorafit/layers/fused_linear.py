@@ -26,9 +26,8 @@ runs, by shape: forward folds when N > d_in, backward when N > d_out, and
 inference without gradients when N (d_in + d_out) > d_in d_out. Where both
 passes fold, backward reuses forward's folded weight: rebuilding it was 1-2%
 of a MiniLM step, and it is smaller than the x that is kept anyway (N > d_out).
-Folding is
-only used in float32/float64 with adapters of the weight's dtype: in bf16 or
-fp16 a small s B A would be rounded away against W.
+Folding is only used in float32/float64 with adapters of the weight's dtype:
+in bf16 or fp16 a small s B A would be rounded away against W.
 """
 
 from __future__ import annotations
