@@ -30,4 +30,6 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert data["ddp"]["full"]["bytes_per_step"] == 4 * data["ddp"]["full"]["trainable"]
     e2e = data["e2e"]["results"]
     assert all(r["train_s"] > 0 and r["peak_rss"] > 0 for runs in e2e.values() for r in runs)
-    assert data["e2e"]["adam_state_bytes"] == 8 * e2e["full fine-tuning"][0]["trainable"]
+    trainable = {name: runs[0]["trainable"] for name, runs in e2e.items()}
+    full = trainable.pop("full fine-tuning")
+    assert trainable and all(0 < n < full for n in trainable.values())  # the LoRA runs train a fraction

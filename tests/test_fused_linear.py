@@ -212,8 +212,23 @@ def test_dropout_masks_are_independent_across_keys_and_neighbours():
     assert abs(torch.corrcoef(torch.stack([m1, m2]))[0, 1]) < bound  # two adapters of one input
     assert abs(torch.corrcoef(torch.stack([m1[:-1], m1[1:]]))[0, 1]) < bound  # neighbouring elements
     assert abs(torch.corrcoef(torch.stack([m1[:-384], m1[384:]]))[0, 1]) < bound  # neighbouring rows
-    key = torch.tensor(-7, dtype=torch.int32)
-    assert torch.equal(dropout_mask.keep_mask(3, 5, key, t), dropout_mask.keep_mask(3, 5, key, t))
+
+
+def test_keep_mask_is_the_documented_hash():
+    """keep_mask against lowbias32's two rounds written out in Python integers, position by position:
+    masks saved with a key must mean the same on every device and in every later version."""
+    m32 = 0xFFFFFFFF
+    for p, key in [(0.1, -7), (0.5, 123456789), (0.9, -(1 << 31))]:
+        t, _ = dropout_mask.threshold(p, torch.device("cpu"))
+        rows, cols = 3, 7
+        want = []
+        for i in range(rows * cols):
+            v = (i ^ key) & m32
+            v = ((v ^ (v >> 16)) * 0x7FEB352D) & m32
+            v = ((v ^ (v >> 15)) * 0x846CA68B) & m32
+            want.append((v - (1 << 32) if v >= 1 << 31 else v) >= int(t))
+        got = dropout_mask.keep_mask(rows, cols, torch.tensor(key, dtype=torch.int32), t)
+        assert got.flatten().tolist() == want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
