@@ -215,8 +215,8 @@ def test_dropout_masks_are_independent_across_keys_and_neighbours():
 
 
 def test_keep_mask_is_the_documented_hash():
-    """keep_mask against lowbias32's two rounds written out in Python integers, position by position:
-    masks saved with a key must mean the same on every device and in every later version."""
+    """keep_mask against lowbias32's two rounds written out in Python integers, position by position: a
+    key's mask is the formula dropout_mask documents, whatever computes it (C, compiled or eager ops)."""
     m32 = 0xFFFFFFFF
     for p, key in [(0.1, -7), (0.5, 123456789), (0.9, -(1 << 31))]:
         t, _ = dropout_mask.threshold(p, torch.device("cpu"))
