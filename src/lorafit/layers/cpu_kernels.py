@@ -103,11 +103,12 @@ def _mask_args(key: int | None, t: int) -> tuple[int, int, int]:
 
 
 def mask_into(src: torch.Tensor, dst: torch.Tensor, key: int, t: int) -> None:
-    """dst = src where keep_mask(key, t) keeps, else 0, for 2-D tensors of one shape and dtype whose
-    rows are contiguous; dst may be src."""
-    if src.shape != dst.shape or src.dtype != dst.dtype or src.stride(-1) != 1 or dst.stride(-1) != 1:
-        raise ValueError(f"mask_into: src {tuple(src.shape)} {src.dtype} stride {src.stride()} and dst "
-                         f"{tuple(dst.shape)} {dst.dtype} stride {dst.stride()} need one shape, dtype, unit column stride")
+    """dst = src where keep_mask(key, t) keeps, else 0, for 2-D tensors of one shape and dtype; dst's rows
+    must be contiguous (src's are made so); dst may be src."""
+    if src.shape != dst.shape or src.dtype != dst.dtype or dst.stride(-1) != 1:
+        raise ValueError(f"mask_into: src {tuple(src.shape)} {src.dtype} and dst {tuple(dst.shape)} {dst.dtype} "
+                         f"stride {dst.stride()} need one shape and dtype, and dst a unit column stride")
+    src = _rows(src)
     size = src.element_size()
     if size not in (2, 4, 8):
         raise ValueError(f"mask_into: elements of {size} bytes ({src.dtype}) are not supported")
