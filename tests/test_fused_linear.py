@@ -252,7 +252,8 @@ def test_dropout_kernels_equal_the_eager_ops(dtype):
             assert torch.equal(dropped(x, key, t), want_x)
             assert torch.equal(add_masked(total.clone(), part.clone(), key, t), want_total)
         xt = torch.randn(cols, rows, dtype=dtype).T  # columns with a stride: the kernel reads a contiguous copy
-        assert torch.equal(dropout_mask.dropped(xt, key, t), torch.where(dropout_mask.keep_mask(rows, cols, key, t), xt, 0))
+        want_xt = torch.where(dropout_mask.keep_mask(rows, cols, key, t), xt, 0)
+        assert torch.equal(dropout_mask.dropped(xt, key, t), want_xt)
     assert not (compiler and dropout_mask._Compiled.broken)  # the compiled kernels, not the eager fallback, ran
 
 
