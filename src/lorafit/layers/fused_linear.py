@@ -48,6 +48,11 @@ def _can_fold(weight: torch.Tensor, factors) -> bool:
     return weight.dtype in (torch.float32, torch.float64) and all(f.dtype == weight.dtype for f in factors)
 
 
+def _training_folds(rows: int, d: int, ps, weight: torch.Tensor, factors) -> bool:
+    """Whether a training pass folds: forward with d = d_in, backward (dx) with d = d_out."""
+    return not any(ps) and rows > d and _can_fold(weight, factors)
+
+
 def _folded(weight: torch.Tensor, transposed: bool, factors, scales) -> torch.Tensor:
     """W + sum s B A, in W's own layout (a new tensor)."""
     for i, s in enumerate(scales):
@@ -62,8 +67,7 @@ class LoraLinearFunction(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         rows = x2.shape[0]
-        no_dropout = not any(ps)
-        fold = no_dropout and rows > d_in and _can_fold(weight, factors)
+        fold = _training_folds(rows, d_in, ps, weight, factors)
         hs, keys, y = [], [], None
         for i, s in enumerate(scales):
             a, b = factors[2 * i], factors[2 * i + 1]
@@ -85,8 +89,8 @@ class LoraLinearFunction(torch.autograd.Function):
             folded = _folded(weight, transposed, factors, scales)
             y = _base_linear(x2, folded, bias, transposed)
             d_out = weight.shape[1] if transposed else weight.shape[0]
-            if not (ctx.needs_input_grad[0] and rows > d_out):
-                folded = None  # backward folds too only where this holds; then the weight is kept, not rebuilt
+            if not (ctx.needs_input_grad[0] and _training_folds(rows, d_out, ps, weight, factors)):
+                folded = None  # kept only for a backward that folds too, which then need not rebuild it
         else:
             y.addmm_(x2, weight if transposed else weight.T)
         ctx.save_for_backward(x, weight, folded, *factors, *hs, *keys)
@@ -105,7 +109,7 @@ class LoraLinearFunction(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         rows, d_out = g2.shape
 
-        fold = need[0] and not any(ps) and rows > d_out and _can_fold(weight, factors)
+        fold = need[0] and _training_folds(rows, d_out, ps, weight, factors)
         lora_gx = need[0] and not fold
         gw = None
         if need[1]:
