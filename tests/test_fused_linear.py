@@ -266,8 +266,10 @@ def test_c_lora_products_equal_the_plain_formula(masked):
     key, (t, _) = dropout_mask.new_key(torch.device("cpu")), dropout_mask.threshold(0.3, torch.device("cpu"))
     args = (int(key), int(t)) if masked else (None, 0)
     # odd sizes for the vector loops' tails, r below, at and past a block of 8; fewer rows than
-    # grad_a's block of 4; columns past one panel of grad_a's accumulators
-    for rows, cols, r in [(37, 19, 3), (64, 384, 8), (50, 101, 13), (5, 8, 16), (3, 24, 8), (9, 1100, 13)]:
+    # grad_a's block of 4; columns past one panel of grad_a's accumulators; grad_b's fixed blocks of
+    # rows: one up to 127 rows, three at 200
+    shapes = [(37, 19, 3), (64, 384, 8), (50, 101, 13), (5, 8, 16), (3, 24, 8), (9, 1100, 13), (200, 40, 8)]
+    for rows, cols, r in shapes:
         x = torch.randn(rows, cols + 5)[:, 2:-3]  # rows with a stride of their own
         a, g, total, bias = torch.randn(r, cols), torch.randn(rows, r), torch.randn(rows, cols), torch.randn(cols)
         keep = dropout_mask.keep_mask(rows, cols, key, t) if masked else torch.ones(rows, cols, dtype=torch.bool)
@@ -275,6 +277,10 @@ def test_c_lora_products_equal_the_plain_formula(masked):
         close = dict(rtol=1e-5, atol=1e-5 * cols ** 0.5)
         torch.testing.assert_close(cpu_kernels.lora_down(x, a, *args).double(), xd @ a.double().T, **close)
         torch.testing.assert_close(cpu_kernels.lora_grad_a(g, x, *args).double(), g.double().T @ xd, **close)
+        if not masked:  # backward's products of dY: dY B and H^T dY, with x as dY and A^T as B
+            gh, gbt = cpu_kernels.lora_grad_b(x, a, g)
+            assert torch.equal(gh, cpu_kernels.lora_down(x, a, None, 0))  # the same sums in the same order
+            torch.testing.assert_close(gbt.double(), g.double().T @ xd, **close)
         ad, gd = a.double(), g.double()
         want = total.double() + 0.7 * torch.where(keep, gd @ ad, 0)
         out = torch.zeros(rows, cols + 1)
@@ -300,7 +306,7 @@ def test_c_lora_products_equal_the_plain_formula(masked):
             for n in (1, 3):
                 torch.set_num_threads(n)
                 runs.append([cpu_kernels.lora_down(x, a, *args), cpu_kernels.lora_grad_a(g, x, *args),
-                             cpu_kernels.lora_up(g, a, 0.7, None, bias, *args)])
+                             cpu_kernels.lora_up(g, a, 0.7, None, bias, *args), *cpu_kernels.lora_grad_b(x, a, g)])
         finally:
             torch.set_num_threads(threads)
         for one, three in zip(*runs):

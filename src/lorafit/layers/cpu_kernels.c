@@ -9,7 +9,8 @@
  * mask fused in (or none, masked = 0): each reads the activation once, where separate
  * ops would write the dropped copy and read it again. Rows (or column ranges) are split
  * over OpenMP threads and every sum runs in a fixed order, so results do not depend on
- * the thread count. GCC/Clang vector extensions keep 8 float lanes per register: AVX2
+ * the thread count. The kernels that allocate scratch memory return 1 where that failed (their
+ * output is then undefined), else 0. GCC/Clang vector extensions keep 8 float lanes per register: AVX2
  * with -march=native on x86, two 4-lane registers elsewhere. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -91,75 +92,163 @@ void lorafit_dropout_mask(const char *src, char *dst, int64_t rows, int64_t cols
     }
 }
 
-/* h (rows x r, contiguous) = mask(x) a^T; x (rows x cols) has row stride xs, a is (r x cols) */
-void lorafit_lora_down(const float *x, int64_t xs, const float *a, float *h, int64_t rows, int64_t cols,
-                       int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
+/* hn[0..r) = mask(xn) . a's rows, for one row xn of cols floats at position base; row: a buffer of cols
+ * floats to hold the dropped row, NULL without a mask */
+static inline void down_row(const float *xn, const float *a, float *hn, int64_t cols, int64_t r, float *row,
+                            uint32_t base, int32_t key, int32_t t) {
     const int64_t c8 = cols / 8 * 8;
+    const float *tail = xn; /* where the last cols % 8 columns are read */
+    if (row) {
+        for (int64_t c = c8; c < cols; c++) row[c] = keep_key(base + c, key) >= t ? xn[c] : 0.0f;
+        tail = row;
+        if (r < 8) { /* no block of eight k below to drop the row as it reads it */
+            for (int64_t c = 0; c < c8; c += 8) store8(row + c, keep8(load8(xn + c), base + c, key, t));
+            xn = row;
+        }
+    }
+    int64_t k = 0;
+    for (; k + 8 <= r; k += 8) { /* eight dot products share each load of the row */
+        /* with a mask, the first eight drop the row as they read it: the hash's integer work overlaps
+         * their multiply-adds, where a pass of its own would not. Later k read the kept copy. */
+        const int drop = row && k == 0, save_row = drop && r > 8;
+        const float *ak = a + k * cols;
+        v8f acc[8] = {0};
+        for (int64_t c = 0; c < c8; c += 8) {
+            v8f xv = load8(xn + c);
+            if (drop) {
+                xv = keep8(xv, base + c, key, t);
+                if (save_row) store8(row + c, xv);
+            }
+            for (int j = 0; j < 8; j++) acc[j] += xv * load8(ak + j * cols + c);
+        }
+        float s[8];
+        sum8x8(acc, s);
+        for (int j = 0; j < 8; j++) {
+            for (int64_t c = c8; c < cols; c++) s[j] += tail[c] * ak[j * cols + c];
+            hn[k + j] = s[j];
+        }
+        if (drop) xn = row;
+    }
+    for (; k < r; k++) {
+        const float *ak = a + k * cols;
+        v8f acc = {0};
+        for (int64_t c = 0; c < c8; c += 8) acc += load8(xn + c) * load8(ak + c);
+        float s = sum8(acc);
+        for (int64_t c = c8; c < cols; c++) s += tail[c] * ak[c];
+        hn[k] = s;
+    }
+}
+
+/* h (rows x r, contiguous) = mask(x) a^T; x (rows x cols) has row stride xs, a is (r x cols) */
+int32_t lorafit_lora_down(const float *x, int64_t xs, const float *a, float *h, int64_t rows, int64_t cols,
+                          int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
+    int32_t failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *row = masked ? malloc(cols * sizeof(float)) : NULL; /* the dropped row, for every k after the first 8 */
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < rows; n++) {
-            const float *xn = x + n * xs, *tail = xn; /* tail: where the last cols % 8 columns are read */
-            const uint32_t base = (uint32_t)n * (uint32_t)cols;
-            if (row) {
-                for (int64_t c = c8; c < cols; c++) row[c] = keep_key(base + c, key) >= t ? xn[c] : 0.0f;
-                tail = row;
-                if (r < 8) { /* no block of eight k below to drop the row as it reads it */
-                    for (int64_t c = 0; c < c8; c += 8) store8(row + c, keep8(load8(xn + c), base + c, key, t));
-                    xn = row;
-                }
-            }
-            int64_t k = 0;
-            for (; k + 8 <= r; k += 8) { /* eight dot products share each load of the row */
-                /* with a mask, the first eight drop the row as they read it: the hash's integer work overlaps
-                 * their multiply-adds, where a pass of its own would not. Later k read the kept copy. */
-                const int drop = row && k == 0, save_row = drop && r > 8;
-                const float *ak = a + k * cols;
-                v8f acc[8] = {0};
-                for (int64_t c = 0; c < c8; c += 8) {
-                    v8f xv = load8(xn + c);
-                    if (drop) {
-                        xv = keep8(xv, base + c, key, t);
-                        if (save_row) store8(row + c, xv);
-                    }
-                    for (int j = 0; j < 8; j++) acc[j] += xv * load8(ak + j * cols + c);
-                }
-                float s[8];
-                sum8x8(acc, s);
-                for (int j = 0; j < 8; j++) {
-                    for (int64_t c = c8; c < cols; c++) s[j] += tail[c] * ak[j * cols + c];
-                    h[n * r + k + j] = s[j];
-                }
-                if (drop) xn = row;
-            }
-            for (; k < r; k++) {
-                const float *ak = a + k * cols;
-                v8f acc = {0};
-                for (int64_t c = 0; c < c8; c += 8) acc += load8(xn + c) * load8(ak + c);
-                float s = sum8(acc);
-                for (int64_t c = c8; c < cols; c++) s += tail[c] * ak[c];
-                h[n * r + k] = s;
-            }
+        float *row = masked ? malloc(cols * sizeof(float)) : NULL;
+        if (masked && !row) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < rows; n++)
+            if (row || !masked)
+                down_row(x + n * xs, a, h + n * r, cols, r, row, (uint32_t)n * (uint32_t)cols, key, t);
         free(row);
     }
+    return failed;
 }
 
 /* Floats of one thread's accumulators in lorafit_lora_grad_a: 16 KB, half of a small L1 */
 #define GRAD_A_ACC 4096
-/* Rows ahead that lorafit_lora_grad_a prefetches: 20% faster on activations that are not in cache,
- * where the hardware prefetcher alone does not follow four row streams per thread */
+/* Rows ahead that add_outer prefetches: 20% faster on activations that are not in cache, where the
+ * hardware prefetcher alone does not follow four row streams per thread */
 #define GRAD_A_AHEAD 8
 
-/* ga (r x cols, contiguous) = g^T mask(x); g is (rows x r, contiguous). x streams in row order,
- * four rows per load of the accumulators; walking down columns instead (x's rows are kilobytes
- * apart) defeats the prefetcher and, at power-of-two-ish row strides, the cache sets. Threads
- * own column ranges, cut into panels whose r accumulator rows fit in GRAD_A_ACC; every sum runs
- * over the rows in order. */
-void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, int64_t rows, int64_t cols,
-                         int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
-    const int64_t vecs = cols / 8, c8 = vecs * 8;
+/* acc[k * as + c] += sum over rows n in [n0, n1), in order, of g[n][k] mask(x)[n][c0 + c], for c < w
+ * (a multiple of 8); g is (rows x r, contiguous), x has row stride xs and cols columns. x streams in
+ * row order, four rows per load of the accumulators: walking down columns instead (x's rows are
+ * kilobytes apart) defeats the prefetcher and, at power-of-two-ish row strides, the cache sets. */
+static void add_outer(const float *g, const float *x, int64_t xs, float *acc, int64_t as, int64_t n0, int64_t n1,
+                      int64_t c0, int64_t w, int64_t cols, int64_t r, int32_t masked, int32_t key, int32_t t) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const float *xn = x + n * xs + c0, *gn = g + n * r;
+        const uint32_t i0 = (uint32_t)n * (uint32_t)cols + (uint32_t)c0;
+        const int fetch = n + 4 + GRAD_A_AHEAD <= n1;
+        int64_t c = 0;
+        for (; c + 16 <= w; c += 16) { /* two vectors a row: each broadcast of g serves two FMAs */
+            if (fetch) /* once per 64-byte line of each of the four rows */
+                for (int j = 0; j < 4; j++) __builtin_prefetch(xn + (GRAD_A_AHEAD + j) * xs + c);
+            v8f lo[4], hi[4];
+            for (int j = 0; j < 4; j++) {
+                lo[j] = load8(xn + j * xs + c);
+                hi[j] = load8(xn + j * xs + c + 8);
+                if (masked) {
+                    lo[j] = keep8(lo[j], i0 + (uint32_t)j * (uint32_t)cols + c, key, t);
+                    hi[j] = keep8(hi[j], i0 + (uint32_t)j * (uint32_t)cols + c + 8, key, t);
+                }
+            }
+            for (int64_t k = 0; k < r; k++) {
+                float *ak = acc + k * as + c;
+                v8f sl = load8(ak), sh = load8(ak + 8);
+                for (int j = 0; j < 4; j++) {
+                    const float gj = gn[j * r + k];
+                    sl += gj * lo[j];
+                    sh += gj * hi[j];
+                }
+                store8(ak, sl);
+                store8(ak + 8, sh);
+            }
+        }
+        if (c < w) { /* the last 8 columns */
+            v8f x0 = load8(xn + c), x1 = load8(xn + xs + c), x2 = load8(xn + 2 * xs + c), x3 = load8(xn + 3 * xs + c);
+            if (masked) {
+                x0 = keep8(x0, i0 + c, key, t);
+                x1 = keep8(x1, i0 + (uint32_t)cols + c, key, t);
+                x2 = keep8(x2, i0 + 2 * (uint32_t)cols + c, key, t);
+                x3 = keep8(x3, i0 + 3 * (uint32_t)cols + c, key, t);
+            }
+            for (int64_t k = 0; k < r; k++) {
+                v8f s = load8(acc + k * as + c);
+                s += gn[k] * x0;
+                s += gn[r + k] * x1;
+                s += gn[2 * r + k] * x2;
+                s += gn[3 * r + k] * x3;
+                store8(acc + k * as + c, s);
+            }
+        }
+    }
+    for (; n < n1; n++) {
+        const float *xn = x + n * xs + c0, *gn = g + n * r;
+        for (int64_t c = 0; c < w; c += 8) {
+            v8f x0 = load8(xn + c);
+            if (masked) x0 = keep8(x0, (uint32_t)n * (uint32_t)cols + (uint32_t)(c0 + c), key, t);
+            for (int64_t k = 0; k < r; k++) store8(acc + k * as + c, load8(acc + k * as + c) + gn[k] * x0);
+        }
+    }
+}
+
+/* out[k][c] = sum over rows n, in order, of g[n][k] mask(x)[n][c] for the last cols % 8 columns (out has
+ * row stride os) */
+static void outer_tail(const float *g, const float *x, int64_t xs, float *out, int64_t os, int64_t rows,
+                       int64_t cols, int64_t r, int32_t masked, int32_t key, int32_t t) {
+    for (int64_t k = 0; k < r; k++)
+        for (int64_t c = cols / 8 * 8; c < cols; c++) {
+            float sum = 0.0f;
+            for (int64_t n = 0; n < rows; n++)
+                if (!masked || keep_key((uint32_t)n * (uint32_t)cols + (uint32_t)c, key) >= t)
+                    sum += g[n * r + k] * x[n * xs + c];
+            out[k * os + c] = sum;
+        }
+}
+
+/* ga (r x cols, contiguous) = g^T mask(x); g is (rows x r, contiguous). Threads own column ranges,
+ * cut into panels whose r accumulator rows fit in GRAD_A_ACC; every sum runs over the rows in order. */
+int32_t lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, int64_t rows, int64_t cols,
+                            int64_t r, int32_t masked, int32_t key, int32_t t, int32_t threads) {
+    int32_t failed = 0;
+    const int64_t vecs = cols / 8;
     int64_t width = (GRAD_A_ACC / r - 8) / 8 * 8;
     if (width < 8) width = 8;
     const int64_t stride = width + 8; /* padded so that accumulator rows do not alias 4 KB apart */
@@ -168,79 +257,62 @@ void lorafit_lora_grad_a(const float *g, const float *x, int64_t xs, float *ga, 
     for (int64_t p = 0; p < parts; p++) {
         const int64_t c0 = vecs * p / parts * 8, c1 = vecs * (p + 1) / parts * 8;
         float *acc = malloc(sizeof(float) * r * stride);
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         for (int64_t s0 = c0; s0 < c1; s0 += width) {
             const int64_t w = s0 + width < c1 ? width : c1 - s0;
             for (int64_t k = 0; k < r; k++) memset(acc + k * stride, 0, sizeof(float) * w);
-            int64_t n = 0;
-            for (; n + 4 <= rows; n += 4) {
-                const float *xn = x + n * xs + s0, *gn = g + n * r;
-                const uint32_t i0 = (uint32_t)n * (uint32_t)cols + (uint32_t)s0;
-                const int fetch = n + 4 + GRAD_A_AHEAD <= rows;
-                int64_t c = 0;
-                for (; c + 16 <= w; c += 16) { /* two vectors a row: each broadcast of g serves two FMAs */
-                    if (fetch) /* once per 64-byte line of each of the four rows */
-                        for (int j = 0; j < 4; j++) __builtin_prefetch(xn + (GRAD_A_AHEAD + j) * xs + c);
-                    v8f lo[4], hi[4];
-                    for (int j = 0; j < 4; j++) {
-                        lo[j] = load8(xn + j * xs + c);
-                        hi[j] = load8(xn + j * xs + c + 8);
-                        if (masked) {
-                            lo[j] = keep8(lo[j], i0 + (uint32_t)j * (uint32_t)cols + c, key, t);
-                            hi[j] = keep8(hi[j], i0 + (uint32_t)j * (uint32_t)cols + c + 8, key, t);
-                        }
-                    }
-                    for (int64_t k = 0; k < r; k++) {
-                        float *ak = acc + k * stride + c;
-                        v8f sl = load8(ak), sh = load8(ak + 8);
-                        for (int j = 0; j < 4; j++) {
-                            const float gj = gn[j * r + k];
-                            sl += gj * lo[j];
-                            sh += gj * hi[j];
-                        }
-                        store8(ak, sl);
-                        store8(ak + 8, sh);
-                    }
-                }
-                if (c < w) { /* the panel's last 8 columns */
-                    v8f x0 = load8(xn + c), x1 = load8(xn + xs + c), x2 = load8(xn + 2 * xs + c),
-                        x3 = load8(xn + 3 * xs + c);
-                    if (masked) {
-                        x0 = keep8(x0, i0 + c, key, t);
-                        x1 = keep8(x1, i0 + (uint32_t)cols + c, key, t);
-                        x2 = keep8(x2, i0 + 2 * (uint32_t)cols + c, key, t);
-                        x3 = keep8(x3, i0 + 3 * (uint32_t)cols + c, key, t);
-                    }
-                    for (int64_t k = 0; k < r; k++) {
-                        v8f s = load8(acc + k * stride + c);
-                        s += gn[k] * x0;
-                        s += gn[r + k] * x1;
-                        s += gn[2 * r + k] * x2;
-                        s += gn[3 * r + k] * x3;
-                        store8(acc + k * stride + c, s);
-                    }
-                }
-            }
-            for (; n < rows; n++) {
-                const float *xn = x + n * xs + s0, *gn = g + n * r;
-                for (int64_t c = 0; c < w; c += 8) {
-                    v8f x0 = load8(xn + c);
-                    if (masked) x0 = keep8(x0, (uint32_t)n * (uint32_t)cols + (uint32_t)(s0 + c), key, t);
-                    for (int64_t k = 0; k < r; k++)
-                        store8(acc + k * stride + c, load8(acc + k * stride + c) + gn[k] * x0);
-                }
-            }
+            add_outer(g, x, xs, acc, stride, 0, rows, s0, w, cols, r, masked, key, t);
             for (int64_t k = 0; k < r; k++) memcpy(ga + k * cols + s0, acc + k * stride, sizeof(float) * w);
         }
         free(acc);
     }
-    for (int64_t k = 0; k < r; k++) /* the last cols % 8 columns */
-        for (int64_t c = c8; c < cols; c++) {
-            float sum = 0.0f;
-            for (int64_t n = 0; n < rows; n++)
-                if (!masked || keep_key((uint32_t)n * (uint32_t)cols + (uint32_t)c, key) >= t)
-                    sum += g[n * r + k] * x[n * xs + c];
-            ga[k * cols + c] = sum;
+    outer_tail(g, x, xs, ga, cols, rows, cols, r, masked, key, t);
+    return failed;
+}
+
+/* Rows per block of lorafit_lora_grad_b (at least), blocks at most, and rows per sub-block: the two
+ * products of a sub-block read its rows of dy from L2 (16 rows of 1536 floats: 96 KB) */
+#define GRAD_B_ROWS 64
+#define GRAD_B_BLOCKS 16
+#define GRAD_B_SUB 16
+
+/* gh (rows x r) = dy bt^T and gbt (r x cols) = h^T dy, all contiguous but dy (row stride ys): the two
+ * products backward takes of dY (bt = B^T, h = x A^T), in one pass over it where two kernels would read
+ * it twice. gh's sums are lorafit_lora_down's. gbt is summed over fixed blocks of rows (their count
+ * depends on rows only), each in row order, then over the blocks in order: the thread count does not
+ * change a bit. */
+int32_t lorafit_lora_grad_b(const float *dy, int64_t ys, const float *bt, const float *h, float *gh, float *gbt,
+                            int64_t rows, int64_t cols, int64_t r, int32_t threads) {
+    const int64_t c8 = cols / 8 * 8, as = c8 + 8; /* padded as in lorafit_lora_grad_a */
+    int64_t blocks = rows / GRAD_B_ROWS;
+    blocks = blocks < 1 ? 1 : blocks > GRAD_B_BLOCKS ? GRAD_B_BLOCKS : blocks;
+    float *part = calloc(blocks * r * as, sizeof(float));
+    if (!part) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n1 = rows * (b + 1) / blocks;
+        for (int64_t s = rows * b / blocks; s < n1; s += GRAD_B_SUB) {
+            const int64_t e = s + GRAD_B_SUB < n1 ? s + GRAD_B_SUB : n1;
+            for (int64_t n = s; n < e; n++) down_row(dy + n * ys, bt, gh + n * r, cols, r, NULL, 0, 0, 0);
+            add_outer(h, dy, ys, part + b * r * as, as, s, e, 0, c8, cols, r, 0, 0, 0);
         }
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t k = 0; k < r; k++) {
+        float *out = gbt + k * cols;
+        memcpy(out, part + k * as, sizeof(float) * c8);
+        for (int64_t b = 1; b < blocks; b++) {
+            const float *pb = part + (b * r + k) * as;
+            for (int64_t c = 0; c < c8; c += 8) store8(out + c, load8(out + c) + load8(pb + c));
+        }
+    }
+    free(part);
+    outer_tail(h, dy, ys, gbt, cols, rows, cols, r, 0, 0, 0);
+    return 0;
 }
 
 /* out (rows x cols, row stride os) = start + scale mask(g a), where start is NULL (zeros), a cols-vector

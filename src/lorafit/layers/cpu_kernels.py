@@ -30,12 +30,14 @@ _lock = threading.Lock()
 _library = None  # the loaded library, False where it cannot be built
 
 _PTR, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+# name: (argument types, whether it returns 1 where its scratch memory could not be allocated)
 _SIGNATURES = {
-    "lorafit_dropout_mask": [_PTR, _PTR] + [_I64] * 5 + [_I32] * 3,
+    "lorafit_dropout_mask": ([_PTR, _PTR] + [_I64] * 5 + [_I32] * 3, False),
     # (in, in row stride, factor, out, rows, cols, r, masked, key, t, threads) and the like
-    "lorafit_lora_down": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4,
-    "lorafit_lora_grad_a": [_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4,
-    "lorafit_lora_up": [_PTR, _PTR, _PTR, _I64, _PTR, _I64, _F32, _I64, _I64, _I64] + [_I32] * 4,
+    "lorafit_lora_down": ([_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4, True),
+    "lorafit_lora_grad_a": ([_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4, True),
+    "lorafit_lora_grad_b": ([_PTR, _I64] + [_PTR] * 4 + [_I64] * 3 + [_I32], True),
+    "lorafit_lora_up": ([_PTR, _PTR, _PTR, _I64, _PTR, _I64, _F32, _I64, _I64, _I64] + [_I32] * 4, False),
 }
 
 
@@ -46,6 +48,12 @@ def _cpu_tag() -> bytes:
     except OSError:
         flags = []
     return (platform.machine() + (flags[0] if flags else platform.processor())).encode()
+
+
+def _raise_if_out_of_memory(result, fn, args):
+    if result:
+        raise MemoryError(f"{fn.__name__}: no memory for its scratch buffers")
+    return result
 
 
 def _build():
@@ -65,9 +73,11 @@ def _build():
             raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[-500:]}")
         os.replace(partial, path)  # atomic: processes building at once (DDP ranks) never load half a file
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, allocates) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, _I32 if allocates else None
+        if allocates:
+            fn.errcheck = _raise_if_out_of_memory
     return lib
 
 
@@ -135,6 +145,18 @@ def lora_grad_a(g: torch.Tensor, x: torch.Tensor, key: int | None, t: int) -> to
     _library.lorafit_lora_grad_a(g.data_ptr(), x.data_ptr(), x.stride(0), ga.data_ptr(), rows, cols, r,
                                  *_mask_args(key, t), torch.get_num_threads())
     return ga
+
+
+def lora_grad_b(g: torch.Tensor, bt: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G B, H^T G) for float32 G (N x d), B^T (r x d) and H (N x r), from one pass over G: new N x r and
+    r x d tensors."""
+    g, bt, h = _rows(g), bt.contiguous(), h.contiguous()
+    (rows, cols), r = g.shape, bt.shape[0]
+    gh = torch.empty(rows, r, dtype=g.dtype, device=g.device)
+    gbt = torch.empty(r, cols, dtype=g.dtype, device=g.device)
+    _library.lorafit_lora_grad_b(g.data_ptr(), g.stride(0), bt.data_ptr(), h.data_ptr(), gh.data_ptr(),
+                                 gbt.data_ptr(), rows, cols, r, torch.get_num_threads())
+    return gh, gbt
 
 
 def lora_up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,

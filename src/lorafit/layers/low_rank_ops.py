@@ -5,6 +5,7 @@ dropout_mask (key None: no mask):
 
     down(x, A)              = mask(x) A^T              the N x r input of B
     grad_a(G, x)            = G^T mask(x)              A's gradient before scaling
+    grad_b(dY, B, H)        = (dY B, H^T dY)           A's path back, and B's gradient before scaling
     up(H, B, s, start=bias) = bias + s H B^T           the output, before x W^T adds into it
     up(G, A^T, s, out=gx)   = gx + s mask(G A)         the low-rank part of dx
     up(B, A^T, s, start=W)  = W + s B A                a weight with the adapter folded in
@@ -78,3 +79,12 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t=None) -> torch.Tensor:
         return cpu_kernels.lora_grad_a(g, x, *_ints(key, t))
     x = x.to(g.dtype)
     return torch.mm(g.T, x if key is None else dropout_mask.dropped(x, key, t))
+
+
+def grad_b(g: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dY B, H^T dY), in B's dtype: the two products backward takes of dY, from one pass over it in C."""
+    if _c_kernel(b.shape[1], None, g, b, h):
+        return cpu_kernels.lora_grad_b(g, b.T, h)
+    # dY (B^T)^T: with B^T stored r-major MKL runs this skinny product about 2x faster than with B itself
+    # (measured at N=832, d_out=384 and 1536)
+    return down(g, b.T.contiguous()), grad_a(h, g)
