@@ -25,7 +25,7 @@ import torch
 
 import lorafit
 from benchmarks import models, train_step
-from benchmarks.timing import interleaved, median, over, ratio, table
+from benchmarks.timing import interleaved, median, overs, ratio, ratios, spread, table
 from lorafit.layers import dropout_mask, low_rank_ops
 from lorafit.train import allocator
 
@@ -47,9 +47,9 @@ def bench_train(args, out: dict) -> None:
             counts[key] = train_step.trainable_count(model)
     # What the low-rank path costs at the least: each adapter's skinny products in a step, through the
     # same ops as fused_linear and nothing else. Without dropout: H = x A^T, dY B, (dY B)^T x and H^T dY
-    # (dx's low-rank part is folded into the base matmul at these shapes). With dropout, the mask is
-    # applied inside H and (dY B)^T x, and the low-rank part of dx is a masked product written in a pass
-    # of its own (that dY W then adds into).
+    # (dx's low-rank part is folded into the base matmul at these shapes); dY B and H^T dY come from
+    # one pass over dY. With dropout, the mask is applied inside H and (dY B)^T x, and the low-rank part
+    # of dx is a masked product written in a pass of its own (that dY W then adds into).
     layers = [layer for _, layer in lorafit.model.lora_layers(train_step.make_variant(base, "lorafit", dropout=0.1))]
     t, _ = dropout_mask.threshold(0.1, torch.device("cpu"))
     operands = [(torch.randn(batch * seq, layer.in_features), torch.randn(8, layer.in_features),
@@ -59,8 +59,8 @@ def bench_train(args, out: dict) -> None:
         for x, a, b, gy in operands:
             key = dropout_mask.new_key(x.device) if dropout else None
             h = low_rank_ops.down(x, a, key, t)
-            gh = low_rank_ops.down(gy, b.T.contiguous())
-            low_rank_ops.grad_a(gh, x, key, t), low_rank_ops.grad_a(h, gy)
+            gh, _ = low_rank_ops.grad_b(gy, b, h)
+            low_rank_ops.grad_a(gh, x, key, t)
             if dropout:
                 low_rank_ops.up(gh, a.T, 1.0, None, None, x.dtype, key, t)
 
@@ -73,16 +73,17 @@ def bench_train(args, out: dict) -> None:
         vs_peft = vs_floor = ""
         for d in (0.1, 0.0):
             if key.endswith(f"(dropout {d})"):
-                vs_peft = f"{ratio(times, key, f'peft (dropout {d})'):.2f}"
+                vs_peft = spread(ratios(times, key, f"peft (dropout {d})")) if key.startswith("lorafit") else "1.00"
         if key == "floor":  # how far below PEFT any LoRA can go: with dropout 0.1 / without
             vs_peft = " / ".join(f"{ratio(times, key, f'peft (dropout {d})'):.2f}" for d in (0.1, 0.0))
         if key not in ("full", "floor") and not key.startswith("low-rank"):
-            vs_floor = f"{over(times, key, 'floor', 'full'):+.2f}"
+            vs_floor = spread(overs(times, key, "floor", "full"), "+.2f")
         rows.append([key, f"{counts[key]:,}", f"{1000 * median(ts):.0f}", f"{ratio(times, key, 'full'):.2f}", vs_peft,
                      vs_floor])
     title = f"Training step, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq} tokens, " \
             f"r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps"
-    _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT", "floor + (x full)"]))
+    _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT", "floor + (x full)"])
+           + "\n\nIn brackets: the middle half of the rounds (first and third quartiles).")
     out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
                     "all_s": times, "trainable": counts}
 

@@ -30,16 +30,36 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def ratios(times: dict[str, list[float]], name: str, ref: str) -> list[float]:
+    """name's time over ref's time, round by round."""
+    return [t / r for t, r in zip(times[name], times[ref], strict=True)]
+
+
 def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
     """The median over rounds of name's time over ref's time in the same round. This machine drifts
     (a step took 1.2 s and 2.0 s within minutes) faster than the variants rotate, so a ratio of
     whole-run medians moves with the drift; a variant and its reference in one round move together."""
-    return median([t / r for t, r in zip(times[name], times[ref], strict=True)])
+    return median(ratios(times, name, ref))
+
+
+def overs(times: dict[str, list[float]], name: str, base: str, unit: str) -> list[float]:
+    """(name's time - base's time) / unit's time, round by round."""
+    return [(t - b) / u for t, b, u in zip(times[name], times[base], times[unit], strict=True)]
 
 
 def over(times: dict[str, list[float]], name: str, base: str, unit: str) -> float:
     """The median over rounds of (name's time - base's time) / unit's time, all from the same round."""
-    return median([(t - b) / u for t, b, u in zip(times[name], times[base], times[unit], strict=True)])
+    return median(overs(times, name, base, unit))
+
+
+def spread(xs: list[float], fmt: str = ".2f") -> str:
+    """The median and, in brackets, the middle half of the rounds (first to third quartile): on this
+    machine the same code moves by several hundredths from run to run, and a goal within that range
+    is not settled by one median."""
+    if len(xs) < 2:
+        return format(median(xs), fmt)
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return f"{format(median(xs), fmt)} [{format(q1, fmt)}, {format(q3, fmt)}]"
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
