@@ -313,6 +313,18 @@ def test_c_lora_products_equal_the_plain_formula(masked):
             assert torch.equal(one, three)
 
 
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")
+def test_c_kernels_raise_when_their_scratch_memory_cannot_be_had():
+    """Asked for scratch space of 2^58 columns (more than any address space), the kernels fail before
+    they read an input, and the caller gets a MemoryError instead of a write through a null pointer."""
+    lib = cpu_kernels.library()
+    p, huge = torch.zeros(64).data_ptr(), 1 << 58
+    with pytest.raises(MemoryError, match="lorafit_lora_grad_b"):
+        lib.lorafit_lora_grad_b(p, huge, p, p, p, p, 64, huge, 1, 1)
+    with pytest.raises(MemoryError, match="lorafit_lora_down"):  # the masked row's buffer
+        lib.lorafit_lora_down(p, huge, p, p, 1, huge, 1, 1, 0, 0, 1)
+
+
 def test_dropout_without_a_c_compiler_warns_and_gives_the_same_masks(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_library", None)  # forget the built kernel, build again without a compiler
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
