@@ -43,13 +43,8 @@ def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
 
 
 def overs(times: dict[str, list[float]], name: str, base: str, unit: str) -> list[float]:
-    """(name's time - base's time) / unit's time, round by round."""
+    """(name's time - base's time) / unit's time, round by round, all three from the same round."""
     return [(t - b) / u for t, b, u in zip(times[name], times[base], times[unit], strict=True)]
-
-
-def over(times: dict[str, list[float]], name: str, base: str, unit: str) -> float:
-    """The median over rounds of (name's time - base's time) / unit's time, all from the same round."""
-    return median(overs(times, name, base, unit))
 
 
 def spread(xs: list[float], fmt: str = ".2f") -> str:
