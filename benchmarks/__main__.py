@@ -29,6 +29,7 @@ from benchmarks.timing import interleaved, median, overs, ratio, ratios, spread,
 from lorafit.layers import dropout_mask, low_rank_ops
 from lorafit.train import allocator
 
+HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
@@ -45,6 +46,12 @@ def bench_train(args, out: dict) -> None:
             model = train_step.make_variant(base, v, dropout=dropout)
             steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
             counts[key] = train_step.trainable_count(model)
+    # the opt-in train.model_dropout = "hashed": the model's own dropout modules swapped, in a floor of its own
+    for v, dropout in (("floor", 0.1), ("lorafit", 0.1), ("lorafit", 0.0)):
+        key = f"floor{HASHED}" if v == "floor" else f"lorafit{HASHED} (dropout {dropout})"
+        model = train_step.make_variant(base, v, dropout=dropout, model_dropout="hashed")
+        steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
+        counts[key] = train_step.trainable_count(model)
     # What the low-rank path costs at the least: each adapter's skinny products in a step, through the
     # same ops as fused_linear and nothing else. Without dropout: H = x A^T, dY B, (dY B)^T x and H^T dY
     # (dx's low-rank part is folded into the base matmul at these shapes); dY B and H^T dY come from
@@ -74,16 +81,20 @@ def bench_train(args, out: dict) -> None:
         for d in (0.1, 0.0):
             if key.endswith(f"(dropout {d})"):
                 vs_peft = spread(ratios(times, key, f"peft (dropout {d})")) if key.startswith("lorafit") else "1.00"
-        if key == "floor":  # how far below PEFT any LoRA can go: with dropout 0.1 / without
+        if key.startswith("floor"):  # how far below PEFT any LoRA can go: with dropout 0.1 / without
             vs_peft = " / ".join(f"{ratio(times, key, f'peft (dropout {d})'):.2f}" for d in (0.1, 0.0))
-        if key not in ("full", "floor") and not key.startswith("low-rank"):
-            vs_floor = spread(overs(times, key, "floor", "full"), "+.2f")
+        elif key != "full" and not key.startswith("low-rank"):
+            floor = f"floor{HASHED}" if HASHED in key else "floor"
+            vs_floor = spread(overs(times, key, floor, "full"), "+.2f")
         rows.append([key, f"{counts[key]:,}", f"{1000 * median(ts):.0f}", f"{ratio(times, key, 'full'):.2f}", vs_peft,
                      vs_floor])
     title = f"Training step, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq} tokens, " \
             f"r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps"
     _print(title, table(rows, ["variant", "trainable params", "median ms", "x full", "x PEFT", "floor + (x full)"])
-           + "\n\nIn brackets: the middle half of the rounds (first and third quartiles).")
+           + "\n\nIn brackets: the middle half of the rounds (first and third quartiles). Rows with"
+           f" '{HASHED[2:]}' swap the model's own nn.Dropout modules for lorafit's HashedDropout"
+           " (train.model_dropout = \"hashed\", opt-in: another random stream); their floor + is taken"
+           " against the floor with the same swap.")
     out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
                     "all_s": times, "trainable": counts}
 
@@ -91,15 +102,18 @@ def bench_train(args, out: dict) -> None:
 def bench_memory(args, out: dict) -> None:
     batch, seq = (4, 16) if args.quick else (32, 64)
     rows, res = [], {}
-    runs = [("full", 0.1), ("floor", 0.1), ("peft", 0.1), ("lorafit", 0.1), ("peft", 0.0), ("lorafit", 0.0)]
+    runs = [("full", 0.1, "torch"), ("floor", 0.1, "torch"), ("peft", 0.1, "torch"), ("lorafit", 0.1, "torch"),
+            ("peft", 0.0, "torch"), ("lorafit", 0.0, "torch"), ("lorafit", 0.1, "hashed")]
     if args.quick:  # each probe is a fresh process: in the smoke run, just prove the probe works
-        runs = [("full", 0.1), ("lorafit", 0.1)]
-    for variant, dropout in runs:
+        runs = [("full", 0.1, "torch"), ("lorafit", 0.1, "torch")]
+    for variant, dropout, model_dropout in runs:
         cmd = [sys.executable, "-m", "benchmarks.memory_probe", "bert", variant, str(batch), str(seq),
-               "--dropout", str(dropout)] + (["--quick", "--steps", "1"] if args.quick else []) + _malloc_flag(args)
+               "--dropout", str(dropout), "--model-dropout", model_dropout] \
+            + (["--quick", "--steps", "1"] if args.quick else []) + _malloc_flag(args)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         data = json.loads(proc.stdout.strip().splitlines()[-1])
-        key = variant if variant in ("full", "floor") else f"{variant} (dropout {dropout})"
+        label = variant + (HASHED if model_dropout == "hashed" else "")
+        key = label if variant in ("full", "floor") else f"{label} (dropout {dropout})"
         if key in res:
             continue
         res[key] = data

@@ -1,7 +1,7 @@
 """Peak resident memory of training steps, measured in a fresh process per variant.
 
 Run by the suite as ``python -m benchmarks.memory_probe MODEL VARIANT BATCH SEQ [--quick]
-[--malloc-defaults]``; prints
+[--model-dropout hashed] [--malloc-defaults]``; prints
 JSON. After the model, optimizer and one warm-up step exist, the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs``), so the reported peak is
 that of the training steps themselves, not of loading the model.
@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="NF4/int8 frozen base (QLoRA)")
+    ap.add_argument("--model-dropout", choices=["torch", "hashed"], default="torch",
+                    help="the model's own dropout: torch's, or swapped for lorafit's HashedDropout")
     ap.add_argument("--malloc-defaults", action="store_true", help="do not keep freed memory for reuse")
     args = ap.parse_args()
     if not args.malloc_defaults:
@@ -56,7 +58,7 @@ def main() -> None:
         from lorafit.quantize import quantize_base
 
         quantize_base(base, bits=args.quantize, skip=("lm_head", "classifier"))
-    model = train_step.make_variant(base, args.variant, dropout=args.dropout)
+    model = train_step.make_variant(base, args.variant, dropout=args.dropout, model_dropout=args.model_dropout)
     del base
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     batch = train_step.make_batch(model, args.batch, args.seq)

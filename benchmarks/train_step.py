@@ -7,6 +7,9 @@ Variants, all from the same base weights and batch:
            low-rank path at all: the cost LoRA cannot go below
   peft     Hugging Face PEFT LoRA
   lorafit  lorafit LoRA
+
+``model_dropout="hashed"`` swaps the model's own nn.Dropout modules for lorafit's HashedDropout (the
+opt-in ``train.model_dropout = "hashed"``), in any variant.
 """
 
 from __future__ import annotations
@@ -27,8 +30,13 @@ def _kind(model: nn.Module) -> str:
     return "llama" if model.config.model_type == "llama" else "bert"
 
 
-def make_variant(base: nn.Module, variant: str, r: int = 8, dropout: float = 0.1) -> nn.Module:
+def make_variant(base: nn.Module, variant: str, r: int = 8, dropout: float = 0.1,
+                 model_dropout: str = "torch") -> nn.Module:
     model = copy.deepcopy(base).train()
+    if model_dropout == "hashed":
+        lorafit.use_hashed_dropout(model)
+    elif model_dropout != "torch":
+        raise ValueError(f"model_dropout: {model_dropout!r} is neither 'torch' nor 'hashed'")
     kind = _kind(model)
     if variant == "full":
         for p in model.parameters():

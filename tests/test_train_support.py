@@ -159,6 +159,8 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_config(path, ["train.batch_size=big"])
     with pytest.raises(ValueError, match="train.scheduler must be one of .*did you mean 'cosine'"):
         load_config(path, ["train.scheduler=cosin"])
+    with pytest.raises(ValueError, match="train.model_dropout must be one of .*did you mean 'hashed'"):
+        load_config(path, ["train.model_dropout=hash"])
     with pytest.raises(ValueError, match=r"\[lora\]: r must be an integer >= 1"):
         load_config(path, ["lora.r=0"])
     with pytest.raises(ValueError, match="expects key=value"):
@@ -189,3 +191,17 @@ def test_config_round_trips_through_toml(tmp_path):
     assert load_config(again).to_dict() == config.to_dict()
     assert parse_value("3") == 3 and parse_value("abc") == "abc" and parse_value("[1, 2]") == [1, 2]
     assert RunConfig().train.method == "lora"
+
+
+def test_model_dropout_hashed_swaps_the_models_dropout_modules(tmp_path):
+    from torch import nn
+
+    from lorafit.layers.hashed_dropout import HashedDropout
+    from lorafit.train.run import apply_method, prepare
+
+    path = classification_setup(tmp_path)
+    for setting, kind in (("torch", nn.Dropout), ("hashed", HashedDropout)):
+        prep = prepare(load_config(path, [f"train.model_dropout={setting}"]))
+        apply_method(prep)
+        dropouts = [m for m in prep.model.modules() if isinstance(m, nn.Dropout)]
+        assert dropouts and all(type(m) is kind for m in dropouts)

@@ -10,6 +10,7 @@ from lorafit.arithmetic import combine_adapters
 from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
 from lorafit.io import adapter_files, adapter_state_dict, load_adapter, read_adapter, save_adapter, write_adapter
+from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
 from lorafit.model import (
     ParameterReport,
     active_adapters,
@@ -30,6 +31,7 @@ from lorafit.model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "HashedDropout",
     "LoraConfig",
     "ParameterReport",
     "active_adapters",
@@ -52,5 +54,6 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "use_hashed_dropout",
     "write_adapter",
 ]

@@ -5,7 +5,7 @@
  * integer is >= t. Built and loaded by cpu_kernels.py.
  *
  * lorafit_dropout_mask zeroes the dropped elements of any floating dtype (it goes by
- * element size). The lorafit_lora_* kernels are the float32 low-rank products with the
+ * element size); lorafit_dropout_scale also rescales the kept ones, in float32. The lorafit_lora_* kernels are the float32 low-rank products with the
  * mask fused in (or none, masked = 0): each reads the activation once, where separate
  * ops would write the dropped copy and read it again. Rows (or column ranges) are split
  * over OpenMP threads and every sum runs in a fixed order, so results do not depend on
@@ -89,6 +89,21 @@ void lorafit_dropout_mask(const char *src, char *dst, int64_t rows, int64_t cols
 #pragma omp for schedule(static)
             MASK_ROWS(uint64_t)
         }
+    }
+}
+
+/* dst = scale * src where the mask keeps an element, else 0, for float32 rows: a model's own dropout,
+ * forward (src = x) and backward (src = dY), in one pass; dst may be src */
+void lorafit_dropout_scale(const float *src, float *dst, int64_t rows, int64_t cols, int64_t src_stride,
+                           int64_t dst_stride, float scale, int32_t key, int32_t t, int32_t threads) {
+    const int64_t c8 = cols / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *s = src + r * src_stride;
+        float *d = dst + r * dst_stride;
+        const uint32_t base = (uint32_t)r * (uint32_t)cols;
+        for (int64_t c = 0; c < c8; c += 8) store8(d + c, keep8(scale * load8(s + c), base + c, key, t));
+        for (int64_t c = c8; c < cols; c++) d[c] = keep_key(base + c, key) >= t ? scale * s[c] : 0.0f;
     }
 }
 

@@ -5,8 +5,9 @@ without inductor in the process (about 100 MiB of resident memory and seconds of
 start-up per process) or its per-call guard checks. The built library is cached
 per source, compiler and CPU under ~/.cache/lorafit (``LORAFIT_CACHE`` overrides).
 
-``mask_into`` serves every floating dtype; the ``lora_*`` products are float32
-only, with the dropout mask of ``key`` and ``t`` fused in (``key=None``: none).
+``mask_into`` serves every floating dtype. ``dropout_scale`` (mask and rescale in one pass) and the
+``lora_*`` products (with the dropout mask of ``key`` and ``t`` fused in, ``key=None``: none) are
+float32 only.
 Callers check ``library()`` first and fall back to torch ops where it is None.
 """
 
@@ -33,6 +34,7 @@ _PTR, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes
 # name: (argument types, whether it returns 1 where its scratch memory could not be allocated)
 _SIGNATURES = {
     "lorafit_dropout_mask": ([_PTR, _PTR] + [_I64] * 5 + [_I32] * 3, False),
+    "lorafit_dropout_scale": ([_PTR, _PTR] + [_I64] * 4 + [_F32] + [_I32] * 3, False),
     # (in, in row stride, factor, out, rows, cols, r, masked, key, t, threads) and the like
     "lorafit_lora_down": ([_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64] + [_I32] * 4, True),
     "lorafit_lora_grad_a": ([_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64] + [_I32] * 4, True),
@@ -125,6 +127,16 @@ def mask_into(src: torch.Tensor, dst: torch.Tensor, key: int, t: int) -> None:
     rows, cols = src.shape
     _library.lorafit_dropout_mask(src.data_ptr(), dst.data_ptr(), rows, cols, src.stride(0) * size,
                                   dst.stride(0) * size, size, key, t, torch.get_num_threads())
+
+
+def dropout_scale(src: torch.Tensor, key: int, t: int, scale: float) -> torch.Tensor:
+    """A new tensor: scale * src where keep_mask(key, t) keeps, else 0, for a 2-D float32 src."""
+    src = _rows(src)
+    dst = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    rows, cols = src.shape
+    _library.lorafit_dropout_scale(src.data_ptr(), dst.data_ptr(), rows, cols, src.stride(0), dst.stride(0), scale,
+                                   key, t, torch.get_num_threads())
+    return dst
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor, key: int | None, t: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 FORMATS = ("auto", "jsonl", "csv", "tsv")
 DISTRIBUTED = ("ddp", "fsdp")
+MODEL_DROPOUTS = ("torch", "hashed")
 QUANTIZE_BITS = (0, 4, 8)
 
 
@@ -104,6 +105,9 @@ class TrainSection:
     seed: int = 0
     bf16: bool = False  # bfloat16 autocast for forward and loss
     gradient_checkpointing: bool = False
+    # "hashed": the model's nn.Dropout modules draw lorafit's hashed masks (faster on a CPU, a different
+    # random stream), see lorafit.layers.hashed_dropout
+    model_dropout: str = "torch"
     group_by_length: bool = True
     log_every: int = 10
     tensorboard: bool = False
@@ -176,6 +180,7 @@ class RunConfig:
         _one_of("train.method", self.train.method, METHODS, source)
         _one_of("train.scheduler", self.train.scheduler, SCHEDULERS, source)
         _one_of("train.distributed", self.train.distributed, DISTRIBUTED, source)
+        _one_of("train.model_dropout", self.train.model_dropout, MODEL_DROPOUTS, source)
         if not 0.0 <= self.data.validation_fraction < 1.0:
             bad("data.validation_fraction", f"must be >= 0 and < 1, got {self.data.validation_fraction}")
         for key in ("task.max_length", "task.max_target_length", "task.max_new_tokens", "train.epochs",

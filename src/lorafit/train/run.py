@@ -155,6 +155,8 @@ def apply_method(prep: Prepared) -> None:
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+    if prep.config.train.model_dropout == "hashed":
+        lorafit.use_hashed_dropout(model)
     model.to(prep.device)
     if prep.config.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
