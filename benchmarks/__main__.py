@@ -30,6 +30,7 @@ from lorafit.layers import dropout_mask, low_rank_ops
 from lorafit.train import allocator
 
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
+BOUND = "floor + low-rank products alone"
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
@@ -75,13 +76,19 @@ def bench_train(args, out: dict) -> None:
     steps["low-rank products alone, dropout 0.1"] = lambda: products(True)
     times = interleaved(steps, reps=args.reps, warmup=1)
     counts["low-rank products alone"] = counts["low-rank products alone, dropout 0.1"] = 0
+    # the least a LoRA step with these products can take: the floor plus the products, round by round
+    for d, products in ((0.1, "low-rank products alone, dropout 0.1"), (0.0, "low-rank products alone")):
+        key = f"{BOUND} (dropout {d})"
+        times[key] = [f + p for f, p in zip(times["floor"], times[products], strict=True)]
+        counts[key] = 0
     rows = []
     for key, ts in times.items():
         vs_peft = vs_floor = ""
         for d in (0.1, 0.0):
             if key.endswith(f"(dropout {d})"):
-                vs_peft = spread(ratios(times, key, f"peft (dropout {d})")) if key.startswith("lorafit") else "1.00"
-        if key.startswith("floor"):  # how far below PEFT any LoRA can go: with dropout 0.1 / without
+                vs_peft = spread(ratios(times, key, f"peft (dropout {d})")) \
+                    if key.startswith(("lorafit", BOUND)) else "1.00"
+        if key in ("floor", f"floor{HASHED}"):  # how far below PEFT any LoRA can go: with dropout 0.1 / without
             vs_peft = " / ".join(f"{ratio(times, key, f'peft (dropout {d})'):.2f}" for d in (0.1, 0.0))
         elif key != "full" and not key.startswith("low-rank"):
             floor = f"floor{HASHED}" if HASHED in key else "floor"
@@ -94,7 +101,8 @@ def bench_train(args, out: dict) -> None:
            + "\n\nIn brackets: the middle half of the rounds (first and third quartiles). Rows with"
            f" '{HASHED[2:]}' swap the model's own nn.Dropout modules for lorafit's HashedDropout"
            " (train.model_dropout = \"hashed\", opt-in: another random stream); their floor + is taken"
-           " against the floor with the same swap.")
+           " against the floor with the same swap. The floor + products rows add the two, round by round:"
+           " the least a LoRA step with these products could take.")
     out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
                     "all_s": times, "trainable": counts}
 
