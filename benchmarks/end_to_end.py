@@ -1,4 +1,5 @@
-"""End to end: ``lorafit train`` on SST-2 with LoRA (dropout 0.1 and 0) and with full fine-tuning.
+"""End to end: ``lorafit train`` on SST-2 with LoRA (dropout 0.1 and 0; and dropout 0.1 with the opt-in
+``train.model_dropout = "hashed"``) and with full fine-tuning.
 
 Each run is a fresh ``python -m lorafit train examples/sst2_minilm.toml`` process
 (all-MiniLM-L6-v2, batch 32, max length 64, dynamic padding with length-grouped
@@ -30,6 +31,9 @@ VARIANTS = {  # name: overrides of examples/sst2_minilm.toml
     "full fine-tuning": ["--method", "full", "--set", "train.lr=5e-5"],
     "LoRA r=8, dropout 0.1": ["--set", "lora.lora_dropout=0.1"],
     "LoRA r=8, dropout 0": ["--set", "lora.lora_dropout=0.0"],
+    # the opt-in: the model's own nn.Dropout modules use lorafit's hashed masks (full fine-tuning keeps torch's)
+    "LoRA r=8, dropout 0.1, hashed model dropout": ["--set", "lora.lora_dropout=0.1",
+                                                    "--set", "train.model_dropout=hashed"],
 }
 
 
