@@ -5,7 +5,8 @@
  * integer is >= t. Built and loaded by cpu_kernels.py.
  *
  * lorafit_dropout_mask zeroes the dropped elements of any floating dtype (it goes by
- * element size); lorafit_dropout_scale also rescales the kept ones, in float32. The lorafit_lora_* kernels are the float32 low-rank products with the
+ * element size); lorafit_dropout_scale also rescales the kept ones, in float32. The
+ * lorafit_lora_* kernels are the float32 low-rank products with the
  * mask fused in (or none, masked = 0): each reads the activation once, where separate
  * ops would write the dropped copy and read it again. Rows (or column ranges) are split
  * over OpenMP threads and every sum runs in a fixed order, so results do not depend on
@@ -93,7 +94,7 @@ void lorafit_dropout_mask(const char *src, char *dst, int64_t rows, int64_t cols
 }
 
 /* dst = scale * src where the mask keeps an element, else 0, for float32 rows: a model's own dropout,
- * forward (src = x) and backward (src = dY), in one pass; dst may be src */
+ * forward (src = x) and backward (src = dY), in one pass */
 void lorafit_dropout_scale(const float *src, float *dst, int64_t rows, int64_t cols, int64_t src_stride,
                            int64_t dst_stride, float scale, int32_t key, int32_t t, int32_t threads) {
     const int64_t c8 = cols / 8 * 8;
