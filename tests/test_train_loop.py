@@ -150,6 +150,24 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
     assert len(steps) == len(set(steps))
 
 
+def test_resume_with_hashed_model_dropout_equals_an_uninterrupted_run(tmp_path):
+    """train.model_dropout = "hashed" on a model whose own dropout is on: its masks come back on resume, and
+    they are not torch's (the run ends elsewhere than one with torch's dropout)."""
+    config = classification_setup(tmp_path)
+    model_config = tmp_path / "tiny-bert" / "config.json"
+    model_config.write_text(json.dumps({**json.loads(model_config.read_text()), "hidden_dropout_prob": 0.1}))
+    hashed = RESUME + ["train.model_dropout=hashed"]
+    train(config, hashed + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    args = hashed + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(17),), progress=False)
+    train(config, args, resume=True, progress=False)
+    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+    train(config, RESUME + [f"output_dir={json.dumps(str(tmp_path / 'c'))}"], progress=False)
+    a, c = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "c")
+    assert any(not torch.allclose(a[k], c[k], atol=1e-6, rtol=0) for k in a)
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     config = classification_setup(tmp_path)
     args = [a for o in RESUME + ["train.epochs=12"] for a in ("--set", o)]
