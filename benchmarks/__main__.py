@@ -34,23 +34,23 @@ BOUND = "floor + low-rank products alone"
 PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
+def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
+    """A training variant's row name; full fine-tuning and the floor have no LoRA dropout to name."""
+    label = variant + (HASHED if model_dropout == "hashed" else "")
+    return label if variant in ("full", "floor") else f"{label} (dropout {dropout})"
+
+
 def bench_train(args, out: dict) -> None:
     batch, seq = (4, 16) if args.quick else (32, 64)
     base = models.bert_classifier(args.quick)
-    variants = ["full", "floor", "peft", "lorafit"]
+    # the opt-in train.model_dropout = "hashed" swaps the model's own dropout modules, in a floor of its own too
+    specs = [("full", 0.1, "torch"), ("floor", 0.1, "torch"), ("peft", 0.1, "torch"), ("lorafit", 0.1, "torch"),
+             ("peft", 0.0, "torch"), ("lorafit", 0.0, "torch"),
+             ("floor", 0.1, "hashed"), ("lorafit", 0.1, "hashed"), ("lorafit", 0.0, "hashed")]
     steps, counts = {}, {}
-    for dropout in (0.1, 0.0):
-        for v in variants:
-            if v in ("full", "floor") and dropout == 0.0:
-                continue
-            key = v if v in ("full", "floor") else f"{v} (dropout {dropout})"
-            model = train_step.make_variant(base, v, dropout=dropout)
-            steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
-            counts[key] = train_step.trainable_count(model)
-    # the opt-in train.model_dropout = "hashed": the model's own dropout modules swapped, in a floor of its own
-    for v, dropout in (("floor", 0.1), ("lorafit", 0.1), ("lorafit", 0.0)):
-        key = f"floor{HASHED}" if v == "floor" else f"lorafit{HASHED} (dropout {dropout})"
-        model = train_step.make_variant(base, v, dropout=dropout, model_dropout="hashed")
+    for v, dropout, model_dropout in specs:
+        key = _variant_key(v, dropout, model_dropout)
+        model = train_step.make_variant(base, v, dropout=dropout, model_dropout=model_dropout)
         steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq))
         counts[key] = train_step.trainable_count(model)
     # What the low-rank path costs at the least: each adapter's skinny products in a step, through the
@@ -120,8 +120,7 @@ def bench_memory(args, out: dict) -> None:
             + (["--quick", "--steps", "1"] if args.quick else []) + _malloc_flag(args)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         data = json.loads(proc.stdout.strip().splitlines()[-1])
-        label = variant + (HASHED if model_dropout == "hashed" else "")
-        key = label if variant in ("full", "floor") else f"{label} (dropout {dropout})"
+        key = _variant_key(variant, dropout, model_dropout)
         if key in res:
             continue
         res[key] = data
