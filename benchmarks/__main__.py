@@ -26,7 +26,8 @@ import torch
 import lorafit
 from benchmarks import models, train_step
 from benchmarks.timing import interleaved, median, overs, ratio, ratios, spread, table
-from lorafit.layers import dropout_mask, low_rank_ops
+from lorafit.kernels import mask
+from lorafit.kernels import products as lora_products
 from lorafit.train import allocator
 
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
@@ -59,18 +60,18 @@ def bench_train(args, out: dict) -> None:
     # one pass over dY. With dropout, the mask is applied inside H and (dY B)^T x, and the low-rank part
     # of dx is a masked product written in a pass of its own (that dY W then adds into).
     layers = [layer for _, layer in lorafit.model.lora_layers(train_step.make_variant(base, "lorafit", dropout=0.1))]
-    t, _ = dropout_mask.threshold(0.1, torch.device("cpu"))
+    t, _ = mask.threshold(0.1)
     operands = [(torch.randn(batch * seq, layer.in_features), torch.randn(8, layer.in_features),
                  torch.randn(layer.out_features, 8), torch.randn(batch * seq, layer.out_features)) for layer in layers]
 
     def products(dropout: bool) -> None:
         for x, a, b, gy in operands:
-            key = dropout_mask.new_key(x.device) if dropout else None
-            h = low_rank_ops.down(x, a, key, t)
-            gh, _ = low_rank_ops.grad_b(gy, b, h)
-            low_rank_ops.grad_a(gh, x, key, t)
+            key = mask.new_key(x.device) if dropout else None
+            h = lora_products.down(x, a, key, t)
+            gh, _ = lora_products.grad_b(gy, b, h)
+            lora_products.grad_a(gh, x, key, t)
             if dropout:
-                low_rank_ops.up(gh, a.T, 1.0, None, None, x.dtype, key, t)
+                lora_products.up(gh, a.T, 1.0, None, None, x.dtype, key, t)
 
     steps["low-rank products alone"] = lambda: products(False)
     steps["low-rank products alone, dropout 0.1"] = lambda: products(True)

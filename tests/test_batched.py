@@ -142,11 +142,11 @@ def test_modules_to_save_kinds():
     torch.testing.assert_close(mixed, alone, **TOL)
 
 
-def _tiny_llama():
+def _tiny_llama(hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(cfg).eval()
@@ -201,3 +201,57 @@ def test_heads_of_different_sizes_cannot_share_a_batch():
         with adapter_per_row(model, ["y", "y"]):
             assert model(ids[:2]).shape == (2, 5)
     torch.testing.assert_close(mixed, alone, **TOL)
+
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# bf16 keeps 8 bits of mantissa: the batched path and a row alone round at different places
+DTYPE_TOL = {torch.float32: TOL, torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+
+
+def _eight_adapter_llama(dtype=torch.float32, device="cpu"):
+    """A tiny Llama with 8 adapters of ranks 1..8 on every linear, and 8 prompts."""
+    pytest.importorskip("transformers")
+    model = _tiny_llama(hidden=64)
+    names = [f"t{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        lorafit.attach(model, lorafit.LoraConfig(r=i + 1, lora_alpha=8, target_modules=LLAMA_LINEARS), name)
+    randomize_adapters(model, 0.1)
+    ids = torch.randint(3, 64, (len(names), 12), generator=torch.Generator().manual_seed(5))
+    return model.to(device=device, dtype=dtype), names, ids.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_eight_adapters_on_llama_equal_rows_alone(device, dtype):
+    model, names, ids = _eight_adapter_llama(dtype, device)
+    with torch.no_grad():
+        with adapter_per_row(model, names):
+            mixed = model(ids).logits
+        alone = []
+        for k, name in enumerate(names):
+            lorafit.set_active(model, [name])
+            alone.append(model(ids[k:k + 1]).logits)
+        with lorafit.disabled(model):
+            base = model(ids).logits
+    assert mixed.device.type == device and mixed.dtype == dtype
+    torch.testing.assert_close(mixed, torch.cat(alone), **DTYPE_TOL[dtype])
+    assert not torch.allclose(mixed, base, **DTYPE_TOL[dtype])  # the adapters matter
+
+
+def test_forward_never_reads_a_tensor_back():
+    """On a GPU each read-back (item, tolist, bool) waits for the device: no forward inside the
+    block may use one, the first included (it gathers each layer's factors for the block)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the forward read a tensor back to the host")
+
+    mixed = Mixed().eval()
+    for name, r in (("a", 2), ("b", 5)):
+        lorafit.attach(mixed, lorafit.LoraConfig(r=r, target_modules=ALL_KINDS, modules_to_save=["classifier"]), name)
+    model, names, ids = _eight_adapter_llama()
+    mixed_ids, image = mixed_inputs(batch=4)
+    blocks = [(model, names, lambda: model(ids)), (mixed, ["a", None, "b", "a"], lambda: mixed(mixed_ids, image))]
+    for net, rows, run in blocks:
+        with torch.no_grad(), adapter_per_row(net, rows), pytest.MonkeyPatch.context() as patch:
+            for method in ("tolist", "item", "__bool__"):
+                patch.setattr(torch.Tensor, method, refuse)
+            run()

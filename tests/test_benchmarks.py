@@ -33,3 +33,28 @@ def test_quick_benchmark_suite_runs(tmp_path):
     trainable = {name: runs[0]["trainable"] for name, runs in e2e.items()}
     full = trainable.pop("full fine-tuning")
     assert trainable and all(0 < n < full for n in trainable.values())  # the LoRA runs train a fraction
+
+
+def test_quick_gpu_benchmark_runs(tmp_path):
+    """benchmarks/gpu.py --quick: every part (step, infer, mixed, lorafit train end to end) on tiny shapes."""
+    pytest.importorskip("peft")
+    pytest.importorskip("tokenizers")
+    data = ROOT.parent / "shared" / "data"
+    if not (data / "alpaca" / "train.jsonl").is_file():  # a few made-up rows do for a dry run
+        data = tmp_path / "data"
+        (data / "alpaca").mkdir(parents=True)
+        rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+                for i in range(1, 65)]
+        (data / "alpaca" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick", "--out", str(out), "--data", str(data)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for title in ("Training step", "Inference forward", "Mixed-adapter batch", "lorafit train end to end",
+                  "## Summary", "all parts ran"):
+        assert title in proc.stdout
+    data = json.loads((out / "gpu.json").read_text())
+    assert {"meta", "step", "infer", "mixed", "e2e"} <= set(data)
+    assert all(t > 0 for part in ("step", "infer", "mixed") for t in data[part]["median_s"].values())
+    e2e = data["e2e"]["results"]
+    assert 0 < e2e["LoRA r=16, dropout 0.05, cold caches"]["trainable"] < e2e["full fine-tuning"]["trainable"]

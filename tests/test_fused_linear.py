@@ -9,7 +9,8 @@ from transformers.pytorch_utils import Conv1D
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.layers import cpu_kernels, dropout_mask
+from lorafit.kernels import cpu as cpu_kernels
+from lorafit.kernels import mask as dropout_mask
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -52,13 +53,13 @@ def _compare(model, x, dropout, dtype):
     torch.manual_seed(123)
     x1 = x.clone().requires_grad_(True)
     out = model(x1)
-    assert "LoraLinearFunction" in type(out.grad_fn).__name__  # the fused path really ran
+    assert "LoraLinear" in type(out.grad_fn).__name__  # the fused path really ran
     g = torch.randn_like(out)
     out.backward(g)
     torch.manual_seed(123)  # the fused path draws one mask key per adapter with dropout, in order
     masks = {}
     for n in layer.active if dropout else ():
-        t, rescale = dropout_mask.threshold(layer.dropout[n], x.device)
+        t, rescale = dropout_mask.threshold(layer.dropout[n])
         keep = dropout_mask.keep_mask(x.numel() // x.shape[-1], x.shape[-1], dropout_mask.new_key(x.device), t)
         masks[n] = (keep, rescale)
     factors = {n: (layer.lora_A[n].detach().double().requires_grad_(True),
@@ -89,6 +90,25 @@ def test_training_path_matches_formula(dtype, dropout, gpt2, rows):
     model = _layer(base, [("a", 4), ("b", 2), ("c", 12)], dtype, dropout)  # r 12: C only with a mask
     x = torch.randn(rows // 5, 5, 16, dtype=dtype)
     _compare(model, x, dropout, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("gpt2", [False, True])
+def test_accelerator_implementation_matches_formula(dtype, dropout, gpt2, monkeypatch):
+    """The implementation GPUs run (cuBLAS products added in place, masks in Triton there), run here on CPU
+    tensors, where its masked products take the C or torch ops: the same math, checked in CI."""
+    from lorafit.kernels import linear
+
+    monkeypatch.setattr(linear, "cpu_path", lambda x: False)
+    base = Conv1D(24, 16) if gpt2 else nn.Linear(16, 24)
+    if gpt2:
+        nn.init.normal_(base.weight, std=0.2)
+    model = _layer(base, [("a", 4), ("b", 2), ("c", 12)], dtype, dropout)
+    _compare(model, torch.randn(8, 5, 16, dtype=dtype), dropout, dtype)
+    model.zero_grad()
+    model[0].lora_A["a"].requires_grad_(False)  # a frozen adapter next to trained ones
+    _compare(model, torch.randn(8, 5, 16, dtype=dtype), dropout, dtype)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -185,7 +205,7 @@ def test_autocast_uses_the_plain_path_and_works():
     x = torch.randn(40, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.dtype == torch.bfloat16 and "LoraLinearFunction" not in type(out.grad_fn).__name__
+    assert out.dtype == torch.bfloat16 and "LoraLinear" not in type(out.grad_fn).__name__
     out.float().sum().backward()
     assert model[0].lora_A["a"].grad.dtype == torch.float32 and x.grad is not None
 
@@ -193,7 +213,7 @@ def test_autocast_uses_the_plain_path_and_works():
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
 def test_dropout_keep_rate_and_rescale(p):
     cpu = torch.device("cpu")
-    t, rescale = dropout_mask.threshold(p, cpu)
+    t, rescale = dropout_mask.threshold(p)
     assert abs(1 / rescale - (1 - p)) < 2 ** -16  # p is used to 16 bits and the rescale matches it exactly
     torch.manual_seed(0)
     keep = dropout_mask.keep_mask(1000, 1001, dropout_mask.new_key(cpu), t)
@@ -206,7 +226,7 @@ def test_dropout_keep_rate_and_rescale(p):
 def test_dropout_masks_are_independent_across_keys_and_neighbours():
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    t, _ = dropout_mask.threshold(0.5, cpu)
+    t, _ = dropout_mask.threshold(0.5)
     m1, m2 = (dropout_mask.keep_mask(512, 384, dropout_mask.new_key(cpu), t).float().flatten() for _ in range(2))
     bound = 6 / 512  # ~6 standard deviations of a correlation over 196k pairs
     assert abs(torch.corrcoef(torch.stack([m1, m2]))[0, 1]) < bound  # two adapters of one input
@@ -219,42 +239,52 @@ def test_keep_mask_is_the_documented_hash():
     key's mask is the formula dropout_mask documents, whatever computes it (C, compiled or eager ops)."""
     m32 = 0xFFFFFFFF
     for p, key in [(0.1, -7), (0.5, 123456789), (0.9, -(1 << 31))]:
-        t, _ = dropout_mask.threshold(p, torch.device("cpu"))
+        t, _ = dropout_mask.threshold(p)
         rows, cols = 3, 7
         want = []
         for i in range(rows * cols):
             v = (i ^ key) & m32
             v = ((v ^ (v >> 16)) * 0x7FEB352D) & m32
             v = ((v ^ (v >> 15)) * 0x846CA68B) & m32
-            want.append((v - (1 << 32) if v >= 1 << 31 else v) >= int(t))
+            want.append((v - (1 << 32) if v >= 1 << 31 else v) >= t)
         got = dropout_mask.keep_mask(rows, cols, torch.tensor(key, dtype=torch.int32), t)
         assert got.flatten().tolist() == want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dropout_kernels_equal_the_eager_ops(dtype):
-    """The C kernel (CPU) and the torch.compile'd ops (other devices; compiled here on the CPU) give the
-    eager reference's masks bit for bit."""
+    """The C kernel (CPU) gives the eager reference's masks bit for bit, with and without a rescale."""
     torch.manual_seed(0)
     key = dropout_mask.new_key(torch.device("cpu"))
-    t, _ = dropout_mask.threshold(0.3, key.device)
+    t, _ = dropout_mask.threshold(0.3)
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler:  # with a C compiler the C kernel must build and run
         assert cpu_kernels.library() is not None
     for rows, cols in [(37, 19), (64, 384)]:  # odd sizes: the vector loops' tails
         x = torch.randn(rows, cols + 5, dtype=dtype)[:, 2:-3]  # rows with a stride of their own
-        part, total = torch.randn(rows, cols), torch.randn(rows, cols, dtype=dtype)
-        want_x = torch.where(dropout_mask.keep_mask(rows, cols, key, t), x, 0)
-        want_total = (total + torch.where(dropout_mask.keep_mask(rows, cols, key, t), part, 0)).to(dtype)
-        assert 0.6 < (want_x != 0).float().mean() < 0.8
-        for dropped, add_masked in [(dropout_mask.dropped, dropout_mask.add_masked),
-                                    (dropout_mask._compiled_dropped, dropout_mask._compiled_add_masked)]:
-            assert torch.equal(dropped(x, key, t), want_x)
-            assert torch.equal(add_masked(total.clone(), part.clone(), key, t), want_total)
+        keep = dropout_mask.keep_mask(rows, cols, key, t)
+        assert 0.6 < keep.float().mean() < 0.8
+        assert torch.equal(dropout_mask.dropped(x, key, t), torch.where(keep, x, 0))
+        assert torch.equal(dropout_mask.dropped(x, key, t, 1.25), torch.where(keep, x * 1.25, 0))
         xt = torch.randn(cols, rows, dtype=dtype).T  # columns with a stride: the kernel reads a contiguous copy
-        want_xt = torch.where(dropout_mask.keep_mask(rows, cols, key, t), xt, 0)
-        assert torch.equal(dropout_mask.dropped(xt, key, t), want_xt)
-    assert not (compiler and dropout_mask._Compiled.broken)  # the compiled kernels, not the eager fallback, ran
+        assert torch.equal(dropout_mask.dropped(xt, key, t), torch.where(keep, xt, 0))
+
+
+def test_keep_mask_positions_wrap_at_2_to_the_32():
+    """Position row * cols + col is taken mod 2^32 at any size: rows past 2^32 elements repeat the first ones."""
+    key, (t, _) = torch.tensor(99, dtype=torch.int32), dropout_mask.threshold(0.5)
+    cols = 1 << 16  # 2^16 rows of 2^16 columns are 2^32 elements
+    first = dropout_mask.keep_mask(3, cols, key, t)
+    assert torch.equal(dropout_mask.keep_mask(3, cols, key, t, first_row=1 << 16), first)
+    # and rows around 2^31 elements are the hash of their positions, as in the C and Triton kernels
+    m32 = 0xFFFFFFFF
+    row = (1 << 31) // cols - 1
+    got = dropout_mask.keep_mask(2, cols, key, t, first_row=row).flatten()
+    for j in (0, cols - 1, cols, 2 * cols - 1):
+        v = ((row * cols + j) ^ 99) & m32
+        v = ((v ^ (v >> 16)) * 0x7FEB352D) & m32
+        v = ((v ^ (v >> 15)) * 0x846CA68B) & m32
+        assert bool(got[j]) == ((v - (1 << 32) if v >= 1 << 31 else v) >= t)
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="needs a C compiler")
@@ -263,8 +293,8 @@ def test_c_lora_products_equal_the_plain_formula(masked):
     """The float32 C products, with and without a fused mask, against float64 ops on the same mask."""
     torch.manual_seed(0)
     assert cpu_kernels.library() is not None
-    key, (t, _) = dropout_mask.new_key(torch.device("cpu")), dropout_mask.threshold(0.3, torch.device("cpu"))
-    args = (int(key), int(t)) if masked else (None, 0)
+    key, (t, _) = dropout_mask.new_key(torch.device("cpu")), dropout_mask.threshold(0.3)
+    args = (int(key), t) if masked else (None, 0)
     # odd sizes for the vector loops' tails, r below, at and past a block of 8; fewer rows than
     # grad_a's block of 4; columns past one panel of grad_a's accumulators; grad_b's fixed blocks of
     # rows: one up to 127 rows, three at 200
@@ -329,7 +359,7 @@ def test_dropout_without_a_c_compiler_warns_and_gives_the_same_masks(monkeypatch
     monkeypatch.setattr(cpu_kernels, "_library", None)  # forget the built kernel, build again without a compiler
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
-    key, (t, _) = torch.tensor(11, dtype=torch.int32), dropout_mask.threshold(0.5, torch.device("cpu"))
+    key, (t, _) = torch.tensor(11, dtype=torch.int32), dropout_mask.threshold(0.5)
     x = torch.randn(8, 16)
     with pytest.warns(UserWarning, match="CPU kernels are unavailable.*no-such-cc"):
         got = dropout_mask.dropped(x, key, t)

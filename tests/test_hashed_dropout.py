@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import lorafit
-from lorafit.layers import cpu_kernels, dropout_mask
+from lorafit.kernels import cpu as cpu_kernels
+from lorafit.kernels import mask as dropout_mask
 from lorafit.layers.hashed_dropout import HashedDropout
 
 
@@ -16,7 +17,7 @@ def _expected(x: torch.Tensor, p: float, seed: int, g: torch.Tensor | None = Non
     row-major positions, rows of its last dimension, and the threshold's rescale; computed in float64."""
     torch.manual_seed(seed)
     key = dropout_mask.new_key(x.device)
-    t, scale = dropout_mask.threshold(p, x.device)
+    t, scale = dropout_mask.threshold(p)
     keep = dropout_mask.keep_mask(x.numel() // x.shape[-1], x.shape[-1], key, t).view(x.shape)
     v = x if g is None else g
     return torch.where(keep, v.double() * scale, 0.0)

@@ -6,7 +6,7 @@
 
 How. A layer's adapters i = 1..n (A_i: r_i x d_in, B_i: d_out x r_i, scale s_i) are
 kept stacked, zero-padded to r = max r_i, with slot 0 a zero adapter for rows on
-the base model and the scale folded into B:
+the base model and the scale folded into B (SA and SB side by side in one tensor):
 
     SA: (n+1, r, d_in) = [0, A_1, ..., A_n]          SB: (n+1, r, d_out) = [0, s_1 B_1^T, ...]
 
@@ -22,28 +22,37 @@ grouped convolution (a group per row) and ``B`` as a batched matmul;
 stacked the same way (other modules run once per distinct copy, on their rows).
 
 The stacks are cached on each layer and rebuilt when the layer's adapters are
-added, removed or changed (a tensor's in-place version counter moves). The
-check happens once when the block is entered, not in forward, so decoding
-inside ``generate`` pays nothing per step. Inside the block the factors are
-used as constants: it is an inference path (no dropout, no gradients for the
-adapters). Adapters merged into the weights and DoRA adapters are refused.
-One ``adapter_per_row`` block at a time per model (serve uses a lock).
+added, removed, replaced or changed (a tensor's version counter or storage moves).
+A layer checks its stacks and gathers its rows' factors once per block, in its
+first forward, so decoding inside ``generate`` pays nothing per step, and on a GPU
+this CPU work overlaps the device's work on the layers before (done on entering
+the block, the device would sit idle through all of it). Nothing waits for the
+device: each distinct row -> slot index is built once per block on the CPU and
+copied over asynchronously (layers whose adapters map to the same slots share it),
+a gather on a GPU is one ``index_select``, and no forward reads a tensor back to
+the host. Inside the block the factors are used as constants: it is an inference
+path (no dropout, no gradients for the adapters). Adapters merged into the weights
+and DoRA adapters are refused. One ``adapter_per_row`` block at a time per model
+(serve uses a lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
-from lorafit.layers.fused_linear import lora_linear_infer
+from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.model import adapter_configs, lora_layers, saved_modules
 
 _STACKS = "_lorafit_row_stacks"
+_version = attrgetter("_version")
 # A stacked modules_to_save Linear gathers one weight per row; above this many
 # elements (rows x d_out x d_in) running each distinct copy on its rows is cheaper.
 GATHER_LIMIT = 1 << 22
@@ -71,7 +80,8 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
                              "running a batch with an adapter per row")
         if layer.row_plan is not None:
             raise RuntimeError("adapter_per_row is already active on this model (one block at a time)")
-    plans = [_plan_layer(layer, rows) for layer in layers] + [_plan_saved(w, rows) for w in wrappers]
+    index = {}  # (values, device) -> index tensor, shared by all layers of this block
+    plans = [_plan_layer(layer, rows, index) for layer in layers] + [_plan_saved(w, rows, index) for w in wrappers]
     try:
         for module, plan in zip(layers + wrappers, plans):
             module.row_plan = plan
@@ -89,7 +99,9 @@ def clear_stacks(model: nn.Module) -> None:
 
 # -- stacks ------------------------------------------------------------------------
 def _key(tensors: list[torch.Tensor], extra) -> tuple:
-    return (extra, tuple((id(t), t._version, t.dtype, t.device) for t in tensors))
+    """What changes when a tensor is replaced (id), changed in place (version), or moved to another
+    dtype or device (its storage). Built with map: it runs for every factor in every block."""
+    return (extra, tuple(map(id, tensors)), tuple(map(_version, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)))
 
 
 def _cached(module: nn.Module, key: tuple, build):
@@ -102,14 +114,12 @@ def _cached(module: nn.Module, key: tuple, build):
     return value
 
 
-def _layer_stacks(layer: LoraLayer):
-    """(slot of each adapter name, SA, SB) for a LoRA layer, cached."""
-    names = layer.adapter_names
-    dora = [n for n in names if n in getattr(layer, "lora_magnitude_vector", {})]
-    if dora:
-        raise ValueError(f"DoRA adapters {dora} are not supported in a batch with an adapter per row")
-    factors = [t for n in names for t in (layer.factors_a[n], layer.factors_b[n])]
-    key = _key(factors, tuple((n, layer.scaling[n]) for n in names))
+def _layer_stacks(layer: LoraLayer, names: list[str]):
+    """(slot of each adapter name, SA and SB side by side, their shapes) for a LoRA layer, cached."""
+    # Every layer is checked in every block: read the ParameterDicts' own dicts (by name, in
+    # insertion order), since their [] costs about a microsecond per factor.
+    factors = [*layer.factors_a._parameters.values(), *layer.factors_b._parameters.values()]
+    key = _key(factors, tuple(layer.scaling.items()))
     return _cached(layer, key, lambda: _build_layer_stacks(layer, names))
 
 
@@ -122,15 +132,14 @@ def _build_layer_stacks(layer: LoraLayer, names: list[str]):
     device = a0.device
     slots = {n: i + 1 for i, n in enumerate(names)}
     if isinstance(layer, Embedding):
-        num, dim = a0.shape[1], b0.shape[0]
-        sa = torch.zeros(len(names) + 1, num, r, dtype=dtype, device=device)  # lookup tables A^T
-        sb = torch.zeros(len(names) + 1, r, dim, dtype=dtype, device=device)
+        shapes = (a0.shape[1], r), (r, b0.shape[0])  # lookup tables A^T
     elif isinstance(layer, Conv):
-        sa = torch.zeros(len(names) + 1, r, *a0.shape[1:], dtype=dtype, device=device)  # conv weights
-        sb = torch.zeros(len(names) + 1, b0.shape[0], r, dtype=dtype, device=device)  # pointwise, (d_out, r)
+        shapes = (r, *a0.shape[1:]), (b0.shape[0], r)  # conv weights; pointwise B (d_out, r)
     else:  # A kept (r, d_in): MKL runs bmm(x, A^T) about 2x faster from this layout than from A^T stored
-        sa = torch.zeros(len(names) + 1, r, a0.shape[1], dtype=dtype, device=device)
-        sb = torch.zeros(len(names) + 1, r, b0.shape[0], dtype=dtype, device=device)
+        shapes = (r, a0.shape[1]), (r, b0.shape[0])
+    # SA and SB side by side in one tensor: one gather per layer fetches both
+    stack = torch.zeros(len(names) + 1, sum(math.prod(s) for s in shapes), dtype=dtype, device=device)
+    sa, sb = _split(stack, shapes)
     for n, i in slots.items():
         a, b, k, s = layer.factors_a[n].detach(), layer.factors_b[n].detach(), layer.rank[n], layer.scaling[n]
         if isinstance(layer, Embedding):
@@ -142,31 +151,58 @@ def _build_layer_stacks(layer: LoraLayer, names: list[str]):
         else:
             sa[i, :k] = a
             sb[i, :k] = b.T * s
-    return slots, sa, sb
+    return slots, stack, shapes
 
 
-def _gather(stack: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``stack[idx]``. torch.stack of views is a plain copy per row; index_select on dim 0 of a
-    small stack is measured ~40x slower on this CPU (it splits the copy across threads)."""
-    return torch.stack([stack[i] for i in idx.tolist()])
+def _split(stack: torch.Tensor, shapes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (A, B) views of a stack whose rows hold A and B flattened, side by side."""
+    a, b = stack.split([math.prod(s) for s in shapes], 1)
+    return a.view(-1, *shapes[0]), b.view(-1, *shapes[1])
 
 
-def _slots(slot_of: dict[str, int], rows: list[str | None], device) -> torch.Tensor:
-    return torch.tensor([slot_of.get(r, 0) if r is not None else 0 for r in rows], dtype=torch.long, device=device)
+def _index(cache: dict, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``, built once per block: a tensor made from a list
+    directly on a GPU is a synchronous host-to-device copy, and the layers would each pay one."""
+    key = (values, device)
+    if key not in cache:
+        idx = torch.tensor(values, dtype=torch.long)
+        if device.type == "cuda":  # from pinned memory the copy is asynchronous
+            idx = idx.pin_memory()
+        cache[key] = idx.to(device, non_blocking=True)
+    return cache[key]
+
+
+def _gather(stack: torch.Tensor, slots: tuple[int, ...], index: dict) -> torch.Tensor:
+    """``stack[slots]``. On a GPU one index_select kernel with the block's shared index. On a CPU
+    torch.stack of views is a plain copy per row, while index_select on dim 0 of a small stack
+    was measured ~40x slower (it splits the copy across threads)."""
+    if stack.device.type == "cpu":
+        return torch.stack([stack[i] for i in slots])
+    return stack.index_select(0, _index(index, slots, stack.device))
 
 
 # -- LoRA layers -------------------------------------------------------------------
-def _plan_layer(layer: LoraLayer, rows: list[str | None]):
+def _plan_layer(layer: LoraLayer, rows: list[str | None], index: dict):
     base = layer.base_layer
-    if layer.disabled or not layer.adapter_names or all(r not in layer.adapter_names for r in rows):
+    names = layer.adapter_names
+    if layer.disabled or not set(names).intersection(rows):
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
     if isinstance(layer, Linear) and len(set(rows)) == 1:
         return _uniform_linear(layer, rows[0])
-    slot_of, sa, sb = _layer_stacks(layer)
-    idx = _slots(slot_of, rows, sa.device)
+    dora = list(getattr(layer, "lora_magnitude_vector", {}))  # only DoRA adapters have one
+    if dora:
+        raise ValueError(f"DoRA adapters {dora} are not supported in a batch with an adapter per row")
     n = len(rows)
-    # gathered once per block, reused by every forward inside it
-    a_rows, b_rows = _gather(sa, idx), _gather(sb, idx)
+    gathered = []
+
+    def rows_factors():
+        """The rows' (A, B), gathered in the layer's first forward: on a GPU this CPU work then
+        overlaps the device's work on the layers before (see the module docstring)."""
+        if not gathered:
+            slot_of, stack, shapes = _layer_stacks(layer, names)
+            slots = tuple(slot_of.get(r, 0) for r in rows)  # None and names without an adapter here: slot 0
+            gathered.extend(_split(_gather(stack, slots, index), shapes))
+        return gathered
 
     def check(x):
         if x.shape[0] != n:
@@ -177,11 +213,11 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None]):
         def forward(ids, *args, **kwargs):
             check(ids)
             y = base(ids, *args, **kwargs)
+            a_rows, b_rows = rows_factors()
             h = a_rows[torch.arange(n, device=ids.device)[:, None], ids.reshape(n, -1)]  # (n, T, r)
             return _accumulate(y, h, b_rows)
     elif isinstance(layer, Conv):
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
-        a_grouped = a_rows.flatten(0, 1)  # (n r, C_in, *k): one group per row
         if base.padding_mode != "zeros":
             pad, padding = base._reversed_padding_repeated_twice, 0
         else:
@@ -190,6 +226,8 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None]):
         def forward(x, *args, **kwargs):
             check(x)
             y = base(x, *args, **kwargs)
+            a_rows, b_rows = rows_factors()
+            a_grouped = a_rows.flatten(0, 1)  # (n r, C_in, *k): one group per row
             xa = x.to(a_grouped.dtype)
             if pad is not None:
                 xa = F.pad(xa, pad, mode=base.padding_mode)
@@ -200,6 +238,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None]):
         def forward(x, *args, **kwargs):
             check(x)
             y = base(x, *args, **kwargs)
+            a_rows, b_rows = rows_factors()
             h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype), a_rows.mT)  # (n, T, r)
             return _accumulate(y, h, b_rows)
     return forward
@@ -223,7 +262,7 @@ def _uniform_linear(layer: Linear, name: str):
 
     def forward(x, *args, **kwargs):
         if not args and not kwargs and layer._fusable():
-            return lora_linear_infer(x, base.weight, base.bias, layer.fan_in_fan_out, [(a, b, s, 0.0)])
+            return lora_linear(x, base.weight, base.bias, layer.fan_in_fan_out, [LowRank(a, b, s)], training=False)
         y = base(x, *args, **kwargs)
         h = F.linear(x.to(a.dtype), a)
         return y + (F.linear(h, b) * s).to(y.dtype)
@@ -231,10 +270,10 @@ def _uniform_linear(layer: Linear, name: str):
 
 
 # -- modules_to_save ---------------------------------------------------------------
-def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
+def _plan_saved(wrapper: ModulesToSave, rows: list[str | None], index: dict):
     copies = [wrapper.original_module] + [wrapper.modules_to_save[n] for n in wrapper.adapter_names]
     slot_of = {n: i + 1 for i, n in enumerate(wrapper.adapter_names)}
-    slots = [0 if wrapper.disabled or r is None else slot_of.get(r, 0) for r in rows]
+    slots = tuple(0 if wrapper.disabled or r is None else slot_of.get(r, 0) for r in rows)
     n = len(rows)
     if len(set(slots)) == 1:
         module = copies[slots[0]]
@@ -252,9 +291,8 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
         w, bias = _cached(wrapper, _key(params, "linear"), lambda: (
             torch.stack([c.weight.detach().T for c in copies]),
             torch.stack([c.bias.detach() for c in copies]) if copies[0].bias is not None else None))
-        idx = torch.tensor(slots, device=w.device)
-        w_rows = _gather(w, idx)  # (n, d_in, d_out)
-        b_rows = _gather(bias, idx)[:, None, :] if bias is not None else None
+        w_rows = _gather(w, slots, index)  # (n, d_in, d_out)
+        b_rows = _gather(bias, slots, index)[:, None, :] if bias is not None else None
 
         def forward(x):
             _check_rows(x, n)
@@ -265,7 +303,7 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
     if plain == {nn.Embedding} and same_shapes and all(c.max_norm is None for c in copies):
         tables = _cached(wrapper, _key([c.weight for c in copies], "embedding"),
                          lambda: torch.stack([c.weight.detach() for c in copies]))
-        idx = torch.tensor(slots, device=tables.device)
+        idx = _index(index, slots, tables.device)
 
         def forward(ids):
             _check_rows(ids, n)
@@ -276,7 +314,12 @@ def _plan_saved(wrapper: ModulesToSave, rows: list[str | None]):
     groups = {}
     for row, slot in enumerate(slots):
         groups.setdefault(slot, []).append(row)
-    segments = [(copies[slot], torch.tensor(idx)) for slot, idx in groups.items()]
+    # each copy's rows, indexed on the copy's device, where its inputs and output live
+    segments = []
+    for slot, members in groups.items():
+        param = next(copies[slot].parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        segments.append((copies[slot], _index(index, tuple(members), device)))
 
     def forward(*args, **kwargs):
         out = None

@@ -261,6 +261,9 @@ def _remove_everywhere(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool = False) -> None:
     """Fold adapters (default: the active ones) into the base weights.
 
+    A bf16/fp16 layer keeps a copy of its weight from before the first merge
+    until it is fully unmerged (memory: one weight copy per merged layer), so
+    that ``unmerge`` restores it bit-exactly; float32 weights keep no copy.
     With ``safe=True`` a layer whose merged weight would hold NaN or inf is left
     unchanged and a ``ValueError`` names the adapter.
     """
@@ -309,7 +312,10 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             _replace(model, path, module.to_linear())
-    merge(model, safe=safe)
+    names = active_adapters(model)
+    for _, layer in lora_layers(model):
+        # No weight copies for an exact unmerge: the wrappers are dropped right below.
+        layer.merge([n for n in names if n in layer.adapter_names], safe=safe, keep_original=False)
     for path, layer in list(lora_layers(model)):
         _replace(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
@@ -322,7 +328,8 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and return the original base model.
 
     If nothing was merged, the base weights are bitwise the originals; merged
-    adapters are subtracted first (exact up to floating-point rounding).
+    adapters are taken out first (bitwise for bf16/fp16 weights, up to
+    floating-point rounding for float32).
     """
     unmerge(model)
     for path, layer in list(lora_layers(model)):

@@ -19,6 +19,11 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
 
 
+def low_precision(dtype: torch.dtype) -> bool:
+    """bf16, fp16 and narrower floats, where rounding a merge loses bits that subtracting the delta cannot restore."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
 class LoraLayer(nn.Module):
     """Base class of the LoRA wrappers; not used directly."""
 
@@ -39,6 +44,9 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        # A low-precision base weight as it was before the first merge, for an exact unmerge. A plain
+        # attribute, not a buffer: saved files and state_dict stay the same.
+        self._premerge_weight: torch.Tensor | None = None
 
     # Anything not found on the wrapper (in_features, weight, padding_idx, ...) is
     # the base layer's, so code that inspects the model keeps working.
@@ -131,41 +139,84 @@ class LoraLayer(nn.Module):
 
     # -- merging -----------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The change ``s * B A`` in the base weight's layout, dtype and device."""
+        """The change ``s * B A`` in the base weight's layout and device, in ``compute_dtype``: merging rounds
+        the sum into the weight's dtype once, not the delta first."""
         raise NotImplementedError
 
-    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+    def fold_(self, weight: torch.Tensor, name: str) -> None:
+        """Merge adapter ``name`` into ``weight`` (the base weight or a float32 copy of it) in place."""
+        weight.add_(self.delta_weight(name))
+
+    def unfold_(self, weight: torch.Tensor, name: str) -> None:
+        """Undo ``fold_`` in place."""
+        weight.sub_(self.delta_weight(name))
+
+    def merge(self, names: list[str] | None = None, safe: bool = False, keep_original: bool = True) -> None:
+        """Fold adapters ``names`` (default: the active ones) into the base weight.
+
+        A bf16/fp16 weight gets each merge computed in float32 and rounded once, and a copy of the weight
+        from before the first merge is kept, so that ``unmerge`` restores it bit-exactly: this costs one
+        copy of the weight per merged layer until its last adapter is unmerged. ``keep_original=False``
+        keeps no copy (``merge_and_unload`` drops the wrapper anyway); unmerging then subtracts, as it
+        always does for float32/float64 weights, which are merged in place without a copy.
+        With ``safe=True`` an adapter that would put NaN or inf into the weight raises ``ValueError``
+        and is not merged.
+        """
         if hasattr(self.base_layer, "dequantize"):
             raise ValueError(
                 "cannot merge into a quantized base layer: the adapter would be rounded away by re-quantizing; "
                 "use merge_and_unload, which dequantizes the base first"
             )
         weight = self.base_layer.weight
-        for name in names if names is not None else list(self.active):
-            if name in self.merged:
-                continue
-            delta = self.delta_weight(name)
-            with torch.no_grad():
-                if safe:
-                    merged = weight + delta
-                    if not torch.isfinite(merged).all():
+        low = low_precision(weight.dtype)
+        with torch.no_grad():
+            for name in names if names is not None else list(self.active):
+                if name in self.merged:
+                    continue
+                if low or safe:
+                    merged = weight.to(compute_dtype(weight), copy=True)
+                    self.fold_(merged, name)
+                    merged = merged.to(weight.dtype)
+                    if safe and not torch.isfinite(merged).all():
                         raise ValueError(
                             f"merging adapter {name!r} would put NaN or inf into the weights of a "
                             f"{type(self.base_layer).__name__}; nothing was merged into this layer"
                         )
+                    if low and keep_original and self._premerge_weight is None:
+                        self._premerge_weight = weight.detach().clone()
                     weight.copy_(merged)
                 else:
-                    weight.add_(delta)
-            self.merged.append(name)
+                    self.fold_(weight, name)
+                self.merged.append(name)
+            if not keep_original:
+                self._premerge_weight = None
 
     def unmerge(self, names: list[str] | None = None) -> None:
+        """Take merged adapters (default: all) out of the base weight, the last merged first.
+
+        With a copy kept by ``merge`` the weight is restored bit-exactly: the copy itself once nothing
+        stays merged, else the copy with the remaining adapters merged in float32 and rounded once.
+        """
+        undo = [n for n in reversed(self.merged) if names is None or n in names]
+        if not undo:
+            return
         weight = self.base_layer.weight
-        for name in list(reversed(self.merged)) if names is None else names:
-            if name not in self.merged:
-                continue
-            with torch.no_grad():
-                weight.sub_(self.delta_weight(name))
-            self.merged.remove(name)
+        kept = self._premerge_weight
+        with torch.no_grad():
+            if kept is None:
+                for name in undo:
+                    self.unfold_(weight, name)
+                    self.merged.remove(name)
+                return
+            self.merged = [n for n in self.merged if n not in undo]
+            if not self.merged:
+                weight.copy_(kept)
+                self._premerge_weight = None
+                return
+            rebuilt = kept.to(weight.device, compute_dtype(weight), copy=True)
+            for name in self.merged:
+                self.fold_(rebuilt, name)
+            weight.copy_(rebuilt)
 
     # -- forward -----------------------------------------------------------------
     def unmerged_active(self) -> list[str]:

@@ -38,8 +38,7 @@ class Conv(LoraLayer):
         a, b = self.factors_a[name], self.factors_b[name]
         weight = self.base_layer.weight
         dt = compute_dtype(weight)
-        delta = (b.to(dt).flatten(1) @ a.to(dt).flatten(1)).view(weight.shape) * self.scaling[name]
-        return delta.to(weight.dtype)
+        return (b.to(dt).flatten(1) @ a.to(dt).flatten(1)).view(weight.shape) * self.scaling[name]
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]

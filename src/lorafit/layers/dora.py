@@ -57,18 +57,16 @@ def add_dora(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.T
     return result + extra.to(result.dtype)
 
 
-def merged_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new base weight in its storage layout, the per-row factor needed to unmerge)."""
-    w = layer.base_layer.weight
-    delta = layer.delta_weight(name)  # storage layout
-    adapted = w + delta
-    rows = adapted.T if layer.fan_in_fan_out else adapted
-    factor = (layer.lora_magnitude_vector[name].to(rows.dtype) / row_norm(rows)).detach()
-    new = adapted * (factor[None, :] if layer.fan_in_fan_out else factor[:, None])
-    return new, factor
+def merge_into(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """Merge adapter ``name`` into ``weight`` (storage layout) in place; returns the per-row factor that
+    unmerging divides by."""
+    weight.add_(layer.delta_weight(name))
+    rows = weight.T if layer.fan_in_fan_out else weight
+    factor = layer.lora_magnitude_vector[name].to(rows.dtype) / row_norm(rows)
+    rows.mul_(factor[:, None])
+    return factor
 
 
-def unmerged_weight(layer, name: str, factor: torch.Tensor) -> torch.Tensor:
-    w = layer.base_layer.weight
-    scaled = w / (factor[None, :] if layer.fan_in_fan_out else factor[:, None])
-    return scaled - layer.delta_weight(name)
+def unmerge_from(layer, name: str, weight: torch.Tensor, factor: torch.Tensor) -> None:
+    (weight.T if layer.fan_in_fan_out else weight).div_(factor[:, None])
+    weight.sub_(layer.delta_weight(name))

@@ -41,8 +41,7 @@ class Embedding(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]
         dt = compute_dtype(self.base_layer.weight)
-        delta = (b.to(dt) @ a.to(dt)).T * self.scaling[name]
-        return delta.to(self.base_layer.weight.dtype)
+        return (b.to(dt) @ a.to(dt)).T * self.scaling[name]
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]

@@ -11,13 +11,13 @@ position. What that changes for a user:
 - the speed and the memory, on a CPU: torch draws each mask on one thread
   and keeps it, as a float per element, for backward. The swapped module
   hashes on every core, in one pass with the rescale, and backward keeps
-  only the key (4 bytes) and hashes the same mask again;
+  only the key (4 bytes) and hashes the same mask again (lorafit.kernels.mask);
 - nothing else: ``isinstance(m, nn.Dropout)``, ``p``, ``train()`` and
   ``eval()`` behave as before, and ``inplace`` is ignored (the output is new).
 
 Dropout that a model calls as a function rather than through a module (most
 attention implementations drop attention probabilities that way) keeps torch's.
-On other devices the same masks come from dropout_mask's torch ops.
+The masks are the same on every device (Triton kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -25,34 +25,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.layers import cpu_kernels, dropout_mask
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as rows of its last dimension: element (row, col) is at position row * cols + col, x's row-major order."""
-    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-
-
-def _masked_and_scaled(x: torch.Tensor, key: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
-    rows = _as_rows(x)
-    if x.dtype == torch.float32 and cpu_kernels.serves(x):
-        out = cpu_kernels.dropout_scale(rows, int(key), int(t), scale)
-    else:
-        out = dropout_mask.dropped(rows, key, t).mul_(scale)
-    return out.view(x.shape)
+from lorafit.kernels import mask
 
 
 class _HashedDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, key, t, scale):
-        ctx.save_for_backward(key, t)
-        ctx.scale = scale
-        return _masked_and_scaled(x, key, t, scale)
+        ctx.save_for_backward(key)
+        ctx.t, ctx.scale = t, scale
+        return mask.dropped_any(x, key, t, scale)
 
     @staticmethod
     def backward(ctx, gy):
-        key, t = ctx.saved_tensors
-        return _masked_and_scaled(gy, key, t, ctx.scale), None, None, None
+        (key,) = ctx.saved_tensors
+        return mask.dropped_any(gy, key, ctx.t, ctx.scale), None, None, None
 
 
 class HashedDropout(nn.Dropout):
@@ -63,8 +49,8 @@ class HashedDropout(nn.Dropout):
             return x
         if self.p == 1:
             return super().forward(x)  # everything dropped: torch's own result, exactly
-        t, scale = dropout_mask.threshold(self.p, x.device)
-        return _HashedDropoutFunction.apply(x, dropout_mask.new_key(x.device), t, scale)
+        t, scale = mask.threshold(self.p)
+        return _HashedDropoutFunction.apply(x, mask.new_key(x.device), t, scale)
 
 
 def use_hashed_dropout(model: nn.Module) -> int:

@@ -13,8 +13,8 @@ from torch import nn
 
 from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
-from lorafit.layers.fused_linear import lora_linear_infer, lora_linear_train
 from lorafit.layers.init import olora_init, pissa_init
+from lorafit.kernels import LowRank, lora_linear
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -66,41 +66,35 @@ class Linear(LoraLayer):
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
 
-    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+    def merge(self, names: list[str] | None = None, safe: bool = False, keep_original: bool = True) -> None:
         names = list(self.active) if names is None else names
-        plain = [n for n in names if n not in self.lora_magnitude_vector]
-        super().merge(plain, safe=safe)
-        for name in names:
-            if name in plain or name in self.merged:
-                continue
-            new, factor = dora.merged_weight(self, name)
-            if safe and not torch.isfinite(new).all():
-                raise ValueError(f"merging DoRA adapter {name!r} would put NaN or inf into the weights; nothing merged")
-            with torch.no_grad():
-                self.base_layer.weight.copy_(new)
-            self._dora_factors[name] = factor
-            self.merged.append(name)
+        # DoRA adapters after the plain ones, as lorafit has always merged them: a DoRA merge rescales
+        # whatever the weight holds, so the order changes the merged weight.
+        super().merge(sorted(names, key=lambda n: n in self.lora_magnitude_vector), safe, keep_original)
 
     def unmerge(self, names: list[str] | None = None) -> None:
-        # Undo in reverse order of merging: a DoRA merge rescales whatever the weight held before.
-        for name in list(reversed(self.merged)) if names is None else list(reversed(names)):
-            if name not in self.merged:
-                continue
-            if name in self.lora_magnitude_vector:
-                with torch.no_grad():
-                    self.base_layer.weight.copy_(dora.unmerged_weight(self, name, self._dora_factors.pop(name)))
-                self.merged.remove(name)
-            else:
-                super().unmerge([name])
+        super().unmerge(names)
+        # An exact restore never reads the factors, so drop those of adapters no longer merged here.
+        self._dora_factors = {n: f for n, f in self._dora_factors.items() if n in self.merged}
+
+    def fold_(self, weight: torch.Tensor, name: str) -> None:
+        if name in self.lora_magnitude_vector:
+            self._dora_factors[name] = dora.merge_into(self, name, weight)
+        else:
+            super().fold_(weight, name)
+
+    def unfold_(self, weight: torch.Tensor, name: str) -> None:
+        if name in self.lora_magnitude_vector:
+            dora.unmerge_from(self, name, weight, self._dora_factors[name])
+        else:
+            super().unfold_(weight, name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
         a, b = self.factors_a[name], self.factors_b[name]
         dt = compute_dtype(weight)
         delta = (b.to(dt) @ a.to(dt)) * self.scaling[name]
-        if self.fan_in_fan_out:
-            delta = delta.T
-        return delta.to(weight.dtype)
+        return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_plan is not None:
@@ -110,17 +104,8 @@ class Linear(LoraLayer):
                 or torch.is_autocast_enabled(x.device.type)):  # autocast casts per op; the fused function can't
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        adapters = [
-            (self.factors_a[n], self.factors_b[n], self.scaling[n], self.dropout[n] if self.training else 0.0)
-            for n in names
-        ]
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for a, b, _, _ in adapters for t in (a, b))
-            or any(t is not None and t.requires_grad for t in (base.weight, base.bias))
-        )
-        dropout = any(p > 0 for *_, p in adapters)
-        fn = lora_linear_train if needs_grad or dropout else lora_linear_infer
-        return fn(x, base.weight, base.bias, self.fan_in_fan_out, adapters)
+        adapters = [LowRank(self.factors_a[n], self.factors_b[n], self.scaling[n], self.dropout[n]) for n in names]
+        return lora_linear(x, base.weight, base.bias, self.fan_in_fan_out, adapters, self.training)
 
     def _fusable(self) -> bool:
         """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""

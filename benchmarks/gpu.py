@@ -1,0 +1,624 @@
+"""lorafit on one CUDA GPU: ``python -m benchmarks.gpu [--quick] [--out DIR] [--only NAMES] [--data DIR]``.
+
+Parts (``--only step,infer,mixed,e2e``; each runs on its own, and a part or a variant that fails prints
+its traceback while the others still run; the exit status is 1 if anything failed):
+
+  step   one training step (forward, causal-LM loss, backward, AdamW) at Llama-3.2-1B's shape with
+         random weights, bf16, batch 8 x 1024: full fine-tuning, the floor, PEFT and lorafit LoRA
+         (r=16, alpha 32 on q/k/v/o/gate/up/down) with dropout 0.05 and 0
+  infer  forward of a 32 x 256 batch (eval, inference_mode), same shape: the base model, lorafit and
+         PEFT unmerged (one r=16 adapter), lorafit merged
+  mixed  32 lorafit adapters, row i of a 32 x 256 batch on adapter i (adapter_per_row), against the
+         base model and PEFT's ``adapter_names=``
+  e2e    the real ``lorafit train`` command on Alpaca (999 rows), LoRA against full fine-tuning, on a
+         random 94M-parameter Llama with a BPE tokenizer trained here on the same rows
+
+Timing: every variant is timed once per round and the order rotates from round to round (as in
+benchmarks/timing.py), so a drift of the machine hits all variants alike; a call is timed with CUDA
+events after a synchronize. Reported: medians, the middle half of the rounds in brackets, and ratios
+taken round by round (then their median). Results go to OUT/gpu.json, written after every part.
+
+``--quick`` runs every code path with tiny shapes on cuda if there is one, else the CPU, in well
+under a minute: a dry run, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+if __name__ == "__main__":
+    # Triton keeps compiled kernels in ~/.triton/cache and inductor its graphs in /tmp/torchinductor_$USER:
+    # fresh, empty directories, set before torch is imported, make this process's first lorafit step compile
+    # everything it needs, as on a machine that never ran lorafit.
+    _CACHE = tempfile.mkdtemp(prefix="lorafit-gpu-cache-")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE, "triton")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHE, "inductor")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import lorafit  # noqa: E402
+from benchmarks.timing import median, ratios, spread, table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("step", "infer", "mixed", "e2e")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA = 16, 32
+GiB = 2**30
+SUMMARY: list[str] = []  # every part's table, printed again at the very end (only the output's tail comes back)
+PROBLEMS: list[str] = []  # variants that failed inside a part that otherwise ran
+
+
+def attempt(label: str, fn: Callable[[], object]):
+    """fn(), or None after printing its traceback: one broken variant must not cost the others their numbers."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        text = traceback.format_exc()
+        print(f"\n#### {label}: FAILED\n\n{text}", flush=True)
+        PROBLEMS.append(f"{label}: {text.strip().splitlines()[-1][:300]}")
+        return None
+
+
+# -- models, batches, clocks ----------------------------------------------------------------------
+
+def llama_config(quick: bool):
+    from transformers import LlamaConfig
+
+    if quick:
+        return LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=512, attn_implementation="sdpa")
+    # Llama-3.2-1B's layer shapes, with a 32k vocabulary instead of 128k
+    return LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                       intermediate_size=8192, vocab_size=32000, attn_implementation="sdpa")
+
+
+def build_llama(cfg, device: torch.device, seed: int = 0):
+    """A random LlamaForCausalLM in bfloat16, initialised on ``device`` (1.2B parameters take a while on a CPU)."""
+    from transformers import LlamaForCausalLM, logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(device=device, dtype=torch.bfloat16)
+
+
+def token_ids(cfg, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+
+
+def peft_lora(model, dropout: float = 0.0, init=True, name: str = "default"):
+    """PEFT with the adapter in the base's dtype (bf16), as lorafit does: PEFT's default
+    (autocast_adapter_dtype=True) would make it float32 and compare another computation."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    cfg = PeftLoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=init)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, cfg, autocast_adapter_dtype=False)
+        return model
+    return get_peft_model(model, cfg, adapter_name=name, autocast_adapter_dtype=False)
+
+
+def lorafit_lora(model, dropout: float = 0.0, init=True, name: str = "default"):
+    return lorafit.attach(model, lorafit.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout,
+                                                    target_modules=TARGETS, init_lora_weights=init), name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call. On a GPU: CUDA events around it, after a synchronize, so the queue holds only
+    this call's work; the events' interval also covers host work (the GPU idles until the next launch)."""
+    sync(device)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def rounds(variants: dict[str, Callable[[], float]], n: int, warmup: int, part: str) -> dict[str, list[float]]:
+    """Each variant returns its own seconds. Each round runs every variant once, the order rotating.
+    A variant that fails in its warm-up calls is left out (and reported)."""
+    names = [k for k, f in variants.items() if attempt(f"{part}: {k}", lambda f=f: [f() for _ in range(warmup)])
+             is not None]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(n):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            times[name].append(variants[name]())
+    return times
+
+
+def vs(times: dict[str, list[float]], key: str, ref: str, iqr: bool = False, fmt: str = ".3f") -> str:
+    """key's time over ref's, round by round: the median (and the middle half of the rounds)."""
+    if key not in times or ref not in times:
+        return "n/a"
+    r = ratios(times, key, ref)
+    return spread(r, fmt) if iqr else format(median(r), fmt)
+
+
+def ms(times: dict[str, list[float]], key: str, fmt: str = ".2f") -> str:
+    return spread([1000 * t for t in times[key]], fmt) if key in times else "FAILED (traceback above)"
+
+
+def resident_bytes(model, opt=None) -> int:
+    """Bytes of the model's parameters and buffers and of the optimizer's state (each storage once)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if opt is not None:
+        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.is_cuda}
+    return sum(storages.values())
+
+
+def step_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """What one step allocates above what was allocated before it (activations, gradients, temporaries)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / GiB:.2f}"
+
+
+def report(title: str, body: str, note: str = "") -> None:
+    text = f"\n### {title}\n\n{body}\n" + (f"\n{note}\n" if note else "")
+    print(text, flush=True)
+    SUMMARY.append(text)
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- part 1: the training step ----------------------------------------------------------------------
+
+def make_variant(base, kind: str, dropout: float | None):
+    model = copy.deepcopy(base).train()
+    if kind == "full":
+        model.requires_grad_(True)
+    elif kind == "floor":
+        # Base frozen, no adapter, but autograd computes what adapters need: the gradient at every target
+        # linear's output, hence back through every layer down to layer 0's q/k/v. Trained: only the final
+        # RMSNorm's weight (hidden_size numbers), so AdamW has one tensor to step and costs next to nothing.
+        model.requires_grad_(False)
+        model.model.norm.weight.requires_grad_(True)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                module.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    elif kind == "peft":
+        model = peft_lora(model, dropout)
+    elif kind == "lorafit":
+        lorafit_lora(model, dropout)
+    else:
+        raise ValueError(kind)
+    return model
+
+
+def part_step(args, device: torch.device) -> dict:
+    batch, seq = (2, 64) if args.quick else (8, 1024)
+    warm, n = (1, 2) if args.quick else (3, 10)
+    cfg = llama_config(args.quick)
+    base = build_llama(cfg, device)
+    ids = token_ids(cfg, batch, seq, device)
+    # One untimed step of the base model first: the CUDA context, cuBLAS handles and workspaces are the
+    # process's start-up, and would otherwise land on whichever variant's first step came first.
+    start = time.perf_counter()
+    base(input_ids=ids, labels=ids).loss.backward()
+    base.zero_grad(set_to_none=True)
+    sync(device)
+    startup_s = time.perf_counter() - start
+    specs = [("full", None), ("floor", None), ("peft", 0.05), ("peft", 0.0), ("lorafit", 0.05), ("lorafit", 0.0)]
+    keys = [kind if dropout is None else f"{kind} (dropout {dropout:g})" for kind, dropout in specs]
+
+    def prepare(kind: str, dropout: float | None) -> tuple[Callable[[], None], dict]:
+        model = make_variant(base, kind, dropout)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # the same for every variant: torch's default implementation choice (foreach on CUDA), not fused
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sync(device)
+        start = time.perf_counter()  # the first step, kernel compilation included
+        step()
+        sync(device)
+        first = time.perf_counter() - start
+        for _ in range(warm):
+            step()
+        return step, {"trainable": trainable(model), "first_step_s": first, "step_bytes": step_bytes(step, device),
+                      "resident_bytes": resident_bytes(model, opt) if device.type == "cuda" else None}
+
+    steps, info = {}, {}
+    for key, (kind, dropout) in zip(keys, specs):
+        built = attempt(f"step: {key}", lambda: prepare(kind, dropout))
+        if built is not None:
+            info[key] = built[1]
+            steps[key] = lambda step=built[0]: timed(step, device)
+    times = rounds(steps, n, 0, "step")
+    rows = []
+    for key in keys:
+        i = info.get(key, {})
+        alone = None if i.get("step_bytes") is None else i["step_bytes"] + i["resident_bytes"]
+        rows.append([key, f"{i['trainable']:,}" if i else "", f"{i['first_step_s']:.2f}" if i else "",
+                     ms(times, key, ".1f"), vs(times, key, "full"), vs(times, key, "floor"),
+                     vs(times, key, key.replace("lorafit", "peft"), iqr=True) if key.startswith("lorafit") else "",
+                     gib(i.get("step_bytes")), gib(alone)])
+    report(f"Training step, Llama-3.2-1B shape ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B params, "
+           f"random), bf16, batch {batch} x {seq}, LoRA r={R} on 7 targets, {n} interleaved rounds",
+           table(rows, ["variant", "trainable", "first step s", "median ms [IQR]", "x full", "x floor", "x PEFT [IQR]",
+                        "step GiB", "alone GiB"]),
+           f"First step: on the freshly built variant, in the order of the table, after one untimed process "
+           f"warm-up step ({startup_s:.1f} s); it includes lorafit's kernel compilation (cold caches: shared "
+           "kernels are paid by the first lorafit row). x: per-round ratios' median; x PEFT: against PEFT with the "
+           "same dropout. AdamW(lr=1e-4), torch's default (foreach), for all. Floor: base frozen, "
+           f"gradients at every target output, no adapter; trains only the final norm ({cfg.hidden_size:,} weights). "
+           "step GiB: max_memory_allocated during one step minus memory_allocated before it; alone GiB: that plus "
+           "the variant's own parameters, buffers and AdamW state = its peak if it were alone on the GPU. "
+           "Adapters in bf16 for PEFT and lorafit (PEFT's autocast_adapter_dtype=False).")
+    return {"batch": [batch, seq], "startup_s": startup_s, "info": info, "times_s": times,
+            "median_s": {k: median(v) for k, v in times.items()}}
+
+
+# -- part 2: inference ------------------------------------------------------------------------------
+
+def part_infer(args, device: torch.device) -> dict:
+    batch, seq = (2, 32) if args.quick else (32, 256)
+    warm, n = (1, 2) if args.quick else (2, 15)
+    cfg = llama_config(args.quick)
+    base = build_llama(cfg, device).eval()
+    ids = token_ids(cfg, batch, seq, device)
+    # init_lora_weights=False: B is random, not zero, as in a trained adapter
+
+    def merged():
+        model = lorafit_lora(copy.deepcopy(base), init=False)
+        lorafit.merge(model)
+        return model
+
+    builders = {"base": lambda: base, "lorafit unmerged": lambda: lorafit_lora(copy.deepcopy(base), init=False),
+                "PEFT unmerged": lambda: peft_lora(copy.deepcopy(base), init=False),
+                "lorafit merged (lorafit.merge)": merged}
+    models = {k: m.eval() for k, b in builders.items() if (m := attempt(f"infer: {k}", b)) is not None}
+
+    def forward(model):
+        def run() -> None:
+            with torch.inference_mode():
+                model(input_ids=ids)
+        return lambda: timed(run, device)
+
+    times = rounds({k: forward(m) for k, m in models.items()}, n, warm, "infer")
+    rows = [[k, ms(times, k), vs(times, k, "base", iqr=True)] for k in builders]
+    report(f"Inference forward, same shape ({cfg.num_hidden_layers} layers), batch {batch} x {seq}, "
+           f"inference_mode, one r={R} adapter on 7 targets, {n} interleaved rounds",
+           table(rows, ["model", "median ms [IQR]", "x base [IQR]"]))
+    return {"batch": [batch, seq], "times_s": times, "median_s": {k: median(v) for k, v in times.items()}}
+
+
+# -- part 3: a batch that mixes adapters ----------------------------------------------------------------
+
+def part_mixed(args, device: torch.device) -> dict:
+    batch, seq = (4, 32) if args.quick else (32, 256)
+    warm, n = (1, 2) if args.quick else (2, 10)
+    cfg = llama_config(args.quick)
+    base = build_llama(cfg, device).eval()
+    ids = token_ids(cfg, batch, seq, device)
+    names = [f"a{i}" for i in range(batch)]  # row i on adapter i: as many distinct adapters as rows
+    attach_s = {}
+
+    def attached(tool: str, add: Callable):
+        model, start = copy.deepcopy(base), time.perf_counter()
+        for name in names:
+            model = add(model, init=False, name=name)
+        attach_s[tool] = time.perf_counter() - start
+        return model.eval()
+
+    lf = attempt("mixed: lorafit adapters", lambda: attached("lorafit", lorafit_lora))
+    pf = attempt("mixed: PEFT adapters", lambda: attached("PEFT", peft_lora))
+
+    def plain() -> None:
+        with torch.inference_mode():
+            base(input_ids=ids)
+
+    def per_row() -> None:  # what a server does per request batch: set the rows up, run the forward
+        with torch.inference_mode(), lorafit.adapter_per_row(lf, names):
+            lf(input_ids=ids)
+
+    def forward_alone() -> float:  # the same, timing only the forward inside the block
+        with torch.inference_mode(), lorafit.adapter_per_row(lf, names):
+            return timed(lambda: lf(input_ids=ids), device)
+
+    def peft_rows() -> None:
+        with torch.inference_mode():
+            pf(input_ids=ids, adapter_names=names)
+
+    variants = {"base model": lambda: timed(plain, device),
+                "lorafit adapter_per_row: set-up + forward": lambda: timed(per_row, device),
+                "lorafit forward alone, inside the block": forward_alone,
+                "PEFT adapter_names=": lambda: timed(peft_rows, device)}
+    runnable = {k: f for k, f in variants.items() if (lf if k.startswith("lorafit") else pf if k.startswith("PEFT")
+                                                      else base) is not None}
+    times = rounds(runnable, n, warm, "mixed")
+    rows = [[k, ms(times, k), vs(times, k, "base model", iqr=True)] for k in variants]
+    report(f"Mixed-adapter batch: {len(names)} distinct adapters (r={R}, 7 targets, random B), row i on adapter i, "
+           f"batch {batch} x {seq}, inference_mode, {n} interleaved rounds",
+           table(rows, ["variant", "median ms [IQR]", "x base [IQR]"]),
+           f"Attaching {len(names)} adapters took " + ", ".join(f"{v:.1f} s with {k}" for k, v in attach_s.items())
+           + " (PEFT: add_adapter, bf16).")
+    return {"batch": [batch, seq], "adapters": len(names), "attach_s": attach_s,
+            "times_s": times, "median_s": {k: median(v) for k, v in times.items()}}
+
+
+# -- part 4: lorafit train, end to end ----------------------------------------------------------------------
+
+def alpaca_rows(data: str | None) -> list[dict]:
+    candidates = [Path(data), ROOT / data] if data else [ROOT / ".gpu_data", ROOT.parent / "shared" / "data"]
+    for folder in candidates:
+        path = folder / "alpaca" / "train.jsonl"
+        if path.is_file():
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    raise FileNotFoundError(f"alpaca/train.jsonl is in none of {[str(c) for c in candidates]} (--data DIR)")
+
+
+def bpe_tokenizer(rows: list[dict], vocab_size: int):
+    """A byte-level BPE trained on the rows themselves, as a transformers fast tokenizer (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [r.get(k) or "" for r in rows for k in ("instruction", "input", "output")]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def small_llama_dir(root: Path, rows: list[dict], quick: bool) -> tuple[Path, int]:
+    from transformers import LlamaConfig, LlamaForCausalLM, logging
+
+    logging.set_verbosity_error()
+    tok = bpe_tokenizer(rows, 1000 if quick else 8000)
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128) if quick else \
+        dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+             intermediate_size=2304)  # 94M parameters with the 8k vocabulary, embeddings not tied
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False, max_position_embeddings=2048,
+                      attn_implementation="sdpa", **size)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    folder = root / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters())
+
+
+RUN_CONFIG = """\
+output_dir = "unused"
+[model]
+name = {model}
+dtype = "bfloat16"
+device = {device}
+[data]
+train = {train}
+instruction_field = "instruction"
+input_field = "input"
+output_field = "output"
+max_train_rows = {rows}
+[task]
+type = "causal_lm"
+max_length = {max_length}
+[lora]
+r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+target_modules = "all-linear"
+[train]
+epochs = {epochs}
+batch_size = 16
+lr = 2e-4
+warmup_ratio = 0.05
+log_every = 5
+seed = 0
+"""
+
+
+def part_e2e(args, device: torch.device) -> dict:
+    rows = alpaca_rows(args.data)
+    epochs = 1 if args.quick else 2
+    tmp = Path(tempfile.mkdtemp(prefix="lorafit-gpu-e2e-"))
+    try:
+        model_dir, n_params = small_llama_dir(tmp, rows, args.quick)
+        train = tmp / "train.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = tmp / "run.toml"
+        config.write_text(RUN_CONFIG.format(model=json.dumps(str(model_dir)), device=json.dumps(device.type),
+                                            train=json.dumps(str(train)), rows=48 if args.quick else len(rows),
+                                            max_length=128 if args.quick else 512, epochs=epochs))
+        # Every run a fresh process, as a user runs it; each with cold compile caches except the second LoRA
+        # run, which finds the kernels the first one compiled (what a user's later runs see).
+        runs = {"full fine-tuning": (["--method", "full", "--set", "train.lr=5e-5"], "full"),
+                "LoRA r=16, dropout 0.05, cold caches": ([], "lora"),
+                "LoRA r=16, dropout 0.05, warm caches": ([], "lora")}
+        if args.quick:
+            runs.pop("LoRA r=16, dropout 0.05, warm caches")  # the same code path as the cold run
+        src = str(Path(lorafit.__file__).resolve().parents[1])  # the lorafit this process runs
+        results, interrupted = {}, None
+        for i, (name, (extra, cache)) in enumerate(runs.items()):
+            out = tmp / f"run{i}"
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+                       [src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+                   "TRITON_CACHE_DIR": str(tmp / f"cache-{cache}" / "triton"),
+                   "TORCHINDUCTOR_CACHE_DIR": str(tmp / f"cache-{cache}" / "inductor")}
+            cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--output-dir", str(out), "--no-progress",
+                   *extra]
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                                      timeout=180 if args.quick else 400)
+            except KeyboardInterrupt:  # gpu.sh's time limit: report the runs that finished
+                interrupted = name
+                break
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                results[name] = {"error": proc.stderr[-3000:]}
+                print(f"\n#### e2e: {name}: FAILED (exit {proc.returncode})\n\n{proc.stdout[-1500:]}\n"
+                      f"{proc.stderr[-3000:]}", flush=True)
+                PROBLEMS.append(f"e2e: {name}: exit {proc.returncode}: "
+                                f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+                continue
+            s = json.loads((out / "summary.json").read_text())
+            losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                      if m.get("type") == "train"]
+            results[name] = {"wall_s": wall, "train_s": s["train_time_s"], "tokens_per_s": s["train_tokens_per_s"],
+                             "peak_bytes": s["peak_memory_bytes"], "peak_method": s["peak_memory_method"],
+                             "trainable": s["params"]["trainable"], "steps": s["steps"],
+                             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not results:
+        raise KeyboardInterrupt
+    full = results.get("full fine-tuning", {})
+
+    def x_full(r: dict, key: str) -> str:
+        return f"{r[key] / full[key]:.2f}" if key in full else "n/a"
+
+    body = [[k, "FAILED (see above)"] + [""] * 7 if "error" in r else
+            [k, f"{r['wall_s']:.1f}", x_full(r, "wall_s"), f"{r['train_s']:.1f}", x_full(r, "train_s"),
+             f"{r['tokens_per_s']:,.0f}", "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / GiB:.2f}",
+             f"{r['trainable']:,}", f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}" if r["loss_first"] else ""]
+            for k, r in results.items()]
+    method = next((r["peak_method"] for r in results.values() if "peak_method" in r), "n/a")
+    report(f"lorafit train end to end: Alpaca {48 if args.quick else len(rows)} rows, {epochs} epoch(s), batch 16, "
+           f"random Llama {n_params / 1e6:.1f}M params, bf16 weights, on {device.type}",
+           table(body, ["run", "command s", "x full", "loop s", "loop x full", "train tok/s", "peak GiB",
+                        "trainable", "loss first -> last"]),
+           f"command s: the whole `python -m lorafit train` process (start-up, loading, tokenizing, training, "
+           f"checkpoints, saving); loop s: the training loop, summary.json's train_time_s. peak: "
+           f"{method} from summary.json. Full fine-tuning at lr 5e-5, LoRA (all-linear) at 2e-4."
+           + (f" INTERRUPTED during '{interrupted}' (time limit): later runs missing." if interrupted else ""))
+    return {"epochs": epochs, "model_params": n_params, "results": results, "interrupted": interrupted}
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+def versions(device: torch.device) -> dict:
+    import peft
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+
+    def git(*cmd: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=20)
+            return proc.stdout.strip() if proc.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "peft": peft.__version__, "triton": triton_version, "lorafit": lorafit.__version__,
+            "commit": commit + (" (+ uncommitted changes)" if dirty else ""), "python": sys.version.split()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, every code path, well under a minute")
+    ap.add_argument("--out", default="gpu_results", help="folder for gpu.json (default ./gpu_results)")
+    ap.add_argument("--only", action="append", help=f"comma-separated parts to run: {','.join(PARTS)} (repeatable)")
+    ap.add_argument("--data", default=None, help="folder holding alpaca/train.jsonl (default: .gpu_data in the "
+                                                 "repository, else ../shared/data)")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for o in args.only or [",".join(PARTS)] for p in o.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = versions(device)
+    print(f"# lorafit GPU benchmark{' (--quick: a dry run, numbers mean nothing)' if args.quick else ''}, "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n" + ", ".join(f"{k}: {v}" for k, v in meta.items()), flush=True)
+    results: dict = {"meta": meta, "quick": args.quick}
+    failed, elapsed = [], {}
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            results[part] = globals()[f"part_{part}"](args, device)
+        except KeyboardInterrupt:  # gpu.sh's time limit (SIGINT): skip the rest, still print what there is
+            print(f"\n### {part}: INTERRUPTED", flush=True)
+            results[part] = {"error": "interrupted (SIGINT: gpu.sh's time limit?)", "interrupted": "the part"}
+        except Exception:  # noqa: BLE001 - one broken part must not cost the others their numbers
+            text = traceback.format_exc()
+            print(f"\n### {part}: FAILED\n\n{text}", flush=True)
+            results[part] = {"error": text}
+            failed.append(f"{part}: {text.strip().splitlines()[-1][:300]}")
+        elapsed[part] = time.perf_counter() - start
+        results[part]["elapsed_s"] = elapsed[part]
+        results["problems"] = PROBLEMS
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        (out_dir / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
+        if results[part].get("interrupted"):
+            failed.append(f"{part}: interrupted during {results[part]['interrupted']!r}; later parts not run")
+            break
+    print("\n## Summary\n\n" + ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n"
+          + "".join(SUMMARY) + "\nseconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in elapsed.items())
+          + (("\n\nFAILED parts (tracebacks above):\n" + "\n".join(failed)) if failed else "\n\nall parts ran")
+          + ("\nFAILED variants (tracebacks above):\n" + "\n".join(PROBLEMS) if PROBLEMS else "")
+          + f"\nfull results: {out_dir / 'gpu.json'}", flush=True)
+    return 1 if failed or PROBLEMS else 0
+
+
+if __name__ == "__main__":
+    import atexit
+
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The LoRA linear computation without avoidable temporaries, as two torch custom ops.
+
+Training, for adapters i with factors A_i (r x d_in), B_i (d_out x r):
+
+    y   = x W^T + b + sum_i s_i (D_i(x) A_i^T) B_i^T       D_i = dropout with mask M_i
+    dB_i = s_i dY^T H_i                                      H_i = D_i(x) A_i^T   (N x r, saved)
+    dA_i = s_i (dY B_i)^T D_i(x)
+    dx   = dY W + sum_i s_i ((dY B_i) A_i) * M_i / q_i          q_i = P(M_i = 1), see mask.py
+
+What autograd would keep for ``base(x) + B(A(dropout(x))) * s`` is, per
+adapter, the dropped copy of x and its mask, plus the scaled product. Here
+backward keeps only x (which adapters on q, k and v share), the small H_i and
+each mask's 32-bit key: a mask is a hash of its key and the element
+positions, recomputed inside each product that applies it (products.py).
+The low-rank parts add into the base product's output (``addmm_``) instead of
+being summed as separate activation-sized tensors.
+
+Where the adapters see x undropped, x W^T + s (x A^T) B^T = x (W + s B A)^T, and
+dY (W + s B A) is the whole input gradient. Folding the adapters into a
+temporary weight costs r d_in d_out multiply-adds and one weight-sized
+buffer; the unfolded path costs a pass over an N x d activation instead. On a
+CPU those passes are what LoRA's extra time is made of, so the cheaper one
+runs, by shape: forward folds when N > d_in, backward when N > d_out, and
+inference without gradients when N (d_in + d_out) > d_in d_out. Where both
+passes fold, backward reuses forward's folded weight. Training folds on the
+CPU only: on a GPU the passes are cheap and a weight-sized buffer kept for
+backward is not. Folding is only used in float32/float64 with adapters of the
+weight's dtype: in bf16 or fp16 a small s B A would be rounded away against W.
+
+``lorafit::lora_linear_forward`` and ``lorafit::lora_linear_backward`` are
+registered with ``torch.library`` (typed arguments, fake implementations), so
+``torch.compile`` traces them as single ops; eager calls skip the dispatcher,
+whose Python round trip costs more than a small layer's products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from lorafit.kernels import mask, products
+
+
+class LowRank(NamedTuple):
+    """One adapter of a linear layer: ``s * B (A dropout(x))`` with A (r x d_in), B (d_out x r)."""
+
+    a: Tensor
+    b: Tensor
+    scale: float
+    dropout: float = 0.0
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool,
+                adapters: Sequence[LowRank], training: bool) -> Tensor:
+    """``x W^T + b + sum s B A dropout(x)``; ``transposed``: W is stored (d_in, d_out) (GPT-2's Conv1D).
+    Dropout applies only where ``training``."""
+    ps = [a.dropout if training else 0.0 for a in adapters]
+    tensors = [t for a in adapters for t in (a.a, a.b)]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, *tensors))
+    if not needs_grad and not any(ps):
+        return _infer(x, weight, bias, transposed, adapters)
+    keys = [mask.new_key(x.device) for p in ps if p > 0]
+    spec = (transposed, tuple(a.scale for a in adapters), tuple(ps))
+    return _LoraLinear.apply(x, weight, bias, spec, *tensors, *keys)
+
+
+def _d_out(weight: Tensor, transposed: bool) -> int:
+    return weight.shape[1] if transposed else weight.shape[0]
+
+
+def _base_linear(x2: Tensor, weight: Tensor, bias, transposed: bool) -> Tensor:
+    if transposed:  # GPT-2 Conv1D: weight is (d_in, d_out)
+        return torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+    return F.linear(x2, weight, bias)
+
+
+def _can_fold(weight: Tensor, factors) -> bool:
+    return weight.dtype in (torch.float32, torch.float64) and all(f.dtype == weight.dtype for f in factors)
+
+
+def _training_folds(rows: int, d: int, ps, weight: Tensor, factors) -> bool:
+    """Whether a training pass folds: forward with d = d_in, backward (dx) with d = d_out."""
+    return weight.device.type == "cpu" and not any(ps) and rows > d and _can_fold(weight, factors)
+
+
+def _folded(weight: Tensor, transposed: bool, a: list[Tensor], b: list[Tensor], scales) -> Tensor:
+    """W + sum s B A, in W's own layout (a new tensor)."""
+    for ai, bi, s in zip(a, b, scales):
+        weight = products.up(ai.T, bi, s, start=weight) if transposed else products.up(bi, ai.T, s, start=weight)
+    return weight
+
+
+def cpu_path(x: Tensor) -> bool:
+    """The CPU implementation (C loops, folding) for CPU tensors; the accelerator one (cuBLAS, Triton) for the
+    rest. A function, so that tests can run the accelerator implementation on CPU tensors."""
+    return x.device.type == "cpu"
+
+
+def _key_of(keys: Sequence[Tensor], ps: Sequence[float]) -> list[Tensor | None]:
+    """One key per adapter (None without dropout), from the keys of the adapters with dropout, in order."""
+    it = iter(keys)
+    return [next(it) if p > 0 else None for p in ps]
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool, a: list[Tensor],
+             b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor],
+             keep_folded: bool) -> tuple[Tensor, list[Tensor], Tensor]:
+    """(y, H_i per adapter, the folded weight where backward reuses it, else an empty tensor)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if cpu_path(x):
+        y, hs, folded = _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded)
+    else:
+        (y, hs), folded = _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys), x.new_empty(0)
+    return y.view(*x.shape[:-1], y.shape[-1]), hs, folded
+
+
+def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
+    """cuBLAS for the base product, each adapter's low-rank product then added into its output in place
+    (beta = 1); with dropout, H = mask(x) A^T in one Triton pass over x. As few ops as the math allows:
+    at a few thousand rows a layer's GPU work is shorter than the Python that launches it."""
+    y = _base_linear(x2, weight, bias, transposed)
+    hs, k = [], 0
+    for ai, bi, s, p in zip(a, b, scales, ps):
+        if p > 0:
+            t, rescale = mask.threshold(p)
+            h = products.down(x2, ai, keys[k], t)  # without the rescale: it rides on s
+            k, s = k + 1, s * rescale
+        else:
+            h = x2 @ ai.T if x2.dtype == ai.dtype else x2.to(ai.dtype) @ ai.T
+        hs.append(h)  # kept for dB; it is small (N x r)
+        if bi.dtype == y.dtype:
+            y.addmm_(h, bi.T, alpha=s)
+        else:
+            y.add_((h @ bi.T).to(y.dtype), alpha=s)
+    return y, hs
+
+
+def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
+    rows, d_in = x2.shape
+    fold = _training_folds(rows, d_in, ps, weight, a + b)
+    hs = []
+    for ai, p, key in zip(a, ps, _key_of(keys, ps)):
+        if key is not None:
+            # H = (x * keep) A^T without the rescale: that factor rides on the scalar s instead
+            hs.append(products.down(x2, ai, key, mask.threshold(p)[0]))
+        else:
+            hs.append(products.down(x2, ai))  # kept for dB; it is small (N x r)
+    folded = x2.new_empty(0)
+    if fold:
+        w = _folded(weight, transposed, a, b, scales)
+        y = _base_linear(x2, w, bias, transposed)
+        if keep_folded and _training_folds(rows, _d_out(weight, transposed), ps, weight, a + b):
+            folded = w
+    else:
+        # the output starts as bias + s H B^T (later adapters add into it) and x W^T adds into it: one
+        # pass over the output for the bias and the low-rank sum together (products.up in C)
+        y = None
+        for hi, bi, s, p in zip(hs, b, scales, ps):
+            s = s * mask.threshold(p)[1] if p > 0 else s
+            y = products.up(hi, bi, s, y, bias if y is None else None, weight.dtype)
+        y.addmm_(x2, weight if transposed else weight.T)
+    return y, hs, folded
+
+
+_forward_op = torch.library.custom_op("lorafit::lora_linear_forward", _forward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
+    rows = x.numel() // x.shape[-1]
+    d_out = _d_out(weight, transposed)
+    folded = x.new_empty(0)
+    if keep_folded and _training_folds(rows, x.shape[-1], ps, weight, a + b) and _training_folds(
+            rows, d_out, ps, weight, a + b):
+        folded = torch.empty_like(weight)
+    hs = [x.new_empty(rows, ai.shape[0], dtype=ai.dtype) for ai in a]
+    return x.new_empty(*x.shape[:-1], d_out, dtype=weight.dtype), hs, folded
+
+
+def _backward(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor, transposed: bool, a: list[Tensor],
+              b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor], hs: list[Tensor],
+              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """(dx, dW, dbias, dA_i, dB_i) for ``needs`` = [x, W, bias, A_1, B_1, A_2, ...]; what is not needed comes
+    back as an empty tensor."""
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = gy.reshape(-1, gy.shape[-1])
+    empty = x.new_empty(0)
+    gw = (x2.T @ g2 if transposed else g2.T @ x2) if needs[1] else empty
+    gbias = g2.sum(0) if needs[2] else x.new_empty(0)
+    if cpu_path(x):
+        gx, gas, gbs = _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs, needs)
+    else:
+        gx, gas, gbs = _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs)
+    return (gx.view(x.shape) if gx is not None else x.new_empty(0)), gw, gbias, gas, gbs
+
+
+def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs):
+    """dY W by cuBLAS, each adapter's s mask(dY B A) added into it (Triton with a mask, addmm_ without)."""
+    gx = g2 @ (weight.T if transposed else weight) if needs[0] else None
+    gas, gbs, k = [], [], 0
+    for i, (ai, bi, s, p) in enumerate(zip(a, b, scales, ps)):
+        need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
+        key = t = None
+        if p > 0:
+            t, rescale = mask.threshold(p)
+            key, k, s = keys[k], k + 1, s * rescale
+        gl = g2 if g2.dtype == bi.dtype else g2.to(bi.dtype)
+        gbs.append(torch.mm(gl.T, hs[i]).mul_(s) if need_b else x2.new_empty(0))
+        if not (need_a or gx is not None):
+            gas.append(x2.new_empty(0))
+            continue
+        gh = gl @ bi
+        if key is None:
+            gas.append(torch.mm(gh.T, x2 if x2.dtype == gh.dtype else x2.to(gh.dtype)).mul_(s) if need_a
+                       else x2.new_empty(0))
+            if gx is not None:
+                if gx.dtype == gh.dtype:
+                    gx.addmm_(gh, ai, alpha=s)
+                else:
+                    gx.add_((gh @ ai).to(gx.dtype), alpha=s)
+        else:
+            gas.append(products.grad_a(gh, x2, key, t).mul_(s) if need_a else x2.new_empty(0))
+            if gx is not None:
+                gx = products.up(gh, ai.T, s, gx, None, gx.dtype, key, t)
+    return gx, gas, gbs
+
+
+def _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
+    rows, d_out = g2.shape
+    fold = needs[0] and _training_folds(rows, d_out, ps, weight, a + b)
+    lora_gx = needs[0] and not fold
+    gx = None
+    gas, gbs = [], []
+    for i, (ai, bi, s, p, key) in enumerate(zip(a, b, scales, ps, _key_of(keys, ps))):
+        need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
+        t = 0
+        if key is not None:
+            t, rescale = mask.threshold(p)
+            s = s * rescale
+        gl = g2.to(bi.dtype)
+        gh = gbt = None
+        if need_b and (need_a or lora_gx):
+            gh, gbt = products.grad_b(gl, bi, hs[i])  # dY B and H^T dY, from one pass over dY in C
+        elif need_a or lora_gx:
+            gh = products.down(gl, bi.T.contiguous())  # dY B as dY (B^T)^T, see grad_b
+        elif need_b:
+            gbt = products.grad_a(hs[i], gl)
+        # dB as (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H; the small copy
+        # gives the op's outputs the contiguous layout its fake implementation promises
+        gbs.append(gbt.mul_(s).T.contiguous() if gbt is not None else x2.new_empty(0))
+        # with dropout, the mask is recomputed from its key in each product that applies it
+        gas.append(products.grad_a(gh, x2, key, t).mul_(s) if need_a else x2.new_empty(0))
+        if lora_gx:
+            # dx starts as s mask(dY B A) and dY W adds into it below, as in forward
+            gx = products.up(gh, ai.T, s, gx, None, x2.dtype, key, t)
+    if fold:
+        w = folded if folded.numel() else _folded(weight, transposed, a, b, scales)
+        gx = g2 @ (w.T if transposed else w)
+    elif needs[0]:
+        gx = gx.addmm_(g2, weight.T if transposed else weight)
+    return gx, gas, gbs
+
+
+_backward_op = torch.library.custom_op("lorafit::lora_linear_backward", _backward, mutates_args=())
+
+
+@_backward_op.register_fake
+def _(gy, x, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
+    def maybe(need, like):
+        return torch.empty_like(like) if need else x.new_empty(0)
+    gbias = x.new_empty(_d_out(weight, transposed), dtype=gy.dtype) if needs[2] else x.new_empty(0)
+    return (maybe(needs[0], x), maybe(needs[1], weight), gbias,
+            [maybe(needs[3 + 2 * i], ai) for i, ai in enumerate(a)],
+            [maybe(needs[4 + 2 * i], bi) for i, bi in enumerate(b)])
+
+
+def _call(op, fn, *args):
+    """The registered op while torch.compile traces (it must see one op), the Python function otherwise."""
+    return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """Autograd around the two ops: what forward keeps for backward, and which gradients are needed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec, *tensors):
+        transposed, scales, ps = spec
+        n = len(scales)
+        a, b, keys = list(tensors[: 2 * n: 2]), list(tensors[1: 2 * n: 2]), list(tensors[2 * n:])
+        y, hs, folded = _call(_forward_op, _forward, x, weight, bias, transposed, a, b, list(scales), list(ps), keys,
+                              ctx.needs_input_grad[0])
+        ctx.save_for_backward(x, weight, folded, *a, *b, *keys, *hs)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        transposed, scales, ps = ctx.spec
+        n = len(scales)
+        x, weight, folded, *rest = ctx.saved_tensors
+        a, b = rest[:n], rest[n: 2 * n]
+        keys, hs = rest[2 * n: len(rest) - n], rest[len(rest) - n:]
+        need = ctx.needs_input_grad
+        needs = [need[0], need[1], need[2] and ctx.has_bias] + [need[4 + i] for i in range(2 * n)]
+        gx, gw, gbias, gas, gbs = _call(_backward_op, _backward, gy, x, weight, folded, transposed, list(a), list(b),
+                                        list(scales), list(ps), list(keys), list(hs), needs)
+        grads = [g if wanted else None for g, wanted in zip((gx, gw, gbias), needs)]
+        lowrank = [g if needs[3 + j] else None for j, g in enumerate(t for pair in zip(gas, gbs) for t in pair)]
+        return (*grads, None, *lowrank, *[None] * len(keys))
+
+
+def _infer(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, adapters: Sequence[LowRank]) -> Tensor:
+    """No gradients, no dropout: fold into a temporary weight when that is cheaper, else add into the output."""
+    d_in = x.shape[-1]
+    d_out = _d_out(weight, transposed)
+    x2 = x.reshape(-1, d_in)
+    a = [ad.a for ad in adapters]
+    b = [ad.b for ad in adapters]
+    if x2.shape[0] * (d_in + d_out) > d_in * d_out and _can_fold(weight, a + b):
+        y = _base_linear(x2, _folded(weight, transposed, a, b, [ad.scale for ad in adapters]), bias, transposed)
+    else:
+        y = _base_linear(x2, weight, bias, transposed)
+        for ad in adapters:
+            h = x2.to(ad.a.dtype) @ ad.a.T
+            if ad.b.dtype == y.dtype:
+                y.addmm_(h, ad.b.T, alpha=ad.scale)
+            else:
+                y.add_((h @ ad.b.T).to(y.dtype), alpha=ad.scale)
+    return y.view(*x.shape[:-1], d_out)

@@ -1,0 +1,130 @@
+"""LoRA on a CUDA GPU (skipped without one): the fused training path against the plain formula and PEFT in
+float32 and bfloat16, repeatable dropout, masks equal to the CPU's, and torch.compile."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorafit
+from lorafit import LoraConfig
+from lorafit.kernels import mask
+from tests.test_fused_linear import _compare, _layer
+
+pytestmark = pytest.mark.cuda
+DEVICE = "cuda"  # a dry run of these tests on the CPU: set it to "cpu" and call the functions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("rows", [5, 4096])
+def test_training_path_matches_formula_on_cuda(dtype, dropout, rows):
+    model = _layer(nn.Linear(96, 160), [("a", 8), ("b", 16)], dtype, dropout).to(DEVICE)
+    _compare(model, torch.randn(rows // 5 or 1, 5, 96, dtype=dtype, device=DEVICE), dropout, dtype)
+
+
+def _llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).to(DEVICE, dtype)
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_weights_same_logits_and_gradients_as_peft_on_cuda(dtype):
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    base = _llama(dtype)
+    ours = copy.deepcopy(base)
+    lorafit.attach(ours, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                           init_lora_weights=False))
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(mine[name.replace("base_model.model.", "").removesuffix(".weight")])
+    ids = torch.randint(0, 256, (4, 64), device=DEVICE)
+    out_ours, out_theirs = ours(ids, labels=ids), theirs(ids, labels=ids)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(out_ours.logits.float(), out_theirs.logits.float(), **tol)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    theirs_grads = {n.replace("base_model.model.", "").removesuffix(".weight"): p.grad
+                    for n, p in theirs.named_parameters() if "lora_" in n}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            want = theirs_grads[name]
+            scale = want.abs().max().item()
+            torch.testing.assert_close(p.grad.float(), want.float(), atol=tol["atol"] * max(scale, 1e-3),
+                                       rtol=tol["rtol"] * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_is_repeatable_in_every_dtype(dtype):
+    """The same seed gives the same masks, run after run (bf16 was not, through the old compiled masks)."""
+    runs = []
+    for _ in range(3):
+        model = _llama(torch.float32 if dtype == torch.float16 else dtype)
+        if dtype == torch.float16:
+            model.half()
+        lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.2, target_modules=TARGETS,
+                                         init_lora_weights=False))
+        model.train()
+        torch.manual_seed(42)
+        ids = torch.randint(0, 256, (2, 32), device=DEVICE)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        runs.append((out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    for logits, grads in runs[1:]:
+        assert torch.equal(logits, runs[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
+
+
+def test_cuda_masks_equal_the_cpu_masks():
+    """One key, one mask: the Triton kernels on the GPU, the C kernels and the eager ops on the CPU."""
+    t, scale = mask.threshold(0.3)
+    key = torch.tensor(-424242, dtype=torch.int32)
+    x = torch.randn(300, 1000)
+    on_cpu = mask.dropped(x, key, t)
+    on_gpu = mask.dropped(x.to(DEVICE), key.to(DEVICE), t)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    hashed = lorafit.HashedDropout(0.3).train()  # the model's own dropout, swapped in: the same masks
+    torch.manual_seed(3)
+    got = hashed(x.to(DEVICE)).cpu()
+    torch.manual_seed(3)
+    key_drawn = mask.new_key(torch.device(DEVICE)).cpu()  # the draw HashedDropout made from that seed
+    assert torch.equal(got, torch.where(mask.keep_mask(300, 1000, key_drawn, t), x * scale, 0))
+
+
+def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    model = _llama(torch.bfloat16)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS))
+    for layer in model.model.layers:
+        nn.init.normal_(layer.self_attn.q_proj.lora_B["default"], std=0.02)
+    model.train()
+    ids = torch.randint(0, 256, (2, 64), device=DEVICE)
+    compiled = torch.compile(model, fullgraph=False)
+    with inductor_config.patch(fallback_random=True):  # inductor draws the mask keys as eager does
+        torch.manual_seed(9)
+        got = compiled(ids, labels=ids)
+        got.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    torch.manual_seed(9)
+    want = model(ids, labels=ids)
+    want.loss.backward()
+    torch.testing.assert_close(got.logits.float(), want.logits.float(), atol=0.05, rtol=0.05)
+    for g, p in zip(grads, (p for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(g.float(), p.grad.float(), atol=0.05 * max(p.grad.abs().max().item(), 1e-3),
+                                   rtol=0.1)

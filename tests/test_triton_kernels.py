@@ -1,0 +1,91 @@
+"""The Triton LoRA kernels against float64 references on the same masks: on CUDA when there is a GPU, and on
+the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which Triton reads at import)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lorafit.kernels import mask, triton_kernels  # noqa: E402
+
+# bf16 only on a GPU: the interpreter's bf16 dot products and roundings are not the compiled kernels'
+INTERPRETED_DTYPES = (torch.float32, torch.float16)
+
+
+def check_products(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    t, _ = mask.threshold(0.3)
+    # odd sizes for the tiles' edges, one column, r below, at and past a tile of 16, strided rows
+    for m, k, r in [(37, 19, 3), (70, 130, 16), (5, 1, 8), (200, 64, 20), (300, 257, 64)]:
+        x = torch.randn(m, k + 3, dtype=dtype, device=device)[:, 1:-2]
+        a = torch.randn(r, k, dtype=dtype, device=device)
+        g = torch.randn(m, r, dtype=dtype, device=device)
+        key = mask.new_key(x.device)
+        keep = mask.keep_mask(m, k, key, t)
+        tol = dict(rtol=1e-4, atol=1e-4 * k ** 0.5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * k ** 0.5)
+        for masked in (False, True):
+            kk = key if masked else None
+            kp = keep if masked else torch.ones_like(keep)
+            xd = torch.where(kp, x, 0).double()
+            torch.testing.assert_close(triton_kernels.down(x, a, kk, t).double(), xd @ a.double().T, **tol)
+            torch.testing.assert_close(triton_kernels.grad_a(g, x, kk, t).double(), g.double().T @ xd,
+                                       **dict(tol, atol=tol["atol"] * (m / k) ** 0.5))
+            want = 0.7 * torch.where(kp, g.double() @ a.double(), 0)
+            torch.testing.assert_close(triton_kernels.up(g, a, 0.7, None, None, kk, t).double(), want, **tol)
+            out = torch.randn(m, k, dtype=dtype, device=device)
+            before = out.double()
+            got = triton_kernels.up(g, a, 0.7, out, None, kk, t)
+            assert got.data_ptr() == out.data_ptr()
+            torch.testing.assert_close(got.double(), before + want, **tol)
+
+
+def check_mask_scale(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    t, scale = mask.threshold(0.1)
+    for m, k in [(37, 19), (3, 1000), (64, 384)]:
+        x = torch.randn(m, k + 5, dtype=dtype, device=device)[:, 2:-3]
+        key = mask.new_key(x.device)
+        want = torch.where(mask.keep_mask(m, k, key, t), x.float() * scale, 0).to(dtype)
+        assert torch.equal(triton_kernels.mask_scale(x, key, t, scale), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernels_on_cuda(dtype):
+    check_products("cuda", dtype)
+    check_mask_scale("cuda", dtype)
+
+
+@pytest.mark.cuda
+def test_triton_masks_past_2_to_the_31_elements_equal_the_reference():
+    """Positions are row * cols + col mod 2^32 whatever the size: the rows past 2^31 elements of a bf16
+    tensor get the reference's mask (compared on the last rows, as the whole reference would not fit)."""
+    rows, cols = (1 << 31) // 4096 + 3, 4096
+    x = torch.ones(rows, cols, dtype=torch.bfloat16, device="cuda")
+    key = torch.tensor(12345, dtype=torch.int32, device="cuda")
+    t, _ = mask.threshold(0.5)
+    kept = triton_kernels.mask_scale(x, key, t) != 0
+    tail = mask.keep_mask(8, cols, key, t, first_row=rows - 8)
+    assert torch.equal(kept[-8:], tail)
+    del x, kept
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted")
+def test_triton_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "interpreted checks passed" in done.stdout
+
+
+if __name__ == "__main__":
+    assert triton_kernels.available(torch.device("cpu")), "run with TRITON_INTERPRET=1"
+    for dtype in INTERPRETED_DTYPES:
+        check_products("cpu", dtype)
+        check_mask_scale("cpu", dtype)
+    print("interpreted checks passed")
