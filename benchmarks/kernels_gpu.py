@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import lorafit
 from lorafit.kernels import mask, triton_kernels
@@ -94,7 +93,7 @@ def run(rows: int, r: int = 16, dtype=torch.bfloat16) -> list[dict]:
         row["down triton"] = _bench(lambda: triton_kernels.down(x, a))
         row["down triton masked"] = _bench(lambda: triton_kernels.down(x, a, key, t))
         row["down triton masked bk=64"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=64))
-        row["down triton masked bk=256"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=256))
+        row["down triton masked bk=128"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=128))
         row["grad_a cuBLAS"] = _bench(lambda: gh.T @ x)
         row["grad_a triton masked"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t))
         row["grad_a triton masked bm=64"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t, bm=64))

@@ -7,7 +7,7 @@ from torch import nn
 import lorafit
 from lorafit import LoraConfig
 from lorafit.model import lora_layers
-from tests.models import ALL_KINDS, Mixed, mixed_inputs
+from tests.models import ALL_KINDS, Mixed
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 LOW = [torch.bfloat16, torch.float16]

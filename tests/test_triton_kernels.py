@@ -33,7 +33,7 @@ def check_products(device: str, dtype: torch.dtype) -> None:
             kp = keep if masked else torch.ones_like(keep)
             xd = torch.where(kp, x, 0).double()
             torch.testing.assert_close(triton_kernels.down(x, a, kk, t).double(), xd @ a.double().T, **tol)
-            torch.testing.assert_close(triton_kernels.grad_a(g, x, kk, t).double(), g.double().T @ xd,
+            torch.testing.assert_close(triton_kernels.grad_a(g, x, kk, t, 0.5).double(), 0.5 * g.double().T @ xd,
                                        **dict(tol, atol=tol["atol"] * (m / k) ** 0.5))
             want = 0.7 * torch.where(kp, g.double() @ a.double(), 0)
             torch.testing.assert_close(triton_kernels.up(g, a, 0.7, None, None, kk, t).double(), want, **tol)
@@ -73,6 +73,21 @@ def test_triton_masks_past_2_to_the_31_elements_equal_the_reference():
     tail = mask.keep_mask(8, cols, key, t, first_row=rows - 8)
     assert torch.equal(kept[-8:], tail)
     del x, kept
+
+
+def test_a_kernel_that_fails_warns_once_and_the_torch_ops_take_over(monkeypatch):
+    from lorafit.kernels import products
+
+    monkeypatch.setattr(triton_kernels, "_unavailable", None)
+    triton_kernels._warn_once.cache_clear()
+
+    def broken(*args):
+        raise RuntimeError("PTX for sm_1000 unsupported")
+
+    with pytest.warns(UserWarning, match="Triton kernels are unavailable.*sm_1000.*plain torch ops"):
+        assert products._triton(broken, 1) is None
+    assert not triton_kernels.available(torch.device("cuda"))  # from now on, the torch ops
+    triton_kernels._warn_once.cache_clear()
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted")

@@ -224,7 +224,7 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
                 else:
                     gx.add_((gh @ ai).to(gx.dtype), alpha=s)
         else:
-            gas.append(products.grad_a(gh, x2, key, t).mul_(s) if need_a else x2.new_empty(0))
+            gas.append(products.grad_a(gh, x2, key, t, s) if need_a else x2.new_empty(0))
             if gx is not None:
                 gx = products.up(gh, ai.T, s, gx, None, gx.dtype, key, t)
     return gx, gas, gbs
@@ -254,7 +254,7 @@ def _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs
         # gives the op's outputs the contiguous layout its fake implementation promises
         gbs.append(gbt.mul_(s).T.contiguous() if gbt is not None else x2.new_empty(0))
         # with dropout, the mask is recomputed from its key in each product that applies it
-        gas.append(products.grad_a(gh, x2, key, t).mul_(s) if need_a else x2.new_empty(0))
+        gas.append(products.grad_a(gh, x2, key, t, s) if need_a else x2.new_empty(0))
         if lora_gx:
             # dx starts as s mask(dY B A) and dY W adds into it below, as in forward
             gx = products.up(gh, ai.T, s, gx, None, x2.dtype, key, t)

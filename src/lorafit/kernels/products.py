@@ -4,7 +4,7 @@ picks which implementation runs them.
 For x (N x d_in), A (r x d_in), G (N x r) and a mask given by (key, t) from mask.py (key None: no mask):
 
     down(x, A)              = mask(x) A^T              the N x r input of B
-    grad_a(G, x)            = G^T mask(x)              A's gradient before scaling
+    grad_a(G, x, s)         = s G^T mask(x)            A's gradient
     grad_b(dY, B, H)        = (dY B, H^T dY)           A's path back, and B's gradient before scaling
     up(H, B, s, start=bias) = bias + s H B^T           the output, before x W^T adds into it
     up(G, A^T, s, out=gx)   = gx + s mask(G A)         the low-rank part of dx
@@ -46,6 +46,18 @@ def backend(r: int, key, *tensors: torch.Tensor | None) -> str:
     return "torch"
 
 
+def _triton(fn, *args):
+    """fn(*args), or None where the kernel cannot build or run on this GPU: then the torch ops run from now on
+    (triton_kernels.disable says so once)."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a compiler or driver failure of any kind: the torch ops are exact too
+        triton_kernels.disable(f"{fn.__name__} failed: {type(err).__name__}: {str(err)[:300]}")
+        return None
+
+
 def _ints(key, t) -> tuple:
     return (None, 0) if key is None else (int(key), t)
 
@@ -55,8 +67,8 @@ def down(x: torch.Tensor, a: torch.Tensor, key=None, t: int = 0) -> torch.Tensor
     where = backend(a.shape[0], key, x, a)
     if where == "c":
         return cpu.lora_down(x, a, *_ints(key, t))
-    if where == "triton":
-        return triton_kernels.down(x, a, key, t)
+    if where == "triton" and (h := _triton(triton_kernels.down, x, a, key, t)) is not None:
+        return h
     x = x.to(a.dtype)
     return (x if key is None else mask.dropped(x, key, t)) @ a.T
 
@@ -70,8 +82,9 @@ def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = No
     if (where == "c" and dtype == torch.float32 and (out is None or (key is not None and out.stride(-1) == 1))
             and (start is None or start.stride(-1) == 1)):
         return cpu.lora_up(h, b.T, s, out, start, *_ints(key, t))
-    if where == "triton" and start is None and (out is None or out.stride(-1) == 1):
-        return triton_kernels.up(h, b.T, s, out, dtype, key, t)
+    if (where == "triton" and start is None and (out is None or out.stride(-1) == 1)
+            and (done := _triton(triton_kernels.up, h, b.T, s, out, dtype, key, t)) is not None):
+        return done
     if key is not None:
         part = mask.dropped((h @ b.T).mul_(s), key, t)
         if out is not None:
@@ -86,15 +99,17 @@ def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = No
     return part if start is None else part.add_(start)
 
 
-def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0) -> torch.Tensor:
-    """G^T mask(x), in G's dtype: a new tensor the caller may scale in place."""
+def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """scale G^T mask(x), in G's dtype: a new tensor."""
     where = backend(g.shape[1], key, g, x)
     if where == "c":
-        return cpu.lora_grad_a(g, x, *_ints(key, t))
-    if where == "triton":
-        return triton_kernels.grad_a(g, x, key, t)
-    x = x.to(g.dtype)
-    return torch.mm(g.T, x if key is None else mask.dropped(x, key, t))
+        out = cpu.lora_grad_a(g, x, *_ints(key, t))
+    elif where == "triton" and (out := _triton(triton_kernels.grad_a, g, x, key, t, scale)) is not None:
+        return out  # the scale applied inside: no launch of its own
+    else:
+        x = x.to(g.dtype)
+        out = torch.mm(g.T, x if key is None else mask.dropped(x, key, t))
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 def grad_b(g: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
