@@ -128,3 +128,15 @@ def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     for g, p in zip(grads, (p for p in model.parameters() if p.requires_grad)):
         torch.testing.assert_close(g.float(), p.grad.float(), atol=0.05 * max(p.grad.abs().max().item(), 1e-3),
                                    rtol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inference_folds_to_the_merged_models_output_on_cuda(dtype):
+    model = _layer(nn.Linear(256, 384), [("a", 16)], dtype).to(DEVICE).eval()
+    x = torch.randn(4096, 256, dtype=dtype, device=DEVICE)  # enough rows to fold
+    with torch.no_grad():
+        got = model(x)
+        lorafit.merge(model)
+        merged = model(x)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), merged.float(), atol=4 * eps * merged.abs().max().item(), rtol=4 * eps)

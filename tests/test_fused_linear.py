@@ -148,6 +148,26 @@ def test_inference_paths_match_formula(rows, gpt2):
         torch.testing.assert_close(model(x), _reference(model[0], x, {}), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inference_that_folds_gives_the_merged_models_output(dtype):
+    """Without gradients a bf16/fp16 layer folds W + s B A when that is cheaper: the merged model's numbers, to
+    the last bit of the folded weight (a 16-bit GEMM may round its sum once or twice)."""
+    model = _layer(nn.Linear(64, 96), [("a", 8)], dtype).eval()
+    x = torch.randn(500, 64, dtype=dtype)  # 500 (64 + 96) > 64 x 96: the folded path
+    with torch.no_grad():
+        got = model(x)
+        lorafit.merge(model)
+        merged = model(x)
+        lorafit.unmerge(model)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), merged.float(), atol=4 * eps, rtol=4 * eps)
+    with torch.no_grad():
+        few = x[:3]  # below the threshold: the low-rank path, to bf16 rounding
+        torch.testing.assert_close(model(few).double(), _reference(model[0], few.double(), {},
+                                   {n: (model[0].lora_A[n].double(), model[0].lora_B[n].double()) for n in ["a"]}),
+                                   atol=0.05, rtol=0.05)
+
+
 def test_base_weight_gradients_when_base_is_trainable():
     model = _layer(nn.Linear(8, 6), [("a", 2)], torch.float64)
     for p in model.parameters():

@@ -24,8 +24,10 @@ runs, by shape: forward folds when N > d_in, backward when N > d_out, and
 inference without gradients when N (d_in + d_out) > d_in d_out. Where both
 passes fold, backward reuses forward's folded weight. Training folds on the
 CPU only: on a GPU the passes are cheap and a weight-sized buffer kept for
-backward is not. Folding is only used in float32/float64 with adapters of the
+backward is not. Training folds only in float32/float64 with adapters of the
 weight's dtype: in bf16 or fp16 a small s B A would be rounded away against W.
+Inference folds in any dtype (see ``_infer``): there the folded weight is the
+merged one.
 
 ``lorafit::lora_linear_forward`` and ``lorafit::lora_linear_backward`` are
 registered with ``torch.library`` (typed arguments, fake implementations), so
@@ -315,13 +317,17 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def _infer(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, adapters: Sequence[LowRank]) -> Tensor:
-    """No gradients, no dropout: fold into a temporary weight when that is cheaper, else add into the output."""
+    """No gradients, no dropout: fold into a temporary weight when that is cheaper, else add into the output.
+
+    Here a bf16/fp16 weight folds too: W + s B A from one GEMM that accumulates in float32 is what ``merge``
+    puts into the weight (to its last bit), so the output is the merged model's, and what a small s B A loses
+    to rounding is what merging loses. Training never folds in 16 bits."""
     d_in = x.shape[-1]
     d_out = _d_out(weight, transposed)
     x2 = x.reshape(-1, d_in)
     a = [ad.a for ad in adapters]
     b = [ad.b for ad in adapters]
-    if x2.shape[0] * (d_in + d_out) > d_in * d_out and _can_fold(weight, a + b):
+    if x2.shape[0] * (d_in + d_out) > d_in * d_out and all(f.dtype == weight.dtype for f in a + b):
         y = _base_linear(x2, _folded(weight, transposed, a, b, [ad.scale for ad in adapters]), bias, transposed)
     else:
         y = _base_linear(x2, weight, bias, transposed)
