@@ -1,5 +1,7 @@
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,36 @@ def test_plain_export_needs_a_pissa_adapter(tmp_path):
     _, model, _ = _trained(tmp_path)
     with pytest.raises(ValueError, match="as_plain_lora is for PiSSA/OLoRA adapters"):
         lorafit.save_adapter(model, tmp_path / "x", as_plain_lora=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, value):
+    base, _, path = _trained(tmp_path)
+    key = "base_model.model.mlp.0.lora_B.weight"
+    _rewrite(path, lambda t: t[key].view(-1).__setitem__(3, value))
+    untouched = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"tensors \['{key}'\] hold NaN or infinite values.*allow_non_finite=True"):
+        lorafit.load_adapter(base, path)
+    assert str(base) == str(untouched) and lorafit.adapter_configs(base) == {}
+    loaded = lorafit.load_adapter(base, path, allow_non_finite=True)
+    assert not torch.isfinite(lorafit.adapter_state_dict(loaded)[key]).all()
+
+
+def test_files_rewritten_after_reading_cannot_crash_the_process(tmp_path):
+    """The tensors read are in memory, not a map of the file: truncating the file afterwards (a `cp`
+    over it) does not kill the process with SIGBUS when they are used."""
+    _, _, path = _trained(tmp_path)
+    script = (f"import os, lorafit\nconfig, tensors = lorafit.read_adapter({str(path)!r})\n"
+              f"os.truncate({str(path / WEIGHTS_NAME)!r}, 0)\nprint(sum(float(t.sum()) for t in tensors.values()))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_adapter_in_memory_loads_like_its_directory(tmp_path):
+    base, model, path = _trained(tmp_path, modules_to_save=["classifier"])
+    config, tensors = lorafit.parse_adapter(*lorafit.read_adapter_files(path))
+    loaded = lorafit.load_adapter_state(copy.deepcopy(base), config, tensors, "mine")
+    inputs = mixed_inputs()
+    torch.testing.assert_close(loaded(*inputs), model(*inputs), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="somewhere/adapter_model.safetensors is not a readable safetensors"):
+        lorafit.parse_adapter(b"{}", b"garbage", source="somewhere")

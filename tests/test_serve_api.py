@@ -300,3 +300,146 @@ def test_real_server_and_graceful_shutdown(dirs):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_non_finite_numbers_are_422_not_500(cls_client, gen_client):
+    for client, path, body in [(cls_client, "/v1/classify", b'{"texts": [NaN]}'),
+                               (gen_client, "/v1/generate", b'{"prompt": "hi", "temperature": Infinity}'),
+                               (gen_client, "/v1/generate", b'{"prompt": "hi", "top_p": -Infinity}')]:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["type"] == "json_invalid" and "not a JSON number" in r.text
+
+
+def test_token_needs_the_bearer_scheme(cls_client):
+    assert cls_client.post("/v1/adapters", json={"name": "c.3"}, headers={"Authorization": TOKEN}).status_code == 401
+    r = cls_client.post("/v1/adapters", json={"name": "c.3"}, headers={"Authorization": f"bearer {TOKEN}"})
+    assert r.status_code == 200
+
+
+def test_metrics_label_only_known_methods_and_count_413(cls_client):
+    for i in range(5):
+        cls_client.request(f"X{i}" * 100, "/health")
+    cls_client.post("/v1/classify", json={"texts": ["a" * 5000]})  # max_body_bytes=4096
+    text = cls_client.get("/metrics").text
+    assert "X0" not in text and 'method="other",route="/health",status="405"} 5' in text
+    assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="413"} 1' in text
+
+
+def test_errors_name_no_server_paths(cls_client):
+    bad = cls_client.adapters / "broken"
+    shutil.copytree(cls_client.adapters / "c.3", bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    for r in (cls_client.post("/v1/classify", json={"texts": ["a"], "adapter": "broken"}),
+              cls_client.post("/v1/adapters", json={"name": "nope"}, headers=AUTH)):
+        assert r.status_code in (400, 404) and str(cls_client.adapters) not in r.text
+
+
+def test_full_queue_is_503_with_retry_after(dirs, tmp_path):
+    _, bert, _ = dirs
+    (tmp_path / "none").mkdir()
+    service = build_service(str(bert), tmp_path / "none", limits=Limits(max_queue=2, max_wait_ms=300))
+    with TestClient(create_app(service)) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: client.post("/v1/classify", json={"texts": ["a", "b"]}), range(4)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes[0] == 200 and codes[-1] == 503, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+
+
+def test_request_timeout_is_503_and_the_job_never_runs(dirs, tmp_path):
+    _, bert, _ = dirs
+    (tmp_path / "none").mkdir()
+    service = build_service(str(bert), tmp_path / "none", limits=Limits(request_timeout_s=0.2, max_wait_ms=1500))
+    with TestClient(create_app(service)) as client:
+        start = time.monotonic()
+        r = client.post("/v1/classify", json={"texts": ["fun"]})
+        assert r.status_code == 503 and "within 0.2 s" in r.json()["detail"] and time.monotonic() - start < 1.2
+        time.sleep(1.5)
+        assert "lorafit_batch_rows_count 0" in client.get("/metrics").text  # the worker skipped it
+
+
+def test_texts_are_cut_before_tokenizing(dirs):
+    """A megabyte of text costs what a page does: the tokenizer sees at most 16 characters per token
+    kept, and the result is the same as for the whole text."""
+    from lorafit.serve.engine import CHARS_PER_TOKEN, Job, classify_batch
+
+    _, bert, _ = dirs
+    model, tok = sm.load(bert), sm.tokenizer(causal=False)
+    seen = []
+
+    def recording(texts, **kw):
+        seen.extend(len(t) for t in texts)
+        return tok(texts, **kw)
+
+    text = "great fun but the plot was boring " * 30_000  # ~1 MB
+    lock = threading.Lock()
+    cut = classify_batch(model, recording, lock, 8, [Job(rows=1, payload=[text], entry=None)])
+    whole = classify_batch(model, tok, lock, 8, [Job(rows=1, payload=[text], entry=None)])
+    assert max(seen) == 8 * CHARS_PER_TOKEN and cut == whole
+
+
+def test_prompt_far_over_the_limit_is_refused_before_tokenizing(gen_client):
+    r = gen_client.post("/v1/generate", json={"prompt": "hello " * 50_000})
+    assert r.status_code == 422 and "characters" in r.json()["detail"][0]["msg"]
+
+
+def test_stream_never_splits_a_character(gen_client, monkeypatch):
+    """A byte-level tokenizer decodes the first bytes of a multi-byte character as U+FFFD: such a piece
+    is held back until the character is complete, so every delta is whole text."""
+    text = "hé 世界🙂!".encode()
+    monkeypatch.setattr(gen_client.service.tokenizer, "decode",
+                        lambda ids, **kw: text[:len(ids)].decode("utf-8", errors="replace"))
+    body = {"prompt": "hello", "max_new_tokens": 16, "temperature": 1.0, "seed": 1}
+    with gen_client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+        events = [e for e in r.read().decode().split("\n\n") if e.strip()]
+    deltas = [json.loads(e.removeprefix("data: "))["delta"] for e in events if e.startswith("data: ")]
+    done = json.loads(events[-1].split("data: ", 1)[1])
+    # a generation that stops inside a character ends with U+FFFD, as its final text does
+    assert "\ufffd" not in "".join(deltas).rstrip("\ufffd") and len(deltas) > 3
+    assert "".join(deltas) == done["text"] == text[:done["tokens"]].decode("utf-8", "replace")
+
+
+def test_serve_accepts_the_built_in_model_names_of_train(dirs, monkeypatch):
+    """`--model smollm2-135m` goes through the model names of `lorafit train` (here resolved to the tiny
+    llama, so that the test needs no download)."""
+    from lorafit.serve.engine import load_model
+    from lorafit.train import models
+
+    _, _, llama = dirs
+    asked = []
+
+    def resolve(name):
+        asked.append(name)
+        return models.ModelSource(str(llama), builtin=name)
+
+    monkeypatch.setattr(models, "resolve_model", resolve)
+    _, _, task = load_model("smollm2-135m")
+    assert asked == ["smollm2-135m"] and task == "generate"
+
+
+def test_a_stream_whose_client_left_stops_generating(gen_client, monkeypatch):
+    """Closing the event stream (what the server does when its client disconnects) cancels the
+    generation: it stops at its next token instead of running to max_new_tokens."""
+    import asyncio
+
+    from lorafit.serve.app import _events
+    from lorafit.serve.engine import GenerateRequest, Job
+
+    service = gen_client.service
+    decode = service.tokenizer.decode
+    monkeypatch.setattr(service.tokenizer, "decode", lambda ids, **kw: time.sleep(0.05) or decode(ids, **kw))
+    req = GenerateRequest(ids=[2, 10, 11], max_new_tokens=16, temperature=1.0, top_p=1.0, seed=3,
+                          stop_ids=frozenset())
+    job = Job(rows=1, payload=req, entry=None)
+
+    async def first_event_then_leave():
+        events = _events(service, None, job)
+        first = await anext(events)
+        await events.aclose()
+        return first
+
+    assert asyncio.run(first_event_then_leave()).startswith("data: ")
+    result = job.future.result(timeout=30)
+    assert result["finish_reason"] == "cancelled" and result["tokens"] < 16
+    assert "lorafit_streams_cancelled_total 1" in gen_client.get("/metrics").text

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -246,3 +247,166 @@ def test_heads_of_different_sizes_share_the_server_not_a_batch(bert, tmp_path):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         assert set(rows[0]["probabilities"]) == ({"neg", "pos"} if name == "two" else
                                                  {f"LABEL_{i}" for i in range(got.shape[1])})
+
+
+def _write_in_place(path, data, how):
+    """Rewrite ``path`` keeping its inode, as `cp` does: truncate then write in pieces, only truncate,
+    or overwrite the start without truncating."""
+    if how == "truncate":
+        os.truncate(path, len(data) // 3)
+        return
+    with open(path, "r+b" if how == "partial" else "wb") as fh:
+        for i in range(0, len(data) // 2 if how == "partial" else len(data), 997):
+            fh.write(data[i:i + 997])
+            fh.flush()
+
+
+def test_files_rewritten_in_place_under_requests(bert, tmp_path):
+    """One thread rewrites a's files in place (copy, truncate, partial write) between the contents of
+    a (r=2) and b (r=3) while others run forwards: no crash and no error; every output is a's or b's;
+    once writing stops the last written version is served."""
+    reg, local = _registry(bert, tmp_path)
+    ids = torch.randint(4, 30, (1, 5))
+    contents = {n: {f: (local / n / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+                for n in "ab"}
+    reference = {}
+    for name in "ab":
+        entry = reg.acquire(name)
+        reference[name] = _logits(reg, entry, ids)
+        reg.release(entry)
+    reg.unload("b")
+    errors, seen = [], {"a": 0, "b": 0}
+    stop = threading.Event()
+
+    def requests():
+        try:
+            while not stop.is_set():
+                entry = reg.acquire("a")
+                try:
+                    out = _logits(reg, entry, ids)
+                finally:
+                    reg.release(entry)
+                match = [n for n in "ab" if torch.allclose(out, reference[n], atol=1e-5, rtol=1e-5)]
+                assert match, "an output that is neither a's nor b's"
+                seen[match[0]] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=requests) for _ in range(4)]
+    for t in threads:
+        t.start()
+    rnd = random.Random(0)
+    last = "a"
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        last = rnd.choice("ab")
+        how = rnd.choice(["copy", "truncate", "partial"])
+        for f, data in contents[last].items():
+            _write_in_place(local / "a" / f, data, how)
+        if how != "copy":  # finish the copy, as the next `cp` would
+            for f, data in contents[last].items():
+                _write_in_place(local / "a" / f, data, "copy")
+        time.sleep(rnd.random() * 0.01)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:3]
+    assert seen["a"] + seen["b"] > 20 and reg.stats["load_failures"] > 0
+    entry = reg.acquire("a")
+    torch.testing.assert_close(_logits(reg, entry, ids), reference[last], atol=1e-5, rtol=1e-5)
+    reg.release(entry)
+
+
+def test_a_version_is_hashed_and_parsed_from_the_same_bytes(bert, tmp_path, monkeypatch):
+    """Files replaced right after they were read: the version loaded is the bytes read (with their
+    hash), and the next change check loads the new files instead of keeping the old weights."""
+    reg, local = _registry(bert, tmp_path)
+    ids = torch.randint(4, 30, (1, 5))
+    expected_b = _logits(reg, reg.acquire("b"), ids)
+    read = lorafit.read_adapter_files
+
+    def read_then_replace(path):
+        files = read(path)
+        if path.name == "a":
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy(local / "b" / f, local / "a" / f)
+        return files
+
+    monkeypatch.setattr(lorafit, "read_adapter_files", read_then_replace)
+    first = reg.acquire("a")
+    reg.release(first)
+    monkeypatch.undo()
+    model = sm.load(bert[0])
+    lorafit.load_adapter(model, bert[1] / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(reg, first, ids), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    second = reg.acquire("a")
+    assert second is not first and second.digest != first.digest
+    torch.testing.assert_close(_logits(reg, second, ids), expected_b, atol=1e-5, rtol=1e-5)
+    assert reg.load("a") is second  # an explicit reload finds nothing new
+
+
+def test_failed_reload_keeps_the_last_good_version(bert, tmp_path, caplog):
+    reg, local = _registry(bert, tmp_path)
+    ids = torch.randint(4, 30, (1, 5))
+    first = reg.acquire("a")
+    reg.release(first)
+    weights = local / "a" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a copy in progress
+    with caplog.at_level("WARNING", logger="lorafit.serve"):
+        assert reg.acquire("a") is first
+    reg.release(first)
+    assert reg.stats["load_failures"] == 1 and "safetensors" in caplog.text
+    with pytest.raises(BadAdapter, match="safetensors"):  # asked for explicitly: the failure is the answer
+        reg.load("a")
+    assert [e.name for e in reg.loaded()] == ["a"] and first.internal in _attached(reg)
+    shutil.copy(local / "b" / "adapter_config.json", local / "a" / "adapter_config.json")
+    shutil.copy(local / "b" / "adapter_model.safetensors", weights)  # the copy has finished: retried
+    second = reg.acquire("a")
+    assert second is not first
+    torch.testing.assert_close(_logits(reg, second, ids), _logits(reg, reg.acquire("b"), ids))
+
+
+def test_labels_json_is_checked_and_part_of_the_change_check(bert, tmp_path):
+    model_dir, _ = bert
+    adapters = tmp_path / "adapters"
+    sm.make_adapter(model_dir, adapters / "two", seed=1, num_labels=2, labels=["neg", "pos"])
+    reg = AdapterRegistry(sm.load(model_dir), adapters)
+    first = reg.acquire("two")
+    assert first.labels == ["neg", "pos"]
+    reg.release(first)
+    (adapters / "two" / "labels.json").write_text('["negative", "positive"]')
+    second = reg.acquire("two")
+    assert second is not first and second.labels == ["negative", "positive"]
+    reg.release(second)
+    reg.unload("two")
+    (adapters / "two" / "labels.json").write_text('["a", "b", "c"]')  # the head has 2 outputs
+    with pytest.raises(BadAdapter, match="labels.json names 3 classes but the classifier head has 2"):
+        reg.acquire("two")
+    assert not _attached(reg)
+
+
+def test_a_failed_load_does_not_pin(bert, tmp_path):
+    reg, local = _registry(bert, tmp_path)
+    weights = local / "a" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"broken")
+    with pytest.raises(BadAdapter):
+        reg.load("a", pin=True)
+    weights.write_bytes(good)
+    entry = reg.acquire("a")
+    assert not entry.pinned and not reg.describe()[0]["pinned"]
+
+
+def test_errors_name_no_server_paths(bert, tmp_path):
+    reg, local = _registry(bert, tmp_path)
+    (local / "a" / "adapter_model.safetensors").unlink()
+    (local / "b" / "adapter_model.safetensors").write_bytes(b"broken")
+    for name in "ab":
+        with pytest.raises(BadAdapter) as info:
+            reg.acquire(name)
+        assert str(tmp_path) not in str(info.value) and f"{name}/adapter_model.safetensors" in str(info.value)
+    with pytest.raises(AdapterNotFound) as info:
+        reg.acquire("nope")
+    assert str(tmp_path) not in str(info.value)

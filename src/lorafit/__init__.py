@@ -9,7 +9,17 @@
 from lorafit.arithmetic import combine_adapters
 from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
-from lorafit.io import adapter_files, adapter_state_dict, load_adapter, read_adapter, save_adapter, write_adapter
+from lorafit.io import (
+    adapter_files,
+    adapter_state_dict,
+    load_adapter,
+    load_adapter_state,
+    parse_adapter,
+    read_adapter,
+    read_adapter_files,
+    save_adapter,
+    write_adapter,
+)
 from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
 from lorafit.model import (
     ParameterReport,
@@ -37,18 +47,21 @@ __all__ = [
     "active_adapters",
     "adapter_configs",
     "adapter_files",
-    "adapter_per_row",
     "adapter_parameters",
+    "adapter_per_row",
     "adapter_state_dict",
     "attach",
     "combine_adapters",
     "detach",
     "disabled",
     "load_adapter",
+    "load_adapter_state",
     "merge",
     "merge_and_unload",
     "merged_adapters",
+    "parse_adapter",
     "read_adapter",
+    "read_adapter_files",
     "save_adapter",
     "set_active",
     "trainable_parameters",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from lorafit.config import LoraConfig
@@ -147,15 +148,19 @@ def atomic_write(target: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory without touching any model."""
+def read_adapter_files(directory: str | os.PathLike) -> tuple[bytes, bytes]:
+    """The bytes of an adapter directory's config and weights files, for ``parse_adapter``.
+
+    Read once into memory, never memory-mapped: a mapped file that another process
+    rewrites in place can kill this one (SIGBUS), and a hash of these bytes describes
+    exactly the weights parsed from them.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = LoraConfig.load(config_path)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
@@ -166,11 +171,27 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
                 "(e.g. load it with PEFT and save_pretrained(..., safe_serialization=True))"
             )
         raise FileNotFoundError(f"{weights_path} is missing")
+    return config_path.read_bytes(), weights_path.read_bytes()
+
+
+def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
+                  ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an adapter from its files' bytes; ``source`` (its directory) names it in errors."""
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {exc}") from None
+        data = json.loads(config_json)
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise ValueError(f"{source}/{CONFIG_NAME}: not valid JSON ({exc})") from None
+    config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
+    try:
+        tensors = tensors_from_bytes(weights)
+    except (SafetensorError, ValueError) as exc:
+        raise ValueError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
     return config, tensors
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model."""
+    return parse_adapter(*read_adapter_files(directory), source=str(directory))
 
 
 def load_adapter(
@@ -180,6 +201,7 @@ def load_adapter(
     *,
     trainable: bool = False,
     activate: bool = True,
+    allow_non_finite: bool = False,
 ) -> nn.Module:
     """Attach the adapter stored in ``directory`` to ``model`` as ``name`` and load its weights.
 
@@ -189,21 +211,42 @@ def load_adapter(
     ``ValueError`` names the tensors and the model is left as it was. A linear
     ``modules_to_save`` head may have another number of outputs than the model's
     (a classifier for another label set): the adapter gets a head of the saved size.
+    Tensors holding NaN or infinity are refused unless ``allow_non_finite=True``.
     """
     config, tensors = read_adapter(directory)
+    return load_adapter_state(model, config, tensors, name, trainable=trainable, activate=activate,
+                              allow_non_finite=allow_non_finite, source=str(Path(directory) / WEIGHTS_NAME))
+
+
+def load_adapter_state(
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    activate: bool = True,
+    allow_non_finite: bool = False,
+    source: str = "adapter",
+) -> nn.Module:
+    """``load_adapter`` for an adapter already in memory (``parse_adapter``): the same checks, and
+    the model is left as it was on error. ``source`` names the adapter in errors."""
     attach(model, config, name, activate=activate, trainable=trainable, initialize=False)
     try:
         _fit_head_sizes(model, name, tensors, trainable)
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
-        path = Path(directory) / WEIGHTS_NAME
-        tensors = _without_base_copies(path, model, expected, tensors)
-        _check_tensors(path, expected, tensors)
+        tensors = _without_base_copies(source, model, expected, tensors)
+        _check_tensors(source, expected, tensors)
+        non_finite = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
+        if non_finite and not allow_non_finite:
+            raise ValueError(f"{source}: tensors {_few(sorted(non_finite))} hold NaN or infinite values "
+                             "(a diverged training run?); allow_non_finite=True loads them anyway")
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(tensors[key])
     except BaseException:
         detach(model, name)
         raise
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key])
     return model
 
 
@@ -230,7 +273,7 @@ def _fit_head_sizes(model: nn.Module, name: str, tensors: dict[str, torch.Tensor
 
 
 def _without_base_copies(
-    path: Path, model: nn.Module, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]
+    source: str, model: nn.Module, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``found`` without the copies of existing weights that PEFT saves beside an adapter.
 
@@ -265,11 +308,11 @@ def _without_base_copies(
             problems.append(f"tensor {key!r}, a copy of {source!r}, holds other values than the model; lorafit "
                             "does not overwrite base weights, so load the base model the adapter was trained on")
     if problems:
-        raise ValueError(f"{path} does not fit this model (is it for another base model?): " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit this model (is it for another base model?): " + "; ".join(problems))
     return kept
 
 
-def _check_tensors(path: Path, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]) -> None:
+def _check_tensors(source: str, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]) -> None:
     problems: list[str] = []
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
@@ -284,7 +327,7 @@ def _check_tensors(path: Path, expected: dict[str, nn.Parameter], found: dict[st
         elif not found[key].is_floating_point():
             problems.append(f"tensor {key!r} has dtype {found[key].dtype}; expected a floating-point tensor")
     if problems:
-        raise ValueError(f"{path} does not fit this model (is it for another base model?): " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit this model (is it for another base model?): " + "; ".join(problems))
 
 
 def _few(keys: list[str], limit: int = 5) -> str:

@@ -11,10 +11,10 @@
 
 Errors: 401 bad or missing token, 403 load/unload disabled (no token at start-up),
 404 unknown adapter, 400 corrupt adapter files, 413 body too large, 422 malformed
-JSON, wrong types or values over a limit (FastAPI's ``detail`` list names the field),
-503 shutting down.
+JSON (NaN and Infinity included), wrong types or values over a limit (FastAPI's
+``detail`` list names the field), 503 busy, timed out or shutting down (with
+``Retry-After`` when trying again can help).
 """
-
 
 import asyncio
 import contextlib
@@ -24,16 +24,26 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.routing import APIRoute
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.routing import Match
 
-from lorafit.serve.engine import Batcher, GenerateRequest, Job, classify_batch, generate_batch
+from lorafit.serve.engine import (
+    CHARS_PER_TOKEN,
+    Batcher,
+    GenerateRequest,
+    Job,
+    QueueFull,
+    classify_batch,
+    generate_batch,
+)
 from lorafit.serve.metrics import Metrics
-from lorafit.serve.registry import NAME, AdapterNotFound, AdapterRegistry, BadAdapter
+from lorafit.serve.registry import AdapterError, AdapterNotFound, AdapterRegistry, BadAdapter, BadName, check_name
 
-NAME_PATTERN = f"^{NAME.pattern}$"
+ADAPTER_ERROR_STATUS = {AdapterNotFound: 404, BadAdapter: 400, BadName: 422}
 
 
 @dataclass
@@ -45,6 +55,8 @@ class Limits:
     max_new_tokens: int = 256
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    max_queue: int = 1024  # rows waiting for a batch; beyond them requests get 503
+    request_timeout_s: float = 120.0  # from queueing to the last token
 
 
 class Service:
@@ -65,16 +77,40 @@ class Service:
             def run(jobs):
                 return generate_batch(model, tokenizer, lock, jobs)
         self.batcher = Batcher(run, registry, max_batch=self.limits.max_batch,
-                               max_wait=self.limits.max_wait_ms / 1000, on_batch=self.metrics.observe_batch)
+                               max_wait=self.limits.max_wait_ms / 1000, max_queue=self.limits.max_queue,
+                               on_batch=self.metrics.observe_batch)
         self.started = time.time()
 
     def close(self) -> None:
         self.batcher.close()
 
+    async def acquire(self, name: str | None):
+        return None if name is None else await run_in_threadpool(self.registry.acquire, name)
+
+    async def run(self, job: Job):
+        """``job``'s result, once its batch has run; 503 if the queue is full, shutting down or too slow."""
+        try:
+            future = self.batcher.submit(job)
+        except RuntimeError as exc:
+            if job.entry is not None:
+                self.registry.release(job.entry)
+            headers = {"Retry-After": "1"} if isinstance(exc, QueueFull) else None
+            raise HTTPException(503, str(exc), headers=headers) from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"the request did not finish within {self.limits.request_timeout_s:g} s",
+                                headers={"Retry-After": "5"}) from None
+        finally:
+            job.cancel()  # a no-op once done; else (timed out, client gone) the worker skips or stops it
+
+
+AdapterName = Annotated[str, AfterValidator(check_name)]
+
 
 class AdapterLoad(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=NAME_PATTERN, max_length=200)
+    name: AdapterName
     pin: bool | None = None
 
 
@@ -83,26 +119,192 @@ class Message(BaseModel):
     content: str
 
 
-def create_app(service: Service) -> FastAPI:
-    limits = service.limits
-    adapter_field = Field(default=None, pattern=NAME_PATTERN, max_length=200)
+class ClassifyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1)  # at most limits.max_texts
+    adapter: AdapterName | None = None
 
-    class ClassifyBody(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        texts: list[str] = Field(min_length=1, max_length=limits.max_texts)
-        adapter: str | None = adapter_field
 
-    class GenerateBody(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        prompt: str | None = None
-        messages: list[Message] | None = Field(default=None, min_length=1, max_length=256)
-        adapter: str | None = adapter_field
-        max_new_tokens: int = Field(default=min(64, limits.max_new_tokens), ge=0, le=limits.max_new_tokens)
-        temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
-        top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-        seed: int | None = Field(default=None, ge=0, lt=2**63)
-        stream: bool = False
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=256)
+    adapter: AdapterName | None = None
+    max_new_tokens: int | None = Field(default=None, ge=0)  # at most limits.max_new_tokens; None: up to 64
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stream: bool = False
 
+
+def _invalid(field: str, msg: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors."""
+    return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+
+
+class FiniteJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_constant=_refuse_constant)
+        return self._json
+
+
+def _refuse_constant(name: str):
+    # Python's json reads NaN and Infinity, JSON has neither: such a number would reach the model,
+    # or fail the rendering of the error response itself (a 500)
+    raise HTTPException(422, [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid",
+                               "ctx": {"error": f"{name} is not a JSON number; send finite numbers"}}])
+
+
+class FiniteJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def finite_json(request: Request):
+            return await handler(FiniteJSONRequest(request.scope, request.receive))
+
+        return finite_json
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(service_of)]
+router = APIRouter(route_class=FiniteJSONRoute)
+
+
+def require_token(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    if service.token is None:
+        raise HTTPException(403, "loading and unloading adapters is disabled: start the server with --token")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
+        raise HTTPException(401, "missing or wrong token (send 'Authorization: Bearer <token>')",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.get("/health")
+def health(service: ServiceDep):
+    return {"status": "ok", "task": service.task, "model": service.model_name,
+            "adapters_loaded": len(service.registry.loaded()), "uptime_s": round(time.time() - service.started, 1)}
+
+
+@router.get("/v1/adapters")
+def list_adapters(service: ServiceDep):
+    return {"adapters": service.registry.describe()}
+
+
+@router.post("/v1/adapters", dependencies=[Depends(require_token)])
+async def load_adapter(body: AdapterLoad, service: ServiceDep):
+    start = time.perf_counter()
+    entry = await run_in_threadpool(service.registry.load, body.name, pin=body.pin)
+    return {"name": entry.name, "rank": entry.rank, "size_bytes": entry.nbytes, "pinned": entry.pinned,
+            "sha256": entry.digest, "load_ms": round(1000 * (time.perf_counter() - start), 2)}
+
+
+@router.delete("/v1/adapters/{name}", dependencies=[Depends(require_token)])
+def unload_adapter(name: Annotated[str, Path(max_length=200)], service: ServiceDep):
+    if not service.registry.unload(name):
+        raise HTTPException(404, f"adapter {name!r} is not loaded")
+    return {"name": name, "unloaded": True}
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyBody, service: ServiceDep):
+    if service.task != "classify":
+        raise HTTPException(404, f"this server does {service.task}, not classification")
+    if len(body.texts) > service.limits.max_texts:
+        raise _invalid("texts", f"{len(body.texts)} texts; allowed up to {service.limits.max_texts}")
+    entry = await service.acquire(body.adapter)
+    results = await service.run(Job(rows=len(body.texts), payload=body.texts, entry=entry))
+    return {"adapter": body.adapter, "results": results}
+
+
+@router.post("/v1/generate")
+async def generate(body: GenerateBody, service: ServiceDep):
+    if service.task != "generate":
+        raise HTTPException(404, f"this server does {service.task}, not generation")
+    req = await _generate_request(service, body)
+    entry = await service.acquire(body.adapter)
+    if body.stream:
+        return StreamingResponse(_events(service, body.adapter, Job(rows=1, payload=req, entry=entry)),
+                                 media_type="text/event-stream")
+    result = await service.run(Job(rows=1, payload=req, entry=entry))
+    return {"adapter": body.adapter, **result}
+
+
+async def _generate_request(service: Service, body: GenerateBody) -> GenerateRequest:
+    limits, tokenizer = service.limits, service.tokenizer
+    field = "messages" if body.messages else "prompt"
+    if (body.prompt is None) == (body.messages is None):
+        raise _invalid("prompt", "give exactly one of prompt and messages")
+    max_new_tokens = min(64, limits.max_new_tokens) if body.max_new_tokens is None else body.max_new_tokens
+    if max_new_tokens > limits.max_new_tokens:
+        raise _invalid("max_new_tokens", f"{max_new_tokens}; allowed up to {limits.max_new_tokens}")
+    chars = len(body.prompt) if body.prompt is not None else sum(len(m.content) for m in body.messages)
+    if chars > limits.max_prompt_tokens * CHARS_PER_TOKEN:  # surely too many tokens: not worth tokenizing
+        raise _invalid(field, f"the prompt has {chars} characters; allowed up to "
+                              f"{limits.max_prompt_tokens * CHARS_PER_TOKEN} ({limits.max_prompt_tokens} tokens)")
+    ids = await run_in_threadpool(_prompt_ids, tokenizer, body.prompt, body.messages)  # off the event loop
+    if len(ids) > limits.max_prompt_tokens or not ids:
+        raise _invalid(field, f"the prompt has {len(ids)} tokens; allowed 1..{limits.max_prompt_tokens}")
+    stop = {t for t in [tokenizer.eos_token_id] if t is not None}
+    return GenerateRequest(ids=ids, max_new_tokens=max_new_tokens, temperature=body.temperature,
+                           top_p=body.top_p, seed=body.seed, stop_ids=frozenset(stop))
+
+
+async def _events(service: Service, adapter: str | None, job: Job):
+    """Server-sent events: a ``delta`` per new piece of text, then ``done`` (or ``error``). If the
+    client goes away, the generation stops at its next token."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def deliver(_row, text):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    job.on_token = deliver
+    task = asyncio.ensure_future(service.run(job))
+    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    sent = ""
+    try:
+        while (text := await queue.get()) is not None:
+            # the first bytes of a multi-byte character decode to U+FFFD until the token that completes it
+            # arrives: hold such a tail back, for a piece once sent cannot be taken back
+            ready = text.rstrip("\ufffd")
+            if len(ready) > len(sent) and ready.startswith(sent):
+                yield f"data: {json.dumps({'delta': ready[len(sent):]})}\n\n"
+                sent = ready
+        try:
+            result = task.result()
+        except HTTPException as exc:
+            yield f"event: error\ndata: {json.dumps({'status': exc.status_code, 'detail': exc.detail})}\n\n"
+            return
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            yield f"event: error\ndata: {json.dumps({'status': 500, 'detail': str(exc)})}\n\n"
+            return
+        if result["text"].startswith(sent) and len(result["text"]) > len(sent):
+            yield f"data: {json.dumps({'delta': result['text'][len(sent):]})}\n\n"
+        yield f"event: done\ndata: {json.dumps({'adapter': adapter, **result})}\n\n"
+    finally:
+        if not task.done():  # the client has gone
+            job.cancel()
+            service.metrics.observe_cancelled()
+
+
+@router.get("/metrics")
+def prometheus(service: ServiceDep):
+    return PlainTextResponse(service.metrics.render(service.registry, service.batcher.pending()),
+                             media_type="text/plain; version=0.0.4")
+
+
+async def adapter_error(_request, exc: AdapterError):
+    return JSONResponse({"detail": str(exc)}, status_code=ADAPTER_ERROR_STATUS[type(exc)])
+
+
+def create_app(service: Service) -> "Gate":
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
@@ -111,155 +313,10 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="lorafit serve", version="0.1.0", lifespan=lifespan)
     app.state.service = service
-    metrics = service.metrics
-    registry = service.registry
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.observe(request.method, _route(request), 500, time.perf_counter() - start)
-            raise
-        metrics.observe(request.method, _route(request), response.status_code, time.perf_counter() - start)
-        return response
-
-    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        if service.token is None:
-            raise HTTPException(403, "loading and unloading adapters is disabled: start the server with --token")
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), service.token.encode()):
-            raise HTTPException(401, "missing or wrong token (send 'Authorization: Bearer <token>')",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    async def acquire(name: str | None):
-        if name is None:
-            return None
-        try:
-            return await run_in_threadpool(registry.acquire, name)
-        except AdapterNotFound as exc:
-            raise HTTPException(404, str(exc.args[0])) from None
-        except BadAdapter as exc:
-            raise HTTPException(400, str(exc)) from None
-        except ValueError as exc:
-            raise HTTPException(422, [{"loc": ["body", "adapter"], "msg": str(exc), "type": "value_error"}]) from None
-
-    async def run(job: Job):
-        try:
-            future = service.batcher.submit(job)
-        except RuntimeError as exc:
-            if job.entry is not None:
-                registry.release(job.entry)
-            raise HTTPException(503, str(exc)) from None
-        return await asyncio.wrap_future(future)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "task": service.task, "model": service.model_name,
-                "adapters_loaded": len(registry.loaded()), "uptime_s": round(time.time() - service.started, 1)}
-
-    @app.get("/v1/adapters")
-    def list_adapters():
-        return {"adapters": registry.describe()}
-
-    @app.post("/v1/adapters", dependencies=[Depends(require_token)])
-    async def load_adapter(body: AdapterLoad):
-        start = time.perf_counter()
-        try:
-            entry = await run_in_threadpool(registry.load, body.name, pin=body.pin)
-        except AdapterNotFound as exc:
-            raise HTTPException(404, str(exc.args[0])) from None
-        except BadAdapter as exc:
-            raise HTTPException(400, str(exc)) from None
-        except ValueError as exc:
-            raise HTTPException(422, [{"loc": ["body", "name"], "msg": str(exc), "type": "value_error"}]) from None
-        return {"name": entry.name, "rank": entry.rank, "size_bytes": entry.nbytes, "pinned": entry.pinned,
-                "sha256": entry.digest, "load_ms": round(1000 * (time.perf_counter() - start), 2)}
-
-    @app.delete("/v1/adapters/{name}", dependencies=[Depends(require_token)])
-    def unload_adapter(name: Annotated[str, Path(pattern=NAME_PATTERN, max_length=200)]):
-        try:
-            unloaded = registry.unload(name)
-        except ValueError as exc:
-            raise HTTPException(422, [{"loc": ["path", "name"], "msg": str(exc), "type": "value_error"}]) from None
-        if not unloaded:
-            raise HTTPException(404, f"adapter {name!r} is not loaded")
-        return {"name": name, "unloaded": True}
-
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyBody):
-        if service.task != "classify":
-            raise HTTPException(404, f"this server does {service.task}, not classification")
-        entry = await acquire(body.adapter)
-        results = await run(Job(rows=len(body.texts), payload=body.texts, entry=entry))
-        return {"adapter": body.adapter, "results": results}
-
-    @app.post("/v1/generate")
-    async def generate(body: GenerateBody):
-        if service.task != "generate":
-            raise HTTPException(404, f"this server does {service.task}, not generation")
-        if (body.prompt is None) == (body.messages is None):
-            raise HTTPException(422, [{"loc": ["body", "prompt"], "msg": "give exactly one of prompt and messages",
-                                       "type": "value_error"}])
-        ids = _prompt_ids(service.tokenizer, body.prompt, body.messages)
-        if len(ids) > limits.max_prompt_tokens or not ids:
-            raise HTTPException(422, [{"loc": ["body", "messages" if body.messages else "prompt"],
-                                       "msg": f"the prompt has {len(ids)} tokens; allowed 1..{limits.max_prompt_tokens}",
-                                       "type": "value_error"}])
-        stop = {t for t in [service.tokenizer.eos_token_id] if t is not None}
-        req = GenerateRequest(ids=ids, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-                              top_p=body.top_p, seed=body.seed, stop_ids=frozenset(stop))
-        entry = await acquire(body.adapter)
-        if not body.stream:
-            result = await run(Job(rows=1, payload=req, entry=entry))
-            return {"adapter": body.adapter, **result}
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        sent = {"text": ""}
-
-        def on_token(_row: int, text: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, text)
-
-        job = Job(rows=1, payload=req, entry=entry, on_token=on_token)
-        task = asyncio.ensure_future(run(job))
-        task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
-
-        async def events():
-            while True:
-                text = await queue.get()
-                if text is None:
-                    break
-                delta, sent["text"] = text[len(sent["text"]):], text
-                yield f"data: {json.dumps({'delta': delta})}\n\n"
-            try:
-                result = task.result()
-            except HTTPException as exc:
-                yield f"event: error\ndata: {json.dumps({'status': exc.status_code, 'detail': exc.detail})}\n\n"
-                return
-            except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-                yield f"event: error\ndata: {json.dumps({'status': 500, 'detail': str(exc)})}\n\n"
-                return
-            yield f"event: done\ndata: {json.dumps({'adapter': body.adapter, **result})}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.get("/metrics")
-    def prometheus():
-        return PlainTextResponse(metrics.render(registry, service.batcher.pending()),
-                                 media_type="text/plain; version=0.0.4")
-
-    @app.exception_handler(BadAdapter)
-    async def bad_adapter(_request, exc: BadAdapter):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    return BodyLimit(app, limits.max_body_bytes)
-
-
-def _route(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    app.include_router(router)
+    for error in ADAPTER_ERROR_STATUS:
+        app.add_exception_handler(error, adapter_error)
+    return Gate(app, service.limits.max_body_bytes, service.metrics)
 
 
 def _prompt_ids(tokenizer, prompt: str | None, messages: list[Message] | None) -> list[int]:
@@ -272,16 +329,31 @@ def _prompt_ids(tokenizer, prompt: str | None, messages: list[Message] | None) -
     return tokenizer(prompt, add_special_tokens=messages is None)["input_ids"]
 
 
-class BodyLimit:
-    """ASGI wrapper: a request body over ``limit`` bytes gets 413 before the app reads it."""
+class Gate:
+    """ASGI wrapper: a request body over ``limit`` bytes gets 413 before the app reads it, and every
+    response, 413s included, is counted in ``metrics`` by method, route and status."""
 
-    def __init__(self, app: FastAPI, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: FastAPI, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # 500 unless a response starts
+
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, counted_send)
+        finally:
+            self.metrics.observe(scope["method"], self._route(scope), status, time.perf_counter() - start)
+
+    async def _limited(self, scope, receive, send):
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
@@ -307,9 +379,14 @@ class BodyLimit:
 
         return await self.app(scope, replayed, send)
 
+    def _route(self, scope) -> str:
+        route = scope.get("route")  # set by the router; not for a request refused before it
+        if route is None:
+            route = next((r for r in router.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
+
     async def _reject(self, send):
         body = json.dumps({"detail": f"request body is larger than {self.limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-

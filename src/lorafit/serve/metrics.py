@@ -6,6 +6,8 @@ import threading
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# a label per value a client can choose would let clients add series without end
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Histogram:
@@ -37,16 +39,22 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.batch_rows = Histogram(BATCH_BUCKETS)
+        self.cancelled = 0
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """``route`` is a route's template (or "unmatched"), never a raw path."""
         with self._lock:
-            key = (method, route, status)
+            key = (method if method in METHODS else "other", route, status)
             self.requests[key] = self.requests.get(key, 0) + 1
             self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def observe_batch(self, rows: int) -> None:
         with self._lock:
             self.batch_rows.observe(rows)
+
+    def observe_cancelled(self) -> None:
+        with self._lock:
+            self.cancelled += 1
 
     def render(self, registry, pending: int) -> str:
         with self._lock:
@@ -59,6 +67,8 @@ class Metrics:
                 lines += hist.lines("lorafit_request_seconds", f'route="{route}"')
             lines += ["# HELP lorafit_batch_rows Rows per batched forward.", "# TYPE lorafit_batch_rows histogram"]
             lines += self.batch_rows.lines("lorafit_batch_rows")
+            lines += ["# HELP lorafit_streams_cancelled_total Streams whose client left before the end.",
+                      "# TYPE lorafit_streams_cancelled_total counter", f"lorafit_streams_cancelled_total {self.cancelled}"]
         loaded = registry.loaded()
         stats = dict(registry.stats)
         lines += ["# HELP lorafit_adapters_loaded Adapters in memory.", "# TYPE lorafit_adapters_loaded gauge",
@@ -67,6 +77,6 @@ class Metrics:
                   "# TYPE lorafit_adapter_bytes gauge", f"lorafit_adapter_bytes {sum(e.nbytes for e in loaded)}",
                   "# HELP lorafit_queue_jobs Requests waiting for a batch.", "# TYPE lorafit_queue_jobs gauge",
                   f"lorafit_queue_jobs {pending}"]
-        for key in ("loads", "reloads", "evictions", "unloads"):
+        for key in ("loads", "reloads", "evictions", "unloads", "load_failures"):
             lines += [f"# TYPE lorafit_adapter_{key}_total counter", f"lorafit_adapter_{key}_total {stats[key]}"]
         return "\n".join(lines) + "\n"

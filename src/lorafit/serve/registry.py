@@ -12,8 +12,13 @@ Every subdirectory ``DIR/<name>`` holding a PEFT adapter is adapter ``name``.
   model lock, which is what requests for other adapters can wait for.
 - Least recently used adapters are evicted above ``max_adapters`` or
   ``max_bytes``; pinned adapters never are.
-- On acquire, a changed ``(size, mtime)`` of the files triggers a content hash
-  (SHA-256); a different hash reloads the adapter.
+- Each load reads the adapter's files once into memory and hashes and parses those
+  same bytes, so a version's hash always describes its weights, and a file rewritten
+  in place meanwhile cannot crash the process (no memory map).
+- On acquire, a changed ``(size, mtime, inode)`` of the files (``labels.json``
+  included) triggers a content hash (SHA-256); a different hash reloads the adapter.
+  If the new files do not load (a copy still in progress), requests keep the last
+  good version; the failure is logged and counted, and the next change tries again.
 - A classifier head (linear ``modules_to_save`` copy) gets the number of outputs
   stored in the file, so adapters for 2 and 4 classes share one base model;
   ``Entry.head`` records such differences from the base model's modules, and only
@@ -24,6 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import logging
+import os
 import re
 import threading
 import time
@@ -31,28 +39,44 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 import lorafit
 from lorafit.batched import param_shapes
-from lorafit.io import CONFIG_NAME, WEIGHTS_NAME, _check_tensors, _fit_head_sizes, _without_base_copies, peft_key
+from lorafit.io import CONFIG_NAME, WEIGHTS_NAME
 from lorafit.model import saved_modules
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
+LABELS_NAME = "labels.json"
+FILES = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME)
+# File times come from a coarse clock (milliseconds; seconds on some file systems): a write in the
+# same tick as a look leaves them unchanged. Files changed this recently are compared by content.
+SETTLE_NS = 2_000_000_000
+log = logging.getLogger("lorafit.serve")
 
 
-class AdapterNotFound(KeyError):
+class AdapterError(Exception):
+    """A request for an adapter that cannot be served; the HTTP layer maps each kind to a status."""
+
+
+class AdapterNotFound(AdapterError, KeyError):
     """No such adapter in the adapter directory (HTTP 404)."""
 
+    def __str__(self) -> str:
+        return str(self.args[0])  # not KeyError's repr
 
-class BadAdapter(ValueError):
+
+class BadAdapter(AdapterError, ValueError):
     """The adapter's files are unreadable or do not fit the base model (HTTP 400)."""
+
+
+class BadName(AdapterError, ValueError):
+    """Not a valid adapter name, or one that leads out of the adapter directory (HTTP 422)."""
 
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", "..") or len(name) > 200:
-        raise ValueError(f"adapter names are 1-200 characters of [A-Za-z0-9._-] (not '.' or '..'), got {name!r}")
+        raise BadName(f"adapter names are 1-200 characters of [A-Za-z0-9._-] (not '.' or '..'), got {name!r}")
     return name
 
 
@@ -63,7 +87,7 @@ class Entry:
     name: str
     internal: str  # its name inside the model
     digest: str
-    signature: tuple
+    signature: tuple | None  # the files' state last looked at; None: compare by content next time
     rank: int
     nbytes: int
     labels: list[str] | None = None
@@ -84,11 +108,11 @@ class AdapterRegistry:
         self.model_lock = model_lock or threading.Lock()  # held by forwards and by attach + copy
         self._lock = threading.Lock()  # the tables below
         self._loaded: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
-        self._pinned: set[str] = set()
         self._loading: dict[str, threading.Lock] = {}
         self._counter = itertools.count(1)
         self.hits: dict[str, int] = {}
-        self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "unloads": 0, "load_seconds": 0.0}
+        self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "unloads": 0, "load_failures": 0,
+                      "load_seconds": 0.0}
 
     # -- paths -----------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -96,7 +120,7 @@ class AdapterRegistry:
         check_name(name)
         path = (self.root / name).resolve()
         if path.parent != self.root:
-            raise ValueError(f"adapter {name!r} resolves outside the adapter directory")
+            raise BadName(f"adapter {name!r} resolves outside the adapter directory")
         return path
 
     def available(self) -> list[str]:
@@ -105,20 +129,27 @@ class AdapterRegistry:
         return sorted(p.name for p in self.root.iterdir()
                       if NAME.fullmatch(p.name) and (p / CONFIG_NAME).is_file() and p.resolve().parent == self.root)
 
-    def _signature(self, path: Path) -> tuple:
-        try:
-            stats = [(path / f).stat() for f in (CONFIG_NAME, WEIGHTS_NAME)]
-        except FileNotFoundError:
-            return ()
-        return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats)
+    def _signature(self, path: Path) -> tuple | None:
+        """(size, mtime, inode) of each file (None if missing); None if one changed too recently to tell."""
+        now, signature = time.time_ns(), []
+        for f in FILES:
+            try:
+                s = (path / f).stat()
+            except FileNotFoundError:
+                signature.append(None)
+                continue
+            if now - s.st_mtime_ns < SETTLE_NS:
+                return None
+            signature.append((s.st_size, s.st_mtime_ns, s.st_ino))
+        return tuple(signature)
 
     # -- requests ----------------------------------------------------------------
     def acquire(self, name: str) -> Entry:
         """The current version of ``name``, loaded if needed; call ``release`` when done with it."""
-        path = self.path(name)
+        signature = self._signature(self.path(name))
         with self._lock:
             entry = self._loaded.get(name)
-            if entry is not None and entry.signature == self._signature(path):
+            if entry is not None and signature is not None and entry.signature == signature:
                 return self._take(entry)
         return self.load(name, only_if_changed=True, take=True)
 
@@ -140,45 +171,44 @@ class AdapterRegistry:
     def load(self, name: str, *, pin: bool | None = None, only_if_changed: bool = False,
              take: bool = False) -> Entry:
         """Load (or reload) adapter ``name`` from its directory. Returns the current version
-        (acquired for the caller if ``take``, atomically with its insertion so eviction cannot race)."""
+        (acquired for the caller if ``take``, atomically with its insertion so eviction cannot race).
+
+        With ``only_if_changed`` (a request's change check), files that fail to load leave the
+        loaded version in service; otherwise (an explicit load) the failure is raised."""
         path = self.path(name)
         if not path.is_dir():
-            raise AdapterNotFound(f"no adapter {name!r} in {self.root}")
+            raise AdapterNotFound(f"no adapter {name!r} in the adapter directory")
         with self._lock:
             gate = self._loading.setdefault(name, threading.Lock())
         with gate:  # one load per name at a time; other names load in parallel
-            signature = self._signature(path)
+            signature = self._signature(path)  # before reading: a change during the read is seen next time
             with self._lock:
                 old = self._loaded.get(name)
-                if pin is not None:
-                    (self._pinned.add if pin else self._pinned.discard)(name)
-                    if old is not None:
-                        old.pinned = pin
-            if old is not None and only_if_changed and old.signature == signature:
-                with self._lock:
-                    if not old.retired:
-                        return self._take(old) if take else old
+                if old is not None and old.retired:
+                    old = None
+            if old is not None and only_if_changed and signature is not None and old.signature == signature:
+                if (kept := self._keep(old, signature, pin, take)) is not None:
+                    return kept
             started = time.perf_counter()
             try:
-                config, tensors = lorafit.read_adapter(path)
-            except (OSError, ValueError) as exc:
-                raise BadAdapter(f"adapter {name!r}: {exc}") from None
-            digest = _digest(path)
-            if old is not None and old.digest == digest:
+                files = self._read(name, path)
+                digest = hashlib.sha256(b"".join(hashlib.sha256(f or b"").digest() for f in files)).hexdigest()
+                if old is not None and old.digest == digest:
+                    if (kept := self._keep(old, signature, pin, take)) is not None:
+                        return kept
+                entry = self._new_version(name, files, digest, signature)
+            except BadAdapter as exc:
                 with self._lock:
-                    if not old.retired:
-                        old.signature = signature
-                        return self._take(old) if take else old
-            internal = f"v{next(self._counter)}"
-            labels = _labels(path)
-            with self.model_lock:
-                self._attach(path, internal, config, tensors)
-                head = _head(self.model, internal)
-            entry = Entry(name=name, internal=internal, digest=digest, signature=signature, rank=config.r,
-                          nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), labels=labels,
-                          head=head, pinned=name in self._pinned)
+                    self.stats["load_failures"] += 1
+                log.warning("%s", exc)
+                if old is not None and only_if_changed:
+                    if (kept := self._keep(old, signature, None, take)) is not None:
+                        log.warning("adapter %r: serving the version loaded before until its files load", name)
+                        return kept
+                raise
             with self._lock:
                 previous = self._loaded.pop(name, None)
+                entry.pinned = pin if pin is not None else bool(previous and previous.pinned)
                 self._loaded[name] = entry
                 self.stats["reloads" if previous is not None else "loads"] += 1
                 self.stats["load_seconds"] += time.perf_counter() - started
@@ -195,27 +225,50 @@ class AdapterRegistry:
                 self._detach(victim)
             return entry
 
-    def _attach(self, path: Path, internal: str, config, tensors: dict[str, torch.Tensor]) -> None:
-        """Attach the factors and copy the weights in: the only part that holds the model lock."""
-        model = self.model
+    def _keep(self, entry: Entry, signature: tuple | None, pin: bool | None, take: bool) -> Entry | None:
+        """Go on with the loaded version: the files are unchanged, hold the same bytes, or fail to load
+        (then ``signature`` marks this state as tried, and the next change tries again). None where an
+        unload or an eviction retired it meanwhile: it may be detached already, so the caller loads anew."""
+        with self._lock:
+            if entry.retired:
+                return None
+            entry.signature = signature
+            if pin is not None:
+                entry.pinned = pin
+            return self._take(entry) if take else entry
+
+    def _read(self, name: str, path: Path) -> tuple[bytes, bytes, bytes | None]:
+        """The bytes of config, weights and (optional) labels: everything a version is made of."""
         try:
-            lorafit.attach(model, config, internal, activate=False, trainable=False)
+            config, weights = lorafit.read_adapter_files(path)
+            try:
+                labels = (path / LABELS_NAME).read_bytes()
+            except FileNotFoundError:
+                labels = None
+        except (OSError, ValueError) as exc:
+            # errors show paths inside the adapter directory only: where it is is the server's business
+            raise BadAdapter(f"adapter {name!r}: {str(exc).replace(str(self.root) + os.sep, '')}") from None
+        return config, weights, labels
+
+    def _new_version(self, name: str, files: tuple[bytes, bytes, bytes | None], digest: str,
+                     signature: tuple | None) -> Entry:
+        """Parse the files and attach them as a new version (only attaching holds the model lock)."""
+        config_json, weights, labels_json = files
+        internal = f"v{next(self._counter)}"
+        try:
+            config, tensors = lorafit.parse_adapter(config_json, weights, source=name)
+            labels = _labels(labels_json)
+            with self.model_lock:
+                lorafit.load_adapter_state(self.model, config, tensors, internal, activate=False, source=name)
+                head, classes = _head(self.model, internal), _classes(self.model, internal)
+                if labels is not None and classes is not None and len(labels) != classes:
+                    lorafit.detach(self.model, internal)
+                    raise ValueError(f"{LABELS_NAME} names {len(labels)} classes but the classifier head has "
+                                     f"{classes} outputs")
         except (ValueError, KeyError) as exc:
-            raise BadAdapter(f"adapter {path.name!r} does not fit the base model: {exc}") from None
-        try:
-            _fit_head_sizes(model, internal, tensors, trainable=False)
-            expected = {peft_key(k, internal): p for k, p in lorafit.adapter_parameters(model, internal).items()}
-            found = _without_base_copies(path / WEIGHTS_NAME, model, expected, tensors)
-            _check_tensors(path / WEIGHTS_NAME, expected, found)
-            with torch.no_grad():
-                for key, param in expected.items():
-                    param.copy_(found[key])
-        except ValueError as exc:
-            lorafit.detach(model, internal)
-            raise BadAdapter(f"adapter {path.name!r}: {exc}") from None
-        except BaseException:
-            lorafit.detach(model, internal)
-            raise
+            raise BadAdapter(f"adapter {name!r}: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+        return Entry(name=name, internal=internal, digest=digest, signature=signature, rank=config.r,
+                     nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), labels=labels, head=head)
 
     def _over_capacity(self, keep: str) -> list[Entry]:
         """Least recently used unpinned adapters to evict (called with ``_lock`` held)."""
@@ -244,7 +297,6 @@ class AdapterRegistry:
         check_name(name)
         with self._lock:
             entry = self._loaded.pop(name, None)
-            self._pinned.discard(name)
             if entry is None:
                 return False
             entry.retired = True
@@ -288,28 +340,26 @@ def _head(model: nn.Module, internal: str) -> tuple:
                  and param_shapes(w.modules_to_save[internal]) != param_shapes(w.original_module))
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in (CONFIG_NAME, WEIGHTS_NAME):
-        with open(path / f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def _classes(model: nn.Module, internal: str) -> int | None:
+    """How many classes adapter ``internal`` predicts: the outputs of its linear modules_to_save copy
+    (the classifier head a sequence-classification adapter saves), else the base model's labels."""
+    for _, wrapper in saved_modules(model):
+        copy = wrapper.modules_to_save[internal] if internal in wrapper.adapter_names else None
+        if type(copy) is nn.Linear:
+            return copy.out_features
+    return getattr(getattr(model, "config", None), "num_labels", None)
 
 
-def _labels(path: Path) -> list[str] | None:
+def _labels(data: bytes | None) -> list[str] | None:
     """Optional ``labels.json`` beside an adapter: the class names of its classifier head."""
-    import json
-
-    f = path / "labels.json"
-    if not f.is_file():
+    if data is None:
         return None
     try:
-        labels = json.loads(f.read_text())
+        labels = json.loads(data)
     except ValueError as exc:
-        raise BadAdapter(f"{f} is not valid JSON: {exc}") from None
+        raise ValueError(f"{LABELS_NAME} is not valid JSON: {exc}") from None
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise BadAdapter(f"{f} must hold a JSON list of label names")
+        raise ValueError(f"{LABELS_NAME} must hold a JSON list of label names")
     return labels
 
 

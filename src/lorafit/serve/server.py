@@ -33,7 +33,8 @@ def serve(args) -> int:
     token = args.token or os.environ.get("LORAFIT_SERVE_TOKEN") or None
     limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_tokens=args.max_text_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    request_timeout_s=args.request_timeout)
     service = build_service(args.model, args.adapters, token=token, max_adapters=args.max_adapters,
                             max_adapter_mb=args.max_adapter_mb, pin=args.pin, num_labels=args.num_labels,
                             limits=limits, preload=args.preload)
