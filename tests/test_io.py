@@ -227,3 +227,21 @@ def test_adapter_in_memory_loads_like_its_directory(tmp_path):
     torch.testing.assert_close(loaded(*inputs), model(*inputs), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="somewhere/adapter_model.safetensors is not a readable safetensors"):
         lorafit.parse_adapter(b"{}", b"garbage", source="somewhere")
+
+
+def test_saved_files_get_the_usual_modes_not_tempfiles_private_ones(tmp_path):
+    """A teammate or a server running as another user can read what lorafit writes: 0666 / 0777 less the
+    umask, as open() and mkdir() give, not tempfile's 0600 / 0700."""
+    import os
+    import stat
+
+    from lorafit.train.checkpoint import publish_dir
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=["0"]))
+    lorafit.save_adapter(model, tmp_path / "adapter")
+    publish_dir(lambda d: (d / "x.txt").write_text("x"), tmp_path / "published")
+    assert lorafit.io._UMASK == os.umask(lorafit.io._UMASK)  # the umask read at import is this process's
+    for path in (tmp_path / "adapter").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~lorafit.io._UMASK, path
+    assert stat.S_IMODE((tmp_path / "published").stat().st_mode) == 0o777 & ~lorafit.io._UMASK

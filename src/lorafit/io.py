@@ -132,6 +132,22 @@ def _as_plain_lora(model, name, config, tensors):
     return plain, tensors
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: setting the umask to read it is not thread-safe.
+_UMASK = _current_umask()
+
+
+def usual_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the mode ``open`` or ``mkdir`` would have
+    given it (0666 / 0777 less the umask), so that what lorafit writes is as readable as any other output."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 def atomic_write(target: Path, write: Callable[[str], None]) -> None:
     """Write through ``write(tmp_path)`` to a temporary file beside ``target``, fsync, rename: a reader
     sees the old file or the new one, never a partial one."""
@@ -140,6 +156,7 @@ def atomic_write(target: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        usual_mode(tmp)  # after writing: a writer may replace the file rather than write into it
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

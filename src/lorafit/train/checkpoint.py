@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafit.io import atomic_write
+from lorafit.io import atomic_write, usual_mode
 from lorafit.train.distributed import SINGLE, Distributed, full_tensor, like_param
 
 LATEST = "latest.json"
@@ -53,6 +53,7 @@ def publish_dir(build: Callable[[Path], None], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        usual_mode(tmp, directory=True)
         build(tmp)
         _fsync_tree(tmp)
         old = None
