@@ -39,7 +39,9 @@ def main() -> None:
         print("PROMPT:", prep.tokenizer.decode(f["prompt_ids"], skip_special_tokens=True)[-300:])
         print("-- base model:\n" + b)
         print("-- with adapter:\n" + a)
-        print("-- reference:\n" + f["reference"][:300])
+        references = f["reference"] if isinstance(f["reference"], list) else [f["reference"]]  # several per row
+        for reference in references:
+            print("-- reference:\n" + reference[:300])
     print("=" * 80)
     print(f"{changed} of {len(rows)} generations changed by the adapter")
 
