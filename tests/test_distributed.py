@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_support import classification_setup
+from tests.test_train_support import classification_setup, instruction_rows, tiny_llama_dir, toml_config, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,6 +120,45 @@ def test_two_processes_end_with_the_one_process_adapter(setup, tmp_path, mode):
         # only the adapter's gradients travel: 4 bytes per trainable parameter per step, not the model
         assert s2["gradient_bytes_all_reduced_per_step"] == 4 * s1["params"]["trainable"]
         assert s1["params"]["trainable"] < s1["params"]["total"] / 5
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
+    """The causal-LM loss runs the model's head itself, outside the forward: DDP must still sync its gradients
+    (the forward goes through the wrapper); under FSDP the model's own head computes the loss positions."""
+    rows = instruction_rows(40)
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    write_jsonl(tmp_path / "val.jsonl", rows[32:])
+    config = toml_config(tmp_path / "lm.toml", f"""
+output_dir = "{tmp_path / 'one'}"
+[model]
+name = "{tiny_llama_dir(tmp_path, rows)}"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+validation = "{tmp_path / 'val.jsonl'}"
+instruction_field = "instruction"
+input_field = "input"
+output_field = "output"
+[task]
+type = "causal_lm"
+max_length = 48
+[lora]
+r = 8
+lora_alpha = 16
+target_modules = "all-linear"
+[train]
+epochs = 2
+batch_size = 8
+lr = 3e-2
+eval_every = 4
+num_threads = 1
+adam_eps = 1e-5
+""")
+    train(config, progress=False)
+    finish(torchrun(config, tmp_path / mode, "--set", f"train.distributed={mode}"))
+    assert_same_adapter(tmp_path / "one", tmp_path / mode, atol=1e-4)
+    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", mode))
+    assert s2["validation"]["eval_loss"] == pytest.approx(s1["validation"]["eval_loss"], abs=1e-5)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers through /proc")

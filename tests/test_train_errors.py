@@ -160,3 +160,8 @@ def test_reference_fields_only_for_generation(capsys, setup):
     assert "data.reference_fields" in err and "not for classification" in err
     err = fails(capsys, setup, "--set", "data.reference_fields=[]")
     assert "data.reference_fields must be a non-empty list of field names" in err
+
+
+def test_packing_only_for_causal_lm(capsys, setup):
+    err = fails(capsys, setup, "--set", "task.packing=true")
+    assert "task.packing" in err and "is for causal_lm; task.type is 'classification'" in err

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
 # -- generation tasks --------------------------------------------------------------------
 
 
-def test_causal_lm_instruction_tuning_masks_the_prompt_and_learns(tmp_path):
+def test_causal_lm_instruction_tuning_masks_the_prompt_and_learns(tmp_path, capsys):
     rows = instruction_rows(40)
     model_dir = tiny_llama_dir(tmp_path, rows)
     write_jsonl(tmp_path / "train.jsonl", rows[:32])
@@ -249,6 +250,22 @@ num_threads = 1
     assert losses[-1] < losses[0] - 0.5, losses
     assert {"eval_loss", "perplexity", "rouge1", "rouge2", "rougeL"} <= set(summary["validation"])
     assert summary["best"]["metric"] == "eval_loss"
+
+    # `lorafit eval --base`: the same metrics for the model without the adapter (= the run's adapter disabled)
+    from lorafit.cli import main
+    from lorafit.train.run import encode_split, load_run
+
+    base = evaluate(tmp_path / "run", base=True)
+    assert base.keys() == summary["validation"].keys() and base["eval_loss"] > summary["validation"]["eval_loss"] + 0.5
+    prep = load_run(tmp_path / "run", None, None)
+    with lorafit.disabled(prep.model):
+        disabled = prep.task.evaluate(prep.model, encode_split(prep, "validation"), prep.device, 64, nullcontext)
+    assert disabled == pytest.approx(base, rel=1e-5)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--base", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(base, rel=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        evaluate(tmp_path / "run", base=True, adapter=tmp_path / "run" / "adapter")
 
 
 def test_seq2seq_t5_summarization_learns(tmp_path):

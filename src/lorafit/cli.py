@@ -3,9 +3,9 @@
     lorafit demo [--rank R] [--epochs N] [--seed S] [--out DIR] [--device DEV]
     lorafit inspect DIR
     lorafit train CONFIG.toml [--set KEY=VALUE ...] [--method lora|full] [--output-dir DIR] [--resume | --overwrite]
-    lorafit eval RUN_DIR [--split validation|test] [--adapter DIR] [--set KEY=VALUE ...]
+    lorafit eval RUN_DIR [--split validation|test] [--adapter DIR | --base] [--set KEY=VALUE ...]
     lorafit merge RUN_DIR OUT_DIR [--adapter DIR] [--overwrite]
-    lorafit serve --model minilm|MODEL_DIR --adapters DIR [--port P] [--token T] [--max-adapters N] ...
+    lorafit serve --model minilm|smollm2-135m|MODEL_DIR --adapters DIR [--port P] [--token T] [--max-adapters N] ...
 
 Mistakes a user can fix (a missing directory, a bad value) end with a one-line
 message on stderr and exit status 2, like argparse's own usage errors.
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.train import evaluate
 
-    metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter)
+    metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter, base=args.base)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -123,7 +123,8 @@ def _add_serve_parser(sub) -> None:
                                     "adapter, loaded on first use, least recently used evicted) with an HTTP API: "
                                     "classification for a sequence-classification model (e.g. minilm), generation "
                                     "for a causal LM. Requests are batched across adapters.")
-    sv.add_argument("--model", required=True, help="'minilm' (all-MiniLM-L6-v2) or a local transformers model dir")
+    sv.add_argument("--model", required=True, help="'minilm' (all-MiniLM-L6-v2), 'smollm2-135m' or a local "
+                                                   "transformers model dir")
     sv.add_argument("--adapters", required=True, metavar="DIR", help="directory whose subdirectories are adapters")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -143,6 +144,10 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--max-text-tokens", type=_positive_int, default=256, help="tokens a text is truncated to")
     sv.add_argument("--max-prompt-tokens", type=_positive_int, default=1024, help="prompt length limit (tokens)")
     sv.add_argument("--max-new-tokens", type=_positive_int, default=256, help="max_new_tokens limit")
+    sv.add_argument("--max-queue", type=_positive_int, default=1024, help="rows waiting for a batch; beyond them "
+                                                                         "requests get 503 (default: 1024)")
+    sv.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take from queueing "
+                                                                         "to its last token (default: 120)")
     sv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get at "
                                                                          "shutdown (default: 30)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -191,12 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a finished run's adapter (or fine-tuned model)",
-                        description="Load the base model of a run, apply its adapter, and print the task's "
-                                    "metrics on a split of the run's data.")
+                        description="Load the base model of a run, apply its adapter (not with --base), and print "
+                                    "the task's metrics on a split of the run's data.")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="output directory of `lorafit train`")
     ev.add_argument("--split", default="validation", choices=["train", "validation", "test"],
                     help="which split (default: validation)")
-    ev.add_argument("--adapter", metavar="DIR", help="another adapter directory (default: RUN_DIR/adapter)")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--adapter", metavar="DIR", help="another adapter directory (default: RUN_DIR/adapter)")
+    which.add_argument("--base", action="store_true", help="the base model the run started from, without the "
+                                                           "adapter: the same metrics, zero-shot")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.set_defaults(func=cmd_eval)

@@ -79,6 +79,7 @@ class TaskSection:
     max_target_length: int = 128  # seq2seq targets
     max_new_tokens: int = 64  # generation during evaluation
     generate_rows: int = 0  # evaluate ROUGE on generations for this many eval rows (0: loss/perplexity only)
+    packing: bool = False  # causal_lm: training examples packed into sequences of up to max_length tokens
 
 
 @dataclass
@@ -87,7 +88,8 @@ class TrainSection:
     epochs: int = 1
     max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
     batch_size: int = 16
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # rows per evaluation batch (at most) and per generation batch
+    eval_batch_tokens: int = 8192  # padded tokens (rows x longest row) per evaluation batch, at most
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0  # never applied to biases and norm weights
@@ -184,7 +186,8 @@ class RunConfig:
         if not 0.0 <= self.data.validation_fraction < 1.0:
             bad("data.validation_fraction", f"must be >= 0 and < 1, got {self.data.validation_fraction}")
         for key in ("task.max_length", "task.max_target_length", "task.max_new_tokens", "train.epochs",
-                    "train.batch_size", "train.eval_batch_size", "train.grad_accum", "train.log_every"):
+                    "train.batch_size", "train.eval_batch_size", "train.eval_batch_tokens", "train.grad_accum",
+                    "train.log_every"):
             if self.get(key) < 1:
                 bad(key, f"must be >= 1, got {self.get(key)}")
         for key in ("task.generate_rows", "train.max_steps", "train.warmup_steps", "train.eval_every",
@@ -215,6 +218,8 @@ class RunConfig:
         if refs and (self.task.type == "classification" or self.data.messages_field):
             bad("data.reference_fields", "is for generation tasks that read data.output_field "
                 "(not for classification or data.messages_field)")
+        if self.task.packing and self.task.type != "causal_lm":
+            bad("task.packing", f"is for causal_lm; task.type is {self.task.type!r}")
         if self.task.type == "seq2seq" and self.data.messages_field:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
         if self.model.quantize not in QUANTIZE_BITS:

@@ -7,13 +7,14 @@ a user can fix is a ``ValueError`` / ``FileNotFoundError`` naming the file.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -39,40 +40,72 @@ def read_rows(path: str | Path, fmt: str = "auto") -> list[dict]:
         if not fmt:
             raise ValueError(f"{path}: cannot tell the format from the extension {suffix!r}; use .jsonl, .csv or "
                              ".tsv, or set data.format")
-    text = path.read_text(encoding="utf-8")
-    if fmt == "jsonl":
-        rows = _read_json(path, text)
-    else:
-        reader = csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t")
-        rows = [dict(row) for row in reader]
-        for i, row in enumerate(rows, start=2):
-            if None in row or any(v is None for v in row.values()):
-                raise ValueError(f"{path}:{i}: the row has a different number of columns than the header "
-                                 f"({', '.join(reader.fieldnames or [])})")
+    # utf-8-sig: a byte-order mark, if any, is not part of the first field name. Lines end at "\n" only
+    # (JSONL) or where the csv module says (newline=""): str.splitlines() would also cut at U+0085, U+2028
+    # or a form feed, which are legal inside a CSV field or a JSON string.
+    try:
+        with open(path, encoding="utf-8-sig", newline="\n" if fmt == "jsonl" else "") as fh:
+            rows = _read_json(path, fh) if fmt == "jsonl" else _read_csv(path, fh, "," if fmt == "csv" else "\t")
+    except UnicodeDecodeError:
+        raise _decode_error(path) from None
     if not rows:
         raise ValueError(f"{path}: the file holds no rows (empty data set)")
     return rows
 
 
-def _read_json(path: Path, text: str) -> list[dict]:
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+def _read_csv(path: Path, fh: TextIO, delimiter: str) -> list[dict]:
+    reader = csv.DictReader(fh, delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(f"{path}:{reader.line_num}: the row has a different number of columns than the "
+                                 f"header ({', '.join(reader.fieldnames or [])})")
+            rows.append(row)
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({exc})") \
+            from None
+    return rows
+
+
+def _read_json(path: Path, fh: TextIO) -> list[dict]:
+    lines: Iterable[str] = fh
+    if path.suffix.lower() == ".json":
+        text = fh.read()
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            lines = ()
+        else:
+            lines, rows = text.split("\n"), []
     else:
         rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
     for i, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise ValueError(f"{path}: row {i} is a {type(row).__name__}; every row must be a JSON object")
     return rows
+
+
+def _decode_error(path: Path) -> ValueError:
+    """Where the first byte that is not UTF-8 is: the decoder of a text file only knows its buffer's offset."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return ValueError(f"{path}:{line}: byte 0x{data[exc.start]:02x} is not UTF-8; data files must be UTF-8 "
+                          "(with or without a byte-order mark): convert it, e.g. a Latin-1 file with "
+                          "`iconv -f latin1 -t utf-8`")
+    return ValueError(f"{path}: not UTF-8 text")  # it changed since it failed to decode
 
 
 def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, str]]:
@@ -119,6 +152,24 @@ def check_fields(rows: list[dict], config: RunConfig, source: str, split: str = 
                                  "{'role': ..., 'content': ...} messages")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise ValueError(f"{source}: row {i} has no assistant message to learn from")
+    if config.task.type == "classification":
+        check_labels(rows, config.data.label_field, source)
+
+
+def check_labels(rows: list[dict], field: str, source: str) -> None:
+    """No empty labels, and no two labels that differ only by surrounding space (a class each, by mistake)."""
+    first_row: dict[str, tuple[int, Any]] = {}  # stripped label -> (row, label as written)
+    for i, row in enumerate(rows, start=1):
+        value = row[field]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{source}: row {i}: labels must be strings or integers, got {value!r}")
+        key = str(value).strip()
+        if not key:
+            raise ValueError(f"{source}: row {i}: the label ({field!r}) is empty")
+        j, seen = first_row.setdefault(key, (i, value))
+        if str(seen) != str(value):
+            raise ValueError(f"{source}: row {i}: label {value!r} differs from {seen!r} (row {j}) only by "
+                             "surrounding space; make them equal")
 
 
 def load_splits(config: RunConfig) -> Splits:
@@ -162,8 +213,8 @@ def label_set(config: RunConfig, splits: Splits) -> list:
     if config.data.labels is not None:
         labels = list(config.data.labels)
     else:
-        found = {_label_key(r[field]) for r in splits.train}
-        labels = [v for _, v in sorted(found)]
+        found = {_label_key(r[field]): r[field] for r in splits.train}
+        labels = [found[k] for k in sorted(found)]
         if len(labels) < 2:
             raise ValueError(f"{splits.sources['train']}: field {field!r} has a single label value {labels}; "
                              "classification needs at least two")
@@ -179,12 +230,10 @@ def label_set(config: RunConfig, splits: Splits) -> list:
     return labels
 
 
-def _label_key(value: Any) -> tuple:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"labels must be strings or integers, got {value!r}")
-    # Numbers sort numerically, strings alphabetically; "2" and 2 are the same label.
+def _label_key(value: int | str) -> tuple:
+    # Numbers sort numerically, strings alphabetically; "2" and 2 are the same label (check_labels typed them).
     text = str(value)
-    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text), value
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
 
 
 # -- batching ------------------------------------------------------------------------
@@ -212,10 +261,18 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [batches[i] for i in perm]
 
 
-def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Longest first, so the padding per batch is small and memory peaks at once."""
+def eval_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Longest first, so the padding per batch is small and memory peaks at once: at most ``batch_size`` rows
+    and ``max_tokens`` padded tokens (rows x the batch's first, longest row) a batch, one row at least."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and (max_tokens is None or (len(last) + 1) * lengths[last[0]] <= max_tokens):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:

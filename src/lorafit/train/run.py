@@ -263,6 +263,10 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
                 from None
     prep = prepare(config, model, tokenizer, device)
     train_features = encode_split(prep, "train")
+    if config.task.packing:
+        n_rows, train_features = len(train_features), prep.task.pack(train_features)
+        print(f"lorafit: {n_rows} train rows packed into {len(train_features)} sequences of up to "
+              f"{config.task.max_length} tokens")
     eval_features = encode_split(prep, "validation")
     test_features = encode_split(prep, "test")
     metric = config.train.metric or prep.task.metric
@@ -276,6 +280,8 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
                          "data.validation_fraction)")
     apply_method(prep)
+    if config.task.packing:
+        prep.task.check_packing(prep.model, train_features, prep.device)
     report = lorafit.trainable_parameters(prep.model)
     dist.barrier()  # every process has checked its inputs (and seen the output directory as it was)
     if not dist.is_main:
@@ -425,34 +431,39 @@ def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
 # -- evaluate and merge a finished run ---------------------------------------------
 
 
-def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike | None) -> Prepared:
+def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike | None,
+             base: bool = False) -> Prepared:
+    """A finished run's model: the base with its adapter (or ``adapter``), its fine-tuned model (method =
+    "full"), or with ``base`` the model it started from, quantized as training saw it."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a lorafit run directory (no {CONFIG_FILE})")
     config = load_config(config_path, overrides)
-    if config.train.method == "full" and adapter is None:
+    fine_tuned = config.train.method == "full" and adapter is None and not base
+    if fine_tuned:
         model_dir = run_dir / "model"
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir} is missing; did the run finish?")
         config.model.name = str(model_dir)  # the fine-tuned model is the base now
-        prep = prepare(config)
-        prep.model.to(prep.device)
-        return prep
-    adapter_dir = Path(adapter) if adapter is not None else run_dir / "adapter"
     prep = prepare(config)
-    quantize_for(prep)  # the adapter was trained on this base
-    lorafit.load_adapter(prep.model, adapter_dir)
+    if not fine_tuned:
+        quantize_for(prep)  # the adapter was trained on this base
+        if not base:
+            lorafit.load_adapter(prep.model, Path(adapter) if adapter is not None else run_dir / "adapter")
     prep.model.to(prep.device)
     return prep
 
 
 def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=None,
-             adapter: str | os.PathLike | None = None) -> dict[str, float]:
-    """Metrics of a finished run's adapter (or fine-tuned model) on ``split``."""
+             adapter: str | os.PathLike | None = None, base: bool = False) -> dict[str, float]:
+    """Metrics of a finished run's adapter (or fine-tuned model) on ``split``; with ``base``, of the model the
+    run started from, without the adapter (what the run gained is the difference)."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
-    prep = load_run(run_dir, overrides, adapter)
+    if base and adapter is not None:
+        raise ValueError("evaluate the base model (--base) or an adapter (--adapter), not both")
+    prep = load_run(run_dir, overrides, adapter, base)
     if not getattr(prep.splits, split):
         raise ValueError(f"the run's config has no {split} data; set it, e.g. --set data.{split}=FILE")
     features = encode_split(prep, split)

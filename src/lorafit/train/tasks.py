@@ -15,6 +15,7 @@ optimizer step: accumulated micro-batches then equal one large batch.
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lorafit.train.config import RunConfig
 from lorafit.train.data import eval_batches
@@ -92,8 +94,8 @@ class Task:
         """This process's evaluation batches (indices into ``features``). Under FSDP every process must run
         the same number of forwards, so the short ones get ``None`` batches: run, then ignored."""
         mine = dist.shard(list(range(len(features))))
-        batches = [[mine[i] for i in b] for b in eval_batches([len(features[i]["input_ids"]) for i in mine],
-                                                              batch_size)]
+        lengths = [len(features[i]["input_ids"]) for i in mine]
+        batches = [[mine[i] for i in b] for b in eval_batches(lengths, batch_size, self.config.train.eval_batch_tokens)]
         if dist.fsdp:
             batches += [None] * (int(dist.all_reduce_max(len(batches), device)) - len(batches))
         return batches
@@ -177,6 +179,8 @@ class _Generative(Task):
         labels = self._pad([f["labels"] for f in feats], IGNORE)
         batch = {"input_ids": ids, "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in feats], 0),
                  "labels": labels}
+        if "position_ids" in feats[0]:  # packed examples (CausalLM.pack)
+            batch["position_ids"] = self._pad([f["position_ids"] for f in feats], 0)
         batch["units"] = self._target_count(labels)
         return batch
 
@@ -226,6 +230,7 @@ class CausalLM(_Generative):
         super().__init__(config, tokenizer, labels)
         self.template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         self.uses_model_template = bool(tokenizer.chat_template)
+        self._plain_head: bool | None = None  # are the logits the output embeddings of the hidden state?
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         if not messages:
@@ -287,9 +292,75 @@ class CausalLM(_Generative):
     def _target_count(self, labels: torch.Tensor) -> torch.Tensor:
         return (labels[:, 1:] != IGNORE).sum()  # the first token is never predicted
 
+    def pack(self, features: list[dict]) -> list[dict]:
+        """Training examples concatenated into sequences of at most task.max_length tokens (best fit, longest
+        first), position ids restarting at each example. Without an attention mask, transformers derives from
+        those positions a block-diagonal causal mask: no example attends to another (check_packing)."""
+        rooms: list[tuple[int, int]] = []  # (tokens left, sequence), sorted
+        packs: list[list[int]] = []
+        for i in sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"])):
+            n = len(features[i]["input_ids"])
+            k = bisect.bisect_left(rooms, (n, -1))
+            if k == len(rooms):
+                packs.append([])
+                room, j = self.config.task.max_length, len(packs) - 1
+            else:
+                room, j = rooms.pop(k)
+            packs[j].append(i)
+            bisect.insort(rooms, (room - n, j))
+        out = []
+        for pack in packs:
+            f: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+            for i in pack:
+                ids = features[i]["input_ids"]
+                f["input_ids"] += ids
+                f["labels"] += [IGNORE] + features[i]["labels"][1:]  # not predicted from the example before
+                f["position_ids"] += list(range(len(ids)))
+            out.append(f)
+        return out
+
+    @torch.no_grad()
+    def check_packing(self, model: nn.Module, packed: list[dict], device: torch.device) -> None:
+        """Refuse a model that attends across packed examples: the logits of a packed sequence's second
+        example must be those of that example alone (a model whose attention ignores packed position ids
+        would let it see the first)."""
+        f = next((f for f in packed if f["position_ids"].count(0) > 1), None)
+        if f is None:
+            return
+        starts = [t for t, p in enumerate(f["position_ids"]) if p == 0] + [len(f["position_ids"])]
+        start, end = starts[1], starts[2]
+        ids = torch.tensor([f["input_ids"]], device=device)
+        positions = torch.tensor([f["position_ids"]], device=device)
+        training = model.training
+        model.eval()
+        try:
+            packed_logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, start:end]
+            alone = model(input_ids=ids[:, start:end], use_cache=False).logits[0]
+        finally:
+            model.train(training)
+        if not torch.allclose(packed_logits.float(), alone.float(), rtol=1e-3, atol=1e-4):
+            raise ValueError(f"task.packing: {type(model).__name__} attends across packed examples (its attention "
+                             "does not take packed position ids); set task.packing = false")
+
     def loss_sum(self, model, batch) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self._token_loss(logits[:, :-1], batch["labels"][:, 1:])
+        """Logits only at the positions that carry loss, a chunk of rows at a time: full-vocabulary float32
+        logits for every position would be batch x length x vocabulary floats, gigabytes per batch."""
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        where = nn.functional.pad(keep, (0, 1))  # the hidden state at position t predicts token t + 1
+        # use_cache: the config's default (True) would keep every layer's keys and values for a next token
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if "position_ids" in batch:  # packed: without a 2-D mask, transformers masks attention across examples
+            del inputs["attention_mask"]
+            inputs["position_ids"] = batch["position_ids"]
+        if self._plain_head is None:
+            self._plain_head = _head_is_plain(model, inputs, where)
+        if not self._plain_head:  # the model's own head and logit transform, on every loss position at once
+            logits = model(**inputs, logits_to_keep=where).logits
+            return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        hidden, _ = _forward_hidden(model, inputs, torch.zeros_like(where))  # the model's head: no position
+        rows = max(1, LOSS_CHUNK_LOGITS // len(self.tok))
+        return chunked_cross_entropy(unwrap(model).get_output_embeddings(), hidden[where], targets[keep], rows)
 
     @torch.no_grad()
     def generate(self, model, prompts, device, batch_size, autocast, synced: bool = False) -> list[str]:
@@ -304,6 +375,53 @@ class CausalLM(_Generative):
             for j, i in enumerate(idx):
                 out[i] = self.tok.decode(gen[j, ids.shape[1]:], skip_special_tokens=True).strip()
         return out
+
+
+LOSS_CHUNK_LOGITS = 1 << 23  # logits per chunk of the causal-LM loss: 32 MiB in float32
+
+
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The summed cross entropy of ``head(hidden)`` against ``targets``, ``rows`` rows at a time.
+
+    With gradients, each chunk's logits are recomputed in the backward pass (checkpointing) instead of
+    kept, so one chunk's logits exist at a time in both passes."""
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+    total = torch.zeros((), device=hidden.device)
+    for h, y in zip(hidden.split(rows), targets.split(rows)):
+        total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(h, y))
+    return total
+
+
+def _forward_hidden(model: nn.Module, inputs: dict, logits_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body's output (what the head reads) and the model's logits where ``logits_at`` is true, from one
+    forward through ``model`` itself: a DDP wrapper must see the forward to sync the gradients."""
+    captured = []
+    hook = unwrap(model).base_model.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        logits = model(**inputs, logits_to_keep=logits_at).logits
+    finally:
+        hook.remove()
+    return captured[0], logits
+
+
+def _head_is_plain(model: nn.Module, inputs: dict, where: torch.Tensor) -> bool:
+    """Whether the logits are the output embeddings of the hidden state, so the loss can apply them itself.
+
+    Not under FSDP (the head's weight is resharded after the forward), nor for a model that transforms its
+    logits (Gemma's soft-capping, Cohere's and Granite's scales): compared on one loss position."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None or hasattr(model, "unshard"):  # unshard: a module sharded by FSDP's fully_shard
+        return False
+    first = torch.zeros_like(where).flatten()
+    first[int(where.flatten().nonzero()[0])] = True
+    first = first.view_as(where)
+    # fork_rng: dropout draws no random numbers here, so a resumed run draws what an uninterrupted one did
+    with torch.no_grad(), torch.random.fork_rng(devices=[where.device] if where.device.type == "cuda" else []):
+        hidden, logits = _forward_hidden(model, inputs, first)
+        return torch.allclose(head(hidden[first]), logits)
 
 
 class Seq2Seq(_Generative):
