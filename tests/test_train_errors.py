@@ -165,3 +165,22 @@ def test_reference_fields_only_for_generation(capsys, setup):
 def test_packing_only_for_causal_lm(capsys, setup):
     err = fails(capsys, setup, "--set", "task.packing=true")
     assert "task.packing" in err and "is for causal_lm; task.type is 'classification'" in err
+
+
+@pytest.mark.parametrize("toml, want", [
+    ("[train]\nlearning_rate = 1e-4\n", "unknown key 'train.learning_rate'; did you mean 'train.lr'?"),
+    ("[lora]\nrank = 8\n", "unknown key 'lora.rank'; did you mean 'lora.r'?"),
+    ("[training]\nlr = 1e-4\n", "unknown section [training]; the sections are [model], [data], [task], [lora], "
+                                "[train]; did you mean 'train'?"),
+    ("[train]\nnum_train_epochs = 3\n", "did you mean 'train.epochs'?"),
+])
+def test_did_you_mean_points_to_the_setting_people_meant(tmp_path, toml, want):
+    """Names from other tools get lorafit's name for them, not the nearest spelling (learning_rate was
+    answered with early_stopping_patience, rank with rank_pattern, a [training] table with train.lr)."""
+    from lorafit.train.config import load_config
+
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert want in str(info.value)

@@ -137,6 +137,9 @@ class RunConfig:
                     raise ValueError(f"{source}: [{key}] must be a table of settings, got {value!r}")
                 for sub, sub_value in value.items():
                     config.set(f"{key}.{sub}", sub_value, source=source)
+            elif isinstance(value, dict):  # a table that is no section: suggest a section, not a setting
+                raise ValueError(f"{source}: unknown section [{key}]; the sections are "
+                                 f"{', '.join(f'[{s}]' for s in _SECTIONS)}{_suggest(key, list(_SECTIONS))}")
             else:
                 config.set(key, value, source=source)
         config.validate(source)
@@ -353,7 +356,23 @@ def _one_of(key: str, value: Any, allowed: tuple, source: str) -> None:
                          f"{_suggest(str(value), list(allowed))}")
 
 
+# What other tools (transformers' TrainingArguments, PEFT, most tutorials) call lorafit's settings: a user's
+# first guess, which spelling distance alone points elsewhere (learning_rate is closer to
+# early_stopping_patience than to lr)
+_ALIASES = {"learning_rate": "lr", "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+            "num_epochs": "epochs", "num_train_epochs": "epochs", "training": "train", "trainer": "train",
+            "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+            "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
+            "warmup": "warmup_steps", "max_seq_length": "max_length", "model_name": "name",
+            "model_name_or_path": "name", "dataset": "train", "train_file": "train", "eval_steps": "eval_every",
+            "save_steps": "save_every", "logging_steps": "log_every", "target": "target_modules"}
+
+
 def _suggest(word: str, choices: list[str], prefix: str = "") -> str:
+    head, dot, last = word.rpartition(".")
+    alias = head + dot + _ALIASES.get(last, "")
+    if alias in choices and alias != word:
+        return f"; did you mean {prefix + alias!r}?"
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
