@@ -76,8 +76,6 @@ def test_triton_masks_past_2_to_the_31_elements_equal_the_reference():
 
 
 def test_a_kernel_that_fails_warns_once_and_the_torch_ops_take_over(monkeypatch):
-    from lorafit.kernels import products
-
     monkeypatch.setattr(triton_kernels, "_unavailable", None)
     triton_kernels._warn_once.cache_clear()
 
@@ -85,7 +83,7 @@ def test_a_kernel_that_fails_warns_once_and_the_torch_ops_take_over(monkeypatch)
         raise RuntimeError("PTX for sm_1000 unsupported")
 
     with pytest.warns(UserWarning, match="Triton kernels are unavailable.*sm_1000.*plain torch ops"):
-        assert products._triton(broken, 1) is None
+        assert triton_kernels.run(broken, 1) is None
     assert not triton_kernels.available(torch.device("cuda"))  # from now on, the torch ops
     triton_kernels._warn_once.cache_clear()
 

@@ -117,29 +117,30 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool
     if cpu_path(x):
         y, hs, folded = _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded)
     else:
-        (y, hs), folded = _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys), x.new_empty(0)
+        y, hs, folded = _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys)
     return y.view(*x.shape[:-1], y.shape[-1]), hs, folded
 
 
 def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
     """cuBLAS for the base product, each adapter's low-rank product then added into its output in place
-    (beta = 1); with dropout, H = mask(x) A^T in one Triton pass over x. As few ops as the math allows:
-    at a few thousand rows a layer's GPU work is shorter than the Python that launches it."""
+    (beta = 1); with dropout, H = mask(x) A^T in one Triton pass over x. The unmasked products call torch
+    directly, not through products.py: at a few thousand rows a small layer's GPU work is shorter than the
+    host time that issues it, and the dispatch there costs host time on every product."""
     y = _base_linear(x2, weight, bias, transposed)
-    hs, k = [], 0
-    for ai, bi, s, p in zip(a, b, scales, ps):
-        if p > 0:
+    hs = []
+    for ai, bi, s, p, key in zip(a, b, scales, ps, _key_of(keys, ps)):
+        if key is not None:
             t, rescale = mask.threshold(p)
-            h = products.down(x2, ai, keys[k], t)  # without the rescale: it rides on s
-            k, s = k + 1, s * rescale
+            h = products.down(x2, ai, key, t)  # without the rescale: it rides on s
+            s = s * rescale
         else:
-            h = x2 @ ai.T if x2.dtype == ai.dtype else x2.to(ai.dtype) @ ai.T
+            h = x2.to(ai.dtype) @ ai.T
         hs.append(h)  # kept for dB; it is small (N x r)
         if bi.dtype == y.dtype:
             y.addmm_(h, bi.T, alpha=s)
         else:
             y.add_((h @ bi.T).to(y.dtype), alpha=s)
-    return y, hs
+    return y, hs, x2.new_empty(0)
 
 
 def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
@@ -202,33 +203,32 @@ def _backward(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor, transposed:
 
 
 def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs):
-    """dY W by cuBLAS, each adapter's s mask(dY B A) added into it (Triton with a mask, addmm_ without)."""
+    """dY W by cuBLAS, each adapter's s mask(dY B A) added into it: Triton with a mask, else torch directly
+    (see _forward_accelerator)."""
     gx = g2 @ (weight.T if transposed else weight) if needs[0] else None
-    gas, gbs, k = [], [], 0
-    for i, (ai, bi, s, p) in enumerate(zip(a, b, scales, ps)):
+    gas, gbs = [], []
+    for i, (ai, bi, s, p, key) in enumerate(zip(a, b, scales, ps, _key_of(keys, ps))):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
-        key = t = None
-        if p > 0:
+        t = 0
+        if key is not None:
             t, rescale = mask.threshold(p)
-            key, k, s = keys[k], k + 1, s * rescale
-        gl = g2 if g2.dtype == bi.dtype else g2.to(bi.dtype)
+            s = s * rescale
+        gl = g2.to(bi.dtype)
         gbs.append(torch.mm(gl.T, hs[i]).mul_(s) if need_b else x2.new_empty(0))
         if not (need_a or gx is not None):
             gas.append(x2.new_empty(0))
             continue
         gh = gl @ bi
-        if key is None:
-            gas.append(torch.mm(gh.T, x2 if x2.dtype == gh.dtype else x2.to(gh.dtype)).mul_(s) if need_a
-                       else x2.new_empty(0))
-            if gx is not None:
-                if gx.dtype == gh.dtype:
-                    gx.addmm_(gh, ai, alpha=s)
-                else:
-                    gx.add_((gh @ ai).to(gx.dtype), alpha=s)
-        else:
+        if key is not None:
             gas.append(products.grad_a(gh, x2, key, t, s) if need_a else x2.new_empty(0))
             if gx is not None:
                 gx = products.up(gh, ai.T, s, gx, None, gx.dtype, key, t)
+            continue
+        gas.append(torch.mm(gh.T, x2.to(gh.dtype)).mul_(s) if need_a else x2.new_empty(0))
+        if gx is not None and gx.dtype == gh.dtype:
+            gx.addmm_(gh, ai, alpha=s)
+        elif gx is not None:
+            gx.add_((gh @ ai).to(gx.dtype), alpha=s)
     return gx, gas, gbs
 
 

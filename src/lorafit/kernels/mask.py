@@ -75,13 +75,9 @@ def dropped(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0) -> t
         out = torch.empty(x.shape, dtype=x.dtype)
         cpu.mask_into(x, out, int(key), t)
         return out.mul_(scale) if scale != 1.0 else out
-    if x.dtype != torch.float64 and triton_kernels.available(x.device) and not torch.compiler.is_compiling():
-        try:
-            return triton_kernels.mask_scale(x, key, t, scale)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the kernel cannot build or run here: the torch ops below
-            triton_kernels.disable(f"mask_scale failed: {type(err).__name__}: {str(err)[:300]}")
+    if (x.dtype != torch.float64 and triton_kernels.available(x.device) and not torch.compiler.is_compiling()
+            and (out := triton_kernels.run(triton_kernels.mask_scale, x, key, t, scale)) is not None):
+        return out
     kept = torch.where(keep_mask(x.shape[0], x.shape[1], key, t), x, 0)
     return kept.mul_(scale) if scale != 1.0 else kept
 

@@ -46,18 +46,6 @@ def backend(r: int, key, *tensors: torch.Tensor | None) -> str:
     return "torch"
 
 
-def _triton(fn, *args):
-    """fn(*args), or None where the kernel cannot build or run on this GPU: then the torch ops run from now on
-    (triton_kernels.disable says so once)."""
-    try:
-        return fn(*args)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a compiler or driver failure of any kind: the torch ops are exact too
-        triton_kernels.disable(f"{fn.__name__} failed: {type(err).__name__}: {str(err)[:300]}")
-        return None
-
-
 def _ints(key, t) -> tuple:
     return (None, 0) if key is None else (int(key), t)
 
@@ -67,7 +55,7 @@ def down(x: torch.Tensor, a: torch.Tensor, key=None, t: int = 0) -> torch.Tensor
     where = backend(a.shape[0], key, x, a)
     if where == "c":
         return cpu.lora_down(x, a, *_ints(key, t))
-    if where == "triton" and (h := _triton(triton_kernels.down, x, a, key, t)) is not None:
+    if where == "triton" and (h := triton_kernels.run(triton_kernels.down, x, a, key, t)) is not None:
         return h
     x = x.to(a.dtype)
     return (x if key is None else mask.dropped(x, key, t)) @ a.T
@@ -83,7 +71,7 @@ def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = No
             and (start is None or start.stride(-1) == 1)):
         return cpu.lora_up(h, b.T, s, out, start, *_ints(key, t))
     if (where == "triton" and start is None and (out is None or out.stride(-1) == 1)
-            and (done := _triton(triton_kernels.up, h, b.T, s, out, dtype, key, t)) is not None):
+            and (done := triton_kernels.run(triton_kernels.up, h, b.T, s, out, dtype, key, t)) is not None):
         return done
     if key is not None:
         part = mask.dropped((h @ b.T).mul_(s), key, t)
@@ -104,7 +92,7 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0, scale: float 
     where = backend(g.shape[1], key, g, x)
     if where == "c":
         out = cpu.lora_grad_a(g, x, *_ints(key, t))
-    elif where == "triton" and (out := _triton(triton_kernels.grad_a, g, x, key, t, scale)) is not None:
+    elif where == "triton" and (out := triton_kernels.run(triton_kernels.grad_a, g, x, key, t, scale)) is not None:
         return out  # the scale applied inside: no launch of its own
     else:
         x = x.to(g.dtype)

@@ -15,16 +15,13 @@ whatever the tensor's size. Products accumulate in float32; a float32 product fo
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import warnings
 
 import torch
 
-import importlib.util
-
 _MAX_RANK = 128  # tl.dot tiles past this rank would spill; larger ranks take the torch path
-
-
 _unavailable: str | None = None if importlib.util.find_spec("triton") else "Triton is not installed"
 
 
@@ -42,6 +39,18 @@ def disable(reason: str) -> None:
     global _unavailable
     _unavailable = reason
     _warn_once()
+
+
+def run(fn, *args):
+    """fn(*args) for one of the launchers below, or None where its kernel cannot build or run on this GPU:
+    then the callers take the torch ops from now on (``disable`` says so once)."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a compiler or driver failure of any kind: the torch ops are exact too
+        disable(f"{fn.__name__} failed: {type(err).__name__}: {str(err)[:300]}")
+        return None
 
 
 @functools.cache

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
 from lorafit.layers.init import olora_init, pissa_init
-from lorafit.kernels import LowRank, lora_linear
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
