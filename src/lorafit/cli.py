@@ -84,16 +84,19 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.train import train  # transformers is imported only for the commands that need it
+    from lorafit.train.run import CLI_ARGS  # errors name --resume, --set, ... not Python's arguments
 
     train(args.config, _train_overrides(args), resume=args.resume, overwrite=args.overwrite,
-          progress=not args.no_progress)
+          progress=not args.no_progress, arg_names=CLI_ARGS)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.train import evaluate
+    from lorafit.train.run import CLI_ARGS
 
-    metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter, base=args.base)
+    metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter, base=args.base,
+                       arg_names=CLI_ARGS)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -105,8 +108,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorafit.train import merge
+    from lorafit.train.run import CLI_ARGS
 
-    out = merge(args.run_dir, args.out_dir, adapter=args.adapter, overwrite=args.overwrite)
+    out = merge(args.run_dir, args.out_dir, adapter=args.adapter, overwrite=args.overwrite, arg_names=CLI_ARGS)
     print(f"merged model written to {out}")
     return 0
 

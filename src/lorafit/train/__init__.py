@@ -1,7 +1,8 @@
 """Fine-tuning with LoRA (or fully) from a TOML run config: ``lorafit train`` and its Python API.
 
     from lorafit.train import train, evaluate, merge
-    summary = train("examples/sst2_minilm.toml", ["train.epochs=1"])
+    result = train("examples/sst2_minilm.toml", {"train.epochs": 1})   # or a dict config, or a RunConfig
+    result["validation"], result.model                                 # the summary, the trained model
     evaluate("runs/sst2", split="test")
     merge("runs/sst2", "runs/sst2-merged")
 
@@ -10,6 +11,6 @@ Needs the ``train`` extra (transformers, tqdm, matplotlib, rouge-score):
 """
 
 from lorafit.train.config import RunConfig, load_config
-from lorafit.train.run import evaluate, merge, read_summary, train
+from lorafit.train.run import TrainResult, evaluate, merge, read_summary, train
 
-__all__ = ["RunConfig", "evaluate", "load_config", "merge", "read_summary", "train"]
+__all__ = ["RunConfig", "TrainResult", "evaluate", "load_config", "merge", "read_summary", "train"]

@@ -8,9 +8,11 @@
     [train]  epochs = 3   lr = 5e-4   batch_size = 32
 
 Every key can be overridden with ``key=value`` strings (``train.lr=1e-4``); a
-value is read as a TOML value, and as a plain string if it is not one. Unknown
-keys are errors that suggest the closest known key. The [lora] section holds
-``lorafit.LoraConfig`` fields and is validated by LoraConfig itself.
+value is read as a TOML value, and as a plain string if it is not one. From
+Python the same config may be a dict with the file's shape
+(``{"model": {"name": "minilm"}, "train": {"lr": 1e-4}}``), checked the same way.
+Unknown keys are errors that suggest the closest known key. The [lora] section
+holds ``lorafit.LoraConfig`` fields and is validated by LoraConfig itself.
 """
 
 from __future__ import annotations
@@ -129,9 +131,13 @@ class RunConfig:
 
     # -- building ---------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config", *, validate: bool = True) -> RunConfig:
+        """The config a TOML file's tables describe: sections as nested dicts (``{"train": {"lr": 1e-4}}``)
+        or dotted keys (``{"train.lr": 1e-4}``), checked like a file."""
         config = cls()
         for key, value in data.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{source}: keys must be strings (section or setting names), got {key!r}")
             if key in _SECTIONS:
                 if not isinstance(value, dict):
                     raise ValueError(f"{source}: [{key}] must be a table of settings, got {value!r}")
@@ -142,12 +148,14 @@ class RunConfig:
                                  f"{', '.join(f'[{s}]' for s in _SECTIONS)}{_suggest(key, list(_SECTIONS))}")
             else:
                 config.set(key, value, source=source)
-        config.validate(source)
+        if validate:
+            config.validate(source)
         return config
 
     def set(self, key: str, value: Any, source: str = "config") -> None:
         """Set one dotted key (``train.lr``), checking the key and the value's type."""
         section, _, name = key.partition(".")
+        value = _plain(value)
         if section == "lora" and name:
             if name not in _LORA_FIELDS:
                 raise ValueError(f"{source}: unknown key {key!r}{_suggest(name, _LORA_FIELDS, 'lora.')}")
@@ -161,12 +169,19 @@ class RunConfig:
         target = self if "." not in key else getattr(self, section)
         setattr(target, key.rpartition(".")[2], value)
 
-    def apply_overrides(self, overrides: list[str] | dict[str, Any] | None, source: str = "--set") -> None:
-        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    def apply_overrides(self, overrides: list[str] | dict[str, Any] | None, source: str = "overrides", *,
+                        validate: bool = True) -> None:
+        """``"key=value"`` strings (values read as TOML) or a ``{key: value}`` dict. ``source`` is what errors
+        call them: ``overrides`` (the Python argument) or ``--set`` (the CLI flag)."""
+        if isinstance(overrides, str):  # one string would be read character by character
+            raise TypeError(f"{source} must be a list of 'key=value' strings or a dict, got the string {overrides!r}")
+        items = overrides.items() if isinstance(overrides, dict) else \
+            [_split_override(o, source) for o in overrides or []]
         for key, value in items:
             self.set(key, parse_value(value) if isinstance(value, str) and not isinstance(overrides, dict) else value,
                      source=f"{source} {key}")
-        self.validate(source)
+        if validate:
+            self.validate(source)
 
     # -- checking ---------------------------------------------------------------
     def validate(self, source: str = "config") -> None:
@@ -263,18 +278,33 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Read a TOML run config and apply ``key=value`` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+def load_config(config: str | os.PathLike | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
+                *, overrides_source: str = "overrides") -> RunConfig:
+    """A run config from a TOML file, or from a dict shaped like one (see ``RunConfig.from_dict``), with
+    ``key=value`` overrides applied. The result is checked once the overrides are in, so an override may
+    supply what the file leaves out (``output_dir``, say)."""
+    if isinstance(config, dict):
+        source, data = "config (dict)", config
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            source, data = str(path), tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    result = RunConfig.from_dict(data, source=source, validate=False)
+    if not overrides:
+        result.validate(source)
+        return result
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML ({exc})") from None
-    config = RunConfig.from_dict(data, source=str(path))
-    config.apply_overrides(overrides)
-    return config
+        result.validate(source)
+        blame = overrides_source  # the file alone is valid: what fails from here on came with the overrides
+    except ValueError:
+        blame = f"{source} with {overrides_source}"
+    result.apply_overrides(overrides, source=overrides_source, validate=False)
+    result.validate(blame)
+    return result
 
 
 def parse_value(text: str) -> Any:
@@ -377,11 +407,22 @@ def _suggest(word: str, choices: list[str], prefix: str = "") -> str:
     return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
-def _split_override(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
+def _split_override(text: Any, source: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=") if isinstance(text, str) else ("", "", "")
     if not sep or not key.strip():
-        raise ValueError(f"--set expects key=value (e.g. train.lr=1e-4), got {text!r}")
+        raise ValueError(f"{source} expects key=value (e.g. train.lr=1e-4), got {text!r}")
     return key.strip(), value.strip()
+
+
+def _plain(value: Any) -> Any:
+    """A Python value as TOML would have given it: paths as strings, tuples as lists."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _toml_value(value: Any) -> str:

@@ -20,10 +20,12 @@ process 0 alone writes the output directory.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +63,36 @@ class Prepared:
     device: torch.device
 
 
-def _as_config(config: RunConfig | str | os.PathLike, overrides) -> RunConfig:
+@dataclass(frozen=True)
+class ArgNames:
+    """What error messages call the caller's arguments: Python's keyword arguments, or the CLI's flags."""
+
+    resume: str = "resume=True"
+    overwrite: str = "overwrite=True"
+    overrides: str = "overrides"
+    set_one: str = "overrides=[{!r}]"  # how to pass one override, e.g. data.test=FILE
+    base: str = "base=True"
+    adapter: str = "adapter=DIR"
+
+
+PYTHON_ARGS = ArgNames()
+CLI_ARGS = ArgNames(resume="--resume", overwrite="--overwrite", overrides="--set", set_one="--set {}", base="--base",
+                    adapter="--adapter")
+
+
+def _as_config(config: RunConfig | str | os.PathLike | dict, overrides, names: ArgNames = PYTHON_ARGS) -> RunConfig:
+    """A RunConfig (copied: the caller's object is left as it was), a TOML path or a dict, with overrides."""
     if isinstance(config, RunConfig):
-        config.apply_overrides(overrides)
+        config = copy.deepcopy(config)
+        if overrides:
+            config.apply_overrides(overrides, source=names.overrides)
+        else:
+            config.validate("config")  # its fields may have been set one by one, unchecked
         return config
-    return load_config(config, overrides)
+    if not isinstance(config, (str, os.PathLike, dict)):
+        raise TypeError(f"config must be a RunConfig, the path of a TOML file or a dict of its sections, got "
+                        f"{type(config).__name__}")
+    return load_config(config, overrides, overrides_source=names.overrides)
 
 
 def select_device(name: str) -> torch.device:
@@ -137,8 +164,10 @@ def quantize_for(prep: Prepared) -> None:
     bits = prep.config.model.quantize
     if not bits:
         return
-    from lorafit.quantize import quantize_base
+    from lorafit.quantize import QuantizedLinear, quantize_base
 
+    if {m.bits for m in prep.model.modules() if isinstance(m, QuantizedLinear)} == {bits}:
+        return  # already quantized so (by an earlier train() on this model object)
     keep = ("lm_head",) + SEQ_CLS_HEADS + tuple(lora_config_for(prep).modules_to_save or ())
     try:
         quantize_base(prep.model, bits=bits, skip=keep)
@@ -178,18 +207,20 @@ def run_kind(out: Path) -> str:
     return "run" if any((out / m).exists() for m in RUN_MARKERS) else "other"
 
 
-def _check_output(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+def _check_output(config: RunConfig, resume: bool, overwrite: bool,
+                  names: ArgNames = PYTHON_ARGS) -> tuple[Path, Path | None]:
     """The output directory and the checkpoint to resume from; refuses to clobber a run."""
     if resume and overwrite:
-        raise ValueError("--resume continues the run in output_dir and --overwrite replaces it; pick one")
+        raise ValueError(f"{names.resume} continues the run in output_dir and {names.overwrite} replaces it; "
+                         "pick one")
     out = Path(config.output_dir).expanduser()
     kind = run_kind(out)
     if kind == "other" and not overwrite:
         raise ValueError(f"output_dir {str(out)!r} is not empty and holds no lorafit run; choose a new directory "
-                         "(or pass --overwrite to replace its contents)")
+                         f"(or pass {names.overwrite} to replace its contents)")
     if kind == "run" and not (resume or overwrite):
-        raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or "
-                         "--overwrite to replace it (or choose another output_dir)")
+        raise ValueError(f"output_dir {str(out)!r} already holds a run; pass {names.resume} to continue it or "
+                         f"{names.overwrite} to replace it (or choose another output_dir)")
     if not (resume and kind == "run"):
         return out, None
     saved = out / CONFIG_FILE
@@ -198,8 +229,9 @@ def _check_output(config: RunConfig, resume: bool, overwrite: bool) -> tuple[Pat
         now = config.to_dict()
         changed = _diff(before, now)
         if changed:
-            raise ValueError(f"--resume: the config differs from the one {str(out)!r} was started with "
-                             f"({'; '.join(changed[:5])}); resume with the same config and --set values")
+            raise ValueError(f"{names.resume}: the config differs from the one {str(out)!r} was started with "
+                             f"({'; '.join(changed[:5])}); resume with the same config and {names.overrides} "
+                             "values")
     if (out / "summary.json").is_file() and not (out / "checkpoints").exists():
         raise ValueError(f"{str(out)!r} holds a finished run without checkpoints; nothing to resume")
     return out, ckpt.latest_checkpoint(out)
@@ -216,8 +248,22 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+class TrainResult(dict):
+    """What ``train`` returns: the run's summary (the dict also written to ``summary.json``), and as
+    attributes the trained ``model`` (adapter attached; in eval mode), its ``tokenizer`` and, for
+    classification, the class names ``labels`` in the order of the model's outputs.
+
+    The attributes hold the model, not a copy: keep ``dict(result)`` where only the numbers are needed
+    (a sweep that keeps every result would otherwise keep every model in memory)."""
+
+    def __init__(self, summary: dict[str, Any], model: nn.Module | None = None, tokenizer: Any = None,
+                 labels: list | None = None) -> None:
+        super().__init__(summary)
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+
+
 def train(
-    config: RunConfig | str | os.PathLike,
+    config: RunConfig | str | os.PathLike | dict[str, Any],
     overrides: list[str] | dict[str, Any] | None = None,
     *,
     resume: bool = False,
@@ -226,35 +272,166 @@ def train(
     tokenizer: Any = None,
     callbacks: tuple[Callable[[dict], None], ...] = (),
     progress: bool = True,
-) -> dict[str, Any]:
-    """Run a training job; returns the summary (also in ``OUTPUT_DIR/summary.json``).
+    arg_names: ArgNames = PYTHON_ARGS,
+) -> TrainResult:
+    """Run a training job; returns its summary (also in ``OUTPUT_DIR/summary.json``) with the trained model.
 
-    ``config`` is a TOML path or a ``RunConfig``; ``overrides`` are ``"key=value"``
-    strings or a dict. ``resume`` continues the run in ``output_dir`` from its
-    latest checkpoint; ``overwrite`` replaces a previous run there (only once the
-    new run's inputs have passed every check). ``model`` / ``tokenizer`` replace
-    loading ``model.name`` (notebooks). Each of ``callbacks`` is called with the
-    loop state after every optimizer step.
+    ``config`` is a ``RunConfig`` (not changed), the path of a TOML file, or a dict with the file's shape
+    (``{"output_dir": ..., "model": {"name": ...}, "data": {...}, "train": {...}}``), checked like a file;
+    ``overrides`` are ``"key=value"`` strings or a ``{"train.lr": 1e-4}`` dict. ``resume`` continues the run
+    in ``output_dir`` from its latest checkpoint; ``overwrite`` replaces a previous run there (only once the
+    new run's inputs have passed every check). Each of ``callbacks`` is called with the loop state after
+    every optimizer step. ``arg_names`` only changes how errors name these arguments (the ``lorafit``
+    command passes ``CLI_ARGS``).
+
+    ``model`` / ``tokenizer`` replace loading ``model.name`` (which still names the base in the adapter's
+    config). The model must be a Hugging Face ``PreTrainedModel`` for the task (a sequence classifier with
+    one output per class, a causal LM or a seq2seq LM); a plain ``nn.Module`` is refused before anything is
+    written (train those with ``lorafit.attach`` and a loop of your own). The model is trained in place, not
+    copied: afterwards it carries the trained adapter ``"default"`` (the weights saved in ``adapter/``) and is
+    in eval mode, ready to predict; with ``model.quantize`` its base is quantized, with ``train.method =
+    "full"`` its own weights are trained. Calling ``train`` again with the same model starts from the base
+    again: the adapter an earlier ``train`` attached is taken off first (a quantized base stays quantized,
+    so ``model.quantize`` must stay the same; after a full fine-tuning the next run starts from the tuned
+    weights, with a warning). Adapters attached by other code are refused, as is a head whose size differs
+    from the number of classes. A tokenizer without a pad token gets its eos (or unk) token as one.
     """
     wall_start = time.perf_counter()
-    config = _as_config(config, overrides)
+    config = _as_config(config, overrides, arg_names)
     dist, device = distributed.setup(config.model.device, config.train.distributed)
     finished = False
     try:
-        summary = _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
-                         tokenizer=tokenizer, callbacks=callbacks, progress=progress)
+        result = _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
+                        tokenizer=tokenizer, callbacks=callbacks, progress=progress, arg_names=arg_names)
         finished = True
-        return summary
+        return result
     finally:
         dist.close(finished)
 
 
+# -- a model and tokenizer passed in (train(model=, tokenizer=)) --------------------------
+
+TRAINED_BY = "_lorafit_train"  # in model.__dict__: what an earlier train() did to this model
+_TASK_MODELS = {"classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier",
+                                   "AutoModelForSequenceClassification"),
+                "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
+                "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder (seq2seq) LM",
+                            "AutoModelForSeq2SeqLM")}
+_HEADS = SEQ_CLS_HEADS + ("classification_head", "logits_proj")  # where transformers' classifiers keep theirs
+
+
+def _model_kinds() -> dict[str, set[str]]:
+    """The model classes transformers registers per kind: our three tasks, plus "bare" (no task head)."""
+    from transformers.models.auto import modeling_auto
+
+    def names(mapping: str) -> set[str]:
+        values = getattr(modeling_auto, mapping, {}).values()
+        return {n for v in values for n in ((v,) if isinstance(v, str) else v)}
+
+    kinds = {task: names(mapping) for task, (mapping, _, _) in _TASK_MODELS.items()}
+    kinds["bare"] = names("MODEL_MAPPING_NAMES")
+    return kinds
+
+
+def check_given_model(config: RunConfig, model: Any, tokenizer: Any) -> None:
+    """Whether ``train(model=..., tokenizer=...)`` can train these for ``task.type``; before anything is loaded
+    or written. A tokenizer without a pad token gets one, as lorafit's own do."""
+    if model is not None:
+        _check_model_kind(config, model)
+    if tokenizer is not None and getattr(tokenizer, "pad_token", "") is None:
+        # As for lorafit's own tokenizers: padded positions are masked out of attention and loss.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ValueError("tokenizer= has no pad, eos or unk token to pad batches with; set tokenizer.pad_token")
+
+
+def _check_model_kind(config: RunConfig, model: Any) -> None:
+    task = config.task.type
+    _, kind, auto = _TASK_MODELS[task]
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not callable(
+            getattr(model, "get_input_embeddings", None)):
+        what = f"a plain {type(model).__name__} (torch.nn.Module)" if isinstance(model, nn.Module) \
+            else f"a {type(model).__name__}"
+        raise ValueError(f"model= must be a Hugging Face transformers model (a PreTrainedModel, with a .config) for "
+                         f"task.type = {task!r}: {kind}, e.g. {auto}.from_pretrained(...); got {what}. "
+                         "For any other nn.Module use the library directly: lorafit.attach(model, "
+                         "lorafit.LoraConfig(...)), your own training loop, lorafit.save_adapter(model, DIR)")
+    # Refused: the mix-ups people make (a causal LM to classify, a bare encoder without a head); a class
+    # transformers does not register (a model of one's own) gets the benefit of the doubt.
+    cls, kinds = type(model).__name__, _model_kinds()
+    if cls not in kinds[task]:
+        other = next((k for k in ("classification", "causal_lm", "seq2seq", "bare") if cls in kinds[k]), None)
+        if other is not None:
+            was = "a bare model without a task head" if other == "bare" else _TASK_MODELS[other][1]
+            raise ValueError(f"model= is a {cls}, {was}; task.type = {task!r} needs {kind}, e.g. "
+                             f"{auto}.from_pretrained(...)")
+    earlier = model.__dict__.get(TRAINED_BY)
+    attached = list(lorafit.adapter_configs(model))
+    foreign = [n for n in attached if not earlier or n != earlier.get("adapter")]
+    if foreign:
+        raise ValueError(f"model= carries lorafit adapters {foreign} that train() did not attach; train() attaches "
+                         "and trains its own. Pass the base model (lorafit.unload(model) takes adapters off)")
+    if earlier and earlier["quantize"] not in (0, config.model.quantize) and config.train.method == "lora":
+        raise ValueError(f"model= was quantized by an earlier train() (model.quantize = {earlier['quantize']}); its "
+                         f"base cannot be quantized otherwise now (model.quantize = {config.model.quantize}): keep "
+                         f"model.quantize = {earlier['quantize']} or load the model again")
+    if earlier and earlier["quantize"] and config.train.method == "full":
+        raise ValueError("model= was quantized by an earlier train() (model.quantize = "
+                         f"{earlier['quantize']}); train.method = 'full' needs unquantized weights: load it again")
+
+
+def _head_size(model: nn.Module) -> tuple[int, str] | None:
+    """The number of outputs of a classifier's head and where it was found."""
+    for name in _HEADS:
+        head = getattr(model, name, None)
+        head = getattr(head, "original_module", head)  # an earlier train()'s ModulesToSave wrapper
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+        if linears:
+            return linears[-1].out_features, f"model.{name}"
+    num_labels = getattr(model.config, "num_labels", None)
+    return (num_labels, "model.config.num_labels") if isinstance(num_labels, int) else None
+
+
+def check_given_fits(prep: Prepared, model_given: bool, tokenizer_given: bool) -> None:
+    """A given model's head against the data's classes, a given tokenizer against the model's vocabulary."""
+    if model_given and prep.config.task.type == "classification":
+        n, head = len(prep.labels), _head_size(prep.model)
+        if head is not None and head[0] != n:
+            shown = ", ".join(map(str, prep.labels[:6])) + (", ..." if n > 6 else "")
+            raise ValueError(f"model= has a classification head with {head[0]} outputs ({head[1]}) but the data has "
+                             f"{n} classes ({shown}); load the model with num_labels={n}, e.g. "
+                             f"AutoModelForSequenceClassification.from_pretrained(..., num_labels={n}), or leave "
+                             "model= out and lorafit builds a head of the right size from model.name")
+    if model_given or tokenizer_given:
+        embeddings = prep.model.get_input_embeddings()
+        rows = getattr(embeddings, "num_embeddings", None)
+        if isinstance(rows, int) and len(prep.tokenizer) > rows:
+            raise ValueError(f"the tokenizer has {len(prep.tokenizer)} tokens but the model's input embedding has "
+                             f"{rows} rows, so token ids from {rows} on would fail inside the model: pass the "
+                             "tokenizer the model was trained with (or resize the model's embeddings first, "
+                             "model.resize_token_embeddings(len(tokenizer)))")
+
+
+def _take_off_earlier_run(model: nn.Module) -> None:
+    """A model trained by an earlier train(): its adapter comes off, so this run starts from the base."""
+    earlier = model.__dict__.pop(TRAINED_BY, None)
+    if earlier is None:
+        return
+    if earlier["method"] == "full":
+        warnings.warn("model= was fine-tuned in full by an earlier train(); this run starts from those weights, "
+                      "not the pretrained ones (load the model again for a fresh start)", stacklevel=4)
+    elif lorafit.adapter_configs(model):
+        lorafit.unload(model)
+
+
 def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wall_start: float, *, resume: bool,
-           overwrite: bool, model: nn.Module | None, tokenizer: Any, callbacks, progress: bool) -> dict[str, Any]:
+           overwrite: bool, model: nn.Module | None, tokenizer: Any, callbacks, progress: bool,
+           arg_names: ArgNames = PYTHON_ARGS) -> TrainResult:
     if dist.enabled and config.train.batch_size < dist.world_size:
         raise ValueError(f"train.batch_size = {config.train.batch_size} is the global batch and must be at least "
                          f"the number of processes ({dist.world_size})")
-    out, resume_from = _check_output(config, resume, overwrite)
+    out, resume_from = _check_output(config, resume, overwrite, arg_names)
+    check_given_model(config, model, tokenizer)
     if config.train.tensorboard:
         try:  # fail before the work starts, not after
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -262,6 +439,7 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
             raise ImportError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
                 from None
     prep = prepare(config, model, tokenizer, device)
+    check_given_fits(prep, model is not None, tokenizer is not None)
     train_features = encode_split(prep, "train")
     if config.task.packing:
         n_rows, train_features = len(train_features), prep.task.pack(train_features)
@@ -279,14 +457,18 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
     elif config.train.early_stopping_patience:
         raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
                          "data.validation_fraction)")
+    _take_off_earlier_run(prep.model)
     apply_method(prep)
+    prep.model.__dict__[TRAINED_BY] = {"method": config.train.method, "quantize": config.model.quantize,
+                                       "adapter": "default"}
     if config.task.packing:
         prep.task.check_packing(prep.model, train_features, prep.device)
     report = lorafit.trainable_parameters(prep.model)
     dist.barrier()  # every process has checked its inputs (and seen the output directory as it was)
     if not dist.is_main:
-        return _train_worker(prep, dist, out, resume_from, train_features, eval_features, test_features, metric,
-                             callbacks)
+        return TrainResult(_train_worker(prep, dist, out, resume_from, train_features, eval_features,
+                                         test_features, metric, callbacks), prep.model.eval(), prep.tokenizer,
+                           prep.labels)
 
     # Every input is fine: only now is anything written.
     if overwrite and out.exists():
@@ -359,7 +541,7 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
     plot_curves(read_metrics(out / "metrics.jsonl"), metric, out / "curves.png",
                 title=f"{config.model.name} {config.task.type} ({config.train.method})")
     print(format_summary(summary))
-    return summary
+    return TrainResult(summary, prep.model.eval(), prep.tokenizer, prep.labels)
 
 
 def _processes(dist: Distributed) -> str:
@@ -432,14 +614,14 @@ def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
 
 
 def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike | None,
-             base: bool = False) -> Prepared:
+             base: bool = False, names: ArgNames = PYTHON_ARGS) -> Prepared:
     """A finished run's model: the base with its adapter (or ``adapter``), its fine-tuned model (method =
     "full"), or with ``base`` the model it started from, quantized as training saw it."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a lorafit run directory (no {CONFIG_FILE})")
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, overrides_source=names.overrides)
     fine_tuned = config.train.method == "full" and adapter is None and not base
     if fine_tuned:
         model_dir = run_dir / "model"
@@ -456,27 +638,29 @@ def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike |
 
 
 def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=None,
-             adapter: str | os.PathLike | None = None, base: bool = False) -> dict[str, float]:
+             adapter: str | os.PathLike | None = None, base: bool = False,
+             arg_names: ArgNames = PYTHON_ARGS) -> dict[str, float]:
     """Metrics of a finished run's adapter (or fine-tuned model) on ``split``; with ``base``, of the model the
     run started from, without the adapter (what the run gained is the difference)."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if base and adapter is not None:
-        raise ValueError("evaluate the base model (--base) or an adapter (--adapter), not both")
-    prep = load_run(run_dir, overrides, adapter, base)
+        raise ValueError(f"evaluate the base model ({arg_names.base}) or an adapter ({arg_names.adapter}), not both")
+    prep = load_run(run_dir, overrides, adapter, base, arg_names)
     if not getattr(prep.splits, split):
-        raise ValueError(f"the run's config has no {split} data; set it, e.g. --set data.{split}=FILE")
+        raise ValueError(f"the run's config has no {split} data; set it, e.g. "
+                         f"{arg_names.set_one.format(f'data.{split}=FILE')}")
     features = encode_split(prep, split)
     return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep))
 
 
 def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, arg_names: ArgNames = PYTHON_ARGS) -> Path:
     """Write the base model with the run's adapter merged in (save_pretrained format, plus the tokenizer)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{str(out)!r} is not empty; choose a new directory or pass --overwrite")
-    prep = load_run(run_dir, None, adapter)
+        raise ValueError(f"{str(out)!r} is not empty; choose a new directory or pass {arg_names.overwrite}")
+    prep = load_run(run_dir, None, adapter, names=arg_names)
     if prep.config.train.method == "full":
         raise ValueError("this run fine-tuned the whole model; its model/ directory is already a full model")
     merged = lorafit.merge_and_unload(prep.model, safe=True)
