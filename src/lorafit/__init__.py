@@ -17,6 +17,7 @@ from lorafit.io import (
     parse_adapter,
     read_adapter,
     read_adapter_files,
+    read_labels,
     save_adapter,
     write_adapter,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "parse_adapter",
     "read_adapter",
     "read_adapter_files",
+    "read_labels",
     "save_adapter",
     "set_active",
     "trainable_parameters",

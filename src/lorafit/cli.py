@@ -62,6 +62,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "task_type"):
         if getattr(config, field):
             print(f"{field}: {getattr(config, field)}")
+    labels = lorafit.read_labels(args.dir)
+    if labels is not None:
+        print(f"labels: {', '.join(labels)}")
     rows = [(name, str(list(t.shape)), str(t.dtype).removeprefix("torch.")) for name, t in sorted(tensors.items())]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(("tensor", "shape", "dtype"))]
     print()
@@ -96,13 +99,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.train.run import CLI_ARGS
 
     metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter, base=args.base,
-                       arg_names=CLI_ARGS)
+                       per_class=True, arg_names=CLI_ARGS)
     if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        width = max(len(k) for k in metrics)
-        for key, value in metrics.items():
-            print(f"{key.ljust(width)}  {value:.4f}")
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+        return 0
+    per_class = metrics.pop("per_class", None)
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key.ljust(width)}  {value:.4f}")
+    if per_class:  # classification: each class by the name the adapter saved for it
+        width = max(len("class"), *(len(name) for name in per_class))
+        print(f"\n{'class'.ljust(width)}  precision  recall      f1  support")
+        for name, m in per_class.items():
+            print(f"{name.ljust(width)}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
     return 0
 
 
@@ -201,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a finished run's adapter (or fine-tuned model)",
                         description="Load the base model of a run, apply its adapter (not with --base), and print "
-                                    "the task's metrics on a split of the run's data.")
+                                    "the task's metrics on a split of the run's data (for classification also "
+                                    "each class's precision, recall and F1, by the names saved with the adapter).")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="output directory of `lorafit train`")
     ev.add_argument("--split", default="validation", choices=["train", "validation", "test"],
                     help="which split (default: validation)")

@@ -28,6 +28,11 @@ from lorafit.model import adapter_configs, adapter_parameters, attach, detach, l
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The class names of a classifier adapter's head, index i naming output i: a JSON list of strings.
+# PEFT and transformers read nothing from the adapter directory that sets a head's size or names, so
+# they live in a file of their own (a config.json here would make transformers take the directory
+# for a whole model and look for base weights in it).
+LABELS_NAME = "labels.json"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 
@@ -57,19 +62,53 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", *, as_plain_lora: bool = False
+    model: nn.Module, directory: str | os.PathLike, name: str = "default", *, as_plain_lora: bool = False,
+    labels: list[str] | None = None,
 ) -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` (created if needed).
 
     Each file is written to a temporary name and renamed into place, weights
     first, so an interrupted save leaves the previous adapter files intact.
 
+    A sequence-classification adapter (``task_type="SEQ_CLS"``) also gets ``labels.json``,
+    its class names in output order: ``labels`` if given, else the model's
+    ``config.id2label`` when that names every output of the adapter's head with
+    names of its own (not transformers' ``LABEL_0``, ...).
+
     ``as_plain_lora=True`` writes a PiSSA/OLoRA adapter as an ordinary LoRA of
     the *original* base weight (which those inits changed into a residual):
     ``s (B A - B0 A0) = s [B, -B0] [A; A0]``, so the rank doubles.
     """
     config, tensors = adapter_files(model, name, as_plain_lora=as_plain_lora)
-    return write_adapter(directory, config, tensors)
+    outputs = _head_outputs(model, name)
+    if labels is not None:
+        labels = check_labels(labels, "labels")
+        if outputs is not None and len(labels) != outputs:
+            raise ValueError(f"labels names {len(labels)} classes but the classifier head of adapter {name!r} "
+                             f"has {outputs} outputs")
+    elif config.task_type == "SEQ_CLS":
+        labels = _config_labels(model, outputs)
+    return write_adapter(directory, config, tensors, labels=labels)
+
+
+def _head_outputs(model: nn.Module, name: str) -> int | None:
+    """Outputs of the adapter's own linear head (a modules_to_save copy), else of the model's ``num_labels``."""
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.adapter_names and type(wrapper.modules_to_save[name]) is nn.Linear:
+            return wrapper.modules_to_save[name].out_features
+    return getattr(getattr(model, "config", None), "num_labels", None)
+
+
+def _config_labels(model: nn.Module, outputs: int | None) -> list[str] | None:
+    """The class names a transformers model's config gives its ``outputs`` head outputs, if it names them."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not isinstance(id2label, dict) or outputs is None or len(id2label) != outputs:
+        return None
+    try:
+        names = [str(id2label[i]) for i in range(outputs)]
+    except KeyError:
+        return None
+    return None if names == [f"LABEL_{i}" for i in range(outputs)] else names
 
 
 def adapter_files(model: nn.Module, name: str = "default", *, as_plain_lora: bool = False
@@ -89,15 +128,52 @@ def adapter_files(model: nn.Module, name: str = "default", *, as_plain_lora: boo
     return config, tensors
 
 
-def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write an adapter directory (PEFT format) from a config and PEFT-keyed tensors, atomically per file."""
+def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], *,
+                  labels: list[str] | None = None) -> Path:
+    """Write an adapter directory (PEFT format) from a config and PEFT-keyed tensors, atomically per file;
+    with ``labels`` (a classifier's class names, in output order) also ``labels.json``."""
     directory = Path(directory)
+    if labels is not None:
+        labels = check_labels(labels, "labels")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+    if labels is not None:
+        names = json.dumps(labels, ensure_ascii=False, indent=2) + "\n"
+        atomic_write(directory / LABELS_NAME, lambda path: Path(path).write_text(names, encoding="utf-8"))
+    else:  # names left from an earlier adapter saved here would name this one's outputs wrongly
+        (directory / LABELS_NAME).unlink(missing_ok=True)
     return directory
+
+
+def check_labels(labels, source: str) -> list[str]:
+    """Class names as ``labels.json`` holds them: a non-empty list of distinct strings."""
+    if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"{source} must be a non-empty list of class names (strings), got {labels!r}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{source} names a class twice: {list(labels)!r}")
+    return list(labels)
+
+
+def parse_labels(data: bytes, source: str = LABELS_NAME) -> list[str]:
+    """The class names in the bytes of a ``labels.json``."""
+    try:
+        labels = json.loads(data)
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise ValueError(f"{source} is not valid JSON: {exc}") from None
+    return check_labels(labels, source)
+
+
+def read_labels(directory: str | os.PathLike) -> list[str] | None:
+    """The class names saved beside an adapter (``labels.json``), or None for an adapter without them."""
+    path = Path(directory) / LABELS_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return parse_labels(data, str(path))
 
 
 def _as_plain_lora(model, name, config, tensors):

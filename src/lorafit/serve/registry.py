@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 import re
@@ -43,11 +42,10 @@ from torch import nn
 
 import lorafit
 from lorafit.batched import param_shapes
-from lorafit.io import CONFIG_NAME, WEIGHTS_NAME
+from lorafit.io import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, parse_labels
 from lorafit.model import saved_modules
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
-LABELS_NAME = "labels.json"
 FILES = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME)
 # File times come from a coarse clock (milliseconds; seconds on some file systems): a write in the
 # same tick as a look leaves them unchanged. Files changed this recently are compared by content.
@@ -186,25 +184,23 @@ class AdapterRegistry:
                 old = self._loaded.get(name)
                 if old is not None and old.retired:
                     old = None
-            if old is not None and only_if_changed and signature is not None and old.signature == signature:
-                if (kept := self._keep(old, signature, pin, take)) is not None:
-                    return kept
+            if (old is not None and only_if_changed and signature is not None and old.signature == signature
+                    and (kept := self._keep(old, signature, pin, take)) is not None):
+                return kept
             started = time.perf_counter()
             try:
                 files = self._read(name, path)
                 digest = hashlib.sha256(b"".join(hashlib.sha256(f or b"").digest() for f in files)).hexdigest()
-                if old is not None and old.digest == digest:
-                    if (kept := self._keep(old, signature, pin, take)) is not None:
-                        return kept
+                if old is not None and old.digest == digest and (kept := self._keep(old, signature, pin, take)):
+                    return kept
                 entry = self._new_version(name, files, digest, signature)
             except BadAdapter as exc:
                 with self._lock:
                     self.stats["load_failures"] += 1
                 log.warning("%s", exc)
-                if old is not None and only_if_changed:
-                    if (kept := self._keep(old, signature, None, take)) is not None:
-                        log.warning("adapter %r: serving the version loaded before until its files load", name)
-                        return kept
+                if old is not None and only_if_changed and (kept := self._keep(old, signature, None, take)):
+                    log.warning("adapter %r: serving the version loaded before until its files load", name)
+                    return kept
                 raise
             with self._lock:
                 previous = self._loaded.pop(name, None)
@@ -352,15 +348,7 @@ def _classes(model: nn.Module, internal: str) -> int | None:
 
 def _labels(data: bytes | None) -> list[str] | None:
     """Optional ``labels.json`` beside an adapter: the class names of its classifier head."""
-    if data is None:
-        return None
-    try:
-        labels = json.loads(data)
-    except ValueError as exc:
-        raise ValueError(f"{LABELS_NAME} is not valid JSON: {exc}") from None
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise ValueError(f"{LABELS_NAME} must hold a JSON list of label names")
-    return labels
+    return None if data is None else parse_labels(data)
 
 
 def _peek(path: Path) -> tuple[int | None, int | None]:

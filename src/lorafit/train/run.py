@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import lorafit
+from lorafit.io import LABELS_NAME
 from lorafit.train import allocator
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import distributed
@@ -591,8 +592,10 @@ def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
     Every process calls this (FSDP shards are gathered collectively); process 0 writes."""
     if prep.config.train.method == "lora":
         config, tensors = lorafit.adapter_files(prep.model)
+        # labels.json: serve, eval and PEFT users learn the head's class names from the adapter alone
+        labels = [str(v) for v in prep.labels] if prep.labels is not None else None
         if dist.is_main:
-            ckpt.publish_dir(lambda tmp: lorafit.write_adapter(tmp, config, tensors), out / "adapter")
+            ckpt.publish_dir(lambda tmp: lorafit.write_adapter(tmp, config, tensors, labels=labels), out / "adapter")
     else:
         state_dict = None
         if dist.fsdp:  # gathered shard by shard into process 0's CPU memory
@@ -622,6 +625,8 @@ def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike |
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a lorafit run directory (no {CONFIG_FILE})")
     config = load_config(config_path, overrides, overrides_source=names.overrides)
+    if config.task.type == "classification":
+        _use_saved_labels(config, run_dir, Path(adapter) if adapter is not None else run_dir / "adapter")
     fine_tuned = config.train.method == "full" and adapter is None and not base
     if fine_tuned:
         model_dir = run_dir / "model"
@@ -637,11 +642,27 @@ def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike |
     return prep
 
 
+def _use_saved_labels(config: RunConfig, run_dir: Path, adapter_dir: Path) -> None:
+    """Class names in the order the trained head has them: the adapter's ``labels.json``, else (adapters
+    saved without one) the run's ``data.json``. Labels read from the data again could come out in
+    another order (the training file changed) and silently misname every output."""
+    saved, source = lorafit.read_labels(adapter_dir), adapter_dir / LABELS_NAME
+    if saved is None and (run_dir / "data.json").is_file():
+        saved, source = json.loads((run_dir / "data.json").read_text()).get("labels"), run_dir / "data.json"
+    if saved is None:
+        return  # nothing saved: the labels of the training file, as training saw them
+    if config.data.labels is not None and [str(v) for v in config.data.labels] != [str(v) for v in saved]:
+        raise ValueError(f"data.labels = {config.data.labels} differs from the class names the adapter was trained "
+                         f"with ({source}: {saved}); drop the data.labels setting")
+    config.data.labels = list(saved)
+
+
 def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=None,
              adapter: str | os.PathLike | None = None, base: bool = False,
-             arg_names: ArgNames = PYTHON_ARGS) -> dict[str, float]:
+             per_class: bool = False, arg_names: ArgNames = PYTHON_ARGS) -> dict[str, Any]:
     """Metrics of a finished run's adapter (or fine-tuned model) on ``split``; with ``base``, of the model the
-    run started from, without the adapter (what the run gained is the difference)."""
+    run started from, without the adapter (what the run gained is the difference). For classification,
+    ``per_class`` adds ``"per_class": {class name: {"precision", "recall", "f1", "support"}}``."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if base and adapter is not None:
@@ -651,7 +672,9 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
         raise ValueError(f"the run's config has no {split} data; set it, e.g. "
                          f"{arg_names.set_one.format(f'data.{split}=FILE')}")
     features = encode_split(prep, split)
-    return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep))
+    extra = {"per_class": True} if per_class and prep.config.task.type == "classification" else {}
+    return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep),
+                              **extra)
 
 
 def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,

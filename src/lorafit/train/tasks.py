@@ -142,7 +142,8 @@ class Classification(Task):
         return nn.functional.cross_entropy(self.logits(model, batch).float(), batch["labels"], reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
+    def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE,
+                 per_class: bool = False) -> dict[str, Any]:
         model.eval()
         preds, gold, loss = [], [], 0.0
         for idx in self._eval_batches(features, batch_size, dist, device):
@@ -157,8 +158,24 @@ class Classification(Task):
         parts = dist.gather_objects((preds, gold, loss))
         preds, gold = [p for part in parts for p in part[0]], [g for part in parts for g in part[1]]
         loss = sum(part[2] for part in parts)
-        return {"eval_loss": loss / len(gold), "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(gold),
-                "macro_f1": macro_f1(preds, gold, len(self.label_ids))}
+        metrics: dict[str, Any] = {"eval_loss": loss / len(gold),
+                                   "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(gold),
+                                   "macro_f1": macro_f1(preds, gold, len(self.label_ids))}
+        if per_class:
+            metrics["per_class"] = class_report(preds, gold, list(self.label_ids))
+        return metrics
+
+
+def class_report(preds: list[int], gold: list[int], names: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support (gold rows) of each class, by its name."""
+    report = {}
+    for c, name in enumerate(names):
+        tp = sum(p == c and g == c for p, g in zip(preds, gold))
+        predicted, support = sum(p == c for p in preds), sum(g == c for g in gold)
+        precision, recall = tp / predicted if predicted else 0.0, tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        report[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return report
 
 
 def macro_f1(preds: list[int], gold: list[int], n_classes: int) -> float:
