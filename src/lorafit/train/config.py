@@ -34,7 +34,7 @@ TASKS = ("classification", "causal_lm", "seq2seq")
 METHODS = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
-FORMATS = ("auto", "jsonl", "csv", "tsv")
+FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet")
 DISTRIBUTED = ("ddp", "fsdp")
 MODEL_DROPOUTS = ("torch", "hashed")
 QUANTIZE_BITS = (0, 4, 8)
@@ -50,11 +50,23 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    # a file (.jsonl, .json, .csv, .tsv, .parquet) or a Hugging Face hub data set "owner/name" (its split named
+    # like the setting: train / validation / test; "owner/name:split" picks another), read when online
     train: str = ""
     validation: str | None = None
     test: str | None = None
     validation_fraction: float = 0.0  # held out of train when no validation file is given
-    format: str = "auto"  # from the file extension: .jsonl/.json, .csv, .tsv
+    format: str = "auto"  # from the file extension: .jsonl, .json, .csv, .tsv, .parquet
+    # Where the Arrow copies of the files and the tokenized rows are kept between runs (a changed file,
+    # tokenizer, max_length or field mapping is tokenized again); default $HF_DATASETS_CACHE, else
+    # ~/.cache/lorafit/datasets
+    cache_dir: str | None = None
+    # Read the training rows as the run goes instead of converting and tokenizing them first: for data larger
+    # than memory or disk. Needs train.max_steps (the rows are not counted), data.labels for classification,
+    # and a validation file (not validation_fraction); not with task.packing. Rows are shuffled in a buffer of
+    # shuffle_buffer rows, and grouped by length within each 50 batches.
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
     # classification
     text_field: str = "text"
     text_pair_field: str | None = None
@@ -205,7 +217,7 @@ class RunConfig:
             bad("data.validation_fraction", f"must be >= 0 and < 1, got {self.data.validation_fraction}")
         for key in ("task.max_length", "task.max_target_length", "task.max_new_tokens", "train.epochs",
                     "train.batch_size", "train.eval_batch_size", "train.eval_batch_tokens", "train.grad_accum",
-                    "train.log_every"):
+                    "train.log_every", "data.shuffle_buffer"):
             if self.get(key) < 1:
                 bad(key, f"must be >= 1, got {self.get(key)}")
         for key in ("task.generate_rows", "train.max_steps", "train.warmup_steps", "train.eval_every",

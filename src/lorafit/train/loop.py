@@ -15,9 +15,10 @@ process would take with the same batch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
-from lorafit.train.data import epoch_batches, steps_per_epoch
+from lorafit.train.data import steps_per_epoch, train_batches
 from lorafit.train.distributed import SINGLE, Distributed, full_tensor
 from lorafit.train.metrics import MetricsLog
 from lorafit.train.tasks import Task
@@ -99,8 +100,8 @@ def autocast_for(device: torch.device, bf16: bool) -> Callable[[], contextlib.Ab
 def fit(
     model: nn.Module,
     task: Task,
-    train_features: list[dict],
-    eval_features: list[dict],
+    train_features: Sequence[dict],
+    eval_features: Sequence[dict],
     t: TrainSection,
     device: torch.device,
     run_dir: Path,
@@ -126,7 +127,6 @@ def fit(
     if state.finished:
         return state
     autocast = autocast_for(device, t.bf16)
-    lengths = [len(f["input_ids"]) for f in train_features]
     params = [p for p in model.parameters() if p.requires_grad]
     greater = task.greater_is_better(metric)
     evaluating = bool(eval_features)
@@ -163,10 +163,10 @@ def fit(
     session_clock = [time.perf_counter()]
     wrapped.train()
     while state.step < total and not state.stopped_early:
-        batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
-        while state.batch_in_epoch < len(batches) and state.step < total:
-            window = [_micro_batch(task, train_features, dist.shard(idx), idx)
-                      for idx in batches[state.batch_in_epoch:state.batch_in_epoch + t.grad_accum]]
+        batches = _Lookahead(train_batches(train_features, t.batch_size, t.seed, state.epoch, t.group_by_length,
+                                           skip=state.batch_in_epoch))
+        while batches.more() and state.step < total:
+            window = [_micro_batch(task, rows, dist) for rows in batches.take(t.grad_accum)]
             local_units = sum(task.num_units(b) for b, real in window if real)
             units = int(dist.all_reduce_sum([local_units], device)[0])
             step_loss, step_tokens = 0.0, 0
@@ -222,7 +222,7 @@ def fit(
                 break
         if state.stopped_early:
             break
-        if state.batch_in_epoch >= len(batches):
+        if not batches.more():
             state.epoch += 1
             state.batch_in_epoch = 0
             if evaluating and not t.eval_every:
@@ -237,11 +237,27 @@ def fit(
     return state
 
 
-def _micro_batch(task: Task, features: list[dict], mine: list[int], whole: list[int]) -> tuple[dict, bool]:
+def _micro_batch(task: Task, rows: list[dict], dist: Distributed) -> tuple[dict, bool]:
     """This process's rows of a global micro-batch, collated; (a row of it, False) when it has none."""
+    mine = dist.shard(rows)
     if mine:
-        return task.collate([features[i] for i in mine]), True
-    return task.collate([features[whole[0]]]), False
+        return task.collate(mine), True
+    return task.collate(rows[:1]), False
+
+
+class _Lookahead:
+    """An epoch's batches, read as needed, knowing whether another one follows (the epoch's end)."""
+
+    def __init__(self, batches: Iterator[list[dict]]) -> None:
+        self.batches, self.next = batches, list(itertools.islice(batches, 1))
+
+    def more(self) -> bool:
+        return bool(self.next)
+
+    def take(self, n: int) -> list[list[dict]]:
+        out = self.next + list(itertools.islice(self.batches, n - len(self.next)))
+        self.next = list(itertools.islice(self.batches, 1))
+        return out
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

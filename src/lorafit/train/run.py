@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,12 @@ from lorafit.train import allocator
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import distributed
 from lorafit.train.config import RunConfig, load_config
-from lorafit.train.data import Splits, label_set, load_splits
+from lorafit.train.data import Splits, StreamedFeatures, label_set, load_splits, streamed
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import fit, total_steps
 from lorafit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves, read_metrics
 from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, resolve_model
-from lorafit.train.tasks import Task, build_task
+from lorafit.train.tasks import Task, build_task, encode_dataset
 
 CONFIG_FILE = "config.toml"
 RUN_MARKERS = (CONFIG_FILE, "checkpoints", "summary.json", "metrics.jsonl")
@@ -130,18 +130,24 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     return Prepared(config, source, model, tokenizer, task, splits, labels, device)
 
 
-def encode_split(prep: Prepared, split: str) -> list[dict]:
+def encode_split(prep: Prepared, split: str) -> Sequence[dict]:
+    """The split's examples in tokens: an Arrow-backed FeatureTable (tokenized once, cached between runs), a
+    StreamedFeatures for a streamed training split, or [] when the split has no data."""
     rows = getattr(prep.splits, split)
-    if not rows:
+    if streamed(rows):
+        t = prep.config.train
+        return StreamedFeatures(rows, lambda chunk: prep.task.encode(chunk, split).features,
+                                t.max_steps * t.batch_size * t.grad_accum, prep.config.data.shuffle_buffer)
+    if not len(rows):
         return []
-    encoded = prep.task.encode(rows, split)
-    if encoded.skipped:
-        print(f"lorafit: {encoded.skipped} of {len(rows)} {split} rows skipped: no response token fits into "
+    features, skipped = encode_dataset(prep.task, rows, split)
+    if skipped:
+        print(f"lorafit: {skipped} of {len(rows)} {split} rows skipped: no response token fits into "
               f"task.max_length = {prep.config.task.max_length}")
-    if not encoded.features:
+    if not len(features):
         raise ValueError(f"{prep.splits.sources[split]}: no usable {split} rows (empty data set after encoding; "
                          f"task.max_length = {prep.config.task.max_length})")
-    return encoded.features
+    return features
 
 
 def lora_config_for(prep: Prepared) -> lorafit.LoraConfig:

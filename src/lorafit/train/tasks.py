@@ -16,6 +16,8 @@ optimizer step: accumulated micro-batches then equal one large batch.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorafit.train.config import RunConfig
-from lorafit.train.data import eval_batches
+from lorafit.train.data import FeatureTable, eval_batches, lengths_of, rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 
 IGNORE = -100
@@ -43,7 +45,66 @@ class Encoded:
     skipped: int = 0  # rows that could not fit a single target token into max_length
 
 
-def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> "Task":
+ENCODING_VERSION = 1  # part of the tokenization cache key: bump when encode_batch changes what it writes
+
+
+def encode_dataset(task: Task, rows, split: str) -> tuple[FeatureTable, int]:
+    """``rows`` (a datasets.Dataset) tokenized by ``Dataset.map``, cached beside the rows' Arrow file under a
+    key made of the rows' own fingerprint and everything that changes the tokens (Task.cache_key), so a
+    second run with the same inputs reads the tokens back. Returns the table and the rows it skipped."""
+    import datasets
+
+    kind = "train" if split == "train" else "evaluation"
+    key = hashlib.sha256(repr((rows._fingerprint, task.cache_key(kind), ENCODING_VERSION)).encode()).hexdigest()
+    probe = task.encode_batch(rows[:1], split)  # the columns it writes
+    features = datasets.Features({name: _FEATURE_TYPES[name] for name in probe})
+    encoded = rows.map(task.encode_batch, fn_kwargs={"split": split}, batched=True, batch_size=1000,
+                       remove_columns=rows.column_names, features=features, new_fingerprint=key[:32],
+                       desc=f"tokenizing the {split} rows")
+    return FeatureTable(encoded), len(rows) - len(encoded)
+
+
+def _feature_types() -> dict[str, Any]:
+    try:
+        from datasets import List, Value
+    except ImportError:  # encode_dataset is then never called
+        return {}
+    ids = List(Value("int32"))  # token ids and -100 fit, at half the bytes of int64
+    return {"input_ids": ids, "labels": ids, "prompt_ids": ids, "token_type_ids": List(Value("int8")),
+            "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string"))}
+
+
+_FEATURE_TYPES = _feature_types()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What decides the tokens a tokenizer makes: its whole definition (the fast tokenizer's JSON, which holds
+    the vocabulary, normalizer and post-processor), special tokens and chat template."""
+    h = hashlib.sha256(type(tok).__name__.encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        from datasets.fingerprint import Hasher
+
+        h.update(Hasher.hash(tok).encode())
+    for name in ("special_tokens_map", "chat_template", "add_bos_token", "add_eos_token", "padding_side"):
+        h.update(repr(getattr(tok, name, None)).encode())
+    return h.hexdigest()
+
+
+def columns_to_rows(batch: dict[str, list]) -> list[dict]:
+    """A columnar batch (Dataset.map) as row dicts; a null is a field the row does not have."""
+    keys = list(batch)
+    return [{k: v for k, v in zip(keys, values) if v is not None} for values in zip(*batch.values())]
+
+
+def rows_to_columns(rows: list[dict], fields: list[str] | None = None) -> dict[str, list]:
+    fields = fields or list(dict.fromkeys(k for r in rows for k in r))
+    return {f: [r.get(f) for r in rows] for f in fields}
+
+
+def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task:
     kind = config.task.type
     cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq}[kind]
     return cls(config, tokenizer, labels)
@@ -58,6 +119,27 @@ class Task:
         self.tok = tokenizer
         self.labels = labels
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._tokenizer_key: str | None = None
+
+    def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
+        """Rows as columns (``Dataset.map(batched=True)``) -> encoded examples as columns, each with its
+        "length" (tokens); rows that cannot be used are left out. Every column is there, even when empty."""
+        raise NotImplementedError
+
+    def encode(self, rows: list[dict], split: str) -> Encoded:
+        """The same for a list of rows: a list of features."""
+        out = self.encode_batch(rows_to_columns(rows), split)
+        features = columns_to_rows({k: v for k, v in out.items() if k != "length"})
+        return Encoded(features, len(rows) - len(features))
+
+    def cache_key(self, kind: str) -> tuple:
+        """Everything an encoded example depends on besides the row: a change re-tokenizes (encode_dataset)."""
+        if self._tokenizer_key is None:
+            self._tokenizer_key = tokenizer_fingerprint(self.tok)
+        d, t = self.config.data, self.config.task
+        return (type(self).__name__, kind, t.max_length, t.max_target_length, t.max_new_tokens, bool(t.generate_rows),
+                d.text_field, d.text_pair_field, d.label_field, d.instruction_field, d.input_field, d.output_field,
+                d.messages_field, d.instruction, d.reference_fields, repr(self.labels), self._tokenizer_key)
 
     @staticmethod
     def greater_is_better(metric: str) -> bool:
@@ -78,12 +160,13 @@ class Task:
     def _target_text(self, row: dict) -> str:
         """The output field, or for an evaluation row that has only references, the first of them."""
         d = self.config.data
-        field = d.output_field if d.output_field in row or not d.reference_fields else d.reference_fields[0]
+        field = d.output_field if row.get(d.output_field) is not None or not d.reference_fields \
+            else d.reference_fields[0]
         return str(row[field])
 
     def _references(self, row: dict) -> list[str]:
         """What ROUGE scores against: the row's data.reference_fields, or else its target."""
-        refs = [str(row[f]) for f in self.config.data.reference_fields or () if f in row]
+        refs = [str(row[f]) for f in self.config.data.reference_fields or () if row.get(f) is not None]
         return refs or [self._target_text(row)]
 
     def num_units(self, batch: dict[str, torch.Tensor]) -> int:
@@ -94,7 +177,7 @@ class Task:
         """This process's evaluation batches (indices into ``features``). Under FSDP every process must run
         the same number of forwards, so the short ones get ``None`` batches: run, then ignored."""
         mine = dist.shard(list(range(len(features))))
-        lengths = [len(features[i]["input_ids"]) for i in mine]
+        lengths = lengths_of(features)[mine].tolist()
         batches = [[mine[i] for i in b] for b in eval_batches(lengths, batch_size, self.config.train.eval_batch_tokens)]
         if dist.fsdp:
             batches += [None] * (int(dist.all_reduce_max(len(batches), device)) - len(batches))
@@ -113,18 +196,23 @@ class Classification(Task):
         super().__init__(config, tokenizer, labels)
         self.label_ids = {str(v): i for i, v in enumerate(labels or [])}
 
-    def encode(self, rows: list[dict], split: str) -> Encoded:
+    def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         d = self.config.data
-        texts = [str(r[d.text_field]) for r in rows]
-        pairs = [str(r[d.text_pair_field]) for r in rows] if d.text_pair_field else None
+        texts = [str(t) for t in batch[d.text_field]]
+        pairs = [str(t) for t in batch[d.text_pair_field]] if d.text_pair_field else None
         enc = self.tok(texts, pairs, truncation=True, max_length=self.config.task.max_length)
-        features = []
-        for i, row in enumerate(rows):
-            f = {"input_ids": enc["input_ids"][i], "label": self.label_ids[str(row[d.label_field])]}
-            if "token_type_ids" in enc:
-                f["token_type_ids"] = enc["token_type_ids"][i]
-            features.append(f)
-        return Encoded(features)
+        out = {"input_ids": enc["input_ids"], "label": [self._label_id(v) for v in batch[d.label_field]],
+               "length": [len(ids) for ids in enc["input_ids"]]}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    def _label_id(self, value: Any) -> int:
+        try:
+            return self.label_ids[str(value)]
+        except KeyError:  # only a streamed split gets here: the others were checked whole (data.label_set)
+            raise ValueError(f"label {value!r} ({self.config.data.label_field!r}) is not in the label set "
+                             f"{list(self.label_ids)} (data.labels)") from None
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         ids = self._pad([f["input_ids"] for f in feats], self.pad_id)
@@ -147,7 +235,7 @@ class Classification(Task):
         model.eval()
         preds, gold, loss = [], [], 0.0
         for idx in self._eval_batches(features, batch_size, dist, device):
-            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx or [0]]).items()}
+            batch = {k: v.to(device) for k, v in self.collate(rows_at(features, idx or [0])).items()}
             with autocast():
                 logits = self.logits(model, batch).float()
             if idx is None:
@@ -213,7 +301,7 @@ class _Generative(Task):
         model.eval()
         loss, units = 0.0, 0
         for idx in self._eval_batches(features, batch_size, dist, device):
-            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx or [0]]).items()}
+            batch = {k: v.to(device) for k, v in self.collate(rows_at(features, idx or [0])).items()}
             with autocast():
                 batch_loss = self.loss_sum(model, batch).item()
             if idx is not None:
@@ -224,7 +312,7 @@ class _Generative(Task):
         out["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
         n = self.config.task.generate_rows
         if n:
-            rows = dist.shard([f for f in features if f.get("reference") is not None][:n])
+            rows = dist.shard(list(itertools.islice((f for f in features if f.get("reference") is not None), n)))
             prompts = [f["prompt_ids"] for f in rows]
             if dist.fsdp:  # same number of generate calls everywhere; the extra outputs are dropped
                 most = int(dist.all_reduce_max(len(prompts), device))
@@ -255,9 +343,6 @@ class CausalLM(_Generative):
         return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                             add_generation_prompt=generation_prompt)
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
-
     def messages(self, row: dict) -> list[dict]:
         d = self.config.data
         if d.messages_field:
@@ -267,8 +352,12 @@ class CausalLM(_Generative):
 
     def encode_messages(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """Token ids and labels: each assistant turn's tokens are labels, everything else IGNORE."""
-        ids: list[int] = []
-        labels: list[int] = []
+        pieces = self._pieces(messages)
+        return self._join(pieces, self._ids_many([text for text, _ in pieces]))
+
+    def _pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The conversation's text in pieces, in order: (context, False), (assistant turn, True), ..."""
+        pieces: list[tuple[str, bool]] = []
         done = ""  # the text rendered so far
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -279,32 +368,60 @@ class CausalLM(_Generative):
                 raise ValueError("the chat template does not render a conversation as a prefix of its "
                                  "continuation, so response tokens cannot be told apart; set a simpler "
                                  "tokenizer chat template")
-            context = self._ids(prompt[len(done):])
-            response = self._ids(full[len(prompt):])
-            ids += context + response
-            labels += [IGNORE] * len(context) + response
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
-        return ids, labels
+        return pieces
 
-    def encode(self, rows: list[dict], split: str) -> Encoded:
-        max_len = self.config.task.max_length
-        features, skipped = [], 0
-        for row in rows:
+    def _ids_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts in one call to the tokenizer (a fast one works through them in parallel)."""
+        if not texts:
+            return []
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    @staticmethod
+    def _join(pieces: list[tuple[str, bool]], ids: list[list[int]]) -> tuple[list[int], list[int]]:
+        out: list[int] = []
+        labels: list[int] = []
+        for (text, response), piece in zip(pieces, ids):
+            piece = piece if text else []
+            out += piece
+            labels += piece if response else [IGNORE] * len(piece)
+        return out, labels
+
+    def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
+        t = self.config.task
+        max_len = t.max_length
+        generating = split != "train"
+        plans = []  # per row: (messages, pieces, the generation prompt or None)
+        texts: list[str] = []
+        for row in columns_to_rows(batch):
             messages = self.messages(row)
-            ids, labels = self.encode_messages(messages)
+            pieces = self._pieces(messages)
+            prompt = self._render(messages[:-1], generation_prompt=True) \
+                if generating and messages[-1]["role"] == "assistant" else None
+            plans.append((row, messages, pieces, prompt))
+            texts += [text for text, _ in pieces] + ([prompt] if prompt is not None else [])
+        all_ids = iter(self._ids_many(texts))
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+        if generating:
+            out["prompt_ids"], out["reference"] = [], []
+        for row, messages, pieces, prompt in plans:
+            ids, labels = self._join(pieces, [next(all_ids) for _ in pieces])
+            prompt_ids = next(all_ids) if prompt is not None else None
             ids, labels = ids[:max_len], labels[:max_len]
             if all(x == IGNORE for x in labels[1:]):
-                skipped += 1
-                continue
-            f: dict[str, Any] = {"input_ids": ids, "labels": labels}
-            if split != "train" and messages[-1]["role"] == "assistant":
-                prompt_ids = self._ids(self._render(messages[:-1], generation_prompt=True))
-                if len(prompt_ids) + self.config.task.max_new_tokens <= max_len or not self.config.task.generate_rows:
-                    f["prompt_ids"] = prompt_ids
-                    chat = self.config.data.messages_field
-                    f["reference"] = [messages[-1]["content"]] if chat else self._references(row)
-            features.append(f)
-        return Encoded(features, skipped)
+                continue  # no response token fits
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
+            if generating:
+                usable = prompt_ids is not None and (len(prompt_ids) + t.max_new_tokens <= max_len
+                                                     or not t.generate_rows)
+                chat = self.config.data.messages_field
+                out["prompt_ids"].append(prompt_ids if usable else None)
+                out["reference"].append(([messages[-1]["content"]] if chat else self._references(row)) if usable
+                                        else None)
+        return out
 
     def _target_count(self, labels: torch.Tensor) -> torch.Tensor:
         return (labels[:, 1:] != IGNORE).sum()  # the first token is never predicted
@@ -315,8 +432,9 @@ class CausalLM(_Generative):
         those positions a block-diagonal causal mask: no example attends to another (check_packing)."""
         rooms: list[tuple[int, int]] = []  # (tokens left, sequence), sorted
         packs: list[list[int]] = []
-        for i in sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"])):
-            n = len(features[i]["input_ids"])
+        lengths = lengths_of(features).tolist()
+        for i in sorted(range(len(features)), key=lambda i: -lengths[i]):
+            n = lengths[i]
             k = bisect.bisect_left(rooms, (n, -1))
             if k == len(rooms):
                 packs.append([])
@@ -328,10 +446,10 @@ class CausalLM(_Generative):
         out = []
         for pack in packs:
             f: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-            for i in pack:
-                ids = features[i]["input_ids"]
+            for example in rows_at(features, pack):
+                ids = example["input_ids"]
                 f["input_ids"] += ids
-                f["labels"] += [IGNORE] + features[i]["labels"][1:]  # not predicted from the example before
+                f["labels"] += [IGNORE] + example["labels"][1:]  # not predicted from the example before
                 f["position_ids"] += list(range(len(ids)))
             out.append(f)
         return out
@@ -457,19 +575,19 @@ class Seq2Seq(_Generative):
             ids = ids[: max_len - 1] + [eos]
         return ids
 
-    def encode(self, rows: list[dict], split: str) -> Encoded:
+    def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         t = self.config.task
+        rows = columns_to_rows(batch)
         sources = [self._prompt_text(r) for r in rows]
         targets = [self._target_text(r) for r in rows]
         src = self.tok(sources, truncation=True, max_length=t.max_length)["input_ids"]
         tgt = self.tok(targets, truncation=True, max_length=t.max_target_length)["input_ids"]
-        features = []
-        for s, y, row in zip(src, tgt, rows):
-            f = {"input_ids": self._with_eos(s, t.max_length), "labels": self._with_eos(y, t.max_target_length)}
-            if split != "train":
-                f["prompt_ids"], f["reference"] = f["input_ids"], self._references(row)
-            features.append(f)
-        return Encoded(features)
+        ids = [self._with_eos(s, t.max_length) for s in src]
+        out = {"input_ids": ids, "labels": [self._with_eos(y, t.max_target_length) for y in tgt],
+               "length": [len(i) for i in ids]}
+        if split != "train":
+            out["prompt_ids"], out["reference"] = ids, [self._references(r) for r in rows]
+        return out
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         labels = batch["labels"]
