@@ -248,3 +248,24 @@ def test_a_tokenizer_without_a_pad_token_gets_one(setup, tmp_path):
     result = train(setup / "run.toml", {"output_dir": str(tmp_path / "out"), "train.max_steps": 2}, model=model,
                    tokenizer=tok, progress=False)
     assert tok.pad_token == "<eos>" and result["steps"] == 2
+
+
+def test_a_quantized_or_fully_tuned_model_says_what_a_second_run_starts_from(setup, tmp_path):
+    model = bert_classifier(setup, 2)
+    short = {"train.max_steps": 2, "model.quantize": 4}
+    train(setup / "run.toml", {"output_dir": str(tmp_path / "q1"), **short}, model=model, progress=False)
+    train(setup / "run.toml", {"output_dir": str(tmp_path / "q2"), **short}, model=model, progress=False)
+    a, b = adapter_tensors(tmp_path / "q1"), adapter_tensors(tmp_path / "q2")
+    for key in a:  # the base stays in NF4 and is not quantized twice: the same run again
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"model= was quantized by an earlier train\(\) \(model.quantize = 4\).*"
+                                         "keep model.quantize = 4 or load the model again"):
+        train(setup / "run.toml", {"output_dir": str(tmp_path / "q3"), "train.max_steps": 2}, model=model)
+    assert not (tmp_path / "q3").exists()
+
+    full = bert_classifier(setup, 2)
+    train(setup / "run.toml", {"output_dir": str(tmp_path / "f1"), "train.max_steps": 2, "train.method": "full"},
+          model=full, progress=False)
+    with pytest.warns(UserWarning, match=r"fine-tuned in full by an earlier train\(\); this run starts from those"):
+        train(setup / "run.toml", {"output_dir": str(tmp_path / "f2"), "train.max_steps": 2}, model=full,
+              progress=False)
