@@ -147,6 +147,12 @@ def test_csv_to_predictions_by_class_name(trained, tmp_path, capsys):
         theirs = peft_model(**tok(texts, padding=True, return_tensors="pt")).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert [peft_model.config.id2label[i] for i in theirs.argmax(-1).tolist()] == expected
+    # transformers' own loading of an adapter directory takes the same argument
+    native = transformers.AutoModelForSequenceClassification.from_pretrained(
+        adapter, id2label=dict(enumerate(labels))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(native(**tok(texts, padding=True, return_tensors="pt")).logits, ours,
+                                   atol=1e-5, rtol=0)
 
     # lorafit merge: a plain transformers model whose config names the classes
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
