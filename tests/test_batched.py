@@ -98,6 +98,54 @@ def test_stacks_follow_added_removed_and_reloaded_adapters(mixed_model, tmp_path
         torch.testing.assert_close(mixed_model(ids, image), first, **TOL)
 
 
+def test_stacks_through_churn_equal_rows_alone():
+    """Adapters attached, detached and changed one at a time (slots freed and reused, a reused slot
+    taking a lower rank, the stack growing): after each change the mixed batch equals rows alone, and
+    an adapter added within the stack's capacity is written into the stack in place, not rebuilt."""
+    torch.manual_seed(1)
+    model = Mixed().eval()
+    rnd = torch.Generator().manual_seed(2)
+    ids, image = mixed_inputs(batch=6)
+
+    def attach(name, r):
+        lorafit.attach(model, lorafit.LoraConfig(r=r, lora_alpha=r + 1, target_modules=ALL_KINDS), name,
+                       activate=False)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if f".{name}." in key or key.endswith(f".{name}"):
+                    p.copy_(torch.randn(p.shape, generator=rnd) * 0.3)
+
+    for i in range(4):
+        attach(f"n{i}", 4)
+    in_place = 0
+    for step in range(16):
+        names = lorafit.adapter_configs(model)
+        stack = model.proj.__dict__.get("_lorafit_row_stacks")
+        if step % 3 == 2 and len(names) > 2:
+            lorafit.detach(model, list(names)[step % len(names)])
+        elif step % 4 == 3:  # new values in place, as an optimizer step or a copy_ would write them
+            with torch.no_grad():
+                model.proj.factors_b[list(names)[0]].mul_(-2)
+        else:
+            attach(f"m{step}", (1, 2, 4)[step % 3])  # never above rank 4: the layout stays
+        rows = list(lorafit.adapter_configs(model))[:5] + [None]
+        with torch.no_grad():
+            with adapter_per_row(model, rows):
+                mixed = model(ids, image)
+            alone = _alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
+        torch.testing.assert_close(mixed, alone, **TOL)
+        after = model.proj.__dict__["_lorafit_row_stacks"]
+        in_place += stack is not None and after.stack is stack.stack
+    assert in_place >= 6
+    attach("big", 9)  # a higher rank than the stack holds: a new layout, still right
+    rows = ["big", None, *list(lorafit.adapter_configs(model))[:4]]
+    with torch.no_grad():
+        with adapter_per_row(model, rows):
+            mixed = model(ids, image)
+        alone = _alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
+    torch.testing.assert_close(mixed, alone, **TOL)
+
+
 def test_refusals(mixed_model):
     ids, image = mixed_inputs(batch=4)
     with pytest.raises(ValueError, match="4 rows|batch of"):

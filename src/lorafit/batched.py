@@ -21,8 +21,10 @@ grouped convolution (a group per row) and ``B`` as a batched matmul;
 ``modules_to_save`` copies that are ``nn.Linear`` / ``nn.Embedding`` are
 stacked the same way (other modules run once per distinct copy, on their rows).
 
-The stacks are cached on each layer and rebuilt when the layer's adapters are
-added, removed, replaced or changed (a tensor's version counter or storage moves).
+The stacks are cached on each layer and updated when the layer's adapters are
+added, removed, replaced or changed (a tensor's version counter or storage moves):
+only the slots of added or changed adapters are written, a removed one's slot is
+reused, so a server loading adapters under traffic does not copy them all again.
 A layer checks its stacks and gathers its rows' factors once per block, in its
 first forward, so decoding inside ``generate`` pays nothing per step, and on a GPU
 this CPU work overlaps the device's work on the layers before (done on entering
@@ -41,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
@@ -114,34 +117,71 @@ def _cached(module: nn.Module, key: tuple, build):
     return value
 
 
+@dataclass
+class _LayerStacks:
+    """A LoRA layer's stacked factors, with what each slot was built from: a change of the layer's
+    adapters rewrites only the slots of the adapters added or changed (a server that loads and
+    unloads adapters under traffic would otherwise copy every adapter of every layer each time)."""
+
+    key: tuple  # of all factors, as ``_key``: equal means nothing to do
+    slots: dict[str, int]
+    parts: dict[str, tuple]  # name -> what its slot holds (factors' id, version, storage; scale)
+    stack: torch.Tensor  # (capacity + 1, |A| + |B|); free slots hold stale rows no row maps to
+    shapes: tuple
+
+
 def _layer_stacks(layer: LoraLayer, names: list[str]):
     """(slot of each adapter name, SA and SB side by side, their shapes) for a LoRA layer, cached."""
     # Every layer is checked in every block: read the ParameterDicts' own dicts (by name, in
     # insertion order), since their [] costs about a microsecond per factor.
     factors = [*layer.factors_a._parameters.values(), *layer.factors_b._parameters.values()]
     key = _key(factors, tuple(layer.scaling.items()))
-    return _cached(layer, key, lambda: _build_layer_stacks(layer, names))
+    cached = layer.__dict__.get(_STACKS)
+    if cached is None or cached.key != key:
+        with torch.no_grad():
+            cached = _update_layer_stacks(layer, names, cached, key)
+        layer.__dict__[_STACKS] = cached
+    return cached.slots, cached.stack, cached.shapes
 
 
-def _build_layer_stacks(layer: LoraLayer, names: list[str]):
+def _update_layer_stacks(layer: LoraLayer, names: list[str], old: _LayerStacks | None, key: tuple) -> _LayerStacks:
     r = max(layer.rank[n] for n in names)
     dtype = layer.factors_a[names[0]].dtype
     for n in names:
         dtype = torch.promote_types(dtype, layer.factors_a[n].dtype)
     a0, b0 = layer.factors_a[names[0]], layer.factors_b[names[0]]
-    device = a0.device
-    slots = {n: i + 1 for i, n in enumerate(names)}
     if isinstance(layer, Embedding):
         shapes = (a0.shape[1], r), (r, b0.shape[0])  # lookup tables A^T
     elif isinstance(layer, Conv):
         shapes = (r, *a0.shape[1:]), (b0.shape[0], r)  # conv weights; pointwise B (d_out, r)
     else:  # A kept (r, d_in): MKL runs bmm(x, A^T) about 2x faster from this layout than from A^T stored
         shapes = (r, a0.shape[1]), (r, b0.shape[0])
-    # SA and SB side by side in one tensor: one gather per layer fetches both
-    stack = torch.zeros(len(names) + 1, sum(math.prod(s) for s in shapes), dtype=dtype, device=device)
+    # what each adapter's slot must hold, from ``key`` (ids, versions, storages of all A, then all B)
+    _, ids, versions, ptrs = key
+    a_names, b_names = list(layer.factors_a._parameters), list(layer.factors_b._parameters)
+    of = dict(zip(a_names, zip(ids, versions, ptrs)))
+    of_b = dict(zip(b_names, zip(ids[len(a_names):], versions[len(a_names):], ptrs[len(a_names):])))
+    parts = {n: (of[n], of_b[n], layer.scaling[n]) for n in names}
+    # start afresh when the layout changes (another rank, dtype or device) or the stack is mostly free
+    if (old is None or old.shapes != shapes or old.stack.dtype != dtype or old.stack.device != a0.device
+            or old.stack.shape[0] > 4 * (len(names) + 1)):
+        # SA and SB side by side in one tensor: one gather per layer fetches both
+        stack = torch.zeros(2 * len(names) + 1, sum(math.prod(s) for s in shapes), dtype=dtype, device=a0.device)
+        old = _LayerStacks(key, {}, {}, stack, shapes)
+    slots = {n: i for n, i in old.slots.items() if n in parts}
+    free = sorted(set(range(1, old.stack.shape[0])) - set(slots.values()), reverse=True)
+    todo = [n for n in names if n not in slots or old.parts.get(n) != parts[n]]
+    stack = old.stack
+    if sum(n not in slots for n in todo) > len(free):  # grow by doubling: appends stay cheap on average
+        stack = torch.zeros(2 * len(names) + 1, stack.shape[1], dtype=dtype, device=stack.device)
+        stack[:old.stack.shape[0]] = old.stack
+        free = sorted(set(range(1, stack.shape[0])) - set(slots.values()), reverse=True)
     sa, sb = _split(stack, shapes)
-    for n, i in slots.items():
+    for n in todo:
+        i = slots[n] if n in slots else free.pop()
+        slots[n] = i
         a, b, k, s = layer.factors_a[n].detach(), layer.factors_b[n].detach(), layer.rank[n], layer.scaling[n]
+        stack[i].zero_()  # a reused slot may hold a higher-rank adapter's columns
         if isinstance(layer, Embedding):
             sa[i, :, :k] = a.T
             sb[i, :k] = b.T * s
@@ -151,7 +191,7 @@ def _build_layer_stacks(layer: LoraLayer, names: list[str]):
         else:
             sa[i, :k] = a
             sb[i, :k] = b.T * s
-    return slots, stack, shapes
+    return _LayerStacks(key, slots, parts, stack, shapes)
 
 
 def _split(stack: torch.Tensor, shapes) -> tuple[torch.Tensor, torch.Tensor]:
