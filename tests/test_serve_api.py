@@ -403,19 +403,43 @@ def test_stream_never_splits_a_character(gen_client, monkeypatch):
 def test_serve_accepts_the_built_in_model_names_of_train(dirs, monkeypatch):
     """`--model smollm2-135m` goes through the model names of `lorafit train` (here resolved to the tiny
     llama, so that the test needs no download)."""
-    from lorafit.serve.engine import load_model
+    from lorafit import base_models
+    from lorafit.serve import engine
     from lorafit.train import models
 
+    assert engine.resolve_model is models.resolve_model is base_models.resolve_model  # one list of names
     _, _, llama = dirs
     asked = []
 
-    def resolve(name):
-        asked.append(name)
-        return models.ModelSource(str(llama), builtin=name)
+    def resolve(name, what):
+        asked.append((name, what))
+        return base_models.ModelSource(str(llama), builtin=name)
 
-    monkeypatch.setattr(models, "resolve_model", resolve)
-    _, _, task = load_model("smollm2-135m")
-    assert asked == ["smollm2-135m"] and task == "generate"
+    monkeypatch.setattr(engine, "resolve_model", resolve)
+    _, _, task = engine.load_model("smollm2-135m")
+    assert asked == [("smollm2-135m", "--model")] and task == "generate"
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="--model './nowhere' is not a model directory"):
+        engine.load_model("./nowhere")
+
+
+
+@pytest.mark.slow
+def test_the_built_in_names_get_their_task():
+    """smollm2-135m's GGUF config names no architecture; it is still served as a generator (its config
+    is read, not its weights)."""
+    from transformers import AutoConfig
+
+    from lorafit.base_models import resolve_model
+    from lorafit.serve.engine import model_task
+
+    for name, task in (("smollm2-135m", "generate"), ("minilm", "classify")):
+        try:
+            source = resolve_model(name)
+        except ImportError as exc:
+            pytest.skip(str(exc))
+        assert model_task(AutoConfig.from_pretrained(source.path, **source.kwargs), source.kwargs) == task, name
+
 
 
 def test_a_stream_whose_client_left_stops_generating(gen_client, monkeypatch):

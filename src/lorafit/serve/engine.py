@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafit.base_models import resolve_model
 from lorafit.batched import adapter_per_row
 from lorafit.serve.registry import AdapterRegistry, Entry
 
@@ -156,14 +157,11 @@ def load_model(spec: str, num_labels: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
-    from lorafit.train.models import resolve_model
-
     hf_logging.set_verbosity_error()
-    source = resolve_model(spec)
+    source = resolve_model(spec, "--model")
     path, kwargs = source.path, source.kwargs
     config = AutoConfig.from_pretrained(path, **kwargs)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    if causal:
+    if model_task(config, kwargs) == "generate":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
         task = "generate"
     else:
@@ -176,6 +174,13 @@ def load_model(spec: str, num_labels: int | None = None):
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval().requires_grad_(False)
     return model, tokenizer, task
+
+
+def model_task(config, kwargs: dict) -> str:
+    """``generate`` for a causal LM, else ``classify``. A GGUF file (llama.cpp's format, smollm2-135m's)
+    holds a decoder LM and its config names no architecture."""
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or "gguf_file" in kwargs
+    return "generate" if causal else "classify"
 
 
 # -- batched work ------------------------------------------------------------------
