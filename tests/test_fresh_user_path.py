@@ -227,3 +227,15 @@ def test_save_adapter_writes_the_class_names_it_knows(trained, tmp_path):
     lorafit.save_adapter(_classifier(model_dir, {0: "cat", 1: "dog", 2: "emu"}, "FEATURE_EXTRACTION"),
                          tmp_path / "d")
     assert not (tmp_path / "d" / "labels.json").exists()
+
+
+def test_full_fine_tuning_of_a_model_of_ones_own_saves_the_class_names(trained, tmp_path):
+    from lorafit.train import train
+
+    root, model_dir, _ = trained
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    train(root / "tickets.toml", {"output_dir": str(tmp_path / "full"), "train.method": "full", "train.max_steps": 2},
+          model=model, tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir), progress=False)
+    saved = transformers.AutoConfig.from_pretrained(tmp_path / "full" / "model")
+    assert saved.id2label == dict(enumerate(NAMES)) and saved.label2id == {n: i for i, n in enumerate(NAMES)}

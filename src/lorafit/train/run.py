@@ -610,6 +610,10 @@ def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
             state_dict = get_model_state_dict(prep.model, options=StateDictOptions(full_state_dict=True,
                                                                                    cpu_offload=True))
 
+        if prep.labels is not None:  # a model= of the caller's may name its outputs LABEL_0, ...
+            names = {i: str(v) for i, v in enumerate(prep.labels)}
+            prep.model.config.id2label, prep.model.config.label2id = names, {v: i for i, v in names.items()}
+
         def build(tmp: Path) -> None:
             prep.model.save_pretrained(tmp, state_dict=state_dict)
             prep.tokenizer.save_pretrained(tmp)
