@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the Arrow copies of the tests' data files and their tokens stay out of the user's cache (lorafit.train.sources)
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lorafit-tests-datasets-")
 
 # CI runs the same examples every time; locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40)

@@ -200,7 +200,8 @@ class Classification(Task):
         d = self.config.data
         texts = [str(t) for t in batch[d.text_field]]
         pairs = [str(t) for t in batch[d.text_pair_field]] if d.text_pair_field else None
-        enc = self.tok(texts, pairs, truncation=True, max_length=self.config.task.max_length)
+        enc = self.tok(texts, pairs, truncation=True, max_length=self.config.task.max_length,
+                       return_attention_mask=False)
         out = {"input_ids": enc["input_ids"], "label": [self._label_id(v) for v in batch[d.label_field]],
                "length": [len(ids) for ids in enc["input_ids"]]}
         if "token_type_ids" in enc:
@@ -376,7 +377,7 @@ class CausalLM(_Generative):
         """Token ids of many texts in one call to the tokenizer (a fast one works through them in parallel)."""
         if not texts:
             return []
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
+        return self.tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
     @staticmethod
     def _join(pieces: list[tuple[str, bool]], ids: list[list[int]]) -> tuple[list[int], list[int]]:
