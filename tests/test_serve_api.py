@@ -467,3 +467,59 @@ def test_a_stream_whose_client_left_stops_generating(gen_client, monkeypatch):
     result = job.future.result(timeout=30)
     assert result["finish_reason"] == "cancelled" and result["tokens"] < 16
     assert "lorafit_streams_cancelled_total 1" in gen_client.get("/metrics").text
+
+
+def _uvicorn(app):
+    """``app`` under uvicorn on 127.0.0.1, in a thread of this process (so the test can look at its service)."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, thread, port
+
+
+def _wait(condition, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.02)
+
+
+def test_a_queued_request_whose_client_left_is_never_computed(dirs, tmp_path):
+    """A plain (non-streaming) request whose client disconnects while it waits for a batch is dropped:
+    the batcher skips it, and only the other requests' rows are computed."""
+    import httpx
+
+    _, bert, _ = dirs
+    (tmp_path / "none").mkdir()
+    service = build_service(str(bert), tmp_path / "none", limits=Limits(max_wait_ms=1))
+    jobs, submit = [], service.batcher.submit
+    service.batcher.submit = lambda job: jobs.append(job) or submit(job)
+    server, thread, port = _uvicorn(create_app(service))
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({"texts": ["leaves before the answer"]}).encode()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with service.registry.model_lock:  # the first batch waits for the model: the next job stays queued
+                first = pool.submit(httpx.post, f"{url}/v1/classify", json={"texts": ["first"]}, timeout=60)
+                _wait(lambda: service.metrics.batch_rows.total == 1, "the first batch to start")
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    _wait(lambda: len(jobs) == 2, "the second job to be queued")
+                _wait(lambda: jobs[1].future.cancelled(), "the job of the client that left to be cancelled")
+            assert first.result(60).status_code == 200
+        assert httpx.post(f"{url}/v1/classify", json={"texts": ["after"]}, timeout=60).status_code == 200
+        assert service.metrics.batch_rows.sum == 2  # "first" and "after": the job of the client that left never ran
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "lorafit_requests_cancelled_total 1" in metrics
+        assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="499"} 1' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,6 +1,7 @@
 """Adapter registry: loading on demand, LRU eviction (count, bytes), pinning, reload on change, unload,
 path safety, corrupt files, thread safety with requests in flight, and classifier heads of different sizes."""
 
+import concurrent.futures
 import os
 import random
 import shutil
@@ -410,3 +411,119 @@ def test_errors_name_no_server_paths(bert, tmp_path):
     with pytest.raises(AdapterNotFound) as info:
         reg.acquire("nope")
     assert str(tmp_path) not in str(info.value)
+
+
+def _live_tensor_bytes(reg) -> int:
+    """Bytes of every distinct storage a live tensor object holds (after a full collection), less the
+    loaded adapters' weights, without the batched stacks (a cache, bounded on its own)."""
+    import gc
+
+    from lorafit.batched import clear_stacks
+
+    clear_stacks(reg.model)
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":  # type(): no lazy module's __class__
+            s = obj.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values()) - sum(e.nbytes for e in reg.loaded())
+
+
+def test_retired_versions_leave_no_references(bert, tmp_path):
+    """Soak: three threads send requests through the batcher (some cancelled while queued) over six
+    adapters while this thread unloads, loads, rewrites files (new versions) and evicts (at most 3
+    loaded). Afterwards every retired version's factors and head are freed (weak references dead),
+    only the loaded versions are attached, and the live tensor bytes beside the loaded adapters' own are
+    where they were before."""
+    import gc
+    import weakref
+
+    pytest.importorskip("fastapi")
+    from lorafit.model import lora_layers, saved_modules
+    from lorafit.serve.app import Limits
+    from lorafit.serve.engine import Job
+    from lorafit.serve.server import build_service
+
+    model_dir, adapters = bert
+    local = tmp_path / "adapters"
+    shutil.copytree(adapters, local)
+    names = list("abcdef")
+    variants = {n: (adapters / n, sm.make_adapter(model_dir, tmp_path / "twins" / n, seed=50 + i, r=2 + i))
+                for i, n in enumerate(names)}  # the fixture's ranks: the same config, other weights
+    service = build_service(str(model_dir), local, max_adapters=3, limits=Limits(max_wait_ms=1))
+    reg, model = service.registry, service.model
+    versions = {}  # internal name -> weak references to its factors, head copy and head parameters
+    new_version = reg._new_version
+
+    def recording(*args, **kwargs):
+        entry = new_version(*args, **kwargs)
+        refs = [weakref.ref(p) for _, layer in lora_layers(model) if entry.internal in layer.adapter_names
+                for p in (layer.factors_a[entry.internal], layer.factors_b[entry.internal])]
+        for _, wrapper in saved_modules(model):
+            if entry.internal in wrapper.adapter_names:
+                head = wrapper.modules_to_save[entry.internal]
+                refs += [weakref.ref(head)] + [weakref.ref(p) for p in head.parameters()]
+        versions[entry.internal] = refs
+        return entry
+
+    reg._new_version = recording
+
+    def request(name, cancel=False):
+        job = Job(rows=2, payload=["good fun", "dull"], entry=reg.acquire(name) if name else None)
+        future = service.batcher.submit(job)
+        if cancel:
+            job.cancel()
+        try:
+            return future.result(30)
+        except concurrent.futures.CancelledError:
+            return None
+
+    for name in names + [None]:  # warm: every adapter loaded once, the stacks and caches built
+        request(name)
+    before = _live_tensor_bytes(reg)
+    errors, stop = [], threading.Event()
+
+    def client(seed):
+        rnd = random.Random(seed)
+        try:
+            while not stop.is_set():
+                request(rnd.choice(names + [None]), cancel=rnd.random() < 0.2)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    rnd = random.Random(7)
+    try:
+        for step in range(60):
+            name = rnd.choice(names)
+            if step % 3 == 0:
+                reg.unload(name)
+            elif step % 3 == 1:
+                reg.load(name)
+            else:  # new weights (same config; renamed into place, never half-written): a new version is loaded
+                weights = local / name / "adapter_model.safetensors"
+                shutil.copy(variants[name][step % 2] / "adapter_model.safetensors", weights.with_suffix(".tmp"))
+                os.replace(weights.with_suffix(".tmp"), weights)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[:3]
+    loaded = {e.internal for e in reg.loaded()}
+    assert len(versions) > 30 and len(loaded) <= 3  # many versions came and went
+    assert set(lorafit.adapter_configs(model)) == loaded and all(e.refs == 0 for e in reg.loaded())
+    gc.collect()
+    alive = sorted(v for v, refs in versions.items() if v not in loaded and any(r() is not None for r in refs))
+    assert not alive, f"retired versions still referenced: {alive}"
+    for internal in loaded:
+        assert all(r() is not None for r in versions[internal])  # the check can see a live version
+    # the batched stacks' free slots are bounded too
+    rows = [(len(layer.__dict__["_lorafit_row_stacks"].stack), len(layer.adapter_names))
+            for _, layer in lora_layers(model) if "_lorafit_row_stacks" in layer.__dict__]
+    assert rows and all(n <= 4 * (k + 1) for n, k in rows), rows
+    after = _live_tensor_bytes(reg)
+    assert abs(after - before) <= 4096, (before, after)

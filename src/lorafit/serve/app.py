@@ -13,7 +13,9 @@ Errors: 401 bad or missing token, 403 load/unload disabled (no token at start-up
 404 unknown adapter, 400 corrupt adapter files, 413 body too large, 422 malformed
 JSON (NaN and Infinity included), wrong types or values over a limit (FastAPI's
 ``detail`` list names the field), 503 busy, timed out or shutting down (with
-``Retry-After`` when trying again can help).
+``Retry-After`` when trying again can help). A request whose client disconnects
+before its answer is dropped: not computed if still queued, a generation stopped
+at its next token (logged as 499).
 """
 
 import asyncio
@@ -87,8 +89,9 @@ class Service:
     async def acquire(self, name: str | None):
         return None if name is None else await run_in_threadpool(self.registry.acquire, name)
 
-    async def run(self, job: Job):
-        """``job``'s result, once its batch has run; 503 if the queue is full, shutting down or too slow."""
+    async def run(self, job: Job, request: Request | None = None):
+        """``job``'s result, once its batch has run; 503 if the queue is full, shutting down or too slow.
+        With ``request``, a client that disconnects first gets its job dropped (499, which nobody reads)."""
         try:
             future = self.batcher.submit(job)
         except RuntimeError as exc:
@@ -96,13 +99,30 @@ class Service:
                 self.registry.release(job.entry)
             headers = {"Retry-After": "1"} if isinstance(exc, QueueFull) else None
             raise HTTPException(503, str(exc), headers=headers) from None
+        result = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
+            done, _ = await asyncio.wait([result] + ([gone] if gone else []), timeout=self.limits.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if result in done:
+                return result.result()
+            if gone is not None and gone in done:
+                self.metrics.observe_cancelled("request")
+                raise HTTPException(499, "the client closed the connection before the answer")
             raise HTTPException(503, f"the request did not finish within {self.limits.request_timeout_s:g} s",
-                                headers={"Retry-After": "5"}) from None
+                                headers={"Retry-After": "5"})
         finally:
+            if gone is not None:
+                gone.cancel()
+            result.cancel()  # no one waits for it now: a later error of the batch is not "never retrieved"
             job.cancel()  # a no-op once done; else (timed out, client gone) the worker skips or stops it
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the next ASGI message is
+    ``http.disconnect``: from the server when the connection drops, or once the response is sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 AdapterName = Annotated[str, AfterValidator(check_name)]
@@ -210,18 +230,18 @@ def unload_adapter(name: Annotated[str, Path(max_length=200)], service: ServiceD
 
 
 @router.post("/v1/classify")
-async def classify(body: ClassifyBody, service: ServiceDep):
+async def classify(body: ClassifyBody, service: ServiceDep, request: Request):
     if service.task != "classify":
         raise HTTPException(404, f"this server does {service.task}, not classification")
     if len(body.texts) > service.limits.max_texts:
         raise _invalid("texts", f"{len(body.texts)} texts; allowed up to {service.limits.max_texts}")
     entry = await service.acquire(body.adapter)
-    results = await service.run(Job(rows=len(body.texts), payload=body.texts, entry=entry))
+    results = await service.run(Job(rows=len(body.texts), payload=body.texts, entry=entry), request)
     return {"adapter": body.adapter, "results": results}
 
 
 @router.post("/v1/generate")
-async def generate(body: GenerateBody, service: ServiceDep):
+async def generate(body: GenerateBody, service: ServiceDep, request: Request):
     if service.task != "generate":
         raise HTTPException(404, f"this server does {service.task}, not generation")
     req = await _generate_request(service, body)
@@ -229,7 +249,7 @@ async def generate(body: GenerateBody, service: ServiceDep):
     if body.stream:
         return StreamingResponse(_events(service, body.adapter, Job(rows=1, payload=req, entry=entry)),
                                  media_type="text/event-stream")
-    result = await service.run(Job(rows=1, payload=req, entry=entry))
+    result = await service.run(Job(rows=1, payload=req, entry=entry), request)
     return {"adapter": body.adapter, **result}
 
 
@@ -291,7 +311,7 @@ async def _events(service: Service, adapter: str | None, job: Job):
     finally:
         if not task.done():  # the client has gone
             job.cancel()
-            service.metrics.observe_cancelled()
+            service.metrics.observe_cancelled("stream")
 
 
 @router.get("/metrics")

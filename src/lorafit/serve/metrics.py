@@ -39,7 +39,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.batch_rows = Histogram(BATCH_BUCKETS)
-        self.cancelled = 0
+        self.cancelled = {"stream": 0, "request": 0}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """``route`` is a route's template (or "unmatched"), never a raw path."""
@@ -52,9 +52,10 @@ class Metrics:
         with self._lock:
             self.batch_rows.observe(rows)
 
-    def observe_cancelled(self) -> None:
+    def observe_cancelled(self, kind: str) -> None:
+        """A client left before its answer: ``stream`` (an event stream closed) or ``request``."""
         with self._lock:
-            self.cancelled += 1
+            self.cancelled[kind] += 1
 
     def render(self, registry, pending: int) -> str:
         with self._lock:
@@ -68,7 +69,11 @@ class Metrics:
             lines += ["# HELP lorafit_batch_rows Rows per batched forward.", "# TYPE lorafit_batch_rows histogram"]
             lines += self.batch_rows.lines("lorafit_batch_rows")
             lines += ["# HELP lorafit_streams_cancelled_total Streams whose client left before the end.",
-                      "# TYPE lorafit_streams_cancelled_total counter", f"lorafit_streams_cancelled_total {self.cancelled}"]
+                      "# TYPE lorafit_streams_cancelled_total counter",
+                      f"lorafit_streams_cancelled_total {self.cancelled['stream']}",
+                      "# HELP lorafit_requests_cancelled_total Requests whose client left before the answer.",
+                      "# TYPE lorafit_requests_cancelled_total counter",
+                      f"lorafit_requests_cancelled_total {self.cancelled['request']}"]
         loaded = registry.loaded()
         stats = dict(registry.stats)
         lines += ["# HELP lorafit_adapters_loaded Adapters in memory.", "# TYPE lorafit_adapters_loaded gauge",
