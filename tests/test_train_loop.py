@@ -140,7 +140,7 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
     with pytest.raises(Crash):
         train(config, args, callbacks=(crash_at(17),), progress=False)  # last checkpoint: step 15
     assert not (tmp_path / "b" / "summary.json").exists()
-    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+    with pytest.raises(ValueError, match="already holds a run; pass resume=True"):
         train(config, args, progress=False)
     resumed = train(config, args, resume=True, progress=False)
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
