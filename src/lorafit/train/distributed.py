@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -98,7 +99,10 @@ class Distributed:
         self._broadcast_trainable(model)  # the replicas must start equal; the frozen base is equal by loading
         # No buffer broadcast before every forward: the frozen base's buffers (position ids, a quantized
         # base's codes) are equal everywhere by loading, and would otherwise travel every step.
-        ddp = DistributedDataParallel(model, init_sync=False, broadcast_buffers=False,
+        # (torch 2.13 renamed broadcast_buffers, with a warning in every process for the old name)
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers": False}
+        ddp = DistributedDataParallel(model, init_sync=False, **no_buffer_sync,
                                       device_ids=[model_device(model)] if model_device(model).type == "cuda" else None)
         ddp.register_comm_hook(self, _counting_allreduce_hook)
         return ddp

@@ -6,6 +6,8 @@ in ``lorafit.base_models``, shared with ``lorafit serve``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lorafit.base_models import ModelSource, resolve_model  # noqa: F401 - train's callers import both from here
@@ -19,6 +21,28 @@ def _transformers():
     transformers.logging.set_verbosity_error()  # "newly initialized weights" notes: the head is new by design
     transformers.logging.disable_progress_bar()  # per-shard loading bars; lorafit shows its own progress
     return transformers
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Every tqdm bar on or off for the block: the libraries' own too (transformers' GGUF conversion,
+    datasets' map), which take no switch from their callers."""
+    if enabled:
+        yield
+        return
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original
 
 
 def resolve_dtype(name: str) -> torch.dtype | str:

@@ -36,15 +36,14 @@ from torch import nn
 
 import lorafit
 from lorafit.io import LABELS_NAME
-from lorafit.train import allocator
+from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
-from lorafit.train import distributed
 from lorafit.train.config import RunConfig, load_config
 from lorafit.train.data import Splits, StreamedFeatures, label_set, load_splits, streamed
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import fit, total_steps
 from lorafit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves, read_metrics
-from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, resolve_model
+from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, progress_bars, resolve_model
 from lorafit.train.tasks import Task, build_task, encode_dataset
 
 CONFIG_FILE = "config.toml"
@@ -308,8 +307,9 @@ def train(
     dist, device = distributed.setup(config.model.device, config.train.distributed)
     finished = False
     try:
-        result = _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
-                        tokenizer=tokenizer, callbacks=callbacks, progress=progress, arg_names=arg_names)
+        with progress_bars(progress):
+            result = _train(config, dist, device, wall_start, resume=resume, overwrite=overwrite, model=model,
+                            tokenizer=tokenizer, callbacks=callbacks, progress=progress, arg_names=arg_names)
         finished = True
         return result
     finally:
