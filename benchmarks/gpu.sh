@@ -7,10 +7,16 @@
 # (default ./gpu_results): pytest.log, kernels_gpu.log and .json, gpu.log and .json, e2e/gpu.log and .json
 # (seven files: the device tool brings back at most eight).
 # Offline: benchmarks/gpu.py's end-to-end part reads .gpu_data/alpaca/train.jsonl (copy ../shared/data/alpaca
-# there first). The exit status is 1 if any step failed.
+# there first). Packages a machine without internet lacks come as wheels in .whl, installed into /tmp/site
+# (lorafit train needs datasets; e.g. pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl
+# datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19). The exit status is 1 if any step failed.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export HF_HUB_OFFLINE=1 PYTHONPATH=src PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=src:/tmp/site
+fi
 OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv || true
