@@ -364,6 +364,20 @@ def test_seq_cls_task_trains_the_classification_head():
     assert lorafit.adapter_configs(model)["default"].modules_to_save == ["classifier"]
 
 
+def test_seq_cls_trains_the_head_of_an_encoder_decoder_classifier_too():
+    """BART and T5 keep their head in classification_head (PEFT's list has classifier and score only)."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    model = BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                     encoder_attention_heads=2, decoder_attention_heads=2,
+                                                     encoder_ffn_dim=32, decoder_ffn_dim=32, num_labels=3))
+    lorafit.attach(model, LoraConfig(target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert isinstance(model.classification_head, ModulesToSave)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("classification_head.modules_to_save.default.out_proj.") for n in trainable)
+    assert lorafit.adapter_configs(model)["default"].modules_to_save == ["classification_head"]
+
+
 def test_wrappers_keep_the_training_mode_of_the_model():
     model = _attach(_mixed().eval(), lora_dropout=0.5, modules_to_save=["classifier"])
     assert not any(m.training for m in model.modules())

@@ -167,6 +167,13 @@ def test_packing_only_for_causal_lm(capsys, setup):
     assert "task.packing" in err and "is for causal_lm; task.type is 'classification'" in err
 
 
+def test_a_lora_task_type_other_than_the_tasks_is_refused(capsys, setup):
+    """task_type decides what attach trains (SEQ_CLS: the new head) and what PEFT loads the adapter as."""
+    err = fails(capsys, setup, "--set", 'lora.task_type="CAUSAL_LM"')
+    assert "[lora]: task_type = 'CAUSAL_LM' does not match task.type = 'classification'" in err
+    assert "drop lora.task_type" in err
+
+
 @pytest.mark.parametrize("toml, want", [
     ("[train]\nlearning_rate = 1e-4\n", "unknown key 'train.learning_rate'; did you mean 'train.lr'?"),
     ("[lora]\nrank = 8\n", "unknown key 'lora.rank'; did you mean 'lora.r'?"),

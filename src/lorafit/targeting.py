@@ -45,7 +45,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
 }
-SEQ_CLS_HEADS = ("classifier", "score")
+# Where transformers' sequence classifiers keep their head (a new, random module): attach trains and saves
+# it with a SEQ_CLS adapter, "all-linear" leaves it alone. PEFT's names (classifier, score), plus BART's and
+# T5's classification_head and XLNet's logits_proj, whose heads would otherwise stay random and frozen.
+SEQ_CLS_HEADS = ("classifier", "score", "classification_head", "logits_proj")
 SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d and transformers' Conv1D"
 
 

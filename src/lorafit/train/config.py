@@ -31,6 +31,9 @@ from typing import Any
 from lorafit.config import LoraConfig
 
 TASKS = ("classification", "causal_lm", "seq2seq")
+# PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
+# it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
+LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 METHODS = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
@@ -260,9 +263,20 @@ class RunConfig:
         if self.train.method == "lora":
             self.lora_config()
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, base_model: str | None = None) -> LoraConfig:
+        """The adapter this run attaches: [lora], with ``task_type`` from task.type and
+        ``base_model_name_or_path`` = ``base_model`` where [lora] does not set them. The classification
+        head is not listed here: ``lorafit.attach`` adds it to modules_to_save for task_type SEQ_CLS."""
+        expected = LORA_TASK_TYPES.get(self.task.type)
+        given = self.lora.get("task_type", expected)
+        if expected is not None and given != expected:
+            raise ValueError(f"[lora]: task_type = {given!r} does not match task.type = {self.task.type!r}, which "
+                             f"trains a {expected} adapter; drop lora.task_type (lorafit sets it)")
+        lora = {"task_type": expected, **self.lora}
+        if base_model is not None:
+            lora.setdefault("base_model_name_or_path", base_model)
         try:
-            return LoraConfig(**self.lora)
+            return LoraConfig(**lora)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"[lora]: {exc}") from None
 

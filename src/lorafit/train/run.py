@@ -36,6 +36,7 @@ from torch import nn
 
 import lorafit
 from lorafit.io import LABELS_NAME
+from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import RunConfig, load_config
@@ -48,7 +49,6 @@ from lorafit.train.tasks import Task, build_task, encode_dataset
 
 CONFIG_FILE = "config.toml"
 RUN_MARKERS = (CONFIG_FILE, "checkpoints", "summary.json", "metrics.jsonl")
-SEQ_CLS_HEADS = ("classifier", "score")
 
 
 @dataclass
@@ -149,22 +149,6 @@ def encode_split(prep: Prepared, split: str) -> Sequence[dict]:
     return features
 
 
-def lora_config_for(prep: Prepared) -> lorafit.LoraConfig:
-    config = prep.config
-    lora = dict(config.lora)
-    task_type = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
-    lora.setdefault("task_type", task_type[config.task.type])
-    if config.task.type == "classification" and "modules_to_save" not in lora:
-        # The head is new and random: it must train, and it must be saved with the adapter.
-        lora["modules_to_save"] = [h for h in SEQ_CLS_HEADS if isinstance(getattr(prep.model, h, None), nn.Module)]
-        lora["modules_to_save"] = lora["modules_to_save"] or None
-    lora.setdefault("base_model_name_or_path", prep.source.path)
-    try:
-        return lorafit.LoraConfig(**lora)
-    except ValueError as exc:
-        raise ValueError(f"[lora]: {exc}") from None
-
-
 def quantize_for(prep: Prepared) -> None:
     """model.quantize: the frozen base's linear layers in NF4 / int8, heads and modules_to_save kept as they are."""
     bits = prep.config.model.quantize
@@ -174,7 +158,7 @@ def quantize_for(prep: Prepared) -> None:
 
     if {m.bits for m in prep.model.modules() if isinstance(m, QuantizedLinear)} == {bits}:
         return  # already quantized so (by an earlier train() on this model object)
-    keep = ("lm_head",) + SEQ_CLS_HEADS + tuple(lora_config_for(prep).modules_to_save or ())
+    keep = ("lm_head",) + SEQ_CLS_HEADS + tuple(prep.config.lora_config().modules_to_save or ())
     try:
         quantize_base(prep.model, bits=bits, skip=keep)
     except ValueError as exc:
@@ -186,7 +170,7 @@ def apply_method(prep: Prepared) -> None:
     if prep.config.train.method == "lora":
         quantize_for(prep)
         torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
-        lorafit.attach(model, lora_config_for(prep))
+        lorafit.attach(model, prep.config.lora_config(base_model=prep.source.path))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -324,7 +308,6 @@ _TASK_MODELS = {"classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NA
                 "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder (seq2seq) LM",
                             "AutoModelForSeq2SeqLM")}
-_HEADS = SEQ_CLS_HEADS + ("classification_head", "logits_proj")  # where transformers' classifiers keep theirs
 
 
 def _model_kinds() -> dict[str, set[str]]:
@@ -389,7 +372,7 @@ def _check_model_kind(config: RunConfig, model: Any) -> None:
 
 def _head_size(model: nn.Module) -> tuple[int, str] | None:
     """The number of outputs of a classifier's head and where it was found."""
-    for name in _HEADS:
+    for name in SEQ_CLS_HEADS:
         head = getattr(model, name, None)
         head = getattr(head, "original_module", head)  # an earlier train()'s ModulesToSave wrapper
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
