@@ -240,6 +240,23 @@ def test_a_given_model_is_trained_in_place_and_can_be_trained_again(setup, tmp_p
     assert not (tmp_path / "c").exists() and list(lorafit.adapter_configs(other)) == ["mine"]
 
 
+def test_a_given_model_and_tokenizer_need_no_hub_for_a_hub_name(setup, tmp_path, monkeypatch):
+    """Both given: nothing is loaded, so model.name (a hub name) is only written into the adapter's config."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = transformers.AutoTokenizer.from_pretrained(setup / "tiny-bert")
+    result = train(setup / "run.toml", {"output_dir": str(tmp_path / "out"), "model.name": "someone/tiny-bert",
+                                        "train.max_steps": 2}, model=bert_classifier(setup, 2), tokenizer=tok,
+                   progress=False)
+    assert result["steps"] == 2 and result["model"] == "someone/tiny-bert"
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "someone/tiny-bert"
+    # one of them alone still has to come from model.name, which offline cannot reach
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        train(setup / "run.toml", {"output_dir": str(tmp_path / "out2"), "model.name": "someone/tiny-bert"},
+              tokenizer=tok, progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_a_tokenizer_without_a_pad_token_gets_one(setup, tmp_path):
     tok = make_tokenizer([r["text"] for r in sentiment_rows(128, 0) + sentiment_rows(32, 1)], bert_style=True)
     tok.pad_token = None

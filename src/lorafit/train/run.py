@@ -116,7 +116,12 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     device = device or select_device(config.model.device)
     splits = load_splits(config)
     labels = label_set(config, splits) if config.task.type == "classification" else None
-    source = resolve_model(config.model.name)
+    if model is not None and tokenizer is not None:
+        # Nothing to load: the name only labels the base in the adapter's config, so a hub name must not
+        # need the hub (offline, HF_HUB_OFFLINE=1).
+        source = ModelSource(config.model.name)
+    else:
+        source = resolve_model(config.model.name)
     if tokenizer is None:
         tokenizer = load_tokenizer(source)
     if model is None:
