@@ -62,6 +62,26 @@ def bert_classifier(setup: Path, num_labels: int) -> nn.Module:
     return transformers.AutoModelForSequenceClassification.from_pretrained(setup / "tiny-bert", num_labels=num_labels)
 
 
+SUMMARY_KEYS = ["method", "lora_r", "model", "task", "params", "steps", "epochs_done", "early_stopped", "train_tokens",
+                "train_time_s", "eval_time_s", "train_tokens_per_s", "peak_memory_bytes", "peak_memory_method",
+                "device", "threads", "processes", "distributed", "gradient_bytes_all_reduced_per_step", "best",
+                "final_weights", "validation", "test", "output", "wall_time_s"]
+
+
+def test_summary_json_keeps_its_keys_and_reads_back_as_a_run_summary(finished):
+    """summary.json's keys are what scripts and BENCHMARKS read: RunSummary's fields are exactly these."""
+    from lorafit.train.metrics import RunSummary, format_summary
+
+    saved = json.loads((finished / "summary.json").read_text())
+    assert sorted(saved) == sorted(SUMMARY_KEYS)
+    assert sorted(saved["params"]) == sorted(["trainable", "total", "trainable_percent", "base_model"])
+    assert sorted(saved["best"]) == sorted(["metric", "value", "step"])
+    summary = RunSummary.from_dict(saved)
+    assert summary.to_dict() == saved and summary.best.metric == "accuracy" and summary.params.total > 0
+    assert format_summary(summary) == format_summary(saved)
+    assert "best accuracy" in format_summary(saved)
+
+
 def test_a_dict_config_trains_exactly_like_the_toml_file(setup, finished, tmp_path):
     result = train(as_dict(setup), {"output_dir": str(tmp_path / "dict"), **FAST}, progress=False)
     assert result["steps"] == 12
@@ -215,6 +235,7 @@ def test_a_given_model_is_trained_in_place_and_can_be_trained_again(setup, tmp_p
     assert first.model is model and first.tokenizer is tok and first.labels == [0, 1]
     assert list(lorafit.adapter_configs(model)) == ["default"] and not model.training
     assert json.loads((tmp_path / "a" / "summary.json").read_text()) == json.loads(json.dumps(first))
+    assert first.summary.steps == first["steps"] and first.summary.to_dict() == dict(first)
 
     # the returned model predicts what the saved adapter on a fresh base predicts
     batch = tok(["a good movie", "the plot was dull and bad"], padding=True, return_tensors="pt")

@@ -1,9 +1,11 @@
-"""Recording a run: metrics.jsonl, the PNG curve, peak memory, the summary table."""
+"""Recording a run: metrics.jsonl, the PNG curve, peak memory, the run's summary (summary.json) and its table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,25 +130,115 @@ def human_bytes(n: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    p = summary["params"]
+@dataclass(kw_only=True)
+class ParamCounts:
+    trainable: int
+    """Parameters the run trained: the adapter's (with its modules_to_save), or every one (method = "full")."""
+    total: int
+    """Every parameter of the model as trained, the adapter's included."""
+    trainable_percent: float
+    """100 * trainable / total."""
+    base_model: int
+    """Parameters of the model without the adapter: what full fine-tuning would train."""
+
+
+@dataclass(kw_only=True)
+class BestEval:
+    metric: str
+    """The validation metric that ranks evaluations: train.metric, or the task's default."""
+    value: float
+    """Its best value over the run's evaluations."""
+    step: int
+    """The optimizer step whose weights reached it (saved in checkpoints/best)."""
+
+
+@dataclass(kw_only=True)
+class RunSummary:
+    """What a finished run reports: written as ``summary.json`` (``to_dict``; the keys are the field names, in
+    this order), returned by ``train`` as the dict ``TrainResult``, read back with ``from_dict``."""
+
+    method: str
+    """train.method: "lora" or "full"."""
+    lora_r: int | None
+    """The adapter's rank ([lora] r); None for method = "full"."""
+    model: str
+    """model.name as configured."""
+    task: str
+    """task.type: "classification", "causal_lm" or "seq2seq"."""
+    params: ParamCounts
+    """Trainable and total parameter counts."""
+    steps: int
+    """Optimizer steps done, over every session of a resumed run."""
+    epochs_done: float
+    """Passes over the training rows: whole epochs plus the consumed fraction of the current one."""
+    early_stopped: bool
+    """Whether train.early_stopping_patience ended the run before its last step."""
+    train_tokens: int
+    """Non-padding tokens the optimizer steps trained on (all processes)."""
+    train_time_s: float
+    """Seconds in the training loop, evaluations included, summed over resumed sessions."""
+    eval_time_s: float
+    """The part of train_time_s spent evaluating on the validation split."""
+    train_tokens_per_s: float
+    """train_tokens / (train_time_s - eval_time_s)."""
+    peak_memory_bytes: int | None
+    """Peak memory of the run (see peak_memory_method); None where the platform cannot measure it."""
+    peak_memory_method: str
+    """What peak_memory_bytes measures: CUDA's max allocated, or the process's peak RSS."""
+    device: str
+    """The torch device the run trained on."""
+    threads: int
+    """torch's intra-op CPU threads."""
+    processes: int
+    """Training processes (torchrun's world size; 1 without it)."""
+    distributed: str | None
+    """"ddp" or "fsdp" across processes; None for one process."""
+    gradient_bytes_all_reduced_per_step: float | None
+    """Gradient bytes each DDP step all-reduced (the adapter's, not the model's); None without DDP."""
+    best: BestEval | None
+    """The best validation evaluation; None without validation data."""
+    final_weights: str
+    """Which weights the run saved: "best (step N)" (train.keep_best) or "last (step N)"."""
+    validation: dict[str, float] | None
+    """The saved weights' metrics on the validation split; None without one."""
+    test: dict[str, float] | None
+    """The saved weights' metrics on the test split; None without one."""
+    output: str
+    """Where the result is: OUTPUT_DIR/adapter, or OUTPUT_DIR/model for method = "full"."""
+    wall_time_s: float
+    """Wall seconds of this session, plus the training seconds of the sessions before a resume."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """A summary.json's content; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["params"] = ParamCounts(**values["params"])
+        values["best"] = BestEval(**values["best"]) if values.get("best") else None
+        return cls(**values)
+
+
+def format_summary(summary: RunSummary | dict[str, Any]) -> str:
+    """The summary as the table ``lorafit train`` prints at the end."""
+    s = RunSummary.from_dict(summary) if isinstance(summary, dict) else summary
+    p = s.params
     rows = [
-        ("method", summary["method"] + (f" (r={summary['lora_r']})" if summary.get("lora_r") else "")),
-        ("model", summary["model"]),
-        ("trainable params", f"{p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.3f}%)"),
-        ("steps", f"{summary['steps']} ({summary['epochs_done']:.2f} epochs"
-                  f"{', early stop' if summary.get('early_stopped') else ''})"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s ({summary['train_tokens_per_s']:.0f} train tokens/s)"),
-        ("peak memory", f"{human_bytes(summary['peak_memory_bytes'])} ({summary['peak_memory_method']})"),
+        ("method", s.method + (f" (r={s.lora_r})" if s.lora_r else "")),
+        ("model", s.model),
+        ("trainable params", f"{p.trainable:,} of {p.total:,} ({p.trainable_percent:.3f}%)"),
+        ("steps", f"{s.steps} ({s.epochs_done:.2f} epochs{', early stop' if s.early_stopped else ''})"),
+        ("wall time", f"{s.wall_time_s:.1f} s ({s.train_tokens_per_s:.0f} train tokens/s)"),
+        ("peak memory", f"{human_bytes(s.peak_memory_bytes)} ({s.peak_memory_method})"),
     ]
-    if summary.get("best"):
-        b = summary["best"]
-        rows.append((f"best {b['metric']}", f"{b['value']:.4f} at step {b['step']}"))
-    for split in ("validation", "test"):
-        metrics = summary.get(split)
+    if s.best:
+        rows.append((f"best {s.best.metric}", f"{s.best.value:.4f} at step {s.best.step}"))
+    for split, metrics in (("validation", s.validation), ("test", s.test)):
         if metrics:
             rows.append((split, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
-    rows.append(("output", summary["output"]))
+    rows.append(("output", s.output))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])

@@ -43,7 +43,16 @@ from lorafit.train.config import RunConfig, load_config
 from lorafit.train.data import Splits, StreamedFeatures, label_set, load_splits, streamed
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import fit, total_steps
-from lorafit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves, read_metrics
+from lorafit.train.metrics import (
+    BestEval,
+    MetricsLog,
+    ParamCounts,
+    RunSummary,
+    format_summary,
+    peak_memory,
+    plot_curves,
+    read_metrics,
+)
 from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, progress_bars, resolve_model
 from lorafit.train.tasks import Task, build_task, encode_dataset
 
@@ -244,16 +253,19 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 class TrainResult(dict):
-    """What ``train`` returns: the run's summary (the dict also written to ``summary.json``), and as
-    attributes the trained ``model`` (adapter attached; in eval mode), its ``tokenizer`` and, for
-    classification, the class names ``labels`` in the order of the model's outputs.
+    """What ``train`` returns: the run's summary as the dict also written to ``summary.json`` (``result.summary``
+    holds it as a ``RunSummary``: the fields with their types and meaning), and as attributes the trained
+    ``model`` (adapter attached; in eval mode), its ``tokenizer`` and, for classification, the class names
+    ``labels`` in the order of the model's outputs.
 
     The attributes hold the model, not a copy: keep ``dict(result)`` where only the numbers are needed
     (a sweep that keeps every result would otherwise keep every model in memory)."""
 
-    def __init__(self, summary: dict[str, Any], model: nn.Module | None = None, tokenizer: Any = None,
+    def __init__(self, summary: RunSummary | dict[str, Any], model: nn.Module | None = None, tokenizer: Any = None,
                  labels: list | None = None) -> None:
-        super().__init__(summary)
+        # processes other than 0 under torchrun return their final metrics only, a plain dict
+        super().__init__(summary.to_dict() if isinstance(summary, RunSummary) else summary)
+        self.summary = summary if isinstance(summary, RunSummary) else None
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
 
 
@@ -501,38 +513,38 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
     if dist.enabled:
         peak = int(dist.all_reduce_max(float(peak or 0), prep.device)) or None
         peak_method += f", the largest of {dist.world_size} processes"
-    summary = {
-        "method": config.train.method,
-        "lora_r": config.lora_config().r if config.train.method == "lora" else None,
-        "model": config.model.name,
-        "task": config.task.type,
-        "params": {"trainable": report.trainable, "total": report.total,
-                   "trainable_percent": report.trainable_percent, "base_model": report.base},
-        "steps": state.step,
-        "epochs_done": state.epoch + state.batch_in_epoch / max(1, -(-len(train_features) // config.train.batch_size)),
-        "early_stopped": state.stopped_early,
-        "train_tokens": state.train_tokens,
-        "train_time_s": state.train_seconds,
-        "eval_time_s": state.eval_seconds,  # included in train_time_s
-        "train_tokens_per_s": state.train_tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
-        "peak_memory_bytes": peak,
-        "peak_memory_method": peak_method,
-        "device": str(prep.device),
-        "threads": torch.get_num_threads(),
-        "processes": dist.world_size,
-        "distributed": dist.mode if dist.enabled else None,
-        "gradient_bytes_all_reduced_per_step": dist.bytes_reduced / max(state.step, 1) if dist.enabled
+    summary = RunSummary(
+        method=config.train.method,
+        lora_r=config.lora_config().r if config.train.method == "lora" else None,
+        model=config.model.name,
+        task=config.task.type,
+        params=ParamCounts(trainable=report.trainable, total=report.total,
+                           trainable_percent=report.trainable_percent, base_model=report.base),
+        steps=state.step,
+        epochs_done=state.epoch + state.batch_in_epoch / max(1, -(-len(train_features) // config.train.batch_size)),
+        early_stopped=state.stopped_early,
+        train_tokens=state.train_tokens,
+        train_time_s=state.train_seconds,
+        eval_time_s=state.eval_seconds,
+        train_tokens_per_s=state.train_tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
+        peak_memory_bytes=peak,
+        peak_memory_method=peak_method,
+        device=str(prep.device),
+        threads=torch.get_num_threads(),
+        processes=dist.world_size,
+        distributed=dist.mode if dist.enabled else None,
+        gradient_bytes_all_reduced_per_step=dist.bytes_reduced / max(state.step, 1) if dist.enabled
         and not dist.fsdp else None,
-        "best": {"metric": metric, "value": state.best_value, "step": state.best_step} if state.best_step is not None
+        best=BestEval(metric=metric, value=state.best_value, step=state.best_step) if state.best_step is not None
         else None,
-        "final_weights": f"best (step {state.best_step})" if use_best else f"last (step {state.step})",
-        "validation": results.get("validation"),
-        "test": results.get("test"),
-        "output": str(out / ("adapter" if config.train.method == "lora" else "model")),
-    }
-    # wall time: this session, plus the training time of the sessions before a resume
-    summary["wall_time_s"] = time.perf_counter() - wall_start + earlier_seconds
-    ckpt.atomic_write_json(out / "summary.json", summary)
+        final_weights=f"best (step {state.best_step})" if use_best else f"last (step {state.step})",
+        validation=results.get("validation"),
+        test=results.get("test"),
+        output=str(out / ("adapter" if config.train.method == "lora" else "model")),
+        # wall time: this session, plus the training time of the sessions before a resume
+        wall_time_s=time.perf_counter() - wall_start + earlier_seconds,
+    )
+    ckpt.atomic_write_json(out / "summary.json", summary.to_dict())
     plot_curves(read_metrics(out / "metrics.jsonl"), metric, out / "curves.png",
                 title=f"{config.model.name} {config.task.type} ({config.train.method})")
     print(format_summary(summary))
