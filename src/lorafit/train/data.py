@@ -21,6 +21,7 @@ from lorafit.train.config import RunConfig, expand_path
 from lorafit.train.sources import cache_dir, decode_error, is_hub_name, open_source  # noqa: F401 (re-exported)
 
 Rows = Any  # a datasets.Dataset, an IterableDataset (streamed training rows) or a list of dicts
+HELD_OUT = ("validation", "test")  # the splits that are evaluated, never trained on
 
 
 @dataclass
@@ -207,31 +208,32 @@ def load_splits(config: RunConfig) -> Splits:
     train = open_source(d.train, d.format, cache, "train", streaming=d.streaming)
     sources = {"train": _source_name(d.train)}
     check_fields(train, config, sources["train"])
-    validation: Rows = []
-    if d.validation:
-        validation = open_source(d.validation, d.format, cache, "validation")
-        sources["validation"] = _source_name(d.validation)
-        check_fields(validation, config, sources["validation"], "validation")
-    elif d.validation_fraction > 0:
-        n = len(train)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.train.seed)).numpy()
-        n_val = max(1, round(n * d.validation_fraction))
-        if n_val >= n:
-            raise ValueError(f"data.validation_fraction={d.validation_fraction} leaves no training rows "
-                             f"({n} rows)")
-        held = np.sort(order[:n_val])
-        kept = np.sort(order[n_val:])
-        key = (train._fingerprint, d.validation_fraction, config.train.seed)
-        validation = train.select(held, new_fingerprint=_fingerprint(*key, "held"))
-        train = train.select(kept, new_fingerprint=_fingerprint(*key, "kept"))
+    held_out: dict[str, Rows] = {split: [] for split in HELD_OUT}
+    for split in HELD_OUT:  # their files are small: read as tables even when the training rows stream
+        spec = getattr(d, split)
+        if spec:
+            held_out[split] = open_source(spec, d.format, cache, split)
+            sources[split] = _source_name(spec)
+            check_fields(held_out[split], config, sources[split], split)
+    if not d.validation and d.validation_fraction > 0:
+        train, held_out["validation"] = _split_off(train, d.validation_fraction, config.train.seed)
         sources["validation"] = f"{d.validation_fraction:g} of {sources['train']}"
-    test: Rows = []
-    if d.test:
-        test = open_source(d.test, d.format, cache, "test")
-        sources["test"] = _source_name(d.test)
-        check_fields(test, config, sources["test"], "test")
-    return Splits(train=_first_rows(train, d.max_train_rows), validation=_first_rows(validation, d.max_eval_rows),
-                  test=_first_rows(test, d.max_test_rows), sources=sources)
+    return Splits(train=_first_rows(train, d.max_train_rows),
+                  validation=_first_rows(held_out["validation"], d.max_eval_rows),
+                  test=_first_rows(held_out["test"], d.max_test_rows), sources=sources)
+
+
+def _split_off(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """(kept, held out): a random ``fraction`` of the rows held out (data.validation_fraction), in file order."""
+    n = len(rows)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise ValueError(f"data.validation_fraction={fraction} leaves no training rows ({n} rows)")
+    key = (rows._fingerprint, fraction, seed)
+    held = rows.select(np.sort(order[:n_val]), new_fingerprint=_fingerprint(*key, "held"))
+    kept = rows.select(np.sort(order[n_val:]), new_fingerprint=_fingerprint(*key, "kept"))
+    return kept, held
 
 
 def check_streaming(config: RunConfig) -> None:
