@@ -63,7 +63,7 @@ def bert_classifier(setup: Path, num_labels: int) -> nn.Module:
 
 
 SUMMARY_KEYS = ["method", "lora_r", "model", "task", "params", "steps", "epochs_done", "early_stopped", "train_tokens",
-                "train_time_s", "eval_time_s", "train_tokens_per_s", "peak_memory_bytes", "peak_memory_method",
+                "train_rows_seen", "train_time_s", "eval_time_s", "train_tokens_per_s", "peak_memory_bytes", "peak_memory_method",
                 "device", "threads", "processes", "distributed", "gradient_bytes_all_reduced_per_step", "best",
                 "final_weights", "validation", "test", "output", "wall_time_s"]
 
@@ -276,6 +276,33 @@ def test_a_given_model_and_tokenizer_need_no_hub_for_a_hub_name(setup, tmp_path,
         train(setup / "run.toml", {"output_dir": str(tmp_path / "out2"), "model.name": "someone/tiny-bert"},
               tokenizer=tok, progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_given_model_gets_its_own_dropout_modules_back_after_hashed_dropout(setup, tmp_path):
+    """train.model_dropout = "hashed" swaps the model's nn.Dropout modules for the run only."""
+    from lorafit.layers.hashed_dropout import HashedDropout
+
+    model = bert_classifier(setup, 2).train()
+    before = {name: m for name, m in model.named_modules() if type(m) is nn.Dropout}
+    assert before
+    seen = []
+
+    def during(_state: dict) -> None:
+        seen.append(sum(isinstance(m, HashedDropout) for m in model.modules()))
+
+    train(setup / "run.toml", {"output_dir": str(tmp_path / "out"), "train.max_steps": 2,
+                               "train.model_dropout": "hashed"}, model=model, callbacks=(during,), progress=False)
+    assert seen == [len(before)] * 2  # the run trained with the hashed ones
+    after = {name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert not any(m.training for m in after.values())  # in eval mode, like the rest of the returned model
+    # and when the run fails after the swap, too
+    other = bert_classifier(setup, 2)
+    other.supports_gradient_checkpointing = False
+    with pytest.raises(ValueError, match="train.gradient_checkpointing"):
+        train(setup / "run.toml", {"output_dir": str(tmp_path / "out2"), "train.model_dropout": "hashed",
+                                   "train.gradient_checkpointing": True}, model=other, progress=False)
+    assert not any(isinstance(m, HashedDropout) for m in other.modules())
 
 
 def test_a_tokenizer_without_a_pad_token_gets_one(setup, tmp_path):

@@ -24,6 +24,7 @@ datasets = pytest.importorskip("datasets")
 from lorafit.train import run
 from lorafit.train.config import load_config
 from lorafit.train.data import FeatureTable, epoch_batches, lengths_of, load_splits
+from lorafit.train.metrics import format_summary
 from lorafit.train.tasks import Classification
 
 
@@ -193,6 +194,20 @@ def test_streaming_trains_a_few_steps_and_refuses_what_needs_every_row(setup, tm
         with pytest.raises(ValueError, match=message):
             train(config, progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_streamed_run_records_the_rows_it_read_not_a_nominal_length(setup, tmp_path):
+    """The stream's length is not known: data.json says so, and the summary counts the rows the steps read
+    (92 rows in batches of 8, in stream order: 12 batches a pass, the last of 4 rows; 15 steps = a pass and
+    3 batches)."""
+    from lorafit.train import train
+
+    result = train(streaming_config(setup, tmp_path, "run", "data.max_train_rows=92", "train.max_steps=15",
+                                    "train.eval_every=0", "train.group_by_length=false"), progress=False)
+    assert result["steps"] == 15 and result["train_rows_seen"] == 92 + 3 * 8  # not 15 x 8 = 120
+    assert result["epochs_done"] is None and "116 streamed rows" in format_summary(result)
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["rows"] == {"train": None, "validation": 32, "test": 0} and data["streaming"] is True
 
 
 def test_a_streamed_label_outside_the_label_set_is_named(setup, tmp_path):

@@ -45,6 +45,7 @@ class LoopState:
     stopped_early: bool = False
     finished: bool = False
     train_tokens: int = 0
+    train_rows: int = 0  # training rows the steps consumed (global micro-batches' rows, repeats counted)
     train_seconds: float = 0.0  # wall time spent in the loop, summed over resumed sessions
     eval_seconds: float = 0.0  # the part of train_seconds spent evaluating on the validation set
     last_eval_step: int = -1
@@ -126,115 +127,147 @@ def fit(
             log.truncate_after(state.step)
     if state.finished:
         return state
-    autocast = autocast_for(device, t.bf16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    greater = task.greater_is_better(metric)
-    evaluating = bool(eval_features)
+    run = _Session(model, wrapped, optimizer, scheduler, task, eval_features, t, device, run_dir, log, metric,
+                   state, total, callbacks, dist, _progress_bar(total, state.step, progress and dist.is_main))
+    wrapped.train()
+    while state.step < total and not state.stopped_early:
+        batches = _Lookahead(train_batches(train_features, t.batch_size, t.seed, state.epoch, t.group_by_length,
+                                           skip=state.batch_in_epoch))
+        while batches.more() and state.step < total and not state.stopped_early:
+            loss = run.optimizer_step(batches.take(t.grad_accum))
+            run.after_step(loss)
+        if state.stopped_early:
+            break
+        if not batches.more():
+            run.end_epoch()
+    run.finish()
+    return state
 
-    bar = _progress_bar(total, state.step, progress and dist.is_main)
-    session_start, session_tokens = time.perf_counter(), 0
-    window_loss, window_units = 0.0, 0
 
-    def checkpoint() -> None:
-        state.train_seconds += time.perf_counter() - session_clock[0]
-        session_clock[0] = time.perf_counter()
-        ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, asdict(state), dist)
+class _Session:
+    """One session of the loop (until the run ends or is interrupted): what a step, an evaluation and a
+    checkpoint need, and the counters that are not saved (speed, the loss of the current log window)."""
 
-    def evaluate_now() -> None:
+    def __init__(self, model, wrapped, optimizer, scheduler, task: Task, eval_features: Sequence[dict],
+                 t: TrainSection, device: torch.device, run_dir: Path, log: MetricsLog, metric: str,
+                 state: LoopState, total: int, callbacks, dist: Distributed, bar) -> None:
+        self.model, self.wrapped, self.optimizer, self.scheduler = model, wrapped, optimizer, scheduler
+        self.task, self.eval_features, self.t, self.device = task, eval_features, t, device
+        self.run_dir, self.log, self.metric, self.state, self.total = run_dir, log, metric, state, total
+        self.callbacks, self.dist, self.bar = callbacks, dist, bar
+        self.autocast = autocast_for(device, t.bf16)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.greater = task.greater_is_better(metric)
+        self.evaluating = bool(eval_features)
+        self.start, self.tokens = time.perf_counter(), 0  # this session's, for its speed
+        self.window_loss, self.window_units = 0.0, 0  # since the last train log line
+        self.clock = time.perf_counter()  # train_seconds are counted up to here
+
+    def optimizer_step(self, window: list[list[dict]]) -> dict[str, Any]:
+        """One optimizer step over ``window``'s micro-batches (gradients accumulated); returns its loss and lr."""
+        t, state, dist = self.t, self.state, self.dist
+        micro = [_micro_batch(self.task, rows, dist) for rows in window]
+        local_units = sum(self.task.num_units(b) for b, real in micro if real)
+        units = int(dist.all_reduce_sum([local_units], self.device)[0])
+        step_loss, step_tokens = 0.0, 0
+        for j, (batch, real) in enumerate(micro):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with dist.accumulating(self.wrapped, last=j == len(micro) - 1):
+                with self.autocast():
+                    loss = self.task.loss_sum(self.wrapped, batch)
+                if not real:
+                    loss = loss * 0.0  # this process has no row here but must join the gradient sync
+                (loss / max(units, 1)).backward()
+            if real:
+                step_loss += loss.item()
+                step_tokens += int(batch["attention_mask"].sum())
+        step_loss, step_tokens = dist.all_reduce_sum([step_loss, step_tokens], self.device)
+        state.train_tokens += int(step_tokens)
+        state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
+        self.tokens += int(step_tokens)
+        grad_norm = None
+        if t.max_grad_norm > 0:
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batch_in_epoch += len(window)
+        self.window_loss += step_loss
+        self.window_units += units
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"the loss became {step_loss} at step {state.step}; lower train.lr, or "
+                                     "check the data (empty targets?)")
+        return {"loss": step_loss / max(units, 1), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+    def after_step(self, step: dict[str, Any]) -> None:
+        """The progress bar, the train log line, evaluation and checkpoint when due, the callbacks."""
+        t, state = self.t, self.state
+        speed = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step['loss']:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}")
+        if self.dist.is_main and (state.step % t.log_every == 0 or state.step == self.total):
+            record = {"type": "train", "step": state.step, "epoch": state.epoch,
+                      "loss": self.window_loss / max(self.window_units, 1), "lr": step["lr"], "tokens_per_s": speed}
+            if step["grad_norm"] is not None:
+                record["grad_norm"] = step["grad_norm"]
+            self.log.write(record)
+            self.window_loss, self.window_units = 0.0, 0
+        evaluated = False
+        if self.evaluating and t.eval_every and state.step % t.eval_every == 0:
+            self.evaluate()
+            evaluated = True
+        if (t.save_every and state.step % t.save_every == 0) or (evaluated and not t.save_every):
+            self.checkpoint()
+        for callback in self.callbacks:
+            callback({**asdict(state), "loss": step["loss"], "lr": step["lr"]})
+
+    def end_epoch(self) -> None:
+        """The epoch's last batch is done: the next epoch starts; evaluation / checkpoint per epoch when no
+        step interval is set."""
+        t, state = self.t, self.state
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        if self.evaluating and not t.eval_every:
+            self.evaluate()
+        if not t.save_every and not t.eval_every:
+            self.checkpoint()
+
+    def finish(self) -> None:
+        if self.evaluating and self.state.last_eval_step != self.state.step:
+            self.evaluate()  # the final weights are always compared with the best so far
+        self.state.finished = True
+        self.checkpoint()
+        self.bar.close()
+
+    def checkpoint(self) -> None:
+        self.state.train_seconds += time.perf_counter() - self.clock
+        self.clock = time.perf_counter()
+        ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, asdict(self.state), self.dist)
+
+    def evaluate(self) -> None:
+        """Validation metrics now; the best weights saved when they improved, early stopping counted."""
+        t, state, dist = self.t, self.state, self.dist
         started = time.perf_counter()
-        metrics = task.evaluate(model, eval_features, device, t.eval_batch_size, autocast, dist)
+        metrics = self.task.evaluate(self.model, self.eval_features, self.device, t.eval_batch_size, self.autocast,
+                                     dist)
         state.eval_seconds += time.perf_counter() - started
-        wrapped.train()
+        self.wrapped.train()
         state.last_eval_step = state.step
-        value = metrics[metric]
-        improved = state.best_value is None or (value > state.best_value if greater else value < state.best_value)
+        value = metrics[self.metric]
+        improved = state.best_value is None or (value > state.best_value if self.greater else value < state.best_value)
         if improved:
             state.best_value, state.best_step, state.bad_evals = value, state.step, 0
-            ckpt.save_best(run_dir, model, {"step": state.step, "metric": metric, "value": value}, dist)
+            ckpt.save_best(self.run_dir, self.model, {"step": state.step, "metric": self.metric, "value": value}, dist)
         else:
             state.bad_evals += 1
             if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
                 state.stopped_early = True
         if dist.is_main:
-            log.write({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
-            bar.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                      + ("  (best)" if improved else ""))
-
-    session_clock = [time.perf_counter()]
-    wrapped.train()
-    while state.step < total and not state.stopped_early:
-        batches = _Lookahead(train_batches(train_features, t.batch_size, t.seed, state.epoch, t.group_by_length,
-                                           skip=state.batch_in_epoch))
-        while batches.more() and state.step < total:
-            window = [_micro_batch(task, rows, dist) for rows in batches.take(t.grad_accum)]
-            local_units = sum(task.num_units(b) for b, real in window if real)
-            units = int(dist.all_reduce_sum([local_units], device)[0])
-            step_loss, step_tokens = 0.0, 0
-            for j, (batch, real) in enumerate(window):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with dist.accumulating(wrapped, last=j == len(window) - 1):
-                    with autocast():
-                        loss = task.loss_sum(wrapped, batch)
-                    if not real:
-                        loss = loss * 0.0  # this process has no row here but must join the gradient sync
-                    (loss / max(units, 1)).backward()
-                if real:
-                    step_loss += loss.item()
-                    step_tokens += int(batch["attention_mask"].sum())
-            step_loss, step_tokens = dist.all_reduce_sum([step_loss, step_tokens], device)
-            state.train_tokens += int(step_tokens)
-            session_tokens += int(step_tokens)
-            grad_norm = None
-            if t.max_grad_norm > 0:
-                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch_in_epoch += len(window)
-            window_loss += step_loss
-            window_units += units
-
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"the loss became {step_loss} at step {state.step}; lower train.lr, or "
-                                         "check the data (empty targets?)")
-            speed = session_tokens / max(time.perf_counter() - session_start, 1e-9)
-            lr = scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss / max(units, 1):.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-            if dist.is_main and (state.step % t.log_every == 0 or state.step == total):
-                record = {"type": "train", "step": state.step, "epoch": state.epoch,
-                          "loss": window_loss / max(window_units, 1), "lr": lr, "tokens_per_s": speed}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                log.write(record)
-                window_loss, window_units = 0.0, 0
-
-            evaluated = False
-            if evaluating and t.eval_every and state.step % t.eval_every == 0:
-                evaluate_now()
-                evaluated = True
-            if (t.save_every and state.step % t.save_every == 0) or (evaluated and not t.save_every):
-                checkpoint()
-            for callback in callbacks:
-                callback({**asdict(state), "loss": step_loss / max(units, 1), "lr": lr})
-            if state.stopped_early:
-                break
-        if state.stopped_early:
-            break
-        if not batches.more():
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if evaluating and not t.eval_every:
-                evaluate_now()
-            if not t.save_every and not t.eval_every:
-                checkpoint()
-    if evaluating and state.last_eval_step != state.step:
-        evaluate_now()  # the final weights are always compared with the best so far
-    state.finished = True
-    checkpoint()
-    bar.close()
-    return state
+            self.log.write({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch,
+                            **metrics})
+            self.bar.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                           + ("  (best)" if improved else ""))
 
 
 def _micro_batch(task: Task, rows: list[dict], dist: Distributed) -> tuple[dict, bool]:

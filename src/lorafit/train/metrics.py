@@ -169,12 +169,16 @@ class RunSummary:
     """Trainable and total parameter counts."""
     steps: int
     """Optimizer steps done, over every session of a resumed run."""
-    epochs_done: float
-    """Passes over the training rows: whole epochs plus the consumed fraction of the current one."""
+    epochs_done: float | None
+    """Passes over the training rows: whole epochs plus the consumed fraction of the current one; None for a
+    streamed training split (data.streaming), whose length is not known (see train_rows_seen)."""
     early_stopped: bool
     """Whether train.early_stopping_patience ended the run before its last step."""
     train_tokens: int
     """Non-padding tokens the optimizer steps trained on (all processes)."""
+    train_rows_seen: int | None = None
+    """Training rows the optimizer steps consumed, each time it was read (packed sequences with task.packing);
+    None in summaries written before lorafit recorded it."""
     train_time_s: float
     """Seconds in the training loop, evaluations included, summed over resumed sessions."""
     eval_time_s: float
@@ -229,7 +233,7 @@ def format_summary(summary: RunSummary | dict[str, Any]) -> str:
         ("method", s.method + (f" (r={s.lora_r})" if s.lora_r else "")),
         ("model", s.model),
         ("trainable params", f"{p.trainable:,} of {p.total:,} ({p.trainable_percent:.3f}%)"),
-        ("steps", f"{s.steps} ({s.epochs_done:.2f} epochs{', early stop' if s.early_stopped else ''})"),
+        ("steps", f"{s.steps} ({_progress(s)}{', early stop' if s.early_stopped else ''})"),
         ("wall time", f"{s.wall_time_s:.1f} s ({s.train_tokens_per_s:.0f} train tokens/s)"),
         ("peak memory", f"{human_bytes(s.peak_memory_bytes)} ({s.peak_memory_method})"),
     ]
@@ -242,3 +246,9 @@ def format_summary(summary: RunSummary | dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])
+
+
+def _progress(s: RunSummary) -> str:
+    if s.epochs_done is not None:
+        return f"{s.epochs_done:.2f} epochs"
+    return f"{s.train_rows_seen:,} streamed rows" if s.train_rows_seen is not None else "streamed rows"

@@ -9,6 +9,7 @@ Output directory::
     config.toml          the config used (rerun it with `lorafit train OUT/config.toml`)
     adapter/             the adapter, PEFT format (method = "lora")
     model/               the fine-tuned model + tokenizer, save_pretrained format (method = "full")
+    data.json            where each split came from, the class names, rows per split (a stream's: null)
     metrics.jsonl        one line per log / evaluation
     curves.png           loss and validation metric against the step
     summary.json         trainable parameters, peak memory, wall time, best and final metrics
@@ -40,9 +41,9 @@ from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import RunConfig, load_config
-from lorafit.train.data import Splits, StreamedFeatures, label_set, load_splits, streamed
+from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed
 from lorafit.train.distributed import SINGLE, Distributed
-from lorafit.train.loop import fit, total_steps
+from lorafit.train.loop import LoopState, fit, total_steps
 from lorafit.train.metrics import (
     BestEval,
     MetricsLog,
@@ -179,7 +180,10 @@ def quantize_for(prep: Prepared) -> None:
         raise ValueError(f"model.quantize = {bits}: {exc}") from None
 
 
-def apply_method(prep: Prepared) -> None:
+def apply_method(prep: Prepared) -> Callable[[], None]:
+    """The model made ready to train by train.method (and model.quantize, train.model_dropout,
+    train.gradient_checkpointing), on its device. Returns what puts the model's own dropout modules back
+    (a no-op unless train.model_dropout = "hashed"): a caller's model= leaves the run as it came, adapter aside."""
     model = prep.model
     if prep.config.train.method == "lora":
         quantize_for(prep)
@@ -188,15 +192,33 @@ def apply_method(prep: Prepared) -> None:
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    if prep.config.train.model_dropout == "hashed":
-        lorafit.use_hashed_dropout(model)
-    model.to(prep.device)
-    if prep.config.train.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model.config, "use_cache"):
-            model.config.use_cache = False
+    put_back_dropout = _use_hashed_dropout(model) if prep.config.train.model_dropout == "hashed" else lambda: None
+    try:
+        model.to(prep.device)
+        if prep.config.train.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model.config, "use_cache"):
+                model.config.use_cache = False
+    except BaseException:
+        put_back_dropout()
+        raise
+    return put_back_dropout
+
+
+def _use_hashed_dropout(model: nn.Module) -> Callable[[], None]:
+    """lorafit's hashed dropout in place of the model's ``nn.Dropout`` modules; returns what puts them back."""
+    originals = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                 if type(child) is nn.Dropout]
+    lorafit.use_hashed_dropout(model)
+
+    def put_back() -> None:
+        for parent, name, original in originals:
+            original.train(getattr(parent, name).training)
+            setattr(parent, name, original)
+
+    return put_back
 
 
 def run_kind(out: Path) -> str:
@@ -431,9 +453,62 @@ def _take_off_earlier_run(model: nn.Module) -> None:
         lorafit.unload(model)
 
 
+# -- the run, step by step ---------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """The run's splits in tokens (see ``encode_split``): validation and test are [] when the run has none."""
+
+    train: Sequence[dict]
+    validation: Sequence[dict]
+    test: Sequence[dict]
+
+    def held_out(self) -> dict[str, Sequence[dict]]:
+        """The evaluated splits that have data, validation first."""
+        return {split: getattr(self, split) for split in HELD_OUT if getattr(self, split)}
+
+
 def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wall_start: float, *, resume: bool,
            overwrite: bool, model: nn.Module | None, tokenizer: Any, callbacks, progress: bool,
            arg_names: ArgNames = PYTHON_ARGS) -> TrainResult:
+    out, resume_from = _check_inputs(config, dist, resume, overwrite, model, tokenizer, arg_names)
+    prep = prepare(config, model, tokenizer, device)
+    check_given_fits(prep, model is not None, tokenizer is not None)
+    data = _encode_splits(prep)
+    metric = _check_metric(prep, data)
+    put_back_dropout = _ready_model(prep, data)
+    try:
+        report = lorafit.trainable_parameters(prep.model)
+        dist.barrier()  # every process has checked its inputs (and seen the output directory as it was)
+        if not dist.is_main:
+            return TrainResult(_train_worker(prep, dist, out, resume_from, data, metric, callbacks),
+                               prep.model.eval(), prep.tokenizer, prep.labels)
+        # Every input is fine: only now is anything written.
+        _write_run_start(prep, out, resume_from, overwrite, data)
+        # read now: the checkpoint directory is replaced by newer ones as the run goes
+        earlier_seconds = json.loads((resume_from / "state.json").read_text())["train_seconds"] if resume_from \
+            else 0.0
+        print(f"lorafit train: {config.model.name} ({prep.source.path}), {config.task.type}, method "
+              f"{config.train.method}, {_rows_text(prep, data)}, {total_steps(len(data.train), config.train)} steps, "
+              f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}\n"
+              f"  {_processes(dist)}")
+        log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
+        try:
+            state = fit(prep.model, prep.task, data.train, data.validation, config.train, prep.device, out, log,
+                        metric, resume_from=resume_from, callbacks=callbacks, progress=progress, dist=dist)
+        finally:
+            log.close()
+        summary = _finish(prep, dist, out, state, data, metric, report, wall_start - earlier_seconds)
+        return TrainResult(summary, prep.model.eval(), prep.tokenizer, prep.labels)
+    finally:
+        put_back_dropout()
+
+
+def _check_inputs(config: RunConfig, dist: Distributed, resume: bool, overwrite: bool, model: nn.Module | None,
+                  tokenizer: Any, arg_names: ArgNames) -> tuple[Path, Path | None]:
+    """What is checked before anything is loaded: the processes, the output directory (and the checkpoint to
+    resume from), a given model and tokenizer, tensorboard."""
     if dist.enabled and config.train.batch_size < dist.world_size:
         raise ValueError(f"train.batch_size = {config.train.batch_size} is the global batch and must be at least "
                          f"the number of processes ({dist.world_size})")
@@ -445,17 +520,24 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         except ImportError:
             raise ImportError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
                 from None
-    prep = prepare(config, model, tokenizer, device)
-    check_given_fits(prep, model is not None, tokenizer is not None)
-    train_features = encode_split(prep, "train")
-    if config.task.packing:
-        n_rows, train_features = len(train_features), prep.task.pack(train_features)
-        print(f"lorafit: {n_rows} train rows packed into {len(train_features)} sequences of up to "
-              f"{config.task.max_length} tokens")
-    eval_features = encode_split(prep, "validation")
-    test_features = encode_split(prep, "test")
+    return out, resume_from
+
+
+def _encode_splits(prep: Prepared) -> Encoded:
+    """Every split in tokens; with task.packing the training examples packed into sequences."""
+    train = encode_split(prep, "train")
+    if prep.config.task.packing:
+        n_rows, train = len(train), prep.task.pack(train)
+        print(f"lorafit: {n_rows} train rows packed into {len(train)} sequences of up to "
+              f"{prep.config.task.max_length} tokens")
+    return Encoded(train, *(encode_split(prep, split) for split in HELD_OUT))
+
+
+def _check_metric(prep: Prepared, data: Encoded) -> str:
+    """The validation metric that picks the best weights; one the task computes."""
+    config = prep.config
     metric = config.train.metric or prep.task.metric
-    if eval_features:
+    if data.validation:
         probe = {"classification": ("eval_loss", "accuracy", "macro_f1")}.get(
             config.task.type, ("eval_loss", "perplexity") + (("rouge1", "rouge2", "rougeL")
                                                              if config.task.generate_rows else ()))
@@ -464,51 +546,59 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
     elif config.train.early_stopping_patience:
         raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
                          "data.validation_fraction)")
-    _take_off_earlier_run(prep.model)
-    apply_method(prep)
-    prep.model.__dict__[TRAINED_BY] = {"method": config.train.method, "quantize": config.model.quantize,
-                                       "adapter": "default"}
-    if config.task.packing:
-        prep.task.check_packing(prep.model, train_features, prep.device)
-    report = lorafit.trainable_parameters(prep.model)
-    dist.barrier()  # every process has checked its inputs (and seen the output directory as it was)
-    if not dist.is_main:
-        return TrainResult(_train_worker(prep, dist, out, resume_from, train_features, eval_features,
-                                         test_features, metric, callbacks), prep.model.eval(), prep.tokenizer,
-                           prep.labels)
+    return metric
 
-    # Every input is fine: only now is anything written.
+
+def _ready_model(prep: Prepared, data: Encoded) -> Callable[[], None]:
+    """The model as the run trains it: an earlier train()'s adapter off, the method applied, the packing checked.
+    Returns what puts the model's own dropout modules back (train.model_dropout = "hashed") once the run ends."""
+    _take_off_earlier_run(prep.model)
+    put_back_dropout = apply_method(prep)
+    prep.model.__dict__[TRAINED_BY] = {"method": prep.config.train.method, "quantize": prep.config.model.quantize,
+                                       "adapter": "default"}
+    try:
+        if prep.config.task.packing:
+            prep.task.check_packing(prep.model, data.train, prep.device)
+    except BaseException:
+        put_back_dropout()
+        raise
+    return put_back_dropout
+
+
+def _write_run_start(prep: Prepared, out: Path, resume_from: Path | None, overwrite: bool, data: Encoded) -> None:
+    """The output directory as a run starts it: the config (a fresh start), and data.json."""
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
-        ckpt.atomic_write_text(out / CONFIG_FILE, config.to_toml())
+        ckpt.atomic_write_text(out / CONFIG_FILE, prep.config.to_toml())
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a run that died before its first checkpoint
     ckpt.atomic_write_json(out / "data.json", {
         "sources": prep.splits.sources, "labels": prep.labels,
-        "rows": {s: len(f) for s, f in (("train", train_features), ("validation", eval_features),
-                                         ("test", test_features))},
+        # a streamed training split's length is not known before the stream ends (summary.json: train_rows_seen)
+        "rows": {"train": None if isinstance(data.train, StreamedFeatures) else len(data.train),
+                 **{split: len(getattr(data, split)) for split in HELD_OUT}},
+        "streaming": prep.config.data.streaming,
         "chat_template": getattr(prep.task, "uses_model_template", None)})
-    log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
-    earlier_seconds = json.loads((resume_from / "state.json").read_text())["train_seconds"] if resume_from else 0.0
-    n_steps = total_steps(len(train_features), config.train)
-    print(f"lorafit train: {config.model.name} ({prep.source.path}), {config.task.type}, method {config.train.method}"
-          f", {len(train_features)} train / {len(eval_features)} validation rows, {n_steps} steps, "
-          f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}\n  {_processes(dist)}")
-    try:
-        state = fit(prep.model, prep.task, train_features, eval_features, config.train, prep.device, out, log,
-                    metric, resume_from=resume_from, callbacks=callbacks, progress=progress, dist=dist)
-    finally:
-        log.close()
 
-    use_best, results = _final_weights_and_metrics(prep, dist, out, state, eval_features, test_features)
-    if test_features:
-        log = MetricsLog(out / "metrics.jsonl")
-        log.write({"type": "eval", "split": "test", "step": state.best_step if use_best else state.step,
-                   **results["test"]})
+
+def _rows_text(prep: Prepared, data: Encoded) -> str:
+    train = "streamed train rows" if isinstance(data.train, StreamedFeatures) else f"{len(data.train)} train"
+    return f"{train} / {len(data.validation)} validation rows"
+
+
+def _finish(prep: Prepared, dist: Distributed, out: Path, state: LoopState, data: Encoded, metric: str,
+            report: lorafit.ParameterReport, clock_start: float) -> RunSummary:
+    """After the loop: the final weights evaluated and saved, summary.json, curves.png and the table printed.
+    ``clock_start``: this session's start, moved back by the training time of the sessions before a resume."""
+    config = prep.config
+    use_best, results = _final_weights_and_metrics(prep, dist, out, state, data)
+    if "test" in results:
+        MetricsLog(out / "metrics.jsonl").write({"type": "eval", "split": "test",
+                                                 "step": state.best_step if use_best else state.step,
+                                                 **results["test"]})
     save_result(prep, out, dist)
-
     peak, peak_method = peak_memory(prep.device)
     if dist.enabled:
         peak = int(dist.all_reduce_max(float(peak or 0), prep.device)) or None
@@ -521,9 +611,10 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         params=ParamCounts(trainable=report.trainable, total=report.total,
                            trainable_percent=report.trainable_percent, base_model=report.base),
         steps=state.step,
-        epochs_done=state.epoch + state.batch_in_epoch / max(1, -(-len(train_features) // config.train.batch_size)),
+        epochs_done=_epochs_done(state, data.train, config.train.batch_size),
         early_stopped=state.stopped_early,
         train_tokens=state.train_tokens,
+        train_rows_seen=state.train_rows,
         train_time_s=state.train_seconds,
         eval_time_s=state.eval_seconds,
         train_tokens_per_s=state.train_tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
@@ -541,14 +632,21 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         validation=results.get("validation"),
         test=results.get("test"),
         output=str(out / ("adapter" if config.train.method == "lora" else "model")),
-        # wall time: this session, plus the training time of the sessions before a resume
-        wall_time_s=time.perf_counter() - wall_start + earlier_seconds,
+        wall_time_s=time.perf_counter() - clock_start,
     )
     ckpt.atomic_write_json(out / "summary.json", summary.to_dict())
     plot_curves(read_metrics(out / "metrics.jsonl"), metric, out / "curves.png",
                 title=f"{config.model.name} {config.task.type} ({config.train.method})")
     print(format_summary(summary))
-    return TrainResult(summary, prep.model.eval(), prep.tokenizer, prep.labels)
+    return summary
+
+
+def _epochs_done(state: LoopState, train: Sequence[dict], batch_size: int) -> float | None:
+    """Whole epochs plus the consumed fraction of the current one; None for a streamed split, whose length
+    (and so the fraction) is not known."""
+    if isinstance(train, StreamedFeatures):
+        return None
+    return state.epoch + state.batch_in_epoch / max(1, -(-len(train) // batch_size))
 
 
 def _processes(dist: Distributed) -> str:
@@ -558,28 +656,26 @@ def _processes(dist: Distributed) -> str:
             f"global batch, split across them")
 
 
-def _final_weights_and_metrics(prep: Prepared, dist: Distributed, out: Path, state, eval_features: list[dict],
-                               test_features: list[dict]) -> tuple[bool, dict[str, dict[str, float]]]:
+def _final_weights_and_metrics(prep: Prepared, dist: Distributed, out: Path, state: LoopState,
+                               data: Encoded) -> tuple[bool, dict[str, dict[str, float]]]:
     """Load the best evaluated weights (or keep the last) and evaluate them on validation and test."""
     config = prep.config
     use_best = config.train.keep_best and state.best_step is not None
     if use_best:
         ckpt.load_best(out, prep.model, state.best_step)
     autocast = _autocast(prep)
-    results: dict[str, dict[str, float]] = {}
-    for split, features in (("validation", eval_features), ("test", test_features)):
-        if features:
-            results[split] = prep.task.evaluate(prep.model, features, prep.device, config.train.eval_batch_size,
-                                                autocast, dist)
+    results = {split: prep.task.evaluate(prep.model, features, prep.device, config.train.eval_batch_size, autocast,
+                                         dist)
+               for split, features in data.held_out().items()}
     return use_best, results
 
 
-def _train_worker(prep: Prepared, dist: Distributed, out: Path, resume_from: Path | None, train_features,
-                  eval_features, test_features, metric: str, callbacks) -> dict[str, Any]:
+def _train_worker(prep: Prepared, dist: Distributed, out: Path, resume_from: Path | None, data: Encoded,
+                  metric: str, callbacks) -> dict[str, Any]:
     """Processes other than 0: the same collective work, nothing written. Returns the final metrics."""
-    state = fit(prep.model, prep.task, train_features, eval_features, prep.config.train, prep.device, out, None,
+    state = fit(prep.model, prep.task, data.train, data.validation, prep.config.train, prep.device, out, None,
                 metric, resume_from=resume_from, callbacks=callbacks, progress=False, dist=dist)
-    _, results = _final_weights_and_metrics(prep, dist, out, state, eval_features, test_features)
+    _, results = _final_weights_and_metrics(prep, dist, out, state, data)
     save_result(prep, out, dist)
     peak, _ = peak_memory(prep.device)
     dist.all_reduce_max(float(peak or 0), prep.device)
