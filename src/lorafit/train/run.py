@@ -319,7 +319,8 @@ def train(
     written (train those with ``lorafit.attach`` and a loop of your own). The model is trained in place, not
     copied: afterwards it carries the trained adapter ``"default"`` (the weights saved in ``adapter/``) and is
     in eval mode, ready to predict; with ``model.quantize`` its base is quantized, with ``train.method =
-    "full"`` its own weights are trained. Calling ``train`` again with the same model starts from the base
+    "full"`` its own weights are trained; ``train.model_dropout = "hashed"`` swaps its dropout modules for the
+    run only (its own are back afterwards). Calling ``train`` again with the same model starts from the base
     again: the adapter an earlier ``train`` attached is taken off first (a quantized base stays quantized,
     so ``model.quantize`` must stay the same; after a full fine-tuning the next run starts from the tuned
     weights, with a warning). Adapters attached by other code are refused, as is a head whose size differs
