@@ -4,12 +4,14 @@ The server runs as its own process on 127.0.0.1 (a free port); this process is t
 client: a bounded number of requests from a fixed number of concurrent client
 threads, each request one text for an adapter drawn at random from 1, 10 or 100
 adapters (r=8 on query/key/value/dense, each with its own classifier head).
-Then: hot-load latency (POST /v1/adapters of an adapter not in memory), and a run
-where other adapters (and the ones in use) are loaded and unloaded under load.
+Then: hot-load latency (POST /v1/adapters of an adapter not in memory), a run
+where other adapters (and the ones in use) are loaded and unloaded under load, and
+one on a second server holding at most 12 adapters, where every load evicts one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -28,6 +30,7 @@ from benchmarks import models
 from benchmarks.timing import table
 
 TOKEN = "bench"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TEXTS = ["a gripping, beautifully shot film", "the plot never comes together", "an ok way to spend an evening",
          "i loved every minute of it", "dull, predictable and far too long", "the actors do what they can"]
 
@@ -61,6 +64,38 @@ def _make_adapters(quick: bool, root: Path, count: int) -> tuple[str, Path]:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         lorafit.save_adapter(model, root / "adapters" / f"task{i:03d}")
     return spec, root / "adapters"
+
+
+@contextlib.contextmanager
+def _server(client, spec: str, adapters: Path, max_adapters: int):
+    """`lorafit serve` in its own process on a free loopback port; yields its URL once /health answers."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "lorafit.cli", "serve", "--model", spec, "--adapters", str(adapters),
+           "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN, "--max-adapters", str(max_adapters),
+           "--max-batch", "32", "--max-wait-ms", "5", "--log-level", "warning"]
+    server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"lorafit serve did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def _load(client, url: str, adapters: list[str], n: int, concurrency: int, seed: int, stop_at: float):
@@ -97,9 +132,57 @@ def _load(client, url: str, adapters: list[str], n: int, concurrency: int, seed:
     return lat, failures, time.perf_counter() - start
 
 
+def _under_churn(client, url: str, in_use: list[str], churn_names: list[str], unload_share: float, n: int,
+                 concurrency: int, stop_at: float) -> dict:
+    """`_load` over `in_use` while another client loads (and, `unload_share` of the time, unloads) adapters
+    drawn from `churn_names`, one every 20 ms."""
+    import httpx
+
+    stop = threading.Event()
+    churn = {"loads": 0, "unloads": 0, "errors": 0, "load_ms": []}
+
+    def churner():
+        rnd = random.Random(5)
+        with httpx.Client() as c:
+            while not stop.is_set():
+                name = rnd.choice(churn_names)
+                if rnd.random() < unload_share:
+                    r = c.delete(f"{url}/v1/adapters/{name}", headers=AUTH, timeout=120)
+                    churn["unloads"] += r.status_code == 200
+                    churn["errors"] += r.status_code not in (200, 404)
+                else:
+                    r = c.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
+                    churn["loads"] += r.status_code == 200
+                    churn["errors"] += r.status_code != 200
+                    if r.status_code == 200:
+                        churn["load_ms"].append(r.json()["load_ms"])
+                time.sleep(0.02)
+
+    t = threading.Thread(target=churner)
+    t.start()
+    try:
+        lat, fails, wall = _load(client, url, in_use, n, concurrency, 3, stop_at)
+    finally:
+        stop.set()
+        t.join(60)
+    stats = {line.split()[0]: float(line.split()[1]) for line in client.get(f"{url}/metrics").text.splitlines()
+             if line.startswith(("lorafit_adapter_evictions_total", "lorafit_adapter_loads_total"))}
+    return {"requests": len(lat) + len(fails), "failed": len(fails), "failures": fails[:5],
+            "req_per_s": len(lat) / wall, "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99),
+            "adapter_loads": churn["loads"], "adapter_unloads": churn["unloads"],
+            "evictions": int(stats.get("lorafit_adapter_evictions_total", 0)),
+            "load_unload_errors": churn["errors"],
+            "load_ms_median_under_load": statistics.median(churn["load_ms"]) if churn["load_ms"] else None}
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def _row(what: str, r: dict, steady: float | None) -> list[str]:
+    return [what, str(r["requests"]), str(r["failed"]), f"{r['req_per_s']:.1f}",
+            f"{r['req_per_s'] / steady:.2f}" if steady else "", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}"]
 
 
 def run(args, print_table) -> dict:
@@ -111,109 +194,64 @@ def run(args, print_table) -> dict:
     concurrency = 4 if quick else 16
     budget = 60 if quick else 120  # seconds per scenario, at most
     res: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, httpx.Client(limits=httpx.Limits(max_connections=concurrency + 4)) \
+            as client:
         spec, adapters = _make_adapters(quick, Path(tmp), n_adapters)
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "lorafit.cli", "serve", "--model", spec, "--adapters", str(adapters),
-               "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN, "--max-adapters", "128",
-               "--max-batch", "32", "--max-wait-ms", "5", "--log-level", "warning"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  cwd=Path(__file__).resolve().parents[1])
-        try:
-            with httpx.Client(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if client.get(f"{url}/health", timeout=1).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"lorafit serve did not start: {server.stderr.read().decode()[-2000:]}")
-                    time.sleep(0.2)
-                names = [f"task{i:03d}" for i in range(n_adapters)]
-                auth = {"Authorization": f"Bearer {TOKEN}"}
-                spreads = (1, 4, 10) if quick else (1, 10, 100)
-                for k in spreads:  # warm: every adapter of the run loaded once
-                    for name in names[:k]:
-                        client.post(f"{url}/v1/adapters", json={"name": name}, headers=auth, timeout=120)
-                rows, load_rows = [], []
-                for k in spreads:
-                    _load(client, url, names[:k], concurrency * 2, concurrency, 1, time.monotonic() + budget)
-                    lat, fails, wall = _load(client, url, names[:k], requests, concurrency, 2, time.monotonic() + budget)
-                    res[f"{k} adapters"] = {"requests": len(lat) + len(fails), "failed": len(fails),
-                                            "req_per_s": len(lat) / wall, "p50_ms": 1000 * _pct(lat, 0.5),
-                                            "p99_ms": 1000 * _pct(lat, 0.99)}
-                    r = res[f"{k} adapters"]
-                    rows.append([f"{k}", str(r["requests"]), str(r["failed"]), f"{r['req_per_s']:.1f}",
-                                 f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}"])
-                # hot load: adapters never loaded before, one at a time, on an idle server
-                cold = names[max(spreads):max(spreads) + (3 if quick else 8)]
-                server_ms, client_ms = [], []
-                for name in cold:
-                    start = time.perf_counter()
-                    r = client.post(f"{url}/v1/adapters", json={"name": name}, headers=auth, timeout=120)
-                    client_ms.append(1000 * (time.perf_counter() - start))
-                    server_ms.append(r.json()["load_ms"])
-                res["hot_load"] = {"server_ms_median": statistics.median(server_ms),
-                                   "client_ms_median": statistics.median(client_ms), "n": len(cold)}
-                load_rows.append(["hot-load (POST /v1/adapters, idle server)", f"{statistics.median(client_ms):.0f}",
-                                  f"{statistics.median(server_ms):.0f}", str(len(cold))])
-                # load/unload churn under load: requests over 10 adapters while adapters come and go
-                stop = threading.Event()
-                churn = {"loads": 0, "unloads": 0, "errors": 0, "load_ms": []}
-                in_use = names[:10]
-
-                def churner():
-                    rnd = random.Random(5)
-                    with httpx.Client() as c:
-                        while not stop.is_set():
-                            name = rnd.choice(in_use + names[100:n_adapters] if not quick else names)
-                            if rnd.random() < 0.5:
-                                r = c.delete(f"{url}/v1/adapters/{name}", headers=auth, timeout=120)
-                                churn["unloads"] += r.status_code == 200
-                                churn["errors"] += r.status_code not in (200, 404)
-                            else:
-                                r = c.post(f"{url}/v1/adapters", json={"name": name}, headers=auth, timeout=120)
-                                churn["loads"] += r.status_code == 200
-                                churn["errors"] += r.status_code != 200
-                                if r.status_code == 200:
-                                    churn["load_ms"].append(r.json()["load_ms"])
-                            time.sleep(0.02)
-
-                t = threading.Thread(target=churner)
-                t.start()
-                lat, fails, wall = _load(client, url, in_use, requests, concurrency, 3, time.monotonic() + budget)
-                stop.set()
-                t.join(60)
-                res["churn"] = {"requests": len(lat) + len(fails), "failed": len(fails), "failures": fails[:5],
-                                "req_per_s": len(lat) / wall, "p50_ms": 1000 * _pct(lat, 0.5),
-                                "p99_ms": 1000 * _pct(lat, 0.99), "adapter_loads": churn["loads"],
-                                "adapter_unloads": churn["unloads"], "load_unload_errors": churn["errors"],
-                                "load_ms_median_under_load": statistics.median(churn["load_ms"]) if churn["load_ms"]
-                                else None}
-                c = res["churn"]
-                rows.append([f"10 + load/unload churn ({c['adapter_loads']} loads, {c['adapter_unloads']} unloads)",
-                             str(c["requests"]), str(c["failed"]), f"{c['req_per_s']:.1f}", f"{c['p50_ms']:.0f}",
-                             f"{c['p99_ms']:.0f}"])
-                if c["load_ms_median_under_load"] is not None:
-                    load_rows.append(["load under churn (server side)", "", f"{c['load_ms_median_under_load']:.0f}",
-                                      str(c["adapter_loads"])])
-                res["metrics_tail"] = [line for line in client.get(f"{url}/metrics").text.splitlines()
-                                       if line.startswith(("lorafit_batch_rows_count", "lorafit_batch_rows_sum",
-                                                           "lorafit_adapters_loaded"))]
-        finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        names = [f"task{i:03d}" for i in range(n_adapters)]
+        spreads = (1, 4, 10) if quick else (1, 10, 100)
+        in_use = names[:4] if quick else names[:10]
+        rows, load_rows = [], []
+        with _server(client, spec, adapters, 128) as url:
+            for k in spreads:  # warm: every adapter of the run loaded once
+                for name in names[:k]:
+                    client.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
+            for k in spreads:
+                _load(client, url, names[:k], concurrency * 2, concurrency, 1, time.monotonic() + budget)
+                lat, fails, wall = _load(client, url, names[:k], requests, concurrency, 2, time.monotonic() + budget)
+                res[f"{k} adapters"] = {"requests": len(lat) + len(fails), "failed": len(fails),
+                                        "req_per_s": len(lat) / wall, "p50_ms": 1000 * _pct(lat, 0.5),
+                                        "p99_ms": 1000 * _pct(lat, 0.99)}
+            steady = res[f"{len(in_use)} adapters"]["req_per_s"]  # the mix the churn runs request
+            for k in spreads:
+                rows.append(_row(f"{k}", res[f"{k} adapters"], steady))
+            # hot load: adapters never loaded before, one at a time, on an idle server
+            cold = names[max(spreads):max(spreads) + (3 if quick else 8)]
+            server_ms, client_ms = [], []
+            for name in cold:
+                start = time.perf_counter()
+                r = client.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
+                client_ms.append(1000 * (time.perf_counter() - start))
+                server_ms.append(r.json()["load_ms"])
+            res["hot_load"] = {"server_ms_median": statistics.median(server_ms),
+                               "client_ms_median": statistics.median(client_ms), "n": len(cold)}
+            load_rows.append(["hot-load (POST /v1/adapters, idle server)", f"{statistics.median(client_ms):.0f}",
+                              f"{statistics.median(server_ms):.0f}", str(len(cold))])
+            # load/unload churn: the adapters in use and others loaded and unloaded while requests run
+            res["churn"] = c = _under_churn(client, url, in_use, names if quick else in_use + names[100:n_adapters],
+                                            0.5, requests, concurrency, time.monotonic() + budget)
+            rows.append(_row(f"{len(in_use)} + load/unload churn ({c['adapter_loads']} loads, "
+                             f"{c['adapter_unloads']} unloads)", c, steady))
+            if c["load_ms_median_under_load"] is not None:
+                load_rows.append(["load under churn (server side)", "", f"{c['load_ms_median_under_load']:.0f}",
+                                  str(c["adapter_loads"])])
+            res["metrics_tail"] = [line for line in client.get(f"{url}/metrics").text.splitlines()
+                                   if line.startswith(("lorafit_batch_rows_count", "lorafit_batch_rows_sum",
+                                                       "lorafit_adapters_loaded"))]
+        # eviction churn: a server holding len(in_use) + 2 adapters; each load of another one evicts the least
+        # recently used (now and then one in use, which its next request loads again)
+        with _server(client, spec, adapters, len(in_use) + 2) as url:
+            for name in in_use:
+                client.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
+            _load(client, url, in_use, concurrency * 2, concurrency, 1, time.monotonic() + budget)
+            res["eviction churn"] = c = _under_churn(client, url, in_use, names[len(in_use):], 0.0, requests,
+                                                     concurrency, time.monotonic() + budget)
+            rows.append(_row(f"{len(in_use)} + eviction churn (at most {len(in_use) + 2} loaded; "
+                             f"{c['adapter_loads']} loads, {c['evictions']} evictions)", c, steady))
     model = "tiny BERT" if quick else "all-MiniLM-L6-v2"
     print_table(f"lorafit serve load test ({model}, loopback, {concurrency} concurrent clients, one text a request, "
                 f"max batch 32, max wait 5 ms)",
-                table(rows, ["adapters in the mix", "requests", "failed", "req/s", "p50 ms", "p99 ms"]))
+                table(rows, ["adapters in the mix", "requests", "failed", "req/s", f"× {len(in_use)} steady",
+                             "p50 ms", "p99 ms"]))
     print_table("Adapter hot-load latency (r=8 on query/key/value/dense + classifier head)",
                 table(load_rows, ["what", "client ms (median)", "server ms (median)", "n"]))
     return res

@@ -527,3 +527,28 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
     assert rows and all(n <= 4 * (k + 1) for n, k in rows), rows
     after = _live_tensor_bytes(reg)
     assert abs(after - before) <= 4096, (before, after)
+
+
+def test_the_model_lock_is_granted_in_arrival_order():
+    """The batch worker takes the model lock again right after each batch: a load that asked before
+    must get it first, or it can wait through batch after batch."""
+    from lorafit.serve.registry import FairLock
+
+    lock, order, threads = FairLock(), [], []
+
+    def take(name):
+        with lock:
+            order.append(name)
+
+    lock.acquire()
+    for i, name in enumerate(["load", "batch", "detach", "batch again"]):
+        threads.append(threading.Thread(target=take, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while lock.tickets < i + 2:  # this one is waiting before the next asks
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == ["load", "batch", "detach", "batch again"]

@@ -163,6 +163,8 @@ def _add_serve_parser(sub) -> None:
                                                                          "to its last token (default: 120)")
     sv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get at "
                                                                          "shutdown (default: 30)")
+    sv.add_argument("--threads", type=_positive_int, help="torch threads for the forwards (default: one core fewer "
+                                                          "than the process may use, at least 1)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
 

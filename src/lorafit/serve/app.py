@@ -101,16 +101,22 @@ class Service:
             raise HTTPException(503, str(exc), headers=headers) from None
         result = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.request_timeout_s
+        waiting = {result, gone} - {None}
         try:
-            done, _ = await asyncio.wait([result] + ([gone] if gone else []), timeout=self.limits.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if result in done:
-                return result.result()
-            if gone is not None and gone in done:
-                self.metrics.observe_cancelled("request")
-                raise HTTPException(499, "the client closed the connection before the answer")
-            raise HTTPException(503, f"the request did not finish within {self.limits.request_timeout_s:g} s",
-                                headers={"Retry-After": "5"})
+            while True:
+                done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if result in done:
+                    return result.result()
+                if not done:
+                    raise HTTPException(503, f"the request did not finish within "
+                                             f"{self.limits.request_timeout_s:g} s", headers={"Retry-After": "5"})
+                if gone.exception() is None:
+                    self.metrics.observe_cancelled("request")
+                    raise HTTPException(499, "the client closed the connection before the answer")
+                waiting = {result}  # the connection cannot be watched: wait for the answer alone
         finally:
             if gone is not None:
                 gone.cancel()

@@ -26,7 +26,7 @@ import torch
 
 from lorafit.base_models import resolve_model
 from lorafit.batched import adapter_per_row
-from lorafit.serve.registry import AdapterRegistry, Entry
+from lorafit.serve.registry import AdapterRegistry, Entry, FairLock
 
 
 @dataclass
@@ -189,7 +189,7 @@ def model_task(config, kwargs: dict) -> str:
 CHARS_PER_TOKEN = 16
 
 
-def classify_batch(model, tokenizer, lock: threading.Lock, max_tokens: int, jobs: list[Job]) -> list:
+def classify_batch(model, tokenizer, lock: FairLock, max_tokens: int, jobs: list[Job]) -> list:
     texts, names = [], []
     for job in jobs:
         texts += [text[:max_tokens * CHARS_PER_TOKEN] for text in job.payload]
@@ -237,7 +237,7 @@ def _choose(logits: torch.Tensor, req: GenerateRequest, gen: torch.Generator) ->
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def generate_batch(model, tokenizer, lock: threading.Lock, jobs: list[Job]) -> list:
+def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
     """Decode all jobs together, each with its adapter and its own sampling settings."""
     reqs: list[GenerateRequest] = [job.payload for job in jobs]
     n = len(reqs)

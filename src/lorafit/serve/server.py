@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from lorafit.serve.app import Limits, Service, create_app
 from lorafit.serve.engine import load_model
 from lorafit.serve.registry import AdapterRegistry
@@ -27,9 +29,19 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
     return Service(base, tokenizer, task, registry, limits=limits, token=token, model_name=model)
 
 
+def forward_threads() -> int:
+    """torch's threads for serving: one core fewer than this process may use (at least 1), at most torch's
+    own setting. The event loop, tokenizers and adapter loads need a core too, and torch's worker threads
+    wait for one another at every op: one of them descheduled stalls the whole forward. On 2 cores, with
+    the machine busy, 2 threads served 7-13 requests/s and 1 thread 60-100 (benchmarks/serve_load.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - 1))
+
+
 def serve(args) -> int:
     import uvicorn
 
+    torch.set_num_threads(args.threads or forward_threads())
     token = args.token or os.environ.get("LORAFIT_SERVE_TOKEN") or None
     limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_tokens=args.max_text_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
@@ -40,8 +52,8 @@ def serve(args) -> int:
                             limits=limits, preload=args.preload)
     app = create_app(service)
     print(f"lorafit serve: {service.task} with {args.model}, adapters from {args.adapters} "
-          f"({len(service.registry.available())} found), load/unload {'enabled' if token else 'disabled'}",
-          flush=True)
+          f"({len(service.registry.available())} found), load/unload {'enabled' if token else 'disabled'}, "
+          f"{torch.get_num_threads()} torch threads", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
