@@ -125,7 +125,7 @@ def test_stacks_through_churn_equal_rows_alone():
             lorafit.detach(model, list(names)[step % len(names)])
         elif step % 4 == 3:  # new values in place, as an optimizer step or a copy_ would write them
             with torch.no_grad():
-                model.proj.factors_b[list(names)[0]].mul_(-2)
+                model.proj.factors_b[next(iter(names))].mul_(-2)
         else:
             attach(f"m{step}", (1, 2, 4)[step % 3])  # never above rank 4: the layout stays
         rows = list(lorafit.adapter_configs(model))[:5] + [None]
