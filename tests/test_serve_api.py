@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
 pytest.importorskip("transformers")
 
 from fastapi.testclient import TestClient  # noqa: E402
@@ -109,8 +110,7 @@ def test_requests_are_batched_across_adapters(cls_client, dirs):
         expected = _direct_probs(bert, cls_client.adapters / adapter if adapter else None, ["good fun"])[0]
         torch.testing.assert_close(torch.tensor(list(r.json()["results"][0]["probabilities"].values())), expected,
                                    atol=1e-5, rtol=1e-4)
-    metrics = cls_client.get("/metrics").text
-    count = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("lorafit_batch_rows_count")))
+    count = _scrape(cls_client)[("lorafit_batch_rows_count", ())]
     assert count < len(names)  # some requests shared a batch
 
 
@@ -126,7 +126,7 @@ def test_adapters_with_heads_of_different_sizes(dirs, tmp_path):
     texts = ["good fun", "the story and the music"]
     with TestClient(create_app(service)) as client, concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         responses = list(pool.map(lambda a: client.post("/v1/classify", json={"texts": texts, "adapter": a}), names))
-        metrics = client.get("/metrics").text
+        count = _scrape(client)[("lorafit_batch_rows_count", ())]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     for adapter, r in zip(names, responses):
         results = r.json()["results"]
@@ -139,7 +139,6 @@ def test_adapters_with_heads_of_different_sizes(dirs, tmp_path):
             assert results[0]["label"] in ("negative", "positive")
         else:
             assert set(results[0]["probabilities"]) == {f"LABEL_{i}" for i in range(expected.shape[1])}
-    count = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("lorafit_batch_rows_count")))
     assert 3 <= count < len(names)  # one batch per head size at least, and requests of one size shared one
 
 
@@ -197,11 +196,11 @@ def test_corrupt_adapter_is_400_and_the_server_keeps_serving(cls_client):
 def test_metrics(cls_client):
     cls_client.post("/v1/classify", json={"texts": ["fun"], "adapter": "c.3"})
     cls_client.post("/v1/classify", json={"texts": ["fun"], "adapter": "zzz"})
-    text = cls_client.get("/metrics").text
-    assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="200"} 1' in text
-    assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="404"} 1' in text
-    assert 'lorafit_request_seconds_bucket{route="/v1/classify",le="+Inf"} 2' in text
-    assert "lorafit_adapters_loaded 1" in text and "lorafit_batch_rows_count" in text
+    got = _scrape(cls_client)
+    assert got[("lorafit_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "200")))] == 1
+    assert got[("lorafit_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "404")))] == 1
+    assert got[("lorafit_request_seconds_bucket", (("le", "+Inf"), ("route", "/v1/classify")))] == 2
+    assert got[("lorafit_adapters_loaded", ())] == 1 and got[("lorafit_batch_rows_count", ())] == 1
 
 
 def test_generate_matches_hf_generate_with_the_adapter(gen_client, dirs):
@@ -321,9 +320,76 @@ def test_metrics_label_only_known_methods_and_count_413(cls_client):
     for i in range(5):
         cls_client.request(f"X{i}" * 100, "/health")
     cls_client.post("/v1/classify", json={"texts": ["a" * 5000]})  # max_body_bytes=4096
-    text = cls_client.get("/metrics").text
-    assert "X0" not in text and 'method="other",route="/health",status="405"} 5' in text
-    assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="413"} 1' in text
+    assert "X0" not in cls_client.get("/metrics").text
+    got = _scrape(cls_client)
+    assert got[("lorafit_requests_total", (("method", "other"), ("route", "/health"), ("status", "405")))] == 5
+    assert got[("lorafit_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "413")))] == 1
+
+
+def _scrape(client, accept="*/*") -> dict:
+    """``/metrics`` read by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics", headers={"Accept": accept})
+    assert r.status_code == 200
+    parse = openmetrics_families if "openmetrics" in accept else text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in parse(r.text) for s in f.samples}
+
+
+def _sample(service, name: str, **labels) -> float | None:
+    return service.metrics.registry.get_sample_value(name, labels)
+
+
+def test_metrics_parse_and_stay_per_app(cls_client, dirs):
+    """/metrics parsed by prometheus_client after a few requests (a 413 and an invented method among
+    them): the counts and histograms are exact, only known methods become labels, and a second app in
+    the same process counts on its own."""
+    from lorafit.serve.metrics import LATENCY_BUCKETS, METHODS
+
+    _, bert, _ = dirs
+    for _ in range(2):
+        assert cls_client.post("/v1/classify", json={"texts": ["fun"], "adapter": "c.3"}).status_code == 200
+    assert cls_client.post("/v1/classify", json={"texts": ["a" * 5000]}).status_code == 413
+    assert cls_client.request("BREW", "/health").status_code == 405
+    assert cls_client.get("/nowhere/123").status_code == 404
+    got = _scrape(cls_client)
+    requests = {labels: v for (name, labels), v in got.items() if name == "lorafit_requests_total"}
+    assert requests == {
+        (("method", "POST"), ("route", "/v1/classify"), ("status", "200")): 2,
+        (("method", "POST"), ("route", "/v1/classify"), ("status", "413")): 1,
+        (("method", "other"), ("route", "/health"), ("status", "405")): 1,
+        (("method", "GET"), ("route", "unmatched"), ("status", "404")): 1,
+    }
+    assert {dict(labels)["method"] for labels in requests} <= METHODS | {"other"}
+    buckets = [(float(dict(labels)["le"]), v) for (name, labels), v in got.items()
+               if name == "lorafit_request_seconds_bucket" and ("route", "/v1/classify") in labels]
+    assert [le for le, _ in buckets] == [*LATENCY_BUCKETS, float("inf")]
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts) and counts[-1] == 3  # cumulative
+    assert got[("lorafit_request_seconds_count", (("route", "/v1/classify"),))] == 3
+    assert got[("lorafit_batch_rows_sum", ())] == 2  # one row per accepted request; the 413 never reached a batch
+    assert 1 <= got[("lorafit_batch_rows_count", ())] <= 2
+    assert got[("lorafit_adapters_loaded", ())] == 1 and got[("lorafit_adapter_loads_total", ())] == 1
+    assert got[("lorafit_adapter_bytes", ())] > 0 and got[("lorafit_queue_jobs", ())] == 0
+    assert got[("lorafit_requests_cancelled_total", ())] == 0 == got[("lorafit_streams_cancelled_total", ())]
+    assert not any(name.endswith("_created") for name, _ in got)
+    # an OpenMetrics scraper gets the same counts in its format
+    om = _scrape(cls_client, "application/openmetrics-text; version=1.0.0")
+    assert om[("lorafit_requests_total", (("method", "other"), ("route", "/health"), ("status", "405")))] == 1
+
+    other = build_service(str(bert), cls_client.adapters, limits=Limits(max_wait_ms=1))
+    with TestClient(create_app(other)) as client:
+        assert client.post("/v1/classify", json={"texts": ["fun", "more fun"]}).status_code == 200
+        theirs = _scrape(client)
+    assert {k: v for k, v in theirs.items() if k[0] == "lorafit_requests_total"} == {
+        ("lorafit_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "200"))): 1}
+    assert theirs[("lorafit_batch_rows_sum", ())] == 2 and theirs[("lorafit_adapters_loaded", ())] == 0
+    ours = _scrape(cls_client)
+    assert ours[("lorafit_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "200")))] == 2
+    assert ours[("lorafit_batch_rows_sum", ())] == 2
+    # the two earlier scrapes of this app are counted (a scrape is counted once it has been answered)
+    assert ours[("lorafit_requests_total", (("method", "GET"), ("route", "/metrics"), ("status", "200")))] == 2
 
 
 def test_errors_name_no_server_paths(cls_client):
@@ -356,7 +422,7 @@ def test_request_timeout_is_503_and_the_job_never_runs(dirs, tmp_path):
         r = client.post("/v1/classify", json={"texts": ["fun"]})
         assert r.status_code == 503 and "within 0.2 s" in r.json()["detail"] and time.monotonic() - start < 1.2
         time.sleep(1.5)
-        assert "lorafit_batch_rows_count 0" in client.get("/metrics").text  # the worker skipped it
+        assert _scrape(client)[("lorafit_batch_rows_count", ())] == 0  # the worker skipped it
 
 
 def test_texts_are_cut_before_tokenizing(dirs):
@@ -466,7 +532,7 @@ def test_a_stream_whose_client_left_stops_generating(gen_client, monkeypatch):
     assert asyncio.run(first_event_then_leave()).startswith("data: ")
     result = job.future.result(timeout=30)
     assert result["finish_reason"] == "cancelled" and result["tokens"] < 16
-    assert "lorafit_streams_cancelled_total 1" in gen_client.get("/metrics").text
+    assert _scrape(gen_client)[("lorafit_streams_cancelled_total", ())] == 1
 
 
 def _uvicorn(app):
@@ -508,7 +574,7 @@ def test_a_queued_request_whose_client_left_is_never_computed(dirs, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             with service.registry.model_lock:  # the first batch waits for the model: the next job stays queued
                 first = pool.submit(httpx.post, f"{url}/v1/classify", json={"texts": ["first"]}, timeout=60)
-                _wait(lambda: service.metrics.batch_rows.total == 1, "the first batch to start")
+                _wait(lambda: _sample(service, "lorafit_batch_rows_count") == 1, "the first batch to start")
                 with socket.create_connection(("127.0.0.1", port)) as s:
                     s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -516,10 +582,11 @@ def test_a_queued_request_whose_client_left_is_never_computed(dirs, tmp_path):
                 _wait(lambda: jobs[1].future.cancelled(), "the job of the client that left to be cancelled")
             assert first.result(60).status_code == 200
         assert httpx.post(f"{url}/v1/classify", json={"texts": ["after"]}, timeout=60).status_code == 200
-        assert service.metrics.batch_rows.sum == 2  # "first" and "after": the job of the client that left never ran
-        metrics = httpx.get(f"{url}/metrics").text
-        assert "lorafit_requests_cancelled_total 1" in metrics
-        assert 'lorafit_requests_total{method="POST",route="/v1/classify",status="499"} 1' in metrics
+        assert _sample(service, "lorafit_batch_rows_sum") == 2  # "first" and "after": the job of the client that left never ran
+        with httpx.Client(base_url=url) as client:
+            got = _scrape(client)
+        assert got[("lorafit_requests_cancelled_total", ())] == 1
+        assert got[("lorafit_requests_total", (("method", "POST"), ("route", "/v1/classify"), ("status", "499")))] == 1
     finally:
         server.should_exit = True
         thread.join(30)

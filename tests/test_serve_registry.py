@@ -440,6 +440,7 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
     import weakref
 
     pytest.importorskip("fastapi")
+    pytest.importorskip("prometheus_client")
     from lorafit.model import lora_layers, saved_modules
     from lorafit.serve.app import Limits
     from lorafit.serve.engine import Job

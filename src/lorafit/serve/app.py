@@ -7,7 +7,7 @@
     POST   /v1/classify                 {"texts": [...], "adapter": name|null} -> labels and probabilities
     POST   /v1/generate                 {"prompt" | "messages", "adapter", "max_new_tokens", "temperature",
                                          "top_p", "seed", "stream"} -> text (server-sent events if stream)
-    GET    /metrics                     Prometheus text format
+    GET    /metrics                     Prometheus text format (OpenMetrics if the Accept header asks)
 
 Errors: 401 bad or missing token, 403 load/unload disabled (no token at start-up),
 404 unknown adapter, 400 corrupt adapter files, 413 body too large, 422 malformed
@@ -28,8 +28,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from prometheus_client.exposition import choose_encoder
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
@@ -81,6 +82,7 @@ class Service:
         self.batcher = Batcher(run, registry, max_batch=self.limits.max_batch,
                                max_wait=self.limits.max_wait_ms / 1000, max_queue=self.limits.max_queue,
                                on_batch=self.metrics.observe_batch)
+        self.metrics.watch(registry, self.batcher.pending)
         self.started = time.time()
 
     def close(self) -> None:
@@ -321,9 +323,10 @@ async def _events(service: Service, adapter: str | None, job: Job):
 
 
 @router.get("/metrics")
-def prometheus(service: ServiceDep):
-    return PlainTextResponse(service.metrics.render(service.registry, service.batcher.pending()),
-                             media_type="text/plain; version=0.0.4")
+def prometheus(service: ServiceDep, request: Request):
+    # the format the scraper asks for (Prometheus text or OpenMetrics), as prometheus_client's own server does
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(service.metrics.registry), media_type=content_type)
 
 
 async def adapter_error(_request, exc: AdapterError):
