@@ -374,6 +374,7 @@ def test_bf16_autocast_gradient_checkpointing_and_early_stopping(tmp_path):
     summary = train(config, ["train.bf16=true", "train.gradient_checkpointing=true", "train.epochs=3",
                              "train.eval_every=2", "train.early_stopping_patience=1", "train.lr=1e-6"], progress=False)
     assert summary["early_stopped"] and summary["steps"] < 36
+    assert any(getattr(m, "gradient_checkpointing", False) for m in summary.model.modules())
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["type"] == "eval"]
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in evals)

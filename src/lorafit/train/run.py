@@ -198,7 +198,10 @@ def apply_method(prep: Prepared) -> Callable[[], None]:
         if prep.config.train.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.25 renamed it, warning on the old
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model.config, "use_cache"):
                 model.config.use_cache = False
     except BaseException:
