@@ -590,3 +590,78 @@ def test_a_queued_request_whose_client_left_is_never_computed(dirs, tmp_path):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_bounded_soak_leaves_memory_where_it_was(dirs, tmp_path):
+    """Soak: 320 classify requests from 4 threads over three adapters and the base model (at most 2
+    adapters held, so they are evicted and loaded again), every 8th text about 1 MB, plus 20 event
+    streams dropped after their first piece. Afterwards the Python heap is within 8 MB of where it was
+    after a warm-up, and no tensor memory beyond the loaded adapters' is left."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from lorafit.batched import clear_stacks
+    from lorafit.serve.app import _events
+    from lorafit.serve.engine import GenerateRequest, Job
+    from tests.test_serve_registry import _live_tensor_bytes
+
+    root, bert, llama = dirs
+    adapters = tmp_path / "cls"
+    shutil.copytree(root / "cls", adapters)
+    service = build_service(str(bert), adapters, token=TOKEN, max_adapters=2,
+                            limits=Limits(max_body_bytes=2 << 20, max_texts=8, max_wait_ms=5))
+    generator = build_service(str(llama), root / "gen", token=None,
+                              limits=Limits(max_prompt_tokens=12, max_new_tokens=16, max_wait_ms=5))
+    names = ["pos-neg", "topic_v2", "c.3", None]
+    big = "a long review that goes on " * 40_000  # ~1 MB
+
+    def request(client, i):
+        body = {"texts": [big if i % 8 == 0 else f"short text {i}", "another one"]}
+        if names[i % 4]:
+            body["adapter"] = names[i % 4]
+        r = client.post("/v1/classify", json=body)
+        assert r.status_code == 200, r.text
+
+    async def dropped_stream(seed):
+        req = GenerateRequest(ids=[2, 10, 11], max_new_tokens=16, temperature=1.0, top_p=1.0, seed=seed,
+                              stop_ids=frozenset())
+        job = Job(rows=1, payload=req, entry=None)
+        events = _events(generator, None, job)
+        await anext(events)
+        await events.aclose()
+        job.future.result(timeout=30)
+
+    def heap_and_tensors():
+        clear_stacks(service.model)
+        clear_stacks(generator.model)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0], _live_tensor_bytes(service.registry)
+
+    with TestClient(create_app(service)) as client, TestClient(create_app(generator)):
+        for i in range(16):  # warm-up: every adapter loaded once, the tokenizer and allocator caches filled
+            request(client, i)
+        tracemalloc.start()
+        try:
+            heap_before, tensors_before = heap_and_tensors()
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda i: request(client, i), range(320)))
+            for seed in range(20):
+                asyncio.run(dropped_stream(seed))
+            heap_after, tensors_after = heap_and_tensors()
+        finally:
+            tracemalloc.stop()
+        stats = service.registry.stats
+    assert stats["evictions"] > 50 and stats["loads"] > 50  # the soak did churn the adapters
+    assert _scrape_counts(generator)["cancelled"] == 20
+    assert heap_after - heap_before < 8 << 20, (heap_before, heap_after)
+    assert tensors_after - tensors_before < 1 << 20, (tensors_before, tensors_after)
+
+
+def _scrape_counts(service) -> dict:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for f in text_string_to_metric_families(generate_latest(service.metrics.registry)
+                                                                         .decode()) for s in f.samples}
+    return {"cancelled": samples.get("lorafit_streams_cancelled_total", 0)}

@@ -23,7 +23,7 @@ import contextlib
 import hmac
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request
@@ -69,6 +69,10 @@ class Service:
                  limits: Limits | None = None, token: str | None = None, model_name: str = "") -> None:
         self.model, self.tokenizer, self.task, self.registry = model, tokenizer, task, registry
         self.limits = limits or Limits()
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if task == "classify" and isinstance(positions, int) and self.limits.max_text_tokens > positions:
+            # a longer text cut at max_text_tokens would index past the position embeddings: a 500
+            self.limits = replace(self.limits, max_text_tokens=positions)
         self.token = token
         self.model_name = model_name
         self.metrics = Metrics()
