@@ -57,7 +57,9 @@ def user_csv(path: Path, rows: int = 240) -> None:
     """The quickstart's "your own CSV": SST-2 sentences with their labels as class names."""
     import csv
 
-    source = Path(os.environ.get("LORAFIT_DATA", REPO.parent / "shared" / "data")) / "sst2" / "train.jsonl"
+    from lorafit.train.config import default_data_dir
+
+    source = default_data_dir() / "sst2" / "train.jsonl"
     with open(source, encoding="utf-8") as fh, open(path, "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
         writer.writerow(["text", "label"])
@@ -71,9 +73,10 @@ def small_lm(root: Path) -> Path:
     the docs name SmolLM2-135M (see docs_shim.small_model)."""
     import transformers
 
+    from lorafit.train.config import default_data_dir
     from tests.test_train_support import CHAT_TEMPLATE, make_tokenizer
 
-    data = Path(os.environ.get("LORAFIT_DATA", REPO.parent / "shared" / "data"))
+    data = default_data_dir()
     texts = []
     for name, fields in (("alpaca/train.jsonl", ("instruction", "input", "output")),
                          ("dialogsum/validation.jsonl", ("dialogue", "summary")),
