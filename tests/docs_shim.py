@@ -187,8 +187,7 @@ def python_block(code: str) -> None:
     def small_train(config, overrides=None, **kwargs):
         overrides = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else \
             list(overrides or [])
-        current = {"task.generate_rows": 0, "task.max_new_tokens": 0}
-        small = {"train.max_steps": 2, "train.eval_every": 2, **ROWS, **shrink_generation(current)}
+        small = {"train.max_steps": 2, "train.eval_every": 2, **ROWS}
         return real_train(config, [*overrides, *(f"{k}={v}" for k, v in small.items())],
                           **{"progress": False, **kwargs})
 
