@@ -1,10 +1,12 @@
 """Per-layer LoRA linear cost on a GPU at Llama-3.2-1B's shapes: forward + backward of one adapted linear
 against the frozen-base floor and PEFT's formula, and each skinny product alone (cuBLAS vs Triton).
 
-    python -m benchmarks.kernels_gpu [--out DIR] [--rows 8192]
+    python -m benchmarks.kernels_gpu [--out DIR] [--rows 8192] [--quick]
 
 Times are medians of CUDA-event timings (triton.testing.do_bench); what LoRA adds to a step is the
-difference to the floor, summed over a model's layers.
+difference to the floor, summed over a model's layers. ``--quick``: a dry run of every code path with 64 rows,
+on the CPU where there is no GPU (the Triton rows then run only under TRITON_INTERPRET=1); its numbers mean
+nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +25,24 @@ SHAPES = {"q/o 2048->2048": (2048, 2048), "k/v 2048->512": (2048, 512), "gate/up
           "down 8192->2048": (8192, 2048)}
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _bench(fn) -> float:
+    if DEVICE != "cuda":  # a dry run
+        import time
+
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _host_us(fn, calls: int = 40) -> float:
@@ -35,12 +51,12 @@ def _host_us(fn, calls: int = 40) -> float:
     import time
 
     fn()
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
+    _sync()
     return elapsed / calls * 1e6
 
 
@@ -65,13 +81,14 @@ class _PeftStyle(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * 2.0
 
 
-def run(rows: int, r: int = 16, dtype=torch.bfloat16) -> list[dict]:
+def run(rows: int, r: int = 16, dtype=torch.bfloat16, shapes: dict = SHAPES) -> list[dict]:
     results = []
-    for label, (d_in, d_out) in SHAPES.items():
+    triton = triton_kernels.available(torch.device(DEVICE))
+    for label, (d_in, d_out) in shapes.items():
         torch.manual_seed(0)
-        base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=dtype).requires_grad_(False)
-        x = torch.randn(rows, d_in, device="cuda", dtype=dtype)
-        g = torch.randn(rows, d_out, device="cuda", dtype=dtype)
+        base = nn.Linear(d_in, d_out, bias=False, device=DEVICE, dtype=dtype).requires_grad_(False)
+        x = torch.randn(rows, d_in, device=DEVICE, dtype=dtype)
+        g = torch.randn(rows, d_out, device=DEVICE, dtype=dtype)
         row = {"shape": label, "rows": rows}
         row["floor"] = _bench(_layer_step(base, x, g))
         row["floor host us"] = _host_us(_layer_step(base, x, g))
@@ -85,35 +102,59 @@ def run(rows: int, r: int = 16, dtype=torch.bfloat16) -> list[dict]:
             peft_style = _PeftStyle(base, r, p).train()
             row[f"peft-style p={p}"] = _bench(_layer_step(peft_style, x, g))
             row[f"peft-style p={p} host us"] = _host_us(_layer_step(peft_style, x, g))
-        a = torch.randn(r, d_in, device="cuda", dtype=dtype)
-        gh = torch.randn(rows, r, device="cuda", dtype=dtype)
+        a = torch.randn(r, d_in, device=DEVICE, dtype=dtype)
+        gh = torch.randn(rows, r, device=DEVICE, dtype=dtype)
         key = mask.new_key(x.device)
         t, _ = mask.threshold(0.05)
         row["down cuBLAS"] = _bench(lambda: x @ a.T)
-        row["down triton"] = _bench(lambda: triton_kernels.down(x, a))
-        row["down triton masked"] = _bench(lambda: triton_kernels.down(x, a, key, t))
-        row["down triton masked bk=64"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=64))
-        row["down triton masked bk=128"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=128))
         row["grad_a cuBLAS"] = _bench(lambda: gh.T @ x)
-        row["grad_a triton masked"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t))
-        row["grad_a triton masked bm=64"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t, bm=64))
-        gx = torch.randn(rows, d_in, device="cuda", dtype=dtype)
+        gx = torch.randn(rows, d_in, device=DEVICE, dtype=dtype)
         row["up-add cuBLAS"] = _bench(lambda: gx.addmm_(gh, a))
-        row["up-add triton masked"] = _bench(lambda: triton_kernels.up(gh, a, 1.0, gx, None, key, t))
-        row["mask_scale triton"] = _bench(lambda: triton_kernels.mask_scale(x, key, t, 1.05))
+        _order_rows(row, x, g, base.weight, a, torch.randn(d_out, r, device=DEVICE, dtype=dtype), gh)
         row["copy x (bandwidth ref)"] = _bench(lambda: x.clone())
+        if triton:
+            _triton_rows(row, x, a, gh, gx, key, t)
         results.append(row)
     return results
+
+
+def _triton_rows(row: dict, x, a, gh, gx, key, t) -> None:
+    """Each Triton product alone, masked and not, at the tile sizes worth comparing."""
+    row["down triton"] = _bench(lambda: triton_kernels.down(x, a))
+    row["down triton masked"] = _bench(lambda: triton_kernels.down(x, a, key, t))
+    row["down triton masked bk=64"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=64))
+    row["down triton masked bk=128"] = _bench(lambda: triton_kernels.down(x, a, key, t, bk=128))
+    row["grad_a triton masked"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t))
+    row["grad_a triton masked bm=64"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t, bm=64))
+    row["up-add triton masked"] = _bench(lambda: triton_kernels.up(gh, a, 1.0, gx, None, key, t))
+    row["up-write triton masked"] = _bench(lambda: triton_kernels.up(gh, a, 1.0, None, None, key, t))
+    row["mask_scale triton"] = _bench(lambda: triton_kernels.mask_scale(x, key, t, 1.05))
+
+
+def _order_rows(row: dict, x, g, w, a, b, gh) -> None:
+    """The two orders of a pass's base and low-rank products, each product alone. Base first: y = x W^T, then
+    y += s H B^T reads and writes y again. Low-rank first (what lorafit runs): z = H B^T is written, then
+    cuBLAS adds x W^T into it with beta = s, reading z in the GEMM's epilogue. The same for dx = dY W + s G A."""
+    h = torch.randn(x.shape[0], b.shape[1], device=x.device, dtype=x.dtype)
+    y, gx = torch.empty_like(g), torch.empty_like(x)
+    passes = {"forward": (x, w.T, h, b.T, y), "dx": (g, w, gh, a, gx)}
+    for name, (p, q, low, m, out) in passes.items():
+        row[f"{name} base GEMM"] = _bench(lambda: torch.mm(p, q))
+        row[f"{name} base GEMM into a sum (beta=2)"] = _bench(lambda: out.addmm_(p, q, beta=2.0))
+        row[f"{name} low-rank write"] = _bench(lambda: torch.mm(low, m))
+        row[f"{name} low-rank add (alpha=2)"] = _bench(lambda: out.addmm_(low, m, alpha=2.0))
+        row[f"{name}: base first"] = row[f"{name} base GEMM"] + row[f"{name} low-rank add (alpha=2)"]
+        row[f"{name}: low-rank first"] = row[f"{name} low-rank write"] + row[f"{name} base GEMM into a sum (beta=2)"]
 
 
 def profile_layer(rows: int, p: float, r: int = 16) -> str:
     """torch.profiler's table for ten forward + backward passes of one adapted 2048 x 2048 layer."""
     from torch.profiler import ProfilerActivity, profile
 
-    base = nn.Linear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    base = nn.Linear(2048, 2048, bias=False, device=DEVICE, dtype=torch.bfloat16).requires_grad_(False)
     model = nn.Sequential(base)
     lorafit.attach(model, lorafit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"]))
-    x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, 2048, device=DEVICE, dtype=torch.bfloat16)
     step = _layer_step(model.train(), x, torch.randn_like(x))
     for _ in range(3):
         step()
@@ -129,12 +170,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_results")
     parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--quick", action="store_true", help="a dry run: 64 rows, small layers, any device")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("kernels_gpu needs a CUDA GPU")
-    results = run(args.rows)
+    if args.quick:
+        args.rows = 64
+        results = run(args.rows, shapes={"64->96": (64, 96), "96->32": (96, 32)})
+    elif DEVICE != "cuda":
+        raise SystemExit("kernels_gpu needs a CUDA GPU (--quick: a dry run on the CPU)")
+    else:
+        results = run(args.rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    for p in (0.0, 0.05):
+    for p in (0.0, 0.05) if DEVICE == "cuda" else ():
         table = profile_layer(args.rows, p)
         print(f"\n## profile of one adapted layer, p={p} (10 steps)\n" + table)
     (Path(args.out) / "kernels_gpu.json").write_text(json.dumps(results, indent=1))

@@ -54,6 +54,30 @@ def check_mask_scale(device: str, dtype: torch.dtype) -> None:
         assert torch.equal(triton_kernels.mask_scale(x, key, t, scale), want)
 
 
+def check_lora_linear(device: str) -> None:
+    """The whole accelerator path of the LoRA linear (forward and every gradient, with and without a bias, two
+    adapters with dropout) with its masked products in these kernels, against the float64 formula."""
+    from unittest import mock
+
+    from torch import nn
+
+    from lorafit.kernels import cpu, linear
+    from tests.test_fused_linear import _compare, _layer
+
+    launched = {name: mock.Mock(wraps=getattr(triton_kernels, name)) for name in ("down", "grad_a", "up")}
+    with (mock.patch.object(linear, "cpu_path", lambda x: False), mock.patch.object(cpu, "serves", lambda x: False),
+          mock.patch.multiple(triton_kernels, **launched)):
+        for bias in (True, False):
+            model = _layer(nn.Linear(16, 24, bias=bias), [("a", 4), ("b", 2)], torch.float32, 0.3).to(device)
+            _compare(model, torch.randn(8, 5, 16, device=device), 0.3, torch.float32)
+    assert all(fn.called for fn in launched.values()), {name: fn.call_count for name, fn in launched.items()}
+
+
+@pytest.mark.cuda
+def test_lora_linear_with_triton_masks_on_cuda():
+    check_lora_linear("cuda")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_kernels_on_cuda(dtype):
@@ -90,7 +114,8 @@ def test_a_kernel_that_fails_warns_once_and_the_torch_ops_take_over(monkeypatch)
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted")
 def test_triton_kernels_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "interpreted checks passed" in done.stdout
@@ -101,4 +126,5 @@ if __name__ == "__main__":
     for dtype in INTERPRETED_DTYPES:
         check_products("cpu", dtype)
         check_mask_scale("cpu", dtype)
+    check_lora_linear("cpu")
     print("interpreted checks passed")

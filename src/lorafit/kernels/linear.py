@@ -122,12 +122,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool
 
 
 def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
-    """cuBLAS for the base product, each adapter's low-rank product then added into its output in place
-    (beta = 1); with dropout, H = mask(x) A^T in one Triton pass over x. The unmasked products call torch
-    directly, not through products.py: at a few thousand rows a small layer's GPU work is shorter than the
-    host time that issues it, and the dispatch there costs host time on every product."""
-    y = _base_linear(x2, weight, bias, transposed)
+    """Each adapter's H = mask(x) A^T (with a mask one Triton pass over x, else cuBLAS); the output starts as
+    the low-rank sum and cuBLAS adds x W^T into it (beta != 0). The base GEMM reads that sum in its epilogue,
+    where its compute-bound main loop hides most of the read; adding the sum after the base product would be
+    a read-modify-write pass of its own over the output. The unmasked products call torch directly, not
+    through products.py: at a few thousand rows a small layer's GPU work is shorter than the host time that
+    issues it, and the dispatch there costs host time on every product."""
     hs = []
+    low_rank = _LowRankSum(weight.dtype, bias)
     for ai, bi, s, p, key in zip(a, b, scales, ps, _key_of(keys, ps)):
         if key is not None:
             t, rescale = mask.threshold(p)
@@ -136,11 +138,42 @@ def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
         else:
             h = x2.to(ai.dtype) @ ai.T
         hs.append(h)  # kept for dB; it is small (N x r)
-        if bi.dtype == y.dtype:
-            y.addmm_(h, bi.T, alpha=s)
+        low_rank.add(h, bi.T, s)
+    return low_rank.plus(x2, weight if transposed else weight.T), hs, x2.new_empty(0)
+
+
+class _LowRankSum:
+    """start + sum s_i G_i M_i, then plus a base product P Q: built so that each pass over the output is
+    also a product's (no pass of its own). The sum is held divided by ``scale``, the first term's s when
+    there is no start, and the base GEMM's beta multiplies it back; later terms add with alpha = s_i / scale.
+    A masked term (``key``) goes through products.up: Triton on CUDA, writing s mask(G M) or adding it."""
+
+    def __init__(self, dtype: torch.dtype, start: Tensor | None = None):
+        self.dtype, self.start, self.sum, self.scale = dtype, start, None, 1.0
+
+    def add(self, g: Tensor, m: Tensor, s: float, key: Tensor | None = None, t: int = 0) -> None:
+        if key is not None:
+            if self.sum is None:
+                self.sum = products.up(g, m.T, s, None, None, self.dtype, key, t)
+            else:
+                products.up(g, m.T, s / self.scale, self.sum, None, self.dtype, key, t)
+        elif self.sum is not None:
+            if m.dtype == self.dtype:
+                self.sum.addmm_(g, m, alpha=s / self.scale)
+            else:
+                self.sum.add_((g @ m).to(self.dtype), alpha=s / self.scale)
+        elif self.start is not None and self.start.dtype == m.dtype == self.dtype:
+            self.sum = torch.addmm(self.start, g, m, alpha=s)
+            self.start = None
         else:
-            y.add_((h @ bi.T).to(y.dtype), alpha=s)
-    return y, hs, x2.new_empty(0)
+            self.sum, self.scale = (g @ m).to(self.dtype), s
+        if self.start is not None:  # a start that the first term could not take in its own product
+            self.sum = (self.sum.mul_(self.scale) if self.scale != 1.0 else self.sum).add_(self.start)
+            self.start, self.scale = None, 1.0
+
+    def plus(self, p: Tensor, q: Tensor) -> Tensor:
+        """sum + P Q, in the sum's tensor."""
+        return self.sum.addmm_(p, q, beta=self.scale)
 
 
 def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
@@ -203,9 +236,9 @@ def _backward(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor, transposed:
 
 
 def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs):
-    """dY W by cuBLAS, each adapter's s mask(dY B A) added into it: Triton with a mask, else torch directly
-    (see _forward_accelerator)."""
-    gx = g2 @ (weight.T if transposed else weight) if needs[0] else None
+    """dx starts as the low-rank sum s mask(dY B A) (Triton with a mask, else cuBLAS) and cuBLAS adds dY W
+    into it, as in _forward_accelerator; dA and dB straight from torch or Triton."""
+    low_rank = _LowRankSum(g2.dtype) if needs[0] else None
     gas, gbs = [], []
     for i, (ai, bi, s, p, key) in enumerate(zip(a, b, scales, ps, _key_of(keys, ps))):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
@@ -215,20 +248,22 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
             s = s * rescale
         gl = g2.to(bi.dtype)
         gbs.append(torch.mm(gl.T, hs[i]).mul_(s) if need_b else x2.new_empty(0))
-        if not (need_a or gx is not None):
+        if not (need_a or low_rank is not None):
             gas.append(x2.new_empty(0))
             continue
         gh = gl @ bi
-        if key is not None:
-            gas.append(products.grad_a(gh, x2, key, t, s) if need_a else x2.new_empty(0))
-            if gx is not None:
-                gx = products.up(gh, ai.T, s, gx, None, gx.dtype, key, t)
-            continue
-        gas.append(torch.mm(gh.T, x2.to(gh.dtype)).mul_(s) if need_a else x2.new_empty(0))
-        if gx is not None and gx.dtype == gh.dtype:
-            gx.addmm_(gh, ai, alpha=s)
-        elif gx is not None:
-            gx.add_((gh @ ai).to(gx.dtype), alpha=s)
+        if not need_a:
+            gas.append(x2.new_empty(0))
+        elif key is not None:
+            gas.append(products.grad_a(gh, x2, key, t, s))
+        else:
+            gas.append(torch.mm(gh.T, x2.to(gh.dtype)).mul_(s))
+        if low_rank is not None:
+            low_rank.add(gh, ai, s, key, t)
+    gx = None
+    if low_rank is not None:
+        w = weight.T if transposed else weight
+        gx = low_rank.plus(g2, w) if low_rank.sum is not None else g2 @ w
     return gx, gas, gbs
 
 
