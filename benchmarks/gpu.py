@@ -37,6 +37,7 @@ if __name__ == "__main__":
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -208,7 +209,12 @@ def trainable(model) -> int:
 # -- part 1: the training step ----------------------------------------------------------------------
 
 def make_variant(base, kind: str, dropout: float | None):
+    """``kind``: full, floor, peft or lorafit; "+autocast": the same on a float32 copy of the base (mixed
+    precision: the step runs under bf16 autocast)."""
     model = copy.deepcopy(base).train()
+    kind, _, autocast = kind.partition("+")
+    if autocast:
+        model.float()
     if kind == "full":
         model.requires_grad_(True)
     elif kind == "floor":
@@ -242,7 +248,8 @@ def part_step(args, device: torch.device) -> dict:
     base.zero_grad(set_to_none=True)
     sync(device)
     startup_s = time.perf_counter() - start
-    specs = [("full", None), ("floor", None), ("peft", 0.05), ("peft", 0.0), ("lorafit", 0.05), ("lorafit", 0.0)]
+    specs = [("full", None), ("floor", None), ("peft", 0.05), ("peft", 0.0), ("lorafit", 0.05), ("lorafit", 0.0),
+             ("peft+autocast", 0.05), ("lorafit+autocast", 0.05)]
     keys = [kind if dropout is None else f"{kind} (dropout {dropout:g})" for kind, dropout in specs]
 
     def prepare(kind: str, dropout: float | None) -> tuple[Callable[[], None], dict]:
@@ -250,9 +257,13 @@ def part_step(args, device: torch.device) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         # the same for every variant: torch's default implementation choice (foreach on CUDA), not fused
         opt = torch.optim.AdamW(params, lr=1e-4)
+        mixed = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "autocast" in kind
+                 else contextlib.nullcontext)
 
         def step() -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
+            with mixed():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -292,7 +303,8 @@ def part_step(args, device: torch.device) -> dict:
            f"gradients at every target output, no adapter; trains only the final norm ({cfg.hidden_size:,} weights). "
            "step GiB: max_memory_allocated during one step minus memory_allocated before it; alone GiB: that plus "
            "the variant's own parameters, buffers and AdamW state = its peak if it were alone on the GPU. "
-           "Adapters in bf16 for PEFT and lorafit (PEFT's autocast_adapter_dtype=False).")
+           "Adapters in bf16 for PEFT and lorafit (PEFT's autocast_adapter_dtype=False). +autocast: a float32 "
+           "copy of the model (float32 adapters) trained under bf16 autocast.")
     return {"batch": [batch, seq], "startup_s": startup_s, "info": info, "times_s": times,
             "median_s": {k: median(v) for k, v in times.items()}}
 

@@ -58,3 +58,16 @@ def test_quick_gpu_benchmark_runs(tmp_path):
     assert all(t > 0 for part in ("step", "infer", "mixed") for t in data[part]["median_s"].values())
     e2e = data["e2e"]["results"]
     assert 0 < e2e["LoRA r=16, dropout 0.05, cold caches"]["trainable"] < e2e["full fine-tuning"]["trainable"]
+
+
+def test_quick_kernels_gpu_benchmark_runs(tmp_path):
+    """benchmarks/kernels_gpu.py --quick: the per-layer rows and both product orders, on small layers."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels_gpu", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernels_gpu.json").read_text())
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("floor", "lorafit p=0.05", "peft-style p=0.05", "forward: base first", "forward: low-rank first",
+                    "dx: base first", "dx: low-rank first"):
+            assert row[key] > 0, key

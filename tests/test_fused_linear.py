@@ -11,6 +11,7 @@ import lorafit
 from lorafit import LoraConfig
 from lorafit.kernels import cpu as cpu_kernels
 from lorafit.kernels import mask as dropout_mask
+from lorafit.layers.base import LoraLayer
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -220,14 +221,43 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(dropout):
         torch.testing.assert_close(compiled.eval()(x), model.eval()(x))
 
 
-def test_autocast_uses_the_plain_path_and_works():
-    model = _layer(nn.Linear(16, 24), [("a", 4)], torch.float32, 0.1).train()
-    x = torch.randn(40, 16, requires_grad=True)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_runs_the_fused_path_with_autocasts_numbers(dropout, bias):
+    """float32 weights under bf16 autocast (mixed-precision training): the fused path runs on what autocast
+    would cast to bf16, its gradients come back in float32, and the numbers are the formula's to bf16
+    rounding, and without dropout those of the plain path under autocast."""
+    model = _layer(nn.Linear(16, 24, bias=bias), [("a", 4), ("b", 2)], torch.float32, dropout).train()
+    layer = model[0]
+    x = torch.randn(40, 16)
+    g = torch.randn(40, 24)
+    x1 = x.clone().requires_grad_(True)
+    torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert out.dtype == torch.bfloat16 and "LoraLinear" not in type(out.grad_fn).__name__
-    out.float().sum().backward()
-    assert model[0].lora_A["a"].grad.dtype == torch.float32 and x.grad is not None
+        out = model(x1)
+    assert out.dtype == torch.bfloat16 and "LoraLinear" in type(out.grad_fn).__name__
+    out.backward(g.bfloat16())
+    grads = {n: (layer.lora_A[n].grad.clone(), layer.lora_B[n].grad.clone()) for n in layer.active}
+    assert x1.grad.dtype == torch.float32 and all(t.dtype == torch.float32 for pair in grads.values() for t in pair)
+
+    torch.manual_seed(3)  # one key per adapter with dropout, in order, as _compare redraws them
+    masks = {}
+    for n in layer.active if dropout else ():
+        t, rescale = dropout_mask.threshold(layer.dropout[n])
+        masks[n] = (dropout_mask.keep_mask(40, 16, dropout_mask.new_key(x.device), t), rescale)
+    factors = {n: (layer.lora_A[n].detach().double().requires_grad_(True),
+                   layer.lora_B[n].detach().double().requires_grad_(True)) for n in layer.active}
+    x2 = x.double().requires_grad_(True)
+    ref = _reference(layer, x2, masks, factors)
+    ref.backward(g.double())
+    pairs = [(out, ref), (x1.grad, x2.grad)] + [(mine, theirs.grad) for n in layer.active
+                                                for mine, theirs in zip(grads[n], factors[n])]
+    for got, want in pairs:  # bf16 rounding, relative to each tensor's scale as in _compare
+        torch.testing.assert_close(got.double(), want, atol=3e-2 * max(1.0, want.abs().max().item()), rtol=3e-2)
+    if not dropout:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = LoraLayer.forward(layer, x)  # base(x), then each adapter added, autocast casting op by op
+        torch.testing.assert_close(out.float(), plain.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])

@@ -2,6 +2,10 @@
 
 A module of its own so that importing lorafit does not import Triton (tens of MiB of memory and a second
 of start-up) in processes that never run them.
+
+Row counts are not specialised on (``do_not_specialize``): Triton would otherwise compile a kernel again for
+each new divisibility of M by 16, so batches of varying length would pay a compilation more than once. They
+only bound the masked loads and stores, where the specialisation buys nothing.
 """
 
 import triton
@@ -19,7 +23,7 @@ def _keep(rows, cols, n_cols, key, t):
     return v.to(tl.int32, bitcast=True) >= t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _down_kernel(x_ptr, a_ptr, h_ptr, key_ptr, t, M, K, R, sx, sa,
                  MASKED: tl.constexpr, PRECISION: tl.constexpr,
                  BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
@@ -41,7 +45,7 @@ def _down_kernel(x_ptr, a_ptr, h_ptr, key_ptr, t, M, K, R, sx, sa,
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])
 def _grad_a_kernel(g_ptr, x_ptr, ws_ptr, key_ptr, t, scale, M, K, R, sg, sx, rows_per_split,
                    MASKED: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
@@ -66,7 +70,7 @@ def _grad_a_kernel(g_ptr, x_ptr, ws_ptr, key_ptr, t, scale, M, K, R, sg, sx, row
              mask=(rr[:, None] < R) & (cols[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _up_kernel(g_ptr, a_ptr, out_ptr, key_ptr, t, scale, M, K, R, sg, sa, so,
                MASKED: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
                BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
@@ -87,7 +91,7 @@ def _up_kernel(g_ptr, a_ptr, out_ptr, key_ptr, t, scale, M, K, R, sg, sa, so,
     tl.store(where, part.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _mask_scale_kernel(x_ptr, out_ptr, key_ptr, t, scale, M, K, sx, so, BM: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)

@@ -100,12 +100,30 @@ class Linear(LoraLayer):
         if self.row_plan is not None:
             return self.row_plan(x, *args, **kwargs)
         names = self.unmerged_active()
-        if (not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names)
-                or torch.is_autocast_enabled(x.device.type)):  # autocast casts per op; the fused function can't
+        if not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         adapters = [LowRank(self.factors_a[n], self.factors_b[n], self.scaling[n], self.dropout[n]) for n in names]
+        if torch.is_autocast_enabled(x.device.type):
+            return self._fused_under_autocast(x, adapters)
         return lora_linear(x, base.weight, base.bias, self.fan_in_fan_out, adapters, self.training)
+
+    def _fused_under_autocast(self, x: torch.Tensor, adapters: list[LowRank]) -> torch.Tensor:
+        """Autocast casts op by op, which it cannot do inside the fused function. So the inputs get here the cast
+        autocast gives F.linear's (x, weight, bias and factors to the autocast dtype, float64 left alone), as
+        differentiable casts, so each gradient comes back in its parameter's dtype, and the function runs with
+        autocast off. Each forward casts the frozen weight again, as autocast itself does for tensors that need
+        no gradient."""
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type)
+        base = self.base_layer
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(cast(x), cast(base.weight), cast(base.bias), self.fan_in_fan_out,
+                               [ad._replace(a=cast(ad.a), b=cast(ad.b)) for ad in adapters], self.training)
 
     def _fusable(self) -> bool:
         """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""
