@@ -277,11 +277,24 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], index: dict):
     else:
         def forward(x, *args, **kwargs):
             check(x)
-            y = base(x, *args, **kwargs)
             a_rows, b_rows = rows_factors()
             h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype), a_rows.mT)  # (n, T, r)
-            return _accumulate(y, h, b_rows)
+            if not args and not kwargs and _sum_first(layer, x, b_rows):
+                # the low-rank sum written first and x W^T added into it by the base GEMM, which reads it in
+                # its epilogue: no read-modify-write pass over the output after the base product
+                z = torch.bmm(h, b_rows)
+                w = base.weight
+                z.view(-1, z.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w if layer.fan_in_fan_out else w.T)
+                return z.view(*x.shape[:-1], z.shape[-1])
+            return _accumulate(base(x, *args, **kwargs), h, b_rows)
     return forward
+
+
+def _sum_first(layer: Linear, x: torch.Tensor, b_rows: torch.Tensor) -> bool:
+    """Whether the output can start as the rows' low-rank sum: a plain layer without a bias (a bias would cost
+    a pass of its own), one dtype, nothing that needs a graph."""
+    return (layer._fusable() and layer.base_layer.bias is None and x.dtype == b_rows.dtype
+            == layer.base_layer.weight.dtype and not torch.is_grad_enabled())
 
 
 def _accumulate(y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:

@@ -364,12 +364,9 @@ def _infer(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, ada
     b = [ad.b for ad in adapters]
     if x2.shape[0] * (d_in + d_out) > d_in * d_out and all(f.dtype == weight.dtype for f in a + b):
         y = _base_linear(x2, _folded(weight, transposed, a, b, [ad.scale for ad in adapters]), bias, transposed)
-    else:
-        y = _base_linear(x2, weight, bias, transposed)
+    else:  # the low-rank sum first and x W^T into it, as in training (see _forward_accelerator)
+        low_rank = _LowRankSum(weight.dtype, bias)
         for ad in adapters:
-            h = x2.to(ad.a.dtype) @ ad.a.T
-            if ad.b.dtype == y.dtype:
-                y.addmm_(h, ad.b.T, alpha=ad.scale)
-            else:
-                y.add_((h @ ad.b.T).to(y.dtype), alpha=ad.scale)
+            low_rank.add(x2.to(ad.a.dtype) @ ad.a.T, ad.b.T, ad.scale)
+        y = low_rank.plus(x2, weight if transposed else weight.T)
     return y.view(*x.shape[:-1], d_out)
