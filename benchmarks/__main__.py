@@ -32,7 +32,7 @@ from lorafit.train import allocator
 
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
-PARTS = ("train", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
+PARTS = ("train", "amp", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -106,6 +106,28 @@ def bench_train(args, out: dict) -> None:
            " the least a LoRA step with these products could take.")
     out["train"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()},
                     "all_s": times, "trainable": counts}
+
+
+def bench_amp(args, out: dict) -> None:
+    """The training step of bench_train under bfloat16 autocast on float32 weights (mixed precision)."""
+    batch, seq = (4, 16) if args.quick else (32, 64)
+    base = models.bert_classifier(args.quick)
+    steps = {}
+    for variant in ("full", "floor", "peft", "lorafit"):
+        for dropout in (0.1, 0.0) if variant in ("peft", "lorafit") else (0.1,):
+            model = train_step.make_variant(base, variant, dropout=dropout)
+            key = _variant_key(variant, dropout, "torch")
+            steps[key] = train_step.stepper(model, train_step.make_batch(model, batch, seq), autocast=True)
+    times = interleaved(steps, reps=args.reps, warmup=1)
+    rows = []
+    for key, ts in times.items():
+        vs_peft = spread(ratios(times, key, key.replace("lorafit", "peft"))) if key.startswith("lorafit") else ""
+        vs_floor = spread(overs(times, key, "floor", "full"), "+.2f") if key not in ("full", "floor") else ""
+        rows.append([key, f"{1000 * median(ts):.0f}", f"{ratio(times, key, 'full'):.2f}", vs_peft, vs_floor])
+    _print(f"Training step under bf16 autocast (float32 weights), {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, "
+           f"batch {batch} x {seq}, r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps",
+           table(rows, ["variant", "median ms", "x full", "x PEFT (same dropout)", "floor + (x full)"]))
+    out["amp"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()}, "all_s": times}
 
 
 def bench_memory(args, out: dict) -> None:

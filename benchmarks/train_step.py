@@ -78,12 +78,15 @@ def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[st
     return out
 
 
-def stepper(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], float]:
+def stepper(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool = False) -> Callable[[], float]:
+    """One step; ``autocast``: forward and loss under bfloat16 autocast (mixed precision on float32 weights)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None  # the floor of a headless LM trains nothing
+    device = next(model.parameters()).device.type
 
     def step() -> float:
-        loss = model(**batch).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
         loss.backward()
         if opt is not None:
             opt.step()

@@ -97,6 +97,17 @@ def _folded(weight: Tensor, transposed: bool, a: list[Tensor], b: list[Tensor], 
     return weight
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; the check is Python's, so the common case (already in it) costs no torch call."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled_mm(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """s a b as one product (alpha = s; beta = 0, so the placeholder input is never read): no launch and no
+    pass of its own for the scale."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
+
+
 def cpu_path(x: Tensor) -> bool:
     """The CPU implementation (C loops, folding) for CPU tensors; the accelerator one (cuBLAS, Triton) for the
     rest. A function, so that tests can run the accelerator implementation on CPU tensors."""
@@ -136,7 +147,7 @@ def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
             h = products.down(x2, ai, key, t)  # without the rescale: it rides on s
             s = s * rescale
         else:
-            h = x2.to(ai.dtype) @ ai.T
+            h = _as(x2, ai.dtype) @ ai.T
         hs.append(h)  # kept for dB; it is small (N x r)
         low_rank.add(h, bi.T, s)
     return low_rank.plus(x2, weight if transposed else weight.T), hs, x2.new_empty(0)
@@ -166,7 +177,7 @@ class _LowRankSum:
             self.sum = torch.addmm(self.start, g, m, alpha=s)
             self.start = None
         else:
-            self.sum, self.scale = (g @ m).to(self.dtype), s
+            self.sum, self.scale = _as(g @ m, self.dtype), s
         if self.start is not None:  # a start that the first term could not take in its own product
             self.sum = (self.sum.mul_(self.scale) if self.scale != 1.0 else self.sum).add_(self.start)
             self.start, self.scale = None, 1.0
@@ -246,8 +257,8 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
         if key is not None:
             t, rescale = mask.threshold(p)
             s = s * rescale
-        gl = g2.to(bi.dtype)
-        gbs.append(torch.mm(gl.T, hs[i]).mul_(s) if need_b else x2.new_empty(0))
+        gl = _as(g2, bi.dtype)
+        gbs.append(_scaled_mm(gl.T, hs[i], s) if need_b else x2.new_empty(0))
         if not (need_a or low_rank is not None):
             gas.append(x2.new_empty(0))
             continue
@@ -257,7 +268,7 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
         elif key is not None:
             gas.append(products.grad_a(gh, x2, key, t, s))
         else:
-            gas.append(torch.mm(gh.T, x2.to(gh.dtype)).mul_(s))
+            gas.append(_scaled_mm(gh.T, _as(x2, gh.dtype), s))
         if low_rank is not None:
             low_rank.add(gh, ai, s, key, t)
     gx = None
@@ -367,6 +378,6 @@ def _infer(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, ada
     else:  # the low-rank sum first and x W^T into it, as in training (see _forward_accelerator)
         low_rank = _LowRankSum(weight.dtype, bias)
         for ad in adapters:
-            low_rank.add(x2.to(ad.a.dtype) @ ad.a.T, ad.b.T, ad.scale)
+            low_rank.add(_as(x2, ad.a.dtype) @ ad.a.T, ad.b.T, ad.scale)
         y = low_rank.plus(x2, weight if transposed else weight.T)
     return y.view(*x.shape[:-1], d_out)
