@@ -32,7 +32,7 @@ from lorafit.train import allocator
 
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
-PARTS = ("train", "amp", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
+PARTS = ("train", "amp", "host", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -128,6 +128,46 @@ def bench_amp(args, out: dict) -> None:
            f"batch {batch} x {seq}, r=8 on query/key/value/dense + classifier head, {args.reps} interleaved reps",
            table(rows, ["variant", "median ms", "x full", "x PEFT (same dropout)", "floor + (x full)"]))
     out["amp"] = {"batch": [batch, seq], "median_s": {k: median(v) for k, v in times.items()}, "all_s": times}
+
+
+def bench_host(args, out: dict) -> None:
+    """Host time of one adapted layer's forward + backward: tiny float32 tensors (8 x 16, r=4), so the
+    products cost next to nothing and what is timed is Python, autograd and the dispatcher. lorafit runs its
+    accelerator implementation (the one GPUs run) on these CPU tensors, without dropout (with dropout the
+    masked products would be the CPU's C loops here, Triton launches on a GPU: benchmarks/kernels_gpu.py
+    times those). On a GPU this is the time the host needs to issue a layer, which bounds a step wherever
+    layers are small (q/k/v projections, small models)."""
+    from benchmarks.kernels_gpu import _PeftStyle
+    from lorafit.kernels import linear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 16, bias=False).requires_grad_(False)
+    x, g = torch.randn(8, 16), torch.randn(8, 16)
+    calls = 50 if args.quick else 2000
+
+    def calling(module):
+        def run() -> None:
+            for _ in range(calls):
+                module(x.detach().requires_grad_(True)).backward(g)
+        return run
+
+    model = torch.nn.Sequential(copy.deepcopy(base))
+    lorafit.attach(model, lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    peft = "PEFT's formula"
+    steps = {"floor (base layer alone)": calling(base), "lorafit": calling(model.train()),
+             peft: calling(_PeftStyle(base, 4, 0.0).train())}
+    accelerator = linear.cpu_path
+    linear.cpu_path = lambda t: False
+    try:
+        times = interleaved(steps, reps=args.reps, warmup=1)
+    finally:
+        linear.cpu_path = accelerator
+    rows = [[key, f"{1e6 * median(ts) / calls:.0f}", f"{ratio(times, key, peft):.2f}"]
+            for key, ts in times.items()]
+    _print(f"Host time per adapted layer (forward + backward, 8 x 16 float32, r=4, no dropout, accelerator "
+           f"implementation, {calls} calls a round, {args.reps} interleaved rounds)",
+           table(rows, ["variant", "median us a call", "x PEFT's formula"]))
+    out["host"] = {"calls_per_round": calls, "median_s": {k: median(v) / calls for k, v in times.items()}}
 
 
 def bench_memory(args, out: dict) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,21 @@ def test_generate_matches_hf_generate_with_the_adapter(gen_client, dirs):
             {"prompt": "hello", "adapter": "chat", "max_new_tokens": 6}])
     assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
     assert a.json()["text"] == expected
+
+
+def test_generation_passes_the_cache_under_the_models_own_name(dirs):
+    """transformers renamed past_key_values to cache (the old name warns, and goes in 5.40): decoding uses
+    whichever name the installed model's forward has, and no deprecation warning comes out of it."""
+    from lorafit.serve.engine import _cache_name
+
+    model = sm.load(dirs[2])
+    name = _cache_name(model)
+    ids = torch.tensor([[5, 6, 7]])
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, -1:], attention_mask=torch.ones(1, 4, dtype=torch.long), **{name: getattr(out, name)},
+              use_cache=True)
 
 
 def test_generate_sampling_chat_and_stream(gen_client):

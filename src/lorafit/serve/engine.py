@@ -15,6 +15,7 @@ generation cancelled while running stops at its next token.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import deque
@@ -237,6 +238,12 @@ def _choose(logits: torch.Tensor, req: GenerateRequest, gen: torch.Generator) ->
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _cache_name(model) -> str:
+    """What the model's forward calls its key/value cache, argument and output alike: ``cache`` in
+    transformers releases that renamed it, ``past_key_values`` before (deprecated since, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
     """Decode all jobs together, each with its adapter and its own sampling settings."""
     reqs: list[GenerateRequest] = [job.payload for job in jobs]
@@ -258,6 +265,7 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
     finish = ["length"] * n
     done = [r.max_new_tokens == 0 for r in reqs]
     names = [job.entry.internal if job.entry else None for job in jobs]
+    cache = _cache_name(model)
     with lock, torch.inference_mode(), adapter_per_row(model, names):
         result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         for _ in range(max(r.max_new_tokens for r in reqs)):
@@ -283,6 +291,6 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
             result = model(input_ids=step, attention_mask=mask, position_ids=positions,
-                           past_key_values=result.past_key_values, use_cache=True)
+                           **{cache: getattr(result, cache)}, use_cache=True)
     return [{"text": tokenizer.decode(o, skip_special_tokens=True), "tokens": len(o), "finish_reason": f}
             for o, f in zip(out, finish)]
