@@ -10,7 +10,7 @@ from torch import nn
 import lorafit
 from lorafit import LoraConfig
 from lorafit.kernels import mask
-from tests.test_fused_linear import _compare, _layer
+from tests.test_fused_linear import _compare, _layer, check_autocast
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"  # a dry run of these tests on the CPU: set it to "cpu" and call the functions
@@ -22,6 +22,12 @@ DEVICE = "cuda"  # a dry run of these tests on the CPU: set it to "cpu" and call
 def test_training_path_matches_formula_on_cuda(dtype, dropout, rows):
     model = _layer(nn.Linear(96, 160), [("a", 8), ("b", 16)], dtype, dropout).to(DEVICE)
     _compare(model, torch.randn(rows // 5 or 1, 5, 96, dtype=dtype, device=DEVICE), dropout, dtype)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_runs_the_fused_path_on_cuda(dropout, bias):
+    check_autocast(DEVICE, dropout, bias)
 
 
 def _llama(dtype):

@@ -224,16 +224,20 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(dropout):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_autocast_runs_the_fused_path_with_autocasts_numbers(dropout, bias):
+    check_autocast("cpu", dropout, bias)
+
+
+def check_autocast(device: str, dropout: float, bias: bool) -> None:
     """float32 weights under bf16 autocast (mixed-precision training): the fused path runs on what autocast
     would cast to bf16, its gradients come back in float32, and the numbers are the formula's to bf16
     rounding, and without dropout those of the plain path under autocast."""
-    model = _layer(nn.Linear(16, 24, bias=bias), [("a", 4), ("b", 2)], torch.float32, dropout).train()
+    model = _layer(nn.Linear(16, 24, bias=bias), [("a", 4), ("b", 2)], torch.float32, dropout).to(device).train()
     layer = model[0]
-    x = torch.randn(40, 16)
-    g = torch.randn(40, 24)
+    x = torch.randn(40, 16, device=device)
+    g = torch.randn(40, 24, device=device)
     x1 = x.clone().requires_grad_(True)
     torch.manual_seed(3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = model(x1)
     assert out.dtype == torch.bfloat16 and "LoraLinear" in type(out.grad_fn).__name__
     out.backward(g.bfloat16())
@@ -255,7 +259,7 @@ def test_autocast_runs_the_fused_path_with_autocasts_numbers(dropout, bias):
     for got, want in pairs:  # bf16 rounding, relative to each tensor's scale as in _compare
         torch.testing.assert_close(got.double(), want, atol=3e-2 * max(1.0, want.abs().max().item()), rtol=3e-2)
     if not dropout:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             plain = LoraLayer.forward(layer, x)  # base(x), then each adapter added, autocast casting op by op
         torch.testing.assert_close(out.float(), plain.float(), atol=2e-2, rtol=2e-2)
 
