@@ -114,10 +114,19 @@ def cpu_path(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _key_of(keys: Sequence[Tensor], ps: Sequence[float]) -> list[Tensor | None]:
-    """One key per adapter (None without dropout), from the keys of the adapters with dropout, in order."""
+def _masks(keys: Sequence[Tensor], ps: Sequence[float], scales: Sequence[float]) -> list[tuple]:
+    """Per adapter (key, t, s): its mask's key (None without dropout; ``keys`` holds those of the adapters with
+    dropout, in order), the mask's threshold t, and its scale with the mask's 1 / P(keep) folded in: the
+    products apply the bare mask and the rescale rides on s."""
     it = iter(keys)
-    return [next(it) if p > 0 else None for p in ps]
+    out = []
+    for p, s in zip(ps, scales):
+        if p > 0:
+            t, rescale = mask.threshold(p)
+            out.append((next(it), t, s * rescale))
+        else:
+            out.append((None, 0, s))
+    return out
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool, a: list[Tensor],
@@ -141,13 +150,8 @@ def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
     issues it, and the dispatch there costs host time on every product."""
     hs = []
     low_rank = _LowRankSum(weight.dtype, bias)
-    for ai, bi, s, p, key in zip(a, b, scales, ps, _key_of(keys, ps)):
-        if key is not None:
-            t, rescale = mask.threshold(p)
-            h = products.down(x2, ai, key, t)  # without the rescale: it rides on s
-            s = s * rescale
-        else:
-            h = _as(x2, ai.dtype) @ ai.T
+    for ai, bi, (key, t, s) in zip(a, b, _masks(keys, ps, scales)):
+        h = products.down(x2, ai, key, t) if key is not None else _as(x2, ai.dtype) @ ai.T
         hs.append(h)  # kept for dB; it is small (N x r)
         low_rank.add(h, bi.T, s)
     return low_rank.plus(x2, weight if transposed else weight.T), hs, x2.new_empty(0)
@@ -190,13 +194,8 @@ class _LowRankSum:
 def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
     rows, d_in = x2.shape
     fold = _training_folds(rows, d_in, ps, weight, a + b)
-    hs = []
-    for ai, p, key in zip(a, ps, _key_of(keys, ps)):
-        if key is not None:
-            # H = (x * keep) A^T without the rescale: that factor rides on the scalar s instead
-            hs.append(products.down(x2, ai, key, mask.threshold(p)[0]))
-        else:
-            hs.append(products.down(x2, ai))  # kept for dB; it is small (N x r)
+    masks = _masks(keys, ps, scales)
+    hs = [products.down(x2, ai, key, t) for ai, (key, t, _) in zip(a, masks)]  # kept for dB; small (N x r)
     folded = x2.new_empty(0)
     if fold:
         w = _folded(weight, transposed, a, b, scales)
@@ -207,8 +206,7 @@ def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_fold
         # the output starts as bias + s H B^T (later adapters add into it) and x W^T adds into it: one
         # pass over the output for the bias and the low-rank sum together (products.up in C)
         y = None
-        for hi, bi, s, p in zip(hs, b, scales, ps):
-            s = s * mask.threshold(p)[1] if p > 0 else s
+        for hi, bi, (_, _, s) in zip(hs, b, masks):
             y = products.up(hi, bi, s, y, bias if y is None else None, weight.dtype)
         y.addmm_(x2, weight if transposed else weight.T)
     return y, hs, folded
@@ -251,12 +249,8 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
     into it, as in _forward_accelerator; dA and dB straight from torch or Triton."""
     low_rank = _LowRankSum(g2.dtype) if needs[0] else None
     gas, gbs = [], []
-    for i, (ai, bi, s, p, key) in enumerate(zip(a, b, scales, ps, _key_of(keys, ps))):
+    for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, _masks(keys, ps, scales))):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
-        t = 0
-        if key is not None:
-            t, rescale = mask.threshold(p)
-            s = s * rescale
         gl = _as(g2, bi.dtype)
         gbs.append(_scaled_mm(gl.T, hs[i], s) if need_b else x2.new_empty(0))
         if not (need_a or low_rank is not None):
@@ -284,13 +278,9 @@ def _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs
     lora_gx = needs[0] and not fold
     gx = None
     gas, gbs = [], []
-    for i, (ai, bi, s, p, key) in enumerate(zip(a, b, scales, ps, _key_of(keys, ps))):
+    for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, _masks(keys, ps, scales))):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
-        t = 0
-        if key is not None:
-            t, rescale = mask.threshold(p)
-            s = s * rescale
-        gl = g2.to(bi.dtype)
+        gl = _as(g2, bi.dtype)
         gh = gbt = None
         if need_b and (need_a or lora_gx):
             gh, gbt = products.grad_b(gl, bi, hs[i])  # dY B and H^T dY, from one pass over dY in C
