@@ -128,6 +128,12 @@ def _triton_rows(row: dict, x, a, gh, gx, key, t) -> None:
     row["grad_a triton masked bm=64"] = _bench(lambda: triton_kernels.grad_a(gh, x, key, t, bm=64))
     row["up-add triton masked"] = _bench(lambda: triton_kernels.up(gh, a, 1.0, gx, None, key, t))
     row["up-write triton masked"] = _bench(lambda: triton_kernels.up(gh, a, 1.0, None, None, key, t))
+    row["grad_a + up-write triton masked, one kernel"] = _bench(
+        lambda: triton_kernels.grad_a_and_up(gh, x, a, key, t, 1.0, 1.0))
+    row["grad_a + up-write triton masked, one kernel, host us"] = _host_us(
+        lambda: triton_kernels.grad_a_and_up(gh, x, a, key, t, 1.0, 1.0))
+    row["grad_a, then up-write, host us"] = _host_us(
+        lambda: (triton_kernels.grad_a(gh, x, key, t), triton_kernels.up(gh, a, 1.0, None, None, key, t)))
     row["mask_scale triton"] = _bench(lambda: triton_kernels.mask_scale(x, key, t, 1.05))
 
 

@@ -42,6 +42,21 @@ def check_products(device: str, dtype: torch.dtype) -> None:
             got = triton_kernels.up(g, a, 0.7, out, None, kk, t)
             assert got.data_ptr() == out.data_ptr()
             torch.testing.assert_close(got.double(), before + want, **tol)
+        # both of a masked adapter's backward products in one kernel, into a new tensor and into out
+        key = mask.new_key(x.device)
+        kp = mask.keep_mask(m, k, key, t)
+        xd = torch.where(kp, x, 0).double()
+        want_a = 0.5 * g.double().T @ xd
+        want_up = 0.7 * torch.where(kp, g.double() @ a.double(), 0)
+        ga, up = triton_kernels.grad_a_and_up(g, x, a, key, t, 0.5, 0.7)
+        torch.testing.assert_close(ga.double(), want_a, **dict(tol, atol=tol["atol"] * (m / k) ** 0.5))
+        torch.testing.assert_close(up.double(), want_up, **tol)
+        out = torch.randn(m, k, dtype=dtype, device=device)
+        before = out.double()
+        ga, up = triton_kernels.grad_a_and_up(g, x, a, key, t, 0.5, 0.7, out)
+        assert up.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(ga.double(), want_a, **dict(tol, atol=tol["atol"] * (m / k) ** 0.5))
+        torch.testing.assert_close(up.double(), before + want_up, **tol)
 
 
 def check_mask_scale(device: str, dtype: torch.dtype) -> None:
@@ -64,12 +79,15 @@ def check_lora_linear(device: str) -> None:
     from lorafit.kernels import cpu, linear
     from tests.test_fused_linear import _compare, _layer
 
-    launched = {name: mock.Mock(wraps=getattr(triton_kernels, name)) for name in ("down", "grad_a", "up")}
+    launched = {name: mock.Mock(wraps=getattr(triton_kernels, name)) for name in ("down", "grad_a_and_up", "up")}
     with (mock.patch.object(linear, "cpu_path", lambda x: False), mock.patch.object(cpu, "serves", lambda x: False),
           mock.patch.multiple(triton_kernels, **launched)):
         for bias in (True, False):
             model = _layer(nn.Linear(16, 24, bias=bias), [("a", 4), ("b", 2)], torch.float32, 0.3).to(device)
             _compare(model, torch.randn(8, 5, 16, device=device), 0.3, torch.float32)
+        model.zero_grad()
+        model[0].lora_A["a"].requires_grad_(False)  # a frozen A: dx's part alone (up), next to a trained adapter
+        _compare(model, torch.randn(8, 5, 16, device=device), 0.3, torch.float32)
     assert all(fn.called for fn in launched.values()), {name: fn.call_count for name, fn in launched.items()}
 
 

@@ -186,6 +186,14 @@ class _LowRankSum:
             self.sum = (self.sum.mul_(self.scale) if self.scale != 1.0 else self.sum).add_(self.start)
             self.start, self.scale = None, 1.0
 
+    def add_masked_with_grad_a(self, g: Tensor, m: Tensor, s: float, key: Tensor, t: int, x: Tensor) -> Tensor:
+        """add(g, m, s, key, t), and s G^T mask(x) from the same pass (products.grad_a_and_up): a masked
+        adapter's dx part and A's gradient. Backward's sums have no start."""
+        first = self.sum is None
+        grad_a, self.sum = products.grad_a_and_up(g, x, m, key, t, s, s if first else s / self.scale, self.sum,
+                                                  self.dtype)
+        return grad_a
+
     def plus(self, p: Tensor, q: Tensor) -> Tensor:
         """sum + P Q, in the sum's tensor."""
         return self.sum.addmm_(p, q, beta=self.scale)
@@ -257,6 +265,9 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
             gas.append(x2.new_empty(0))
             continue
         gh = gl @ bi
+        if key is not None and need_a and low_rank is not None:
+            gas.append(low_rank.add_masked_with_grad_a(gh, ai, s, key, t, x2))
+            continue
         if not need_a:
             gas.append(x2.new_empty(0))
         elif key is not None:

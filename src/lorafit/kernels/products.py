@@ -9,6 +9,7 @@ For x (N x d_in), A (r x d_in), G (N x r) and a mask given by (key, t) from mask
     up(H, B, s, start=bias) = bias + s H B^T           the output, before x W^T adds into it
     up(G, A^T, s, out=gx)   = gx + s mask(G A)         the low-rank part of dx
     up(B, A^T, s, start=W)  = W + s B A                a weight with the adapter folded in
+    grad_a_and_up(G, x, A)  = grad_a and up over one mask  a masked adapter's backward, one Triton launch
 
 Which implementation (``backend``):
 - ``"c"``: float32 on a CPU, small r: cpu_kernels.c, one loop per product that reads the activation once and
@@ -98,6 +99,18 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0, scale: float 
         x = x.to(g.dtype)
         out = torch.mm(g.T, x if key is None else mask.dropped(x, key, t))
     return out.mul_(scale) if scale != 1.0 else out
+
+
+def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key, t: int, scale_a: float, scale_up: float,
+                  out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_a(G, x, key, t, scale_a), up(G, A^T, scale_up, out, None, dtype, key, t)): A's gradient and dx's
+    low-rank part of a masked adapter. On CUDA one Triton kernel computes both (one launch, one hash of the
+    mask per tile); elsewhere the two products above."""
+    if (backend(g.shape[1], key, g, x, a, out) == "triton" and (out is None or out.stride(-1) == 1) and (
+            done := triton_kernels.run(triton_kernels.grad_a_and_up, g, x, a, key, t, scale_a, scale_up, out,
+                                       dtype)) is not None):
+        return done
+    return grad_a(g, x, key, t, scale_a), up(g, a.T, scale_up, out, None, dtype, key, t)
 
 
 def grad_b(g: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,37 @@ def _grad_a_kernel(g_ptr, x_ptr, ws_ptr, key_ptr, t, scale, M, K, R, sg, sx, row
              mask=(rr[:, None] < R) & (cols[None, :] < K))
 
 
+@triton.jit(do_not_specialize=["M", "rows_per_split"])
+def _grad_a_up_kernel(g_ptr, x_ptr, a_ptr, ws_ptr, out_ptr, key_ptr, t, scale_a, scale_up, M, K, R, sg, sx, sa, so,
+                      rows_per_split, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """_grad_a_kernel and _up_kernel over the same mask in one pass: each tile's keep-mask is hashed once, G's
+    tile is loaded once for both products, and each program writes the up tiles of the rows it sums."""
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    split = tl.program_id(1)
+    rr = tl.arange(0, BR)
+    key = tl.load(key_ptr).to(tl.uint32, bitcast=True)
+    a = tl.load(a_ptr + rr[:, None] * sa + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    first = split * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, M), BM):
+        rows = m0 + tl.arange(0, BM)
+        live = rows < M
+        inside = live[:, None] & (cols[None, :] < K)
+        keep = _keep(rows, cols, K, key, t)
+        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * sg + rr[None, :], mask=live[:, None] & (rr[None, :] < R),
+                    other=0.0)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sx + cols[None, :], mask=inside, other=0.0)
+        acc += tl.dot(tl.trans(g), tl.where(keep, x, 0.0).to(g.dtype), input_precision=PRECISION)
+        part = tl.where(keep, tl.dot(g, a.to(g.dtype), input_precision=PRECISION) * scale_up, 0.0)
+        where = out_ptr + rows[:, None].to(tl.int64) * so + cols[None, :]
+        if ACCUMULATE:
+            part += tl.load(where, mask=inside, other=0.0).to(tl.float32)
+        tl.store(where, part.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(ws_ptr + split * R * K + rr[:, None] * K + cols[None, :], acc * scale_a,
+             mask=(rr[:, None] < R) & (cols[None, :] < K))
+
+
 @triton.jit(do_not_specialize=["M"])
 def _up_kernel(g_ptr, a_ptr, out_ptr, key_ptr, t, scale, M, K, R, sg, sa, so,
                MASKED: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,

@@ -5,6 +5,7 @@ For x (M x K), A (R x K), G (M x R) and the keep-mask of (key, t) (see mask.py):
     down(x, A)          = mask(x) A^T          one pass over x, no dropped copy written
     grad_a(G, x)        = G^T mask(x)          one pass over x, split over rows, partial sums in float32
     up(G, A, s, out)    = out + s mask(G A)    the low-rank part of dx, added where it is written
+    grad_a_and_up       = both of the last two over one mask, in one launch and one pass over G's tiles
     mask_scale(x, s)    = s mask(x)            hashed dropout of any tensor (HashedDropout, fallbacks)
 
 Each output element's position is row * cols + col mod 2^32, as in the C kernels and the eager reference,
@@ -122,17 +123,47 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key: torch.Tensor | None = None, t:
     (m, k), r = x.shape, g.shape[1]
     bk = 64
     col_blocks = _cdiv(k, bk)
-    # split the rows so that about four programs per multiprocessor run; the partial sums are small (R x K each)
-    sms = _multiprocessors(x.device)
-    splits = max(1, min(_cdiv(4 * sms, col_blocks), _cdiv(m, bm)))
-    rows_per_split = _cdiv(_cdiv(m, splits), bm) * bm
-    splits = _cdiv(m, rows_per_split)
+    splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
     ws = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
     key, t, masked = _key_args(key, t, x)
     _jit()._grad_a_kernel[(col_blocks, splits)](
         g, x, ws, key, t, float(scale), m, k, r, g.stride(0), x.stride(0), rows_per_split, MASKED=masked,
         PRECISION=_precision(g, x), BM=bm, BK=bk, BR=_rank_block(r))
     return ws.sum(0).to(g.dtype) if splits > 1 else ws[0].to(g.dtype)
+
+
+def _splits(m: int, col_blocks: int, bm: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split) for a sum over m rows in col_blocks column blocks: about four programs per
+    multiprocessor, each summing whole tiles of bm rows; the partial sums are small (R x K each)."""
+    splits = max(1, min(_cdiv(4 * _multiprocessors(device), col_blocks), _cdiv(m, bm)))
+    rows_per_split = _cdiv(_cdiv(m, splits), bm) * bm
+    return _cdiv(m, rows_per_split), rows_per_split
+
+
+def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.Tensor, t: int, scale_a: float,
+                  scale_up: float, out: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale_a G^T mask(x), out + scale_up mask(G A)) for G (M x R), x (M x K), A (R x K) and one mask: the
+    backward of a masked adapter in one launch. The first is new, in G's dtype; the second is formed in out
+    (unit column stride), or where out is None is a new tensor in ``dtype`` (default A's)."""
+    g, x, a = g.contiguous(), _rows(x), a.contiguous()
+    (m, k), r = x.shape, g.shape[1]
+    if out is None:
+        out = torch.empty(m, k, dtype=dtype or a.dtype, device=x.device)
+        accumulate = False
+    elif out.stride(-1) != 1:
+        raise ValueError(f"grad_a_and_up: out stride {out.stride()} needs a unit column stride")
+    else:
+        accumulate = True
+    bm, bk = 64, 64
+    col_blocks = _cdiv(k, bk)
+    splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
+    ws = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    _jit()._grad_a_up_kernel[(col_blocks, splits)](
+        g, x, a, ws, out, key, int(t), float(scale_a), float(scale_up), m, k, r, g.stride(0), x.stride(0),
+        a.stride(0), out.stride(0), rows_per_split, ACCUMULATE=accumulate, PRECISION=_precision(g, x, a),
+        BM=bm, BK=bk, BR=_rank_block(r))
+    return (ws.sum(0).to(g.dtype) if splits > 1 else ws[0].to(g.dtype)), out
 
 
 def up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,
