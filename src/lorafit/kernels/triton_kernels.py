@@ -124,12 +124,12 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key: torch.Tensor | None = None, t:
     bk = 64
     col_blocks = _cdiv(k, bk)
     splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
-    ws = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    ws = _partials(splits, r, k, g.dtype, x.device)
     key, t, masked = _key_args(key, t, x)
     _jit()._grad_a_kernel[(col_blocks, splits)](
         g, x, ws, key, t, float(scale), m, k, r, g.stride(0), x.stride(0), rows_per_split, MASKED=masked,
         PRECISION=_precision(g, x), BM=bm, BK=bk, BR=_rank_block(r))
-    return ws.sum(0).to(g.dtype) if splits > 1 else ws[0].to(g.dtype)
+    return _total(ws, g.dtype)
 
 
 def _splits(m: int, col_blocks: int, bm: int, device: torch.device) -> tuple[int, int]:
@@ -138,6 +138,19 @@ def _splits(m: int, col_blocks: int, bm: int, device: torch.device) -> tuple[int
     splits = max(1, min(_cdiv(4 * _multiprocessors(device), col_blocks), _cdiv(m, bm)))
     rows_per_split = _cdiv(_cdiv(m, splits), bm) * bm
     return _cdiv(m, rows_per_split), rows_per_split
+
+
+def _partials(splits: int, r: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where the programs store their partial sums: float32 when there are several to add, else the result's
+    own dtype (the kernel's store rounds the float32 sum into it)."""
+    return torch.empty(splits, r, k, dtype=torch.float32 if splits > 1 else dtype, device=device)
+
+
+def _total(ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The partial sums' total in dtype: one reduction that adds in float32 and writes dtype (no cast launch)."""
+    if ws.shape[0] == 1:
+        return ws[0]
+    return torch.sum(ws, 0, out=torch.empty(ws.shape[1:], dtype=dtype, device=ws.device))
 
 
 def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.Tensor, t: int, scale_a: float,
@@ -158,12 +171,12 @@ def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.
     bm, bk = 64, 64
     col_blocks = _cdiv(k, bk)
     splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
-    ws = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    ws = _partials(splits, r, k, g.dtype, x.device)
     _jit()._grad_a_up_kernel[(col_blocks, splits)](
         g, x, a, ws, out, key, int(t), float(scale_a), float(scale_up), m, k, r, g.stride(0), x.stride(0),
         a.stride(0), out.stride(0), rows_per_split, ACCUMULATE=accumulate, PRECISION=_precision(g, x, a),
         BM=bm, BK=bk, BR=_rank_block(r))
-    return (ws.sum(0).to(g.dtype) if splits > 1 else ws[0].to(g.dtype)), out
+    return _total(ws, g.dtype), out
 
 
 def up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,
