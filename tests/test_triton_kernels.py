@@ -103,6 +103,32 @@ def test_triton_kernels_on_cuda(dtype):
     check_mask_scale("cuda", dtype)
 
 
+def _compiled_variants(kernel) -> int:
+    """How many compiled versions of a Triton kernel this process holds (Triton keeps them per device)."""
+    caches = getattr(kernel, "device_caches", None)
+    if isinstance(caches, dict) and caches:
+        return sum(len(entry[0]) for entry in caches.values())
+    if isinstance(getattr(kernel, "cache", None), dict):
+        return sum(len(per_device) for per_device in kernel.cache.values())
+    pytest.skip("this Triton version keeps its compiled kernels where the test does not look")
+
+
+@pytest.mark.cuda
+def test_new_row_counts_compile_nothing_new():
+    """Row counts are not specialised on: batches of other lengths reuse the kernels compiled for the first."""
+    from lorafit.kernels import triton_jit
+
+    t, _ = mask.threshold(0.1)
+    a = torch.randn(16, 256, dtype=torch.bfloat16, device="cuda")
+    key = mask.new_key(torch.device("cuda"))
+    kernel = triton_jit._down_kernel
+    triton_kernels.down(torch.randn(64, 256, dtype=torch.bfloat16, device="cuda"), a, key, t)
+    before = _compiled_variants(kernel)
+    for rows in (37, 1, 1000, 4099):
+        triton_kernels.down(torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda"), a, key, t)
+    assert _compiled_variants(kernel) == before
+
+
 @pytest.mark.cuda
 def test_triton_masks_past_2_to_the_31_elements_equal_the_reference():
     """Positions are row * cols + col mod 2^32 whatever the size: the rows past 2^31 elements of a bf16
