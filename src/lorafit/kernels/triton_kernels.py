@@ -153,6 +153,16 @@ def _total(ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.sum(ws, 0, out=torch.empty(ws.shape[1:], dtype=dtype, device=ws.device))
 
 
+def _up_output(out: torch.Tensor | None, m: int, k: int, dtype: torch.dtype, device: torch.device,
+               caller: str) -> torch.Tensor:
+    """Where an up product goes: ``out`` (added into; it needs a unit column stride), or a new M x K tensor."""
+    if out is None:
+        return torch.empty(m, k, dtype=dtype, device=device)
+    if out.stride(-1) != 1:
+        raise ValueError(f"{caller}: out stride {out.stride()} needs a unit column stride")
+    return out
+
+
 def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.Tensor, t: int, scale_a: float,
                   scale_up: float, out: torch.Tensor | None = None,
                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,13 +171,8 @@ def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.
     (unit column stride), or where out is None is a new tensor in ``dtype`` (default A's)."""
     g, x, a = g.contiguous(), _rows(x), a.contiguous()
     (m, k), r = x.shape, g.shape[1]
-    if out is None:
-        out = torch.empty(m, k, dtype=dtype or a.dtype, device=x.device)
-        accumulate = False
-    elif out.stride(-1) != 1:
-        raise ValueError(f"grad_a_and_up: out stride {out.stride()} needs a unit column stride")
-    else:
-        accumulate = True
+    accumulate = out is not None
+    out = _up_output(out, m, k, dtype or a.dtype, x.device, "grad_a_and_up")
     bm, bk = 64, 64
     col_blocks = _cdiv(k, bk)
     splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
@@ -186,10 +191,7 @@ def up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None 
     g, a = g.contiguous(), a.contiguous()
     (m, r), k = g.shape, a.shape[1]
     accumulate = out is not None
-    if out is None:
-        out = torch.empty(m, k, dtype=dtype or a.dtype, device=g.device)
-    elif out.stride(-1) != 1:
-        raise ValueError(f"up: out stride {out.stride()} needs a unit column stride")
+    out = _up_output(out, m, k, dtype or a.dtype, g.device, "up")
     key, t, masked = _key_args(key, t, g)
     bm, bk = 64, 64
     _jit()._up_kernel[(_cdiv(m, bm), _cdiv(k, bk))](
