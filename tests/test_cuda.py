@@ -146,3 +146,40 @@ def test_16_bit_inference_folds_to_the_merged_models_output_on_cuda(dtype):
         merged = model(x)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got.float(), merged.float(), atol=4 * eps * merged.abs().max().item(), rtol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_never_waits_for_the_gpu(dtype):
+    """Forward, backward, clipping and AdamW through LoRA layers with dropout (two adapters on one layer, one
+    on the next), and the training loop's batch copy, with no host sync: torch's sync debug mode raises on any.
+    A sync would leave the GPU idle while the host issues the next kernels, which small layers cannot afford."""
+    from lorafit.train.loop import _on_device
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(DEVICE, dtype)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["0", "2"],
+                                     init_lora_weights=False))
+    lorafit.attach(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["0"],
+                                     init_lora_weights=False), "second")
+    lorafit.set_active(model, ["default", "second"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    cpu_batch = {"x": torch.randn(3, 50, 64, dtype=dtype)}
+
+    def step():
+        x = _on_device(cpu_batch, torch.device(DEVICE))["x"]
+        model(x).float().pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the first: Triton compiles, the caching allocators fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)

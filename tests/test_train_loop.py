@@ -169,6 +169,31 @@ def test_resume_with_hashed_model_dropout_equals_an_uninterrupted_run(tmp_path):
     assert any(not torch.allclose(a[k], c[k], atol=1e-6, rtol=0) for k in a)
 
 
+def test_a_non_finite_loss_stops_the_run_before_a_checkpoint_saves_it(tmp_path, monkeypatch):
+    """The loss is read back from the device only at log lines, callbacks and checkpoints (no wait for the GPU
+    every step); a NaN at step 7 is caught at step 8's checkpoint, before it is written, and the checkpoint of
+    step 6 stays the latest, with finite weights."""
+    from lorafit.train import tasks
+    from lorafit.train.checkpoint import latest_checkpoint
+
+    calls = []
+    loss_sum = tasks.Classification.loss_sum
+
+    def nan_at_step_7(self, model, batch):
+        calls.append(1)
+        loss = loss_sum(self, model, batch)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(tasks.Classification, "loss_sum", nan_at_step_7)
+    config = classification_setup(tmp_path)
+    with pytest.raises(FloatingPointError, match="the loss became nan at one of steps 7 to 8"):
+        train(config, ["train.save_every=2", "train.log_every=5", "train.eval_every=0"], progress=False)
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == "step-0000006"
+    weights = {k: v for f in latest.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     config = classification_setup(tmp_path)
     args = [a for o in RESUME + ["train.epochs=12"] for a in ("--set", o)]

@@ -161,17 +161,24 @@ class _Session:
         self.evaluating = bool(eval_features)
         self.start, self.tokens = time.perf_counter(), 0  # this session's, for its speed
         self.window_loss, self.window_units = 0.0, 0  # since the last train log line
+        self.pending = _Pending()  # the loss and tokens of the steps not yet read back from the device
         self.clock = time.perf_counter()  # train_seconds are counted up to here
 
     def optimizer_step(self, window: list[list[dict]]) -> dict[str, Any]:
-        """One optimizer step over ``window``'s micro-batches (gradients accumulated); returns its loss and lr."""
+        """One optimizer step over ``window``'s micro-batches (gradients accumulated); returns its units, lr and
+        gradient norm (a device tensor, or None without clipping).
+
+        Nothing here waits for the device: the step's loss stays a device tensor (``_Pending``), the tokens
+        are counted on the CPU batch, and batches reach a GPU from pinned memory without blocking. Reading a
+        value back would make the host wait for the queued work each step, and the GPU would then sit idle
+        while the host collates the next batch and issues its kernels."""
         t, state, dist = self.t, self.state, self.dist
         micro = [_micro_batch(self.task, rows, dist) for rows in window]
         local_units = sum(self.task.num_units(b) for b, real in micro if real)
         units = int(dist.all_reduce_sum([local_units], self.device)[0])
-        step_loss, step_tokens = 0.0, 0
         for j, (batch, real) in enumerate(micro):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            tokens = int(batch["attention_mask"].sum()) if real else 0
+            batch = _on_device(batch, self.device)
             with dist.accumulating(self.wrapped, last=j == len(micro) - 1):
                 with self.autocast():
                     loss = self.task.loss_sum(self.wrapped, batch)
@@ -179,39 +186,55 @@ class _Session:
                     loss = loss * 0.0  # this process has no row here but must join the gradient sync
                 (loss / max(units, 1)).backward()
             if real:
-                step_loss += loss.item()
-                step_tokens += int(batch["attention_mask"].sum())
-        step_loss, step_tokens = dist.all_reduce_sum([step_loss, step_tokens], self.device)
-        state.train_tokens += int(step_tokens)
+                self.pending.add(loss, tokens, state.step + 1)
         state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
-        self.tokens += int(step_tokens)
         grad_norm = None
         if t.max_grad_norm > 0:
-            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch_in_epoch += len(window)
-        self.window_loss += step_loss
         self.window_units += units
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"the loss became {step_loss} at step {state.step}; lower train.lr, or "
-                                     "check the data (empty targets?)")
-        return {"loss": step_loss / max(units, 1), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        return {"units": units, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+    def read_back(self) -> float:
+        """The loss and tokens of the steps since the last read, summed over the processes, into the log window
+        and the counters; returns that loss sum. Every process calls this at the same steps (its sum is a
+        collective). A non-finite loss stops the run here, before anything is saved."""
+        first, last = self.pending.first_step, self.state.step
+        loss, tokens = self.dist.all_reduce_sum(self.pending.take(), self.device)
+        self.state.train_tokens += int(tokens)
+        self.tokens += int(tokens)
+        self.window_loss += loss
+        if not math.isfinite(loss):
+            steps = f"step {last}" if first in (None, last) else f"one of steps {first} to {last}"
+            raise FloatingPointError(f"the loss became {loss} at {steps}; lower train.lr, or check the data "
+                                     "(empty targets?)")
+        return loss
 
     def after_step(self, step: dict[str, Any]) -> None:
-        """The progress bar, the train log line, evaluation and checkpoint when due, the callbacks."""
+        """The progress bar, the train log line, evaluation and checkpoint when due, the callbacks. Values are
+        read back from the device only where a log line or a callback needs them."""
         t, state = self.t, self.state
-        speed = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{step['loss']:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}")
-        if self.dist.is_main and (state.step % t.log_every == 0 or state.step == self.total):
-            record = {"type": "train", "step": state.step, "epoch": state.epoch,
-                      "loss": self.window_loss / max(self.window_units, 1), "lr": step["lr"], "tokens_per_s": speed}
-            if step["grad_norm"] is not None:
-                record["grad_norm"] = step["grad_norm"]
-            self.log.write(record)
+        step_loss = None
+        if self.callbacks:  # they see every step's loss: read back each step
+            step_loss = self.read_back() / max(step["units"], 1)
+        if state.step % t.log_every == 0 or state.step == self.total:
+            self.read_back()
+            speed = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            loss = self.window_loss / max(self.window_units, 1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}")
+            # full_tensor: under FSDP a collective, so every process reads the norm
+            grad_norm = None if step["grad_norm"] is None else float(full_tensor(step["grad_norm"]))
+            if self.dist.is_main:
+                record = {"type": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": step["lr"],
+                          "tokens_per_s": speed}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                self.log.write(record)
             self.window_loss, self.window_units = 0.0, 0
         evaluated = False
         if self.evaluating and t.eval_every and state.step % t.eval_every == 0:
@@ -220,7 +243,7 @@ class _Session:
         if (t.save_every and state.step % t.save_every == 0) or (evaluated and not t.save_every):
             self.checkpoint()
         for callback in self.callbacks:
-            callback({**asdict(state), "loss": step["loss"], "lr": step["lr"]})
+            callback({**asdict(state), "loss": step_loss, "lr": step["lr"]})
 
     def end_epoch(self) -> None:
         """The epoch's last batch is done: the next epoch starts; evaluation / checkpoint per epoch when no
@@ -241,6 +264,7 @@ class _Session:
         self.bar.close()
 
     def checkpoint(self) -> None:
+        self.read_back()
         self.state.train_seconds += time.perf_counter() - self.clock
         self.clock = time.perf_counter()
         ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, asdict(self.state), self.dist)
@@ -248,6 +272,7 @@ class _Session:
     def evaluate(self) -> None:
         """Validation metrics now; the best weights saved when they improved, early stopping counted."""
         t, state, dist = self.t, self.state, self.dist
+        self.read_back()
         started = time.perf_counter()
         metrics = self.task.evaluate(self.model, self.eval_features, self.device, t.eval_batch_size, self.autocast,
                                      dist)
@@ -268,6 +293,36 @@ class _Session:
                             **metrics})
             self.bar.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                            + ("  (best)" if improved else ""))
+
+
+class _Pending:
+    """The summed loss (a device tensor) and token count of the steps since the last read-back."""
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | None = None
+        self.tokens = 0
+        self.first_step: int | None = None  # the first of those steps (1-based, as logged)
+
+    def add(self, loss: torch.Tensor, tokens: int, step: int) -> None:
+        loss = loss.detach().float()
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.tokens += tokens
+        if self.first_step is None:
+            self.first_step = step
+
+    def take(self) -> list[float]:
+        """[loss, tokens] as numbers (the one wait for the device), and a fresh start."""
+        out = [0.0 if self.loss is None else float(self.loss), float(self.tokens)]
+        self.loss, self.tokens, self.first_step = None, 0, None
+        return out
+
+
+def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device``. To a GPU they go from pinned memory with non_blocking: a copy from
+    pageable memory would wait for every kernel already queued."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _micro_batch(task: Task, rows: list[dict], dist: Distributed) -> tuple[dict, bool]:
