@@ -205,18 +205,20 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(dropout):
     torch._dynamo.reset()
     model = _layer(nn.Linear(16, 24), [("a", 4)], torch.float32, dropout)
     model[0].lora_A["a"].requires_grad_(True)
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.manual_seed(7)  # aot_eager draws the same masks as eager from the same seed
     out = compiled(x)
     out.square().sum().backward()
-    got = model[0].lora_A["a"].grad.clone()
+    got, got_x = model[0].lora_A["a"].grad.clone(), x.grad.clone()
     model.zero_grad()
+    x.grad = None
     torch.manual_seed(7)
     want = model(x)
     want.square().sum().backward()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(got, model[0].lora_A["a"].grad)
+    torch.testing.assert_close(got_x, x.grad)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), model.eval()(x))
 

@@ -102,10 +102,10 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _scaled_mm(a: Tensor, b: Tensor, s: float) -> Tensor:
-    """s a b as one product (alpha = s; beta = 0, so the placeholder input is never read): no launch and no
-    pass of its own for the scale."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
+def _scaled_mm(a: Tensor, b: Tensor, s: float, zero: Tensor) -> Tensor:
+    """s a b as one product (alpha = s; beta = 0, so ``zero``, a 0-d tensor of a's dtype, is never read): no
+    launch and no pass of its own for the scale."""
+    return torch.addmm(zero, a, b, beta=0, alpha=s)
 
 
 def cpu_path(x: Tensor) -> bool:
@@ -129,10 +129,10 @@ def _masks(keys: Sequence[Tensor], ps: Sequence[float], scales: Sequence[float])
     return out
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool, a: list[Tensor],
-             b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor],
-             keep_folded: bool) -> tuple[Tensor, list[Tensor], Tensor]:
-    """(y, H_i per adapter, the folded weight where backward reuses it, else an empty tensor)."""
+def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, a: Sequence[Tensor],
+                  b: Sequence[Tensor], scales: Sequence[float], ps: Sequence[float], keys: Sequence[Tensor],
+                  keep_folded: bool) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """(y, H_i per adapter, the folded weight where backward reuses it, else None)."""
     x2 = x.reshape(-1, x.shape[-1])
     if cpu_path(x):
         y, hs, folded = _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded)
@@ -154,7 +154,7 @@ def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
         h = products.down(x2, ai, key, t) if key is not None else _as(x2, ai.dtype) @ ai.T
         hs.append(h)  # kept for dB; it is small (N x r)
         low_rank.add(h, bi.T, s)
-    return low_rank.plus(x2, weight if transposed else weight.T), hs, x2.new_empty(0)
+    return low_rank.plus(x2, weight if transposed else weight.T), hs, None
 
 
 class _LowRankSum:
@@ -204,7 +204,7 @@ def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_fold
     fold = _training_folds(rows, d_in, ps, weight, a + b)
     masks = _masks(keys, ps, scales)
     hs = [products.down(x2, ai, key, t) for ai, (key, t, _) in zip(a, masks)]  # kept for dB; small (N x r)
-    folded = x2.new_empty(0)
+    folded = None
     if fold:
         w = _folded(weight, transposed, a, b, scales)
         y = _base_linear(x2, w, bias, transposed)
@@ -218,6 +218,14 @@ def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_fold
             y = products.up(hi, bi, s, y, bias if y is None else None, weight.dtype)
         y.addmm_(x2, weight if transposed else weight.T)
     return y, hs, folded
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool, a: list[Tensor],
+             b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor],
+             keep_folded: bool) -> tuple[Tensor, list[Tensor], Tensor]:
+    """_forward_impl as the op returns it: an empty tensor where there is no folded weight."""
+    y, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, scales, ps, keys, keep_folded)
+    return y, hs, x.new_empty(0) if folded is None else folded
 
 
 _forward_op = torch.library.custom_op("lorafit::lora_linear_forward", _forward, mutates_args=())
@@ -235,45 +243,46 @@ def _(x, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
     return x.new_empty(*x.shape[:-1], d_out, dtype=weight.dtype), hs, folded
 
 
-def _backward(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor, transposed: bool, a: list[Tensor],
-              b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor], hs: list[Tensor],
-              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """(dx, dW, dbias, dA_i, dB_i) for ``needs`` = [x, W, bias, A_1, B_1, A_2, ...]; what is not needed comes
-    back as an empty tensor."""
+def _backward_impl(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor | None, transposed: bool,
+                   a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float], ps: Sequence[float],
+                   keys: Sequence[Tensor], hs: Sequence[Tensor], needs: Sequence[bool]) -> tuple:
+    """(dx, dW, dbias, [dA_i], [dB_i]) for ``needs`` = [x, W, bias, A_1, B_1, A_2, ...]; None where not needed."""
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gy.reshape(-1, gy.shape[-1])
-    empty = x.new_empty(0)
-    gw = (x2.T @ g2 if transposed else g2.T @ x2) if needs[1] else empty
-    gbias = g2.sum(0) if needs[2] else x.new_empty(0)
+    gw = (x2.T @ g2 if transposed else g2.T @ x2) if needs[1] else None
+    gbias = g2.sum(0) if needs[2] else None
     if cpu_path(x):
         gx, gas, gbs = _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs, needs)
     else:
         gx, gas, gbs = _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs)
-    return (gx.view(x.shape) if gx is not None else x.new_empty(0)), gw, gbias, gas, gbs
+    return (gx.view(x.shape) if gx is not None else None), gw, gbias, gas, gbs
 
 
 def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs):
     """dx starts as the low-rank sum s mask(dY B A) (Triton with a mask, else cuBLAS) and cuBLAS adds dY W
     into it, as in _forward_accelerator; dA and dB straight from torch or Triton."""
     low_rank = _LowRankSum(g2.dtype) if needs[0] else None
+    zero = None  # _scaled_mm's input, never read
     gas, gbs = [], []
     for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, _masks(keys, ps, scales))):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
         gl = _as(g2, bi.dtype)
-        gbs.append(_scaled_mm(gl.T, hs[i], s) if need_b else x2.new_empty(0))
+        if zero is None or zero.dtype != gl.dtype:
+            zero = gl.new_empty(())
+        gbs.append(_scaled_mm(gl.T, hs[i], s, zero) if need_b else None)
         if not (need_a or low_rank is not None):
-            gas.append(x2.new_empty(0))
+            gas.append(None)
             continue
         gh = gl @ bi
         if key is not None and need_a and low_rank is not None:
             gas.append(low_rank.add_masked_with_grad_a(gh, ai, s, key, t, x2))
             continue
         if not need_a:
-            gas.append(x2.new_empty(0))
+            gas.append(None)
         elif key is not None:
             gas.append(products.grad_a(gh, x2, key, t, s))
         else:
-            gas.append(_scaled_mm(gh.T, _as(x2, gh.dtype), s))
+            gas.append(_scaled_mm(gh.T, _as(x2, gh.dtype), s, zero))
         if low_rank is not None:
             low_rank.add(gh, ai, s, key, t)
     gx = None
@@ -301,18 +310,32 @@ def _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs
             gbt = products.grad_a(hs[i], gl)
         # dB as (H^T dY)^T: MKL is about twice as fast at this layout than at dY^T H; the small copy
         # gives the op's outputs the contiguous layout its fake implementation promises
-        gbs.append(gbt.mul_(s).T.contiguous() if gbt is not None else x2.new_empty(0))
+        gbs.append(gbt.mul_(s).T.contiguous() if gbt is not None else None)
         # with dropout, the mask is recomputed from its key in each product that applies it
-        gas.append(products.grad_a(gh, x2, key, t, s) if need_a else x2.new_empty(0))
+        gas.append(products.grad_a(gh, x2, key, t, s) if need_a else None)
         if lora_gx:
             # dx starts as s mask(dY B A) and dY W adds into it below, as in forward
             gx = products.up(gh, ai.T, s, gx, None, x2.dtype, key, t)
     if fold:
-        w = folded if folded.numel() else _folded(weight, transposed, a, b, scales)
+        w = folded if folded is not None else _folded(weight, transposed, a, b, scales)
         gx = g2 @ (w.T if transposed else w)
     elif needs[0]:
         gx = gx.addmm_(g2, weight.T if transposed else weight)
     return gx, gas, gbs
+
+
+def _backward(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor, transposed: bool, a: list[Tensor],
+              b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor], hs: list[Tensor],
+              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """_backward_impl as the op returns it: an empty tensor (each its own: an op's outputs may not alias) for
+    each gradient not needed, and an empty ``folded`` for none."""
+    gx, gw, gbias, gas, gbs = _backward_impl(gy, x, weight, folded if folded.numel() else None, transposed, a, b,
+                                             scales, ps, keys, hs, needs)
+
+    def tensor(g: Tensor | None) -> Tensor:
+        return x.new_empty(0) if g is None else g
+
+    return tensor(gx), tensor(gw), tensor(gbias), [tensor(g) for g in gas], [tensor(g) for g in gbs]
 
 
 _backward_op = torch.library.custom_op("lorafit::lora_linear_backward", _backward, mutates_args=())
@@ -328,22 +351,22 @@ def _(gy, x, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
             [maybe(needs[4 + 2 * i], bi) for i, bi in enumerate(b)])
 
 
-def _call(op, fn, *args):
-    """The registered op while torch.compile traces (it must see one op), the Python function otherwise."""
-    return op(*args) if torch.compiler.is_compiling() else fn(*args)
-
-
 class _LoraLinear(torch.autograd.Function):
-    """Autograd around the two ops: what forward keeps for backward, and which gradients are needed."""
+    """Autograd around the two ops: what forward keeps for backward, and which gradients are needed. While
+    torch.compile traces, it calls the registered ops (it must see one op each); eager calls skip the
+    dispatcher and the ops' placeholder outputs."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec, *tensors):
         transposed, scales, ps = spec
         n = len(scales)
-        a, b, keys = list(tensors[: 2 * n: 2]), list(tensors[1: 2 * n: 2]), list(tensors[2 * n:])
-        y, hs, folded = _call(_forward_op, _forward, x, weight, bias, transposed, a, b, list(scales), list(ps), keys,
-                              ctx.needs_input_grad[0])
-        ctx.save_for_backward(x, weight, folded, *a, *b, *keys, *hs)
+        a, b, keys = tensors[: 2 * n: 2], tensors[1: 2 * n: 2], tensors[2 * n:]
+        if torch.compiler.is_compiling():
+            y, hs, folded = _forward_op(x, weight, bias, transposed, list(a), list(b), list(scales), list(ps),
+                                        list(keys), ctx.needs_input_grad[0])
+        else:
+            y, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, scales, ps, keys, ctx.needs_input_grad[0])
+        ctx.save_for_backward(x, weight, folded, *tensors, *hs)
         ctx.spec, ctx.has_bias = spec, bias is not None
         return y
 
@@ -352,15 +375,19 @@ class _LoraLinear(torch.autograd.Function):
         transposed, scales, ps = ctx.spec
         n = len(scales)
         x, weight, folded, *rest = ctx.saved_tensors
-        a, b = rest[:n], rest[n: 2 * n]
-        keys, hs = rest[2 * n: len(rest) - n], rest[len(rest) - n:]
+        a, b, keys, hs = rest[: 2 * n: 2], rest[1: 2 * n: 2], rest[2 * n: -n], rest[-n:]
         need = ctx.needs_input_grad
-        needs = [need[0], need[1], need[2] and ctx.has_bias] + [need[4 + i] for i in range(2 * n)]
-        gx, gw, gbias, gas, gbs = _call(_backward_op, _backward, gy, x, weight, folded, transposed, list(a), list(b),
-                                        list(scales), list(ps), list(keys), list(hs), needs)
-        grads = [g if wanted else None for g, wanted in zip((gx, gw, gbias), needs)]
-        lowrank = [g if needs[3 + j] else None for j, g in enumerate(t for pair in zip(gas, gbs) for t in pair)]
-        return (*grads, None, *lowrank, *[None] * len(keys))
+        needs = [need[0], need[1], need[2] and ctx.has_bias, *need[4: 4 + 2 * n]]
+        if torch.compiler.is_compiling():
+            gx, gw, gbias, gas, gbs = _backward_op(gy, x, weight, folded, transposed, list(a), list(b), list(scales),
+                                                   list(ps), list(keys), list(hs), needs)
+            gx, gw, gbias = (g if wanted else None for g, wanted in zip((gx, gw, gbias), needs))  # placeholders
+            gas = [g if wanted else None for g, wanted in zip(gas, needs[3::2])]
+            gbs = [g if wanted else None for g, wanted in zip(gbs, needs[4::2])]
+        else:
+            gx, gw, gbias, gas, gbs = _backward_impl(gy, x, weight, folded, transposed, a, b, scales, ps, keys, hs,
+                                                     needs)
+        return (gx, gw, gbias, None, *(g for pair in zip(gas, gbs) for g in pair), *[None] * len(keys))
 
 
 def _infer(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, adapters: Sequence[LowRank]) -> Tensor:
