@@ -10,8 +10,9 @@ its traceback while the others still run; the exit status is 1 if anything faile
          PEFT unmerged (one r=16 adapter), lorafit merged
   mixed  32 lorafit adapters, row i of a 32 x 256 batch on adapter i (adapter_per_row), against the
          base model and PEFT's ``adapter_names=``
-  e2e    the real ``lorafit train`` command on Alpaca (999 rows), LoRA against full fine-tuning, on a
-         random 94M-parameter Llama with a BPE tokenizer trained here on the same rows
+  e2e    the real ``lorafit train`` command on Alpaca (999 rows), LoRA against full fine-tuning, on random
+         Llamas (94M parameters, and Llama-3.2-1B's layer shapes) with a BPE tokenizer trained here on the
+         same rows (``--e2e-models 95m,1b``)
 
 Timing: every variant is timed once per round and the order rotates from round to round (as in
 benchmarks/timing.py), so a drift of the machine hits all variants alike; a call is timed with CUDA
@@ -424,24 +425,39 @@ def bpe_tokenizer(rows: list[dict], vocab_size: int):
                                    pad_token="<pad>")
 
 
-def small_llama_dir(root: Path, rows: list[dict], quick: bool) -> tuple[Path, int]:
+# The e2e models: the 94M one (8k vocabulary) and Llama-3.2-1B's layer shapes with the same vocabulary;
+# --quick makes both tiny (two sizes still, so that the dry run takes every path).
+E2E_SIZES = {
+    "95m": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                intermediate_size=2304),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192),
+}
+E2E_QUICK = {"95m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128),
+             "1b": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=192)}
+E2E_EPOCHS = {"95m": 2, "1b": 1}  # one epoch at the 1B shape: full fine-tuning's checkpoints are 6.6 GB each
+
+
+def llama_dir(root: Path, tok, size: dict, device: torch.device) -> tuple[Path, int]:
+    """A randomly initialised Llama of ``size`` with the tokenizer, saved in bf16 under root (initialised on the
+    device: a billion parameters initialise in seconds there, in tens of seconds on the host)."""
     from transformers import LlamaConfig, LlamaForCausalLM, logging
 
     logging.set_verbosity_error()
-    tok = bpe_tokenizer(rows, 1000 if quick else 8000)
-    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128) if quick else \
-        dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-             intermediate_size=2304)  # 94M parameters with the 8k vocabulary, embeddings not tied
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False, max_position_embeddings=2048,
                       attn_implementation="sdpa", **size)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    folder = root / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, sum(p.numel() for p in model.parameters())
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    return root, n
 
 
 RUN_CONFIG = """\
@@ -475,80 +491,97 @@ seed = 0
 
 
 def part_e2e(args, device: torch.device) -> dict:
+    """`lorafit train`, full fine-tuning then LoRA, on each model of --e2e-models. Each run is a fresh process,
+    as a user runs it. The Triton cache starts empty for the first LoRA run and is kept for the later ones (what
+    a user's later runs see); the first LoRA run's time includes compiling the kernels."""
     rows = alpaca_rows(args.data)
-    epochs = 1 if args.quick else 2
+    models = [m.strip() for m in args.e2e_models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(E2E_SIZES))
+    if unknown:
+        raise ValueError(f"--e2e-models: unknown {unknown}; choose from {', '.join(E2E_SIZES)}")
     tmp = Path(tempfile.mkdtemp(prefix="lorafit-gpu-e2e-"))
+    src = str(Path(lorafit.__file__).resolve().parents[1])  # the lorafit this process runs
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "TRITON_CACHE_DIR": str(tmp / "cache" / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "cache" / "inductor")}
+    results: dict = {}
+    interrupted, sizes, lora_runs = None, {}, 0
     try:
-        model_dir, n_params = small_llama_dir(tmp, rows, args.quick)
+        tok = bpe_tokenizer(rows, 1000 if args.quick else 8000)
         train = tmp / "train.jsonl"
         train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config = tmp / "run.toml"
-        config.write_text(RUN_CONFIG.format(model=json.dumps(str(model_dir)), device=json.dumps(device.type),
-                                            train=json.dumps(str(train)), rows=48 if args.quick else len(rows),
-                                            max_length=128 if args.quick else 512, epochs=epochs))
-        # Every run a fresh process, as a user runs it; each with cold compile caches except the second LoRA
-        # run, which finds the kernels the first one compiled (what a user's later runs see).
-        runs = {"full fine-tuning": (["--method", "full", "--set", "train.lr=5e-5"], "full"),
-                "LoRA r=16, dropout 0.05, cold caches": ([], "lora"),
-                "LoRA r=16, dropout 0.05, warm caches": ([], "lora")}
-        if args.quick:
-            runs.pop("LoRA r=16, dropout 0.05, warm caches")  # the same code path as the cold run
-        src = str(Path(lorafit.__file__).resolve().parents[1])  # the lorafit this process runs
-        results, interrupted = {}, None
-        for i, (name, (extra, cache)) in enumerate(runs.items()):
-            out = tmp / f"run{i}"
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-                       [src, *filter(None, [os.environ.get("PYTHONPATH")])]),
-                   "TRITON_CACHE_DIR": str(tmp / f"cache-{cache}" / "triton"),
-                   "TORCHINDUCTOR_CACHE_DIR": str(tmp / f"cache-{cache}" / "inductor")}
-            cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--output-dir", str(out), "--no-progress",
-                   *extra]
-            start = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                                      timeout=180 if args.quick else 400)
-            except KeyboardInterrupt:  # gpu.sh's time limit: report the runs that finished
-                interrupted = name
-                break
-            wall = time.perf_counter() - start
-            if proc.returncode != 0:
-                results[name] = {"error": proc.stderr[-3000:]}
-                print(f"\n#### e2e: {name}: FAILED (exit {proc.returncode})\n\n{proc.stdout[-1500:]}\n"
-                      f"{proc.stderr[-3000:]}", flush=True)
-                PROBLEMS.append(f"e2e: {name}: exit {proc.returncode}: "
-                                f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
-                continue
-            s = json.loads((out / "summary.json").read_text())
-            losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                      if m.get("type") == "train"]
-            results[name] = {"wall_s": wall, "train_s": s["train_time_s"], "tokens_per_s": s["train_tokens_per_s"],
-                             "peak_bytes": s["peak_memory_bytes"], "peak_method": s["peak_memory_method"],
-                             "trainable": s["params"]["trainable"], "steps": s["steps"],
-                             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        for model_name in models:
+            size = (E2E_QUICK if args.quick else E2E_SIZES)[model_name]
+            model_dir, n_params = llama_dir(tmp / model_name, tok, size, device)
+            sizes[model_name] = n_params
+            epochs = 1 if args.quick else E2E_EPOCHS[model_name]
+            config = tmp / f"{model_name}.toml"
+            config.write_text(RUN_CONFIG.format(
+                model=json.dumps(str(model_dir)), device=json.dumps(device.type), train=json.dumps(str(train)),
+                rows=48 if args.quick else len(rows), max_length=128 if args.quick else 512, epochs=epochs))
+            for method, extra in (("full", ["--method", "full", "--set", "train.lr=5e-5"]), ("LoRA", [])):
+                name = f"{model_name}: {method}"
+                if method == "LoRA":
+                    name += ", Triton cache " + ("empty" if lora_runs == 0 else "warm")
+                    lora_runs += 1
+                out = tmp / f"run-{len(results)}"
+                cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--output-dir", str(out),
+                       "--no-progress", *extra]
+                start = time.perf_counter()
+                try:
+                    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                                          timeout=180 if args.quick else 400)
+                except KeyboardInterrupt:  # gpu.sh's time limit: report the runs that finished
+                    interrupted = name
+                    raise
+                wall = time.perf_counter() - start
+                if proc.returncode != 0:
+                    results[name] = {"error": proc.stderr[-3000:]}
+                    print(f"\n#### e2e: {name}: FAILED (exit {proc.returncode})\n\n{proc.stdout[-1500:]}\n"
+                          f"{proc.stderr[-3000:]}", flush=True)
+                    PROBLEMS.append(f"e2e: {name}: exit {proc.returncode}: "
+                                    f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+                    continue
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a full 1B run's are gigabytes
+                s = json.loads((out / "summary.json").read_text())
+                losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                          if m.get("type") == "train"]
+                results[name] = {"model": model_name, "method": method, "epochs": epochs, "wall_s": wall,
+                                 "train_s": s["train_time_s"], "tokens_per_s": s["train_tokens_per_s"],
+                                 "peak_bytes": s["peak_memory_bytes"], "peak_method": s["peak_memory_method"],
+                                 "trainable": s["params"]["trainable"], "steps": s["steps"],
+                                 "loss_first": losses[0] if losses else None,
+                                 "loss_last": losses[-1] if losses else None}
+            shutil.rmtree(model_dir, ignore_errors=True)
+    except KeyboardInterrupt:
+        interrupted = interrupted or "setting up a model"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not results:
         raise KeyboardInterrupt
-    full = results.get("full fine-tuning", {})
 
     def x_full(r: dict, key: str) -> str:
-        return f"{r[key] / full[key]:.2f}" if key in full else "n/a"
+        full = results.get(f"{r['model']}: full", {})
+        return f"{r[key] / full[key]:.2f}" if key in full and r["method"] != "full" else ""
 
-    body = [[k, "FAILED (see above)"] + [""] * 7 if "error" in r else
-            [k, f"{r['wall_s']:.1f}", x_full(r, "wall_s"), f"{r['train_s']:.1f}", x_full(r, "train_s"),
-             f"{r['tokens_per_s']:,.0f}", "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / GiB:.2f}",
-             f"{r['trainable']:,}", f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}" if r["loss_first"] else ""]
+    body = [[k, "FAILED (see above)"] + [""] * 8 if "error" in r else
+            [k, f"{sizes[r['model']] / 1e6:,.1f}M", f"{r['wall_s']:.1f}", x_full(r, "wall_s"), f"{r['train_s']:.1f}",
+             x_full(r, "train_s"), f"{r['tokens_per_s']:,.0f}",
+             "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / GiB:.2f}", f"{r['trainable']:,}",
+             f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}" if r["loss_first"] else ""]
             for k, r in results.items()]
     method = next((r["peak_method"] for r in results.values() if "peak_method" in r), "n/a")
-    report(f"lorafit train end to end: Alpaca {48 if args.quick else len(rows)} rows, {epochs} epoch(s), batch 16, "
-           f"random Llama {n_params / 1e6:.1f}M params, bf16 weights, on {device.type}",
-           table(body, ["run", "command s", "x full", "loop s", "loop x full", "train tok/s", "peak GiB",
+    epochs = ", ".join(f"{m} {1 if args.quick else E2E_EPOCHS[m]}" for m in models)
+    report(f"lorafit train end to end: Alpaca {48 if args.quick else len(rows)} rows, batch 16, random Llamas, bf16 "
+           f"weights, on {device.type} (epochs: {epochs})",
+           table(body, ["run", "params", "command s", "x full", "loop s", "loop x full", "train tok/s", "peak GiB",
                         "trainable", "loss first -> last"]),
            f"command s: the whole `python -m lorafit train` process (start-up, loading, tokenizing, training, "
-           f"checkpoints, saving); loop s: the training loop, summary.json's train_time_s. peak: "
-           f"{method} from summary.json. Full fine-tuning at lr 5e-5, LoRA (all-linear) at 2e-4."
+           f"checkpoints, saving); loop s: the training loop, summary.json's train_time_s (checkpoints included). "
+           f"peak: {method} from summary.json. Full fine-tuning at lr 5e-5, LoRA (all-linear, r=16, dropout 0.05) at "
+           f"2e-4. The 1B row has Llama-3.2-1B's layer shapes with an 8k vocabulary."
            + (f" INTERRUPTED during '{interrupted}' (time limit): later runs missing." if interrupted else ""))
-    return {"epochs": epochs, "model_params": n_params, "results": results, "interrupted": interrupted}
+    return {"model_params": sizes, "results": results, "interrupted": interrupted}
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -584,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, every code path, well under a minute")
     ap.add_argument("--out", default="gpu_results", help="folder for gpu.json (default ./gpu_results)")
     ap.add_argument("--only", action="append", help=f"comma-separated parts to run: {','.join(PARTS)} (repeatable)")
+    ap.add_argument("--e2e-models", default="95m,1b", help="e2e part: comma-separated models to train "
+                                                            "(95m, 1b; default both)")
     ap.add_argument("--data", default=None, help="folder holding alpaca/train.jsonl (default: .gpu_data in the "
                                                  "repository, else ../shared/data)")
     args = ap.parse_args(argv)
