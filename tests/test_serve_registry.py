@@ -262,6 +262,40 @@ def _write_in_place(path, data, how):
             fh.flush()
 
 
+def test_a_job_cancelled_while_queued_gives_its_adapter_back_at_once(bert, tmp_path):
+    """While the worker is busy, a queued job that is cancelled leaves the queue and releases its adapter
+    reference right away (so an unload or eviction need not wait for the batcher); it never runs."""
+    from lorafit.serve.engine import Batcher, Job
+
+    model_dir, adapters = bert
+    reg = AdapterRegistry(sm.load(model_dir), adapters)
+    busy, go, ran = threading.Event(), threading.Event(), []
+
+    def run(batch):
+        ran.extend(batch)
+        busy.set()
+        go.wait(30)
+        return [None] * len(batch)
+
+    batcher = Batcher(run, reg, max_wait=0.0)
+    first = Job(rows=1, payload=None, entry=None)
+    batcher.submit(first)
+    assert busy.wait(30)
+    entry = reg.acquire(sorted(p.name for p in adapters.iterdir())[0])
+    queued = Job(rows=3, payload=None, entry=entry)
+    future = batcher.submit(queued)
+    assert batcher.pending() == 1 and entry.refs == 1
+    batcher.cancel(queued)
+    assert batcher.pending() == 0 and entry.refs == 0 and future.cancelled()
+    batcher.cancel(queued)  # again: nothing more to give back
+    assert entry.refs == 0
+    go.set()
+    batcher.close(30)
+    assert ran == [first]
+    batcher.cancel(first)  # done: a no-op
+    assert first.future.result() is None
+
+
 def test_files_rewritten_in_place_under_requests(bert, tmp_path):
     """One thread rewrites a's files in place (copy, truncate, partial write) between the contents of
     a (r=2) and b (r=3) while others run forwards: no crash and no error; every output is a's or b's;
@@ -477,7 +511,7 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
         job = Job(rows=2, payload=["good fun", "dull"], entry=reg.acquire(name) if name else None)
         future = service.batcher.submit(job)
         if cancel:
-            job.cancel()
+            service.batcher.cancel(job)
         try:
             return future.result(30)
         except concurrent.futures.CancelledError:
@@ -517,8 +551,8 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
         for t in threads:
             t.join(60)
     assert not errors, errors[:3]
-    # a job cancelled while queued gives its adapter back when the batcher reaches it, which can be just after
-    # its client has returned: wait for the batcher to drain before counting references
+    # a job cancelled after the batcher took it (not yet started) gives its adapter back when the worker
+    # reaches it, which can be just after its client has returned: wait for the batcher to drain
     deadline = time.monotonic() + 10
     while (service.batcher.pending() or any(e.refs for e in reg.loaded())) and time.monotonic() < deadline:
         time.sleep(0.01)

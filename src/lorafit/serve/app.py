@@ -127,7 +127,7 @@ class Service:
             if gone is not None:
                 gone.cancel()
             result.cancel()  # no one waits for it now: a later error of the batch is not "never retrieved"
-            job.cancel()  # a no-op once done; else (timed out, client gone) the worker skips or stops it
+            self.batcher.cancel(job)  # a no-op once done; else (timed out, client gone) dropped or stopped
 
 
 async def _disconnect(request: Request) -> None:
@@ -322,7 +322,7 @@ async def _events(service: Service, adapter: str | None, job: Job):
         yield f"event: done\ndata: {json.dumps({'adapter': adapter, **result})}\n\n"
     finally:
         if not task.done():  # the client has gone
-            job.cancel()
+            service.batcher.cancel(job)
             service.metrics.observe_cancelled("stream")
 
 

@@ -9,8 +9,8 @@ of 2 and 4 logits). Others wait, in arrival order, for the next batch.
 
 The queue holds at most ``max_queue`` rows: beyond that ``submit`` refuses (the
 server answers 503), so a burst cannot make every later request wait without end.
-A job cancelled while queued (its client left, or it timed out) never runs; a
-generation cancelled while running stops at its next token.
+A job cancelled while queued (its client left, or it timed out) leaves the queue
+and never runs; a generation cancelled while running stops at its next token.
 """
 
 from __future__ import annotations
@@ -38,11 +38,7 @@ class Job:
     future: Future = field(default_factory=Future)
     on_token: Callable[[int, str], None] | None = None  # streaming generation: (row, text so far)
     queued: float = 0.0  # time.monotonic() at submit
-    cancelled: bool = False  # set from the request's side; read by the worker between tokens
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.future.cancel()  # succeeds only while queued: then it never runs
+    cancelled: bool = False  # set by Batcher.cancel; read by the worker between tokens
 
     @property
     def head(self) -> tuple:
@@ -78,6 +74,20 @@ class Batcher:
             self._jobs.append(job)
             self._cond.notify()
         return job.future
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` (its client left, or it timed out). Still queued: it leaves the queue now, giving back
+        its adapter reference (so that the adapter can be evicted at once) and its rows' place in the queue.
+        Taken into a batch but not started: the worker skips it and gives the reference back. Running: a
+        generation stops at its next token. Done: nothing happens."""
+        job.cancelled = True
+        with self._cond:
+            cancelled = job.future.cancel()  # succeeds only before the worker marks it running
+            dequeued = cancelled and any(j is job for j in self._jobs)
+            if dequeued:
+                self._jobs = deque(j for j in self._jobs if j is not job)
+        if dequeued and job.entry is not None:
+            self.registry.release(job.entry)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking jobs; the worker finishes every job already queued, then exits."""
