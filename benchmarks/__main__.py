@@ -32,7 +32,7 @@ from lorafit.train import allocator
 
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
-PARTS = ("train", "amp", "host", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
+PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -168,6 +168,64 @@ def bench_host(args, out: dict) -> None:
            f"implementation, {calls} calls a round, {args.reps} interleaved rounds)",
            table(rows, ["variant", "median us a call", "x PEFT's formula"]))
     out["host"] = {"calls_per_round": calls, "median_s": {k: median(v) / calls for k, v in times.items()}}
+
+
+def bench_compile(args, out: dict) -> None:
+    """Triton's compile time, with an empty cache, for the kernels a first LoRA training step with dropout
+    compiles on a GPU (bf16, r=16): the part of that first step no eager path can hide. Compiled for an H100/H200
+    (sm_90) on this machine's CPU: Triton's compiler and the ptxas it ships need no GPU. One fresh process per
+    round, so nothing is reused between rounds; --quick: one round."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        _print("Triton compile time", "skipped: Triton is not installed")
+        return
+    rounds = 1 if args.quick else 3
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as cache:
+            proc = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "TRITON_CACHE_DIR": cache, "TRITON_DEFAULT_FP_FUSION": "1"})
+        if proc.returncode != 0:
+            _print("Triton compile time", f"failed: {proc.stderr.strip().splitlines()[-1:]}")
+            return
+        for name, seconds in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+            times.setdefault(name, []).append(seconds)
+    rows = [[name, f"{median(ts):.2f}", f"{min(ts):.2f}-{max(ts):.2f}"] for name, ts in times.items()]
+    _print(f"Triton compile time with an empty cache, sm_90 target, on this CPU ({rounds} fresh processes)",
+           table(rows, ["kernel (in the order a first step compiles them)", "median s", "range s"]))
+    out["compile"] = {"rounds": rounds, "seconds": times}
+
+
+# Compiles lorafit's Triton kernels as a first bf16 training step with dropout specialises them, for sm_90, and
+# prints {kernel: seconds} as JSON. The signature follows the kernels' argument names: pointers are bf16 but
+# the mask key (int32) and the float32 partial sums; scales are float32; every other argument an int32.
+_COMPILE_PROBE = """
+import json, time
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from lorafit.kernels import triton_jit as jit
+
+def source(fn, **constexprs):
+    types = {"key_ptr": "*i32", "ws_ptr": "*fp32"}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "*bf16") if name.endswith("_ptr")
+                 else "fp32" if name.startswith("scale") else "i32" for name in fn.arg_names}
+    return ASTSource(fn, signature, constexprs=constexprs)
+
+kernels = {  # forward; backward of a layer whose input needs a gradient; of one whose input needs none
+    "down (x A^T, masked)": source(jit._down_kernel, MASKED=True, PRECISION="tf32", BM=64, BK=256, BR=16),
+    "grad_a_and_up (dA and dx, masked)": source(jit._grad_a_up_kernel, ACCUMULATE=False, PRECISION="tf32", BM=64,
+                                                BK=64, BR=16),
+    "grad_a (dA alone, masked)": source(jit._grad_a_kernel, MASKED=True, PRECISION="tf32", BM=128, BK=64, BR=16),
+}
+seconds = {}
+for name, src in kernels.items():
+    start = time.perf_counter()
+    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    seconds[name] = time.perf_counter() - start
+print(json.dumps(seconds))
+"""
 
 
 def bench_memory(args, out: dict) -> None:
