@@ -313,7 +313,8 @@ def train(
     ``overrides`` are ``"key=value"`` strings or a ``{"train.lr": 1e-4}`` dict. ``resume`` continues the run
     in ``output_dir`` from its latest checkpoint; ``overwrite`` replaces a previous run there (only once the
     new run's inputs have passed every check). Each of ``callbacks`` is called with the loop state after
-    every optimizer step. ``arg_names`` only changes how errors name these arguments (the ``lorafit``
+    every optimizer step, its ``loss`` included (which makes each step wait for the device to read it).
+    ``arg_names`` only changes how errors name these arguments (the ``lorafit``
     command passes ``CLI_ARGS``).
 
     ``model`` / ``tokenizer`` replace loading ``model.name`` (which still names the base in the adapter's
