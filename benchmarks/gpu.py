@@ -457,6 +457,8 @@ def llama_dir(root: Path, tok, size: dict, device: torch.device) -> tuple[Path, 
     tok.save_pretrained(root)
     n = sum(p.numel() for p in model.parameters())
     del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the training runs are other processes: give them this one's memory back
     return root, n
 
 
