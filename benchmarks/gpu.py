@@ -493,9 +493,10 @@ seed = 0
 
 
 def part_e2e(args, device: torch.device) -> dict:
-    """`lorafit train`, full fine-tuning then LoRA, on each model of --e2e-models. Each run is a fresh process,
-    as a user runs it. The Triton cache starts empty for the first LoRA run and is kept for the later ones (what
-    a user's later runs see); the first LoRA run's time includes compiling the kernels."""
+    """`lorafit train`, full fine-tuning then LoRA, on each model of --e2e-models; with --e2e-compile, last, LoRA
+    with train.compile on the first model. Each run is a fresh process, as a user runs it. The Triton cache
+    starts empty for the first LoRA run and is kept for the later ones (what a user's later runs see): the first
+    LoRA run's time includes compiling the kernels, the train.compile run's includes inductor's compile."""
     rows = alpaca_rows(args.data)
     models = [m.strip() for m in args.e2e_models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(E2E_SIZES))
@@ -506,55 +507,60 @@ def part_e2e(args, device: torch.device) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
            "TRITON_CACHE_DIR": str(tmp / "cache" / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "cache" / "inductor")}
+    methods = {"full": ["--method", "full", "--set", "train.lr=5e-5"], "LoRA": [],
+               # --quick: aot_eager takes the same path without inductor's C++ compile of a CPU run
+               "LoRA, train.compile": ["--set", "train.compile=true"]
+               + (["--set", "train.compile_backend=aot_eager"] if args.quick else [])}
+    plan = [(m, method) for m in models for method in ("full", "LoRA")]
+    if args.e2e_compile:  # last: the run a time limit may cut
+        plan.append((models[0], "LoRA, train.compile"))
     results: dict = {}
-    interrupted, sizes, lora_runs = None, {}, 0
+    interrupted, sizes, configs, lora_runs = None, {}, {}, 0
     try:
         tok = bpe_tokenizer(rows, 1000 if args.quick else 8000)
         train = tmp / "train.jsonl"
         train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for model_name in models:
-            size = (E2E_QUICK if args.quick else E2E_SIZES)[model_name]
-            model_dir, n_params = llama_dir(tmp / model_name, tok, size, device)
-            sizes[model_name] = n_params
+        for model_name, method in plan:
             epochs = 1 if args.quick else E2E_EPOCHS[model_name]
-            config = tmp / f"{model_name}.toml"
-            config.write_text(RUN_CONFIG.format(
-                model=json.dumps(str(model_dir)), device=json.dumps(device.type), train=json.dumps(str(train)),
-                rows=48 if args.quick else len(rows), max_length=128 if args.quick else 512, epochs=epochs))
-            for method, extra in (("full", ["--method", "full", "--set", "train.lr=5e-5"]), ("LoRA", [])):
-                name = f"{model_name}: {method}"
-                if method == "LoRA":
-                    name += ", Triton cache " + ("empty" if lora_runs == 0 else "warm")
-                    lora_runs += 1
-                out = tmp / f"run-{len(results)}"
-                cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--output-dir", str(out),
-                       "--no-progress", *extra]
-                start = time.perf_counter()
-                try:
-                    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                                          timeout=180 if args.quick else 400)
-                except KeyboardInterrupt:  # gpu.sh's time limit: report the runs that finished
-                    interrupted = name
-                    raise
-                wall = time.perf_counter() - start
-                if proc.returncode != 0:
-                    results[name] = {"error": proc.stderr[-3000:]}
-                    print(f"\n#### e2e: {name}: FAILED (exit {proc.returncode})\n\n{proc.stdout[-1500:]}\n"
-                          f"{proc.stderr[-3000:]}", flush=True)
-                    PROBLEMS.append(f"e2e: {name}: exit {proc.returncode}: "
-                                    f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
-                    continue
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a full 1B run's are gigabytes
-                s = json.loads((out / "summary.json").read_text())
-                losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                          if m.get("type") == "train"]
-                results[name] = {"model": model_name, "method": method, "epochs": epochs, "wall_s": wall,
-                                 "train_s": s["train_time_s"], "tokens_per_s": s["train_tokens_per_s"],
-                                 "peak_bytes": s["peak_memory_bytes"], "peak_method": s["peak_memory_method"],
-                                 "trainable": s["params"]["trainable"], "steps": s["steps"],
-                                 "loss_first": losses[0] if losses else None,
-                                 "loss_last": losses[-1] if losses else None}
-            shutil.rmtree(model_dir, ignore_errors=True)
+            if model_name not in configs:
+                size = (E2E_QUICK if args.quick else E2E_SIZES)[model_name]
+                model_dir, sizes[model_name] = llama_dir(tmp / model_name, tok, size, device)
+                configs[model_name] = tmp / f"{model_name}.toml"
+                configs[model_name].write_text(RUN_CONFIG.format(
+                    model=json.dumps(str(model_dir)), device=json.dumps(device.type), train=json.dumps(str(train)),
+                    rows=48 if args.quick else len(rows), max_length=128 if args.quick else 512, epochs=epochs))
+            name = f"{model_name}: {method}"
+            if method != "full":
+                name += ", Triton cache " + ("empty" if lora_runs == 0 else "warm")
+                lora_runs += 1
+            out = tmp / f"run-{len(results)}"
+            cmd = [sys.executable, "-m", "lorafit", "train", str(configs[model_name]), "--output-dir", str(out),
+                   "--no-progress", *methods[method]]
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                                      timeout=180 if args.quick else 400)
+            except KeyboardInterrupt:  # gpu.sh's time limit: report the runs that finished
+                interrupted = name
+                raise
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                results[name] = {"error": proc.stderr[-3000:]}
+                print(f"\n#### e2e: {name}: FAILED (exit {proc.returncode})\n\n{proc.stdout[-1500:]}\n"
+                      f"{proc.stderr[-3000:]}", flush=True)
+                PROBLEMS.append(f"e2e: {name}: exit {proc.returncode}: "
+                                f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+                continue
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a full 1B run's are gigabytes
+            s = json.loads((out / "summary.json").read_text())
+            losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                      if m.get("type") == "train"]
+            results[name] = {"model": model_name, "method": method, "epochs": epochs, "wall_s": wall,
+                             "train_s": s["train_time_s"], "tokens_per_s": s["train_tokens_per_s"],
+                             "peak_bytes": s["peak_memory_bytes"], "peak_method": s["peak_memory_method"],
+                             "trainable": s["params"]["trainable"], "steps": s["steps"],
+                             "loss_first": losses[0] if losses else None,
+                             "loss_last": losses[-1] if losses else None}
     except KeyboardInterrupt:
         interrupted = interrupted or "setting up a model"
     finally:
@@ -581,7 +587,8 @@ def part_e2e(args, device: torch.device) -> dict:
            f"command s: the whole `python -m lorafit train` process (start-up, loading, tokenizing, training, "
            f"checkpoints, saving); loop s: the training loop, summary.json's train_time_s (checkpoints included). "
            f"peak: {method} from summary.json. Full fine-tuning at lr 5e-5, LoRA (all-linear, r=16, dropout 0.05) at "
-           f"2e-4. The 1B row has Llama-3.2-1B's layer shapes with an 8k vocabulary."
+           f"2e-4. The 1B rows have Llama-3.2-1B's layer shapes with an 8k vocabulary. train.compile: each decoder "
+           f"block under torch.compile (inductor), its compile time included."
            + (f" INTERRUPTED during '{interrupted}' (time limit): later runs missing." if interrupted else ""))
     return {"model_params": sizes, "results": results, "interrupted": interrupted}
 
@@ -621,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", help=f"comma-separated parts to run: {','.join(PARTS)} (repeatable)")
     ap.add_argument("--e2e-models", default="95m,1b", help="e2e part: comma-separated models to train "
                                                             "(95m, 1b; default both)")
+    ap.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="e2e part: also a LoRA run with train.compile on the first model (default on)")
     ap.add_argument("--data", default=None, help="folder holding alpaca/train.jsonl (default: .gpu_data in the "
                                                  "repository, else ../shared/data)")
     args = ap.parse_args(argv)

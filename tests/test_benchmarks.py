@@ -60,6 +60,8 @@ def test_quick_gpu_benchmark_runs(tmp_path):
     assert {"meta", "step", "infer", "mixed", "e2e"} <= set(data)
     assert all(t > 0 for part in ("step", "infer", "mixed") for t in data[part]["median_s"].values())
     e2e = data["e2e"]["results"]
+    assert e2e["95m: LoRA, train.compile, Triton cache warm"]["trainable"] == e2e["95m: LoRA, Triton cache empty"][
+        "trainable"]
     for model in ("95m", "1b"):
         assert 0 < e2e[f"{model}: LoRA, Triton cache " + ("empty" if model == "95m" else "warm")]["trainable"] \
             < e2e[f"{model}: full"]["trainable"]

@@ -405,6 +405,50 @@ def test_bf16_autocast_gradient_checkpointing_and_early_stopping(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in evals)
 
 
+def test_compiled_blocks_train_as_the_eager_model_does(tmp_path):
+    """train.compile: each transformer block runs under torch.compile (aot_eager here, which runs the traced
+    graphs with eager kernels: the same numbers, and the same dropout masks from the same seed); the run ends
+    with the adapter of an eager run, and the blocks are uncompiled again afterwards."""
+    rows = instruction_rows(24)
+    model_dir = tiny_llama_dir(tmp_path, rows)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    config = toml_config(tmp_path / "lm.toml", f"""
+output_dir = "{tmp_path / 'unused'}"
+[model]
+name = "{model_dir}"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+instruction_field = "instruction"
+input_field = "input"
+output_field = "output"
+[task]
+type = "causal_lm"
+max_length = 48
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.1
+target_modules = "all-linear"
+[train]
+epochs = 2
+batch_size = 8
+lr = 1e-2
+num_threads = 1
+""")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train(config, ["train.compile=true", "train.compile_backend=aot_eager",
+                              f"output_dir={json.dumps(str(tmp_path / 'compiled'))}"], progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks did run compiled
+    assert all(m._compiled_call_impl is None for m in compiled.model.modules())
+    train(config, [f"output_dir={json.dumps(str(tmp_path / 'eager'))}"], progress=False)
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-4)
+    assert_same_tensors(adapter_tensors(tmp_path / "compiled"), adapter_tensors(tmp_path / "eager"), atol=1e-4)
+    with pytest.raises(ValueError, match="train.compile_backend = 'nope'"):
+        train(config, ["train.compile=true", "train.compile_backend=nope",
+                       f"output_dir={json.dumps(str(tmp_path / 'bad'))}"], progress=False)
+
+
 def test_chat_messages_train_on_every_assistant_turn(tmp_path):
     rows = instruction_rows(24)
     model_dir = tiny_llama_dir(tmp_path, rows)

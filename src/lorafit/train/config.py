@@ -124,6 +124,9 @@ class TrainSection:
     seed: int = 0
     bf16: bool = False  # bfloat16 autocast for forward and loss
     gradient_checkpointing: bool = False
+    # torch.compile each transformer block (model._no_split_modules) with compile_backend; see docs/TRAINING.md
+    compile: bool = False
+    compile_backend: str = "inductor"
     # "hashed": the model's nn.Dropout modules draw lorafit's hashed masks (faster on a CPU, a different
     # random stream), see lorafit.layers.hashed_dropout
     model_dropout: str = "torch"

@@ -182,8 +182,8 @@ def quantize_for(prep: Prepared) -> None:
 
 def apply_method(prep: Prepared) -> Callable[[], None]:
     """The model made ready to train by train.method (and model.quantize, train.model_dropout,
-    train.gradient_checkpointing), on its device. Returns what puts the model's own dropout modules back
-    (a no-op unless train.model_dropout = "hashed"): a caller's model= leaves the run as it came, adapter aside."""
+    train.gradient_checkpointing, train.compile), on its device. Returns what puts the model's own dropout
+    modules and uncompiled blocks back: a caller's model= leaves the run as it came, adapter aside."""
     model = prep.model
     if prep.config.train.method == "lora":
         quantize_for(prep)
@@ -204,10 +204,43 @@ def apply_method(prep: Prepared) -> Callable[[], None]:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model.config, "use_cache"):
                 model.config.use_cache = False
+        put_back_compile = _compile_blocks(model, prep.config.train.compile_backend) if prep.config.train.compile \
+            else lambda: None
     except BaseException:
         put_back_dropout()
         raise
-    return put_back_dropout
+
+    def put_back() -> None:
+        put_back_compile()
+        put_back_dropout()
+
+    return put_back
+
+
+def _compile_blocks(model: nn.Module, backend: str) -> Callable[[], None]:
+    """train.compile: each transformer block (the classes ``model._no_split_modules`` names, as for FSDP)
+    compiled in place with torch.compile, before any sharding (what FSDP2 expects). Blocks, not the whole
+    model: a block's graph is the same in every layer, and the loss and the model's masking code, which
+    read shapes back to the host, stay outside the graphs. Returns what takes the compiled forwards off again."""
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"train.compile_backend = {backend!r}: not a torch.compile backend; choose one of "
+                         f"{', '.join(sorted(backends))}")
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"train.compile: {type(model).__name__} names no transformer block class "
+                         "(_no_split_modules) to compile; set train.compile = false")
+    for block in blocks:
+        block.compile(backend=backend)
+
+    def put_back() -> None:
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set
+
+    return put_back
 
 
 def _use_hashed_dropout(model: nn.Module) -> Callable[[], None]:
