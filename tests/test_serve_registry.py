@@ -296,6 +296,26 @@ def test_a_job_cancelled_while_queued_gives_its_adapter_back_at_once(bert, tmp_p
     assert first.future.result() is None
 
 
+def test_the_batcher_survives_its_queue_emptied_by_cancels_while_it_waits(bert):
+    """The worker waits max_wait for more rows; cancelling every queued job meanwhile leaves it nothing to
+    take, and it must go back to waiting, not fail, so that a later job still runs."""
+    from lorafit.serve.engine import Batcher, Job
+
+    model_dir, adapters = bert
+    reg = AdapterRegistry(sm.load(model_dir), adapters)
+    batcher = Batcher(lambda batch: [len(batch)] * len(batch), reg, max_wait=0.3)
+    for _ in range(3):
+        job = Job(rows=1, payload=None, entry=None)
+        batcher.submit(job)
+        time.sleep(0.05)  # the worker is inside its max_wait
+        batcher.cancel(job)
+        assert batcher.pending() == 0
+    time.sleep(0.4)  # past the deadline of the cancelled jobs
+    later = Job(rows=1, payload=None, entry=None)
+    assert batcher.submit(later).result(timeout=10) == 1
+    batcher.close(10)
+
+
 def test_files_rewritten_in_place_under_requests(bert, tmp_path):
     """One thread rewrites a's files in place (copy, truncate, partial write) between the contents of
     a (r=2) and b (r=3) while others run forwards: no crash and no error; every output is a's or b's;

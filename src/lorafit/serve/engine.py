@@ -102,16 +102,19 @@ class Batcher:
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
-            while not self._jobs:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = self._jobs[0].queued + self.max_wait  # a job left out of the last batch has waited already
-            while not self._closed and sum(j.rows for j in self._jobs) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while True:
+                while not self._jobs:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                deadline = self._jobs[0].queued + self.max_wait  # a job left out of the last batch has waited
+                while not self._closed and self._jobs and sum(j.rows for j in self._jobs) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._jobs:  # else every job was cancelled (cancel) while this waited for more
                     break
-                self._cond.wait(left)
             head = self._jobs[0].head
             batch, rows = [], 0
             for job in self._jobs:
