@@ -444,7 +444,7 @@ num_threads = 1
     train(config, [f"output_dir={json.dumps(str(tmp_path / 'eager'))}"], progress=False)
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-4)
     assert_same_tensors(adapter_tensors(tmp_path / "compiled"), adapter_tensors(tmp_path / "eager"), atol=1e-4)
-    with pytest.raises(ValueError, match="train.compile_backend = 'nope'"):
+    with pytest.raises(ValueError, match="train.compile_backend = 'nope' is not a torch.compile backend"):
         train(config, ["train.compile=true", "train.compile_backend=nope",
                        f"output_dir={json.dumps(str(tmp_path / 'bad'))}"], progress=False)
 

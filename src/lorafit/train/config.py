@@ -219,6 +219,13 @@ class RunConfig:
         _one_of("train.scheduler", self.train.scheduler, SCHEDULERS, source)
         _one_of("train.distributed", self.train.distributed, DISTRIBUTED, source)
         _one_of("train.model_dropout", self.train.model_dropout, MODEL_DROPOUTS, source)
+        if self.train.compile:
+            import torch._dynamo  # only here: it takes a second to import
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.train.compile_backend not in backends:
+                bad("train.compile_backend", f"= {self.train.compile_backend!r} is not a torch.compile backend; "
+                                             f"choose one of {', '.join(sorted(backends))}")
         if not 0.0 <= self.data.validation_fraction < 1.0:
             bad("data.validation_fraction", f"must be >= 0 and < 1, got {self.data.validation_fraction}")
         for key in ("task.max_length", "task.max_target_length", "task.max_new_tokens", "train.epochs",

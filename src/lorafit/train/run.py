@@ -221,13 +221,8 @@ def _compile_blocks(model: nn.Module, backend: str) -> Callable[[], None]:
     """train.compile: each transformer block (the classes ``model._no_split_modules`` names, as for FSDP)
     compiled in place with torch.compile, before any sharding (what FSDP2 expects). Blocks, not the whole
     model: a block's graph is the same in every layer, and the loss and the model's masking code, which
-    read shapes back to the host, stay outside the graphs. Returns what takes the compiled forwards off again."""
-    import torch._dynamo
-
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in backends:
-        raise ValueError(f"train.compile_backend = {backend!r}: not a torch.compile backend; choose one of "
-                         f"{', '.join(sorted(backends))}")
+    read shapes back to the host, stay outside the graphs. Returns what takes the compiled forwards off again.
+    The config has checked the backend's name."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
     if not blocks:
