@@ -123,6 +123,18 @@ def test_two_processes_end_with_the_one_process_adapter(setup, tmp_path, mode):
         assert s1["params"]["trainable"] < s1["params"]["total"] / 5
 
 
+def test_compiled_blocks_under_fsdp_end_with_the_one_process_adapter(setup, tmp_path):
+    """train.compile with FSDP: the blocks (BERT names none in _no_split_modules: its list of layers) are
+    compiled before sharding; aot_eager runs the traced graphs with eager kernels, so the two processes end
+    where the uncompiled one-process run ends."""
+    config, one = setup
+    two = tmp_path / "fsdp-compiled"
+    output = finish(torchrun(config, two, "--set", "train.distributed=fsdp", "--set", "train.compile=true",
+                             "--set", "train.compile_backend=aot_eager"))
+    assert "2 processes (fsdp, gloo)" in output
+    assert_same_adapter(one, two)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
     """The causal-LM loss runs the model's head itself, outside the forward: DDP must still sync its gradients
