@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command to run on a CUDA machine, from anywhere:   bash benchmarks/gpu.sh [1|2]
 #
-# Stage 1 (about 7 minutes): the CUDA tests, the per-layer kernel benchmark (benchmarks/kernels_gpu.py) and
-# the step, inference and mixed parts of benchmarks/gpu.py. Stage 2 (about 6 minutes): gpu.py's end-to-end
+# Stage 1 (about 6 minutes): the CUDA tests, the per-layer kernel benchmark (benchmarks/kernels_gpu.py) and
+# the step, inference and mixed parts of benchmarks/gpu.py. Stage 2 (about 4 minutes): gpu.py's end-to-end
 # part, `lorafit train` LoRA against full fine-tuning on a 94M Llama and at Llama-3.2-1B's shape, then LoRA
 # with train.compile on the 94M one (last, so that a time limit cuts that run first). No argument runs both;
 # a machine that allows 10 minutes a command takes them as two calls. Each step runs whatever the one before
