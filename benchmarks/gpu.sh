@@ -25,6 +25,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv || true
 
 STAGE=${1:-all}
+case "$STAGE" in 1|2|all) ;; *) echo "usage: bash benchmarks/gpu.sh [1|2]" >&2; exit 2 ;; esac
 tests=0 kernels=0 bench=0
 if [ "$STAGE" = 1 ] || [ "$STAGE" = all ]; then
     timeout -s INT -k 15 180 python3 -m pytest -q -rfE -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
