@@ -15,6 +15,8 @@
 # datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19). The exit status is 1 if any step failed.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
+STAGE=${1:-all}
+case "$STAGE" in 1|2|all) ;; *) echo "usage: bash benchmarks/gpu.sh [1|2]" >&2; exit 2 ;; esac
 export HF_HUB_OFFLINE=1 PYTHONPATH=src PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,8 +26,6 @@ OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv || true
 
-STAGE=${1:-all}
-case "$STAGE" in 1|2|all) ;; *) echo "usage: bash benchmarks/gpu.sh [1|2]" >&2; exit 2 ;; esac
 tests=0 kernels=0 bench=0
 if [ "$STAGE" = 1 ] || [ "$STAGE" = all ]; then
     timeout -s INT -k 15 180 python3 -m pytest -q -rfE -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
