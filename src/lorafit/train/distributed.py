@@ -184,17 +184,17 @@ def _counting_allreduce_hook(dist: Distributed, bucket):  # no annotation: DDP c
 
 
 def shard_with_fsdp(model: nn.Module, world_size: int) -> nn.Module:
-    """FSDP2 on every transformer block (``model._no_split_modules``, as Hugging Face models declare
-    them) and on the root, so at most one block's full weights exist at a time."""
+    """FSDP2 on every transformer block (``models.transformer_blocks``) and on the root, so at most one
+    block's full weights exist at a time."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from lorafit.train.models import transformer_blocks
+
     device = model_device(model)
     mesh = init_device_mesh(device.type, (world_size,))
-    block_names = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if module is not model and type(module).__name__ in block_names:
-            fully_shard(module, mesh=mesh)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
     # The root too is resharded after each forward (not FSDP's default): otherwise its parameters stay
     # gathered after an evaluation, and loading the best weights would write into a temporary copy.
     fully_shard(model, mesh=mesh, reshard_after_forward=True)

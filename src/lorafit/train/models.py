@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from lorafit.base_models import ModelSource, resolve_model  # noqa: F401 - train's callers import both from here
 
@@ -102,3 +103,16 @@ def check_max_length(model, max_length: int, key: str = "task.max_length") -> No
     if limit is not None and max_length > limit:
         raise ValueError(f"{key} = {max_length} is longer than this model can take: it has position embeddings "
                          f"for {limit} tokens (max_position_embeddings); use {key} <= {limit}")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks (what FSDP shards and train.compile compiles one by one): the modules of
+    the classes ``model._no_split_modules`` names, as Hugging Face models declare them; for a model that names
+    none (BERT), the longest ``nn.ModuleList`` of modules of one class (its layers)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(child) for child in m}) == 1]
+    return list(max(lists, key=len)) if lists else []

@@ -54,7 +54,15 @@ from lorafit.train.metrics import (
     plot_curves,
     read_metrics,
 )
-from lorafit.train.models import ModelSource, check_max_length, load_model, load_tokenizer, progress_bars, resolve_model
+from lorafit.train.models import (
+    ModelSource,
+    check_max_length,
+    load_model,
+    load_tokenizer,
+    progress_bars,
+    resolve_model,
+    transformer_blocks,
+)
 from lorafit.train.tasks import Task, build_task, encode_dataset
 
 CONFIG_FILE = "config.toml"
@@ -222,7 +230,7 @@ def _compile_blocks(model: nn.Module, backend: str) -> Callable[[], None]:
     FSDP2 expects). Blocks, not the whole model: a block's graph is the same in every layer, and the loss and
     the model's masking code, which read shapes back to the host, stay outside the graphs. Returns what takes
     the compiled forwards off again. The config has checked the backend's name."""
-    blocks = _transformer_blocks(model)
+    blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"train.compile: found no transformer blocks in {type(model).__name__} (no "
                          "_no_split_modules, no list of layers of one class); set train.compile = false")
@@ -234,19 +242,6 @@ def _compile_blocks(model: nn.Module, backend: str) -> Callable[[], None]:
             block._compiled_call_impl = None  # what nn.Module.compile set
 
     return put_back
-
-
-def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules of the classes ``model._no_split_modules`` names (as Hugging Face models declare their
-    blocks, and FSDP shards them); for a model that names none (BERT), the longest ``nn.ModuleList`` of modules
-    of one class (its layers)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
-    if blocks:
-        return blocks
-    lists = [m for m in model.modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(child) for child in m}) == 1]
-    return list(max(lists, key=len)) if lists else []
 
 
 def _use_hashed_dropout(model: nn.Module) -> Callable[[], None]:
