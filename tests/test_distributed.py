@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_support import classification_setup, instruction_rows, tiny_llama_dir, toml_config, write_jsonl
+from tests.test_train_support import classification_setup, instruction_setup
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,34 +139,10 @@ def test_compiled_blocks_under_fsdp_end_with_the_one_process_adapter(setup, tmp_
 def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
     """The causal-LM loss runs the model's head itself, outside the forward: DDP must still sync its gradients
     (the forward goes through the wrapper); under FSDP the model's own head computes the loss positions."""
-    rows = instruction_rows(40)
-    write_jsonl(tmp_path / "train.jsonl", rows[:32])
-    write_jsonl(tmp_path / "val.jsonl", rows[32:])
-    config = toml_config(tmp_path / "lm.toml", f"""
-output_dir = "{tmp_path / 'one'}"
-[model]
-name = "{tiny_llama_dir(tmp_path, rows)}"
-[data]
-train = "{tmp_path / 'train.jsonl'}"
-validation = "{tmp_path / 'val.jsonl'}"
-instruction_field = "instruction"
-input_field = "input"
-output_field = "output"
-[task]
-type = "causal_lm"
-max_length = 48
-[lora]
-r = 8
-lora_alpha = 16
-target_modules = "all-linear"
-[train]
-epochs = 2
-batch_size = 8
-lr = 3e-2
-eval_every = 4
-num_threads = 1
-adam_eps = 1e-5
-""")
+    config = instruction_setup(tmp_path, 32, 8, output_dir="one",
+                               lora='r = 8\nlora_alpha = 16\ntarget_modules = "all-linear"',
+                               train="epochs = 2\nbatch_size = 8\nlr = 3e-2\neval_every = 4\nnum_threads = 1\n"
+                                     "adam_eps = 1e-5")
     train(config, progress=False)
     finish(torchrun(config, tmp_path / mode, "--set", f"train.distributed={mode}"))
     assert_same_adapter(tmp_path / "one", tmp_path / mode, atol=1e-4)

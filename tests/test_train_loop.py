@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.test_train_support import (
     classification_setup,
     instruction_rows,
+    instruction_setup,
     tiny_llama_dir,
     tiny_t5_dir,
     toml_config,
@@ -409,32 +410,9 @@ def test_compiled_blocks_train_as_the_eager_model_does(tmp_path):
     """train.compile: each transformer block runs under torch.compile (aot_eager here, which runs the traced
     graphs with eager kernels: the same numbers, and the same dropout masks from the same seed); the run ends
     with the adapter of an eager run, and the blocks are uncompiled again afterwards."""
-    rows = instruction_rows(24)
-    model_dir = tiny_llama_dir(tmp_path, rows)
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    config = toml_config(tmp_path / "lm.toml", f"""
-output_dir = "{tmp_path / 'unused'}"
-[model]
-name = "{model_dir}"
-[data]
-train = "{tmp_path / 'train.jsonl'}"
-instruction_field = "instruction"
-input_field = "input"
-output_field = "output"
-[task]
-type = "causal_lm"
-max_length = 48
-[lora]
-r = 4
-lora_alpha = 8
-lora_dropout = 0.1
-target_modules = "all-linear"
-[train]
-epochs = 2
-batch_size = 8
-lr = 1e-2
-num_threads = 1
-""")
+    config = instruction_setup(tmp_path, 24, output_dir="unused",
+                               lora='r = 4\nlora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = "all-linear"',
+                               train="epochs = 2\nbatch_size = 8\nlr = 1e-2\nnum_threads = 1")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = train(config, ["train.compile=true", "train.compile_backend=aot_eager",

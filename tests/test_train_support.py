@@ -146,6 +146,36 @@ num_threads = 1
 """)
 
 
+def instruction_setup(tmp_path: Path, n_train: int, n_val: int = 0, output_dir: str = "run", lora: str = "",
+                      train: str = "") -> Path:
+    """A tiny Llama + instruction rows + a causal-LM run config (max length 48); ``lora`` and ``train`` are
+    those sections' lines. Returns the config path."""
+    rows = instruction_rows(n_train + n_val)
+    model_dir = tiny_llama_dir(tmp_path, rows)
+    write_jsonl(tmp_path / "train.jsonl", rows[:n_train])
+    validation = ""
+    if n_val:
+        write_jsonl(tmp_path / "val.jsonl", rows[n_train:])
+        validation = f'validation = "{tmp_path / "val.jsonl"}"\n'
+    return toml_config(tmp_path / "lm.toml", f"""
+output_dir = "{tmp_path / output_dir}"
+[model]
+name = "{model_dir}"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+{validation}instruction_field = "instruction"
+input_field = "input"
+output_field = "output"
+[task]
+type = "causal_lm"
+max_length = 48
+[lora]
+{lora}
+[train]
+{train}
+""")
+
+
 # -- config tests ----------------------------------------------------------------------
 
 
