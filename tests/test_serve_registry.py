@@ -2,6 +2,7 @@
 path safety, corrupt files, thread safety with requests in flight, and classifier heads of different sizes."""
 
 import concurrent.futures
+import json
 import os
 import random
 import shutil
@@ -373,21 +374,20 @@ def test_files_rewritten_in_place_under_requests(bert, tmp_path):
 
 
 def test_a_version_is_hashed_and_parsed_from_the_same_bytes(bert, tmp_path, monkeypatch):
-    """Files replaced right after they were read: the version loaded is the bytes read (with their
-    hash), and the next change check loads the new files instead of keeping the old weights."""
+    """Files replaced right after they were read (while they are parsed): the version loaded is the bytes
+    read (with their hash), and the next change check loads the new files instead of keeping the old weights."""
     reg, local = _registry(bert, tmp_path)
     ids = torch.randint(4, 30, (1, 5))
     expected_b = _logits(reg, reg.acquire("b"), ids)
-    read = lorafit.read_adapter_files
+    parse = lorafit.parse_adapter
 
-    def read_then_replace(path):
-        files = read(path)
-        if path.name == "a":
+    def replace_then_parse(config, weights, source="adapter"):
+        if source == "a":
             for f in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copy(local / "b" / f, local / "a" / f)
-        return files
+        return parse(config, weights, source=source)
 
-    monkeypatch.setattr(lorafit, "read_adapter_files", read_then_replace)
+    monkeypatch.setattr(lorafit, "parse_adapter", replace_then_parse)
     first = reg.acquire("a")
     reg.release(first)
     monkeypatch.undo()
@@ -615,3 +615,38 @@ def test_the_model_lock_is_granted_in_arrival_order():
     for t in threads:
         t.join(10)
     assert order == ["load", "batch", "detach", "batch again"]
+
+
+def test_files_that_change_while_read_do_not_load(bert, tmp_path, monkeypatch):
+    """A read that overlaps an in-place rewrite can return a config mixing two versions (b's alpha, a's rank)
+    that parses with a's weights into an adapter that is neither: the config read again differs, so the load
+    fails and requests keep the version they had. Likewise a weights file whose state changes during the read."""
+    reg, local = _registry(bert, tmp_path)
+    ids = torch.randint(4, 30, (1, 5))
+    first = reg.acquire("a")
+    reg.release(first)
+    expected = _logits(reg, first, ids)
+    read = lorafit.read_adapter_files
+    config_a, config_b = (json.loads((local / n / "adapter_config.json").read_text()) for n in "ab")
+    torn = json.dumps(dict(config_a, lora_alpha=config_b["lora_alpha"])).encode()
+    weights_a = (local / "a" / "adapter_model.safetensors").read_bytes()
+    assert lorafit.parse_adapter(torn, weights_a)[0].lora_alpha != config_a["lora_alpha"]  # it would load
+
+    monkeypatch.setattr(lorafit, "read_adapter_files", lambda path: (torn, read(path)[1]))
+    with pytest.raises(BadAdapter, match="changed while they were read"):
+        reg.load("a")
+    os.utime(local / "a" / "adapter_config.json", ns=(5, 5))  # a change for the request's check to see
+    failures = reg.stats["load_failures"]
+    assert reg.acquire("a") is first and reg.stats["load_failures"] == failures + 1
+
+    def read_while_rewritten(path):
+        files = read(path)
+        (path / "adapter_model.safetensors").write_bytes(files[1])  # same bytes, a new modification time
+        return files
+
+    monkeypatch.setattr(lorafit, "read_adapter_files", read_while_rewritten)
+    os.utime(local / "a" / "adapter_config.json", ns=(6, 6))
+    assert reg.acquire("a") is first and reg.stats["load_failures"] == failures + 2
+    monkeypatch.undo()
+    os.utime(local / "a" / "adapter_model.safetensors", ns=(7, 7))
+    torch.testing.assert_close(_logits(reg, reg.acquire("a"), ids), expected, atol=1e-5, rtol=1e-5)

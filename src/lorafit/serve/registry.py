@@ -14,7 +14,8 @@ Every subdirectory ``DIR/<name>`` holding a PEFT adapter is adapter ``name``.
   ``max_bytes``; pinned adapters never are.
 - Each load reads the adapter's files once into memory and hashes and parses those
   same bytes, so a version's hash always describes its weights, and a file rewritten
-  in place meanwhile cannot crash the process (no memory map).
+  in place meanwhile cannot crash the process (no memory map). Files that change
+  while they are read fail the load, as a copy in progress does.
 - On acquire, a changed ``(size, mtime, inode)`` of the files (``labels.json``
   included) triggers a content hash (SHA-256); a different hash reloads the adapter.
   If the new files do not load (a copy still in progress), requests keep the last
@@ -157,17 +158,10 @@ class AdapterRegistry:
 
     def _signature(self, path: Path) -> tuple | None:
         """(size, mtime, inode) of each file (None if missing); None if one changed too recently to tell."""
-        now, signature = time.time_ns(), []
-        for f in FILES:
-            try:
-                s = (path / f).stat()
-            except FileNotFoundError:
-                signature.append(None)
-                continue
-            if now - s.st_mtime_ns < SETTLE_NS:
-                return None
-            signature.append((s.st_size, s.st_mtime_ns, s.st_ino))
-        return tuple(signature)
+        now, signature = time.time_ns(), _file_states(path)
+        if any(s is not None and now - s[1] < SETTLE_NS for s in signature):
+            return None
+        return signature
 
     # -- requests ----------------------------------------------------------------
     def acquire(self, name: str) -> Entry:
@@ -262,13 +256,19 @@ class AdapterRegistry:
             return self._take(entry) if take else entry
 
     def _read(self, name: str, path: Path) -> tuple[bytes, bytes, bytes | None]:
-        """The bytes of config, weights and (optional) labels: everything a version is made of."""
+        """The bytes of config, weights and (optional) labels: everything a version is made of.
+
+        Files rewritten in place while they are read can give bytes of two versions that still parse: a
+        read that overlaps a write sees part of each (a config with the new alpha and the old rank). So
+        the files' states are taken before and after the read, and the small files are read twice; any
+        difference fails the load as a copy in progress would (the next change check tries again)."""
         try:
+            before = _file_states(path)
             config, weights = lorafit.read_adapter_files(path)
-            try:
-                labels = (path / LABELS_NAME).read_bytes()
-            except FileNotFoundError:
-                labels = None
+            labels = _read_labels(path)
+            stable = (path / CONFIG_NAME).read_bytes() == config and _read_labels(path) == labels
+            if not stable or _file_states(path) != before:
+                raise ValueError("its files changed while they were read (a copy in progress?)")
         except (OSError, ValueError) as exc:
             # errors show paths inside the adapter directory only: where it is is the server's business
             raise BadAdapter(f"adapter {name!r}: {str(exc).replace(str(self.root) + os.sep, '')}") from None
@@ -354,6 +354,26 @@ class AdapterRegistry:
     def bytes_loaded(self) -> int:
         with self._lock:
             return sum(e.nbytes for e in self._loaded.values())
+
+
+def _file_states(path: Path) -> tuple:
+    """(size, mtime, inode) of each of an adapter's files, None for a missing one."""
+    states = []
+    for f in FILES:
+        try:
+            s = (path / f).stat()
+        except FileNotFoundError:
+            states.append(None)
+            continue
+        states.append((s.st_size, s.st_mtime_ns, s.st_ino))
+    return tuple(states)
+
+
+def _read_labels(path: Path) -> bytes | None:
+    try:
+        return (path / LABELS_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _head(model: nn.Module, internal: str) -> tuple:
