@@ -15,11 +15,16 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from torch import nn
+import os
 
-import lorafit
-from lorafit.kernels import mask, triton_kernels
+# the kernels' steady state: each compiles in this process on its first call, not in the warm-up helper
+os.environ.setdefault("LORAFIT_TRITON_WARMUP", "0")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lorafit  # noqa: E402
+from lorafit.kernels import mask, triton_kernels  # noqa: E402
 
 SHAPES = {"q/o 2048->2048": (2048, 2048), "k/v 2048->512": (2048, 512), "gate/up 2048->8192": (2048, 8192),
           "down 8192->2048": (8192, 2048)}

@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the Arrow copies of the tests' data files and their tokens stay out of the user's cache (lorafit.train.sources)
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lorafit-tests-datasets-")
+# the CUDA tests check the Triton kernels from their first call; test_triton_warmup.py turns the helper on
+os.environ.setdefault("LORAFIT_TRITON_WARMUP", "0")
 
 # CI runs the same examples every time; locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40)

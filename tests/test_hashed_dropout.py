@@ -45,6 +45,20 @@ def test_forward_and_gradient_are_the_documented_mask_and_rescale(dtype, shape):
     assert torch.equal(y == 0, want_y == 0) and torch.equal(x.grad == 0, want_g == 0)  # the same elements dropped
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_torch_ops_mask_a_block_of_rows_at_a_time(monkeypatch, dtype):
+    """The eager torch path (no C library, no Triton) masks a block of rows at a time, blocks of any size
+    (one row, rows that do not divide evenly, a row longer than a block): the whole tensor's mask."""
+    monkeypatch.setattr(cpu_kernels, "serves", lambda x: False)
+    x = torch.randn(37, 29).to(dtype)
+    key = torch.tensor(-98765, dtype=torch.int32)
+    t, scale = dropout_mask.threshold(0.3)
+    whole = torch.where(dropout_mask.keep_mask(37, 29, key, t), x, 0).mul_(scale)
+    for block in (1, 29, 100, 29 * 37):
+        monkeypatch.setattr(dropout_mask, "_BLOCK", block)
+        assert torch.equal(dropout_mask.dropped(x, key, t, scale), whole)
+
+
 def test_strided_inputs_follow_their_row_major_positions():
     torch.manual_seed(0)
     x = torch.randn(64, 40).T  # a transposed view: positions are those of x, not of its storage

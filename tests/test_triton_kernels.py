@@ -147,7 +147,7 @@ def test_a_kernel_that_fails_warns_once_and_the_torch_ops_take_over(monkeypatch)
     monkeypatch.setattr(triton_kernels, "_unavailable", None)
     triton_kernels._warn_once.cache_clear()
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("PTX for sm_1000 unsupported")
 
     with pytest.warns(UserWarning, match="Triton kernels are unavailable.*sm_1000.*plain torch ops"):

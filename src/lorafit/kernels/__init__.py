@@ -5,7 +5,8 @@
 - ``products.py``: the skinny products, with the dropout mask fused in, and ``backend``, which picks
   the C loops (CPU, float32), Triton (CUDA, with a mask) or plain torch ops (cuBLAS, MKL, anything else);
 - ``mask.py``: the hashed dropout masks, the same on every device; ``cpu.py`` / ``cpu_kernels.c`` and
-  ``triton_kernels.py``: the loops themselves.
+  ``triton_kernels.py``: the loops themselves; ``triton_warmup.py``: Triton's first compilation of each
+  kernel in a helper process, while the caller runs the torch ops.
 """
 
 from lorafit.kernels.linear import LowRank, lora_linear

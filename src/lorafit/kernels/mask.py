@@ -34,6 +34,9 @@ _LEVELS = 1 << 16
 # lowbias32's multipliers as signed 32-bit values: torch's int32 arithmetic wraps like uint32's
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)
+# The most elements the eager torch ops mask at once (128 MiB of int64 positions): where Triton is unavailable,
+# or while its kernels are being compiled (triton_warmup.py), the first steps should not need more memory.
+_BLOCK = 1 << 24
 
 
 def threshold(p: float) -> tuple[int, float]:
@@ -78,7 +81,15 @@ def dropped(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0) -> t
     if (x.dtype != torch.float64 and triton_kernels.available(x.device) and not torch.compiler.is_compiling()
             and (out := triton_kernels.run(triton_kernels.mask_scale, x, key, t, scale)) is not None):
         return out
-    kept = torch.where(keep_mask(x.shape[0], x.shape[1], key, t), x, 0)
+    rows, cols = x.shape
+    if x.numel() <= _BLOCK or torch.compiler.is_compiling():  # inductor fuses the mask: no temporaries
+        kept = torch.where(keep_mask(rows, cols, key, t), x, 0)
+    else:  # a block of rows at a time: keep_mask's temporaries take 8 bytes per element of what they cover
+        kept, zero = torch.empty_like(x), x.new_zeros(())
+        step = max(1, _BLOCK // cols)
+        for first in range(0, rows, step):
+            part = x[first:first + step]
+            torch.where(keep_mask(part.shape[0], cols, key, t, first), part, zero, out=kept[first:first + step])
     return kept.mul_(scale) if scale != 1.0 else kept
 
 

@@ -11,6 +11,9 @@ For x (M x K), A (R x K), G (M x R) and the keep-mask of (key, t) (see mask.py):
 Each output element's position is row * cols + col mod 2^32, as in the C kernels and the eager reference,
 whatever the tensor's size. Products accumulate in float32; a float32 product follows torch's TF32 switch
 (``torch.backends.cuda.matmul.allow_tf32``), so it matches cuBLAS on the same inputs.
+
+Each launcher compiles its kernel on first use and launches it (``wait=False``: raises NotReady instead
+while the warm-up helper compiles that variant; ``run`` calls them so).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import os
 import warnings
 
 import torch
+
+from lorafit.kernels import triton_warmup
 
 _MAX_RANK = 128  # tl.dot tiles past this rank would spill; larger ranks take the torch path
 _unavailable: str | None = None if importlib.util.find_spec("triton") else "Triton is not installed"
@@ -43,10 +48,13 @@ def disable(reason: str) -> None:
 
 
 def run(fn, *args):
-    """fn(*args) for one of the launchers below, or None where its kernel cannot build or run on this GPU:
-    then the callers take the torch ops from now on (``disable`` says so once)."""
+    """fn(*args) for one of the launchers below, or None where its kernel cannot build or run on this GPU
+    (then the callers take the torch ops from now on: ``disable`` says so once) or is still being compiled
+    by the warm-up helper (then for this call: see triton_warmup.py)."""
     try:
-        return fn(*args)
+        return fn(*args, wait=False)
+    except NotReady:
+        return None
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - a compiler or driver failure of any kind: the torch ops are exact too
@@ -77,10 +85,17 @@ def _precision(*tensors: torch.Tensor) -> str:
     return "tf32"  # ignored for 16-bit operands
 
 
-def _jit():
+class NotReady(Exception):
+    """The kernel variant is still being compiled by the warm-up helper (triton_warmup.py)."""
+
+
+def _launch(kernel: str, grid: tuple, args: tuple, constexprs: dict, wait: bool) -> None:
+    """kernel[grid](*args, **constexprs); without ``wait``, NotReady while the warm-up helper compiles it."""
+    if not wait and not triton_warmup.ready(kernel, args, constexprs, args[0].device):
+        raise NotReady(kernel)
     from lorafit.kernels import triton_jit  # imported on the first launch only
 
-    return triton_jit
+    getattr(triton_jit, kernel)[grid](*args, **constexprs)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -101,7 +116,7 @@ def _key_args(key: torch.Tensor | None, t: int, like: torch.Tensor):
 
 
 def down(x: torch.Tensor, a: torch.Tensor, key: torch.Tensor | None = None, t: int = 0,
-         bk: int | None = None) -> torch.Tensor:
+         bk: int | None = None, *, wait: bool = True) -> torch.Tensor:
     """mask(x) A^T for 2-D x (M x K) and A (R x K): a new M x R tensor in A's dtype. ``bk``: columns per tile.
     Wide tiles keep more of x in flight per program (the product is a stream over x): 256 columns of a 16-bit x
     beat 128 and 64 on an H200 at every Llama-1B shape; float32 takes 128 to stay within shared memory."""
@@ -111,13 +126,13 @@ def down(x: torch.Tensor, a: torch.Tensor, key: torch.Tensor | None = None, t: i
     h = torch.empty(m, r, dtype=a.dtype, device=x.device)
     key, t, masked = _key_args(key, t, x)
     bm = 64 if m >= 64 * 132 else 32  # enough programs to cover the GPU at a few thousand rows
-    _jit()._down_kernel[(_cdiv(m, bm),)](x, a, h, key, t, m, k, r, x.stride(0), a.stride(0), MASKED=masked,
-                                         PRECISION=_precision(x, a), BM=bm, BK=bk, BR=_rank_block(r))
+    _launch("_down_kernel", (_cdiv(m, bm),), (x, a, h, key, t, m, k, r, x.stride(0), a.stride(0)),
+            dict(MASKED=masked, PRECISION=_precision(x, a), BM=bm, BK=bk, BR=_rank_block(r)), wait)
     return h
 
 
 def grad_a(g: torch.Tensor, x: torch.Tensor, key: torch.Tensor | None = None, t: int = 0, scale: float = 1.0,
-           bm: int = 128) -> torch.Tensor:
+           bm: int = 128, *, wait: bool = True) -> torch.Tensor:
     """scale G^T mask(x) for G (M x R) and x (M x K): a new R x K tensor in G's dtype. ``bm``: rows per tile."""
     g, x = g.contiguous(), _rows(x)
     (m, k), r = x.shape, g.shape[1]
@@ -126,9 +141,9 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key: torch.Tensor | None = None, t:
     splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
     ws = _partials(splits, r, k, g.dtype, x.device)
     key, t, masked = _key_args(key, t, x)
-    _jit()._grad_a_kernel[(col_blocks, splits)](
-        g, x, ws, key, t, float(scale), m, k, r, g.stride(0), x.stride(0), rows_per_split, MASKED=masked,
-        PRECISION=_precision(g, x), BM=bm, BK=bk, BR=_rank_block(r))
+    _launch("_grad_a_kernel", (col_blocks, splits),
+            (g, x, ws, key, t, float(scale), m, k, r, g.stride(0), x.stride(0), rows_per_split),
+            dict(MASKED=masked, PRECISION=_precision(g, x), BM=bm, BK=bk, BR=_rank_block(r)), wait)
     return _total(ws, g.dtype)
 
 
@@ -165,7 +180,7 @@ def _up_output(out: torch.Tensor | None, m: int, k: int, dtype: torch.dtype, dev
 
 def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.Tensor, t: int, scale_a: float,
                   scale_up: float, out: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  dtype: torch.dtype | None = None, *, wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale_a G^T mask(x), out + scale_up mask(G A)) for G (M x R), x (M x K), A (R x K) and one mask: the
     backward of a masked adapter in one launch. The first is new, in G's dtype; the second is formed in out
     (unit column stride), or where out is None is a new tensor in ``dtype`` (default A's)."""
@@ -177,15 +192,16 @@ def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key: torch.
     col_blocks = _cdiv(k, bk)
     splits, rows_per_split = _splits(m, col_blocks, bm, x.device)
     ws = _partials(splits, r, k, g.dtype, x.device)
-    _jit()._grad_a_up_kernel[(col_blocks, splits)](
-        g, x, a, ws, out, key, int(t), float(scale_a), float(scale_up), m, k, r, g.stride(0), x.stride(0),
-        a.stride(0), out.stride(0), rows_per_split, ACCUMULATE=accumulate, PRECISION=_precision(g, x, a),
-        BM=bm, BK=bk, BR=_rank_block(r))
+    _launch("_grad_a_up_kernel", (col_blocks, splits),
+            (g, x, a, ws, out, key, int(t), float(scale_a), float(scale_up), m, k, r, g.stride(0), x.stride(0),
+             a.stride(0), out.stride(0), rows_per_split),
+            dict(ACCUMULATE=accumulate, PRECISION=_precision(g, x, a), BM=bm, BK=bk, BR=_rank_block(r)), wait)
     return _total(ws, g.dtype), out
 
 
 def up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-       dtype: torch.dtype | None = None, key: torch.Tensor | None = None, t: int = 0) -> torch.Tensor:
+       dtype: torch.dtype | None = None, key: torch.Tensor | None = None, t: int = 0, *, wait: bool = True
+       ) -> torch.Tensor:
     """out + scale mask(G A) in place for G (M x R) and A (R x K); where out is None, a new
     scale mask(G A) in ``dtype`` (default A's). out needs a unit column stride."""
     g, a = g.contiguous(), a.contiguous()
@@ -194,18 +210,19 @@ def up(g: torch.Tensor, a: torch.Tensor, scale: float, out: torch.Tensor | None 
     out = _up_output(out, m, k, dtype or a.dtype, g.device, "up")
     key, t, masked = _key_args(key, t, g)
     bm, bk = 64, 64
-    _jit()._up_kernel[(_cdiv(m, bm), _cdiv(k, bk))](
-        g, a, out, key, t, float(scale), m, k, r, g.stride(0), a.stride(0), out.stride(0), MASKED=masked,
-        ACCUMULATE=accumulate, PRECISION=_precision(g, a), BM=bm, BK=bk, BR=_rank_block(r))
+    _launch("_up_kernel", (_cdiv(m, bm), _cdiv(k, bk)),
+            (g, a, out, key, t, float(scale), m, k, r, g.stride(0), a.stride(0), out.stride(0)),
+            dict(MASKED=masked, ACCUMULATE=accumulate, PRECISION=_precision(g, a), BM=bm, BK=bk, BR=_rank_block(r)),
+            wait)
     return out
 
 
-def mask_scale(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0) -> torch.Tensor:
+def mask_scale(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0, *, wait: bool = True) -> torch.Tensor:
     """A new tensor: scale * x where the keep-mask keeps, else 0, for 2-D x of any floating dtype but float64."""
     x = _rows(x)
     m, k = x.shape
     out = torch.empty(m, k, dtype=x.dtype, device=x.device)
     bm, bk = 16, 128
-    _jit()._mask_scale_kernel[(_cdiv(m, bm), _cdiv(k, bk))](x, out, key, int(t), float(scale), m, k,
-                                                           x.stride(0), out.stride(0), BM=bm, BK=bk)
+    _launch("_mask_scale_kernel", (_cdiv(m, bm), _cdiv(k, bk)),
+            (x, out, key, int(t), float(scale), m, k, x.stride(0), out.stride(0)), dict(BM=bm, BK=bk), wait)
     return out

@@ -1,0 +1,175 @@
+"""Triton's first compilation of each kernel variant in a helper process, while the caller runs torch ops.
+
+With an empty Triton cache, each kernel variant compiles for about half a second on its first launch, so a
+first training step with dropout would wait seconds for them. Compiling in a thread of this process does not
+help: large parts of Triton's compiler hold the GIL. So on a GPU the first launch of each variant (kernel,
+argument dtypes, the divisibility Triton specialises integers on, constexprs) asks a helper process to compile
+it (``JITFunction.warmup`` with dtypes for tensors: it allocates and runs nothing), and returns False: the
+caller takes the torch ops, which apply the same masks. Once the helper reports a variant done, it loads from
+Triton's disk cache. The helper starts on the first request, once per process, and exits with it.
+
+The cost: until then the products round differently (torch's order of additions, not the kernel's), so two
+runs agree to rounding, not bit for bit, in their first steps. ``LORAFIT_TRITON_WARMUP=0`` compiles in the
+calling process instead. A helper that fails to start, dies, or takes longer than ``TIMEOUT_S`` for a
+variant is given up on (a warning says so) and the kernels compile in the calling process, as without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+TIMEOUT_S = 120.0
+_lock = threading.Lock()
+_ready: set[tuple] = set()  # variants compiled (or to be compiled here)
+_pending: dict[int, tuple[tuple, float]] = {}  # request id -> (variant, when asked)
+_asked: set[tuple] = set()
+_helper: subprocess.Popen | None = None
+_replies = b""
+_off: str | None = None if os.environ.get("LORAFIT_TRITON_WARMUP", "1") != "0" else "LORAFIT_TRITON_WARMUP=0"
+
+
+def applies(device: torch.device) -> bool:
+    """Whether launches on ``device`` wait for the helper: CUDA only (the interpreter compiles nothing)."""
+    return device.type == "cuda"
+
+
+def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> bool:
+    """Whether to launch ``kernel`` with these arguments now; False: it is being compiled, take the torch ops."""
+    if _off is not None or not applies(device):
+        return True
+    variant = _variant(kernel, args, constexprs)
+    if variant is None or variant in _ready:
+        return True
+    with _lock:
+        if _off is not None:
+            return True
+        if variant not in _asked:
+            _ask(variant, kernel, args, constexprs)
+        _read_replies()
+        if variant in _ready or _off is not None:
+            return True
+        if any(v == variant and time.monotonic() - t > TIMEOUT_S for v, t in _pending.values()):
+            _give_up(f"no reply within {TIMEOUT_S:.0f} s")
+            return True
+        return False
+
+
+def wait() -> None:
+    """Block until the helper has compiled every variant asked for so far (for benchmarks that time the
+    steady state after a first step)."""
+    start = time.monotonic()
+    while _pending:
+        with _lock:
+            _read_replies()
+            if _pending and time.monotonic() - start > TIMEOUT_S:
+                _give_up(f"no reply within {TIMEOUT_S:.0f} s")
+        time.sleep(0.01)
+
+
+def _variant(kernel: str, args: tuple, constexprs: dict) -> tuple | None:
+    """What Triton compiles a kernel for, or more: tensors' dtypes, integers' divisibility by 16 and equality
+    to 1, scalar types, constexpr values. None for a tensor not aligned to 16 bytes: the helper's dtype
+    stand-ins are aligned, so such a variant compiles here."""
+    spec = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.data_ptr() % 16:
+                return None
+            spec.append(a.dtype)
+        elif isinstance(a, bool):
+            spec.append(a)
+        elif isinstance(a, int):
+            spec.append((a % 16 == 0, a == 1, -(1 << 31) <= a < 1 << 31))
+        else:
+            spec.append(type(a))
+    return kernel, tuple(spec), tuple(constexprs.items())
+
+
+def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict) -> None:
+    global _helper
+    _asked.add(variant)
+    if _helper is None:
+        try:
+            _helper = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL)
+        except OSError as err:
+            _give_up(f"the helper did not start: {err}")
+            return
+        os.set_blocking(_helper.stdout.fileno(), False)
+    request = {"id": len(_asked), "kernel": kernel, "constexprs": constexprs,
+               "args": [{"dtype": str(a.dtype).removeprefix("torch.")} if isinstance(a, torch.Tensor) else a
+                        for a in args]}
+    try:
+        _helper.stdin.write((json.dumps(request) + "\n").encode())
+        _helper.stdin.flush()
+    except OSError as err:
+        _give_up(f"the helper stopped: {err}")
+        return
+    _pending[request["id"]] = (variant, time.monotonic())
+
+
+def helper_command() -> list[str]:
+    """The helper's command line (a function, so that tests can run another helper)."""
+    src = str(Path(__file__).resolve().parents[2])  # lorafit's own import root, whatever sys.path the caller has
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {src!r}); "
+            "from lorafit.kernels.triton_warmup import main; main()"]
+
+
+def _read_replies() -> None:
+    global _replies
+    try:
+        chunk = _helper.stdout.read() if _helper is not None else None
+    except OSError:
+        chunk = None
+    if chunk:
+        _replies += chunk
+    *lines, _replies = _replies.split(b"\n")
+    for line in lines:
+        try:
+            variant, _ = _pending.pop(json.loads(line)["id"], (None, 0.0))
+        except (ValueError, KeyError, TypeError):  # not a reply
+            continue
+        if variant is not None:
+            _ready.add(variant)  # a variant the helper could not compile compiles here, and fails here if it must
+    if _pending and _helper is not None and _helper.poll() is not None:
+        _give_up(f"the helper exited with status {_helper.returncode}")
+
+
+def _give_up(reason: str) -> None:
+    global _off, _helper
+    _off = reason
+    _pending.clear()
+    if _helper is not None:
+        _helper.kill()
+        _helper.wait()
+        _helper = None
+    warnings.warn(f"lorafit: Triton kernels compile in this process ({reason})", stacklevel=5)
+
+
+def main() -> None:
+    """The helper: compile each requested variant, one JSON line per request. For the current device: the
+    compiled code depends on the GPU's architecture only, and one machine's GPUs share one (a GPU of another
+    would miss the cache, and the caller would compile for it itself). Setting the caller's device would
+    make this process hold a CUDA context on it."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever else this process prints goes to stderr: stdout carries the replies only
+    from lorafit.kernels import triton_jit
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply = {"id": request["id"]}
+        try:
+            args = [getattr(torch, a["dtype"]) if isinstance(a, dict) else a for a in request["args"]]
+            getattr(triton_jit, request["kernel"]).warmup(*args, grid=(1,), **request["constexprs"])
+        except Exception as err:  # noqa: BLE001 - any failure: the caller compiles the variant itself
+            reply["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        print(json.dumps(reply), file=replies, flush=True)
