@@ -101,10 +101,10 @@ def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict) -> None:
         try:
             _helper = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL)
+            os.set_blocking(_helper.stdout.fileno(), False)  # replies are read as they come, never waited for
         except OSError as err:
             _give_up(f"the helper did not start: {err}")
             return
-        os.set_blocking(_helper.stdout.fileno(), False)
     request = {"id": len(_asked), "kernel": kernel, "constexprs": constexprs,
                "args": [{"dtype": str(a.dtype).removeprefix("torch.")} if isinstance(a, torch.Tensor) else a
                         for a in args]}
