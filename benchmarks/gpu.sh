@@ -9,10 +9,10 @@
 # did, under a time limit (SIGINT, then SIGKILL 15 s later). Logs and results go to $OUT (default
 # ./gpu_results): stage 1 pytest.log, kernels_gpu.log and .json, gpu.log and .json; stage 2 e2e/gpu.log and
 # .json (the device tool brings back at most eight files a call).
-# Offline: the end-to-end part reads .gpu_data/alpaca/train.jsonl (copy ../shared/data/alpaca there first).
-# Packages a machine without internet lacks come as wheels in .whl, installed into /tmp/site (lorafit train
-# needs datasets; e.g. pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl
-# datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19). The exit status is 1 if any step failed.
+# Offline: the end-to-end part reads .gpu_data/alpaca/train.jsonl, and packages a machine without internet
+# lacks come as wheels in .whl, installed into /tmp/site (lorafit train needs datasets): `make gpu-prep`
+# puts both there (ignored folders: name them in the device tool's carry). The exit status is 1 if any step
+# failed.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 STAGE=${1:-all}
