@@ -52,7 +52,7 @@ from torch.nn import functional as F
 
 from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
 from lorafit.kernels.linear import LowRank, lora_linear
-from lorafit.model import adapter_configs, lora_layers, saved_modules
+from lorafit.model import adapter_configs, wrapped_modules
 
 _STACKS = "_lorafit_row_stacks"
 _version = attrgetter("_version")
@@ -75,8 +75,9 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     unknown = sorted({r for r in rows if r is not None and r not in known})
     if unknown:
         raise KeyError(f"no adapter named {unknown[0]!r} is attached; attached adapters: {list(known) or 'none'}")
-    layers = [m for _, m in lora_layers(model)]
-    wrappers = [m for _, m in saved_modules(model)]
+    layers, wrappers = [], []
+    for _, module in wrapped_modules(model):  # one walk over the model for both kinds
+        (layers if isinstance(module, LoraLayer) else wrappers).append(module)
     for layer in layers:
         if layer.merged:
             raise ValueError(f"adapters {layer.merged} are merged into the weights; unmerge them before "
@@ -84,14 +85,18 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
         if layer.row_plan is not None:
             raise RuntimeError("adapter_per_row is already active on this model (one block at a time)")
     index = {}  # (values, device) -> index tensor, shared by all layers of this block
-    plans = [_plan_layer(layer, rows, index) for layer in layers] + [_plan_saved(w, rows, index) for w in wrappers]
+    distinct = set(rows)
+    plans = ([_plan_layer(layer, rows, distinct, index) for layer in layers]
+             + [_plan_saved(w, rows, index) for w in wrappers])
+    # Set in the instances' __dict__, over the class attribute None: nn.Module.__setattr__ would first look
+    # for a parameter, buffer or module of that name, for every layer on entering and on leaving each block.
     try:
         for module, plan in zip(layers + wrappers, plans):
-            module.row_plan = plan
+            module.__dict__["row_plan"] = plan
         yield model
     finally:
         for module in layers + wrappers:
-            module.row_plan = None
+            module.__dict__.pop("row_plan", None)
 
 
 def clear_stacks(model: nn.Module) -> None:
@@ -222,14 +227,14 @@ def _gather(stack: torch.Tensor, slots: tuple[int, ...], index: dict) -> torch.T
 
 
 # -- LoRA layers -------------------------------------------------------------------
-def _plan_layer(layer: LoraLayer, rows: list[str | None], index: dict):
+def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: dict):
     base = layer.base_layer
     names = layer.adapter_names
-    if layer.disabled or not set(names).intersection(rows):
+    if layer.disabled or distinct.isdisjoint(names):
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
-    if isinstance(layer, Linear) and len(set(rows)) == 1:
+    if isinstance(layer, Linear) and len(distinct) == 1:
         return _uniform_linear(layer, rows[0])
-    dora = list(getattr(layer, "lora_magnitude_vector", {}))  # only DoRA adapters have one
+    dora = list(layer._modules.get("lora_magnitude_vector") or ())  # only DoRA adapters have one
     if dora:
         raise ValueError(f"DoRA adapters {dora} are not supported in a batch with an adapter per row")
     n = len(rows)

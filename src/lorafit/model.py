@@ -32,7 +32,7 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return model.__dict__.setdefault(_CONFIGS, {})
 
 
-def _wrapped(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
     """The LoRA and modules_to_save wrappers, by name, in ``named_modules`` order. It does
     not descend into a wrapper (there is never one inside another), which makes it much
     cheaper than ``named_modules`` on a wrapped transformer: loading an adapter calls it often."""
@@ -43,19 +43,19 @@ def _wrapped(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoraLay
         if isinstance(child, (LoraLayer, ModulesToSave)):
             yield path, child
         else:
-            yield from _wrapped(child, path)
+            yield from wrapped_modules(child, path)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    return ((n, m) for n, m in _wrapped(model) if isinstance(m, LoraLayer))
+    return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, LoraLayer))
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    return ((n, m) for n, m in _wrapped(model) if isinstance(m, ModulesToSave))
+    return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, ModulesToSave))
 
 
 def _wrappers(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
-    return [m for _, m in _wrapped(model)]
+    return [m for _, m in wrapped_modules(model)]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
