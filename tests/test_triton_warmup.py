@@ -266,3 +266,17 @@ def test_the_helper_compiles_what_the_launch_then_loads(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
+
+
+def test_start_runs_the_helper_before_any_request(helper):
+    log, go, _ = helper
+    triton_warmup.start()
+    first = triton_warmup._helper
+    assert first is not None and first.poll() is None
+    triton_warmup.start()  # already running: the same one
+    assert triton_warmup._helper is first
+    go.touch()
+    cpu = torch.device("cpu")
+    assert not triton_warmup.ready("_up_kernel", (torch.zeros(4), 16), {}, cpu)
+    assert _until(lambda: triton_warmup.ready("_up_kernel", (torch.zeros(4), 16), {}, cpu))
+    assert triton_warmup._helper is first and len(_requests(log)) == 1

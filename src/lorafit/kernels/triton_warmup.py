@@ -42,6 +42,14 @@ def applies(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def start() -> None:
+    """Start the helper now, ahead of the first launch that needs it (a no-op if it runs or is switched off):
+    its start-up (importing torch and Triton) then overlaps the caller's own, such as loading a model."""
+    with _lock:
+        if _off is None and _helper is None:
+            _start_helper()
+
+
 def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> bool:
     """Whether to launch ``kernel`` with these arguments now; False: it is being compiled, take the torch ops."""
     if _off is not None or not applies(device):
@@ -95,16 +103,9 @@ def _variant(kernel: str, args: tuple, constexprs: dict) -> tuple | None:
 
 
 def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict) -> None:
-    global _helper
     _asked.add(variant)
-    if _helper is None:
-        try:
-            _helper = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL)
-            os.set_blocking(_helper.stdout.fileno(), False)  # replies are read as they come, never waited for
-        except OSError as err:
-            _give_up(f"the helper did not start: {err}")
-            return
+    if _helper is None and not _start_helper():
+        return
     request = {"id": len(_asked), "kernel": kernel, "constexprs": constexprs,
                "args": [{"dtype": str(a.dtype).removeprefix("torch.")} if isinstance(a, torch.Tensor) else a
                         for a in args]}
@@ -115,6 +116,18 @@ def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict) -> None:
         _give_up(f"the helper stopped: {err}")
         return
     _pending[request["id"]] = (variant, time.monotonic())
+
+
+def _start_helper() -> bool:
+    global _helper
+    try:
+        _helper = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+        os.set_blocking(_helper.stdout.fileno(), False)  # replies are read as they come, never waited for
+    except OSError as err:
+        _give_up(f"the helper did not start: {err}")
+        return False
+    return True
 
 
 def helper_command() -> list[str]:

@@ -37,6 +37,7 @@ from torch import nn
 
 import lorafit
 from lorafit.io import LABELS_NAME
+from lorafit.kernels import triton_warmup
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
@@ -132,6 +133,10 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     if config.train.keep_freed_memory:
         allocator.keep_freed_memory()
     device = device or select_device(config.model.device)
+    lora_dropout = config.lora.get("lora_dropout", 0) if config.train.method == "lora" else 0
+    if device.type == "cuda" and ((isinstance(lora_dropout, (int, float)) and lora_dropout > 0)
+                                  or config.train.model_dropout == "hashed"):
+        triton_warmup.start()  # its start-up (seconds) overlaps loading data and model, not the first steps
     splits = load_splits(config)
     labels = label_set(config, splits) if config.task.type == "classification" else None
     if model is not None and tokenizer is not None:
