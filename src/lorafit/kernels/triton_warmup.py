@@ -5,8 +5,9 @@ first training step with dropout would wait seconds for them. Compiling in a thr
 help: large parts of Triton's compiler hold the GIL. So on a GPU the first launch of each variant (kernel,
 argument dtypes, the divisibility Triton specialises integers on, constexprs) asks a helper process to compile
 it (``JITFunction.warmup`` with dtypes for tensors: it allocates and runs nothing), and returns False: the
-caller takes the torch ops, which apply the same masks. Once the helper reports a variant done, it loads from
-Triton's disk cache. The helper starts on the first request, once per process, and exits with it.
+caller takes the torch ops, which apply the same masks. Once the helper reports a variant done (the kernel and,
+where Triton builds one per signature, its C launcher), it loads from Triton's disk cache. The helper starts
+on the first request (or ``start()``), once per process, and exits with it.
 
 The cost: until then the products round differently (torch's order of additions, not the kernel's), so two
 runs agree to rounding, not bit for bit, in their first steps. ``LORAFIT_TRITON_WARMUP=0`` compiles in the
@@ -182,7 +183,20 @@ def main() -> None:
         reply = {"id": request["id"]}
         try:
             args = [getattr(torch, a["dtype"]) if isinstance(a, dict) else a for a in request["args"]]
-            getattr(triton_jit, request["kernel"]).warmup(*args, grid=(1,), **request["constexprs"])
+            compiled = getattr(triton_jit, request["kernel"]).warmup(*args, grid=(1,), **request["constexprs"])
+            _build_launcher(compiled)
         except Exception as err:  # noqa: BLE001 - any failure: the caller compiles the variant itself
             reply["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         print(json.dumps(reply), file=replies, flush=True)
+
+
+def _build_launcher(compiled) -> None:
+    """The kernel's host-side launcher, where this Triton builds one per signature (a C module compiled on the
+    first launch and kept in Triton's cache; newer Triton launches every kernel through one generic function,
+    and this costs nothing there). Not needed for the kernel itself, so failures are ignored."""
+    from triton.runtime import driver
+
+    try:
+        driver.active.launcher_cls(compiled.src, compiled.metadata)
+    except Exception:  # noqa: BLE001 - the caller then builds it on its first launch, as without the helper
+        pass
