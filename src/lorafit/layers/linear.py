@@ -22,6 +22,12 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _fusable(base: nn.Module) -> bool:
+    """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""
+    plain = type(base).forward is nn.Linear.forward or is_gpt2_conv1d(base)
+    return plain and not base._forward_hooks and not base._forward_pre_hooks
+
+
 class Linear(LoraLayer):
     """LoRA around an ``nn.Linear`` (or a GPT-2 ``Conv1D`` with ``fan_in_fan_out``)."""
 
@@ -100,10 +106,14 @@ class Linear(LoraLayer):
         if self.row_plan is not None:
             return self.row_plan(x, *args, **kwargs)
         names = self.unmerged_active()
-        if not names or args or kwargs or not self._fusable() or any(n in self.lora_magnitude_vector for n in names):
+        # Submodules and parameters straight from their dicts: a step runs this for every adapted layer, and
+        # nn.Module's attribute lookup (after a failed normal one) costs host time a small GPU layer shows.
+        modules = self._modules
+        base, dora = modules["base_layer"], modules["lora_magnitude_vector"]
+        if not names or args or kwargs or not _fusable(base) or (len(dora) and any(n in dora for n in names)):
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        adapters = [LowRank(self.factors_a[n], self.factors_b[n], self.scaling[n], self.dropout[n]) for n in names]
+        a, b = modules[self.a_name]._parameters, modules[self.b_name]._parameters
+        adapters = [LowRank(a[n], b[n], self.scaling[n], self.dropout[n]) for n in names]
         if torch.is_autocast_enabled(x.device.type):
             return self._fused_under_autocast(x, adapters)
         return lora_linear(x, base.weight, base.bias, self.fan_in_fan_out, adapters, self.training)
@@ -126,10 +136,7 @@ class Linear(LoraLayer):
                                [ad._replace(a=cast(ad.a), b=cast(ad.b)) for ad in adapters], self.training)
 
     def _fusable(self) -> bool:
-        """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""
-        base = self.base_layer
-        plain = type(base).forward is nn.Linear.forward or is_gpt2_conv1d(base)
-        return plain and not base._forward_hooks and not base._forward_pre_hooks
+        return _fusable(self._modules["base_layer"])
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
