@@ -17,6 +17,7 @@ variant is given up on (a warning says so) and the kernels compile in the callin
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -128,7 +129,15 @@ def _start_helper() -> bool:
     except OSError as err:
         _give_up(f"the helper did not start: {err}")
         return False
+    atexit.register(_stop, _helper)
     return True
+
+
+def _stop(helper: subprocess.Popen) -> None:
+    """At exit: a compilation still running is of no use to anyone (Triton writes its cache atomically)."""
+    if helper.poll() is None:
+        helper.kill()
+        helper.wait()
 
 
 def helper_command() -> list[str]:
