@@ -34,8 +34,9 @@ _LEVELS = 1 << 16
 # lowbias32's multipliers as signed 32-bit values: torch's int32 arithmetic wraps like uint32's
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)
-# The most elements the eager torch ops mask at once (128 MiB of int64 positions): where Triton is unavailable,
-# or while its kernels are being compiled (triton_warmup.py), the first steps should not need more memory.
+# The most elements the eager torch ops mask at once (128 MiB of int64 positions), where Triton is unavailable
+# or its kernels are still being compiled (triton_warmup.py): a whole activation's positions would be 8 bytes
+# per element.
 _BLOCK = 1 << 24
 
 
