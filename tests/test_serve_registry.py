@@ -620,7 +620,8 @@ def test_the_model_lock_is_granted_in_arrival_order():
 def test_files_that_change_while_read_do_not_load(bert, tmp_path, monkeypatch):
     """A read that overlaps an in-place rewrite can return a config mixing two versions (b's alpha, a's rank)
     that parses with a's weights into an adapter that is neither: the config read again differs, so the load
-    fails and requests keep the version they had. Likewise a weights file whose state changes during the read."""
+    fails and requests keep the version they had. Likewise a weights file whose state changes during every
+    read; one replaced during a single read is read again."""
     reg, local = _registry(bert, tmp_path)
     ids = torch.randint(4, 30, (1, 5))
     first = reg.acquire("a")
@@ -644,9 +645,23 @@ def test_files_that_change_while_read_do_not_load(bert, tmp_path, monkeypatch):
         (path / "adapter_model.safetensors").write_bytes(files[1])  # same bytes, a new modification time
         return files
 
+    reads = []
+
+    def replaced_while_read_once(path):
+        reads.append(path)
+        files = read(path)
+        if len(reads) == 1:  # renamed into place: the next read sees the whole new file
+            tmp = path / "adapter_model.tmp"
+            tmp.write_bytes(files[1])
+            os.replace(tmp, path / "adapter_model.safetensors")
+        return files
+
     monkeypatch.setattr(lorafit, "read_adapter_files", read_while_rewritten)
     os.utime(local / "a" / "adapter_config.json", ns=(6, 6))
     assert reg.acquire("a") is first and reg.stats["load_failures"] == failures + 2
+    monkeypatch.setattr(lorafit, "read_adapter_files", replaced_while_read_once)
+    reg.unload("a")
+    assert reg.load("a").digest == first.digest and reg.stats["load_failures"] == failures + 2 and len(reads) == 2
     monkeypatch.undo()
     os.utime(local / "a" / "adapter_model.safetensors", ns=(7, 7))
     torch.testing.assert_close(_logits(reg, reg.acquire("a"), ids), expected, atol=1e-5, rtol=1e-5)

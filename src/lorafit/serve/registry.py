@@ -51,6 +51,7 @@ FILES = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME)
 # File times come from a coarse clock (milliseconds; seconds on some file systems): a write in the
 # same tick as a look leaves them unchanged. Files changed this recently are compared by content.
 SETTLE_NS = 2_000_000_000
+READ_ATTEMPTS = 3  # reads of an adapter's files before a change during each of them fails the load
 log = logging.getLogger("lorafit.serve")
 
 
@@ -258,21 +259,24 @@ class AdapterRegistry:
     def _read(self, name: str, path: Path) -> tuple[bytes, bytes, bytes | None]:
         """The bytes of config, weights and (optional) labels: everything a version is made of.
 
-        Files rewritten in place while they are read can give bytes of two versions that still parse: a
-        read that overlaps a write sees part of each (a config with the new alpha and the old rank). So
-        the files' states are taken before and after the read, and the small files are read twice; any
-        difference fails the load as a copy in progress would (the next change check tries again)."""
+        Files that change while they are read can give bytes of two versions that still parse: a read
+        that overlaps an in-place write sees part of each (a config with the new alpha and the old rank),
+        and a file replaced between two reads pairs the old config with the new weights. So the files'
+        states are taken before and after the read, and the small files are read twice. A file replaced
+        once (renamed into place) reads whole the next time: after READ_ATTEMPTS reads that all saw a
+        change, the load fails as a copy in progress would (the next change check tries again)."""
         try:
-            before = _file_states(path)
-            config, weights = lorafit.read_adapter_files(path)
-            labels = _read_labels(path)
-            stable = (path / CONFIG_NAME).read_bytes() == config and _read_labels(path) == labels
-            if not stable or _file_states(path) != before:
-                raise ValueError("its files changed while they were read (a copy in progress?)")
+            for _ in range(READ_ATTEMPTS):
+                before = _file_states(path)
+                config, weights = lorafit.read_adapter_files(path)
+                labels = _read_labels(path)
+                stable = (path / CONFIG_NAME).read_bytes() == config and _read_labels(path) == labels
+                if stable and _file_states(path) == before:
+                    return config, weights, labels
+            raise ValueError("its files changed while they were read (a copy in progress?)")
         except (OSError, ValueError) as exc:
             # errors show paths inside the adapter directory only: where it is is the server's business
             raise BadAdapter(f"adapter {name!r}: {str(exc).replace(str(self.root) + os.sep, '')}") from None
-        return config, weights, labels
 
     def _new_version(self, name: str, files: tuple[bytes, bytes, bytes | None], digest: str,
                      signature: tuple | None) -> Entry:
