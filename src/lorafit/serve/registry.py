@@ -15,7 +15,8 @@ Every subdirectory ``DIR/<name>`` holding a PEFT adapter is adapter ``name``.
 - Each load reads the adapter's files once into memory and hashes and parses those
   same bytes, so a version's hash always describes its weights, and a file rewritten
   in place meanwhile cannot crash the process (no memory map). Files that change
-  while they are read fail the load, as a copy in progress does.
+  while they are read are read again; if they change during every read, the load
+  fails as a copy in progress does.
 - On acquire, a changed ``(size, mtime, inode)`` of the files (``labels.json``
   included) triggers a content hash (SHA-256); a different hash reloads the adapter.
   If the new files do not load (a copy still in progress), requests keep the last
