@@ -32,15 +32,20 @@ FAKE_HELPER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def helper(monkeypatch, tmp_path):
-    """The warm-up on for CPU tensors, with fresh state and a stand-in helper; yields (requests log, go file)."""
-    log, go = tmp_path / "requests.jsonl", tmp_path / "go"
-    die = {"value": "0"}
+def _fresh_warmup(monkeypatch) -> None:
+    """The warm-up on, for CPU tensors too, with nothing asked, compiled or running."""
     monkeypatch.setattr(triton_warmup, "applies", lambda device: True)
     monkeypatch.setattr(triton_warmup, "_off", None)
     for name, value in {"_ready": set(), "_pending": {}, "_asked": set(), "_helper": None, "_replies": b""}.items():
         monkeypatch.setattr(triton_warmup, name, value)
+
+
+@pytest.fixture
+def helper(monkeypatch, tmp_path):
+    """A fresh warm-up with a stand-in helper; yields (requests log, go file, die switch)."""
+    log, go = tmp_path / "requests.jsonl", tmp_path / "go"
+    die = {"value": "0"}
+    _fresh_warmup(monkeypatch)
     monkeypatch.setattr(triton_warmup, "helper_command",
                         lambda: [sys.executable, "-c", FAKE_HELPER, str(log), str(go), die["value"]])
     yield log, go, die
@@ -144,10 +149,7 @@ def test_misaligned_tensors_and_the_switch_skip_the_helper(helper, monkeypatch):
 def test_the_real_helper_answers_each_request(monkeypatch, tmp_path):
     """lorafit's own helper command: it starts from any working directory, reads requests and answers each (on a
     machine without a GPU the answer is an error, and the caller then compiles the variant itself)."""
-    monkeypatch.setattr(triton_warmup, "applies", lambda device: True)
-    monkeypatch.setattr(triton_warmup, "_off", None)
-    for name, value in {"_ready": set(), "_pending": {}, "_asked": set(), "_helper": None, "_replies": b""}.items():
-        monkeypatch.setattr(triton_warmup, name, value)
+    _fresh_warmup(monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     args = (torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(64, 64, dtype=torch.bfloat16), 0.5, 64)
