@@ -272,13 +272,23 @@ def test_the_helper_compiles_what_the_launch_then_loads(tmp_path):
 
 def test_start_runs_the_helper_before_any_request(helper):
     log, go, _ = helper
-    triton_warmup.start()
+    triton_warmup.start(torch.device("cpu"))
     first = triton_warmup._helper
     assert first is not None and first.poll() is None
-    triton_warmup.start()  # already running: the same one
+    triton_warmup.start(torch.device("cpu"))  # already running: the same one
     assert triton_warmup._helper is first
     go.touch()
     cpu = torch.device("cpu")
     assert not triton_warmup.ready("_up_kernel", (torch.zeros(4), 16), {}, cpu)
     assert _until(lambda: triton_warmup.ready("_up_kernel", (torch.zeros(4), 16), {}, cpu))
     assert triton_warmup._helper is first and len(_requests(log)) == 1
+
+
+def test_the_helper_sees_only_the_callers_gpu(monkeypatch):
+    """Under torchrun each process's helper compiles on (and, if Triton makes a context, sits on) its own GPU."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert triton_warmup._helper_env(torch.device("cuda", 3))["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, GPU-5d1e,6")
+    env = triton_warmup._helper_env(torch.device("cuda", 1))
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-5d1e" and env["PATH"] == os.environ["PATH"]
+    assert triton_warmup._helper_env(torch.device("cpu"))["CUDA_VISIBLE_DEVICES"] == "4, GPU-5d1e,6"

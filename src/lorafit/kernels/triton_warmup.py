@@ -44,12 +44,13 @@ def applies(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def start() -> None:
-    """Start the helper now, ahead of the first launch that needs it (a no-op if it runs or is switched off):
-    its start-up (importing torch and Triton) then overlaps the caller's own, such as loading a model."""
+def start(device: torch.device) -> None:
+    """Start the helper for ``device`` now, ahead of the first launch that needs it (a no-op if it runs or is
+    switched off): its start-up (importing torch and Triton) then overlaps the caller's own, such as loading
+    a model."""
     with _lock:
         if _off is None and _helper is None:
-            _start_helper()
+            _start_helper(device)
 
 
 def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> bool:
@@ -63,7 +64,7 @@ def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> b
         if _off is not None:
             return True
         if variant not in _asked:
-            _ask(variant, kernel, args, constexprs)
+            _ask(variant, kernel, args, constexprs, device)
         _read_replies()
         if variant in _ready or _off is not None:
             return True
@@ -104,9 +105,9 @@ def _variant(kernel: str, args: tuple, constexprs: dict) -> tuple | None:
     return kernel, tuple(spec), tuple(constexprs.items())
 
 
-def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict) -> None:
+def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict, device: torch.device) -> None:
     _asked.add(variant)
-    if _helper is None and not _start_helper():
+    if _helper is None and not _start_helper(device):
         return
     request = {"id": len(_asked), "kernel": kernel, "constexprs": constexprs,
                "args": [{"dtype": str(a.dtype).removeprefix("torch.")} if isinstance(a, torch.Tensor) else a
@@ -120,11 +121,11 @@ def _ask(variant: tuple, kernel: str, args: tuple, constexprs: dict) -> None:
     _pending[request["id"]] = (variant, time.monotonic())
 
 
-def _start_helper() -> bool:
+def _start_helper(device: torch.device) -> bool:
     global _helper
     try:
         _helper = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL)
+                                   stderr=subprocess.DEVNULL, env=_helper_env(device))
         os.set_blocking(_helper.stdout.fileno(), False)  # replies are read as they come, never waited for
     except OSError as err:
         _give_up(f"the helper did not start: {err}")
@@ -138,6 +139,19 @@ def _stop(helper: subprocess.Popen) -> None:
     if helper.poll() is None:
         helper.kill()
         helper.wait()
+
+
+def _helper_env(device: torch.device) -> dict[str, str]:
+    """The caller's environment (Triton's cache settings included) with only the caller's GPU visible: the
+    helper compiles for that GPU's architecture, and if Triton makes a CUDA context there, it is on the GPU
+    the caller uses (under torchrun each process's helper on its own GPU, not all on the first)."""
+    env = dict(os.environ)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = [v.strip() for v in visible.split(",")] if visible else None
+        env["CUDA_VISIBLE_DEVICES"] = ids[index] if ids and index < len(ids) else str(index)
+    return env
 
 
 def helper_command() -> list[str]:
@@ -179,10 +193,7 @@ def _give_up(reason: str) -> None:
 
 
 def main() -> None:
-    """The helper: compile each requested variant, one JSON line per request. For the current device: the
-    compiled code depends on the GPU's architecture only, and one machine's GPUs share one (a GPU of another
-    would miss the cache, and the caller would compile for it itself). Setting the caller's device would
-    make this process hold a CUDA context on it."""
+    """The helper: compile each requested variant, one JSON line per request, for the one GPU it sees."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever else this process prints goes to stderr: stdout carries the replies only
     from lorafit.kernels import triton_jit

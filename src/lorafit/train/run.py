@@ -136,7 +136,7 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     lora_dropout = config.lora.get("lora_dropout", 0) if config.train.method == "lora" else 0
     if device.type == "cuda" and ((isinstance(lora_dropout, (int, float)) and lora_dropout > 0)
                                   or config.train.model_dropout == "hashed"):
-        triton_warmup.start()  # its start-up (seconds) overlaps loading data and model, not the first steps
+        triton_warmup.start(device)  # its start-up (seconds) overlaps loading data and model, not the first steps
     splits = load_splits(config)
     labels = label_set(config, splits) if config.task.type == "classification" else None
     if model is not None and tokenizer is not None:
