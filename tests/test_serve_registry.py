@@ -640,9 +640,13 @@ def test_files_that_change_while_read_do_not_load(bert, tmp_path, monkeypatch):
     failures = reg.stats["load_failures"]
     assert reg.acquire("a") is first and reg.stats["load_failures"] == failures + 1
 
+    stamps = iter(range(100, 200))
+
     def read_while_rewritten(path):
         files = read(path)
-        (path / "adapter_model.safetensors").write_bytes(files[1])  # same bytes, a new modification time
+        weights = path / "adapter_model.safetensors"
+        weights.write_bytes(files[1])  # same bytes; a new modification time, whatever the clock's resolution
+        os.utime(weights, ns=(next(stamps),) * 2)
         return files
 
     reads = []
