@@ -110,7 +110,7 @@ def test_launchers_return_to_the_torch_ops_until_the_helper_is_done(helper, monk
     go.touch()
     assert _until(lambda: triton_kernels.run(triton_kernels.down, x, a, key, t) is not None)
     torch.testing.assert_close(triton_kernels.run(triton_kernels.down, x, a, key, t), want)
-    assert triton_kernels.available(torch.device("cpu")) is not None and triton_kernels._unavailable is None
+    assert triton_kernels._unavailable is None  # not ready yet is no failure: the kernels stay enabled
     torch.testing.assert_close(triton_kernels.down(x[:, :16], a[:, :16]), x[:, :16] @ a[:, :16].T)
 
 

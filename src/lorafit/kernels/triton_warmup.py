@@ -66,23 +66,15 @@ def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> b
         if variant not in _asked:
             _ask(variant, kernel, args, constexprs, device)
         _read_replies()
-        if variant in _ready or _off is not None:
-            return True
-        if any(v == variant and time.monotonic() - t > TIMEOUT_S for v, t in _pending.values()):
-            _give_up(f"no reply within {TIMEOUT_S:.0f} s")
-            return True
-        return False
+        return variant in _ready or _off is not None
 
 
 def wait() -> None:
     """Block until the helper has compiled every variant asked for so far (for benchmarks that time the
-    steady state after a first step)."""
-    start = time.monotonic()
+    steady state after a first step); at most until the oldest request is TIMEOUT_S old."""
     while _pending:
         with _lock:
             _read_replies()
-            if _pending and time.monotonic() - start > TIMEOUT_S:
-                _give_up(f"no reply within {TIMEOUT_S:.0f} s")
         time.sleep(0.01)
 
 
@@ -179,6 +171,8 @@ def _read_replies() -> None:
             _ready.add(variant)  # a variant the helper could not compile compiles here, and fails here if it must
     if _pending and _helper is not None and _helper.poll() is not None:
         _give_up(f"the helper exited with status {_helper.returncode}")
+    elif _pending and time.monotonic() - min(t for _, t in _pending.values()) > TIMEOUT_S:
+        _give_up(f"no reply within {TIMEOUT_S:.0f} s")
 
 
 def _give_up(reason: str) -> None:
