@@ -150,8 +150,18 @@ def _triton_rows(row: dict, x, a, gh, gx, key, t) -> None:
     row["x A^T cuBLAS, host us"] = _host_us(lambda: x @ a.T)
     row["new mask key, host us"] = _host_us(lambda: mask.new_key(x.device))
     row["down triton masked, launcher, host us"] = _host_us(lambda: triton_kernels.down(x, a, key, t))
-    row["down triton masked, bare launch, host us"] = _host_us(lambda: bare(
-        x, a, h, key, t, m, k, r, x.stride(0), a.stride(0), MASKED=True, PRECISION="tf32", BM=bm, BK=bk, BR=16))
+    args = (x, a, h, key, t, m, k, r, x.stride(0), a.stride(0))
+    constexprs = dict(MASKED=True, PRECISION="tf32", BM=bm, BK=bk, BR=16)
+    row["down triton masked, bare launch, host us"] = _host_us(lambda: bare(*args, **constexprs))
+    # the compiled kernel called directly, without JITFunction.run's binding and cache lookup: what a launcher
+    # that kept its compiled kernels itself would cost (the runner takes every parameter, constexprs included)
+    try:
+        runner = bare(*args, **constexprs)[(-(-m // bm), 1, 1)]
+        row["down triton masked, compiled kernel's runner, host us"] = _host_us(
+            lambda: runner(*args, *constexprs.values()))
+    except Exception as err:  # noqa: BLE001 - a Triton whose compiled kernels take other arguments: no row
+        print(f"compiled kernel's runner: {type(err).__name__}: {err}")
+        row["down triton masked, compiled kernel's runner, host us"] = float("nan")
 
 
 def _order_rows(row: dict, x, g, w, a, b, gh) -> None:

@@ -34,9 +34,9 @@ _LEVELS = 1 << 16
 # lowbias32's multipliers as signed 32-bit values: torch's int32 arithmetic wraps like uint32's
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)
-# The most elements the eager torch ops mask at once (128 MiB of int64 positions), where Triton is unavailable
-# or its kernels are still being compiled (triton_warmup.py): a whole activation's positions would be 8 bytes
-# per element.
+# The most elements the eager torch ops mask at once, where Triton is unavailable or its kernels are still
+# being compiled (triton_warmup.py): keep_mask's temporaries take 4 bytes per element they cover (8 past 2^31
+# elements), a few hundred MB for a whole large activation.
 _BLOCK = 1 << 24
 
 
@@ -59,11 +59,14 @@ def keep_mask(rows: int, cols: int, key: torch.Tensor, t: int, first_row: int = 
     """The bool keep-mask of ``key`` at threshold ``t`` (see ``threshold``) for rows ``first_row`` to
     ``first_row + rows`` of a matrix with ``cols`` columns: plain torch ops, on key's device."""
     device = key.device
-    # positions in int64, then mod 2^32 as a signed int32: exact at any size (int32 products of a row
-    # index and cols would overflow past 2^31 elements)
-    i = torch.arange(first_row, first_row + rows, dtype=torch.int64, device=device)[:, None] * cols
-    i = (i + torch.arange(cols, dtype=torch.int64, device=device)) & 0xFFFFFFFF
-    v = torch.where(i >= 1 << 31, i - (1 << 32), i).to(torch.int32) ^ key
+    # the positions of a block of whole rows are consecutive: row * cols + col runs from first_row * cols on
+    start, n = first_row * cols, rows * cols
+    if start + n < 1 << 31:
+        v = torch.arange(start, start + n, dtype=torch.int32, device=device)
+    else:  # in int64, then mod 2^32 as a signed int32: exact at any size (an int32 arange would overflow)
+        i = torch.arange(start, start + n, dtype=torch.int64, device=device) & 0xFFFFFFFF
+        v = torch.where(i >= 1 << 31, i - (1 << 32), i).to(torch.int32)
+    v = v.view(rows, cols) ^ key
     v = (v ^ _shift_right(v, 16)) * _M1
     v = (v ^ _shift_right(v, 15)) * _M2
     # v uniform over int32: v >= t with t = drop 2^16 - 2^31 drops drop / 2^16 of the elements,
@@ -71,21 +74,22 @@ def keep_mask(rows: int, cols: int, key: torch.Tensor, t: int, first_row: int = 
     return v >= t
 
 
-def dropped(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0) -> torch.Tensor:
-    """A new tensor: scale * x where ``keep_mask`` keeps, else 0, for 2-D x."""
+def dropped(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0, triton: bool = True) -> torch.Tensor:
+    """A new tensor: scale * x where ``keep_mask`` keeps, else 0, for 2-D x. ``triton``: whether the Triton mask
+    kernel may run (products.py says False where a product's own kernel is still being compiled)."""
     if cpu.serves(x):
         if x.dtype == torch.float32 and scale != 1.0:
             return cpu.dropout_scale(x, int(key), t, scale)  # mask and rescale in one pass
         out = torch.empty(x.shape, dtype=x.dtype)
         cpu.mask_into(x, out, int(key), t)
         return out.mul_(scale) if scale != 1.0 else out
-    if (x.dtype != torch.float64 and triton_kernels.available(x.device) and not torch.compiler.is_compiling()
+    if (triton and x.dtype != torch.float64 and triton_kernels.available(x.device) and not torch.compiler.is_compiling()
             and (out := triton_kernels.run(triton_kernels.mask_scale, x, key, t, scale)) is not None):
         return out
     rows, cols = x.shape
     if x.numel() <= _BLOCK or torch.compiler.is_compiling():  # inductor fuses the mask: no temporaries
         kept = torch.where(keep_mask(rows, cols, key, t), x, 0)
-    else:  # a block of rows at a time: keep_mask's temporaries take 8 bytes per element of what they cover
+    else:  # a block of rows at a time: keep_mask's temporaries take 4-8 bytes per element covered
         kept, zero = torch.empty_like(x), x.new_zeros(())
         step = max(1, _BLOCK // cols)
         for first in range(0, rows, step):

@@ -34,14 +34,15 @@ from lorafit.kernels import cpu, mask, triton_kernels
 _MAX_RANK_MASKED, _MAX_RANK_PLAIN = 16, 8
 
 
-def backend(r: int, key, *tensors: torch.Tensor | None) -> str:
-    """"c", "triton" or "torch": which implementation runs a product of rank r over these tensors."""
+def backend(r: int, key, *tensors: torch.Tensor | None, triton: bool = True) -> str:
+    """"c", "triton" or "torch": which implementation runs a product of rank r over these tensors (not "triton"
+    where ``triton`` is False)."""
     given = [x for x in tensors if x is not None]
     device = given[0].device
     if device.type == "cpu" and r <= (_MAX_RANK_PLAIN if key is None else _MAX_RANK_MASKED) and all(
             x.dtype == torch.float32 for x in given) and cpu.serves(given[0]):
         return "c"
-    if key is not None and triton_kernels.serves_rank(r) and triton_kernels.available(device) and all(
+    if triton and key is not None and triton_kernels.serves_rank(r) and triton_kernels.available(device) and all(
             x.dtype != torch.float64 for x in given) and not cpu.serves(given[0]):
         return "triton"
     return "torch"
@@ -51,31 +52,33 @@ def _ints(key, t) -> tuple:
     return (None, 0) if key is None else (int(key), t)
 
 
-def down(x: torch.Tensor, a: torch.Tensor, key=None, t: int = 0) -> torch.Tensor:
-    """mask(x) A^T, in A's dtype."""
-    where = backend(a.shape[0], key, x, a)
+def down(x: torch.Tensor, a: torch.Tensor, key=None, t: int = 0, triton: bool = True) -> torch.Tensor:
+    """mask(x) A^T, in A's dtype. ``triton``: whether Triton kernels may run (see ``grad_a_and_up``)."""
+    where = backend(a.shape[0], key, x, a, triton=triton)
     if where == "c":
         return cpu.lora_down(x, a, *_ints(key, t))
     if where == "triton" and (h := triton_kernels.run(triton_kernels.down, x, a, key, t)) is not None:
         return h
     x = x.to(a.dtype)
-    return (x if key is None else mask.dropped(x, key, t)) @ a.T
+    # where the kernel was tried and is still being compiled, the mask runs as torch ops too (see grad_a_and_up)
+    return (x if key is None else mask.dropped(x, key, t, triton=triton and where != "triton")) @ a.T
 
 
 def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None,
-       start: torch.Tensor | None = None, dtype: torch.dtype | None = None, key=None, t: int = 0) -> torch.Tensor:
+       start: torch.Tensor | None = None, dtype: torch.dtype | None = None, key=None, t: int = 0,
+       triton: bool = True) -> torch.Tensor:
     """out + s mask(H B^T), formed in out; where out is None, a new tensor start + s mask(H B^T) in ``dtype``
     (default B's), start being None (zeros), a bias vector or a matrix of the output's shape."""
     dtype = out.dtype if out is not None else dtype or b.dtype
-    where = backend(b.shape[1], key, h, b, out, start)
+    where = backend(b.shape[1], key, h, b, out, start, triton=triton)
     if (where == "c" and dtype == torch.float32 and (out is None or (key is not None and out.stride(-1) == 1))
             and (start is None or start.stride(-1) == 1)):
         return cpu.lora_up(h, b.T, s, out, start, *_ints(key, t))
-    if (where == "triton" and start is None and (out is None or out.stride(-1) == 1)
-            and (done := triton_kernels.run(triton_kernels.up, h, b.T, s, out, dtype, key, t)) is not None):
+    tried = where == "triton" and start is None and (out is None or out.stride(-1) == 1)
+    if tried and (done := triton_kernels.run(triton_kernels.up, h, b.T, s, out, dtype, key, t)) is not None:
         return done
     if key is not None:
-        part = mask.dropped((h @ b.T).mul_(s), key, t)
+        part = mask.dropped((h @ b.T).mul_(s), key, t, triton=triton and not tried)
         if out is not None:
             return out.add_(part)
         part = part.to(dtype)
@@ -88,16 +91,17 @@ def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = No
     return part if start is None else part.add_(start)
 
 
-def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0, scale: float = 1.0) -> torch.Tensor:
+def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0, scale: float = 1.0,
+           triton: bool = True) -> torch.Tensor:
     """scale G^T mask(x), in G's dtype: a new tensor."""
-    where = backend(g.shape[1], key, g, x)
+    where = backend(g.shape[1], key, g, x, triton=triton)
     if where == "c":
         out = cpu.lora_grad_a(g, x, *_ints(key, t))
     elif where == "triton" and (out := triton_kernels.run(triton_kernels.grad_a, g, x, key, t, scale)) is not None:
         return out  # the scale applied inside: no launch of its own
     else:
         x = x.to(g.dtype)
-        out = torch.mm(g.T, x if key is None else mask.dropped(x, key, t))
+        out = torch.mm(g.T, x if key is None else mask.dropped(x, key, t, triton=triton and where != "triton"))
     return out.mul_(scale) if scale != 1.0 else out
 
 
@@ -105,12 +109,17 @@ def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key, t: int
                   out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_a(G, x, key, t, scale_a), up(G, A^T, scale_up, out, None, dtype, key, t)): A's gradient and dx's
     low-rank part of a masked adapter. On CUDA one Triton kernel computes both (one launch, one hash of the
-    mask per tile); elsewhere the two products above."""
-    if (backend(g.shape[1], key, g, x, a, out) == "triton" and (out is None or out.stride(-1) == 1) and (
-            done := triton_kernels.run(triton_kernels.grad_a_and_up, g, x, a, key, t, scale_a, scale_up, out,
-                                       dtype)) is not None):
+    mask per tile); elsewhere the two products above.
+
+    Where that kernel was tried and is still being compiled (triton_warmup.py), the two products and their
+    masks run as torch ops: asking the warm-up helper for their kernels too would queue variants that later
+    steps never launch ahead of the ones they do."""
+    tried = backend(g.shape[1], key, g, x, a, out) == "triton" and (out is None or out.stride(-1) == 1)
+    if tried and (done := triton_kernels.run(triton_kernels.grad_a_and_up, g, x, a, key, t, scale_a, scale_up, out,
+                                             dtype)) is not None:
         return done
-    return grad_a(g, x, key, t, scale_a), up(g, a.T, scale_up, out, None, dtype, key, t)
+    return (grad_a(g, x, key, t, scale_a, triton=not tried),
+            up(g, a.T, scale_up, out, None, dtype, key, t, triton=not tried))
 
 
 def grad_b(g: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
