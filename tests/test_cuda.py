@@ -183,3 +183,47 @@ def test_a_training_step_never_waits_for_the_gpu(dtype):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_causal_lm_training_step_never_waits_for_the_gpu():
+    """`lorafit train`'s causal-LM step on a right-padded batch from collate (no attention mask reaches the
+    model; the loss positions come with the batch), LoRA with dropout, backward and AdamW: no host sync after
+    the first step (which checks the model's head once)."""
+    from lorafit.train.config import RunConfig
+    from lorafit.train.loop import _on_device
+    from lorafit.train.tasks import IGNORE, CausalLM
+
+    class Tok:
+        chat_template, pad_token_id = None, 0
+
+        def __len__(self) -> int:
+            return 256
+
+    model = _llama(torch.bfloat16)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    task = CausalLM(RunConfig(), Tok())
+    gen = torch.Generator().manual_seed(0)
+    feats = []
+    for n in (40, 17, 33):
+        ids = torch.randint(1, 256, (n,), generator=gen).tolist()
+        feats.append({"input_ids": ids, "labels": [IGNORE] * (n // 2) + ids[n // 2:]})
+    cpu_batch = task.collate(feats)
+
+    def step():
+        batch = _on_device(cpu_batch, torch.device(DEVICE))
+        (task.loss_sum(model, batch) / int(cpu_batch["units"])).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)

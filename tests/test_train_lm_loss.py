@@ -37,7 +37,12 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
         labels[row, start:end] = ids[row, start:end]
         mask[row, end:] = 0
         ids[row, end:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return with_positions({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+def with_positions(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with the loss positions collate adds."""
+    return dict(b, **tasks.loss_positions(b["labels"]))
 
 
 def reference_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -94,6 +99,28 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss(monkeypatch, tied
         torch.testing.assert_close(task.loss_sum(model, b), expected.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_right_padded_batch_gives_each_rows_loss_alone():
+    """The model sees no attention mask (collate pads on the right, and causal attention never looks ahead), yet
+    the batch's loss is the sum of its rows' losses computed alone, without padding."""
+    model = tiny()
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(model)
+    seen = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                          with_kwargs=True)
+    task = CausalLM(RunConfig(), Tok())
+    b = batch(4)
+    with torch.no_grad():
+        total = task.loss_sum(model, b)
+        assert seen and all(m is None for m in seen)
+        alone = []
+        for row in range(len(b["input_ids"])):
+            n = int(b["attention_mask"][row].sum())
+            cut = {k: b[k][row:row + 1, :n] for k in ("input_ids", "attention_mask", "labels")}
+            alone.append(task.loss_sum(model, with_positions(cut)))
+    torch.testing.assert_close(total, sum(alone), rtol=1e-5, atol=1e-5)
+
+
 def test_chunks_hold_a_bounded_number_of_logits(monkeypatch):
     """Whatever the batch, no tensor of more than one chunk's logits is made (the whole batch's would be 4 x 24)."""
     model = tiny()
@@ -104,6 +131,7 @@ def test_chunks_hold_a_bounded_number_of_logits(monkeypatch):
     b = batch(1)
     task.loss_sum(model, b).backward()
     targets = int((b["labels"][:, 1:] != IGNORE).sum())
+    shapes = [s for s in shapes if 0 not in s]  # the model's own call of its head, on no position
     assert all(len(s) == 2 for s in shapes) and max(s[0] for s in shapes) == 5
     # each chunk and its recomputation in backward, + 2 rows: the probe of the first batch (model, then ours)
     assert sum(s[0] for s in shapes) == 2 * targets + 2
@@ -196,7 +224,7 @@ def test_a_packed_batch_gives_the_unpacked_losses_and_gradients():
                 labels = torch.full_like(packed_batch["labels"], IGNORE)
                 labels[row, start:end] = packed_batch["labels"][row, start:end]
                 alone = next(x for x in feats if x["input_ids"] == f["input_ids"][start:end])
-                torch.testing.assert_close(task.loss_sum(model, dict(packed_batch, labels=labels)),
+                torch.testing.assert_close(task.loss_sum(model, with_positions(dict(packed_batch, labels=labels))),
                                            task.loss_sum(model, task.collate([alone])), rtol=1e-5, atol=1e-5)
 
 

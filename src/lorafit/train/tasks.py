@@ -485,25 +485,35 @@ class CausalLM(_Generative):
             raise ValueError(f"task.packing: {type(model).__name__} attends across packed examples (its attention "
                              "does not take packed position ids); set task.packing = false")
 
+    def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().collate(feats)
+        batch.update(loss_positions(batch["labels"]))
+        return batch
+
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Logits only at the positions that carry loss, a chunk of rows at a time: full-vocabulary float32
-        logits for every position would be batch x length x vocabulary floats, gigabytes per batch."""
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE
-        where = nn.functional.pad(keep, (0, 1))  # the hidden state at position t predicts token t + 1
-        # use_cache: the config's default (True) would keep every layer's keys and values for a next token
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        if "position_ids" in batch:  # packed: without a 2-D mask, transformers masks attention across examples
-            del inputs["attention_mask"]
+        logits for every position would be batch x length x vocabulary floats, gigabytes per batch. The
+        positions come with the batch (``loss_positions``), so the host never waits for the device here."""
+        positions, targets = batch["loss_positions"], batch["loss_targets"]
+        # use_cache: the config's default (True) would keep every layer's keys and values for a next token.
+        # No attention mask: collate pads on the right, so under causal attention no real token sees the padding
+        # (the logits at real tokens are the masked ones), and the padding carries no loss. Without a mask SDPA
+        # runs its causal kernels (flash attention on GPUs, not the masked ones), and transformers builds no
+        # mask and does not read one back from the device to check it for padding.
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if "position_ids" in batch:  # packed: transformers masks attention across the examples these mark
             inputs["position_ids"] = batch["position_ids"]
         if self._plain_head is None:
-            self._plain_head = _head_is_plain(model, inputs, where)
-        if not self._plain_head:  # the model's own head and logit transform, on every loss position at once
-            logits = model(**inputs, logits_to_keep=where).logits
-            return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        hidden, _ = _forward_hidden(model, inputs, torch.zeros_like(where))  # the model's head: no position
+            self._plain_head = _head_is_plain(model, inputs, positions)
+        if not self._plain_head:  # the model's own head and logit transform, at the loss positions (a boolean mask)
+            ids = batch["input_ids"]
+            where = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device).index_fill_(0, positions, True)
+            logits = model(**inputs, logits_to_keep=where.view_as(ids)).logits
+            return nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        hidden, _ = _forward_hidden(model, inputs, positions[:0])  # no position: the head runs below
         rows = max(1, LOSS_CHUNK_LOGITS // len(self.tok))
-        return chunked_cross_entropy(unwrap(model).get_output_embeddings(), hidden[where], targets[keep], rows)
+        return chunked_cross_entropy(unwrap(model).get_output_embeddings(), hidden.flatten(0, 1)[positions], targets,
+                                     rows)
 
     @torch.no_grad()
     def generate(self, model, prompts, device, batch_size, autocast, synced: bool = False) -> list[str]:
@@ -538,31 +548,44 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
     return total
 
 
-def _forward_hidden(model: nn.Module, inputs: dict, logits_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The body's output (what the head reads) and the model's logits where ``logits_at`` is true, from one
-    forward through ``model`` itself: a DDP wrapper must see the forward to sync the gradients."""
+def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For a batch's labels (IGNORE where no loss): ``loss_positions``, the flat indices (row * length + t) of
+    the hidden states that predict a target (position t predicts token t + 1), and ``loss_targets``, those
+    targets. Computed from the labels on the CPU, where collate makes them: selecting positions of a known
+    count on the device makes the host wait for nothing, where a boolean mask would (its count is read back)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows, cols = keep.nonzero(as_tuple=True)
+    return {"loss_positions": rows * labels.shape[1] + cols, "loss_targets": targets[keep]}
+
+
+def _forward_hidden(model: nn.Module, inputs: dict, logits_to_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body's output (what the head reads) and the model's logits at ``logits_to_keep`` (transformers'
+    argument: a boolean mask, or positions kept in every row), from one forward through ``model`` itself: a
+    DDP wrapper must see the forward to sync the gradients."""
     captured = []
     hook = unwrap(model).base_model.register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
-        logits = model(**inputs, logits_to_keep=logits_at).logits
+        logits = model(**inputs, logits_to_keep=logits_to_keep).logits
     finally:
         hook.remove()
     return captured[0], logits
 
 
-def _head_is_plain(model: nn.Module, inputs: dict, where: torch.Tensor) -> bool:
+def _head_is_plain(model: nn.Module, inputs: dict, positions: torch.Tensor) -> bool:
     """Whether the logits are the output embeddings of the hidden state, so the loss can apply them itself.
 
     Not under FSDP (the head's weight is resharded after the forward), nor for a model that transforms its
-    logits (Gemma's soft-capping, Cohere's and Granite's scales): compared on one loss position."""
+    logits (Gemma's soft-capping, Cohere's and Granite's scales): compared on the first loss position."""
     head = unwrap(model).get_output_embeddings()
     if head is None or hasattr(model, "unshard"):  # unshard: a module sharded by FSDP's fully_shard
         return False
-    first = torch.zeros_like(where).flatten()
-    first[int(where.flatten().nonzero()[0])] = True
-    first = first.view_as(where)
+    ids = inputs["input_ids"]
+    first = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+    first[positions[:1]] = True
+    first = first.view_as(ids)
     # fork_rng: dropout draws no random numbers here, so a resumed run draws what an uninterrupted one did
-    with torch.no_grad(), torch.random.fork_rng(devices=[where.device] if where.device.type == "cuda" else []):
+    with torch.no_grad(), torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
         hidden, logits = _forward_hidden(model, inputs, first)
         return torch.allclose(head(hidden[first]), logits)
 
