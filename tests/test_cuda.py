@@ -173,7 +173,14 @@ def test_a_training_step_never_waits_for_the_gpu(dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # the first: Triton compiles, the caching allocators fill
+    _steps_without_sync(step)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def _steps_without_sync(step) -> None:
+    """step() once (Triton compiles, the caching allocators fill, a first batch's checks run), then twice under
+    torch's sync debug mode, which raises on any host sync."""
+    step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -182,7 +189,6 @@ def test_a_training_step_never_waits_for_the_gpu(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert all(torch.isfinite(p).all() for p in params)
 
 
 def test_a_causal_lm_training_step_never_waits_for_the_gpu():
@@ -217,13 +223,5 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(2):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    _steps_without_sync(step)
     assert all(torch.isfinite(p).all() for p in params)
