@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -8,7 +10,9 @@ from hypothesis import settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the Arrow copies of the tests' data files and their tokens stay out of the user's cache (lorafit.train.sources)
+# (tens of MB a run, removed when the run ends)
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lorafit-tests-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 # the CUDA tests check the Triton kernels from their first call; test_triton_warmup.py turns the helper on
 os.environ.setdefault("LORAFIT_TRITON_WARMUP", "0")
 
