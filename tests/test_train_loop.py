@@ -406,6 +406,42 @@ def test_bf16_autocast_gradient_checkpointing_and_early_stopping(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in evals)
 
 
+def test_float16_weights_train_float32_adapters_with_loss_scaling_and_resume_exactly(tmp_path):
+    """model.dtype = float16: AdamW on float16 adapters gives NaN at the first step (its moments underflow), so
+    the adapters train in float32 under float16 autocast with loss scaling, which turns on by itself; the
+    scaler's state is in the checkpoints, so a resumed run ends where an uninterrupted one does."""
+    lora = 'r = 4\nlora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = "all-linear"'
+    config = instruction_setup(tmp_path, 24, lora=lora,
+                               train="epochs = 4\nbatch_size = 8\nlr = 1e-2\nsave_every = 3\nlog_every = 1")
+    args = ["model.dtype=float16", "train.num_threads=1"]
+    full = train(config, args + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    losses = train_losses(tmp_path / "a")
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    trained = [p for p in full.model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert {p.dtype for p in full.model.parameters() if not p.requires_grad} == {torch.float16}
+    assert "fp16 = false" in (tmp_path / "a" / "config.toml").read_text()  # what was asked: resume compares it
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(tmp_path / "a").values())
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step-0000012" / "state.json").read_text())
+    assert state["loss_scale"]["scale"] > 0
+
+    resumed_args = args + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, resumed_args, callbacks=(crash_at(8),), progress=False)  # last checkpoint: step 6
+    train(config, resumed_args, resume=True, progress=False)
+    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+    # the scaler went on from its saved state (a fresh one would count 6 good steps since the resume, not 12)
+    resumed = json.loads((tmp_path / "b" / "checkpoints" / "step-0000012" / "state.json").read_text())
+    assert resumed["loss_scale"] == state["loss_scale"] and state["loss_scale"]["_growth_tracker"] == 12
+
+
+def test_float16_weights_refuse_full_fine_tuning(tmp_path):
+    config = instruction_setup(tmp_path, 8)
+    with pytest.raises(ValueError, match="full fine-tuning would update float16 weights"):
+        train(config, ["model.dtype=float16", "train.method=full"], progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_compiled_blocks_train_as_the_eager_model_does(tmp_path):
     """train.compile: each transformer block runs under torch.compile (aot_eager here, which runs the traced
     graphs with eager kernels: the same numbers, and the same dropout masks from the same seed); the run ends

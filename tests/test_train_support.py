@@ -195,6 +195,10 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_config(path, ["lora.r=0"])
     with pytest.raises(ValueError, match="expects key=value"):
         load_config(path, ["train.lr"])
+    with pytest.raises(ValueError, match="train.fp16 and train.bf16 are both set"):
+        load_config(path, ["train.fp16=true", "train.bf16=true"])
+    with pytest.raises(ValueError, match="train.fp16 .* not supported with train.distributed = 'fsdp'"):
+        load_config(path, ["train.fp16=true", "train.distributed=fsdp"])
 
 
 def test_unknown_keys_suggest_the_closest(tmp_path):

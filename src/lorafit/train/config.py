@@ -123,6 +123,8 @@ class TrainSection:
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
     seed: int = 0
     bf16: bool = False  # bfloat16 autocast for forward and loss
+    # float16 autocast with loss scaling (GPUs without bfloat16); on by itself for float16 weights under LoRA
+    fp16: bool = False
     gradient_checkpointing: bool = False
     # torch.compile each transformer block (model._no_split_modules) with compile_backend; see docs/TRAINING.md
     compile: bool = False
@@ -267,6 +269,10 @@ class RunConfig:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
         if self.model.quantize not in QUANTIZE_BITS:
             bad("model.quantize", f"must be 0 (no quantization), 4 (NF4) or 8 (int8), got {self.model.quantize}")
+        if self.train.bf16 and self.train.fp16:
+            bad("train.fp16", "and train.bf16 are both set: pick one autocast dtype")
+        if self.train.fp16 and self.train.distributed == "fsdp":
+            bad("train.fp16", "(loss scaling) is not supported with train.distributed = 'fsdp': use train.bf16")
         if self.model.quantize and self.train.method != "lora":
             bad("model.quantize", f"= {self.model.quantize} quantizes the frozen base under LoRA; train.method "
                 f"{self.train.method!r} trains the base weights themselves, so it needs model.quantize = 0")

@@ -49,6 +49,7 @@ class LoopState:
     train_seconds: float = 0.0  # wall time spent in the loop, summed over resumed sessions
     eval_seconds: float = 0.0  # the part of train_seconds spent evaluating on the validation set
     last_eval_step: int = -1
+    loss_scale: dict | None = None  # train.fp16: the loss scaler's state (torch.amp.GradScaler.state_dict)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,10 +93,12 @@ def total_steps(n_rows: int, t: TrainSection) -> int:
     return t.max_steps or t.epochs * steps_per_epoch(n_rows, t.batch_size, t.grad_accum)
 
 
-def autocast_for(device: torch.device, bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    if not bf16:
+def autocast_for(device: torch.device, t: TrainSection) -> Callable[[], contextlib.AbstractContextManager]:
+    """train.bf16 / train.fp16: the forward and the loss under autocast in that dtype."""
+    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+    if dtype is None:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def fit(
@@ -155,7 +158,12 @@ class _Session:
         self.task, self.eval_features, self.t, self.device = task, eval_features, t, device
         self.run_dir, self.log, self.metric, self.state, self.total = run_dir, log, metric, state, total
         self.callbacks, self.dist, self.bar = callbacks, dist, bar
-        self.autocast = autocast_for(device, t.bf16)
+        self.autocast = autocast_for(device, t)
+        # float16 gradients underflow without a scaled loss; the scaler skips steps whose gradients overflowed
+        # and reads that back from the device each step (a host sync that bfloat16 and float32 runs do not make)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
+        if t.fp16 and state.loss_scale is not None:
+            self.scaler.load_state_dict(state.loss_scale)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.greater = task.greater_is_better(metric)
         self.evaluating = bool(eval_features)
@@ -184,14 +192,16 @@ class _Session:
                     loss = self.task.loss_sum(self.wrapped, batch)
                 if not real:
                     loss = loss * 0.0  # this process has no row here but must join the gradient sync
-                (loss / max(units, 1)).backward()
+                self.scaler.scale(loss / max(units, 1)).backward()
             if real:
                 self.pending.add(loss, tokens, state.step + 1)
         state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
         grad_norm = None
         if t.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -267,6 +277,8 @@ class _Session:
         self.read_back()
         self.state.train_seconds += time.perf_counter() - self.clock
         self.clock = time.perf_counter()
+        if self.scaler.is_enabled():
+            self.state.loss_scale = self.scaler.state_dict()
         ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, asdict(self.state), self.dist)
 
     def evaluate(self) -> None:

@@ -28,6 +28,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from lorafit.kernels import triton_warmup
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
-from lorafit.train.config import RunConfig, load_config
+from lorafit.train.config import RunConfig, TrainSection, load_config
 from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import LoopState, fit, total_steps
@@ -80,6 +81,13 @@ class Prepared:
     splits: Splits
     labels: list | None
     device: torch.device
+    float16_autocast: bool = False  # set by _train_in_float32: float16 weights train under train.fp16's autocast
+
+    def train_settings(self) -> TrainSection:
+        """config.train as the loop runs it: with train.fp16 on where float16 weights need it (the saved config
+        keeps what was asked for, so a resumed run compares equal)."""
+        t = self.config.train
+        return dataclasses.replace(t, fp16=True) if self.float16_autocast else t
 
 
 @dataclass(frozen=True)
@@ -193,15 +201,42 @@ def quantize_for(prep: Prepared) -> None:
         raise ValueError(f"model.quantize = {bits}: {exc}") from None
 
 
+def _train_in_float32(prep: Prepared) -> None:
+    """A float16 base under LoRA: AdamW's moments underflow in float16 (squared gradients below 6e-8 become 0,
+    and so does its eps: NaN within the first steps), so every trained parameter (factors, modules_to_save
+    copies, trained biases) is kept in float32, as PEFT keeps adapters, and the steps run under autocast, in
+    float16 with loss scaling (train.fp16) unless train.bf16 is set: autocast gives the float32 parameters and
+    the float16 weights one compute dtype."""
+    for p in prep.model.parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            p.data = p.data.float()
+    t = prep.config.train
+    if not (t.bf16 or t.fp16):
+        if t.distributed == "fsdp":
+            raise ValueError("model.dtype: float16 weights train under float16 autocast with loss scaling, which "
+                             "train.distributed = 'fsdp' does not support: set train.bf16 = true, or use "
+                             "model.dtype = 'bfloat16'")
+        prep.float16_autocast = True
+        print("lorafit: float16 weights: the adapters train in float32 under float16 autocast with loss scaling "
+              "(as train.fp16 = true)")
+
+
 def apply_method(prep: Prepared) -> Callable[[], None]:
     """The model made ready to train by train.method (and model.quantize, train.model_dropout,
     train.gradient_checkpointing, train.compile), on its device. Returns what puts the model's own dropout
     modules and uncompiled blocks back: a caller's model= leaves the run as it came, adapter aside."""
     model = prep.model
+    float16 = any(p.dtype == torch.float16 for p in model.parameters())
     if prep.config.train.method == "lora":
         quantize_for(prep)
         torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
         lorafit.attach(model, prep.config.lora_config(base_model=prep.source.path))
+        if float16:
+            _train_in_float32(prep)
+    elif float16:
+        raise ValueError("model.dtype: full fine-tuning would update float16 weights in place, and AdamW's moments "
+                         "underflow in float16 (NaN within the first steps); use 'bfloat16', or 'float32' with "
+                         "train.fp16 = true")
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -539,8 +574,8 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
               f"  {_processes(dist)}")
         log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
         try:
-            state = fit(prep.model, prep.task, data.train, data.validation, config.train, prep.device, out, log,
-                        metric, resume_from=resume_from, callbacks=callbacks, progress=progress, dist=dist)
+            state = fit(prep.model, prep.task, data.train, data.validation, prep.train_settings(), prep.device, out,
+                        log, metric, resume_from=resume_from, callbacks=callbacks, progress=progress, dist=dist)
         finally:
             log.close()
         summary = _finish(prep, dist, out, state, data, metric, report, wall_start - earlier_seconds)
@@ -717,7 +752,7 @@ def _final_weights_and_metrics(prep: Prepared, dist: Distributed, out: Path, sta
 def _train_worker(prep: Prepared, dist: Distributed, out: Path, resume_from: Path | None, data: Encoded,
                   metric: str, callbacks) -> dict[str, Any]:
     """Processes other than 0: the same collective work, nothing written. Returns the final metrics."""
-    state = fit(prep.model, prep.task, data.train, data.validation, prep.config.train, prep.device, out, None,
+    state = fit(prep.model, prep.task, data.train, data.validation, prep.train_settings(), prep.device, out, None,
                 metric, resume_from=resume_from, callbacks=callbacks, progress=False, dist=dist)
     _, results = _final_weights_and_metrics(prep, dist, out, state, data)
     save_result(prep, out, dist)
@@ -729,7 +764,7 @@ def _train_worker(prep: Prepared, dist: Distributed, out: Path, resume_from: Pat
 def _autocast(prep: Prepared):
     from lorafit.train.loop import autocast_for
 
-    return autocast_for(prep.device, prep.config.train.bf16)
+    return autocast_for(prep.device, prep.train_settings())
 
 
 def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
