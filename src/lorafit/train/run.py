@@ -22,13 +22,13 @@ process 0 alone writes the output directory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
