@@ -435,6 +435,18 @@ def test_float16_weights_train_float32_adapters_with_loss_scaling_and_resume_exa
     assert resumed["loss_scale"] == state["loss_scale"] and state["loss_scale"]["_growth_tracker"] == 12
 
 
+def test_bfloat16_weights_train_float32_adapters_under_bf16_autocast_only(tmp_path):
+    """train.bf16 on bfloat16 weights is mixed precision: float32 adapters (their updates survive), bf16 compute;
+    without it the adapters keep the weights' dtype."""
+    config = instruction_setup(tmp_path, 16, train="epochs = 2\nbatch_size = 8\nnum_threads = 1")
+    for name, extra, want in (("mixed", ["train.bf16=true"], torch.float32), ("plain", [], torch.bfloat16)):
+        out = tmp_path / name
+        summary = train(config, ["model.dtype=bfloat16", f"output_dir={json.dumps(str(out))}", *extra],
+                        progress=False)
+        assert {p.dtype for p in summary.model.parameters() if p.requires_grad} == {want}
+        assert all(torch.isfinite(torch.tensor(train_losses(out))))
+
+
 def test_float16_weights_refuse_full_fine_tuning(tmp_path):
     config = instruction_setup(tmp_path, 8)
     with pytest.raises(ValueError, match="full fine-tuning would update float16 weights"):

@@ -122,7 +122,7 @@ class TrainSection:
     metric: str = ""  # what "best" means; default: accuracy (classification) or eval_loss
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
     seed: int = 0
-    bf16: bool = False  # bfloat16 autocast for forward and loss
+    bf16: bool = False  # bfloat16 autocast for forward and loss; LoRA on 16-bit weights then trains float32 adapters
     # float16 autocast with loss scaling (GPUs without bfloat16); on by itself for float16 weights under LoRA
     fp16: bool = False
     gradient_checkpointing: bool = False

@@ -202,13 +202,15 @@ def quantize_for(prep: Prepared) -> None:
 
 
 def _train_in_float32(prep: Prepared) -> None:
-    """A float16 base under LoRA: AdamW's moments underflow in float16 (squared gradients below 6e-8 become 0,
-    and so does its eps: NaN within the first steps), so every trained parameter (factors, modules_to_save
-    copies, trained biases) is kept in float32, as PEFT keeps adapters, and the steps run under autocast, in
-    float16 with loss scaling (train.fp16) unless train.bf16 is set: autocast gives the float32 parameters and
-    the float16 weights one compute dtype."""
+    """Every trained parameter (factors, modules_to_save copies, trained biases) in float32, as PEFT keeps
+    adapters, for a 16-bit base under mixed precision; autocast gives them and the base one compute dtype.
+
+    A float16 base always: AdamW's moments underflow in float16 (squared gradients below 6e-8 become 0, and so
+    does its eps: NaN within the first steps), so its steps run under autocast, in float16 with loss scaling
+    (train.fp16) unless train.bf16 is set. A bfloat16 base under train.bf16: bfloat16 has the range but not the
+    precision (an update below half its ulp, 6e-5 at a weight of 0.02, is lost), and autocast is on anyway."""
     for p in prep.model.parameters():
-        if p.requires_grad and p.dtype == torch.float16:
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     t = prep.config.train
     if not (t.bf16 or t.fp16):
@@ -226,12 +228,13 @@ def apply_method(prep: Prepared) -> Callable[[], None]:
     train.gradient_checkpointing, train.compile), on its device. Returns what puts the model's own dropout
     modules and uncompiled blocks back: a caller's model= leaves the run as it came, adapter aside."""
     model = prep.model
-    float16 = any(p.dtype == torch.float16 for p in model.parameters())
+    dtypes = {p.dtype for p in model.parameters()}
+    float16 = torch.float16 in dtypes
     if prep.config.train.method == "lora":
         quantize_for(prep)
         torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
         lorafit.attach(model, prep.config.lora_config(base_model=prep.source.path))
-        if float16:
+        if float16 or (prep.config.train.bf16 and torch.bfloat16 in dtypes):
             _train_in_float32(prep)
     elif float16:
         raise ValueError("model.dtype: full fine-tuning would update float16 weights in place, and AdamW's moments "
