@@ -12,7 +12,7 @@ its traceback while the others still run; the exit status is 1 if anything faile
          base model and PEFT's ``adapter_names=``
   e2e    the real ``lorafit train`` command on Alpaca (999 rows), LoRA against full fine-tuning, on random
          Llamas (94M parameters, and Llama-3.2-1B's layer shapes) with a BPE tokenizer trained here on the
-         same rows (``--e2e-models 95m,1b``)
+         same rows (``--e2e-models 95m,1b``); on the first, LoRA with train.bf16 (float32 adapters) too
 
 Timing: every variant is timed once per round and the order rotates from round to round (as in
 benchmarks/timing.py), so a drift of the machine hits all variants alike; a call is timed with CUDA
@@ -499,10 +499,12 @@ seed = 0
 
 
 def part_e2e(args, device: torch.device) -> dict:
-    """`lorafit train`, full fine-tuning then LoRA, on each model of --e2e-models; with --e2e-compile, last, LoRA
-    with train.compile on the first model. Each run is a fresh process, as a user runs it. The Triton cache
-    starts empty for the first LoRA run and is kept for the later ones (what a user's later runs see): the first
-    LoRA run's time includes compiling the kernels, the train.compile run's includes inductor's compile."""
+    """`lorafit train`, full fine-tuning then LoRA, on each model of --e2e-models; then LoRA with train.bf16 on
+    the first model (mixed precision: float32 adapters against the default's bfloat16 ones, time and loss);
+    with --e2e-compile, last, LoRA with train.compile on the first model. Each run is a fresh process, as a user
+    runs it. The Triton cache starts empty for the first LoRA run and is kept for the later ones (what a user's
+    later runs see): the first LoRA run's time includes compiling the kernels, the train.compile run's includes
+    inductor's compile."""
     rows = alpaca_rows(args.data)
     models = [m.strip() for m in args.e2e_models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(E2E_SIZES))
@@ -514,10 +516,12 @@ def part_e2e(args, device: torch.device) -> dict:
            "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
            "TRITON_CACHE_DIR": str(tmp / "cache" / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "cache" / "inductor")}
     methods = {"full": ["--method", "full", "--set", "train.lr=5e-5"], "LoRA": [],
+               "LoRA, train.bf16 (float32 adapters)": ["--set", "train.bf16=true"],
                # --quick: aot_eager takes the same path without inductor's C++ compile of a CPU run
                "LoRA, train.compile": ["--set", "train.compile=true"]
                + (["--set", "train.compile_backend=aot_eager"] if args.quick else [])}
     plan = [(m, method) for m in models for method in ("full", "LoRA")]
+    plan.append((models[0], "LoRA, train.bf16 (float32 adapters)"))
     if args.e2e_compile:  # last: the run a time limit may cut
         plan.append((models[0], "LoRA, train.compile"))
     results: dict = {}
@@ -593,8 +597,9 @@ def part_e2e(args, device: torch.device) -> dict:
            f"command s: the whole `python -m lorafit train` process (start-up, loading, tokenizing, training, "
            f"checkpoints, saving); loop s: the training loop, summary.json's train_time_s (checkpoints included). "
            f"peak: {method} from summary.json. Full fine-tuning at lr 5e-5, LoRA (all-linear, r=16, dropout 0.05) at "
-           f"2e-4. The 1B rows have Llama-3.2-1B's layer shapes with an 8k vocabulary. train.compile: each decoder "
-           f"block under torch.compile (inductor), its compile time included."
+           f"2e-4; train.bf16: that LoRA under bf16 autocast with float32 adapters (the default trains bfloat16 "
+           f"adapters on the bfloat16 weights). The 1B rows have Llama-3.2-1B's layer shapes with an 8k vocabulary. "
+           f"train.compile: each decoder block under torch.compile (inductor), its compile time included."
            + (f" INTERRUPTED during '{interrupted}' (time limit): later runs missing." if interrupted else ""))
     return {"model_params": sizes, "results": results, "interrupted": interrupted}
 

@@ -3,8 +3,9 @@
 #
 # Stage 1 (about 6 minutes): the CUDA tests, the per-layer kernel benchmark (benchmarks/kernels_gpu.py) and
 # the step, inference and mixed parts of benchmarks/gpu.py. Stage 2 (about 4 minutes): gpu.py's end-to-end
-# part, `lorafit train` LoRA against full fine-tuning on a 94M Llama and at Llama-3.2-1B's shape, then LoRA
-# with train.compile on the 94M one (last, so that a time limit cuts that run first). No argument runs both;
+# part, `lorafit train` LoRA against full fine-tuning on a 94M Llama and at Llama-3.2-1B's shape, then on the
+# 94M one LoRA with train.bf16 (float32 adapters) and with train.compile (last, so that a time limit cuts that
+# run first). No argument runs both;
 # a machine that allows 10 minutes a command takes them as two calls. Each step runs whatever the one before
 # did, under a time limit (SIGINT, then SIGKILL 15 s later). Logs and results go to $OUT (default
 # ./gpu_results): stage 1 pytest.log, kernels_gpu.log and .json, gpu.log and .json; stage 2 e2e/gpu.log and
