@@ -219,8 +219,6 @@ def _train_in_float32(prep: Prepared) -> None:
                              "train.distributed = 'fsdp' does not support: set train.bf16 = true, or use "
                              "model.dtype = 'bfloat16'")
         prep.float16_autocast = True
-        print("lorafit: float16 weights: the adapters train in float32 under float16 autocast with loss scaling "
-              "(as train.fp16 = true)")
 
 
 def apply_method(prep: Prepared) -> Callable[[], None]:
@@ -575,6 +573,9 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
               f"{config.train.method}, {_rows_text(prep, data)}, {total_steps(len(data.train), config.train)} steps, "
               f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}\n"
               f"  {_processes(dist)}")
+        if prep.float16_autocast:
+            print("  float16 weights: the adapters train in float32 under float16 autocast with loss scaling "
+                  "(as with train.fp16 = true)")
         log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
         try:
             state = fit(prep.model, prep.task, data.train, data.validation, prep.train_settings(), prep.device, out,
