@@ -150,6 +150,16 @@ def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
     assert s2["validation"]["eval_loss"] == pytest.approx(s1["validation"]["eval_loss"], abs=1e-5)
 
 
+def test_fsdp_shards_bfloat16_weights_beside_float32_adapters(tmp_path):
+    """train.bf16 on bfloat16 weights trains float32 adapters: FSDP shards blocks holding both dtypes."""
+    config = instruction_setup(tmp_path, 32, 8, lora='r = 8\nlora_alpha = 16\ntarget_modules = "all-linear"',
+                               train="epochs = 1\nbatch_size = 8\nlr = 3e-2\nnum_threads = 1")
+    finish(torchrun(config, tmp_path / "fsdp", "--set", "train.distributed=fsdp", "--set", "model.dtype=bfloat16",
+                    "--set", "train.bf16=true"))
+    tensors = adapter(tmp_path / "fsdp")
+    assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers through /proc")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mode):
