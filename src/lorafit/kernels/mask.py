@@ -36,7 +36,7 @@ _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)
 # The most elements the eager torch ops mask at once, where Triton is unavailable or its kernels are still
 # being compiled (triton_warmup.py): keep_mask's temporaries take 4 bytes per element they cover (8 past 2^31
-# elements), a few hundred MB for a whole large activation.
+# elements), several at a time, so a whole 8192 x 8192 activation's would take about a gigabyte.
 _BLOCK = 1 << 24
 
 
