@@ -52,16 +52,16 @@ def _ints(key, t) -> tuple:
     return (None, 0) if key is None else (int(key), t)
 
 
-def down(x: torch.Tensor, a: torch.Tensor, key=None, t: int = 0, triton: bool = True) -> torch.Tensor:
-    """mask(x) A^T, in A's dtype. ``triton``: whether Triton kernels may run (see ``grad_a_and_up``)."""
-    where = backend(a.shape[0], key, x, a, triton=triton)
+def down(x: torch.Tensor, a: torch.Tensor, key=None, t: int = 0) -> torch.Tensor:
+    """mask(x) A^T, in A's dtype."""
+    where = backend(a.shape[0], key, x, a)
     if where == "c":
         return cpu.lora_down(x, a, *_ints(key, t))
     if where == "triton" and (h := triton_kernels.run(triton_kernels.down, x, a, key, t)) is not None:
         return h
     x = x.to(a.dtype)
     # where the kernel was tried and is still being compiled, the mask runs as torch ops too (see grad_a_and_up)
-    return (x if key is None else mask.dropped(x, key, t, triton=triton and where != "triton")) @ a.T
+    return (x if key is None else mask.dropped(x, key, t, triton=where != "triton")) @ a.T
 
 
 def up(h: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None,

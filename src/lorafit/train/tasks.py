@@ -506,9 +506,7 @@ class CausalLM(_Generative):
         if self._plain_head is None:
             self._plain_head = _head_is_plain(model, inputs, positions)
         if not self._plain_head:  # the model's own head and logit transform, at the loss positions (a boolean mask)
-            ids = batch["input_ids"]
-            where = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device).index_fill_(0, positions, True)
-            logits = model(**inputs, logits_to_keep=where.view_as(ids)).logits
+            logits = model(**inputs, logits_to_keep=_mask_at(batch["input_ids"], positions)).logits
             return nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         hidden, _ = _forward_hidden(model, inputs, positions[:0])  # no position: the head runs below
         rows = max(1, LOSS_CHUNK_LOGITS // len(self.tok))
@@ -559,6 +557,12 @@ def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"loss_positions": rows * labels.shape[1] + cols, "loss_targets": targets[keep]}
 
 
+def _mask_at(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A boolean mask of ids' shape, true at the flat ``positions``."""
+    flat = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+    return flat.index_fill_(0, positions, True).view_as(ids)
+
+
 def _forward_hidden(model: nn.Module, inputs: dict, logits_to_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The body's output (what the head reads) and the model's logits at ``logits_to_keep`` (transformers'
     argument: a boolean mask, or positions kept in every row), from one forward through ``model`` itself: a
@@ -581,9 +585,7 @@ def _head_is_plain(model: nn.Module, inputs: dict, positions: torch.Tensor) -> b
     if head is None or hasattr(model, "unshard"):  # unshard: a module sharded by FSDP's fully_shard
         return False
     ids = inputs["input_ids"]
-    first = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
-    first[positions[:1]] = True
-    first = first.view_as(ids)
+    first = _mask_at(ids, positions[:1])
     # fork_rng: dropout draws no random numbers here, so a resumed run draws what an uninterrupted one did
     with torch.no_grad(), torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
         hidden, logits = _forward_hidden(model, inputs, first)
