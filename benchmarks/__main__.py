@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., ddp, e2e
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., e2e, adapter_dtype
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -32,7 +32,8 @@ from lorafit.train import allocator
 
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
-PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp", "e2e")
+PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
+         "ddp", "e2e", "adapter_dtype")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -492,6 +493,13 @@ def bench_e2e(args, out: dict) -> None:
     from benchmarks import end_to_end
 
     out["e2e"] = end_to_end.run(args, _sst2_rows(), _print)
+
+
+def bench_adapter_dtype(args, out: dict) -> None:
+    """lorafit train on bfloat16 weights with bfloat16 and with float32 adapters (benchmarks/adapter_dtype.py)."""
+    from benchmarks import adapter_dtype
+
+    out["adapter_dtype"] = adapter_dtype.run(args, _print)
 
 
 def _sst2_rows() -> list[dict]:

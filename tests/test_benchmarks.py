@@ -18,11 +18,11 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for title in ("Training step", "Training step under bf16 autocast", "Host time per adapted layer", "Triton compile time", "Peak RSS", "Inference", "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA",
                   "Mixed-adapter batch", "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
-                  "End to end: lorafit train on SST-2"):
+                  "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp",
-                         "e2e"}
+                         "e2e", "adapter_dtype"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -36,6 +36,8 @@ def test_quick_benchmark_suite_runs(tmp_path):
     trainable = {name: runs[0]["trainable"] for name, runs in e2e.items()}
     full = trainable.pop("full fine-tuning")
     assert trainable and all(0 < n < full for n in trainable.values())  # the LoRA runs train a fraction
+    runs = data["adapter_dtype"]
+    assert len(runs) == 2 and all(r["eval_loss"] > 0 and r["train_s"] > 0 for r in runs.values())
 
 
 def test_quick_gpu_benchmark_runs(tmp_path):

@@ -240,3 +240,87 @@ def test_float16_weights_train_on_cuda(tmp_path):
     losses = train_losses(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert all(p.dtype == torch.float32 for p in summary.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_every_layer_kind_matches_float64_on_the_cpu(dtype, use_dora):
+    """Embedding, Conv1d, GPT-2 Conv1D, Linear and Conv2d adapters (and DoRA on the linear ones), trained with
+    dropout 0: the output and every trainable gradient on the GPU are the CPU's in float64, to the dtype's
+    rounding."""
+    from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
+
+    torch.manual_seed(0)
+    reference = Mixed().double()
+    targets = ["mlp.0", "mlp.2", "proj", "classifier"] if use_dora else ALL_KINDS
+    lorafit.attach(reference, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
+    randomize_adapters(reference, scale=0.3)
+    gpu = copy.deepcopy(reference).to(DEVICE, dtype).train()
+    reference.train()
+    ids, image = mixed_inputs()
+    g = torch.randn(ids.shape[0], 3, dtype=torch.float64)
+    want = reference(ids, image.double())
+    want.backward(g)
+    got = gpu(ids.to(DEVICE), image.to(DEVICE, dtype))
+    got.backward(g.to(DEVICE, dtype))
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
+    torch.testing.assert_close(got.double().cpu(), want, atol=tol * max(1.0, want.abs().max().item()), rtol=tol)
+    theirs = dict(reference.named_parameters())
+    trained = [(n, p) for n, p in gpu.named_parameters() if p.requires_grad]
+    assert trained and len(trained) == sum(p.requires_grad for p in reference.parameters())
+    for name, p in trained:
+        want_grad = theirs[name].grad
+        torch.testing.assert_close(p.grad.double().cpu(), want_grad, rtol=tol, msg=name,
+                                   atol=tol * max(1e-3, want_grad.abs().max().item()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lora_on_a_quantized_base_on_cuda_matches_the_cpu(bits):
+    """QLoRA: the base quantized on the CPU, moved to the GPU (codes and scales as buffers), dequantized there
+    on the fly; output and LoRA gradients equal the same model's on the CPU."""
+    from lorafit.quantize import QuantizedLinear, quantize_base
+
+    torch.manual_seed(0)
+    cpu_model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+    quantize_base(cpu_model, bits=bits, skip=())
+    lorafit.attach(cpu_model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    gpu_model = copy.deepcopy(cpu_model).to(DEVICE)
+    assert isinstance(gpu_model[0].base_layer, QuantizedLinear)
+    x = torch.randn(32, 256)
+    want, got = cpu_model(x), gpu_model(x.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    grads = {n: p.grad for n, p in cpu_model.named_parameters() if p.requires_grad}
+    for name, p in gpu_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.cpu(), grads[name], atol=1e-4 * grads[name].abs().max().item(),
+                                       rtol=1e-3, msg=name)
+
+
+def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tmp_path):
+    """`lorafit train` on the GPU with LoRA dropout (mask keys drawn from the CUDA generator, masks in Triton),
+    killed by an exception after a checkpoint and resumed: the checkpoint restores the CUDA random state, so
+    the adapter ends where an uninterrupted run's does (to the float32 rounding the first steps' torch stand-ins
+    for still-compiling kernels, and attention's backward, may differ by)."""
+    import json
+
+    from lorafit.train import train
+    from tests.test_train_loop import Crash, adapter_tensors, crash_at
+    from tests.test_train_support import instruction_setup
+
+    lora = 'r = 4\nlora_alpha = 8\nlora_dropout = 0.2\ntarget_modules = "all-linear"'
+    config = instruction_setup(tmp_path, 24, lora=lora,
+                               train="epochs = 3\nbatch_size = 4\nlr = 1e-3\nsave_every = 5\nlog_every = 1")
+    device = ["model.dtype=float32", f"model.device={DEVICE}"]
+    full = train(config, device + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    args = device + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(12),), progress=False)  # the last checkpoint: step 10
+    resumed = train(config, args, resume=True, progress=False)
+    assert resumed["steps"] == full["steps"] == 18
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4 * max(1.0, a[key].abs().max().item()), rtol=1e-3,
+                                   msg=key)  # other masks after the resume would move them by about lr
