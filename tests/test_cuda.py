@@ -324,3 +324,42 @@ def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tm
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4 * max(1.0, a[key].abs().max().item()), rtol=1e-3,
                                    msg=key)  # other masks after the resume would move them by about lr
+
+
+def test_lorafit_serve_on_cuda(tmp_path):
+    """`lorafit serve` with its model on the GPU: classification across adapters gives the probabilities the
+    model gives on the CPU, and greedy generation with an adapter gives transformers' generate on the GPU."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lorafit.serve.app import create_app
+    from lorafit.serve.server import build_service
+    from tests import serve_models as sm
+    from tests.test_serve_api import _direct_probs
+
+    bert, llama = sm.bert_dir(tmp_path), sm.llama_dir(tmp_path)
+    for i, name in enumerate(["a", "b"]):
+        sm.make_adapter(bert, tmp_path / "cls" / name, seed=i, r=4)
+        sm.make_adapter(llama, tmp_path / "gen" / name, seed=10 + i, r=4)
+    texts = ["great movie", "the plot was boring and bad", "fun"]
+    service = build_service(str(bert), tmp_path / "cls", device=DEVICE)
+    assert service.model.device.type == torch.device(DEVICE).type
+    with TestClient(create_app(service)) as client:
+        for adapter in ("a", "b", None):
+            got = client.post("/v1/classify", json={"texts": texts, "adapter": adapter})
+            assert got.status_code == 200, got.text
+            probs = torch.tensor([list(r["probabilities"].values()) for r in got.json()["results"]])
+            want = _direct_probs(bert, tmp_path / "cls" / adapter if adapter else None, texts)
+            torch.testing.assert_close(probs, want, atol=1e-4, rtol=1e-3)
+    tok = sm.tokenizer(causal=True)
+    model = sm.load(llama).to(DEVICE)
+    lorafit.load_adapter(model, tmp_path / "gen" / "b")
+    ids = tok("hello world the movie", return_tensors="pt")["input_ids"].to(DEVICE)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, eos_token_id=3)
+    service = build_service(str(llama), tmp_path / "gen", device=DEVICE)
+    with TestClient(create_app(service)) as client:
+        got = client.post("/v1/generate", json={"prompt": "hello world the movie", "adapter": "b", "max_new_tokens": 6})
+    assert got.status_code == 200, got.text
+    assert got.json()["text"] == tok.decode(ref[0, ids.shape[1]:].cpu(), skip_special_tokens=True)

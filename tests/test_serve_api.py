@@ -223,6 +223,24 @@ def test_generate_matches_hf_generate_with_the_adapter(gen_client, dirs):
     assert a.json()["text"] == expected
 
 
+def test_a_bfloat16_server_answers_as_the_float32_model_does(dirs):
+    """--dtype bfloat16: the base model and every adapter loaded into it in bfloat16; classification to bf16's
+    rounding of the float32 model's probabilities, and generation runs."""
+    root, bert, llama = dirs
+    texts = ["great movie", "the plot was boring and bad"]
+    service = build_service(str(bert), root / "cls", dtype=torch.bfloat16, device="cpu")
+    with TestClient(create_app(service)) as client:
+        got = client.post("/v1/classify", json={"texts": texts, "adapter": "pos-neg"})
+    assert got.status_code == 200, got.text
+    assert {p.dtype for p in service.model.parameters()} == {torch.bfloat16}
+    probs = torch.tensor([list(r["probabilities"].values()) for r in got.json()["results"]])
+    torch.testing.assert_close(probs, _direct_probs(bert, root / "cls" / "pos-neg", texts), atol=2e-2, rtol=0)
+    service = build_service(str(llama), root / "gen", dtype=torch.bfloat16, device="cpu")
+    with TestClient(create_app(service)) as client:
+        got = client.post("/v1/generate", json={"prompt": "hello world", "adapter": "poet", "max_new_tokens": 4})
+    assert got.status_code == 200 and got.json()["tokens"] == 4, got.text
+
+
 def test_generation_passes_the_cache_under_the_models_own_name(dirs):
     """transformers renamed past_key_values to cache (the old name warns, and goes in 5.40): decoding uses
     whichever name the installed model's forward has, and no deprecation warning comes out of it."""

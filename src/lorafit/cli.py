@@ -147,6 +147,11 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--max-adapter-mb", type=float, help="evict least recently used above this many MB of weights")
     sv.add_argument("--pin", action="append", metavar="NAME", help="load at start and never evict (repeatable)")
     sv.add_argument("--preload", action="store_true", help="load adapters at start (up to --max-adapters)")
+    sv.add_argument("--device", type=_device, default=None,
+                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the base model's and adapters' dtype (default: float32; bfloat16 halves a GPU's memory "
+                         "and time)")
     sv.add_argument("--num-labels", type=_positive_int, help="classes of the base model's own classifier head, "
                                                              "used without an adapter (default: its config's; "
                                                              "each adapter's head keeps its saved size)")

@@ -396,8 +396,9 @@ def _without_base_copies(
         elif reference.shape != tensor.shape:
             problems.append(f"tensor {key!r}, a copy of {source!r}, has shape {list(tensor.shape)} in the file "
                             f"but the model needs {list(reference.shape)}")
-        elif not (torch.equal(reference.to(tensor.dtype), tensor)
-                  or torch.equal(reference, tensor.to(reference.dtype))):  # a bf16 file may copy fp32 weights
+        # a bf16 file may copy fp32 weights; the model may be on a GPU and the file's tensors on the CPU
+        elif not (torch.equal(reference.to("cpu", tensor.dtype), tensor.cpu())
+                  or torch.equal(reference, tensor.to(reference.device, reference.dtype))):
             problems.append(f"tensor {key!r}, a copy of {source!r}, holds other values than the model; lorafit "
                             "does not overwrite base weights, so load the base model the adapter was trained on")
     if problems:

@@ -159,9 +159,11 @@ class Batcher:
 
 
 # -- models ------------------------------------------------------------------------
-def load_model(spec: str, num_labels: int | None = None):
+def load_model(spec: str, num_labels: int | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32):
     """(model, tokenizer, task) for ``--model``: a built-in name of ``lorafit train`` (``minilm``,
-    ``smollm2-135m``) or a local transformers model directory.
+    ``smollm2-135m``) or a local transformers model directory, in ``dtype`` on ``device`` (None or "auto":
+    CUDA when there is a GPU, else the CPU).
 
     A classifier keeps the head its checkpoint describes (``num_labels`` of its config;
     2, randomly initialised, for a model without a head such as minilm) unless
@@ -172,22 +174,29 @@ def load_model(spec: str, num_labels: int | None = None):
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    device = serving_device(device)
     source = resolve_model(spec, "--model")
     path, kwargs = source.path, source.kwargs
     config = AutoConfig.from_pretrained(path, **kwargs)
     if model_task(config, kwargs) == "generate":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         task = "generate"
     else:
         labels = num_labels or getattr(config, "num_labels", 2)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=torch.float32,
-                                                                   **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=dtype, **kwargs)
         task = "classify"
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     return model, tokenizer, task
+
+
+def serving_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; None or "auto": CUDA when there is a GPU, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def model_task(config, kwargs: dict) -> str:
@@ -210,8 +219,8 @@ def classify_batch(model, tokenizer, lock: FairLock, max_tokens: int, jobs: list
         names += [job.entry.internal if job.entry else None] * len(job.payload)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     with lock, torch.inference_mode(), adapter_per_row(model, names):
-        logits = model(**enc).logits
-    probs = logits.float().softmax(-1)
+        logits = model(**enc.to(model.device)).logits
+    probs = logits.float().softmax(-1).cpu()  # one copy from the device: the rows are read one number at a time
     id2label = getattr(model.config, "id2label", None) or {}
     size = probs.shape[-1]  # one head size per batch (the batcher groups by head)
     if len(id2label) != size:  # the base model's names do not fit an adapter's head of another size
@@ -269,6 +278,8 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
         ids[i, width - len(r.ids):] = torch.tensor(r.ids)
         mask[i, width - len(r.ids):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    device = model.device
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     gens = []
     for r in reqs:
         g = torch.Generator()
@@ -282,7 +293,8 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
     with lock, torch.inference_mode(), adapter_per_row(model, names):
         result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         for _ in range(max(r.max_new_tokens for r in reqs)):
-            logits = result.logits[:, -1]
+            # one copy from the device a token: each row's choice, stop check and streaming happen on the host
+            logits = result.logits[:, -1].float().cpu()
             step = torch.full((n, 1), pad, dtype=torch.long)
             for i, r in enumerate(reqs):
                 if jobs[i].cancelled and not done[i]:  # its client has gone: stop spending time on it
@@ -301,9 +313,9 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
                     done[i] = True
             if all(done):
                 break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
             positions = positions[:, -1:] + 1
-            result = model(input_ids=step, attention_mask=mask, position_ids=positions,
+            result = model(input_ids=step.to(device), attention_mask=mask, position_ids=positions,
                            **{cache: getattr(result, cache)}, use_cache=True)
     return [{"text": tokenizer.decode(o, skip_special_tokens=True), "tokens": len(o), "finish_reason": f}
             for o, f in zip(out, finish)]

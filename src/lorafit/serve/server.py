@@ -14,11 +14,14 @@ from lorafit.serve.registry import AdapterRegistry
 
 def build_service(model: str, adapters: str | Path, *, token: str | None = None, max_adapters: int | None = None,
                   max_adapter_mb: float | None = None, pin: list[str] | None = None, num_labels: int | None = None,
-                  limits: Limits | None = None, preload: bool = False) -> Service:
+                  limits: Limits | None = None, preload: bool = False, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> Service:
+    """The model (in ``dtype`` on ``device``, default: CUDA when there is a GPU), its adapter registry and the
+    request batching, for ``create_app``."""
     adapters = Path(adapters)
     if not adapters.is_dir():
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
-    base, tokenizer, task = load_model(model, num_labels)
+    base, tokenizer, task = load_model(model, num_labels, device, dtype)
     registry = AdapterRegistry(base, adapters, max_adapters=max_adapters,
                                max_bytes=int(max_adapter_mb * 2**20) if max_adapter_mb else None)
     for name in pin or []:
@@ -49,11 +52,13 @@ def serve(args) -> int:
                     request_timeout_s=args.request_timeout)
     service = build_service(args.model, args.adapters, token=token, max_adapters=args.max_adapters,
                             max_adapter_mb=args.max_adapter_mb, pin=args.pin, num_labels=args.num_labels,
-                            limits=limits, preload=args.preload)
+                            limits=limits, preload=args.preload, device=args.device, dtype=getattr(torch, args.dtype))
     app = create_app(service)
-    print(f"lorafit serve: {service.task} with {args.model}, adapters from {args.adapters} "
-          f"({len(service.registry.available())} found), load/unload {'enabled' if token else 'disabled'}, "
-          f"{torch.get_num_threads()} torch threads", flush=True)
+    device = service.model.device
+    where = f"{torch.get_num_threads()} torch threads" if device.type == "cpu" else str(device)
+    print(f"lorafit serve: {service.task} with {args.model} ({args.dtype}, {where}), adapters from {args.adapters} "
+          f"({len(service.registry.available())} found), load/unload {'enabled' if token else 'disabled'}",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
