@@ -140,23 +140,23 @@ def _triton_rows(row: dict, x, a, gh, gx, key, t) -> None:
     row["grad_a, then up-write, host us"] = _host_us(
         lambda: (triton_kernels.grad_a(gh, x, key, t), triton_kernels.up(gh, a, 1.0, None, None, key, t)))
     row["mask_scale triton"] = _bench(lambda: triton_kernels.mask_scale(x, key, t, 1.05))
-    # where a masked layer's host time goes: a cuBLAS call, a mask key, the launcher, and its kernel launched bare
+    # where a masked layer's host time goes: a cuBLAS call, a mask key, lorafit's launcher, Triton's JIT dispatch
     from lorafit.kernels import triton_jit
 
     h = torch.empty(x.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
     m, k, r = x.shape[0], x.shape[1], a.shape[0]
     bm, bk = (64 if m >= 64 * 132 else 32), (128 if x.element_size() > 2 else 256)
-    bare = triton_jit._down_kernel[(-(-m // bm),)]
+    jit = triton_jit._down_kernel[(-(-m // bm),)]
     row["x A^T cuBLAS, host us"] = _host_us(lambda: x @ a.T)
     row["new mask key, host us"] = _host_us(lambda: mask.new_key(x.device))
     row["down triton masked, launcher, host us"] = _host_us(lambda: triton_kernels.down(x, a, key, t))
     args = (x, a, h, key, t, m, k, r, x.stride(0), a.stride(0))
     constexprs = dict(MASKED=True, PRECISION="tf32", BM=bm, BK=bk, BR=16)
-    row["down triton masked, bare launch, host us"] = _host_us(lambda: bare(*args, **constexprs))
-    # the compiled kernel called directly, without JITFunction.run's binding and cache lookup: what a launcher
-    # that kept its compiled kernels itself would cost (the runner takes every parameter, constexprs included)
+    row["down triton masked, through Triton's JIT, host us"] = _host_us(lambda: jit(*args, **constexprs))
+    # the compiled kernel called directly, without JITFunction.run's binding and cache lookup, as the launcher
+    # does from a variant's second launch on (the runner takes every parameter, constexprs included)
     try:
-        runner = bare(*args, **constexprs)[(-(-m // bm), 1, 1)]
+        runner = jit(*args, **constexprs)[(-(-m // bm), 1, 1)]
         row["down triton masked, compiled kernel's runner, host us"] = _host_us(
             lambda: runner(*args, *constexprs.values()))
     except Exception as err:  # noqa: BLE001 - a Triton whose compiled kernels take other arguments: no row

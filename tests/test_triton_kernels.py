@@ -143,6 +143,79 @@ def test_triton_masks_past_2_to_the_31_elements_equal_the_reference():
     del x, kept
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_launches_of_compiled_kernels_compute_what_jit_launches_do(dtype, monkeypatch):
+    """The first launch of each variant goes through Triton's JIT, later ones call its compiled kernel directly:
+    both checked against the float64 references."""
+    monkeypatch.setattr(triton_kernels, "_compiled", {})
+    check_products("cuda", dtype)
+    launched = dict(triton_kernels._compiled)
+    assert launched and triton_kernels._direct
+    check_products("cuda", dtype)  # the same variants: direct launches
+    assert triton_kernels._direct and triton_kernels._compiled == launched  # none failed, none new
+
+
+class _FakeCompiled:
+    """What a compiled Triton kernel looks like to _launch: kernel[grid](*every parameter in order)."""
+
+    packed_metadata = None
+
+    def __init__(self, calls: list, fail: bool = False):
+        self.calls, self.fail = calls, fail
+
+    def __getitem__(self, grid):
+        def runner(*args):
+            if self.fail:
+                raise TypeError("function takes exactly 14 arguments (16 given)")
+            self.calls.append(("direct", grid, args))
+        return runner
+
+
+class _FakeJit:
+    """A JIT kernel with parameters (x_ptr, n, BM, BK): each launch returns its compiled kernel."""
+
+    arg_names = ["x_ptr", "n", "BM", "BK"]
+
+    def __init__(self, calls: list, compiled_fails: bool = False):
+        self.calls, self.compiled_fails = calls, compiled_fails
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.calls.append(("jit", grid, args + tuple(constexprs.values())))
+            return _FakeCompiled(self.calls, self.compiled_fails)
+        return launch
+
+
+def _launches(monkeypatch, x: torch.Tensor, times: int, compiled_fails: bool = False) -> list:
+    from lorafit.kernels import triton_jit
+
+    calls: list = []
+    monkeypatch.setattr(triton_jit, "_fake_kernel", _FakeJit(calls, compiled_fails), raising=False)
+    monkeypatch.setattr(triton_kernels, "_compiled", {})
+    monkeypatch.setattr(triton_kernels, "_direct", True)
+    for _ in range(times):
+        triton_kernels._launch("_fake_kernel", (4,), (x, 64), dict(BM=16, BK=32), wait=True)
+    return calls
+
+
+def test_a_variant_launched_before_is_launched_through_its_compiled_kernel(monkeypatch):
+    x = torch.zeros(64)
+    calls = _launches(monkeypatch, x, 3)
+    assert [(how, grid) for how, grid, _ in calls] == [("jit", (4,)), ("direct", (4, 1, 1)), ("direct", (4, 1, 1))]
+    for _, _, args in calls:  # every parameter in the kernel's order, constexprs last
+        assert args[0] is x and args[1:] == (64, 16, 32)
+    unaligned = torch.zeros(65)[1:]  # not what Triton specialised on: through the JIT every time
+    assert [how for how, _, _ in _launches(monkeypatch, unaligned, 2)] == ["jit", "jit"]
+
+
+def test_a_direct_launch_that_fails_hands_every_launch_back_to_the_jit(monkeypatch):
+    with pytest.warns(UserWarning, match="launch through Triton's JIT launcher.*14 arguments"):
+        calls = _launches(monkeypatch, torch.zeros(64), 3, compiled_fails=True)
+    assert [how for how, _, _ in calls] == ["jit", "jit", "jit"]  # the failed call relaunched, then no more tries
+    assert not triton_kernels._direct and not triton_kernels._compiled
+
+
 def test_a_kernel_that_fails_warns_once_and_the_torch_ops_take_over(monkeypatch):
     monkeypatch.setattr(triton_kernels, "_unavailable", None)
     triton_kernels._warn_once.cache_clear()

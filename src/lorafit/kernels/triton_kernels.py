@@ -13,7 +13,8 @@ whatever the tensor's size. Products accumulate in float32; a float32 product fo
 (``torch.backends.cuda.matmul.allow_tf32``), so it matches cuBLAS on the same inputs.
 
 Each launcher compiles its kernel on first use and launches it (``wait=False``: raises NotReady instead
-while the warm-up helper compiles that variant; ``run`` calls them so).
+while the warm-up helper compiles that variant; ``run`` calls them so). Later launches of a variant call its
+compiled kernel directly, without Triton's JIT dispatch (see ``_launch``).
 """
 
 from __future__ import annotations
@@ -89,13 +90,46 @@ class NotReady(Exception):
     """The kernel variant is still being compiled by the warm-up helper (triton_warmup.py)."""
 
 
+# The compiled kernel of each variant launched so far (triton_warmup.variant: everything Triton specialises a
+# kernel on, and more) on each device. A later launch of the variant calls it directly: JITFunction.run's binding,
+# specialisation and cache lookup cost about ten times the launch itself in host time, and a small layer's GPU
+# work is shorter than the host time that issues it.
+_compiled: dict[tuple, object] = {}
+_direct: bool = True  # False once a direct launch failed (a Triton whose compiled kernels take other arguments)
+
+
 def _launch(kernel: str, grid: tuple, args: tuple, constexprs: dict, wait: bool) -> None:
     """kernel[grid](*args, **constexprs); without ``wait``, NotReady while the warm-up helper compiles it."""
-    if not wait and not triton_warmup.ready(kernel, args, constexprs, args[0].device):
+    device = args[0].device
+    variant = triton_warmup.variant(kernel, args, constexprs)
+    key = (variant, device.index) if variant is not None else None
+    compiled = _compiled.get(key) if _direct and key is not None else None
+    if compiled is not None:
+        try:  # every parameter in order, constexprs included (they trail each kernel's signature)
+            compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs.values())
+            return
+        except Exception as err:  # noqa: BLE001 - the launch goes through Triton's JIT from now on
+            _launch_through_jit(f"{type(err).__name__}: {str(err)[:200]}")
+    if not wait and not triton_warmup.ready(kernel, args, constexprs, device):
         raise NotReady(kernel)
     from lorafit.kernels import triton_jit  # imported on the first launch only
 
-    getattr(triton_jit, kernel)[grid](*args, **constexprs)
+    fn = getattr(triton_jit, kernel)
+    compiled = fn[grid](*args, **constexprs)
+    if hasattr(compiled, "result"):  # a Triton that compiles asynchronously returns a future
+        compiled = compiled.result()
+    # None under TRITON_INTERPRET=1; constexprs keyed out of signature order could not be passed by position
+    if _direct and key is not None and hasattr(compiled, "packed_metadata") and list(constexprs) == list(
+            fn.arg_names[len(args):]):
+        _compiled[key] = compiled
+
+
+def _launch_through_jit(reason: str) -> None:
+    global _direct
+    _direct = False
+    _compiled.clear()
+    warnings.warn(f"lorafit: Triton kernels launch through Triton's JIT launcher (a direct launch failed: {reason})",
+                  stacklevel=4)
 
 
 def _cdiv(a: int, b: int) -> int:

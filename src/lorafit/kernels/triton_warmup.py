@@ -57,16 +57,16 @@ def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> b
     """Whether to launch ``kernel`` with these arguments now; False: it is being compiled, take the torch ops."""
     if _off is not None or not applies(device):
         return True
-    variant = _variant(kernel, args, constexprs)
-    if variant is None or variant in _ready:
+    wanted = variant(kernel, args, constexprs)
+    if wanted is None or wanted in _ready:
         return True
     with _lock:
         if _off is not None:
             return True
-        if variant not in _asked:
-            _ask(variant, kernel, args, constexprs, device)
+        if wanted not in _asked:
+            _ask(wanted, kernel, args, constexprs, device)
         _read_replies()
-        return variant in _ready or _off is not None
+        return wanted in _ready or _off is not None
 
 
 def wait() -> None:
@@ -78,10 +78,11 @@ def wait() -> None:
         time.sleep(0.01)
 
 
-def _variant(kernel: str, args: tuple, constexprs: dict) -> tuple | None:
+def variant(kernel: str, args: tuple, constexprs: dict) -> tuple | None:
     """What Triton compiles a kernel for, or more: tensors' dtypes, integers' divisibility by 16 and equality
-    to 1, scalar types, constexpr values. None for a tensor not aligned to 16 bytes: the helper's dtype
-    stand-ins are aligned, so such a variant compiles here."""
+    to 1, scalar types, constexpr values (what the helper compiles, and the key of a compiled kernel that
+    triton_kernels launches directly). None for a tensor not aligned to 16 bytes: the helper's dtype stand-ins
+    are aligned, so such a variant compiles here, and launches through Triton's JIT."""
     spec = []
     for a in args:
         if isinstance(a, torch.Tensor):
