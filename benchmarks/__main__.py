@@ -169,6 +169,30 @@ def bench_host(args, out: dict) -> None:
            f"implementation, {calls} calls a round, {args.reps} interleaved rounds)",
            table(rows, ["variant", "median us a call", "x PEFT's formula"]))
     out["host"] = {"calls_per_round": calls, "median_s": {k: median(v) / calls for k, v in times.items()}}
+    _bench_host_triton(args, out)
+
+
+def _bench_host_triton(args, out: dict) -> None:
+    """The same with dropout, Triton's launch path included: benchmarks/host_triton.py, in a process of its own
+    (it puts a stand-in for a GPU driver under Triton)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        _print("Host time per adapted layer with dropout", "skipped: Triton is not installed")
+        return
+    cmd = [sys.executable, "-m", "benchmarks.host_triton", "--calls", "20" if args.quick else "1000",
+           "--reps", str(args.reps)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m benchmarks...` imports from
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=root)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmarks.host_triton failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])["median_us"]
+    jit = "lorafit, dropout 0.05, every launch through Triton's JIT"
+    rows = [[key, f"{us:.0f}", f"{us / result[jit]:.2f}"] for key, us in result.items()]
+    _print("Host time per adapted layer with dropout (forward + backward, 8 x 16 float32, r=4; Triton's launch path "
+           "for an sm_90 GPU with the launch itself a no-op, see benchmarks/host_triton.py; "
+           f"{args.reps} interleaved rounds)", table(rows, ["variant", "median us a call", "x through the JIT"]))
+    out["host"]["triton_us"] = result
 
 
 def bench_compile(args, out: dict) -> None:

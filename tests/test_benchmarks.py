@@ -16,8 +16,10 @@ def test_quick_benchmark_suite_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for title in ("Training step", "Training step under bf16 autocast", "Host time per adapted layer", "Triton compile time", "Peak RSS", "Inference", "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA",
-                  "Mixed-adapter batch", "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
+    for title in ("Training step", "Training step under bf16 autocast", "Host time per adapted layer",
+                  "Host time per adapted layer with dropout", "Triton compile time", "Peak RSS", "Inference",
+                  "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA", "Mixed-adapter batch",
+                  "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
@@ -26,6 +28,7 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
+    assert len(data["host"]["triton_us"]) == 5 and all(t > 0 for t in data["host"]["triton_us"].values())
     assert len(data["compile"]["seconds"]) == 3 and all(t > 0 for ts in data["compile"]["seconds"].values() for t in ts)
     assert all(t > 0 for t in data["mixed"]["median_s"].values())
     assert data["serve"]["churn"]["failed"] == 0 and data["serve"]["1 adapters"]["failed"] == 0
