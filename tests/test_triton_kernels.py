@@ -188,10 +188,14 @@ class _FakeJit:
 
 
 def _launches(monkeypatch, x: torch.Tensor, times: int, compiled_fails: bool = False) -> list:
-    from lorafit.kernels import triton_jit
+    import types
+
+    import lorafit.kernels
 
     calls: list = []
-    monkeypatch.setattr(triton_jit, "_fake_kernel", _FakeJit(calls, compiled_fails), raising=False)
+    stand_in = types.SimpleNamespace(_fake_kernel=_FakeJit(calls, compiled_fails))
+    monkeypatch.setitem(sys.modules, "lorafit.kernels.triton_jit", stand_in)
+    monkeypatch.setattr(lorafit.kernels, "triton_jit", stand_in, raising=False)  # if an earlier test imported it
     monkeypatch.setattr(triton_kernels, "_compiled", {})
     monkeypatch.setattr(triton_kernels, "_direct", True)
     for _ in range(times):
