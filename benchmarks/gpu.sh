@@ -29,7 +29,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,cl
 
 tests=0 kernels=0 bench=0
 if [ "$STAGE" = 1 ] || [ "$STAGE" = all ]; then
-    timeout -s INT -k 15 180 python3 -m pytest -q -rfE -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+    # every file with CUDA tests, in order of what a time limit may cut last; --durations says where the time went
+    timeout -s INT -k 15 180 python3 -m pytest -q -rfE -m cuda --durations=25 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_triton_kernels.py tests/test_merge_precision.py tests/test_batched.py tests/test_triton_warmup.py \
+        2>&1 | tee "$OUT/pytest.log"
     tests=$?
     timeout -s INT -k 15 80 python3 -m benchmarks.kernels_gpu --out "$OUT" 2>&1 | tee "$OUT/kernels_gpu.log"
     kernels=$?
