@@ -55,8 +55,8 @@ def _stand_in_driver() -> None:
 
 
 def measure(calls: int, reps: int) -> dict[str, float]:
+    """Medians in µs a call; the stand-in driver must be in place (_stand_in_driver)."""
     os.environ["LORAFIT_TRITON_WARMUP"] = "0"  # compile here, first call
-    _stand_in_driver()
     import lorafit
     from benchmarks.kernels_gpu import _PeftStyle
     from benchmarks.timing import interleaved, median
@@ -97,6 +97,12 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     start = time.perf_counter()
+    try:
+        _stand_in_driver()
+    except (ImportError, AttributeError, TypeError) as err:  # another Triton's internals: nothing to time here
+        reason = f"this Triton's launch path cannot be stood in for ({type(err).__name__}: {err})"
+        print(json.dumps({"skipped": reason}))
+        return
     result = measure(args.calls, args.reps)
     print(json.dumps({"median_us": result, "seconds": time.perf_counter() - start}))
 

@@ -28,7 +28,10 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
-    assert len(data["host"]["triton_us"]) == 5 and all(t > 0 for t in data["host"]["triton_us"].values())
+    if "triton_us" in data["host"]:  # absent where this Triton's launch path cannot be stood in for: it says so
+        assert len(data["host"]["triton_us"]) == 5 and all(t > 0 for t in data["host"]["triton_us"].values())
+    else:
+        assert "skipped: this Triton's launch path" in proc.stdout
     assert len(data["compile"]["seconds"]) == 3 and all(t > 0 for ts in data["compile"]["seconds"].values() for t in ts)
     assert all(t > 0 for t in data["mixed"]["median_s"].values())
     assert data["serve"]["churn"]["failed"] == 0 and data["serve"]["1 adapters"]["failed"] == 0
