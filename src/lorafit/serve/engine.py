@@ -162,8 +162,8 @@ class Batcher:
 def load_model(spec: str, num_labels: int | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float32):
     """(model, tokenizer, task) for ``--model``: a built-in name of ``lorafit train`` (``minilm``,
-    ``smollm2-135m``) or a local transformers model directory, in ``dtype`` on ``device`` (None or "auto":
-    CUDA when there is a GPU, else the CPU).
+    ``smollm2-135m``) or a local transformers model directory, in ``dtype`` on ``device`` (None: CUDA when
+    there is a GPU, else the CPU).
 
     A classifier keeps the head its checkpoint describes (``num_labels`` of its config;
     2, randomly initialised, for a model without a head such as minilm) unless
@@ -174,7 +174,7 @@ def load_model(spec: str, num_labels: int | None = None, device: str | torch.dev
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    device = serving_device(device)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_model(spec, "--model")
     path, kwargs = source.path, source.kwargs
     config = AutoConfig.from_pretrained(path, **kwargs)
@@ -190,13 +190,6 @@ def load_model(spec: str, num_labels: int | None = None, device: str | torch.dev
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer, task
-
-
-def serving_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device; None or "auto": CUDA when there is a GPU, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def model_task(config, kwargs: dict) -> str:
