@@ -524,7 +524,8 @@ def bench_e2e(args, out: dict) -> None:
 
 
 def bench_adapter_dtype(args, out: dict) -> None:
-    """lorafit train on bfloat16 weights with bfloat16 and with float32 adapters (benchmarks/adapter_dtype.py)."""
+    """lorafit train on bfloat16 weights: bfloat16 adapters with and without float32 masters, and float32
+    adapters (benchmarks/adapter_dtype.py)."""
     from benchmarks import adapter_dtype
 
     out["adapter_dtype"] = adapter_dtype.run(args, _print)

@@ -1,11 +1,13 @@
-"""Adapters on bfloat16 weights: bfloat16 adapters (lorafit train's default) against float32 ones (``train.bf16 =
-true``: float32 adapters and AdamW state, steps under bf16 autocast), on the loss they reach and their time.
+"""Adapters on bfloat16 weights: bfloat16 adapters stepping on float32 masters (lorafit train's default),
+bfloat16 adapters alone (``train.master_weights = "off"``), and float32 adapters (``train.bf16 = true``:
+float32 adapters and AdamW state, steps under bf16 autocast), on the loss they reach and their time.
 
 An AdamW update smaller than half a bfloat16 ulp of the weight it changes is lost (about 1.2e-4 for an A entry
-of 0.04), which a low learning rate, or the tail of a decaying schedule, reaches. Each run is a fresh
-``python -m lorafit train`` process: SmolLM2-135M-Instruct in bfloat16, Alpaca (480 rows, 1 epoch of batch 8,
-max length 256, cosine schedule), LoRA r=16 on every linear layer, dropout 0.05, at two learning rates; the
-loss is on 100 held-out rows. ``--quick``: a tiny random Llama and 32 rows, to prove the harness runs.
+of 0.04), which a low learning rate, or the tail of a decaying schedule, reaches; masters keep those updates
+(``lorafit/train/master_weights.py``). Each run is a fresh ``python -m lorafit train`` process:
+SmolLM2-135M-Instruct in bfloat16, Alpaca (480 rows, 1 epoch of batch 8, max length 256, cosine schedule),
+LoRA r=16 on every linear layer, dropout 0.05, at two learning rates; the loss is on 100 held-out rows.
+``--quick``: a tiny random Llama and 32 rows, to prove the harness runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from benchmarks.timing import table
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"bfloat16 adapters (default)": [], "float32 adapters (train.bf16)": ["--set", "train.bf16=true"]}
+VARIANTS = {"bf16 adapters + float32 masters (default)": [],
+            "bf16 adapters alone (master_weights off)": ["--set", "train.master_weights=off"],
+            "float32 adapters (train.bf16)": ["--set", "train.bf16=true"]}
 LEARNING_RATES = (2e-4, 5e-5)
 CONFIG = """\
 output_dir = "unused"
@@ -108,7 +112,8 @@ def run(args, print_fn) -> dict:
         kept = f"{(untrained - r['eval_loss']) / gain:.0%}" if gain > 0 else "-"
         body.append([key, f"{r['eval_loss']:.4f}", kept, f"{r['train_s']:.1f}", f"{r['train_s'] / ref['train_s']:.2f}"])
     what = "a tiny random Llama, 4 steps" if args.quick else "SmolLM2-135M on Alpaca, 60 steps"
-    print_fn(f"Adapters on bfloat16 weights: bfloat16 (default) vs float32 (train.bf16), {what} of batch 8",
-             table(body, ["run", "eval loss", "of float32's gain", "train s", "x bf16 adapters"])
+    print_fn(f"Adapters on bfloat16 weights: bf16 with float32 masters (default), bf16 alone, float32 "
+             f"(train.bf16); {what} of batch 8",
+             table(body, ["run", "eval loss", "of float32's gain", "train s", "x default"])
              + f"\n\nuntrained adapters (one step at lr 1e-12): eval loss {untrained:.4f}")
     return {"untrained_eval_loss": untrained, "runs": results}

@@ -43,7 +43,7 @@ def test_quick_benchmark_suite_runs(tmp_path):
     full = trainable.pop("full fine-tuning")
     assert trainable and all(0 < n < full for n in trainable.values())  # the LoRA runs train a fraction
     runs = data["adapter_dtype"]
-    assert len(runs["runs"]) == 2 and runs["untrained_eval_loss"] > 0
+    assert len(runs["runs"]) == 3 and runs["untrained_eval_loss"] > 0
     assert all(r["eval_loss"] > 0 and r["train_s"] > 0 for r in runs["runs"].values())
 
 

@@ -160,6 +160,27 @@ def test_fsdp_shards_bfloat16_weights_beside_float32_adapters(tmp_path):
     assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_bfloat16_adapters_step_on_float32_masters_under_two_processes(tmp_path, mode):
+    """bfloat16 adapters keep float32 masters in every process (FSDP: sharded like their parameters); the
+    checkpoint holds the whole masters, near the one-process run's (the gradients' sums round differently in
+    bfloat16, by an ulp here and there), and the model's parameters are their rounding."""
+    config = instruction_setup(tmp_path, 32, 8, lora='r = 8\nlora_alpha = 16\ntarget_modules = "all-linear"',
+                               train="epochs = 1\nbatch_size = 8\nlr = 1e-3\nnum_threads = 1")
+    train(config, ["model.dtype=bfloat16", f"output_dir={json.dumps(str(tmp_path / 'one'))}"], progress=False)
+    finish(torchrun(config, tmp_path / mode, "--set", f"train.distributed={mode}", "--set", "model.dtype=bfloat16"))
+    saved = load_file(tmp_path / mode / "checkpoints" / "step-0000004" / "trainable.safetensors")
+    one = load_file(tmp_path / "one" / "checkpoints" / "step-0000004" / "trainable.safetensors")
+    assert saved.keys() == one.keys() and all(t.dtype == torch.float32 for t in saved.values())
+    for key in saved:
+        torch.testing.assert_close(saved[key], one[key], atol=2e-3, rtol=0, msg=key)
+    # the saved adapter (the model's parameters, gathered) is the masters' rounding: the steps reached the model
+    tensors = adapter(tmp_path / mode)
+    assert tensors.keys() == {"base_model.model." + k.replace(".default", ".weight") for k in saved}
+    for key, value in saved.items():
+        assert torch.equal(tensors["base_model.model." + key.replace(".default", ".weight")], value.bfloat16()), key
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers through /proc")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mode):

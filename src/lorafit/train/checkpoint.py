@@ -4,7 +4,8 @@ A checkpoint is a directory ``checkpoints/step-000120/`` holding exactly what
 the rest of the run depends on:
 
 - ``trainable.safetensors``: every trainable parameter, by its name in the model
-  (the adapter's factors and modules_to_save copies; all weights with ``method = "full"``)
+  (the adapter's factors and modules_to_save copies; all weights with ``method = "full"``); the float32
+  master of a 16-bit one where the run keeps masters (``master_weights.py``)
 - ``optimizer.safetensors`` + ``optimizer.json``: AdamW's moments and step counts, and its param groups
 - ``scheduler.json``: the learning-rate schedule's position
 - ``rng.safetensors`` + ``rng.json``: torch (CPU and CUDA), Python and NumPy random states
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.io import atomic_write, usual_mode
 from lorafit.train.distributed import SINGLE, Distributed, full_tensor, like_param
+from lorafit.train.master_weights import MasterWeights
 
 LATEST = "latest.json"
 BEST = "best"
@@ -98,7 +100,9 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model: torch.nn.Module, path: Path) -> None:
+def load_trainable(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The saved values into the model's trainable parameters (rounded to a 16-bit parameter's dtype);
+    returns them as saved."""
     tensors = load_file(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
@@ -110,6 +114,7 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
             if tuple(p.shape) != tuple(tensors[name].shape):
                 raise ValueError(f"{path}: {name} has shape {list(tensors[name].shape)}, the model {list(p.shape)}")
             p.copy_(like_param(tensors[name], p))
+    return tensors
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -184,13 +189,15 @@ def _rng_name(rank: int) -> str:
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any],
-                    dist: Distributed = SINGLE) -> Path:
+                    dist: Distributed = SINGLE, masters: MasterWeights | None = None) -> Path:
     """Write the checkpoint for ``state["step"]``, point ``latest.json`` at it, drop older ones.
 
     Distributed: every process calls this (gathering is collective); process 0 writes."""
     root = run_dir / "checkpoints"
     name = f"step-{state['step']:07d}"
     trainable = trainable_tensors(model)
+    if masters:
+        trainable.update({n: full_tensor(m).contiguous() for n, m in masters.named().items()})
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
     rng_states = dist.gather_objects(_rng_parts())
 
@@ -225,9 +232,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, dist: Distributed = SINGLE) -> dict[str, Any]:
-    """Restore weights, optimizer, schedule and random states; return the saved loop state."""
-    load_trainable(model, path / "trainable.safetensors")
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, dist: Distributed = SINGLE,
+                    masters: MasterWeights | None = None) -> dict[str, Any]:
+    """Restore weights (and their float32 ``masters``), optimizer, schedule and random states; return the saved
+    loop state."""
+    saved = load_trainable(model, path / "trainable.safetensors")
+    if masters:
+        masters.load(saved)
     _load_optimizer(optimizer, load_file(path / "optimizer.safetensors"),
                     json.loads((path / "optimizer.json").read_text()))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))

@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet")
 DISTRIBUTED = ("ddp", "fsdp")
 MODEL_DROPOUTS = ("torch", "hashed")
+MASTER_WEIGHTS = ("auto", "on", "off")
 QUANTIZE_BITS = (0, 4, 8)
 
 
@@ -122,6 +123,9 @@ class TrainSection:
     metric: str = ""  # what "best" means; default: accuracy (classification) or eval_loss
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
     seed: int = 0
+    # "auto": LoRA's 16-bit trained parameters step on float32 copies (lorafit.train.master_weights); full
+    # fine-tuning's do not (the copies would cost 12 bytes per weight); "on" / "off" for both methods
+    master_weights: str = "auto"
     bf16: bool = False  # bfloat16 autocast for forward and loss; LoRA on 16-bit weights then trains float32 adapters
     # float16 autocast with loss scaling (GPUs without bfloat16); on by itself for float16 weights under LoRA
     fp16: bool = False
@@ -221,6 +225,7 @@ class RunConfig:
         _one_of("train.scheduler", self.train.scheduler, SCHEDULERS, source)
         _one_of("train.distributed", self.train.distributed, DISTRIBUTED, source)
         _one_of("train.model_dropout", self.train.model_dropout, MODEL_DROPOUTS, source)
+        _one_of("train.master_weights", self.train.master_weights, MASTER_WEIGHTS, source)
         if self.train.compile:
             import torch._dynamo  # only here: it takes a second to import
 

@@ -30,6 +30,7 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
 from lorafit.train.data import steps_per_epoch, train_batches
 from lorafit.train.distributed import SINGLE, Distributed, full_tensor
+from lorafit.train.master_weights import MasterWeights
 from lorafit.train.metrics import MetricsLog
 from lorafit.train.tasks import Task
 
@@ -63,13 +64,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, t: TrainSection, masters: MasterWeights | None = None) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters, or on their float32 ``masters`` where there are some."""
     groups = parameter_groups(model, t.weight_decay)
     if not groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
+    if masters:
+        groups = [{**g, "params": masters.for_optimizer(g["params"])} for g in groups]
     # foreach: one op per group and moment instead of one per tensor. PyTorch picks it by itself on GPUs
     # only; on a CPU, a LoRA's many small tensors made the per-tensor loop 1.7x slower (86 MiniLM tensors).
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, foreach=True)
+
+
+def master_weights_for(model: nn.Module, t: TrainSection) -> MasterWeights | None:
+    """train.master_weights: the masters of the model's 16-bit trained parameters, or None."""
+    if t.master_weights == "off" or (t.master_weights == "auto" and t.method != "lora"):
+        return None
+    return MasterWeights(model) or None
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -120,18 +131,19 @@ def fit(
 
     ``log`` is written by process 0 only (other processes may pass None)."""
     wrapped = dist.wrap(model)  # before the optimizer: FSDP replaces the parameters by shards
-    optimizer = build_optimizer(model, t)
+    masters = master_weights_for(model, t)
+    optimizer = build_optimizer(model, t, masters)
     total = total_steps(len(train_features), t)
     scheduler = build_scheduler(optimizer, total, t)
     state = LoopState()
     if resume_from is not None:
-        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, dist))
+        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, dist, masters))
         if dist.is_main:
             log.truncate_after(state.step)
     if state.finished:
         return state
-    run = _Session(model, wrapped, optimizer, scheduler, task, eval_features, t, device, run_dir, log, metric,
-                   state, total, callbacks, dist, _progress_bar(total, state.step, progress and dist.is_main))
+    run = _Session(model, wrapped, optimizer, scheduler, masters, task, eval_features, t, device, run_dir, log,
+                   metric, state, total, callbacks, dist, _progress_bar(total, state.step, progress and dist.is_main))
     wrapped.train()
     while state.step < total and not state.stopped_early:
         batches = _Lookahead(train_batches(train_features, t.batch_size, t.seed, state.epoch, t.group_by_length,
@@ -151,10 +163,12 @@ class _Session:
     """One session of the loop (until the run ends or is interrupted): what a step, an evaluation and a
     checkpoint need, and the counters that are not saved (speed, the loss of the current log window)."""
 
-    def __init__(self, model, wrapped, optimizer, scheduler, task: Task, eval_features: Sequence[dict],
-                 t: TrainSection, device: torch.device, run_dir: Path, log: MetricsLog, metric: str,
-                 state: LoopState, total: int, callbacks, dist: Distributed, bar) -> None:
+    def __init__(self, model, wrapped, optimizer, scheduler, masters: MasterWeights | None, task: Task,
+                 eval_features: Sequence[dict], t: TrainSection, device: torch.device, run_dir: Path,
+                 log: MetricsLog, metric: str, state: LoopState, total: int, callbacks, dist: Distributed,
+                 bar) -> None:
         self.model, self.wrapped, self.optimizer, self.scheduler = model, wrapped, optimizer, scheduler
+        self.masters = masters
         self.task, self.eval_features, self.t, self.device = task, eval_features, t, device
         self.run_dir, self.log, self.metric, self.state, self.total = run_dir, log, metric, state, total
         self.callbacks, self.dist, self.bar = callbacks, dist, bar
@@ -164,7 +178,7 @@ class _Session:
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
         if t.fp16 and state.loss_scale is not None:
             self.scaler.load_state_dict(state.loss_scale)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]  # masters where any
         self.greater = task.greater_is_better(metric)
         self.evaluating = bool(eval_features)
         self.start, self.tokens = time.perf_counter(), 0  # this session's, for its speed
@@ -196,14 +210,19 @@ class _Session:
             if real:
                 self.pending.add(loss, tokens, state.step + 1)
         state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
+        if self.masters:
+            self.masters.take_grads()
         grad_norm = None
         if t.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.masters:
+            self.masters.put_back()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # the masters' gradients are zeroed, not dropped: take_grads copies into them without allocating
+        self.optimizer.zero_grad(set_to_none=not self.masters)
         state.step += 1
         state.batch_in_epoch += len(window)
         self.window_units += units
@@ -279,7 +298,8 @@ class _Session:
         self.clock = time.perf_counter()
         if self.scaler.is_enabled():
             self.state.loss_scale = self.scaler.state_dict()
-        ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, asdict(self.state), self.dist)
+        ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, asdict(self.state), self.dist,
+                             self.masters)
 
     def evaluate(self) -> None:
         """Validation metrics now; the best weights saved when they improved, early stopping counted."""
