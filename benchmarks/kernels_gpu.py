@@ -1,5 +1,6 @@
 """Per-layer LoRA linear cost on a GPU at Llama-3.2-1B's shapes: forward + backward of one adapted linear
-against the frozen-base floor and PEFT's formula, and each skinny product alone (cuBLAS vs Triton).
+against the frozen-base floor and PEFT's formula, and each skinny product alone (cuBLAS vs Triton); the
+same step on an NF4 base (QLoRA) and its dequantization (torch ops vs Triton).
 
     python -m benchmarks.kernels_gpu [--out DIR] [--rows 8192] [--quick]
 
@@ -117,10 +118,31 @@ def run(rows: int, r: int = 16, dtype=torch.bfloat16, shapes: dict = SHAPES) -> 
         row["up-add cuBLAS"] = _bench(lambda: gx.addmm_(gh, a))
         _order_rows(row, x, g, base.weight, a, torch.randn(d_out, r, device=DEVICE, dtype=dtype), gh)
         row["copy x (bandwidth ref)"] = _bench(lambda: x.clone())
+        _qlora_rows(row, base, x, g, r)
         if triton:
             _triton_rows(row, x, a, gh, gx, key, t)
         results.append(row)
     return results
+
+
+def _qlora_rows(row: dict, base: nn.Linear, x, g, r: int) -> None:
+    """QLoRA: the layer's step on an NF4 base (dequantized in forward and again in backward), and one
+    dequantization through torch ops and through the Triton kernel."""
+    from lorafit.kernels import dequantize
+    from lorafit.quantize import QuantizedLinear
+
+    quantized = QuantizedLinear(base, bits=4)
+    model = nn.Sequential(quantized)
+    lorafit.attach(model, lorafit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=["0"]))
+    model.train()
+    row["QLoRA nf4 p=0.05"] = _bench(_layer_step(model, x, g))
+    codes, absmax, shape = quantized.codes, quantized.block_absmax(), quantized.shape
+    row["nf4 dequantize: torch ops"] = _bench(
+        lambda: dequantize.with_torch_ops(codes, absmax, True, quantized.block_size, shape, x.dtype))
+    if triton_kernels.available(x.device):
+        levels = dequantize.nf4_levels(x.device)
+        row["nf4 dequantize: triton"] = _bench(
+            lambda: triton_kernels.dequantize(codes, absmax, levels, quantized.block_size, shape, x.dtype))
 
 
 def _triton_rows(row: dict, x, a, gh, gx, key, t) -> None:

@@ -6,7 +6,8 @@ from torch import nn
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.quantize import NF4, QuantizedLinear, dequantize_nf4, quantize_base, quantize_nf4
+from lorafit.kernels import dequantize as dq
+from lorafit.quantize import NF4, QuantizedLinear, quantize_base, quantize_int8, quantize_nf4
 
 
 def _reference_nf4(weight, block):
@@ -26,11 +27,26 @@ def test_nf4_codes_match_nearest_level_reference():
     codes = torch.stack((packed >> 4, packed & 15), -1).flatten().long()
     assert torch.equal(codes, codes_ref)
     torch.testing.assert_close(absmax, absmax_ref)
-    deq = dequantize_nf4(packed, absmax, w.shape, torch.float32)
+    deq = dq.dequantize(packed, absmax, 4, 64, w.shape, torch.float32)
     # error bounded by half the widest gap between NF4 levels, times the block's absmax
     gap = max(b - a for a, b in zip(NF4, NF4[1:])) / 2
     assert ((deq - w).abs().view(-1, 64) <= gap * absmax[:, None] + 1e-6).all()
     assert (deq - w).abs().mean() < 0.1 * w.abs().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dequantization_in_slices_is_the_formula_bit_for_bit(dtype, monkeypatch):
+    """The torch-ops path works a few whole blocks at a time (bounded temporaries); the last slice is partial."""
+    monkeypatch.setattr(dq, "_SLICE", 3 * 64)
+    torch.manual_seed(0)
+    w = torch.randn(40, 80)  # 50 blocks of 64: 16 slices of 3 blocks and one of 2
+    packed, absmax = quantize_nf4(w, 64)
+    codes = torch.stack((packed >> 4, packed & 15), -1).flatten().long()
+    want = (torch.tensor(NF4)[codes].view(-1, 64) * absmax[:, None]).view(40, 80).to(dtype)
+    assert torch.equal(dq.dequantize(packed, absmax, 4, 64, (40, 80), dtype), want)
+    int8, absmax = quantize_int8(w, 64)
+    want = (int8.view(-1, 64).float() * (absmax[:, None] / 127)).view(40, 80).to(dtype)
+    assert torch.equal(dq.dequantize(int8, absmax, 8, 64, (40, 80), dtype), want)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -69,6 +69,26 @@ def check_mask_scale(device: str, dtype: torch.dtype) -> None:
         assert torch.equal(triton_kernels.mask_scale(x, key, t, scale), want)
 
 
+def check_dequantize(device: str, dtype: torch.dtype) -> None:
+    """QLoRA's dequantization: NF4 and int8 codes to level * scale, rounded once, bit for bit the formula."""
+    from lorafit.kernels.dequantize import nf4_levels
+
+    torch.manual_seed(2)
+    levels = nf4_levels(torch.device(device))
+    # sizes that are not a multiple of a program's 1024 codes, blocks of 32 and 64
+    for rows, cols, block in [(3, 64, 64), (37, 128, 32), (130, 512, 64)]:
+        n = rows * cols
+        absmax = torch.rand(n // block, device=device) + 0.1
+        packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=device)
+        codes = torch.stack((packed >> 4, packed & 15), -1).flatten().long()
+        want = (levels[codes].view(-1, block) * absmax[:, None]).view(rows, cols).to(dtype)
+        assert torch.equal(triton_kernels.dequantize(packed, absmax, levels, block, (rows, cols), dtype), want)
+        int8 = torch.randint(-127, 128, (n,), dtype=torch.int8, device=device)
+        scales = absmax / 127
+        want = (int8.view(-1, block).float() * scales[:, None]).view(rows, cols).to(dtype)
+        assert torch.equal(triton_kernels.dequantize(int8, scales, None, block, (rows, cols), dtype), want)
+
+
 def check_lora_linear(device: str) -> None:
     """The whole accelerator path of the LoRA linear (forward and every gradient, with and without a bias, two
     adapters with dropout) with its masked products in these kernels, against the float64 formula."""
@@ -101,6 +121,7 @@ def test_lora_linear_with_triton_masks_on_cuda():
 def test_triton_kernels_on_cuda(dtype):
     check_products("cuda", dtype)
     check_mask_scale("cuda", dtype)
+    check_dequantize("cuda", dtype)
 
 
 def _compiled_variants(kernel) -> int:
@@ -247,5 +268,6 @@ if __name__ == "__main__":
     for dtype in INTERPRETED_DTYPES:
         check_products("cpu", dtype)
         check_mask_scale("cpu", dtype)
+        check_dequantize("cpu", dtype)
     check_lora_linear("cpu")
     print("interpreted checks passed")

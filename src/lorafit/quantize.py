@@ -14,7 +14,8 @@ absolute maximum and every value as a code relative to it.
 
 The weight is dequantized on the fly in forward and again in backward (for
 the input gradient), never kept: a custom autograd function saves only the
-codes. LoRA wraps a ``QuantizedLinear`` like any linear layer; ``merge`` into
+codes. ``lorafit.kernels.dequantize`` does that on each device (one Triton
+pass on a GPU). LoRA wraps a ``QuantizedLinear`` like any linear layer; ``merge`` into
 it is refused (it would re-quantize the adapter away), ``merge_and_unload``
 dequantizes it into a plain ``nn.Linear`` and merges there.
 """
@@ -25,13 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The NF4 levels (QLoRA paper, appendix E).
-NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
+from lorafit.kernels.dequantize import NF4, dequantize
+
 SCALE_BLOCK = 256  # block size of the double-quantized absmax values
 
 
@@ -54,23 +50,11 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, where: str = "weigh
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
-    codes = torch.stack((packed >> 4, packed & 15), dim=-1).flatten().long()
-    levels = torch.tensor(NF4, device=packed.device, dtype=torch.float32)
-    values = levels[codes].view(absmax.shape[0], -1) * absmax[:, None]
-    return values.view(shape).to(dtype)
-
-
 def quantize_int8(weight: torch.Tensor, block_size: int = 64, where: str = "weight"):
     blocks = _blocks(weight, block_size, where)
     absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.round(blocks / absmax[:, None] * 127).to(torch.int8).flatten()
     return codes, absmax
-
-
-def dequantize_int8(codes: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
-    values = codes.view(absmax.shape[0], -1).float() * (absmax[:, None] / 127)
-    return values.view(shape).to(dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -106,11 +90,11 @@ class QuantizedLinear(nn.Module):
         if not self.double_quant:
             return self.absmax
         n = self.absmax_codes.numel()
-        return dequantize_int8(self.absmax_codes, self.absmax_scale, (n,), torch.float32) + self.absmax_mean
+        return dequantize(self.absmax_codes, self.absmax_scale, 8, SCALE_BLOCK, (n,), torch.float32) + self.absmax_mean
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dq = dequantize_nf4 if self.bits == 4 else dequantize_int8
-        return dq(self.codes, self.block_absmax(), self.shape, dtype or self.compute_dtype)
+        return dequantize(self.codes, self.block_absmax(), self.bits, self.block_size, self.shape,
+                          dtype or self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:

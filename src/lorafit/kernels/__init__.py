@@ -6,7 +6,8 @@
   the C loops (CPU, float32), Triton (CUDA, with a mask) or plain torch ops (cuBLAS, MKL, anything else);
 - ``mask.py``: the hashed dropout masks, the same on every device; ``cpu.py`` / ``cpu_kernels.c`` and
   ``triton_kernels.py``: the loops themselves; ``triton_warmup.py``: Triton's first compilation of each
-  kernel in a helper process, while the caller runs the torch ops.
+  kernel in a helper process, while the caller runs the torch ops;
+- ``dequantize.py``: a QLoRA base weight from its 4- or 8-bit codes (Triton on a GPU, torch ops elsewhere).
 """
 
 from lorafit.kernels.linear import LowRank, lora_linear

@@ -132,3 +132,23 @@ def _mask_scale_kernel(x_ptr, out_ptr, key_ptr, t, scale, M, K, sx, so, BM: tl.c
     kept = tl.where(_keep(rows, cols, K, key, t), x.to(tl.float32) * scale, 0.0)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * so + cols[None, :], kept.to(out_ptr.dtype.element_ty),
              mask=inside)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _dequantize_kernel(codes_ptr, scales_ptr, levels_ptr, out_ptr, n,
+                       NF4: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """out = level(code) * scales[value // QBLOCK] for n codes: NF4 bytes hold two values (high nibble first)
+    whose levels come from levels_ptr; int8 codes are their own levels (scales hold absmax / 127)."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    i = first + tl.arange(0, BLOCK)
+    live = i < n
+    c = tl.load(codes_ptr + i, mask=live, other=0)
+    if NF4:
+        scale = tl.load(scales_ptr + (2 * i) // QBLOCK, mask=live, other=0.0)  # a byte's two values share a block
+        hi = tl.load(levels_ptr + (c >> 4).to(tl.int32), mask=live, other=0.0) * scale
+        lo = tl.load(levels_ptr + (c & 15).to(tl.int32), mask=live, other=0.0) * scale
+        o = 2 * first + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + o, tl.interleave(hi, lo).to(out_ptr.dtype.element_ty), mask=o < 2 * n)
+    else:
+        scale = tl.load(scales_ptr + i // QBLOCK, mask=live, other=0.0)
+        tl.store(out_ptr + i, (c.to(tl.float32) * scale).to(out_ptr.dtype.element_ty), mask=live)

@@ -7,6 +7,7 @@ For x (M x K), A (R x K), G (M x R) and the keep-mask of (key, t) (see mask.py):
     up(G, A, s, out)    = out + s mask(G A)    the low-rank part of dx, added where it is written
     grad_a_and_up       = both of the last two over one mask, in one launch and one pass over G's tiles
     mask_scale(x, s)    = s mask(x)            hashed dropout of any tensor (HashedDropout, fallbacks)
+    dequantize          = level(code) * absmax  a QLoRA base weight from its 4- or 8-bit codes (dequantize.py)
 
 Each output element's position is row * cols + col mod 2^32, as in the C kernels and the eager reference,
 whatever the tensor's size. Products accumulate in float32; a float32 product follows torch's TF32 switch
@@ -259,4 +260,16 @@ def mask_scale(x: torch.Tensor, key: torch.Tensor, t: int, scale: float = 1.0, *
     bm, bk = 16, 128
     _launch("_mask_scale_kernel", (_cdiv(m, bm), _cdiv(k, bk)),
             (x, out, key, int(t), float(scale), m, k, x.stride(0), out.stride(0)), dict(BM=bm, BK=bk), wait)
+    return out
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, levels: torch.Tensor | None, block_size: int,
+               shape: tuple[int, ...], dtype: torch.dtype, *, wait: bool = True) -> torch.Tensor:
+    """A new ``shape`` tensor in ``dtype`` from block-quantized codes in one pass (see dequantize.py): NF4 bytes
+    with their 16 float32 ``levels``, or int8 codes (``levels`` None) with ``scales`` = absmax / 127."""
+    n = codes.numel()
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    block = 1024
+    _launch("_dequantize_kernel", (_cdiv(n, block),), (codes, scales, levels if levels is not None else scales, out, n),
+            dict(NF4=levels is not None, QBLOCK=block_size, BLOCK=block), wait)
     return out
