@@ -500,11 +500,11 @@ seed = 0
 
 def part_e2e(args, device: torch.device) -> dict:
     """`lorafit train`, full fine-tuning then LoRA, on each model of --e2e-models; then LoRA with train.bf16 on
-    the first model (mixed precision: float32 adapters against the default's bfloat16 ones, time and loss);
-    with --e2e-compile, last, LoRA with train.compile on the first model. Each run is a fresh process, as a user
-    runs it. The Triton cache starts empty for the first LoRA run and is kept for the later ones (what a user's
-    later runs see): the first LoRA run's time includes compiling the kernels, the train.compile run's includes
-    inductor's compile."""
+    the first model (mixed precision: float32 adapters against the default's bfloat16 ones on float32 masters,
+    time and loss); with --e2e-compile, last, LoRA with train.compile on the first model. Each run is a fresh
+    process, as a user runs it. The Triton cache starts empty for the first LoRA run and is kept for the later
+    ones (what a user's later runs see): the first LoRA run's time includes compiling the kernels, the
+    train.compile run's includes inductor's compile."""
     rows = alpaca_rows(args.data)
     models = [m.strip() for m in args.e2e_models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(E2E_SIZES))
@@ -598,7 +598,8 @@ def part_e2e(args, device: torch.device) -> dict:
            f"checkpoints, saving); loop s: the training loop, summary.json's train_time_s (checkpoints included). "
            f"peak: {method} from summary.json. Full fine-tuning at lr 5e-5, LoRA (all-linear, r=16, dropout 0.05) at "
            f"2e-4; train.bf16: that LoRA under bf16 autocast with float32 adapters (the default trains bfloat16 "
-           f"adapters on the bfloat16 weights). The 1B rows have Llama-3.2-1B's layer shapes with an 8k vocabulary. "
+           f"adapters on the bfloat16 weights, AdamW stepping on float32 masters of them). The 1B rows have "
+           f"Llama-3.2-1B's layer shapes with an 8k vocabulary. "
            f"train.compile: each decoder block under torch.compile (inductor), its compile time included."
            + (f" INTERRUPTED during '{interrupted}' (time limit): later runs missing." if interrupted else ""))
     return {"model_params": sizes, "results": results, "interrupted": interrupted}

@@ -167,10 +167,11 @@ def _steps_without_sync(step) -> None:
 
 def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     """`lorafit train`'s causal-LM step on a right-padded batch from collate (no attention mask reaches the
-    model; the loss positions come with the batch), LoRA with dropout, backward and AdamW: no host sync after
-    the first step (which checks the model's head once)."""
+    model; the loss positions come with the batch), LoRA with dropout, backward and AdamW on the bf16 adapters'
+    float32 masters: no host sync after the first step (which checks the model's head once)."""
     from lorafit.train.config import RunConfig
     from lorafit.train.loop import _on_device
+    from lorafit.train.master_weights import MasterWeights
     from lorafit.train.tasks import IGNORE, CausalLM
 
     class Tok:
@@ -182,7 +183,10 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     model = _llama(torch.bfloat16)
     lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    masters = MasterWeights(model)
+    assert len(masters.masters) == len(params)
+    opt = torch.optim.AdamW(masters.for_optimizer(params), lr=1e-3, foreach=True)
+    before = [p.detach().clone() for p in params]
     task = CausalLM(RunConfig(), Tok())
     gen = torch.Generator().manual_seed(0)
     feats = []
@@ -194,11 +198,15 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     def step():
         batch = _on_device(cpu_batch, torch.device(DEVICE))
         (task.loss_sum(model, batch) / int(cpu_batch["units"])).backward()
+        masters.take_grads()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        masters.put_back()
+        opt.zero_grad(set_to_none=False)
 
     _steps_without_sync(step)
     assert all(torch.isfinite(p).all() for p in params)
+    assert all(torch.equal(p, m.to(p.dtype)) for p, m in zip(params, masters.masters))
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
 def test_float16_weights_train_on_cuda(tmp_path):
