@@ -14,10 +14,10 @@ absolute maximum and every value as a code relative to it.
 
 The weight is dequantized on the fly in forward and again in backward (for
 the input gradient), never kept: a custom autograd function saves only the
-codes. ``lorafit.kernels.dequantize`` does that on each device (one Triton
-pass on a GPU). LoRA wraps a ``QuantizedLinear`` like any linear layer; ``merge`` into
-it is refused (it would re-quantize the adapter away), ``merge_and_unload``
-dequantizes it into a plain ``nn.Linear`` and merges there.
+codes; ``lorafit.kernels.dequantize`` does that on each device (one Triton
+pass on a GPU). LoRA wraps a ``QuantizedLinear`` like any linear layer;
+``merge`` into it is refused (it would re-quantize the adapter away),
+``merge_and_unload`` dequantizes it into a plain ``nn.Linear`` and merges there.
 """
 
 from __future__ import annotations
