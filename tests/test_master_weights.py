@@ -81,7 +81,7 @@ def test_only_16_bit_trained_parameters_get_masters():
 LORA = 'r = 4\nlora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = "all-linear"'
 
 
-def test_bfloat16_lora_resumes_from_its_masters_to_the_uninterrupted_result(tmp_path):
+def test_bfloat16_lora_resumes_from_its_masters_to_the_uninterrupted_result(tmp_path, capsys):
     """LoRA on bfloat16 weights keeps float32 masters (train.master_weights = "auto"): checkpoints hold them,
     a resumed run ends with the uninterrupted run's adapter, and the run differs from one without masters."""
     config = instruction_setup(tmp_path, 24, lora=LORA,
@@ -92,6 +92,7 @@ def test_bfloat16_lora_resumes_from_its_masters_to_the_uninterrupted_result(tmp_
         return args + [f"output_dir={json.dumps(str(tmp_path / name))}"]
 
     full = train(config, out("a"), progress=False)
+    assert "bfloat16 trained weights: AdamW steps on float32 masters" in capsys.readouterr().out
     assert {p.dtype for p in full.model.parameters() if p.requires_grad} == {torch.bfloat16}
     saved = load_file(tmp_path / "a" / "checkpoints" / "step-0000009" / "trainable.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
@@ -106,7 +107,9 @@ def test_bfloat16_lora_resumes_from_its_masters_to_the_uninterrupted_result(tmp_
     train(config, out("b"), resume=True, progress=False)
     assert_same_tensors(adapter, adapter_tensors(tmp_path / "b"), atol=0)
 
+    capsys.readouterr()
     train(config, out("off") + ["train.master_weights=off"], progress=False)
+    assert "float32 masters" not in capsys.readouterr().out
     off = load_file(tmp_path / "off" / "checkpoints" / "step-0000009" / "trainable.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in off.values())
     assert any(not torch.equal(adapter[k], v) for k, v in adapter_tensors(tmp_path / "off").items())

@@ -76,11 +76,14 @@ def build_optimizer(model: nn.Module, t: TrainSection, masters: MasterWeights | 
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, foreach=True)
 
 
+def keeps_masters(t: TrainSection) -> bool:
+    """Whether train.master_weights asks for float32 masters of this method's 16-bit trained parameters."""
+    return t.master_weights == "on" or (t.master_weights == "auto" and t.method == "lora")
+
+
 def master_weights_for(model: nn.Module, t: TrainSection) -> MasterWeights | None:
     """train.master_weights: the masters of the model's 16-bit trained parameters, or None."""
-    if t.master_weights == "off" or (t.master_weights == "auto" and t.method != "lora"):
-        return None
-    return MasterWeights(model) or None
+    return (MasterWeights(model) or None) if keeps_masters(t) else None
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

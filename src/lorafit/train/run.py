@@ -45,7 +45,8 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import RunConfig, TrainSection, load_config
 from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed
 from lorafit.train.distributed import SINGLE, Distributed
-from lorafit.train.loop import LoopState, fit, total_steps
+from lorafit.train.loop import LoopState, fit, keeps_masters, total_steps
+from lorafit.train.master_weights import SIXTEEN_BIT
 from lorafit.train.metrics import (
     BestEval,
     MetricsLog,
@@ -576,6 +577,11 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         if prep.float16_autocast:
             print("  float16 weights: the adapters train in float32 under float16 autocast with loss scaling "
                   "(as with train.fp16 = true)")
+        sixteen_bit = {str(p.dtype).removeprefix("torch.") for p in prep.model.parameters()
+                       if p.requires_grad and p.dtype in SIXTEEN_BIT}
+        if sixteen_bit and keeps_masters(prep.train_settings()):
+            print(f"  {'/'.join(sorted(sixteen_bit))} trained weights: AdamW steps on float32 masters of them "
+                  "(train.master_weights)")
         log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
         try:
             state = fit(prep.model, prep.task, data.train, data.validation, prep.train_settings(), prep.device, out,
