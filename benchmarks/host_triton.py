@@ -95,7 +95,6 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     start = time.perf_counter()
     try:
         _stand_in_driver()

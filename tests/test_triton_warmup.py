@@ -243,8 +243,7 @@ def test_a_layer_gives_the_same_results_before_and_after_its_kernels_are_ready(t
 # compiles, and the launch that follows adds nothing to the cache (it loads what the helper compiled).
 REAL_HELPER_PROBE = textwrap.dedent("""
     import os, time, torch
-    import lorafit.kernels
-from lorafit.kernels import mask, triton_kernels, triton_warmup
+    from lorafit.kernels import mask, triton_kernels, triton_warmup
     cache = os.environ["TRITON_CACHE_DIR"]
     x = torch.randn(300, 512, dtype=torch.bfloat16, device="cuda")
     a = torch.randn(16, 512, dtype=torch.bfloat16, device="cuda")
@@ -267,6 +266,11 @@ from lorafit.kernels import mask, triton_kernels, triton_warmup
     print(f"first call {first:.3f} s, compiled by the helper after {time.perf_counter() - start:.1f} s, "
           f"GPU memory taken meanwhile {helper_mib:.0f} MiB")
 """)
+
+
+def test_the_cuda_probe_is_a_valid_script():
+    """The probe below runs on a GPU only; its syntax is checked everywhere."""
+    compile(REAL_HELPER_PROBE, "REAL_HELPER_PROBE", "exec")
 
 
 @pytest.mark.cuda

@@ -111,7 +111,7 @@ def _launch(kernel: str, grid: tuple, args: tuple, constexprs: dict, wait: bool)
             return
         except Exception as err:  # noqa: BLE001 - the launch goes through Triton's JIT from now on
             _launch_through_jit(f"{type(err).__name__}: {str(err)[:200]}")
-    if not wait and not triton_warmup.ready(kernel, args, constexprs, device):
+    if not wait and not triton_warmup.ready(kernel, args, constexprs, device, variant):
         raise NotReady(kernel)
     from lorafit.kernels import triton_jit  # imported on the first launch only
 

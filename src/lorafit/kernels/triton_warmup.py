@@ -53,11 +53,12 @@ def start(device: torch.device) -> None:
             _start_helper(device)
 
 
-def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device) -> bool:
-    """Whether to launch ``kernel`` with these arguments now; False: it is being compiled, take the torch ops."""
+def ready(kernel: str, args: tuple, constexprs: dict, device: torch.device, wanted: tuple | None = None) -> bool:
+    """Whether to launch ``kernel`` with these arguments now; False: it is being compiled, take the torch ops.
+    ``wanted``: their ``variant``, where the caller has it already."""
     if _off is not None or not applies(device):
         return True
-    wanted = variant(kernel, args, constexprs)
+    wanted = wanted or variant(kernel, args, constexprs)
     if wanted is None or wanted in _ready:
         return True
     with _lock:

@@ -95,9 +95,12 @@ def _fsync_dir(path: Path) -> None:
 # -- pieces ------------------------------------------------------------------------
 
 
-def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole (a collective when FSDP shards them: every process must call)."""
-    return {n: full_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_tensors(model: torch.nn.Module, masters: MasterWeights | None = None) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole (a collective when FSDP shards them: every process must call); the
+    float32 master in place of a 16-bit parameter that has one."""
+    instead = masters.named() if masters else {}
+    return {n: full_tensor(instead.get(n, p).detach()).contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def load_trainable(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
@@ -195,9 +198,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     Distributed: every process calls this (gathering is collective); process 0 writes."""
     root = run_dir / "checkpoints"
     name = f"step-{state['step']:07d}"
-    trainable = trainable_tensors(model)
-    if masters:
-        trainable.update({n: full_tensor(m).contiguous() for n, m in masters.named().items()})
+    trainable = trainable_tensors(model, masters)
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
     rng_states = dist.gather_objects(_rng_parts())
 
