@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from tests.test_train_support import (
@@ -30,7 +31,7 @@ transformers = pytest.importorskip("transformers")
 import lorafit  # noqa: E402
 from lorafit.train import evaluate, merge, train  # noqa: E402
 from lorafit.train.data import epoch_batches  # noqa: E402
-from lorafit.train.loop import lr_factor, parameter_groups  # noqa: E402
+from lorafit.train.loop import adamw_kernel, lr_factor, parameter_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
@@ -373,6 +374,28 @@ def test_no_weight_decay_on_biases_and_norms():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} >= {"embeddings.LayerNorm.weight", "pooler.dense.bias"}
+
+
+def test_adamw_is_fused_on_cpus_and_gpus_and_steps_as_foreach_does():
+    """The fused kernel where every trained tensor is on a CPU or CUDA device, foreach elsewhere; both take the
+    same step."""
+    assert adamw_kernel([torch.zeros(2, 2), torch.zeros(3)]) == {"fused": True}
+    assert adamw_kernel([torch.zeros(2, 2, device="meta")]) == {"foreach": True}
+    assert adamw_kernel([]) == {"foreach": True}
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8)]
+    params = {kind: [nn.Parameter(t.clone()) for t in start] for kind in ("fused", "foreach")}
+    optimizers = {kind: torch.optim.AdamW([{"params": ps[:1], "weight_decay": 0.1},
+                                           {"params": ps[1:], "weight_decay": 0.0}], lr=1e-2, **{kind: True})
+                  for kind, ps in params.items()}
+    for _ in range(5):
+        grads = [torch.randn(16, 8), torch.randn(8)]
+        for kind, ps in params.items():
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            optimizers[kind].step()
+    for a, b in zip(params["fused"], params["foreach"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_schedule_warms_up_then_decays():

@@ -71,9 +71,20 @@ def build_optimizer(model: nn.Module, t: TrainSection, masters: MasterWeights | 
         raise ValueError("nothing to train: no parameter requires a gradient")
     if masters:
         groups = [{**g, "params": masters.for_optimizer(g["params"])} for g in groups]
-    # foreach: one op per group and moment instead of one per tensor. PyTorch picks it by itself on GPUs
-    # only; on a CPU, a LoRA's many small tensors made the per-tensor loop 1.7x slower (86 MiniLM tensors).
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, foreach=True)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, **adamw_kernel(params))
+
+
+def adamw_kernel(params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """fused where every tensor is on a CPU or CUDA device, else foreach.
+
+    PyTorch's default is foreach on GPUs and the per-tensor loop on CPUs. A LoRA is hundreds of small
+    tensors: the fused kernel updates each device's and dtype's tensors in one pass (about 4x faster than
+    foreach for SmolLM2's r=16 adapters on a CPU), and foreach still beats the loop by one op per group and
+    moment instead of one per tensor. Other devices (MPS, XPU, ...) support fused for some dtypes only.
+    """
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if fused else {"foreach": True}
 
 
 def keeps_masters(t: TrainSection) -> bool:
