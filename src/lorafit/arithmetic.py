@@ -57,6 +57,10 @@ def combine_adapters(
         raise ValueError(f"method 'svd' needs rank >= 1, got {rank!r}")
     if rank is not None and method != "svd":
         raise ValueError(f"rank is only used by method 'svd' (the rank of {method!r} follows from the adapters)")
+    stacked = [a for a in weights if configs[a].target_parameters]
+    if stacked:
+        # their factors hold one pair per expert, interleaved; stacking or averaging them as one pair is wrong
+        raise ValueError(f"adapters {stacked} use target_parameters, which combine_adapters does not support")
     head_modules = None
     if heads is not None:
         if heads not in configs:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
+from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.model import adapter_configs, wrapped_modules
 
@@ -234,6 +234,9 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
     if isinstance(layer, Linear) and len(distinct) == 1:
         return _uniform_linear(layer, rows[0])
+    if isinstance(layer, ParameterLora):
+        raise ValueError(f"adapters {names} adapt {layer.parameter_name!r} (target_parameters), which a batch with "
+                         "an adapter per row does not support")
     dora = list(layer._modules.get("lora_magnitude_vector") or ())  # only DoRA adapters have one
     if dora:
         raise ValueError(f"DoRA adapters {dora} are not supported in a batch with an adapter per row")

@@ -28,7 +28,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "trainable_token_indices": None,
-    "target_parameters": None,
     "lora_bias": False,
     "eva_config": None,
     "corda_config": None,
@@ -62,6 +61,14 @@ class LoraConfig:
     except the output head. ``exclude_modules`` uses the same rules.
     ``rank_pattern`` / ``alpha_pattern`` map a module-name pattern (regex,
     matched against the end of the name) to a per-module rank / alpha.
+
+    ``target_parameters`` adapts weights that are parameters of a module rather
+    than of a linear layer, such as the stacked expert weights of a mixture of
+    experts (``"mlp.experts.gate_up_proj"``): an entry matches
+    ``<module>.<parameter>`` in full or at its end. A 3-D parameter
+    (experts, out, in) gets one rank-``r`` pair per expert. The module then runs
+    with ``W + s B A`` in place of ``W``, so the adapter sees no dropout:
+    ``lora_dropout`` must be 0.
     """
 
     r: int = 8
@@ -82,6 +89,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     inference_mode: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -90,6 +98,8 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
@@ -146,8 +156,26 @@ class LoraConfig:
             pats = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
             if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
                 raise ValueError(f"layers_pattern must be a string or a list of strings, got {self.layers_pattern!r}")
+        self._validate_target_parameters()
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise ValueError(f"task_type must be a string such as 'SEQ_CLS' or 'CAUSAL_LM', got {self.task_type!r}")
+
+    def _validate_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"target_parameters must be a non-empty list of parameter names such as "
+                             f"'mlp.experts.gate_up_proj', got {value!r}")
+        # W + s B A replaces W before the module runs: no input of the adapter for dropout to act on
+        if self.lora_dropout:
+            raise ValueError(f"lora_dropout must be 0 with target_parameters (got {self.lora_dropout!r}): the "
+                             "adapter changes the parameter itself, so there is no adapter input to drop")
+        for name, bad in (("use_dora", self.use_dora), ("fan_in_fan_out", self.fan_in_fan_out)):
+            if bad:
+                raise ValueError(f"{name} is not supported with target_parameters")
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported with target_parameters")
 
     # -- per-module values --------------------------------------------------------
     def rank_for(self, module_name: str) -> int:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave
+from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora
 from lorafit.quantize import QuantizedLinear
-from lorafit.targeting import SEQ_CLS_HEADS, layer_kind, name_matches, resolve_targets
+from lorafit.targeting import SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets
 
 _CONFIGS = "_lorafit_configs"
 _ORIGINAL_GRAD = "_lorafit_original_requires_grad"
@@ -34,14 +34,18 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
     """The LoRA and modules_to_save wrappers, by name, in ``named_modules`` order. It does
-    not descend into a wrapper (there is never one inside another), which makes it much
-    cheaper than ``named_modules`` on a wrapped transformer: loading an adapter calls it often."""
+    not descend into a wrapper (only parameter wrappers nest, one per adapted parameter of a
+    module, and it follows those), which makes it much cheaper than ``named_modules`` on a
+    wrapped transformer: loading an adapter calls it often."""
     for name, child in module._modules.items():
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(child, (LoraLayer, ModulesToSave)):
             yield path, child
+            while isinstance(child, ParameterLora) and isinstance(child.base_layer, ParameterLora):
+                child, path = child.base_layer, f"{path}.base_layer"
+                yield path, child
         else:
             yield from wrapped_modules(child, path)
 
@@ -100,7 +104,13 @@ def attach(
     if name in configs:
         raise ValueError(f"an adapter named {name!r} is already attached; detach it first or pick another name")
     config = _with_classification_head(model, config)
-    targets = resolve_targets(model, config)
+    parameter_targets = resolve_parameter_targets(model, config)
+    # As in PEFT: with target_parameters, no target_modules means no module targets (not a model type's default)
+    targets = [] if parameter_targets and config.target_modules is None else resolve_targets(model, config)
+    both = sorted(set(targets) & set(parameter_targets))
+    if both:
+        raise ValueError(f"{both[0]!r} is matched by target_modules and its parameters by target_parameters; "
+                         "adapt it one way only")
     saved_names = _modules_to_save_names(model, config)
 
     if _ORIGINAL_GRAD not in model.__dict__:
@@ -118,6 +128,11 @@ def attach(
                 init=init if initialize or init in ("pissa", "olora") else None, dtype=dtype,
                 use_dora=config.use_dora,
             )
+        for target, parameters in parameter_targets.items():
+            for layer in _parameter_wrappers(model, target, parameters):
+                key = f"{target}.{layer.parameter_name}"
+                layer.add_adapter(name, r=config.rank_for(key), scale=config.scale_for(key),
+                                  init=config.init_lora_weights if initialize else None, dtype=dtype)
         for target in saved_names:
             module = model.get_submodule(target)
             if not isinstance(module, ModulesToSave):
@@ -138,6 +153,26 @@ def attach(
         # Merged adapters stay active (they are in the weights); the new one joins them.
         set_active(model, merged_adapters(model) + [name])
     return model
+
+
+def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) -> list[ParameterLora]:
+    """The wrappers of ``target``'s adapted parameters, innermost first; made on the first adapter. Every
+    adapter of a module adapts the same parameters of it: the nesting, and with it the names of the
+    tensors in PEFT's files, depends on which parameters are wrapped."""
+    module = model.get_submodule(target)
+    if not isinstance(module, ParameterLora):
+        for parameter in parameters:
+            module = ParameterLora(module, parameter)
+        _replace(model, target, module)
+    chain = [module]
+    while isinstance(chain[-1].base_layer, ParameterLora):
+        chain.append(chain[-1].base_layer)
+    chain.reverse()
+    wrapped = [layer.parameter_name for layer in chain]
+    if wrapped != parameters:
+        raise ValueError(f"target_parameters: the adapters on {target!r} must all adapt the same parameters of it "
+                         f"(the first adapted {wrapped}, this one {parameters})")
+    return chain
 
 
 def _with_classification_head(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -246,7 +281,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
 
 def _remove_everywhere(model: nn.Module, name: str) -> None:
     """Take adapter ``name`` off every wrapper; wrappers left without adapters become their layer again."""
-    for path, layer in list(lora_layers(model)):
+    for path, layer in _innermost_first(model):
         if name in layer.adapter_names:
             layer.remove_adapter(name)
         if not layer.adapter_names:
@@ -256,6 +291,12 @@ def _remove_everywhere(model: nn.Module, name: str) -> None:
             wrapper.remove_adapter(name)
         if not wrapper.adapter_names:
             _replace(model, path, wrapper.original_module)
+
+
+def _innermost_first(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """The LoRA wrappers in an order in which each can be replaced by its base layer: nested parameter
+    wrappers from the inside out, so that each path still leads to its wrapper when its turn comes."""
+    return list(lora_layers(model))[::-1]
 
 
 def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool = False) -> None:
@@ -316,7 +357,7 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     for _, layer in lora_layers(model):
         # No weight copies for an exact unmerge: the wrappers are dropped right below.
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe, keep_original=False)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in _innermost_first(model):
         _replace(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         _replace(model, path, wrapper.current)
@@ -332,7 +373,7 @@ def unload(model: nn.Module) -> nn.Module:
     floating-point rounding for float32).
     """
     unmerge(model)
-    for path, layer in list(lora_layers(model)):
+    for path, layer in _innermost_first(model):
         _replace(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         _replace(model, path, wrapper.original_module)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.layers import LoraLayer, ModulesToSave, is_gpt2_conv1d
+from lorafit.layers import LoraLayer, ModulesToSave, ParameterLora, is_gpt2_conv1d
 from lorafit.quantize import QuantizedLinear
 
 # Defaults for when a config names no targets, by transformers' config.model_type
@@ -159,6 +159,35 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
     if not found:
         raise ValueError(_nothing_matched(model, "target_modules", spec, config))
+    return found
+
+
+def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
+    """The parameters ``config.target_parameters`` adapts: module name -> its parameter names, in the order
+    the module registers them. An entry matches ``<module>.<parameter>`` in full or at its end, as in PEFT
+    (which applies no layers_to_transform or exclude_modules to them either)."""
+    spec = config.target_parameters
+    if not spec:
+        return {}
+    saved = _full_names(model, config.modules_to_save or [])
+    found: dict[str, list[str]] = {}
+    for name, module in candidate_modules(model):
+        if name in saved or any(name.startswith(s + ".") for s in saved):
+            continue
+        owner = module.owner if isinstance(module, ParameterLora) else module
+        if isinstance(module, LoraLayer) and not isinstance(module, ParameterLora):
+            owner = module.base_layer
+        for pname, p in owner.named_parameters(recurse=False):
+            if name_matches(spec, f"{name}.{pname}" if name else pname):
+                if owner is not module and not isinstance(module, ParameterLora):
+                    raise ValueError(f"target_parameters matches {name}.{pname}, whose module is adapted "
+                                     "through target_modules already; adapt it one way only")
+                found.setdefault(name, []).append(pname)
+    if not found:
+        examples = [f"{n}.{p}" for n, m in candidate_modules(model) if not isinstance(m, LoraLayer)
+                    for p, t in m.named_parameters(recurse=False) if t.ndim == 3][:3]
+        hint = f"; this model's 3-D parameters include {', '.join(examples)}" if examples else ""
+        raise ValueError(f"target_parameters {spec!r} matched no parameter{hint}")
     return found
 
 

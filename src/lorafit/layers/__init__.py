@@ -5,5 +5,6 @@ from lorafit.layers.conv import Conv
 from lorafit.layers.embedding import Embedding
 from lorafit.layers.linear import Linear, is_gpt2_conv1d
 from lorafit.layers.modules_to_save import ModulesToSave
+from lorafit.layers.parameter import ParameterLora
 
-__all__ = ["LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "is_gpt2_conv1d"]
+__all__ = ["LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "ParameterLora", "is_gpt2_conv1d"]

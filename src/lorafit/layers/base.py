@@ -76,6 +76,10 @@ class LoraLayer(nn.Module):
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
+    def target_weight(self) -> torch.Tensor:
+        """The frozen weight that ``B A`` changes: what merging folds into."""
+        return self.base_layer.weight
+
     def add_adapter(
         self,
         name: str,
@@ -93,7 +97,7 @@ class LoraLayer(nn.Module):
             )
         if name in self.factors_a:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_layer.weight
+        weight = self.target_weight()
         dtype = dtype or weight.dtype
         shape_a, shape_b = self.factor_shapes(r)
         a = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=weight.device))
@@ -169,7 +173,7 @@ class LoraLayer(nn.Module):
                 "cannot merge into a quantized base layer: the adapter would be rounded away by re-quantizing; "
                 "use merge_and_unload, which dequantizes the base first"
             )
-        weight = self.base_layer.weight
+        weight = self.target_weight()
         low = low_precision(weight.dtype)
         with torch.no_grad():
             for name in names if names is not None else list(self.active):
@@ -202,7 +206,7 @@ class LoraLayer(nn.Module):
         undo = [n for n in reversed(self.merged) if names is None or n in names]
         if not undo:
             return
-        weight = self.base_layer.weight
+        weight = self.target_weight()
         kept = self._premerge_weight
         with torch.no_grad():
             if kept is None:
