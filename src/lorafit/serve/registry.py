@@ -286,6 +286,9 @@ class AdapterRegistry:
         internal = f"v{next(self._counter)}"
         try:
             config, tensors = lorafit.parse_adapter(config_json, weights, source=name)
+            if config.target_parameters:
+                raise ValueError("it uses target_parameters, which batches with an adapter per row do not support; "
+                                 "merge it into the base model (lorafit merge) and serve that")
             labels = _labels(labels_json)
             with self.model_lock:
                 lorafit.load_adapter_state(self.model, config, tensors, internal, activate=False, source=name)
