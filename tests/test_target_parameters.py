@@ -106,6 +106,20 @@ def test_peft_and_lorafit_read_each_others_files_and_agree_on_outputs_and_gradie
     assert set(lorafit.read_adapter(tmp_path / "peft")[0].target_parameters) == set(EXPERTS)
 
 
+def test_under_bf16_autocast_the_module_sees_its_parameters_dtype(tmp_path):
+    ours = lorafit.attach(mixtral(), lorafit.LoraConfig(**_peft_config()))
+    randomize(ours)
+    lorafit.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(mixtral(), tmp_path).eval()
+    seen = []
+    experts = ours.model.layers[0].mlp.experts.owner
+    hook = experts.register_forward_pre_hook(lambda m, args: seen.append(m.gate_up_proj.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same to bf16 rounding (q_proj rounds in its own order)
+        torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-2, atol=1e-2)
+    hook.remove()
+    assert seen == [torch.float32]
+
+
 def test_a_saved_adapter_reloads_to_the_same_logits_and_detach_restores_the_model(tmp_path):
     model = lorafit.attach(mixtral(), lorafit.LoraConfig(r=3, target_parameters=EXPERTS,
                                                           rank_pattern={"down_proj": 1}))

@@ -64,8 +64,13 @@ class ParameterLora(LoraLayer):
 
     def adapted_weight(self, names: list[str]) -> torch.Tensor:
         """``W + sum s B A`` over adapters ``names``, in W's dtype: one (batched) GEMM per adapter, adding into
-        W's copy, and no delta-sized temporary."""
+        W's copy, and no delta-sized temporary. Outside autocast, which would round it to its own dtype: the
+        module may use its parameter in ops that autocast does not cast, which expect W's dtype."""
         weight = self.target_weight()
+        with torch.autocast(weight.device.type, enabled=False):
+            return self._add_products(weight, names)
+
+    def _add_products(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
         for name in names:
             a, b = self._per_expert(name, weight.dtype)
             s = self.scaling[name]
