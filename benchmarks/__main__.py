@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., e2e, adapter_dtype
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., e2e, adapter_dtype, moe
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -33,7 +33,7 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "ddp", "e2e", "adapter_dtype")
+         "ddp", "e2e", "adapter_dtype", "moe")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -529,6 +529,13 @@ def bench_adapter_dtype(args, out: dict) -> None:
     from benchmarks import adapter_dtype
 
     out["adapter_dtype"] = adapter_dtype.run(args, _print)
+
+
+def bench_moe(args, out: dict) -> None:
+    """LoRA on a mixture of experts' expert weights, lorafit against PEFT (benchmarks/moe.py)."""
+    from benchmarks import moe
+
+    out["moe"] = moe.run(args, _print)
 
 
 def _sst2_rows() -> list[dict]:

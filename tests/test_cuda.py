@@ -348,6 +348,46 @@ def test_lorafit_serve_on_cuda(tmp_path):
     assert got.json()["text"] == tok.decode(ref[0, ids.shape[1]:].cpu(), skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_weight_adapters_match_peft_and_unmerge_exactly_on_cuda(dtype, tmp_path):
+    """target_parameters on a Mixtral's stacked expert weights: PEFT reads lorafit's file to the same logits and
+    gradients; a merge gives the unmerged model's numbers, and unmerging a bf16 one restores the weights bit for
+    bit."""
+    from peft import PeftModel
+
+    from tests.test_target_parameters import EXPERTS, mixtral, randomize
+
+    ours = lorafit.attach(mixtral(dtype=dtype).to(DEVICE), LoraConfig(r=4, target_parameters=EXPERTS))
+    randomize(ours)
+    lorafit.save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(mixtral(dtype=dtype).to(DEVICE), tmp_path, is_trainable=True)
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    grads = []
+    for model in (ours, theirs):
+        out = model(ids).logits
+        out.float().square().mean().backward()
+        grads.append({n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", ""):
+                      p.grad for n, p in model.named_parameters() if ".lora_" in n})
+        model.zero_grad()
+        if model is ours:
+            unmerged = out.detach()
+    torch.testing.assert_close(out.detach().float(), unmerged.float(), **tol)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grad.float(), grads[1][key].float(), **tol)
+
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if ".lora_" not in n}
+    lorafit.merge(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits.float(), unmerged.float(), **tol)
+    lorafit.unmerge(ours)
+    for n, p in ours.named_parameters():  # bf16 keeps its weights from before the merge; float32 subtracts
+        if ".lora_" not in n:
+            torch.testing.assert_close(p, before[n], rtol=0 if dtype == torch.bfloat16 else 1e-6,
+                                       atol=0 if dtype == torch.bfloat16 else 1e-6)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -1,0 +1,106 @@
+"""LoRA on a mixture of experts' expert weights (``target_parameters``): lorafit against PEFT on a training step.
+
+A random Mixtral (hidden 256, 8 experts of intermediate 512, top 2, 4 layers, vocabulary 4096; ``--quick``:
+tiny), batch 4 x 128 tokens, adapters r=16 on every expert's ``gate_up_proj`` and ``down_proj``, float32 and
+bfloat16 weights. The floor is the same step with no adapter (the base frozen, backward from the loss to the
+input embeddings, as every variant does). Reported: the median step time (forward, backward, AdamW),
+interleaved, and the bytes autograd keeps for backward: the distinct storages the forward saves that are not
+parameters, counted with ``saved_tensors_hooks``, which is the step's activation memory on any device and free
+of this machine's noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lorafit
+from benchmarks.timing import interleaved, median, ratio, table
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+KINDS = ("floor", "lorafit", "PEFT")
+
+
+def _mixtral(quick: bool, dtype: torch.dtype):
+    import transformers
+
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_local_experts=4, vocab_size=512) if quick else dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        num_local_experts=8, vocab_size=4096)
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(num_experts_per_tok=2, max_position_embeddings=256, **size)
+    return transformers.MixtralForCausalLM(config).to(dtype).train()
+
+
+def _variant(kind: str, quick: bool, dtype: torch.dtype):
+    model = _mixtral(quick, dtype)
+    if kind == "lorafit":
+        lorafit.attach(model, lorafit.LoraConfig(r=16, lora_alpha=32, target_parameters=EXPERTS))
+    elif kind == "PEFT":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_parameters=EXPERTS))
+    else:
+        model.requires_grad_(False)
+    return model
+
+
+def _forward(model, ids: torch.Tensor) -> torch.Tensor:
+    x = model.get_input_embeddings()(ids).detach().requires_grad_()
+    return model(inputs_embeds=x, labels=ids).loss
+
+
+def _stepper(model, ids: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
+
+    def step() -> None:
+        _forward(model, ids).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages the forward keeps for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _forward(model, ids)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
+def run(args, show) -> dict:
+    batch, seq = (2, 16) if args.quick else (4, 128)
+    steps, saved, trainable = {}, {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for kind in KINDS:
+            key = f"{kind}, {str(dtype).removeprefix('torch.')}"
+            model = _variant(kind, args.quick, dtype)
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+            saved[key] = saved_bytes(model, ids)
+            trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            steps[key] = _stepper(model, ids)
+    times = interleaved(steps, reps=args.reps, warmup=1)
+    rows = []
+    for key in steps:
+        kind, dtype = key.split(", ")
+        rows.append([key, f"{trainable[key]:,}", f"{median(times[key]) * 1e3:.1f}",
+                     f"{ratio(times, key, f'floor, {dtype}'):.3f}",
+                     f"{ratio(times, key, f'PEFT, {dtype}'):.3f}" if kind == "lorafit" else "",
+                     f"{saved[key] / 2**20:.1f}"])
+    show(f"Mixture of experts: LoRA on the expert weights (target_parameters), batch {batch} x {seq}, "
+         f"{args.reps} interleaved rounds",
+         table(rows, ["variant", "trainable", "median ms", "x floor", "x PEFT", "saved for backward MiB"]))
+    return {"median_s": {k: median(v) for k, v in times.items()}, "saved_bytes": saved, "trainable": trainable}
