@@ -83,8 +83,18 @@ def adamw_kernel(params: Sequence[torch.Tensor]) -> dict[str, bool]:
     foreach for SmolLM2's r=16 adapters on a CPU), and foreach still beats the loop by one op per group and
     moment instead of one per tensor. Other devices (MPS, XPU, ...) support fused for some dtypes only.
     """
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    devices = _fused_devices()
+    fused = bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
     return {"fused": True} if fused else {"foreach": True}
+
+
+def _fused_devices() -> tuple[str, ...]:
+    """CPU and CUDA where this torch has fused AdamW kernels for them (the CPU's came after CUDA's)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ()
+    return tuple(d for d in ("cpu", "cuda") if d in _get_fused_kernels_supported_devices())
 
 
 def keeps_masters(t: TrainSection) -> bool:
