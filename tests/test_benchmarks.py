@@ -50,7 +50,7 @@ def test_quick_benchmark_suite_runs(tmp_path):
     moe = data["moe"]
     assert len(moe["median_s"]) == 6 and all(t > 0 for t in moe["median_s"].values())
     assert moe["trainable"]["lorafit, float32"] == moe["trainable"]["PEFT, float32"] > 0
-    assert moe["saved_bytes"]["lorafit, float32"] > moe["saved_bytes"]["floor, float32"] > 0
+    assert moe["kept_bytes"]["PEFT, float32"] > moe["kept_bytes"]["floor, float32"] > 0
 
 
 def test_quick_gpu_benchmark_runs(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -118,6 +119,65 @@ def test_under_bf16_autocast_the_module_sees_its_parameters_dtype(tmp_path):
         torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-2, atol=1e-2)
     hook.remove()
     assert seen == [torch.float32]
+
+
+def _saved_storages(loss: torch.Tensor) -> set[int]:
+    """The storages of every tensor the autograd graph of ``loss`` keeps for backward (as backward gets them)."""
+    seen, stack, pointers = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                value = getattr(node, attr)
+                for t in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(t, torch.Tensor):
+                        pointers.add(t.untyped_storage().data_ptr())
+        stack.extend(n for n, _ in node.next_functions)
+    return pointers
+
+
+def test_backward_forms_w_plus_s_b_a_again_instead_of_keeping_it(monkeypatch):
+    made = []
+    adapted_weight = ParameterLora.adapted_weight
+
+    def recording(self, names):
+        made.append(adapted_weight(self, names))  # held here: no later tensor can reuse its memory
+        return made[-1]
+
+    monkeypatch.setattr(ParameterLora, "adapted_weight", recording)
+    model = lorafit.attach(mixtral(), lorafit.LoraConfig(r=2, target_parameters=EXPERTS))
+    randomize(model)
+    grads = []
+    for keep in (False, True):
+        made.clear()
+        # someone else's saved-tensor hooks (activation checkpointing, offloading) decide what is kept: lorafit
+        # then leaves the sums to them
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if keep else contextlib.nullcontext():
+            loss = model(IDS).logits.square().mean()
+        sums = {w.untyped_storage().data_ptr() for w in made}
+        assert len(made) == 4  # 2 layers x 2 parameters
+        kept = sums & _saved_storages(loss)
+        assert bool(kept) == keep
+        loss.backward()
+        # formed again once each, however many expert slices use it; but layer 0's gate_up_proj, whose input needs
+        # no gradient (nothing before it trains), keeps only its input and needs no sum in backward
+        assert len(made) == (4 if keep else 7)
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_changing_the_factors_between_forward_and_backward_is_refused():
+    model = lorafit.attach(mixtral(), lorafit.LoraConfig(r=2, target_parameters=EXPERTS))
+    loss = model(IDS).logits.square().mean()
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.lora_A["default"].add_(1.0)
+    with pytest.raises(RuntimeError, match="'down_proj' were changed in place between forward and backward"):
+        loss.backward()
 
 
 def test_a_saved_adapter_reloads_to_the_same_logits_and_detach_restores_the_model(tmp_path):

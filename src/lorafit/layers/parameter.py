@@ -85,19 +85,78 @@ class ParameterLora(LoraLayer):
     def forward(self, *args, **kwargs):
         if self.row_plan is not None:  # lorafit.batched: rows without any of this layer's adapters
             return self.row_plan(*args, **kwargs)
-        return self._run(args, kwargs, {})
+        return self._run(args, kwargs, {}, [])
 
-    def _run(self, args: tuple, kwargs: dict, swaps: dict[str, torch.Tensor]):
+    def _run(self, args: tuple, kwargs: dict, swaps: dict[str, torch.Tensor], sums: list):
         names = self.unmerged_active()
         if names:
-            swaps = {**swaps, self.parameter_name: self.adapted_weight(names)}
+            weight = self.adapted_weight(names)
+            swaps = {**swaps, self.parameter_name: weight}
+            sums = [*sums, (weight, self, names)]
         inner = self.base_layer
         if isinstance(inner, ParameterLora):
-            return inner._run(args, kwargs, swaps)
+            return inner._run(args, kwargs, swaps, sums)
         if not swaps:
             return inner(*args, **kwargs)
-        return torch.func.functional_call(inner, swaps, args, kwargs)
+        if not any(w.requires_grad for w, _, _ in sums) or not _no_other_saved_tensor_hooks():
+            return torch.func.functional_call(inner, swaps, args, kwargs)
+        with _formed_again_in_backward(sums):
+            return torch.func.functional_call(inner, swaps, args, kwargs)
 
     def extra_repr(self) -> str:
         experts = f", {self.experts} experts" if self.experts > 1 else ""
         return f"parameter={self.parameter_name!r}{experts}; " + super().extra_repr()
+
+
+# -- W + s B A formed again in backward -------------------------------------------------------------------
+# The module's products keep the weight they were given for backward (dx = dy W): a parameter they keep costs
+# nothing, but W + s B A is a new weight-sized tensor per adapted parameter, kept from the forward to the
+# backward of its layer (a whole expert stack per layer of a mixture of experts). Backward forms it again
+# instead, one (batched) GEMM per adapter, from the factors and W it was formed from.
+
+_FORMED = object()  # marks what the pack hook kept in place of a view of the sum
+
+
+def _no_other_saved_tensor_hooks() -> bool:
+    """Whether nobody else decides what autograd keeps here (activation checkpointing and offloading do it
+    with these hooks, and inner hooks would hide tensors from theirs) and this torch can say so."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+    if top is None or compiling():
+        return False
+    try:
+        return top(False) is None
+    except TypeError:  # another signature: do not guess
+        return False
+
+
+def _versions(layer: ParameterLora, names: list[str]) -> tuple[int, ...]:
+    tensors = [layer.target_weight()] + [t for n in names for t in (layer.factors_a[n], layer.factors_b[n])]
+    return tuple(t._version for t in tensors)
+
+
+def _formed_again_in_backward(sums: list):
+    """saved_tensors_hooks under which a view of one of the sums is kept as how to form it again."""
+    known = {(w.device, w.untyped_storage().data_ptr()): (i, w.dtype, layer, names, _versions(layer, names))
+             for i, (w, layer, names) in enumerate(sums)}
+    formed: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        entry = known.get((t.device, t.untyped_storage().data_ptr()))
+        if entry is None or t.dtype != entry[1]:
+            return t
+        return (_FORMED, entry, tuple(t.shape), t.stride(), t.storage_offset())
+
+    def unpack(packed):
+        if not (isinstance(packed, tuple) and packed and packed[0] is _FORMED):
+            return packed
+        _, (i, _, layer, names, versions), shape, stride, offset = packed
+        if i not in formed:
+            if _versions(layer, names) != versions:
+                raise RuntimeError(f"the adapter factors or the weight of {layer.parameter_name!r} were changed in "
+                                   "place between forward and backward (by an optimizer step?); backward needs them "
+                                   "as they were")
+            formed[i] = layer.adapted_weight(names)
+        return formed[i].as_strided(shape, stride, offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
