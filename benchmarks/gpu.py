@@ -1,6 +1,6 @@
 """lorafit on one CUDA GPU: ``python -m benchmarks.gpu [--quick] [--out DIR] [--only NAMES] [--data DIR]``.
 
-Parts (``--only step,infer,mixed,e2e``; each runs on its own, and a part or a variant that fails prints
+Parts (``--only step,infer,mixed,moe,e2e``; each runs on its own, and a part or a variant that fails prints
 its traceback while the others still run; the exit status is 1 if anything failed):
 
   step   one training step (forward, causal-LM loss, backward, AdamW) at Llama-3.2-1B's shape with
@@ -10,6 +10,8 @@ its traceback while the others still run; the exit status is 1 if anything faile
          PEFT unmerged (one r=16 adapter), lorafit merged
   mixed  32 lorafit adapters, row i of a 32 x 256 batch on adapter i (adapter_per_row), against the
          base model and PEFT's ``adapter_names=``
+  moe    LoRA on a random Mixtral's expert stacks (target_parameters; hidden 2048, 32 experts of 1024, top 4,
+         4 layers), bf16, batch 8 x 1024: the frozen floor, lorafit and PEFT, step time and memory
   e2e    the real ``lorafit train`` command on Alpaca (999 rows), LoRA against full fine-tuning, on random
          Llamas (94M parameters, and Llama-3.2-1B's layer shapes) with a BPE tokenizer trained here on the
          same rows (``--e2e-models 95m,1b``); on the first, LoRA with train.bf16 (float32 adapters) too
@@ -57,7 +59,7 @@ from lorafit.kernels import triton_warmup  # noqa: E402
 from benchmarks.timing import median, ratios, spread, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("step", "infer", "mixed", "e2e")
+PARTS = ("step", "infer", "mixed", "moe", "e2e")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32
 GiB = 2**30
@@ -402,6 +404,37 @@ def part_mixed(args, device: torch.device) -> dict:
            + " (PEFT: add_adapter, bf16).")
     return {"batch": [batch, seq], "adapters": len(names), "attach_s": attach_s,
             "times_s": times, "median_s": {k: median(v) for k, v in times.items()}}
+
+
+# -- part: mixture of experts ---------------------------------------------------------------------------
+
+def part_moe(args, device: torch.device) -> dict:
+    from benchmarks import moe
+
+    batch, seq = (2, 16) if args.quick else (8, 1024)
+    warm, n = (1, 2) if args.quick else (2, 8)
+    variants, peaks, counts = {}, {}, {}
+    for kind in moe.KINDS:
+        model = attempt(f"moe: {kind}", lambda kind=kind: moe.variant(kind, "quick" if args.quick else "gpu",
+                                                                      torch.bfloat16, device))
+        if model is None:
+            continue
+        ids = token_ids(model.config, batch, seq, device)
+        step = moe.stepper(model, ids)
+        peaks[kind] = attempt(f"moe: {kind} memory", lambda step=step: step_bytes(step, device))
+        counts[kind] = trainable(model)
+        variants[kind] = lambda step=step: timed(step, device)
+    times = rounds(variants, n, warm, "moe")
+    rows = [[k, f"{counts.get(k, 0):,}", ms(times, k), vs(times, k, "floor"), vs(times, k, "PEFT"),
+             gib(peaks.get(k))] for k in moe.KINDS]
+    report(f"Mixture of experts: LoRA r=16 on every expert stack (target_parameters), random Mixtral "
+           f"{'(quick)' if args.quick else 'hidden 2048, 32 experts of 1024, top 4, 4 layers'}, bf16, batch {batch} x "
+           f"{seq}, {n} interleaved rounds",
+           table(rows, ["variant", "trainable", "median ms [IQR]", "x floor", "x PEFT", "step GiB"]),
+           "step GiB: peak during a step above what was allocated before it. PEFT keeps each W + s B A from forward "
+           "to backward; lorafit forms it again in backward.")
+    return {"batch": [batch, seq], "times_s": times, "median_s": {k: median(v) for k, v in times.items()},
+            "step_bytes": peaks, "trainable": counts}
 
 
 # -- part 4: lorafit train, end to end ----------------------------------------------------------------------

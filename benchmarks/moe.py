@@ -19,20 +19,26 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 KINDS = ("floor", "lorafit", "PEFT")
 
 
-def _mixtral(quick: bool, dtype: torch.dtype):
+# Mixtral shapes: a tiny dry run; this CPU's; a GPU's (benchmarks/gpu.py --only moe), where an expert stack is
+# 32 x 2048 x 2048 (gate_up) and 32 x 2048 x 1024 (down) per layer.
+SIZES = {
+    "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=512),
+    "cpu": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096),
+    "gpu": dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                num_key_value_heads=4, num_local_experts=32, num_experts_per_tok=4, vocab_size=32000),
+}
+
+
+def variant(kind: str, size: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A random Mixtral of ``SIZES[size]``: the floor (frozen, no adapter), or lorafit's or PEFT's adapters."""
     import transformers
 
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, num_local_experts=4, vocab_size=512) if quick else dict(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-        num_local_experts=8, vocab_size=4096)
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(num_experts_per_tok=2, max_position_embeddings=256, **size)
-    return transformers.MixtralForCausalLM(config).to(dtype).train()
-
-
-def _variant(kind: str, quick: bool, dtype: torch.dtype):
-    model = _mixtral(quick, dtype)
+    config = transformers.MixtralConfig(max_position_embeddings=2048, **SIZES[size])
+    with torch.device(device):
+        model = transformers.MixtralForCausalLM(config).to(dtype).train()
     if kind == "lorafit":
         lorafit.attach(model, lorafit.LoraConfig(r=16, lora_alpha=32, target_parameters=EXPERTS))
     elif kind == "PEFT":
@@ -49,7 +55,7 @@ def _forward(model, ids: torch.Tensor) -> torch.Tensor:
     return model(inputs_embeds=x, labels=ids).loss
 
 
-def _stepper(model, ids: torch.Tensor):
+def stepper(model, ids: torch.Tensor):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
 
@@ -80,11 +86,11 @@ def run(args, show) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         for kind in KINDS:
             key = f"{kind}, {str(dtype).removeprefix('torch.')}"
-            model = _variant(kind, args.quick, dtype)
+            model = variant(kind, "quick" if args.quick else "cpu", dtype)
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
             kept[key] = kept_bytes(model, ids)
             trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            steps[key] = _stepper(model, ids)
+            steps[key] = stepper(model, ids)
     times = interleaved(steps, reps=args.reps, warmup=1)
     rows = []
     for key in steps:

@@ -54,7 +54,7 @@ def test_quick_benchmark_suite_runs(tmp_path):
 
 
 def test_quick_gpu_benchmark_runs(tmp_path):
-    """benchmarks/gpu.py --quick: every part (step, infer, mixed, lorafit train end to end) on tiny shapes."""
+    """benchmarks/gpu.py --quick: every part (step, infer, mixed, moe, lorafit train end to end) on tiny shapes."""
     pytest.importorskip("peft")
     pytest.importorskip("tokenizers")
     data = ROOT.parent / "shared" / "data"
@@ -68,12 +68,14 @@ def test_quick_gpu_benchmark_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick", "--out", str(out), "--data", str(data)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for title in ("Training step", "Inference forward", "Mixed-adapter batch", "lorafit train end to end",
+    for title in ("Training step", "Inference forward", "Mixed-adapter batch", "Mixture of experts",
+                  "lorafit train end to end",
                   "## Summary", "all parts ran"):
         assert title in proc.stdout
     data = json.loads((out / "gpu.json").read_text())
-    assert {"meta", "step", "infer", "mixed", "e2e"} <= set(data)
-    assert all(t > 0 for part in ("step", "infer", "mixed") for t in data[part]["median_s"].values())
+    assert {"meta", "step", "infer", "mixed", "moe", "e2e"} <= set(data)
+    assert all(t > 0 for part in ("step", "infer", "mixed", "moe") for t in data[part]["median_s"].values())
+    assert len(data["moe"]["median_s"]) == 3
     e2e = data["e2e"]["results"]
     assert e2e["95m: LoRA, train.compile, Triton cache warm"]["trainable"] == e2e["95m: LoRA, Triton cache empty"][
         "trainable"]

@@ -150,6 +150,29 @@ def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
     assert s2["validation"]["eval_loss"] == pytest.approx(s1["validation"]["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_expert_weight_adapters_under_two_processes(tmp_path, mode):
+    """target_parameters on a Mixtral's expert stacks: the sums formed again in backward come from the weights
+    and factors FSDP gathers again for it, and both modes end with the one-process adapter."""
+    config = instruction_setup(tmp_path, 32, 8, output_dir="one",
+                               lora='r = 4\nlora_alpha = 8\ntarget_modules = ["q_proj"]\n'
+                                    'target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]',
+                               train="epochs = 2\nbatch_size = 8\nlr = 3e-2\nnum_threads = 1\nadam_eps = 1e-5")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
+    torch.manual_seed(0)
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, initializer_range=0.2))
+    mixtral.save_pretrained(tmp_path / "tiny-mixtral")
+    tok.save_pretrained(tmp_path / "tiny-mixtral")
+    config.write_text(config.read_text().replace(str(tmp_path / "tiny-llama"), str(tmp_path / "tiny-mixtral")))
+    train(config, progress=False)
+    finish(torchrun(config, tmp_path / mode, "--set", f"train.distributed={mode}"))
+    assert any("experts.base_layer.lora_A" in k for k in adapter(tmp_path / mode))
+    assert_same_adapter(tmp_path / "one", tmp_path / mode, atol=1e-4)
+
+
 def test_fsdp_shards_bfloat16_weights_beside_float32_adapters(tmp_path):
     """train.bf16 on bfloat16 weights trains float32 adapters: FSDP shards blocks holding both dtypes."""
     config = instruction_setup(tmp_path, 32, 8, lora='r = 8\nlora_alpha = 16\ntarget_modules = "all-linear"',
