@@ -24,8 +24,8 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "AdamW step: fused against foreach"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
-    assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve", "ddp",
-                         "e2e", "adapter_dtype", "moe", "optimizer"}
+    assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
+                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "optimizer"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
