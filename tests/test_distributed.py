@@ -158,13 +158,10 @@ def test_expert_weight_adapters_under_two_processes(tmp_path, mode):
                                lora='r = 4\nlora_alpha = 8\ntarget_modules = ["q_proj"]\n'
                                     'target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]',
                                train="epochs = 2\nbatch_size = 8\nlr = 3e-2\nnum_threads = 1\nadam_eps = 1e-5")
+    from tests.test_target_parameters import mixtral_for
+
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
-    torch.manual_seed(0)
-    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, initializer_range=0.2))
-    mixtral.save_pretrained(tmp_path / "tiny-mixtral")
+    mixtral_for(tok, initializer_range=0.2).save_pretrained(tmp_path / "tiny-mixtral")
     tok.save_pretrained(tmp_path / "tiny-mixtral")
     config.write_text(config.read_text().replace(str(tmp_path / "tiny-llama"), str(tmp_path / "tiny-mixtral")))
     train(config, progress=False)

@@ -26,6 +26,15 @@ def mixtral(seed: int = 0, dtype=torch.float32):
     return transformers.MixtralForCausalLM(config).to(dtype).eval()
 
 
+def mixtral_for(tok, **extra):
+    """A tiny random Mixtral with ``tok``'s vocabulary and special tokens, for lorafit train."""
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, **extra))
+
+
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
@@ -270,11 +279,7 @@ def test_lorafit_train_adapts_expert_weights(tmp_path):
                            f'target_parameters = {json.dumps(EXPERTS)}',
         train="epochs = 3\nbatch_size = 8\nlr = 5e-3\nlog_every = 1")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None))
+    model = mixtral_for(tok)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     from lorafit.train import train
 
