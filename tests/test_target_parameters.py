@@ -180,6 +180,22 @@ def test_backward_forms_w_plus_s_b_a_again_instead_of_keeping_it(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """transformers' checkpointing (non-reentrant: saved-tensor hooks of its own) recomputes the layers, sums
+    included; lorafit then leaves what is kept to it."""
+    grads = []
+    for checkpointing in (False, True):
+        model = lorafit.attach(mixtral(), lorafit.LoraConfig(r=2, target_parameters=EXPERTS)).train()
+        randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        x = model.get_input_embeddings()(IDS).detach().requires_grad_()
+        model(inputs_embeds=x).logits.square().mean().backward()
+        grads.append([x.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_changing_the_factors_between_forward_and_backward_is_refused():
     model = lorafit.attach(mixtral(), lorafit.LoraConfig(r=2, target_parameters=EXPERTS))
     loss = model(IDS).logits.square().mean()
