@@ -327,7 +327,7 @@ def test_refusals_name_what_is_wrong_and_leave_the_model_as_it_was():
     with pytest.raises(ValueError, match=r"matched no parameter; this model's 3-D parameters include "
                                          r"model.layers.0.mlp.experts.gate_up_proj"):
         lorafit.attach(model, lorafit.LoraConfig(target_parameters=["mlp.experts.nope"]))
-    with pytest.raises(ValueError, match="matched by target_modules and its parameters by target_parameters"):
+    with pytest.raises(ValueError, match="matched by target_modules and by target_parameters or trainable_token"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"]))
     lorafit.attach(model, lorafit.LoraConfig(target_parameters=EXPERTS), name="a")
     with pytest.raises(ValueError, match="must all adapt the same parameters"):

@@ -61,6 +61,10 @@ def combine_adapters(
     if stacked:
         # their factors hold one pair per expert, interleaved; stacking or averaging them as one pair is wrong
         raise ValueError(f"adapters {stacked} use target_parameters, which combine_adapters does not support")
+    tokens = [a for a in weights if configs[a].trainable_token_indices]
+    if tokens:
+        raise ValueError(f"adapters {tokens} train token rows (trainable_token_indices), which combine_adapters does "
+                         "not combine")
     head_modules = None
     if heads is not None:
         if heads not in configs:

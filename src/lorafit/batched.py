@@ -50,7 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora
+from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
+                            TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.model import adapter_configs, wrapped_modules
 
@@ -75,9 +76,17 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     unknown = sorted({r for r in rows if r is not None and r not in known})
     if unknown:
         raise KeyError(f"no adapter named {unknown[0]!r} is attached; attached adapters: {list(known) or 'none'}")
-    layers, wrappers = [], []
-    for _, module in wrapped_modules(model):  # one walk over the model for both kinds
-        (layers if isinstance(module, LoraLayer) else wrappers).append(module)
+    layers, wrappers, token_layers = [], [], []
+    for _, module in wrapped_modules(model):  # one walk over the model for every kind
+        if isinstance(module, (TrainableTokens, TiedTokenHead)):
+            token_layers.append(module)
+        else:
+            (layers if isinstance(module, LoraLayer) else wrappers).append(module)
+    for layer in token_layers:
+        trained = sorted(set(layer.adapter_names) & set(rows))
+        if trained:
+            raise ValueError(f"adapters {trained} train token rows (trainable_token_indices), which a batch with an "
+                             "adapter per row does not support")
     for layer in layers:
         if layer.merged:
             raise ValueError(f"adapters {layer.merged} are merged into the weights; unmerge them before "
@@ -87,15 +96,15 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     index = {}  # (values, device) -> index tensor, shared by all layers of this block
     distinct = set(rows)
     plans = ([_plan_layer(layer, rows, distinct, index) for layer in layers]
-             + [_plan_saved(w, rows, index) for w in wrappers])
+             + [_plan_saved(w, rows, index) for w in wrappers] + [t.base_layer for t in token_layers])
     # Set in the instances' __dict__, over the class attribute None: nn.Module.__setattr__ would first look
     # for a parameter, buffer or module of that name, for every layer on entering and on leaving each block.
     try:
-        for module, plan in zip(layers + wrappers, plans):
+        for module, plan in zip(layers + wrappers + token_layers, plans):
             module.__dict__["row_plan"] = plan
         yield model
     finally:
-        for module in layers + wrappers:
+        for module in layers + wrappers + token_layers:
             module.__dict__.pop("row_plan", None)
 
 

@@ -27,7 +27,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "layer_replication": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "trainable_token_indices": None,
     "lora_bias": False,
     "eva_config": None,
     "corda_config": None,
@@ -69,6 +68,10 @@ class LoraConfig:
     (experts, out, in) gets one rank-``r`` pair per expert. The module then runs
     with ``W + s B A`` in place of ``W``, so the adapter sees no dropout:
     ``lora_dropout`` must be 0.
+
+    ``trainable_token_indices`` trains new values for some rows of an embedding
+    (e.g. added special tokens): a list of token ids for the model's input
+    embedding, or a mapping of embedding module name to token ids.
     """
 
     r: int = 8
@@ -90,6 +93,7 @@ class LoraConfig:
     task_type: str | None = None
     inference_mode: bool = False
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -157,6 +161,7 @@ class LoraConfig:
             if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
                 raise ValueError(f"layers_pattern must be a string or a list of strings, got {self.layers_pattern!r}")
         self._validate_target_parameters()
+        _check_token_indices(self.trainable_token_indices)
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise ValueError(f"task_type must be a string such as 'SEQ_CLS' or 'CAUSAL_LM', got {self.task_type!r}")
 
@@ -236,6 +241,21 @@ class LoraConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _check_token_indices(value: Any) -> None:
+    if value is None:
+        return
+    groups = value.items() if isinstance(value, dict) else [(None, value)]
+    for module, ids in groups:
+        field_name = "trainable_token_indices" + ("" if module is None else f"[{module!r}]")
+        if module is not None and (not isinstance(module, str) or not module):
+            raise ValueError(f"trainable_token_indices keys must be embedding module names, got {module!r}")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in ids):
+            raise ValueError(f"{field_name} must be a non-empty list of token ids >= 0, got {ids!r}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{field_name} names a token twice: {ids!r}")
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -18,9 +18,13 @@ import torch
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.layers import Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora
+from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
+                            TrainableTokens)
 from lorafit.quantize import QuantizedLinear
-from lorafit.targeting import SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets
+from lorafit.targeting import (SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets,
+                               resolve_token_targets)
+
+Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokenHead
 
 _CONFIGS = "_lorafit_configs"
 _ORIGINAL_GRAD = "_lorafit_original_requires_grad"
@@ -32,7 +36,7 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return model.__dict__.setdefault(_CONFIGS, {})
 
 
-def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Wrapper]]:
     """The LoRA and modules_to_save wrappers, by name, in ``named_modules`` order. It does
     not descend into a wrapper (only parameter wrappers nest, one per adapted parameter of a
     module, and it follows those), which makes it much cheaper than ``named_modules`` on a
@@ -41,7 +45,7 @@ def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, 
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, (LoraLayer, ModulesToSave)):
+        if isinstance(child, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead)):
             yield path, child
             while isinstance(child, ParameterLora) and isinstance(child.base_layer, ParameterLora):
                 child, path = child.base_layer, f"{path}.base_layer"
@@ -58,7 +62,16 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, ModulesToSave))
 
 
-def _wrappers(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
+def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens | TiedTokenHead]]:
+    """Embeddings with trainable rows, and the tied heads that score those tokens with them."""
+    return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, (TrainableTokens, TiedTokenHead)))
+
+
+def _mergeable(model: nn.Module) -> list[LoraLayer | TrainableTokens]:
+    return [m for _, m in wrapped_modules(model) if isinstance(m, (LoraLayer, TrainableTokens))]
+
+
+def _wrappers(model: nn.Module) -> list[Wrapper]:
     return [m for _, m in wrapped_modules(model)]
 
 
@@ -107,10 +120,11 @@ def attach(
     parameter_targets = resolve_parameter_targets(model, config)
     # As in PEFT: with target_parameters, no target_modules means no module targets (not a model type's default)
     targets = [] if parameter_targets and config.target_modules is None else resolve_targets(model, config)
-    both = sorted(set(targets) & set(parameter_targets))
+    token_targets = resolve_token_targets(model, config)
+    both = sorted((set(targets) & set(parameter_targets)) | (set(targets) & set(token_targets)))
     if both:
-        raise ValueError(f"{both[0]!r} is matched by target_modules and its parameters by target_parameters; "
-                         "adapt it one way only")
+        raise ValueError(f"{both[0]!r} is matched by target_modules and by target_parameters or "
+                         "trainable_token_indices; adapt it one way only")
     saved_names = _modules_to_save_names(model, config)
 
     if _ORIGINAL_GRAD not in model.__dict__:
@@ -133,6 +147,9 @@ def attach(
                 key = f"{target}.{layer.parameter_name}"
                 layer.add_adapter(name, r=config.rank_for(key), scale=config.scale_for(key),
                                   init=config.init_lora_weights if initialize else None, dtype=dtype)
+        for target, ids in token_targets.items():
+            _token_wrapper(model, target).add_adapter(name, ids, init=config.init_lora_weights is not False,
+                                                      dtype=dtype)
         for target in saved_names:
             module = model.get_submodule(target)
             if not isinstance(module, ModulesToSave):
@@ -173,6 +190,22 @@ def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) ->
         raise ValueError(f"target_parameters: the adapters on {target!r} must all adapt the same parameters of it "
                          f"(the first adapted {wrapped}, this one {parameters})")
     return chain
+
+
+def _token_wrapper(model: nn.Module, target: str) -> TrainableTokens:
+    """``target``'s TrainableTokens, made on the first adapter, with a TiedTokenHead on an output head that
+    shares its weight."""
+    module = model.get_submodule(target)
+    if isinstance(module, TrainableTokens):
+        return module
+    tokens = TrainableTokens(module)
+    _replace(model, target, tokens)
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, nn.Linear) and head.weight is module.weight:
+        path = next(n for n, m in model.named_modules() if m is head)
+        _replace(model, path, TiedTokenHead(head, tokens))
+    return tokens
 
 
 def _with_classification_head(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -222,6 +255,9 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if name in wrapper.adapter_names:
             for pname, p in wrapper.modules_to_save[name].named_parameters():
                 out[f"{path}.modules_to_save.{name}.{pname}"] = p
+    for path, layer in token_layers(model):
+        if isinstance(layer, TrainableTokens) and name in layer.adapter_names:
+            out[f"{path}.token_adapter.trainable_tokens_delta.{name}"] = layer.rows[name]
     if config.bias == "all":
         for pname, p in model.named_parameters():
             if pname.endswith("bias") and ".lora_" not in pname and ".modules_to_save." not in pname \
@@ -263,7 +299,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
 
 def merged_adapters(model: nn.Module) -> list[str]:
     seen: list[str] = []
-    for _, layer in lora_layers(model):
+    for layer in _mergeable(model):
         seen += [n for n in layer.merged if n not in seen]
     return seen
 
@@ -291,6 +327,13 @@ def _remove_everywhere(model: nn.Module, name: str) -> None:
             wrapper.remove_adapter(name)
         if not wrapper.adapter_names:
             _replace(model, path, wrapper.original_module)
+    layers = list(token_layers(model))
+    for _, layer in layers:
+        if isinstance(layer, TrainableTokens) and name in layer.adapter_names:
+            layer.remove_adapter(name)
+    for path, layer in layers:
+        if not layer.adapter_names:
+            _replace(model, path, layer.base_layer)
 
 
 def _innermost_first(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -312,14 +355,14 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool 
     inactive = [n for n in names if n not in active_adapters(model)]
     if inactive:
         raise ValueError(f"adapters {inactive} are not active; only active adapters can be merged")
-    for _, layer in lora_layers(model):
+    for layer in _mergeable(model):
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe)
 
 
 def unmerge(model: nn.Module, names: str | list[str] | None = None) -> None:
     """Subtract merged adapters (default: all) from the base weights again."""
     names = None if names is None else _names(model, names)
-    for _, layer in lora_layers(model):
+    for layer in _mergeable(model):
         layer.unmerge(names)
 
 
@@ -329,7 +372,7 @@ def disabled(model: nn.Module):
 
     Merged adapters are unmerged for the duration and merged back afterwards.
     """
-    merged = {id(layer): list(layer.merged) for _, layer in lora_layers(model)}
+    merged = {id(layer): list(layer.merged) for layer in _mergeable(model)}
     unmerge(model)
     wrappers = _wrappers(model)
     before = [w.disabled for w in wrappers]
@@ -340,7 +383,7 @@ def disabled(model: nn.Module):
     finally:
         for w, flag in zip(wrappers, before):
             w.disabled = flag
-        for _, layer in lora_layers(model):
+        for layer in _mergeable(model):
             layer.merge(merged.get(id(layer), []))
 
 
@@ -354,13 +397,15 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
         if isinstance(module, QuantizedLinear):
             _replace(model, path, module.to_linear())
     names = active_adapters(model)
-    for _, layer in lora_layers(model):
+    for layer in _mergeable(model):
         # No weight copies for an exact unmerge: the wrappers are dropped right below.
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe, keep_original=False)
     for path, layer in _innermost_first(model):
         _replace(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         _replace(model, path, wrapper.current)
+    for path, layer in list(token_layers(model)):
+        _replace(model, path, layer.base_layer)
     _forget(model)
     return model
 
@@ -377,6 +422,8 @@ def unload(model: nn.Module) -> nn.Module:
         _replace(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         _replace(model, path, wrapper.original_module)
+    for path, layer in list(token_layers(model)):
+        _replace(model, path, layer.base_layer)
     _restore_requires_grad(model)
     _forget(model)
     return model
@@ -439,7 +486,7 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0
-        if ".lora_" in f".{name}" or ".modules_to_save." in name:
+        if ".lora_" in f".{name}" or ".modules_to_save." in name or ".trainable_tokens_delta." in name:
             adapter += n
     # A quantized base weight is a buffer of codes, not a parameter, but it is still one of the model's weights.
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))

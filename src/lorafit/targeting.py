@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.layers import LoraLayer, ModulesToSave, ParameterLora, is_gpt2_conv1d
+from lorafit.layers import LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead, TrainableTokens, is_gpt2_conv1d
 from lorafit.quantize import QuantizedLinear
 
 # Defaults for when a config names no targets, by transformers' config.model_type
@@ -71,7 +71,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead)):
             skip.append(name + ".")
             if isinstance(module, ModulesToSave):
                 continue
@@ -189,6 +189,34 @@ def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str,
         hint = f"; this model's 3-D parameters include {', '.join(examples)}" if examples else ""
         raise ValueError(f"target_parameters {spec!r} matched no parameter{hint}")
     return found
+
+
+def resolve_token_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
+    """The embeddings ``config.trainable_token_indices`` trains rows of: module name -> token ids. A list
+    means the model's input embedding (``get_input_embeddings``, else a module named ``embed_tokens``)."""
+    spec = config.trainable_token_indices
+    if spec is None:
+        return {}
+    embeddings = {name: m for name, m in candidate_modules(model) if isinstance(m, (nn.Embedding, TrainableTokens))}
+    if isinstance(spec, dict):
+        found = {}
+        for key, ids in spec.items():
+            names = [n for n in embeddings if name_matches([key], n)]
+            if not names:
+                raise ValueError(f"trainable_token_indices names {key!r}, which matches no embedding; this model's "
+                                 f"embeddings: {', '.join(embeddings) or 'none'}")
+            found.update({n: ids for n in names})
+        return found
+    get_input = getattr(model, "get_input_embeddings", None)
+    wanted = get_input() if callable(get_input) else None
+    if isinstance(wanted, LoraLayer):
+        raise ValueError("trainable_token_indices: the input embedding carries a LoRA adapter (target_modules); "
+                         "training its rows as well is not supported")
+    names = [n for n, m in embeddings.items() if m is wanted] or [n for n in embeddings if n.endswith("embed_tokens")]
+    if len(names) != 1:
+        raise ValueError("trainable_token_indices is a list, but the model's input embedding is not known; name it: "
+                         f"{{'<module>': [...]}} with one of: {', '.join(embeddings) or 'none'}")
+    return {names[0]: spec}
 
 
 def _full_names(model: nn.Module, entries: list[str]) -> list[str]:

@@ -1,0 +1,192 @@
+"""Trainable rows of an embedding (``trainable_token_indices``): new values for a few tokens' vectors, such as
+those of special tokens added for a chat template, with the rest of the table frozen.
+
+PEFT's layout: per adapter, ``token_adapter.trainable_tokens_delta`` holds the new rows (``len(indices) x dim``,
+starting as copies of the old ones), and the config holds the indices. Where the output head shares the
+embedding's weight (tied embeddings), the head scores those tokens with the new rows too.
+
+PEFT forms the whole table with the rows replaced, every forward (a vocabulary-sized copy, which backward keeps
+for a tied head). Here the lookup runs on the frozen table and only the looked-up rows of trained tokens are
+replaced, and a tied head replaces only those tokens' logits: the extra work is the size of the batch, not of
+the vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TokenRows(nn.Module):
+    """Holds the new rows under PEFT's names: ``token_adapter.trainable_tokens_delta.<adapter>``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainable_tokens_delta = nn.ParameterDict()
+
+
+class TrainableTokens(nn.Module):
+    """An ``nn.Embedding`` with new values for some rows, per adapter."""
+
+    row_plan = None  # lorafit.batched.adapter_per_row: the base layer, for rows whose adapters train no tokens
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.token_adapter = TokenRows()
+        self.indices: dict[str, torch.Tensor] = {}  # adapter -> int64 indices, on the weight's device
+        self.originals: dict[str, torch.Tensor] = {}  # the rows as they were, for unmerge
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._table: tuple | None = None  # (key, slot of each token or -1, the replacing rows' index)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "token_adapter"):
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def rows(self) -> nn.ParameterDict:
+        return self.token_adapter.trainable_tokens_delta
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.rows.keys())
+
+    def add_adapter(self, name: str, indices: list[int], init: bool = True, dtype: torch.dtype | None = None) -> None:
+        weight = self.base_layer.weight
+        bad = [i for i in indices if not 0 <= i < weight.shape[0]]
+        if bad:
+            raise ValueError(f"trainable_token_indices: {bad[:5]} are not rows of this embedding "
+                             f"({weight.shape[0]} tokens)")
+        index = torch.tensor(indices, dtype=torch.long, device=weight.device)
+        with torch.no_grad():
+            original = weight.index_select(0, index)
+            start = original if init else torch.randn_like(original)
+        self.rows[name] = nn.Parameter(start.to(dtype or weight.dtype, copy=True))
+        self.indices[name], self.originals[name] = index, original.clone()
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        del self.rows[name]
+        del self.indices[name], self.originals[name]
+        if name in self.active:
+            self.active.remove(name)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.rows]
+
+    def unmerged_active(self) -> list[str]:
+        return [] if self.disabled else [n for n in self.active if n not in self.merged]
+
+    # -- merging: the rows are written into the table, and the old rows written back -----------------------
+    def merge(self, names: list[str] | None = None, safe: bool = False, keep_original: bool = True) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in names if names is not None else list(self.active):
+                if name in self.merged:
+                    continue
+                self._check_disjoint(self.merged + [name])
+                new = self.rows[name].to(weight.dtype)
+                if safe and not torch.isfinite(new).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN or inf into the embedding; nothing "
+                                     "was merged into this layer")
+                weight.index_copy_(0, self.indices[name], new)
+                self.merged.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in [n for n in reversed(self.merged) if names is None or n in names]:
+                weight.index_copy_(0, self.indices[name], self.originals[name])
+                self.merged.remove(name)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _check_disjoint(self, names: list[str]) -> None:
+        seen: dict[int, str] = {}
+        for name in names:
+            for i in self.indices[name].tolist():
+                if i in seen:
+                    raise ValueError(f"adapters {seen[i]!r} and {name!r} both train token {i}; only adapters with "
+                                     "disjoint trainable_token_indices can be active together")
+                seen[i] = name
+
+    def replacement(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot of each token in the stacked rows, -1 for an untouched token; the stacked rows' token indices),
+        cached until the adapter set changes."""
+        key = tuple((n, id(self.rows[n])) for n in names)
+        if self._table is None or self._table[0] != key:
+            self._check_disjoint(names)
+            index = torch.cat([self.indices[n] for n in names])
+            slots = torch.full((self.base_layer.weight.shape[0],), -1, dtype=torch.long, device=index.device)
+            slots[index] = torch.arange(index.numel(), device=index.device)
+            self._table = (key, slots, index)
+        return self._table[1], self._table[2]
+
+    def new_rows(self, names: list[str], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([self.rows[n] for n in names]).to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.row_plan is not None:
+            return self.row_plan(ids)
+        out = self.base_layer(ids)
+        names = self.unmerged_active()
+        if not names:
+            return out
+        slots, _ = self.replacement(names)
+        slot = slots[ids]
+        rows = self.new_rows(names, out.dtype)[slot.clamp(min=0)]
+        scale = getattr(self.base_layer, "embed_scale", None)  # transformers' scaled embeddings (Gemma)
+        if scale is not None:
+            rows = rows * scale.to(rows.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, out)
+
+    def extra_repr(self) -> str:
+        return "; ".join(f"{n}: {len(self.indices[n])} tokens" for n in self.adapter_names)
+
+
+class TiedTokenHead(nn.Module):
+    """The output head of a model whose head shares the embedding's weight: the tokens an active adapter trains
+    are scored with their new rows. It holds nothing of its own; the embedding's wrapper is its state."""
+
+    row_plan = None
+
+    def __init__(self, base_layer: nn.Linear, tokens: TrainableTokens) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.__dict__["tokens"] = tokens  # not a submodule: its rows are saved once, under the embedding
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.tokens.adapter_names
+
+    def set_active(self, names: list[str]) -> None:
+        """Nothing to set: the embedding's wrapper holds the active adapters."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.row_plan is not None:
+            return self.row_plan(h)
+        out = self.base_layer(h)
+        names = [] if self.disabled else self.tokens.unmerged_active()
+        if not names:
+            return out
+        _, index = self.tokens.replacement(names)
+        bias = self.base_layer.bias
+        scores = F.linear(h, self.tokens.new_rows(names, h.dtype), None if bias is None else bias[index].to(h.dtype))
+        # the base head's product keeps no output for backward, so its logits can be overwritten in place
+        return out.index_copy_(-1, index, scores.to(out.dtype))
