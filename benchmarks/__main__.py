@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., e2e, adapter_dtype, moe
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., e2e, adapter_dtype, moe, tokens
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -33,7 +33,7 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "ddp", "e2e", "adapter_dtype", "moe", "optimizer")
+         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -536,6 +536,13 @@ def bench_moe(args, out: dict) -> None:
     from benchmarks import moe
 
     out["moe"] = moe.run(args, _print)
+
+
+def bench_tokens(args, out: dict) -> None:
+    """Trainable token rows with a tied head, lorafit against PEFT (benchmarks/tokens.py)."""
+    from benchmarks import tokens
+
+    out["tokens"] = tokens.run(args, _print)
 
 
 def bench_optimizer(args, out: dict) -> None:

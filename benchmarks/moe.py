@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import lorafit
-from benchmarks.timing import interleaved, median, ratio, table
+from benchmarks.timing import interleaved, kept_bytes, median, ratio, table
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 KINDS = ("floor", "lorafit", "PEFT")
@@ -68,18 +68,6 @@ def stepper(model, ids: torch.Tensor):
     return step
 
 
-def kept_bytes(model, ids: torch.Tensor) -> int:
-    """Bytes the forward leaves allocated for backward (what it allocates less what it frees, counted by
-    torch's profiler op by op; the loss itself is a few bytes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = _forward(model, ids)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(e.self_cpu_memory_usage for e in prof.events())
-
-
 def run(args, show) -> dict:
     batch, seq = (2, 16) if args.quick else (4, 128)
     steps, kept, trainable = {}, {}, {}
@@ -88,7 +76,9 @@ def run(args, show) -> dict:
             key = f"{kind}, {str(dtype).removeprefix('torch.')}"
             model = variant(kind, "quick" if args.quick else "cpu", dtype)
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-            kept[key] = kept_bytes(model, ids)
+            loss, kept[key] = kept_bytes(lambda: _forward(model, ids))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
             trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             steps[key] = stepper(model, ids)
     times = interleaved(steps, reps=args.reps, warmup=1)

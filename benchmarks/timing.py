@@ -26,6 +26,17 @@ def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: in
     return times
 
 
+def kept_bytes(forward: Callable[[], object]) -> tuple[object, int]:
+    """Run ``forward`` (which returns a loss) and count the bytes it leaves allocated for backward: what it
+    allocates less what it frees, op by op, from torch's profiler (CPU memory): the step's activation
+    memory, free of this machine's noise. Returns the loss and the bytes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = forward()
+    return loss, sum(e.self_cpu_memory_usage for e in prof.events())
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

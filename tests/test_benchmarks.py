@@ -20,12 +20,12 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "Host time per adapted layer with dropout", "Triton compile time", "Peak RSS", "Inference",
                   "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA", "Mixed-adapter batch",
                   "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
-                  "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
+                  "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts", "Trainable token rows",
                   "AdamW step: fused against foreach"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
-                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "optimizer"}
+                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -47,6 +47,7 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert len(runs["runs"]) == 3 and runs["untrained_eval_loss"] > 0
     assert all(r["eval_loss"] > 0 and r["train_s"] > 0 for r in runs["runs"].values())
     assert len(data["optimizer"]) == 4 and all(t > 0 for t in data["optimizer"].values())
+    assert len(data["tokens"]["median_s"]) == 3 and all(b > 0 for b in data["tokens"]["kept_bytes"].values())
     moe = data["moe"]
     assert len(moe["median_s"]) == 6 and all(t > 0 for t in moe["median_s"].values())
     assert moe["trainable"]["lorafit, float32"] == moe["trainable"]["PEFT, float32"] > 0
