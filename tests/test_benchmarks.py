@@ -20,8 +20,8 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "Host time per adapted layer with dropout", "Triton compile time", "Peak RSS", "Inference",
                   "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA", "Mixed-adapter batch",
                   "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
-                  "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts", "Trainable token rows",
-                  "AdamW step: fused against foreach"):
+                  "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
+                  "Trainable token rows", "AdamW step: fused against foreach"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
