@@ -388,6 +388,32 @@ def test_expert_weight_adapters_match_peft_and_unmerge_exactly_on_cuda(dtype, tm
                                        atol=0 if dtype == torch.bfloat16 else 1e-6)
 
 
+def test_trainable_token_rows_match_peft_on_cuda(tmp_path):
+    """trainable_token_indices with a tied head, attached on the CPU and moved to the GPU: PEFT reads the file
+    to the same logits and gradients."""
+    from peft import PeftModel
+
+    from tests.test_trainable_tokens import IDS, TOKENS, llama, new_rows
+
+    ours = lorafit.attach(llama(True), LoraConfig(target_modules=["q_proj"], trainable_token_indices=TOKENS))
+    new_rows(ours)
+    ours.to(DEVICE)
+    lorafit.save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(llama(True).to(DEVICE), tmp_path, is_trainable=True)
+    grads = []
+    for model in (ours, theirs):
+        out = model(IDS.to(DEVICE)).logits
+        out.square().mean().backward()
+        grads.append(sorted((n.removeprefix("base_model.model."), p.grad) for n, p in model.named_parameters()
+                            if p.requires_grad))
+        if model is ours:
+            want = out.detach()
+    torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
+    assert len(grads[0]) == len(grads[1]) == 5  # the rows, and A and B of q_proj in 2 layers
+    for (_, a), (_, b) in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -202,3 +202,19 @@ def test_lorafit_train_trains_the_rows_and_saves_them(tmp_path):
     assert not torch.allclose(fresh.model.embed_tokens.rows["default"], old)  # the rows trained
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     torch.testing.assert_close(logits(fresh, ids), logits(result.model.eval(), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_can_move_after_attaching(tmp_path):
+    """The rows to restore on unmerge are a buffer, and indices are rebuilt on the weight's device: attaching on
+    one device (or dtype) and moving the model afterwards works."""
+    model = lorafit.attach(llama(True), lorafit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=TOKENS))
+    new_rows(model, lora=False)
+    model.to(torch.float64)
+    assert model.model.embed_tokens.original_rows_default.dtype == torch.float64
+    want = logits(model)
+    lorafit.merge(model)
+    torch.testing.assert_close(logits(model), want, rtol=1e-12, atol=1e-12)
+    lorafit.unmerge(model)
+    torch.testing.assert_close(model.model.embed_tokens.weight, llama(True).double().model.embed_tokens.weight,
+                               rtol=0, atol=0)
+    assert "original_rows_default" not in " ".join(model.state_dict())

@@ -35,8 +35,7 @@ class TrainableTokens(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.token_adapter = TokenRows()
-        self.indices: dict[str, torch.Tensor] = {}  # adapter -> int64 indices, on the weight's device
-        self.originals: dict[str, torch.Tensor] = {}  # the rows as they were, for unmerge
+        self.indices: dict[str, list[int]] = {}  # adapter -> the token ids whose rows it trains
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
@@ -64,18 +63,27 @@ class TrainableTokens(nn.Module):
         if bad:
             raise ValueError(f"trainable_token_indices: {bad[:5]} are not rows of this embedding "
                              f"({weight.shape[0]} tokens)")
-        index = torch.tensor(indices, dtype=torch.long, device=weight.device)
         with torch.no_grad():
-            original = weight.index_select(0, index)
+            original = weight[indices]
             start = original if init else torch.randn_like(original)
         self.rows[name] = nn.Parameter(start.to(dtype or weight.dtype, copy=True))
-        self.indices[name], self.originals[name] = index, original.clone()
+        self.indices[name] = list(indices)
+        # the rows as they were, for unmerge: a buffer, so that it moves with the model; not saved
+        self.register_buffer(self._original(name), original.clone(), persistent=False)
+
+    @staticmethod
+    def _original(name: str) -> str:
+        return f"original_rows_{name}"
+
+    def _index(self, names: list[str]) -> torch.Tensor:
+        return torch.tensor([i for n in names for i in self.indices[n]], dtype=torch.long,
+                            device=self.base_layer.weight.device)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
-        del self.rows[name]
-        del self.indices[name], self.originals[name]
+        del self.rows[name], self.indices[name]
+        delattr(self, self._original(name))
         if name in self.active:
             self.active.remove(name)
 
@@ -97,21 +105,21 @@ class TrainableTokens(nn.Module):
                 if safe and not torch.isfinite(new).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN or inf into the embedding; nothing "
                                      "was merged into this layer")
-                weight.index_copy_(0, self.indices[name], new)
+                weight.index_copy_(0, self._index([name]), new)
                 self.merged.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in [n for n in reversed(self.merged) if names is None or n in names]:
-                weight.index_copy_(0, self.indices[name], self.originals[name])
+                weight.index_copy_(0, self._index([name]), getattr(self, self._original(name)).to(weight.dtype))
                 self.merged.remove(name)
 
     # -- forward -----------------------------------------------------------------------------------------
     def _check_disjoint(self, names: list[str]) -> None:
         seen: dict[int, str] = {}
         for name in names:
-            for i in self.indices[name].tolist():
+            for i in self.indices[name]:
                 if i in seen:
                     raise ValueError(f"adapters {seen[i]!r} and {name!r} both train token {i}; only adapters with "
                                      "disjoint trainable_token_indices can be active together")
@@ -119,11 +127,11 @@ class TrainableTokens(nn.Module):
 
     def replacement(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot of each token in the stacked rows, -1 for an untouched token; the stacked rows' token indices),
-        cached until the adapter set changes."""
-        key = tuple((n, id(self.rows[n])) for n in names)
+        cached until the adapter set or the device changes."""
+        key = (tuple((n, tuple(self.indices[n])) for n in names), self.base_layer.weight.device)
         if self._table is None or self._table[0] != key:
             self._check_disjoint(names)
-            index = torch.cat([self.indices[n] for n in names])
+            index = self._index(names)
             slots = torch.full((self.base_layer.weight.shape[0],), -1, dtype=torch.long, device=index.device)
             slots[index] = torch.arange(index.numel(), device=index.device)
             self._table = (key, slots, index)
