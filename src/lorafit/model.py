@@ -37,7 +37,7 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Wrapper]]:
-    """The LoRA and modules_to_save wrappers, by name, in ``named_modules`` order. It does
+    """The adapter wrappers (LoRA, modules_to_save, token rows), by name, in ``named_modules`` order. It does
     not descend into a wrapper (only parameter wrappers nest, one per adapted parameter of a
     module, and it follows those), which makes it much cheaper than ``named_modules`` on a
     wrapped transformer: loading an adapter calls it often."""
