@@ -24,7 +24,26 @@ def low_precision(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.finfo(dtype).bits < 32
 
 
-class LoraLayer(nn.Module):
+class InPlaceOf(nn.Module):
+    """A module that stands in for another (``stand_in_for``): anything not found on it (in_features, weight,
+    padding_idx, ...) is the other's, so code that inspects the model keeps working. ``OWN`` names the
+    attributes that are never looked up there."""
+
+    OWN: tuple[str, ...] = ("base_layer",)
+
+    def stand_in_for(self) -> nn.Module:
+        return self.base_layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.OWN:
+                raise
+            return getattr(self.stand_in_for(), name)
+
+
+class LoraLayer(InPlaceOf):
     """Base class of the LoRA wrappers; not used directly."""
 
     # Attribute names of the factor dicts; PEFT names them differently for embeddings.
@@ -47,16 +66,6 @@ class LoraLayer(nn.Module):
         # A low-precision base weight as it was before the first merge, for an exact unmerge. A plain
         # attribute, not a buffer: saved files and state_dict stay the same.
         self._premerge_weight: torch.Tensor | None = None
-
-    # Anything not found on the wrapper (in_features, weight, padding_idx, ...) is
-    # the base layer's, so code that inspects the model keeps working.
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # -- adapters ----------------------------------------------------------------
     # Read from _modules directly: nn.Module finds them only after a failed normal lookup, and every forward

@@ -11,8 +11,12 @@ import copy
 
 from torch import nn
 
+from lorafit.layers.base import InPlaceOf
 
-class ModulesToSave(nn.Module):
+
+class ModulesToSave(InPlaceOf):
+    OWN = ("original_module", "modules_to_save")
+
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
@@ -22,13 +26,8 @@ class ModulesToSave(nn.Module):
 
     row_plan = None  # set by lorafit.batched.adapter_per_row: each batch row picks its copy
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save"):
-                raise
-            return getattr(self.current, name)
+    def stand_in_for(self) -> nn.Module:
+        return self.current
 
     @property
     def current(self) -> nn.Module:

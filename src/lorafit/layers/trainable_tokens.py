@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lorafit.layers.base import InPlaceOf
+
 
 class TokenRows(nn.Module):
     """Holds the new rows under PEFT's names: ``token_adapter.trainable_tokens_delta.<adapter>``."""
@@ -26,8 +28,10 @@ class TokenRows(nn.Module):
         self.trainable_tokens_delta = nn.ParameterDict()
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(InPlaceOf):
     """An ``nn.Embedding`` with new values for some rows, per adapter."""
+
+    OWN = ("base_layer", "token_adapter")
 
     row_plan = None  # lorafit.batched.adapter_per_row: the base layer, for rows whose adapters train no tokens
 
@@ -41,13 +45,6 @@ class TrainableTokens(nn.Module):
         self.disabled = False
         self._table: tuple | None = None  # (key, slot of each token or -1, the replacing rows' index)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "token_adapter"):
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def rows(self) -> nn.ParameterDict:
@@ -159,7 +156,7 @@ class TrainableTokens(nn.Module):
         return "; ".join(f"{n}: {len(self.indices[n])} tokens" for n in self.adapter_names)
 
 
-class TiedTokenHead(nn.Module):
+class TiedTokenHead(InPlaceOf):
     """The output head of a model whose head shares the embedding's weight: the tokens an active adapter trains
     are scored with their new rows. It holds nothing of its own; the embedding's wrapper is its state."""
 
@@ -171,13 +168,6 @@ class TiedTokenHead(nn.Module):
         self.__dict__["tokens"] = tokens  # not a submodule: its rows are saved once, under the embedding
         self.disabled = False
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def adapter_names(self) -> list[str]:
