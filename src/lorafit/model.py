@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -400,12 +400,7 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     for layer in _mergeable(model):
         # No weight copies for an exact unmerge: the wrappers are dropped right below.
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe, keep_original=False)
-    for path, layer in _innermost_first(model):
-        _replace(model, path, layer.base_layer)
-    for path, wrapper in list(saved_modules(model)):
-        _replace(model, path, wrapper.current)
-    for path, layer in list(token_layers(model)):
-        _replace(model, path, layer.base_layer)
+    _unwrap_all(model, lambda wrapper: wrapper.current)
     _forget(model)
     return model
 
@@ -418,15 +413,20 @@ def unload(model: nn.Module) -> nn.Module:
     floating-point rounding for float32).
     """
     unmerge(model)
-    for path, layer in _innermost_first(model):
-        _replace(model, path, layer.base_layer)
-    for path, wrapper in list(saved_modules(model)):
-        _replace(model, path, wrapper.original_module)
-    for path, layer in list(token_layers(model)):
-        _replace(model, path, layer.base_layer)
+    _unwrap_all(model, lambda wrapper: wrapper.original_module)
     _restore_requires_grad(model)
     _forget(model)
     return model
+
+
+def _unwrap_all(model: nn.Module, kept_copy: Callable[[ModulesToSave], nn.Module]) -> None:
+    """Every wrapper replaced by the module it stands in for; a modules_to_save wrapper by ``kept_copy`` of it."""
+    for path, layer in _innermost_first(model):
+        _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        _replace(model, path, kept_copy(wrapper))
+    for path, layer in list(token_layers(model)):
+        _replace(model, path, layer.base_layer)
 
 
 def _restore_requires_grad(model: nn.Module) -> None:

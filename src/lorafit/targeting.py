@@ -174,12 +174,12 @@ def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str,
     for name, module in candidate_modules(model):
         if name in saved or any(name.startswith(s + ".") for s in saved):
             continue
-        owner = module.owner if isinstance(module, ParameterLora) else module
-        if isinstance(module, LoraLayer) and not isinstance(module, ParameterLora):
-            owner = module.base_layer
-        for pname, p in owner.named_parameters(recurse=False):
-            if name_matches(spec, f"{name}.{pname}" if name else pname):
-                if owner is not module and not isinstance(module, ParameterLora):
+        # a module adapted through target_modules already is looked into only to refuse it
+        adapted_layer = isinstance(module, LoraLayer) and not isinstance(module, ParameterLora)
+        owner = module.owner if isinstance(module, ParameterLora) else module.base_layer if adapted_layer else module
+        for pname, _ in owner.named_parameters(recurse=False):
+            if name_matches(spec, f"{name}.{pname}"):
+                if adapted_layer:
                     raise ValueError(f"target_parameters matches {name}.{pname}, whose module is adapted "
                                      "through target_modules already; adapt it one way only")
                 found.setdefault(name, []).append(pname)

@@ -577,14 +577,15 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         if prep.float16_autocast:
             print("  float16 weights: the adapters train in float32 under float16 autocast with loss scaling "
                   "(as with train.fp16 = true)")
+        settings = prep.train_settings()
         sixteen_bit = {str(p.dtype).removeprefix("torch.") for p in prep.model.parameters()
                        if p.requires_grad and p.dtype in SIXTEEN_BIT}
-        if sixteen_bit and keeps_masters(prep.train_settings()):
+        if sixteen_bit and keeps_masters(settings):
             print(f"  {'/'.join(sorted(sixteen_bit))} trained weights: AdamW steps on float32 masters of them "
                   "(train.master_weights)")
         log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.train.tensorboard else None)
         try:
-            state = fit(prep.model, prep.task, data.train, data.validation, prep.train_settings(), prep.device, out,
+            state = fit(prep.model, prep.task, data.train, data.validation, settings, prep.device, out,
                         log, metric, resume_from=resume_from, callbacks=callbacks, progress=progress, dist=dist)
         finally:
             log.close()
