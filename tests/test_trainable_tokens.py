@@ -15,6 +15,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TOKENS = [3, 7, 9]
+# an untied head's own rows, for other tokens than the embedding's; a tied head named with the embedding's ids
+UNTIED_HEAD = {"embed_tokens": TOKENS, "lm_head": [3, 11]}
+TIED_HEAD = {"embed_tokens": TOKENS, "lm_head": TOKENS}
 IDS = torch.tensor([[1, 3, 5, 7, 9, 9, 2], [7, 0, 3, 4, 8, 9, 6]])
 
 
@@ -70,9 +73,27 @@ def test_the_rows_replace_the_tokens_vectors_and_a_tied_head_scores_with_them(ti
     assert report.trainable == report.adapter == len(TOKENS) * 32 + 2 * (8 * 32 + 32 * 8)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_peft_and_lorafit_read_each_others_files_with_the_same_logits_and_gradients(tied, tmp_path):
-    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=TOKENS)
+def test_an_untied_head_gets_rows_of_its_own_which_score_its_tokens():
+    model = lorafit.attach(llama(False), lorafit.LoraConfig(target_modules=["q_proj"],
+                                                            trainable_token_indices=UNTIED_HEAD))
+    assert isinstance(model.model.embed_tokens, TrainableTokens) and isinstance(model.lm_head, TrainableTokens)
+    torch.testing.assert_close(logits(model), logits(llama(False)), rtol=1e-6, atol=1e-6)
+    new_rows(model, lora=False)
+    reference = llama(False)
+    with torch.no_grad():
+        reference.model.embed_tokens.weight[TOKENS] = model.model.embed_tokens.rows["default"]
+        reference.lm_head.weight[[3, 11]] = model.lm_head.rows["default"]
+    torch.testing.assert_close(logits(model), logits(reference), rtol=1e-5, atol=1e-5)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "lm_head.token_adapter.trainable_tokens_delta.default" in trained
+    # the new head rows learn from the loss at every position, the embedding's only where their tokens are
+    model(IDS).logits.square().mean().backward()
+    assert model.lm_head.rows["default"].grad.abs().min() > 0
+
+
+@pytest.mark.parametrize("tied, tokens", [(False, TOKENS), (True, TOKENS), (False, UNTIED_HEAD), (True, TIED_HEAD)])
+def test_peft_and_lorafit_read_each_others_files_with_the_same_logits_and_gradients(tied, tokens, tmp_path):
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=tokens)
     ours = lorafit.attach(llama(tied), lorafit.LoraConfig(**config))
     new_rows(ours)
     lorafit.save_adapter(ours, tmp_path / "ours")
@@ -107,13 +128,13 @@ def test_scaled_embeddings_scale_the_new_rows_as_peft_does(tmp_path):
     assert logits(ours).sub(logits(gemma2())).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_merge_unmerge_disabled_unload_and_reload(tied, tmp_path):
+@pytest.mark.parametrize("tied, tokens", [(False, TOKENS), (True, TOKENS), (False, UNTIED_HEAD)])
+def test_merge_unmerge_disabled_unload_and_reload(tied, tokens, tmp_path):
     base = llama(tied, torch.bfloat16)
     before = {n: p.clone() for n, p in base.named_parameters()}
     # a LoRA with B = 0 beside the rows: merged or not, it adds exactly nothing
     model = lorafit.attach(llama(tied, torch.bfloat16), lorafit.LoraConfig(target_modules=["q_proj"],
-                                                                           trainable_token_indices=TOKENS))
+                                                                           trainable_token_indices=tokens))
     new_rows(model, lora=False)
     unmerged = logits(model)
     lorafit.merge(model)
@@ -125,7 +146,7 @@ def test_merge_unmerge_disabled_unload_and_reload(tied, tmp_path):
     torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=0)
     lorafit.save_adapter(model, tmp_path)
     keys = json.loads((tmp_path / "adapter_config.json").read_text())["trainable_token_indices"]
-    assert keys == TOKENS
+    assert keys == tokens
     fresh = lorafit.load_adapter(llama(tied, torch.bfloat16), tmp_path)
     torch.testing.assert_close(logits(fresh), unmerged, rtol=0, atol=0)
     plain = lorafit.merge_and_unload(copy.deepcopy(model))
@@ -171,14 +192,28 @@ def test_bad_configs_name_the_field(config, message):
 
 def test_refusals_leave_the_model_as_it_was():
     model = llama(True)
-    with pytest.raises(ValueError, match=r"\[50, 51\] are not rows of this embedding \(50 tokens\)"):
+    with pytest.raises(ValueError, match=r"\[50, 51\] are not rows of this Embedding \(50 tokens\)"):
         lorafit.attach(model, lorafit.LoraConfig(trainable_token_indices=[1, 50, 51]))
-    with pytest.raises(ValueError, match="names 'wte', which matches no embedding"):
+    with pytest.raises(ValueError, match="names 'wte', which matches no embedding or output head"):
         lorafit.attach(model, lorafit.LoraConfig(trainable_token_indices={"wte": [1]}))
     with pytest.raises(ValueError, match="matched by target_modules and by target_parameters or trainable_token"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[1]))
     assert type(model.model.embed_tokens).__name__ == "Embedding" and type(model.lm_head).__name__ == "Linear"
+    tied = r"'lm_head' shares its weight with 'model.embed_tokens' \(tied embeddings\)"
+    for tokens in ({"lm_head": [1]}, {"embed_tokens": [1], "lm_head": [2]}):
+        with pytest.raises(ValueError, match=tied):
+            lorafit.attach(model, lorafit.LoraConfig(trainable_token_indices=tokens))
+    # a LoRA on a tied head would score the tokens with the old rows: refused in either order
+    with pytest.raises(ValueError, match=f"the output head {tied} and carries a LoRA adapter"):
+        lorafit.attach(model, lorafit.LoraConfig(target_modules=["lm_head"], trainable_token_indices=[1]))
+    lorafit.attach(model, lorafit.LoraConfig(target_modules=["lm_head"]), name="lora")
+    with pytest.raises(ValueError, match="and carries a LoRA adapter"):
+        lorafit.attach(model, lorafit.LoraConfig(trainable_token_indices=[1]), name="b")
+    lorafit.detach(model, "lora")
+    assert type(model.model.embed_tokens).__name__ == "Embedding" and type(model.lm_head).__name__ == "Linear"
     lorafit.attach(model, lorafit.LoraConfig(trainable_token_indices=[1]), name="a")
+    with pytest.raises(ValueError, match="target_modules matches 'lm_head', whose token rows an adapter trains"):
+        lorafit.attach(model, lorafit.LoraConfig(target_modules=["lm_head"]), name="lora")
     with pytest.raises(ValueError, match=r"adapters \['a'\] train token rows"):
         lorafit.combine_adapters(model, {"a": 1.0}, "c")
     with pytest.raises(ValueError, match="a batch with an adapter per row does not support"):

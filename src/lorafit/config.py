@@ -71,7 +71,8 @@ class LoraConfig:
 
     ``trainable_token_indices`` trains new values for some rows of an embedding
     (e.g. added special tokens): a list of token ids for the model's input
-    embedding, or a mapping of embedding module name to token ids.
+    embedding, or a mapping of module name to token ids, which may also name an
+    untied output head.
     """
 
     r: int = 8
@@ -250,7 +251,8 @@ def _check_token_indices(value: Any) -> None:
     for module, ids in groups:
         field_name = "trainable_token_indices" + ("" if module is None else f"[{module!r}]")
         if module is not None and (not isinstance(module, str) or not module):
-            raise ValueError(f"trainable_token_indices keys must be embedding module names, got {module!r}")
+            raise ValueError("trainable_token_indices keys must be module names (embeddings, output heads), "
+                             f"got {module!r}")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                            for i in ids):
             raise ValueError(f"{field_name} must be a non-empty list of token ids >= 0, got {ids!r}")

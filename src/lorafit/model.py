@@ -194,15 +194,22 @@ def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) ->
 
 def _token_wrapper(model: nn.Module, target: str) -> TrainableTokens:
     """``target``'s TrainableTokens, made on the first adapter, with a TiedTokenHead on an output head that
-    shares its weight."""
+    shares an embedding's weight."""
     module = model.get_submodule(target)
     if isinstance(module, TrainableTokens):
         return module
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) and isinstance(module, nn.Embedding) else None
+    tied = head is not None and head is not module and getattr(head, "weight", None) is module.weight
+    if tied and not isinstance(head, nn.Linear):
+        path = next(n for n, m in model.named_modules() if m is head)
+        what = "carries a LoRA adapter" if isinstance(head, LoraLayer) else f"is a {type(head).__name__}"
+        raise ValueError(f"trainable_token_indices: the output head {path!r} shares its weight with {target!r} "
+                         f"(tied embeddings) and {what}, so it cannot score the tokens with their new rows; adapt "
+                         "the head one way only")
     tokens = TrainableTokens(module)
     _replace(model, target, tokens)
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if isinstance(head, nn.Linear) and head.weight is module.weight:
+    if tied:
         path = next(n for n, m in model.named_modules() if m is head)
         _replace(model, path, TiedTokenHead(head, tokens))
     return tokens

@@ -145,6 +145,9 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not layer_index_allowed(config, name) and not (isinstance(spec, list) and name in spec):
             continue
         kind = layer_kind(module)
+        if isinstance(module, (TrainableTokens, TiedTokenHead)):
+            raise ValueError(f"target_modules matches {name!r}, whose token rows an adapter trains "
+                             "(trainable_token_indices); LoRA and token rows on one layer are not supported")
         if kind is None:
             raise ValueError(
                 f"target_modules matches {name!r}, a {type(module).__name__}; lorafit can adapt {SUPPORTED}. "
@@ -192,31 +195,58 @@ def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str,
 
 
 def resolve_token_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
-    """The embeddings ``config.trainable_token_indices`` trains rows of: module name -> token ids. A list
-    means the model's input embedding (``get_input_embeddings``, else a module named ``embed_tokens``)."""
+    """The layers ``config.trainable_token_indices`` trains rows of: module name -> token ids. A list means the
+    model's input embedding (``get_input_embeddings``, else a module named ``embed_tokens``); a mapping may also
+    name an untied output head (an ``nn.Linear``). A head that shares its weight with a named embedding (tied
+    embeddings) is dropped: the embedding's rows score its tokens."""
     spec = config.trainable_token_indices
     if spec is None:
         return {}
-    embeddings = {name: m for name, m in candidate_modules(model) if isinstance(m, (nn.Embedding, TrainableTokens))}
-    if isinstance(spec, dict):
-        found = {}
-        for key, ids in spec.items():
-            names = [n for n in embeddings if name_matches([key], n)]
-            if not names:
-                raise ValueError(f"trainable_token_indices names {key!r}, which matches no embedding; this model's "
-                                 f"embeddings: {', '.join(embeddings) or 'none'}")
-            found.update({n: ids for n in names})
-        return found
-    get_input = getattr(model, "get_input_embeddings", None)
-    wanted = get_input() if callable(get_input) else None
-    if isinstance(wanted, LoraLayer):
-        raise ValueError("trainable_token_indices: the input embedding carries a LoRA adapter (target_modules); "
-                         "training its rows as well is not supported")
-    names = [n for n, m in embeddings.items() if m is wanted] or [n for n in embeddings if n.endswith("embed_tokens")]
-    if len(names) != 1:
-        raise ValueError("trainable_token_indices is a list, but the model's input embedding is not known; name it: "
-                         f"{{'<module>': [...]}} with one of: {', '.join(embeddings) or 'none'}")
-    return {names[0]: spec}
+    layers = {name: m for name, m in candidate_modules(model) if _has_token_rows(m)}
+    embeddings = [name for name, m in layers.items() if not _is_head(m)]
+    if not isinstance(spec, dict):
+        get_input = getattr(model, "get_input_embeddings", None)
+        wanted = get_input() if callable(get_input) else None
+        names = [n for n in embeddings if layers[n] is wanted] or [n for n in embeddings if n.endswith("embed_tokens")]
+        if len(names) != 1:
+            raise ValueError("trainable_token_indices is a list, but the model's input embedding is not known; name "
+                             f"it: {{'<module>': [...]}} with one of: {', '.join(embeddings) or 'none'}")
+        spec = {names[0]: spec}
+    found: dict[str, list[int]] = {}
+    for key, ids in spec.items():
+        names = [n for n in layers if name_matches([key], n)]
+        if not names:
+            raise ValueError(f"trainable_token_indices names {key!r}, which matches no embedding or output head; "
+                             f"this model's embeddings: {', '.join(embeddings) or 'none'}")
+        found.update({n: ids for n in names})
+    for name in found:
+        if isinstance(layers[name], LoraLayer):
+            raise ValueError(f"trainable_token_indices: {name!r} carries a LoRA adapter (target_modules); training "
+                             "its rows as well is not supported")
+    for name in [n for n in found if _is_head(layers[n])]:
+        weight = _unwrapped(layers[name]).weight
+        embedding = next((e for e in embeddings if _unwrapped(layers[e]).weight is weight), None)
+        if embedding is None:
+            continue
+        if found.get(embedding) != found[name]:
+            raise ValueError(f"trainable_token_indices: {name!r} shares its weight with {embedding!r} (tied "
+                             f"embeddings), so their rows are the same: name {embedding!r}, whose new rows the head "
+                             "then scores with, or give both the same token ids")
+        del found[name]
+    return found
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, (LoraLayer, TrainableTokens, TiedTokenHead)) else module
+
+
+def _has_token_rows(module: nn.Module) -> bool:
+    """An embedding, or a linear layer (an output head), or a wrapper of one: its weight's rows are tokens."""
+    return isinstance(_unwrapped(module), (nn.Embedding, nn.Linear))
+
+
+def _is_head(module: nn.Module) -> bool:
+    return isinstance(_unwrapped(module), nn.Linear)
 
 
 def _full_names(model: nn.Module, entries: list[str]) -> list[str]:

@@ -1,13 +1,14 @@
 """Trainable rows of an embedding (``trainable_token_indices``): new values for a few tokens' vectors, such as
-those of special tokens added for a chat template, with the rest of the table frozen.
+those of special tokens added for a chat template, with the rest of the table frozen. An untied output head
+(an ``nn.Linear``) can get new rows the same way, so that the model also learns to predict those tokens.
 
 PEFT's layout: per adapter, ``token_adapter.trainable_tokens_delta`` holds the new rows (``len(indices) x dim``,
 starting as copies of the old ones), and the config holds the indices. Where the output head shares the
-embedding's weight (tied embeddings), the head scores those tokens with the new rows too.
+embedding's weight (tied embeddings), the head scores those tokens with the embedding's new rows.
 
 PEFT forms the whole table with the rows replaced, every forward (a vocabulary-sized copy, which backward keeps
-for a tied head). Here the lookup runs on the frozen table and only the looked-up rows of trained tokens are
-replaced, and a tied head replaces only those tokens' logits: the extra work is the size of the batch, not of
+for a head). Here the lookup runs on the frozen table and only the looked-up rows of trained tokens are
+replaced, and a head replaces only those tokens' logits: the extra work is the size of the batch, not of
 the vocabulary.
 """
 
@@ -28,8 +29,16 @@ class TokenRows(nn.Module):
         self.trainable_tokens_delta = nn.ParameterDict()
 
 
+def _rescore(out: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """A head's logits ``out`` with those of tokens ``index`` scored by ``rows`` (in h's dtype) instead."""
+    scores = F.linear(h, rows, None if bias is None else bias[index].to(h.dtype))
+    # the base head's product keeps no output for backward, so its logits can be overwritten in place
+    return out.index_copy_(-1, index, scores.to(out.dtype))
+
+
 class TrainableTokens(InPlaceOf):
-    """An ``nn.Embedding`` with new values for some rows, per adapter."""
+    """An ``nn.Embedding`` (or an output head, ``nn.Linear``) with new values for some rows, per adapter."""
 
     OWN = ("base_layer", "token_adapter")
 
@@ -58,8 +67,8 @@ class TrainableTokens(InPlaceOf):
         weight = self.base_layer.weight
         bad = [i for i in indices if not 0 <= i < weight.shape[0]]
         if bad:
-            raise ValueError(f"trainable_token_indices: {bad[:5]} are not rows of this embedding "
-                             f"({weight.shape[0]} tokens)")
+            raise ValueError(f"trainable_token_indices: {bad[:5]} are not rows of this "
+                             f"{type(self.base_layer).__name__} ({weight.shape[0]} tokens)")
         with torch.no_grad():
             original = weight[indices]
             start = original if init else torch.randn_like(original)
@@ -100,7 +109,7 @@ class TrainableTokens(InPlaceOf):
                 self._check_disjoint(self.merged + [name])
                 new = self.rows[name].to(weight.dtype)
                 if safe and not torch.isfinite(new).all():
-                    raise ValueError(f"merging adapter {name!r} would put NaN or inf into the embedding; nothing "
+                    raise ValueError(f"merging adapter {name!r} would put NaN or inf into the token rows; nothing "
                                      "was merged into this layer")
                 weight.index_copy_(0, self._index([name]), new)
                 self.merged.append(name)
@@ -137,17 +146,21 @@ class TrainableTokens(InPlaceOf):
     def new_rows(self, names: list[str], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([self.rows[n] for n in names]).to(dtype)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: token ids for an embedding, hidden states for a head."""
         if self.row_plan is not None:
-            return self.row_plan(ids)
-        out = self.base_layer(ids)
+            return self.row_plan(x)
+        base = self.base_layer
+        out = base(x)
         names = self.unmerged_active()
         if not names:
             return out
-        slots, _ = self.replacement(names)
-        slot = slots[ids]
+        slots, index = self.replacement(names)
+        if isinstance(base, nn.Linear):
+            return _rescore(out, x, self.new_rows(names, x.dtype), index, base.bias)
+        slot = slots[x]
         rows = self.new_rows(names, out.dtype)[slot.clamp(min=0)]
-        scale = getattr(self.base_layer, "embed_scale", None)  # transformers' scaled embeddings (Gemma)
+        scale = getattr(base, "embed_scale", None)  # transformers' scaled embeddings (Gemma)
         if scale is not None:
             rows = rows * scale.to(rows.dtype)
         return torch.where((slot >= 0).unsqueeze(-1), rows, out)
@@ -184,7 +197,4 @@ class TiedTokenHead(InPlaceOf):
         if not names:
             return out
         _, index = self.tokens.replacement(names)
-        bias = self.base_layer.bias
-        scores = F.linear(h, self.tokens.new_rows(names, h.dtype), None if bias is None else bias[index].to(h.dtype))
-        # the base head's product keeps no output for backward, so its logits can be overwritten in place
-        return out.index_copy_(-1, index, scores.to(out.dtype))
+        return _rescore(out, h, self.tokens.new_rows(names, h.dtype), index, self.base_layer.bias)
