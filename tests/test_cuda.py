@@ -388,18 +388,20 @@ def test_expert_weight_adapters_match_peft_and_unmerge_exactly_on_cuda(dtype, tm
                                        atol=0 if dtype == torch.bfloat16 else 1e-6)
 
 
-def test_trainable_token_rows_match_peft_on_cuda(tmp_path):
-    """trainable_token_indices with a tied head, attached on the CPU and moved to the GPU: PEFT reads the file
-    to the same logits and gradients."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_token_rows_match_peft_on_cuda(tied, tmp_path):
+    """trainable_token_indices with a tied head, or rows of an untied head, attached on the CPU and moved to the
+    GPU: PEFT reads the file to the same logits and gradients."""
     from peft import PeftModel
 
-    from tests.test_trainable_tokens import IDS, TOKENS, llama, new_rows
+    from tests.test_trainable_tokens import IDS, TOKENS, UNTIED_HEAD, llama, new_rows
 
-    ours = lorafit.attach(llama(True), LoraConfig(target_modules=["q_proj"], trainable_token_indices=TOKENS))
+    tokens = TOKENS if tied else UNTIED_HEAD
+    ours = lorafit.attach(llama(tied), LoraConfig(target_modules=["q_proj"], trainable_token_indices=tokens))
     new_rows(ours)
     ours.to(DEVICE)
     lorafit.save_adapter(ours, tmp_path)
-    theirs = PeftModel.from_pretrained(llama(True).to(DEVICE), tmp_path, is_trainable=True)
+    theirs = PeftModel.from_pretrained(llama(tied).to(DEVICE), tmp_path, is_trainable=True)
     grads = []
     for model in (ours, theirs):
         out = model(IDS.to(DEVICE)).logits
@@ -409,9 +411,48 @@ def test_trainable_token_rows_match_peft_on_cuda(tmp_path):
         if model is ours:
             want = out.detach()
     torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
-    assert len(grads[0]) == len(grads[1]) == 5  # the rows, and A and B of q_proj in 2 layers
+    # the rows (and the head's), and A and B of q_proj in 2 layers
+    assert len(grads[0]) == len(grads[1]) == (5 if tied else 6)
     for (_, a), (_, b) in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_bias_matches_peft_and_unmerges_exactly_on_cuda(dtype, tmp_path):
+    """lora_bias through the fused path on the GPU: PEFT reads the file to the same logits and gradients, and a
+    merge adds the bias, which unmerge takes out (bf16: bit for bit)."""
+    from peft import PeftModel
+
+    from tests.test_lora_bias import IDS, TARGETS, llama, randomize
+
+    ours = lorafit.attach(llama(dtype), LoraConfig(r=2, target_modules=TARGETS, lora_bias=True)).to(DEVICE)
+    randomize(ours)
+    lorafit.save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(llama(dtype).to(DEVICE), tmp_path, is_trainable=True)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    outs, grads = [], []
+    for model in (ours, theirs):
+        out = model(IDS.to(DEVICE)).logits
+        out.float().square().mean().backward()
+        outs.append(out.detach().float())
+        grads.append({n.removeprefix("base_model.model.").replace(".default.weight", "")
+                      .replace(".default.bias", "_bias").replace(".default", ""): p.grad
+                      for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        want = grads[1][key].float()
+        torch.testing.assert_close(grad.float(), want, atol=tol["atol"] * max(want.abs().max().item(), 1e-3),
+                                   rtol=tol["rtol"] * 4, msg=key)
+    ours.eval()
+    before = {n: p.clone() for n, p in ours.named_parameters()}
+    with torch.no_grad():
+        unmerged = ours(IDS.to(DEVICE)).logits
+        lorafit.merge(ours)
+        torch.testing.assert_close(ours(IDS.to(DEVICE)).logits.float(), unmerged.float(), **tol)
+        lorafit.unmerge(ours)
+    for name, p in ours.named_parameters():  # float32 merges in place and subtracts: exact to rounding
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
 
 
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit

@@ -66,7 +66,7 @@ def test_merge_unmerge_restores_weights_bitwise(device, dtype, dora):
     assert all(not torch.equal(model.get_submodule(p).weight, w) for p, w in original.items())
     lorafit.unmerge(model)
     _assert_bitwise(model, original)
-    assert all(layer._premerge_weight is None for _, layer in lora_layers(model))  # copy dropped when unmerged
+    assert all(not layer._premerge for _, layer in lora_layers(model))  # copy dropped when unmerged
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,11 +140,11 @@ def test_kept_copy_is_not_saved_and_merge_and_unload_keeps_none(device):
     layers = [layer for _, layer in lora_layers(model)]
     lorafit.merge(model)
     assert set(model.state_dict()) == keys
-    assert all(layer._premerge_weight is not None for layer in layers)
+    assert all("weight" in layer._premerge for layer in layers)
     expected = _logits(model, device)
     lorafit.merge_and_unload(model)
     assert torch.equal(_logits(model, device), expected)
-    assert all(layer._premerge_weight is None for layer in layers)
+    assert all(not layer._premerge for layer in layers)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,7 +160,7 @@ def test_safe_merge_refuses_non_finite_and_keeps_nothing(device, dtype):
     with pytest.raises(ValueError, match="would put NaN or inf"):
         lorafit.merge(model, safe=True)
     assert torch.equal(layer.weight, before)
-    assert layer.merged == [] and layer._premerge_weight is None
+    assert layer.merged == [] and not layer._premerge
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,7 +169,7 @@ def test_float32_merge_keeps_no_copy(device):
     original = _weights(model, ["0", "2", "4"])
     _attach(model, "default", ["0", "2", "4"])
     lorafit.merge(model)
-    assert all(layer._premerge_weight is None for _, layer in lora_layers(model))
+    assert all(not layer._premerge for _, layer in lora_layers(model))
     lorafit.unmerge(model)
     for path, w in original.items():
         torch.testing.assert_close(model.get_submodule(path).weight, w, atol=1e-6, rtol=1e-5)

@@ -61,6 +61,10 @@ def combine_adapters(
     if stacked:
         # their factors hold one pair per expert, interleaved; stacking or averaging them as one pair is wrong
         raise ValueError(f"adapters {stacked} use target_parameters, which combine_adapters does not support")
+    biased = [a for a in weights if configs[a].lora_bias]
+    if biased:
+        raise ValueError(f"adapters {biased} have a bias of their own (lora_bias), which combine_adapters does not "
+                         "combine")
     tokens = [a for a in weights if configs[a].trainable_token_indices]
     if tokens:
         raise ValueError(f"adapters {tokens} train token rows (trainable_token_indices), which combine_adapters does "

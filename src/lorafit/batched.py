@@ -33,8 +33,8 @@ device: each distinct row -> slot index is built once per block on the CPU and
 copied over asynchronously (layers whose adapters map to the same slots share it),
 a gather on a GPU is one ``index_select``, and no forward reads a tensor back to
 the host. Inside the block the factors are used as constants: it is an inference
-path (no dropout, no gradients for the adapters). Adapters merged into the weights
-and DoRA adapters are refused. One ``adapter_per_row`` block at a time per model
+path (no dropout, no gradients for the adapters). Adapters merged into the weights,
+DoRA adapters and adapters with a bias of their own (lora_bias) are refused. One ``adapter_per_row`` block at a time per model
 (serve uses a lock).
 """
 
@@ -241,6 +241,10 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
     names = layer.adapter_names
     if layer.disabled or distinct.isdisjoint(names):
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
+    biased = sorted(n for n in distinct if n is not None and n in layer.lora_B_bias)
+    if biased:
+        raise ValueError(f"adapters {biased} have a bias of their own (lora_bias), which a batch with an adapter per "
+                         "row does not support")
     if isinstance(layer, Linear) and len(distinct) == 1:
         return _uniform_linear(layer, rows[0])
     if isinstance(layer, ParameterLora):

@@ -27,7 +27,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "layer_replication": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "lora_bias": False,
     "eva_config": None,
     "corda_config": None,
     "runtime_config": None,
@@ -69,6 +68,11 @@ class LoraConfig:
     with ``W + s B A`` in place of ``W``, so the adapter sees no dropout:
     ``lora_dropout`` must be 0.
 
+    ``lora_bias`` gives ``B`` a bias (scaled like ``B``): ``W x + s (B A x + b)``,
+    which merging adds to the base layer's bias. It exists for adapters taken
+    from fully fine-tuned weights, whose biases changed too; Linear and
+    convolution layers only.
+
     ``trainable_token_indices`` trains new values for some rows of an embedding
     (e.g. added special tokens): a list of token ids for the model's input
     embedding, or a mapping of module name to token ids, which may also name an
@@ -95,6 +99,7 @@ class LoraConfig:
     inference_mode: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -161,10 +166,24 @@ class LoraConfig:
             pats = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
             if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
                 raise ValueError(f"layers_pattern must be a string or a list of strings, got {self.layers_pattern!r}")
+        self._validate_lora_bias()
         self._validate_target_parameters()
         _check_token_indices(self.trainable_token_indices)
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise ValueError(f"task_type must be a string such as 'SEQ_CLS' or 'CAUSAL_LM', got {self.task_type!r}")
+
+    def _validate_lora_bias(self) -> None:
+        if not isinstance(self.lora_bias, bool):
+            raise ValueError(f"lora_bias must be true or false, got {self.lora_bias!r}")
+        if not self.lora_bias:
+            return
+        # as in PEFT: a DoRA update rescales the weight, and PiSSA/OLoRA factors come from the weight alone
+        if self.use_dora:
+            raise ValueError("lora_bias=True is not supported with use_dora=True")
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise ValueError(f"lora_bias=True is not supported with init_lora_weights={self.init_lora_weights!r}")
+        if self.target_parameters is not None:
+            raise ValueError("lora_bias=True is not supported with target_parameters")
 
     def _validate_target_parameters(self) -> None:
         value = self.target_parameters

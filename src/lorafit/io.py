@@ -1,7 +1,7 @@
 """Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (and
-``lora_B``), ``...lora_embedding_A`` / ``...lora_embedding_B`` for embeddings,
+``lora_B``, and ``lora_B.bias`` with ``lora_bias``), ``...lora_embedding_A`` / ``...lora_embedding_B`` for embeddings,
 a modules_to_save copy under the module's own parameter names, and trained
 biases under their names in the wrapped model. The adapter name is not part of
 the key. Only safetensors are read: nothing in an adapter file can run code.
@@ -39,10 +39,10 @@ PREFIX = "base_model.model."
 
 def peft_key(param_name: str, adapter: str) -> str:
     """Map a parameter's name in the wrapped model to its key in a PEFT adapter file."""
-    for factor in ("lora_A", "lora_B"):
+    for factor, key in (("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight"), ("lora_B_bias", "lora_B.bias")):
         suffix = f".{factor}.{adapter}"
         if param_name.endswith(suffix):
-            return PREFIX + param_name[: -len(suffix)] + f".{factor}.weight"
+            return PREFIX + param_name[: -len(suffix)] + f".{key}"
     for factor in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "trainable_tokens_delta"):
         suffix = f".{factor}.{adapter}"
         if param_name.endswith(suffix):

@@ -140,7 +140,7 @@ def attach(
             module.add_adapter(
                 name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
                 init=init if initialize or init in ("pissa", "olora") else None, dtype=dtype,
-                use_dora=config.use_dora,
+                use_dora=config.use_dora, bias=config.lora_bias,
             )
         for target, parameters in parameter_targets.items():
             for layer in _parameter_wrappers(model, target, parameters):
@@ -253,6 +253,8 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if name in layer.adapter_names:
             out[f"{path}.{layer.a_name}.{name}"] = layer.factors_a[name]
             out[f"{path}.{layer.b_name}.{name}"] = layer.factors_b[name]
+            if name in layer.lora_B_bias:
+                out[f"{path}.lora_B_bias.{name}"] = layer.lora_B_bias[name]
             magnitudes = getattr(layer, "lora_magnitude_vector", {})
             if name in magnitudes:
                 out[f"{path}.lora_magnitude_vector.{name}"] = magnitudes[name]

@@ -49,6 +49,8 @@ class LoraLayer(InPlaceOf):
     # Attribute names of the factor dicts; PEFT names them differently for embeddings.
     a_name = "lora_A"
     b_name = "lora_B"
+    # Whether B may have a bias (lora_bias=True): where the base layer's output has one bias per output.
+    bias_capable = False
     # Set by lorafit.batched.adapter_per_row: a forward in which each batch row has its own adapter.
     row_plan = None
 
@@ -63,9 +65,11 @@ class LoraLayer(InPlaceOf):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
-        # A low-precision base weight as it was before the first merge, for an exact unmerge. A plain
-        # attribute, not a buffer: saved files and state_dict stay the same.
-        self._premerge_weight: torch.Tensor | None = None
+        # B's bias, for adapters with lora_bias=True (PEFT's lora_B.bias)
+        self.lora_B_bias = nn.ParameterDict()
+        # A low-precision base weight (and bias) as it was before the first merge, for an exact unmerge, by
+        # "weight" / "bias". Plain attributes, not buffers: saved files and state_dict stay the same.
+        self._premerge: dict[str, torch.Tensor] = {}
 
     # -- adapters ----------------------------------------------------------------
     # Read from _modules directly: nn.Module finds them only after a failed normal lookup, and every forward
@@ -98,7 +102,11 @@ class LoraLayer(InPlaceOf):
         init: bool | str = True,
         dtype: torch.dtype | None = None,
         use_dora: bool = False,
+        bias: bool = False,
     ) -> None:
+        if bias and not self.bias_capable:
+            raise ValueError(f"lora_bias=True is supported for Linear and convolution layers, not "
+                             f"{type(self.base_layer).__name__}; exclude this module or turn lora_bias off")
         if use_dora:
             raise ValueError(
                 f"DoRA (use_dora=True) is supported for Linear layers, not {type(self.base_layer).__name__}; "
@@ -113,6 +121,8 @@ class LoraLayer(InPlaceOf):
         b = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=weight.device))
         self.factors_a[name] = a
         self.factors_b[name] = b
+        if bias:
+            self.lora_B_bias[name] = nn.Parameter(torch.empty(shape_b[0], dtype=dtype, device=weight.device))
         self.rank[name] = r
         self.scaling[name] = scale
         self.dropout[name] = dropout
@@ -138,12 +148,20 @@ class LoraLayer(InPlaceOf):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}")
+            if name in self.lora_B_bias and init is not None:
+                bias = self.lora_B_bias[name]
+                if init is False:  # random, as B is: a Linear(r, d_out)'s own initialisation
+                    nn.init.uniform_(bias, -1 / math.sqrt(self.rank[name]), 1 / math.sqrt(self.rank[name]))
+                else:
+                    nn.init.zeros_(bias)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
         del self.factors_a[name]
         del self.factors_b[name]
+        if name in self.lora_B_bias:
+            del self.lora_B_bias[name]
         for table in (self.scaling, self.rank, self.dropout):
             del table[name]
         if name in self.active:
@@ -166,8 +184,22 @@ class LoraLayer(InPlaceOf):
         """Undo ``fold_`` in place."""
         weight.sub_(self.delta_weight(name))
 
+    def _fold_bias(self, bias: torch.Tensor, name: str) -> None:
+        bias.add_(self.lora_B_bias[name].to(bias.dtype), alpha=self.scaling[name])
+
+    def _unfold_bias(self, bias: torch.Tensor, name: str) -> None:
+        bias.sub_(self.lora_B_bias[name].to(bias.dtype), alpha=self.scaling[name])
+
+    def _merge_parts(self):
+        """(key, base tensor, fold, unfold, whether an adapter changes it): the weight, and the base bias where
+        adapters have biases of their own."""
+        yield "weight", self.target_weight(), self.fold_, self.unfold_, lambda name: True
+        if len(self.lora_B_bias) and getattr(self.base_layer, "bias", None) is not None:
+            yield "bias", self.base_layer.bias, self._fold_bias, self._unfold_bias, self.lora_B_bias.__contains__
+
     def merge(self, names: list[str] | None = None, safe: bool = False, keep_original: bool = True) -> None:
-        """Fold adapters ``names`` (default: the active ones) into the base weight.
+        """Fold adapters ``names`` (default: the active ones) into the base weight (and an adapter's own bias,
+        ``lora_bias``, into the base bias).
 
         A bf16/fp16 weight gets each merge computed in float32 and rounded once, and a copy of the weight
         from before the first merge is kept, so that ``unmerge`` restores it bit-exactly: this costs one
@@ -182,32 +214,44 @@ class LoraLayer(InPlaceOf):
                 "cannot merge into a quantized base layer: the adapter would be rounded away by re-quantizing; "
                 "use merge_and_unload, which dequantizes the base first"
             )
-        weight = self.target_weight()
-        low = low_precision(weight.dtype)
+        names = [n for n in (names if names is not None else list(self.active)) if n not in self.merged]
+        biased = [n for n in names if n in self.lora_B_bias]
+        if biased and getattr(self.base_layer, "bias", None) is None:
+            raise ValueError(f"adapter {biased[0]!r} has a bias of its own (lora_bias=True), but this "
+                             f"{type(self.base_layer).__name__} has no bias to merge it into; nothing was merged")
         with torch.no_grad():
-            for name in names if names is not None else list(self.active):
-                if name in self.merged:
-                    continue
-                if low or safe:
-                    merged = weight.to(compute_dtype(weight), copy=True)
-                    self.fold_(merged, name)
-                    merged = merged.to(weight.dtype)
+            for name in names:
+                # every part formed (and checked) before any is written: a refused adapter changes nothing
+                writes = []
+                for key, target, fold, _, changes in self._merge_parts():
+                    if not changes(name):
+                        continue
+                    low = low_precision(target.dtype)
+                    if not (low or safe):
+                        writes.append((key, target, fold, None, False))
+                        continue
+                    merged = target.to(compute_dtype(target), copy=True)
+                    fold(merged, name)
+                    merged = merged.to(target.dtype)
                     if safe and not torch.isfinite(merged).all():
                         raise ValueError(
-                            f"merging adapter {name!r} would put NaN or inf into the weights of a "
+                            f"merging adapter {name!r} would put NaN or inf into the {key} of a "
                             f"{type(self.base_layer).__name__}; nothing was merged into this layer"
                         )
-                    if low and keep_original and self._premerge_weight is None:
-                        self._premerge_weight = weight.detach().clone()
-                    weight.copy_(merged)
-                else:
-                    self.fold_(weight, name)
+                    writes.append((key, target, fold, merged, low))
+                for key, target, fold, merged, low in writes:
+                    if merged is None:
+                        fold(target, name)
+                        continue
+                    if low and keep_original and key not in self._premerge:
+                        self._premerge[key] = target.detach().clone()
+                    target.copy_(merged)
                 self.merged.append(name)
             if not keep_original:
-                self._premerge_weight = None
+                self._premerge.clear()
 
     def unmerge(self, names: list[str] | None = None) -> None:
-        """Take merged adapters (default: all) out of the base weight, the last merged first.
+        """Take merged adapters (default: all) out of the base weight (and bias), the last merged first.
 
         With a copy kept by ``merge`` the weight is restored bit-exactly: the copy itself once nothing
         stays merged, else the copy with the remaining adapters merged in float32 and rounded once.
@@ -215,23 +259,23 @@ class LoraLayer(InPlaceOf):
         undo = [n for n in reversed(self.merged) if names is None or n in names]
         if not undo:
             return
-        weight = self.target_weight()
-        kept = self._premerge_weight
+        remaining = [n for n in self.merged if n not in undo]
         with torch.no_grad():
-            if kept is None:
-                for name in undo:
-                    self.unfold_(weight, name)
-                    self.merged.remove(name)
-                return
-            self.merged = [n for n in self.merged if n not in undo]
-            if not self.merged:
-                weight.copy_(kept)
-                self._premerge_weight = None
-                return
-            rebuilt = kept.to(weight.device, compute_dtype(weight), copy=True)
-            for name in self.merged:
-                self.fold_(rebuilt, name)
-            weight.copy_(rebuilt)
+            for key, target, fold, unfold, changes in self._merge_parts():
+                kept = self._premerge.pop(key, None)
+                if kept is None:
+                    for name in undo:
+                        if changes(name):
+                            unfold(target, name)
+                    continue
+                rebuilt = kept.to(target.device, compute_dtype(target), copy=True)
+                for name in remaining:
+                    if changes(name):
+                        fold(rebuilt, name)
+                target.copy_(rebuilt)
+                if remaining:
+                    self._premerge[key] = kept
+        self.merged = remaining
 
     # -- forward -----------------------------------------------------------------
     def unmerged_active(self) -> list[str]:

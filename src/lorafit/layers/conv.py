@@ -16,6 +16,8 @@ from lorafit.layers.base import LoraLayer, compute_dtype
 
 
 class Conv(LoraLayer):
+    bias_capable = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         if base_layer.groups != 1:
             raise ValueError(
@@ -44,6 +46,6 @@ class Conv(LoraLayer):
         a, b = self.factors_a[name], self.factors_b[name]
         # The base layer's own conv call, so padding_mode and string paddings match exactly.
         h = self.base_layer._conv_forward(self.lora_input(x, name), a, None)
-        return result + (self._pointwise(h, b) * self.scaling[name]).to(result.dtype)
+        return result + (self._pointwise(h, b, self.lora_B_bias.get(name)) * self.scaling[name]).to(result.dtype)
 
 

@@ -31,6 +31,8 @@ def _fusable(base: nn.Module) -> bool:
 class Linear(LoraLayer):
     """LoRA around an ``nn.Linear`` (or a GPT-2 ``Conv1D`` with ``fan_in_fan_out``)."""
 
+    bias_capable = True
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out or is_gpt2_conv1d(base_layer)
@@ -61,8 +63,8 @@ class Linear(LoraLayer):
             super().init_factors(name, init)
 
     def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool | str = True,
-                    dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
-        super().add_adapter(name, r, scale, dropout, init, dtype)
+                    dtype: torch.dtype | None = None, use_dora: bool = False, bias: bool = False) -> None:
+        super().add_adapter(name, r, scale, dropout, init, dtype, bias=bias)
         if use_dora:
             self.lora_magnitude_vector[name] = dora.init_magnitude(self, name)
 
@@ -114,11 +116,24 @@ class Linear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         a, b = modules[self.a_name]._parameters, modules[self.b_name]._parameters
         adapters = [LowRank(a[n], b[n], self.scaling[n], self.dropout[n]) for n in names]
+        bias = self._bias_with_adapters(names)
         if torch.is_autocast_enabled(x.device.type):
-            return self._fused_under_autocast(x, adapters)
-        return lora_linear(x, base.weight, base.bias, self.fan_in_fan_out, adapters, self.training)
+            return self._fused_under_autocast(x, bias, adapters)
+        return lora_linear(x, base.weight, bias, self.fan_in_fan_out, adapters, self.training)
 
-    def _fused_under_autocast(self, x: torch.Tensor, adapters: list[LowRank]) -> torch.Tensor:
+    def _bias_with_adapters(self, names: list[str]) -> torch.Tensor | None:
+        """The base bias plus ``s b`` of the adapters with a bias of their own (lora_bias): one bias vector, which
+        the fused function adds where it adds the base's."""
+        bias = self._modules["base_layer"].bias
+        own = self._modules["lora_B_bias"]._parameters
+        for name in names:
+            if name in own:
+                term = own[name] * self.scaling[name]
+                bias = term.to(self.base_layer.weight.dtype) if bias is None else bias + term.to(bias.dtype)
+        return bias
+
+    def _fused_under_autocast(self, x: torch.Tensor, bias: torch.Tensor | None,
+                              adapters: list[LowRank]) -> torch.Tensor:
         """Autocast casts op by op, which it cannot do inside the fused function. So the inputs get here the cast
         autocast gives F.linear's (x, weight, bias and factors to the autocast dtype, float64 left alone), as
         differentiable casts, so each gradient comes back in its parameter's dtype, and the function runs with
@@ -132,7 +147,7 @@ class Linear(LoraLayer):
             return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
         with torch.autocast(device_type, enabled=False):
-            return lora_linear(cast(x), cast(base.weight), cast(base.bias), self.fan_in_fan_out,
+            return lora_linear(cast(x), cast(base.weight), cast(bias), self.fan_in_fan_out,
                                [ad._replace(a=cast(ad.a), b=cast(ad.b)) for ad in adapters], self.training)
 
     def _fusable(self) -> bool:
@@ -143,9 +158,10 @@ class Linear(LoraLayer):
             return dora.add_dora(self, result, x, name)
         a, b = self.factors_a[name], self.factors_b[name]
         h = nn.functional.linear(self.lora_input(x, name), a)
-        if h.dtype == result.dtype:
+        own_bias = self.lora_B_bias.get(name)
+        if h.dtype == result.dtype and own_bias is None:
             # result + s * h B^T in one fused call: no separate scaled temporary.
             flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.T,
                                alpha=self.scaling[name])
             return flat.view(result.shape)
-        return result + (nn.functional.linear(h, b) * self.scaling[name]).to(result.dtype)
+        return result + (nn.functional.linear(h, b, own_bias) * self.scaling[name]).to(result.dtype)
