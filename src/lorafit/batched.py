@@ -34,8 +34,8 @@ copied over asynchronously (layers whose adapters map to the same slots share it
 a gather on a GPU is one ``index_select``, and no forward reads a tensor back to
 the host. Inside the block the factors are used as constants: it is an inference
 path (no dropout, no gradients for the adapters). Adapters merged into the weights,
-DoRA adapters and adapters with a bias of their own (lora_bias) are refused. One ``adapter_per_row`` block at a time per model
-(serve uses a lock).
+DoRA adapters and adapters with a bias of their own (lora_bias) are refused. One
+``adapter_per_row`` block at a time per model (serve uses a lock).
 """
 
 from __future__ import annotations
