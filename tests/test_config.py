@@ -16,7 +16,8 @@ from lorafit import LoraConfig
         ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number > 0"),
         ({"lora_dropout": 1.0}, "lora_dropout must be a number with 0 <= lora_dropout < 1, got 1.0"),
         ({"lora_dropout": -0.1}, "0 <= lora_dropout < 1"),
-        ({"init_lora_weights": "xavier"}, "init_lora_weights must be one of True, False, 'gaussian', 'pissa', 'olora'"),
+        ({"init_lora_weights": "xavier"}, "init_lora_weights must be one of True, False, 'gaussian', 'orthogonal', "
+                                          "'pissa', 'olora', 'eva' or 'pissa_niter_N', got 'xavier'"),
         ({"init_lora_weights": 1}, "init_lora_weights must be one of"),
         ({"bias": "some"}, "bias must be one of 'none', 'all', 'lora_only', got 'some'"),
         ({"target_modules": []}, "target_modules must be a non-empty list"),

@@ -171,7 +171,7 @@ def test_a_convolution_adds_the_bias_and_merges_it():
 
 @pytest.mark.parametrize("extra, message", [
     ({"use_dora": True}, "lora_bias=True is not supported with use_dora=True"),
-    ({"init_lora_weights": "pissa"}, "lora_bias=True is not supported with init_lora_weights='pissa'"),
+    ({"init_lora_weights": "pissa"}, "lora_bias=True needs init_lora_weights true or false, got 'pissa'"),
     ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "lora_bias=True is not supported with target_parameters"),
     ({"lora_bias": 1}, "lora_bias must be true or false"),
 ])

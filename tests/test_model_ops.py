@@ -303,14 +303,14 @@ def test_active_set_cannot_change_while_merged():
         lorafit.merge(model, "b")
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", True])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "gaussian", "orthogonal", True])
 def test_data_dependent_inits_keep_the_output(init):
     model = _mixed()
     inputs = mixed_inputs()
     base = model(*inputs)
     _attach(model, init_lora_weights=init, target_modules=["mlp.0", "mlp.2", "proj"])
     assert torch.allclose(model(*inputs), base, atol=1e-4)
-    if init in ("pissa", "olora"):
+    if init in ("pissa", "pissa_niter_4", "olora", "orthogonal"):
         assert model.mlp[0].lora_B["default"].abs().sum() > 0
 
 

@@ -16,7 +16,21 @@ from pathlib import Path
 from typing import Any, Union
 
 ALL_LINEAR = "all-linear"
-INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
+INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva")
+# PiSSA from a randomized SVD with this many subspace iterations (PEFT's name)
+_PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
+
+
+def modifies_base_weight(init: bool | str) -> bool:
+    """Whether an initialisation takes the adapter's start from the base weight and leaves the residual in it
+    (PiSSA, OLoRA): such adapters only fit the base they were initialised on, so loading one runs it again."""
+    return init in ("pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
+
+
+def pissa_iterations(init: bool | str) -> int | None:
+    """The subspace iterations of ``"pissa_niter_N"``; None for an exact SVD."""
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
 BIAS_MODES = ("none", "all", "lora_only")
 
 # Keys PEFT writes that describe features lorafit does not implement. They are
@@ -27,7 +41,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "layer_replication": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "eva_config": None,
     "corda_config": None,
     "runtime_config": None,
     "arrow_config": None,
@@ -68,6 +81,14 @@ class LoraConfig:
     with ``W + s B A`` in place of ``W``, so the adapter sees no dropout:
     ``lora_dropout`` must be 0.
 
+    ``init_lora_weights``: ``True`` (A random, B = 0), ``"gaussian"`` (A normal
+    with std 1/r), ``"orthogonal"`` (A and B both random from orthogonal halves
+    of one matrix, so B A = 0; r even), ``"pissa"`` / ``"pissa_niter_N"``
+    (exact / randomized SVD of W) and ``"olora"`` (QR of W), which move W's
+    principal part into the factors, or ``False`` (both random, not a no-op).
+    ``"eva"`` adapters (A from the layers' inputs on data, PEFT's EVA) load as
+    the plain LoRA they are; lorafit does not compute that initialisation.
+
     ``lora_bias`` gives ``B`` a bias (scaled like ``B``): ``W x + s (B A x + b)``,
     which merging adds to the base layer's bias. It exists for adapters taken
     from fully fine-tuned weights, whose biases changed too; Linear and
@@ -100,6 +121,7 @@ class LoraConfig:
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     lora_bias: bool = False
+    eva_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -133,9 +155,13 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
         if not isinstance(self.fan_in_fan_out, bool):
             raise ValueError(f"fan_in_fan_out must be true or false, got {self.fan_in_fan_out!r}")
-        if not any(self.init_lora_weights is s or (isinstance(s, str) and self.init_lora_weights == s) for s in INIT_SCHEMES):
+        init = self.init_lora_weights
+        if not any(init is s or (isinstance(s, str) and init == s) for s in INIT_SCHEMES) and (
+                pissa_iterations(init) is None):
             allowed = ", ".join(repr(s) for s in INIT_SCHEMES)
-            raise ValueError(f"init_lora_weights must be one of {allowed}, got {self.init_lora_weights!r}")
+            raise ValueError(f"init_lora_weights must be one of {allowed} or 'pissa_niter_N', got {init!r}")
+        if self.eva_config is not None and not isinstance(self.eva_config, dict):
+            raise ValueError(f"eva_config must be a mapping (PEFT's EvaConfig fields) or null, got {self.eva_config!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if not isinstance(self.use_dora, bool):
@@ -177,11 +203,13 @@ class LoraConfig:
             raise ValueError(f"lora_bias must be true or false, got {self.lora_bias!r}")
         if not self.lora_bias:
             return
-        # as in PEFT: a DoRA update rescales the weight, and PiSSA/OLoRA factors come from the weight alone
+        # as in PEFT, whose files must read back there: a DoRA update rescales the weight, and the other
+        # initialisations say nothing about a bias
         if self.use_dora:
             raise ValueError("lora_bias=True is not supported with use_dora=True")
-        if self.init_lora_weights in ("pissa", "olora"):
-            raise ValueError(f"lora_bias=True is not supported with init_lora_weights={self.init_lora_weights!r}")
+        if self.init_lora_weights not in (True, False):
+            raise ValueError("lora_bias=True needs init_lora_weights true or false, got "
+                             f"{self.init_lora_weights!r}")
         if self.target_parameters is not None:
             raise ValueError("lora_bias=True is not supported with target_parameters")
 
@@ -199,7 +227,7 @@ class LoraConfig:
         for name, bad in (("use_dora", self.use_dora), ("fan_in_fan_out", self.fan_in_fan_out)):
             if bad:
                 raise ValueError(f"{name} is not supported with target_parameters")
-        if self.init_lora_weights in ("pissa", "olora"):
+        if modifies_base_weight(self.init_lora_weights) or self.init_lora_weights == "orthogonal":
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported with target_parameters")
 
     # -- per-module values --------------------------------------------------------

@@ -23,7 +23,7 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from lorafit.config import LoraConfig
+from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -177,7 +177,7 @@ def read_labels(directory: str | os.PathLike) -> list[str] | None:
 
 
 def _as_plain_lora(model, name, config, tensors):
-    if config.init_lora_weights not in ("pissa", "olora"):
+    if not modifies_base_weight(config.init_lora_weights):
         raise ValueError(
             f"as_plain_lora is for PiSSA/OLoRA adapters; {name!r} has init_lora_weights="
             f"{config.init_lora_weights!r} and already is a plain LoRA of the base weights"

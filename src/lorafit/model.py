@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafit.config import LoraConfig
+from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
                             TrainableTokens)
 from lorafit.quantize import QuantizedLinear
@@ -139,7 +139,7 @@ def attach(
             init = config.init_lora_weights
             module.add_adapter(
                 name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
-                init=init if initialize or init in ("pissa", "olora") else None, dtype=dtype,
+                init=init if initialize or modifies_base_weight(init) else None, dtype=dtype,
                 use_dora=config.use_dora, bias=config.lora_bias,
             )
         for target, parameters in parameter_targets.items():

@@ -24,6 +24,21 @@ def low_precision(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.finfo(dtype).bits < 32
 
 
+def orthogonal_pair_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A and B both random and B A = 0: each is a random matrix times one half of the rows of a random orthogonal
+    r x r matrix, A the even rows, B the odd ones, which are orthogonal to each other. Both factors get
+    gradients from the first step (with B = 0, A gets none)."""
+    r = a.shape[0]
+    if r % 2:
+        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+    q, _ = torch.linalg.qr(torch.randn(r, r, device=a.device))
+    fan_in, fan_out = a[0].numel(), b.shape[0]
+    a_flat = torch.randn(fan_in, r // 2, device=a.device) @ q[0::2] / 10.0
+    b_flat = torch.randn(fan_out, r // 2, device=a.device) @ q[1::2] / 10.0
+    a.copy_(a_flat.T.reshape(a.shape))
+    b.copy_(b_flat.reshape(b.shape))
+
+
 class InPlaceOf(nn.Module):
     """A module that stands in for another (``stand_in_for``): anything not found on it (in_features, weight,
     padding_idx, ...) is the other's, so code that inspects the model keeps working. ``OWN`` names the
@@ -146,6 +161,11 @@ class LoraLayer(InPlaceOf):
                 # Not an identity: both factors random, as PEFT does for debugging.
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            elif init == "orthogonal":
+                orthogonal_pair_(a, b)
+            elif init == "eva":
+                raise ValueError("init_lora_weights='eva' takes A from the layers' inputs on data (PEFT's EVA), "
+                                 "which lorafit does not compute; it loads such adapters once trained")
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}")
             if name in self.lora_B_bias and init is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.config import modifies_base_weight
 from lorafit.layers.base import LoraLayer, compute_dtype
 
 
@@ -32,7 +33,7 @@ class Conv(LoraLayer):
         return (r, in_ch, *kernel), (out_ch, r, *([1] * len(kernel)))
 
     def init_factors(self, name: str, init: bool | str | None) -> None:
-        if init in ("pissa", "olora"):
+        if modifies_base_weight(init):
             raise ValueError(f"init_lora_weights={init!r} is only supported for Linear layers, not convolutions")
         super().init_factors(name, init)
 

@@ -23,11 +23,17 @@ def _store(weight: torch.Tensor, a, b, new_a, new_b, residual, transposed: bool)
         weight.copy_((residual.T if transposed else residual).to(weight.dtype))
 
 
-def pissa_init(weight: torch.Tensor, a, b, scale: float, transposed: bool = False) -> None:
-    """A, B from the top-r singular triplets of W (Meng et al., 2024)."""
+def pissa_init(weight: torch.Tensor, a, b, scale: float, transposed: bool = False,
+               iterations: int | None = None) -> None:
+    """A, B from the top-r singular triplets of W (Meng et al., 2024); with ``iterations``, from a randomized SVD
+    with that many subspace iterations (much faster for large W, approximate)."""
     w = _weight_matrix(weight, transposed)
     r = a.shape[0]
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    if iterations is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        u, s, v = torch.svd_lowrank(w, q=r, niter=iterations)
+        vh = v.T
     root = (s[:r] / scale).sqrt()
     new_a = root[:, None] * vh[:r]
     new_b = u[:, :r] * root[None, :]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.config import modifies_base_weight, pissa_iterations
 from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
@@ -48,15 +49,18 @@ class Linear(LoraLayer):
         return (r, self.in_features), (self.out_features, r)
 
     def init_factors(self, name: str, init: bool | str | None) -> None:
-        if init in ("pissa", "olora"):
+        if modifies_base_weight(init):
             if self.rank[name] > min(self.in_features, self.out_features):
                 raise ValueError(
                     f"init_lora_weights={init!r} needs r <= min(d_in, d_out) = "
                     f"{min(self.in_features, self.out_features)}, got r={self.rank[name]}"
                 )
-            fn = pissa_init if init == "pissa" else olora_init
-            fn(self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],
-               transposed=self.fan_in_fan_out)
+            args = (self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],
+                    self.fan_in_fan_out)
+            if init == "olora":
+                olora_init(*args)
+            else:
+                pissa_init(*args, iterations=pissa_iterations(init))
             self.initial_factors[name] = (self.factors_a[name].detach().clone(),
                                           self.factors_b[name].detach().clone())
         else:
