@@ -1,4 +1,5 @@
-"""The initialisations PEFT names beyond the default: orthogonal, randomized-SVD PiSSA, and EVA adapters loaded."""
+"""The initialisations PEFT names beyond the default: orthogonal, randomized-SVD PiSSA, and EVA adapters loaded
+(computing EVA: test_eva.py)."""
 
 from __future__ import annotations
 
@@ -85,9 +86,10 @@ def test_a_peft_orthogonal_or_eva_adapter_loads_to_the_same_logits_and_round_tri
         torch.testing.assert_close(logits(again), logits(ours), rtol=1e-5, atol=1e-5)
 
 
-def test_eva_cannot_be_computed_here_and_says_so():
+def test_eva_needs_data_and_says_where_to_give_it():
     model = llama()
-    with pytest.raises(ValueError, match="init_lora_weights='eva' takes A from the layers' inputs on data"):
+    with pytest.raises(ValueError, match=r"init_lora_weights='eva' takes A from the layers' inputs on data: attach "
+                                         r"it with lorafit.attach_eva\(model, config, batches\)"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=TARGETS, init_lora_weights="eva"))
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # nothing half-attached
     with pytest.raises(ValueError, match="eva_config must be a mapping"):

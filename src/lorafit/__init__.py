@@ -9,6 +9,7 @@
 from lorafit.arithmetic import combine_adapters
 from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
+from lorafit.eva import attach_eva
 from lorafit.io import (
     adapter_files,
     adapter_state_dict,
@@ -52,6 +53,7 @@ __all__ = [
     "adapter_per_row",
     "adapter_state_dict",
     "attach",
+    "attach_eva",
     "combine_adapters",
     "detach",
     "disabled",

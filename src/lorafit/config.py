@@ -86,8 +86,9 @@ class LoraConfig:
     of one matrix, so B A = 0; r even), ``"pissa"`` / ``"pissa_niter_N"``
     (exact / randomized SVD of W) and ``"olora"`` (QR of W), which move W's
     principal part into the factors, or ``False`` (both random, not a no-op).
-    ``"eva"`` adapters (A from the layers' inputs on data, PEFT's EVA) load as
-    the plain LoRA they are; lorafit does not compute that initialisation.
+    ``"eva"`` (A from the principal directions of the layers' inputs on data,
+    ranks moved to where they explain most; ``eva_config`` holds PEFT's
+    ``EvaConfig`` options) needs data: ``lorafit.attach_eva``.
 
     ``lora_bias`` gives ``B`` a bias (scaled like ``B``): ``W x + s (B A x + b)``,
     which merging adds to the base layer's bias. It exists for adapters taken

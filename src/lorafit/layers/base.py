@@ -164,8 +164,8 @@ class LoraLayer(InPlaceOf):
             elif init == "orthogonal":
                 orthogonal_pair_(a, b)
             elif init == "eva":
-                raise ValueError("init_lora_weights='eva' takes A from the layers' inputs on data (PEFT's EVA), "
-                                 "which lorafit does not compute; it loads such adapters once trained")
+                raise ValueError("init_lora_weights='eva' takes A from the layers' inputs on data: attach it with "
+                                 "lorafit.attach_eva(model, config, batches)")
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}")
             if name in self.lora_B_bias and init is not None:

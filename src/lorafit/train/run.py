@@ -222,17 +222,30 @@ def _train_in_float32(prep: Prepared) -> None:
         prep.float16_autocast = True
 
 
-def apply_method(prep: Prepared) -> Callable[[], None]:
+# EVA (init_lora_weights = "eva") reads at most this many training batches, fewer once its components settle
+EVA_BATCHES = 64
+
+
+def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[], None]:
     """The model made ready to train by train.method (and model.quantize, train.model_dropout,
     train.gradient_checkpointing, train.compile), on its device. Returns what puts the model's own dropout
-    modules and uncompiled blocks back: a caller's model= leaves the run as it came, adapter aside."""
+    modules and uncompiled blocks back: a caller's model= leaves the run as it came, adapter aside.
+    ``train_rows``: the encoded training rows, which an EVA initialisation runs the model on."""
     model = prep.model
     dtypes = {p.dtype for p in model.parameters()}
     float16 = torch.float16 in dtypes
     if prep.config.train.method == "lora":
         quantize_for(prep)
         torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
-        lorafit.attach(model, prep.config.lora_config(base_model=prep.source.path))
+        lora = prep.config.lora_config(base_model=prep.source.path)
+        if lora.init_lora_weights == "eva":
+            model.to(prep.device)  # the principal components are computed where the model runs
+            size = prep.config.train.batch_size
+            batches = (prep.task.collate(list(train_rows[i:i + size]))
+                       for i in range(0, min(len(train_rows), size * EVA_BATCHES), size))
+            lorafit.attach_eva(model, lora, batches)
+        else:
+            lorafit.attach(model, lora)
         if float16 or (prep.config.train.bf16 and torch.bfloat16 in dtypes):
             _train_in_float32(prep)
     elif float16:
@@ -643,7 +656,7 @@ def _ready_model(prep: Prepared, data: Encoded) -> Callable[[], None]:
     """The model as the run trains it: an earlier train()'s adapter off, the method applied, the packing checked.
     Returns what puts the model's own dropout modules back (train.model_dropout = "hashed") once the run ends."""
     _take_off_earlier_run(prep.model)
-    put_back_dropout = apply_method(prep)
+    put_back_dropout = apply_method(prep, data.train)
     prep.model.__dict__[TRAINED_BY] = {"method": prep.config.train.method, "quantize": prep.config.model.quantize,
                                        "adapter": "default"}
     try:
