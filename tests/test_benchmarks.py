@@ -21,11 +21,12 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA", "Mixed-adapter batch",
                   "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
-                  "Trainable token rows", "AdamW step: fused against foreach"):
+                  "Trainable token rows", "AdamW step: fused against foreach",
+                  "EVA against the default initialisation"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
-                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer"}
+                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -48,6 +49,9 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert all(r["eval_loss"] > 0 and r["train_s"] > 0 for r in runs["runs"].values())
     assert len(data["optimizer"]) == 4 and all(t > 0 for t in data["optimizer"].values())
     assert len(data["tokens"]["median_s"]) == 3 and all(b > 0 for b in data["tokens"]["kept_bytes"].values())
+    eva = data["eva"]["runs"]
+    assert all(loss > 0 for runs in eva.values() for r in runs for loss in r["eval_loss"].values())
+    assert eva["EVA"][0]["ranks"] != eva["default (A random, B = 0)"][0]["ranks"]  # the ranks moved
     moe = data["moe"]
     assert len(moe["median_s"]) == 6 and all(t > 0 for t in moe["median_s"].values())
     assert moe["trainable"]["lorafit, float32"] == moe["trainable"]["PEFT, float32"] > 0
