@@ -60,7 +60,9 @@ class IncrementalPCA:
         self.mean: torch.Tensor | None = None
         self.components: torch.Tensor | None = None  # (k, d), unit rows
         self.singular: torch.Tensor | None = None  # (k,)
-        self.spread = 0.0  # sum of squared distances of every row seen to their mean: the total variance x (n - 1)
+        # sum of squared distances of every row seen to their mean (the total variance x (n - 1)); a tensor, so
+        # that an update never waits for the device
+        self.spread: torch.Tensor | float = 0.0
         self.done = False  # the components its layers use have settled: no more updates
         self._pending: list[torch.Tensor] = []  # rows held back until there are k of them
         self._generator: torch.Generator | None = None
@@ -84,8 +86,8 @@ class IncrementalPCA:
             weight = (self.n * m / (self.n + m)) ** 0.5
             stacked = torch.cat([self.singular[:, None] * self.components, centred, weight * gap[None]])
             self.mean = self.mean + (batch_mean - self.mean) * (m / (self.n + m))
-            shift = float(weight * weight * gap.square().sum())
-        self.spread += float(centred.square().sum()) + shift
+            shift = weight * weight * gap.square().sum()
+        self.spread = self.spread + centred.square().sum() + shift
         self.n += m
         kept = 2 * self.k + 8
         if self._generator is None:  # its own seeded one: the result does not depend on, nor change, the global RNG
@@ -102,15 +104,16 @@ class IncrementalPCA:
 
     def variance_ratio(self) -> torch.Tensor:
         """Each component's share of the total variance."""
-        return self.singular.square() / max(self.spread, 1e-30)
+        return self.singular.square() / torch.as_tensor(self.spread).clamp_min(1e-30)
 
 
 def _leading_svd(m: torch.Tensor, q: int, previous: torch.Tensor | None,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The leading ``q`` singular values and right vectors of ``m``. Exact where that is cheap; else a
     randomized range finder (Halko et al., 2011) started from the previous components, which are close to the
-    new ones, plus a few random directions, with two power iterations: about ``6 q`` products with ``m`` in
-    place of a full SVD's ``4 min(m.shape)``, which dominated the time of reading a batch."""
+    new ones, plus 8 random directions, with two power iterations: six products of ``m`` with ``q + 8`` columns
+    in place of a full SVD, whose cost grows with ``min(m.shape)`` instead of ``q`` and dominated the time of
+    reading a batch."""
     if min(m.shape) <= 3 * q:
         _, s, vh = torch.linalg.svd(m, full_matrices=False)
         return s, vh
@@ -127,13 +130,14 @@ def _leading_svd(m: torch.Tensor, q: int, previous: torch.Tensor | None,
 
 def allocate_ranks(ratios: Mapping[str, torch.Tensor], caps: Mapping[str, int], budget: int) -> dict[str, int]:
     """The ``budget`` components with the largest variance ratios over all layers, at most ``caps[layer]`` from a
-    layer: layer -> how many it gets (0 for none)."""
-    candidates = [(float(value), layer) for layer, values in ratios.items() for value in values[: caps[layer]]]
-    candidates.sort(key=lambda item: -item[0])
-    counts = dict.fromkeys(ratios, 0)
-    for _, layer in candidates[:budget]:
-        counts[layer] += 1
-    return counts
+    layer: layer -> how many it gets (0 for none). One read of the ratios from the device."""
+    names = list(ratios)
+    parts = [ratios[n][: caps[n]].float().cpu() for n in names]  # one transfer each; nothing waits in between
+    flat = torch.cat(parts)
+    layer_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(p) for p in parts]))
+    chosen = layer_of[torch.argsort(flat, descending=True, stable=True)[:budget]]
+    counts = torch.bincount(chosen, minlength=len(names)).tolist()
+    return dict(zip(names, counts))
 
 
 def attach_eva(
@@ -284,19 +288,24 @@ def _settled(pcas: dict[str, IncrementalPCA], owner: dict[str, str], caps: dict[
     targets = list(caps)
     shares = {t: pcas[owner[t]].variance_ratio() for t in targets}
     counts = allocate_ranks(shares, {t: min(caps[t], len(shares[t])) for t in targets}, budget)
-    needed = {o: 0 for o in pcas}
+    needed = dict.fromkeys(pcas, 0)
     for t in targets:
         needed[owner[t]] = max(needed[owner[t]], counts[t])
-    settled = set()
+    checks, agreed = {}, set()
     for o, pca in pcas.items():
-        k = needed[o]
-        old = previous.get(o)
-        if pca.done or (old is not None and (k == 0 or bool(
-                ((old[:k] * pca.components[:k]).sum(1).abs() >= tau).all()))):
-            pca.done = True
-            settled.add(o)
+        k, old = needed[o], previous.get(o)
         previous[o] = pca.components.clone()
-    return settled
+        if pca.done or old is None:
+            continue
+        if k == 0:
+            agreed.add(o)
+        else:
+            checks[o] = ((old[:k] * pca.components[:k]).sum(1).abs() >= tau).all()
+    if checks:  # one read from the device for all of them
+        agreed.update(o for o, ok in zip(checks, torch.stack(list(checks.values())).tolist()) if ok)
+    for o in agreed:
+        pcas[o].done = True
+    return {o for o, pca in pcas.items() if pca.done}
 
 
 def _positions(batch: Any, options: dict) -> torch.Tensor | None:
@@ -306,7 +315,9 @@ def _positions(batch: Any, options: dict) -> torch.Tensor | None:
     mask = batch.get("attention_mask")
     mask = None if mask is None else mask.bool()
     labels = batch.get("labels")
-    if options["use_label_mask"] and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+    # per-token labels of the same positions (not a classifier's, nor a seq2seq decoder's, whose are others)
+    if options["use_label_mask"] and isinstance(labels, torch.Tensor) and labels.dim() == 2 and (
+            mask is None or labels.shape == mask.shape):
         keep = labels != options["label_mask_value"]
         mask = keep if mask is None else mask & keep.to(mask.device)
     return mask
