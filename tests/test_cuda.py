@@ -455,6 +455,34 @@ def test_lora_bias_matches_peft_and_unmerges_exactly_on_cuda(dtype, tmp_path):
         torch.testing.assert_close(p, before[name], rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eva_on_cuda_finds_the_components_the_cpu_finds(dtype):
+    """attach_eva with the model on the GPU (batches given on the CPU): the same ranks and, to the precision of the
+    layer inputs' dtype, the same principal directions as on the CPU in float32."""
+    from tests.test_eva import TARGETS, batches, llama, unit
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, eva_config={"tau": 1.0})
+    data = batches(4)
+    with pytest.warns(UserWarning, match="the batches ran out"):
+        on_cpu = lorafit.attach_eva(llama(), config, data)
+        on_gpu = lorafit.attach_eva(llama().to(DEVICE, dtype), config, data)
+    want, got = dict(lorafit.model.lora_layers(on_cpu)), dict(lorafit.model.lora_layers(on_gpu))
+    ranks = [{n: layer.rank["default"] for n, layer in layers.items()} for layers in (want, got)]
+    assert sum(ranks[0].values()) == sum(ranks[1].values()) == 4 * len(TARGETS) * 2  # the budget
+    if dtype == torch.float32:  # bf16 inputs may reorder components whose variances are close, across layers
+        assert ranks[0] == ranks[1]
+    for name, layer in got.items():
+        if name not in want:
+            continue
+        a = layer.lora_A["default"]
+        assert a.device.type == torch.device(DEVICE).type and a.dtype == dtype
+        k = min(a.shape[0], want[name].lora_A["default"].shape[0])
+        cosines = (unit(a[:k].float().cpu()) * unit(want[name].lora_A["default"][:k])).sum(1).abs()
+        # bf16 inputs move the directions whose variances are close: compare the leading ones
+        leading = cosines if dtype == torch.float32 else cosines[:2]
+        assert (leading > (0.999 if dtype == torch.float32 else 0.9)).all(), (name, cosines)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

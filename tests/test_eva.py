@@ -90,7 +90,7 @@ def test_attach_eva_sets_a_to_the_inputs_principal_components_and_keeps_the_outp
     saved = lorafit.adapter_configs(model)["default"]
     assert saved.init_lora_weights == "eva" and saved.eva_config["rho"] == 2.0
     ranks = {name: layer.rank["default"] for name, layer in lorafit.model.lora_layers(model)}
-    assert sum(ranks.values()) == 4 * len(ranks) or sum(ranks.values()) == 4 * 8  # the budget: r per target
+    assert sum(ranks.values()) == 4 * 8  # the budget: r for each of the 8 targets
     assert all(1 <= r <= 8 for r in ranks.values())
     assert set(saved.target_modules) == set(ranks)
     for name, layer in lorafit.model.lora_layers(model):
