@@ -188,10 +188,57 @@ def test_refusals():
     assert type(model.model.embed_tokens) is nn.Embedding and type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     lorafit.attach(model, lorafit.LoraConfig(target_modules=TARGETS, lora_bias=True), name="a")
     lorafit.attach(model, lorafit.LoraConfig(target_modules=TARGETS), name="b")
-    with pytest.raises(ValueError, match=r"adapters \['a'\] have a bias of their own \(lora_bias\), which a batch"):
-        with lorafit.adapter_per_row(model, ["a", "b"]):
-            model(IDS)
-    with lorafit.adapter_per_row(model, ["b", None]):  # rows without it are fine
-        model(IDS)
     with pytest.raises(ValueError, match=r"adapters \['a'\] have a bias of their own"):
         lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "c")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_batch_with_an_adapter_per_row_adds_each_rows_bias(grad):
+    """Rows on adapters with and without their own bias, and on the base model, in Linear (the fused path and
+    the sum-first one) and convolution layers: each row as if it ran alone."""
+    from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
+
+    def attach(model):
+        kinds = [k for k in ALL_KINDS if k != "embed"]
+        lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=kinds, lora_bias=True), name="a")
+        lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=kinds), name="b")
+        lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=kinds, lora_bias=True), name="c")
+        randomize_adapters(model)
+        return model
+
+    torch.manual_seed(0)
+    model = attach(Mixed().eval())
+    llms = []
+    for bias in (True, False):  # without a base bias, the rows' low-rank sums start the output (sum first)
+        llm = llama(bias=bias)
+        lorafit.attach(llm, lorafit.LoraConfig(r=2, target_modules=TARGETS, lora_bias=True), name="a")
+        lorafit.attach(llm, lorafit.LoraConfig(r=2, target_modules=TARGETS), name="b")
+        randomize(llm)
+        llms.append(llm)
+    rows = ["a", "b", None, "c", "a"]
+    inputs = mixed_inputs(batch=len(rows))
+    ids = torch.randint(0, 50, (len(rows), 6), generator=torch.Generator().manual_seed(2))
+    llm_rows = [r if r != "c" else "a" for r in rows]
+    with torch.set_grad_enabled(grad):
+        for net, args, names in ((model, inputs, rows), *((llm, (ids,), llm_rows) for llm in llms)):
+            want = []
+            for i, name in enumerate(names):
+                row = tuple(t[i:i + 1] for t in args)
+                if name is None:
+                    with lorafit.disabled(net):
+                        want.append(_out(net, row))
+                else:
+                    lorafit.set_active(net, name)
+                    want.append(_out(net, row))
+            with lorafit.adapter_per_row(net, names):
+                got = _out(net, args)
+            torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+            with lorafit.adapter_per_row(net, ["a"] * len(names)):  # one adapter for all rows: its own path
+                got = _out(net, args)
+            lorafit.set_active(net, "a")
+            torch.testing.assert_close(got, _out(net, args), rtol=1e-5, atol=1e-5)
+
+
+def _out(net, args):
+    out = net(*args)
+    return (out.logits if hasattr(out, "logits") else out).detach()

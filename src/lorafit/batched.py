@@ -33,9 +33,10 @@ device: each distinct row -> slot index is built once per block on the CPU and
 copied over asynchronously (layers whose adapters map to the same slots share it),
 a gather on a GPU is one ``index_select``, and no forward reads a tensor back to
 the host. Inside the block the factors are used as constants: it is an inference
-path (no dropout, no gradients for the adapters). Adapters merged into the weights,
-DoRA adapters and adapters with a bias of their own (lora_bias) are refused. One
-``adapter_per_row`` block at a time per model (serve uses a lock).
+path (no dropout, no gradients for the adapters). Adapters with a bias of their own
+(lora_bias) add it per row, gathered from a stack of their own. Adapters merged into
+the weights and DoRA adapters are refused. One ``adapter_per_row`` block at a time
+per model (serve uses a lock).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.model import adapter_configs, wrapped_modules
 
 _STACKS = "_lorafit_row_stacks"
+_BIAS_STACK = "_lorafit_row_bias_stack"
 _version = attrgetter("_version")
 # A stacked modules_to_save Linear gathers one weight per row; above this many
 # elements (rows x d_out x d_in) running each distinct copy on its rows is cheaper.
@@ -112,6 +114,7 @@ def clear_stacks(model: nn.Module) -> None:
     """Free the cached stacks (they are rebuilt on the next ``adapter_per_row``)."""
     for module in model.modules():
         module.__dict__.pop(_STACKS, None)
+        module.__dict__.pop(_BIAS_STACK, None)
 
 
 # -- stacks ------------------------------------------------------------------------
@@ -241,10 +244,6 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
     names = layer.adapter_names
     if layer.disabled or distinct.isdisjoint(names):
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
-    biased = sorted(n for n in distinct if n is not None and n in layer.lora_B_bias)
-    if biased:
-        raise ValueError(f"adapters {biased} have a bias of their own (lora_bias), which a batch with an adapter per "
-                         "row does not support")
     if isinstance(layer, Linear) and len(distinct) == 1:
         return _uniform_linear(layer, rows[0])
     if isinstance(layer, ParameterLora):
@@ -255,14 +254,17 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
         raise ValueError(f"DoRA adapters {dora} are not supported in a batch with an adapter per row")
     n = len(rows)
     gathered = []
+    biased = not distinct.isdisjoint(layer.lora_B_bias.keys())  # adapters with a bias of their own (lora_bias)
 
     def rows_factors():
-        """The rows' (A, B), gathered in the layer's first forward: on a GPU this CPU work then
-        overlaps the device's work on the layers before (see the module docstring)."""
+        """The rows' (A, B) and, where some row's adapter has one, their biases (n, d_out), gathered in the
+        layer's first forward: on a GPU this CPU work then overlaps the device's work on the layers before
+        (see the module docstring)."""
         if not gathered:
             slot_of, stack, shapes = _layer_stacks(layer, names)
             slots = tuple(slot_of.get(r, 0) for r in rows)  # None and names without an adapter here: slot 0
             gathered.extend(_split(_gather(stack, slots, index), shapes))
+            gathered.append(_gather(_bias_stack(layer, slot_of, stack), slots, index) if biased else None)
         return gathered
 
     def check(x):
@@ -274,7 +276,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
         def forward(ids, *args, **kwargs):
             check(ids)
             y = base(ids, *args, **kwargs)
-            a_rows, b_rows = rows_factors()
+            a_rows, b_rows, _ = rows_factors()
             h = a_rows[torch.arange(n, device=ids.device)[:, None], ids.reshape(n, -1)]  # (n, T, r)
             return _accumulate(y, h, b_rows)
     elif isinstance(layer, Conv):
@@ -287,28 +289,52 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
         def forward(x, *args, **kwargs):
             check(x)
             y = base(x, *args, **kwargs)
-            a_rows, b_rows = rows_factors()
+            a_rows, b_rows, bias_rows = rows_factors()
             a_grouped = a_rows.flatten(0, 1)  # (n r, C_in, *k): one group per row
             xa = x.to(a_grouped.dtype)
             if pad is not None:
                 xa = F.pad(xa, pad, mode=base.padding_mode)
             h = conv(xa.reshape(1, -1, *xa.shape[2:]), a_grouped, None, base.stride, padding, base.dilation, n)
             delta = torch.bmm(b_rows, h.reshape(n, a_rows.shape[1], -1))  # (n, d_out, positions)
+            if bias_rows is not None:
+                delta = delta + bias_rows[:, :, None]
             return y + delta.view(y.shape).to(y.dtype)
     else:
         def forward(x, *args, **kwargs):
             check(x)
-            a_rows, b_rows = rows_factors()
+            a_rows, b_rows, bias_rows = rows_factors()
             h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype), a_rows.mT)  # (n, T, r)
             if not args and not kwargs and _sum_first(layer, x, b_rows):
                 # the low-rank sum written first and x W^T added into it by the base GEMM, which reads it in
                 # its epilogue: no read-modify-write pass over the output after the base product
-                z = torch.bmm(h, b_rows)
+                z = torch.bmm(h, b_rows) if bias_rows is None else torch.baddbmm(bias_rows[:, None], h, b_rows)
                 w = base.weight
                 z.view(-1, z.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w if layer.fan_in_fan_out else w.T)
                 return z.view(*x.shape[:-1], z.shape[-1])
-            return _accumulate(base(x, *args, **kwargs), h, b_rows)
+            y = _accumulate(base(x, *args, **kwargs), h, b_rows)
+            if bias_rows is None:
+                return y
+            return (y.view(n, -1, y.shape[-1]) + bias_rows[:, None].to(y.dtype)).view(y.shape)
     return forward
+
+
+def _bias_stack(layer: LoraLayer, slot_of: dict[str, int], stack: torch.Tensor) -> torch.Tensor:
+    """The adapters' own biases, scaled, in their factors' slots (zero for the rest): (slots, d_out), cached on
+    the layer until a bias, a scale or the slots change."""
+    biases = layer.lora_B_bias._parameters
+    key = (_key(list(biases.values()), tuple(layer.scaling.items())), tuple(slot_of.items()), stack.shape[0],
+           stack.dtype, stack.device)
+    cached = layer.__dict__.get(_BIAS_STACK)
+    if cached is None or cached[0] != key:
+        out_features = next(iter(biases.values())).shape[0]
+        with torch.no_grad():
+            rows = torch.zeros(stack.shape[0], out_features, dtype=stack.dtype, device=stack.device)
+            for name, bias in biases.items():
+                if name in slot_of:
+                    rows[slot_of[name]] = bias.detach() * layer.scaling[name]
+        cached = (key, rows)
+        layer.__dict__[_BIAS_STACK] = cached
+    return cached[1]
 
 
 def _sum_first(layer: Linear, x: torch.Tensor, b_rows: torch.Tensor) -> bool:
@@ -332,14 +358,17 @@ def _uniform_linear(layer: Linear, name: str):
     if layer.lora_magnitude_vector and name in layer.lora_magnitude_vector:
         raise ValueError(f"DoRA adapter {name!r} is not supported in a batch with an adapter per row")
     a, b, s = layer.factors_a[name].detach(), layer.factors_b[name].detach(), layer.scaling[name]
+    own = layer.lora_B_bias[name].detach() if name in layer.lora_B_bias else None
     base = layer.base_layer
 
     def forward(x, *args, **kwargs):
         if not args and not kwargs and layer._fusable():
-            return lora_linear(x, base.weight, base.bias, layer.fan_in_fan_out, [LowRank(a, b, s)], training=False)
+            with torch.no_grad():
+                bias = layer._bias_with_adapters([name])
+            return lora_linear(x, base.weight, bias, layer.fan_in_fan_out, [LowRank(a, b, s)], training=False)
         y = base(x, *args, **kwargs)
         h = F.linear(x.to(a.dtype), a)
-        return y + (F.linear(h, b) * s).to(y.dtype)
+        return y + (F.linear(h, b, own) * s).to(y.dtype)
     return forward
 
 

@@ -286,8 +286,7 @@ class AdapterRegistry:
         internal = f"v{next(self._counter)}"
         try:
             config, tensors = lorafit.parse_adapter(config_json, weights, source=name)
-            unsupported = [f for f in ("target_parameters", "trainable_token_indices", "lora_bias")
-                           if getattr(config, f)]
+            unsupported = [f for f in ("target_parameters", "trainable_token_indices") if getattr(config, f)]
             if unsupported:
                 raise ValueError(f"it uses {unsupported[0]}, which batches with an adapter per row do not support; "
                                  "merge it into the base model (lorafit merge) and serve that")
