@@ -196,6 +196,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_blocks_give_the_eager_outputs_and_gradients():
+    """train.compile's way (each decoder block under torch.compile; aot_eager traces the graphs and runs eager
+    kernels): W + s B A inside the traced block, kept for backward as compiled code keeps it."""
+    import copy
+
+    from lorafit.train.models import transformer_blocks
+
+    eager = lorafit.attach(mixtral(), lorafit.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS))
+    randomize(eager)
+    compiled = copy.deepcopy(eager)
+    for block in transformer_blocks(compiled):
+        block.compile(backend="aot_eager")
+    outs, grads = [], []
+    for model in (eager, compiled):
+        out = model.train()(IDS).logits
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_changing_the_factors_between_forward_and_backward_is_refused():
     model = lorafit.attach(mixtral(), lorafit.LoraConfig(r=2, target_parameters=EXPERTS))
     loss = model(IDS).logits.square().mean()
