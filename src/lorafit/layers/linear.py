@@ -120,7 +120,7 @@ class Linear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         a, b = modules[self.a_name]._parameters, modules[self.b_name]._parameters
         adapters = [LowRank(a[n], b[n], self.scaling[n], self.dropout[n]) for n in names]
-        bias = self._bias_with_adapters(names)
+        bias = self._bias_with_adapters(names) if len(modules["lora_B_bias"]) else base.bias
         if torch.is_autocast_enabled(x.device.type):
             return self._fused_under_autocast(x, bias, adapters)
         return lora_linear(x, base.weight, bias, self.fan_in_fan_out, adapters, self.training)
@@ -128,12 +128,12 @@ class Linear(LoraLayer):
     def _bias_with_adapters(self, names: list[str]) -> torch.Tensor | None:
         """The base bias plus ``s b`` of the adapters with a bias of their own (lora_bias): one bias vector, which
         the fused function adds where it adds the base's."""
-        bias = self._modules["base_layer"].bias
-        own = self._modules["lora_B_bias"]._parameters
+        base = self._modules["base_layer"]
+        bias, own = base.bias, self._modules["lora_B_bias"]._parameters
         for name in names:
             if name in own:
                 term = own[name] * self.scaling[name]
-                bias = term.to(self.base_layer.weight.dtype) if bias is None else bias + term.to(bias.dtype)
+                bias = term.to(base.weight.dtype) if bias is None else bias + term.to(bias.dtype)
         return bias
 
     def _fused_under_autocast(self, x: torch.Tensor, bias: torch.Tensor | None,
