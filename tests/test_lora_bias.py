@@ -76,10 +76,15 @@ def test_a_base_layer_without_bias_gets_the_adapters_bias_and_refuses_to_merge_i
             p.zero_()  # only the bias changes the output
     x = torch.randn(2, 32)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling["default"] * layer.lora_B_bias["default"])
+    # a model whose other layers have biases: none merges before the refusal
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.base_layer.bias = nn.Parameter(torch.zeros(32), requires_grad=False)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="has a bias of its own .* has no bias to merge it into; nothing was merged"):
-        lorafit.merge(model)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for operation in (lorafit.merge, lorafit.merge_and_unload):
+        with pytest.raises(ValueError, match="has a bias of its own .* but 'model.layers.0.self_attn.v_proj' has no "
+                                             "bias to merge it into; nothing was merged"):
+            operation(model)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_autocast_gives_the_bias_in_the_autocast_dtype_and_its_gradient_in_float32():

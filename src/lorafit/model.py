@@ -364,8 +364,18 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool 
     inactive = [n for n in names if n not in active_adapters(model)]
     if inactive:
         raise ValueError(f"adapters {inactive} are not active; only active adapters can be merged")
+    _check_biases_mergeable(model, names)
     for layer in _mergeable(model):
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe)
+
+
+def _check_biases_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Before any layer merges: an adapter's own bias (lora_bias) needs a base bias to go into."""
+    for path, layer in lora_layers(model):
+        biased = [n for n in names if n in layer.lora_B_bias and n not in layer.merged]
+        if biased and getattr(layer.base_layer, "bias", None) is None:
+            raise ValueError(f"adapter {biased[0]!r} has a bias of its own (lora_bias=True), but {path!r} has no "
+                             "bias to merge it into; nothing was merged")
 
 
 def unmerge(model: nn.Module, names: str | list[str] | None = None) -> None:
@@ -402,10 +412,11 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     ``modules_to_save`` modules become the active adapter's trained copy; a
     quantized base is dequantized first (the merged model is a plain float model).
     """
+    names = active_adapters(model)
+    _check_biases_mergeable(model, names)
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             _replace(model, path, module.to_linear())
-    names = active_adapters(model)
     for layer in _mergeable(model):
         # No weight copies for an exact unmerge: the wrappers are dropped right below.
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe, keep_original=False)
