@@ -148,13 +148,14 @@ def test_missing_and_corrupt_adapters(bert, tmp_path):
     with pytest.raises(BadAdapter, match="shape"):
         reg.acquire("wrong")
     assert not _attached(reg)  # nothing half-attached
-    for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]), ("trainable_token_indices", [1])):
+    for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]), ("trainable_token_indices", [1]),
+                         ("layer_replication", [[0, 1], [0, 1]])):
         unsupported = local / field
         shutil.copytree(local / "a", unsupported)
         config = json.loads((unsupported / "adapter_config.json").read_text())
         config.update({field: value, "lora_dropout": 0.0})
         (unsupported / "adapter_config.json").write_text(json.dumps(config))
-        with pytest.raises(BadAdapter, match=f"{field}, which batches with an adapter per row do not support"):
+        with pytest.raises(BadAdapter, match=f"{field}, which lorafit serve does not support"):
             reg.acquire(field)
         assert not _attached(reg)
     reg.release(reg.acquire("a"))  # and the registry keeps working

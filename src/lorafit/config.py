@@ -38,7 +38,6 @@ BIAS_MODES = ("none", "all", "lora_only")
 _PEFT_OFF_VALUES: dict[str, Any] = {
     "use_qalora": False,
     "loftq_config": {},
-    "layer_replication": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "corda_config": None,
@@ -90,6 +89,10 @@ class LoraConfig:
     ranks moved to where they explain most; ``eva_config`` holds PEFT's
     ``EvaConfig`` options) needs data: ``lorafit.attach_eva``.
 
+    ``layer_replication`` (PEFT's): ``[[0, 4], [2, 5]]`` makes the model's layers
+    0, 1, 2, 3, 2, 3, 4 before the adapter is attached; repeats share the base
+    weights of the layer they copy and get adapters of their own.
+
     ``lora_bias`` gives ``B`` a bias (scaled like ``B``): ``W x + s (B A x + b)``,
     which merging adds to the base layer's bias. It exists for adapters taken
     from fully fine-tuned weights, whose biases changed too; Linear and
@@ -123,6 +126,7 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     lora_bias: bool = False
     eva_config: dict[str, Any] | None = None
+    layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -133,6 +137,8 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_parameters, (set, tuple)):
             self.target_parameters = sorted(self.target_parameters)
+        if isinstance(self.layer_replication, tuple):
+            self.layer_replication = [list(p) for p in self.layer_replication]
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
@@ -194,6 +200,7 @@ class LoraConfig:
             if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
                 raise ValueError(f"layers_pattern must be a string or a list of strings, got {self.layers_pattern!r}")
         self._validate_lora_bias()
+        _check_layer_replication(self.layer_replication)
         self._validate_target_parameters()
         _check_token_indices(self.trainable_token_indices)
         if self.task_type is not None and not isinstance(self.task_type, str):
@@ -290,6 +297,16 @@ class LoraConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _check_layer_replication(value: Any) -> None:
+    if value is None:
+        return
+    pairs = value if isinstance(value, list) and value else None
+    if pairs is None or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in p) and 0 <= p[0] < p[1] for p in pairs):
+        raise ValueError("layer_replication must be a non-empty list of [start, end] layer ranges with "
+                         f"0 <= start < end (end excluded), got {value!r}")
 
 
 def _check_token_indices(value: Any) -> None:

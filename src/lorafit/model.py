@@ -21,6 +21,9 @@ from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
                             TrainableTokens)
 from lorafit.quantize import QuantizedLinear
+from lorafit.replication import replicate, replication
+from lorafit.replication import restore as restore_layers
+from lorafit.replication import untie as untie_layers
 from lorafit.targeting import (SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets,
                                resolve_token_targets)
 
@@ -116,6 +119,49 @@ def attach(
     configs = adapter_configs(model)
     if name in configs:
         raise ValueError(f"an adapter named {name!r} is already attached; detach it first or pick another name")
+    if _ORIGINAL_GRAD not in model.__dict__:  # before any layer is repeated: these names are the model's own
+        model.__dict__[_ORIGINAL_GRAD] = {n: p.requires_grad for n, p in model.named_parameters()}
+    repeated_here = _repeat_layers(model, config)
+    try:
+        config = _attach_adapter(model, config, name, dtype, initialize)
+    except BaseException:
+        if repeated_here:
+            restore_layers(model)
+        if not configs:
+            _restore_requires_grad(model)
+        raise
+    configs[name] = config
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if trainable:
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(True)
+    if activate:
+        # Merged adapters stay active (they are in the weights); the new one joins them.
+        set_active(model, merged_adapters(model) + [name])
+    return model
+
+
+def _repeat_layers(model: nn.Module, config: LoraConfig) -> bool:
+    """The model's layers repeated as ``config.layer_replication`` says (True if this call did it); every adapter
+    on a model with repeated layers must ask for the same repeats."""
+    done = replication(model)
+    if config.layer_replication is None:
+        if done is not None:
+            raise ValueError(f"the model's layers are repeated as {done.layer_map} (layer_replication) for the "
+                             "adapters attached; another adapter on it needs the same layer_replication")
+        return False
+    if done is None and adapter_configs(model):
+        raise ValueError("layer_replication: adapters without it are attached; repeating the layers under them "
+                         "would copy their adapters too. Attach the adapter with layer_replication first")
+    return replicate(model, config.layer_replication)
+
+
+def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torch.dtype | None,
+                    initialize: bool) -> LoraConfig:
+    """The adapter's layers wrapped and its tensors made; returns its config as attached (a classifier's head
+    among modules_to_save)."""
     config = _with_classification_head(model, config)
     parameter_targets = resolve_parameter_targets(model, config)
     # As in PEFT: with target_parameters, no target_modules means no module targets (not a model type's default)
@@ -126,10 +172,6 @@ def attach(
         raise ValueError(f"{both[0]!r} is matched by target_modules and by target_parameters or "
                          "trainable_token_indices; adapt it one way only")
     saved_names = _modules_to_save_names(model, config)
-
-    if _ORIGINAL_GRAD not in model.__dict__:
-        model.__dict__[_ORIGINAL_GRAD] = {n: p.requires_grad for n, p in model.named_parameters()}
-
     try:
         for target in targets:
             module = model.get_submodule(target)
@@ -159,17 +201,7 @@ def attach(
     except BaseException:
         _remove_everywhere(model, name)  # a layer that refused the adapter leaves no half-attached model
         raise
-    configs[name] = config
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if trainable:
-        for p in adapter_parameters(model, name).values():
-            p.requires_grad_(True)
-    if activate:
-        # Merged adapters stay active (they are in the weights); the new one joins them.
-        set_active(model, merged_adapters(model) + [name])
-    return model
+    return config
 
 
 def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) -> list[ParameterLora]:
@@ -319,6 +351,8 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     _remove_everywhere(model, name)
     del adapter_configs(model)[name]
     model.__dict__["_lorafit_active"] = [n for n in active_adapters(model) if n != name]
+    if not any(c.layer_replication for c in adapter_configs(model).values()):
+        restore_layers(model)  # no adapter needs the repeated layers any more
     if not adapter_configs(model):
         _restore_requires_grad(model)
     return model
@@ -365,6 +399,10 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool 
     if inactive:
         raise ValueError(f"adapters {inactive} are not active; only active adapters can be merged")
     _check_biases_mergeable(model, names)
+    if replication(model) is not None:
+        raise ValueError("the model's layers are repeated (layer_replication) and share their base weights, so an "
+                         "adapter merged into one repeat would change the others; merge_and_unload gives each "
+                         "repeat weights of its own first")
     for layer in _mergeable(model):
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe)
 
@@ -410,10 +448,13 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     """Merge the active adapters and return the plain model, with no LoRA wrapper left.
 
     ``modules_to_save`` modules become the active adapter's trained copy; a
-    quantized base is dequantized first (the merged model is a plain float model).
+    quantized base is dequantized first (the merged model is a plain float model);
+    layers repeated by ``layer_replication`` get weights of their own, and the
+    model keeps its deeper stack.
     """
     names = active_adapters(model)
     _check_biases_mergeable(model, names)
+    untie_layers(model)  # repeated layers (layer_replication) become layers of their own
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             _replace(model, path, module.to_linear())
@@ -434,6 +475,7 @@ def unload(model: nn.Module) -> nn.Module:
     """
     unmerge(model)
     _unwrap_all(model, lambda wrapper: wrapper.original_module)
+    restore_layers(model)
     _restore_requires_grad(model)
     _forget(model)
     return model

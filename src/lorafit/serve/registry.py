@@ -286,10 +286,13 @@ class AdapterRegistry:
         internal = f"v{next(self._counter)}"
         try:
             config, tensors = lorafit.parse_adapter(config_json, weights, source=name)
-            unsupported = [f for f in ("target_parameters", "trainable_token_indices") if getattr(config, f)]
+            # the first two have no per-row path; layer_replication would change the served model's layers under
+            # every other adapter
+            unsupported = [f for f in ("target_parameters", "trainable_token_indices", "layer_replication")
+                           if getattr(config, f)]
             if unsupported:
-                raise ValueError(f"it uses {unsupported[0]}, which batches with an adapter per row do not support; "
-                                 "merge it into the base model (lorafit merge) and serve that")
+                raise ValueError(f"it uses {unsupported[0]}, which lorafit serve does not support; merge it into the "
+                                 "base model (lorafit merge) and serve that")
             labels = _labels(labels_json)
             with self.model_lock:
                 lorafit.load_adapter_state(self.model, config, tensors, internal, activate=False, source=name)
