@@ -130,6 +130,22 @@ def test_bad_maps_name_the_field():
     model = llama()
     with pytest.raises(ValueError, match=r"\[0, 9\] goes past the model's 3 layers"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 9]]))
-    with pytest.raises(ValueError, match="matched no adaptable module"):  # a refusal after repeating puts the layers back
+    # a refusal after repeating puts the layers back
+    with pytest.raises(ValueError, match="matched no adaptable module"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["nothing"], layer_replication=MAP))
     assert len(model.model.layers) == 3 and not lorafit.adapter_configs(model)
+
+
+def test_lorafit_train_and_merge_write_the_deeper_model(tmp_path):
+    from lorafit.train import merge, train
+    from tests.test_train_support import instruction_setup
+
+    config = instruction_setup(tmp_path, 16, lora='r = 4\nlora_alpha = 8\ntarget_modules = ["q_proj", "v_proj"]\n'
+                                                  'layer_replication = [[0, 2], [1, 2]]',
+                               train="epochs = 1\nbatch_size = 8\nlr = 1e-2")
+    result = train(config, {"train.num_threads": 1}, progress=False)
+    out = merge(tmp_path / "run", tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.config.num_hidden_layers == 3 and len(merged.model.layers) == 3
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(logits(merged, ids), logits(result.model.eval(), ids), rtol=1e-5, atol=1e-5)
