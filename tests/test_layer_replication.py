@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lorafit
+from tests.test_lora_bias import randomize
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -27,14 +28,6 @@ def llama():
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(ids, use_cache=False).logits
-
-
-def randomize(model, seed: int = 1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.normal_(std=0.1)
 
 
 def config(**extra):
