@@ -165,3 +165,16 @@ def test_lorafit_train_computes_eva_on_its_training_rows(tmp_path):
     fresh = lorafit.load_adapter(base.eval(), tmp_path / "run" / "adapter")
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     torch.testing.assert_close(fresh(ids).logits, result.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_stops_after_the_last_input_it_still_reads():
+    """Only the grouping pass runs the whole model; the others stop at the last adapted layer's input (here layer
+    1's q_proj: its MLP, the final norm and the head are left out)."""
+    model = llama()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *args: calls.append("head"))
+    model.model.layers[1].mlp.register_forward_hook(lambda *args: calls.append("mlp"))
+    with pytest.warns(UserWarning, match="the batches ran out"):
+        lorafit.attach_eva(model, lorafit.LoraConfig(r=2, target_modules=["q_proj"], eva_config={"tau": 1.0}),
+                           batches(3))
+    assert calls == ["mlp", "head"]

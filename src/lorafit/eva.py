@@ -206,7 +206,9 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
     modules = {t: model.get_submodule(t) for t in targets}
     owner: dict[str, str] = {}
     pcas: dict[str, IncrementalPCA] = {}
-    state: dict[str, Any] = {"mask": None, "seen": {}, "grouping": True}
+    # stop_at: the owner after whose input nothing more is read this batch: the forward stops there
+    state: dict[str, Any] = {"mask": None, "seen": {}, "grouping": True, "stop_at": None}
+    order: list[str] = []  # the distinct inputs' owners in the order the forward reaches them
 
     def hook_for(target: str):
         def hook(module, args):
@@ -220,6 +222,7 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
                 owner[target] = first
                 if first not in pcas:
                     pcas[first] = IncrementalPCA(0)
+                    order.append(first)
                 pcas[first].k = min(max(pcas[first].k, caps[target]), x.shape[-1])
                 return
             if owner[target] != target or pcas[target].done:
@@ -230,6 +233,8 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
             else:
                 rows = x.reshape(-1, x.shape[-1])
             pcas[target].update(rows)
+            if target == state["stop_at"]:
+                raise _Enough
         return hook
 
     handles = [modules[t].register_forward_pre_hook(hook_for(t)) for t in targets]
@@ -250,6 +255,10 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
                     if missing:
                         raise ValueError(f"EVA: the forward never ran {missing[0]!r}; check forward and the batches")
                     state["grouping"] = False
+                # the rest of the model (the layers after the last input still read, the head, the loss) need not
+                # run; a forward of the caller's own may catch exceptions, so it runs whole
+                waiting = [o for o in order if not pcas[o].done]
+                state["stop_at"] = waiting[-1] if waiting and forward is None else None
                 _run(model, batch, forward, device)
                 if not all(p.ready for p in pcas.values()):
                     continue
@@ -272,13 +281,21 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
     return pcas, owner
 
 
+class _Enough(Exception):
+    """Raised by the hook of the last input a batch still has to give: the rest of the forward is not needed."""
+
+
 def _run(model: nn.Module, batch: Any, forward: Callable | None, device: torch.device | None) -> None:
     if forward is not None:
         forward(model, batch)
-    elif isinstance(batch, Mapping):
-        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    else:
-        model(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
+        return
+    try:
+        if isinstance(batch, Mapping):
+            model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        else:
+            model(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
+    except _Enough:
+        pass
 
 
 def _settled(pcas: dict[str, IncrementalPCA], owner: dict[str, str], caps: dict[str, int], budget: int,
