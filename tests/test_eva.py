@@ -144,6 +144,8 @@ def test_bad_input_says_what_is_wrong():
         lorafit.attach_eva(llama(), lorafit.LoraConfig(r=4, target_modules=["q_proj"]), tiny)
     with pytest.raises(ValueError, match="eva_config: unknown keys \\['rh0'\\]"):
         lorafit.attach_eva(llama(), lorafit.LoraConfig(target_modules=["q_proj"], eva_config={"rh0": 2}), tiny)
+    with pytest.raises(ValueError, match="DoRA and layer_replication are not supported with it"):
+        lorafit.attach_eva(llama(), lorafit.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 2]]), tiny)
     with pytest.raises(ValueError, match="EVA initialises linear layers; 'model.embed_tokens' is a Embedding"):
         lorafit.attach_eva(llama(), lorafit.LoraConfig(target_modules=["q_proj", "embed_tokens"]), tiny)
     model = llama()

@@ -160,9 +160,9 @@ def attach_eva(
     with ``adjust_scaling_factors``, alphas keeping each layer's scale) in ``rank_pattern`` / ``alpha_pattern``.
     """
     options = eva_options(config)
-    if config.target_parameters or config.trainable_token_indices or config.use_dora:
-        raise ValueError("EVA initialises LoRA on linear layers; target_parameters, trainable_token_indices and "
-                         "DoRA are not supported with it")
+    if config.target_parameters or config.trainable_token_indices or config.use_dora or config.layer_replication:
+        raise ValueError("EVA initialises LoRA on linear layers of the model as it is; target_parameters, "
+                         "trainable_token_indices, DoRA and layer_replication are not supported with it")
     targets = resolve_targets(model, config)
     others = [t for t in targets if layer_kind(model.get_submodule(t)) != "linear"]
     if others:
