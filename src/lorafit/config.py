@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Union
 
 ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
 INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva")
 # PiSSA from a randomized SVD with this many subspace iterations (PEFT's name)
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
@@ -31,7 +32,7 @@ def pissa_iterations(init: bool | str) -> int | None:
     """The subspace iterations of ``"pissa_niter_N"``; None for an exact SVD."""
     match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
     return int(match.group(1)) if match else None
-BIAS_MODES = ("none", "all", "lora_only")
+
 
 # Keys PEFT writes that describe features lorafit does not implement. They are
 # accepted when reading a file only while they hold their "off" value.
