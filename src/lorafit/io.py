@@ -1,8 +1,8 @@
 """Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (and
-``lora_B``, and ``lora_B.bias`` with ``lora_bias``), ``...lora_embedding_A`` / ``...lora_embedding_B`` for embeddings,
-a modules_to_save copy under the module's own parameter names, and trained
+``lora_B``, and ``lora_B.bias`` with ``lora_bias``), ``...lora_embedding_A`` /
+``...lora_embedding_B`` for embeddings, a modules_to_save copy under the module's own parameter names, and trained
 biases under their names in the wrapped model. The adapter name is not part of
 the key. Only safetensors are read: nothing in an adapter file can run code.
 """

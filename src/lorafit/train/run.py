@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import RunConfig, TrainSection, load_config
-from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed
+from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed, train_batches
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import LoopState, fit, keeps_masters, total_steps
 from lorafit.train.master_weights import SIXTEEN_BIT
@@ -240,10 +241,10 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
         lora = prep.config.lora_config(base_model=prep.source.path)
         if lora.init_lora_weights == "eva":
             model.to(prep.device)  # the principal components are computed where the model runs
-            size = prep.config.train.batch_size
-            batches = (prep.task.collate(list(train_rows[i:i + size]))
-                       for i in range(0, min(len(train_rows), size * EVA_BATCHES), size))
-            lorafit.attach_eva(model, lora, batches)
+            # batches as the data module reads them (a streamed split too), in the run's seeded order
+            rows = itertools.islice(train_batches(train_rows, prep.config.train.batch_size, prep.config.train.seed,
+                                                  0, group_by_length=False), EVA_BATCHES)
+            lorafit.attach_eva(model, lora, (prep.task.collate(r) for r in rows))
         else:
             lorafit.attach(model, lora)
         if float16 or (prep.config.train.bf16 and torch.bfloat16 in dtypes):
