@@ -360,12 +360,12 @@ def _uniform_linear(layer: Linear, name: str):
     a, b, s = layer.factors_a[name].detach(), layer.factors_b[name].detach(), layer.scaling[name]
     own = layer.lora_B_bias[name].detach() if name in layer.lora_B_bias else None
     base = layer.base_layer
+    with torch.no_grad():  # constant inside the block, as the factors are
+        fused_bias = layer._bias_with_adapters([name])
 
     def forward(x, *args, **kwargs):
         if not args and not kwargs and layer._fusable():
-            with torch.no_grad():
-                bias = layer._bias_with_adapters([name])
-            return lora_linear(x, base.weight, bias, layer.fan_in_fan_out, [LowRank(a, b, s)], training=False)
+            return lora_linear(x, base.weight, fused_bias, layer.fan_in_fan_out, [LowRank(a, b, s)], training=False)
         y = base(x, *args, **kwargs)
         h = F.linear(x.to(a.dtype), a)
         return y + (F.linear(h, b, own) * s).to(y.dtype)

@@ -132,8 +132,8 @@ def allocate_ranks(ratios: Mapping[str, torch.Tensor], caps: Mapping[str, int], 
     """The ``budget`` components with the largest variance ratios over all layers, at most ``caps[layer]`` from a
     layer: layer -> how many it gets (0 for none). One read of the ratios from the device."""
     names = list(ratios)
-    parts = [ratios[n][: caps[n]].float().cpu() for n in names]  # one transfer each; nothing waits in between
-    flat = torch.cat(parts)
+    parts = [ratios[n][: caps[n]].float() for n in names]
+    flat = torch.cat(parts).cpu()  # the one transfer (a transfer per layer would wait for the device each time)
     layer_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(p) for p in parts]))
     chosen = layer_of[torch.argsort(flat, descending=True, stable=True)[:budget]]
     counts = torch.bincount(chosen, minlength=len(names)).tolist()
@@ -172,8 +172,7 @@ def attach_eva(
     caps = {t: round(r * options["rho"]) for t, r in ranks.items()}
     budget = sum(ranks.values())
     pcas, owner = _principal_components(model, targets, caps, budget, batches, forward, options)
-    shares = {t: pcas[owner[t]].variance_ratio() for t in targets}
-    counts = allocate_ranks(shares, {t: min(caps[t], len(shares[t])) for t in targets}, budget)
+    counts = allocate_ranks(_shares(pcas, owner, targets), caps, budget)
 
     kept = [t for t in targets if counts[t] > 0]
     rank_pattern = {t: counts[t] for t in kept if counts[t] != config.r}
@@ -298,13 +297,19 @@ def _run(model: nn.Module, batch: Any, forward: Callable | None, device: torch.d
         pass
 
 
+def _shares(pcas: dict[str, IncrementalPCA], owner: dict[str, str], targets: list[str]) -> dict[str, torch.Tensor]:
+    """Each target's components' shares of its input's variance (in ``targets``' order), computed once per
+    distinct input."""
+    ratio = {o: pca.variance_ratio() for o, pca in pcas.items()}
+    return {t: ratio[owner[t]] for t in targets}
+
+
 def _settled(pcas: dict[str, IncrementalPCA], owner: dict[str, str], caps: dict[str, int], budget: int,
              previous: dict[str, torch.Tensor], tau: float) -> set[str]:
     """The distinct inputs whose components the current rank allocation uses changed by less than ``tau``
     (cosine similarity) since the last batch; they are not updated any more."""
     targets = list(caps)
-    shares = {t: pcas[owner[t]].variance_ratio() for t in targets}
-    counts = allocate_ranks(shares, {t: min(caps[t], len(shares[t])) for t in targets}, budget)
+    counts = allocate_ranks(_shares(pcas, owner, targets), caps, budget)
     needed = dict.fromkeys(pcas, 0)
     for t in targets:
         needed[owner[t]] = max(needed[owner[t]], counts[t])
