@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., e2e, adapter_dtype, moe, tokens, eva
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., moe, tokens, eva, loftq
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -33,7 +33,7 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva")
+         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva", "loftq")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -551,6 +551,14 @@ def bench_eva(args, out: dict) -> None:
     from benchmarks import eva
 
     out["eva"] = eva.run(args, _print)
+
+
+def bench_loftq(args, out: dict) -> None:
+    """lorafit train on an NF4 base with LoftQ's initialisation against QLoRA's default one, on SmolLM2 and
+    Alpaca (benchmarks/loftq.py)."""
+    from benchmarks import loftq
+
+    out["loftq"] = loftq.run(args, _print)
 
 
 def bench_optimizer(args, out: dict) -> None:

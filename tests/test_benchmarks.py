@@ -22,11 +22,12 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
-                  "EVA against the default initialisation"):
+                  "EVA against the default initialisation", "LoftQ against QLoRA's start"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
-                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva"}
+                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva",
+                         "loftq"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -52,6 +53,9 @@ def test_quick_benchmark_suite_runs(tmp_path):
     eva = data["eva"]["runs"]
     assert all(loss > 0 for runs in eva.values() for r in runs for loss in r["eval_loss"].values())
     assert eva["EVA"][0]["ranks"] != eva["default (A random, B = 0)"][0]["ranks"]  # the ranks moved
+    loftq = data["loftq"]
+    assert len(loftq["starts"]) == 4 and all(r["final_eval_loss"] > 0 for r in loftq["starts"].values())
+    assert all(loss > 0 for r in loftq["trained"].values() for loss in r["eval_loss"].values())
     moe = data["moe"]
     assert len(moe["median_s"]) == 6 and all(t > 0 for t in moe["median_s"].values())
     assert moe["trainable"]["lorafit, float32"] == moe["trainable"]["PEFT, float32"] > 0

@@ -13,19 +13,34 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva")
+INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", "loftq")
 # PiSSA from a randomized SVD with this many subspace iterations (PEFT's name)
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
+# PEFT's LoftQConfig fields and defaults
+LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}
 
 
-def modifies_base_weight(init: bool | str) -> bool:
-    """Whether an initialisation takes the adapter's start from the base weight and leaves the residual in it
-    (PiSSA, OLoRA): such adapters only fit the base they were initialised on, so loading one runs it again."""
-    return init in ("pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
+class LoftQ(NamedTuple):
+    """``init_lora_weights="loftq"`` as a layer receives it: with the quantizer's bits and the number of
+    alternating quantize / SVD steps from ``loftq_config``."""
+
+    bits: int
+    iterations: int
+
+    def __repr__(self) -> str:  # error messages name the init as the config spells it
+        return "'loftq'"
+
+
+def modifies_base_weight(init: bool | str | LoftQ) -> bool:
+    """Whether an initialisation takes the adapter's start from the base weight and changes the base weight
+    (PiSSA, OLoRA: the residual stays in it; LoftQ: its quantized form replaces it): such adapters only fit
+    the base they were initialised on, so loading one runs it again."""
+    return init in ("pissa", "olora", "loftq") or isinstance(init, LoftQ) or (
+        isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
 
 
 def pissa_iterations(init: bool | str) -> int | None:
@@ -38,7 +53,6 @@ def pissa_iterations(init: bool | str) -> int | None:
 # accepted when reading a file only while they hold their "off" value.
 _PEFT_OFF_VALUES: dict[str, Any] = {
     "use_qalora": False,
-    "loftq_config": {},
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "corda_config": None,
@@ -88,7 +102,12 @@ class LoraConfig:
     principal part into the factors, or ``False`` (both random, not a no-op).
     ``"eva"`` (A from the principal directions of the layers' inputs on data,
     ranks moved to where they explain most; ``eva_config`` holds PEFT's
-    ``EvaConfig`` options) needs data: ``lorafit.attach_eva``.
+    ``EvaConfig`` options) needs data: ``lorafit.attach_eva``. ``"loftq"``
+    (Li et al., 2023) replaces W by its NF4 / int8 form Q (lorafit.quantize's,
+    ``loftq_config = {"loftq_bits": 4, "loftq_iter": 1}``) and starts ``s B A``
+    as the top-r SVD of ``W - Q``, alternating the two ``loftq_iter`` times, so a
+    quantized base starts nearer the original model; ``quantize_base`` then
+    stores exactly that Q.
 
     ``layer_replication`` (PEFT's): ``[[0, 4], [2, 5]]`` makes the model's layers
     0, 1, 2, 3, 2, 3, 4 before the adapter is attached; repeats share the base
@@ -127,6 +146,7 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     lora_bias: bool = False
     eva_config: dict[str, Any] | None = None
+    loftq_config: dict[str, int] = field(default_factory=dict)
     layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
@@ -168,6 +188,7 @@ class LoraConfig:
                 pissa_iterations(init) is None):
             allowed = ", ".join(repr(s) for s in INIT_SCHEMES)
             raise ValueError(f"init_lora_weights must be one of {allowed} or 'pissa_niter_N', got {init!r}")
+        self._validate_loftq()
         if self.eva_config is not None and not isinstance(self.eva_config, dict):
             raise ValueError(f"eva_config must be a mapping (PEFT's EvaConfig fields) or null, got {self.eva_config!r}")
         if not isinstance(self.use_rslora, bool):
@@ -238,6 +259,34 @@ class LoraConfig:
                 raise ValueError(f"{name} is not supported with target_parameters")
         if modifies_base_weight(self.init_lora_weights) or self.init_lora_weights == "orthogonal":
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported with target_parameters")
+
+    def _validate_loftq(self) -> None:
+        value = self.loftq_config
+        if value is None:  # PEFT's "off" written as null
+            value = self.loftq_config = {}
+        if not isinstance(value, dict):
+            raise ValueError(f"loftq_config must be a mapping with loftq_bits and loftq_iter, got {value!r}")
+        if self.init_lora_weights != "loftq":
+            if value:
+                raise ValueError(f"loftq_config is used only with init_lora_weights='loftq' (got "
+                                 f"{self.init_lora_weights!r}); drop it or set init_lora_weights='loftq'")
+            return
+        unknown = sorted(set(value) - set(LOFTQ_DEFAULTS))
+        if unknown:
+            raise ValueError(f"loftq_config: unknown keys {unknown}; it takes {sorted(LOFTQ_DEFAULTS)}")
+        # written out in full: PEFT refuses an empty loftq_config with init_lora_weights='loftq'
+        self.loftq_config = value = {**LOFTQ_DEFAULTS, **value}
+        if value["loftq_bits"] not in (4, 8) or isinstance(value["loftq_bits"], bool):
+            raise ValueError(f"loftq_config.loftq_bits must be 4 (NF4) or 8 (int8), got {value['loftq_bits']!r}")
+        if isinstance(value["loftq_iter"], bool) or not isinstance(value["loftq_iter"], int) or \
+                value["loftq_iter"] < 1:
+            raise ValueError(f"loftq_config.loftq_iter must be an integer >= 1, got {value['loftq_iter']!r}")
+
+    def layer_init(self) -> bool | str | LoftQ:
+        """``init_lora_weights`` as the layers take it: LoftQ with its settings, else the value itself."""
+        if self.init_lora_weights == "loftq":
+            return LoftQ(self.loftq_config["loftq_bits"], self.loftq_config["loftq_iter"])
+        return self.init_lora_weights
 
     # -- per-module values --------------------------------------------------------
     def rank_for(self, module_name: str) -> int:

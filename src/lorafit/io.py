@@ -182,6 +182,10 @@ def _as_plain_lora(model, name, config, tensors):
             f"as_plain_lora is for PiSSA/OLoRA adapters; {name!r} has init_lora_weights="
             f"{config.init_lora_weights!r} and already is a plain LoRA of the base weights"
         )
+    if config.init_lora_weights == "loftq":
+        raise ValueError(f"as_plain_lora: {name!r} is a LoftQ adapter, trained on the quantized weights; the "
+                         "quantization error is not low-rank, so no plain LoRA of the original weights equals it "
+                         "(merge_and_unload gives the trained model)")
     ranks, alphas = {}, {}
     default_scale = config.scale_for("")
     for path, layer in lora_layers(model):

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafit.config import LoraConfig, modifies_base_weight
+from lorafit.config import LoftQ, LoraConfig, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
                             TrainableTokens)
+from lorafit.layers.linear import loftq_problem
 from lorafit.quantize import QuantizedLinear
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
@@ -172,13 +173,15 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
         raise ValueError(f"{both[0]!r} is matched by target_modules and by target_parameters or "
                          "trainable_token_indices; adapt it one way only")
     saved_names = _modules_to_save_names(model, config)
+    init = config.layer_init()
+    if initialize or modifies_base_weight(init):
+        _check_base_init(model, targets, config, init)
     try:
         for target in targets:
             module = model.get_submodule(target)
             if not isinstance(module, LoraLayer):
                 module = _wrap(module, config)
                 _replace(model, target, module)
-            init = config.init_lora_weights
             module.add_adapter(
                 name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
                 init=init if initialize or modifies_base_weight(init) else None, dtype=dtype,
@@ -202,6 +205,26 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
         _remove_everywhere(model, name)  # a layer that refused the adapter leaves no half-attached model
         raise
     return config
+
+
+def _check_base_init(model: nn.Module, targets: list[str], config: LoraConfig, init) -> None:
+    """An initialisation that rewrites base weights (PiSSA, OLoRA, LoftQ) checked on every target before the
+    first is rewritten: a refusal half way would leave some base weights changed."""
+    if not modifies_base_weight(init):
+        return
+    for target in targets:
+        module = model.get_submodule(target)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        problem = loftq_problem(base) if isinstance(init, LoftQ) else None
+        if problem is None and isinstance(base, QuantizedLinear):
+            problem = (f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, and this layer is "
+                       "quantized: attach the adapter before quantize_base, which then quantizes the new weight")
+        if problem:
+            raise ValueError(f"{target}: {problem}")
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and config.rank_for(target) > min(weight.shape):
+            raise ValueError(f"{target}: init_lora_weights={config.init_lora_weights!r} needs r <= min(d_in, d_out) "
+                             f"= {min(weight.shape)}, got r={config.rank_for(target)}")
 
 
 def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) -> list[ParameterLora]:

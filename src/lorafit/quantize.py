@@ -29,6 +29,9 @@ from torch.nn import functional as F
 from lorafit.kernels.dequantize import NF4, dequantize
 
 SCALE_BLOCK = 256  # block size of the double-quantized absmax values
+BLOCK_SIZE = 64  # values per quantization block unless asked otherwise (QLoRA's)
+# Set on an nn.Linear whose weight LoftQ replaced by its quantized form: (bits, block_size) of that form
+LOFTQ_GRID = "lorafit_loftq_grid"
 
 
 def _blocks(weight: torch.Tensor, block_size: int, where: str) -> torch.Tensor:
@@ -57,10 +60,18 @@ def quantize_int8(weight: torch.Tensor, block_size: int = 64, where: str = "weig
     return codes, absmax
 
 
+def quantized_weight(weight: torch.Tensor, bits: int, block_size: int = BLOCK_SIZE, where: str = "weight"
+                     ) -> torch.Tensor:
+    """``weight`` quantized and dequantized again (float32, no double quantization): the weight a
+    QuantizedLinear holding it computes with. Quantizing the result once more gives the same codes."""
+    codes, absmax = (quantize_nf4 if bits == 4 else quantize_int8)(weight, block_size, where)
+    return dequantize(codes, absmax, bits, block_size, tuple(weight.shape), torch.float32)
+
+
 class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight lives in 4 or 8 bits; see the module docstring."""
 
-    def __init__(self, linear: nn.Linear, bits: int = 4, block_size: int = 64, double_quant: bool = True,
+    def __init__(self, linear: nn.Linear, bits: int = 4, block_size: int = BLOCK_SIZE, double_quant: bool = True,
                  compute_dtype: torch.dtype | None = None, where: str = "weight") -> None:
         super().__init__()
         if bits not in (4, 8):
@@ -137,15 +148,34 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         return gx, None, gb
 
 
-def quantize_base(model: nn.Module, bits: int = 4, block_size: int = 64, double_quant: bool = True,
+def quantize_base(model: nn.Module, bits: int = 4, block_size: int = BLOCK_SIZE, double_quant: bool = True,
                   skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (except names ending in ``skip``) by a QuantizedLinear, in place."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)]
+    """Replace every ``nn.Linear`` of ``model`` (except names ending in ``skip``) by a QuantizedLinear, in place.
+
+    The base layers of LoRA wrappers are quantized too, matched by the wrapped module's name; the copies of
+    ``modules_to_save`` are not. A layer whose weight LoftQ already put on a quantization grid keeps exactly
+    that weight: it is quantized with LoftQ's block size and without double quantization, and must be asked
+    for the bits LoftQ used."""
+    targets = []
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if type(m) is not nn.Linear or "modules_to_save" in parts or "original_module" in parts:
+            continue
+        logical = ".".join(p for p in parts if p != "base_layer")
+        if any(logical == s or logical.endswith("." + s) for s in skip):
+            continue
+        targets.append((name, m))
     if not targets:
         raise ValueError("quantize_base found no nn.Linear layer to quantize")
-    quantized = {name: QuantizedLinear(m, bits, block_size, double_quant, compute_dtype, where=name)
-                 for name, m in targets}  # all or nothing: a shape error leaves the model unchanged
+    quantized = {}
+    for name, m in targets:  # all or nothing: an error leaves the model unchanged
+        grid = getattr(m, LOFTQ_GRID, None)
+        if grid is not None and grid[0] != bits:
+            raise ValueError(f"{name}: LoftQ quantized this weight to {grid[0]} bits; quantize_base(bits={bits}) "
+                             f"would quantize it again and lose what LoftQ's factors compensate: use bits={grid[0]}")
+        quantized[name] = (QuantizedLinear(m, bits, block_size, double_quant, compute_dtype, where=name)
+                           if grid is None else
+                           QuantizedLinear(m, bits, grid[1], False, compute_dtype, where=name))
     for name, q in quantized.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.config import modifies_base_weight, pissa_iterations
+from lorafit.config import LOFTQ_DEFAULTS, LoftQ, modifies_base_weight, pissa_iterations
 from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
-from lorafit.layers.init import olora_init, pissa_init
+from lorafit.layers.init import loftq_init, olora_init, pissa_init
+from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -27,6 +28,21 @@ def _fusable(base: nn.Module) -> bool:
     """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""
     plain = type(base).forward is nn.Linear.forward or is_gpt2_conv1d(base)
     return plain and not base._forward_hooks and not base._forward_pre_hooks
+
+
+def loftq_problem(base: nn.Module) -> str | None:
+    """Why LoftQ cannot start from this layer's weight, or None: it needs a full-precision ``nn.Linear`` weight
+    (the layers quantize_base quantizes) made of whole quantization blocks."""
+    if type(base) is not nn.Linear:
+        if hasattr(base, "dequantize"):
+            return ("init_lora_weights='loftq' needs the full-precision weight, and this layer is quantized "
+                    "already: attach (or load) the LoftQ adapter before quantize_base, which then keeps LoftQ's "
+                    "quantized weight")
+        return f"init_lora_weights='loftq' is supported for nn.Linear layers, not {type(base).__name__}"
+    if base.weight.numel() % BLOCK_SIZE:
+        return (f"init_lora_weights='loftq': a weight of shape {list(base.weight.shape)} does not split into "
+                f"quantization blocks of {BLOCK_SIZE}; exclude this layer")
+    return None
 
 
 class Linear(LoraLayer):
@@ -48,15 +64,28 @@ class Linear(LoraLayer):
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
 
-    def init_factors(self, name: str, init: bool | str | None) -> None:
+    def init_factors(self, name: str, init: bool | str | LoftQ | None) -> None:
+        if isinstance(init, str) and init == "loftq":  # called without a config: PEFT's LoftQConfig defaults
+            init = LoftQ(*LOFTQ_DEFAULTS.values())
         if modifies_base_weight(init):
             if self.rank[name] > min(self.in_features, self.out_features):
                 raise ValueError(
                     f"init_lora_weights={init!r} needs r <= min(d_in, d_out) = "
                     f"{min(self.in_features, self.out_features)}, got r={self.rank[name]}"
                 )
+            if hasattr(self.base_layer, "dequantize") and not isinstance(init, LoftQ):
+                # its weight is computed from codes on each read: the residual would be written into a copy
+                raise ValueError(f"init_lora_weights={init!r} rewrites the base weight, and this layer is quantized: "
+                                 "attach the adapter before quantize_base")
+            problem = loftq_problem(self.base_layer) if isinstance(init, LoftQ) else None
+            if problem:
+                raise ValueError(problem)
             args = (self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],
                     self.fan_in_fan_out)
+            if isinstance(init, LoftQ):
+                loftq_init(*args[:4], init.bits, init.iterations, BLOCK_SIZE)
+                setattr(self.base_layer, LOFTQ_GRID, (init.bits, BLOCK_SIZE))
+                return
             if init == "olora":
                 olora_init(*args)
             else:

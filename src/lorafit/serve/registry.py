@@ -44,6 +44,7 @@ from torch import nn
 
 import lorafit
 from lorafit.batched import param_shapes
+from lorafit.config import modifies_base_weight
 from lorafit.io import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, parse_labels
 from lorafit.model import saved_modules
 
@@ -293,6 +294,10 @@ class AdapterRegistry:
             if unsupported:
                 raise ValueError(f"it uses {unsupported[0]}, which lorafit serve does not support; merge it into the "
                                  "base model (lorafit merge) and serve that")
+            if modifies_base_weight(config.init_lora_weights):
+                raise ValueError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weights when "
+                                 "loaded, under every other adapter served; merge it into the base model (lorafit "
+                                 "merge) and serve that, or save a PiSSA/OLoRA adapter with as_plain_lora=True")
             labels = _labels(labels_json)
             with self.model_lock:
                 lorafit.load_adapter_state(self.model, config, tensors, internal, activate=False, source=name)

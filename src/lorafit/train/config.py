@@ -282,7 +282,11 @@ class RunConfig:
             bad("model.quantize", f"= {self.model.quantize} quantizes the frozen base under LoRA; train.method "
                 f"{self.train.method!r} trains the base weights themselves, so it needs model.quantize = 0")
         if self.train.method == "lora":
-            self.lora_config()
+            lora = self.lora_config()
+            loftq_bits = lora.loftq_config.get("loftq_bits")
+            if self.model.quantize and loftq_bits and loftq_bits != self.model.quantize:
+                bad("lora.loftq_config", f"loftq_bits = {loftq_bits} fits a base quantized to {loftq_bits} bits, "
+                    f"and model.quantize = {self.model.quantize}: set them alike")
 
     def lora_config(self, base_model: str | None = None) -> LoraConfig:
         """The adapter this run attaches: [lora], with ``task_type`` from task.type and

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 import lorafit
-from lorafit.io import LABELS_NAME
+from lorafit.config import modifies_base_weight
+from lorafit.io import CONFIG_NAME, LABELS_NAME
 from lorafit.kernels import triton_warmup
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
@@ -236,9 +237,13 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
     dtypes = {p.dtype for p in model.parameters()}
     float16 = torch.float16 in dtypes
     if prep.config.train.method == "lora":
-        quantize_for(prep)
-        torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
         lora = prep.config.lora_config(base_model=prep.source.path)
+        # PiSSA, OLoRA and LoftQ start from the full-precision weights and rewrite them; what they leave is
+        # quantized after (QLoRA's order otherwise: the adapter starts on the quantized base)
+        rewrites_base = modifies_base_weight(lora.init_lora_weights)
+        if not rewrites_base:
+            quantize_for(prep)
+        torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
         if lora.init_lora_weights == "eva":
             model.to(prep.device)  # the principal components are computed where the model runs
             # batches as the data module reads them (a streamed split too), in the run's seeded order
@@ -247,6 +252,8 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
             lorafit.attach_eva(model, lora, (prep.task.collate(r) for r in rows))
         else:
             lorafit.attach(model, lora)
+        if rewrites_base:
+            quantize_for(prep)
         if float16 or (prep.config.train.bf16 and torch.bfloat16 in dtypes):
             _train_in_float32(prep)
     elif float16:
@@ -845,9 +852,18 @@ def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike |
         config.model.name = str(model_dir)  # the fine-tuned model is the base now
     prep = prepare(config)
     if not fine_tuned:
-        quantize_for(prep)  # the adapter was trained on this base
+        # the base the adapter was trained on: quantized as in training, after an adapter whose initialisation
+        # rewrote the full-precision weights (it runs again when loaded)
+        adapter_dir = Path(adapter) if adapter is not None else run_dir / "adapter"
+        saved = adapter_dir / CONFIG_NAME
+        rewrites_base = not base and saved.is_file() and modifies_base_weight(
+            lorafit.LoraConfig.load(saved).init_lora_weights)
+        if not rewrites_base:
+            quantize_for(prep)
         if not base:
-            lorafit.load_adapter(prep.model, Path(adapter) if adapter is not None else run_dir / "adapter")
+            lorafit.load_adapter(prep.model, adapter_dir)
+        if rewrites_base:
+            quantize_for(prep)
     prep.model.to(prep.device)
     return prep
 
