@@ -483,6 +483,30 @@ def test_eva_on_cuda_finds_the_components_the_cpu_finds(dtype):
         assert (leading > (0.999 if dtype == torch.float32 else 0.9)).all(), (name, cosines)
 
 
+def test_loftq_on_cuda_is_kept_exactly_by_quantize_base():
+    """LoftQ with the weights on the GPU (the quantizer's dequantization is the Triton kernel there): the base holds
+    a fixed point of the quantizer, quantize_base stores exactly it, and the start is the CPU's."""
+    from lorafit.quantize import QuantizedLinear, quantize_base
+    from tests.test_loftq import config, llama, logits
+
+    reference = logits(llama())
+    on_cpu = lorafit.attach(llama(), config(loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
+    on_gpu = lorafit.attach(llama().to(DEVICE), config(loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
+    layers = dict(lorafit.model.lora_layers(on_gpu))
+    grids = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
+    start = logits(on_gpu).cpu()
+    quantize_base(on_gpu, 4)
+    for name, layer in layers.items():
+        assert isinstance(layer.base_layer, QuantizedLinear)
+        assert layer.base_layer.codes.device.type == torch.device(DEVICE).type
+        assert torch.equal(layer.base_layer.dequantize(torch.float32), grids[name]), name
+    torch.testing.assert_close(logits(on_gpu).cpu(), start, rtol=0, atol=1e-5)
+    # the SVDs round differently on the two devices, and a value on a boundary between codes may take the other
+    # one: the two starts are equally near the float model
+    errors = [(out - reference).abs().mean().item() for out in (start, logits(on_cpu))]
+    assert errors[0] == pytest.approx(errors[1], rel=0.1), errors
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -29,7 +29,7 @@ def llama(dtype=torch.float32):
 
 def logits(model):
     with torch.no_grad():
-        return model(IDS).logits.float()
+        return model(IDS.to(model.lm_head.weight.device)).logits.float().cpu()
 
 
 def low_rank_plus_noise(d_out=128, d_in=64, rank=4, seed=0):

@@ -191,10 +191,33 @@ def test_refusals():
                                          "Embedding"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj", "embed_tokens"], lora_bias=True))
     assert type(model.model.embed_tokens) is nn.Embedding and type(model.model.layers[0].self_attn.q_proj) is nn.Linear
-    lorafit.attach(model, lorafit.LoraConfig(target_modules=TARGETS, lora_bias=True), name="a")
-    lorafit.attach(model, lorafit.LoraConfig(target_modules=TARGETS), name="b")
-    with pytest.raises(ValueError, match=r"adapters \['a'\] have a bias of their own"):
-        lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "c")
+
+
+@pytest.mark.parametrize("method", ["exact", "linear", "svd"])
+def test_combine_adapters_adds_the_weighted_biases(method):
+    """An adapter with a bias and one without, combined: the biases add exactly (w_i s_i b_i), whatever the
+    method; with "exact" the combination's output is the weighted sum of the adapters' changes."""
+    model = llama()
+    lorafit.attach(model, lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_bias=True), name="a")
+    lorafit.attach(model, lorafit.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS), name="b")
+    randomize(model)
+    weights = {"a": 0.7, "b": -0.4}
+    lorafit.combine_adapters(model, weights, "c", method=method, rank=8 if method == "svd" else None)
+    assert lorafit.adapter_configs(model)["c"].lora_bias
+    x = torch.randn(3, 64)
+    for path, layer in lorafit.model.lora_layers(model):
+        torch.testing.assert_close(layer.lora_B_bias["c"], 0.7 * 2.0 * layer.lora_B_bias["a"])
+        if method != "exact":
+            continue
+        x_in = x[:, :layer.in_features]
+        with torch.no_grad():
+            base = layer.base_layer(x_in)
+            out = {}
+            for name in ("a", "b", "c"):
+                layer.set_active([name])
+                out[name] = layer(x_in)
+        torch.testing.assert_close(out["c"] - base, 0.7 * (out["a"] - base) - 0.4 * (out["b"] - base),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -12,6 +12,9 @@ target is D = sum_i w_i D_i (negative weights subtract a task: "task negation").
 - ``"svd"``: D truncated to ``rank`` by SVD. The relative Frobenius error of
   each layer is returned so the cost of the truncation is visible.
 
+The biases of adapters with ``lora_bias`` combine exactly, whatever the method:
+b = sum_i w_i s_i b_i at the new adapter's scale of 1.
+
 Modules_to_save copies (task heads) are not combined: each task keeps its own
 head. ``heads="a"`` gives the new adapter a copy of adapter a's heads (so it can
 be used and saved for task a); by default it uses the original modules.
@@ -61,10 +64,7 @@ def combine_adapters(
     if stacked:
         # their factors hold one pair per expert, interleaved; stacking or averaging them as one pair is wrong
         raise ValueError(f"adapters {stacked} use target_parameters, which combine_adapters does not support")
-    biased = [a for a in weights if configs[a].lora_bias]
-    if biased:
-        raise ValueError(f"adapters {biased} have a bias of their own (lora_bias), which combine_adapters does not "
-                         "combine")
+    biased = any(configs[a].lora_bias for a in weights)
     tokens = [a for a in weights if configs[a].trainable_token_indices]
     if tokens:
         raise ValueError(f"adapters {tokens} train token rows (trainable_token_indices), which combine_adapters does "
@@ -97,7 +97,7 @@ def combine_adapters(
         first, r=common, lora_alpha=common, use_rslora=False, lora_dropout=first.lora_dropout,
         target_modules=list(layers), rank_pattern=special, alpha_pattern=dict(special),
         layers_to_transform=None, layers_pattern=None, modules_to_save=head_modules, init_lora_weights=True,
-        bias="none", exclude_modules=None,
+        bias="none", exclude_modules=None, lora_bias=biased,
     )
     some_layer = next(iter(layers.values()))
     attach(model, config, name, activate=False, dtype=some_layer.factors_a[next(iter(weights))].dtype)
@@ -106,6 +106,9 @@ def combine_adapters(
             layer = layers[path]
             layer.factors_a[name].copy_(a)
             layer.factors_b[name].copy_(b)
+            if biased:  # the new scale is 1: sum w_i s_i b_i, exact for every method
+                layer.lora_B_bias[name].copy_(sum(w * layer.scaling[n] * layer.lora_B_bias[n].float()
+                                                  for n, w in weights.items() if n in layer.lora_B_bias))
     if heads is not None:
         for _, wrapper in saved_modules(model):
             if heads in wrapper.adapter_names and name in wrapper.adapter_names:
