@@ -507,6 +507,36 @@ def test_loftq_on_cuda_is_kept_exactly_by_quantize_base():
     assert errors[0] == pytest.approx(errors[1], rel=0.1), errors
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_alora_matches_peft_on_cuda_and_finds_the_invocation_without_a_sync(dtype, tmp_path):
+    """aLoRA on the GPU: PEFT's logits (its search for the invocation syncs; lorafit's runs on the device), and
+    a training forward and backward with no host sync."""
+    from tests.test_alora import IDS, llama, peft_alora
+
+    theirs, directory = peft_alora(tmp_path)
+    theirs = theirs.to(DEVICE, dtype)
+    ours = lorafit.load_adapter(llama().to(DEVICE, dtype), directory, trainable=True)
+    ids = IDS.to(DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0,
+                                   atol=1e-5 if dtype == torch.float32 else 0.05)
+    # lorafit's part of a training step (the hook's search, an adapted layer's forward and backward); the model
+    # around it is transformers'
+    ours.train()
+    state, layer = lorafit.alora.activation(ours), ours.model.layers[0].self_attn.q_proj
+    x = torch.randn(*ids.shape, layer.in_features, device=DEVICE, dtype=dtype, requires_grad=True)
+    for check in (False, True):  # a warm-up first
+        torch.cuda.synchronize()
+        if check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            state._before_forward(ours, (), {"input_ids": ids})
+            layer(x).float().square().mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -149,7 +149,7 @@ def test_missing_and_corrupt_adapters(bert, tmp_path):
         reg.acquire("wrong")
     assert not _attached(reg)  # nothing half-attached
     for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]), ("trainable_token_indices", [1]),
-                         ("layer_replication", [[0, 1], [0, 1]])):
+                         ("layer_replication", [[0, 1], [0, 1]]), ("alora_invocation_tokens", [5, 6])):
         unsupported = local / field
         shutil.copytree(local / "a", unsupported)
         config = json.loads((unsupported / "adapter_config.json").read_text())
@@ -158,6 +158,14 @@ def test_missing_and_corrupt_adapters(bert, tmp_path):
         with pytest.raises(BadAdapter, match=f"{field}, which lorafit serve does not support"):
             reg.acquire(field)
         assert not _attached(reg)
+    rewrites = local / "pissa"  # loading it would rewrite the base weights under every other adapter
+    shutil.copytree(local / "a", rewrites)
+    config = json.loads((rewrites / "adapter_config.json").read_text())
+    (rewrites / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    weights = {n: p.clone() for n, p in reg.model.named_parameters()}
+    with pytest.raises(BadAdapter, match="init_lora_weights='pissa' rewrites the base weights when loaded"):
+        reg.acquire("pissa")
+    assert all(torch.equal(weights[n], p) for n, p in reg.model.named_parameters())
     reg.release(reg.acquire("a"))  # and the registry keeps working
 
 

@@ -64,6 +64,10 @@ def combine_adapters(
     if stacked:
         # their factors hold one pair per expert, interleaved; stacking or averaging them as one pair is wrong
         raise ValueError(f"adapters {stacked} use target_parameters, which combine_adapters does not support")
+    activated = [a for a in weights if configs[a].alora_invocation_tokens is not None]
+    if activated:
+        raise ValueError(f"adapters {activated} are aLoRA adapters (alora_invocation_tokens), which apply from their "
+                         "own invocations on; combine_adapters does not combine them")
     biased = any(configs[a].lora_bias for a in weights)
     tokens = [a for a in weights if configs[a].trainable_token_indices]
     if tokens:

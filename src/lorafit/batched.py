@@ -90,6 +90,10 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
             raise ValueError(f"adapters {trained} train token rows (trainable_token_indices), which a batch with an "
                              "adapter per row does not support")
     for layer in layers:
+        activated = sorted(set(layer.activation) & set(rows))
+        if activated:
+            raise ValueError(f"adapters {activated} are aLoRA adapters (alora_invocation_tokens), which a batch with "
+                             "an adapter per row does not support")
         if layer.merged:
             raise ValueError(f"adapters {layer.merged} are merged into the weights; unmerge them before "
                              "running a batch with an adapter per row")

@@ -58,7 +58,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "corda_config": None,
     "runtime_config": None,
     "arrow_config": None,
-    "alora_invocation_tokens": None,
     "ensure_weight_tying": False,
     "kasa_config": None,
     "monteclora_config": None,
@@ -118,6 +117,11 @@ class LoraConfig:
     from fully fine-tuned weights, whose biases changed too; Linear and
     convolution layers only.
 
+    ``alora_invocation_tokens`` (aLoRA, PEFT's): the adapter changes a token only
+    from the last occurrence of these token ids in its row on, so the base
+    model's cache of everything before serves it (``lorafit.alora``); Linear
+    layers only, and never merged.
+
     ``trainable_token_indices`` trains new values for some rows of an embedding
     (e.g. added special tokens): a list of token ids for the model's input
     embedding, or a mapping of module name to token ids, which may also name an
@@ -147,6 +151,7 @@ class LoraConfig:
     lora_bias: bool = False
     eva_config: dict[str, Any] | None = None
     loftq_config: dict[str, int] = field(default_factory=dict)
+    alora_invocation_tokens: list[int] | None = None
     layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
@@ -189,6 +194,7 @@ class LoraConfig:
             allowed = ", ".join(repr(s) for s in INIT_SCHEMES)
             raise ValueError(f"init_lora_weights must be one of {allowed} or 'pissa_niter_N', got {init!r}")
         self._validate_loftq()
+        self._validate_alora()
         if self.eva_config is not None and not isinstance(self.eva_config, dict):
             raise ValueError(f"eva_config must be a mapping (PEFT's EvaConfig fields) or null, got {self.eva_config!r}")
         if not isinstance(self.use_rslora, bool):
@@ -281,6 +287,19 @@ class LoraConfig:
         if isinstance(value["loftq_iter"], bool) or not isinstance(value["loftq_iter"], int) or \
                 value["loftq_iter"] < 1:
             raise ValueError(f"loftq_config.loftq_iter must be an integer >= 1, got {value['loftq_iter']!r}")
+
+    def _validate_alora(self) -> None:
+        tokens = self.alora_invocation_tokens
+        if tokens is None:
+            return
+        if not isinstance(tokens, list) or not tokens or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+            raise ValueError("alora_invocation_tokens must be a non-empty list of token ids >= 0 (the tokenized "
+                             f"invocation string), got {tokens!r}")
+        for name, bad in (("use_dora", self.use_dora), ("lora_bias", self.lora_bias),
+                          ("target_parameters", self.target_parameters)):
+            if bad:
+                raise ValueError(f"alora_invocation_tokens (aLoRA) is not supported with {name}")
 
     def layer_init(self) -> bool | str | LoftQ:
         """``init_lora_weights`` as the layers take it: LoftQ with its settings, else the value itself."""

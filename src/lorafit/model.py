@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafit import alora
 from lorafit.config import LoftQ, LoraConfig, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
                             TrainableTokens)
@@ -187,6 +188,8 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
                 init=init if initialize or modifies_base_weight(init) else None, dtype=dtype,
                 use_dora=config.use_dora, bias=config.lora_bias,
             )
+        if config.alora_invocation_tokens is not None:
+            _activate(model, config, name, targets)
         for target, parameters in parameter_targets.items():
             for layer in _parameter_wrappers(model, target, parameters):
                 key = f"{target}.{layer.parameter_name}"
@@ -205,6 +208,18 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
         _remove_everywhere(model, name)  # a layer that refused the adapter leaves no half-attached model
         raise
     return config
+
+
+def _activate(model: nn.Module, config: LoraConfig, name: str, targets: list[str]) -> None:
+    """aLoRA: the adapter's layers read where it applies from the model's activation state."""
+    others = [t for t in targets if not isinstance(model.get_submodule(t), Linear)]
+    if others:
+        kind = type(model.get_submodule(others[0]).base_layer).__name__
+        raise ValueError(f"{others[0]}: alora_invocation_tokens (aLoRA) is supported for Linear layers, not {kind}; "
+                         "exclude it from target_modules")
+    state = alora.add(model, name, config.alora_invocation_tokens)
+    for target in targets:
+        model.get_submodule(target).activation[name] = state
 
 
 def _check_base_init(model: nn.Module, targets: list[str], config: LoraConfig, init) -> None:
@@ -383,6 +398,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
 
 def _remove_everywhere(model: nn.Module, name: str) -> None:
     """Take adapter ``name`` off every wrapper; wrappers left without adapters become their layer again."""
+    alora.remove(model, name)
     for path, layer in _innermost_first(model):
         if name in layer.adapter_names:
             layer.remove_adapter(name)
@@ -421,7 +437,7 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool 
     inactive = [n for n in names if n not in active_adapters(model)]
     if inactive:
         raise ValueError(f"adapters {inactive} are not active; only active adapters can be merged")
-    _check_biases_mergeable(model, names)
+    _check_mergeable(model, names)
     if replication(model) is not None:
         raise ValueError("the model's layers are repeated (layer_replication) and share their base weights, so an "
                          "adapter merged into one repeat would change the others; merge_and_unload gives each "
@@ -430,8 +446,13 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool 
         layer.merge([n for n in names if n in layer.adapter_names], safe=safe)
 
 
-def _check_biases_mergeable(model: nn.Module, names: list[str]) -> None:
-    """Before any layer merges: an adapter's own bias (lora_bias) needs a base bias to go into."""
+def _check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Before any layer merges: an adapter's own bias (lora_bias) needs a base bias to go into, and an aLoRA
+    adapter (which applies only from its invocation on) cannot be merged at all."""
+    activated = [n for n in names if adapter_configs(model)[n].alora_invocation_tokens is not None]
+    if activated:
+        raise ValueError(f"adapter {activated[0]!r} is an aLoRA adapter (alora_invocation_tokens): it applies only from "
+                         "its invocation on, and merged it would apply everywhere; nothing was merged")
     for path, layer in lora_layers(model):
         biased = [n for n in names if n in layer.lora_B_bias and n not in layer.merged]
         if biased and getattr(layer.base_layer, "bias", None) is None:
@@ -476,7 +497,7 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     model keeps its deeper stack.
     """
     names = active_adapters(model)
-    _check_biases_mergeable(model, names)
+    _check_mergeable(model, names)
     untie_layers(model)  # repeated layers (layer_replication) become layers of their own
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):

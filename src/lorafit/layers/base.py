@@ -85,6 +85,8 @@ class LoraLayer(InPlaceOf):
         # A low-precision base weight (and bias) as it was before the first merge, for an exact unmerge, by
         # "weight" / "bias". Plain attributes, not buffers: saved files and state_dict stay the same.
         self._premerge: dict[str, torch.Tensor] = {}
+        # aLoRA adapters: the model's lorafit.alora.Activation, which says at which positions each one applies
+        self.activation: dict[str, object] = {}
 
     # -- adapters ----------------------------------------------------------------
     # Read from _modules directly: nn.Module finds them only after a failed normal lookup, and every forward
@@ -182,6 +184,7 @@ class LoraLayer(InPlaceOf):
         del self.factors_b[name]
         if name in self.lora_B_bias:
             del self.lora_B_bias[name]
+        self.activation.pop(name, None)
         for table in (self.scaling, self.rank, self.dropout):
             del table[name]
         if name in self.active:
@@ -235,6 +238,10 @@ class LoraLayer(InPlaceOf):
                 "use merge_and_unload, which dequantizes the base first"
             )
         names = [n for n in (names if names is not None else list(self.active)) if n not in self.merged]
+        activated = [n for n in names if n in self.activation]
+        if activated:
+            raise ValueError(f"adapter {activated[0]!r} is an aLoRA adapter (alora_invocation_tokens): it applies only "
+                             "from its invocation on, and merged it would apply everywhere; nothing was merged")
         biased = [n for n in names if n in self.lora_B_bias]
         if biased and getattr(self.base_layer, "bias", None) is None:
             raise ValueError(f"adapter {biased[0]!r} has a bias of its own (lora_bias=True), but this "
@@ -308,8 +315,17 @@ class LoraLayer(InPlaceOf):
             return self.row_plan(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            result = self.add_lora(result, x, name)
+            result = self.add_lora(result, x, name) if name not in self.activation else \
+                self._add_activated(result, x, name)
         return result
+
+    def _add_activated(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """An aLoRA adapter's low-rank output at the positions from its invocation on, nothing elsewhere."""
+        mask = self.activation[name].mask(name, x.shape)
+        if mask is None:
+            return result
+        delta = self.add_lora(torch.zeros_like(result), x, name)
+        return result + delta * mask.unsqueeze(-1).to(delta.dtype)
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError

@@ -145,7 +145,8 @@ class Linear(LoraLayer):
         # nn.Module's attribute lookup (after a failed normal one) costs host time a small GPU layer shows.
         modules = self._modules
         base, dora = modules["base_layer"], modules["lora_magnitude_vector"]
-        if not names or args or kwargs or not _fusable(base) or (len(dora) and any(n in dora for n in names)):
+        if not names or args or kwargs or not _fusable(base) or (len(dora) and any(n in dora for n in names)) or (
+                self.activation and any(n in self.activation for n in names)):
             return super().forward(x, *args, **kwargs)
         a, b = modules[self.a_name]._parameters, modules[self.b_name]._parameters
         adapters = [LowRank(a[n], b[n], self.scaling[n], self.dropout[n]) for n in names]

@@ -283,6 +283,9 @@ class RunConfig:
                 f"{self.train.method!r} trains the base weights themselves, so it needs model.quantize = 0")
         if self.train.method == "lora":
             lora = self.lora_config()
+            if lora.alora_invocation_tokens is not None and self.task.packing:
+                bad("task.packing", "puts several rows into one sequence, and an aLoRA adapter "
+                    "(lora.alora_invocation_tokens) applies from the last invocation of the sequence on: turn one off")
             loftq_bits = lora.loftq_config.get("loftq_bits")
             if self.model.quantize and loftq_bits and loftq_bits != self.model.quantize:
                 bad("lora.loftq_config", f"loftq_bits = {loftq_bits} fits a base quantized to {loftq_bits} bits, "
