@@ -451,8 +451,8 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
     adapter (which applies only from its invocation on) cannot be merged at all."""
     activated = [n for n in names if adapter_configs(model)[n].alora_invocation_tokens is not None]
     if activated:
-        raise ValueError(f"adapter {activated[0]!r} is an aLoRA adapter (alora_invocation_tokens): it applies only from "
-                         "its invocation on, and merged it would apply everywhere; nothing was merged")
+        raise ValueError(f"adapter {activated[0]!r} is an aLoRA adapter (alora_invocation_tokens): it applies only "
+                         "from its invocation on, and merged it would apply everywhere; nothing was merged")
     for path, layer in lora_layers(model):
         biased = [n for n in names if n in layer.lora_B_bias and n not in layer.merged]
         if biased and getattr(layer.base_layer, "bias", None) is None:
