@@ -29,12 +29,37 @@ class TokenRows(nn.Module):
         self.trainable_tokens_delta = nn.ParameterDict()
 
 
-def _rescore(out: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
+def _rescore(out: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
              bias: torch.Tensor | None) -> torch.Tensor:
-    """A head's logits ``out`` with those of tokens ``index`` scored by ``rows`` (in h's dtype) instead."""
-    scores = F.linear(h, rows, None if bias is None else bias[index].to(h.dtype))
-    # the base head's product keeps no output for backward, so its logits can be overwritten in place
-    return out.index_copy_(-1, index, scores.to(out.dtype))
+    """A head's logits ``out`` with those of tokens ``index`` scored by ``rows`` (in h's dtype) instead of by the
+    weight's rows."""
+    with torch.no_grad():  # _Rescored's backward gives h and rows their gradients
+        scores = F.linear(h, rows, None if bias is None else bias[index].to(h.dtype))
+    return _Rescored.apply(out, h, rows, weight.index_select(0, index), index, scores.to(out.dtype))
+
+
+class _Rescored(torch.autograd.Function):
+    """``out[..., index] = scores`` in place (exactly the new rows' logits, in the logits' dtype), with the
+    gradient of the delta form ``out + h (rows - old)^T`` at those columns: the logits' gradient goes back to the
+    base head as it is, and ``h`` gets ``g (rows - old)`` on top of the head's ``g W``. Autograd's own in-place
+    copy would instead copy the whole (tokens x vocabulary) gradient to zero those columns. The base head's
+    product keeps no output for backward, so overwriting it is safe."""
+
+    @staticmethod
+    def forward(ctx, out, h, rows, old, index, scores):
+        ctx.save_for_backward(h, rows, old, index)
+        ctx.mark_dirty(out)
+        return out.index_copy_(-1, index, scores)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, rows, old, index = ctx.saved_tensors
+        picked = grad.index_select(-1, index).to(h.dtype)
+        grad_h = picked @ (rows - old.to(rows.dtype)).to(h.dtype) if ctx.needs_input_grad[1] else None
+        grad_rows = None
+        if ctx.needs_input_grad[2]:
+            grad_rows = (picked.reshape(-1, picked.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(rows.dtype)
+        return grad, grad_h, grad_rows, None, None, None
 
 
 class TrainableTokens(InPlaceOf):
@@ -157,7 +182,7 @@ class TrainableTokens(InPlaceOf):
             return out
         slots, index = self.replacement(names)
         if isinstance(base, nn.Linear):
-            return _rescore(out, x, self.new_rows(names, x.dtype), index, base.bias)
+            return _rescore(out, x, self.new_rows(names, x.dtype), base.weight, index, base.bias)
         slot = slots[x]
         rows = self.new_rows(names, out.dtype)[slot.clamp(min=0)]
         scale = getattr(base, "embed_scale", None)  # transformers' scaled embeddings (Gemma)
@@ -197,4 +222,5 @@ class TiedTokenHead(InPlaceOf):
         if not names:
             return out
         _, index = self.tokens.replacement(names)
-        return _rescore(out, h, self.tokens.new_rows(names, h.dtype), index, self.base_layer.bias)
+        return _rescore(out, h, self.tokens.new_rows(names, h.dtype), self.base_layer.weight, index,
+                        self.base_layer.bias)
