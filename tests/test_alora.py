@@ -169,3 +169,8 @@ def test_lorafit_train_trains_an_alora_adapter(tmp_path):
         summary["validation"]["eval_loss"], abs=1e-5)
     with pytest.raises(ValueError, match="task.packing puts several rows into one sequence, and an aLoRA adapter"):
         train(config, [tokens, "task.packing=true"], progress=False)
+    with pytest.raises(ValueError, match=r"lora.alora_invocation_tokens = \[49, 48\] appears in none of the first "
+                                         r"32 training rows, so the aLoRA adapter would train nothing"):
+        train(config, ["lora.alora_invocation_tokens=[49, 48]", "task.generate_rows=0"], progress=False,
+              overwrite=True)
+    assert lorafit.LoraConfig.load(tmp_path / "run" / "adapter" / "adapter_config.json") == saved  # kept

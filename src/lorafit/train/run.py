@@ -228,6 +228,30 @@ def _train_in_float32(prep: Prepared) -> None:
 EVA_BATCHES = 64
 
 
+# an aLoRA run looks for its invocation in at most this many training rows before it trains
+INVOCATION_ROWS = 2000
+
+
+def check_invocation(tokens: list[int], rows: Sequence[dict]) -> None:
+    """An aLoRA adapter trains only on tokens from its invocation on: a row without the invocation trains nothing,
+    and a run in which no row has it would train nothing at all. Tokenized alone, an invocation string can come
+    out other than inside a row (tokens merge across its edges), which is the usual way to get there."""
+    if streamed(rows) or not len(rows):
+        return  # a streamed split is read once, in training
+    checked = min(len(rows), INVOCATION_ROWS)
+    n = len(tokens)
+    missing = sum(not any(list(ids[i:i + n]) == tokens for i in range(len(ids) - n + 1))
+                  for ids in (rows[j]["input_ids"] for j in range(checked)))
+    advice = ("take the ids from a tokenized training row (or start the invocation with a special token, which "
+              "does not merge)")
+    if missing == checked:
+        raise ValueError(f"lora.alora_invocation_tokens = {tokens} appears in none of the first {checked} training "
+                         f"rows, so the aLoRA adapter would train nothing; {advice}")
+    if missing:
+        warnings.warn(f"lora.alora_invocation_tokens = {tokens} is missing from {missing} of the first {checked} "
+                      f"training rows, which then train nothing; {advice}", stacklevel=2)
+
+
 def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[], None]:
     """The model made ready to train by train.method (and model.quantize, train.model_dropout,
     train.gradient_checkpointing, train.compile), on its device. Returns what puts the model's own dropout
@@ -238,6 +262,8 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
     float16 = torch.float16 in dtypes
     if prep.config.train.method == "lora":
         lora = prep.config.lora_config(base_model=prep.source.path)
+        if lora.alora_invocation_tokens is not None:
+            check_invocation(lora.alora_invocation_tokens, train_rows)
         # PiSSA, OLoRA and LoftQ start from the full-precision weights and rewrite them; what they leave is
         # quantized after (QLoRA's order otherwise: the adapter starts on the quantized base)
         rewrites_base = modifies_base_weight(lora.init_lora_weights)
