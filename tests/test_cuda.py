@@ -537,6 +537,27 @@ def test_alora_matches_peft_on_cuda_and_finds_the_invocation_without_a_sync(dtyp
     assert x.grad is not None
 
 
+def test_corda_on_cuda_matches_the_cpu():
+    """attach_corda with the model on the GPU: the factors and residual weights of the CPU (covariances, inverse and
+    SVD in float32 on the device)."""
+    from tests.test_corda import config, llama, rows
+
+    batches = [{"input_ids": rows()}]
+    on_cpu = lorafit.attach_corda(llama(), config(), batches)
+    on_gpu = lorafit.attach_corda(llama().to(DEVICE), config(), batches)
+    want = on_cpu.state_dict()
+    for key, value in on_gpu.state_dict().items():
+        # a singular vector's sign is the SVD's choice: compare B A and the residual, which do not depend on it
+        if "lora_" not in key:
+            torch.testing.assert_close(value.cpu(), want[key], rtol=1e-3, atol=1e-4, msg=key)
+
+    def delta(layer):
+        return (layer.lora_B["default"] @ layer.lora_A["default"]).cpu()
+
+    for (name, a), (_, b) in zip(lorafit.model.lora_layers(on_gpu), lorafit.model.lora_layers(on_cpu)):
+        torch.testing.assert_close(delta(a), delta(b), rtol=1e-3, atol=1e-4, msg=name)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -9,6 +9,7 @@
 from lorafit.arithmetic import combine_adapters
 from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
+from lorafit.corda import attach_corda
 from lorafit.eva import attach_eva
 from lorafit.io import (
     adapter_files,
@@ -53,6 +54,7 @@ __all__ = [
     "adapter_per_row",
     "adapter_state_dict",
     "attach",
+    "attach_corda",
     "attach_eva",
     "combine_adapters",
     "detach",

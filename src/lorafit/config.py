@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Union
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", "loftq")
+INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", "loftq", "corda")
 # PiSSA from a randomized SVD with this many subspace iterations (PEFT's name)
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
 # PEFT's LoftQConfig fields and defaults
@@ -55,7 +55,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "use_qalora": False,
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "corda_config": None,
     "runtime_config": None,
     "arrow_config": None,
     "ensure_weight_tying": False,
@@ -101,7 +100,10 @@ class LoraConfig:
     principal part into the factors, or ``False`` (both random, not a no-op).
     ``"eva"`` (A from the principal directions of the layers' inputs on data,
     ranks moved to where they explain most; ``eva_config`` holds PEFT's
-    ``EvaConfig`` options) needs data: ``lorafit.attach_eva``. ``"loftq"``
+    ``EvaConfig`` options) needs data: ``lorafit.attach_eva``; so does ``"corda"``
+    (``W``'s components as its inputs weight them go into the factors, the
+    rest stays in ``W``; ``corda_config`` holds PEFT's ``CordaConfig``
+    options): ``lorafit.attach_corda``. ``"loftq"``
     (Li et al., 2023) replaces W by its NF4 / int8 form Q (lorafit.quantize's,
     ``loftq_config = {"loftq_bits": 4, "loftq_iter": 1}``) and starts ``s B A``
     as the top-r SVD of ``W - Q``, alternating the two ``loftq_iter`` times, so a
@@ -150,6 +152,7 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     lora_bias: bool = False
     eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
     loftq_config: dict[str, int] = field(default_factory=dict)
     alora_invocation_tokens: list[int] | None = None
     layer_replication: list[list[int]] | None = None
@@ -195,6 +198,9 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights must be one of {allowed} or 'pissa_niter_N', got {init!r}")
         self._validate_loftq()
         self._validate_alora()
+        if self.corda_config is not None and not isinstance(self.corda_config, dict):
+            raise ValueError(f"corda_config must be a mapping (PEFT's CordaConfig fields) or null, got "
+                             f"{self.corda_config!r}")
         if self.eva_config is not None and not isinstance(self.eva_config, dict):
             raise ValueError(f"eva_config must be a mapping (PEFT's EvaConfig fields) or null, got {self.eva_config!r}")
         if not isinstance(self.use_rslora, bool):

@@ -168,6 +168,9 @@ class LoraLayer(InPlaceOf):
             elif init == "eva":
                 raise ValueError("init_lora_weights='eva' takes A from the layers' inputs on data: attach it with "
                                  "lorafit.attach_eva(model, config, batches)")
+            elif init == "corda":
+                raise ValueError("init_lora_weights='corda' computes the factors from the layers' inputs on data: "
+                                 "attach it with lorafit.attach_corda(model, config, batches)")
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}")
             if name in self.lora_B_bias and init is not None:
