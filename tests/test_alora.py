@@ -146,6 +146,8 @@ def test_refusals_and_detach():
                          ({"alora_invocation_tokens": [1], "use_dora": True}, "not supported with use_dora")):
         with pytest.raises(ValueError, match=message):
             lorafit.LoraConfig(**bad)
+    unloaded = lorafit.unload(copy.deepcopy(model))
+    assert lorafit.alora.activation(unloaded) is None and not unloaded._forward_pre_hooks
     lorafit.detach(model, "a")
     assert lorafit.alora.activation(model) is None and not model._forward_pre_hooks  # the hook went with it
     lorafit.detach(model, "b")

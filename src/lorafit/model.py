@@ -175,8 +175,7 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
                          "trainable_token_indices; adapt it one way only")
     saved_names = _modules_to_save_names(model, config)
     init = config.layer_init()
-    if initialize or modifies_base_weight(init):
-        _check_base_init(model, targets, config, init)
+    _check_base_init(model, targets, config, init)
     try:
         for target in targets:
             module = model.get_submodule(target)
@@ -543,6 +542,8 @@ def _restore_requires_grad(model: nn.Module) -> None:
 
 
 def _forget(model: nn.Module) -> None:
+    for name in list(adapter_configs(model)):
+        alora.remove(model, name)  # its hook too
     for key in (_CONFIGS, _ORIGINAL_GRAD, "_lorafit_active"):
         model.__dict__.pop(key, None)
 
