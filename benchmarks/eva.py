@@ -36,11 +36,7 @@ def run(args, print_fn) -> dict:
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = _tiny_llama(root, train) if args.quick else "smollm2-135m"
-        config = root / "run.toml"
-        # 480 training rows and 64 held out (of 999); --quick: 32 and 8
-        config.write_text(CONFIG.format(model=json.dumps(str(model)), train=json.dumps(str(train)),
-                                        held_out=0.1 if args.quick else 0.065, rows=32 if args.quick else 480))
+        config = run_config(root, train, args.quick)
         every = ["--set", f"train.eval_every={2 if args.quick else 30}"]
         for seed in seeds:
             order = list(VARIANTS) if seed % 2 == 0 else list(reversed(VARIANTS))
@@ -70,6 +66,16 @@ def run(args, print_fn) -> dict:
              table(body, ["init", *[f"eval loss at step {s} (each seed)" for s in steps],
                           "train loss, first 10 steps", "set-up s (median)", "train s (median)", "ranks"]))
     return {"runs": results}
+
+
+def run_config(root: Path, train: Path, quick: bool) -> Path:
+    """adapter_dtype's run config on SmolLM2 with 480 training rows and 64 held out (of 999); quick: a tiny
+    random Llama, 32 and 8."""
+    model = _tiny_llama(root, train) if quick else "smollm2-135m"
+    config = root / "run.toml"
+    config.write_text(CONFIG.format(model=json.dumps(str(model)), train=json.dumps(str(train)),
+                                    held_out=0.1 if quick else 0.065, rows=32 if quick else 480))
+    return config
 
 
 def _read(out: Path) -> dict:

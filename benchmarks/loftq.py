@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.adapter_dtype import CONFIG, _alpaca, _tiny_llama
+from benchmarks.adapter_dtype import _alpaca
+from benchmarks.eva import run_config
 from benchmarks.timing import table
 
 NF4 = ["--set", "model.quantize=4"]
@@ -39,10 +40,7 @@ def run(args, print_fn) -> dict:
     train = _alpaca()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = _tiny_llama(root, train) if args.quick else "smollm2-135m"
-        config = root / "run.toml"
-        config.write_text(CONFIG.format(model=json.dumps(str(model)), train=json.dumps(str(train)),
-                                        held_out=0.1 if args.quick else 0.065, rows=32 if args.quick else 480))
+        config = run_config(root, train, args.quick)
 
         def train_run(name: str, *overrides: str) -> dict:
             out = Path(tempfile.mkdtemp(prefix="run-", dir=root))
