@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.eva import _positions, _run
+from lorafit.layers.linear import rewrite_problem
+from lorafit.eva import _positions, _run, inputs_hooked
 from lorafit.model import attach
 from lorafit.targeting import resolve_targets
 
@@ -81,9 +82,9 @@ def attach_corda(
         if type(module) is not nn.Linear:
             raise ValueError(f"CorDA initialises the weights of nn.Linear layers; {t!r} is a {type(module).__name__} "
                              "(a quantized layer: attach CorDA before quantize_base; else exclude it)")
-        if config.rank_for(t) > min(module.weight.shape):
-            raise ValueError(f"{t}: CorDA needs r <= min(d_in, d_out) = {min(module.weight.shape)}, got "
-                             f"r={config.rank_for(t)}")
+        problem = rewrite_problem(module, "corda", config.rank_for(t))
+        if problem:
+            raise ValueError(f"{t}: {problem}")
     covariances = _covariances(model, targets, batches, forward)
     factors = {}
     for t in targets:  # every layer's factors before any weight changes: an error leaves the model as it was
@@ -128,22 +129,12 @@ def _covariances(model: nn.Module, targets: list[str], batches: Iterable, forwar
             counts[target] += rows
         return hook
 
-    handles = [model.get_submodule(t).register_forward_pre_hook(hook_for(t)) for t in targets]
-    training = model.training
-    model.eval()
-    device = next((p.device for p in model.parameters()), None)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask = _positions(batch, {"use_label_mask": False})
-                state["mask"] = None if mask is None else mask.to(device)
-                _run(model, batch, forward, device)
-                state["last"] = None
-    finally:
-        state["last"] = None
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    with inputs_hooked(model, {t: hook_for(t) for t in targets}) as device:
+        for batch in batches:
+            mask = _positions(batch, {"use_label_mask": False})
+            state["mask"] = None if mask is None else mask.to(device)
+            _run(model, batch, forward, device)
+            state["last"] = None  # the input of this batch is not kept past it
     missing = [t for t in targets if not counts[t]]
     if missing:
         raise ValueError(f"CorDA: no input reached {missing[0]!r} (are batches empty, or does forward skip it?)")

@@ -17,6 +17,7 @@ writes it; options use PEFT's ``EvaConfig`` names in ``config.eva_config``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -202,7 +203,6 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
                           ) -> tuple[dict[str, IncrementalPCA], dict[str, str]]:
     """Run the batches through the model with hooks on the targets' inputs: (PCA per distinct input, by the name
     of the first layer that receives it; that name for every target)."""
-    modules = {t: model.get_submodule(t) for t in targets}
     owner: dict[str, str] = {}
     pcas: dict[str, IncrementalPCA] = {}
     # stop_at: the owner after whose input nothing more is read this batch: the forward stops there
@@ -236,38 +236,29 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
                 raise _Enough
         return hook
 
-    handles = [modules[t].register_forward_pre_hook(hook_for(t)) for t in targets]
-    training = model.training
-    model.eval()
-    device = next((p.device for p in model.parameters()), None)
     previous: dict[str, torch.Tensor] = {}
     settled: set[str] = set()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask = _positions(batch, options)
-                state["mask"] = None if mask is None else mask.to(device)
-                if state["grouping"]:
-                    # a first pass finds which layers share an input (and so each PCA's size), a second one reads
-                    _run(model, batch, forward, device)
-                    missing = [t for t in targets if t not in owner]
-                    if missing:
-                        raise ValueError(f"EVA: the forward never ran {missing[0]!r}; check forward and the batches")
-                    state["grouping"] = False
-                # the rest of the model (the layers after the last input still read, the head, the loss) need not
-                # run; a forward of the caller's own may catch exceptions, so it runs whole
-                waiting = [o for o in order if not pcas[o].done]
-                state["stop_at"] = waiting[-1] if waiting and forward is None else None
+    with inputs_hooked(model, {t: hook_for(t) for t in targets}) as device:
+        for batch in batches:
+            mask = _positions(batch, options)
+            state["mask"] = None if mask is None else mask.to(device)
+            if state["grouping"]:
+                # a first pass finds which layers share an input (and so each PCA's size), a second one reads
                 _run(model, batch, forward, device)
-                if not all(p.ready for p in pcas.values()):
-                    continue
-                settled = _settled(pcas, owner, caps, budget, previous, options["tau"])
-                if len(settled) == len(pcas):
-                    break
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+                missing = [t for t in targets if t not in owner]
+                if missing:
+                    raise ValueError(f"EVA: the forward never ran {missing[0]!r}; check forward and the batches")
+                state["grouping"] = False
+            # the rest of the model (the layers after the last input still read, the head, the loss) need not
+            # run; a forward of the caller's own may catch exceptions, so it runs whole
+            waiting = [o for o in order if not pcas[o].done]
+            state["stop_at"] = waiting[-1] if waiting and forward is None else None
+            _run(model, batch, forward, device)
+            if not all(p.ready for p in pcas.values()):
+                continue
+            settled = _settled(pcas, owner, caps, budget, previous, options["tau"])
+            if len(settled) == len(pcas):
+                break
     if not owner:
         raise ValueError("EVA: batches is empty; it needs data to run the model on")
     unready = [o for o, p in pcas.items() if not p.ready]
@@ -278,6 +269,22 @@ def _principal_components(model: nn.Module, targets: list[str], caps: dict[str, 
         warnings.warn(f"EVA: the batches ran out before the components of {sorted(set(pcas) - settled)[:3]} settled "
                       f"(tau={options['tau']}); they are the principal components of the data seen", stacklevel=3)
     return pcas, owner
+
+
+@contextlib.contextmanager
+def inputs_hooked(model: nn.Module, hooks: Mapping[str, Callable]):
+    """``hooks[name]`` as a forward pre-hook of submodule ``name`` (it sees the module's inputs), with the model in
+    eval mode and no gradients, for the block; yields the device of the model's parameters."""
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in hooks.items()]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next((p.device for p in model.parameters()), None)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
 
 
 class _Enough(Exception):

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from lorafit import alora
-from lorafit.config import LoftQ, LoraConfig, modifies_base_weight
+from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
                             TrainableTokens)
-from lorafit.layers.linear import loftq_problem
+from lorafit.layers.linear import rewrite_problem
 from lorafit.quantize import QuantizedLinear
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
@@ -229,16 +229,9 @@ def _check_base_init(model: nn.Module, targets: list[str], config: LoraConfig, i
     for target in targets:
         module = model.get_submodule(target)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        problem = loftq_problem(base) if isinstance(init, LoftQ) else None
-        if problem is None and isinstance(base, QuantizedLinear):
-            problem = (f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, and this layer is "
-                       "quantized: attach the adapter before quantize_base, which then quantizes the new weight")
+        problem = rewrite_problem(base, init, config.rank_for(target))
         if problem:
             raise ValueError(f"{target}: {problem}")
-        weight = getattr(base, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and config.rank_for(target) > min(weight.shape):
-            raise ValueError(f"{target}: init_lora_weights={config.init_lora_weights!r} needs r <= min(d_in, d_out) "
-                             f"= {min(weight.shape)}, got r={config.rank_for(target)}")
 
 
 def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) -> list[ParameterLora]:

@@ -323,12 +323,12 @@ class LoraLayer(InPlaceOf):
         return result
 
     def _add_activated(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """An aLoRA adapter's low-rank output at the positions from its invocation on, nothing elsewhere."""
+        """An aLoRA adapter's low-rank output at the positions from its invocation on, nothing elsewhere: its input
+        zeroed elsewhere, as the low-rank path has no bias (aLoRA refuses lora_bias) and so maps zero to zero."""
         mask = self.activation[name].mask(name, x.shape)
         if mask is None:
             return result
-        delta = self.add_lora(torch.zeros_like(result), x, name)
-        return result + delta * mask.unsqueeze(-1).to(delta.dtype)
+        return self.add_lora(result, x * mask.unsqueeze(-1).to(x.dtype), name)
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError

@@ -30,18 +30,26 @@ def _fusable(base: nn.Module) -> bool:
     return plain and not base._forward_hooks and not base._forward_pre_hooks
 
 
-def loftq_problem(base: nn.Module) -> str | None:
-    """Why LoftQ cannot start from this layer's weight, or None: it needs a full-precision ``nn.Linear`` weight
-    (the layers quantize_base quantizes) made of whole quantization blocks."""
-    if type(base) is not nn.Linear:
-        if hasattr(base, "dequantize"):
-            return ("init_lora_weights='loftq' needs the full-precision weight, and this layer is quantized "
-                    "already: attach (or load) the LoftQ adapter before quantize_base, which then keeps LoftQ's "
-                    "quantized weight")
-        return f"init_lora_weights='loftq' is supported for nn.Linear layers, not {type(base).__name__}"
-    if base.weight.numel() % BLOCK_SIZE:
-        return (f"init_lora_weights='loftq': a weight of shape {list(base.weight.shape)} does not split into "
-                f"quantization blocks of {BLOCK_SIZE}; exclude this layer")
+def rewrite_problem(base: nn.Module, init: bool | str | LoftQ, r: int) -> str | None:
+    """Why an initialisation that rewrites the base weight (PiSSA, OLoRA, LoftQ) cannot start from this layer, or
+    None: a quantized weight is computed from codes on each read (a residual would be written into a copy), LoftQ
+    needs a full-precision ``nn.Linear`` weight of whole quantization blocks, and r is at most min(d_in, d_out)."""
+    if isinstance(init, LoftQ):
+        if type(base) is not nn.Linear:
+            if hasattr(base, "dequantize"):
+                return ("init_lora_weights='loftq' needs the full-precision weight, and this layer is quantized "
+                        "already: attach (or load) the LoftQ adapter before quantize_base, which then keeps LoftQ's "
+                        "quantized weight")
+            return f"init_lora_weights='loftq' is supported for nn.Linear layers, not {type(base).__name__}"
+        if base.weight.numel() % BLOCK_SIZE:
+            return (f"init_lora_weights='loftq': a weight of shape {list(base.weight.shape)} does not split into "
+                    f"quantization blocks of {BLOCK_SIZE}; exclude this layer")
+    elif hasattr(base, "dequantize"):
+        return (f"init_lora_weights={init!r} rewrites the base weight, and this layer is quantized: attach the "
+                "adapter before quantize_base, which then quantizes the new weight")
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and r > min(weight.shape):
+        return f"init_lora_weights={init!r} needs r <= min(d_in, d_out) = {min(weight.shape)}, got r={r}"
     return None
 
 
@@ -68,16 +76,7 @@ class Linear(LoraLayer):
         if isinstance(init, str) and init == "loftq":  # called without a config: PEFT's LoftQConfig defaults
             init = LoftQ(*LOFTQ_DEFAULTS.values())
         if modifies_base_weight(init):
-            if self.rank[name] > min(self.in_features, self.out_features):
-                raise ValueError(
-                    f"init_lora_weights={init!r} needs r <= min(d_in, d_out) = "
-                    f"{min(self.in_features, self.out_features)}, got r={self.rank[name]}"
-                )
-            if hasattr(self.base_layer, "dequantize") and not isinstance(init, LoftQ):
-                # its weight is computed from codes on each read: the residual would be written into a copy
-                raise ValueError(f"init_lora_weights={init!r} rewrites the base weight, and this layer is quantized: "
-                                 "attach the adapter before quantize_base")
-            problem = loftq_problem(self.base_layer) if isinstance(init, LoftQ) else None
+            problem = rewrite_problem(self.base_layer, init, self.rank[name])
             if problem:
                 raise ValueError(problem)
             args = (self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],

@@ -39,7 +39,7 @@ from torch import nn
 
 import lorafit
 from lorafit.config import modifies_base_weight
-from lorafit.io import CONFIG_NAME, LABELS_NAME
+from lorafit.io import LABELS_NAME, WEIGHTS_NAME
 from lorafit.kernels import triton_warmup
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
@@ -881,13 +881,12 @@ def load_run(run_dir: str | os.PathLike, overrides, adapter: str | os.PathLike |
         # the base the adapter was trained on: quantized as in training, after an adapter whose initialisation
         # rewrote the full-precision weights (it runs again when loaded)
         adapter_dir = Path(adapter) if adapter is not None else run_dir / "adapter"
-        saved = adapter_dir / CONFIG_NAME
-        rewrites_base = not base and saved.is_file() and modifies_base_weight(
-            lorafit.LoraConfig.load(saved).init_lora_weights)
+        saved = None if base else lorafit.read_adapter(adapter_dir)  # (config, tensors), read once
+        rewrites_base = saved is not None and modifies_base_weight(saved[0].init_lora_weights)
         if not rewrites_base:
             quantize_for(prep)
-        if not base:
-            lorafit.load_adapter(prep.model, adapter_dir)
+        if saved is not None:
+            lorafit.load_adapter_state(prep.model, *saved, source=str(adapter_dir / WEIGHTS_NAME))
         if rewrites_base:
             quantize_for(prep)
     prep.model.to(prep.device)
