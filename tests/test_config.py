@@ -17,7 +17,8 @@ from lorafit import LoraConfig
         ({"lora_dropout": 1.0}, "lora_dropout must be a number with 0 <= lora_dropout < 1, got 1.0"),
         ({"lora_dropout": -0.1}, "0 <= lora_dropout < 1"),
         ({"init_lora_weights": "xavier"}, "init_lora_weights must be one of True, False, 'gaussian', 'orthogonal', "
-                                          "'pissa', 'olora', 'eva', 'loftq', 'corda' or 'pissa_niter_N', got 'xavier'"),
+                                          "'pissa', 'olora', 'eva', 'loftq', 'corda', 'lora_ga', 'mica' or "
+                                          "'pissa_niter_N', got 'xavier'"),
         ({"init_lora_weights": 1}, "init_lora_weights must be one of"),
         ({"bias": "some"}, "bias must be one of 'none', 'all', 'lora_only', got 'some'"),
         ({"target_modules": []}, "target_modules must be a non-empty list"),

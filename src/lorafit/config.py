@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Union
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", "loftq", "corda")
+INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", "loftq", "corda", "lora_ga", "mica")
 # PiSSA from a randomized SVD with this many subspace iterations (PEFT's name)
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
 # PEFT's LoftQConfig fields and defaults
@@ -43,6 +43,11 @@ def modifies_base_weight(init: bool | str | LoftQ) -> bool:
         isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
 
 
+def freezes_b(init: bool | str | LoftQ) -> bool:
+    """Whether the adapter trains A only, B staying as initialised (MiCA)."""
+    return init == "mica"
+
+
 def pissa_iterations(init: bool | str) -> int | None:
     """The subspace iterations of ``"pissa_niter_N"``; None for an exact SVD."""
     match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
@@ -63,7 +68,7 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
 }
 # Keys PEFT writes that carry no meaning for lorafit (bookkeeping only).
 _PEFT_IGNORED = {"peft_type", "auto_mapping", "revision", "peft_version", "qalora_group_size", "modules_to_tie",
-                 "use_bdlora", "lora_ga_config", "bdlora_config",
+                 "use_bdlora", "bdlora_config",
                  # VeLoRA only changes what backward keeps in memory; the adapter computes the same function.
                  "velora_config"}
 
@@ -103,7 +108,13 @@ class LoraConfig:
     ``EvaConfig`` options) needs data: ``lorafit.attach_eva``; so does ``"corda"``
     (``W``'s components as its inputs weight them go into the factors, the
     rest stays in ``W``; ``corda_config`` holds PEFT's ``CordaConfig``
-    options): ``lorafit.attach_corda``. ``"loftq"``
+    options): ``lorafit.attach_corda``; and so does ``"lora_ga"`` (Wang et
+    al., 2024: A and B from the SVD of the weight's gradient on data, the base
+    keeping ``W - s B A``, so the first steps move like full fine-tuning's;
+    ``lora_ga_config`` holds PEFT's ``LoraGAConfig`` options):
+    ``lorafit.attach_lora_ga``. ``"mica"`` (Minor Component Adaptation) sets B
+    to the left singular vectors of W's r smallest singular values and A to
+    zero, and trains A only (B stays frozen). ``"loftq"``
     (Li et al., 2023) replaces W by its NF4 / int8 form Q (lorafit.quantize's,
     ``loftq_config = {"loftq_bits": 4, "loftq_iter": 1}``) and starts ``s B A``
     as the top-r SVD of ``W - Q``, alternating the two ``loftq_iter`` times, so a
@@ -153,6 +164,7 @@ class LoraConfig:
     lora_bias: bool = False
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
+    lora_ga_config: dict[str, Any] | None = None
     loftq_config: dict[str, int] = field(default_factory=dict)
     alora_invocation_tokens: list[int] | None = None
     layer_replication: list[list[int]] | None = None
@@ -201,6 +213,11 @@ class LoraConfig:
         if self.corda_config is not None and not isinstance(self.corda_config, dict):
             raise ValueError(f"corda_config must be a mapping (PEFT's CordaConfig fields) or null, got "
                              f"{self.corda_config!r}")
+        if self.lora_ga_config is not None and not isinstance(self.lora_ga_config, dict):
+            raise ValueError(f"lora_ga_config must be a mapping (PEFT's LoraGAConfig fields) or null, got "
+                             f"{self.lora_ga_config!r}")
+        if init == "mica" and self.use_dora:
+            raise ValueError("init_lora_weights='mica' is not supported with use_dora=True")
         if self.eva_config is not None and not isinstance(self.eva_config, dict):
             raise ValueError(f"eva_config must be a mapping (PEFT's EvaConfig fields) or null, got {self.eva_config!r}")
         if not isinstance(self.use_rslora, bool):
@@ -269,7 +286,7 @@ class LoraConfig:
         for name, bad in (("use_dora", self.use_dora), ("fan_in_fan_out", self.fan_in_fan_out)):
             if bad:
                 raise ValueError(f"{name} is not supported with target_parameters")
-        if modifies_base_weight(self.init_lora_weights) or self.init_lora_weights == "orthogonal":
+        if modifies_base_weight(self.init_lora_weights) or self.init_lora_weights in ("orthogonal", "mica"):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported with target_parameters")
 
     def _validate_loftq(self) -> None:
@@ -303,7 +320,8 @@ class LoraConfig:
             raise ValueError("alora_invocation_tokens must be a non-empty list of token ids >= 0 (the tokenized "
                              f"invocation string), got {tokens!r}")
         for name, bad in (("use_dora", self.use_dora), ("lora_bias", self.lora_bias),
-                          ("target_parameters", self.target_parameters)):
+                          ("target_parameters", self.target_parameters),
+                          ("init_lora_weights='mica'", self.init_lora_weights == "mica")):
             if bad:
                 raise ValueError(f"alora_invocation_tokens (aLoRA) is not supported with {name}")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorafit import alora
-from lorafit.config import LoraConfig, modifies_base_weight
+from lorafit.config import LoraConfig, freezes_b, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
                             TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
@@ -139,6 +139,10 @@ def attach(
     if trainable:
         for p in adapter_parameters(model, name).values():
             p.requires_grad_(True)
+        if freezes_b(config.init_lora_weights):
+            for _, layer in lora_layers(model):
+                if name in layer.factors_b:
+                    layer.factors_b[name].requires_grad_(False)
     if activate:
         # Merged adapters stay active (they are in the weights); the new one joins them.
         set_active(model, merged_adapters(model) + [name])
@@ -222,13 +226,23 @@ def _activate(model: nn.Module, config: LoraConfig, name: str, targets: list[str
 
 
 def _check_base_init(model: nn.Module, targets: list[str], config: LoraConfig, init) -> None:
-    """An initialisation that rewrites base weights (PiSSA, OLoRA, LoftQ) checked on every target before the
-    first is rewritten: a refusal half way would leave some base weights changed."""
-    if not modifies_base_weight(init):
+    """An initialisation from the base weight's SVD checked on every target before the first is touched: a
+    refusal half way would leave some base weights changed (PiSSA, OLoRA, LoftQ), and the error names the layer."""
+    if not (modifies_base_weight(init) or init == "mica"):
         return
     for target in targets:
         module = model.get_submodule(target)
         base = module.base_layer if isinstance(module, LoraLayer) else module
+        if init == "mica":
+            kind, r = layer_kind(base), config.rank_for(target)
+            shape = tuple(base.weight.shape)
+            if kind not in ("linear", "embedding"):
+                raise ValueError(f"{target}: init_lora_weights='mica' is supported for Linear and Embedding layers, "
+                                 f"not {type(base).__name__}; exclude it")
+            if r > min(shape):
+                raise ValueError(f"{target}: init_lora_weights='mica' needs r <= {min(shape)} (the smaller side of "
+                                 f"its weight {list(shape)}), got r={r}")
+            continue
         problem = rewrite_problem(base, init, config.rank_for(target))
         if problem:
             raise ValueError(f"{target}: {problem}")

@@ -171,6 +171,9 @@ class LoraLayer(InPlaceOf):
             elif init == "corda":
                 raise ValueError("init_lora_weights='corda' computes the factors from the layers' inputs on data: "
                                  "attach it with lorafit.attach_corda(model, config, batches)")
+            elif init == "lora_ga":
+                raise ValueError("init_lora_weights='lora_ga' computes the factors from the weights' gradients on "
+                                 "data: attach it with lorafit.attach_lora_ga(model, config, batches)")
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}")
             if name in self.lora_B_bias and init is not None:

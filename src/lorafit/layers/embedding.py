@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lorafit.layers.base import LoraLayer, compute_dtype
+from lorafit.layers.init import mica_init
 
 
 class Embedding(LoraLayer):
@@ -35,6 +36,8 @@ class Embedding(LoraLayer):
             elif init is False:
                 nn.init.normal_(a)
                 nn.init.normal_(b)
+            elif init == "mica":  # the table's weight as a projection is (embedding_dim, num_embeddings)
+                mica_init(self.base_layer.weight, a, b, transposed=True)
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported for Embedding layers")
 

@@ -5,7 +5,8 @@ residual in the base weight, so ``W_res + s * B A == W`` right after attach:
 the model's output is unchanged, but the base weight *is* modified (``unload``
 then returns the residual, not the original weight). LoftQ replaces ``W`` by
 its quantized form ``Q`` and lets ``s * B A`` take up as much of ``W - Q`` as
-rank r can, so ``Q + s * B A`` is nearer ``W`` than ``Q`` alone.
+rank r can, so ``Q + s * B A`` is nearer ``W`` than ``Q`` alone. MiCA only
+reads ``W``: B spans its least used output directions and A starts at zero.
 """
 
 from __future__ import annotations
@@ -71,3 +72,13 @@ def olora_init(weight: torch.Tensor, a, b, scale: float, transposed: bool = Fals
     q, rmat = torch.linalg.qr(w)
     new_a, new_b = rmat[:r], q[:, :r]
     _store(weight, a, b, new_a, new_b, w - scale * new_b @ new_a, transposed)
+
+
+def mica_init(weight: torch.Tensor, a, b, transposed: bool = False) -> None:
+    """MiCA (Minor Component Adaptation): B the left singular vectors of W's r smallest singular values, A = 0, so
+    B A = 0 and W stays as it is. Only A trains (``attach`` freezes B)."""
+    w = _weight_matrix(weight, transposed)
+    u = torch.linalg.svd(w, full_matrices=False)[0]
+    with torch.no_grad():
+        a.zero_()
+        b.copy_(u[:, -a.shape[0]:].to(b.dtype))

@@ -15,7 +15,7 @@ from lorafit.config import LOFTQ_DEFAULTS, LoftQ, modifies_base_weight, pissa_it
 from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
-from lorafit.layers.init import loftq_init, olora_init, pissa_init
+from lorafit.layers.init import loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
 
 
@@ -91,6 +91,8 @@ class Linear(LoraLayer):
                 pissa_init(*args, iterations=pissa_iterations(init))
             self.initial_factors[name] = (self.factors_a[name].detach().clone(),
                                           self.factors_b[name].detach().clone())
+        elif init == "mica":
+            mica_init(self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.fan_in_fan_out)
         else:
             super().init_factors(name, init)
 
