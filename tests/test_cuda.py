@@ -558,6 +558,48 @@ def test_corda_on_cuda_matches_the_cpu():
         torch.testing.assert_close(delta(a), delta(b), rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mica_on_cuda_matches_the_cpu_and_trains_a_only(dtype):
+    """MiCA's B on the GPU spans what the CPU's spans (the SVD's signs are its own), A starts at zero, and a
+    training step in the model's dtype leaves B as it was, with no gradient computed for it."""
+    from tests.test_mica import config, ids, llama
+
+    on_cpu = lorafit.attach(llama().to(dtype), config())
+    on_gpu = lorafit.attach(llama().to(DEVICE, dtype), config())
+    for (name, a), (_, b) in zip(lorafit.model.lora_layers(on_gpu), lorafit.model.lora_layers(on_cpu)):
+        ga, gb = a.factors_b["default"].float().cpu(), b.factors_b["default"].float()
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(ga @ ga.T, gb @ gb.T, rtol=tol, atol=tol, msg=name)
+        assert not a.factors_a["default"].any()
+    before = {n: p.detach().clone() for n, p in on_gpu.named_parameters() if "_B." in n}
+    on_gpu.train()
+    batch = ids().to(DEVICE)
+    on_gpu(input_ids=batch, labels=batch).loss.backward()
+    torch.optim.SGD([p for p in on_gpu.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(p.grad is None and torch.equal(p, before[n]) for n, p in on_gpu.named_parameters() if "_B." in n)
+    assert all(p.grad is not None for n, p in on_gpu.named_parameters() if "_A." in n)
+
+
+def test_lora_ga_on_cuda_matches_the_cpu(monkeypatch):
+    """attach_lora_ga with the model on the GPU: the gradients, factors and residual weights of the CPU (with the
+    SVD made deterministic, as in test_lora_ga), and a bf16 model starts where its base does."""
+    from tests.test_lora_ga import batches, config, exact_svd_lowrank, llama
+
+    monkeypatch.setattr(torch, "svd_lowrank", exact_svd_lowrank)
+    data = batches()
+    on_cpu = lorafit.attach_lora_ga(llama(), config(), data)
+    on_gpu = lorafit.attach_lora_ga(llama().to(DEVICE), config(), data)
+    want = on_cpu.state_dict()
+    for key, value in on_gpu.state_dict().items():
+        torch.testing.assert_close(value.cpu(), want[key], rtol=1e-3, atol=1e-4, msg=key)
+    ids = data[0]["input_ids"].to(DEVICE)
+    base = llama().to(DEVICE, torch.bfloat16)
+    model = lorafit.attach_lora_ga(llama().to(DEVICE, torch.bfloat16), config(), data)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits.float(), base(input_ids=ids).logits.float(),
+                                   rtol=0, atol=0.05)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -133,3 +133,22 @@ def test_refusals():
     model = Mixed()
     lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=["mlp.0"], init_lora_weights="mica"))
     assert isinstance(model.mlp[0].base_layer, nn.Linear)  # a refused attach above left nothing behind
+
+
+def test_lorafit_train_trains_a_only(tmp_path):
+    from lorafit.train import evaluate, train
+    from tests.test_train_support import instruction_setup
+
+    config = instruction_setup(tmp_path, 32, 8, train="epochs = 1\nbatch_size = 8\nlr = 1e-2\nnum_threads = 1")
+    summary = train(config, ["lora.init_lora_weights='mica'", "task.generate_rows=0"], progress=False)
+    saved, tensors = lorafit.read_adapter(tmp_path / "run" / "adapter")
+    assert saved.init_lora_weights == "mica"
+    fresh = lorafit.attach(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama"), saved)
+    initial = {lorafit.io.peft_key(k, "default"): p for k, p in lorafit.adapter_parameters(fresh, "default").items()}
+    for key, value in tensors.items():
+        if "lora_B" in key:  # B as MiCA made it, A trained
+            torch.testing.assert_close(value, initial[key].to(value.dtype), msg=key)
+        else:
+            assert value.abs().max() > 0, key
+    assert evaluate(tmp_path / "run", "validation")["eval_loss"] == pytest.approx(
+        summary["validation"]["eval_loss"], abs=1e-5)

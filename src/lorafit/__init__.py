@@ -24,6 +24,7 @@ from lorafit.io import (
     write_adapter,
 )
 from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
+from lorafit.lora_ga import attach_lora_ga
 from lorafit.model import (
     ParameterReport,
     active_adapters,
@@ -56,6 +57,7 @@ __all__ = [
     "attach",
     "attach_corda",
     "attach_eva",
+    "attach_lora_ga",
     "combine_adapters",
     "detach",
     "disabled",

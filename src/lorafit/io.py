@@ -177,9 +177,9 @@ def read_labels(directory: str | os.PathLike) -> list[str] | None:
 
 
 def _as_plain_lora(model, name, config, tensors):
-    if not (modifies_base_weight(config.init_lora_weights) or config.init_lora_weights == "corda"):
+    if not (modifies_base_weight(config.init_lora_weights) or config.init_lora_weights in ("corda", "lora_ga")):
         raise ValueError(
-            f"as_plain_lora is for PiSSA/OLoRA/CorDA adapters; {name!r} has init_lora_weights="
+            f"as_plain_lora is for PiSSA/OLoRA/CorDA/LoRA-GA adapters; {name!r} has init_lora_weights="
             f"{config.init_lora_weights!r} and already is a plain LoRA of the base weights"
         )
     if config.init_lora_weights == "loftq":
@@ -207,7 +207,7 @@ def _as_plain_lora(model, name, config, tensors):
             alphas[re.escape(path)] = scale * rank
     plain = dataclasses.replace(
         config, init_lora_weights=True, r=2 * config.r, lora_alpha=default_scale * 2 * config.r,
-        use_rslora=False, rank_pattern=ranks, alpha_pattern=alphas, corda_config=None,
+        use_rslora=False, rank_pattern=ranks, alpha_pattern=alphas, corda_config=None, lora_ga_config=None,
     )
     return plain, tensors
 
@@ -328,10 +328,11 @@ def load_adapter_state(
 ) -> nn.Module:
     """``load_adapter`` for an adapter already in memory (``parse_adapter``): the same checks, and
     the model is left as it was on error. ``source`` names the adapter in errors."""
-    if config.init_lora_weights == "corda":
-        raise ValueError(f"{source}: a CorDA adapter (init_lora_weights='corda') fits the residual weights its "
-                         "initialisation left, which takes the data it ran on to make again; save it with "
-                         "as_plain_lora=True (a LoRA of the original weights), or merge it")
+    if config.init_lora_weights in ("corda", "lora_ga"):
+        method = {"corda": "CorDA", "lora_ga": "LoRA-GA"}[config.init_lora_weights]
+        raise ValueError(f"{source}: a {method} adapter (init_lora_weights={config.init_lora_weights!r}) fits the "
+                         "residual weights its initialisation left, which takes the data it ran on to make again; "
+                         "save it with as_plain_lora=True (a LoRA of the original weights), or merge it")
     attach(model, config, name, activate=activate, trainable=trainable, initialize=False)
     try:
         _fit_head_sizes(model, name, tensors, trainable)

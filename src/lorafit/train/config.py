@@ -283,9 +283,10 @@ class RunConfig:
                 f"{self.train.method!r} trains the base weights themselves, so it needs model.quantize = 0")
         if self.train.method == "lora":
             lora = self.lora_config()
-            if lora.init_lora_weights == "corda":
-                bad("lora.init_lora_weights", "= 'corda' is computed by lorafit.attach_corda from Python; lorafit "
-                    "train does not compute it (its EVA, PiSSA and LoftQ initialisations it does)")
+            if lora.init_lora_weights in ("corda", "lora_ga"):
+                bad("lora.init_lora_weights", f"= {lora.init_lora_weights!r} is computed by "
+                    f"lorafit.attach_{lora.init_lora_weights} from Python; lorafit train does not compute it (its EVA, "
+                    "PiSSA and LoftQ initialisations it does)")
             if lora.alora_invocation_tokens is not None and self.task.packing:
                 bad("task.packing", "puts several rows into one sequence, and an aLoRA adapter "
                     "(lora.alora_invocation_tokens) applies from the last invocation of the sequence on: turn one off")
