@@ -96,7 +96,8 @@ def test_a_spans_the_gradients_top_directions():
         torch.testing.assert_close(kept, torch.linalg.norm(top), rtol=2e-2, atol=0, msg=name)
     # the base model's own parameters are left as they were: frozen, no gradients kept
     assert all(p.grad is None for p in model.parameters())
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lorafit.adapter_parameters(model, "default"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lorafit.adapter_parameters(model, "default"))
 
 
 def test_gpt2_conv1d_start_unchanged():
@@ -129,7 +130,8 @@ def test_as_plain_lora_and_the_refusals(tmp_path):
     with pytest.raises(ValueError, match="a LoRA-GA adapter .* takes the data it ran on to make again; save it with "
                                          "as_plain_lora=True"):
         lorafit.load_adapter(llama(), tmp_path / "ga")
-    with pytest.raises(ValueError, match="init_lora_weights='lora_ga' computes the factors from the weights' gradients"):
+    with pytest.raises(ValueError, match="init_lora_weights='lora_ga' computes the factors from the weights' "
+                                         "gradients"):
         lorafit.attach(llama(), config(init_lora_weights="lora_ga"))
     with pytest.raises(ValueError, match="direction'\\] must be one of"):
         lorafit.attach_lora_ga(llama(), config(lora_ga_config={"direction": "x"}), data)
