@@ -156,3 +156,20 @@ def test_as_plain_lora_and_the_refusals(tmp_path):
     assert all(torch.equal(weights[n], p) and p.requires_grad == grads[n] and p.grad is None
                for n, p in untouched.named_parameters())
     assert not untouched.training
+
+
+def test_lorafit_train_starts_from_lora_ga_and_saves_a_plain_lora(tmp_path):
+    from lorafit.train import evaluate, train
+    from tests.test_train_support import instruction_setup
+
+    config = instruction_setup(tmp_path, 32, 8, train="epochs = 1\nbatch_size = 8\nlr = 1e-2\nnum_threads = 1")
+    summary = train(config, ["lora.init_lora_weights='lora_ga'", "lora.r=4", "task.generate_rows=0"],
+                    progress=False)
+    saved = lorafit.LoraConfig.load(tmp_path / "run" / "adapter" / "adapter_config.json")
+    # a LoRA of the original weights (the trained factors and the initial ones, negated): it loads anywhere
+    assert saved.init_lora_weights is True and saved.r == 8 and saved.lora_ga_config is None
+    # evaluated on the original base with that file: what training measured on the residual base
+    assert evaluate(tmp_path / "run", "validation")["eval_loss"] == pytest.approx(
+        summary["validation"]["eval_loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="'lora_ga' needs the full-precision weights' gradients"):
+        train(config, ["lora.init_lora_weights='lora_ga'", "model.quantize=4"], progress=False, overwrite=True)

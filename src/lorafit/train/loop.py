@@ -224,7 +224,7 @@ class _Session:
         units = int(dist.all_reduce_sum([local_units], self.device)[0])
         for j, (batch, real) in enumerate(micro):
             tokens = int(batch["attention_mask"].sum()) if real else 0
-            batch = _on_device(batch, self.device)
+            batch = on_device(batch, self.device)
             with dist.accumulating(self.wrapped, last=j == len(micro) - 1):
                 with self.autocast():
                     loss = self.task.loss_sum(self.wrapped, batch)
@@ -373,7 +373,7 @@ class _Pending:
         return out
 
 
-def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch's tensors on ``device``. To a GPU they go from pinned memory with non_blocking: a copy from
     pageable memory would wait for every kernel already queued."""
     if device.type != "cuda":

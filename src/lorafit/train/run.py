@@ -47,7 +47,7 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import RunConfig, TrainSection, load_config
 from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed, train_batches
 from lorafit.train.distributed import SINGLE, Distributed
-from lorafit.train.loop import LoopState, fit, keeps_masters, total_steps
+from lorafit.train.loop import LoopState, fit, keeps_masters, on_device, total_steps
 from lorafit.train.master_weights import SIXTEEN_BIT
 from lorafit.train.metrics import (
     BestEval,
@@ -226,10 +226,26 @@ def _train_in_float32(prep: Prepared) -> None:
 
 # EVA (init_lora_weights = "eva") reads at most this many training batches, fewer once its components settle
 EVA_BATCHES = 64
+# LoRA-GA (init_lora_weights = "lora_ga") averages the gradients of this many training batches
+LORA_GA_BATCHES = 8
+# initialisations whose adapter fits only the residual base they leave, which takes their data to make again: the
+# run saves the adapter as a plain LoRA of the original weights (as_plain_lora)
+RESIDUAL_FROM_DATA = ("lora_ga",)
 
 
 # an aLoRA run looks for its invocation in at most this many training rows before it trains
 INVOCATION_ROWS = 2000
+
+
+def _task_loss(prep: Prepared) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """A batch's mean loss as a training step computes it (the task's loss, under the run's autocast)."""
+    autocast = _autocast(prep)
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        units = max(prep.task.num_units(batch), 1)
+        with autocast():
+            return prep.task.loss_sum(model, on_device(batch, prep.device)) / units
+    return loss
 
 
 def check_invocation(tokens: list[int], rows: Sequence[dict]) -> None:
@@ -269,13 +285,17 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
         rewrites_base = modifies_base_weight(lora.init_lora_weights)
         if not rewrites_base:
             quantize_for(prep)
-        torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init
-        if lora.init_lora_weights == "eva":
-            model.to(prep.device)  # the principal components are computed where the model runs
+        torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init (LoRA-GA's: its SVD's draws)
+        if lora.init_lora_weights in ("eva", "lora_ga"):
+            model.to(prep.device)  # computed where the model runs
             # batches as the data module reads them (a streamed split too), in the run's seeded order
-            rows = itertools.islice(train_batches(train_rows, prep.config.train.batch_size, prep.config.train.seed,
-                                                  0, group_by_length=False), EVA_BATCHES)
-            lorafit.attach_eva(model, lora, (prep.task.collate(r) for r in rows))
+            rows = train_batches(train_rows, prep.config.train.batch_size, prep.config.train.seed, 0,
+                                 group_by_length=False)
+            if lora.init_lora_weights == "eva":
+                lorafit.attach_eva(model, lora, (prep.task.collate(r) for r in itertools.islice(rows, EVA_BATCHES)))
+            else:
+                lorafit.attach_lora_ga(model, lora, (prep.task.collate(r) for r in
+                                                     itertools.islice(rows, LORA_GA_BATCHES)), loss=_task_loss(prep))
         else:
             lorafit.attach(model, lora)
         if rewrites_base:
@@ -830,7 +850,8 @@ def save_result(prep: Prepared, out: Path, dist: Distributed = SINGLE) -> None:
 
     Every process calls this (FSDP shards are gathered collectively); process 0 writes."""
     if prep.config.train.method == "lora":
-        config, tensors = lorafit.adapter_files(prep.model)
+        residual = lorafit.adapter_configs(prep.model)["default"].init_lora_weights in RESIDUAL_FROM_DATA
+        config, tensors = lorafit.adapter_files(prep.model, as_plain_lora=residual)
         # labels.json: serve, eval and PEFT users learn the head's class names from the adapter alone
         labels = [str(v) for v in prep.labels] if prep.labels is not None else None
         if dist.is_main:
