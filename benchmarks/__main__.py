@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., moe, tokens, eva, loftq
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., moe, tokens, inits, loftq
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -33,7 +33,7 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva", "loftq")
+         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -545,12 +545,12 @@ def bench_tokens(args, out: dict) -> None:
     out["tokens"] = tokens.run(args, _print)
 
 
-def bench_eva(args, out: dict) -> None:
-    """lorafit train with EVA's initialisation against the default one, on SmolLM2 and Alpaca
-    (benchmarks/eva.py)."""
-    from benchmarks import eva
+def bench_inits(args, out: dict) -> None:
+    """lorafit train with EVA's, LoRA-GA's and MiCA's initialisations against the default one, on SmolLM2 and
+    Alpaca (benchmarks/inits.py)."""
+    from benchmarks import inits
 
-    out["eva"] = eva.run(args, _print)
+    out["inits"] = inits.run(args, _print)
 
 
 def bench_loftq(args, out: dict) -> None:
@@ -612,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", action="append", choices=PARTS, help="run only these parts (repeatable)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 10, 2 with --quick)")
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    ap.add_argument("--inits", default=None, help="the inits part's variants, comma-separated (default: all of "
+                    "default, eva, lora_ga, mica)")
     ap.add_argument("--malloc-defaults", action="store_true",
                     help="keep glibc's malloc thresholds in every process; by default the suite, like lorafit train, "
                          "keeps freed memory for reuse (lorafit/train/allocator.py), for every variant alike")

@@ -22,11 +22,11 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
-                  "EVA against the default initialisation", "LoftQ against QLoRA's start"):
+                  "Initialisations against the default", "LoftQ against QLoRA's start"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
-                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "eva",
+                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits",
                          "loftq"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
@@ -50,9 +50,10 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert all(r["eval_loss"] > 0 and r["train_s"] > 0 for r in runs["runs"].values())
     assert len(data["optimizer"]) == 4 and all(t > 0 for t in data["optimizer"].values())
     assert len(data["tokens"]["median_s"]) == 3 and all(b > 0 for b in data["tokens"]["kept_bytes"].values())
-    eva = data["eva"]["runs"]
-    assert all(loss > 0 for runs in eva.values() for r in runs for loss in r["eval_loss"].values())
-    assert eva["EVA"][0]["ranks"] != eva["default (A random, B = 0)"][0]["ranks"]  # the ranks moved
+    inits = data["inits"]["runs"]
+    assert len(inits) == 4 and all(loss > 0 for runs in inits.values() for r in runs for loss in r["eval_loss"].values())
+    assert inits["EVA"][0]["ranks"] != inits["default (A random, B = 0)"][0]["ranks"]  # the ranks moved
+    assert inits["LoRA-GA"][0]["ranks"] == "32 on every layer"  # saved as a plain LoRA of twice the rank
     loftq = data["loftq"]
     assert len(loftq["starts"]) == 3 and all(r["final_eval_loss"] > 0 for r in loftq["starts"].values())
     assert all(loss > 0 for r in loftq["trained"].values() for loss in r["eval_loss"].values())

@@ -1,11 +1,14 @@
-"""EVA against the default initialisation, on the loss a short instruction-tuning run reaches and what the
-initialisation costs.
+"""Initialisations against the default one, on the loss a short instruction-tuning run reaches and what the
+initialisation costs: EVA, LoRA-GA and MiCA.
 
 Each run is a fresh ``python -m lorafit train`` process: SmolLM2-135M-Instruct, Alpaca (480 rows, 1 epoch of
 batch 8, max length 256, cosine schedule, lr 2e-4), LoRA r=16 on every linear layer, dropout 0; the loss is
-on 64 held-out rows after 30 and 60 steps. ``init_lora_weights = "eva"`` computes A on the first training
-batches (``eva_config`` defaults: rho 2, tau 0.99). Two seeds (data order, and the default init's random A),
-the variants alternating. ``--quick``: a tiny random Llama and 32 rows, to prove the harness runs.
+on 64 held-out rows after 30 and 60 steps. ``"eva"`` computes A on the first training batches (``eva_config``
+defaults: rho 2, tau 0.99); ``"lora_ga"`` takes A and B from the task loss's mean gradient on the first 8
+(``lora_ga_config`` defaults: ArB2r, stable scale, gamma 16); ``"mica"`` fixes B on each weight's least used
+output directions and trains A. Two seeds (data order, and the random A of the default init), the variants in
+turn, reversed for the second seed. ``--inits default,lora_ga`` runs a subset. ``--quick``: a tiny random Llama
+and 32 rows, to prove the harness runs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import torch
 from benchmarks.adapter_dtype import CONFIG, _alpaca, _tiny_llama
 from benchmarks.timing import median, table
 
-VARIANTS = {"default (A random, B = 0)": [], "EVA": ["--set", 'lora.init_lora_weights="eva"']}
+VARIANTS = {"default": ("default (A random, B = 0)", []),
+            "eva": ("EVA", ["--set", 'lora.init_lora_weights="eva"']),
+            "lora_ga": ("LoRA-GA", ["--set", 'lora.init_lora_weights="lora_ga"']),
+            "mica": ("MiCA (A trained, B fixed)", ["--set", 'lora.init_lora_weights="mica"'])}
 # adapter_dtype's run (SmolLM2, Alpaca, r=16 on every linear layer, 1 epoch of batch 8), in float32, without
 # dropout, evaluated every 30 steps
 OVERRIDES = ["--set", "model.dtype=float32", "--set", "lora.lora_dropout=0.0", "--set", "train.lr=2e-4",
@@ -33,19 +39,22 @@ def run(args, print_fn) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     train = _alpaca()
     seeds = (0,) if args.quick else (0, 1)
-    results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    chosen = [k.strip() for k in (getattr(args, "inits", None) or ",".join(VARIANTS)).split(",")]
+    unknown = [k for k in chosen if k not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--inits: unknown {unknown}; choose from {list(VARIANTS)}")
+    results: dict[str, list[dict]] = {VARIANTS[k][0]: [] for k in chosen}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = run_config(root, train, args.quick)
         every = ["--set", f"train.eval_every={2 if args.quick else 30}"]
         for seed in seeds:
-            order = list(VARIANTS) if seed % 2 == 0 else list(reversed(VARIANTS))
-            for name in order:
-                out = root / f"run-{seed}-{len(results[name])}-{'eva' if 'EVA' in name else 'default'}"
+            for key in chosen if seed % 2 == 0 else list(reversed(chosen)):
+                name, settings = VARIANTS[key]
+                out = root / f"run-{seed}-{key}"
                 cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--output-dir", str(out),
                        "--no-progress", "--set", f"train.seed={seed}",
-                       "--set", f"train.num_threads={torch.get_num_threads()}", *OVERRIDES, *every,
-                       *VARIANTS[name]]
+                       "--set", f"train.num_threads={torch.get_num_threads()}", *OVERRIDES, *every, *settings]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
                 if proc.returncode != 0:
                     raise SystemExit(f"lorafit train ({name}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -62,9 +71,9 @@ def run(args, print_fn) -> dict:
         row.append(runs[0]["ranks"])
         body.append(row)
     what = "a tiny random Llama, 4 steps" if args.quick else "SmolLM2-135M on Alpaca, 60 steps of batch 8"
-    print_fn(f"EVA against the default initialisation: {what}, r=16 on every linear layer, seeds {seeds}",
+    print_fn(f"Initialisations against the default: {what}, r=16 on every linear layer, seeds {seeds}",
              table(body, ["init", *[f"eval loss at step {s} (each seed)" for s in steps],
-                          "train loss, first 10 steps", "set-up s (median)", "train s (median)", "ranks"]))
+                          "train loss, first 10 steps", "set-up s (median)", "train s (median)", "saved rank"]))
     return {"runs": results}
 
 
@@ -80,7 +89,8 @@ def run_config(root: Path, train: Path, quick: bool) -> Path:
 
 def _read(out: Path) -> dict:
     """A run's eval losses by step, its mean training loss over the first 10 steps, its set-up time (the run's
-    wall time outside training: loading, encoding, and EVA's passes) and training time, and its ranks."""
+    wall time outside training: loading, encoding, and the initialisation's passes) and training time, and the
+    saved adapter's ranks (LoRA-GA's is saved as a plain LoRA of twice the rank)."""
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
