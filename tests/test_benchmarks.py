@@ -51,7 +51,8 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert len(data["optimizer"]) == 4 and all(t > 0 for t in data["optimizer"].values())
     assert len(data["tokens"]["median_s"]) == 3 and all(b > 0 for b in data["tokens"]["kept_bytes"].values())
     inits = data["inits"]["runs"]
-    assert len(inits) == 4 and all(loss > 0 for runs in inits.values() for r in runs for loss in r["eval_loss"].values())
+    assert len(inits) == 4
+    assert all(loss > 0 for runs in inits.values() for r in runs for loss in r["eval_loss"].values())
     assert inits["EVA"][0]["ranks"] != inits["default (A random, B = 0)"][0]["ranks"]  # the ranks moved
     assert inits["LoRA-GA"][0]["ranks"] == "32 on every layer"  # saved as a plain LoRA of twice the rank
     loftq = data["loftq"]
