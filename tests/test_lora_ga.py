@@ -137,7 +137,7 @@ def test_as_plain_lora_and_the_refusals(tmp_path):
         lorafit.attach_lora_ga(llama(), config(lora_ga_config={"direction": "x"}), data)
     with pytest.raises(ValueError, match="unknown keys \\['gamma'\\]"):
         lorafit.attach_lora_ga(llama(), config(lora_ga_config={"gamma": 3}), data)
-    with pytest.raises(ValueError, match="q_proj: LoRA-GA takes 2r singular components .* needs 2r <= min\\(d_in, "
+    with pytest.raises(ValueError, match="q_proj: LoRA-GA takes 2r components, so it needs 2r <= min\\(d_in, "
                                          "d_out\\) = 32, got r=17"):
         lorafit.attach_lora_ga(llama(), config(r=17), data)
     quantized = lorafit.quantize.quantize_base(llama(), 4)

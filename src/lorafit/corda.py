@@ -30,10 +30,8 @@ import torch
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.layers.linear import rewrite_problem
 from lorafit.eva import _positions, _run, inputs_hooked
-from lorafit.model import attach
-from lorafit.targeting import resolve_targets
+from lorafit.residual import attach_residual, residual_targets
 
 METHODS = ("ipm", "kpm")
 # PEFT's CordaConfig fields; the two files are PEFT's caches of the covariances and components between runs
@@ -71,39 +69,15 @@ def attach_corda(
     adapted layers become the residuals. Batches as for ``attach_eva`` (positions where ``attention_mask`` is 0
     are left out). Returns ``model``, whose adapter config has ``init_lora_weights="corda"``."""
     options = corda_options(config)
-    if config.target_parameters or config.trainable_token_indices or config.use_dora or config.layer_replication \
-            or config.lora_bias or config.alora_invocation_tokens:
-        raise ValueError("CorDA initialises LoRA on linear layers of the model as it is; target_parameters, "
-                         "trainable_token_indices, DoRA, lora_bias, aLoRA and layer_replication are not supported "
-                         "with it")
-    targets = resolve_targets(model, config)
-    for t in targets:
-        module = model.get_submodule(t)
-        if type(module) is not nn.Linear:
-            raise ValueError(f"CorDA initialises the weights of nn.Linear layers; {t!r} is a {type(module).__name__} "
-                             "(a quantized layer: attach CorDA before quantize_base; else exclude it)")
-        problem = rewrite_problem(module, "corda", config.rank_for(t))
-        if problem:
-            raise ValueError(f"{t}: {problem}")
+    targets = residual_targets(model, config, "corda", "CorDA")
     covariances = _covariances(model, targets, batches, forward)
     factors = {}
     for t in targets:  # every layer's factors before any weight changes: an error leaves the model as it was
         weight = model.get_submodule(t).weight
         factors[t] = _factors(weight, covariances[t].to(weight.device), config.rank_for(t), config.scale_for(t),
                               options["corda_method"], t)
-    final = dataclasses.replace(config, init_lora_weights="corda", corda_config=options, target_modules=targets,
-                                layers_to_transform=None, layers_pattern=None, exclude_modules=None)
-    attach(model, final, name, activate=activate, trainable=trainable, initialize=False)
-    scales = {t: model.get_submodule(t).scaling[name] for t in targets}
-    with torch.no_grad():
-        for t, (a, b) in factors.items():
-            layer = model.get_submodule(t)
-            layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
-            weight = layer.base_layer.weight
-            weight.copy_((weight.float() - scales[t] * b @ a).to(weight.dtype))
-            # what as_plain_lora needs to write the trained adapter as a LoRA of the original weight
-            layer.initial_factors[name] = (layer.lora_A[name].detach().clone(), layer.lora_B[name].detach().clone())
+    attach_residual(model, dataclasses.replace(config, init_lora_weights="corda", corda_config=options), name,
+                    factors, activate=activate, trainable=trainable)
     return model
 
 

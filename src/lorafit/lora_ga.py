@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.layers.linear import is_gpt2_conv1d, rewrite_problem
-from lorafit.model import attach
-from lorafit.targeting import resolve_targets
+from lorafit.layers.linear import is_gpt2_conv1d
+from lorafit.residual import attach_residual, residual_targets
 
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -73,24 +72,7 @@ def attach_lora_ga(
     model's device) whose output has a ``.loss`` (a transformers model given ``labels``), or anything ``loss(model,
     batch)`` turns into a scalar loss. Returns ``model``, whose adapter config has ``init_lora_weights="lora_ga"``."""
     options = lora_ga_options(config)
-    if config.target_parameters or config.trainable_token_indices or config.use_dora or config.layer_replication \
-            or config.lora_bias or config.alora_invocation_tokens:
-        raise ValueError("LoRA-GA initialises LoRA on linear layers of the model as it is; target_parameters, "
-                         "trainable_token_indices, DoRA, lora_bias, aLoRA and layer_replication are not supported "
-                         "with it")
-    targets = resolve_targets(model, config)
-    for t in targets:
-        module = model.get_submodule(t)
-        if type(module) is not nn.Linear and not is_gpt2_conv1d(module):
-            raise ValueError(f"LoRA-GA initialises the weights of linear layers from their gradients; {t!r} is a "
-                             f"{type(module).__name__} (a quantized or already adapted layer: attach LoRA-GA first; "
-                             "else exclude it)")
-        problem = rewrite_problem(module, "lora_ga", config.rank_for(t))
-        if problem:
-            raise ValueError(f"{t}: {problem}")
-        if 2 * config.rank_for(t) > min(module.weight.shape):
-            raise ValueError(f"{t}: LoRA-GA takes 2r singular components of the gradient, so it needs 2r <= "
-                             f"min(d_in, d_out) = {min(module.weight.shape)}, got r={config.rank_for(t)}")
+    targets = residual_targets(model, config, "lora_ga", "LoRA-GA", gpt2_conv1d=True, components=2)
     gradients = _mean_gradients(model, targets, batches, loss)
     factors = {}
     for t in targets:  # every layer's factors before any weight changes: an error leaves the model as it was
@@ -99,21 +81,8 @@ def attach_lora_ga(
         factors[t] = _factors(grad.T if is_gpt2_conv1d(module) else grad, module.weight, is_gpt2_conv1d(module),
                               config.rank_for(t), config.scale_for(t), options)
         del grad
-    final = dataclasses.replace(config, init_lora_weights="lora_ga", lora_ga_config=options, target_modules=targets,
-                                layers_to_transform=None, layers_pattern=None, exclude_modules=None)
-    attach(model, final, name, activate=activate, trainable=trainable, initialize=False)
-    with torch.no_grad():
-        for t, (a, b) in factors.items():
-            layer = model.get_submodule(t)
-            a_param, b_param = layer.lora_A[name], layer.lora_B[name]
-            a_param.copy_(a)
-            b_param.copy_(b)
-            # W - s B A from the factors as the layer holds them (in their dtype), so the start is unchanged
-            delta = layer.scaling[name] * (b_param.float() @ a_param.float())
-            weight = layer.base_layer.weight
-            weight.copy_((weight.float() - (delta.T if layer.fan_in_fan_out else delta)).to(weight.dtype))
-            # what as_plain_lora needs to write the trained adapter as a LoRA of the original weight
-            layer.initial_factors[name] = (a_param.detach().clone(), b_param.detach().clone())
+    attach_residual(model, dataclasses.replace(config, init_lora_weights="lora_ga", lora_ga_config=options), name,
+                    factors, activate=activate, trainable=trainable)
     return model
 
 
