@@ -125,3 +125,19 @@ def test_as_plain_lora_and_the_refusals(tmp_path):
         lorafit.attach_corda(untouched, config(), [])
     assert not any(isinstance(m, LoraLayer) for m in untouched.modules())
     assert all(torch.equal(weights[n], p) for n, p in untouched.named_parameters())
+
+
+def test_lorafit_train_starts_from_corda_and_saves_a_plain_lora(tmp_path):
+    from lorafit.train import evaluate, train
+    from tests.test_train_support import instruction_setup
+
+    config = instruction_setup(tmp_path, 32, 8, train="epochs = 1\nbatch_size = 8\nlr = 1e-2\nnum_threads = 1")
+    summary = train(config, ["lora.init_lora_weights='corda'", "lora.r=4", "lora.corda_config={corda_method='kpm'}",
+                             "task.generate_rows=0"], progress=False)
+    saved = lorafit.LoraConfig.load(tmp_path / "run" / "adapter" / "adapter_config.json")
+    assert saved.init_lora_weights is True and saved.r == 8 and saved.corda_config is None
+    # on the original base, the plain LoRA gives what training measured on the residual base
+    assert evaluate(tmp_path / "run", "validation")["eval_loss"] == pytest.approx(
+        summary["validation"]["eval_loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="'corda' leaves a residual in the full-precision weights"):
+        train(config, ["lora.init_lora_weights='corda'", "model.quantize=4"], progress=False, overwrite=True)

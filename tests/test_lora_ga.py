@@ -171,5 +171,5 @@ def test_lorafit_train_starts_from_lora_ga_and_saves_a_plain_lora(tmp_path):
     # evaluated on the original base with that file: what training measured on the residual base
     assert evaluate(tmp_path / "run", "validation")["eval_loss"] == pytest.approx(
         summary["validation"]["eval_loss"], abs=1e-4)
-    with pytest.raises(ValueError, match="'lora_ga' needs the full-precision weights' gradients"):
+    with pytest.raises(ValueError, match="'lora_ga' leaves a residual in the full-precision weights"):
         train(config, ["lora.init_lora_weights='lora_ga'", "model.quantize=4"], progress=False, overwrite=True)

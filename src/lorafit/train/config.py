@@ -283,12 +283,10 @@ class RunConfig:
                 f"{self.train.method!r} trains the base weights themselves, so it needs model.quantize = 0")
         if self.train.method == "lora":
             lora = self.lora_config()
-            if lora.init_lora_weights == "corda":
-                bad("lora.init_lora_weights", "= 'corda' is computed by lorafit.attach_corda from Python; lorafit "
-                    "train does not compute it (its EVA, LoRA-GA, PiSSA and LoftQ initialisations it does)")
-            if lora.init_lora_weights == "lora_ga" and self.model.quantize:
-                bad("lora.init_lora_weights", "= 'lora_ga' needs the full-precision weights' gradients, and the run "
-                    "saves the adapter as a LoRA of them; it is not supported with model.quantize")
+            if lora.init_lora_weights in ("lora_ga", "corda") and self.model.quantize:
+                bad("lora.init_lora_weights", f"= {lora.init_lora_weights!r} leaves a residual in the full-precision "
+                    "weights, and the run saves the adapter as a LoRA of the original ones; it is not supported with "
+                    "model.quantize")
             if lora.alora_invocation_tokens is not None and self.task.packing:
                 bad("task.packing", "puts several rows into one sequence, and an aLoRA adapter "
                     "(lora.alora_invocation_tokens) applies from the last invocation of the sequence on: turn one off")

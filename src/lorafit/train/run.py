@@ -228,9 +228,11 @@ def _train_in_float32(prep: Prepared) -> None:
 EVA_BATCHES = 64
 # LoRA-GA (init_lora_weights = "lora_ga") averages the gradients of this many training batches
 LORA_GA_BATCHES = 8
+# CorDA (init_lora_weights = "corda") takes its input covariances from this many (forward passes only)
+CORDA_BATCHES = 32
 # initialisations whose adapter fits only the residual base they leave, which takes their data to make again: the
 # run saves the adapter as a plain LoRA of the original weights (as_plain_lora)
-RESIDUAL_FROM_DATA = ("lora_ga",)
+RESIDUAL_FROM_DATA = ("lora_ga", "corda")
 
 
 # an aLoRA run looks for its invocation in at most this many training rows before it trains
@@ -286,16 +288,21 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
         if not rewrites_base:
             quantize_for(prep)
         torch.manual_seed(prep.config.train.seed + 1)  # the A factors' random init (LoRA-GA's: its SVD's draws)
-        if lora.init_lora_weights in ("eva", "lora_ga"):
+        if lora.init_lora_weights in ("eva", "lora_ga", "corda"):
             model.to(prep.device)  # computed where the model runs
             # batches as the data module reads them (a streamed split too), in the run's seeded order
             rows = train_batches(train_rows, prep.config.train.batch_size, prep.config.train.seed, 0,
                                  group_by_length=False)
+
+            def batches(n: int):
+                return (prep.task.collate(r) for r in itertools.islice(rows, n))
+
             if lora.init_lora_weights == "eva":
-                lorafit.attach_eva(model, lora, (prep.task.collate(r) for r in itertools.islice(rows, EVA_BATCHES)))
-            else:
-                lorafit.attach_lora_ga(model, lora, (prep.task.collate(r) for r in
-                                                     itertools.islice(rows, LORA_GA_BATCHES)), loss=_task_loss(prep))
+                lorafit.attach_eva(model, lora, batches(EVA_BATCHES))
+            elif lora.init_lora_weights == "lora_ga":
+                lorafit.attach_lora_ga(model, lora, batches(LORA_GA_BATCHES), loss=_task_loss(prep))
+            else:  # the layers' inputs as the task's training forward gives them
+                lorafit.attach_corda(model, lora, batches(CORDA_BATCHES), forward=_task_loss(prep))
         else:
             lorafit.attach(model, lora)
         if rewrites_base:
