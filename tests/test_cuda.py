@@ -600,6 +600,35 @@ def test_lora_ga_on_cuda_matches_the_cpu(monkeypatch):
                                    rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_arrow_routing_on_cuda_matches_the_cpu_without_a_sync(dtype, tmp_path):
+    """Arrow routing on the GPU: the CPU's logits (prototypes, top-k and the mixture on the device), and a routed
+    layer's forward with no host sync."""
+    from tests.test_arrow import experts, ids, loaded
+
+    names = ["e0", "e1", "e2"]
+    dirs = experts(tmp_path, names)
+    on_cpu = loaded(dirs, names).to(dtype)
+    on_gpu = loaded(dirs, names).to(DEVICE, dtype)
+    # in bf16 two experts' scores can tie to rounding and the top 2 differ between devices: all 3 there
+    top_k = 2 if dtype == torch.float32 else 3
+    with torch.no_grad(), lorafit.arrow_routing(on_cpu, names, top_k=top_k):
+        want = on_cpu(input_ids=ids()).logits.float()
+    with torch.no_grad(), lorafit.arrow_routing(on_gpu, names, top_k=top_k):
+        got = on_gpu(input_ids=ids().to(DEVICE)).logits.float().cpu()
+        layer = on_gpu.model.layers[0].mlp.up_proj
+        x = torch.randn(64, layer.in_features, device=DEVICE, dtype=dtype)
+        for check in (False, True):  # a warm-up first
+            torch.cuda.synchronize()
+            if check:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                layer(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.1)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config

@@ -7,6 +7,7 @@
 """
 
 from lorafit.arithmetic import combine_adapters
+from lorafit.arrow import arrow_routing
 from lorafit.batched import adapter_per_row
 from lorafit.config import LoraConfig
 from lorafit.corda import attach_corda
@@ -53,6 +54,7 @@ __all__ = [
     "adapter_files",
     "adapter_parameters",
     "adapter_per_row",
+    "arrow_routing",
     "adapter_state_dict",
     "attach",
     "attach_corda",
