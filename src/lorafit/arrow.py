@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lorafit.layers import Linear, LoraLayer
+from lorafit.layers import Linear
 from lorafit.model import adapter_configs, lora_layers
 
 
