@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., moe, tokens, inits, loftq
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., moe, tokens, inits, loftq, arrow
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -33,7 +33,7 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq")
+         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -559,6 +559,13 @@ def bench_loftq(args, out: dict) -> None:
     from benchmarks import loftq
 
     out["loftq"] = loftq.run(args, _print)
+
+
+def bench_arrow(args, out: dict) -> None:
+    """Arrow routing over 8 experts, lorafit against PEFT: forward time and peak memory (benchmarks/arrow.py)."""
+    from benchmarks import arrow
+
+    out["arrow"] = arrow.run(args, _print)
 
 
 def bench_optimizer(args, out: dict) -> None:

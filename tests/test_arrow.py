@@ -140,3 +140,21 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="adapters \\['e0'\\] are merged into its weight"):
         with lorafit.arrow_routing(model, ["e0", "e1"], top_k=1):
             pass
+
+
+def test_stacks_are_kept_until_a_factor_changes(tmp_path):
+    dirs = experts(tmp_path, ["e0", "e1"])
+    model = loaded(dirs, ["e0", "e1"])
+    layer = model.model.layers[1].mlp.down_proj
+    with lorafit.arrow_routing(model, ["e0", "e1"], top_k=1):
+        first = logits(model)
+    stacks = layer.__dict__["_lorafit_arrow_stacks"][1]
+    with lorafit.arrow_routing(model, ["e0", "e1"], top_k=1):
+        torch.testing.assert_close(logits(model), first, rtol=0, atol=0)
+    assert layer.__dict__["_lorafit_arrow_stacks"][1] is stacks
+    with torch.no_grad():
+        layer.lora_B["e1"].mul_(2)  # an in-place change: the next block stacks again
+    with lorafit.arrow_routing(model, ["e0", "e1"], top_k=1):
+        changed = logits(model)
+    assert layer.__dict__["_lorafit_arrow_stacks"][1] is not stacks
+    assert not torch.allclose(changed, first)

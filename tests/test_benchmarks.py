@@ -22,12 +22,13 @@ def test_quick_benchmark_suite_runs(tmp_path):
                   "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
-                  "Initialisations against the default", "LoftQ against QLoRA's start"):
+                  "Initialisations against the default", "LoftQ against QLoRA's start",
+                  "Arrow routing, lorafit against PEFT"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
                          "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits",
-                         "loftq"}
+                         "loftq", "arrow"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -55,6 +56,9 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert all(loss > 0 for runs in inits.values() for r in runs for loss in r["eval_loss"].values())
     assert inits["EVA"][0]["ranks"] != inits["default (A random, B = 0)"][0]["ranks"]  # the ranks moved
     assert inits["LoRA-GA"][0]["ranks"] == "32 on every layer"  # saved as a plain LoRA of twice the rank
+    arrow = data["arrow"]
+    assert len(arrow["median_s"]) == 4 and all(m > 0 for m in arrow["median_s"].values())
+    assert all(m >= 0 for m in arrow["forward_peak_mb"].values())
     loftq = data["loftq"]
     assert len(loftq["starts"]) == 3 and all(r["final_eval_loss"] > 0 for r in loftq["starts"].values())
     assert all(loss > 0 for r in loftq["trained"].values() for loss in r["eval_loss"].values())

@@ -16,7 +16,8 @@ the ranks) and ``B = [s_1 B_1, ..., s_E B_E]`` (d_out x R), so a layer computes
     y = base(x) + ((x A^T) * c[:, expert of each column]) B^T
 
 two products however many experts there are, and nothing of size tokens x experts x d_out (PEFT's einsum
-builds that tensor). Experts may have different ranks.
+builds that tensor). Experts may have different ranks. The stacks stay on the layer for the next block with the
+same adapters, until a factor changes.
 
 GenKnowSub (``general=[...]``): the mean of the general adapters' A (and B) is subtracted from each expert's A
 (and B) before the prototypes are taken, as PEFT does; here in the stacked copies, so the adapters themselves stay
@@ -101,8 +102,23 @@ def arrow_routing(model: nn.Module, experts: Sequence[str], *, top_k: int | None
             layer.__dict__.pop("row_plan", None)
 
 
-@torch.no_grad()
+_CACHE = "_lorafit_arrow_stacks"
+
+
 def _stacks(path: str, layer: Linear, experts: list[str], general: list[str]) -> Routing:
+    """The layer's stacks, kept on it for the next block with the same adapters while no factor changed (a
+    tensor's version counter or storage moves): a server routing request after request computes them once."""
+    a_of, b_of = layer.factors_a, layer.factors_b
+    key = (tuple(experts), tuple(general), tuple((t.data_ptr(), t._version, layer.scaling[n])
+                                                 for n in experts + general for t in (a_of[n], b_of[n])))
+    cached = layer.__dict__.get(_CACHE)
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__[_CACHE] = (key, _stacked(path, layer, experts, general))
+    return cached[1]
+
+
+@torch.no_grad()
+def _stacked(path: str, layer: Linear, experts: list[str], general: list[str]) -> Routing:
     a_of, b_of = layer.factors_a, layer.factors_b
     subtract_a = subtract_b = None
     if general:
