@@ -456,3 +456,37 @@ def test_real_minilm_round_trips(tmp_path):
     adapted = sorted(n for n, _ in lora_layers(loaded))
     assert adapted == sorted(peft_layers(trained)) and len(adapted) == 3 * 6  # 6 linear layers in each of 3 blocks
     torch.testing.assert_close(outputs(loaded, inputs), want, atol=ATOL, rtol=0)
+
+
+def test_peft_bdlora_adapter_loads_as_the_plain_lora_it_computes(tmp_path):
+    """BD-LoRA (use_bdlora) stores block-diagonal factors as their blocks; lorafit loads them as the full matrices
+    with the blocks on the diagonal: PEFT's logits, and a plain LoRA file that PEFT reads back the same."""
+    transformers = pytest.importorskip("transformers")
+    from peft.tuners.lora.config import BdLoraConfig
+
+    def llama():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2)).eval()
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], use_bdlora=BdLoraConfig(
+        target_modules_bd_a=["q_proj", "v_proj"], target_modules_bd_b=["o_proj", "down_proj"], nblocks=2))
+    theirs = peft.get_peft_model(llama(), config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    assert theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape == (4, 16)
+    theirs.save_pretrained(tmp_path / "bd")
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+    ours = lorafit.load_adapter(llama(), tmp_path / "bd")
+    assert ours.model.layers[0].self_attn.q_proj.lora_A["default"].shape == (4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    lorafit.save_adapter(ours, tmp_path / "plain")
+    back = peft.PeftModel.from_pretrained(llama(), tmp_path / "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

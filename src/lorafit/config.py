@@ -68,9 +68,11 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
 }
 # Keys PEFT writes that carry no meaning for lorafit (bookkeeping only).
 _PEFT_IGNORED = {"peft_type", "auto_mapping", "revision", "peft_version", "qalora_group_size", "modules_to_tie",
-                 "use_bdlora", "bdlora_config",
+                 "bdlora_config",
                  # VeLoRA only changes what backward keeps in memory; the adapter computes the same function.
-                 "velora_config"}
+                 "velora_config",
+                 # BD-LoRA's factors are block-diagonal; lorafit.io expands them into the plain LoRA they compute.
+                 "use_bdlora"}
 
 TargetSpec = Union[str, list[str], None]
 

@@ -16,6 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -283,7 +284,30 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
         tensors = tensors_from_bytes(weights)
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
+    if isinstance(data, dict) and data.get("use_bdlora"):
+        tensors = _expand_block_diagonal(tensors, data["use_bdlora"], f"{source}/{CONFIG_NAME}")
     return config, tensors
+
+
+def _expand_block_diagonal(tensors: dict[str, torch.Tensor], bd: Any, source: str) -> dict[str, torch.Tensor]:
+    """A BD-LoRA adapter (PEFT's ``use_bdlora``) as the plain LoRA it computes: its block-diagonal factors are
+    stored as their blocks side by side (A: r x d_in/n, B: d_out x r/n), and become the full matrices with
+    those blocks on the diagonal. Exact (the zeros are zeros), so it loads, merges and serves like any adapter,
+    and saves as a plain LoRA."""
+    if not isinstance(bd, dict) or not isinstance(bd.get("nblocks", 1), int) or bd.get("nblocks", 1) < 1:
+        raise ValueError(f"{source}: use_bdlora must be a mapping with an integer nblocks >= 1, got {bd!r}")
+    n = bd.get("nblocks", 1)
+    patterns = {"lora_A": bd.get("target_modules_bd_a") or [], "lora_B": bd.get("target_modules_bd_b") or []}
+    out = dict(tensors)
+    for key, t in tensors.items():
+        module, _, factor = key.removeprefix("base_model.model.").rpartition(".")[0].rpartition(".")
+        if factor not in patterns or not any(p in module for p in patterns[factor]):
+            continue
+        if t.dim() != 2 or t.shape[0] % n:
+            raise ValueError(f"{source}: {key} of shape {list(t.shape)} does not split into use_bdlora's "
+                             f"{n} blocks")
+        out[key] = torch.block_diag(*t.chunk(n, dim=0))
+    return out
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
