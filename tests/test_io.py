@@ -192,7 +192,7 @@ def test_pissa_olora_export_as_plain_lora_of_the_original_weights(tmp_path, init
 
 def test_plain_export_needs_a_pissa_adapter(tmp_path):
     _, model, _ = _trained(tmp_path)
-    with pytest.raises(ValueError, match="as_plain_lora is for PiSSA/OLoRA/CorDA adapters"):
+    with pytest.raises(ValueError, match="as_plain_lora is for PiSSA/OLoRA/CorDA/LoRA-GA adapters"):
         lorafit.save_adapter(model, tmp_path / "x", as_plain_lora=True)
 
 
