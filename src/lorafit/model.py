@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokenHead
 
 _CONFIGS = "_lorafit_configs"
 _ORIGINAL_GRAD = "_lorafit_original_requires_grad"
+_UNTIED = "_lorafit_untied"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -393,6 +395,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name``; layers left without adapters become their base layer again."""
     _names(model, name)
     _remove_everywhere(model, name)
+    _retie(model)  # a merged adapter removed was unmerged first
     del adapter_configs(model)[name]
     model.__dict__["_lorafit_active"] = [n for n in active_adapters(model) if n != name]
     if not any(c.layer_replication for c in adapter_configs(model).values()):
@@ -448,8 +451,66 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, safe: bool 
         raise ValueError("the model's layers are repeated (layer_replication) and share their base weights, so an "
                          "adapter merged into one repeat would change the others; merge_and_unload gives each "
                          "repeat weights of its own first")
+    shared = _shared_weights(model)
     for layer in _mergeable(model):
-        layer.merge([n for n in names if n in layer.adapter_names], safe=safe)
+        _merge_untied(model, layer, [n for n in names if n in layer.adapter_names], shared, safe=safe)
+
+
+def _merge_untied(model: nn.Module, layer: LoraLayer | TrainableTokens, names: list[str],
+                  shared: dict[int, list[tuple[str, nn.Module, str]]], **merge_options) -> None:
+    """``layer.merge(names)``, after any other module that shares the weight it merges into (a tied output head
+    and input embedding; ``shared``: ``_shared_weights``) got a copy of it: merged into the shared tensor, a LoRA
+    adapter of one of them would change the other too, which it does not do unmerged. Token rows
+    (trainable_token_indices) score their tokens with the new rows in a tied head too, so they merge into the
+    shared weight as it is."""
+    if names and shared and isinstance(layer, LoraLayer) and not layer.merged:
+        weight = layer.target_weight()
+        sharers = [s for s in shared.get(id(weight), []) if s[1] is not layer.base_layer]
+        if sharers:
+            _untie(model, layer, weight, sharers)
+    layer.merge(names, **merge_options)
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """The parameters that more than one module holds (tied weights), by id: (module path, module, name)."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((path, module, key))
+    return {k: v for k, v in owners.items() if len(v) > 1}
+
+
+def _untie(model: nn.Module, layer: LoraLayer, weight: nn.Parameter,
+           sharers: list[tuple[str, nn.Module, str]]) -> None:
+    untied = model.__dict__.setdefault(_UNTIED, [])
+    config = getattr(model, "config", None)
+    tied_config = bool(getattr(config, "tie_word_embeddings", False))
+    for _, module, key in sharers:
+        module._parameters[key] = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        untied.append((module, key, layer, tied_config))
+    if tied_config:
+        config.tie_word_embeddings = False  # so that save_pretrained / from_pretrained keep them apart
+    names = ", ".join(repr(path) for path, _, _ in sharers)
+    warnings.warn(f"merging into a weight that {names} shares (tied embeddings): {names} got a copy of it first, so "
+                  "that it computes what it did unmerged (one more weight in memory until the adapter is unmerged)",
+                  stacklevel=4)
+
+
+def _retie(model: nn.Module) -> None:
+    """Modules untied by a merge share the weight again once nothing is merged into it."""
+    kept = []
+    for module, key, layer, tied_config in model.__dict__.get(_UNTIED, []):
+        if layer.merged:
+            kept.append((module, key, layer, tied_config))
+            continue
+        module._parameters[key] = layer.target_weight()
+        if tied_config:
+            model.config.tie_word_embeddings = True
+    if kept:
+        model.__dict__[_UNTIED] = kept
+    else:
+        model.__dict__.pop(_UNTIED, None)
 
 
 def _check_mergeable(model: nn.Module, names: list[str]) -> None:
@@ -471,6 +532,7 @@ def unmerge(model: nn.Module, names: str | list[str] | None = None) -> None:
     names = None if names is None else _names(model, names)
     for layer in _mergeable(model):
         layer.unmerge(names)
+    _retie(model)
 
 
 @contextlib.contextmanager
@@ -490,8 +552,9 @@ def disabled(model: nn.Module):
     finally:
         for w, flag in zip(wrappers, before):
             w.disabled = flag
+        shared = _shared_weights(model) if any(merged.values()) else {}
         for layer in _mergeable(model):
-            layer.merge(merged.get(id(layer), []))
+            _merge_untied(model, layer, merged.get(id(layer), []), shared)
 
 
 def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
@@ -508,9 +571,12 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             _replace(model, path, module.to_linear())
+    shared = _shared_weights(model)
     for layer in _mergeable(model):
         # No weight copies for an exact unmerge: the wrappers are dropped right below.
-        layer.merge([n for n in names if n in layer.adapter_names], safe=safe, keep_original=False)
+        _merge_untied(model, layer, [n for n in names if n in layer.adapter_names], shared, safe=safe,
+                      keep_original=False)
+    model.__dict__.pop(_UNTIED, None)  # for good: the merged model keeps its own weights
     _unwrap_all(model, lambda wrapper: wrapper.current)
     _forget(model)
     return model
