@@ -173,3 +173,21 @@ def test_lorafit_train_starts_from_lora_ga_and_saves_a_plain_lora(tmp_path):
         summary["validation"]["eval_loss"], abs=1e-4)
     with pytest.raises(ValueError, match="'lora_ga' leaves a residual in the full-precision weights"):
         train(config, ["lora.init_lora_weights='lora_ga'", "model.quantize=4"], progress=False, overwrite=True)
+
+
+def test_a_resumed_lora_ga_classifier_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """The resumed run computes LoRA-GA's start again on the same batches (the residual base it trained on), then
+    takes the trained factors from its checkpoint."""
+    from lorafit.train import train
+    from tests.test_train_loop import RESUME, Crash, adapter_tensors, assert_same_tensors, crash_at
+    from tests.test_train_support import classification_setup
+
+    config = classification_setup(tmp_path)
+    ga = RESUME + ["lora.init_lora_weights='lora_ga'", "lora.r=4"]
+    full = train(config, ga + [f"output_dir={str(tmp_path / 'a')!r}"], progress=False)
+    args = ga + [f"output_dir={str(tmp_path / 'b')!r}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(17),), progress=False)
+    resumed = train(config, args, resume=True, progress=False)
+    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+    assert resumed["validation"] == pytest.approx(full["validation"], abs=1e-6)
