@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.adapter_dtype import _alpaca
-from benchmarks.eva import run_config
+from benchmarks.inits import run_config
 from benchmarks.timing import table
 
 NF4 = ["--set", "model.quantize=4"]
