@@ -127,7 +127,7 @@ def test_a_training_step_never_waits_for_the_gpu(dtype):
     """Forward, backward, clipping and AdamW through LoRA layers with dropout (two adapters on one layer, one
     on the next), and the training loop's batch copy, with no host sync: torch's sync debug mode raises on any.
     A sync would leave the GPU idle while the host issues the next kernels, which small layers cannot afford."""
-    from lorafit.train.loop import _on_device
+    from lorafit.train.loop import on_device
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(DEVICE, dtype)
@@ -141,7 +141,7 @@ def test_a_training_step_never_waits_for_the_gpu(dtype):
     cpu_batch = {"x": torch.randn(3, 50, 64, dtype=dtype)}
 
     def step():
-        x = _on_device(cpu_batch, torch.device(DEVICE))["x"]
+        x = on_device(cpu_batch, torch.device(DEVICE))["x"]
         model(x).float().pow(2).mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -170,7 +170,7 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     model; the loss positions come with the batch), LoRA with dropout, backward and AdamW on the bf16 adapters'
     float32 masters: no host sync after the first step (which checks the model's head once)."""
     from lorafit.train.config import RunConfig
-    from lorafit.train.loop import _on_device
+    from lorafit.train.loop import on_device
     from lorafit.train.master_weights import MasterWeights
     from lorafit.train.tasks import IGNORE, CausalLM
 
@@ -196,7 +196,7 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     cpu_batch = task.collate(feats)
 
     def step():
-        batch = _on_device(cpu_batch, torch.device(DEVICE))
+        batch = on_device(cpu_batch, torch.device(DEVICE))
         (task.loss_sum(model, batch) / int(cpu_batch["units"])).backward()
         masters.take_grads()
         opt.step()
