@@ -35,6 +35,16 @@ def mixed_inputs(batch: int = 4, seq: int = 7, vocab: int = 20, device=None, dty
 ALL_KINDS = ["embed", "conv1", "proj", "mlp.0", "mlp.2", "conv2"]
 
 
+def tiny_llama(layers: int = 2, **config) -> nn.Module:
+    """A randomly initialised Llama (vocabulary 50, hidden 32, 4 heads of which 2 key/value), the same weights
+    on every call, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, **config)).eval()
+
+
 def randomize_adapters(model: nn.Module, scale: float = 0.1) -> None:
     """Give every LoRA factor non-zero values so that adapters change the output."""
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorafit
-from tests.models import Mixed
+from tests.models import Mixed, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -17,10 +17,7 @@ TARGETS = ["embed_tokens", "q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def ids(seed=0):

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 import lorafit
+from tests.models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 def tied_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(1, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
