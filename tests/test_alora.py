@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorafit
+from tests.models import tiny_llama
 from lorafit.alora import last_start
 
 transformers = pytest.importorskip("transformers")
@@ -23,10 +24,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def peft_alora(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import lorafit
+from tests.models import tiny_llama
 from lorafit.layers import Linear
 
 transformers = pytest.importorskip("transformers")
@@ -18,10 +19,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def logits(model):
