@@ -51,3 +51,16 @@ def randomize_adapters(model: nn.Module, scale: float = 0.1) -> None:
         for name, p in model.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn_like(p) * scale)
+
+
+def assert_plain_lora_reloads(model: nn.Module, original: nn.Module, ids: torch.Tensor, directory) -> None:
+    """An adapter whose initialisation left a residual base (CorDA, LoRA-GA), changed as training would, saved with
+    as_plain_lora and loaded onto the ``original`` model: the same logits."""
+    import lorafit
+
+    with torch.no_grad():
+        for p in lorafit.adapter_parameters(model, "default").values():
+            p.add_(torch.randn_like(p) * 0.05)
+        lorafit.save_adapter(model, directory, as_plain_lora=True)
+        loaded = lorafit.load_adapter(original, directory)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-4)

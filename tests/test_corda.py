@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorafit
-from tests.models import tiny_llama
+from tests.models import assert_plain_lora_reloads, tiny_llama
 from lorafit.layers import LoraLayer
 
 transformers = pytest.importorskip("transformers")
@@ -96,12 +96,7 @@ def test_padding_is_left_out():
 def test_as_plain_lora_and_the_refusals(tmp_path):
     ids = rows()
     model = lorafit.attach_corda(llama(), config(), [{"input_ids": ids}])
-    with torch.no_grad():  # a trained adapter
-        for p in lorafit.adapter_parameters(model, "default").values():
-            p.add_(torch.randn_like(p) * 0.05)
-    lorafit.save_adapter(model, tmp_path / "plain", as_plain_lora=True)
-    loaded = lorafit.load_adapter(llama(), tmp_path / "plain")  # onto the original weights
-    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-4)
+    assert_plain_lora_reloads(model, llama(), ids, tmp_path / "plain")
 
     lorafit.save_adapter(model, tmp_path / "corda")
     with pytest.raises(ValueError, match="a CorDA adapter .* takes the data it ran on to make again; save it with "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorafit
-from tests.models import tiny_llama
+from tests.models import assert_plain_lora_reloads, tiny_llama
 from lorafit.layers import LoraLayer
 
 transformers = pytest.importorskip("transformers")
@@ -117,12 +117,7 @@ def test_as_plain_lora_and_the_refusals(tmp_path):
     data = batches()
     ids = data[0]["input_ids"]
     model = lorafit.attach_lora_ga(llama(), config(), data)
-    with torch.no_grad():  # a trained adapter
-        for p in lorafit.adapter_parameters(model, "default").values():
-            p.add_(torch.randn_like(p) * 0.05)
-    lorafit.save_adapter(model, tmp_path / "plain", as_plain_lora=True)
-    loaded = lorafit.load_adapter(llama(), tmp_path / "plain")  # onto the original weights
-    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-4)
+    assert_plain_lora_reloads(model, llama(), ids, tmp_path / "plain")
 
     lorafit.save_adapter(model, tmp_path / "ga")
     with pytest.raises(ValueError, match="a LoRA-GA adapter .* takes the data it ran on to make again; save it with "

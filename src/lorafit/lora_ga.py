@@ -77,10 +77,10 @@ def attach_lora_ga(
     factors = {}
     for t in targets:  # every layer's factors before any weight changes: an error leaves the model as it was
         module = model.get_submodule(t)
-        grad = gradients.pop(t)
-        factors[t] = _factors(grad.T if is_gpt2_conv1d(module) else grad, module.weight, is_gpt2_conv1d(module),
-                              config.rank_for(t), config.scale_for(t), options)
-        del grad
+        transposed = is_gpt2_conv1d(module)
+        grad = gradients.pop(t)  # each sum freed once its factors are taken
+        factors[t] = _factors(grad.T if transposed else grad, module.weight, transposed, config.rank_for(t),
+                              config.scale_for(t), options)
     attach_residual(model, dataclasses.replace(config, init_lora_weights="lora_ga", lora_ga_config=options), name,
                     factors, activate=activate, trainable=trainable)
     return model
