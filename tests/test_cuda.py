@@ -654,3 +654,39 @@ def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     for g, p in zip(grads, (p for p in model.parameters() if p.requires_grad)):
         torch.testing.assert_close(g.float(), p.grad.float(), atol=0.05 * max(p.grad.abs().max().item(), 1e-3),
                                    rtol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_lora_head_matches_peft_and_merges_into_one_weight_on_cuda(dtype, tmp_path):
+    """ensure_weight_tying on the GPU: a PEFT file gives PEFT's logits, the embedding's factors get the sum of
+    PEFT's two gradients, merging keeps one weight (bf16: unmerged bit for bit), and a batch with an adapter per
+    row applies each row's tied head."""
+    from tests.test_ensure_weight_tying import IDS, peft_tied, tied_llama
+
+    theirs = peft_tied(tmp_path, dtype, target_modules=["embed_tokens", "q_proj"]).to(DEVICE)
+    ours = lorafit.load_adapter(tied_llama(dtype).to(DEVICE), tmp_path, trainable=True)
+    ids = IDS.to(DEVICE)
+    outs = []
+    for model in (theirs, ours):
+        out = model(input_ids=ids).logits
+        out.float().square().mean().backward()
+        outs.append(out.detach().float())
+    tol = 1e-4 if dtype == torch.float32 else 0.02 * outs[0].abs().max().item()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=tol)
+    emb, head = theirs.base_model.model.model.embed_tokens, theirs.base_model.model.lm_head
+    grad_a = emb.lora_embedding_A["default"].grad + head.lora_B["default"].weight.grad.T
+    mine = ours.model.embed_tokens.lora_embedding_A["default"].grad
+    torch.testing.assert_close(mine.float(), grad_a.float(), rtol=0.02, atol=0.02 * grad_a.abs().max().item())
+
+    ours.eval()
+    weight = ours.model.embed_tokens.base_layer.weight
+    original, unmerged = weight.detach().clone(), ours(input_ids=ids).logits.detach().float()
+    lorafit.merge(ours)
+    assert ours.lm_head.base_layer.weight is weight
+    torch.testing.assert_close(ours(input_ids=ids).logits.detach().float(), unmerged, rtol=0, atol=tol)
+    lorafit.unmerge(ours)
+    if dtype == torch.bfloat16:
+        assert torch.equal(weight, original)
+    with torch.no_grad(), lorafit.adapter_per_row(ours, ["default", None]):
+        mixed = ours(input_ids=ids).logits.float()
+    torch.testing.assert_close(mixed[0], unmerged[0], rtol=0, atol=tol)

@@ -114,9 +114,10 @@ def combine_adapters(
                 layer.lora_B_bias[name].copy_(sum(w * layer.scaling[n] * layer.lora_B_bias[n].float()
                                                   for n, w in weights.items() if n in layer.lora_B_bias))
     if heads is not None:
+        memo: dict = {}  # one memo for all copies: a table that tied copies share stays shared (ensure_weight_tying)
         for _, wrapper in saved_modules(model):
             if heads in wrapper.adapter_names and name in wrapper.adapter_names:
-                head = copy.deepcopy(wrapper.modules_to_save[heads])  # its own size too (another label count)
+                head = copy.deepcopy(wrapper.modules_to_save[heads], memo)  # its own size too (another label count)
                 head.requires_grad_(True)  # like every copy attach makes: the new adapter's own weights
                 wrapper.modules_to_save[name] = head
     return errors

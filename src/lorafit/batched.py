@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
-                            TrainableTokens)
+from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
+                            TiedTokenHead, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.model import adapter_configs, wrapped_modules
 
@@ -78,10 +78,12 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     unknown = sorted({r for r in rows if r is not None and r not in known})
     if unknown:
         raise KeyError(f"no adapter named {unknown[0]!r} is attached; attached adapters: {list(known) or 'none'}")
-    layers, wrappers, token_layers = [], [], []
+    layers, wrappers, token_layers, tied_heads = [], [], [], []
     for _, module in wrapped_modules(model):  # one walk over the model for every kind
         if isinstance(module, (TrainableTokens, TiedTokenHead)):
             token_layers.append(module)
+        elif isinstance(module, TiedLoraHead):
+            tied_heads.append(module)
         else:
             (layers if isinstance(module, LoraLayer) else wrappers).append(module)
     for layer in token_layers:
@@ -102,15 +104,17 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     index = {}  # (values, device) -> index tensor, shared by all layers of this block
     distinct = set(rows)
     plans = ([_plan_layer(layer, rows, distinct, index) for layer in layers]
-             + [_plan_saved(w, rows, index) for w in wrappers] + [t.base_layer for t in token_layers])
+             + [_plan_saved(w, rows, index) for w in wrappers] + [t.base_layer for t in token_layers]
+             + [_plan_tied_head(head, rows, distinct, index) for head in tied_heads])
+    planned = layers + wrappers + token_layers + tied_heads
     # Set in the instances' __dict__, over the class attribute None: nn.Module.__setattr__ would first look
     # for a parameter, buffer or module of that name, for every layer on entering and on leaving each block.
     try:
-        for module, plan in zip(layers + wrappers + token_layers, plans):
+        for module, plan in zip(planned, plans):
             module.__dict__["row_plan"] = plan
         yield model
     finally:
-        for module in layers + wrappers + token_layers:
+        for module in planned:
             module.__dict__.pop("row_plan", None)
 
 
@@ -319,6 +323,30 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             if bias_rows is None:
                 return y
             return (y.view(n, -1, y.shape[-1]) + bias_rows[:, None].to(y.dtype)).view(y.shape)
+    return forward
+
+
+def _plan_tied_head(head: TiedLoraHead, rows: list[str | None], distinct: set, index: dict):
+    """A tied output head (ensure_weight_tying) adds ``s (h B) A`` of its row's embedding adapter: from the
+    embedding's own stacks, A^T (vocabulary, r) and s B^T (r, dim) per slot."""
+    base, embedding = head.base_layer, head.embedding
+    names = embedding.adapter_names
+    if head.disabled or embedding.disabled or distinct.isdisjoint(names):
+        return base
+    n = len(rows)
+    gathered = []
+
+    def forward(h):
+        if h.shape[0] != n:
+            raise ValueError(f"adapter_per_row was given {n} rows but a layer got a batch of {h.shape[0]} "
+                             "(beam search and other batch expansions are not supported)")
+        if not gathered:  # in the first forward, as the LoRA layers gather theirs
+            slot_of, stack, shapes = _layer_stacks(embedding, names)
+            gathered.extend(_split(_gather(stack, tuple(slot_of.get(r, 0) for r in rows), index), shapes))
+        tables, b_rows = gathered
+        t = torch.bmm(h.reshape(n, -1, h.shape[-1]).to(b_rows.dtype), b_rows.mT)  # (n, T, r)
+        return _accumulate(base(h), t, tables.mT)
+
     return forward
 
 

@@ -62,7 +62,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "megatron_core": "megatron.core",
     "runtime_config": None,
     "arrow_config": None,
-    "ensure_weight_tying": False,
     "kasa_config": None,
     "monteclora_config": None,
 }
@@ -141,6 +140,13 @@ class LoraConfig:
     (e.g. added special tokens): a list of token ids for the model's input
     embedding, or a mapping of module name to token ids, which may also name an
     untied output head.
+
+    ``ensure_weight_tying`` (PEFT's), for a model whose output head shares the
+    input embedding's weight (tied embeddings): a LoRA adapter on the embedding
+    (or on the head, which then means the embedding) also changes the head,
+    transposed, so the two stay one weight, merged or not; and a
+    ``modules_to_save`` copy of either is one copy that both use. Without it
+    the head keeps scoring with the base weight, as in PEFT.
     """
 
     r: int = 8
@@ -170,6 +176,7 @@ class LoraConfig:
     loftq_config: dict[str, int] = field(default_factory=dict)
     alora_invocation_tokens: list[int] | None = None
     layer_replication: list[list[int]] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -222,6 +229,8 @@ class LoraConfig:
             raise ValueError("init_lora_weights='mica' is not supported with use_dora=True")
         if self.eva_config is not None and not isinstance(self.eva_config, dict):
             raise ValueError(f"eva_config must be a mapping (PEFT's EvaConfig fields) or null, got {self.eva_config!r}")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ValueError(f"ensure_weight_tying must be true or false, got {self.ensure_weight_tying!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if not isinstance(self.use_dora, bool):

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorafit.config import LoraConfig, modifies_base_weight
-from lorafit.model import adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules
+from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules,
+                           tied_lora_heads)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,7 +56,25 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """The tensors of adapter ``name`` under PEFT's keys (detached, on their own device).
 
     A parameter sharded by FSDP is gathered whole (a collective: every process must call this)."""
-    return {peft_key(k, name): _whole(p.detach()) for k, p in adapter_parameters(model, name).items()}
+    out = {peft_key(k, name): _whole(p.detach()) for k, p in adapter_parameters(model, name).items()}
+    for key, source in _tied_head_keys(model, name).items():
+        out[key] = out[source].T.contiguous()
+    return out
+
+
+def _tied_head_keys(model: nn.Module, name: str) -> dict[str, str]:
+    """A tied head's factors (ensure_weight_tying) as PEFT's files list them, by key: the key of the embedding
+    factor each one is the transpose of (the head's A is the embedding's B, its B the embedding's A)."""
+    heads = [(path, head) for path, head in tied_lora_heads(model) if name in head.adapter_names]
+    if not heads:
+        return {}
+    paths = {id(layer): path for path, layer in lora_layers(model)}
+    keys: dict[str, str] = {}
+    for path, head in heads:
+        embedding = PREFIX + paths[id(head.embedding)]
+        keys[f"{PREFIX}{path}.lora_A.weight"] = f"{embedding}.lora_embedding_B"
+        keys[f"{PREFIX}{path}.lora_B.weight"] = f"{embedding}.lora_embedding_A"
+    return keys
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -138,6 +157,12 @@ def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dic
         labels = check_labels(labels, "labels")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    # safetensors refuses two keys on one storage: a tied head's modules_to_save copy holds the embedding's table
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        if t.data_ptr() in seen:
+            tensors[key] = t.clone()
+        seen.add(t.data_ptr())
     atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
@@ -362,6 +387,7 @@ def load_adapter_state(
         _fit_head_sizes(model, name, tensors, trainable)
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
         tensors = _without_base_copies(source, model, expected, tensors)
+        tensors = _without_tied_copies(source, _tied_head_keys(model, name), expected, tensors)
         _check_tensors(source, expected, tensors)
         non_finite = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
         if non_finite and not allow_non_finite:
@@ -436,6 +462,29 @@ def _without_base_copies(
                             "does not overwrite base weights, so load the base model the adapter was trained on")
     if problems:
         raise ValueError(f"{source} does not fit this model (is it for another base model?): " + "; ".join(problems))
+    return kept
+
+
+def _without_tied_copies(source: str, head_keys: dict[str, str], expected: dict[str, nn.Parameter],
+                         found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``found`` without what a tied adapter (ensure_weight_tying) stores twice: a tied head's factors, the
+    embedding's transposed, and the two keys of one modules_to_save table. The copies must be equal: a file in
+    which they differ was not trained tied, and loading it tied would compute something else."""
+    problems: list[str] = []
+    kept = dict(found)
+    for key, source_key in head_keys.items():
+        copy = kept.pop(key, None)  # a file without them still says everything
+        if copy is not None and source_key in found and not torch.equal(copy, found[source_key].T):
+            problems.append(f"tensor {key!r} is not the transpose of {source_key!r}")
+    by_parameter: dict[int, str] = {}
+    for key, param in expected.items():  # both keys are then loaded into the one parameter
+        first = by_parameter.setdefault(id(param), key)
+        if first != key and key in kept and first in kept and kept[key].shape == kept[first].shape \
+                and not torch.equal(kept[key], kept[first]):
+            problems.append(f"tensors {first!r} and {key!r} (one table) differ")
+    if problems:
+        raise ValueError(f"{source}: the adapter ties the output head to the input embedding "
+                         "(ensure_weight_tying), but " + "; ".join(problems))
     return kept
 
 

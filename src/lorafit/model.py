@@ -20,17 +20,17 @@ from torch import nn
 
 from lorafit import alora
 from lorafit.config import LoraConfig, freezes_b, modifies_base_weight
-from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead,
-                            TrainableTokens)
+from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
+                            TiedTokenHead, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
 from lorafit.quantize import QuantizedLinear
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
 from lorafit.targeting import (SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets,
-                               resolve_token_targets)
+                               resolve_token_targets, unwrapped)
 
-Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokenHead
+Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokenHead | TiedLoraHead
 
 _CONFIGS = "_lorafit_configs"
 _ORIGINAL_GRAD = "_lorafit_original_requires_grad"
@@ -52,7 +52,7 @@ def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, 
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead)):
+        if isinstance(child, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead, TiedLoraHead)):
             yield path, child
             while isinstance(child, ParameterLora) and isinstance(child.base_layer, ParameterLora):
                 child, path = child.base_layer, f"{path}.base_layer"
@@ -72,6 +72,11 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens | TiedTokenHead]]:
     """Embeddings with trainable rows, and the tied heads that score those tokens with them."""
     return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, (TrainableTokens, TiedTokenHead)))
+
+
+def tied_lora_heads(model: nn.Module) -> Iterator[tuple[str, TiedLoraHead]]:
+    """Output heads that apply the tied input embedding's adapters (ensure_weight_tying)."""
+    return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, TiedLoraHead))
 
 
 def _mergeable(model: nn.Module) -> list[LoraLayer | TrainableTokens]:
@@ -180,6 +185,7 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
         raise ValueError(f"{both[0]!r} is matched by target_modules and by target_parameters or "
                          "trainable_token_indices; adapt it one way only")
     saved_names = _modules_to_save_names(model, config)
+    targets, saved_names, lora_tie, saved_tie = _tie_targets(model, config, targets, saved_names)
     init = config.layer_init()
     _check_base_init(model, targets, config, init)
     try:
@@ -193,6 +199,8 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
                 init=init if initialize or modifies_base_weight(init) else None, dtype=dtype,
                 use_dora=config.use_dora, bias=config.lora_bias,
             )
+        if lora_tie is not None:
+            _tie_lora_head(model, *lora_tie)
         if config.alora_invocation_tokens is not None:
             _activate(model, config, name, targets)
         for target, parameters in parameter_targets.items():
@@ -209,10 +217,95 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
                 module = ModulesToSave(module)
                 _replace(model, target, module)
             module.add_adapter(name)
+        if saved_tie is not None:
+            _tie_saved_head(model, name, *saved_tie)
     except BaseException:
         _remove_everywhere(model, name)  # a layer that refused the adapter leaves no half-attached model
         raise
     return config
+
+
+def _tied_pair(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding, output head) module names when the head shares the embedding's weight (tied embeddings),
+    whatever adapter wrappers they are in."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return None
+    embedding, head = get_in(), get_out()
+    if embedding is None or head is None or embedding is head:
+        return None
+    weight = getattr(unwrapped(embedding), "weight", None)
+    if not isinstance(weight, torch.Tensor) or getattr(unwrapped(head), "weight", None) is not weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    if id(embedding) not in names or id(head) not in names:
+        return None
+    return names[id(embedding)], names[id(head)]
+
+
+def _tie_targets(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str]
+                 ) -> tuple[list[str], list[str], tuple[str, str] | None, tuple[str, str] | None]:
+    """ensure_weight_tying, as PEFT does it: a tied output head named in target_modules or modules_to_save means
+    the input embedding, and the head follows the embedding. Returns the targets and modules_to_save names to
+    attach, and (embedding, head) for a head that applies the embedding's LoRA adapter / whose copy shares the
+    embedding copy's weight (None where nothing is tied)."""
+    pair = _tied_pair(model)
+    if pair is not None and not config.ensure_weight_tying and pair[0] in targets \
+            and isinstance(model.get_submodule(pair[1]), TiedLoraHead):
+        raise ValueError(f"{pair[0]!r} carries adapters attached with ensure_weight_tying, which {pair[1]!r} "
+                         "applies too; one without it would change the embedding alone: attach it with "
+                         "ensure_weight_tying=True as well")
+    if not config.ensure_weight_tying:
+        return targets, saved, None, None
+    if pair is None:
+        warnings.warn("ensure_weight_tying=True, but this model's output head does not share its input embedding's "
+                      "weight: there is nothing to tie", stacklevel=5)
+        return targets, saved, None, None
+    embedding, head = pair
+    lora_tie = saved_tie = None
+    if embedding in targets or head in targets:
+        if embedding in saved or head in saved:
+            raise ValueError(f"ensure_weight_tying: {embedding!r} and {head!r} are one weight, and the adapter names "
+                             "one of them in target_modules and one in modules_to_save; adapt it one way only")
+        module = model.get_submodule(embedding)
+        if isinstance(module, LoraLayer) and module.adapter_names \
+                and not isinstance(model.get_submodule(head), TiedLoraHead):
+            raise ValueError(f"{embedding!r} carries adapters attached without ensure_weight_tying, which leave "
+                             f"{head!r} as it is; a tied adapter beside them is not supported: attach every adapter "
+                             "of the embedding with the same ensure_weight_tying")
+        targets = [t for t in targets if t != head] + ([] if embedding in targets else [embedding])
+        lora_tie = (embedding, head)
+    if embedding in saved or head in saved:
+        for path in (embedding, head):
+            module = model.get_submodule(path)
+            if not isinstance(module, (ModulesToSave, nn.Embedding, nn.Linear)):
+                raise ValueError(f"ensure_weight_tying: modules_to_save takes a copy of {path!r}, which is a "
+                                 f"{type(module).__name__} (another adapter adapts it); adapt it one way only")
+        saved = [s for s in saved if s != head] + ([] if embedding in saved else [embedding])
+        saved_tie = (embedding, head)
+    return targets, saved, lora_tie, saved_tie
+
+
+def _tie_lora_head(model: nn.Module, embedding: str, head: str) -> None:
+    """The tied head applies the embedding's adapters (made with the embedding's first tied adapter)."""
+    module = model.get_submodule(head)
+    if isinstance(module, TiedLoraHead):
+        return
+    if type(module) is not nn.Linear:
+        what = "carries LoRA adapters of its own" if isinstance(module, LoraLayer) else f"is a {type(module).__name__}"
+        raise ValueError(f"ensure_weight_tying: the output head {head!r} shares its weight with {embedding!r} and "
+                         f"{what}, so it cannot apply the embedding's adapter; adapt the head one way only")
+    _replace(model, head, TiedLoraHead(module, model.get_submodule(embedding)))
+
+
+def _tie_saved_head(model: nn.Module, name: str, embedding: str, head: str) -> None:
+    """The tied head's modules_to_save copy holds the embedding copy's weight: one trained table for both."""
+    table = model.get_submodule(embedding).modules_to_save[name].weight
+    module = model.get_submodule(head)
+    if not isinstance(module, ModulesToSave):
+        module = ModulesToSave(module)
+        _replace(model, head, module)
+    module.add_adapter(name, shared={id(module.original_module.weight): table})
 
 
 def _activate(model: nn.Module, config: LoraConfig, name: str, targets: list[str]) -> None:
@@ -281,7 +374,8 @@ def _token_wrapper(model: nn.Module, target: str) -> TrainableTokens:
     tied = head is not None and head is not module and getattr(head, "weight", None) is module.weight
     if tied and not isinstance(head, nn.Linear):
         path = next(n for n, m in model.named_modules() if m is head)
-        what = "carries a LoRA adapter" if isinstance(head, LoraLayer) else f"is a {type(head).__name__}"
+        adapted = isinstance(head, (LoraLayer, TiedLoraHead))
+        what = "carries a LoRA adapter" if adapted else f"is a {type(head).__name__}"
         raise ValueError(f"trainable_token_indices: the output head {path!r} shares its weight with {target!r} "
                          f"(tied embeddings) and {what}, so it cannot score the tokens with their new rows; adapt "
                          "the head one way only")
@@ -413,6 +507,9 @@ def _remove_everywhere(model: nn.Module, name: str) -> None:
             layer.remove_adapter(name)
         if not layer.adapter_names:
             _replace(model, path, layer.base_layer)
+    for path, head in list(tied_lora_heads(model)):
+        if not head.adapter_names:  # the embedding lost its last adapter
+            _replace(model, path, head.base_layer)
     for path, wrapper in list(saved_modules(model)):
         if name in wrapper.adapter_names:
             wrapper.remove_adapter(name)
@@ -466,6 +563,9 @@ def _merge_untied(model: nn.Module, layer: LoraLayer | TrainableTokens, names: l
     if names and shared and isinstance(layer, LoraLayer) and not layer.merged:
         weight = layer.target_weight()
         sharers = [s for s in shared.get(id(weight), []) if s[1] is not layer.base_layer]
+        if sharers:  # a tied head that applies this layer's adapters (ensure_weight_tying) keeps the shared weight
+            applies = {id(h.base_layer) for _, h in tied_lora_heads(model) if h.embedding is layer}
+            sharers = [s for s in sharers if id(s[1]) not in applies]
         if sharers:
             _untie(model, layer, weight, sharers)
     layer.merge(names, **merge_options)
@@ -603,7 +703,7 @@ def _unwrap_all(model: nn.Module, kept_copy: Callable[[ModulesToSave], nn.Module
         _replace(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         _replace(model, path, kept_copy(wrapper))
-    for path, layer in list(token_layers(model)):
+    for path, layer in list(token_layers(model)) + list(tied_lora_heads(model)):
         _replace(model, path, layer.base_layer)
 
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.layers import LoraLayer, ModulesToSave, ParameterLora, TiedTokenHead, TrainableTokens, is_gpt2_conv1d
+from lorafit.layers import (LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead, TiedTokenHead, TrainableTokens,
+                            is_gpt2_conv1d)
 from lorafit.quantize import QuantizedLinear
 
 # Defaults for when a config names no targets, by transformers' config.model_type
@@ -71,7 +72,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead)):
+        if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead, TiedLoraHead)):
             skip.append(name + ".")
             if isinstance(module, ModulesToSave):
                 continue
@@ -145,6 +146,13 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not layer_index_allowed(config, name) and not (isinstance(spec, list) and name in spec):
             continue
         kind = layer_kind(module)
+        if isinstance(module, TiedLoraHead):
+            if not config.ensure_weight_tying:
+                raise ValueError(f"target_modules matches {name!r}, the output head that applies the tied input "
+                                 "embedding's adapters (ensure_weight_tying); adapt it with ensure_weight_tying=True "
+                                 "too, or exclude it")
+            found.append(name)  # model._tie_targets makes it the embedding
+            continue
         if isinstance(module, (TrainableTokens, TiedTokenHead)):
             raise ValueError(f"target_modules matches {name!r}, whose token rows an adapter trains "
                              "(trainable_token_indices); LoRA and token rows on one layer are not supported")
@@ -224,8 +232,8 @@ def resolve_token_targets(model: nn.Module, config: LoraConfig) -> dict[str, lis
             raise ValueError(f"trainable_token_indices: {name!r} carries a LoRA adapter (target_modules); training "
                              "its rows as well is not supported")
     for name in [n for n in found if _is_head(layers[n])]:
-        weight = _unwrapped(layers[name]).weight
-        embedding = next((e for e in embeddings if _unwrapped(layers[e]).weight is weight), None)
+        weight = unwrapped(layers[name]).weight
+        embedding = next((e for e in embeddings if unwrapped(layers[e]).weight is weight), None)
         if embedding is None:
             continue
         if found.get(embedding) != found[name]:
@@ -236,17 +244,21 @@ def resolve_token_targets(model: nn.Module, config: LoraConfig) -> dict[str, lis
     return found
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, (LoraLayer, TrainableTokens, TiedTokenHead)) else module
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The layer an adapter wrapper stands in for (a modules_to_save wrapper: its original)."""
+    if isinstance(module, ModulesToSave):
+        return module.original_module
+    return module.base_layer if isinstance(module, (LoraLayer, TrainableTokens, TiedTokenHead, TiedLoraHead)) \
+        else module
 
 
 def _has_token_rows(module: nn.Module) -> bool:
     """An embedding, or a linear layer (an output head), or a wrapper of one: its weight's rows are tokens."""
-    return isinstance(_unwrapped(module), (nn.Embedding, nn.Linear))
+    return isinstance(unwrapped(module), (nn.Embedding, nn.Linear))
 
 
 def _is_head(module: nn.Module) -> bool:
-    return isinstance(_unwrapped(module), nn.Linear)
+    return isinstance(unwrapped(module), nn.Linear)
 
 
 def _full_names(model: nn.Module, entries: list[str]) -> list[str]:

@@ -39,10 +39,12 @@ class ModulesToSave(InPlaceOf):
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
 
-    def add_adapter(self, name: str) -> None:
+    def add_adapter(self, name: str, shared: dict[int, nn.Parameter] | None = None) -> None:
+        """A trainable copy for adapter ``name``; ``shared`` maps the id of an original parameter to the one the
+        copy takes instead of a copy of its own (a tied head's weight: the embedding copy's)."""
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        replica = copy.deepcopy(self.original_module)
+        replica = copy.deepcopy(self.original_module, dict(shared or {}))
         for p in replica.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = replica
