@@ -54,6 +54,7 @@ from torch.nn import functional as F
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
                             TiedTokenHead, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
+from lorafit.layers.embedding import embed_scale
 from lorafit.model import adapter_configs, wrapped_modules
 
 _STACKS = "_lorafit_row_stacks"
@@ -281,11 +282,15 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
                              "(beam search and other batch expansions are not supported)")
 
     if isinstance(layer, Embedding):
+        scale = embed_scale(base, layer.factors_a[names[0]])
+
         def forward(ids, *args, **kwargs):
             check(ids)
             y = base(ids, *args, **kwargs)
             a_rows, b_rows, _ = rows_factors()
             h = a_rows[torch.arange(n, device=ids.device)[:, None], ids.reshape(n, -1)]  # (n, T, r)
+            if scale is not None:  # a scaled embedding's rows (Gemma, BART): the adapter's rows too
+                h = h * scale.to(h.device, h.dtype)
             return _accumulate(y, h, b_rows)
     elif isinstance(layer, Conv):
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d

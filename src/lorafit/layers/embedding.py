@@ -5,6 +5,10 @@ an embedding and ``B: (embedding_dim, r)`` projects it, so
 ``y = base(ids) + s * A^T[ids] B^T``. PEFT stores them as
 ``lora_embedding_A`` / ``lora_embedding_B`` and applies no dropout here (the
 input is token ids), and neither do we.
+
+transformers' scaled embeddings (Gemma, BART and mBART with ``scale_embedding``, ...) multiply the rows they look
+up by ``embed_scale`` in forward; the adapter's rows get the same factor, so that the adapter changes the output
+as it changes the table (merged or not), as in PEFT.
 """
 
 from __future__ import annotations
@@ -14,6 +18,20 @@ from torch import nn
 
 from lorafit.layers.base import LoraLayer, compute_dtype
 from lorafit.layers.init import mica_init
+
+
+def embed_scale(embedding: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """The factor a scaled embedding multiplies its rows by (a number or a one-element tensor), in ``like``'s
+    dtype and device, or None for a plain one."""
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is None:
+        return None
+    if not isinstance(scale, torch.Tensor):
+        return torch.tensor(float(scale), dtype=like.dtype, device=like.device)
+    if scale.numel() != 1:
+        raise ValueError(f"{type(embedding).__name__}.embed_scale has shape {list(scale.shape)}; lorafit supports "
+                         "scaled embeddings with one scale")
+    return scale.to(like.device, like.dtype)
 
 
 class Embedding(LoraLayer):
@@ -53,4 +71,8 @@ class Embedding(LoraLayer):
             x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
             scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
         )
-        return result + (nn.functional.linear(h, b) * self.scaling[name]).to(result.dtype)
+        out = nn.functional.linear(h, b) * self.scaling[name]
+        scale = embed_scale(base, out)
+        if scale is not None:
+            out = out * scale
+        return result + out.to(result.dtype)

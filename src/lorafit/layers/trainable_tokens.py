@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorafit.layers.base import InPlaceOf
+from lorafit.layers.embedding import embed_scale
 
 
 class TokenRows(nn.Module):
@@ -185,9 +186,9 @@ class TrainableTokens(InPlaceOf):
             return _rescore(out, x, self.new_rows(names, x.dtype), base.weight, index, base.bias)
         slot = slots[x]
         rows = self.new_rows(names, out.dtype)[slot.clamp(min=0)]
-        scale = getattr(base, "embed_scale", None)  # transformers' scaled embeddings (Gemma)
+        scale = embed_scale(base, rows)  # transformers' scaled embeddings (Gemma, BART)
         if scale is not None:
-            rows = rows * scale.to(rows.dtype)
+            rows = rows * scale
         return torch.where((slot >= 0).unsqueeze(-1), rows, out)
 
     def extra_repr(self) -> str:
