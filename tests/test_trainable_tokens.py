@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorafit
-from lorafit.layers import TiedTokenHead, TrainableTokens
+from lorafit.layers import TiedTokens, TrainableTokens
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -54,7 +54,7 @@ def test_the_rows_replace_the_tokens_vectors_and_a_tied_head_scores_with_them(ti
     # target_modules as in PEFT: unset, a model type's default (q_proj and v_proj for Llama)
     model = lorafit.attach(llama(tied), lorafit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=TOKENS))
     assert isinstance(model.model.embed_tokens, TrainableTokens)
-    assert isinstance(model.lm_head, TiedTokenHead) == tied
+    assert isinstance(model.lm_head, TiedTokens) == tied
     rows = model.model.embed_tokens.rows["default"]
     torch.testing.assert_close(rows, llama(tied).model.embed_tokens.weight[TOKENS])  # they start as the old rows
     # a tied head scores the tokens with rows equal to the old ones: the same to rounding
@@ -150,7 +150,7 @@ def test_merge_unmerge_disabled_unload_and_reload(tied, tokens, tmp_path):
     fresh = lorafit.load_adapter(llama(tied, torch.bfloat16), tmp_path)
     torch.testing.assert_close(logits(fresh), unmerged, rtol=0, atol=0)
     plain = lorafit.merge_and_unload(copy.deepcopy(model))
-    assert not any(isinstance(m, (TrainableTokens, TiedTokenHead)) for m in plain.modules())
+    assert not any(isinstance(m, (TrainableTokens, TiedTokens)) for m in plain.modules())
     torch.testing.assert_close(logits(plain), unmerged, rtol=0, atol=0)
     lorafit.unload(model)
     assert type(model.model.embed_tokens).__name__ == "Embedding" and type(model.lm_head).__name__ == "Linear"
@@ -204,7 +204,7 @@ def test_refusals_leave_the_model_as_it_was():
         with pytest.raises(ValueError, match=tied):
             lorafit.attach(model, lorafit.LoraConfig(trainable_token_indices=tokens))
     # a LoRA on a tied head would score the tokens with the old rows: refused in either order
-    with pytest.raises(ValueError, match=f"the output head {tied} and carries a LoRA adapter"):
+    with pytest.raises(ValueError, match=f"{tied} and carries a LoRA adapter, so it cannot use the tokens' new rows"):
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["lm_head"], trainable_token_indices=[1]))
     lorafit.attach(model, lorafit.LoraConfig(target_modules=["lm_head"]), name="lora")
     with pytest.raises(ValueError, match="and carries a LoRA adapter"):
@@ -253,3 +253,41 @@ def test_the_model_can_move_after_attaching(tmp_path):
     torch.testing.assert_close(model.model.embed_tokens.weight, llama(True).double().model.embed_tokens.weight,
                                rtol=0, atol=0)
     assert "original_rows_default" not in " ".join(model.state_dict())
+
+
+def encoder_decoder(kind: str):
+    """BART (scaled embeddings) or T5: one shared table, which the encoder's and decoder's embeddings and the
+    head hold too; the model computes with those, never with the shared module itself."""
+    torch.manual_seed(0)
+    if kind == "bart":
+        config = transformers.BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                         decoder_ffn_dim=32, scale_embedding=True, max_position_embeddings=32)
+        return transformers.BartForConditionalGeneration(config).eval()
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def seq2seq_logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, decoder_input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_a_shared_table_s_rows_reach_every_module_that_holds_it(kind, tmp_path):
+    theirs = peft.get_peft_model(encoder_decoder(kind), peft.LoraConfig(
+        target_modules=["q_proj" if kind == "bart" else "q"], trainable_token_indices=TOKENS))
+    new_rows(theirs, lora=False)
+    theirs.save_pretrained(tmp_path)
+    expected = seq2seq_logits(theirs)
+    assert expected.sub(seq2seq_logits(encoder_decoder(kind))).abs().max() > 1e-2
+    ours = lorafit.load_adapter(encoder_decoder(kind), tmp_path)
+    tied = [n for n, m in ours.named_modules() if isinstance(m, TiedTokens)]
+    assert sorted(tied) == sorted([f"{'model.' if kind == 'bart' else ''}{part}.embed_tokens"
+                                   for part in ("encoder", "decoder")] + ["lm_head"])
+    torch.testing.assert_close(seq2seq_logits(ours), expected, rtol=1e-5, atol=1e-5)
+    lorafit.merge(ours)
+    torch.testing.assert_close(seq2seq_logits(ours), expected, rtol=1e-5, atol=1e-5)
+    plain = lorafit.unload(ours)
+    torch.testing.assert_close(seq2seq_logits(plain), seq2seq_logits(encoder_decoder(kind)), rtol=0, atol=0)
+    assert not any(isinstance(m, (TrainableTokens, TiedTokens)) for m in plain.modules())

@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
-                            TiedTokenHead, TrainableTokens)
+                            TiedTokens, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.layers.embedding import embed_scale
 from lorafit.model import adapter_configs, wrapped_modules
@@ -81,7 +81,7 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
         raise KeyError(f"no adapter named {unknown[0]!r} is attached; attached adapters: {list(known) or 'none'}")
     layers, wrappers, token_layers, tied_heads = [], [], [], []
     for _, module in wrapped_modules(model):  # one walk over the model for every kind
-        if isinstance(module, (TrainableTokens, TiedTokenHead)):
+        if isinstance(module, (TrainableTokens, TiedTokens)):
             token_layers.append(module)
         elif isinstance(module, TiedLoraHead):
             tied_heads.append(module)

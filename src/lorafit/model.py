@@ -21,7 +21,7 @@ from torch import nn
 from lorafit import alora
 from lorafit.config import LoraConfig, freezes_b, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
-                            TiedTokenHead, TrainableTokens)
+                            TiedTokens, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
 from lorafit.quantize import QuantizedLinear
 from lorafit.replication import replicate, replication
@@ -30,7 +30,7 @@ from lorafit.replication import untie as untie_layers
 from lorafit.targeting import (SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets,
                                resolve_token_targets, unwrapped)
 
-Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokenHead | TiedLoraHead
+Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokens | TiedLoraHead
 
 _CONFIGS = "_lorafit_configs"
 _ORIGINAL_GRAD = "_lorafit_original_requires_grad"
@@ -52,7 +52,7 @@ def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, 
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead, TiedLoraHead)):
+        if isinstance(child, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokens, TiedLoraHead)):
             yield path, child
             while isinstance(child, ParameterLora) and isinstance(child.base_layer, ParameterLora):
                 child, path = child.base_layer, f"{path}.base_layer"
@@ -69,9 +69,9 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, ModulesToSave))
 
 
-def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens | TiedTokenHead]]:
+def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens | TiedTokens]]:
     """Embeddings with trainable rows, and the tied heads that score those tokens with them."""
-    return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, (TrainableTokens, TiedTokenHead)))
+    return ((n, m) for n, m in wrapped_modules(model) if isinstance(m, (TrainableTokens, TiedTokens)))
 
 
 def tied_lora_heads(model: nn.Module) -> Iterator[tuple[str, TiedLoraHead]]:
@@ -364,26 +364,30 @@ def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) ->
 
 
 def _token_wrapper(model: nn.Module, target: str) -> TrainableTokens:
-    """``target``'s TrainableTokens, made on the first adapter, with a TiedTokenHead on an output head that
-    shares an embedding's weight."""
+    """``target``'s TrainableTokens, made on the first adapter, with TiedTokens on every other module that shares
+    its weight: a tied output head, and the encoder's and decoder's embeddings of a shared table (BART, T5)."""
     module = model.get_submodule(target)
     if isinstance(module, TrainableTokens):
         return module
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) and isinstance(module, nn.Embedding) else None
-    tied = head is not None and head is not module and getattr(head, "weight", None) is module.weight
-    if tied and not isinstance(head, nn.Linear):
-        path = next(n for n, m in model.named_modules() if m is head)
-        adapted = isinstance(head, (LoraLayer, TiedLoraHead))
-        what = "carries a LoRA adapter" if adapted else f"is a {type(head).__name__}"
-        raise ValueError(f"trainable_token_indices: the output head {path!r} shares its weight with {target!r} "
-                         f"(tied embeddings) and {what}, so it cannot score the tokens with their new rows; adapt "
-                         "the head one way only")
+    if isinstance(module, TiedTokens):  # another module of the same table trains its rows
+        return module.tokens
+    sharers = []
+    for path, other in model.named_modules():
+        if other is module or other._parameters.get("weight") is not module.weight:
+            continue
+        outer, _, attr = path.rpartition(".")
+        if attr in ("base_layer", "original_module") or not isinstance(other, (nn.Linear, nn.Embedding)):
+            wrapped = attr in ("base_layer", "original_module")
+            what = {"base_layer": "carries a LoRA adapter", "original_module": "has modules_to_save copies"}.get(
+                attr, f"is a {type(other).__name__}")
+            raise ValueError(f"trainable_token_indices: {outer if wrapped else path!r} shares its weight with "
+                             f"{target!r} (tied embeddings) and {what}, so it cannot use the tokens' new rows; adapt "
+                             "it one way only")
+        sharers.append(path)
     tokens = TrainableTokens(module)
     _replace(model, target, tokens)
-    if tied:
-        path = next(n for n, m in model.named_modules() if m is head)
-        _replace(model, path, TiedTokenHead(head, tokens))
+    for path in sharers:
+        _replace(model, path, TiedTokens(model.get_submodule(path), tokens))
     return tokens
 
 

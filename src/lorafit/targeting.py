@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.layers import (LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead, TiedTokenHead, TrainableTokens,
+from lorafit.layers import (LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead, TiedTokens, TrainableTokens,
                             is_gpt2_conv1d)
 from lorafit.quantize import QuantizedLinear
 
@@ -72,7 +72,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokenHead, TiedLoraHead)):
+        if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokens, TiedLoraHead)):
             skip.append(name + ".")
             if isinstance(module, ModulesToSave):
                 continue
@@ -153,7 +153,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                                  "too, or exclude it")
             found.append(name)  # model._tie_targets makes it the embedding
             continue
-        if isinstance(module, (TrainableTokens, TiedTokenHead)):
+        if isinstance(module, (TrainableTokens, TiedTokens)):
             raise ValueError(f"target_modules matches {name!r}, whose token rows an adapter trains "
                              "(trainable_token_indices); LoRA and token rows on one layer are not supported")
         if kind is None:
@@ -233,13 +233,24 @@ def resolve_token_targets(model: nn.Module, config: LoraConfig) -> dict[str, lis
                              "its rows as well is not supported")
     for name in [n for n in found if _is_head(layers[n])]:
         weight = unwrapped(layers[name]).weight
-        embedding = next((e for e in embeddings if unwrapped(layers[e]).weight is weight), None)
-        if embedding is None:
+        tied = [e for e in embeddings if unwrapped(layers[e]).weight is weight]
+        if not tied:
             continue
-        if found.get(embedding) != found[name]:
-            raise ValueError(f"trainable_token_indices: {name!r} shares its weight with {embedding!r} (tied "
-                             f"embeddings), so their rows are the same: name {embedding!r}, whose new rows the head "
+        named = [e for e in tied if e in found] or tied[:1]
+        if any(found.get(e) != found[name] for e in named):
+            raise ValueError(f"trainable_token_indices: {name!r} shares its weight with {named[0]!r} (tied "
+                             f"embeddings), so their rows are the same: name {named[0]!r}, whose new rows the head "
                              "then scores with, or give both the same token ids")
+        del found[name]
+    # embeddings of one table (BART's and T5's shared, encoder and decoder embeddings) train its rows once
+    first_of: dict[int, str] = {}
+    for name in list(found):
+        first = first_of.setdefault(id(unwrapped(layers[name]).weight), name)
+        if first == name:
+            continue
+        if found[first] != found[name]:
+            raise ValueError(f"trainable_token_indices: {first!r} and {name!r} share one table, so their rows are "
+                             "the same: give both the same token ids")
         del found[name]
     return found
 
@@ -248,7 +259,7 @@ def unwrapped(module: nn.Module) -> nn.Module:
     """The layer an adapter wrapper stands in for (a modules_to_save wrapper: its original)."""
     if isinstance(module, ModulesToSave):
         return module.original_module
-    return module.base_layer if isinstance(module, (LoraLayer, TrainableTokens, TiedTokenHead, TiedLoraHead)) \
+    return module.base_layer if isinstance(module, (LoraLayer, TrainableTokens, TiedTokens, TiedLoraHead)) \
         else module
 
 

@@ -7,7 +7,7 @@ from lorafit.layers.linear import Linear, is_gpt2_conv1d
 from lorafit.layers.modules_to_save import ModulesToSave
 from lorafit.layers.parameter import ParameterLora
 from lorafit.layers.tied_head import TiedLoraHead
-from lorafit.layers.trainable_tokens import TiedTokenHead, TrainableTokens
+from lorafit.layers.trainable_tokens import TiedTokens, TrainableTokens
 
 __all__ = ["LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "ParameterLora", "TrainableTokens",
-           "TiedTokenHead", "TiedLoraHead", "is_gpt2_conv1d"]
+           "TiedTokens", "TiedLoraHead", "is_gpt2_conv1d"]

@@ -3,8 +3,9 @@ those of special tokens added for a chat template, with the rest of the table fr
 (an ``nn.Linear``) can get new rows the same way, so that the model also learns to predict those tokens.
 
 PEFT's layout: per adapter, ``token_adapter.trainable_tokens_delta`` holds the new rows (``len(indices) x dim``,
-starting as copies of the old ones), and the config holds the indices. Where the output head shares the
-embedding's weight (tied embeddings), the head scores those tokens with the embedding's new rows.
+starting as copies of the old ones), and the config holds the indices. Every other module that shares the
+embedding's weight uses the new rows too: a tied output head scores those tokens with them, and the encoder's and
+decoder's embeddings of a model with one shared table (BART, T5) look them up.
 
 PEFT forms the whole table with the rows replaced, every forward (a vocabulary-sized copy, which backward keeps
 for a head). Here the lookup runs on the frozen table and only the looked-up rows of trained tokens are
@@ -61,6 +62,18 @@ class _Rescored(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_rows = (picked.reshape(-1, picked.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(rows.dtype)
         return grad, grad_h, grad_rows, None, None, None
+
+
+def _looked_up(out: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+               embedding: nn.Module) -> torch.Tensor:
+    """An embedding's output ``out`` with the vectors of trained tokens (``slots``: each token's row in ``rows``,
+    -1 for the rest) looked up in ``rows`` instead."""
+    slot = slots[ids]
+    picked = rows[slot.clamp(min=0)]
+    scale = embed_scale(embedding, picked)  # transformers' scaled embeddings (Gemma, BART)
+    if scale is not None:
+        picked = picked * scale
+    return torch.where((slot >= 0).unsqueeze(-1), picked, out)
 
 
 class TrainableTokens(InPlaceOf):
@@ -184,29 +197,25 @@ class TrainableTokens(InPlaceOf):
         slots, index = self.replacement(names)
         if isinstance(base, nn.Linear):
             return _rescore(out, x, self.new_rows(names, x.dtype), base.weight, index, base.bias)
-        slot = slots[x]
-        rows = self.new_rows(names, out.dtype)[slot.clamp(min=0)]
-        scale = embed_scale(base, rows)  # transformers' scaled embeddings (Gemma, BART)
-        if scale is not None:
-            rows = rows * scale
-        return torch.where((slot >= 0).unsqueeze(-1), rows, out)
+        return _looked_up(out, x, self.new_rows(names, out.dtype), slots, base)
 
     def extra_repr(self) -> str:
         return "; ".join(f"{n}: {len(self.indices[n])} tokens" for n in self.adapter_names)
 
 
-class TiedTokenHead(InPlaceOf):
-    """The output head of a model whose head shares the embedding's weight: the tokens an active adapter trains
-    are scored with their new rows. It holds nothing of its own; the embedding's wrapper is its state."""
+class TiedTokens(InPlaceOf):
+    """A module that shares the weight of an embedding whose rows adapters train: a tied output head scores
+    those tokens with their new rows, another embedding of the same table (BART's and T5's encoder and decoder
+    embeddings of the shared one) looks them up. It holds nothing of its own; the embedding's wrapper is its
+    state."""
 
     row_plan = None
 
-    def __init__(self, base_layer: nn.Linear, tokens: TrainableTokens) -> None:
+    def __init__(self, base_layer: nn.Linear | nn.Embedding, tokens: TrainableTokens) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.__dict__["tokens"] = tokens  # not a submodule: its rows are saved once, under the embedding
         self.disabled = False
-
 
     @property
     def adapter_names(self) -> list[str]:
@@ -215,13 +224,16 @@ class TiedTokenHead(InPlaceOf):
     def set_active(self, names: list[str]) -> None:
         """Nothing to set: the embedding's wrapper holds the active adapters."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: hidden states for a head, token ids for an embedding."""
         if self.row_plan is not None:
-            return self.row_plan(h)
-        out = self.base_layer(h)
+            return self.row_plan(x)
+        base = self.base_layer
+        out = base(x)
         names = [] if self.disabled else self.tokens.unmerged_active()
         if not names:
             return out
-        _, index = self.tokens.replacement(names)
-        return _rescore(out, h, self.tokens.new_rows(names, h.dtype), self.base_layer.weight, index,
-                        self.base_layer.bias)
+        slots, index = self.tokens.replacement(names)
+        if isinstance(base, nn.Linear):
+            return _rescore(out, x, self.tokens.new_rows(names, x.dtype), base.weight, index, base.bias)
+        return _looked_up(out, x, self.tokens.new_rows(names, out.dtype), slots, base)
