@@ -86,6 +86,9 @@ def test_bad_combinations_are_refused():
         lorafit.combine_adapters(model, {"a": 1.0}, "x", method="ties")
     with pytest.raises(ValueError, match="method 'svd' needs rank >= 1"):
         lorafit.combine_adapters(model, {"a": 1.0}, "x", method="svd")
+    lorafit.attach(model, LoraConfig(target_modules=["mlp.0"], use_dora=True), "d")
+    with pytest.raises(ValueError, match=r"adapters \['d'\] are DoRA adapters \(use_dora\), whose learned magnitudes"):
+        lorafit.combine_adapters(model, {"d": 1.0}, "x")
 
 
 def test_combined_adapter_saves_and_reloads(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 import lorafit
 from lorafit import LoraConfig
-from tests.models import Mixed, mixed_inputs, randomize_adapters
+from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
 
 
 def _dora_model(dropout=0.0, seed=0):
@@ -84,9 +84,63 @@ def test_dora_save_reload(tmp_path):
     torch.testing.assert_close(fresh(*inputs), model(*inputs), atol=1e-6, rtol=0)
 
 
-def test_dora_on_unsupported_layer_is_refused():
-    with pytest.raises(ValueError, match="DoRA \\(use_dora=True\\) is supported for Linear layers, not Embedding"):
-        lorafit.attach(Mixed(), LoraConfig(target_modules=["embed"], use_dora=True))
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_on_every_layer_kind_merges_to_the_same_output(dropout):
+    """Embedding (a magnitude per dimension), Conv1d/Conv2d (per output channel, PEFT's (1, C, 1...) shape), GPT-2
+    Conv1D and Linear: merged equals unmerged, unmerge restores the weights."""
+    torch.manual_seed(0)
+    model = lorafit.attach(Mixed().eval(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True,
+                                                      target_modules=ALL_KINDS))
+    assert model.embed.lora_magnitude_vector["default"].shape == (12,)
+    assert model.conv1.lora_magnitude_vector["default"].shape == (1, 12, 1)
+    assert model.conv2.lora_magnitude_vector["default"].shape == (1, 12, 1, 1)
+    inputs = mixed_inputs()
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(*inputs), Mixed().eval()(*inputs), atol=1e-5, rtol=0)  # fresh: no change
+    randomize_adapters(model, scale=0.3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() != 2:  # magnitudes unlike the norms, so that merging rescales
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    unmerged = model(*inputs)
+    before = {n: model.get_submodule(n).base_layer.weight.clone() for n in ALL_KINDS}
+    lorafit.merge(model)
+    torch.testing.assert_close(model(*inputs), unmerged, atol=1e-4, rtol=1e-4)
+    lorafit.unmerge(model)
+    for n, w in before.items():
+        torch.testing.assert_close(model.get_submodule(n).base_layer.weight, w, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_matches_peft_on_every_layer_kind(tmp_path):
+    """PEFT's DoRA for embeddings and convolutions: the same outputs both ways, and the same gradients."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Mixed().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=ALL_KINDS, use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorafit.load_adapter(copy.deepcopy(base), tmp_path / "peft", trainable=True)
+    inputs = mixed_inputs()
+    outs = []
+    for model in (theirs, ours):
+        out = model(*inputs)
+        out.square().sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert (outs[0] - base(*inputs)).abs().max() > 1e-2
+    grads = {n.removeprefix("base_model.model.").replace(".weight", "").replace(".default", ""): p.grad
+             for n, p in theirs.named_parameters() if p.requires_grad}
+    mine = {n.replace(".default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads.keys() == mine.keys() and len(mine) == 3 * len(ALL_KINDS)
+    for name, grad in grads.items():
+        torch.testing.assert_close(mine[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    lorafit.save_adapter(ours, tmp_path / "lorafit")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lorafit").eval()
+    torch.testing.assert_close(back(*inputs), outs[0], atol=1e-5, rtol=1e-5)
 
 
 def _tiny_bert():

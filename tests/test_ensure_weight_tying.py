@@ -165,6 +165,9 @@ def test_tied_and_untied_adapters_on_one_embedding_are_refused():
     with pytest.raises(ValueError, match="attached without ensure_weight_tying"):
         lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["embed_tokens"], ensure_weight_tying=True), "t")
     assert type(model.lm_head) is torch.nn.Linear
+    with pytest.raises(ValueError, match="ensure_weight_tying with use_dora=True"):
+        lorafit.attach(tied_llama(), lorafit.LoraConfig(r=4, target_modules=["embed_tokens"], use_dora=True,
+                                                        ensure_weight_tying=True))
 
 
 def test_a_file_whose_head_factors_differ_is_refused_and_changes_nothing(tmp_path):

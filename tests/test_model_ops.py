@@ -390,12 +390,13 @@ def test_wrappers_keep_the_training_mode_of_the_model():
 
 def test_a_layer_refusing_the_adapter_leaves_no_half_attached_model():
     model = _mixed()
+    model.conv2 = nn.Conv2d(2, 12, kernel_size=3, stride=2, padding=1, groups=2)
     before = str(model)
-    # mlp.0 takes DoRA, then the embedding refuses it: nothing may stay wrapped
-    with pytest.raises(ValueError, match="DoRA"):
-        _attach(model, target_modules=["mlp.0", "embed"], use_dora=True)
+    # mlp.0 takes the adapter, then the grouped convolution after it refuses: nothing may stay wrapped
+    with pytest.raises(ValueError, match="grouped convolution"):
+        _attach(model, target_modules=["mlp.0", "conv2"], use_dora=True)
     assert str(model) == before and lorafit.adapter_configs(model) == {}
     _attach(model, "a", target_modules=["mlp.0"])
-    with pytest.raises(ValueError, match="DoRA"):
-        _attach(model, "b", target_modules=["mlp.0", "embed"], use_dora=True)
-    assert model.mlp[0].adapter_names == ["a"] and not isinstance(model.embed, LoraLayer)
+    with pytest.raises(ValueError, match="grouped convolution"):
+        _attach(model, "b", target_modules=["mlp.0", "conv2"], use_dora=True)
+    assert model.mlp[0].adapter_names == ["a"] and not isinstance(model.conv2, LoraLayer)

@@ -68,6 +68,11 @@ def combine_adapters(
     if activated:
         raise ValueError(f"adapters {activated} are aLoRA adapters (alora_invocation_tokens), which apply from their "
                          "own invocations on; combine_adapters does not combine them")
+    scaled = [a for a in weights if configs[a].use_dora]
+    if scaled:
+        # the magnitudes rescale the whole adapted weight, which no sum of low-rank changes expresses
+        raise ValueError(f"adapters {scaled} are DoRA adapters (use_dora), whose learned magnitudes combine_adapters "
+                         "cannot combine; merge them into the weights instead")
     biased = any(configs[a].lora_bias for a in weights)
     tokens = [a for a in weights if configs[a].trainable_token_indices]
     if tokens:

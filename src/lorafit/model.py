@@ -273,6 +273,9 @@ def _tie_targets(model: nn.Module, config: LoraConfig, targets: list[str], saved
             raise ValueError(f"{embedding!r} carries adapters attached without ensure_weight_tying, which leave "
                              f"{head!r} as it is; a tied adapter beside them is not supported: attach every adapter "
                              "of the embedding with the same ensure_weight_tying")
+        if config.use_dora:
+            raise ValueError(f"ensure_weight_tying with use_dora=True: the head {head!r} would need the embedding's "
+                             "magnitudes, which DoRA keeps per embedding dimension; not supported")
         targets = [t for t in targets if t != head] + ([] if embedding in targets else [embedding])
         lora_tie = (embedding, head)
     if embedding in saved or head in saved:

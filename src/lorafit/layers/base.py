@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from lorafit.layers import dora
+
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """At least float32 for products that are merged into a weight, so bf16/fp16 lose nothing extra."""
@@ -66,6 +68,10 @@ class LoraLayer(InPlaceOf):
     b_name = "lora_B"
     # Whether B may have a bias (lora_bias=True): where the base layer's output has one bias per output.
     bias_capable = False
+    # Whether DoRA adapters are supported (the layer gives the views lorafit.layers.dora uses), and whether the
+    # low-rank path takes dropout (an embedding's input is token ids)
+    dora_capable = False
+    drops_input = True
     # Set by lorafit.batched.adapter_per_row: a forward in which each batch row has its own adapter.
     row_plan = None
 
@@ -87,6 +93,8 @@ class LoraLayer(InPlaceOf):
         self._premerge: dict[str, torch.Tensor] = {}
         # aLoRA adapters: the model's lorafit.alora.Activation, which says at which positions each one applies
         self.activation: dict[str, object] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only; PEFT's name
+        self._dora_factors: dict[str, torch.Tensor] = {}  # per-feature factor of a merged DoRA adapter
 
     # -- adapters ----------------------------------------------------------------
     # Read from _modules directly: nn.Module finds them only after a failed normal lookup, and every forward
@@ -124,10 +132,10 @@ class LoraLayer(InPlaceOf):
         if bias and not self.bias_capable:
             raise ValueError(f"lora_bias=True is supported for Linear and convolution layers, not "
                              f"{type(self.base_layer).__name__}; exclude this module or turn lora_bias off")
-        if use_dora:
+        if use_dora and not self.dora_capable:
             raise ValueError(
-                f"DoRA (use_dora=True) is supported for Linear layers, not {type(self.base_layer).__name__}; "
-                "exclude this module or turn DoRA off"
+                f"DoRA (use_dora=True) is supported for Linear, Embedding and convolution layers, not "
+                f"{type(self.base_layer).__name__}; exclude this module or turn DoRA off"
             )
         if name in self.factors_a:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -144,6 +152,8 @@ class LoraLayer(InPlaceOf):
         self.scaling[name] = scale
         self.dropout[name] = dropout
         self.init_factors(name, init)
+        if use_dora:
+            self.lora_magnitude_vector[name] = dora.init_magnitude(self, name)
 
     def init_factors(self, name: str, init: bool | str | None) -> None:
         """Default initialisation: ``B A = 0`` so the model's output is unchanged.
@@ -190,6 +200,8 @@ class LoraLayer(InPlaceOf):
         del self.factors_b[name]
         if name in self.lora_B_bias:
             del self.lora_B_bias[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.activation.pop(name, None)
         for table in (self.scaling, self.rank, self.dropout):
             del table[name]
@@ -207,11 +219,42 @@ class LoraLayer(InPlaceOf):
 
     def fold_(self, weight: torch.Tensor, name: str) -> None:
         """Merge adapter ``name`` into ``weight`` (the base weight or a float32 copy of it) in place."""
-        weight.add_(self.delta_weight(name))
+        if name in self.lora_magnitude_vector:
+            self._dora_factors[name] = dora.merge_into(self, name, weight)
+        else:
+            weight.add_(self.delta_weight(name))
 
     def unfold_(self, weight: torch.Tensor, name: str) -> None:
         """Undo ``fold_`` in place."""
-        weight.sub_(self.delta_weight(name))
+        if name in self.lora_magnitude_vector:
+            dora.unmerge_from(self, name, weight, self._dora_factors[name])
+        else:
+            weight.sub_(self.delta_weight(name))
+
+    # -- DoRA's views of this layer (see lorafit.layers.dora) ------------------------------------------
+    def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in storage layout as (features, rest)."""
+        raise NotImplementedError
+
+    def feature_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A per-feature vector shaped to broadcast against a weight in storage layout."""
+        raise NotImplementedError
+
+    def output_view(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A per-feature vector shaped to broadcast against the layer's output (features last)."""
+        return v
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape of a DoRA magnitude in PEFT's files."""
+        return (self.dora_rows(self.target_weight()).shape[0],)
+
+    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output without its bias."""
+        raise NotImplementedError
+
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s`` times the low-rank path of an already dropped-out ``x``, without lora_bias."""
+        raise NotImplementedError
 
     def _fold_bias(self, bias: torch.Tensor, name: str) -> None:
         bias.add_(self.lora_B_bias[name].to(bias.dtype), alpha=self.scaling[name])
@@ -244,6 +287,9 @@ class LoraLayer(InPlaceOf):
                 "use merge_and_unload, which dequantizes the base first"
             )
         names = [n for n in (names if names is not None else list(self.active)) if n not in self.merged]
+        # DoRA adapters after the plain ones, as lorafit has always merged them: a DoRA merge rescales
+        # whatever the weight holds, so the order changes the merged weight.
+        names.sort(key=lambda n: n in self.lora_magnitude_vector)
         activated = [n for n in names if n in self.activation]
         if activated:
             raise ValueError(f"adapter {activated[0]!r} is an aLoRA adapter (alora_invocation_tokens): it applies only "
@@ -309,6 +355,8 @@ class LoraLayer(InPlaceOf):
                 if remaining:
                     self._premerge[key] = kept
         self.merged = remaining
+        # An exact restore never reads the factors, so drop those of adapters no longer merged here.
+        self._dora_factors = {n: f for n, f in self._dora_factors.items() if n in self.merged}
 
     # -- forward -----------------------------------------------------------------
     def unmerged_active(self) -> list[str]:
@@ -321,8 +369,12 @@ class LoraLayer(InPlaceOf):
             return self.row_plan(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            result = self.add_lora(result, x, name) if name not in self.activation else \
-                self._add_activated(result, x, name)
+            if name in self.activation:
+                result = self._add_activated(result, x, name)
+            elif name in self.lora_magnitude_vector:
+                result = dora.add_dora(self, result, x, name)
+            else:
+                result = self.add_lora(result, x, name)
         return result
 
     def _add_activated(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

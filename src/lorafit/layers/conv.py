@@ -18,6 +18,7 @@ from lorafit.layers.base import LoraLayer, compute_dtype
 
 class Conv(LoraLayer):
     bias_capable = True
+    dora_capable = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         if base_layer.groups != 1:
@@ -48,5 +49,27 @@ class Conv(LoraLayer):
         # The base layer's own conv call, so padding_mode and string paddings match exactly.
         h = self.base_layer._conv_forward(self.lora_input(x, name), a, None)
         return result + (self._pointwise(h, b, self.lora_B_bias.get(name)) * self.scaling[name]).to(result.dtype)
+
+    # DoRA: a magnitude per output channel, stored as PEFT's (1, out_channels, 1, ...)
+    def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)
+
+    def feature_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *[1] * (weight.dim() - 1))
+
+    def output_view(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *[1] * (out.dim() - 2))
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        weight = self.base_layer.weight
+        return (1, weight.shape[0], *[1] * (weight.dim() - 2))
+
+    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
+
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        h = self.base_layer._conv_forward(x.to(a.dtype), a, None)
+        return self._pointwise(h, b) * self.scaling[name]
 
 

@@ -1,15 +1,20 @@
-"""DoRA: weight-decomposed LoRA (Liu et al., 2024), for linear layers.
+"""DoRA: weight-decomposed LoRA (Liu et al., 2024), for linear, embedding and convolution layers.
 
-The adapted weight is split into a direction and a learned magnitude per
-output feature:  W' = m * (W + s B A) / ||W + s B A||,  the norm taken over the
-input dimension of each output row (the paper's column norm of W^T). As the
-authors recommend, the norm is treated as a constant in backward (detached).
+The adapted weight is split into a direction and a learned magnitude per output feature:
+W' = m * (W + s B A) / ||W + s B A||, the norm taken over the rest of that feature's slice of the weight: a
+linear layer's inputs, a convolution's input channels and kernel, an embedding's vocabulary (PEFT's layouts:
+one magnitude per output, per output channel, per embedding dimension). As the authors recommend, the norm is
+treated as a constant in backward (detached).
 
-In forward, with y0 = x W^T (no bias) and f = m / ||W + s B A||:
-    y = b + f * (y0 + s x A^T B^T) = base(x) + (f - 1) y0 + f s x A^T B^T.
-With dropout active, PEFT applies the extra terms to dropout(x) (recomputing
-x W^T on it), and so do we, so that the same adapter trains the same way.
-``m`` starts as ||W|| (B = 0), so a fresh DoRA adapter changes nothing.
+In forward, with y0 the base output without its bias and f = m / ||W + s B A|| per feature:
+    y = base(x) + (f - 1) y0 + f * (the low-rank path of x).
+With dropout active, PEFT applies the extra terms to dropout(x) (recomputing y0 on it), and so do we, so that the
+same adapter trains the same way (embeddings take no dropout). ``m`` starts as ||W|| (B = 0), so a fresh DoRA
+adapter changes nothing.
+
+Each layer kind says how its weight reads as (features, rest) (``dora_rows``), how a per-feature vector
+broadcasts against the weight (``feature_view``) and against the output (``output_view``), and gives its frozen
+output without bias (``frozen_output``) and its scaled low-rank path (``low_rank``).
 """
 
 from __future__ import annotations
@@ -18,55 +23,47 @@ import torch
 from torch import nn
 
 
-def row_norm(weight_rows: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each output row of a (d_out, d_in) matrix."""
-    return torch.linalg.vector_norm(weight_rows, dim=1)
-
-
-def weight_rows(layer) -> torch.Tensor:
-    """The base weight as (d_out, d_in), whatever its storage layout."""
-    w = layer.base_layer.weight
-    return w.T if layer.fan_in_fan_out else w
+def row_norm(rows: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row of a (features, rest) matrix."""
+    return torch.linalg.vector_norm(rows, dim=1)
 
 
 def adapted_norm(layer, name: str) -> torch.Tensor:
-    a, b = layer.factors_a[name], layer.factors_b[name]
-    w = weight_rows(layer)
+    """||W + s B A|| per feature, in at least float32."""
+    w = layer.target_weight()
     dt = torch.promote_types(w.dtype, torch.float32)
-    return row_norm(w.to(dt) + layer.scaling[name] * (b.to(dt) @ a.to(dt)))
+    return row_norm(layer.dora_rows(w.to(dt) + layer.delta_weight(name)))
 
 
 def init_magnitude(layer, name: str) -> nn.Parameter:
     with torch.no_grad():
         m = adapted_norm(layer, name)
-    return nn.Parameter(m.to(layer.factors_a[name].dtype))
+    return nn.Parameter(m.reshape(layer.magnitude_shape()).to(layer.factors_a[name].dtype))
 
 
 def add_dora(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    a, b, s = layer.factors_a[name], layer.factors_b[name], layer.scaling[name]
     m = layer.lora_magnitude_vector[name]
-    factor = m / adapted_norm(layer, name).detach().to(m.dtype)
-    base = layer.base_layer
-    if layer.dropout[name] > 0 and layer.training:
+    factor = layer.output_view(m.reshape(-1) / adapted_norm(layer, name).detach().to(m.dtype), result)
+    if layer.drops_input and layer.dropout[name] > 0 and layer.training:
         x = nn.functional.dropout(x, p=layer.dropout[name], training=True)
-        y0 = nn.functional.linear(x, weight_rows(layer).to(x.dtype))
+        y0 = layer.frozen_output(x)
     else:
-        y0 = result if getattr(base, "bias", None) is None else result - base.bias
-    h = x.to(a.dtype) @ a.T @ b.T
-    extra = (factor - 1) * y0.to(m.dtype) + factor * h.to(m.dtype) * s
+        bias = getattr(layer.base_layer, "bias", None)
+        y0 = result if bias is None else result - layer.output_view(bias, result)
+    extra = (factor - 1) * y0.to(m.dtype) + factor * layer.low_rank(x, name).to(m.dtype)
     return result + extra.to(result.dtype)
 
 
 def merge_into(layer, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """Merge adapter ``name`` into ``weight`` (storage layout) in place; returns the per-row factor that
+    """Merge adapter ``name`` into ``weight`` (storage layout) in place; returns the per-feature factor that
     unmerging divides by."""
     weight.add_(layer.delta_weight(name))
-    rows = weight.T if layer.fan_in_fan_out else weight
-    factor = layer.lora_magnitude_vector[name].to(rows.dtype) / row_norm(rows)
-    rows.mul_(factor[:, None])
+    magnitude = layer.lora_magnitude_vector[name].reshape(-1)
+    factor = magnitude.to(weight.dtype) / row_norm(layer.dora_rows(weight))
+    weight.mul_(layer.feature_view(factor, weight))
     return factor
 
 
 def unmerge_from(layer, name: str, weight: torch.Tensor, factor: torch.Tensor) -> None:
-    (weight.T if layer.fan_in_fan_out else weight).div_(factor[:, None])
+    weight.div_(layer.feature_view(factor, weight))
     weight.sub_(layer.delta_weight(name))

@@ -37,6 +37,8 @@ def embed_scale(embedding: nn.Module, like: torch.Tensor) -> torch.Tensor | None
 class Embedding(LoraLayer):
     a_name = "lora_embedding_A"
     b_name = "lora_embedding_B"
+    dora_capable = True
+    drops_input = False
 
     def factor_shapes(self, r: int):
         num, dim = self.base_layer.weight.shape
@@ -65,6 +67,9 @@ class Embedding(LoraLayer):
         return (b.to(dt) @ a.to(dt)).T * self.scaling[name]
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return result + self.low_rank(x, name).to(result.dtype)
+
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]
         base = self.base_layer
         h = nn.functional.embedding(
@@ -73,6 +78,11 @@ class Embedding(LoraLayer):
         )
         out = nn.functional.linear(h, b) * self.scaling[name]
         scale = embed_scale(base, out)
-        if scale is not None:
-            out = out * scale
-        return result + out.to(result.dtype)
+        return out if scale is None else out * scale
+
+    # DoRA: a magnitude per embedding dimension (PEFT's), the norm over the vocabulary; no bias, no dropout
+    def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
+    def feature_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return v[None, :]

@@ -13,7 +13,6 @@ from torch import nn
 
 from lorafit.config import LOFTQ_DEFAULTS, LoftQ, modifies_base_weight, pissa_iterations
 from lorafit.kernels import LowRank, lora_linear
-from lorafit.layers import dora
 from lorafit.layers.base import LoraLayer, compute_dtype
 from lorafit.layers.init import loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
@@ -57,6 +56,7 @@ class Linear(LoraLayer):
     """LoRA around an ``nn.Linear`` (or a GPT-2 ``Conv1D`` with ``fan_in_fan_out``)."""
 
     bias_capable = True
+    dora_capable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -66,8 +66,6 @@ class Linear(LoraLayer):
         # PiSSA/OLoRA factors at initialisation: what it takes to express the trained
         # adapter as a plain LoRA of the original weight (see io.save_adapter).
         self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only; PEFT's name
-        self._dora_factors: dict[str, torch.Tensor] = {}  # per-row factor of a merged DoRA adapter
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -96,40 +94,22 @@ class Linear(LoraLayer):
         else:
             super().init_factors(name, init)
 
-    def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool | str = True,
-                    dtype: torch.dtype | None = None, use_dora: bool = False, bias: bool = False) -> None:
-        super().add_adapter(name, r, scale, dropout, init, dtype, bias=bias)
-        if use_dora:
-            self.lora_magnitude_vector[name] = dora.init_magnitude(self, name)
-
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self.initial_factors.pop(name, None)
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
 
-    def merge(self, names: list[str] | None = None, safe: bool = False, keep_original: bool = True) -> None:
-        names = list(self.active) if names is None else names
-        # DoRA adapters after the plain ones, as lorafit has always merged them: a DoRA merge rescales
-        # whatever the weight holds, so the order changes the merged weight.
-        super().merge(sorted(names, key=lambda n: n in self.lora_magnitude_vector), safe, keep_original)
+    def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
 
-    def unmerge(self, names: list[str] | None = None) -> None:
-        super().unmerge(names)
-        # An exact restore never reads the factors, so drop those of adapters no longer merged here.
-        self._dora_factors = {n: f for n, f in self._dora_factors.items() if n in self.merged}
+    def feature_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return v[None, :] if self.fan_in_fan_out else v[:, None]
 
-    def fold_(self, weight: torch.Tensor, name: str) -> None:
-        if name in self.lora_magnitude_vector:
-            self._dora_factors[name] = dora.merge_into(self, name, weight)
-        else:
-            super().fold_(weight, name)
+    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dora_rows(self.base_layer.weight).to(x.dtype))
 
-    def unfold_(self, weight: torch.Tensor, name: str) -> None:
-        if name in self.lora_magnitude_vector:
-            dora.unmerge_from(self, name, weight, self._dora_factors[name])
-        else:
-            super().unfold_(weight, name)
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors_a[name], self.factors_b[name]
+        return x.to(a.dtype) @ a.T @ b.T * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -189,8 +169,6 @@ class Linear(LoraLayer):
         return _fusable(self._modules["base_layer"])
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.add_dora(self, result, x, name)
         a, b = self.factors_a[name], self.factors_b[name]
         h = nn.functional.linear(self.lora_input(x, name), a)
         own_bias = self.lora_B_bias.get(name)
