@@ -161,6 +161,36 @@ def test_refusals(mixed_model):
             pass
 
 
+@pytest.mark.parametrize("rows", [["p", "x", None, "y", "x", "p", None, "y"], ["x"] * 4])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_dora_rows_equal_rows_alone(rows, device):
+    """DoRA adapters (a magnitude per feature of every layer kind) beside a plain one with its own biases: each row
+    scales its layer's output by its adapter's factor; rows on other adapters or the base model are unscaled."""
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    for name in ("x", "y"):
+        lorafit.attach(model, lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_KINDS, use_dora=True), name)
+    lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=["mlp.0", "conv2", "classifier"], lora_bias=True),
+                   "p")
+    randomize_adapters(model, 0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name or "lora_B_bias" in name:
+                p.mul_(1 + 0.5 * torch.rand_like(p))
+    model.to(device)
+    ids, image = mixed_inputs(batch=len(rows), device=device)
+    # cuDNN's convolutions use TF32 by default, which would round the rows alone and together differently
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with adapter_per_row(model, rows):
+            mixed = model(ids, image)
+        alone = _alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
+        lorafit.set_active(model, "x")
+        adapted = model(ids, image)
+        with lorafit.disabled(model):
+            assert not torch.allclose(adapted, model(ids, image), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(mixed, alone, **TOL)
+
+
 class Saved(nn.Module):
     """modules_to_save on an embedding (stacked tables) and on a Sequential (run per copy on its rows)."""
 

@@ -34,9 +34,11 @@ copied over asynchronously (layers whose adapters map to the same slots share it
 a gather on a GPU is one ``index_select``, and no forward reads a tensor back to
 the host. Inside the block the factors are used as constants: it is an inference
 path (no dropout, no gradients for the adapters). Adapters with a bias of their own
-(lora_bias) add it per row, gathered from a stack of their own. Adapters merged into
-the weights and DoRA adapters are refused. One ``adapter_per_row`` block at a time
-per model (serve uses a lock).
+(lora_bias) add it per row, gathered from a stack of their own. A DoRA adapter's rows
+scale the layer's output (bias aside) by its factor m / ||W + s B A|| per feature,
+gathered from a stack of those factors (1 for every other slot), computed once per
+change of the adapters rather than in every forward. Adapters merged into the weights
+are refused. One ``adapter_per_row`` block at a time per model (serve uses a lock).
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ from torch.nn import functional as F
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
                             TiedTokens, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
+from lorafit.layers import dora
 from lorafit.layers.embedding import embed_scale
 from lorafit.model import adapter_configs, wrapped_modules
 
 _STACKS = "_lorafit_row_stacks"
 _BIAS_STACK = "_lorafit_row_bias_stack"
+_DORA_STACK = "_lorafit_row_dora_stack"
 _version = attrgetter("_version")
 # A stacked modules_to_save Linear gathers one weight per row; above this many
 # elements (rows x d_out x d_in) running each distinct copy on its rows is cheaper.
@@ -124,6 +128,7 @@ def clear_stacks(model: nn.Module) -> None:
     for module in model.modules():
         module.__dict__.pop(_STACKS, None)
         module.__dict__.pop(_BIAS_STACK, None)
+        module.__dict__.pop(_DORA_STACK, None)
 
 
 # -- stacks ------------------------------------------------------------------------
@@ -253,27 +258,26 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
     names = layer.adapter_names
     if layer.disabled or distinct.isdisjoint(names):
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
-    if isinstance(layer, Linear) and len(distinct) == 1:
+    if isinstance(layer, Linear) and len(distinct) == 1 and rows[0] not in layer.lora_magnitude_vector:
         return _uniform_linear(layer, rows[0])
     if isinstance(layer, ParameterLora):
         raise ValueError(f"adapters {names} adapt {layer.parameter_name!r} (target_parameters), which a batch with "
                          "an adapter per row does not support")
-    dora = list(layer._modules.get("lora_magnitude_vector") or ())  # only DoRA adapters have one
-    if dora:
-        raise ValueError(f"DoRA adapters {dora} are not supported in a batch with an adapter per row")
     n = len(rows)
     gathered = []
     biased = not distinct.isdisjoint(layer.lora_B_bias.keys())  # adapters with a bias of their own (lora_bias)
+    scaled = not distinct.isdisjoint(layer.lora_magnitude_vector.keys())  # DoRA adapters
 
     def rows_factors():
-        """The rows' (A, B) and, where some row's adapter has one, their biases (n, d_out), gathered in the
-        layer's first forward: on a GPU this CPU work then overlaps the device's work on the layers before
-        (see the module docstring)."""
+        """The rows' (A, B) and, where some row's adapter has one, their biases (n, d_out) and DoRA factors
+        (n, features), gathered in the layer's first forward: on a GPU this CPU work then overlaps the device's
+        work on the layers before (see the module docstring)."""
         if not gathered:
             slot_of, stack, shapes = _layer_stacks(layer, names)
             slots = tuple(slot_of.get(r, 0) for r in rows)  # None and names without an adapter here: slot 0
             gathered.extend(_split(_gather(stack, slots, index), shapes))
             gathered.append(_gather(_bias_stack(layer, slot_of, stack), slots, index) if biased else None)
+            gathered.append(_gather(_dora_stack(layer, slot_of, stack), slots, index) if scaled else None)
         return gathered
 
     def check(x):
@@ -287,11 +291,12 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
         def forward(ids, *args, **kwargs):
             check(ids)
             y = base(ids, *args, **kwargs)
-            a_rows, b_rows, _ = rows_factors()
+            a_rows, b_rows, _, f_rows = rows_factors()
             h = a_rows[torch.arange(n, device=ids.device)[:, None], ids.reshape(n, -1)]  # (n, T, r)
             if scale is not None:  # a scaled embedding's rows (Gemma, BART): the adapter's rows too
                 h = h * scale.to(h.device, h.dtype)
-            return _accumulate(y, h, b_rows)
+            y = _accumulate(y, h, b_rows)
+            return y if f_rows is None else _rescaled(y, f_rows, None)
     elif isinstance(layer, Conv):
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
         if base.padding_mode != "zeros":
@@ -302,7 +307,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
         def forward(x, *args, **kwargs):
             check(x)
             y = base(x, *args, **kwargs)
-            a_rows, b_rows, bias_rows = rows_factors()
+            a_rows, b_rows, bias_rows, f_rows = rows_factors()
             a_grouped = a_rows.flatten(0, 1)  # (n r, C_in, *k): one group per row
             xa = x.to(a_grouped.dtype)
             if pad is not None:
@@ -311,12 +316,18 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             delta = torch.bmm(b_rows, h.reshape(n, a_rows.shape[1], -1))  # (n, d_out, positions)
             if bias_rows is not None:
                 delta = delta + bias_rows[:, :, None]
-            return y + delta.view(y.shape).to(y.dtype)
+            y = y + delta.view(y.shape).to(y.dtype)
+            return y if f_rows is None else _rescaled(y, f_rows, base.bias, conv=True)
     else:
         def forward(x, *args, **kwargs):
             check(x)
-            a_rows, b_rows, bias_rows = rows_factors()
+            a_rows, b_rows, bias_rows, f_rows = rows_factors()
             h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype), a_rows.mT)  # (n, T, r)
+            if f_rows is not None:  # DoRA rows: f (the base output and the low-rank sum) + (1 - f) the bias
+                y = _accumulate(base(x, *args, **kwargs), h, b_rows)
+                if bias_rows is not None:
+                    y = (y.view(n, -1, y.shape[-1]) + bias_rows[:, None].to(y.dtype)).view(y.shape)
+                return _rescaled(y, f_rows, base.bias)
             if not args and not kwargs and _sum_first(layer, x, b_rows):
                 # the low-rank sum written first and x W^T added into it by the base GEMM, which reads it in
                 # its epilogue: no read-modify-write pass over the output after the base product
@@ -374,6 +385,46 @@ def _bias_stack(layer: LoraLayer, slot_of: dict[str, int], stack: torch.Tensor) 
     return cached[1]
 
 
+def _dora_stack(layer: LoraLayer, slot_of: dict[str, int], stack: torch.Tensor) -> torch.Tensor:
+    """DoRA's factor m / ||W + s B A|| per feature in each DoRA adapter's slot, 1 in the others (plain adapters,
+    the base model's slot 0): (slots, features), in float32, cached on the layer until a magnitude, a factor,
+    a scale, the base weight or the slots change."""
+    magnitudes = layer.lora_magnitude_vector._parameters
+    tensors = [*magnitudes.values(), *layer.factors_a._parameters.values(), *layer.factors_b._parameters.values(),
+               layer.target_weight()]
+    key = (_key(tensors, tuple(layer.scaling.items())), tuple(slot_of.items()), stack.shape[0], stack.device)
+    cached = layer.__dict__.get(_DORA_STACK)
+    if cached is None or cached[0] != key:
+        features = next(iter(magnitudes.values())).numel()
+        with torch.no_grad():
+            rows = torch.ones(stack.shape[0], features, dtype=torch.float32, device=stack.device)
+            for name, magnitude in magnitudes.items():
+                if name in slot_of:
+                    rows[slot_of[name]] = magnitude.detach().reshape(-1).float() / dora.adapted_norm(layer, name)
+        cached = (key, rows)
+        layer.__dict__[_DORA_STACK] = cached
+    return cached[1]
+
+
+def _rescaled(y: torch.Tensor, f_rows: torch.Tensor, bias: torch.Tensor | None, conv: bool = False) -> torch.Tensor:
+    """DoRA per row: ``f (y - b) + b`` for the layer's output ``y`` (base output plus low-rank path, bias ``b``
+    included), with ``f`` (n, features) 1 for rows whose adapter is not a DoRA one. The features are last in a
+    linear layer's or an embedding's output, dimension 1 of a convolution's."""
+    n = f_rows.shape[0]
+    f = f_rows.to(y.dtype)
+    if conv:
+        f = f.view(*f.shape, *[1] * (y.dim() - 2))  # (n, C, 1, ...)
+        b = None if bias is None else bias.to(y.dtype).view(-1, *[1] * (y.dim() - 2))
+        out = y * f
+    else:
+        f = f[:, None, :]  # (n, 1, features)
+        b = None if bias is None else bias.to(y.dtype)
+        out = y.view(n, -1, y.shape[-1]) * f
+    if b is not None:
+        out = out + (1 - f) * b
+    return out.view(y.shape)
+
+
 def _sum_first(layer: Linear, x: torch.Tensor, b_rows: torch.Tensor) -> bool:
     """Whether the output can start as the rows' low-rank sum: a plain layer without a bias (a bias would cost
     a pass of its own), one dtype, nothing that needs a graph."""
@@ -391,9 +442,7 @@ def _accumulate(y: torch.Tensor, h: torch.Tensor, b_rows: torch.Tensor) -> torch
 
 
 def _uniform_linear(layer: Linear, name: str):
-    """Every row on the same adapter: the ordinary single-adapter path (it folds when that is cheaper)."""
-    if layer.lora_magnitude_vector and name in layer.lora_magnitude_vector:
-        raise ValueError(f"DoRA adapter {name!r} is not supported in a batch with an adapter per row")
+    """Every row on the same plain adapter: the ordinary single-adapter path (it folds when that is cheaper)."""
     a, b, s = layer.factors_a[name].detach(), layer.factors_b[name].detach(), layer.scaling[name]
     own = layer.lora_B_bias[name].detach() if name in layer.lora_B_bias else None
     base = layer.base_layer
