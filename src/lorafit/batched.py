@@ -57,6 +57,7 @@ from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, P
                             TiedTokens, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.layers import dora
+from lorafit.layers.conv import conv_function
 from lorafit.layers.embedding import embed_scale
 from lorafit.model import adapter_configs, wrapped_modules
 
@@ -298,7 +299,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             y = _accumulate(y, h, b_rows)
             return y if f_rows is None else _rescaled(y, f_rows, None)
     elif isinstance(layer, Conv):
-        conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        conv = conv_function(base)
         if base.padding_mode != "zeros":
             pad, padding = base._reversed_padding_repeated_twice, 0
         else:

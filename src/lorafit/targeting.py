@@ -50,7 +50,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 # it with a SEQ_CLS adapter, "all-linear" leaves it alone. PEFT's names (classifier, score), plus BART's and
 # T5's classification_head and XLNet's logits_proj, whose heads would otherwise stay random and frozen.
 SEQ_CLS_HEADS = ("classifier", "score", "classification_head", "logits_proj")
-SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d and transformers' Conv1D"
+SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d, Conv3d and transformers' Conv1D"
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -61,7 +61,7 @@ def layer_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
     return None
 

@@ -1,4 +1,4 @@
-"""LoRA for ``nn.Conv1d`` and ``nn.Conv2d``.
+"""LoRA for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
 
 ``A`` is a convolution with the base layer's kernel, stride, padding and
 dilation but ``r`` output channels; ``B`` is a 1x1 convolution from ``r`` to the
@@ -16,6 +16,14 @@ from lorafit.config import modifies_base_weight
 from lorafit.layers.base import LoraLayer, compute_dtype
 
 
+CONVOLUTIONS = {nn.Conv1d: nn.functional.conv1d, nn.Conv2d: nn.functional.conv2d, nn.Conv3d: nn.functional.conv3d}
+
+
+def conv_function(layer: nn.Module):
+    """The functional convolution of a Conv1d / Conv2d / Conv3d layer (also of a subclass)."""
+    return next(f for kind, f in CONVOLUTIONS.items() if isinstance(layer, kind))
+
+
 class Conv(LoraLayer):
     bias_capable = True
     dora_capable = True
@@ -27,7 +35,7 @@ class Conv(LoraLayer):
                 "exclude this module from target_modules"
             )
         super().__init__(base_layer)
-        self._pointwise = nn.functional.conv1d if isinstance(base_layer, nn.Conv1d) else nn.functional.conv2d
+        self._pointwise = conv_function(base_layer)
 
     def factor_shapes(self, r: int):
         out_ch, in_ch, *kernel = self.base_layer.weight.shape
