@@ -216,9 +216,11 @@ def test_refusals_leave_the_model_as_it_was():
         lorafit.attach(model, lorafit.LoraConfig(target_modules=["lm_head"]), name="lora")
     with pytest.raises(ValueError, match=r"adapters \['a'\] train token rows"):
         lorafit.combine_adapters(model, {"a": 1.0}, "c")
-    with pytest.raises(ValueError, match="a batch with an adapter per row does not support"):
+    lorafit.merge(model, "a")
+    with pytest.raises(ValueError, match=r"adapters \['a'\] are merged into the weights"):
         with lorafit.adapter_per_row(model, ["a", None]):
             pass
+    lorafit.unmerge(model)
     with lorafit.adapter_per_row(model, [None, None]):  # rows without token adapters run the base layers
         torch.testing.assert_close(logits(model), logits(llama(True)), rtol=0, atol=0)
 
@@ -291,3 +293,30 @@ def test_a_shared_table_s_rows_reach_every_module_that_holds_it(kind, tmp_path):
     plain = lorafit.unload(ours)
     torch.testing.assert_close(seq2seq_logits(plain), seq2seq_logits(encoder_decoder(kind)), rtol=0, atol=0)
     assert not any(isinstance(m, (TrainableTokens, TiedTokens)) for m in plain.modules())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_adapter_per_row_uses_each_row_s_token_rows(tied):
+    """Rows on adapters with different token rows (on the embedding, a tied head scoring with them, or an untied
+    head's own rows), a plain LoRA adapter and the base model, in one batch: each row as alone."""
+    model = llama(tied)
+    lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=TOKENS), "a")
+    lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=(
+        TOKENS[:2] if tied else {"embed_tokens": [9, 11], "lm_head": [3, 4, 5]})), "b")
+    lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj"]), "plain")
+    new_rows(model)
+    rows = ["a", "b", None, "plain", "b", "a"]
+    ids = IDS.repeat(3, 1)
+    with torch.no_grad():
+        with lorafit.adapter_per_row(model, rows):
+            mixed = model(ids).logits
+        for k, name in enumerate(rows):
+            if name is None:
+                with lorafit.disabled(model):
+                    alone = model(ids[k:k + 1]).logits
+            else:
+                lorafit.set_active(model, name)
+                alone = model(ids[k:k + 1]).logits
+            torch.testing.assert_close(mixed[k:k + 1], alone, rtol=1e-5, atol=1e-5)
+    lorafit.set_active(model, "a")
+    assert logits(model).sub(logits(llama(tied))).abs().max() > 1e-2  # the rows matter

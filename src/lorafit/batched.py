@@ -64,6 +64,7 @@ from lorafit.model import adapter_configs, wrapped_modules
 _STACKS = "_lorafit_row_stacks"
 _BIAS_STACK = "_lorafit_row_bias_stack"
 _DORA_STACK = "_lorafit_row_dora_stack"
+_TOKEN_STACK = "_lorafit_row_token_stack"
 _version = attrgetter("_version")
 # A stacked modules_to_save Linear gathers one weight per row; above this many
 # elements (rows x d_out x d_in) running each distinct copy on its rows is cheaper.
@@ -93,10 +94,10 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
         else:
             (layers if isinstance(module, LoraLayer) else wrappers).append(module)
     for layer in token_layers:
-        trained = sorted(set(layer.adapter_names) & set(rows))
-        if trained:
-            raise ValueError(f"adapters {trained} train token rows (trainable_token_indices), which a batch with an "
-                             "adapter per row does not support")
+        tokens = layer if isinstance(layer, TrainableTokens) else layer.tokens
+        if tokens.merged:
+            raise ValueError(f"adapters {tokens.merged} are merged into the weights; unmerge them before "
+                             "running a batch with an adapter per row")
     for layer in layers:
         activated = sorted(set(layer.activation) & set(rows))
         if activated:
@@ -110,7 +111,7 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     index = {}  # (values, device) -> index tensor, shared by all layers of this block
     distinct = set(rows)
     plans = ([_plan_layer(layer, rows, distinct, index) for layer in layers]
-             + [_plan_saved(w, rows, index) for w in wrappers] + [t.base_layer for t in token_layers]
+             + [_plan_saved(w, rows, index) for w in wrappers] + [_plan_tokens(t, rows, index) for t in token_layers]
              + [_plan_tied_head(head, rows, distinct, index) for head in tied_heads])
     planned = layers + wrappers + token_layers + tied_heads
     # Set in the instances' __dict__, over the class attribute None: nn.Module.__setattr__ would first look
@@ -130,6 +131,7 @@ def clear_stacks(model: nn.Module) -> None:
         module.__dict__.pop(_STACKS, None)
         module.__dict__.pop(_BIAS_STACK, None)
         module.__dict__.pop(_DORA_STACK, None)
+        module.__dict__.pop(_TOKEN_STACK, None)
 
 
 # -- stacks ------------------------------------------------------------------------
@@ -456,6 +458,82 @@ def _uniform_linear(layer: Linear, name: str):
         y = base(x, *args, **kwargs)
         h = F.linear(x.to(a.dtype), a)
         return y + (F.linear(h, b, own) * s).to(y.dtype)
+    return forward
+
+
+# -- token rows (trainable_token_indices) ----------------------------------------------
+def _token_stacks(tokens: TrainableTokens, names: list[str]):
+    """Each adapter's token ids and new rows, padded to the longest by repeating its first (so a padded entry
+    writes what the real one does), slot 0 for the base model: ids (slots, M), rows (slots, M, dim), whether a
+    slot has rows (slots,); cached on the layer until a row tensor or the ids change."""
+    params = [tokens.rows[n] for n in names]
+    key = (_key(params, tuple((n, tuple(tokens.indices[n])) for n in names)),)
+    cached = tokens.__dict__.get(_TOKEN_STACK)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    longest = max(len(tokens.indices[n]) for n in names)
+    first = params[0]
+    with torch.no_grad():
+        ids = torch.zeros(len(names) + 1, longest, dtype=torch.long, device=first.device)
+        rows = torch.zeros(len(names) + 1, longest, first.shape[1], dtype=first.dtype, device=first.device)
+        for slot, (name, new) in enumerate(zip(names, params), start=1):
+            pad = longest - len(tokens.indices[name])
+            ids[slot] = torch.tensor(tokens.indices[name] + tokens.indices[name][:1] * pad)
+            rows[slot] = torch.cat([new.detach(), new.detach()[:1].expand(pad, -1)])
+        has_rows = torch.arange(len(names) + 1, device=first.device) > 0
+    value = ({n: i for i, n in enumerate(names, start=1)}, ids, rows, has_rows)
+    tokens.__dict__[_TOKEN_STACK] = (key, value)
+    return value
+
+
+def _plan_tokens(layer: TrainableTokens | TiedTokens, rows: list[str | None], index: dict):
+    """An embedding (or a head) whose token rows adapters train, or a module sharing its table: each batch row
+    looks up (scores) its adapter's tokens with that adapter's new rows."""
+    tokens = layer if isinstance(layer, TrainableTokens) else layer.tokens
+    base = layer.base_layer
+    names = tokens.adapter_names
+    if layer.disabled or tokens.disabled or set(rows).isdisjoint(names):
+        return base
+    n = len(rows)
+    gathered = []
+
+    def rows_stacks():
+        if not gathered:
+            slot_of, ids, new, has_rows = _token_stacks(tokens, names)
+            slots = tuple(slot_of.get(r, 0) for r in rows)
+            gathered.extend([_gather(ids, slots, index), _gather(new, slots, index), _gather(has_rows, slots, index)])
+        return gathered
+
+    if isinstance(base, nn.Linear):
+        def forward(h):
+            _check_rows(h, n)
+            out = base(h)
+            ids, new, has_rows = rows_stacks()
+            scores = torch.bmm(h.reshape(n, -1, h.shape[-1]).to(new.dtype), new.mT)  # (n, T, M)
+            if base.bias is not None:
+                scores = scores + base.bias[ids][:, None, :].to(scores.dtype)
+            logits = out.view(n, -1, out.shape[-1])
+            columns = ids[:, None, :].expand(-1, logits.shape[1], -1)
+            # rows on the base model (or on adapters without rows here) write back what they had
+            values = torch.where(has_rows[:, None, None], scores.to(logits.dtype), logits.gather(-1, columns))
+            if torch.is_grad_enabled():
+                return logits.scatter(-1, columns, values).view(out.shape)
+            return logits.scatter_(-1, columns, values).view(out.shape)  # no copy of the logits
+        return forward
+
+    def forward(x):
+        _check_rows(x, n)
+        out = base(x)
+        ids, new, has_rows = rows_stacks()
+        match = x.reshape(n, -1, 1) == ids[:, None, :]  # (n, T, M)
+        hit = match.any(-1) & has_rows[:, None]
+        position = match.to(torch.uint8).argmax(-1)  # the first match: a padded entry repeats the first
+        picked = torch.gather(new, 1, position[..., None].expand(-1, -1, new.shape[-1]))  # (n, T, dim)
+        scale = embed_scale(base, picked)  # transformers' scaled embeddings (Gemma, BART)
+        if scale is not None:
+            picked = picked * scale
+        vectors = out.view(n, -1, out.shape[-1])
+        return torch.where(hit[..., None], picked.to(out.dtype), vectors).view(out.shape)
     return forward
 
 
