@@ -118,6 +118,35 @@ def test_without_input_ids_the_adapter_is_off_with_a_warning():
         torch.testing.assert_close(got, reference(inputs_embeds=embeds).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows", [["a", "b", None, "a"], ["a"] * 4, ["c", "a", "a", "c"]])
+def test_adapter_per_row_applies_each_alora_row_from_its_invocation(rows):
+    """aLoRA rows (two adapters with other invocations) beside a plain adapter and the base model in one batch:
+    each row as alone, the aLoRA ones from their own invocation on."""
+    model = llama()
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=TARGETS, alora_invocation_tokens=INVOCATION,
+                                             init_lora_weights=False), name="a")
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), name="b")
+    lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules=["q_proj"], alora_invocation_tokens=[3, 4],
+                                             init_lora_weights=False), name="c")
+    with torch.no_grad():
+        with lorafit.adapter_per_row(model, rows):
+            mixed = model(input_ids=IDS).logits
+        for k, name in enumerate(rows):
+            if name is None:
+                with lorafit.disabled(model):
+                    alone = model(input_ids=IDS[k:k + 1]).logits
+            else:
+                lorafit.set_active(model, name)
+                alone = model(input_ids=IDS[k:k + 1]).logits
+            torch.testing.assert_close(mixed[k:k + 1], alone, rtol=1e-5, atol=1e-5)
+        with lorafit.disabled(model):
+            plain = model(input_ids=IDS).logits
+    for k, name in enumerate(rows):  # before its invocation (row 0: at 3, row 3: none) an aLoRA row is the base
+        if name == "a":
+            until = {0: 3, 1: 3, 2: 6, 3: 8}[k]
+            torch.testing.assert_close(mixed[k, :until], plain[k, :until], rtol=1e-5, atol=1e-5)
+
+
 def test_refusals_and_detach():
     model = llama()
     weights = {n: p.clone() for n, p in model.named_parameters()}
@@ -130,9 +159,6 @@ def test_refusals_and_detach():
                                              "was merged"):
             merge(model)
     assert not lorafit.merged_adapters(model)
-    with pytest.raises(ValueError, match=r"adapters \['a'\] are aLoRA adapters.*adapter per row does not support"):
-        with lorafit.adapter_per_row(model, ["a", "b", None, "b"]):
-            pass
     with pytest.raises(ValueError, match=r"adapters \['a'\] are aLoRA adapters.*combine_adapters does not"):
         lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "c")
     with pytest.raises(ValueError, match="model.embed_tokens: alora_invocation_tokens \\(aLoRA\\) is supported for "

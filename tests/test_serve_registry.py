@@ -148,8 +148,7 @@ def test_missing_and_corrupt_adapters(bert, tmp_path):
     with pytest.raises(BadAdapter, match="shape"):
         reg.acquire("wrong")
     assert not _attached(reg)  # nothing half-attached
-    for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]),
-                         ("layer_replication", [[0, 1], [0, 1]]), ("alora_invocation_tokens", [5, 6])):
+    for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]), ("layer_replication", [[0, 1], [0, 1]])):
         unsupported = local / field
         shutil.copytree(local / "a", unsupported)
         config = json.loads((unsupported / "adapter_config.json").read_text())

@@ -99,10 +99,6 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
             raise ValueError(f"adapters {tokens.merged} are merged into the weights; unmerge them before "
                              "running a batch with an adapter per row")
     for layer in layers:
-        activated = sorted(set(layer.activation) & set(rows))
-        if activated:
-            raise ValueError(f"adapters {activated} are aLoRA adapters (alora_invocation_tokens), which a batch with "
-                             "an adapter per row does not support")
         if layer.merged:
             raise ValueError(f"adapters {layer.merged} are merged into the weights; unmerge them before "
                              "running a batch with an adapter per row")
@@ -261,7 +257,8 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
     names = layer.adapter_names
     if layer.disabled or distinct.isdisjoint(names):
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
-    if isinstance(layer, Linear) and len(distinct) == 1 and rows[0] not in layer.lora_magnitude_vector:
+    if isinstance(layer, Linear) and len(distinct) == 1 and rows[0] not in layer.lora_magnitude_vector \
+            and rows[0] not in layer.activation:
         return _uniform_linear(layer, rows[0])
     if isinstance(layer, ParameterLora):
         raise ValueError(f"adapters {names} adapt {layer.parameter_name!r} (target_parameters), which a batch with "
@@ -270,6 +267,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
     gathered = []
     biased = not distinct.isdisjoint(layer.lora_B_bias.keys())  # adapters with a bias of their own (lora_bias)
     scaled = not distinct.isdisjoint(layer.lora_magnitude_vector.keys())  # DoRA adapters
+    activated = sorted(distinct & set(layer.activation))  # aLoRA adapters (linear layers only)
 
     def rows_factors():
         """The rows' (A, B) and, where some row's adapter has one, their biases (n, d_out) and DoRA factors
@@ -326,6 +324,8 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             check(x)
             a_rows, b_rows, bias_rows, f_rows = rows_factors()
             h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype), a_rows.mT)  # (n, T, r)
+            if activated:
+                h = h * _activation_mask(layer, activated, rows, index, x)[..., None].to(h.dtype)
             if f_rows is not None:  # DoRA rows: f (the base output and the low-rank sum) + (1 - f) the bias
                 y = _accumulate(base(x, *args, **kwargs), h, b_rows)
                 if bias_rows is not None:
@@ -386,6 +386,21 @@ def _bias_stack(layer: LoraLayer, slot_of: dict[str, int], stack: torch.Tensor) 
         cached = (key, rows)
         layer.__dict__[_BIAS_STACK] = cached
     return cached[1]
+
+
+def _activation_mask(layer: Linear, activated: list[str], rows: list[str | None], index: dict,
+                     x: torch.Tensor) -> torch.Tensor:
+    """(n, tokens): where each row's low-rank output applies. A row on an aLoRA adapter from its invocation on
+    (the mask the model's pre-hook found for that adapter, in that row; nowhere without input ids), every other
+    row everywhere. Which rows use an adapter is an index made once per block, copied without a sync."""
+    keep = None
+    for name in activated:
+        uses = _index(index, tuple(int(r == name) for r in rows), x.device).bool()
+        mask = layer.activation[name].mask(name, x.shape)
+        if mask is None:
+            mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        keep = torch.where(uses[:, None], mask, True if keep is None else keep)
+    return keep
 
 
 def _dora_stack(layer: LoraLayer, slot_of: dict[str, int], stack: torch.Tensor) -> torch.Tensor:
