@@ -328,10 +328,11 @@ def test_forward_never_reads_a_tensor_back():
     model, names, ids = _eight_adapter_llama()
     mixed_ids, image = mixed_inputs(batch=4)
     blocks = [(model, names, lambda: model(ids)), (mixed, ["a", None, "b", "a"], lambda: mixed(mixed_ids, image))]
-    variants = _tiny_llama()  # token rows (a tied head scoring with them) and DoRA
+    variants = _tiny_llama()  # token rows (a tied head scoring with them), DoRA and aLoRA
     lorafit.attach(variants, lorafit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 7]), "t")
     lorafit.attach(variants, lorafit.LoraConfig(target_modules=["v_proj"], use_dora=True), "d")
-    blocks.append((variants, ["t", "d", None, "t"], lambda: variants(ids[:4])))
+    lorafit.attach(variants, lorafit.LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=[5]), "al")
+    blocks.append((variants, ["t", "d", "al", "t"], lambda: variants(input_ids=ids[:4])))
     for net, rows, run in blocks:
         with torch.no_grad(), adapter_per_row(net, rows), pytest.MonkeyPatch.context() as patch:
             for method in ("tolist", "item", "__bool__"):
