@@ -60,6 +60,26 @@ class InPlaceOf(nn.Module):
             return getattr(self.stand_in_for(), name)
 
 
+class SharesWeight(InPlaceOf):
+    """A module that shares its weight with an adapted layer (tied embeddings) and applies that layer's adapters:
+    it holds nothing of its own, the other layer's wrapper (``source``) holds the adapters and which are active."""
+
+    row_plan = None  # set by lorafit.batched.adapter_per_row
+
+    def __init__(self, base_layer: nn.Module, source: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.__dict__["source"] = source  # not a submodule: its tensors are saved once, under the source
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.source.adapter_names
+
+    def set_active(self, names: list[str]) -> None:
+        """Nothing to set: the source's wrapper holds the active adapters."""
+
+
 class LoraLayer(InPlaceOf):
     """Base class of the LoRA wrappers; not used directly."""
 

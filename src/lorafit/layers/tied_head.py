@@ -13,25 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.layers.base import InPlaceOf
+from lorafit.layers.base import SharesWeight
 from lorafit.layers.embedding import Embedding
 
 
-class TiedLoraHead(InPlaceOf):
-    row_plan = None  # set by lorafit.batched.adapter_per_row
-
-    def __init__(self, base_layer: nn.Linear, embedding: Embedding) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.__dict__["embedding"] = embedding  # not a submodule: its factors are saved under the embedding
-        self.disabled = False
-
+class TiedLoraHead(SharesWeight):
     @property
-    def adapter_names(self) -> list[str]:
-        return self.embedding.adapter_names
-
-    def set_active(self, names: list[str]) -> None:
-        """Nothing to set: the embedding's wrapper holds the active adapters."""
+    def embedding(self) -> Embedding:
+        return self.source
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.row_plan is not None:

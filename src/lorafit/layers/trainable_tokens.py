@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorafit.layers.base import InPlaceOf
+from lorafit.layers.base import InPlaceOf, SharesWeight
 from lorafit.layers.embedding import embed_scale
 
 
@@ -203,26 +203,14 @@ class TrainableTokens(InPlaceOf):
         return "; ".join(f"{n}: {len(self.indices[n])} tokens" for n in self.adapter_names)
 
 
-class TiedTokens(InPlaceOf):
-    """A module that shares the weight of an embedding whose rows adapters train: a tied output head scores
-    those tokens with their new rows, another embedding of the same table (BART's and T5's encoder and decoder
-    embeddings of the shared one) looks them up. It holds nothing of its own; the embedding's wrapper is its
-    state."""
-
-    row_plan = None
-
-    def __init__(self, base_layer: nn.Linear | nn.Embedding, tokens: TrainableTokens) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.__dict__["tokens"] = tokens  # not a submodule: its rows are saved once, under the embedding
-        self.disabled = False
+class TiedTokens(SharesWeight):
+    """A module that shares the weight of an embedding whose rows adapters train (``tokens``): a tied output head
+    scores those tokens with their new rows, another embedding of the same table (BART's and T5's encoder and
+    decoder embeddings of the shared one) looks them up."""
 
     @property
-    def adapter_names(self) -> list[str]:
-        return self.tokens.adapter_names
-
-    def set_active(self, names: list[str]) -> None:
-        """Nothing to set: the embedding's wrapper holds the active adapters."""
+    def tokens(self) -> TrainableTokens:
+        return self.source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: hidden states for a head, token ids for an embedding."""
