@@ -689,3 +689,37 @@ def test_tied_lora_head_matches_peft_and_merges_into_one_weight_on_cuda(dtype, t
     with torch.no_grad(), lorafit.adapter_per_row(ours, ["default", None]):
         mixed = ours(input_ids=ids).logits.float()
     torch.testing.assert_close(mixed[0], unmerged[0], rtol=0, atol=tol)
+
+
+def test_per_row_variants_match_rows_alone_without_a_sync_on_cuda():
+    """adapter_per_row with token rows (a tied head scoring with them), DoRA, aLoRA and a plain adapter on the GPU:
+    each row as alone, and a forward inside the block never waits for the device."""
+    from tests.test_trainable_tokens import llama, new_rows
+
+    model = llama(True).to(DEVICE)
+    lorafit.attach(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 7]), "t")
+    lorafit.attach(model, LoraConfig(target_modules=["v_proj", "o_proj"], use_dora=True, init_lora_weights=False), "d")
+    lorafit.attach(model, LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=[5], init_lora_weights=False),
+                   "al")
+    lorafit.attach(model, LoraConfig(target_modules=["q_proj"], init_lora_weights=False), "p")
+    new_rows(model, lora=False)
+    ids = torch.tensor([[1, 3, 5, 7, 9, 2], [7, 3, 4, 5, 8, 6], [1, 2, 5, 4, 3, 7], [3, 3, 7, 1, 2, 9],
+                        [5, 7, 5, 3, 5, 5]], device=DEVICE)
+    rows = ["t", "d", "al", "p", None]
+    with torch.no_grad():
+        with lorafit.adapter_per_row(model, rows):
+            model(input_ids=ids)  # the block's first forward builds and gathers the stacks
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                mixed = model(input_ids=ids).logits
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        for k, name in enumerate(rows):
+            if name is None:
+                with lorafit.disabled(model):
+                    alone = model(input_ids=ids[k:k + 1]).logits
+            else:
+                lorafit.set_active(model, name)
+                alone = model(input_ids=ids[k:k + 1]).logits
+            torch.testing.assert_close(mixed[k:k + 1], alone, rtol=1e-4, atol=1e-4)
