@@ -328,7 +328,7 @@ def test_forward_never_reads_a_tensor_back():
     model, names, ids = _eight_adapter_llama()
     mixed_ids, image = mixed_inputs(batch=4)
     blocks = [(model, names, lambda: model(ids)), (mixed, ["a", None, "b", "a"], lambda: mixed(mixed_ids, image))]
-    variants = _tiny_llama()  # token rows (a tied head scoring with them), DoRA and aLoRA
+    variants = _tiny_llama()  # token rows, DoRA and aLoRA
     lorafit.attach(variants, lorafit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 7]), "t")
     lorafit.attach(variants, lorafit.LoraConfig(target_modules=["v_proj"], use_dora=True), "d")
     lorafit.attach(variants, lorafit.LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=[5]), "al")
