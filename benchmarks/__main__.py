@@ -456,10 +456,11 @@ def bench_mixed(args, out: dict) -> None:
     inputs.pop("labels")
     targets = train_step.TARGETS["bert"]
     names = [f"a{i}" for i in range(n)]
-    lf = copy.deepcopy(base)
+    lf, dora = copy.deepcopy(base), copy.deepcopy(base)
     for name in names:
-        lorafit.attach(lf, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
-                       name)
+        for model, use_dora in ((lf, False), (dora, True)):
+            lorafit.attach(model, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                     init_lora_weights=False, use_dora=use_dora), name)
     pf = None
     for name in names:
         cfg = PeftLoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
@@ -476,10 +477,10 @@ def bench_mixed(args, out: dict) -> None:
         with torch.inference_mode():
             base(**inputs)
 
-    def run_lorafit(k):
+    def run_lorafit(k, model=lf):
         def f():
-            with torch.inference_mode(), lorafit.adapter_per_row(lf, rows(k)):
-                lf(**inputs)
+            with torch.inference_mode(), lorafit.adapter_per_row(model, rows(k)):
+                model(**inputs)
         return f
 
     def run_peft(k):
@@ -493,6 +494,8 @@ def bench_mixed(args, out: dict) -> None:
         label = "1 adapter" if k == 1 else f"{k} distinct adapters"
         variants[f"lorafit, {label}"] = run_lorafit(k)
         variants[f"PEFT adapter_names, {label}"] = run_peft(k)
+    # DoRA rows: each scales its layers' outputs by its adapter's factor (PEFT refuses DoRA with adapter_names)
+    variants[f"lorafit DoRA, {n} distinct adapters"] = run_lorafit(n, dora)
     times = interleaved(variants, reps=args.reps * 2, warmup=2)
     rows_ = [[k, f"{1000 * median(v):.1f}", f"{ratio(times, k, 'base model'):.2f}"] for k, v in times.items()]
     _print(f"Mixed-adapter batch, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq}, "
