@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import lorafit
+
 
 class Mixed(nn.Module):
     """Embedding -> Conv1d -> GPT-2 Conv1D -> Linear, plus a Conv2d image branch and a head."""
@@ -56,11 +58,23 @@ def randomize_adapters(model: nn.Module, scale: float = 0.1) -> None:
 def assert_plain_lora_reloads(model: nn.Module, original: nn.Module, ids: torch.Tensor, directory) -> None:
     """An adapter whose initialisation left a residual base (CorDA, LoRA-GA), changed as training would, saved with
     as_plain_lora and loaded onto the ``original`` model: the same logits."""
-    import lorafit
-
     with torch.no_grad():
         for p in lorafit.adapter_parameters(model, "default").values():
             p.add_(torch.randn_like(p) * 0.05)
         lorafit.save_adapter(model, directory, as_plain_lora=True)
         loaded = lorafit.load_adapter(original, directory)
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def rows_alone(model: nn.Module, rows: list, run) -> torch.Tensor:
+    """``run(k)`` for each row k by itself, with its adapter active (adapters disabled for None), concatenated:
+    what an ``adapter_per_row`` batch must equal."""
+    outs = []
+    for k, name in enumerate(rows):
+        if name is None:
+            with lorafit.disabled(model):
+                outs.append(run(k))
+        else:
+            lorafit.set_active(model, name)
+            outs.append(run(k))
+    return torch.cat(outs)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorafit
-from tests.models import tiny_llama
+from tests.models import rows_alone, tiny_llama
 from lorafit.alora import last_start
 
 transformers = pytest.importorskip("transformers")
@@ -131,14 +131,8 @@ def test_adapter_per_row_applies_each_alora_row_from_its_invocation(rows):
     with torch.no_grad():
         with lorafit.adapter_per_row(model, rows):
             mixed = model(input_ids=IDS).logits
-        for k, name in enumerate(rows):
-            if name is None:
-                with lorafit.disabled(model):
-                    alone = model(input_ids=IDS[k:k + 1]).logits
-            else:
-                lorafit.set_active(model, name)
-                alone = model(input_ids=IDS[k:k + 1]).logits
-            torch.testing.assert_close(mixed[k:k + 1], alone, rtol=1e-5, atol=1e-5)
+        alone = rows_alone(model, rows, lambda k: model(input_ids=IDS[k:k + 1]).logits)
+        torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
         with lorafit.disabled(model):
             plain = model(input_ids=IDS).logits
     for k, name in enumerate(rows):  # before its invocation (row 0: at 3, row 3: none) an aLoRA row is the base

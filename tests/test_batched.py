@@ -6,7 +6,7 @@ from torch import nn
 
 import lorafit
 from lorafit.batched import adapter_per_row, clear_stacks
-from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters
+from tests.models import ALL_KINDS, Mixed, mixed_inputs, randomize_adapters, rows_alone
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -16,19 +16,6 @@ def _randomize_copies(model: nn.Module) -> None:
         for name, p in model.named_parameters():
             if ".modules_to_save." in name:
                 p.add_(torch.randn_like(p) * 0.3)
-
-
-def _alone(model, rows, run):
-    """Each row run by itself with its adapter active (or with adapters disabled)."""
-    outs = []
-    for k, name in enumerate(rows):
-        if name is None:
-            with lorafit.disabled(model):
-                outs.append(run(k))
-        else:
-            lorafit.set_active(model, name)
-            outs.append(run(k))
-    return torch.cat(outs)
 
 
 @pytest.fixture
@@ -52,12 +39,12 @@ def mixed_model():
     [None] * 8,                      # all on the base model
     ["a", None] * 4,
 ])
-def test_mixed_batch_equals_rows_alone(mixed_model, rows):
+def test_mixed_batch_equals_rowsrows_alone(mixed_model, rows):
     ids, image = mixed_inputs(batch=len(rows))
     with torch.no_grad():
         with adapter_per_row(mixed_model, rows):
             mixed = mixed_model(ids, image)
-        alone = _alone(mixed_model, rows, lambda k: mixed_model(ids[k:k + 1], image[k:k + 1]))
+        alone = rows_alone(mixed_model, rows, lambda k: mixed_model(ids[k:k + 1], image[k:k + 1]))
     torch.testing.assert_close(mixed, alone, **TOL)
     assert mixed_model.embed.row_plan is None  # the block cleans up
 
@@ -98,7 +85,7 @@ def test_stacks_follow_added_removed_and_reloaded_adapters(mixed_model, tmp_path
         torch.testing.assert_close(mixed_model(ids, image), first, **TOL)
 
 
-def test_stacks_through_churn_equal_rows_alone():
+def test_stacks_through_churn_equal_rowsrows_alone():
     """Adapters attached, detached and changed one at a time (slots freed and reused, a reused slot
     taking a lower rank, the stack growing): after each change the mixed batch equals rows alone, and
     an adapter added within the stack's capacity is written into the stack in place, not rebuilt."""
@@ -132,7 +119,7 @@ def test_stacks_through_churn_equal_rows_alone():
         with torch.no_grad():
             with adapter_per_row(model, rows):
                 mixed = model(ids, image)
-            alone = _alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
+            alone = rows_alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
         torch.testing.assert_close(mixed, alone, **TOL)
         after = model.proj.__dict__["_lorafit_row_stacks"]
         in_place += stack is not None and after.stack is stack.stack
@@ -142,7 +129,7 @@ def test_stacks_through_churn_equal_rows_alone():
     with torch.no_grad():
         with adapter_per_row(model, rows):
             mixed = model(ids, image)
-        alone = _alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
+        alone = rows_alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
     torch.testing.assert_close(mixed, alone, **TOL)
 
 
@@ -163,7 +150,7 @@ def test_refusals(mixed_model):
 
 @pytest.mark.parametrize("rows", [["p", "x", None, "y", "x", "p", None, "y"], ["x"] * 4])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_dora_rows_equal_rows_alone(rows, device):
+def test_dora_rows_equal_rowsrows_alone(rows, device):
     """DoRA adapters (a magnitude per feature of every layer kind) beside a plain one with its own biases: each row
     scales its layer's output by its adapter's factor; rows on other adapters or the base model are unscaled."""
     torch.manual_seed(0)
@@ -183,7 +170,7 @@ def test_dora_rows_equal_rows_alone(rows, device):
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         with adapter_per_row(model, rows):
             mixed = model(ids, image)
-        alone = _alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
+        alone = rows_alone(model, rows, lambda k: model(ids[k:k + 1], image[k:k + 1]))
         lorafit.set_active(model, "x")
         adapted = model(ids, image)
         with lorafit.disabled(model):
@@ -216,7 +203,7 @@ def test_modules_to_save_kinds():
     with torch.no_grad():
         with adapter_per_row(model, rows):
             mixed = model(ids)
-        alone = _alone(model, rows, lambda k: model(ids[k:k + 1]))
+        alone = rows_alone(model, rows, lambda k: model(ids[k:k + 1]))
     torch.testing.assert_close(mixed, alone, **TOL)
 
 
@@ -275,7 +262,7 @@ def test_heads_of_different_sizes_cannot_share_a_batch():
         rows = ["x", None, "x"]  # rows of same-sized heads still share a batch
         with adapter_per_row(model, rows):
             mixed = model(ids)
-        alone = _alone(model, rows, lambda k: model(ids[k:k + 1]))
+        alone = rows_alone(model, rows, lambda k: model(ids[k:k + 1]))
         with adapter_per_row(model, ["y", "y"]):
             assert model(ids[:2]).shape == (2, 5)
     torch.testing.assert_close(mixed, alone, **TOL)
@@ -300,7 +287,7 @@ def _eight_adapter_llama(dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_eight_adapters_on_llama_equal_rows_alone(device, dtype):
+def test_eight_adapters_on_llama_equal_rowsrows_alone(device, dtype):
     model, names, ids = _eight_adapter_llama(dtype, device)
     with torch.no_grad():
         with adapter_per_row(model, names):

@@ -10,6 +10,7 @@ import torch
 
 import lorafit
 from lorafit.layers import TiedTokens, TrainableTokens
+from tests.models import rows_alone
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -310,13 +311,7 @@ def test_adapter_per_row_uses_each_row_s_token_rows(tied):
     with torch.no_grad():
         with lorafit.adapter_per_row(model, rows):
             mixed = model(ids).logits
-        for k, name in enumerate(rows):
-            if name is None:
-                with lorafit.disabled(model):
-                    alone = model(ids[k:k + 1]).logits
-            else:
-                lorafit.set_active(model, name)
-                alone = model(ids[k:k + 1]).logits
-            torch.testing.assert_close(mixed[k:k + 1], alone, rtol=1e-5, atol=1e-5)
+        alone = rows_alone(model, rows, lambda k: model(ids[k:k + 1]).logits)
+        torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
     lorafit.set_active(model, "a")
     assert logits(model).sub(logits(llama(tied))).abs().max() > 1e-2  # the rows matter

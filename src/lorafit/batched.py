@@ -230,12 +230,12 @@ def _split(stack: torch.Tensor, shapes) -> tuple[torch.Tensor, torch.Tensor]:
     return a.view(-1, *shapes[0]), b.view(-1, *shapes[1])
 
 
-def _index(cache: dict, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``values`` as a long tensor on ``device``, built once per block: a tensor made from a list
+def _index(cache: dict, values: tuple, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, built once per block: a tensor made from a list
     directly on a GPU is a synchronous host-to-device copy, and the layers would each pay one."""
-    key = (values, device)
+    key = (values, device, dtype)
     if key not in cache:
-        idx = torch.tensor(values, dtype=torch.long)
+        idx = torch.tensor(values, dtype=dtype)
         if device.type == "cuda":  # from pinned memory the copy is asynchronous
             idx = idx.pin_memory()
         cache[key] = idx.to(device, non_blocking=True)
@@ -281,16 +281,11 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             gathered.append(_gather(_dora_stack(layer, slot_of, stack), slots, index) if scaled else None)
         return gathered
 
-    def check(x):
-        if x.shape[0] != n:
-            raise ValueError(f"adapter_per_row was given {n} rows but a layer got a batch of {x.shape[0]} "
-                             "(beam search and other batch expansions are not supported)")
-
     if isinstance(layer, Embedding):
         scale = embed_scale(base, layer.factors_a[names[0]])
 
         def forward(ids, *args, **kwargs):
-            check(ids)
+            _check_rows(ids, n)
             y = base(ids, *args, **kwargs)
             a_rows, b_rows, _, f_rows = rows_factors()
             h = a_rows[torch.arange(n, device=ids.device)[:, None], ids.reshape(n, -1)]  # (n, T, r)
@@ -306,7 +301,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             pad, padding = None, base.padding
 
         def forward(x, *args, **kwargs):
-            check(x)
+            _check_rows(x, n)
             y = base(x, *args, **kwargs)
             a_rows, b_rows, bias_rows, f_rows = rows_factors()
             a_grouped = a_rows.flatten(0, 1)  # (n r, C_in, *k): one group per row
@@ -321,7 +316,7 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             return y if f_rows is None else _rescaled(y, f_rows, base.bias, conv=True)
     else:
         def forward(x, *args, **kwargs):
-            check(x)
+            _check_rows(x, n)
             a_rows, b_rows, bias_rows, f_rows = rows_factors()
             h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_rows.dtype), a_rows.mT)  # (n, T, r)
             if activated:
@@ -356,9 +351,7 @@ def _plan_tied_head(head: TiedLoraHead, rows: list[str | None], distinct: set, i
     gathered = []
 
     def forward(h):
-        if h.shape[0] != n:
-            raise ValueError(f"adapter_per_row was given {n} rows but a layer got a batch of {h.shape[0]} "
-                             "(beam search and other batch expansions are not supported)")
+        _check_rows(h, n)
         if not gathered:  # in the first forward, as the LoRA layers gather theirs
             slot_of, stack, shapes = _layer_stacks(embedding, names)
             gathered.extend(_split(_gather(stack, tuple(slot_of.get(r, 0) for r in rows), index), shapes))
@@ -395,7 +388,7 @@ def _activation_mask(layer: Linear, activated: list[str], rows: list[str | None]
     row everywhere. Which rows use an adapter is an index made once per block, copied without a sync."""
     keep = None
     for name in activated:
-        uses = _index(index, tuple(int(r == name) for r in rows), x.device).bool()
+        uses = _index(index, tuple(r == name for r in rows), x.device, torch.bool)
         mask = layer.activation[name].mask(name, x.shape)
         if mask is None:
             mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
@@ -622,7 +615,8 @@ def param_shapes(module: nn.Module) -> tuple:
 
 def _check_rows(x: torch.Tensor, n: int) -> None:
     if x.shape[0] != n:
-        raise ValueError(f"adapter_per_row was given {n} rows but a module got a batch of {x.shape[0]}")
+        raise ValueError(f"adapter_per_row was given {n} rows but a module got a batch of {x.shape[0]} "
+                         "(beam search and other batch expansions are not supported)")
 
 
 def _take(value, idx: torch.Tensor, n: int):
