@@ -45,7 +45,7 @@ bench: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 # checkout: wheels of the packages its Python lacks (lorafit train needs datasets) and the Alpaca rows.
 gpu-prep: | $(PY)
 	$(PIP) download --disable-pip-version-check -q --no-deps --python-version 3.12 --only-binary=:all: \
-		-d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+		-d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2
 	mkdir -p .gpu_data/alpaca && cp ../shared/data/alpaca/train.jsonl .gpu_data/alpaca/
 
 clean:

@@ -718,3 +718,37 @@ def test_per_row_variants_match_rows_alone_without_a_sync_on_cuda():
                 torch.cuda.set_sync_debug_mode("default")
         alone = rows_alone(model, rows, lambda k: model(input_ids=ids[k:k + 1]).logits)
         torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_bitsandbytes_base_matches_peft_and_merges_to_a_float_model_on_cuda(bits, use_dora, tmp_path):
+    """A model transformers loads in 4 or 8 bits with bitsandbytes, bfloat16 otherwise: PEFT's adapter file gives
+    PEFT's logits and gradients, and merge_and_unload gives a bfloat16 model with the unmerged logits (to the
+    rounding of the merged weights, and of LLM.int8's 8-bit activations)."""
+    pytest.importorskip("bitsandbytes")
+    import peft
+
+    from tests.test_bitsandbytes import IDS, TARGETS, logits_and_grads, quantized, save_float_llama
+
+    save_float_llama(tmp_path / "float")
+    dtype = torch.bfloat16
+    theirs = peft.get_peft_model(quantized(tmp_path / "float", bits, DEVICE, dtype), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_dora=use_dora))
+    expected, expected_grads = logits_and_grads(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorafit.load_adapter(quantized(tmp_path / "float", bits, DEVICE, dtype), tmp_path / "peft",
+                                trainable=True)
+    got, grads = logits_and_grads(ours)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)
+    assert grads.keys() == expected_grads.keys() and grads
+    for key, grad in grads.items():
+        want = expected_grads[key].view(grad.shape).float()
+        torch.testing.assert_close(grad.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+    merged = lorafit.merge_and_unload(ours)
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == dtype and q_proj.weight.device == got.device
+    with torch.no_grad():
+        logits = merged(input_ids=IDS.to(DEVICE)).logits.float()
+    torch.testing.assert_close(logits, got.float(), rtol=0, atol=0.05 * got.float().abs().max().item())

@@ -91,6 +91,10 @@ def test_lora_on_nf4_base_trains_and_merges_into_a_float_model():
     with pytest.raises(ValueError, match="cannot merge into a quantized base layer"):
         lorafit.merge(model)
     expected = model(x)
+    with lorafit.disabled(model):  # nothing merged, so nothing to merge back into the codes afterwards
+        base = model(x)
+    assert not torch.allclose(base, expected, atol=1e-2)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     merged = lorafit.merge_and_unload(model)
     assert all(type(m) is nn.Linear for m in merged if not isinstance(m, nn.ReLU))
     torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)

@@ -24,6 +24,8 @@ from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, P
                             TiedTokens, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
 from lorafit.quantize import QuantizedLinear
+from lorafit.quantized_base import (forget_quantization, is_bitsandbytes_linear, is_quantized, to_linear,
+                                    uncounted_weight)
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
@@ -675,9 +677,16 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     names = active_adapters(model)
     _check_mergeable(model, names)
     untie_layers(model)  # repeated layers (layer_replication) become layers of their own
+    bitsandbytes = [(path, m) for path, m in model.named_modules() if is_bitsandbytes_linear(m)]
+    if bitsandbytes:  # its 8-bit codes dequantize to float32: the layers take the dtype of the model's others
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             _replace(model, path, module.to_linear())
+    for path, module in bitsandbytes:
+        _replace(model, path, to_linear(module, dtype))
+    if bitsandbytes:
+        forget_quantization(model)
     shared = _shared_weights(model)
     for layer in _mergeable(model):
         # No weight copies for an exact unmerge: the wrappers are dropped right below.
@@ -775,6 +784,6 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         trainable += n if p.requires_grad else 0
         if ".lora_" in f".{name}" or ".modules_to_save." in name or ".trainable_tokens_delta." in name:
             adapter += n
-    # A quantized base weight is a buffer of codes, not a parameter, but it is still one of the model's weights.
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    # A quantized base weight is codes, stored as a buffer or packed, but it still stands for all its values.
+    total += sum(uncounted_weight(m) for m in model.modules() if is_quantized(m))
     return ParameterReport(trainable=trainable, total=total, adapter=adapter)

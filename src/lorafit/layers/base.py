@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorafit.layers import dora
+from lorafit.quantized_base import is_quantized
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -301,12 +302,12 @@ class LoraLayer(InPlaceOf):
         With ``safe=True`` an adapter that would put NaN or inf into the weight raises ``ValueError``
         and is not merged.
         """
-        if hasattr(self.base_layer, "dequantize"):
+        names = [n for n in (names if names is not None else list(self.active)) if n not in self.merged]
+        if names and is_quantized(self.base_layer):
             raise ValueError(
                 "cannot merge into a quantized base layer: the adapter would be rounded away by re-quantizing; "
                 "use merge_and_unload, which dequantizes the base first"
             )
-        names = [n for n in (names if names is not None else list(self.active)) if n not in self.merged]
         # DoRA adapters after the plain ones, as lorafit has always merged them: a DoRA merge rescales
         # whatever the weight holds, so the order changes the merged weight.
         names.sort(key=lambda n: n in self.lora_magnitude_vector)

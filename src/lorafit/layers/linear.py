@@ -16,6 +16,7 @@ from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers.base import LoraLayer, compute_dtype
 from lorafit.layers.init import loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
+from lorafit.quantized_base import dense_shape, dense_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -35,7 +36,7 @@ def rewrite_problem(base: nn.Module, init: bool | str | LoftQ, r: int) -> str | 
     needs a full-precision ``nn.Linear`` weight of whole quantization blocks, and r is at most min(d_in, d_out)."""
     if isinstance(init, LoftQ):
         if type(base) is not nn.Linear:
-            if hasattr(base, "dequantize"):
+            if is_quantized(base):
                 return ("init_lora_weights='loftq' needs the full-precision weight, and this layer is quantized "
                         "already: attach (or load) the LoftQ adapter before quantize_base, which then keeps LoftQ's "
                         "quantized weight")
@@ -43,7 +44,7 @@ def rewrite_problem(base: nn.Module, init: bool | str | LoftQ, r: int) -> str | 
         if base.weight.numel() % BLOCK_SIZE:
             return (f"init_lora_weights='loftq': a weight of shape {list(base.weight.shape)} does not split into "
                     f"quantization blocks of {BLOCK_SIZE}; exclude this layer")
-    elif hasattr(base, "dequantize"):
+    elif is_quantized(base):
         return (f"init_lora_weights={init!r} rewrites the base weight, and this layer is quantized: attach the "
                 "adapter before quantize_base, which then quantizes the new weight")
     weight = getattr(base, "weight", None)
@@ -61,7 +62,7 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out or is_gpt2_conv1d(base_layer)
-        d0, d1 = base_layer.weight.shape
+        d0, d1 = dense_shape(base_layer)
         self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
         # PiSSA/OLoRA factors at initialisation: what it takes to express the trained
         # adapter as a plain LoRA of the original weight (see io.save_adapter).
@@ -77,7 +78,7 @@ class Linear(LoraLayer):
             problem = rewrite_problem(self.base_layer, init, self.rank[name])
             if problem:
                 raise ValueError(problem)
-            args = (self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.scaling[name],
+            args = (self.target_weight(), self.factors_a[name], self.factors_b[name], self.scaling[name],
                     self.fan_in_fan_out)
             if isinstance(init, LoftQ):
                 loftq_init(*args[:4], init.bits, init.iterations, BLOCK_SIZE)
@@ -90,13 +91,17 @@ class Linear(LoraLayer):
             self.initial_factors[name] = (self.factors_a[name].detach().clone(),
                                           self.factors_b[name].detach().clone())
         elif init == "mica":
-            mica_init(self.base_layer.weight, self.factors_a[name], self.factors_b[name], self.fan_in_fan_out)
+            mica_init(self.target_weight(), self.factors_a[name], self.factors_b[name], self.fan_in_fan_out)
         else:
             super().init_factors(name, init)
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self.initial_factors.pop(name, None)
+
+    def target_weight(self) -> torch.Tensor:
+        # a quantized base (bitsandbytes too) holds codes: what merging and DoRA's norms read is the dense weight
+        return dense_weight(self.base_layer)
 
     def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
@@ -105,7 +110,7 @@ class Linear(LoraLayer):
         return v[None, :] if self.fan_in_fan_out else v[:, None]
 
     def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dora_rows(self.base_layer.weight).to(x.dtype))
+        return nn.functional.linear(x, self.dora_rows(self.target_weight()).to(x.dtype))
 
     def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]
