@@ -170,3 +170,11 @@ def test_initialisations_that_rewrite_the_weight_are_refused_by_name(float_dir):
         with pytest.raises(ValueError, match=f"init_lora_weights='{init}' rewrites the base weight.*quantized"):
             lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=init))
     assert not any(isinstance(m, lorafit.layers.LoraLayer) for m in model.modules())
+
+
+def test_a_quantized_module_to_save_is_refused_by_name(float_dir):
+    model = quantized(float_dir, 4)
+    with pytest.raises(ValueError, match=r"modules_to_save: 'model.layers.0.self_attn.o_proj' holds a quantized "
+                                         r"layer \(Linear4bit\)"):
+        lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"]))
+    assert not any(isinstance(m, lorafit.layers.LoraLayer) for m in model.modules())

@@ -418,6 +418,13 @@ def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
             f"modules_to_save {config.modules_to_save!r} matched no module; top-level modules are: "
             f"{', '.join(n for n, _ in model.named_children())}"
         )
+    for n in names:
+        quantized = next((m for m in model.get_submodule(n).modules() if is_quantized(m)), None)
+        if quantized is not None:
+            raise ValueError(
+                f"modules_to_save: {n!r} holds a quantized layer ({type(quantized).__name__}), whose codes cannot be "
+                "trained: target it with LoRA instead, or keep it in full precision (transformers: "
+                "BitsAndBytesConfig(llm_int8_skip_modules=[...]); lorafit: quantize_base(skip=...))")
     return names
 
 
