@@ -103,6 +103,12 @@ def free_port() -> int:
 
 def run_document(doc: Path, workdir: Path, timeout: float = 900) -> list[dict]:
     """Runs the document's blocks in ``workdir``; returns the shim's log. Raises on the first block that fails."""
+    return run_blocks(doc, workdir, prepare(workdir), timeout)
+
+
+def prepare(workdir: Path) -> dict[str, str]:
+    """What the documents' commands find in ``workdir`` (the examples, a CSV, a stand-in model, the shims), and
+    the environment they run in. In this process: one thread at a time (transformers imports lazily)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "examples").symlink_to(REPO / "examples")
     user_csv(workdir / "reviews.csv")
@@ -118,6 +124,12 @@ def run_document(doc: Path, workdir: Path, timeout: float = 900) -> list[dict]:
                DOCS_SHIM=str(SHIM), DOCS_LOG=str(log), DOCS_REAL_BIN=str(Path(sys.executable).parent),
                DOCS_PORT=str(free_port()), DOCS_SMALL_LM=str(stand_in), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float = 900) -> list[dict]:
+    """The document's blocks, one process each, in a ``prepare``d ``workdir``: safe in a thread of its own."""
+    log = Path(env["DOCS_LOG"])
     for block in blocks(doc):
         with open(log, "a") as fh:
             fh.write(json.dumps({"block": block.where()}) + "\n")

@@ -1,18 +1,34 @@
 """Every documented command runs: README.md's and docs/*.md's bash and python blocks, in order, made small
 (tests/docs_check.py; `make docs-check` prints the list of what ran)."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from tests.docs_check import REPO, blocks, documents, format_log, run_document
+from tests.docs_check import REPO, blocks, documents, format_log, prepare, run_blocks
+
+DOCUMENTS = [d for d in documents() if blocks(d)]
 
 
-@pytest.mark.parametrize("doc", [d for d in documents() if blocks(d)], ids=lambda d: str(d.relative_to(REPO)))
-def test_documented_commands_run(doc, tmp_path):
+@pytest.fixture(scope="module")
+def document_runs(tmp_path_factory):
+    """Every document run at once, two at a time, the longest first: a documented command is a process of its
+    own that spends most of its time starting up and loading on one core, so two documents take little longer
+    than the longest alone."""
     from lorafit.train.config import default_data_dir
 
     if not (default_data_dir() / "sst2").is_dir():
         pytest.skip(f"the documented commands read the data sets in {default_data_dir()} (LORAFIT_DATA), absent here")
-    records = run_document(doc, tmp_path)
+    longest_first = sorted(DOCUMENTS, key=lambda d: len(blocks(d)), reverse=True)
+    workdirs = {doc: tmp_path_factory.mktemp(doc.stem) for doc in longest_first}
+    envs = {doc: prepare(workdir) for doc, workdir in workdirs.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {doc: pool.submit(run_blocks, doc, workdirs[doc], envs[doc]) for doc in longest_first}
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda d: str(d.relative_to(REPO)))
+def test_documented_commands_run(doc, document_runs):
+    records = document_runs[doc].result()
     print(format_log(records))
     commands = [r for r in records if "command" in r]
     assert commands, f"{doc}: no documented command ran"
