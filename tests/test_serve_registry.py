@@ -148,7 +148,8 @@ def test_missing_and_corrupt_adapters(bert, tmp_path):
     with pytest.raises(BadAdapter, match="shape"):
         reg.acquire("wrong")
     assert not _attached(reg)  # nothing half-attached
-    for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]), ("layer_replication", [[0, 1], [0, 1]])):
+    for field, value in (("target_parameters", ["mlp.experts.gate_up_proj"]), ("layer_replication", [[0, 1], [0, 1]]),
+                         ("kasa_config", {"beta": 1e-4, "gamma": 1e-3})):
         unsupported = local / field
         shutil.copytree(local / "a", unsupported)
         config = json.loads((unsupported / "adapter_config.json").read_text())

@@ -105,6 +105,8 @@ def test_a_dict_config_trains_exactly_like_the_toml_file(setup, finished, tmp_pa
     ({"train": {"epochs": "three"}}, "train.epochs must be an integer, got 'three'"),
     ({"train": 3}, "[train] must be a table of settings, got 3"),
     ({"model": {"name": ""}}, "model.name is required"),
+    ({"model": {"quantize": 4}, "lora": {"kasa_config": {}}},
+     "model.quantize is not supported with a KaSA adapter (lora.kasa_config)"),
 ])
 def test_a_dict_config_is_checked_like_a_file(setup, tmp_path, config, want):
     base = as_dict(setup)
@@ -334,3 +336,20 @@ def test_a_quantized_or_fully_tuned_model_says_what_a_second_run_starts_from(set
     with pytest.warns(UserWarning, match=r"fine-tuned in full by an earlier train\(\); this run starts from those"):
         train(setup / "run.toml", {"output_dir": str(tmp_path / "f2"), "train.max_steps": 2}, model=full,
               progress=False)
+
+
+def test_a_kasa_adapter_trains_with_its_regularizers_and_reloads(setup, tmp_path):
+    """lora.kasa_config: the run adds KaSA's regularizers to the loss (weights zero or not train other adapters),
+    and the saved adapter truncates a fresh base as the run's did: the same predictions."""
+    runs = {}
+    for name, weights in (("zero", {"beta": 0.0, "gamma": 0.0}), ("kasa", {"beta": 0.5, "gamma": 0.5})):
+        runs[name] = train(setup / "run.toml", {"output_dir": str(tmp_path / name), **FAST,
+                                                "lora.kasa_config": weights}, progress=False)
+    zero, kasa = adapter_tensors(tmp_path / "zero"), adapter_tensors(tmp_path / "kasa")
+    assert zero.keys() == kasa.keys() and any(k.endswith(".lora_diag") for k in kasa)
+    assert any(not torch.allclose(zero[k], kasa[k]) for k in kasa)
+    tok = transformers.AutoTokenizer.from_pretrained(setup / "tiny-bert")
+    batch = tok(["a good movie", "the plot was dull and bad"], padding=True, return_tensors="pt")
+    fresh = lorafit.load_adapter(bert_classifier(setup, 2), tmp_path / "kasa" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(runs["kasa"].model(**batch).logits, fresh(**batch).logits, rtol=1e-5, atol=1e-5)

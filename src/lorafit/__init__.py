@@ -24,6 +24,7 @@ from lorafit.io import (
     save_adapter,
     write_adapter,
 )
+from lorafit.kasa import kasa_loss
 from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
 from lorafit.lora_ga import attach_lora_ga
 from lorafit.model import (
@@ -63,6 +64,7 @@ __all__ = [
     "combine_adapters",
     "detach",
     "disabled",
+    "kasa_loss",
     "load_adapter",
     "load_adapter_state",
     "merge",

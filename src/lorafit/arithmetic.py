@@ -68,6 +68,9 @@ def combine_adapters(
     if activated:
         raise ValueError(f"adapters {activated} are aLoRA adapters (alora_invocation_tokens), which apply from their "
                          "own invocations on; combine_adapters does not combine them")
+    kasa = [a for a in weights if configs[a].kasa_config is not None]
+    if kasa:  # trained on the base weights it truncated: the combination would need the untruncated ones
+        raise ValueError(f"adapters {kasa} are KaSA adapters (kasa_config), which combine_adapters does not combine")
     scaled = [a for a in weights if configs[a].use_dora]
     if scaled:
         # the magnitudes rescale the whole adapted weight, which no sum of low-rank changes expresses

@@ -80,9 +80,10 @@ def arrow_routing(model: nn.Module, experts: Sequence[str], *, top_k: int | None
         if missing:
             raise ValueError(f"{path}: adapters {present} adapt it and {missing} do not; Arrow mixes adapters of the "
                              "same layers")
-        if not isinstance(layer, Linear) or layer.activation or any(n in layer.lora_magnitude_vector for n in names):
+        if not isinstance(layer, Linear) or layer.activation or any(
+                n in layer.lora_magnitude_vector or n in layer.lora_diag for n in names):
             raise ValueError(f"{path}: Arrow mixes plain LoRA adapters of linear layers, not "
-                             f"{type(layer.base_layer).__name__} layers, DoRA or aLoRA adapters")
+                             f"{type(layer.base_layer).__name__} layers, DoRA, aLoRA or KaSA adapters")
         if layer.merged:
             raise ValueError(f"{path}: adapters {layer.merged} are merged into its weight; unmerge them before Arrow "
                              "routing")

@@ -85,6 +85,10 @@ def adapter_per_row(model: nn.Module, rows: Sequence[str | None]):
     unknown = sorted({r for r in rows if r is not None and r not in known})
     if unknown:
         raise KeyError(f"no adapter named {unknown[0]!r} is attached; attached adapters: {list(known) or 'none'}")
+    kasa = [n for n, c in known.items() if c.kasa_config is not None]
+    if kasa:  # the only adapter on its model, whose base it truncated: no other row could run on the original
+        raise ValueError(f"adapter {kasa[0]!r} is a KaSA adapter (kasa_config), which truncated the base weights; "
+                         "adapter_per_row does not run it")
     layers, wrappers, token_layers, tied_heads = [], [], [], []
     for _, module in wrapped_modules(model):  # one walk over the model for every kind
         if isinstance(module, (TrainableTokens, TiedTokens)):

@@ -22,6 +22,8 @@ INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", 
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
 # PEFT's LoftQConfig fields and defaults
 LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}
+# PEFT's KasaConfig: the weights of KaSA's two regularizers (lorafit.kasa_loss)
+KASA_DEFAULTS = {"beta": 1e-4, "gamma": 1e-3}
 
 
 class LoftQ(NamedTuple):
@@ -62,7 +64,6 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "megatron_core": "megatron.core",
     "runtime_config": None,
     "arrow_config": None,
-    "kasa_config": None,
     "monteclora_config": None,
 }
 # Keys PEFT writes that carry no meaning for lorafit (bookkeeping only).
@@ -147,6 +148,14 @@ class LoraConfig:
     transposed, so the two stay one weight, merged or not; and a
     ``modules_to_save`` copy of either is one copy that both use. Without it
     the head keeps scoring with the base weight, as in PEFT.
+
+    ``kasa_config`` (KaSA, Wang et al., 2024; PEFT's, ``{"beta": 1e-4,
+    "gamma": 1e-3}``): attaching the adapter truncates each adapted weight to
+    its top ``min(d_in, d_out) - r`` singular components, for good (disabling
+    or removing the adapter does not undo it), and the layer computes
+    ``W' x + s * B diag(d) A x`` with a trained vector ``d`` (``lora_diag``).
+    ``lorafit.kasa_loss`` gives its regularizers, weighted by beta and gamma;
+    ``lorafit train`` adds them to the loss. nn.Linear layers only.
     """
 
     r: int = 8
@@ -177,6 +186,7 @@ class LoraConfig:
     alora_invocation_tokens: list[int] | None = None
     layer_replication: list[list[int]] | None = None
     ensure_weight_tying: bool = False
+    kasa_config: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -262,6 +272,7 @@ class LoraConfig:
             if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
                 raise ValueError(f"layers_pattern must be a string or a list of strings, got {self.layers_pattern!r}")
         self._validate_lora_bias()
+        self._validate_kasa()
         _check_layer_replication(self.layer_replication)
         self._validate_target_parameters()
         _check_token_indices(self.trainable_token_indices)
@@ -282,6 +293,31 @@ class LoraConfig:
                              f"{self.init_lora_weights!r}")
         if self.target_parameters is not None:
             raise ValueError("lora_bias=True is not supported with target_parameters")
+
+    def _validate_kasa(self) -> None:
+        value = self.kasa_config
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise ValueError(f"kasa_config must be a mapping with beta and gamma (KaSA's regularizer weights) or "
+                             f"null, got {value!r}")
+        unknown = sorted(set(value) - set(KASA_DEFAULTS))
+        if unknown:
+            raise ValueError(f"kasa_config: unknown keys {unknown}; it takes {sorted(KASA_DEFAULTS)}")
+        self.kasa_config = value = {**KASA_DEFAULTS, **value}
+        for key, weight in value.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"kasa_config.{key} must be a number >= 0, got {weight!r}")
+        # KaSA truncates the base weight and adds a learnt diagonal between A and B: a plain LoRA of a Linear
+        # weight, which the other variants and initialisations would change or start from otherwise
+        for name, bad in (("use_dora", self.use_dora), ("lora_bias", self.lora_bias),
+                          ("target_parameters", self.target_parameters),
+                          ("fan_in_fan_out", self.fan_in_fan_out),
+                          ("alora_invocation_tokens (aLoRA)", self.alora_invocation_tokens),
+                          (f"init_lora_weights={self.init_lora_weights!r}",
+                           self.init_lora_weights not in (True, False, "gaussian"))):
+            if bad:
+                raise ValueError(f"kasa_config (KaSA) is not supported with {name}")
 
     def _validate_target_parameters(self) -> None:
         value = self.target_parameters

@@ -45,7 +45,8 @@ def peft_key(param_name: str, adapter: str) -> str:
         suffix = f".{factor}.{adapter}"
         if param_name.endswith(suffix):
             return PREFIX + param_name[: -len(suffix)] + f".{key}"
-    for factor in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "trainable_tokens_delta"):
+    for factor in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_diag",
+                   "trainable_tokens_delta"):
         suffix = f".{factor}.{adapter}"
         if param_name.endswith(suffix):
             return PREFIX + param_name[: -len(suffix)] + f".{factor}"

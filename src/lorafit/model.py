@@ -190,6 +190,7 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
     targets, saved_names, lora_tie, saved_tie = _tie_targets(model, config, targets, saved_names)
     init = config.layer_init()
     _check_base_init(model, targets, config, init)
+    _check_kasa(model, targets, config)
     try:
         for target in targets:
             module = model.get_submodule(target)
@@ -199,7 +200,7 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
             module.add_adapter(
                 name, r=config.rank_for(target), scale=config.scale_for(target), dropout=config.lora_dropout,
                 init=init if initialize or modifies_base_weight(init) else None, dtype=dtype,
-                use_dora=config.use_dora, bias=config.lora_bias,
+                use_dora=config.use_dora, bias=config.lora_bias, kasa=config.kasa_config is not None,
             )
         if lora_tie is not None:
             _tie_lora_head(model, *lora_tie)
@@ -348,6 +349,34 @@ def _check_base_init(model: nn.Module, targets: list[str], config: LoraConfig, i
             raise ValueError(f"{target}: {problem}")
 
 
+def _check_kasa(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
+    """KaSA truncates each target's weight for good, so every target is checked before the first is, and a KaSA
+    adapter has the model to itself: another adapter, KaSA or not, was trained on other base weights (a second
+    KaSA adapter would truncate them once more, as PEFT lets it)."""
+    configs = adapter_configs(model)
+    kasa = next((n for n, c in configs.items() if c.kasa_config is not None), None)
+    if kasa is not None or (config.kasa_config is not None and configs):
+        first = kasa if kasa is not None else next(iter(configs))
+        raise ValueError(f"adapter {first!r} is attached, and KaSA (kasa_config) truncates the base weights for its "
+                         "adapter: a KaSA adapter cannot share a model with another adapter")
+    if config.kasa_config is None:
+        return
+    shared = _shared_weights(model)
+    for target in targets:
+        module = model.get_submodule(target)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if type(base) is not nn.Linear:
+            raise ValueError(f"{target}: KaSA (kasa_config) is supported for nn.Linear layers, not "
+                             f"{type(base).__name__} (quantized, GPT-2 Conv1D, ...); exclude it")
+        r, k = config.rank_for(target), min(base.weight.shape)
+        if r >= k:
+            raise ValueError(f"{target}: KaSA drops the weight's r smallest singular components and keeps the rest, "
+                             f"so it needs r < {k} (the smaller side of the weight), got r={r}")
+        if len(shared.get(id(base.weight), [])) > 1:
+            raise ValueError(f"{target}: its weight is shared with {[s[0] for s in shared[id(base.weight)]]}, and "
+                             "KaSA would truncate it for all of them; exclude it")
+
+
 def _parameter_wrappers(model: nn.Module, target: str, parameters: list[str]) -> list[ParameterLora]:
     """The wrappers of ``target``'s adapted parameters, innermost first; made on the first adapter. Every
     adapter of a module adapts the same parameters of it: the nesting, and with it the names of the
@@ -446,6 +475,8 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
             magnitudes = getattr(layer, "lora_magnitude_vector", {})
             if name in magnitudes:
                 out[f"{path}.lora_magnitude_vector.{name}"] = magnitudes[name]
+            if name in layer.lora_diag:
+                out[f"{path}.lora_diag.{name}"] = layer.lora_diag[name]
             if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = layer.base_layer.bias
     for path, wrapper in saved_modules(model):

@@ -115,6 +115,7 @@ class LoraLayer(InPlaceOf):
         # aLoRA adapters: the model's lorafit.alora.Activation, which says at which positions each one applies
         self.activation: dict[str, object] = {}
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only; PEFT's name
+        self.lora_diag = nn.ParameterDict()  # KaSA adapters only: the trained diagonal between A and B; PEFT's name
         self._dora_factors: dict[str, torch.Tensor] = {}  # per-feature factor of a merged DoRA adapter
 
     # -- adapters ----------------------------------------------------------------
@@ -149,6 +150,7 @@ class LoraLayer(InPlaceOf):
         dtype: torch.dtype | None = None,
         use_dora: bool = False,
         bias: bool = False,
+        kasa: bool = False,
     ) -> None:
         if bias and not self.bias_capable:
             raise ValueError(f"lora_bias=True is supported for Linear and convolution layers, not "
@@ -175,6 +177,12 @@ class LoraLayer(InPlaceOf):
         self.init_factors(name, init)
         if use_dora:
             self.lora_magnitude_vector[name] = dora.init_magnitude(self, name)
+        if kasa:
+            self.add_kasa(name)
+
+    def add_kasa(self, name: str) -> None:
+        raise ValueError(f"KaSA (kasa_config) is supported for nn.Linear layers, not {type(self.base_layer).__name__}; "
+                         "exclude this module")
 
     def init_factors(self, name: str, init: bool | str | None) -> None:
         """Default initialisation: ``B A = 0`` so the model's output is unchanged.
@@ -223,6 +231,8 @@ class LoraLayer(InPlaceOf):
             del self.lora_B_bias[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
+        if name in self.lora_diag:
+            del self.lora_diag[name]
         self.activation.pop(name, None)
         for table in (self.scaling, self.rank, self.dropout):
             del table[name]

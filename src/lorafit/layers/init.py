@@ -82,3 +82,12 @@ def mica_init(weight: torch.Tensor, a, b, transposed: bool = False) -> None:
     with torch.no_grad():
         a.zero_()
         b.copy_(u[:, -a.shape[0]:].to(b.dtype))
+
+
+def kasa_truncate_(weight: torch.Tensor, r: int) -> None:
+    """KaSA (Wang et al., 2024): W loses its r smallest singular components, in place: the adapter learns in the
+    space they leave."""
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        keep = s.numel() - r
+        weight.copy_(((u[:, :keep] * s[:keep]) @ vh[:keep]).to(weight.dtype))

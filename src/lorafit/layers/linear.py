@@ -14,7 +14,7 @@ from torch import nn
 from lorafit.config import LOFTQ_DEFAULTS, LoftQ, modifies_base_weight, pissa_iterations
 from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers.base import LoraLayer, compute_dtype
-from lorafit.layers.init import loftq_init, mica_init, olora_init, pissa_init
+from lorafit.layers.init import kasa_truncate_, loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
 from lorafit.quantized_base import dense_shape, dense_weight, is_quantized
 
@@ -99,6 +99,21 @@ class Linear(LoraLayer):
         super().remove_adapter(name)
         self.initial_factors.pop(name, None)
 
+    def add_kasa(self, name: str) -> None:
+        """KaSA: the base weight loses its r smallest singular components (model.attach checked every layer can),
+        and the adapter gets a diagonal between A and B, random as PEFT's: B = 0 keeps the start at the truncated
+        base."""
+        a = self.factors_a[name]
+        kasa_truncate_(self.base_layer.weight, self.rank[name])
+        self.lora_diag[name] = nn.Parameter(torch.randn(self.rank[name], dtype=a.dtype, device=a.device))
+
+    def factor_a(self, name: str) -> torch.Tensor:
+        """A as the low-rank product uses it: diag(d) A for a KaSA adapter (a differentiable product, so d and A
+        both get their gradients), else A itself."""
+        a = self._modules[self.a_name]._parameters[name]
+        diag = self._modules["lora_diag"]._parameters
+        return a * diag[name].to(a.dtype)[:, None] if name in diag else a
+
     def target_weight(self) -> torch.Tensor:
         # a quantized base (bitsandbytes too) holds codes: what merging and DoRA's norms read is the dense weight
         return dense_weight(self.base_layer)
@@ -113,12 +128,12 @@ class Linear(LoraLayer):
         return nn.functional.linear(x, self.dora_rows(self.target_weight()).to(x.dtype))
 
     def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = self.factors_a[name], self.factors_b[name]
+        a, b = self.factor_a(name), self.factors_b[name]
         return x.to(a.dtype) @ a.T @ b.T * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
-        a, b = self.factors_a[name], self.factors_b[name]
+        a, b = self.factor_a(name), self.factors_b[name]
         dt = compute_dtype(weight)
         delta = (b.to(dt) @ a.to(dt)) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
@@ -134,8 +149,8 @@ class Linear(LoraLayer):
         if not names or args or kwargs or not _fusable(base) or (len(dora) and any(n in dora for n in names)) or (
                 self.activation and any(n in self.activation for n in names)):
             return super().forward(x, *args, **kwargs)
-        a, b = modules[self.a_name]._parameters, modules[self.b_name]._parameters
-        adapters = [LowRank(a[n], b[n], self.scaling[n], self.dropout[n]) for n in names]
+        b = modules[self.b_name]._parameters
+        adapters = [LowRank(self.factor_a(n), b[n], self.scaling[n], self.dropout[n]) for n in names]
         bias = self._bias_with_adapters(names) if len(modules["lora_B_bias"]) else base.bias
         if torch.is_autocast_enabled(x.device.type):
             return self._fused_under_autocast(x, bias, adapters)
@@ -174,7 +189,7 @@ class Linear(LoraLayer):
         return _fusable(self._modules["base_layer"])
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = self.factors_a[name], self.factors_b[name]
+        a, b = self.factor_a(name), self.factors_b[name]
         h = nn.functional.linear(self.lora_input(x, name), a)
         own_bias = self.lora_B_bias.get(name)
         if h.dtype == result.dtype and own_bias is None:

@@ -287,9 +287,9 @@ class AdapterRegistry:
         internal = f"v{next(self._counter)}"
         try:
             config, tensors = lorafit.parse_adapter(config_json, weights, source=name)
-            # target_parameters has no per-row path; layer_replication would change the served model's layers
-            # under every other adapter
-            unsupported = [f for f in ("target_parameters", "layer_replication") if getattr(config, f)]
+            # target_parameters has no per-row path; layer_replication would change the served model's layers,
+            # and KaSA (kasa_config) truncate its weights, under every other adapter
+            unsupported = [f for f in ("target_parameters", "layer_replication", "kasa_config") if getattr(config, f)]
             if unsupported:
                 raise ValueError(f"it uses {unsupported[0]}, which lorafit serve does not support; merge it into the "
                                  "base model (lorafit merge) and serve that")

@@ -290,6 +290,10 @@ class RunConfig:
             if lora.alora_invocation_tokens is not None and self.task.packing:
                 bad("task.packing", "puts several rows into one sequence, and an aLoRA adapter "
                     "(lora.alora_invocation_tokens) applies from the last invocation of the sequence on: turn one off")
+            if lora.kasa_config is not None and (self.model.quantize or self.train.distributed == "fsdp"):
+                what = "model.quantize" if self.model.quantize else "train.distributed"
+                bad(what, "is not supported with a KaSA adapter (lora.kasa_config), which truncates the "
+                    "full-precision weights and regularizes whole factors")
             loftq_bits = lora.loftq_config.get("loftq_bits")
             if self.model.quantize and loftq_bits and loftq_bits != self.model.quantize:
                 bad("lora.loftq_config", f"loftq_bits = {loftq_bits} fits a base quantized to {loftq_bits} bits, "

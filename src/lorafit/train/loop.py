@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.kasa import kasa_loss
+from lorafit.model import adapter_configs
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
 from lorafit.train.data import steps_per_epoch, train_batches
@@ -197,6 +199,8 @@ class _Session:
         self.run_dir, self.log, self.metric, self.state, self.total = run_dir, log, metric, state, total
         self.callbacks, self.dist, self.bar = callbacks, dist, bar
         self.autocast = autocast_for(device, t)
+        # KaSA adapters train with their regularizers added to the task's loss, once a step
+        self.kasa = any(c.kasa_config is not None for c in adapter_configs(model).values())
         # float16 gradients underflow without a scaled loss; the scaler skips steps whose gradients overflowed
         # and reads that back from the device each step (a host sync that bfloat16 and float32 runs do not make)
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
@@ -230,7 +234,10 @@ class _Session:
                     loss = self.task.loss_sum(self.wrapped, batch)
                 if not real:
                     loss = loss * 0.0  # this process has no row here but must join the gradient sync
-                self.scaler.scale(loss / max(units, 1)).backward()
+                scaled = loss / max(units, 1)
+                if self.kasa and j == len(micro) - 1:
+                    scaled = scaled + kasa_loss(self.model)
+                self.scaler.scale(scaled).backward()
             if real:
                 self.pending.add(loss, tokens, state.step + 1)
         state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
