@@ -752,3 +752,27 @@ def test_bitsandbytes_base_matches_peft_and_merges_to_a_float_model_on_cuda(bits
     with torch.no_grad():
         logits = merged(input_ids=IDS.to(DEVICE)).logits.float()
     torch.testing.assert_close(logits, got.float(), rtol=0, atol=0.05 * got.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kasa_matches_peft_on_cuda(dtype, tmp_path):
+    """KaSA on the GPU (the truncating SVD there too, the diagonal folded into A on the fused path): PEFT's
+    logits, gradients and regularizer from PEFT's file."""
+    import peft
+
+    from tests.test_kasa import IDS, KASA, TARGETS, logits_loss_and_grads
+
+    theirs = peft.get_peft_model(_llama(dtype), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                kasa_config=KASA, init_lora_weights=False))
+    ids = IDS.to(DEVICE)
+    expected, expected_grads = logits_loss_and_grads(theirs, lambda m: m.base_model._get_kasa_loss(), ids)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorafit.load_adapter(_llama(dtype), tmp_path / "peft", trainable=True)
+    got, grads = logits_loss_and_grads(ours, lorafit.kasa_loss, ids)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(got.float(), expected.float(), **tol)
+    assert grads.keys() == expected_grads.keys() and any(".lora_diag" in k for k in grads)
+    for key, grad in grads.items():
+        want = expected_grads[key].float()
+        torch.testing.assert_close(grad.float(), want, rtol=tol["rtol"] * 4,
+                                   atol=tol["atol"] * max(want.abs().max().item(), 1e-3))

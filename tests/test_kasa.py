@@ -17,8 +17,8 @@ KASA = {"beta": 0.01, "gamma": 0.1}
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 7, 3], [4, 4, 8, 30, 21, 11, 6, 49]])
 
 
-def logits_loss_and_grads(model, regularizer):
-    out = model(input_ids=IDS, labels=IDS)
+def logits_loss_and_grads(model, regularizer, ids=IDS):
+    out = model(input_ids=ids, labels=ids)
     (out.loss + regularizer(model)).backward()
     grads = {}
     for name, p in model.named_parameters():
