@@ -456,11 +456,14 @@ def bench_mixed(args, out: dict) -> None:
     inputs.pop("labels")
     targets = train_step.TARGETS["bert"]
     names = [f"a{i}" for i in range(n)]
-    lf, dora = copy.deepcopy(base), copy.deepcopy(base)
-    for name in names:
-        for model, use_dora in ((lf, False), (dora, True)):
+    lf, dora, tokens = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    vocab = base.get_input_embeddings().num_embeddings
+    picks = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))
+    for i, name in enumerate(names):
+        for model, variant in ((lf, {}), (dora, {"use_dora": True}),
+                               (tokens, {"trainable_token_indices": picks[16 * i:16 * (i + 1)].tolist()})):
             lorafit.attach(model, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                                     init_lora_weights=False, use_dora=use_dora), name)
+                                                     init_lora_weights=False, **variant), name)
     pf = None
     for name in names:
         cfg = PeftLoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
@@ -496,6 +499,8 @@ def bench_mixed(args, out: dict) -> None:
         variants[f"PEFT adapter_names, {label}"] = run_peft(k)
     # DoRA rows: each scales its layers' outputs by its adapter's factor (PEFT refuses DoRA with adapter_names)
     variants[f"lorafit DoRA, {n} distinct adapters"] = run_lorafit(n, dora)
+    # LoRA plus 16 trained token rows each (trainable_token_indices): every row looks up its own adapter's rows
+    variants[f"lorafit LoRA + token rows, {n} distinct adapters"] = run_lorafit(n, tokens)
     times = interleaved(variants, reps=args.reps * 2, warmup=2)
     rows_ = [[k, f"{1000 * median(v):.1f}", f"{ratio(times, k, 'base model'):.2f}"] for k, v in times.items()]
     _print(f"Mixed-adapter batch, {'tiny BERT' if args.quick else 'all-MiniLM-L6-v2'}, batch {batch} x {seq}, "
