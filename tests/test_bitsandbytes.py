@@ -178,3 +178,23 @@ def test_a_quantized_module_to_save_is_refused_by_name(float_dir):
                                          r"layer \(Linear4bit\)"):
         lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"]))
     assert not any(isinstance(m, lorafit.layers.LoraLayer) for m in model.modules())
+
+
+def test_initialisations_from_the_weight_or_the_inputs_read_the_dequantized_layer(float_dir):
+    """MiCA takes B from the dequantized weight's smallest singular directions (the codes' shape is not the
+    weight's); EVA takes A from the layers' inputs."""
+    model = quantized(float_dir, 4)
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="mica"))
+    layer = model.model.layers[0].self_attn.q_proj
+    u = torch.linalg.svd(dense_weight(layer.base_layer).float(), full_matrices=False)[0]
+    torch.testing.assert_close(layer.lora_B["default"].abs(), u[:, -4:].abs(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, base)  # A = 0 at the start
+
+    model = quantized(float_dir, 8)
+    lorafit.attach_eva(model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva"),
+                       [{"input_ids": IDS}] * 4)
+    a = model.model.layers[0].self_attn.v_proj.lora_A["default"].detach()
+    torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), rtol=1e-4, atol=1e-4)  # principal directions

@@ -24,8 +24,8 @@ from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, P
                             TiedTokens, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
 from lorafit.quantize import QuantizedLinear
-from lorafit.quantized_base import (forget_quantization, is_bitsandbytes_linear, is_quantized, to_linear,
-                                    uncounted_weight)
+from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsandbytes_linear, is_quantized,
+                                    to_linear, uncounted_weight)
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
@@ -336,7 +336,7 @@ def _check_base_init(model: nn.Module, targets: list[str], config: LoraConfig, i
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if init == "mica":
             kind, r = layer_kind(base), config.rank_for(target)
-            shape = tuple(base.weight.shape)
+            shape = dense_shape(base) if kind == "linear" else tuple(base.weight.shape)  # codes: not the weight's
             if kind not in ("linear", "embedding"):
                 raise ValueError(f"{target}: init_lora_weights='mica' is supported for Linear and Embedding layers, "
                                  f"not {type(base).__name__}; exclude it")
