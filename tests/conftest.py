@@ -1,11 +1,14 @@
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
+
+from tests import side_by_side as _side_by_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,6 +28,13 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def side_by_side(request, tmp_path_factory):
+    """The results (futures) of the long checks the collected tests are marked with (tests/side_by_side.py)."""
+    wanted = {m.args[0] for item in request.session.items for m in item.iter_markers("side_by_side")}
+    yield from _side_by_side.run(wanted, lambda key: tmp_path_factory.mktemp(re.sub(r"\W+", "-", key)))
 
 
 def pytest_collection_modifyitems(config, items):

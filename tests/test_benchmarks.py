@@ -7,14 +7,45 @@ from pathlib import Path
 
 import pytest
 
+from tests.side_by_side import register
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_suite_runs(tmp_path):
+def _program(*args: str, seconds: float, key: str, data: bool = False) -> None:
+    """A benchmark program, run side by side with the suite's other long checks; its result is (the finished
+    process, its output directory)."""
+    def prepare(tmp: Path):
+        command = [sys.executable, "-m", *args, *(["--data", str(_alpaca(tmp))] if data else [])]
+        command = [part.replace("{out}", str(tmp)) for part in command]
+        return lambda: (subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False),
+                        tmp)
+    register(key, seconds, prepare)
+
+
+def _alpaca(tmp: Path) -> Path:
+    """The Alpaca rows of ../shared/data, or a few made-up rows, which do for a dry run."""
+    data = ROOT.parent / "shared" / "data"
+    if (data / "alpaca" / "train.jsonl").is_file():
+        return data
+    data = tmp / "data"
+    (data / "alpaca").mkdir(parents=True)
+    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+            for i in range(1, 65)]
+    (data / "alpaca" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+_program("benchmarks", "--quick", "--json", "{out}/bench.json", seconds=225, key="bench:quick")
+_program("benchmarks.gpu", "--quick", "--out", "{out}", seconds=120, key="bench:gpu-quick", data=True)
+_program("benchmarks.kernels_gpu", "--quick", "--out", "{out}", seconds=20, key="bench:kernels-quick")
+
+
+@pytest.mark.side_by_side("bench:quick")
+def test_quick_benchmark_suite_runs(side_by_side):
     pytest.importorskip("peft")
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc, tmp = side_by_side["bench:quick"].result()
+    out = tmp / "bench.json"
     assert proc.returncode == 0, proc.stderr[-3000:]
     for title in ("Training step", "Training step under bf16 autocast", "Host time per adapted layer",
                   "Host time per adapted layer with dropout", "Triton compile time", "Peak RSS", "Inference",
@@ -68,20 +99,12 @@ def test_quick_benchmark_suite_runs(tmp_path):
     assert moe["kept_bytes"]["PEFT, float32"] > moe["kept_bytes"]["floor, float32"] > 0
 
 
-def test_quick_gpu_benchmark_runs(tmp_path):
+@pytest.mark.side_by_side("bench:gpu-quick")
+def test_quick_gpu_benchmark_runs(side_by_side):
     """benchmarks/gpu.py --quick: every part (step, infer, mixed, moe, lorafit train end to end) on tiny shapes."""
     pytest.importorskip("peft")
     pytest.importorskip("tokenizers")
-    data = ROOT.parent / "shared" / "data"
-    if not (data / "alpaca" / "train.jsonl").is_file():  # a few made-up rows do for a dry run
-        data = tmp_path / "data"
-        (data / "alpaca").mkdir(parents=True)
-        rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
-                for i in range(1, 65)]
-        (data / "alpaca" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick", "--out", str(out), "--data", str(data)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc, out = side_by_side["bench:gpu-quick"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for title in ("Training step", "Inference forward", "Mixed-adapter batch", "Mixture of experts",
                   "lorafit train end to end",
@@ -99,10 +122,10 @@ def test_quick_gpu_benchmark_runs(tmp_path):
             < e2e[f"{model}: full"]["trainable"]
 
 
-def test_quick_kernels_gpu_benchmark_runs(tmp_path):
+@pytest.mark.side_by_side("bench:kernels-quick")
+def test_quick_kernels_gpu_benchmark_runs(side_by_side):
     """benchmarks/kernels_gpu.py --quick: the per-layer rows and both product orders, on small layers."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels_gpu", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc, tmp_path = side_by_side["bench:kernels-quick"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "kernels_gpu.json").read_text())
     assert len(rows) == 2

@@ -1,34 +1,38 @@
 """Every documented command runs: README.md's and docs/*.md's bash and python blocks, in order, made small
 (tests/docs_check.py; `make docs-check` prints the list of what ran)."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from tests.docs_check import REPO, blocks, documents, format_log, prepare, run_blocks
+from tests.side_by_side import register
 
 DOCUMENTS = [d for d in documents() if blocks(d)]
 
 
-@pytest.fixture(scope="module")
-def document_runs(tmp_path_factory):
-    """Every document run at once, two at a time, the longest first: a documented command is a process of its
-    own that spends most of its time starting up and loading on one core, so two documents take little longer
-    than the longest alone."""
+def _data_dir():
     from lorafit.train.config import default_data_dir
 
-    if not (default_data_dir() / "sst2").is_dir():
-        pytest.skip(f"the documented commands read the data sets in {default_data_dir()} (LORAFIT_DATA), absent here")
-    longest_first = sorted(DOCUMENTS, key=lambda d: len(blocks(d)), reverse=True)
-    workdirs = {doc: tmp_path_factory.mktemp(doc.stem) for doc in longest_first}
-    envs = {doc: prepare(workdir) for doc, workdir in workdirs.items()}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {doc: pool.submit(run_blocks, doc, workdirs[doc], envs[doc]) for doc in longest_first}
+    return default_data_dir()
 
 
-@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda d: str(d.relative_to(REPO)))
-def test_documented_commands_run(doc, document_runs):
-    records = document_runs[doc].result()
+def _check(doc):
+    def prepare_document(workdir):
+        env = prepare(workdir)
+        return lambda: run_blocks(doc, workdir, env)
+    return prepare_document
+
+
+if (_data_dir() / "sst2").is_dir():
+    for _doc in DOCUMENTS:  # about 20 s a block, most of it starting a process and loading a model
+        register(f"docs:{_doc.relative_to(REPO)}", len(blocks(_doc)) * 20, _check(_doc))
+
+
+@pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.side_by_side(f"docs:{d.relative_to(REPO)}"))
+                                 for d in DOCUMENTS], ids=lambda d: str(d.relative_to(REPO)))
+def test_documented_commands_run(doc, side_by_side):
+    if not (_data_dir() / "sst2").is_dir():
+        pytest.skip(f"the documented commands read the data sets in {_data_dir()} (LORAFIT_DATA), absent here")
+    records = side_by_side[f"docs:{doc.relative_to(REPO)}"].result()
     print(format_log(records))
     commands = [r for r in records if "command" in r]
     assert commands, f"{doc}: no documented command ran"
