@@ -70,6 +70,21 @@ def test_inspect_prints_config_and_tensors(results, adapter_dir, capsys):
     assert f"{results['rows']['lora']['trainable']:,} parameters" in out
 
 
+def test_inspect_names_what_the_adapter_is_beyond_a_plain_lora(tmp_path, capsys):
+    from tests.models import tiny_llama
+
+    import lorafit
+
+    model = tiny_llama()
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                             init_lora_weights="gaussian"))
+    lorafit.save_adapter(model, tmp_path / "dora")
+    assert main(["inspect", str(tmp_path / "dora")]) == 0
+    out = capsys.readouterr().out
+    assert "use_dora: True" in out and "init_lora_weights: 'gaussian'" in out and "kasa_config" not in out
+    assert ".lora_magnitude_vector" in out
+
+
 def test_inspect_bad_directory_exits_2_in_process(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert main(["inspect", str(tmp_path)]) == 2  # exists, but holds no adapter_config.json

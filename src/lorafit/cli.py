@@ -58,10 +58,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r):g}"
           f"{'  (rslora)' if config.use_rslora else ''}  dropout: {config.lora_dropout:g}")
     print(f"target_modules: {', '.join(targets) if isinstance(targets, list) else targets}")
-    for field in ("exclude_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "base_model_name_or_path",
-                  "task_type"):
+    # what the adapter is beyond a plain LoRA: the variant, where it starts from, what else it trains
+    for field in ("exclude_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias",
+                  "kasa_config", "alora_invocation_tokens", "target_parameters", "trainable_token_indices",
+                  "ensure_weight_tying", "layer_replication", "base_model_name_or_path", "task_type"):
         if getattr(config, field):
             print(f"{field}: {getattr(config, field)}")
+    if config.init_lora_weights is not True:
+        print(f"init_lora_weights: {config.init_lora_weights!r}")
     labels = lorafit.read_labels(args.dir)
     if labels is not None:
         print(f"labels: {', '.join(labels)}")
