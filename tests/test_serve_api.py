@@ -100,6 +100,32 @@ def test_classify_matches_the_adapter_alone(cls_client, dirs):
     assert rows["pos-neg"]["hits"] == 2 and rows["pos-neg"]["loaded"]
 
 
+def test_a_quantized_base_serves_what_the_adapter_gives_on_it(dirs):
+    """--quantize 4: the base's linear layers in NF4, the classifier head (which adapters save a copy of) not; each
+    row of a mixed batch gives what its adapter gives on the same quantized model."""
+    from lorafit.quantize import QuantizedLinear, quantize_base
+    from lorafit.serve.server import OUTPUT_HEADS
+
+    root, bert, _ = dirs
+    service = build_service(str(bert), root / "cls", quantize=4, limits=Limits(max_wait_ms=50))
+    kinds = {type(m).__name__ for n, m in service.model.named_modules() if n.endswith(("query", "classifier"))}
+    assert kinds == {"QuantizedLinear", "Linear"}
+    texts = ["great movie", "the plot was boring and bad"]
+    with TestClient(create_app(service)) as client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda a: client.post("/v1/classify", json={"texts": texts, "adapter": a}),
+                                  ["pos-neg", "topic_v2", None]))
+    for adapter, response in zip(["pos-neg", "topic_v2", None], responses):
+        assert response.status_code == 200, response.text
+        model = quantize_base(sm.load(bert), bits=4, skip=OUTPUT_HEADS)
+        assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+        if adapter is not None:
+            lorafit.load_adapter(model, root / "cls" / adapter)
+        with torch.no_grad():
+            expected = model(**sm.tokenizer(causal=False)(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+        got = torch.tensor([list(r["probabilities"].values()) for r in response.json()["results"]])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_requests_are_batched_across_adapters(cls_client, dirs):
     _, bert, _ = dirs
     names = ["pos-neg", "topic_v2", None, "pos-neg"] * 3

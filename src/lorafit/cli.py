@@ -156,6 +156,9 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the base model's and adapters' dtype (default: float32; bfloat16 halves a GPU's memory "
                          "and time)")
+    sv.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8],
+                    help="keep the base's linear layers in 4 bits (NF4) or 8 (int8), its output head aside: a "
+                         "quarter or half of their memory, dequantized in each forward (default: 0, none)")
     sv.add_argument("--num-labels", type=_positive_int, help="classes of the base model's own classifier head, "
                                                              "used without an adapter (default: its config's; "
                                                              "each adapter's head keeps its saved size)")

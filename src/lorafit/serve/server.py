@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lorafit.quantize import quantize_base
 from lorafit.serve.app import Limits, Service, create_app
 from lorafit.serve.engine import load_model
 from lorafit.serve.registry import AdapterRegistry
@@ -15,13 +16,18 @@ from lorafit.serve.registry import AdapterRegistry
 def build_service(model: str, adapters: str | Path, *, token: str | None = None, max_adapters: int | None = None,
                   max_adapter_mb: float | None = None, pin: list[str] | None = None, num_labels: int | None = None,
                   limits: Limits | None = None, preload: bool = False, device: str | torch.device | None = None,
-                  dtype: torch.dtype = torch.float32) -> Service:
+                  dtype: torch.dtype = torch.float32, quantize: int = 0) -> Service:
     """The model (in ``dtype`` on ``device``, default: CUDA when there is a GPU), its adapter registry and the
-    request batching, for ``create_app``."""
+    request batching, for ``create_app``. ``quantize`` 4 or 8 keeps the base's linear layers in NF4 or int8
+    (lorafit.quantize), all but the output head, which adapters may save a copy of."""
     adapters = Path(adapters)
     if not adapters.is_dir():
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
+    if quantize not in (0, 4, 8):
+        raise ValueError(f"--quantize must be 0 (none), 4 (NF4) or 8 (int8), got {quantize!r}")
     base, tokenizer, task = load_model(model, num_labels, device, dtype)
+    if quantize:
+        quantize_base(base, bits=quantize, skip=OUTPUT_HEADS, compute_dtype=dtype)
     registry = AdapterRegistry(base, adapters, max_adapters=max_adapters,
                                max_bytes=int(max_adapter_mb * 2**20) if max_adapter_mb else None)
     for name in pin or []:
@@ -30,6 +36,10 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
         for name in registry.available()[: max_adapters or None]:
             registry.load(name)
     return Service(base, tokenizer, task, registry, limits=limits, token=token, model_name=model)
+
+
+# The heads of causal LMs and classifiers stay full precision: an adapter's modules_to_save copy of one must train
+OUTPUT_HEADS = ("lm_head", "classifier", "score")
 
 
 def forward_threads() -> int:
@@ -52,11 +62,14 @@ def serve(args) -> int:
                     request_timeout_s=args.request_timeout)
     service = build_service(args.model, args.adapters, token=token, max_adapters=args.max_adapters,
                             max_adapter_mb=args.max_adapter_mb, pin=args.pin, num_labels=args.num_labels,
-                            limits=limits, preload=args.preload, device=args.device, dtype=getattr(torch, args.dtype))
+                            limits=limits, preload=args.preload, device=args.device, dtype=getattr(torch, args.dtype),
+                            quantize=args.quantize)
     app = create_app(service)
     device = service.model.device
     where = f"{torch.get_num_threads()} torch threads" if device.type == "cpu" else str(device)
-    print(f"lorafit serve: {service.task} with {args.model} ({args.dtype}, {where}), adapters from {args.adapters} "
+    base = {4: ", NF4 base", 8: ", int8 base"}.get(args.quantize, "")
+    print(f"lorafit serve: {service.task} with {args.model} ({args.dtype}{base}, {where}), adapters from "
+          f"{args.adapters} "
           f"({len(service.registry.available())} found), load/unload {'enabled' if token else 'disabled'}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
