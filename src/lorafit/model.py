@@ -715,15 +715,13 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     names = active_adapters(model)
     _check_mergeable(model, names)
     untie_layers(model)  # repeated layers (layer_replication) become layers of their own
-    bitsandbytes = [(path, m) for path, m in model.named_modules() if is_bitsandbytes_linear(m)]
-    if bitsandbytes:  # its 8-bit codes dequantize to float32: the layers take the dtype of the model's others
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
-    for path, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear):
-            _replace(model, path, module.to_linear())
-    for path, module in bitsandbytes:
-        _replace(model, path, to_linear(module, dtype))
-    if bitsandbytes:
+    quantized = [(path, m) for path, m in model.named_modules() if is_quantized(m)]
+    # lorafit's layers dequantize to their compute dtype; bitsandbytes' 8-bit codes to float32, so its layers
+    # take the dtype of the model's other frozen weights
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
+    for path, module in quantized:
+        _replace(model, path, to_linear(module, None if isinstance(module, QuantizedLinear) else dtype))
+    if any(is_bitsandbytes_linear(m) for _, m in quantized):
         forget_quantization(model)
     shared = _shared_weights(model)
     for layer in _mergeable(model):

@@ -112,17 +112,6 @@ class QuantizedLinear(nn.Module):
         """The dequantized weight (computed on every access; not a parameter)."""
         return self.dequantize()
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the dequantized weight."""
-        weight = self.dequantize()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantizedLinearFunction.apply(x, self, self.bias)
 

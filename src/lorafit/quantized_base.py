@@ -21,17 +21,19 @@ from lorafit.quantize import QuantizedLinear
 _BNB_LINEARS = ("Linear4bit", "Linear8bitLt")
 
 
+def _bitsandbytes_kind(module: nn.Module) -> str | None:
+    """The class name a bitsandbytes layer derives from (Linear4bit or Linear8bitLt), or None."""
+    if not (isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")):
+        return None
+    return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in _BNB_LINEARS), None)
+
+
 def is_bitsandbytes_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes") and any(
-        cls.__name__ in _BNB_LINEARS for cls in type(module).__mro__)
+    return _bitsandbytes_kind(module) is not None
 
 
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, QuantizedLinear) or is_bitsandbytes_linear(module)
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -39,14 +41,15 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     loaded in for bitsandbytes 4-bit, float32 for its 8-bit codes, the compute dtype for lorafit's own."""
     if isinstance(module, QuantizedLinear):
         return module.dequantize()
-    if not is_bitsandbytes_linear(module):
+    kind = _bitsandbytes_kind(module)
+    if kind is None:
         return module.weight
     import bitsandbytes as bnb
 
     weight = module.weight
     if weight.is_floating_point():  # not quantized yet (before its move to a device), or 8-bit with fp16 weights
         return weight
-    if _is_4bit(module):
+    if kind == "Linear4bit":
         state = weight.quant_state if weight.quant_state is not None else module.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             # CPU inference repacks the codes for its AVX-512 kernel; back to the layout dequantize_4bit reads,
@@ -78,8 +81,6 @@ def uncounted_weight(module: nn.Module) -> int:
 def to_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
     """A plain ``nn.Linear`` with the dequantized weight and the bias, in ``dtype`` (else the dequantized
     weight's: bitsandbytes' 8-bit codes come back as float32)."""
-    if isinstance(module, QuantizedLinear) and dtype is None:
-        return module.to_linear()
     weight = dense_weight(module).detach()
     dtype = dtype or weight.dtype
     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
