@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorafit
-from lorafit.quantized_base import dense_weight, is_bitsandbytes_linear
+from lorafit.quantized_base import dense_dtype, dense_weight, is_bitsandbytes_linear
 from tests.models import rows_alone
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -198,3 +198,10 @@ def test_initialisations_from_the_weight_or_the_inputs_read_the_dequantized_laye
                        [{"input_ids": IDS}] * 4)
     a = model.model.layers[0].self_attn.v_proj.lora_A["default"].detach()
     torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), rtol=1e-4, atol=1e-4)  # principal directions
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_dtype_is_the_dequantized_weights_without_dequantizing(float_dir, bits):
+    model = quantized(float_dir, bits, dtype=torch.bfloat16)
+    layers = [m for m in model.modules() if is_bitsandbytes_linear(m)]
+    assert layers and all(dense_dtype(m) == dense_weight(m).dtype for m in layers)

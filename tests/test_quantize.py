@@ -115,3 +115,23 @@ def test_bfloat16_compute():
     q = QuantizedLinear(nn.Linear(64, 64), compute_dtype=torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert q(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_on_a_quantized_base_dequantizes_once_beside_the_base_forward(dropout, monkeypatch):
+    """DoRA needs W for its norms (and, with dropout, for the dropped input's base output): one dequantization
+    serves all of that; the base layer's own forward dequantizes once more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    quantize_base(model, bits=4, skip=())
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["0"], use_dora=True, lora_dropout=dropout))
+    x = torch.randn(8, 64, requires_grad=True)
+    expected = model.eval()(x)
+    calls = []
+    original = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, *a: calls.append(1) or original(self, *a))
+    torch.testing.assert_close(model(x), expected)
+    assert len(calls) == 2
+    calls.clear()
+    model.train()(x).sum().backward()
+    assert len(calls) == 2 + 1  # + the base's backward for dx

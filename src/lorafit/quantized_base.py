@@ -64,6 +64,21 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
 
 
+def dense_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``dense_weight`` returns, without dequantizing anything: what a product merged with the weight
+    needs to know, per forward for DoRA."""
+    if isinstance(module, QuantizedLinear):
+        return module.compute_dtype
+    kind = _bitsandbytes_kind(module)
+    weight = module.weight
+    if kind is None or weight.is_floating_point():
+        return weight.dtype
+    if kind == "Linear4bit":
+        state = weight.quant_state if weight.quant_state is not None else module.quant_state
+        return state.dtype
+    return torch.float32  # int8_vectorwise_dequant's
+
+
 def dense_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a linear layer, quantized or not, without dequantizing it."""
     if is_quantized(module):

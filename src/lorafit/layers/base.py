@@ -279,8 +279,8 @@ class LoraLayer(InPlaceOf):
         """The shape of a DoRA magnitude in PEFT's files."""
         return (self.dora_rows(self.target_weight()).shape[0],)
 
-    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output without its bias."""
+    def frozen_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's output without its bias, from its ``target_weight()`` (which the caller has read)."""
         raise NotImplementedError
 
     def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -72,8 +72,8 @@ class Conv(LoraLayer):
         weight = self.base_layer.weight
         return (1, weight.shape[0], *[1] * (weight.dim() - 2))
 
-    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
+    def frozen_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, weight.to(x.dtype), None)
 
     def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]

@@ -28,9 +28,9 @@ def row_norm(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1)
 
 
-def adapted_norm(layer, name: str) -> torch.Tensor:
-    """||W + s B A|| per feature, in at least float32."""
-    w = layer.target_weight()
+def adapted_norm(layer, name: str, w: torch.Tensor | None = None) -> torch.Tensor:
+    """||W + s B A|| per feature, in at least float32; ``w`` is ``target_weight()`` when the caller has it."""
+    w = layer.target_weight() if w is None else w
     dt = torch.promote_types(w.dtype, torch.float32)
     return row_norm(layer.dora_rows(w.to(dt) + layer.delta_weight(name)))
 
@@ -43,10 +43,11 @@ def init_magnitude(layer, name: str) -> nn.Parameter:
 
 def add_dora(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     m = layer.lora_magnitude_vector[name]
-    factor = layer.output_view(m.reshape(-1) / adapted_norm(layer, name).detach().to(m.dtype), result)
+    w = layer.target_weight()  # once: a quantized base dequantizes it on every read
+    factor = layer.output_view(m.reshape(-1) / adapted_norm(layer, name, w).detach().to(m.dtype), result)
     if layer.drops_input and layer.dropout[name] > 0 and layer.training:
         x = nn.functional.dropout(x, p=layer.dropout[name], training=True)
-        y0 = layer.frozen_output(x)
+        y0 = layer.frozen_output(x, w)
     else:
         bias = getattr(layer.base_layer, "bias", None)
         y0 = result if bias is None else result - layer.output_view(bias, result)

@@ -13,10 +13,10 @@ from torch import nn
 
 from lorafit.config import LOFTQ_DEFAULTS, LoftQ, modifies_base_weight, pissa_iterations
 from lorafit.kernels import LowRank, lora_linear
-from lorafit.layers.base import LoraLayer, compute_dtype
+from lorafit.layers.base import LoraLayer
 from lorafit.layers.init import kasa_truncate_, loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
-from lorafit.quantized_base import dense_shape, dense_weight, is_quantized
+from lorafit.quantized_base import dense_dtype, dense_shape, dense_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -124,17 +124,17 @@ class Linear(LoraLayer):
     def feature_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return v[None, :] if self.fan_in_fan_out else v[:, None]
 
-    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dora_rows(self.target_weight()).to(x.dtype))
+    def frozen_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dora_rows(weight).to(x.dtype))
 
     def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factor_a(name), self.factors_b[name]
         return x.to(a.dtype) @ a.T @ b.T * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        weight = self.base_layer.weight
         a, b = self.factor_a(name), self.factors_b[name]
-        dt = compute_dtype(weight)
+        # The dtype alone: reading a quantized base's weight would dequantize all of it.
+        dt = torch.promote_types(dense_dtype(self.base_layer), torch.float32)
         delta = (b.to(dt) @ a.to(dt)) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
