@@ -353,3 +353,21 @@ def test_a_kasa_adapter_trains_with_its_regularizers_and_reloads(setup, tmp_path
     fresh = lorafit.load_adapter(bert_classifier(setup, 2), tmp_path / "kasa" / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(runs["kasa"].model(**batch).logits, fresh(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loraplus_trains_b_at_its_own_rate(setup, tmp_path):
+    """train.loraplus_lr_ratio: B (which starts at zero) moves about ratio times as far as with one rate; A's
+    rate is unchanged, so A moves about as far (B's larger values change A's gradients, not its step size)."""
+    ab = {}
+    for ratio in (1, 16):
+        train(setup / "run.toml", {"output_dir": str(tmp_path / f"r{ratio}"), **FAST,
+                                   "train.loraplus_lr_ratio": ratio}, progress=False)
+        tensors = adapter_tensors(tmp_path / f"r{ratio}")
+        ab[ratio] = [torch.cat([t.flatten() for k, t in tensors.items() if f".{part}." in k]).abs().mean()
+                     for part in ("lora_B", "lora_A")]
+    (b1, a1), (b16, a16) = ab[1], ab[16]
+    assert b16 > 5 * b1
+    assert 0.5 < a16 / a1 < 2
+    with pytest.raises(ValueError, match=r"train.loraplus_lr_ratio is for LoRA"):
+        train(setup / "run.toml", {"output_dir": str(tmp_path / "full"), "train.method": "full",
+                                   "train.loraplus_lr_ratio": 16}, progress=False)

@@ -31,7 +31,7 @@ transformers = pytest.importorskip("transformers")
 import lorafit  # noqa: E402
 from lorafit.train import evaluate, merge, train  # noqa: E402
 from lorafit.train.data import epoch_batches  # noqa: E402
-from lorafit.train.loop import adamw_kernel, lr_factor, parameter_groups  # noqa: E402
+from lorafit.train.loop import adamw_kernel, lr_factor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
@@ -369,7 +369,7 @@ def test_rouge_takes_the_best_reference_of_each_row():
 def test_no_weight_decay_on_biases_and_norms():
     model = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                                            intermediate_size=64, vocab_size=50))
-    decay, no_decay = parameter_groups(model, 0.1)
+    decay, no_decay = lorafit.optimizer_groups(model, lr=1e-3, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in decay["params"])

@@ -27,6 +27,7 @@ from lorafit.io import (
 from lorafit.kasa import kasa_loss
 from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
 from lorafit.lora_ga import attach_lora_ga
+from lorafit.optimizer_groups import optimizer_groups
 from lorafit.model import (
     ParameterReport,
     active_adapters,
@@ -70,6 +71,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "merged_adapters",
+    "optimizer_groups",
     "parse_adapter",
     "read_adapter",
     "read_adapter_files",

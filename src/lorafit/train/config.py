@@ -111,6 +111,8 @@ class TrainSection:
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0  # never applied to biases and norm weights
+    loraplus_lr_ratio: float = 1.0  # LoRA+: the adapters' B factors train at lr times this (the paper: about 16)
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: an embedding's adapter trains at this rate
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     scheduler: str = "linear"
@@ -249,6 +251,11 @@ class RunConfig:
         for key in ("train.lr", "train.adam_eps"):
             if not (math.isfinite(self.get(key)) and self.get(key) > 0):
                 bad(key, f"must be a finite number > 0, got {self.get(key)}")
+        for key in ("train.loraplus_lr_ratio", "train.loraplus_lr_embedding"):
+            if not (math.isfinite(self.get(key)) and self.get(key) > 0):
+                bad(key, f"must be a finite number > 0, got {self.get(key)}")
+        if self.train.loraplus_lr_ratio != 1 and self.train.method != "lora":
+            bad("train.loraplus_lr_ratio", f"is for LoRA (B's learning rate); train.method is {self.train.method!r}")
         for key in ("train.weight_decay", "train.max_grad_norm"):
             if not (math.isfinite(self.get(key)) and self.get(key) >= 0):
                 bad(key, f"must be a finite number >= 0, got {self.get(key)}")

@@ -28,6 +28,7 @@ from torch import nn
 
 from lorafit.kasa import kasa_loss
 from lorafit.model import adapter_configs
+from lorafit.optimizer_groups import optimizer_groups
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
 from lorafit.train.data import steps_per_epoch, train_batches
@@ -55,20 +56,9 @@ class LoopState:
     loss_scale: dict | None = None  # train.fp16: the loss scaler's state (torch.amp.GradScaler.state_dict)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases and norm weights (1-D) never decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 def build_optimizer(model: nn.Module, t: TrainSection, masters: MasterWeights | None = None) -> torch.optim.AdamW:
     """AdamW on the trainable parameters, or on their float32 ``masters`` where there are some."""
-    groups = parameter_groups(model, t.weight_decay)
+    groups = optimizer_groups(model, t.lr, t.weight_decay, t.loraplus_lr_ratio, t.loraplus_lr_embedding)
     if not groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
     if masters:
