@@ -24,6 +24,7 @@ from lorafit.io import (
     save_adapter,
     write_adapter,
 )
+from lorafit.hotswap import hotswap_adapter, hotswap_adapter_state
 from lorafit.kasa import kasa_loss
 from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
 from lorafit.lora_ga import attach_lora_ga
@@ -65,6 +66,8 @@ __all__ = [
     "combine_adapters",
     "detach",
     "disabled",
+    "hotswap_adapter",
+    "hotswap_adapter_state",
     "kasa_loss",
     "load_adapter",
     "load_adapter_state",
