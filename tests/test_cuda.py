@@ -629,6 +629,34 @@ def test_arrow_routing_on_cuda_matches_the_cpu_without_a_sync(dtype, tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hotswap_into_a_compiled_model_on_cuda_recompiles_nothing(dtype, tmp_path):
+    """Adapters of other ranks and scales swapped into a compiled bf16/fp32 model on the GPU: what each computes
+    loaded alone, and no recompilation (the guards decide that, so the eager backend shows it)."""
+    ids = torch.randint(0, 256, (2, 16), device=DEVICE)
+    expected = {}
+    for label, config in (("a", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)),
+                          ("b", LoraConfig(r=2, lora_alpha=32, target_modules=TARGETS[:1]))):
+        alone = _llama(dtype)
+        lorafit.attach(alone, config)
+        for p in lorafit.adapter_parameters(alone, "default").values():
+            nn.init.normal_(p, std=0.05)
+        lorafit.save_adapter(alone, tmp_path / label)
+        with torch.no_grad():
+            expected[label] = alone(ids).logits
+    model = _llama(dtype)
+    lorafit.attach(model, LoraConfig(r=8, target_modules=TARGETS), trainable=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    with torch.no_grad():
+        compiled(ids)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for label in ("a", "b", "a"):
+                lorafit.hotswap_adapter(model, tmp_path / label)
+                torch.testing.assert_close(compiled(ids).logits.float(), expected[label].float(), **tol)
+
+
 # last: inductor's compile takes longest, and gpu.sh gives the CUDA tests a time limit
 def test_torch_compile_matches_eager_on_cuda(dropout=0.1):
     import torch._inductor.config as inductor_config
