@@ -1,0 +1,74 @@
+"""transformers' ``Trainer`` for a model with lorafit adapters: checkpoints hold the adapters, not the model.
+
+    from lorafit.train.hf_trainer import AdapterTrainer
+    lorafit.attach(model, lorafit.LoraConfig(r=16, target_modules="all-linear"))
+    trainer = AdapterTrainer(model=model, args=transformers.TrainingArguments(...), train_dataset=...)
+    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+
+``Trainer`` writes a model that is not a PEFT model with ``save_pretrained``: every checkpoint would hold the
+whole base model (14 GB for a 7B model in bf16) under lorafit's wrapper names, which no plain model loads.
+``AdapterTrainer`` writes each checkpoint and ``save_model`` as PEFT's adapter files (``save_adapter``: the
+adapter named ``default`` in the directory itself, any other in a subdirectory of its name, as PEFT does), and
+reads them back in place (``hotswap_adapter``, which checks every tensor) to resume a run and for
+``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from lorafit.hotswap import hotswap_adapter
+from lorafit.io import CONFIG_NAME, save_adapter
+from lorafit.model import adapter_configs
+
+
+class AdapterTrainer(transformers.Trainer):
+    """``transformers.Trainer`` whose checkpoints are the model's lorafit adapters (module docstring)."""
+
+    def _adapters(self) -> tuple[torch.nn.Module, list[str]]:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        names = list(adapter_configs(model))
+        if not names:
+            raise ValueError("AdapterTrainer: the model has no lorafit adapter to save (lorafit.attach one first, "
+                             "or use transformers.Trainer for full fine-tuning)")
+        return model, names
+
+    @staticmethod
+    def _directory(root: str | os.PathLike, name: str) -> Path:
+        return Path(root) if name == "default" else Path(root) / name
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model, names = self._adapters()
+        for name in names:
+            save_adapter(model, self._directory(output_dir, name), name)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+
+    def _load_adapters(self, checkpoint: str | os.PathLike) -> bool:
+        """The checkpoint's adapters into the model's; False when it holds none (a plain Trainer's checkpoint)."""
+        model, names = self._adapters()
+        found = [name for name in names if (self._directory(checkpoint, name) / CONFIG_NAME).is_file()]
+        if not found:
+            return False
+        missing = sorted(set(names) - set(found))
+        if missing:
+            raise ValueError(f"checkpoint {checkpoint} holds no files for adapters {missing} of this model")
+        for name in found:
+            hotswap_adapter(model, self._directory(checkpoint, name), name)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if not self._load_adapters(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_adapters(self.state.best_model_checkpoint):
+            super()._load_best_model()
