@@ -103,3 +103,21 @@ def test_a_model_without_adapters_is_refused_when_saving(tmp_path):
     t = trainer(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="has no lorafit adapter"):
         t.save_model(str(tmp_path / "out"))
+
+
+def test_a_model_loaded_in_4_bits_trains_with_lorafit_adapters(tmp_path):
+    """QLoRA through the Trainer: the plain Trainer refuses a bitsandbytes model that is not a PEFT model."""
+    pytest.importorskip("bitsandbytes")
+    from tests.test_bitsandbytes import quantized, save_float_llama
+
+    save_float_llama(tmp_path / "float")
+    model = quantized(tmp_path / "float", 4)
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=transformers.TrainingArguments(str(tmp_path / "plain"), use_cpu=True))
+    before = adapter_state(model)
+    trainer(model, tmp_path / "out", max_steps=3).train()
+    after = adapter_state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    assert not model._hf_peft_config_loaded  # the flag was set only while Trainer checked the model
+    assert (tmp_path / "out" / "checkpoint-3" / "adapter_model.safetensors").is_file()

@@ -10,7 +10,9 @@ whole base model (14 GB for a 7B model in bf16) under lorafit's wrapper names, w
 ``AdapterTrainer`` writes each checkpoint and ``save_model`` as PEFT's adapter files (``save_adapter``: the
 adapter named ``default`` in the directory itself, any other in a subdirectory of its name, as PEFT does), and
 reads them back in place (``hotswap_adapter``, which checks every tensor) to resume a run and for
-``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own.
+``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own. A model that
+transformers loaded in 4 or 8 bits (bitsandbytes) trains too: QLoRA, which the plain ``Trainer`` refuses for
+a model that is not a PEFT model.
 """
 
 from __future__ import annotations
@@ -28,6 +30,20 @@ from lorafit.model import adapter_configs
 
 class AdapterTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose checkpoints are the model's lorafit adapters (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module | None = None, *args, **kwargs) -> None:
+        # Trainer refuses a model loaded in 4 or 8 bits unless adapters are attached, which it can only see on a
+        # PEFT model (the flag transformers' own PEFT integration sets). Lorafit's adapters satisfy what the check
+        # is for, so the flag is set while Trainer checks, and only for a quantized model with adapters.
+        vouch = (model is not None and getattr(model, "is_quantized", False) and bool(adapter_configs(model))
+                 and not getattr(model, "_hf_peft_config_loaded", False))
+        if vouch:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            if vouch:
+                del model._hf_peft_config_loaded
 
     def _adapters(self) -> tuple[torch.nn.Module, list[str]]:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
