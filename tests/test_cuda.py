@@ -804,3 +804,37 @@ def test_kasa_matches_peft_on_cuda(dtype, tmp_path):
         want = expected_grads[key].float()
         torch.testing.assert_close(grad.float(), want, rtol=tol["rtol"] * 4,
                                    atol=tol["atol"] * max(want.abs().max().item(), 1e-3))
+
+
+def test_adapter_trainer_trains_a_4_bit_model_and_resumes_on_cuda(tmp_path):
+    """QLoRA through transformers' Trainer on the GPU (bf16, a bitsandbytes 4-bit base): the checkpoints are the
+    adapter, and a run resumed from one ends near the uninterrupted run (the GPU's sums are not bit-exact)."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    from lorafit.train.hf_trainer import AdapterTrainer
+    from tests.test_bitsandbytes import quantized, save_float_llama
+    from tests.test_hf_trainer import Rows, StopAt, adapter_state
+
+    save_float_llama(tmp_path / "float")
+
+    def run(out, resume=None, callbacks=()):
+        model = quantized(tmp_path / "float", 4, DEVICE, torch.bfloat16)
+        torch.manual_seed(0)  # the same A for every run
+        lorafit.attach(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS),
+                       dtype=torch.float32)
+        args = transformers.TrainingArguments(str(tmp_path / out), max_steps=6, save_steps=3, learning_rate=1e-2,
+                                              per_device_train_batch_size=4, bf16=True, report_to=[], seed=0,
+                                              use_cpu=DEVICE == "cpu")
+        AdapterTrainer(model=model, args=args, train_dataset=Rows(), callbacks=list(callbacks)).train(
+            resume_from_checkpoint=resume)
+        return adapter_state(model)
+
+    expected = run("a")
+    assert (tmp_path / "a" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert not any(p.name.startswith("model") for p in (tmp_path / "a" / "checkpoint-3").iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        run("b", callbacks=[StopAt(4)])
+    got = run("b", resume=str(tmp_path / "b" / "checkpoint-3"))
+    for key, value in got.items():
+        torch.testing.assert_close(value, expected[key], rtol=0.02, atol=0.02 * expected[key].abs().max().item())
