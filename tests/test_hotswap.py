@@ -98,6 +98,15 @@ def test_what_a_value_copy_cannot_do_is_refused_and_changes_nothing(tmp_path, ne
     torch.testing.assert_close(logits(model), old_logits, rtol=0, atol=0)
 
 
+def test_a_kasa_slot_is_refused(tmp_path):
+    kasa = LoraConfig(r=4, target_modules=["q_proj"], kasa_config={"beta": 1e-4, "gamma": 1e-3})
+    old_dir, old_logits = saved(tmp_path, "old", kasa, seed=1)
+    model = lorafit.load_adapter(tiny_llama(), old_dir)
+    with pytest.raises(ValueError, match="KaSA adapters cannot be swapped"):
+        lorafit.hotswap_adapter(model, old_dir)
+    torch.testing.assert_close(logits(model), old_logits)
+
+
 def test_a_merged_slot_or_a_missing_one_is_refused(tmp_path):
     old_dir, _ = saved(tmp_path, "old", LoraConfig(r=4, target_modules=ALL), seed=1)
     model = lorafit.load_adapter(tiny_llama(), old_dir)

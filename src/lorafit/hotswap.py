@@ -71,6 +71,9 @@ def hotswap_adapter_state(model: nn.Module, config: LoraConfig, tensors: dict[st
     if slot.layer_replication or config.layer_replication:
         raise ValueError(f"{source}: adapters with layer_replication cannot be swapped (the repeated layers are "
                          "built for one adapter's config)")
+    if slot.kasa_config is not None:
+        raise ValueError(f"{source}: KaSA adapters cannot be swapped (each was trained on the base weights its own "
+                         "truncation left)")
     trains = [(p, p.requires_grad) for p in model.parameters()]  # attaching freezes all but the new adapter
     # The loader's checks, on a temporary adapter; it leaves the model as it was if the file does not fit.
     load_adapter_state(model, config, tensors, _SWAP_NAME, activate=False, source=source)
