@@ -83,7 +83,7 @@ def test_bad_combinations_are_refused():
     with pytest.raises(KeyError, match=r"no adapters named \['c'\]"):
         lorafit.combine_adapters(model, {"c": 1.0}, "x")
     with pytest.raises(ValueError, match="method must be one of"):
-        lorafit.combine_adapters(model, {"a": 1.0}, "x", method="ties")
+        lorafit.combine_adapters(model, {"a": 1.0}, "x", method="task_arithmetic")
     with pytest.raises(ValueError, match="method 'svd' needs rank >= 1"):
         lorafit.combine_adapters(model, {"a": 1.0}, "x", method="svd")
     lorafit.attach(model, LoraConfig(target_modules=["mlp.0"], use_dora=True), "d")
@@ -186,3 +186,87 @@ def test_heads_must_name_an_adapter_with_a_head_and_the_head_must_fit_the_body(t
                                          r"\[2, 16\]"):
         lorafit.load_adapter(model, tmp_path / "sentiment", "other")
     assert "other" not in lorafit.adapter_configs(model)
+
+
+SPARSE = ["ties_svd", "dare_ties_svd", "dare_linear_svd", "magnitude_prune_svd"]
+
+
+@pytest.mark.parametrize("method", ["ties_svd", "magnitude_prune_svd"])
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_ties_and_magnitude_pruning_give_pefts_merge(method, sign, tmp_path):
+    """Two adapters saved by PEFT, merged by PEFT's add_weighted_adapter and by combine_adapters: the same merged
+    adapter, so the same logits. (DARE's random draws: next test.)"""
+    peft = pytest.importorskip("peft")
+    from tests.models import tiny_llama
+
+    ids = torch.tensor([[1, 5, 9, 13, 2, 40, 7, 3]])
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+                                 adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets))
+    randomize_adapters(theirs, scale=0.3)
+    theirs.save_pretrained(tmp_path)  # in tmp_path/a and tmp_path/b
+    ours = lorafit.load_adapter(tiny_llama(), tmp_path / "a", "a")
+    lorafit.load_adapter(ours, tmp_path / "b", "b")
+
+    theirs.add_weighted_adapter(["a", "b"], [0.8, 0.5], "ab", combination_type=method, svd_rank=3, density=0.4,
+                                majority_sign_method=sign)
+    errors = lorafit.combine_adapters(ours, {"a": 0.8, "b": 0.5}, "ab", method=method, rank=3, density=0.4,
+                                      majority_sign_method=sign)
+    assert all(0 <= e < 1 for e in errors.values())
+    theirs.set_adapter("ab")
+    lorafit.set_active(ours, "ab")
+    with torch.no_grad():
+        expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+        with lorafit.disabled(ours):
+            base = ours(input_ids=ids).logits
+    assert (expected - base).abs().max() > 1e-3  # the merge changes the output
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dare_linear", "dare_ties", "ties", "magnitude_prune"])
+def test_each_merge_is_pefts_definition_draw_for_draw(kind):
+    """lorafit.task_merging against PEFT's merge_utils on the same task vectors, DARE from the same seed."""
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    from lorafit.task_merging import merge_task_vectors
+
+    torch.manual_seed(0)
+    deltas, weights = [torch.randn(24, 40) for _ in range(3)], [0.8, -0.3, 0.5]
+    peft_args = {"density": 0.3} | ({} if kind in ("dare_linear", "magnitude_prune") else
+                                    {"majority_sign_method": "frequency"})
+    torch.manual_seed(7)
+    expected = getattr(merge_utils, kind)(deltas, torch.tensor(weights), **peft_args)
+    got = merge_task_vectors(deltas, weights, kind, 0.3, "frequency", torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected)
+
+
+def test_sparsifying_keeps_density_and_ties_elects_one_sign_per_entry():
+    from lorafit.task_merging import keep_largest, merge_task_vectors
+
+    torch.manual_seed(0)
+    d = torch.randn(40, 50)
+    kept = keep_largest(d, 0.25)
+    assert (kept != 0).sum() == 500 and kept.abs().min() == 0
+    assert kept[kept != 0].abs().min() >= d.abs().flatten().kthvalue(1500).values
+    # TIES: where the tasks disagree in sign, only the elected side is averaged
+    one, two = torch.tensor([[3.0, -1.0]]), torch.tensor([[-1.0, -2.0]])
+    merged = merge_task_vectors([one, two], [1.0, 1.0], "ties", density=1.0)
+    torch.testing.assert_close(merged, torch.tensor([[3.0, -1.5]]))
+    # DARE keeps the expected change: the mean of many draws approaches the plain sum
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([merge_task_vectors([d], [1.0], "dare_linear", 0.3, generator=g) for _ in range(400)])
+    assert ((draws.mean(0) - d).abs().mean() / d.abs().mean()) < 0.15
+
+
+def test_sparse_methods_need_rank_and_density():
+    model = _two_adapters()
+    with pytest.raises(ValueError, match=r"method 'ties_svd' needs rank >= 1"):
+        lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "x", method="ties_svd", density=0.5)
+    with pytest.raises(ValueError, match=r"needs density in \(0, 1\]"):
+        lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "x", method="dare_ties_svd", rank=2)
+    with pytest.raises(ValueError, match="density is only used by"):
+        lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "x", density=0.5)
+    with pytest.raises(ValueError, match="majority_sign_method must be one of"):
+        lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "x", method="ties_svd", rank=2, density=0.5,
+                                 majority_sign_method="mean")
+    assert "x" not in lorafit.adapter_configs(model)

@@ -11,6 +11,10 @@ target is D = sum_i w_i D_i (negative weights subtract a task: "task negation").
   PEFT calls "linear"; only sensible for adapters trained from a common start.
 - ``"svd"``: D truncated to ``rank`` by SVD. The relative Frobenius error of
   each layer is returned so the cost of the truncation is visible.
+- ``"ties_svd"``, ``"dare_ties_svd"``, ``"dare_linear_svd"``, ``"magnitude_prune_svd"``: each D_i
+  sparsified to ``density`` before they are combined, with TIES's sign election for the ``ties``
+  ones (lorafit.task_merging), then truncated to ``rank`` as ``"svd"``; the error returned is the
+  truncation's, against that merged D. PEFT's names and definitions.
 
 The biases of adapters with ``lora_bias`` combine exactly, whatever the method:
 b = sum_i w_i s_i b_i at the new adapter's scale of 1.
@@ -30,8 +34,10 @@ import torch
 from torch import nn
 
 from lorafit.model import adapter_configs, attach, lora_layers, saved_modules
+from lorafit.task_merging import KINDS, SIGN_METHODS, merge_task_vectors
 
-METHODS = ("exact", "linear", "svd")
+SPARSE = tuple(f"{kind}_svd" for kind in KINDS)  # TIES, DARE, magnitude pruning, then truncated by SVD
+METHODS = ("exact", "linear", "svd", *SPARSE)
 
 
 def combine_adapters(
@@ -41,12 +47,18 @@ def combine_adapters(
     method: str = "exact",
     rank: int | None = None,
     heads: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Attach ``name`` = sum of ``weights[a]`` times adapter ``a``; returns per-layer relative error.
 
     The error is 0 up to float rounding for ``"exact"``; for ``"linear"`` and ``"svd"`` it is
-    ||D - D_new||_F / ||D||_F of each layer, measured, not assumed. ``heads`` names an attached
-    adapter whose ``modules_to_save`` copies (e.g. its classifier head) the new adapter copies.
+    ||D - D_new||_F / ||D||_F of each layer, measured, not assumed (for the sparsifying methods, D is
+    their merged change). ``heads`` names an attached adapter whose ``modules_to_save`` copies (e.g. its
+    classifier head) the new adapter copies. ``density`` (the fraction of each change kept),
+    ``majority_sign_method`` (``"total"`` or ``"frequency"``) and ``generator`` (DARE's draws) are for the
+    sparsifying methods.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
@@ -56,10 +68,20 @@ def combine_adapters(
     missing = [a for a in weights if a not in configs]
     if missing:
         raise KeyError(f"no adapters named {missing} are attached; attached adapters: {list(configs) or 'none'}")
-    if method == "svd" and (rank is None or rank < 1):
-        raise ValueError(f"method 'svd' needs rank >= 1, got {rank!r}")
-    if rank is not None and method != "svd":
-        raise ValueError(f"rank is only used by method 'svd' (the rank of {method!r} follows from the adapters)")
+    truncates = method == "svd" or method in SPARSE
+    if truncates and (rank is None or rank < 1):
+        raise ValueError(f"method {method!r} needs rank >= 1, got {rank!r}")
+    if rank is not None and not truncates:
+        raise ValueError(f"rank is only used by the methods that truncate by SVD (the rank of {method!r} follows "
+                         "from the adapters)")
+    if method in SPARSE and not (density is not None and 0 < density <= 1):
+        raise ValueError(f"method {method!r} needs density in (0, 1] (the fraction of each change kept), "
+                         f"got {density!r}")
+    if method not in SPARSE and density is not None:
+        raise ValueError(f"density is only used by the methods {', '.join(map(repr, SPARSE))}")
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {', '.join(map(repr, SIGN_METHODS))}, "
+                         f"got {majority_sign_method!r}")
     stacked = [a for a in weights if configs[a].target_parameters]
     if stacked:
         # their factors hold one pair per expert, interleaved; stacking or averaging them as one pair is wrong
@@ -97,9 +119,14 @@ def combine_adapters(
             factors[path] = _exact(layer, weights)
         elif method == "linear":
             factors[path] = _linear(layer, weights, path)
+        elif method == "svd":
+            target = _delta_matrix(layer, weights)
+            factors[path] = _truncated(layer, weights, target, rank)
         else:
-            factors[path] = _svd(layer, weights, rank)
-        errors[path] = _relative_error(layer, weights, *factors[path])
+            target = merge_task_vectors([_delta_matrix(layer, {n: 1.0}) for n in weights], list(weights.values()),
+                                        method.removesuffix("_svd"), density, majority_sign_method, generator)
+            factors[path] = _truncated(layer, weights, target, rank)
+        errors[path] = _relative_error(target if truncates else _delta_matrix(layer, weights), *factors[path])
 
     first = configs[next(iter(weights))]
     ranks = {path: a.shape[0] for path, (a, _) in factors.items()}
@@ -172,8 +199,8 @@ def _delta_matrix(layer, weights) -> torch.Tensor:
     return total
 
 
-def _svd(layer, weights, rank):
-    delta = _delta_matrix(layer, weights)
+def _truncated(layer, weights, delta: torch.Tensor, rank: int):
+    """Factors of the best rank-``rank`` approximation of ``delta``, shaped as the adapters' factors."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank, s.numel())
     root = s[:k].sqrt()
@@ -187,8 +214,7 @@ def _svd(layer, weights, rank):
     return a.to(any_a.dtype), b.to(any_b.dtype)
 
 
-def _relative_error(layer, weights, a, b) -> float:
-    target = _delta_matrix(layer, weights)
+def _relative_error(target: torch.Tensor, a, b) -> float:
     got = b.to(target.dtype).flatten(1) @ a.to(target.dtype).flatten(1)
     norm = target.norm()
     return 0.0 if norm == 0 else ((target - got).norm() / norm).item()
