@@ -10,7 +10,10 @@ number of labels) and, for each task, evaluates that task's validation and test 
 - its own adapter alone,
 - the two adapters combined with ``lorafit.combine_adapters`` (weights 1.0 / 1.0) and the task's own
   head: ``exact`` (ranks concatenated, the sum of both deltas), ``linear`` (same rank, cross terms)
-  and ``svd`` truncated to ``--svd-rank``; the mean relative Frobenius error of each is reported.
+  and ``svd`` truncated to ``--svd-rank``; the mean relative Frobenius error of each is reported;
+  ``ties_svd``, ``dare_ties_svd``, ``dare_linear_svd`` and ``magnitude_prune_svd`` keep ``--density`` of
+  each task's change (TIES's sign election for the ``ties`` ones) before the same truncation (their error
+  is the truncation's).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 import lorafit
 from lorafit.train.config import load_config
+from lorafit.arithmetic import METHODS, SPARSE
 from lorafit.train.run import CONFIG_FILE, encode_split, prepare, quantize_for
 
 
@@ -32,8 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs=2, help="two finished lorafit classification run directories")
     parser.add_argument("--names", nargs=2, help="task names (default: from the run directory names)")
-    parser.add_argument("--methods", nargs="+", default=["exact", "linear", "svd"], choices=["exact", "linear", "svd"])
-    parser.add_argument("--svd-rank", type=int, default=8, help="rank of the svd combination (default 8)")
+    parser.add_argument("--methods", nargs="+", default=["exact", "linear", "svd"], choices=METHODS)
+    parser.add_argument("--svd-rank", type=int, default=8, help="rank of the svd combinations (default 8)")
+    parser.add_argument("--density", type=float, default=0.2,
+                        help="fraction of each change the ties / dare / magnitude_prune methods keep (default 0.2)")
     parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=["validation", "test"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
@@ -71,9 +77,13 @@ def main() -> None:
         variants.append(("own adapter", task, ""))
         for method in args.methods:
             name = f"{task}-{method}"
+            truncated, sparse = method == "svd" or method in SPARSE, method in SPARSE
+            torch.manual_seed(0)  # DARE's draws
             errors = lorafit.combine_adapters(model, {task: 1.0, other: 1.0}, name, method=method,
-                                              rank=args.svd_rank if method == "svd" else None, heads=task)
-            label = f"combined, {method}" + (f" (rank {args.svd_rank})" if method == "svd" else "")
+                                              rank=args.svd_rank if truncated else None, heads=task,
+                                              density=args.density if sparse else None)
+            label = f"combined, {method}" + (f" (rank {args.svd_rank}" if truncated else "") + (
+                f", density {args.density}" if sparse else "") + (")" if truncated else "")
             rank = max(layer.rank[name] for _, layer in lorafit.model.lora_layers(model)
                        if name in layer.adapter_names)
             variants.append((label, name, f"r={rank}, rel. error {sum(errors.values()) / len(errors):.3f}"))

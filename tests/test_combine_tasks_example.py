@@ -31,12 +31,15 @@ def test_combine_tasks_reads_two_runs_with_heads_of_other_sizes(tmp_path):
     out = tmp_path / "table.md"
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "combine_tasks.py"), str(tmp_path / "run"), str(tmp_path / "run4"),
-         "--names", "two", "four", "--splits", "validation", "--threads", "1", "--out", str(out)],
+         "--names", "two", "four", "--splits", "validation", "--threads", "1", "--out", str(out),
+         "--methods", "exact", "linear", "svd", "ties_svd", "dare_ties_svd", "--svd-rank", "4", "--density", "0.5"],
         check=False, capture_output=True, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")})
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()[2:]
-    assert len(lines) == 10  # per task: head only, own adapter, exact, linear, svd
+    assert len(lines) == 14  # per task: head only, own adapter, exact, linear, svd, ties_svd, dare_ties_svd
     own = next(line for line in lines if line.startswith("| two | own adapter |"))
     assert f"{100 * first['validation']['accuracy']:.2f}%" in own  # the adapter loads as it was trained
     assert any(line.startswith("| four | combined, exact |") and "r=8, rel. error 0.000" in line for line in lines)
+    assert any(line.startswith("| two | combined, ties_svd (rank 4, density 0.5) |") and "r=4" in line
+               for line in lines)
