@@ -35,11 +35,12 @@ def adapted(second: bool = False):
     return model
 
 
-def trainer(model, out, callbacks=(), **args) -> AdapterTrainer:
+def trainer(model, out, callbacks=(), loraplus_lr_ratio=1.0, **args) -> AdapterTrainer:
     args = transformers.TrainingArguments(str(out), per_device_train_batch_size=4, save_steps=3, logging_steps=100,
                                           report_to=[], use_cpu=True, seed=0,
                                           **{"max_steps": 6, "learning_rate": 1e-2, **args})
-    return AdapterTrainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(), callbacks=list(callbacks))
+    return AdapterTrainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(), callbacks=list(callbacks),
+                          loraplus_lr_ratio=loraplus_lr_ratio)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -121,3 +122,16 @@ def test_a_model_loaded_in_4_bits_trains_with_lorafit_adapters(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in after)
     assert not model._hf_peft_config_loaded  # the flag was set only while Trainer checked the model
     assert (tmp_path / "out" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+
+def test_loraplus_trains_b_at_its_own_rate(tmp_path):
+    model = adapted()
+    t = trainer(model, tmp_path, max_steps=2, learning_rate=1e-3, weight_decay=0.01, loraplus_lr_ratio=16)
+    t.train()
+    names = {id(p): n for n, p in model.named_parameters()}
+    rates = {names[id(p)]: (g["initial_lr"], g["weight_decay"]) for g in t.optimizer.param_groups
+             for p in g["params"]}
+    assert rates and all(rate == ((16e-3 if ".lora_B." in n else 1e-3), 0.01) for n, rate in rates.items()), rates
+    plain = trainer(adapted(), tmp_path / "plain", max_steps=1)
+    plain.train()
+    assert {g["initial_lr"] for g in plain.optimizer.param_groups} == {1e-2}

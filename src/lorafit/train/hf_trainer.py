@@ -12,7 +12,7 @@ adapter named ``default`` in the directory itself, any other in a subdirectory o
 reads them back in place (``hotswap_adapter``, which checks every tensor) to resume a run and for
 ``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own. A model that
 transformers loaded in 4 or 8 bits (bitsandbytes) trains too: QLoRA, which the plain ``Trainer`` refuses for
-a model that is not a PEFT model.
+a model that is not a PEFT model. ``loraplus_lr_ratio=16`` trains with LoRA+ (``lorafit.optimizer_groups``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ import transformers
 from lorafit.hotswap import hotswap_adapter
 from lorafit.io import CONFIG_NAME, save_adapter
 from lorafit.model import adapter_configs
+from lorafit.optimizer_groups import optimizer_groups
 
 
 class AdapterTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose checkpoints are the model's lorafit adapters (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module | None = None, *args, **kwargs) -> None:
+    def __init__(self, model: torch.nn.Module | None = None, *args, loraplus_lr_ratio: float = 1.0,
+                 loraplus_lr_embedding: float = 1e-6, **kwargs) -> None:
+        self.loraplus = (loraplus_lr_ratio, loraplus_lr_embedding)
         # Trainer refuses a model loaded in 4 or 8 bits unless adapters are attached, which it can only see on a
         # PEFT model (the flag transformers' own PEFT integration sets). Lorafit's adapters satisfy what the check
         # is for, so the flag is set while Trainer checks, and only for a quantized model with adapters.
@@ -44,6 +47,17 @@ class AdapterTrainer(transformers.Trainer):
         finally:
             if vouch:
                 del model._hf_peft_config_loaded
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """With ``loraplus_lr_ratio`` other than 1, the optimizer the arguments name (AdamW by default, with
+        their betas and eps) over ``lorafit.optimizer_groups``: B at ``learning_rate * loraplus_lr_ratio``."""
+        if self.optimizer is not None or self.loraplus[0] == 1:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        groups = optimizer_groups(model, self.args.learning_rate, self.args.weight_decay, *self.loraplus)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def _adapters(self) -> tuple[torch.nn.Module, list[str]]:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
