@@ -135,3 +135,22 @@ def test_loraplus_trains_b_at_its_own_rate(tmp_path):
     plain = trainer(adapted(), tmp_path / "plain", max_steps=1)
     plain.train()
     assert {g["initial_lr"] for g in plain.optimizer.param_groups} == {1e-2}
+
+
+def test_adapter_checkpoints_mix_into_a_trainer_subclass(tmp_path):
+    """A Trainer subclass of one's own (as TRL's SFTTrainer is) gets the adapter checkpoints from the mixin."""
+    from lorafit.train.hf_trainer import AdapterCheckpoints
+
+    class Scaled(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            return (2 * loss, outputs) if return_outputs else 2 * loss
+
+    class ScaledAdapterTrainer(AdapterCheckpoints, Scaled):
+        pass
+
+    model = adapted()
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=3, save_steps=3, report_to=[], use_cpu=True)
+    ScaledAdapterTrainer(model=model, args=args, train_dataset=Rows()).train()
+    files = {p.name for p in (tmp_path / "checkpoint-3").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files

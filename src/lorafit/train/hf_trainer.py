@@ -10,7 +10,8 @@ whole base model (14 GB for a 7B model in bf16) under lorafit's wrapper names, w
 ``AdapterTrainer`` writes each checkpoint and ``save_model`` as PEFT's adapter files (``save_adapter``: the
 adapter named ``default`` in the directory itself, any other in a subdirectory of its name, as PEFT does), and
 reads them back in place (``hotswap_adapter``, which checks every tensor) to resume a run and for
-``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own. A model that
+``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own. ``AdapterCheckpoints``
+does the same for a subclass of ``Trainer`` (TRL's ``SFTTrainer``, your own). A model that
 transformers loaded in 4 or 8 bits (bitsandbytes) trains too: QLoRA, which the plain ``Trainer`` refuses for
 a model that is not a PEFT model. ``loraplus_lr_ratio=16`` trains with LoRA+ (``lorafit.optimizer_groups``).
 """
@@ -29,8 +30,10 @@ from lorafit.model import adapter_configs
 from lorafit.optimizer_groups import optimizer_groups
 
 
-class AdapterTrainer(transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints are the model's lorafit adapters (module docstring)."""
+class AdapterCheckpoints:
+    """What makes a ``transformers.Trainer`` (or a subclass, such as TRL's ``SFTTrainer``) save and load the
+    model's lorafit adapters instead of the model (module docstring); put it first among the bases:
+    ``class SFTAdapterTrainer(AdapterCheckpoints, trl.SFTTrainer): pass``."""
 
     def __init__(self, model: torch.nn.Module | None = None, *args, loraplus_lr_ratio: float = 1.0,
                  loraplus_lr_embedding: float = 1e-6, **kwargs) -> None:
@@ -38,8 +41,8 @@ class AdapterTrainer(transformers.Trainer):
         # Trainer refuses a model loaded in 4 or 8 bits unless adapters are attached, which it can only see on a
         # PEFT model (the flag transformers' own PEFT integration sets). Lorafit's adapters satisfy what the check
         # is for, so the flag is set while Trainer checks, and only for a quantized model with adapters.
-        vouch = (model is not None and getattr(model, "is_quantized", False) and bool(adapter_configs(model))
-                 and not getattr(model, "_hf_peft_config_loaded", False))
+        vouch = (isinstance(model, torch.nn.Module) and getattr(model, "is_quantized", False)
+                 and bool(adapter_configs(model)) and not getattr(model, "_hf_peft_config_loaded", False))
         if vouch:
             model._hf_peft_config_loaded = True
         try:
@@ -102,3 +105,7 @@ class AdapterTrainer(transformers.Trainer):
     def _load_best_model(self) -> None:
         if not self._load_adapters(self.state.best_model_checkpoint):
             super()._load_best_model()
+
+
+class AdapterTrainer(AdapterCheckpoints, transformers.Trainer):
+    """``transformers.Trainer`` whose checkpoints are the model's lorafit adapters (module docstring)."""
