@@ -48,7 +48,8 @@ _SWAP_NAME = "__hotswap__"
 
 def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
     """Replace the weights of attached adapter ``name`` by those of the adapter stored in ``directory``, in
-    place, without changing the model's structure (module docstring). Returns ``model``."""
+    place, without changing the model's structure (module docstring). ``model`` may be the compiled model
+    (``torch.compile``'s wrapper) or the model it compiled. Returns ``model``."""
     config, tensors = read_adapter(directory)
     return hotswap_adapter_state(model, config, tensors, name, source=str(directory))
 
@@ -56,6 +57,7 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, name: str = 
 def hotswap_adapter_state(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor],
                           name: str = "default", source: str = "adapter") -> nn.Module:
     """``hotswap_adapter`` for an adapter already in memory (``parse_adapter``)."""
+    given, model = model, getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the model it compiled
     slot = adapter_configs(model).get(name)
     if slot is None:
         raise ValueError(f"{source}: no adapter {name!r} to swap into; attached: {sorted(adapter_configs(model))}")
@@ -88,7 +90,7 @@ def hotswap_adapter_state(model: nn.Module, config: LoraConfig, tensors: dict[st
         detach(model, _SWAP_NAME)
         for p, requires_grad in trains:
             p.requires_grad_(requires_grad)
-    return model
+    return given
 
 
 def _pairs(model: nn.Module, name: str) -> tuple[list[LoraLayer], list[nn.Module]]:
