@@ -78,6 +78,7 @@ class AdapterCheckpoints:
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)  # adapters other than "default" go to its subdirectories
         model, names = self._adapters()
         for name in names:
             save_adapter(model, self._directory(output_dir, name), name)
