@@ -153,6 +153,19 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
     assert len(steps) == len(set(steps))
 
 
+def test_resume_with_loraplus_rates_equals_an_uninterrupted_run(tmp_path):
+    """LoRA+'s optimizer groups (B at its own rate, with and without weight decay) come back from a checkpoint
+    in their order, with their moments: the resumed run ends where the uninterrupted one does."""
+    config = classification_setup(tmp_path)
+    plus = RESUME + ["train.loraplus_lr_ratio=4", "train.weight_decay=0.01", "train.epochs=4"]
+    train(config, plus + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    args = plus + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(8),), progress=False)  # last checkpoint: step 6
+    train(config, args, resume=True, progress=False)
+    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+
+
 def test_resume_with_hashed_model_dropout_equals_an_uninterrupted_run(tmp_path):
     """train.model_dropout = "hashed" on a model whose own dropout is on: its masks come back on resume, and
     they are not torch's (the run ends elsewhere than one with torch's dropout)."""
