@@ -36,6 +36,12 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, QuantizedLinear) or is_bitsandbytes_linear(module)
 
 
+def _quant_state(module: nn.Module):
+    """A bitsandbytes 4-bit layer's quantization state: on its weight, or (older releases) on the layer."""
+    weight = module.weight
+    return weight.quant_state if weight.quant_state is not None else module.quant_state
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as floating point, ``(out_features, in_features)``: in the dtype the model was
     loaded in for bitsandbytes 4-bit, float32 for its 8-bit codes, the compute dtype for lorafit's own."""
@@ -50,7 +56,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if weight.is_floating_point():  # not quantized yet (before its move to a device), or 8-bit with fp16 weights
         return weight
     if kind == "Linear4bit":
-        state = weight.quant_state if weight.quant_state is not None else module.quant_state
+        state = _quant_state(module)
         if getattr(state, "packing_format_for_cpu", False):
             # CPU inference repacks the codes for its AVX-512 kernel; back to the layout dequantize_4bit reads,
             # in place, as bitsandbytes itself does before saving or moving the layer
@@ -74,8 +80,7 @@ def dense_dtype(module: nn.Module) -> torch.dtype:
     if kind is None or weight.is_floating_point():
         return weight.dtype
     if kind == "Linear4bit":
-        state = weight.quant_state if weight.quant_state is not None else module.quant_state
-        return state.dtype
+        return _quant_state(module).dtype
     return torch.float32  # int8_vectorwise_dequant's
 
 
