@@ -134,7 +134,7 @@ def combine_adapters(
     special = {re.escape(p): r for p, r in ranks.items() if r != common}
     config = dataclasses.replace(
         first, r=common, lora_alpha=common, use_rslora=False, lora_dropout=first.lora_dropout,
-        target_modules=list(layers), rank_pattern=special, alpha_pattern=dict(special),
+        target_modules=_outermost(layers), rank_pattern=special, alpha_pattern=dict(special),
         layers_to_transform=None, layers_pattern=None, modules_to_save=head_modules, init_lora_weights=True,
         bias="none", exclude_modules=None, lora_bias=biased,
     )
@@ -171,6 +171,11 @@ def _layers_of(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
                 f"only {n!r}: {only_other}); combine adapters with the same targets"
             )
     return {p: layer for p, layer in lora_layers(model) if p in reference}
+
+
+def _outermost(paths) -> list[str]:
+    """The paths not inside another one: an attention's out-projection wrapper comes with the attention's."""
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
 def _exact(layer, weights):

@@ -53,8 +53,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
-                            TiedTokens, TrainableTokens)
+from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, MultiheadAttentionLora, ParameterLora,
+                            TiedLoraHead, TiedTokens, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.layers import dora
 from lorafit.layers.conv import conv_function
@@ -265,8 +265,9 @@ def _plan_layer(layer: LoraLayer, rows: list[str | None], distinct: set, index: 
             and rows[0] not in layer.activation:
         return _uniform_linear(layer, rows[0])
     if isinstance(layer, ParameterLora):
-        raise ValueError(f"adapters {names} adapt {layer.parameter_name!r} (target_parameters), which a batch with "
-                         "an adapter per row does not support")
+        what = ("the weights of an nn.MultiheadAttention" if isinstance(layer, MultiheadAttentionLora)
+                else f"{layer.parameter_name!r} (target_parameters)")
+        raise ValueError(f"adapters {names} adapt {what}, which a batch with an adapter per row does not support")
     n = len(rows)
     gathered = []
     biased = not distinct.isdisjoint(layer.lora_B_bias.keys())  # adapters with a bias of their own (lora_bias)

@@ -104,7 +104,8 @@ def _pairs(model: nn.Module, name: str) -> tuple[list[LoraLayer], list[nn.Module
         if name not in layer.adapter_names:
             continue
         if isinstance(layer, ParameterLora):
-            problems.append(f"{path}: expert-weight adapters (target_parameters) cannot be swapped")
+            problems.append(f"{path}: adapters on a module's parameters (target_parameters, nn.MultiheadAttention) "
+                            "cannot be swapped")
         r_new, r_slot = layer.rank.get(_SWAP_NAME, 0), layer.rank[name]
         if r_new > r_slot:
             problems.append(f"{path}: rank {r_new} > the slot's {r_slot} (attach the slot with the largest rank "

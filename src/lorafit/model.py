@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafit import alora
+from lorafit import alora, fused_paths
 from lorafit.config import LoraConfig, freezes_b, modifies_base_weight
-from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead,
-                            TiedTokens, TrainableTokens)
+from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, MultiheadAttentionLora, ParameterLora,
+                            TiedLoraHead, TiedTokens, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
 from lorafit.quantize import QuantizedLinear
 from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsandbytes_linear, is_quantized,
@@ -47,15 +47,17 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Wrapper]]:
     """The adapter wrappers (LoRA, modules_to_save, token rows), by name, in ``named_modules`` order. It does
-    not descend into a wrapper (only parameter wrappers nest, one per adapted parameter of a
-    module, and it follows those), which makes it much cheaper than ``named_modules`` on a
-    wrapped transformer: loading an adapter calls it often."""
+    not descend into a wrapper (only parameter wrappers nest: one per adapted parameter of a module, and an
+    attention's out-projection inside the attention's; it follows those), which makes it much cheaper than
+    ``named_modules`` on a wrapped transformer: loading an adapter calls it often."""
     for name, child in module._modules.items():
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(child, (LoraLayer, ModulesToSave, TrainableTokens, TiedTokens, TiedLoraHead)):
             yield path, child
+            if isinstance(child, MultiheadAttentionLora) and isinstance(child.out_proj_lora, ParameterLora):
+                yield f"{path}.base_layer.out_proj", child.out_proj_lora
             while isinstance(child, ParameterLora) and isinstance(child.base_layer, ParameterLora):
                 child, path = child.base_layer, f"{path}.base_layer"
                 yield path, child
@@ -102,6 +104,8 @@ def _wrap(module: nn.Module, config: LoraConfig) -> LoraLayer:
         return Linear(module, fan_in_fan_out=config.fan_in_fan_out)
     if kind == "embedding":
         return Embedding(module)
+    if kind == "attention":
+        return MultiheadAttentionLora(module)
     return Conv(module)
 
 
@@ -142,6 +146,7 @@ def attach(
             _restore_requires_grad(model)
         raise
     configs[name] = config
+    fused_paths.turn_off(model, [path for path, _ in wrapped_modules(model)])
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -543,6 +548,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
         restore_layers(model)  # no adapter needs the repeated layers any more
     if not adapter_configs(model):
         _restore_requires_grad(model)
+        fused_paths.restore(model)
     return model
 
 
@@ -767,6 +773,7 @@ def _restore_requires_grad(model: nn.Module) -> None:
 
 
 def _forget(model: nn.Module) -> None:
+    fused_paths.restore(model)
     for name in list(adapter_configs(model)):
         alora.remove(model, name)  # its hook too
     for key in (_CONFIGS, _ORIGINAL_GRAD, "_lorafit_active"):

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.layers import (LoraLayer, ModulesToSave, ParameterLora, TiedLoraHead, TiedTokens, TrainableTokens,
-                            is_gpt2_conv1d)
+from lorafit.layers import (LoraLayer, ModulesToSave, MultiheadAttentionLora, ParameterLora, TiedLoraHead, TiedTokens,
+                            TrainableTokens, is_gpt2_conv1d)
 from lorafit.quantize import QuantizedLinear
 
 # Defaults for when a config names no targets, by transformers' config.model_type
@@ -50,11 +50,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 # it with a SEQ_CLS adapter, "all-linear" leaves it alone. PEFT's names (classifier, score), plus BART's and
 # T5's classification_head and XLNet's logits_proj, whose heads would otherwise stay random and frozen.
 SEQ_CLS_HEADS = ("classifier", "score", "classification_head", "logits_proj")
-SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d, Conv3d and transformers' Conv1D"
+SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d, Conv3d, MultiheadAttention and transformers' Conv1D"
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'embedding', 'conv' for modules lorafit can adapt, else None."""
+    """'linear', 'embedding', 'conv', 'attention' for modules lorafit can adapt, else None."""
     if isinstance(module, LoraLayer):
         module = module.base_layer
     if isinstance(module, (nn.Linear, QuantizedLinear)) or is_gpt2_conv1d(module):
@@ -63,6 +63,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
     return None
 
 
@@ -156,15 +158,19 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if isinstance(module, (TrainableTokens, TiedTokens)):
             raise ValueError(f"target_modules matches {name!r}, whose token rows an adapter trains "
                              "(trainable_token_indices); LoRA and token rows on one layer are not supported")
+        if isinstance(module, ParameterLora) and not isinstance(module, MultiheadAttentionLora):
+            raise ValueError(f"target_modules matches {name!r}, whose parameters an adapter adapts already "
+                             "(target_parameters); adapt it one way only")
         if kind is None:
             raise ValueError(
                 f"target_modules matches {name!r}, a {type(module).__name__}; lorafit can adapt {SUPPORTED}. "
                 "Name the layers inside it instead"
             )
-        if name.endswith("out_proj") and isinstance(_parent(model, name), nn.MultiheadAttention):
+        if _attention_out_proj(model, name):
             raise ValueError(
                 f"{name!r} belongs to nn.MultiheadAttention, which reads out_proj.weight directly and would "
-                "bypass the adapter; exclude it"
+                f"bypass the adapter; target the attention {_parent_name(name)!r} itself (its in- and "
+                "out-projections both get the adapter), or exclude it"
             )
         found.append(name)
 
@@ -186,13 +192,18 @@ def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str,
         if name in saved or any(name.startswith(s + ".") for s in saved):
             continue
         # a module adapted through target_modules already is looked into only to refuse it
-        adapted_layer = isinstance(module, LoraLayer) and not isinstance(module, ParameterLora)
-        owner = module.owner if isinstance(module, ParameterLora) else module.base_layer if adapted_layer else module
+        adapted_layer = isinstance(module, MultiheadAttentionLora) or (
+            isinstance(module, LoraLayer) and not isinstance(module, ParameterLora))
+        owner = module.base_layer if adapted_layer else module.owner if isinstance(module, ParameterLora) else module
         for pname, _ in owner.named_parameters(recurse=False):
             if name_matches(spec, f"{name}.{pname}"):
                 if adapted_layer:
                     raise ValueError(f"target_parameters matches {name}.{pname}, whose module is adapted "
                                      "through target_modules already; adapt it one way only")
+                if _attention_out_proj(model, name):
+                    raise ValueError(f"target_parameters matches {name}.{pname}, the out-projection of an "
+                                     "nn.MultiheadAttention, which reads it directly and would bypass the adapter; "
+                                     f"target the attention {_parent_name(name)!r} in target_modules instead")
                 found.setdefault(name, []).append(pname)
     if not found:
         examples = [f"{n}.{p}" for n, m in candidate_modules(model) if not isinstance(m, LoraLayer)
@@ -278,9 +289,13 @@ def _full_names(model: nn.Module, entries: list[str]) -> list[str]:
     return [name for name, _ in model.named_modules() if name and name_matches(entries, name)]
 
 
-def _parent(model: nn.Module, name: str) -> nn.Module | None:
-    parent_name = name.rpartition(".")[0]
-    return model.get_submodule(parent_name) if parent_name else model
+def _parent_name(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _attention_out_proj(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` is the out_proj of an nn.MultiheadAttention (which never calls it)."""
+    return name.endswith("out_proj") and isinstance(model.get_submodule(_parent_name(name)), nn.MultiheadAttention)
 
 
 def _nothing_matched(model: nn.Module, field: str, spec, config: LoraConfig) -> str:

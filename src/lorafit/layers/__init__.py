@@ -1,5 +1,6 @@
 """One LoRA wrapper per adaptable layer kind."""
 
+from lorafit.layers.attention import MultiheadAttentionLora
 from lorafit.layers.base import LoraLayer
 from lorafit.layers.conv import Conv
 from lorafit.layers.embedding import Embedding
@@ -9,5 +10,5 @@ from lorafit.layers.parameter import ParameterLora
 from lorafit.layers.tied_head import TiedLoraHead
 from lorafit.layers.trainable_tokens import TiedTokens, TrainableTokens
 
-__all__ = ["LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "ParameterLora", "TrainableTokens",
-           "TiedTokens", "TiedLoraHead", "is_gpt2_conv1d"]
+__all__ = ["LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "ParameterLora", "MultiheadAttentionLora",
+           "TrainableTokens", "TiedTokens", "TiedLoraHead", "is_gpt2_conv1d"]
