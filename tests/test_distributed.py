@@ -136,6 +136,22 @@ def test_compiled_blocks_under_fsdp_end_with_the_one_process_adapter(setup, tmp_
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_loraplus_rates_under_two_processes(setup, tmp_path, mode):
+    """LoRA+ (B at 16 x lr): the optimizer is built after DDP wraps the model or FSDP shards it, its groups found
+    through the adapted layers (which then hold the shards); both end with the one-process LoRA+ adapter."""
+    config, plain = setup
+    one, two = tmp_path / "one", tmp_path / mode
+    train(config, [f"output_dir={json.dumps(str(one))}", "train.loraplus_lr_ratio=16"], progress=False)
+    finish(torchrun(config, two, "--set", f"train.distributed={mode}", "--set", "train.loraplus_lr_ratio=16"))
+    # B steps 16 x as far, and so does the rounding of the gradients' sums in two halves (see setup): 16 x atol
+    assert_same_adapter(one, two, atol=16e-5)
+    b = [k for k in adapter(one) if ".lora_B." in k]
+    moved = [(adapter(one)[k] - adapter(plain)[k]).abs().max() for k in b]
+    assert b and min(moved) > 0.1  # the ratio changed every B far more than that
+    assert "loraplus_lr_ratio = 16.0" in (two / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
     """The causal-LM loss runs the model's head itself, outside the forward: DDP must still sync its gradients
     (the forward goes through the wrapper); under FSDP the model's own head computes the loss positions."""
