@@ -838,3 +838,52 @@ def test_adapter_trainer_trains_a_4_bit_model_and_resumes_on_cuda(tmp_path):
     got = run("b", resume=str(tmp_path / "b" / "checkpoint-3"))
     for key, value in got.items():
         torch.testing.assert_close(value, expected[key], rtol=0.02, atol=0.02 * expected[key].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lorafa_keeps_no_layer_inputs_and_projects_b_on_cuda(dtype):
+    """LoRA-FA on the GPU: the same B gradients as LoRA before the projection (dropout 0.1, the same masks from
+    the same seed), fewer bytes kept for backward, and a step that leaves A as it was."""
+    from tests.test_lorafa import saved_bytes
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.1, init_lora_weights=False)
+    lora = lorafit.attach(_llama(dtype), config).train()
+    fa = lorafit.attach(_llama(dtype), config).train()
+    optimizer = lorafit.lorafa_optimizer(fa, lr=1e-3)
+    ids = torch.randint(0, 256, (4, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    assert saved_bytes(fa, ids) < saved_bytes(lora, ids)
+    grads = {}
+    for model in (lora, fa):
+        torch.manual_seed(5)
+        model(ids, labels=ids).loss.backward()
+        grads[id(model)] = {n: p.grad for n, p in model.named_parameters() if ".lora_B" in n}
+    for name, grad in grads[id(lora)].items():  # dx differs by rounding: A's gradient is fused into it in LoRA
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(grads[id(fa)][name], grad, rtol=tol, atol=tol * grad.abs().max().item())
+    a_before = {n: p.clone() for n, p in fa.named_parameters() if ".lora_A" in n}
+    optimizer.step()
+    assert all(torch.equal(p, a_before[n]) for n, p in fa.named_parameters() if ".lora_A" in n)
+    assert all(torch.isfinite(p).all() for n, p in fa.named_parameters() if ".lora_B" in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multihead_attention_adapters_on_cuda(dtype):
+    """nn.MultiheadAttention's adapters (W + s B A in place of in_proj_weight and out_proj.weight), training and
+    inference (the encoder's fused path turned off, the attention's own fast path on the sums)."""
+    from tests.test_multihead_attention import KEPT, PADDING, TARGETS, X, adapted_weights, net, randomize
+
+    model = lorafit.attach(net(dtype).to(DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize(model)
+    base = net(dtype).to(DEVICE)
+    x, padding, kept = X.to(DEVICE, dtype), PADDING.to(DEVICE), KEPT.to(DEVICE)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for training in (True, False):
+        model.train(training), base.train(training)
+        with torch.no_grad():
+            ours = model(x, padding)
+            theirs = torch.func.functional_call(base, adapted_weights(model), (x, padding))
+        torch.testing.assert_close(ours[kept], theirs[kept], rtol=tol, atol=tol)
+    model.train()
+    model(x).float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in model.named_parameters()
+               if p.requires_grad)

@@ -35,12 +35,12 @@ def adapted(second: bool = False):
     return model
 
 
-def trainer(model, out, callbacks=(), loraplus_lr_ratio=1.0, **args) -> AdapterTrainer:
-    args = transformers.TrainingArguments(str(out), per_device_train_batch_size=4, save_steps=3, logging_steps=100,
-                                          report_to=[], use_cpu=True, seed=0,
-                                          **{"max_steps": 6, "learning_rate": 1e-2, **args})
+def trainer(model, out, callbacks=(), loraplus_lr_ratio=1.0, lorafa=False, **args) -> AdapterTrainer:
+    args = transformers.TrainingArguments(str(out), **{"per_device_train_batch_size": 4, "save_steps": 3,
+                                                       "logging_steps": 100, "report_to": [], "use_cpu": True,
+                                                       "seed": 0, "max_steps": 6, "learning_rate": 1e-2, **args})
     return AdapterTrainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(), callbacks=list(callbacks),
-                          loraplus_lr_ratio=loraplus_lr_ratio)
+                          loraplus_lr_ratio=loraplus_lr_ratio, lorafa=lorafa)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -135,6 +135,37 @@ def test_loraplus_trains_b_at_its_own_rate(tmp_path):
     plain = trainer(adapted(), tmp_path / "plain", max_steps=1)
     plain.train()
     assert {g["initial_lr"] for g in plain.optimizer.param_groups} == {1e-2}
+
+
+def test_lorafa_freezes_a_and_steps_along_the_projected_gradient(tmp_path):
+    """lorafa=True: one SGD step of the Trainer moves B by the projected gradient of the batch (computed here by
+    hand), A not at all."""
+    model, reference = adapted(), adapted()
+    for _, layer in [*lorafit.model.lora_layers(model), *lorafit.model.lora_layers(reference)]:
+        layer.dropout["default"] = 0.0  # the same forward in both
+    before = adapter_state(model)
+    batch = {k: torch.stack([Rows()[i][k] for i in range(len(Rows()))]) for k in ("input_ids", "labels")}
+    reference.train()
+    reference(**batch).loss.backward()
+    projected = {}  # g_B (A A^T)^-1 / s^2, per B
+    for path, layer in lorafit.model.lora_layers(reference):
+        a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+        projected[f"{path}.lora_B.default"] = b.grad @ torch.linalg.inv(a @ a.T) / s ** 2
+    run = trainer(model, tmp_path / "fa", max_steps=1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0,
+                  learning_rate=0.5, per_device_train_batch_size=len(Rows()), lorafa=True)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A" in n)
+    run.train()
+    after = adapter_state(model)
+    moved = 0
+    for name, p in reference.named_parameters():
+        if ".lora_A." in name:
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+        elif ".lora_B." in name:
+            torch.testing.assert_close(after[name], before[name] - 0.5 * projected[name], rtol=1e-4, atol=1e-6)
+            moved += 1
+    assert moved == 4
+    with pytest.raises(ValueError, match=r"LoRA\+"):
+        trainer(adapted(), tmp_path / "both", lorafa=True, loraplus_lr_ratio=16)
 
 
 def test_adapter_checkpoints_mix_into_a_trainer_subclass(tmp_path):

@@ -166,6 +166,32 @@ def test_resume_with_loraplus_rates_equals_an_uninterrupted_run(tmp_path):
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
 
 
+def test_lorafa_keeps_a_and_resumes_to_the_uninterrupted_run(tmp_path):
+    """train.lorafa: A stays as initialised through the run (the same in a shorter run), B trains, and a run
+    resumed from a checkpoint ends where the uninterrupted one does (A comes back from the seed, B's projection
+    from A)."""
+    config = classification_setup(tmp_path)
+    fa = RESUME + ["train.lorafa=true", "train.epochs=4"]
+    summary = train(config, fa + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    args = fa + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(8),), progress=False)  # last checkpoint: step 6
+    train(config, args, resume=True, progress=False)
+    a = adapter_tensors(tmp_path / "a")
+    assert_same_tensors(a, adapter_tensors(tmp_path / "b"))
+    short = train(config, fa + ["train.epochs=1", f"output_dir={json.dumps(str(tmp_path / 'c'))}"], progress=False)
+    c = adapter_tensors(tmp_path / "c")
+    assert short["steps"] < summary["steps"]
+    assert all(torch.equal(a[k], c[k]) for k in a if ".lora_A." in k)
+    assert all(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)
+    plain = train(config, RESUME + ["train.epochs=1", f"output_dir={json.dumps(str(tmp_path / 'd'))}"],
+                  progress=False)
+    assert short["params"]["trainable"] < plain["params"]["trainable"]  # the A factors no longer count
+    with pytest.raises(ValueError, match="train.lorafa freezes A"):
+        train(config, fa + ["train.loraplus_lr_ratio=16", f"output_dir={json.dumps(str(tmp_path / 'e'))}"],
+              progress=False)
+
+
 def test_resume_with_hashed_model_dropout_equals_an_uninterrupted_run(tmp_path):
     """train.model_dropout = "hashed" on a model whose own dropout is on: its masks come back on resume, and
     they are not torch's (the run ends elsewhere than one with torch's dropout)."""

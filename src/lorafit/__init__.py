@@ -28,6 +28,7 @@ from lorafit.hotswap import hotswap_adapter, hotswap_adapter_state
 from lorafit.kasa import kasa_loss
 from lorafit.layers.hashed_dropout import HashedDropout, use_hashed_dropout
 from lorafit.lora_ga import attach_lora_ga
+from lorafit.lorafa import lorafa_optimizer
 from lorafit.optimizer_groups import optimizer_groups
 from lorafit.model import (
     ParameterReport,
@@ -71,6 +72,7 @@ __all__ = [
     "kasa_loss",
     "load_adapter",
     "load_adapter_state",
+    "lorafa_optimizer",
     "merge",
     "merge_and_unload",
     "merged_adapters",

@@ -366,7 +366,11 @@ class _LoraLinear(torch.autograd.Function):
                                         list(keys), ctx.needs_input_grad[0])
         else:
             y, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, scales, ps, keys, ctx.needs_input_grad[0])
-        ctx.save_for_backward(x, weight, folded, *tensors, *hs)
+        # x is read in backward only for W's and the A factors' gradients: with those frozen (LoRA-FA) a
+        # stand-in of x's shape is kept instead, and the layer's input need not outlive the forward
+        need = ctx.needs_input_grad
+        reads_x = need[1] or any(need[4: 4 + 2 * n: 2])
+        ctx.save_for_backward(x if reads_x else x.new_empty(()).expand(x.shape), weight, folded, *tensors, *hs)
         ctx.spec, ctx.has_bias = spec, bias is not None
         return y
 

@@ -113,6 +113,7 @@ class TrainSection:
     weight_decay: float = 0.0  # never applied to biases and norm weights
     loraplus_lr_ratio: float = 1.0  # LoRA+: the adapters' B factors train at lr times this (the paper: about 16)
     loraplus_lr_embedding: float = 1e-6  # LoRA+: an embedding's adapter trains at this rate
+    lorafa: bool = False  # LoRA-FA: A stays frozen, B's gradient is projected (less activation memory)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     scheduler: str = "linear"
@@ -256,6 +257,11 @@ class RunConfig:
                 bad(key, f"must be a finite number > 0, got {self.get(key)}")
         if self.train.loraplus_lr_ratio != 1 and self.train.method != "lora":
             bad("train.loraplus_lr_ratio", f"is for LoRA (B's learning rate); train.method is {self.train.method!r}")
+        if self.train.lorafa and self.train.method != "lora":
+            bad("train.lorafa", f"is for LoRA (A frozen); train.method is {self.train.method!r}")
+        if self.train.lorafa and self.train.loraplus_lr_ratio != 1:
+            bad("train.lorafa", "freezes A, so LoRA+'s ratio of B's rate to A's means nothing; set "
+                "train.loraplus_lr_ratio = 1")
         for key in ("train.weight_decay", "train.max_grad_norm"):
             if not (math.isfinite(self.get(key)) and self.get(key) >= 0):
                 bad(key, f"must be a finite number >= 0, got {self.get(key)}")

@@ -13,7 +13,8 @@ reads them back in place (``hotswap_adapter``, which checks every tensor) to res
 ``load_best_model_at_end``. Optimizer, scheduler and random states are the Trainer's own. ``AdapterCheckpoints``
 does the same for a subclass of ``Trainer`` (TRL's ``SFTTrainer``, your own). A model that
 transformers loaded in 4 or 8 bits (bitsandbytes) trains too: QLoRA, which the plain ``Trainer`` refuses for
-a model that is not a PEFT model. ``loraplus_lr_ratio=16`` trains with LoRA+ (``lorafit.optimizer_groups``).
+a model that is not a PEFT model. ``loraplus_lr_ratio=16`` trains with LoRA+ (``lorafit.optimizer_groups``),
+``lorafa=True`` with LoRA-FA (``lorafit.lorafa``: the active adapters' A frozen, B's gradients projected).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import transformers
 
 from lorafit.hotswap import hotswap_adapter
 from lorafit.io import CONFIG_NAME, save_adapter
-from lorafit.model import adapter_configs
+from lorafit.lorafa import LoraFAProjection
+from lorafit.model import active_adapters, adapter_configs
 from lorafit.optimizer_groups import optimizer_groups
 
 
@@ -36,8 +38,17 @@ class AdapterCheckpoints:
     ``class SFTAdapterTrainer(AdapterCheckpoints, trl.SFTTrainer): pass``."""
 
     def __init__(self, model: torch.nn.Module | None = None, *args, loraplus_lr_ratio: float = 1.0,
-                 loraplus_lr_embedding: float = 1e-6, **kwargs) -> None:
+                 loraplus_lr_embedding: float = 1e-6, lorafa: bool = False, **kwargs) -> None:
         self.loraplus = (loraplus_lr_ratio, loraplus_lr_embedding)
+        if lorafa and loraplus_lr_ratio != 1:
+            raise ValueError("lorafa=True freezes A, so LoRA+'s ratio of B's rate to A's means nothing; leave "
+                             "loraplus_lr_ratio at 1")
+        if lorafa and not isinstance(model, torch.nn.Module):
+            raise ValueError("lorafa=True freezes the A factors of the model's adapters: pass model= (with them)")
+        self.lorafa = LoraFAProjection(model, active_adapters(model)) if lorafa else None
+        self._projecting = None  # the projection's hook on the optimizer, once there is one
+        if self.lorafa is not None:
+            self.lorafa.freeze_a()  # before Trainer (and DDP or FSDP under it) sees what trains
         # Trainer refuses a model loaded in 4 or 8 bits unless adapters are attached, which it can only see on a
         # PEFT model (the flag transformers' own PEFT integration sets). Lorafit's adapters satisfy what the check
         # is for, so the flag is set while Trainer checks, and only for a quantized model with adapters.
@@ -53,13 +64,17 @@ class AdapterCheckpoints:
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """With ``loraplus_lr_ratio`` other than 1, the optimizer the arguments name (AdamW by default, with
-        their betas and eps) over ``lorafit.optimizer_groups``: B at ``learning_rate * loraplus_lr_ratio``."""
+        their betas and eps) over ``lorafit.optimizer_groups``: B at ``learning_rate * loraplus_lr_ratio``. With
+        ``lorafa``, B's gradients are projected before each of its steps."""
         if self.optimizer is not None or self.loraplus[0] == 1:
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
-        model = self.model if model is None else model
-        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        groups = optimizer_groups(model, self.args.learning_rate, self.args.weight_decay, *self.loraplus)
-        self.optimizer = optimizer_cls(groups, **kwargs)
+            super().create_optimizer(model) if model is not None else super().create_optimizer()
+        else:
+            model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = optimizer_groups(model, self.args.learning_rate, self.args.weight_decay, *self.loraplus)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+        if self.lorafa is not None and self._projecting is None:
+            self._projecting = self.lorafa.register(self.optimizer)
         return self.optimizer
 
     def _adapters(self) -> tuple[torch.nn.Module, list[str]]:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lorafit.kasa import kasa_loss
-from lorafit.model import adapter_configs
+from lorafit.lorafa import LoraFAProjection
+from lorafit.model import active_adapters, adapter_configs
 from lorafit.optimizer_groups import optimizer_groups
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
@@ -149,6 +150,9 @@ def fit(
     wrapped = dist.wrap(model)  # before the optimizer: FSDP replaces the parameters by shards
     masters = master_weights_for(model, t)
     optimizer = build_optimizer(model, t, masters)
+    if t.lorafa:  # A was frozen when the adapter was attached
+        stepped = (lambda p: masters.for_optimizer([p])[0]) if masters else (lambda p: p)
+        LoraFAProjection(model, active_adapters(model), stepped).register(optimizer)
     total = total_steps(len(train_features), t)
     scheduler = build_scheduler(optimizer, total, t)
     state = LoopState()

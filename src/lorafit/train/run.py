@@ -41,6 +41,7 @@ import lorafit
 from lorafit.config import modifies_base_weight
 from lorafit.io import LABELS_NAME, WEIGHTS_NAME
 from lorafit.kernels import triton_warmup
+from lorafit.lorafa import LoraFAProjection
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
@@ -309,6 +310,8 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
             quantize_for(prep)
         if float16 or (prep.config.train.bf16 and torch.bfloat16 in dtypes):
             _train_in_float32(prep)
+        if prep.config.train.lorafa:
+            LoraFAProjection(model, lorafit.active_adapters(model)).freeze_a()  # before DDP/FSDP see what trains
     elif float16:
         raise ValueError("model.dtype: full fine-tuning would update float16 weights in place, and AdamW's moments "
                          "underflow in float16 (NaN within the first steps); use 'bfloat16', or 'float32' with "
