@@ -48,7 +48,8 @@ def bench_train(args, out: dict) -> None:
     # the opt-in train.model_dropout = "hashed" swaps the model's own dropout modules, in a floor of its own too
     specs = [("full", 0.1, "torch"), ("floor", 0.1, "torch"), ("peft", 0.1, "torch"), ("lorafit", 0.1, "torch"),
              ("peft", 0.0, "torch"), ("lorafit", 0.0, "torch"),
-             ("floor", 0.1, "hashed"), ("lorafit", 0.1, "hashed"), ("lorafit", 0.0, "hashed")]
+             ("floor", 0.1, "hashed"), ("lorafit", 0.1, "hashed"), ("lorafit", 0.0, "hashed"),
+             ("lorafit-fa", 0.1, "torch")]
     steps, counts = {}, {}
     for v, dropout, model_dropout in specs:
         key = _variant_key(v, dropout, model_dropout)
@@ -261,7 +262,7 @@ def bench_memory(args, out: dict) -> None:
     batch, seq = (4, 16) if args.quick else (32, 64)
     rows, res = [], {}
     runs = [("full", 0.1, "torch"), ("floor", 0.1, "torch"), ("peft", 0.1, "torch"), ("lorafit", 0.1, "torch"),
-            ("peft", 0.0, "torch"), ("lorafit", 0.0, "torch"), ("lorafit", 0.1, "hashed")]
+            ("peft", 0.0, "torch"), ("lorafit", 0.0, "torch"), ("lorafit", 0.1, "hashed"), ("lorafit-fa", 0.1, "torch")]
     if args.quick:  # each probe is a fresh process: in the smoke run, just prove the probe works
         runs = [("full", 0.1, "torch"), ("lorafit", 0.1, "torch")]
     for variant, dropout, model_dropout in runs:

@@ -7,6 +7,7 @@ Variants, all from the same base weights and batch:
            low-rank path at all: the cost LoRA cannot go below
   peft     Hugging Face PEFT LoRA
   lorafit  lorafit LoRA
+  lorafit-fa  lorafit LoRA-FA (A frozen, B's gradient projected; backward keeps no layer input for A)
 
 ``model_dropout="hashed"`` swaps the model's own nn.Dropout modules for lorafit's HashedDropout (the
 opt-in ``train.model_dropout = "hashed"``), in any variant.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 import lorafit
+from lorafit.lorafa import LoraFAProjection
 
 TARGETS = {"bert": ["query", "key", "value", "dense"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 HEADS = {"bert": ["classifier"], "llama": []}
@@ -59,9 +61,12 @@ def make_variant(base: nn.Module, variant: str, r: int = 8, dropout: float = 0.1
         cfg = PeftLoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS[kind],
                              modules_to_save=HEADS[kind] or None)
         model = get_peft_model(model, cfg)
-    elif variant == "lorafit":
+    elif variant in ("lorafit", "lorafit-fa"):
         lorafit.attach(model, lorafit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                                  target_modules=TARGETS[kind], modules_to_save=HEADS[kind] or None))
+        if variant == "lorafit-fa":  # LoRA-FA: A frozen; stepper projects B's gradients
+            model.__dict__["lorafa"] = LoraFAProjection(model, ["default"])
+            model.__dict__["lorafa"].freeze_a()
     else:
         raise ValueError(variant)
     return model
@@ -82,6 +87,8 @@ def stepper(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool = F
     """One step; ``autocast``: forward and loss under bfloat16 autocast (mixed precision on float32 weights)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None  # the floor of a headless LM trains nothing
+    if opt is not None and "lorafa" in model.__dict__:
+        model.__dict__["lorafa"].register(opt)
     device = next(model.parameters()).device.type
 
     def step() -> float:
