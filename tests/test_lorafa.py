@@ -116,7 +116,7 @@ def test_backward_keeps_no_layer_input_for_a_frozen_a():
 
 @pytest.mark.parametrize("config, message", [
     (dict(use_dora=True), "DoRA"),
-    (dict(init_lora_weights="mica"), "frozen"),
+    (dict(init_lora_weights="mica"), "does not train"),
 ])
 def test_what_lorafa_cannot_project_is_refused(config, message):
     model = lorafit.attach(tiny_llama(), lorafit.LoraConfig(r=2, target_modules=["q_proj"], **config))

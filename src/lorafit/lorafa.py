@@ -104,7 +104,7 @@ def _unsupported(layer: LoraLayer, name: str) -> str | None:
     if isinstance(layer, Conv) and layer.base_layer.groups > 1:
         return "a grouped convolution"
     if not layer.factors_b[name].requires_grad:
-        return "its B is frozen (MiCA); with A frozen too nothing would train"
+        return "its B does not train (MiCA, or attached with trainable=False); with A frozen too nothing would"
     return None
 
 
