@@ -63,3 +63,12 @@ def test_the_fused_path_comes_back_when_the_last_adapter_goes(remove):
         model = getattr(lorafit, remove)(model)
     assert [layer.activation_relu_or_gelu for layer in model.layers] == flags and model.use_nested_tensor
     assert "_lorafit_fused_paths" not in model.__dict__
+
+
+def test_a_deep_copy_restores_its_own_modules():
+    original = lorafit.attach(encoder(), lorafit.LoraConfig(r=2, target_modules=["linear1"]), "a")
+    copy = __import__("copy").deepcopy(original)
+    lorafit.attach(copy, lorafit.LoraConfig(r=2, target_modules=["linear2"]), "b")
+    lorafit.unload(copy)
+    assert [layer.activation_relu_or_gelu for layer in copy.layers] == [2, 2] and copy.use_nested_tensor
+    assert [layer.activation_relu_or_gelu for layer in original.layers] == [0, 0]  # the original keeps its adapter

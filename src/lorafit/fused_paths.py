@@ -14,7 +14,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-_KEPT = "_lorafit_fused_paths"  # model.__dict__: (id(module), attribute) -> (module, attribute, value before)
+# model.__dict__: [(module, attribute, its value before)]; a list matched by identity, not a dict keyed by id():
+# a deep copy of the model copies the modules in it, and ids would still name the originals
+_KEPT = "_lorafit_fused_paths"
 
 # (module type, the attribute its forward checks before taking the fused path, the value that declines it)
 _SWITCHES = (
@@ -25,7 +27,7 @@ _SWITCHES = (
 
 def turn_off(model: nn.Module, wrapped: Iterable[str]) -> None:
     """Turn off the fused paths of the modules that hold a wrapper, given the wrappers' paths in ``model``."""
-    kept = model.__dict__.setdefault(_KEPT, {})
+    kept = model.__dict__.setdefault(_KEPT, [])
     seen: set[str] = set()
     for path in wrapped:
         parts = path.split(".")
@@ -36,8 +38,9 @@ def turn_off(model: nn.Module, wrapped: Iterable[str]) -> None:
             seen.add(owner_path)
             owner = model.get_submodule(owner_path)
             for kind, attribute, off in _SWITCHES:
-                if isinstance(owner, kind) and hasattr(owner, attribute) and (id(owner), attribute) not in kept:
-                    kept[(id(owner), attribute)] = (owner, attribute, getattr(owner, attribute))
+                if isinstance(owner, kind) and hasattr(owner, attribute) and not any(
+                        module is owner and name == attribute for module, name, _ in kept):
+                    kept.append((owner, attribute, getattr(owner, attribute)))
                     setattr(owner, attribute, off)
     if not kept:
         del model.__dict__[_KEPT]
@@ -45,5 +48,5 @@ def turn_off(model: nn.Module, wrapped: Iterable[str]) -> None:
 
 def restore(model: nn.Module) -> None:
     """The fused paths as they were before the first adapter was attached."""
-    for owner, attribute, value in model.__dict__.pop(_KEPT, {}).values():
+    for owner, attribute, value in model.__dict__.pop(_KEPT, []):
         setattr(owner, attribute, value)
