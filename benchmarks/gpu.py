@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 import lorafit  # noqa: E402
 from lorafit.kernels import triton_warmup  # noqa: E402
+from lorafit.lorafa import LoraFAProjection  # noqa: E402
 from benchmarks.timing import median, ratios, spread, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,8 +214,8 @@ def trainable(model) -> int:
 # -- part 1: the training step ----------------------------------------------------------------------
 
 def make_variant(base, kind: str, dropout: float | None):
-    """``kind``: full, floor, peft or lorafit; "+autocast": the same on a float32 copy of the base (mixed
-    precision: the step runs under bf16 autocast)."""
+    """``kind``: full, floor, peft, lorafit or lorafit-fa (LoRA-FA); "+autocast": the same on a float32 copy of
+    the base (mixed precision: the step runs under bf16 autocast)."""
     model = copy.deepcopy(base).train()
     kind, _, autocast = kind.partition("+")
     if autocast:
@@ -232,8 +233,11 @@ def make_variant(base, kind: str, dropout: float | None):
                 module.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     elif kind == "peft":
         model = peft_lora(model, dropout)
-    elif kind == "lorafit":
+    elif kind in ("lorafit", "lorafit-fa"):
         lorafit_lora(model, dropout)
+        if kind == "lorafit-fa":  # LoRA-FA: A frozen; prepare() registers the projection of B's gradients
+            model.__dict__["lorafa"] = LoraFAProjection(model, ["default"])
+            model.__dict__["lorafa"].freeze_a()
     else:
         raise ValueError(kind)
     return model
@@ -253,7 +257,7 @@ def part_step(args, device: torch.device) -> dict:
     sync(device)
     startup_s = time.perf_counter() - start
     specs = [("full", None), ("floor", None), ("peft", 0.05), ("peft", 0.0), ("lorafit", 0.05), ("lorafit", 0.0),
-             ("peft+autocast", 0.05), ("lorafit+autocast", 0.05)]
+             ("peft+autocast", 0.05), ("lorafit+autocast", 0.05), ("lorafit-fa", 0.05)]
     keys = [kind if dropout is None else f"{kind} (dropout {dropout:g})" for kind, dropout in specs]
 
     def prepare(kind: str, dropout: float | None) -> tuple[Callable[[], None], dict]:
@@ -261,6 +265,8 @@ def part_step(args, device: torch.device) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         # the same for every variant: torch's default implementation choice (foreach on CUDA), not fused
         opt = torch.optim.AdamW(params, lr=1e-4)
+        if "lorafa" in model.__dict__:
+            model.__dict__["lorafa"].register(opt)
         mixed = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "autocast" in kind
                  else contextlib.nullcontext)
 
@@ -297,7 +303,8 @@ def part_step(args, device: torch.device) -> dict:
         alone = None if i.get("step_bytes") is None else i["step_bytes"] + i["resident_bytes"]
         rows.append([key, f"{i['trainable']:,}" if i else "", f"{i['first_step_s']:.2f}" if i else "",
                      f"{i['kernels_ready_s']:.1f}" if i else "", ms(times, key, ".1f"), vs(times, key, "full"), vs(times, key, "floor"),
-                     vs(times, key, key.replace("lorafit", "peft"), iqr=True) if key.startswith("lorafit") else "",
+                     vs(times, key, key.replace("lorafit-fa", "lorafit").replace("lorafit", "peft"), iqr=True)
+                     if key.startswith("lorafit") else "",
                      gib(i.get("step_bytes")), gib(alone)])
     report(f"Training step, Llama-3.2-1B shape ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B params, "
            f"random), bf16, batch {batch} x {seq}, LoRA r={R} on 7 targets, {n} interleaved rounds",
@@ -313,7 +320,8 @@ def part_step(args, device: torch.device) -> dict:
            "step GiB: max_memory_allocated during one step minus memory_allocated before it; alone GiB: that plus "
            "the variant's own parameters, buffers and AdamW state = its peak if it were alone on the GPU. "
            "Adapters in bf16 for PEFT and lorafit (PEFT's autocast_adapter_dtype=False). +autocast: a float32 "
-           "copy of the model (float32 adapters) trained under bf16 autocast.")
+           "copy of the model (float32 adapters) trained under bf16 autocast. lorafit-fa: LoRA-FA (A frozen, "
+           "B's gradient projected), x PEFT against PEFT's LoRA.")
     return {"batch": [batch, seq], "startup_s": startup_s, "info": info, "times_s": times,
             "median_s": {k: median(v) for k, v in times.items()}}
 
