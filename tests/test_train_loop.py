@@ -166,13 +166,14 @@ def test_resume_with_loraplus_rates_equals_an_uninterrupted_run(tmp_path):
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
 
 
-def test_lorafa_keeps_a_and_resumes_to_the_uninterrupted_run(tmp_path):
+def test_lorafa_keeps_a_and_resumes_to_the_uninterrupted_run(tmp_path, capsys):
     """train.lorafa: A stays as initialised through the run (the same in a shorter run), B trains, and a run
     resumed from a checkpoint ends where the uninterrupted one does (A comes back from the seed, B's projection
     from A)."""
     config = classification_setup(tmp_path)
     fa = RESUME + ["train.lorafa=true", "train.epochs=4"]
     summary = train(config, fa + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    assert "LoRA-FA: the A factors stay as initialised" in capsys.readouterr().out
     args = fa + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
     with pytest.raises(Crash):
         train(config, args, callbacks=(crash_at(8),), progress=False)  # last checkpoint: step 6

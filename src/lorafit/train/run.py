@@ -657,6 +657,9 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         settings = prep.train_settings()
         sixteen_bit = {str(p.dtype).removeprefix("torch.") for p in prep.model.parameters()
                        if p.requires_grad and p.dtype in SIXTEEN_BIT}
+        if settings.lorafa:
+            print("  LoRA-FA: the A factors stay as initialised, B's gradients are projected before each step "
+                  "(train.lorafa)")
         if sixteen_bit and keeps_masters(settings):
             print(f"  {'/'.join(sorted(sixteen_bit))} trained weights: AdamW steps on float32 masters of them "
                   "(train.master_weights)")
