@@ -6,7 +6,9 @@ threads, each request one text for an adapter drawn at random from 1, 10 or 100
 adapters (r=8 on query/key/value/dense, each with its own classifier head).
 Then: hot-load latency (POST /v1/adapters of an adapter not in memory), a run
 where other adapters (and the ones in use) are loaded and unloaded under load, and
-one on a second server holding at most 12 adapters, where every load evicts one.
+one on a second server holding at most 12 adapters, where every load evicts one. Last, the same mix on a
+float32, an int8 and an NF4 base (``--quantize``), each in a fresh server: requests per second and the server's
+resident memory.
 """
 
 from __future__ import annotations
@@ -67,14 +69,15 @@ def _make_adapters(quick: bool, root: Path, count: int) -> tuple[str, Path]:
 
 
 @contextlib.contextmanager
-def _server(client, spec: str, adapters: Path, max_adapters: int):
-    """`lorafit serve` in its own process on a free loopback port; yields its URL once /health answers."""
+def _server(client, spec: str, adapters: Path, max_adapters: int, quantize: int = 0):
+    """`lorafit serve` in its own process on a free loopback port; yields (its URL, its pid) once /health
+    answers."""
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "lorafit.cli", "serve", "--model", spec, "--adapters", str(adapters),
            "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN, "--max-adapters", str(max_adapters),
-           "--max-batch", "32", "--max-wait-ms", "5", "--log-level", "warning"]
+           "--max-batch", "32", "--max-wait-ms", "5", "--log-level", "warning", "--quantize", str(quantize)]
     server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -89,7 +92,7 @@ def _server(client, spec: str, adapters: Path, max_adapters: int):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"lorafit serve did not start: {server.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
-        yield url
+        yield url, server.pid
     finally:
         server.terminate()
         try:
@@ -175,6 +178,17 @@ def _under_churn(client, url: str, in_use: list[str], churn_names: list[str], un
             "load_ms_median_under_load": statistics.median(churn["load_ms"]) if churn["load_ms"] else None}
 
 
+def _status_mb(pid: int, field: str) -> float:
+    """A /proc/PID/status memory field (VmRSS, VmHWM) in MB; NaN where there is no /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
@@ -201,7 +215,7 @@ def run(args, print_table) -> dict:
         spreads = (1, 4, 10) if quick else (1, 10, 100)
         in_use = names[:4] if quick else names[:10]
         rows, load_rows = [], []
-        with _server(client, spec, adapters, 128) as url:
+        with _server(client, spec, adapters, 128) as (url, _):
             for k in spreads:  # warm: every adapter of the run loaded once
                 for name in names[:k]:
                     client.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
@@ -239,7 +253,7 @@ def run(args, print_table) -> dict:
                                                        "lorafit_adapters_loaded"))]
         # eviction churn: a server holding len(in_use) + 2 adapters; each load of another one evicts the least
         # recently used (now and then one in use, which its next request loads again)
-        with _server(client, spec, adapters, len(in_use) + 2) as url:
+        with _server(client, spec, adapters, len(in_use) + 2) as (url, _):
             for name in in_use:
                 client.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
             _load(client, url, in_use, concurrency * 2, concurrency, 1, time.monotonic() + budget)
@@ -247,6 +261,23 @@ def run(args, print_table) -> dict:
                                                      concurrency, time.monotonic() + budget)
             rows.append(_row(f"{len(in_use)} + eviction churn (at most {len(in_use) + 2} loaded; "
                              f"{c['adapter_loads']} loads, {c['evictions']} evictions)", c, steady))
+        # a quantized base (`lorafit serve --quantize`): the same adapters in use, the server's speed and memory
+        quant_rows, float_rps = [], None
+        for bits in ((4,) if quick else (0, 8, 4)):
+            with _server(client, spec, adapters, len(in_use), quantize=bits) as (url, pid):
+                for name in in_use:
+                    client.post(f"{url}/v1/adapters", json={"name": name}, headers=AUTH, timeout=120)
+                _load(client, url, in_use, concurrency * 2, concurrency, 1, time.monotonic() + budget)
+                lat, fails, wall = _load(client, url, in_use, requests, concurrency, 4, time.monotonic() + budget)
+                r = {"requests": len(lat) + len(fails), "failed": len(fails), "req_per_s": len(lat) / wall,
+                     "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99),
+                     "rss_mb": _status_mb(pid, "VmRSS"), "peak_rss_mb": _status_mb(pid, "VmHWM")}
+            res[f"quantize {bits}"] = r
+            float_rps = r["req_per_s"] if bits == 0 else float_rps
+            label = {0: "float32 (no --quantize)", 4: "--quantize 4 (NF4)", 8: "--quantize 8 (int8)"}[bits]
+            quant_rows.append([label, str(r["requests"]), str(r["failed"]), f"{r['req_per_s']:.1f}",
+                               f"{r['req_per_s'] / float_rps:.2f}" if float_rps else "", f"{r['p50_ms']:.0f}",
+                               f"{r['p99_ms']:.0f}", f"{r['rss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}"])
     model = "tiny BERT" if quick else "all-MiniLM-L6-v2"
     print_table(f"lorafit serve load test ({model}, loopback, {concurrency} concurrent clients, one text a request, "
                 f"max batch 32, max wait 5 ms)",
@@ -254,4 +285,8 @@ def run(args, print_table) -> dict:
                              "p50 ms", "p99 ms"]))
     print_table("Adapter hot-load latency (r=8 on query/key/value/dense + classifier head)",
                 table(load_rows, ["what", "client ms (median)", "server ms (median)", "n"]))
+    print_table(f"lorafit serve with a quantized base ({model}, {len(in_use)} adapters in the mix, a fresh server "
+                "each; RSS of the server process after the requests)",
+                table(quant_rows, ["base", "requests", "failed", "req/s", "× float32", "p50 ms", "p99 ms", "RSS MB",
+                                   "peak RSS MB"]))
     return res

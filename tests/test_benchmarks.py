@@ -50,7 +50,7 @@ def test_quick_benchmark_suite_runs(side_by_side):
     for title in ("Training step", "Training step under bf16 autocast", "Host time per adapted layer",
                   "Host time per adapted layer with dropout", "Triton compile time", "Peak RSS", "Inference",
                   "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA", "Mixed-adapter batch",
-                  "lorafit serve load test", "hot-load latency", "DDP gradient traffic",
+                  "lorafit serve load test", "hot-load latency", "lorafit serve with a quantized base", "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
                   "Initialisations against the default", "LoftQ against QLoRA's start",
@@ -70,6 +70,7 @@ def test_quick_benchmark_suite_runs(side_by_side):
     assert len(data["compile"]["seconds"]) == 3 and all(t > 0 for ts in data["compile"]["seconds"].values() for t in ts)
     assert all(t > 0 for t in data["mixed"]["median_s"].values())
     assert data["serve"]["churn"]["failed"] == 0 and data["serve"]["1 adapters"]["failed"] == 0
+    assert data["serve"]["quantize 4"]["failed"] == 0 and data["serve"]["quantize 4"]["req_per_s"] > 0
     assert data["ddp"]["lora"]["bytes_per_step"] == 4 * data["ddp"]["lora"]["trainable"]
     assert data["ddp"]["full"]["bytes_per_step"] == 4 * data["ddp"]["full"]["trainable"]
     e2e = data["e2e"]["results"]
