@@ -29,6 +29,7 @@ import torch
 
 import lorafit
 from benchmarks import models
+from benchmarks.memory_probe import _status_kb
 from benchmarks.timing import table
 
 TOKEN = "bench"
@@ -181,12 +182,9 @@ def _under_churn(client, url: str, in_use: list[str], churn_names: list[str], un
 def _status_mb(pid: int, field: str) -> float:
     """A /proc/PID/status memory field (VmRSS, VmHWM) in MB; NaN where there is no /proc."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        return _status_kb(field, pid) / 1024
+    except (OSError, RuntimeError):
+        return float("nan")
 
 
 def _pct(xs: list[float], q: float) -> float:

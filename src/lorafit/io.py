@@ -57,7 +57,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """The tensors of adapter ``name`` under PEFT's keys (detached, on their own device).
 
     A parameter sharded by FSDP is gathered whole (a collective: every process must call this)."""
-    out = {peft_key(k, name): _whole(p.detach()) for k, p in adapter_parameters(model, name).items()}
+    out = {peft_key(k, name): whole_tensor(p.detach()) for k, p in adapter_parameters(model, name).items()}
     for key, source in _tied_head_keys(model, name).items():
         out[key] = out[source].T.contiguous()
     return out
@@ -78,7 +78,7 @@ def _tied_head_keys(model: nn.Module, name: str) -> dict[str, str]:
     return keys
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard, duck-typed (torch only)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lorafit.io import whole_tensor
 from lorafit.layers.base import LoraLayer
 from lorafit.layers.conv import Conv
 from lorafit.layers.parameter import ParameterLora
@@ -29,10 +30,6 @@ from lorafit.model import active_adapters, lora_layers
 from lorafit.optimizer_groups import optimizer_groups
 
 _DELTA = 1e-8  # added to A A^T's diagonal before inverting, as PEFT does: a rank-deficient A stays invertible
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP shard (a DTensor), duck-typed
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +67,7 @@ class LoraFAProjection:
         if cached is not None and cached[0] == a._version:
             return cached[1]
         with torch.no_grad():
-            a2 = _whole(a).detach().flatten(1).float()
+            a2 = whole_tensor(a).detach().flatten(1).float()
             gram = a2 @ a2.T
             gram.diagonal().add_(_DELTA)
             inverse = torch.linalg.pinv(gram) / layer.scaling[name] ** 2
