@@ -646,7 +646,9 @@ def main(argv: list[str] | None = None) -> None:
           f"malloc: {'freed memory kept for reuse' if kept else 'glibc defaults'}")
     out: dict = {}
     for part in args.only or PARTS:
+        started = time.perf_counter()
         globals()[f"bench_{part}"](args, out)
+        print(f"[part {part}: {time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

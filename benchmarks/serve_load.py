@@ -269,13 +269,15 @@ def run(args, print_table) -> dict:
                 lat, fails, wall = _load(client, url, in_use, requests, concurrency, 4, time.monotonic() + budget)
                 r = {"requests": len(lat) + len(fails), "failed": len(fails), "req_per_s": len(lat) / wall,
                      "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99),
-                     "rss_mb": _status_mb(pid, "VmRSS"), "peak_rss_mb": _status_mb(pid, "VmHWM")}
+                     "rss_mb": _status_mb(pid, "VmRSS"), "peak_rss_mb": _status_mb(pid, "VmHWM"),
+                     "anon_mb": _status_mb(pid, "RssAnon")}
             res[f"quantize {bits}"] = r
             float_rps = r["req_per_s"] if bits == 0 else float_rps
             label = {0: "float32 (no --quantize)", 4: "--quantize 4 (NF4)", 8: "--quantize 8 (int8)"}[bits]
             quant_rows.append([label, str(r["requests"]), str(r["failed"]), f"{r['req_per_s']:.1f}",
                                f"{r['req_per_s'] / float_rps:.2f}" if float_rps else "", f"{r['p50_ms']:.0f}",
-                               f"{r['p99_ms']:.0f}", f"{r['rss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+                               f"{r['p99_ms']:.0f}", f"{r['rss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                               f"{r['anon_mb']:.0f}"])
     model = "tiny BERT" if quick else "all-MiniLM-L6-v2"
     print_table(f"lorafit serve load test ({model}, loopback, {concurrency} concurrent clients, one text a request, "
                 f"max batch 32, max wait 5 ms)",
@@ -284,7 +286,8 @@ def run(args, print_table) -> dict:
     print_table("Adapter hot-load latency (r=8 on query/key/value/dense + classifier head)",
                 table(load_rows, ["what", "client ms (median)", "server ms (median)", "n"]))
     print_table(f"lorafit serve with a quantized base ({model}, {len(in_use)} adapters in the mix, a fresh server "
-                "each; RSS of the server process after the requests)",
+                "each; RSS of the server process after the requests; anon: its RSS without file-backed pages, "
+                "such as the code of the torch ops that quantized serving uses)",
                 table(quant_rows, ["base", "requests", "failed", "req/s", "× float32", "p50 ms", "p99 ms", "RSS MB",
-                                   "peak RSS MB"]))
+                                   "peak RSS MB", "anon MB"]))
     return res

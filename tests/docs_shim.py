@@ -22,9 +22,10 @@ from pathlib import Path
 REAL_BIN = Path(os.environ.get("DOCS_REAL_BIN", Path(sys.executable).parent))
 PORT = os.environ.get("DOCS_PORT", "8000")
 
-# Two optimizer steps on a few rows, one evaluation, a few generated tokens.
+# Two optimizer steps of a few rows each, one evaluation, a few generated tokens.
 ROWS = {"data.max_train_rows": 32, "data.max_eval_rows": 8, "data.max_test_rows": 8}
 GENERATION = {"task.generate_rows": 2, "task.max_new_tokens": 8}
+BATCH = {"train.batch_size": 8}
 
 
 def log(command: list[str], ran: list[str] | None, reason: str = "") -> None:
@@ -60,7 +61,7 @@ def run_config(args: list[str], path: str) -> dict:
     overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
     config = load_config(path, overrides)
     return {"task.generate_rows": config.task.generate_rows, "task.max_new_tokens": config.task.max_new_tokens,
-            "model.name": config.model.name}
+            "train.batch_size": config.train.batch_size, "model.name": config.model.name}
 
 
 def small_model(current: dict) -> dict:
@@ -70,8 +71,8 @@ def small_model(current: dict) -> dict:
     return {"model.name": stand_in} if stand_in and current["model.name"] == "smollm2-135m" else {}
 
 
-def shrink_generation(current: dict) -> dict:
-    return {key: min(current[key], limit) for key, limit in GENERATION.items() if current[key] > limit}
+def shrink(current: dict, limits: dict) -> dict:
+    return {key: limit for key, limit in limits.items() if current[key] > limit}
 
 
 def train_args(args: list[str]) -> list[str]:
@@ -79,7 +80,8 @@ def train_args(args: list[str]) -> list[str]:
     config = next(a for i, a in enumerate(args[1:], 1) if not a.startswith("-") and args[i - 1] not in (
         "--set", "--method", "--output-dir"))
     current = run_config(args, config)
-    small = {"train.max_steps": 2, "train.eval_every": 2, **ROWS, **shrink_generation(current), **small_model(current)}
+    small = {"train.max_steps": 2, "train.eval_every": 2, **ROWS, **shrink(current, GENERATION),
+             **shrink(current, BATCH), **small_model(current)}
     return [*args, "--no-progress", *sets(small)]
 
 
@@ -91,7 +93,7 @@ def lorafit(args: list[str]) -> None:
         run(command, [*real, *train_args(args)])
     elif sub == "eval":
         config = str(Path(args[1]) / "config.toml")
-        small = {**ROWS, **shrink_generation(run_config(args, config))}
+        small = {**ROWS, **shrink(run_config(args, config), GENERATION)}
         run(command, [*real, *args, *sets(small)])
     elif sub == "demo":
         run(command, [*real, *args, "--epochs", "1"])

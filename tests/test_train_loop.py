@@ -238,31 +238,38 @@ def test_a_non_finite_loss_stops_the_run_before_a_checkpoint_saves_it(tmp_path, 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     config = classification_setup(tmp_path)
-    args = [a for o in RESUME + ["train.epochs=12"] for a in ("--set", o)]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafit.cli", "train", str(config), "--output-dir", str(killed), "--no-progress", *args],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pointer = killed / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 9:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert not (killed / "summary.json").exists()
-    killed_at = json.loads(pointer.read_text())["step"]
-
+    # one thread each, so that the uninterrupted run can go beside the others on another core
+    args = [a for o in RESUME + ["train.epochs=12", "train.num_threads=1"] for a in ("--set", o)]
     cli = [sys.executable, "-m", "lorafit.cli", "train", str(config), "--no-progress", *args]
-    result = subprocess.run(cli + ["--output-dir", str(killed), "--resume"], env=ENV, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {killed / 'checkpoints'}" in result.stdout
     straight = tmp_path / "straight"
-    result = subprocess.run(cli + ["--output-dir", str(straight)], env=ENV, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = subprocess.Popen(cli + ["--output-dir", str(straight)], env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    try:
+        killed = tmp_path / "killed"
+        proc = subprocess.Popen(cli + ["--output-dir", str(killed)], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        pointer = killed / "checkpoints" / "latest.json"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 9:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        assert not (killed / "summary.json").exists()
+        killed_at = json.loads(pointer.read_text())["step"]
+
+        result = subprocess.run(cli + ["--output-dir", str(killed), "--resume"], env=ENV, capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"resuming from {killed / 'checkpoints'}" in result.stdout
+        _, stderr = uninterrupted.communicate(timeout=300)
+        assert uninterrupted.returncode == 0, stderr[-3000:]
+    finally:
+        if uninterrupted.poll() is None:  # a failed assertion above
+            uninterrupted.kill()
     assert_same_tensors(adapter_tensors(straight), adapter_tensors(killed))
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
     assert a["steps"] == b["steps"] > killed_at and a["best"] == b["best"]

@@ -79,7 +79,9 @@ def _tied_head_keys(model: nn.Module, name: str) -> dict[str, str]:
 
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard, duck-typed (torch only)
+    """The whole tensor of an FSDP-sharded (DTensor) parameter or optimizer state, a collective; others as they are.
+    Duck-typed, so core needs nothing beyond torch."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def save_adapter(

@@ -49,7 +49,8 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, where: str = "weigh
     absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     levels = torch.tensor(NF4, device=weight.device)
     # nearest level = the bucket between midpoints
-    codes = torch.bucketize(blocks / absmax[:, None], (levels[1:] + levels[:-1]) / 2).to(torch.uint8).flatten()
+    codes = torch.bucketize(blocks / absmax[:, None], (levels[1:] + levels[:-1]) / 2, out_int32=True).to(torch.uint8)
+    codes = codes.flatten()
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 

@@ -84,6 +84,11 @@ def dense_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32  # int8_vectorwise_dequant's
 
 
+def dense_device(module: nn.Module) -> torch.device:
+    """Where ``dense_weight`` puts the weight, without dequantizing anything."""
+    return module.codes.device if isinstance(module, QuantizedLinear) else module.weight.device
+
+
 def dense_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a linear layer, quantized or not, without dequantizing it."""
     if is_quantized(module):

@@ -140,6 +140,11 @@ class LoraLayer(InPlaceOf):
         """The frozen weight that ``B A`` changes: what merging folds into."""
         return self.base_layer.weight
 
+    def target_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """``target_weight()``'s dtype and device, without reading a weight that is computed on each read."""
+        weight = self.target_weight()
+        return weight.dtype, weight.device
+
     def add_adapter(
         self,
         name: str,
@@ -162,15 +167,15 @@ class LoraLayer(InPlaceOf):
             )
         if name in self.factors_a:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.target_weight()
-        dtype = dtype or weight.dtype
+        weight_dtype, device = self.target_dtype_device()
+        dtype = dtype or weight_dtype
         shape_a, shape_b = self.factor_shapes(r)
-        a = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=weight.device))
-        b = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=weight.device))
+        a = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
+        b = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
         self.factors_a[name] = a
         self.factors_b[name] = b
         if bias:
-            self.lora_B_bias[name] = nn.Parameter(torch.empty(shape_b[0], dtype=dtype, device=weight.device))
+            self.lora_B_bias[name] = nn.Parameter(torch.empty(shape_b[0], dtype=dtype, device=device))
         self.rank[name] = r
         self.scaling[name] = scale
         self.dropout[name] = dropout

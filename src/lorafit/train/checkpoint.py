@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafit.io import atomic_write, usual_mode
-from lorafit.train.distributed import SINGLE, Distributed, full_tensor, like_param
+from lorafit.io import atomic_write, usual_mode, whole_tensor
+from lorafit.train.distributed import SINGLE, Distributed, like_param
 from lorafit.train.master_weights import MasterWeights
 
 LATEST = "latest.json"
@@ -99,7 +99,7 @@ def trainable_tensors(model: torch.nn.Module, masters: MasterWeights | None = No
     """Every trainable parameter, whole (a collective when FSDP shards them: every process must call); the
     float32 master in place of a 16-bit parameter that has one."""
     instead = masters.named() if masters else {}
-    return {n: full_tensor(instead.get(n, p).detach()).contiguous() for n, p in model.named_parameters()
+    return {n: whole_tensor(instead.get(n, p).detach()).contiguous() for n, p in model.named_parameters()
             if p.requires_grad}
 
 
@@ -127,7 +127,7 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = full_tensor(value.detach()).contiguous()
+                tensors[f"{pid}.{key}"] = whole_tensor(value.detach()).contiguous()
             else:
                 other.setdefault(str(pid), {})[key] = value
     return tensors, {"param_groups": sd["param_groups"], "state": other}

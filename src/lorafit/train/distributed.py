@@ -208,11 +208,6 @@ def shard_with_fsdp(model: nn.Module, world_size: int) -> nn.Module:
 # -- sharded tensors <-> full tensors (checkpoints and the saved adapter) -----------------------------
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP-sharded parameter or optimizer state (a collective); others unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` (a full tensor that every process read) laid out like ``param``: this process's shard
     when ``param`` is sharded by FSDP."""

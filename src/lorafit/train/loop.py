@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.io import whole_tensor
 from lorafit.kasa import kasa_loss
 from lorafit.lorafa import LoraFAProjection
 from lorafit.model import active_adapters, adapter_configs
@@ -33,7 +34,7 @@ from lorafit.optimizer_groups import optimizer_groups
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
 from lorafit.train.data import steps_per_epoch, train_batches
-from lorafit.train.distributed import SINGLE, Distributed, full_tensor
+from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.master_weights import MasterWeights
 from lorafit.train.metrics import MetricsLog
 from lorafit.train.tasks import Task
@@ -282,7 +283,7 @@ class _Session:
             loss = self.window_loss / max(self.window_units, 1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}")
             # full_tensor: under FSDP a collective, so every process reads the norm
-            grad_norm = None if step["grad_norm"] is None else float(full_tensor(step["grad_norm"]))
+            grad_norm = None if step["grad_norm"] is None else float(whole_tensor(step["grad_norm"]))
             if self.dist.is_main:
                 record = {"type": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": step["lr"],
                           "tokens_per_s": speed}
