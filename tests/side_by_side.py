@@ -7,6 +7,10 @@ A test module registers a check with ``register(key, seconds, prepare)`` and mar
 prepares every check that a collected test is marked with, in this thread (``prepare(tmp_dir)`` returns what to
 run: transformers' lazy imports are not thread-safe), then runs them two at a time, longest first; each test
 waits for its own result. Checks no collected test needs never start.
+
+The programs run with one OpenMP thread each (``ONE_THREAD``, in their environment): two programs of two
+threads each on a 2-core machine spend much of the time spinning for each other (the same checks took 14 %
+longer that way).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 _CHECKS: dict[str, tuple[float, Callable]] = {}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def register(key: str, seconds: float, prepare: Callable[[Any], Callable[[], Any]]) -> None:

@@ -1,13 +1,14 @@
 """The benchmark suite still runs (tiny models, no timing assertions: timings live in BENCHMARKS.md)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.side_by_side import register
+from tests.side_by_side import ONE_THREAD, register
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,9 @@ def _program(*args: str, seconds: float, key: str, data: bool = False) -> None:
     def prepare(tmp: Path):
         command = [sys.executable, "-m", *args, *(["--data", str(_alpaca(tmp))] if data else [])]
         command = [part.replace("{out}", str(tmp)) for part in command]
-        return lambda: (subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False),
-                        tmp)
+        env = {**os.environ, **ONE_THREAD}
+        return lambda: (subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                                       check=False), tmp)
     register(key, seconds, prepare)
 
 

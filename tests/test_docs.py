@@ -4,7 +4,7 @@
 import pytest
 
 from tests.docs_check import REPO, blocks, documents, format_log, prepare, run_blocks
-from tests.side_by_side import register
+from tests.side_by_side import ONE_THREAD, register
 
 DOCUMENTS = [d for d in documents() if blocks(d)]
 
@@ -17,7 +17,7 @@ def _data_dir():
 
 def _check(doc):
     def prepare_document(workdir):
-        env = prepare(workdir)
+        env = {**prepare(workdir), **ONE_THREAD}
         return lambda: run_blocks(doc, workdir, env)
     return prepare_document
 

@@ -156,3 +156,28 @@ def test_adding_and_loading_adapters_dequantizes_nothing(bits, tmp_path, monkeyp
     assert {a.dtype for _, a in model.named_parameters() if "lora_A" in _} == {torch.float32}
     model(torch.randn(2, 64))
     assert len(calls) == 2  # the forward reads each base weight once
+
+
+def test_dora_rows_on_a_quantized_base_keep_their_norms_between_forwards(monkeypatch):
+    """A mixed batch caches DoRA's per-row norms keyed on the base's codes, not on a weight that each read
+    dequantizes anew: after the first forward, each layer dequantizes only for its own base output."""
+    torch.manual_seed(0)
+    model = quantize_base(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), bits=4, skip=())
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["0", "2"], use_dora=True, init_lora_weights=False), "dora")
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False), "plain")
+    x = torch.randn(3, 64)
+    rows = ["dora", "plain", None]
+    with torch.no_grad(), lorafit.adapter_per_row(model, rows):
+        mixed = model(x)
+    with torch.no_grad():
+        for i, name in enumerate(rows[:2]):
+            lorafit.set_active(model, name)
+            torch.testing.assert_close(mixed[i], model(x[i:i + 1])[0])
+        with lorafit.disabled(model):
+            torch.testing.assert_close(mixed[2], model(x[2:])[0])
+    calls = []
+    original = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad(), lorafit.adapter_per_row(model, rows):
+        torch.testing.assert_close(model(x), mixed)
+    assert len(calls) == 2

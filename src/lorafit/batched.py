@@ -407,7 +407,7 @@ def _dora_stack(layer: LoraLayer, slot_of: dict[str, int], stack: torch.Tensor) 
     a scale, the base weight or the slots change."""
     magnitudes = layer.lora_magnitude_vector._parameters
     tensors = [*magnitudes.values(), *layer.factors_a._parameters.values(), *layer.factors_b._parameters.values(),
-               layer.target_weight()]
+               layer.target_source()]
     key = (_key(tensors, tuple(layer.scaling.items())), tuple(slot_of.items()), stack.shape[0], stack.device)
     cached = layer.__dict__.get(_DORA_STACK)
     if cached is None or cached[0] != key:

@@ -84,9 +84,14 @@ def dense_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32  # int8_vectorwise_dequant's
 
 
+def dense_source(module: nn.Module) -> torch.Tensor:
+    """The stored tensor ``dense_weight`` computes from (lorafit's codes; bitsandbytes' weight holds its codes)."""
+    return module.codes if isinstance(module, QuantizedLinear) else module.weight
+
+
 def dense_device(module: nn.Module) -> torch.device:
     """Where ``dense_weight`` puts the weight, without dequantizing anything."""
-    return module.codes.device if isinstance(module, QuantizedLinear) else module.weight.device
+    return dense_source(module).device
 
 
 def dense_shape(module: nn.Module) -> tuple[int, int]:

@@ -140,6 +140,11 @@ class LoraLayer(InPlaceOf):
         """The frozen weight that ``B A`` changes: what merging folds into."""
         return self.base_layer.weight
 
+    def target_source(self) -> torch.Tensor:
+        """The tensor ``target_weight()`` is read from, for caches keyed on it: the weight itself, or the codes of a
+        quantized one (whose every read is a new tensor)."""
+        return self.target_weight()
+
     def target_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """``target_weight()``'s dtype and device, without reading a weight that is computed on each read."""
         weight = self.target_weight()

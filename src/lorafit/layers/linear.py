@@ -16,7 +16,7 @@ from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers.base import LoraLayer
 from lorafit.layers.init import kasa_truncate_, loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
-from lorafit.quantized_base import dense_device, dense_dtype, dense_shape, dense_weight, is_quantized
+from lorafit.quantized_base import dense_device, dense_dtype, dense_shape, dense_source, dense_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -117,6 +117,9 @@ class Linear(LoraLayer):
     def target_weight(self) -> torch.Tensor:
         # a quantized base (bitsandbytes too) holds codes: what merging and DoRA's norms read is the dense weight
         return dense_weight(self.base_layer)
+
+    def target_source(self) -> torch.Tensor:
+        return dense_source(self.base_layer)
 
     def target_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         # not dense_weight's: on a quantized base that dequantizes the whole weight, for every adapter added
