@@ -281,6 +281,26 @@ def test_lora_on_a_quantized_base_on_cuda_matches_the_cpu(bits):
                                        rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_base_onto_the_gpu_gives_the_cpu_codes_and_moves_nothing_else(bits):
+    """quantize_base(device=...): each layer of a CPU model quantized on the GPU (how serve --quantize and
+    model.quantize bring a model there) stores the codes the CPU would, and leaves the rest where it was."""
+    from lorafit.quantize import quantize_base
+
+    torch.manual_seed(0)
+    cpu_model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64), nn.LayerNorm(64))
+    on_device = copy.deepcopy(cpu_model)
+    quantize_base(cpu_model, bits=bits, skip=())
+    quantize_base(on_device, bits=bits, skip=(), device=DEVICE)
+    for i in (0, 2):
+        assert on_device[i].codes.device.type == on_device[i].bias.device.type == torch.device(DEVICE).type
+        torch.testing.assert_close(on_device[i].codes.cpu(), cpu_model[i].codes, rtol=0, atol=0)
+        torch.testing.assert_close(on_device[i].block_absmax().cpu(), cpu_model[i].block_absmax(), rtol=1e-6, atol=0)
+    assert on_device[3].weight.device.type == "cpu"  # for the caller to move
+    x = torch.randn(8, 256)
+    torch.testing.assert_close(on_device.to(DEVICE)(x.to(DEVICE)).cpu(), cpu_model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tmp_path):
     """`lorafit train` on the GPU with LoRA dropout (mask keys drawn from the CUDA generator, masks in Triton),
     killed by an exception after a checkpoint and resumed: the checkpoint restores the CUDA random state, so

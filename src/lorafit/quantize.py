@@ -73,7 +73,8 @@ class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight lives in 4 or 8 bits; see the module docstring."""
 
     def __init__(self, linear: nn.Linear, bits: int = 4, block_size: int = BLOCK_SIZE, double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None, where: str = "weight") -> None:
+                 compute_dtype: torch.dtype | None = None, where: str = "weight",
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 (NF4) or 8, got {bits!r}")
@@ -81,7 +82,8 @@ class QuantizedLinear(nn.Module):
         self.bits, self.block_size = bits, block_size
         self.compute_dtype = compute_dtype or linear.weight.dtype
         quant = quantize_nf4 if bits == 4 else quantize_int8
-        codes, absmax = quant(linear.weight, block_size, where)
+        weight = linear.weight.detach().to(device) if device is not None else linear.weight
+        codes, absmax = quant(weight, block_size, where)
         self.register_buffer("codes", codes)
         self.double_quant = double_quant and absmax.numel() % SCALE_BLOCK == 0
         if self.double_quant:
@@ -92,7 +94,8 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("absmax_mean", mean)
         else:
             self.register_buffer("absmax", absmax)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(weight.device, copy=True),
+                                                                  requires_grad=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -139,8 +142,13 @@ class _QuantizedLinearFunction(torch.autograd.Function):
 
 
 def quantize_base(model: nn.Module, bits: int = 4, block_size: int = BLOCK_SIZE, double_quant: bool = True,
-                  skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None) -> nn.Module:
+                  skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except names ending in ``skip``) by a QuantizedLinear, in place.
+
+    ``device``: quantize there, one layer at a time, and keep the codes there (the rest of the model stays
+    where it is, for the caller to move): a model on the CPU whose full-precision weights would not fit on the
+    GPU is quantized by the GPU, in a fraction of the CPU's time, and only its quantized layers reach it.
 
     The base layers of LoRA wrappers are quantized too, matched by the wrapped module's name; the copies of
     ``modules_to_save`` are not. A layer whose weight LoftQ already put on a quantization grid keeps exactly
@@ -163,9 +171,9 @@ def quantize_base(model: nn.Module, bits: int = 4, block_size: int = BLOCK_SIZE,
         if grid is not None and grid[0] != bits:
             raise ValueError(f"{name}: LoftQ quantized this weight to {grid[0]} bits; quantize_base(bits={bits}) "
                              f"would quantize it again and lose what LoftQ's factors compensate: use bits={grid[0]}")
-        quantized[name] = (QuantizedLinear(m, bits, block_size, double_quant, compute_dtype, where=name)
+        quantized[name] = (QuantizedLinear(m, bits, block_size, double_quant, compute_dtype, where=name, device=device)
                            if grid is None else
-                           QuantizedLinear(m, bits, grid[1], False, compute_dtype, where=name))
+                           QuantizedLinear(m, bits, grid[1], False, compute_dtype, where=name, device=device))
     for name, q in quantized.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)

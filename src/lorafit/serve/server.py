@@ -25,9 +25,12 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
     if quantize not in (0, 4, 8):
         raise ValueError(f"--quantize must be 0 (none), 4 (NF4) or 8 (int8), got {quantize!r}")
-    base, tokenizer, task = load_model(model, num_labels, device, dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # quantized layer by layer on the device from the CPU's copy: only the quantized model ever reaches it
+    base, tokenizer, task = load_model(model, num_labels, "cpu" if quantize else device, dtype)
     if quantize:
-        quantize_base(base, bits=quantize, skip=OUTPUT_HEADS, compute_dtype=dtype)
+        quantize_base(base, bits=quantize, skip=OUTPUT_HEADS, compute_dtype=dtype, device=device)
+        base.to(device)
     registry = AdapterRegistry(base, adapters, max_adapters=max_adapters,
                                max_bytes=int(max_adapter_mb * 2**20) if max_adapter_mb else None)
     for name in pin or []:

@@ -200,7 +200,7 @@ def quantize_for(prep: Prepared) -> None:
         return  # already quantized so (by an earlier train() on this model object)
     keep = ("lm_head",) + SEQ_CLS_HEADS + tuple(prep.config.lora_config().modules_to_save or ())
     try:
-        quantize_base(prep.model, bits=bits, skip=keep)
+        quantize_base(prep.model, bits=bits, skip=keep, device=prep.device)  # where the model will run
     except ValueError as exc:
         raise ValueError(f"model.quantize = {bits}: {exc}") from None
 
