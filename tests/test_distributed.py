@@ -152,13 +152,15 @@ def test_loraplus_rates_under_fsdp(setup, tmp_path):
     assert "loraplus_lr_ratio = 16.0" in (two / "config.toml").read_text()
 
 
-def test_lorafa_under_fsdp(setup, tmp_path):
-    """LoRA-FA under FSDP: each process projects its rows of B's gradient with (A A^T)^-1 of the whole A
-    (gathered from the shards), and the run ends with the one-process LoRA-FA adapter."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_lorafa_under_two_processes(setup, tmp_path, mode):
+    """LoRA-FA: under DDP each process projects the whole all-reduced gradient of B (A, frozen before DDP wraps
+    the model, is no DDP parameter); under FSDP each projects its rows of it with (A A^T)^-1 of the whole A
+    (gathered from the shards). Both end with the one-process LoRA-FA adapter."""
     config, plain = setup
-    one, two = tmp_path / "one", tmp_path / "fsdp"
+    one, two = tmp_path / "one", tmp_path / mode
     train(config, [f"output_dir={json.dumps(str(one))}", "train.lorafa=true"], progress=False)
-    finish(torchrun(config, two, "--set", "train.distributed=fsdp", "--set", "train.lorafa=true"))
+    finish(torchrun(config, two, "--set", f"train.distributed={mode}", "--set", "train.lorafa=true"))
     assert_same_adapter(one, two)
     b_moved = [(adapter(one)[k] - adapter(plain)[k]).abs().max() for k in adapter(one) if ".lora_B." in k]
     assert min(b_moved) > 1e-3
