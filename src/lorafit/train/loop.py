@@ -282,7 +282,7 @@ class _Session:
             speed = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             loss = self.window_loss / max(self.window_units, 1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}")
-            # full_tensor: under FSDP a collective, so every process reads the norm
+            # whole_tensor: under FSDP a collective, so every process reads the norm
             grad_norm = None if step["grad_norm"] is None else float(whole_tensor(step["grad_norm"]))
             if self.dist.is_main:
                 record = {"type": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": step["lr"],
