@@ -156,6 +156,9 @@ def test_adding_and_loading_adapters_dequantizes_nothing(bits, tmp_path, monkeyp
     assert {a.dtype for _, a in model.named_parameters() if "lora_A" in _} == {torch.float32}
     model(torch.randn(2, 64))
     assert len(calls) == 2  # the forward reads each base weight once
+    calls.clear()
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["0", "2"], use_dora=True), "dora")
+    assert len(calls) == 2  # DoRA's magnitude is the weight's norm: one read of each
 
 
 def test_dora_rows_on_a_quantized_base_keep_their_norms_between_forwards(monkeypatch):

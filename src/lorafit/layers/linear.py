@@ -128,6 +128,9 @@ class Linear(LoraLayer):
     def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)  # without reading (on a quantized base: dequantizing) the weight
+
     def feature_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return v[None, :] if self.fan_in_fan_out else v[:, None]
 
