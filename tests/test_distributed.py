@@ -140,10 +140,9 @@ def test_loraplus_rates_under_fsdp(setup, tmp_path):
     through the adapted layers (which then hold the shards); the run ends with the one-process LoRA+ adapter.
     (DDP keeps the parameters themselves, so its groups are the one-process run's.)"""
     config, plain = setup
-    mode = "fsdp"
-    one, two = tmp_path / "one", tmp_path / mode
+    one, two = tmp_path / "one", tmp_path / "fsdp"
     train(config, [f"output_dir={json.dumps(str(one))}", "train.loraplus_lr_ratio=16"], progress=False)
-    finish(torchrun(config, two, "--set", f"train.distributed={mode}", "--set", "train.loraplus_lr_ratio=16"))
+    finish(torchrun(config, two, "--set", "train.distributed=fsdp", "--set", "train.loraplus_lr_ratio=16"))
     # B steps 16 x as far, and so does the rounding of the gradients' sums in two halves (see setup): 16 x atol
     assert_same_adapter(one, two, atol=16e-5)
     b = [k for k in adapter(one) if ".lora_B." in k]

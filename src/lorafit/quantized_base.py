@@ -89,11 +89,6 @@ def dense_source(module: nn.Module) -> torch.Tensor:
     return module.codes if isinstance(module, QuantizedLinear) else module.weight
 
 
-def dense_device(module: nn.Module) -> torch.device:
-    """Where ``dense_weight`` puts the weight, without dequantizing anything."""
-    return dense_source(module).device
-
-
 def dense_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a linear layer, quantized or not, without dequantizing it."""
     if is_quantized(module):

@@ -145,10 +145,9 @@ class LoraLayer(InPlaceOf):
         quantized one (whose every read is a new tensor)."""
         return self.target_weight()
 
-    def target_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        """``target_weight()``'s dtype and device, without reading a weight that is computed on each read."""
-        weight = self.target_weight()
-        return weight.dtype, weight.device
+    def target_dtype(self) -> torch.dtype:
+        """``target_weight()``'s dtype, without reading a weight that is computed on each read."""
+        return self.target_weight().dtype
 
     def add_adapter(
         self,
@@ -172,8 +171,7 @@ class LoraLayer(InPlaceOf):
             )
         if name in self.factors_a:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight_dtype, device = self.target_dtype_device()
-        dtype = dtype or weight_dtype
+        dtype, device = dtype or self.target_dtype(), self.target_source().device
         shape_a, shape_b = self.factor_shapes(r)
         a = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
         b = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))

@@ -16,7 +16,7 @@ from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers.base import LoraLayer
 from lorafit.layers.init import kasa_truncate_, loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
-from lorafit.quantized_base import dense_device, dense_dtype, dense_shape, dense_source, dense_weight, is_quantized
+from lorafit.quantized_base import dense_dtype, dense_shape, dense_source, dense_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -121,9 +121,9 @@ class Linear(LoraLayer):
     def target_source(self) -> torch.Tensor:
         return dense_source(self.base_layer)
 
-    def target_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+    def target_dtype(self) -> torch.dtype:
         # not dense_weight's: on a quantized base that dequantizes the whole weight, for every adapter added
-        return dense_dtype(self.base_layer), dense_device(self.base_layer)
+        return dense_dtype(self.base_layer)
 
     def dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight

@@ -159,6 +159,11 @@ class Batcher:
 
 
 # -- models ------------------------------------------------------------------------
+def serving_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when there is a GPU, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_model(spec: str, num_labels: int | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float32):
     """(model, tokenizer, task) for ``--model``: a built-in name of ``lorafit train`` (``minilm``,
@@ -174,7 +179,7 @@ def load_model(spec: str, num_labels: int | None = None, device: str | torch.dev
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = serving_device(device)
     source = resolve_model(spec, "--model")
     path, kwargs = source.path, source.kwargs
     config = AutoConfig.from_pretrained(path, **kwargs)

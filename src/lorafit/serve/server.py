@@ -9,7 +9,7 @@ import torch
 
 from lorafit.quantize import quantize_base
 from lorafit.serve.app import Limits, Service, create_app
-from lorafit.serve.engine import load_model
+from lorafit.serve.engine import load_model, serving_device
 from lorafit.serve.registry import AdapterRegistry
 
 
@@ -25,7 +25,7 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
     if quantize not in (0, 4, 8):
         raise ValueError(f"--quantize must be 0 (none), 4 (NF4) or 8 (int8), got {quantize!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = serving_device(device)
     # quantized layer by layer on the device from the CPU's copy: only the quantized model ever reaches it
     base, tokenizer, task = load_model(model, num_labels, "cpu" if quantize else device, dtype)
     if quantize:
