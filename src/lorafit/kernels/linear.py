@@ -60,15 +60,22 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
                 adapters: Sequence[LowRank], training: bool) -> Tensor:
     """``x W^T + b + sum s B A dropout(x)``; ``transposed``: W is stored (d_in, d_out) (GPT-2's Conv1D).
     Dropout applies only where ``training``."""
-    ps = [a.dropout if training else 0.0 for a in adapters]
-    tensors = [t for a in adapters for t in (a.a, a.b)]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, *tensors))
-    if not needs_grad and not any(ps):
+    # one loop, no generators: a step calls this for every adapted layer, and on a GPU its host time is what
+    # small layers wait for
+    tensors, scales, ps = [], [], []
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    for ad in adapters:
+        a, b = ad.a, ad.b
+        tensors += (a, b)
+        scales.append(ad.scale)
+        ps.append(ad.dropout if training else 0.0)
+        needs_grad = needs_grad or a.requires_grad or b.requires_grad
+    masked = training and any(ps)
+    if not masked and not (needs_grad and torch.is_grad_enabled()):
         return _infer(x, weight, bias, transposed, adapters)
-    keys = [mask.new_key(x.device) for p in ps if p > 0]
-    spec = (transposed, tuple(a.scale for a in adapters), tuple(ps))
-    return _LoraLinear.apply(x, weight, bias, spec, *tensors, *keys)
+    if masked:
+        tensors += [mask.new_key(x.device) for p in ps if p > 0]
+    return _LoraLinear.apply(x, weight, bias, (transposed, tuple(scales), tuple(ps)), *tensors)
 
 
 def _d_out(weight: Tensor, transposed: bool) -> int:
@@ -85,9 +92,10 @@ def _can_fold(weight: Tensor, factors) -> bool:
     return weight.dtype in (torch.float32, torch.float64) and all(f.dtype == weight.dtype for f in factors)
 
 
-def _training_folds(rows: int, d: int, ps, weight: Tensor, factors) -> bool:
-    """Whether a training pass folds: forward with d = d_in, backward (dx) with d = d_out."""
-    return weight.device.type == "cpu" and not any(ps) and rows > d and _can_fold(weight, factors)
+def _training_folds(rows: int, d: int, masked: bool, weight: Tensor, factors) -> bool:
+    """Whether a training pass folds: forward with d = d_in, backward (dx) with d = d_out; ``masked``: an
+    adapter has dropout."""
+    return weight.device.type == "cpu" and not masked and rows > d and _can_fold(weight, factors)
 
 
 def _folded(weight: Tensor, transposed: bool, a: list[Tensor], b: list[Tensor], scales) -> Tensor:
@@ -114,7 +122,12 @@ def cpu_path(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _masks(keys: Sequence[Tensor], ps: Sequence[float], scales: Sequence[float]) -> list[tuple]:
+# An adapter's mask as the products take it: (its key or None, its threshold t, the adapter's scale times
+# 1 / P(keep)); see _masks
+Mask = tuple[Optional[Tensor], int, float]
+
+
+def _masks(keys: Sequence[Tensor], ps: Sequence[float], scales: Sequence[float]) -> list[Mask]:
     """Per adapter (key, t, s): its mask's key (None without dropout; ``keys`` holds those of the adapters with
     dropout, in order), the mask's threshold t, and its scale with the mask's 1 / P(keep) folded in: the
     products apply the bare mask and the rescale rides on s."""
@@ -129,19 +142,24 @@ def _masks(keys: Sequence[Tensor], ps: Sequence[float], scales: Sequence[float])
     return out
 
 
+def _masked(masks: Sequence[Mask]) -> bool:
+    return any(key is not None for key, _, _ in masks)
+
+
 def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, a: Sequence[Tensor],
-                  b: Sequence[Tensor], scales: Sequence[float], ps: Sequence[float], keys: Sequence[Tensor],
-                  keep_folded: bool) -> tuple[Tensor, list[Tensor], Tensor | None]:
-    """(y, H_i per adapter, the folded weight where backward reuses it, else None)."""
+                  b: Sequence[Tensor], masks: Sequence[Mask], keep_folded: bool
+                  ) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
+    """(y, x as 2-D rows, H_i per adapter, the folded weight where backward reuses it, else None); ``masks``
+    from _masks."""
     x2 = x.reshape(-1, x.shape[-1])
     if cpu_path(x):
-        y, hs, folded = _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded)
+        y, hs, folded = _forward_cpu(x2, weight, bias, transposed, a, b, masks, keep_folded)
     else:
-        y, hs, folded = _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys)
-    return y.view(*x.shape[:-1], y.shape[-1]), hs, folded
+        y, hs, folded = _forward_accelerator(x2, weight, bias, transposed, a, b, masks)
+    return y.view(*x.shape[:-1], y.shape[-1]), x2, hs, folded
 
 
-def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
+def _forward_accelerator(x2, weight, bias, transposed, a, b, masks):
     """Each adapter's H = mask(x) A^T (with a mask one Triton pass over x, else cuBLAS); the output starts as
     the low-rank sum and cuBLAS adds x W^T into it (beta != 0). The base GEMM reads that sum in its epilogue,
     where its compute-bound main loop hides most of the read; adding the sum after the base product would be
@@ -150,7 +168,7 @@ def _forward_accelerator(x2, weight, bias, transposed, a, b, scales, ps, keys):
     issues it, and the dispatch there costs host time on every product."""
     hs = []
     low_rank = _LowRankSum(weight.dtype, bias)
-    for ai, bi, (key, t, s) in zip(a, b, _masks(keys, ps, scales)):
+    for ai, bi, (key, t, s) in zip(a, b, masks):
         h = products.down(x2, ai, key, t) if key is not None else _as(x2, ai.dtype) @ ai.T
         hs.append(h)  # kept for dB; it is small (N x r)
         low_rank.add(h, bi.T, s)
@@ -199,16 +217,16 @@ class _LowRankSum:
         return self.sum.addmm_(p, q, beta=self.scale)
 
 
-def _forward_cpu(x2, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
+def _forward_cpu(x2, weight, bias, transposed, a, b, masks, keep_folded):
     rows, d_in = x2.shape
-    fold = _training_folds(rows, d_in, ps, weight, a + b)
-    masks = _masks(keys, ps, scales)
+    masked = _masked(masks)
+    fold = _training_folds(rows, d_in, masked, weight, a + b)
     hs = [products.down(x2, ai, key, t) for ai, (key, t, _) in zip(a, masks)]  # kept for dB; small (N x r)
     folded = None
     if fold:
-        w = _folded(weight, transposed, a, b, scales)
+        w = _folded(weight, transposed, a, b, [s for _, _, s in masks])  # unmasked: s is the scale
         y = _base_linear(x2, w, bias, transposed)
-        if keep_folded and _training_folds(rows, _d_out(weight, transposed), ps, weight, a + b):
+        if keep_folded and _training_folds(rows, _d_out(weight, transposed), masked, weight, a + b):
             folded = w
     else:
         # the output starts as bias + s H B^T (later adapters add into it) and x W^T adds into it: one
@@ -224,7 +242,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool
              b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor],
              keep_folded: bool) -> tuple[Tensor, list[Tensor], Tensor]:
     """_forward_impl as the op returns it: an empty tensor where there is no folded weight."""
-    y, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, scales, ps, keys, keep_folded)
+    y, _, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, _masks(keys, ps, scales), keep_folded)
     return y, hs, x.new_empty(0) if folded is None else folded
 
 
@@ -236,39 +254,49 @@ def _(x, weight, bias, transposed, a, b, scales, ps, keys, keep_folded):
     rows = x.numel() // x.shape[-1]
     d_out = _d_out(weight, transposed)
     folded = x.new_empty(0)
-    if keep_folded and _training_folds(rows, x.shape[-1], ps, weight, a + b) and _training_folds(
-            rows, d_out, ps, weight, a + b):
+    masked = any(p > 0 for p in ps)
+    if keep_folded and _training_folds(rows, x.shape[-1], masked, weight, a + b) and _training_folds(
+            rows, d_out, masked, weight, a + b):
         folded = torch.empty_like(weight)
     hs = [x.new_empty(rows, ai.shape[0], dtype=ai.dtype) for ai in a]
     return x.new_empty(*x.shape[:-1], d_out, dtype=weight.dtype), hs, folded
 
 
-def _backward_impl(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor | None, transposed: bool,
-                   a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float], ps: Sequence[float],
-                   keys: Sequence[Tensor], hs: Sequence[Tensor], needs: Sequence[bool]) -> tuple:
-    """(dx, dW, dbias, [dA_i], [dB_i]) for ``needs`` = [x, W, bias, A_1, B_1, A_2, ...]; None where not needed."""
-    x2 = x.reshape(-1, x.shape[-1])
+def _backward_impl(gy: Tensor, x2: Tensor, weight: Tensor, folded: Tensor | None, transposed: bool,
+                   a: Sequence[Tensor], b: Sequence[Tensor], masks: Sequence[Mask], hs: Sequence[Tensor],
+                   needs: Sequence[bool]) -> tuple:
+    """(dx, dW, dbias, [dA_i], [dB_i]) for ``needs`` = [x, W, bias, A_1, B_1, A_2, ...]; None where not needed.
+    x2 and dx: x as 2-D rows."""
     g2 = gy.reshape(-1, gy.shape[-1])
     gw = (x2.T @ g2 if transposed else g2.T @ x2) if needs[1] else None
     gbias = g2.sum(0) if needs[2] else None
-    if cpu_path(x):
-        gx, gas, gbs = _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs, needs)
+    if cpu_path(x2):
+        gx, gas, gbs = _backward_cpu(g2, x2, weight, folded, transposed, a, b, masks, hs, needs)
     else:
-        gx, gas, gbs = _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs)
-    return (gx.view(x.shape) if gx is not None else None), gw, gbias, gas, gbs
+        gx, gas, gbs = _backward_accelerator(g2, x2, weight, transposed, a, b, masks, hs, needs)
+    return gx, gw, gbias, gas, gbs
 
 
-def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs, needs):
+# _scaled_mm's 0-d input per (dtype, device): beta = 0, so it is never read, only allocated once
+_zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    zero = _zeros.get((like.dtype, like.device))
+    if zero is None:
+        zero = _zeros[like.dtype, like.device] = like.new_zeros(())
+    return zero
+
+
+def _backward_accelerator(g2, x2, weight, transposed, a, b, masks, hs, needs):
     """dx starts as the low-rank sum s mask(dY B A) (Triton with a mask, else cuBLAS) and cuBLAS adds dY W
     into it, as in _forward_accelerator; dA and dB straight from torch or Triton."""
     low_rank = _LowRankSum(g2.dtype) if needs[0] else None
-    zero = None  # _scaled_mm's input, never read
     gas, gbs = [], []
-    for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, _masks(keys, ps, scales))):
+    for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, masks)):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
         gl = _as(g2, bi.dtype)
-        if zero is None or zero.dtype != gl.dtype:
-            zero = gl.new_empty(())
+        zero = _zero(gl)
         gbs.append(_scaled_mm(gl.T, hs[i], s, zero) if need_b else None)
         if not (need_a or low_rank is not None):
             gas.append(None)
@@ -292,13 +320,13 @@ def _backward_accelerator(g2, x2, weight, transposed, a, b, scales, ps, keys, hs
     return gx, gas, gbs
 
 
-def _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
+def _backward_cpu(g2, x2, weight, folded, transposed, a, b, masks, hs, needs):
     rows, d_out = g2.shape
-    fold = needs[0] and _training_folds(rows, d_out, ps, weight, a + b)
+    fold = needs[0] and _training_folds(rows, d_out, _masked(masks), weight, a + b)
     lora_gx = needs[0] and not fold
     gx = None
     gas, gbs = [], []
-    for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, _masks(keys, ps, scales))):
+    for i, (ai, bi, (key, t, s)) in enumerate(zip(a, b, masks)):
         need_a, need_b = needs[3 + 2 * i], needs[4 + 2 * i]
         gl = _as(g2, bi.dtype)
         gh = gbt = None
@@ -317,23 +345,23 @@ def _backward_cpu(g2, x2, weight, folded, transposed, a, b, scales, ps, keys, hs
             # dx starts as s mask(dY B A) and dY W adds into it below, as in forward
             gx = products.up(gh, ai.T, s, gx, None, x2.dtype, key, t)
     if fold:
-        w = folded if folded is not None else _folded(weight, transposed, a, b, scales)
+        w = folded if folded is not None else _folded(weight, transposed, a, b, [s for _, _, s in masks])
         gx = g2 @ (w.T if transposed else w)
     elif needs[0]:
         gx = gx.addmm_(g2, weight.T if transposed else weight)
     return gx, gas, gbs
 
 
-def _backward(gy: Tensor, x: Tensor, weight: Tensor, folded: Tensor, transposed: bool, a: list[Tensor],
+def _backward(gy: Tensor, x2: Tensor, weight: Tensor, folded: Tensor, transposed: bool, a: list[Tensor],
               b: list[Tensor], scales: list[float], ps: list[float], keys: list[Tensor], hs: list[Tensor],
               needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """_backward_impl as the op returns it: an empty tensor (each its own: an op's outputs may not alias) for
-    each gradient not needed, and an empty ``folded`` for none."""
-    gx, gw, gbias, gas, gbs = _backward_impl(gy, x, weight, folded if folded.numel() else None, transposed, a, b,
-                                             scales, ps, keys, hs, needs)
+    each gradient not needed, and an empty ``folded`` for none. x2 and dx: x as 2-D rows."""
+    gx, gw, gbias, gas, gbs = _backward_impl(gy, x2, weight, folded if folded.numel() else None, transposed, a, b,
+                                             _masks(keys, ps, scales), hs, needs)
 
     def tensor(g: Tensor | None) -> Tensor:
-        return x.new_empty(0) if g is None else g
+        return x2.new_empty(0) if g is None else g
 
     return tensor(gx), tensor(gw), tensor(gbias), [tensor(g) for g in gas], [tensor(g) for g in gbs]
 
@@ -342,11 +370,11 @@ _backward_op = torch.library.custom_op("lorafit::lora_linear_backward", _backwar
 
 
 @_backward_op.register_fake
-def _(gy, x, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
+def _(gy, x2, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
     def maybe(need, like):
-        return torch.empty_like(like) if need else x.new_empty(0)
-    gbias = x.new_empty(_d_out(weight, transposed), dtype=gy.dtype) if needs[2] else x.new_empty(0)
-    return (maybe(needs[0], x), maybe(needs[1], weight), gbias,
+        return torch.empty_like(like) if need else x2.new_empty(0)
+    gbias = x2.new_empty(_d_out(weight, transposed), dtype=gy.dtype) if needs[2] else x2.new_empty(0)
+    return (maybe(needs[0], x2), maybe(needs[1], weight), gbias,
             [maybe(needs[3 + 2 * i], ai) for i, ai in enumerate(a)],
             [maybe(needs[4 + 2 * i], bi) for i, bi in enumerate(b)])
 
@@ -354,44 +382,51 @@ def _(gy, x, weight, folded, transposed, a, b, scales, ps, keys, hs, needs):
 class _LoraLinear(torch.autograd.Function):
     """Autograd around the two ops: what forward keeps for backward, and which gradients are needed. While
     torch.compile traces, it calls the registered ops (it must see one op each); eager calls skip the
-    dispatcher and the ops' placeholder outputs."""
+    dispatcher and the ops' placeholder outputs.
+
+    ``tensors``: A_1, B_1, A_2, B_2, ..., then the masks' keys (see _masks)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec, *tensors):
         transposed, scales, ps = spec
         n = len(scales)
         a, b, keys = tensors[: 2 * n: 2], tensors[1: 2 * n: 2], tensors[2 * n:]
+        need = ctx.needs_input_grad
         if torch.compiler.is_compiling():
             y, hs, folded = _forward_op(x, weight, bias, transposed, list(a), list(b), list(scales), list(ps),
-                                        list(keys), ctx.needs_input_grad[0])
+                                        list(keys), need[0])
+            x2 = x.reshape(-1, x.shape[-1])
         else:
-            y, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, scales, ps, keys, ctx.needs_input_grad[0])
+            y, x2, hs, folded = _forward_impl(x, weight, bias, transposed, a, b, _masks(keys, ps, scales), need[0])
         # x is read in backward only for W's and the A factors' gradients: with those frozen (LoRA-FA) a
-        # stand-in of x's shape is kept instead, and the layer's input need not outlive the forward
-        need = ctx.needs_input_grad
-        reads_x = need[1] or any(need[4: 4 + 2 * n: 2])
-        ctx.save_for_backward(x if reads_x else x.new_empty(()).expand(x.shape), weight, folded, *tensors, *hs)
-        ctx.spec, ctx.has_bias = spec, bias is not None
+        # stand-in of its shape is kept instead, and the layer's input need not outlive the forward
+        if not (need[1] or any(need[4: 4 + 2 * n: 2])):
+            x2 = x2.new_empty(()).expand(x2.shape)
+        ctx.save_for_backward(x2, weight, folded, *tensors, *hs)
+        ctx.spec, ctx.has_bias, ctx.x_shape = spec, bias is not None, x.shape
         return y
 
     @staticmethod
     def backward(ctx, gy):
         transposed, scales, ps = ctx.spec
         n = len(scales)
-        x, weight, folded, *rest = ctx.saved_tensors
+        x2, weight, folded, *rest = ctx.saved_tensors
         a, b, keys, hs = rest[: 2 * n: 2], rest[1: 2 * n: 2], rest[2 * n: -n], rest[-n:]
         need = ctx.needs_input_grad
         needs = [need[0], need[1], need[2] and ctx.has_bias, *need[4: 4 + 2 * n]]
         if torch.compiler.is_compiling():
-            gx, gw, gbias, gas, gbs = _backward_op(gy, x, weight, folded, transposed, list(a), list(b), list(scales),
+            gx, gw, gbias, gas, gbs = _backward_op(gy, x2, weight, folded, transposed, list(a), list(b), list(scales),
                                                    list(ps), list(keys), list(hs), needs)
             gx, gw, gbias = (g if wanted else None for g, wanted in zip((gx, gw, gbias), needs))  # placeholders
             gas = [g if wanted else None for g, wanted in zip(gas, needs[3::2])]
             gbs = [g if wanted else None for g, wanted in zip(gbs, needs[4::2])]
         else:
-            gx, gw, gbias, gas, gbs = _backward_impl(gy, x, weight, folded, transposed, a, b, scales, ps, keys, hs,
-                                                     needs)
-        return (gx, gw, gbias, None, *(g for pair in zip(gas, gbs) for g in pair), *[None] * len(keys))
+            gx, gw, gbias, gas, gbs = _backward_impl(gy, x2, weight, folded, transposed, a, b,
+                                                     _masks(keys, ps, scales), hs, needs)
+        grads = [gx.view(ctx.x_shape) if gx is not None else None, gw, gbias, None]
+        for ga, gb in zip(gas, gbs):
+            grads += (ga, gb)
+        return (*grads, *[None] * len(keys))
 
 
 def _infer(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool, adapters: Sequence[LowRank]) -> Tensor:

@@ -26,6 +26,8 @@ compute one formula.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lorafit.kernels import cpu, triton_kernels
@@ -40,6 +42,7 @@ _M2 = 0x846CA68B - (1 << 32)
 _BLOCK = 1 << 24
 
 
+@functools.cache  # called for every masked product; a model has a handful of distinct p
 def threshold(p: float) -> tuple[int, float]:
     """(t, 1 / P(keep)) for dropout probability p: an element is kept where its hash, as a signed int32, is >= t."""
     drop = min(round(p * _LEVELS), _LEVELS - 1)

@@ -37,15 +37,30 @@ _MAX_RANK_MASKED, _MAX_RANK_PLAIN = 16, 8
 def backend(r: int, key, *tensors: torch.Tensor | None, triton: bool = True) -> str:
     """"c", "triton" or "torch": which implementation runs a product of rank r over these tensors (not "triton"
     where ``triton`` is False)."""
-    given = [x for x in tensors if x is not None]
-    device = given[0].device
-    if device.type == "cpu" and r <= (_MAX_RANK_PLAIN if key is None else _MAX_RANK_MASKED) and all(
-            x.dtype == torch.float32 for x in given) and cpu.serves(given[0]):
+    first = tensors[0]  # every caller's first tensor is given
+    device = first.device
+    if device.type == "cpu" and r <= (_MAX_RANK_PLAIN if key is None else _MAX_RANK_MASKED) and _all_dtype(
+            tensors, torch.float32) and cpu.serves(first):
         return "c"
-    if triton and key is not None and triton_kernels.serves_rank(r) and triton_kernels.available(device) and all(
-            x.dtype != torch.float64 for x in given) and not cpu.serves(given[0]):
+    if triton and key is not None and triton_kernels.serves_rank(r) and triton_kernels.available(device) and (
+            not _any_dtype(tensors, torch.float64)) and not cpu.serves(first):
         return "triton"
     return "torch"
+
+
+# loops rather than all() and any() over generators: backend runs for every masked product
+def _all_dtype(tensors, dtype: torch.dtype) -> bool:
+    for x in tensors:
+        if x is not None and x.dtype is not dtype:
+            return False
+    return True
+
+
+def _any_dtype(tensors, dtype: torch.dtype) -> bool:
+    for x in tensors:
+        if x is not None and x.dtype is dtype:
+            return True
+    return False
 
 
 def _ints(key, t) -> tuple:

@@ -80,9 +80,13 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _precision(*tensors: torch.Tensor) -> str:
-    if any(x.dtype == torch.float64 for x in tensors):
-        raise TypeError("the Triton LoRA kernels take float32, bfloat16 or float16, not float64")
-    if all(x.dtype == torch.float32 for x in tensors):
+    all_float32 = True
+    for x in tensors:  # a loop, not any() and all() over generators: this runs at every launch
+        if x.dtype is not torch.float32:
+            if x.dtype is torch.float64:
+                raise TypeError("the Triton LoRA kernels take float32, bfloat16 or float16, not float64")
+            all_float32 = False
+    if all_float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"  # ignored for 16-bit operands
 

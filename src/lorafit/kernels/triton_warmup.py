@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 TIMEOUT_S = 120.0
+_INT32 = range(-(1 << 31), 1 << 31)
 _lock = threading.Lock()
 _ready: set[tuple] = set()  # variants compiled (or to be compiled here)
 _pending: dict[int, tuple[tuple, float]] = {}  # request id -> (variant, when asked)
@@ -85,17 +86,20 @@ def variant(kernel: str, args: tuple, constexprs: dict) -> tuple | None:
     triton_kernels launches directly). None for a tensor not aligned to 16 bytes: the helper's dtype stand-ins
     are aligned, so such a variant compiles here, and launches through Triton's JIT."""
     spec = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
+    for a in args:  # by exact type first: this runs at every launch, mostly over ints and tensors
+        kind = type(a)
+        if kind is int:
+            spec.append((a % 16 == 0, a == 1, a in _INT32))
+        elif kind is bool:
+            spec.append(a)
+        elif kind is torch.Tensor or isinstance(a, torch.Tensor):
             if a.data_ptr() % 16:
                 return None
             spec.append(a.dtype)
-        elif isinstance(a, bool):
-            spec.append(a)
         elif isinstance(a, int):
-            spec.append((a % 16 == 0, a == 1, -(1 << 31) <= a < 1 << 31))
+            spec.append((a % 16 == 0, a == 1, a in _INT32))
         else:
-            spec.append(type(a))
+            spec.append(kind)
     return kernel, tuple(spec), tuple(constexprs.items())
 
 
