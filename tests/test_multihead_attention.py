@@ -141,6 +141,51 @@ def test_peft_and_lorafit_read_each_others_files(tmp_path):
     torch.testing.assert_close(reloaded(X), ours.train()(X), rtol=0, atol=0)
 
 
+def test_all_linear_adapts_each_attention_whole_and_the_file_names_what_it_adapted(tmp_path):
+    model = lorafit.attach(net(), lorafit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    attentions = [model.block.attn, *(layer.self_attn for layer in model.encoder.layers)]
+    assert all(isinstance(a, MultiheadAttentionLora) for a in attentions)  # not out_proj alone, which they bypass
+    adapted = ["inp", "block.attn", "block.mlp", *(f"encoder.layers.{i}.{m}" for i in (0, 1)
+                                                   for m in ("self_attn", "linear1", "linear2")), "head"]
+    config = lorafit.adapter_configs(model)["default"]
+    assert config.target_modules == adapted
+    randomize(model)
+    model.train()
+    torch.testing.assert_close(model(X), formula(model, X), rtol=1e-5, atol=1e-5)
+
+    # PEFT's "all-linear" would adapt each out_proj as a linear layer and no in-projection; the file's list of
+    # names gives PEFT the attentions lorafit adapted
+    lorafit.save_adapter(model, tmp_path)
+    back = peft.PeftModel.from_pretrained(net(), tmp_path)
+    assert sum(type(m).__name__ == "MultiheadAttention" and hasattr(m, "lora_A") for m in back.modules()) == 3
+    ours_state = lorafit.adapter_state_dict(model)
+    theirs_state = {k.replace(".default", ""): v for k, v in back.state_dict().items() if ".lora_" in k}
+    assert ours_state.keys() == theirs_state.keys()
+    for key, tensor in ours_state.items():
+        torch.testing.assert_close(theirs_state[key], tensor, rtol=0, atol=0)
+    reloaded = lorafit.load_adapter(net(), tmp_path).train()
+    torch.testing.assert_close(reloaded(X), model(X), rtol=1e-5, atol=1e-6)
+
+
+def test_all_linear_names_modules_by_regex_where_a_list_would_match_more():
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2),
+                          nn.Linear(16, 3))
+    lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules="all-linear"))
+    spec = lorafit.adapter_configs(model)["default"].target_modules
+    assert isinstance(spec, str)  # a list entry "1" (the head) would match "0.layers.1" too
+    plain = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2),
+                          nn.Linear(16, 3))
+    again = lorafit.attach(plain, lorafit.LoraConfig(r=2, target_modules=spec))
+    assert sorted(n for n, _ in lora_layers(again)) == sorted(n for n, _ in lora_layers(model))
+
+
+def test_all_linear_leaves_an_attention_alone_whose_out_proj_is_excluded():
+    model = lorafit.attach(net(), lorafit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=["out_proj"]))
+    assert not any(isinstance(m, (MultiheadAttentionLora, ParameterLora)) for m in model.modules())
+    assert isinstance(model.encoder.layers[0].linear1, lorafit.layers.Linear)
+    assert lorafit.adapter_configs(model)["default"].target_modules == "all-linear"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_and_merge_and_unload(dtype):
     model = lorafit.attach(net(dtype), lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()

@@ -88,7 +88,8 @@ class LoraConfig:
     ``target_modules``: a list matches a module whose full name equals an entry
     or ends with ``"." + entry``; a string is a regular expression that must
     match the whole module name; ``"all-linear"`` means every linear layer
-    except the output head. ``exclude_modules`` uses the same rules.
+    except the output head, and every ``nn.MultiheadAttention`` as a whole.
+    ``exclude_modules`` uses the same rules.
     ``rank_pattern`` / ``alpha_pattern`` map a module-name pattern (regex,
     matched against the end of the name) to a per-module rank / alpha.
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorafit import alora, fused_paths
-from lorafit.config import LoraConfig, freezes_b, modifies_base_weight
+from lorafit.config import ALL_LINEAR, LoraConfig, freezes_b, modifies_base_weight
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, MultiheadAttentionLora, ParameterLora,
                             TiedLoraHead, TiedTokens, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
@@ -29,8 +29,8 @@ from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsand
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
-from lorafit.targeting import (SEQ_CLS_HEADS, layer_kind, name_matches, resolve_parameter_targets, resolve_targets,
-                               resolve_token_targets, unwrapped)
+from lorafit.targeting import (SEQ_CLS_HEADS, exact_spec, layer_kind, name_matches, resolve_parameter_targets,
+                               resolve_targets, resolve_token_targets, unwrapped)
 
 Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokens | TiedLoraHead
 
@@ -186,6 +186,10 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
     parameter_targets = resolve_parameter_targets(model, config)
     # As in PEFT: with target_parameters, no target_modules means no module targets (not a model type's default)
     targets = [] if parameter_targets and config.target_modules is None else resolve_targets(model, config)
+    if config.target_modules == ALL_LINEAR and any(layer_kind(model.get_submodule(t)) == "attention" for t in targets):
+        # PEFT's "all-linear" adapts an attention's out_proj as a linear layer (which the attention never calls) and
+        # not its in-projection: the file names the modules adapted here, so that PEFT loads what lorafit trained
+        config = dataclasses.replace(config, target_modules=exact_spec(model, targets))
     token_targets = resolve_token_targets(model, config)
     both = sorted((set(targets) & set(parameter_targets)) | (set(targets) & set(token_targets)))
     if both:

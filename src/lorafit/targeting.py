@@ -3,7 +3,8 @@
 Matching rules are PEFT's, because users' configs rely on them:
 a list entry matches a module whose name equals it or ends with ``"." + entry``;
 a string is a regex that must match the whole name; ``"all-linear"`` is every
-linear layer except the output head.
+linear layer except the output head (and, unlike PEFT's, every
+nn.MultiheadAttention as a whole rather than its bypassed out_proj).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.exclude_modules is not None and name_matches(config.exclude_modules, name):
             continue
         if spec == ALL_LINEAR:
-            if layer_kind(module) != "linear" or name in heads:
+            if name in heads or not _all_linear_takes(model, config, name, module):
                 continue
         elif not name_matches(spec, name):
             continue
@@ -177,6 +178,25 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not found:
         raise ValueError(_nothing_matched(model, "target_modules", spec, config))
     return found
+
+
+def exact_spec(model: nn.Module, names: list[str]) -> list[str] | str:
+    """A target_modules value that matches exactly these modules of ``model``: the list of their names where no
+    other module's name ends with ``"." + name`` (a list entry matches those too), else a regex of the names."""
+    suffixes = {full.split(".", i)[i] for full, _ in model.named_modules() for i in range(1, full.count(".") + 1)}
+    if suffixes.isdisjoint(names):
+        return list(names)
+    return "|".join(re.escape(n) for n in names)
+
+
+def _all_linear_takes(model: nn.Module, config: LoraConfig, name: str, module: nn.Module) -> bool:
+    """Whether "all-linear" adapts this module: a linear layer, or an nn.MultiheadAttention as a whole (its in- and
+    out-projections are linear layers it computes with itself, so its out_proj is never adapted alone). Excluding
+    an attention's out_proj excludes the attention: an adapter on it always changes that projection."""
+    kind = layer_kind(module)
+    if kind == "attention":
+        return config.exclude_modules is None or not name_matches(config.exclude_modules, f"{name}.out_proj")
+    return kind == "linear" and not _attention_out_proj(model, name)
 
 
 def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
