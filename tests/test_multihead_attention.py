@@ -167,6 +167,20 @@ def test_all_linear_adapts_each_attention_whole_and_the_file_names_what_it_adapt
     torch.testing.assert_close(reloaded(X), model(X), rtol=1e-5, atol=1e-6)
 
 
+def test_a_peft_all_linear_file_that_adapts_out_proj_alone_loads_as_peft_runs_it(tmp_path):
+    theirs = peft.get_peft_model(net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                        init_lora_weights=False))  # every B non-zero
+    assert isinstance(theirs.base_model.model.block.attn.out_proj, peft.tuners.lora.Linear)  # never called
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="never applied in PEFT"):
+        ours = lorafit.load_adapter(net(), tmp_path)
+    assert not any(isinstance(m, (MultiheadAttentionLora, ParameterLora)) for m in ours.modules())
+    assert isinstance(ours.encoder.layers[1].linear2, lorafit.layers.Linear)
+    theirs.train(), ours.train()
+    torch.testing.assert_close(ours(X), theirs(X), rtol=1e-5, atol=1e-5)
+    assert (ours(X) - net().train()(X)).abs().max() > 1e-2
+
+
 def test_all_linear_names_modules_by_regex_where_a_list_would_match_more():
     model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2),
                           nn.Linear(16, 3))

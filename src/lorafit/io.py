@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules,
                            tied_lora_heads)
+from lorafit.targeting import bypassed_out_projs
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -385,6 +387,9 @@ def load_adapter_state(
         raise ValueError(f"{source}: a {method} adapter (init_lora_weights={config.init_lora_weights!r}) fits the "
                          "residual weights its initialisation left, which takes the data it ran on to make again; "
                          "save it with as_plain_lora=True (a LoRA of the original weights), or merge it")
+    bypassed = bypassed_out_projs(model, config)
+    if bypassed:
+        config, tensors = _without_bypassed(source, config, tensors, bypassed)
     attach(model, config, name, activate=activate, trainable=trainable, initialize=False)
     try:
         _fit_head_sizes(model, name, tensors, trainable)
@@ -403,6 +408,23 @@ def load_adapter_state(
         detach(model, name)
         raise
     return model
+
+
+def _without_bypassed(source: str, config: LoraConfig, tensors: dict[str, torch.Tensor], bypassed: list[str]
+                      ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config with ``bypassed`` (targeting.bypassed_out_projs) excluded, and the tensors without theirs: the
+    adapter as PEFT ran it, where those layers' factors never applied."""
+    warnings.warn(f"{source}: the adapter adapts {_few(bypassed)} as linear layers (PEFT's all-linear does), but "
+                  "nn.MultiheadAttention reads out_proj's weight without calling it, so those factors never applied "
+                  "in PEFT; they are left out here too", stacklevel=3)
+    exclude = config.exclude_modules
+    if isinstance(exclude, str):
+        exclude = "|".join([f"(?:{exclude})", *map(re.escape, bypassed)])
+    else:
+        exclude = [*(exclude or []), *bypassed]
+    prefixes = tuple(f"{PREFIX}{name}." for name in bypassed)
+    return (dataclasses.replace(config, exclude_modules=exclude),
+            {key: t for key, t in tensors.items() if not key.startswith(prefixes)})
 
 
 def _fit_head_sizes(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], trainable: bool) -> None:

@@ -189,6 +189,18 @@ def exact_spec(model: nn.Module, names: list[str]) -> list[str] | str:
     return "|".join(re.escape(n) for n in names)
 
 
+def bypassed_out_projs(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The out_proj layers of nn.MultiheadAttention modules that ``config.target_modules`` names itself (not through
+    "all-linear"), as PEFT's "all-linear" writes them into its files: PEFT wraps them as linear layers, which the
+    attention never calls."""
+    spec, exclude = config.target_modules, config.exclude_modules
+    if spec is None or spec == ALL_LINEAR:
+        return []
+    return [name for name, _ in candidate_modules(model)
+            if _attention_out_proj(model, name) and name_matches(spec, name)
+            and not (exclude is not None and name_matches(exclude, name))]
+
+
 def _all_linear_takes(model: nn.Module, config: LoraConfig, name: str, module: nn.Module) -> bool:
     """Whether "all-linear" adapts this module: a linear layer, or an nn.MultiheadAttention as a whole (its in- and
     out-projections are linear layers it computes with itself, so its out_proj is never adapted alone). Excluding
