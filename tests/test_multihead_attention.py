@@ -197,7 +197,8 @@ def test_all_linear_leaves_an_attention_alone_whose_out_proj_is_excluded():
     model = lorafit.attach(net(), lorafit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=["out_proj"]))
     assert not any(isinstance(m, (MultiheadAttentionLora, ParameterLora)) for m in model.modules())
     assert isinstance(model.encoder.layers[0].linear1, lorafit.layers.Linear)
-    assert lorafit.adapter_configs(model)["default"].target_modules == "all-linear"
+    assert lorafit.adapter_configs(model)["default"].target_modules == [
+        "inp", "block.mlp", *(f"encoder.layers.{i}.{m}" for i in (0, 1) for m in ("linear1", "linear2")), "head"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -70,7 +70,15 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
+def tiny_distilbert() -> torch.nn.Module:
+    config = transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32, num_labels=3,
+        initializer_range=INIT_STD,
+    )
+    return transformers.DistilBertForSequenceClassification(config)  # pre_classifier, then classifier
+
+
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "distilbert": tiny_distilbert}
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -188,6 +196,9 @@ CASES = {
         r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer")),
     "bert-all-linear": ("bert", dict(
         r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    # PEFT's modules_to_save matches the end of a name as plain text: "classifier" takes pre_classifier too
+    "distilbert-seq-cls": ("distilbert", dict(
+        r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")),
     "llama-qv": ("llama", dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
     "llama-embed-rslora-patterns": ("llama", dict(
@@ -269,6 +280,23 @@ def test_peft_adapter_loads_in_lorafit(case, tmp_path):
 
 
 # -- 3. same weights, same logits ----------------------------------------------------
+
+
+def test_all_linear_files_name_their_modules_so_peft_adapts_the_same(tmp_path):
+    """PEFT resolves "all-linear" by rules of its own (on DistilBERT it LoRA-wraps pre_classifier, then fails to
+    copy it for modules_to_save); lorafit's file names the modules instead, and PEFT adapts just those."""
+    base = build("distilbert")
+    inputs = inputs_for("distilbert")
+    model = lorafit.attach(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                            task_type="SEQ_CLS"))
+    targets = lorafit.adapter_configs(model)["default"].target_modules
+    assert sorted(targets) == sorted(name for name, _ in lora_layers(model)) and len(targets) == 12
+    assert not any("classifier" in name for name in targets)  # both heads are modules_to_save copies
+    train_randomly(model)
+    lorafit.save_adapter(model, tmp_path)
+    loaded = peft_load(copy.deepcopy(base), tmp_path)
+    assert sorted(peft_layers(loaded)) == sorted(targets)
+    torch.testing.assert_close(outputs(loaded, inputs), outputs(model, inputs), atol=ATOL, rtol=0)
 
 
 def test_same_weights_same_logits(case):

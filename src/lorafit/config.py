@@ -89,7 +89,8 @@ class LoraConfig:
     or ends with ``"." + entry``; a string is a regular expression that must
     match the whole module name; ``"all-linear"`` means every linear layer
     except the output head, and every ``nn.MultiheadAttention`` as a whole.
-    ``exclude_modules`` uses the same rules.
+    ``exclude_modules`` uses the same rules. ``modules_to_save``, as in PEFT,
+    matches every module whose name ends with an entry as plain text.
     ``rank_pattern`` / ``alpha_pattern`` map a module-name pattern (regex,
     matched against the end of the name) to a per-module rank / alpha.
 

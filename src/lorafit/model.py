@@ -29,8 +29,8 @@ from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsand
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
-from lorafit.targeting import (SEQ_CLS_HEADS, exact_spec, layer_kind, name_matches, resolve_parameter_targets,
-                               resolve_targets, resolve_token_targets, unwrapped)
+from lorafit.targeting import (SEQ_CLS_HEADS, exact_spec, layer_kind, resolve_parameter_targets,
+                               resolve_targets, resolve_token_targets, saved_name_matches, unwrapped)
 
 Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokens | TiedLoraHead
 
@@ -186,9 +186,9 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
     parameter_targets = resolve_parameter_targets(model, config)
     # As in PEFT: with target_parameters, no target_modules means no module targets (not a model type's default)
     targets = [] if parameter_targets and config.target_modules is None else resolve_targets(model, config)
-    if config.target_modules == ALL_LINEAR and any(layer_kind(model.get_submodule(t)) == "attention" for t in targets):
-        # PEFT's "all-linear" adapts an attention's out_proj as a linear layer (which the attention never calls) and
-        # not its in-projection: the file names the modules adapted here, so that PEFT loads what lorafit trained
+    if config.target_modules == ALL_LINEAR:
+        # As PEFT does, the adapter records the modules "all-linear" found, not the word: PEFT resolves it by rules
+        # of its own (an attention's bypassed out_proj, some classifier heads), so its file must name them
         config = dataclasses.replace(config, target_modules=exact_spec(model, targets))
     token_targets = resolve_token_targets(model, config)
     both = sorted((set(targets) & set(parameter_targets)) | (set(targets) & set(token_targets)))
@@ -446,7 +446,7 @@ def _with_classification_head(model: nn.Module, config: LoraConfig) -> LoraConfi
 def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    names = [n for n, m in model.named_modules() if n and name_matches(config.modules_to_save, n)
+    names = [n for n, m in model.named_modules() if n and saved_name_matches(config.modules_to_save, n)
              and not isinstance(m, LoraLayer)]
     # Keep only the outermost match: a ModulesToSave wrapper's own insides also end with the name.
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]

@@ -315,10 +315,18 @@ def _is_head(module: nn.Module) -> bool:
     return isinstance(unwrapped(module), nn.Linear)
 
 
+def saved_name_matches(entries: list[str], name: str) -> bool:
+    """modules_to_save's rule, which is PEFT's: a module whose name ends with an entry, as plain text, so that
+    "classifier" takes DistilBERT's pre_classifier too. PEFT trains and saves such a module whole: lorafit must
+    copy the same ones to load PEFT's files, and to write files that PEFT reads the same way."""
+    return any(name.endswith(entry) for entry in entries)
+
+
 def _full_names(model: nn.Module, entries: list[str]) -> list[str]:
+    """The modules modules_to_save ``entries`` match (see saved_name_matches)."""
     if not entries:
         return []
-    return [name for name, _ in model.named_modules() if name and name_matches(entries, name)]
+    return [name for name, _ in model.named_modules() if name and saved_name_matches(entries, name)]
 
 
 def _parent_name(name: str) -> str:
