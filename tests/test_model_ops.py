@@ -241,6 +241,16 @@ def test_default_targets_from_model_type():
         lorafit.attach(_mixed(), LoraConfig())
 
 
+def test_default_targets_are_peft_s_for_every_model_type_peft_knows():
+    constants = pytest.importorskip("peft.utils.constants")
+    from lorafit.targeting import DEFAULT_TARGETS
+
+    theirs = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    both = set(theirs) & set(DEFAULT_TARGETS)
+    assert len(both) >= 40  # PEFT 0.21's every type; a later PEFT may know more
+    assert {t: DEFAULT_TARGETS[t] for t in both} == {t: theirs[t] for t in both}
+
+
 def test_rank_pattern_sets_per_module_rank():
     model = _attach(_mixed(), r=4, rank_pattern={"mlp.0": 2}, alpha_pattern={"conv2": 1})
     assert model.mlp[0].lora_A["default"].shape == (2, 12)

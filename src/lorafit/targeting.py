@@ -19,33 +19,51 @@ from lorafit.layers import (LoraLayer, ModulesToSave, MultiheadAttentionLora, Pa
                             TrainableTokens, is_gpt2_conv1d)
 from lorafit.quantize import QuantizedLinear
 
-# Defaults for when a config names no targets, by transformers' config.model_type
-# (the attention query/value projections, as in the LoRA paper).
-DEFAULT_TARGETS: dict[str, list[str]] = {
+# Defaults for when a config names no targets, by transformers' config.model_type (mostly the attention
+# query/value projections, as in the LoRA paper): PEFT's (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+# so that one config adapts the same modules in both, and DistilBERT's, which PEFT lacks
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
     "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
+    "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
     "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "btlm": ["c_proj", "c_attn"],
     "gpt_neox": ["query_key_value"],
     "gpt_neo": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
+    "codegen": ["qkv_proj"],
     "opt": ["q_proj", "v_proj"],
     "bloom": ["query_key_value"],
     "falcon": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "RefinedWebModel": ["query_key_value"],
+    "chatglm": ["query_key_value"],
+    "mpt": ["Wqkv"],
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # the language model's, not the vision tower's
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
 }
 # Where transformers' sequence classifiers keep their head (a new, random module): attach trains and saves
 # it with a SEQ_CLS adapter, "all-linear" leaves it alone. PEFT's names (classifier, score), plus BART's and
