@@ -78,7 +78,28 @@ def tiny_distilbert() -> torch.nn.Module:
     return transformers.DistilBertForSequenceClassification(config)  # pre_classifier, then classifier
 
 
-BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "distilbert": tiny_distilbert}
+def tiny_bert_for(head: str, labels: int):
+    def build() -> torch.nn.Module:
+        config = transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=32, num_labels=labels, initializer_range=INIT_STD,
+        )
+        return getattr(transformers, f"BertFor{head}")(config)
+    return build
+
+
+def tiny_bart() -> torch.nn.Module:
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, num_labels=3,
+        init_std=INIT_STD, eos_token_id=2,
+    )
+    return transformers.BartForSequenceClassification(config)  # its head: classification_head
+
+
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "distilbert": tiny_distilbert,
+            "bert-tokens": tiny_bert_for("TokenClassification", 5), "bert-qa": tiny_bert_for("QuestionAnswering", 2),
+            "bart": tiny_bart}
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -97,6 +118,8 @@ def inputs_for(arch: str) -> dict[str, torch.Tensor]:
 def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits])
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
@@ -199,6 +222,11 @@ CASES = {
     # PEFT's modules_to_save matches the end of a name as plain text: "classifier" takes pre_classifier too
     "distilbert-seq-cls": ("distilbert", dict(
         r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")),
+    # PEFT trains and saves these tasks' heads too: classifier (or score), qa_outputs
+    "bert-token-cls": ("bert-tokens", dict(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                           task_type="TOKEN_CLS")),
+    "bert-question-ans": ("bert-qa", dict(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                          task_type="QUESTION_ANS")),
     "llama-qv": ("llama", dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
     "llama-embed-rslora-patterns": ("llama", dict(
@@ -280,6 +308,21 @@ def test_peft_adapter_loads_in_lorafit(case, tmp_path):
 
 
 # -- 3. same weights, same logits ----------------------------------------------------
+
+
+def test_peft_classifier_adapter_for_bart_loads_with_bart_s_head_as_peft_left_it(tmp_path):
+    """lorafit trains BART's classification_head with a SEQ_CLS adapter; PEFT does not (it knows only classifier and
+    score). A file names what it saved: loading PEFT's keeps the head as the base model has it, as PEFT runs it."""
+    base = build("bart")
+    inputs = {**inputs_for("bart"), "attention_mask": None}
+    inputs["input_ids"][:, -1] = 2  # BART classifies at each row's last end-of-sequence token
+    trained = peft_model(copy.deepcopy(base), dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   task_type="SEQ_CLS"))
+    train_randomly(trained)
+    peft_save(trained, tmp_path)
+    ours = lorafit.load_adapter(copy.deepcopy(base), tmp_path)
+    assert lorafit.adapter_configs(ours)["default"].modules_to_save is None  # PEFT's names, which BART lacks
+    torch.testing.assert_close(outputs(ours, inputs), outputs(trained.eval(), inputs), atol=ATOL, rtol=0)
 
 
 def test_all_linear_files_name_their_modules_so_peft_adapts_the_same(tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules,
                            tied_lora_heads)
-from lorafit.targeting import bypassed_out_projs
+from lorafit.targeting import bypassed_out_projs, saved_name_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -387,10 +387,11 @@ def load_adapter_state(
         raise ValueError(f"{source}: a {method} adapter (init_lora_weights={config.init_lora_weights!r}) fits the "
                          "residual weights its initialisation left, which takes the data it ran on to make again; "
                          "save it with as_plain_lora=True (a LoRA of the original weights), or merge it")
+    config = _without_absent_heads(model, config)
     bypassed = bypassed_out_projs(model, config)
     if bypassed:
         config, tensors = _without_bypassed(source, config, tensors, bypassed)
-    attach(model, config, name, activate=activate, trainable=trainable, initialize=False)
+    attach(model, config, name, activate=activate, trainable=trainable, initialize=False, task_heads=False)
     try:
         _fit_head_sizes(model, name, tensors, trainable)
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
@@ -408,6 +409,18 @@ def load_adapter_state(
         detach(model, name)
         raise
     return model
+
+
+def _without_absent_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """The config without the modules_to_save entries that match no module of ``model``: PEFT writes its task's
+    head names (classifier and score for SEQ_CLS) whether or not the model has them, and runs without them.
+    (A file's tensors for a module the model lacks are still refused, by _check_tensors.)"""
+    listed = config.modules_to_save
+    if not listed:
+        return config
+    names = [n for n, _ in model.named_modules() if n]
+    kept = [entry for entry in listed if any(saved_name_matches([entry], n) for n in names)]
+    return config if kept == listed else dataclasses.replace(config, modules_to_save=kept or None)
 
 
 def _without_bypassed(source: str, config: LoraConfig, tensors: dict[str, torch.Tensor], bypassed: list[str]

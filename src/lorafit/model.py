@@ -29,7 +29,7 @@ from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsand
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
-from lorafit.targeting import (SEQ_CLS_HEADS, exact_spec, layer_kind, resolve_parameter_targets,
+from lorafit.targeting import (TASK_HEADS, exact_spec, layer_kind, resolve_parameter_targets,
                                resolve_targets, resolve_token_targets, saved_name_matches, unwrapped)
 
 Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokens | TiedLoraHead
@@ -118,6 +118,7 @@ def attach(
     trainable: bool = True,
     dtype: torch.dtype | None = None,
     initialize: bool = True,
+    task_heads: bool = True,
 ) -> nn.Module:
     """Add adapter ``name`` to the modules ``config`` targets and freeze everything else.
 
@@ -127,7 +128,11 @@ def attach(
     ``dtype`` sets the adapter's dtype (default: each base layer's dtype).
     ``initialize=False`` leaves the factors uninitialised, for weights that are
     loaded right after (data-dependent inits such as PiSSA still run: they
-    change the base weights).
+    change the base weights). ``task_heads``: the head a ``task_type`` trains
+    (SEQ_CLS and TOKEN_CLS: ``classifier`` or ``score``; QUESTION_ANS:
+    ``qa_outputs``) joins ``modules_to_save``, as in PEFT; False keeps
+    ``modules_to_save`` as the config has it (a saved adapter's, which names
+    what was saved).
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"adapter name must match [A-Za-z0-9_-]+, got {name!r}")
@@ -138,7 +143,7 @@ def attach(
         model.__dict__[_ORIGINAL_GRAD] = {n: p.requires_grad for n, p in model.named_parameters()}
     repeated_here = _repeat_layers(model, config)
     try:
-        config = _attach_adapter(model, config, name, dtype, initialize)
+        config = _attach_adapter(model, config, name, dtype, initialize, task_heads)
     except BaseException:
         if repeated_here:
             restore_layers(model)
@@ -179,10 +184,11 @@ def _repeat_layers(model: nn.Module, config: LoraConfig) -> bool:
 
 
 def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torch.dtype | None,
-                    initialize: bool) -> LoraConfig:
+                    initialize: bool, task_heads: bool) -> LoraConfig:
     """The adapter's layers wrapped and its tensors made; returns its config as attached (a classifier's head
     among modules_to_save)."""
-    config = _with_classification_head(model, config)
+    if task_heads:
+        config = _with_task_heads(model, config)
     parameter_targets = resolve_parameter_targets(model, config)
     # As in PEFT: with target_parameters, no target_modules means no module targets (not a model type's default)
     targets = [] if parameter_targets and config.target_modules is None else resolve_targets(model, config)
@@ -434,12 +440,13 @@ def _token_wrapper(model: nn.Module, target: str) -> TrainableTokens:
     return tokens
 
 
-def _with_classification_head(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """As PEFT does for task_type="SEQ_CLS": the new classification head trains with the adapter."""
-    if config.task_type != "SEQ_CLS":
+def _with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """As PEFT does for the tasks whose head is new: the head trains with the adapter (and is saved with it)."""
+    candidates = TASK_HEADS.get(config.task_type)
+    if candidates is None:
         return config
     listed = config.modules_to_save or []
-    heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module) and h not in listed]
+    heads = [h for h in candidates if isinstance(getattr(model, h, None), nn.Module) and h not in listed]
     return dataclasses.replace(config, modules_to_save=listed + heads) if heads else config
 
 

@@ -69,6 +69,8 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 # it with a SEQ_CLS adapter, "all-linear" leaves it alone. PEFT's names (classifier, score), plus BART's and
 # T5's classification_head and XLNet's logits_proj, whose heads would otherwise stay random and frozen.
 SEQ_CLS_HEADS = ("classifier", "score", "classification_head", "logits_proj")
+# The heads each task_type trains with the adapter (PEFT's, for token classification and question answering)
+TASK_HEADS = {"SEQ_CLS": SEQ_CLS_HEADS, "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 SUPPORTED = "Linear (also quantized), Embedding, Conv1d, Conv2d, Conv3d, MultiheadAttention and transformers' Conv1D"
 
 
@@ -125,14 +127,15 @@ def layer_index_allowed(config: LoraConfig, name: str) -> bool:
 
 
 def output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
-    """The modules "all-linear" leaves alone: the LM head, or a classification head."""
+    """The modules "all-linear" leaves alone: the LM head, or a task's new head (a classifier's)."""
     heads: list[nn.Module] = []
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     if out is not None:
         heads.append(out)
-    elif config.task_type == "SEQ_CLS":
-        heads += [getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+    elif config.task_type in TASK_HEADS:
+        heads += [getattr(model, n) for n in TASK_HEADS[config.task_type]
+                  if isinstance(getattr(model, n, None), nn.Module)]
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
