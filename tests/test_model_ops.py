@@ -410,3 +410,22 @@ def test_a_layer_refusing_the_adapter_leaves_no_half_attached_model():
     with pytest.raises(ValueError, match="grouped convolution"):
         _attach(model, "b", target_modules=["mlp.0", "conv2"], use_dora=True)
     assert model.mlp[0].adapter_names == ["a"] and not isinstance(model.conv2, LoraLayer)
+
+
+def test_a_transformers_model_without_token_embeddings_takes_adapters():
+    """transformers' vision models such as ResNet raise NotImplementedError from get_input_embeddings."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = model(pixel_values=pixels).logits
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["convolution"], init_lora_weights=False,
+                                     task_type="SEQ_CLS"))
+    assert lorafit.adapter_configs(model)["default"].modules_to_save == ["classifier"]
+    with torch.no_grad():
+        adapted = model(pixel_values=pixels).logits
+        assert (adapted - base).abs().max() > 1e-3
+        lorafit.merge(model)
+        torch.testing.assert_close(model(pixel_values=pixels).logits, adapted, rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsand
 from lorafit.replication import replicate, replication
 from lorafit.replication import restore as restore_layers
 from lorafit.replication import untie as untie_layers
-from lorafit.targeting import (TASK_HEADS, exact_spec, layer_kind, resolve_parameter_targets,
+from lorafit.targeting import (TASK_HEADS, exact_spec, layer_kind, model_embedding, resolve_parameter_targets,
                                resolve_targets, resolve_token_targets, saved_name_matches, unwrapped)
 
 Wrapper = LoraLayer | ModulesToSave | TrainableTokens | TiedTokens | TiedLoraHead
@@ -246,10 +246,7 @@ def _attach_adapter(model: nn.Module, config: LoraConfig, name: str, dtype: torc
 def _tied_pair(model: nn.Module) -> tuple[str, str] | None:
     """(input embedding, output head) module names when the head shares the embedding's weight (tied embeddings),
     whatever adapter wrappers they are in."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if not (callable(get_in) and callable(get_out)):
-        return None
-    embedding, head = get_in(), get_out()
+    embedding, head = model_embedding(model, "input"), model_embedding(model, "output")
     if embedding is None or head is None or embedding is head:
         return None
     weight = getattr(unwrapped(embedding), "weight", None)

@@ -126,11 +126,23 @@ def layer_index_allowed(config: LoraConfig, name: str) -> bool:
     return match is not None and int(match.group(1)) in wanted
 
 
+def model_embedding(model: nn.Module, which: str) -> nn.Module | None:
+    """A transformers model's "input" or "output" token embedding (get_input_embeddings / get_output_embeddings),
+    None for any other module and for models without one: vision models such as ResNet raise NotImplementedError
+    from get_input_embeddings."""
+    get = getattr(model, f"get_{which}_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except NotImplementedError:
+        return None
+
+
 def output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
     """The modules "all-linear" leaves alone: the LM head, or a task's new head (a classifier's)."""
     heads: list[nn.Module] = []
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
+    out = model_embedding(model, "output")
     if out is not None:
         heads.append(out)
     elif config.task_type in TASK_HEADS:
@@ -277,8 +289,7 @@ def resolve_token_targets(model: nn.Module, config: LoraConfig) -> dict[str, lis
     layers = {name: m for name, m in candidate_modules(model) if _has_token_rows(m)}
     embeddings = [name for name, m in layers.items() if not _is_head(m)]
     if not isinstance(spec, dict):
-        get_input = getattr(model, "get_input_embeddings", None)
-        wanted = get_input() if callable(get_input) else None
+        wanted = model_embedding(model, "input")
         names = [n for n in embeddings if layers[n] is wanted] or [n for n in embeddings if n.endswith("embed_tokens")]
         if len(names) != 1:
             raise ValueError("trainable_token_indices is a list, but the model's input embedding is not known; name "
