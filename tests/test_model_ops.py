@@ -429,3 +429,13 @@ def test_a_transformers_model_without_token_embeddings_takes_adapters():
         assert (adapted - base).abs().max() > 1e-3
         lorafit.merge(model)
         torch.testing.assert_close(model(pixel_values=pixels).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_or_data_parallel_wrapper_is_refused_with_what_to_pass(tmp_path):
+    model = _attach(_mixed())
+    for wrapper, inner in ((torch.compile(model, backend="eager"), "_orig_mod"), (nn.DataParallel(model), "module")):
+        for call in (lambda: lorafit.save_adapter(wrapper, tmp_path), lambda: lorafit.merge(wrapper),
+                     lambda: lorafit.attach(wrapper, LoraConfig(r=2, target_modules=ALL_KINDS), "other")):
+            with pytest.raises(TypeError, match=f"pass model.{inner}"):
+                call()
+    lorafit.save_adapter(model, tmp_path)  # the model itself, as before

@@ -42,7 +42,23 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The configs of the adapters attached to ``model``, by name."""
+    _refuse_wrapper(model)
     return model.__dict__.setdefault(_CONFIGS, {})
+
+
+def _refuse_wrapper(model: nn.Module) -> None:
+    """lorafit's functions take the model itself. torch.compile, DataParallel and DistributedDataParallel return a
+    wrapper that holds no adapter configs and names the model's modules under a prefix (``_orig_mod.``,
+    ``module.``), which would end up in saved keys: say so, rather than "no adapter attached"."""
+    modules = model._modules
+    if "_orig_mod" in modules and type(model).__name__ == "OptimizedModule":
+        what, inner = "torch.compile's wrapper (OptimizedModule)", "_orig_mod"
+    elif "module" in modules and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        what, inner = f"a {type(model).__name__} wrapper", "module"
+    else:
+        return
+    raise TypeError(f"lorafit takes the model itself, not {what}: pass model.{inner} (the wrapper runs the same "
+                    "modules, so adapters attached or merged there apply to it)")
 
 
 def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Wrapper]]:
@@ -50,6 +66,8 @@ def wrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, 
     not descend into a wrapper (only parameter wrappers nest: one per adapted parameter of a module, and an
     attention's out-projection inside the attention's; it follows those), which makes it much cheaper than
     ``named_modules`` on a wrapped transformer: loading an adapter calls it often."""
+    if not prefix:
+        _refuse_wrapper(module)
     for name, child in module._modules.items():
         if child is None:
             continue
