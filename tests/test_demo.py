@@ -85,6 +85,20 @@ def test_inspect_names_what_the_adapter_is_beyond_a_plain_lora(tmp_path, capsys)
     assert ".lora_magnitude_vector" in out
 
 
+def test_inspect_counts_a_long_list_of_modules_by_layer_name(tmp_path, capsys):
+    from tests.models import tiny_llama
+
+    import lorafit
+
+    model = tiny_llama()  # 2 layers: all-linear records 14 modules by their full names
+    lorafit.attach(model, lorafit.LoraConfig(r=2, target_modules="all-linear"))
+    lorafit.save_adapter(model, tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "target_modules: 14 modules: q_proj x2, k_proj x2, v_proj x2, o_proj x2, gate_proj x2, up_proj x2, " \
+           "down_proj x2\n" in out
+
+
 def test_inspect_bad_directory_exits_2_in_process(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert main(["inspect", str(tmp_path)]) == 2  # exists, but holds no adapter_config.json

@@ -50,6 +50,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _module_list(names: list[str]) -> str:
+    """A target list as written, or for a long one of full names (what all-linear records, in PEFT's files too)
+    the count and each layer name's count: "28 modules: q_proj x4, k_proj x4, ..."."""
+    if len(names) <= 8:
+        return ", ".join(names)
+    counts: dict[str, int] = {}
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return f"{len(names)} modules: " + ", ".join(f"{leaf} x{n}" if n > 1 else leaf for leaf, n in counts.items())
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     config, tensors = lorafit.read_adapter(args.dir)
     targets = config.target_modules
@@ -57,7 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"r: {config.r}  lora_alpha: {config.lora_alpha:g}  scale: "
           f"{config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r):g}"
           f"{'  (rslora)' if config.use_rslora else ''}  dropout: {config.lora_dropout:g}")
-    print(f"target_modules: {', '.join(targets) if isinstance(targets, list) else targets}")
+    print(f"target_modules: {_module_list(targets) if isinstance(targets, list) else targets}")
     # what the adapter is beyond a plain LoRA: the variant, where it starts from, what else it trains
     for field in ("exclude_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias",
                   "kasa_config", "alora_invocation_tokens", "target_parameters", "trainable_token_indices",
