@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -323,6 +323,27 @@ def test_peft_classifier_adapter_for_bart_loads_with_bart_s_head_as_peft_left_it
     ours = lorafit.load_adapter(copy.deepcopy(base), tmp_path)
     assert lorafit.adapter_configs(ours)["default"].modules_to_save is None  # PEFT's names, which BART lacks
     torch.testing.assert_close(outputs(ours, inputs), outputs(trained.eval(), inputs), atol=ATOL, rtol=0)
+
+
+def test_an_adapter_saved_without_a_copy_of_pre_classifier_loads_with_it_as_the_base_has_it(tmp_path):
+    """lorafit matched modules_to_save by whole name segments before it took PEFT's plain-text rule: its DistilBERT
+    classifier adapters hold a copy of classifier only, and still load (with a warning), pre_classifier frozen."""
+    base = build("distilbert")
+    inputs = inputs_for("distilbert")
+    model = lorafit.attach(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_lin"],
+                                                            task_type="SEQ_CLS"))
+    train_randomly(model)
+    lorafit.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    assert "base_model.model.pre_classifier.weight" in tensors  # today's files hold both heads
+    older = {k: v for k, v in tensors.items() if not k.startswith("base_model.model.pre_classifier.")}
+    save_file(older, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="stays as the base model has it"):
+        loaded = lorafit.load_adapter(copy.deepcopy(base), tmp_path)
+    assert type(loaded.pre_classifier) is torch.nn.Linear and not loaded.pre_classifier.weight.requires_grad
+    with torch.no_grad():  # what the older adapter computed: its classifier copy over the base pre_classifier
+        model.pre_classifier.modules_to_save["default"].load_state_dict(base.pre_classifier.state_dict())
+    torch.testing.assert_close(outputs(loaded, inputs), outputs(model, inputs), atol=ATOL, rtol=0)
 
 
 def test_all_linear_files_name_their_modules_so_peft_adapts_the_same(tmp_path):

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorafit.config import LoraConfig, modifies_base_weight
-from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, lora_layers, saved_modules,
-                           tied_lora_heads)
-from lorafit.targeting import bypassed_out_projs, saved_name_matches
+from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
+                           saved_modules, tied_lora_heads)
+from lorafit.targeting import bypassed_out_projs, name_matches, saved_name_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -393,6 +393,7 @@ def load_adapter_state(
         config, tensors = _without_bypassed(source, config, tensors, bypassed)
     attach(model, config, name, activate=activate, trainable=trainable, initialize=False, task_heads=False)
     try:
+        _without_unsaved_copies(source, model, name, config, tensors)
         _fit_head_sizes(model, name, tensors, trainable)
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
         tensors = _without_base_copies(source, model, expected, tensors)
@@ -421,6 +422,23 @@ def _without_absent_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
     names = [n for n, _ in model.named_modules() if n]
     kept = [entry for entry in listed if any(saved_name_matches([entry], n) for n in names)]
     return config if kept == listed else dataclasses.replace(config, modules_to_save=kept or None)
+
+
+def _without_unsaved_copies(source: str, model: nn.Module, name: str, config: LoraConfig,
+                            tensors: dict[str, torch.Tensor]) -> None:
+    """Drop the modules_to_save copies that only PEFT's plain-text rule matches ("classifier" in "pre_classifier")
+    and that the file holds no tensor of: an adapter lorafit saved before it followed that rule, when the module
+    trained as the base has it, and stays so."""
+    entries = config.modules_to_save or []
+    for path, wrapper in list(saved_modules(model)):
+        if name not in wrapper.adapter_names or name_matches(entries, path):
+            continue
+        if any(key.startswith(f"{PREFIX}{path}.") for key in tensors):
+            continue
+        warnings.warn(f"{source}: modules_to_save {entries} matches {path!r} as text, as PEFT matches it, but the "
+                      "file holds no copy of it (lorafit matched by whole name segments before 2026-12-06): it "
+                      "stays as the base model has it", stacklevel=3)
+        drop_saved_copy(model, path, name)
 
 
 def _without_bypassed(source: str, config: LoraConfig, tensors: dict[str, torch.Tensor], bypassed: list[str]

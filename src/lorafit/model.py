@@ -603,6 +603,14 @@ def _remove_everywhere(model: nn.Module, name: str) -> None:
             _replace(model, path, layer.base_layer)
 
 
+def drop_saved_copy(model: nn.Module, path: str, name: str) -> None:
+    """Take adapter ``name``'s modules_to_save copy of module ``path`` off: the module runs as the base has it."""
+    wrapper = model.get_submodule(path)
+    wrapper.remove_adapter(name)
+    if not wrapper.adapter_names:
+        _replace(model, path, wrapper.original_module)
+
+
 def _innermost_first(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """The LoRA wrappers in an order in which each can be replaced by its base layer: nested parameter
     wrappers from the inside out, so that each path still leads to its wrapper when its turn comes."""
