@@ -338,7 +338,7 @@ def test_an_adapter_saved_without_a_copy_of_pre_classifier_loads_with_it_as_the_
     assert "base_model.model.pre_classifier.weight" in tensors  # today's files hold both heads
     older = {k: v for k, v in tensors.items() if not k.startswith("base_model.model.pre_classifier.")}
     save_file(older, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="stays as the base model has it"):
+    with pytest.warns(UserWarning, match="stay as the base model has them"):
         loaded = lorafit.load_adapter(copy.deepcopy(base), tmp_path)
     assert type(loaded.pre_classifier) is torch.nn.Linear and not loaded.pre_classifier.weight.requires_grad
     with torch.no_grad():  # what the older adapter computed: its classifier copy over the base pre_classifier

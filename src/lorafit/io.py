@@ -430,14 +430,15 @@ def _without_unsaved_copies(source: str, model: nn.Module, name: str, config: Lo
     and that the file holds no tensor of: an adapter lorafit saved before it followed that rule, when the module
     trained as the base has it, and stays so."""
     entries = config.modules_to_save or []
-    for path, wrapper in list(saved_modules(model)):
-        if name not in wrapper.adapter_names or name_matches(entries, path):
-            continue
-        if any(key.startswith(f"{PREFIX}{path}.") for key in tensors):
-            continue
-        warnings.warn(f"{source}: modules_to_save {entries} matches {path!r} as text, as PEFT matches it, but the "
-                      "file holds no copy of it (lorafit matched by whole name segments before 2026-12-06): it "
-                      "stays as the base model has it", stacklevel=3)
+    unsaved = [path for path, wrapper in saved_modules(model)
+               if name in wrapper.adapter_names and not name_matches(entries, path)
+               and not any(key.startswith(f"{PREFIX}{path}.") for key in tensors)]
+    if not unsaved:
+        return
+    warnings.warn(f"{source}: modules_to_save {entries} matches {_few(unsaved)} as text, as PEFT matches it, but "
+                  "the file holds no copy of them (lorafit matched by whole name segments before 2026-12-06): they "
+                  "stay as the base model has them", stacklevel=3)
+    for path in unsaved:
         drop_saved_copy(model, path, name)
 
 
