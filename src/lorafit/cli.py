@@ -14,6 +14,7 @@ message on stderr and exit status 2, like argparse's own usage errors.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 
@@ -55,10 +56,7 @@ def _module_list(names: list[str]) -> str:
     the count and each layer name's count: "28 modules: q_proj x4, k_proj x4, ..."."""
     if len(names) <= 8:
         return ", ".join(names)
-    counts: dict[str, int] = {}
-    for name in names:
-        leaf = name.rsplit(".", 1)[-1]
-        counts[leaf] = counts.get(leaf, 0) + 1
+    counts = collections.Counter(name.rsplit(".", 1)[-1] for name in names)  # in first-seen order
     return f"{len(names)} modules: " + ", ".join(f"{leaf} x{n}" if n > 1 else leaf for leaf, n in counts.items())
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
                            saved_modules, tied_lora_heads)
-from lorafit.targeting import bypassed_out_projs, name_matches, saved_name_matches
+from lorafit.targeting import bypassed_out_projs, name_matches, saved_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -419,8 +419,7 @@ def _without_absent_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
     listed = config.modules_to_save
     if not listed:
         return config
-    names = [n for n, _ in model.named_modules() if n]
-    kept = [entry for entry in listed if any(saved_name_matches([entry], n) for n in names)]
+    kept = [entry for entry in listed if saved_names(model, [entry])]
     return config if kept == listed else dataclasses.replace(config, modules_to_save=kept or None)
 
 

@@ -165,7 +165,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         spec = DEFAULT_TARGETS[model_type]
 
     # Modules copied whole by modules_to_save (and everything inside them) are never adapted.
-    saved = _full_names(model, config.modules_to_save or [])
+    saved = saved_names(model, config.modules_to_save or [])
     heads = output_head_names(model, config) if spec == ALL_LINEAR else set()
     found: list[str] = []
     for name, module in candidate_modules(model):
@@ -251,7 +251,7 @@ def resolve_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str,
     spec = config.target_parameters
     if not spec:
         return {}
-    saved = _full_names(model, config.modules_to_save or [])
+    saved = saved_names(model, config.modules_to_save or [])
     found: dict[str, list[str]] = {}
     for name, module in candidate_modules(model):
         if name in saved or any(name.startswith(s + ".") for s in saved):
@@ -354,8 +354,8 @@ def saved_name_matches(entries: list[str], name: str) -> bool:
     return any(name.endswith(entry) for entry in entries)
 
 
-def _full_names(model: nn.Module, entries: list[str]) -> list[str]:
-    """The modules modules_to_save ``entries`` match (see saved_name_matches)."""
+def saved_names(model: nn.Module, entries: list[str]) -> list[str]:
+    """The names of the modules modules_to_save ``entries`` match (see saved_name_matches)."""
     if not entries:
         return []
     return [name for name, _ in model.named_modules() if name and saved_name_matches(entries, name)]
