@@ -302,7 +302,8 @@ def part_step(args, device: torch.device) -> dict:
         i = info.get(key, {})
         alone = None if i.get("step_bytes") is None else i["step_bytes"] + i["resident_bytes"]
         rows.append([key, f"{i['trainable']:,}" if i else "", f"{i['first_step_s']:.2f}" if i else "",
-                     f"{i['kernels_ready_s']:.1f}" if i else "", ms(times, key, ".1f"), vs(times, key, "full"), vs(times, key, "floor"),
+                     f"{i['kernels_ready_s']:.1f}" if i else "", ms(times, key, ".1f"), vs(times, key, "full"),
+                     vs(times, key, "floor"),
                      vs(times, key, key.replace("lorafit-fa", "lorafit").replace("lorafit", "peft"), iqr=True)
                      if key.startswith("lorafit") else "",
                      gib(i.get("step_bytes")), gib(alone)])
@@ -322,8 +323,32 @@ def part_step(args, device: torch.device) -> dict:
            "Adapters in bf16 for PEFT and lorafit (PEFT's autocast_adapter_dtype=False). +autocast: a float32 "
            "copy of the model (float32 adapters) trained under bf16 autocast. lorafit-fa: LoRA-FA (A frozen, "
            "B's gradient projected), x PEFT against PEFT's LoRA.")
+    bound = products_bound(Path(args.out), times.get("floor"), quick=args.quick)
     return {"batch": [batch, seq], "startup_s": startup_s, "info": info, "times_s": times,
-            "median_s": {k: median(v) for k, v in times.items()}}
+            "median_s": {k: median(v) for k, v in times.items()}, "products_bound": bound}
+
+
+def products_bound(out: Path, floor: list[float] | None, quick: bool) -> dict | None:
+    """The floor plus what the products LoRA needs cost alone (benchmarks.kernels_gpu's per-layer rows in the
+    same OUT, summed over the model's adapted layers): the least step time a LoRA built of dense products can
+    reach at this shape, as a ratio to the floor. Printed where gpu.sh ran kernels_gpu first."""
+    from benchmarks import kernels_gpu
+
+    path = out / "kernels_gpu.json"
+    if quick or not floor or not path.exists():
+        return None
+    sums = kernels_gpu.model_sums(json.loads(path.read_text()))
+    floor_ms = median(floor) * 1e3
+    added = sums["products LoRA adds, cuBLAS, each alone"]
+    bound = {"floor_ms": floor_ms, "added_ms": added, "x_floor": (floor_ms + added) / floor_ms,
+             "lorafit_p0_layers_add_ms": sums["lorafit p=0.0"] - sums["floor"],
+             "lorafit_p005_layers_add_ms": sums["lorafit p=0.05"] - sums["floor"]}
+    report("The least a LoRA step of dense products can take at this shape",
+           f"floor {floor_ms:.1f} ms + the products LoRA adds (each alone, cuBLAS, summed over the adapted layers, "
+           f"from {path.name}) {added:.1f} ms = **{bound['x_floor']:.3f}x floor**; lorafit's adapted layers alone "
+           f"add {bound['lorafit_p0_layers_add_ms']:.1f} ms (dropout 0) and {bound['lorafit_p005_layers_add_ms']:.1f}"
+           " ms (dropout 0.05) there.")
+    return bound
 
 
 # -- part 2: inference ------------------------------------------------------------------------------
@@ -555,7 +580,8 @@ def part_e2e(args, device: torch.device) -> dict:
     src = str(Path(lorafit.__file__).resolve().parents[1])  # the lorafit this process runs
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "TRITON_CACHE_DIR": str(tmp / "cache" / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "cache" / "inductor")}
+           "TRITON_CACHE_DIR": str(tmp / "cache" / "triton"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp / "cache" / "inductor")}
     methods = {"full": ["--method", "full", "--set", "train.lr=5e-5"], "LoRA": [],
                "LoRA, train.bf16 (float32 adapters)": ["--set", "train.bf16=true"],
                # --quick: aot_eager takes the same path without inductor's C++ compile of a CPU run

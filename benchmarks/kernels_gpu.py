@@ -18,8 +18,10 @@ from pathlib import Path
 
 import os
 
-# the kernels' steady state: each compiles in this process on its first call, not in the warm-up helper
-os.environ.setdefault("LORAFIT_TRITON_WARMUP", "0")
+if __name__ == "__main__":
+    # the kernels' steady state: each compiles in this process on its first call, not in the warm-up helper
+    # (only when run: benchmarks.gpu imports this file, and its `lorafit train` runs inherit its environment)
+    os.environ.setdefault("LORAFIT_TRITON_WARMUP", "0")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -29,6 +31,14 @@ from lorafit.kernels import mask, triton_kernels  # noqa: E402
 
 SHAPES = {"q/o 2048->2048": (2048, 2048), "k/v 2048->512": (2048, 512), "gate/up 2048->8192": (2048, 8192),
           "down 8192->2048": (8192, 2048)}
+# how many of each shape one decoder layer adapts, and the layers of Llama-3.2-1B
+PER_LAYER = {"q/o 2048->2048": 2, "k/v 2048->512": 2, "gate/up 2048->8192": 2, "down 8192->2048": 1}
+LAYERS = 16
+# the products a LoRA step adds to the floor's (base GEMMs) when it is composed of dense products, each
+# alone: forward H = x A^T, then H B^T written and the base GEMM adding into it (its extra cost: into a sum
+# minus alone); backward G = dY B, dB = dY^T H, dA = G^T x, and dx's low-rank write and sum the same way
+ADDED_PRODUCTS = ("down cuBLAS", "forward low-rank write", "forward: into a sum, extra", "up-grad cuBLAS",
+                  "grad_b cuBLAS", "grad_a cuBLAS", "dx low-rank write", "dx: into a sum, extra")
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,7 +126,12 @@ def run(rows: int, r: int = 16, dtype=torch.bfloat16, shapes: dict = SHAPES) -> 
         row["grad_a cuBLAS"] = _bench(lambda: gh.T @ x)
         gx = torch.randn(rows, d_in, device=DEVICE, dtype=dtype)
         row["up-add cuBLAS"] = _bench(lambda: gx.addmm_(gh, a))
-        _order_rows(row, x, g, base.weight, a, torch.randn(d_out, r, device=DEVICE, dtype=dtype), gh)
+        b = torch.randn(d_out, r, device=DEVICE, dtype=dtype)
+        h = torch.randn(rows, r, device=DEVICE, dtype=dtype)
+        row["up-grad cuBLAS"] = _bench(lambda: g @ b)
+        row["grad_b cuBLAS"] = _bench(lambda: g.T @ h)
+        _order_rows(row, x, g, base.weight, a, b, gh)
+        row["products LoRA adds, cuBLAS, each alone"] = sum(row[k] for k in ADDED_PRODUCTS)
         row["copy x (bandwidth ref)"] = _bench(lambda: x.clone())
         _qlora_rows(row, base, x, g, r)
         if triton:
@@ -200,6 +215,7 @@ def _order_rows(row: dict, x, g, w, a, b, gh) -> None:
         row[f"{name} low-rank add (alpha=2)"] = _bench(lambda: out.addmm_(low, m, alpha=2.0))
         row[f"{name}: base first"] = row[f"{name} base GEMM"] + row[f"{name} low-rank add (alpha=2)"]
         row[f"{name}: low-rank first"] = row[f"{name} low-rank write"] + row[f"{name} base GEMM into a sum (beta=2)"]
+        row[f"{name}: into a sum, extra"] = row[f"{name} base GEMM into a sum (beta=2)"] - row[f"{name} base GEMM"]
 
 
 def profile_layer(rows: int, p: float, r: int = 16) -> str:
@@ -245,6 +261,27 @@ def main() -> None:
     print("|---|" + "---:|" * len(results))
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{r[k]:.3f}" for r in results) + " |")
+    if not args.quick:
+        print_model_sums(results)
+
+
+def model_sums(results: list[dict]) -> dict:
+    """Each column summed over the adapted layers of Llama-3.2-1B (PER_LAYER x LAYERS), in ms: what LoRA adds
+    to a training step there is the difference to the floor's sum, without the rest of the step."""
+    counts = {r["shape"]: PER_LAYER[r["shape"]] * LAYERS for r in results}
+    return {k: sum(r[k] * counts[r["shape"]] for r in results)
+            for k in ("floor", "lorafit p=0.0", "lorafit p=0.05", "peft-style p=0.0", "peft-style p=0.05",
+                      "products LoRA adds, cuBLAS, each alone")}
+
+
+def print_model_sums(results: list[dict]) -> None:
+    sums = model_sums(results)
+    print(f"\n## summed over Llama-3.2-1B's adapted layers ({LAYERS} x q, k, v, o, gate, up, down), ms")
+    print(f"the adapted layers' floor: {sums['floor']:.1f}")
+    for k in ("lorafit p=0.0", "lorafit p=0.05", "peft-style p=0.0", "peft-style p=0.05"):
+        print(f"{k}: {sums[k]:.1f}, adds {sums[k] - sums['floor']:.1f}")
+    print(f"the products a LoRA step adds, cuBLAS, each alone: {sums['products LoRA adds, cuBLAS, each alone']:.1f} "
+          "(the least a LoRA built of dense products adds; each reads an activation-sized operand)")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def test_quick_benchmark_suite_runs(side_by_side):
     for title in ("Training step", "Training step under bf16 autocast", "Host time per adapted layer",
                   "Host time per adapted layer with dropout", "Triton compile time", "Peak RSS", "Inference",
                   "Loading an r=8 adapter", "SmolLM2", "SST-2", "QLoRA", "Mixed-adapter batch",
-                  "lorafit serve load test", "hot-load latency", "lorafit serve with a quantized base", "DDP gradient traffic",
+                  "lorafit serve load test", "hot-load latency", "lorafit serve with a quantized base",
+                  "DDP gradient traffic",
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
                   "Initialisations against the default", "LoftQ against QLoRA's start",
@@ -134,5 +135,22 @@ def test_quick_kernels_gpu_benchmark_runs(side_by_side):
     assert len(rows) == 2
     for row in rows:
         for key in ("floor", "lorafit p=0.05", "peft-style p=0.05", "forward: base first", "forward: low-rank first",
-                    "dx: base first", "dx: low-rank first"):
+                    "dx: base first", "dx: low-rank first", "products LoRA adds, cuBLAS, each alone"):
             assert row[key] > 0, key
+
+
+def test_products_bound_sums_kernel_rows_over_the_model(tmp_path):
+    """benchmarks.gpu's step part reads kernels_gpu.json from the same OUT: the floor plus the products LoRA adds,
+    each shape counted as often as Llama-3.2-1B adapts it (2 q/o, 2 k/v, 2 gate/up, 1 down, 16 layers)."""
+    from benchmarks import gpu
+
+    added = {"q/o 2048->2048": 0.01, "k/v 2048->512": 0.002, "gate/up 2048->8192": 0.03, "down 8192->2048": 0.04}
+    rows = [{"shape": shape, "floor": 1.0, "lorafit p=0.0": 1.5, "lorafit p=0.05": 2.0, "peft-style p=0.0": 1.0,
+             "peft-style p=0.05": 1.0, "products LoRA adds, cuBLAS, each alone": ms} for shape, ms in added.items()]
+    (tmp_path / "kernels_gpu.json").write_text(json.dumps(rows))
+    bound = gpu.products_bound(tmp_path, [0.09, 0.1, 0.11], quick=False)
+    per_layer = 2 * 0.01 + 2 * 0.002 + 2 * 0.03 + 0.04
+    assert bound["added_ms"] == pytest.approx(16 * per_layer)
+    assert bound["x_floor"] == pytest.approx((100 + 16 * per_layer) / 100)
+    assert bound["lorafit_p0_layers_add_ms"] == pytest.approx(16 * 7 * 0.5)
+    assert gpu.products_bound(tmp_path / "absent", [0.1], quick=False) is None
