@@ -409,7 +409,8 @@ class LoraConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads only LoRA adapters ('LORA')")
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads LoRA adapters ('LORA'), and "
+                             "AdaLoRA adapter directories ('ADALORA') through load_adapter / read_adapter")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown: list[str] = []

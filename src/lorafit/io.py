@@ -25,6 +25,7 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from lorafit import adalora
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
                            saved_modules, tied_lora_heads)
@@ -309,11 +310,15 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
         data = json.loads(config_json)
     except ValueError as exc:  # also bytes that are not UTF-8
         raise ValueError(f"{source}/{CONFIG_NAME}: not valid JSON ({exc})") from None
-    config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
+    is_adalora = isinstance(data, dict) and data.get("peft_type") == "ADALORA"
+    if not is_adalora:
+        config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
     try:
         tensors = tensors_from_bytes(weights)
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
+    if is_adalora:
+        return adalora.as_lora(data, tensors, f"{source}/{CONFIG_NAME}")
     if isinstance(data, dict) and data.get("use_bdlora"):
         tensors = _expand_block_diagonal(tensors, data["use_bdlora"], f"{source}/{CONFIG_NAME}")
     return config, tensors

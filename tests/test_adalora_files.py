@@ -1,0 +1,108 @@
+"""PEFT's AdaLoRA files load in lorafit as the LoRA they compute: the logits PEFT gives for the same file,
+and saved again as a LoRA file, the same logits in PEFT."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+peft = pytest.importorskip("peft")
+
+import lorafit  # noqa: E402
+from lorafit.io import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from tests.test_peft_interop import ATOL, assert_changes_output, build, inputs_for, outputs, peft_load  # noqa: E402
+
+CASES = {
+    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gpt2": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),  # Conv1D, weights stored (in, out)
+    "bert": dict(target_modules=["query", "value"], task_type="SEQ_CLS"),  # the classifier saved whole
+}
+
+
+def trained_adalora_file(arch: str, directory, init_r: int = 6) -> None:
+    """An AdaLoRA adapter as PEFT saves one after its rank allocation: random factors and singular values,
+    each module keeping some of its init_r rows (one module none, one all of them)."""
+    base = build(arch)
+    config = peft.AdaLoraConfig(init_r=init_r, target_r=2, total_step=10, lora_alpha=12, **CASES[arch])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    layers = [name for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_E")]
+    kept = [[bool(torch.rand(1, generator=g) < 0.6) for _ in range(init_r)] for _ in layers]
+    kept[0], kept[-1] = [False] * init_r, [True] * init_r
+    model.peft_config["default"].rank_pattern = {f"{n}.lora_E.default": k for n, k in zip(layers, kept)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the zero-sized tensors of the module that kept no rows
+        model.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_peft_adalora_file_gives_peft_s_outputs_and_saves_as_a_lora_peft_reads(arch, tmp_path):
+    trained_adalora_file(arch, tmp_path / "adalora")
+    ranks = {k: t.shape[0] for k, t in load_file(tmp_path / "adalora" / WEIGHTS_NAME).items()
+             if k.endswith(".lora_A")}
+    assert 0 in ranks.values() and 6 in ranks.values() and len(set(ranks.values())) > 2, ranks
+    inputs = inputs_for(arch)
+    base_out = outputs(build(arch), inputs)
+    want = outputs(peft_load(build(arch), tmp_path / "adalora"), inputs)
+    assert_changes_output(want, base_out)
+
+    model = build(arch)
+    with pytest.warns(UserWarning, match="AdaLoRA adapter, loaded as the plain LoRA"):
+        lorafit.load_adapter(model, tmp_path / "adalora")
+    torch.testing.assert_close(outputs(model, inputs), want, atol=ATOL, rtol=0)
+    config = lorafit.adapter_configs(model)["default"]
+    assert len(config.target_modules) == sum(1 for r in ranks.values() if r > 0)
+
+    lorafit.save_adapter(model, tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / CONFIG_NAME).read_text())["peft_type"] == "LORA"
+    torch.testing.assert_close(outputs(peft_load(build(arch), tmp_path / "lora"), inputs), want, atol=ATOL, rtol=0)
+    merged = lorafit.merge_and_unload(model)
+    torch.testing.assert_close(outputs(merged, inputs), want, atol=ATOL, rtol=0)
+
+
+def test_an_adalora_file_missing_a_factor_names_it_and_leaves_the_model_alone(tmp_path):
+    directory = tmp_path / "adalora"
+    trained_adalora_file("llama", directory)
+    tensors = load_file(directory / WEIGHTS_NAME)
+    gone = next(k for k, t in tensors.items() if k.endswith(".lora_E") and t.shape[0])
+    del tensors[gone]
+    save_file(tensors, directory / WEIGHTS_NAME)
+    model = build("llama")
+    with pytest.raises(ValueError, match=f"has no {gone.replace('.', '[.]')} tensor"):
+        lorafit.load_adapter(model, directory)
+    assert not lorafit.adapter_configs(model)
+
+
+def test_an_adalora_file_pruned_to_nothing_is_refused(tmp_path):
+    directory = tmp_path / "adalora"
+    trained_adalora_file("llama", directory)
+    tensors = {k: t[:0] if k.endswith((".lora_A", ".lora_E")) else t[:, :0] for k, t in
+               load_file(directory / WEIGHTS_NAME).items()}
+    save_file(tensors, directory / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="pruned every module to rank 0"):
+        lorafit.read_adapter(directory)
+
+
+def test_an_adalora_file_for_a_conv2d_layer_is_refused_naming_its_flat_factors(tmp_path):
+    """AdaLoRA keeps a Conv2d layer's A as (r, in * kh * kw), where a LoRA file holds (r, in, kh, kw)."""
+    def build_conv():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
+
+    model = peft.get_peft_model(build_conv(), peft.AdaLoraConfig(init_r=4, total_step=10, target_modules=["0"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "adalora")
+    with pytest.warns(UserWarning, match="AdaLoRA adapter"), \
+            pytest.raises(ValueError, match=r"'base_model.model.0.lora_A.weight' has shape \[4, 27\]"):
+        lorafit.load_adapter(build_conv(), tmp_path / "adalora")
