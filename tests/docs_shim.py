@@ -99,7 +99,7 @@ def lorafit(args: list[str]) -> None:
         run(command, [*real, *args, "--epochs", "1"])
     elif sub == "serve":
         run(command, [*real, *args, "--port", PORT])
-    elif sub in ("merge", "inspect", "--version", "--help"):
+    elif sub in ("merge", "inspect", "convert", "--version", "--help"):
         run(command, [*real, *args])
     else:
         refuse(command, f"unknown lorafit subcommand {sub!r}")

@@ -16,18 +16,22 @@ import lorafit  # noqa: E402
 from lorafit.io import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from tests.test_peft_interop import ATOL, assert_changes_output, build, inputs_for, outputs, peft_load  # noqa: E402
 
-CASES = {
-    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
-    "gpt2": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),  # Conv1D, weights stored (in, out)
-    "bert": dict(target_modules=["query", "value"], task_type="SEQ_CLS"),  # the classifier saved whole
+CASES = {  # name: (model, AdaLoRA options)
+    "llama": ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    # Conv1D, weights stored (in, out)
+    "gpt2": ("gpt2", dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "bert": ("bert", dict(target_modules=["query", "value"], task_type="SEQ_CLS")),  # the classifier saved whole
+    # the adapted modules' biases saved too, the pruned module's included (under PEFT's wrapper's name)
+    "bert, bias lora_only": ("bert", dict(target_modules=["query", "value"], bias="lora_only")),
 }
 
 
-def trained_adalora_file(arch: str, directory, init_r: int = 6) -> None:
+def trained_adalora_file(case: str, directory, init_r: int = 6) -> None:
     """An AdaLoRA adapter as PEFT saves one after its rank allocation: random factors and singular values,
     each module keeping some of its init_r rows (one module none, one all of them)."""
+    arch, options = CASES[case]
     base = build(arch)
-    config = peft.AdaLoraConfig(init_r=init_r, target_r=2, total_step=10, lora_alpha=12, **CASES[arch])
+    config = peft.AdaLoraConfig(init_r=init_r, target_r=2, total_step=10, lora_alpha=12, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(base, config)
@@ -45,9 +49,10 @@ def trained_adalora_file(arch: str, directory, init_r: int = 6) -> None:
         model.save_pretrained(directory)
 
 
-@pytest.mark.parametrize("arch", sorted(CASES))
-def test_peft_adalora_file_gives_peft_s_outputs_and_saves_as_a_lora_peft_reads(arch, tmp_path):
-    trained_adalora_file(arch, tmp_path / "adalora")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adalora_file_gives_peft_s_outputs_and_saves_as_a_lora_peft_reads(case, tmp_path):
+    arch, options = CASES[case]
+    trained_adalora_file(case, tmp_path / "adalora")
     ranks = {k: t.shape[0] for k, t in load_file(tmp_path / "adalora" / WEIGHTS_NAME).items()
              if k.endswith(".lora_A")}
     assert 0 in ranks.values() and 6 in ranks.values() and len(set(ranks.values())) > 2, ranks
@@ -61,7 +66,8 @@ def test_peft_adalora_file_gives_peft_s_outputs_and_saves_as_a_lora_peft_reads(a
         lorafit.load_adapter(model, tmp_path / "adalora")
     torch.testing.assert_close(outputs(model, inputs), want, atol=ATOL, rtol=0)
     config = lorafit.adapter_configs(model)["default"]
-    assert len(config.target_modules) == sum(1 for r in ranks.values() if r > 0)
+    pruned_ones_kept = "bias" in options  # with their biases, as rank-1 zeros
+    assert len(config.target_modules) == sum(1 for r in ranks.values() if r > 0 or pruned_ones_kept)
 
     lorafit.save_adapter(model, tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / CONFIG_NAME).read_text())["peft_type"] == "LORA"
@@ -106,3 +112,28 @@ def test_an_adalora_file_for_a_conv2d_layer_is_refused_naming_its_flat_factors(t
     with pytest.warns(UserWarning, match="AdaLoRA adapter"), \
             pytest.raises(ValueError, match=r"'base_model.model.0.lora_A.weight' has shape \[4, 27\]"):
         lorafit.load_adapter(build_conv(), tmp_path / "adalora")
+
+
+def test_lorafit_convert_writes_the_lora_an_adalora_file_computes(tmp_path, capsys):
+    """`lorafit convert` (no base model needed): a LoRA file PEFT reads to PEFT's logits for the AdaLoRA file;
+    --dtype casts the tensors; an adapter already in OUT stays unless --overwrite."""
+    from lorafit.cli import main
+
+    trained_adalora_file("bert", tmp_path / "adalora")
+    inputs = inputs_for("bert")
+    want = outputs(peft_load(build("bert"), tmp_path / "adalora"), inputs)
+    with pytest.warns(UserWarning, match="AdaLoRA adapter"):
+        assert main(["convert", str(tmp_path / "adalora"), str(tmp_path / "lora")]) == 0
+    assert "a LoRA adapter (r=6)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "lora" / CONFIG_NAME).read_text())["peft_type"] == "LORA"
+    torch.testing.assert_close(outputs(peft_load(build("bert"), tmp_path / "lora"), inputs), want, atol=ATOL, rtol=0)
+
+    before = (tmp_path / "lora" / WEIGHTS_NAME).read_bytes()
+    with pytest.warns(UserWarning, match="AdaLoRA adapter"):
+        assert main(["convert", str(tmp_path / "adalora"), str(tmp_path / "lora"), "--dtype", "bfloat16"]) == 2
+    assert "already holds an adapter; --overwrite replaces it" in capsys.readouterr().err
+    assert (tmp_path / "lora" / WEIGHTS_NAME).read_bytes() == before
+    assert main(["convert", str(tmp_path / "lora"), str(tmp_path / "lora"), "--dtype", "bfloat16"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "lora" / WEIGHTS_NAME).values()} == {torch.bfloat16}
+    torch.testing.assert_close(outputs(peft_load(build("bert"), tmp_path / "lora"), inputs), want, atol=0.05,
+                               rtol=0.05)

@@ -60,8 +60,14 @@ def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
         if a.dim() != 2 or tuple(e.shape) != (k, 1) or b.dim() != 2 or b.shape[1] != k:
             raise ValueError(f"{source}: module {name!r}: lora_A {list(a.shape)}, lora_E {list(e.shape)} and "
                              f"lora_B {list(b.shape)} are not AdaLoRA's (k x d_in), (k x 1), (d_out x k)")
-        if k:  # rank 0: AdaLoRA pruned the module away
+        if k:
             ranks[name] = k
+        elif data.get("bias", "none") != "none":
+            # pruned to rank 0, but PEFT still wraps it, and saves its bias under the wrapper's name: adapted
+            # here too, with zero factors of rank 1, so that the bias loads where the file puts it
+            ranks[name] = 1
+            f["lora_E"], f["lora_A"], f["lora_B"] = e.new_zeros(1, 1), a.new_zeros(1, a.shape[1]), b.new_zeros(
+                b.shape[0], 1)
     if not ranks:
         raise ValueError(f"{source}: AdaLoRA pruned every module to rank 0; the adapter changes nothing")
 

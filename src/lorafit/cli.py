@@ -17,10 +17,12 @@ import argparse
 import collections
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 import lorafit
+from lorafit.io import CONFIG_NAME
 
 
 def _positive_int(text: str) -> int:
@@ -87,6 +89,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     total = sum(t.numel() for t in tensors.values())
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"\n{len(tensors)} tensors, {total:,} parameters ({size:,} bytes)")
+    return 0
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    config, tensors = lorafit.read_adapter(args.src)  # AdaLoRA and BD-LoRA files come back as plain LoRA
+    labels = lorafit.read_labels(args.src)
+    out = Path(args.out)
+    if out.resolve() != Path(args.src).resolve() and (out / CONFIG_NAME).exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds an adapter; --overwrite replaces it")
+    if args.dtype:
+        dtype = _DTYPES[args.dtype]
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    lorafit.write_adapter(out, config, tensors, labels=labels)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"wrote {out}: a LoRA adapter (r={config.r}), {len(tensors)} tensors, {size:,} bytes")
     return 0
 
 
@@ -212,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                                          "directory (adapter_config.json + adapter_model.safetensors).")
     inspect.add_argument("dir", metavar="DIR", help="adapter directory")
     inspect.set_defaults(func=cmd_inspect)
+
+    convert = sub.add_parser("convert", help="rewrite an adapter directory as a plain LoRA adapter (PEFT's files)",
+                             description="Read an adapter directory as lorafit loads it (a PEFT AdaLoRA or BD-LoRA "
+                                         "file as the plain LoRA it computes) and write it as a LoRA adapter, "
+                                         "which PEFT and LoRA-serving engines read; optionally in another dtype.")
+    convert.add_argument("src", metavar="SRC", help="adapter directory to read")
+    convert.add_argument("out", metavar="OUT", help="adapter directory to write")
+    convert.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the adapter's tensors (default: as stored)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an adapter already in OUT")
+    convert.set_defaults(func=cmd_convert)
 
     set_help = "override a config key, e.g. --set train.lr=1e-4 --set lora.r=16 (repeatable)"
     from lorafit.train.distributed import LAUNCH_HELP  # torch only: keeps --help fast
