@@ -1,11 +1,13 @@
 """lorafit on one CUDA GPU: ``python -m benchmarks.gpu [--quick] [--out DIR] [--only NAMES] [--data DIR]``.
 
-Parts (``--only step,infer,mixed,moe,e2e``; each runs on its own, and a part or a variant that fails prints
+Parts (``--only step,step95m,infer,mixed,moe,e2e``; each runs on its own, and a part or a variant that fails prints
 its traceback while the others still run; the exit status is 1 if anything failed):
 
   step   one training step (forward, causal-LM loss, backward, AdamW) at Llama-3.2-1B's shape with
          random weights, bf16, batch 8 x 1024: full fine-tuning, the floor, PEFT and lorafit LoRA
          (r=16, alpha 32 on q/k/v/o/gate/up/down) with dropout 0.05 and 0
+  step95m  the e2e part's 94M Llama, one step (batch 16 x 256): full, the floor, PEFT and lorafit LoRA, their
+         time and how much of it the GPU is busy (the rest it waits for the host)
   infer  forward of a 32 x 256 batch (eval, inference_mode), same shape: the base model, lorafit and
          PEFT unmerged (one r=16 adapter), lorafit merged
   mixed  32 lorafit adapters, row i of a 32 x 256 batch on adapter i (adapter_per_row), against the
@@ -60,7 +62,7 @@ from lorafit.lorafa import LoraFAProjection  # noqa: E402
 from benchmarks.timing import median, ratios, spread, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("step", "infer", "mixed", "moe", "e2e")
+PARTS = ("step", "step95m", "infer", "mixed", "moe", "e2e")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32
 GiB = 2**30
@@ -326,6 +328,68 @@ def part_step(args, device: torch.device) -> dict:
     bound = products_bound(Path(args.out), times.get("floor"), quick=args.quick)
     return {"batch": [batch, seq], "startup_s": startup_s, "info": info, "times_s": times,
             "median_s": {k: median(v) for k, v in times.items()}, "products_bound": bound}
+
+
+def part_step95m(args, device: torch.device) -> dict:
+    """The e2e part's 94M Llama, one training step (batch 16 x 256, bf16, fused AdamW as `lorafit train` uses):
+    time, and how much of it the GPU is busy (its kernels' time from torch.profiler over the step's wall time).
+    A small model's LoRA step can wait for the host that issues its layers: this says where the e2e part's
+    LoRA / full ratio comes from."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaConfig
+
+    batch, seq = (2, 32) if args.quick else (16, 256)
+    n = 2 if args.quick else 10
+    cfg = LlamaConfig(**(E2E_QUICK if args.quick else E2E_SIZES)["95m"], vocab_size=8000,
+                      attn_implementation="sdpa")
+    base = build_llama(cfg, device)
+    ids = token_ids(cfg, batch, seq, device)
+    specs = [("full", None), ("floor", None), ("peft", 0.05), ("lorafit", 0.05), ("peft", 0.0), ("lorafit", 0.0)]
+    keys = [kind if dropout is None else f"{kind} (dropout {dropout:g})" for kind, dropout in specs]
+
+    def prepare(kind: str, dropout: float | None) -> Callable[[], None]:
+        model = make_variant(base, kind, dropout)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                fused=device.type == "cuda")
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        triton_warmup.wait()
+        return step
+
+    steps = {}
+    for key, (kind, dropout) in zip(keys, specs):
+        step = attempt(f"step95m: {key}", lambda: prepare(kind, dropout))
+        if step is not None:
+            steps[key] = step
+    times = rounds({k: (lambda step=step: timed(step, device)) for k, step in steps.items()}, n, 0, "step95m")
+    busy_s = {}
+    for key, step in steps.items():
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        busy_s[key] = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 3e6
+    rows = []
+    for key in keys:
+        busy = busy_s.get(key)
+        share = f"{busy / median(times[key]):.0%}" if busy is not None and key in times else ""
+        rows.append([key, ms(times, key, ".1f"), vs(times, key, "full"), vs(times, key, "floor"),
+                     vs(times, key, key.replace("lorafit", "peft")) if key.startswith("lorafit") else "",
+                     "" if busy is None else f"{1000 * busy:.1f}", share])
+    report(f"Training step, the e2e part's 94M Llama ({sum(p.numel() for p in base.parameters()) / 1e6:.0f}M "
+           f"params, random), bf16, batch {batch} x {seq}, LoRA r={R} on 7 targets, {n} interleaved rounds",
+           table(rows, ["variant", "median ms [IQR]", "x full", "x floor", "x PEFT", "GPU busy ms", "busy"]),
+           "GPU busy: the step's kernels, summed (torch.profiler, 3 steps, after the timed rounds), over its median "
+           "wall time; the rest of the step the GPU waits for the host to issue work. AdamW fused for all.")
+    return {"batch": [batch, seq], "times_s": times, "median_s": {k: median(v) for k, v in times.items()},
+            "gpu_busy_s": busy_s}
 
 
 def products_bound(out: Path, floor: list[float] | None, quick: bool) -> dict | None:

@@ -105,18 +105,21 @@ def test_quick_benchmark_suite_runs(side_by_side):
 
 @pytest.mark.side_by_side("bench:gpu-quick")
 def test_quick_gpu_benchmark_runs(side_by_side):
-    """benchmarks/gpu.py --quick: every part (step, infer, mixed, moe, lorafit train end to end) on tiny shapes."""
+    """benchmarks/gpu.py --quick: every part (step, step95m, infer, mixed, moe, lorafit train end to end) on tiny
+    shapes."""
     pytest.importorskip("peft")
     pytest.importorskip("tokenizers")
     proc, out = side_by_side["bench:gpu-quick"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for title in ("Training step", "Inference forward", "Mixed-adapter batch", "Mixture of experts",
+    for title in ("Training step", "the e2e part's 94M Llama", "Inference forward", "Mixed-adapter batch",
+                  "Mixture of experts",
                   "lorafit train end to end",
                   "## Summary", "all parts ran"):
         assert title in proc.stdout
     data = json.loads((out / "gpu.json").read_text())
-    assert {"meta", "step", "infer", "mixed", "moe", "e2e"} <= set(data)
-    assert all(t > 0 for part in ("step", "infer", "mixed", "moe") for t in data[part]["median_s"].values())
+    assert {"meta", "step", "step95m", "infer", "mixed", "moe", "e2e"} <= set(data)
+    assert all(t > 0 for part in ("step", "step95m", "infer", "mixed", "moe") for t in data[part]["median_s"].values())
+    assert len(data["step95m"]["median_s"]) == len(data["step95m"]["gpu_busy_s"]) == 6
     assert len(data["moe"]["median_s"]) == 3
     e2e = data["e2e"]["results"]
     assert e2e["95m: LoRA, train.compile, Triton cache warm"]["trainable"] == e2e["95m: LoRA, Triton cache empty"][
