@@ -137,3 +137,25 @@ def test_lorafit_convert_writes_the_lora_an_adalora_file_computes(tmp_path, caps
     assert {t.dtype for t in load_file(tmp_path / "lora" / WEIGHTS_NAME).values()} == {torch.bfloat16}
     torch.testing.assert_close(outputs(peft_load(build("bert"), tmp_path / "lora"), inputs), want, atol=0.05,
                                rtol=0.05)
+
+
+def test_the_serving_registry_lists_and_serves_an_adalora_adapter(tmp_path):
+    """`lorafit serve`'s registry: an AdaLoRA directory listed with the rank it loads with (init_r) before it is
+    loaded, then served with PEFT's logits."""
+    from lorafit.serve.registry import AdapterRegistry
+
+    trained_adalora_file("llama", tmp_path / "adapters" / "ada")
+    ids = inputs_for("llama")["input_ids"]
+    with torch.no_grad():
+        want = peft_load(build("llama"), tmp_path / "adapters" / "ada")(input_ids=ids).logits
+    registry = AdapterRegistry(build("llama"), tmp_path / "adapters")
+    row = {r["name"]: r for r in registry.describe()}["ada"]
+    assert row["rank"] == 6 and row["size_bytes"] > 0 and not row["loaded"]
+    with pytest.warns(UserWarning, match="AdaLoRA adapter"):
+        entry = registry.acquire("ada")
+    try:
+        with registry.model_lock, torch.no_grad(), lorafit.adapter_per_row(registry.model, [entry.internal] * 2):
+            got = registry.model(input_ids=ids).logits
+    finally:
+        registry.release(entry)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

@@ -28,13 +28,19 @@ _KEPT = ("lora_dropout", "fan_in_fan_out", "bias", "modules_to_save", "task_type
          "inference_mode")
 
 
+def initial_rank(data: dict[str, Any], source: str) -> int:
+    """The rank AdaLoRA started from (``init_r``): the r of the LoRA it loads as, every module's rank at most."""
+    init_r = data.get("init_r", 12)
+    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
+        raise ValueError(f"{source}: init_r must be an integer >= 1, got {init_r!r}")
+    return init_r
+
+
 def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
             ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The LoRA config and PEFT-keyed tensors of the AdaLoRA adapter ``data`` (its adapter_config.json) with
     ``tensors`` (its weights); ``source`` names the config file in errors."""
-    init_r = data.get("init_r", 12)
-    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
-        raise ValueError(f"{source}: init_r must be an integer >= 1, got {init_r!r}")
+    init_r = initial_rank(data, source)
     alpha = data.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"{source}: lora_alpha must be a number, got {alpha!r}")

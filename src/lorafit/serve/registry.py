@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -43,6 +44,7 @@ from pathlib import Path
 from torch import nn
 
 import lorafit
+from lorafit import adalora
 from lorafit.batched import param_shapes
 from lorafit.config import modifies_base_weight
 from lorafit.io import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, parse_labels
@@ -416,9 +418,16 @@ def _labels(data: bytes | None) -> list[str] | None:
 
 
 def _peek(path: Path) -> tuple[int | None, int | None]:
-    """Rank and weight-file size of an adapter that is not loaded (without reading the weights)."""
+    """Rank (the r it would load with) and weight-file size of an adapter that is not loaded (without reading
+    the weights); None for what cannot be read."""
     try:
-        config = lorafit.LoraConfig.load(path / CONFIG_NAME)
-        return config.r, (path / WEIGHTS_NAME).stat().st_size
-    except (OSError, ValueError):
+        size = (path / WEIGHTS_NAME).stat().st_size
+    except OSError:
         return None, None
+    try:
+        data = json.loads((path / CONFIG_NAME).read_bytes())
+        if isinstance(data, dict) and data.get("peft_type") == "ADALORA":
+            return adalora.initial_rank(data, str(path / CONFIG_NAME)), size
+        return lorafit.LoraConfig.from_dict(data, source=str(path / CONFIG_NAME)).r, size
+    except (OSError, ValueError):
+        return None, size
