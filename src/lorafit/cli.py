@@ -14,6 +14,7 @@ message on stderr and exit status 2, like argparse's own usage errors.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import os
@@ -129,7 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun worker whose run finished: everything is written and the process group is gone. Leave
         # without the interpreter's teardown, where gloo's worker threads, meeting objects being destroyed,
-        # can abort the process (SIGABRT) and torchrun would report a finished run as failed.
+        # can abort the process (SIGABRT) and torchrun would report a finished run as failed. The exit
+        # handlers still run first (logging's flush, the Triton warm-up helper's stop), as at a normal exit.
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
