@@ -20,7 +20,6 @@ import torch
 
 from lorafit.config import LoraConfig
 
-_PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_E", "lora_B")
 # AdaLoRA's LoRA options that mean the same for the LoRA it computes; the rest (its rank schedule, its
 # boolean rank_pattern, the unused r, rslora, alpha_pattern) either drive training or are ignored by AdaLoRA
@@ -36,10 +35,10 @@ def initial_rank(data: dict[str, Any], source: str) -> int:
     return init_r
 
 
-def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
+def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, source: str
             ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The LoRA config and PEFT-keyed tensors of the AdaLoRA adapter ``data`` (its adapter_config.json) with
-    ``tensors`` (its weights); ``source`` names the config file in errors."""
+    ``tensors`` (its weights, keyed ``prefix`` + module + factor); ``source`` names the config file in errors."""
     init_r = initial_rank(data, source)
     alpha = data.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
@@ -51,15 +50,15 @@ def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         module, _, factor = key.rpartition(".")
-        if factor in _FACTORS and module.startswith(_PREFIX):
-            factors.setdefault(module.removeprefix(_PREFIX), {})[factor] = t
+        if factor in _FACTORS and module.startswith(prefix):
+            factors.setdefault(module.removeprefix(prefix), {})[factor] = t
         else:
             out[key] = t  # modules_to_save copies and biases: as a LoRA file holds them
     ranks: dict[str, int] = {}
     for name, f in factors.items():
         missing = [x for x in _FACTORS if x not in f]
         if missing:
-            raise ValueError(f"{source}: module {name!r} has no {', '.join(_PREFIX + name + '.' + x for x in missing)}"
+            raise ValueError(f"{source}: module {name!r} has no {', '.join(prefix + name + '.' + x for x in missing)}"
                              " tensor")
         a, e, b = f["lora_A"], f["lora_E"], f["lora_B"]
         k = a.shape[0] if a.dim() == 2 else -1
@@ -90,8 +89,8 @@ def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
         low = torch.promote_types(f["lora_A"].dtype, torch.float32)
         a = (f["lora_E"].to(low) * f["lora_A"].to(low)).to(f["lora_A"].dtype)
         b = (f["lora_B"].to(low) * (applied / config.scale_for(name))).to(f["lora_B"].dtype)
-        out[f"{_PREFIX}{name}.lora_A.weight"] = a
-        out[f"{_PREFIX}{name}.lora_B.weight"] = b
+        out[f"{prefix}{name}.lora_A.weight"] = a
+        out[f"{prefix}{name}.lora_B.weight"] = b
     warnings.warn(f"{source}: an AdaLoRA adapter, loaded as the plain LoRA it computes ({len(ranks)} modules, "
                   f"ranks {min(ranks.values())} to {max(ranks.values())}; A times its singular values E, the scale "
                   "folded into B); its rank allocation does not continue, and saving writes a LoRA file",

@@ -310,18 +310,30 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
         data = json.loads(config_json)
     except ValueError as exc:  # also bytes that are not UTF-8
         raise ValueError(f"{source}/{CONFIG_NAME}: not valid JSON ({exc})") from None
-    is_adalora = isinstance(data, dict) and data.get("peft_type") == "ADALORA"
-    if not is_adalora:
+    if not _is_adalora(data):
         config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
     try:
         tensors = tensors_from_bytes(weights)
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
-    if is_adalora:
-        return adalora.as_lora(data, tensors, f"{source}/{CONFIG_NAME}")
+    if _is_adalora(data):
+        return adalora.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
     if isinstance(data, dict) and data.get("use_bdlora"):
         tensors = _expand_block_diagonal(tensors, data["use_bdlora"], f"{source}/{CONFIG_NAME}")
     return config, tensors
+
+
+def _is_adalora(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("peft_type") == "ADALORA"
+
+
+def adapter_rank(config_json: bytes, source: str = CONFIG_NAME) -> int:
+    """The r an adapter loads with, from its config file's bytes alone (AdaLoRA's: its initial rank)."""
+    try:
+        data = json.loads(config_json)
+    except ValueError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc})") from None
+    return adalora.initial_rank(data, source) if _is_adalora(data) else LoraConfig.from_dict(data, source=source).r
 
 
 def _expand_block_diagonal(tensors: dict[str, torch.Tensor], bd: Any, source: str) -> dict[str, torch.Tensor]:
@@ -335,7 +347,7 @@ def _expand_block_diagonal(tensors: dict[str, torch.Tensor], bd: Any, source: st
     patterns = {"lora_A": bd.get("target_modules_bd_a") or [], "lora_B": bd.get("target_modules_bd_b") or []}
     out = dict(tensors)
     for key, t in tensors.items():
-        module, _, factor = key.removeprefix("base_model.model.").rpartition(".")[0].rpartition(".")
+        module, _, factor = key.removeprefix(PREFIX).rpartition(".")[0].rpartition(".")
         if factor not in patterns or not any(p in module for p in patterns[factor]):
             continue
         if t.dim() != 2 or t.shape[0] % n:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 import re
@@ -44,10 +43,9 @@ from pathlib import Path
 from torch import nn
 
 import lorafit
-from lorafit import adalora
 from lorafit.batched import param_shapes
 from lorafit.config import modifies_base_weight
-from lorafit.io import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, parse_labels
+from lorafit.io import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, adapter_rank, parse_labels
 from lorafit.model import saved_modules
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -425,9 +423,6 @@ def _peek(path: Path) -> tuple[int | None, int | None]:
     except OSError:
         return None, None
     try:
-        data = json.loads((path / CONFIG_NAME).read_bytes())
-        if isinstance(data, dict) and data.get("peft_type") == "ADALORA":
-            return adalora.initial_rank(data, str(path / CONFIG_NAME)), size
-        return lorafit.LoraConfig.from_dict(data, source=str(path / CONFIG_NAME)).r, size
+        return adapter_rank((path / CONFIG_NAME).read_bytes(), str(path / CONFIG_NAME)), size
     except (OSError, ValueError):
         return None, size
