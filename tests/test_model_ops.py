@@ -175,8 +175,6 @@ def test_unsupported_layer_type_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     with pytest.raises(ValueError, match=r"matches '1', a LayerNorm; lorafit can adapt Linear \(also quantized\), Embedding"):
         lorafit.attach(model, LoraConfig(target_modules=["1"]))
-    with pytest.raises(ValueError, match="grouped convolution"):
-        lorafit.attach(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoraConfig(target_modules=["0"]))
     mha = nn.Sequential(nn.MultiheadAttention(8, 2))
     with pytest.raises(ValueError, match="nn.MultiheadAttention"):
         lorafit.attach(mha, LoraConfig(target_modules=["out_proj"]))

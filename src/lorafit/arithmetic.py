@@ -33,6 +33,7 @@ import re
 import torch
 from torch import nn
 
+from lorafit.layers.base import grouped_pointwise
 from lorafit.model import adapter_configs, attach, lora_layers, saved_modules
 from lorafit.task_merging import KINDS, SIGN_METHODS, merge_task_vectors
 
@@ -126,7 +127,8 @@ def combine_adapters(
             target = merge_task_vectors([_delta_matrix(layer, {n: 1.0}) for n in weights], list(weights.values()),
                                         method.removesuffix("_svd"), density, majority_sign_method, generator)
             factors[path] = _truncated(layer, weights, target, rank)
-        errors[path] = _relative_error(target if truncates else _delta_matrix(layer, weights), *factors[path])
+        errors[path] = _relative_error(target if truncates else _delta_matrix(layer, weights), *factors[path],
+                                       layer.b_groups)
 
     first = configs[next(iter(weights))]
     ranks = {path: a.shape[0] for path, (a, _) in factors.items()}
@@ -179,7 +181,12 @@ def _outermost(paths) -> list[str]:
 
 
 def _exact(layer, weights):
-    a = torch.cat([layer.factors_a[n] * (w * layer.scaling[n]) for n, w in weights.items()], dim=0)
+    """Stacked along the rank. A grouped B (``b_groups`` G > 1) maps each group's block of A's rows to that
+    group's outputs, so A's rows stack group by group: group j gets every adapter's group-j rows, in the order
+    of B's columns."""
+    groups = layer.b_groups
+    a = torch.cat([(layer.factors_a[n] * (w * layer.scaling[n])).unflatten(0, (groups, -1))
+                   for n, w in weights.items()], dim=1).flatten(0, 1)
     b = torch.cat([layer.factors_b[n] for n in weights], dim=1)
     return a, b
 
@@ -197,29 +204,35 @@ def _delta_matrix(layer, weights) -> torch.Tensor:
     """sum w_i s_i B_i A_i as a (B-rows x A-columns) matrix, in float32 or better."""
     total = None
     for n, w in weights.items():
-        a, b = layer.factors_a[n], layer.factors_b[n]
+        a, b = layer.factors_a[n], layer.b_matrix(n)
         dt = torch.promote_types(a.dtype, torch.float32)
-        d = (b.to(dt).flatten(1) @ a.to(dt).flatten(1)) * (w * layer.scaling[n])
+        d = (b.to(dt) @ a.to(dt).flatten(1)) * (w * layer.scaling[n])
         total = d if total is None else total + d
     return total
 
 
 def _truncated(layer, weights, delta: torch.Tensor, rank: int):
-    """Factors of the best rank-``rank`` approximation of ``delta``, shaped as the adapters' factors."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
+    """Factors of the best rank-``rank`` approximation of ``delta``, shaped as the adapters' factors. Where B is
+    grouped (``b_groups`` G > 1), each group's rows of ``delta`` get their own rank-``rank / G`` approximation
+    (``rank`` rounded up to a multiple of G): the best such adapter, as its groups share nothing."""
+    groups = layer.b_groups
+    per_group = -(-rank // groups)
     any_a = layer.factors_a[next(iter(weights))]
     any_b = layer.factors_b[next(iter(weights))]
-    a = (root[:, None] * vh[:k]).view(k, *any_a.shape[1:])
-    b = (u[:, :k] * root[None, :]).view(any_b.shape[0], k, *any_b.shape[2:])
-    if k < rank:  # fewer singular values than asked for: pad with zeros to the requested rank
-        a = torch.cat([a, a.new_zeros(rank - k, *a.shape[1:])])
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k, *b.shape[2:])], dim=1)
+    a_parts, b_parts = [], []
+    for rows in delta.chunk(groups):
+        u, s, vh = torch.linalg.svd(rows, full_matrices=False)
+        k = min(per_group, s.numel())
+        root = s[:k].sqrt()
+        # fewer singular values than asked for: zeros up to the requested rank
+        a_parts.append(torch.cat([root[:, None] * vh[:k], vh.new_zeros(per_group - k, vh.shape[1])]))
+        b_parts.append(torch.cat([u[:, :k] * root[None, :], u.new_zeros(u.shape[0], per_group - k)], dim=1))
+    a = torch.cat(a_parts).view(groups * per_group, *any_a.shape[1:])
+    b = torch.cat(b_parts).view(any_b.shape[0], per_group, *any_b.shape[2:])
     return a.to(any_a.dtype), b.to(any_b.dtype)
 
 
-def _relative_error(target: torch.Tensor, a, b) -> float:
-    got = b.to(target.dtype).flatten(1) @ a.to(target.dtype).flatten(1)
+def _relative_error(target: torch.Tensor, a, b, groups: int) -> float:
+    got = grouped_pointwise(b.to(target.dtype), groups) @ a.to(target.dtype).flatten(1)
     norm = target.norm()
     return 0.0 if norm == 0 else ((target - got).norm() / norm).item()

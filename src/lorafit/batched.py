@@ -57,6 +57,7 @@ from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, M
                             TiedLoraHead, TiedTokens, TrainableTokens)
 from lorafit.kernels.linear import LowRank, lora_linear
 from lorafit.layers import dora
+from lorafit.layers.base import grouped_pointwise
 from lorafit.layers.conv import conv_function
 from lorafit.layers.embedding import embed_scale
 from lorafit.model import adapter_configs, wrapped_modules
@@ -221,7 +222,7 @@ def _update_layer_stacks(layer: LoraLayer, names: list[str], old: _LayerStacks |
             sb[i, :k] = b.T * s
         elif isinstance(layer, Conv):
             sa[i, :k] = a
-            sb[i, :, :k] = b.flatten(1) * s
+            sb[i, :, :k] = grouped_pointwise(b, layer.b_groups) * s  # block-diagonal for a grouped convolution
         else:
             sa[i, :k] = a
             sb[i, :k] = b.T * s

@@ -702,12 +702,16 @@ def _retie(model: nn.Module) -> None:
 
 def _check_mergeable(model: nn.Module, names: list[str]) -> None:
     """Before any layer merges: an adapter's own bias (lora_bias) needs a base bias to go into, and an aLoRA
-    adapter (which applies only from its invocation on) cannot be merged at all."""
+    adapter (which applies only from its invocation on) or one a layer cannot hold (``merge_refusal``) cannot be
+    merged at all."""
     activated = [n for n in names if adapter_configs(model)[n].alora_invocation_tokens is not None]
     if activated:
         raise ValueError(f"adapter {activated[0]!r} is an aLoRA adapter (alora_invocation_tokens): it applies only "
                          "from its invocation on, and merged it would apply everywhere; nothing was merged")
     for path, layer in lora_layers(model):
+        refusals = [layer.merge_refusal(n) for n in names if n in layer.adapter_names and n not in layer.merged]
+        if any(refusals):
+            raise ValueError(f"{path!r}: {next(r for r in refusals if r)}; nothing was merged")
         biased = [n for n in names if n in layer.lora_B_bias and n not in layer.merged]
         if biased and getattr(layer.base_layer, "bias", None) is None:
             raise ValueError(f"adapter {biased[0]!r} has a bias of its own (lora_bias=True), but {path!r} has no "

@@ -42,6 +42,20 @@ def orthogonal_pair_(a: torch.Tensor, b: torch.Tensor) -> None:
     b.copy_(b_flat.reshape(b.shape))
 
 
+def grouped_pointwise(b: torch.Tensor, groups: int) -> torch.Tensor:
+    """B as the dense (features, r) matrix it applies. A grouped B (a grouped convolution's 1x1 B, (C_out, r/G,
+    1, ...)) is block-diagonal: output channel o of group j = o // (C_out / G) reads columns j r/G to
+    (j + 1) r/G, the rest are zero."""
+    if groups == 1:
+        return b.flatten(1)
+    out, per_group = b.shape[0], b.shape[1]
+    rows = b.flatten(1).view(groups, out // groups, per_group)
+    dense = rows.new_zeros(groups, out // groups, groups, per_group)
+    index = torch.arange(groups, device=b.device)
+    dense[index, :, index] = rows
+    return dense.view(out, groups * per_group)
+
+
 class InPlaceOf(nn.Module):
     """A module that stands in for another (``stand_in_for``): anything not found on it (in_features, weight,
     padding_idx, ...) is the other's, so code that inspects the model keeps working. ``OWN`` names the
@@ -95,6 +109,8 @@ class LoraLayer(InPlaceOf):
     drops_input = True
     # Set by lorafit.batched.adapter_per_row: a forward in which each batch row has its own adapter.
     row_plan = None
+    # B's groups: a grouped convolution's B maps each group's r / b_groups rows of A to that group's outputs
+    b_groups = 1
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -135,6 +151,10 @@ class LoraLayer(InPlaceOf):
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
+
+    def b_matrix(self, name: str) -> torch.Tensor:
+        """B as the dense (features, r) matrix it applies (see ``grouped_pointwise``)."""
+        return grouped_pointwise(self.factors_b[name], self.b_groups)
 
     def target_weight(self) -> torch.Tensor:
         """The frozen weight that ``B A`` changes: what merging folds into."""
@@ -225,8 +245,9 @@ class LoraLayer(InPlaceOf):
                 raise ValueError(f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}")
             if name in self.lora_B_bias and init is not None:
                 bias = self.lora_B_bias[name]
-                if init is False:  # random, as B is: a Linear(r, d_out)'s own initialisation
-                    nn.init.uniform_(bias, -1 / math.sqrt(self.rank[name]), 1 / math.sqrt(self.rank[name]))
+                if init is False:  # random, as B is: the initialisation of B's own layer (fan-in: B's columns)
+                    bound = 1 / math.sqrt(b[0].numel())
+                    nn.init.uniform_(bias, -bound, bound)
                 else:
                     nn.init.zeros_(bias)
 
@@ -251,6 +272,10 @@ class LoraLayer(InPlaceOf):
         self.active = [n for n in names if n in self.factors_a]
 
     # -- merging -----------------------------------------------------------------
+    def merge_refusal(self, name: str) -> str | None:
+        """Why adapter ``name`` can never be merged into this layer's weight, or None."""
+        return None
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """The change ``s * B A`` in the base weight's layout and device, in ``compute_dtype``: merging rounds
         the sum into the weight's dtype once, not the delta first."""
