@@ -192,3 +192,20 @@ def test_lorafa_refuses_a_grouped_b():
     with pytest.raises(ValueError, match="grouped convolution"):
         lorafit.lorafa_optimizer(model, lr=1e-3)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_reflect_padded_convolution_pads_a_as_the_layer_does(groups):
+    """The A convolution pads its input with the layer's padding_mode (PEFT's pads with zeros), so an ungrouped
+    layer merges to what it computes unmerged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=groups))
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    layer, x = model[0], torch.randn(2, 4, 7, 7)
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    with torch.no_grad():
+        h = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), a)
+        expected = layer.base_layer(x) + nn.functional.conv2d(h, b, groups=groups) * layer.scaling["default"]
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        if groups == 1:
+            torch.testing.assert_close(lorafit.merge_and_unload(model)(x), expected, rtol=1e-5, atol=1e-5)
