@@ -371,3 +371,29 @@ def test_loraplus_trains_b_at_its_own_rate(setup, tmp_path):
     with pytest.raises(ValueError, match=r"train.loraplus_lr_ratio is for LoRA"):
         train(setup / "run.toml", {"output_dir": str(tmp_path / "full"), "train.method": "full",
                                    "train.loraplus_lr_ratio": 16}, progress=False)
+
+
+def test_tf32_is_turned_on_for_the_process_and_false_leaves_the_flags_alone(setup, tmp_path):
+    """train.tf32 = true sets torch's TF32 switches (products and convolutions) before the model is loaded; the
+    default leaves whatever the user set."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32  # process-wide: restored below
+    seen = []
+
+    def during(_state: dict) -> None:
+        seen.append((matmul.allow_tf32, cudnn.allow_tf32))
+
+    def run(label: str, **overrides) -> None:
+        train(setup / "run.toml", {"output_dir": str(tmp_path / label), "train.max_steps": 1, **overrides},
+              callbacks=(during,), progress=False)
+
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        run("off")
+        matmul.allow_tf32 = True  # a user's own setting: the default keeps it
+        run("kept")
+        matmul.allow_tf32 = False
+        run("on", **{"train.tf32": True})
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+    assert seen == [(False, False), (True, False), (True, True)]

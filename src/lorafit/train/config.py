@@ -143,6 +143,10 @@ class TrainSection:
     log_every: int = 10
     tensorboard: bool = False
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    # TensorFloat-32 for float32 matrix products and convolutions on CUDA GPUs (Ampere and newer), for this
+    # process, as torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32; false leaves them as
+    # they are (torch's own default: off for products)
+    tf32: bool = False
     keep_freed_memory: bool = True  # glibc: reuse freed memory across steps, see lorafit.train.allocator
     distributed: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (the frozen base sharded)
 

@@ -142,6 +142,8 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
     """Data, labels, tokenizer and model, all checked. Writes nothing."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    if config.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if config.train.keep_freed_memory:
         allocator.keep_freed_memory()
     device = device or select_device(config.model.device)
