@@ -79,10 +79,10 @@ class Conv(LoraLayer):
         refusal = self.merge_refusal(name)
         if refusal:
             raise ValueError(refusal)
-        a, b = self.factors_a[name], self.factors_b[name]
         weight = self.base_layer.weight
         dt = compute_dtype(weight)
-        return (b.to(dt).flatten(1) @ a.to(dt).flatten(1)).view(weight.shape) * self.scaling[name]
+        return (self.b_matrix(name).to(dt) @ self.factors_a[name].to(dt).flatten(1)).view(weight.shape) * \
+            self.scaling[name]
 
     def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The A convolution: the base layer's own conv call (its padding_mode and string paddings exactly), over
