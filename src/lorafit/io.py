@@ -29,7 +29,7 @@ from lorafit import adalora
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
                            saved_modules, tied_lora_heads)
-from lorafit.targeting import bypassed_out_projs, name_matches, saved_names
+from lorafit.targeting import bypassed_out_projs, name_matches, saved_name_matches, saved_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -405,6 +405,7 @@ def load_adapter_state(
                          "residual weights its initialisation left, which takes the data it ran on to make again; "
                          "save it with as_plain_lora=True (a LoRA of the original weights), or merge it")
     config = _without_absent_heads(model, config)
+    config, tensors = _with_saved_embedding_layers(source, model, config, tensors)
     bypassed = bypassed_out_projs(model, config)
     if bypassed:
         config, tensors = _without_bypassed(source, config, tensors, bypassed)
@@ -438,6 +439,43 @@ def _without_absent_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
         return config
     kept = [entry for entry in listed if saved_names(model, [entry])]
     return config if kept == listed else dataclasses.replace(config, modules_to_save=kept or None)
+
+
+def _with_saved_embedding_layers(source: str, model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
+                                 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """PEFT's ``save_embedding_layers`` (on by itself when training resized the vocabulary) writes the whole weight
+    of the input embedding and of the output head under the module's own name (``<module>.weight``), as a
+    modules_to_save copy is written, without listing them in modules_to_save. Such a weight that equals the
+    model's is a copy, and dropped; one that differs (the new tokens' rows) becomes this adapter's own copy of
+    the module (modules_to_save), so the adapter computes what it computed in PEFT and the base model keeps its
+    weights (PEFT overwrites them)."""
+    embeddings = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    paths = {id(m): path for path, m in model.named_modules() if path}
+    listed = config.modules_to_save or []
+    own, kept = [], dict(tensors)
+    for module in embeddings:
+        path = paths.get(id(module))
+        key = f"{PREFIX}{path}.weight"
+        # a module the adapter targets, or one already wrapped, has no weight of its own under this key
+        weight = module._parameters.get("weight") if path is not None else None
+        if weight is None or key not in tensors or saved_name_matches(listed, path):
+            continue
+        tensor = tensors[key]
+        if tuple(weight.shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: tensor {key!r} holds the whole weight of {path!r} with shape "
+                             f"{list(tensor.shape)} (PEFT's save_embedding_layers: the vocabulary was resized in "
+                             f"training), and the model's is {list(weight.shape)}: resize the model's token "
+                             f"embeddings to the adapter's first (model.resize_token_embeddings({tensor.shape[0]}))")
+        if torch.equal(weight.detach().cpu(), tensor.cpu().to(weight.dtype)):
+            del kept[key]
+        elif path not in own:
+            own.append(path)
+    if not own:
+        return config, kept
+    warnings.warn(f"{source}: the file holds whole weights of {own} that differ from this model's (PEFT's "
+                  "save_embedding_layers, after new tokens were added in training): loaded as this adapter's own "
+                  "copies of those modules (modules_to_save); the base model keeps its weights", stacklevel=4)
+    return dataclasses.replace(config, modules_to_save=[*listed, *own]), kept
 
 
 def _without_unsaved_copies(source: str, model: nn.Module, name: str, config: LoraConfig,
