@@ -98,3 +98,19 @@ def test_a_model_without_the_new_tokens_is_told_to_resize(tmp_path):
                                          r"'model.embed_tokens' with shape \[70, 32\].*resize_token_embeddings\(70\)"):
         lorafit.load_adapter(model, tmp_path / "peft")
     assert str(model) == before and lorafit.adapter_configs(model) == {}
+
+
+def test_a_targeted_embedding_with_new_rows_is_refused_naming_the_file_and_the_rows(tmp_path):
+    """With the embedding adapted too, PEFT saves its base weight (``base_layer.weight``), which it overwrites the
+    model's with; lorafit does not overwrite base weights and says where the file differs."""
+    model = grown(False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[VOCAB:] = torch.randn(GROWN - VOCAB, 32)
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    target = grown(False)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors does not fit this model .*'base_model.model.model"
+                                         r".embed_tokens.base_layer.weight'.* holds other values than the model \(in 6 "
+                                         r"of its 70 rows\)"):
+        lorafit.load_adapter(target, tmp_path / "peft")
+    assert lorafit.adapter_configs(target) == {}

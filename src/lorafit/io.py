@@ -554,23 +554,28 @@ def _without_base_copies(
     for key, tensor in found.items():
         name = key.removeprefix(PREFIX)
         alias = PREFIX + name.replace(".modules_to_save.", ".", 1)
-        source, reference = name, None
+        copied, reference = name, None
         if key in expected or not key.startswith(PREFIX):
             pass
         elif ".base_layer." in name or ".original_module." in name:
             reference = params.get(name)
         elif ".modules_to_save." in name and alias in expected:
-            source, reference = alias, found[alias]
+            copied, reference = alias, found[alias]
         if reference is None:
             kept[key] = tensor  # not a copy: _check_tensors judges it
         elif reference.shape != tensor.shape:
-            problems.append(f"tensor {key!r}, a copy of {source!r}, has shape {list(tensor.shape)} in the file "
+            problems.append(f"tensor {key!r}, a copy of {copied!r}, has shape {list(tensor.shape)} in the file "
                             f"but the model needs {list(reference.shape)}")
         # a bf16 file may copy fp32 weights; the model may be on a GPU and the file's tensors on the CPU
         elif not (torch.equal(reference.to("cpu", tensor.dtype), tensor.cpu())
                   or torch.equal(reference, tensor.to(reference.device, reference.dtype))):
-            problems.append(f"tensor {key!r}, a copy of {source!r}, holds other values than the model; lorafit "
-                            "does not overwrite base weights, so load the base model the adapter was trained on")
+            rows = ""
+            if tensor.dim() == 2:  # an embedding whose new tokens' rows training set, typically
+                differ = (reference.detach().cpu().to(tensor.dtype) != tensor.cpu()).any(1)
+                rows = f" (in {int(differ.sum())} of its {tensor.shape[0]} rows)"
+            problems.append(f"tensor {key!r}, a copy of {copied!r}, holds other values than the model{rows}; "
+                            "lorafit does not overwrite base weights, so load the base model the adapter was "
+                            "trained on")
     if problems:
         raise ValueError(f"{source} does not fit this model (is it for another base model?): " + "; ".join(problems))
     return kept
