@@ -114,3 +114,18 @@ def test_a_targeted_embedding_with_new_rows_is_refused_naming_the_file_and_the_r
                                          r"of its 70 rows\)"):
         lorafit.load_adapter(target, tmp_path / "peft")
     assert lorafit.adapter_configs(target) == {}
+
+
+def test_a_model_without_token_embeddings_loads_adapters(tmp_path):
+    """transformers' vision models raise NotImplementedError from get_input_embeddings: nothing to look for."""
+    def resnet():
+        torch.manual_seed(0)
+        return transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).eval()
+
+    pixels = torch.randn(2, 3, 32, 32)
+    model = lorafit.attach(resnet(), lorafit.LoraConfig(r=2, target_modules=["convolution"], init_lora_weights=False))
+    lorafit.save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(lorafit.load_adapter(resnet(), tmp_path / "a")(pixel_values=pixels).logits,
+                                   model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-5)

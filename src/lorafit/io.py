@@ -29,7 +29,7 @@ from lorafit import adalora
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
                            saved_modules, tied_lora_heads)
-from lorafit.targeting import bypassed_out_projs, name_matches, saved_name_matches, saved_names
+from lorafit.targeting import bypassed_out_projs, model_embedding, name_matches, saved_name_matches, saved_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -449,7 +449,7 @@ def _with_saved_embedding_layers(source: str, model: nn.Module, config: LoraConf
     model's is a copy, and dropped; one that differs (the new tokens' rows) becomes this adapter's own copy of
     the module (modules_to_save), so the adapter computes what it computed in PEFT and the base model keeps its
     weights (PEFT overwrites them)."""
-    embeddings = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    embeddings = [model_embedding(model, "input"), model_embedding(model, "output")]
     paths = {id(m): path for path, m in model.named_modules() if path}
     listed = config.modules_to_save or []
     own, kept = [], dict(tensors)
