@@ -466,7 +466,7 @@ def _with_saved_embedding_layers(source: str, model: nn.Module, config: LoraConf
                              f"{list(tensor.shape)} (PEFT's save_embedding_layers: the vocabulary was resized in "
                              f"training), and the model's is {list(weight.shape)}: resize the model's token "
                              f"embeddings to the adapter's first (model.resize_token_embeddings({tensor.shape[0]}))")
-        if torch.equal(weight.detach().cpu(), tensor.cpu().to(weight.dtype)):
+        if _equal_copy(weight.detach(), tensor):
             del kept[key]
         elif path not in own:
             own.append(path)
@@ -476,6 +476,13 @@ def _with_saved_embedding_layers(source: str, model: nn.Module, config: LoraConf
                   "save_embedding_layers, after new tokens were added in training): loaded as this adapter's own "
                   "copies of those modules (modules_to_save); the base model keeps its weights", stacklevel=4)
     return dataclasses.replace(config, modules_to_save=[*listed, *own]), kept
+
+
+def _equal_copy(weight: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether a file's ``tensor`` is a copy of ``weight``: a bf16 file may copy float32 weights, and the model may be
+    on a GPU with the file's tensors on the CPU."""
+    return (torch.equal(weight.to("cpu", tensor.dtype), tensor.cpu())
+            or torch.equal(weight, tensor.to(weight.device, weight.dtype)))
 
 
 def _without_unsaved_copies(source: str, model: nn.Module, name: str, config: LoraConfig,
@@ -566,9 +573,7 @@ def _without_base_copies(
         elif reference.shape != tensor.shape:
             problems.append(f"tensor {key!r}, a copy of {copied!r}, has shape {list(tensor.shape)} in the file "
                             f"but the model needs {list(reference.shape)}")
-        # a bf16 file may copy fp32 weights; the model may be on a GPU and the file's tensors on the CPU
-        elif not (torch.equal(reference.to("cpu", tensor.dtype), tensor.cpu())
-                  or torch.equal(reference, tensor.to(reference.device, reference.dtype))):
+        elif not _equal_copy(reference, tensor):
             rows = ""
             if tensor.dim() == 2:  # an embedding whose new tokens' rows training set, typically
                 differ = (reference.detach().cpu().to(tensor.dtype) != tensor.cpu()).any(1)
