@@ -65,6 +65,7 @@ def test_peft_files_load_to_peft_outputs_and_gradients_and_save_back(lora_bias, 
     theirs.train()
     ours(*INPUTS).square().sum().backward()
     theirs(*INPUTS).square().sum().backward()
+
     def ours_name(peft_name: str) -> str:
         name = peft_name.replace("base_model.model.", "").replace(".default", "").replace(".weight", "")
         return name.replace("lora_B.bias", "lora_B_bias")
