@@ -38,7 +38,7 @@ class Conv(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self._pointwise = conv_function(base_layer)
+        self._conv = conv_function(base_layer)
         self.b_groups = base_layer.groups
 
     def factor_shapes(self, r: int):
@@ -92,11 +92,11 @@ class Conv(LoraLayer):
             return base._conv_forward(x, a, None)
         if base.padding_mode != "zeros":
             x = nn.functional.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-            return self._pointwise(x, a, None, base.stride, 0, base.dilation)
-        return self._pointwise(x, a, None, base.stride, base.padding, base.dilation)
+            return self._conv(x, a, None, base.stride, 0, base.dilation)
+        return self._conv(x, a, None, base.stride, base.padding, base.dilation)
 
     def _up(self, h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self._pointwise(h, b, bias, 1, 0, 1, self.b_groups)
+        return self._conv(h, b, bias, 1, 0, 1, self.b_groups)
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors_a[name], self.factors_b[name]
