@@ -306,10 +306,7 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[bytes, bytes]:
 def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
                   ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and tensors of an adapter from its files' bytes; ``source`` (its directory) names it in errors."""
-    try:
-        data = json.loads(config_json)
-    except ValueError as exc:  # also bytes that are not UTF-8
-        raise ValueError(f"{source}/{CONFIG_NAME}: not valid JSON ({exc})") from None
+    data = _config_data(config_json, f"{source}/{CONFIG_NAME}")
     if not _is_adalora(data):
         config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
     try:
@@ -323,16 +320,20 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
     return config, tensors
 
 
+def _config_data(config_json: bytes, source: str) -> Any:
+    try:
+        return json.loads(config_json)
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise ValueError(f"{source}: not valid JSON ({exc})") from None
+
+
 def _is_adalora(data: Any) -> bool:
     return isinstance(data, dict) and data.get("peft_type") == "ADALORA"
 
 
 def adapter_rank(config_json: bytes, source: str = CONFIG_NAME) -> int:
     """The r an adapter loads with, from its config file's bytes alone (AdaLoRA's: its initial rank)."""
-    try:
-        data = json.loads(config_json)
-    except ValueError as exc:
-        raise ValueError(f"{source}: not valid JSON ({exc})") from None
+    data = _config_data(config_json, source)
     return adalora.initial_rank(data, source) if _is_adalora(data) else LoraConfig.from_dict(data, source=source).r
 
 
