@@ -99,19 +99,33 @@ def test_an_adalora_file_pruned_to_nothing_is_refused(tmp_path):
         lorafit.read_adapter(directory)
 
 
-def test_an_adalora_file_for_a_conv2d_layer_is_refused_naming_its_flat_factors(tmp_path):
-    """AdaLoRA keeps a Conv2d layer's A as (r, in * kh * kw), where a LoRA file holds (r, in, kh, kw)."""
+def test_an_adalora_file_for_a_conv2d_layer_loads_its_flat_factors_in_the_kernel_s_shape(tmp_path):
+    """AdaLoRA keeps a Conv2d layer's A as (r, in * kh * kw), where a LoRA file holds (r, in, kh, kw); PEFT
+    reshapes B A to the kernel, so the factors load reshaped, to PEFT's outputs."""
     def build_conv():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(),
+                                   torch.nn.Linear(8 * 6 * 6, 4)).eval()
 
     model = peft.get_peft_model(build_conv(), peft.AdaLoraConfig(init_r=4, total_step=10, target_modules=["0"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path / "adalora")
-    with pytest.warns(UserWarning, match="AdaLoRA adapter"), \
-            pytest.raises(ValueError, match=r"'base_model.model.0.lora_A.weight' has shape \[4, 27\]"):
-        lorafit.load_adapter(build_conv(), tmp_path / "adalora")
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = peft_load(build_conv(), tmp_path / "adalora")(x)
+        base_out = build_conv()(x)
+    ours = build_conv()
+    with pytest.warns(UserWarning, match="AdaLoRA adapter"):
+        lorafit.load_adapter(ours, tmp_path / "adalora")
+    assert_changes_output(want, base_out)
+    assert ours[0].lora_A["default"].shape == (4, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=0)
 
 
 def test_lorafit_convert_writes_the_lora_an_adalora_file_computes(tmp_path, capsys):

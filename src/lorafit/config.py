@@ -382,11 +382,11 @@ class LoraConfig:
 
     # -- per-module values --------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
-        key = _pattern_key(self.rank_pattern, module_name)
+        key = pattern_key(self.rank_pattern, module_name)
         return self.r if key is None else int(self.rank_pattern[key])
 
     def alpha_for(self, module_name: str) -> float:
-        key = _pattern_key(self.alpha_pattern, module_name)
+        key = pattern_key(self.alpha_pattern, module_name)
         return self.lora_alpha if key is None else float(self.alpha_pattern[key])
 
     def scale_for(self, module_name: str) -> float:
@@ -410,7 +410,8 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads LoRA adapters ('LORA'), and "
-                             "AdaLoRA adapter directories ('ADALORA') through load_adapter / read_adapter")
+                             "AdaLoRA, LoHa and LoKr adapter directories ('ADALORA', 'LOHA', 'LOKR') through "
+                             "load_adapter / read_adapter")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown: list[str] = []
@@ -498,7 +499,7 @@ def _check_targets(name: str, value: Any) -> None:
         )
 
 
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     # Same rule as PEFT: the first pattern that matches the end of the name at a dot boundary.
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):

@@ -25,7 +25,7 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from lorafit import adalora
+from lorafit import adalora, lycoris
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
                            saved_modules, tied_lora_heads)
@@ -289,7 +289,8 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[bytes, bytes]:
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(f"{config_path} is missing; an adapter directory holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}")
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
@@ -307,7 +308,7 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
                   ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and tensors of an adapter from its files' bytes; ``source`` (its directory) names it in errors."""
     data = _config_data(config_json, f"{source}/{CONFIG_NAME}")
-    if not _is_adalora(data):
+    if not _is_adalora(data) and not lycoris.is_lycoris(data):
         config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
     try:
         tensors = tensors_from_bytes(weights)
@@ -315,6 +316,8 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
         raise ValueError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
     if _is_adalora(data):
         return adalora.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
+    if lycoris.is_lycoris(data):
+        return lycoris.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
     if isinstance(data, dict) and data.get("use_bdlora"):
         tensors = _expand_block_diagonal(tensors, data["use_bdlora"], f"{source}/{CONFIG_NAME}")
     return config, tensors
@@ -331,9 +334,12 @@ def _is_adalora(data: Any) -> bool:
     return isinstance(data, dict) and data.get("peft_type") == "ADALORA"
 
 
-def adapter_rank(config_json: bytes, source: str = CONFIG_NAME) -> int:
-    """The r an adapter loads with, from its config file's bytes alone (AdaLoRA's: its initial rank)."""
+def adapter_rank(config_json: bytes, source: str = CONFIG_NAME) -> int | None:
+    """The r an adapter loads with, from its config file's bytes alone (AdaLoRA's: its initial rank); None for a
+    LoHa or LoKr adapter, whose rank as a LoRA follows from its tensors' shapes."""
     data = _config_data(config_json, source)
+    if lycoris.is_lycoris(data):
+        return None
     return adalora.initial_rank(data, source) if _is_adalora(data) else LoraConfig.from_dict(data, source=source).r
 
 
@@ -417,6 +423,7 @@ def load_adapter_state(
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
         tensors = _without_base_copies(source, model, expected, tensors)
         tensors = _without_tied_copies(source, _tied_head_keys(model, name), expected, tensors)
+        tensors = _with_conv_kernels(source, expected, tensors)
         _check_tensors(source, expected, tensors)
         non_finite = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
         if non_finite and not allow_non_finite:
@@ -608,6 +615,30 @@ def _without_tied_copies(source: str, head_keys: dict[str, str], expected: dict[
         raise ValueError(f"{source}: the adapter ties the output head to the input embedding "
                          "(ensure_weight_tying), but " + "; ".join(problems))
     return kept
+
+
+def _with_conv_kernels(source: str, expected: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+    """A convolution's LoRA factors stored flat (``A``: r x in*k*k, ``B``: out x r), as PEFT's AdaLoRA, LoHa and
+    LoKr files give them (which do not say which modules are convolutions), in the layer's shapes: ``A``'s rows
+    are kernels flattened in PyTorch's order and ``B`` is pointwise, so ``B A`` is the change those adapters
+    reshape to the kernel."""
+    out = dict(tensors)
+    for key, t in tensors.items():
+        want = expected.get(key)
+        if want is None or t.dim() != 2 or want.dim() < 3 or t.shape[0] != want.shape[0]:
+            continue
+        size = want[0].numel()
+        if key.endswith(".lora_A.weight") and t.shape[1] == size:
+            out[key] = t.reshape(want.shape)
+        elif key.endswith(".lora_A.weight") and size % t.shape[1] == 0:
+            raise ValueError(f"{source}: {key!r} of shape {list(t.shape)} is a flat factor of a grouped "
+                             f"convolution's kernel (the model needs {list(want.shape)}): such a change is grouped "
+                             "(PEFT's AdaLoRA, LoHa and LoKr make one there), which a LoRA's A, over every input "
+                             "channel, does not hold")
+        elif key.endswith(".lora_B.weight") and size == t.shape[1] == want.shape[1]:
+            out[key] = t.reshape(want.shape)
+    return out
 
 
 def _check_tensors(source: str, expected: dict[str, nn.Parameter], found: dict[str, torch.Tensor]) -> None:
