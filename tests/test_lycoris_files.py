@@ -193,3 +193,15 @@ def test_lorafit_convert_and_the_serving_registry_take_a_lycoris_directory(tmp_p
         registry.release(entry)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert {r["name"]: r for r in registry.describe()}["lokr"]["rank"] > 0
+
+
+def test_a_loaded_lokr_adapter_truncates_to_a_smaller_rank_with_combine_adapters(tmp_path):
+    """The README's way to a smaller file: the best rank-k approximation of the exact (larger) LoRA."""
+    peft_file(build("llama"), CASES["lokr"][1](), tmp_path / "lokr")
+    model = build("llama")
+    with pytest.warns(UserWarning, match="LoKr adapter"):
+        lorafit.load_adapter(model, tmp_path / "lokr", "lokr")
+    full = max(layer.lora_A["lokr"].shape[0] for _, layer in lorafit.model.lora_layers(model))
+    errors = lorafit.combine_adapters(model, {"lokr": 1.0}, "small", method="svd", rank=2)
+    assert full > 2 and all(layer.lora_A["small"].shape[0] == 2 for _, layer in lorafit.model.lora_layers(model))
+    assert errors and all(0 < e < 1 for e in errors.values())

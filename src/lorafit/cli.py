@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="rewrite an adapter directory as a plain LoRA adapter (PEFT's files)",
                              description="Read an adapter directory as lorafit loads it (a PEFT AdaLoRA, BD-LoRA, "
-                                         "LoHa or LoKr file as the plain LoRA it computes) and write it as a LoRA adapter, "
-                                         "which PEFT and LoRA-serving engines read; optionally in another dtype.")
+                                         "LoHa or LoKr file as the plain LoRA it computes) and write it as a LoRA "
+                                         "adapter, which PEFT and LoRA-serving engines read; optionally in another "
+                                         "dtype.")
     convert.add_argument("src", metavar="SRC", help="adapter directory to read")
     convert.add_argument("out", metavar="OUT", help="adapter directory to write")
     convert.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the adapter's tensors (default: as stored)")

@@ -23,7 +23,6 @@ from lorafit.config import ALL_LINEAR, LoraConfig, freezes_b, modifies_base_weig
 from lorafit.layers import (Conv, Embedding, Linear, LoraLayer, ModulesToSave, MultiheadAttentionLora, ParameterLora,
                             TiedLoraHead, TiedTokens, TrainableTokens)
 from lorafit.layers.linear import rewrite_problem
-from lorafit.quantize import QuantizedLinear
 from lorafit.quantized_base import (dense_shape, forget_quantization, is_bitsandbytes_linear, is_quantized,
                                     to_linear, uncounted_weight)
 from lorafit.replication import replicate, replication
@@ -395,7 +394,7 @@ def _check_kasa(model: nn.Module, targets: list[str], config: LoraConfig) -> Non
     for target in targets:
         module = model.get_submodule(target)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if type(base) is not nn.Linear:
+        if type(base) is not nn.Linear or is_quantized(base):
             raise ValueError(f"{target}: KaSA (kasa_config) is supported for nn.Linear layers, not "
                              f"{type(base).__name__} (quantized, GPT-2 Conv1D, ...); exclude it")
         r, k = config.rank_for(target), min(base.weight.shape)
@@ -760,12 +759,12 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     _check_mergeable(model, names)
     untie_layers(model)  # repeated layers (layer_replication) become layers of their own
     quantized = [(path, m) for path, m in model.named_modules() if is_quantized(m)]
-    # lorafit's layers dequantize to their compute dtype; bitsandbytes' 8-bit codes to float32, so its layers
-    # take the dtype of the model's other frozen weights
+    # lorafit's and torchao's layers dequantize to their compute dtype; bitsandbytes' 8-bit codes to float32, so
+    # its layers take the dtype of the model's other frozen weights
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
     for path, module in quantized:
-        _replace(model, path, to_linear(module, None if isinstance(module, QuantizedLinear) else dtype))
-    if any(is_bitsandbytes_linear(m) for _, m in quantized):
+        _replace(model, path, to_linear(module, dtype if is_bitsandbytes_linear(module) else None))
+    if quantized:
         forget_quantization(model)
     shared = _shared_weights(model)
     for layer in _mergeable(model):

@@ -157,7 +157,9 @@ def quantize_base(model: nn.Module, bits: int = 4, block_size: int = BLOCK_SIZE,
     targets = []
     for name, m in model.named_modules():
         parts = name.split(".")
-        if type(m) is not nn.Linear or "modules_to_save" in parts or "original_module" in parts:
+        # a torchao layer is quantized already (its weight is not a float tensor to quantize)
+        if type(m) is not nn.Linear or type(m.weight).__module__.startswith("torchao.") \
+                or "modules_to_save" in parts or "original_module" in parts:
             continue
         logical = ".".join(p for p in parts if p != "base_layer")
         if any(logical == s or logical.endswith("." + s) for s in skip):

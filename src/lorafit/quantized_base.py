@@ -1,14 +1,17 @@
 """Frozen linear layers whose weight is stored quantized, as LoRA bases: lorafit's own ``QuantizedLinear``
-(lorafit.quantize) and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, which transformers builds for a model
-loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` or ``load_in_8bit=True`` (QLoRA as most users run it).
+(lorafit.quantize), bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, which transformers builds for a model
+loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` or ``load_in_8bit=True`` (QLoRA as most users run it),
+and an ``nn.Linear`` whose weight is one of torchao's quantized tensors (``torchao.quantization.quantize_``
+with int8 or float8 weight-only configs, ``TorchAoConfig`` in transformers, torchao's ``NF4Tensor`` as
+torchtune's QLoRA uses it), whose forward dispatches to torchao.
 
 The adapter runs beside such a layer: the layer's own forward computes ``x W^T + b`` from its codes, and the
 low-rank path adds to it. What else needs the weight (DoRA's norms, ``merge_and_unload``, MiCA) gets it
 dequantized here, one layer at a time and never kept. Merging into the codes is refused (re-quantizing would
 round most of the adapter away); ``merge_and_unload`` dequantizes the layers into plain ``nn.Linear`` first.
 
-bitsandbytes layers are recognised by their classes' names, so the core imports bitsandbytes only when a model
-already holds one of its layers.
+bitsandbytes layers and torchao tensors are recognised by their classes' names and modules, so the core
+imports neither library.
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ def is_bitsandbytes_linear(module: nn.Module) -> bool:
     return _bitsandbytes_kind(module) is not None
 
 
+def is_torchao_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight torchao replaced by one of its quantized tensor subclasses."""
+    return isinstance(module, nn.Linear) and type(module.weight).__module__.startswith("torchao.")
+
+
 def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, QuantizedLinear) or is_bitsandbytes_linear(module)
+    return isinstance(module, QuantizedLinear) or is_bitsandbytes_linear(module) or is_torchao_linear(module)
 
 
 def _quant_state(module: nn.Module):
@@ -47,6 +55,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     loaded in for bitsandbytes 4-bit, float32 for its 8-bit codes, the compute dtype for lorafit's own."""
     if isinstance(module, QuantizedLinear):
         return module.dequantize()
+    if is_torchao_linear(module):
+        weight = module.weight
+        # NF4Tensor's dequantize is a static helper of other arguments; its whole weight is get_original_weight
+        return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()
     kind = _bitsandbytes_kind(module)
     if kind is None:
         return module.weight
@@ -98,7 +110,8 @@ def dense_shape(module: nn.Module) -> tuple[int, int]:
 
 def uncounted_weight(module: nn.Module) -> int:
     """How many of a quantized layer's weight values ``model.parameters()`` does not show: all of lorafit's
-    (its codes are buffers), half of bitsandbytes' 4-bit ones (two codes a byte), none of its 8-bit ones."""
+    (its codes are buffers), half of bitsandbytes' 4-bit ones (two codes a byte), none of its 8-bit ones or of
+    torchao's (whose tensors have the weight's shape)."""
     stored = 0 if isinstance(module, QuantizedLinear) else module.weight.numel()
     return module.in_features * module.out_features - stored
 

@@ -16,7 +16,8 @@ from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers.base import LoraLayer
 from lorafit.layers.init import kasa_truncate_, loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
-from lorafit.quantized_base import dense_dtype, dense_shape, dense_source, dense_weight, is_quantized
+from lorafit.quantized_base import (dense_dtype, dense_shape, dense_source, dense_weight, is_quantized,
+                                     is_torchao_linear)
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -25,8 +26,9 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
 
 
 def _fusable(base: nn.Module) -> bool:
-    """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks."""
-    plain = type(base).forward is nn.Linear.forward or is_gpt2_conv1d(base)
+    """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks, and
+    with a plain weight (a torchao weight computes through its own kernels)."""
+    plain = (type(base).forward is nn.Linear.forward and not is_torchao_linear(base)) or is_gpt2_conv1d(base)
     return plain and not base._forward_hooks and not base._forward_pre_hooks
 
 
@@ -35,18 +37,18 @@ def rewrite_problem(base: nn.Module, init: bool | str | LoftQ, r: int) -> str | 
     None: a quantized weight is computed from codes on each read (a residual would be written into a copy), LoftQ
     needs a full-precision ``nn.Linear`` weight of whole quantization blocks, and r is at most min(d_in, d_out)."""
     if isinstance(init, LoftQ):
+        if is_quantized(base):
+            return ("init_lora_weights='loftq' needs the full-precision weight, and this layer is quantized "
+                    "already: attach (or load) the LoftQ adapter before quantize_base, which then keeps LoftQ's "
+                    "quantized weight")
         if type(base) is not nn.Linear:
-            if is_quantized(base):
-                return ("init_lora_weights='loftq' needs the full-precision weight, and this layer is quantized "
-                        "already: attach (or load) the LoftQ adapter before quantize_base, which then keeps LoftQ's "
-                        "quantized weight")
             return f"init_lora_weights='loftq' is supported for nn.Linear layers, not {type(base).__name__}"
         if base.weight.numel() % BLOCK_SIZE:
             return (f"init_lora_weights='loftq': a weight of shape {list(base.weight.shape)} does not split into "
                     f"quantization blocks of {BLOCK_SIZE}; exclude this layer")
     elif is_quantized(base):
         return (f"init_lora_weights={init!r} rewrites the base weight, and this layer is quantized: attach the "
-                "adapter before quantize_base, which then quantizes the new weight")
+                "adapter before quantizing the model (quantize_base quantizes the new weight)")
     weight = getattr(base, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and r > min(weight.shape):
         return f"init_lora_weights={init!r} needs r <= min(d_in, d_out) = {min(weight.shape)}, got r={r}"
