@@ -8,6 +8,7 @@
     POST   /v1/generate                 {"prompt" | "messages", "adapter", "max_new_tokens", "temperature",
                                          "top_p", "seed", "stream"} -> text (server-sent events if stream)
     GET    /metrics                     Prometheus text format (OpenMetrics if the Accept header asks)
+    GET    /v1/models, POST /v1/completions, POST /v1/chat/completions: OpenAI's API (openai_api.py)
 
 Errors: 401 bad or missing token, 403 load/unload disabled (no token at start-up),
 404 unknown adapter, 400 corrupt adapter files, 413 body too large, 422 malformed
@@ -285,9 +286,10 @@ async def _generate_request(service: Service, body: GenerateBody) -> GenerateReq
                            top_p=body.top_p, seed=body.seed, stop_ids=frozenset(stop))
 
 
-async def _events(service: Service, adapter: str | None, job: Job):
-    """Server-sent events: a ``delta`` per new piece of text, then ``done`` (or ``error``). If the
-    client goes away, the generation stops at its next token."""
+async def _generation(service: Service, job: Job):
+    """A streamed generation as it comes: ``("delta", new text)`` items, then ``("done", result)`` or
+    ``("error", status, detail)``. If the consumer stops early (the client has gone; close it with
+    ``contextlib.aclosing``), the generation stops at its next token."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -307,23 +309,35 @@ async def _events(service: Service, adapter: str | None, job: Job):
             # arrives: hold such a tail back, for a piece once sent cannot be taken back
             ready = text.rstrip("\ufffd")
             if len(ready) > len(sent) and ready.startswith(sent):
-                yield f"data: {json.dumps({'delta': ready[len(sent):]})}\n\n"
+                yield "delta", ready[len(sent):]
                 sent = ready
         try:
             result = task.result()
         except HTTPException as exc:
-            yield f"event: error\ndata: {json.dumps({'status': exc.status_code, 'detail': exc.detail})}\n\n"
+            yield "error", exc.status_code, exc.detail
             return
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield f"event: error\ndata: {json.dumps({'status': 500, 'detail': str(exc)})}\n\n"
+            yield "error", 500, str(exc)
             return
         if result["text"].startswith(sent) and len(result["text"]) > len(sent):
-            yield f"data: {json.dumps({'delta': result['text'][len(sent):]})}\n\n"
-        yield f"event: done\ndata: {json.dumps({'adapter': adapter, **result})}\n\n"
+            yield "delta", result["text"][len(sent):]
+        yield "done", result
     finally:
         if not task.done():  # the client has gone
             service.batcher.cancel(job)
             service.metrics.observe_cancelled("stream")
+
+
+async def _events(service: Service, adapter: str | None, job: Job):
+    """Server-sent events: a ``delta`` per new piece of text, then ``done`` (or ``error``)."""
+    async with contextlib.aclosing(_generation(service, job)) as pieces:
+        async for kind, *value in pieces:
+            if kind == "delta":
+                yield f"data: {json.dumps({'delta': value[0]})}\n\n"
+            elif kind == "error":
+                yield f"event: error\ndata: {json.dumps({'status': value[0], 'detail': value[1]})}\n\n"
+            else:
+                yield f"event: done\ndata: {json.dumps({'adapter': adapter, **value[0]})}\n\n"
 
 
 @router.get("/metrics")
@@ -347,9 +361,12 @@ def create_app(service: Service) -> "Gate":
     app = FastAPI(title="lorafit serve", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     app.include_router(router)
+    from lorafit.serve.openai_api import router as openai_router  # here: it builds on this module's routes
+
+    app.include_router(openai_router)
     for error in ADAPTER_ERROR_STATUS:
         app.add_exception_handler(error, adapter_error)
-    return Gate(app, service.limits.max_body_bytes, service.metrics)
+    return Gate(app, service.limits.max_body_bytes, service.metrics, [*router.routes, *openai_router.routes])
 
 
 def _prompt_ids(tokenizer, prompt: str | None, messages: list[Message] | None) -> list[int]:
@@ -364,10 +381,11 @@ def _prompt_ids(tokenizer, prompt: str | None, messages: list[Message] | None) -
 
 class Gate:
     """ASGI wrapper: a request body over ``limit`` bytes gets 413 before the app reads it, and every
-    response, 413s included, is counted in ``metrics`` by method, route and status."""
+    response, 413s included, is counted in ``metrics`` by method and status, and by which of ``routes``
+    it matched."""
 
-    def __init__(self, app: FastAPI, limit: int, metrics: Metrics) -> None:
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app: FastAPI, limit: int, metrics: Metrics, routes: list) -> None:
+        self.app, self.limit, self.metrics, self.routes = app, limit, metrics, routes
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
@@ -415,7 +433,7 @@ class Gate:
     def _route(self, scope) -> str:
         route = scope.get("route")  # set by the router; not for a request refused before it
         if route is None:
-            route = next((r for r in router.routes if r.matches(scope)[0] == Match.FULL), None)
+            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
         return getattr(route, "path", None) or "unmatched"
 
     async def _reject(self, send):
