@@ -134,6 +134,15 @@ def test_what_lorafit_does_not_compute_is_refused_naming_the_field(served):
     r = client.post("/v1/chat/completions", json={**base, "user": "u1", "n": 1, "stop": None, "logprobs": False,
                                                   "metadata": {"k": "v"}})
     assert r.status_code == 200, r.text
+    # content as OpenAI's text parts, and its "developer" role, are the plain text and "system" of the template
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "the "}, {"type": "text", "text": "plot"}]},
+             {"role": "user", "content": "hello"}]
+    plain = [{"role": "system", "content": "the plot"}, {"role": "user", "content": "hello"}]
+    answers = [client.post("/v1/chat/completions", json={**base, "messages": m, "temperature": 0}).json()
+               for m in (parts, plain)]
+    assert answers[0]["choices"] == answers[1]["choices"] and answers[0]["usage"] == answers[1]["usage"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]
+    assert client.post("/v1/chat/completions", json={**base, "messages": image}).status_code == 422
     r = client.post("/v1/chat/completions", json={**base, "max_tokens": 13})  # the limit is 12
     assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError, match="'nope'") as caught:

@@ -74,8 +74,8 @@ router = APIRouter(route_class=OpenAIRoute)
 _UNSUPPORTED: dict[str, tuple] = {
     "n": (None, 1), "best_of": (None, 1), "stop": (None, "", []), "logprobs": (None, False, 0),
     "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-    "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "echo": (None, False),
+    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}), "echo": (None, False),
     "suffix": (None, ""),
 }
 # lorafit's field names in /v1/generate's errors, as this API calls them
@@ -101,8 +101,24 @@ class CompletionBody(_Common):
     prompt: str | list[str]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: not used
+    role: str = Field(max_length=32)
+    content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
+
+    def plain(self) -> Message:
+        """As the chat template takes it: the text parts joined, OpenAI's "developer" role as "system"."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return Message(role="system" if self.role == "developer" else self.role, content=text)
+
+
 class ChatBody(_Common):
-    messages: list[Message] = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=0)
 
 
@@ -147,7 +163,8 @@ async def chat_completions(body: ChatBody, service: ServiceDep, request: Request
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = service.limits.max_new_tokens
-    return await _answer(service, request, body, "chat.completion", max_tokens, messages=body.messages)
+    return await _answer(service, request, body, "chat.completion", max_tokens,
+                         messages=[m.plain() for m in body.messages])
 
 
 async def _answer(service: Service, request: Request, body: _Common,
