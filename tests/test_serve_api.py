@@ -717,3 +717,52 @@ def test_bounded_soak_leaves_memory_where_it_was(dirs, tmp_path):
     assert heap_after - heap_before < 8 << 20, (heap_before, heap_after)
     assert tensors_after - tensors_before < 1 << 20, (tensors_before, tensors_after)
 
+
+
+def test_a_finished_row_is_answered_at_once_and_leaves_the_batch(gen_client):
+    """A batch whose rows want 2, 9 and 5 tokens (each with its adapter): the short ones are answered while the
+    long one still decodes, and every row's text is the one it gets in a batch of its own (greedy)."""
+    from lorafit.serve.engine import GenerateRequest, Job, generate_batch
+
+    service = gen_client.service
+    registry = service.registry
+
+    def jobs(specs):
+        out = []
+        for ids, adapter, max_new in specs:
+            req = GenerateRequest(ids=ids, max_new_tokens=max_new, temperature=0.0, top_p=1.0, seed=None,
+                                  stop_ids=frozenset())  # no stop token: each row runs to its length
+            out.append(Job(rows=1, payload=req, entry=registry.acquire(adapter) if adapter else None))
+        return out
+
+    def run(batch):
+        for job in batch:
+            job.future.set_running_or_notify_cancel()
+        try:
+            return generate_batch(service.model, service.tokenizer, registry.model_lock, batch)
+        finally:
+            for job in batch:
+                if job.entry is not None:
+                    registry.release(job.entry)
+
+    specs = [([2, 10, 11, 12], "chat", 2), ([2, 13], "poet", 9), ([2, 14, 15], None, 5)]
+    batch = jobs(specs)
+    progress = {"long": 0}
+    batch[1].on_token = lambda _row, _text: progress.__setitem__("long", progress["long"] + 1)
+    answered_at = {}
+    for k in (0, 2):
+        batch[k].future.add_done_callback(lambda _f, k=k: answered_at.__setitem__(k, progress["long"]))
+    sizes = []
+    hook = service.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = run(batch)
+    finally:
+        hook.remove()
+    assert [a["tokens"] for a in together] == [2, 9, 5]
+    assert sizes == [3, 3, 2, 2, 2, 1, 1, 1, 1]  # the prefill, then one forward a token, for the rows left
+    # answered in the step of their own last token (the long row's tokens so far: rows are decided in order,
+    # so row 0's second token comes before the long row's second), long before the long row's ninth
+    assert answered_at == {0: 1, 2: 5}
+    alone = [run(jobs([spec]))[0] for spec in specs]
+    assert [a["text"] for a in together] == [a["text"] for a in alone]

@@ -10,11 +10,14 @@ of 2 and 4 logits). Others wait, in arrival order, for the next batch.
 The queue holds at most ``max_queue`` rows: beyond that ``submit`` refuses (the
 server answers 503), so a burst cannot make every later request wait without end.
 A job cancelled while queued (its client left, or it timed out) leaves the queue
-and never runs; a generation cancelled while running stops at its next token.
+and never runs; a generation cancelled while running stops at its next token. A
+generation batch answers each row when it is done and decodes on without it; new
+requests wait for the next batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
@@ -144,6 +147,8 @@ class Batcher:
                     if job.entry is not None:
                         self.registry.release(job.entry)
             for job, result in zip(batch, results):
+                if job.future.done():  # answered by run itself, before the rest of its batch finished
+                    continue
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)
                 else:
@@ -265,7 +270,9 @@ def _cache_name(model) -> str:
 
 
 def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
-    """Decode all jobs together, each with its adapter and its own sampling settings."""
+    """Decode all jobs together, each with its adapter and its own sampling settings. A row that finishes
+    (stop token, length, or its client gone) is answered at once, and leaves the batch where the model's
+    cache can drop rows: the others decode without it."""
     reqs: list[GenerateRequest] = [job.payload for job in jobs]
     n = len(reqs)
     width = max(len(r.ids) for r in reqs)
@@ -284,36 +291,64 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
         g.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         gens.append(g)
     out: list[list[int]] = [[] for _ in reqs]
-    finish = ["length"] * n
-    done = [r.max_new_tokens == 0 for r in reqs]
+    answers: list[dict | None] = [None] * n
     names = [job.entry.internal if job.entry else None for job in jobs]
     cache = _cache_name(model)
-    with lock, torch.inference_mode(), adapter_per_row(model, names):
+
+    def finish(i: int, reason: str) -> None:
+        answers[i] = {"text": tokenizer.decode(out[i], skip_special_tokens=True), "tokens": len(out[i]),
+                      "finish_reason": reason}
+        if not jobs[i].cancelled:
+            jobs[i].future.set_result(answers[i])  # the batcher leaves an answered job alone
+
+    for i, r in enumerate(reqs):
+        if r.max_new_tokens == 0:
+            finish(i, "length")
+    if all(answers):
+        return answers
+    from transformers import DynamicCache  # the cache that can drop rows
+
+    rows = list(range(n))  # the batch's rows (indices of jobs), in the cache's order
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock)
+        stack.enter_context(torch.inference_mode())
+        per_row = stack.enter_context(contextlib.ExitStack())
+        per_row.enter_context(adapter_per_row(model, names))
         result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        for _ in range(max(r.max_new_tokens for r in reqs)):
+        while True:
             # one copy from the device a token: each row's choice, stop check and streaming happen on the host
             logits = result.logits[:, -1].float().cpu()
-            step = torch.full((n, 1), pad, dtype=torch.long)
-            for i, r in enumerate(reqs):
-                if jobs[i].cancelled and not done[i]:  # its client has gone: stop spending time on it
-                    done[i], finish[i] = True, "cancelled"
-                if done[i]:
+            step = torch.full((len(rows), 1), pad, dtype=torch.long)
+            for k, i in enumerate(rows):
+                r, job = reqs[i], jobs[i]
+                if answers[i] is not None:
                     continue
-                token = _choose(logits[i], r, gens[i])
+                if job.cancelled:  # its client has gone: stop spending time on it
+                    finish(i, "cancelled")
+                    continue
+                token = _choose(logits[k], r, gens[i])
                 if token in r.stop_ids:
-                    done[i], finish[i] = True, "stop"
+                    finish(i, "stop")
                     continue
                 out[i].append(token)
-                step[i, 0] = token
-                if jobs[i].on_token:
-                    jobs[i].on_token(i, tokenizer.decode(out[i], skip_special_tokens=True))
+                step[k, 0] = token
+                if job.on_token:
+                    job.on_token(i, tokenizer.decode(out[i], skip_special_tokens=True))
                 if len(out[i]) >= r.max_new_tokens:
-                    done[i] = True
-            if all(done):
+                    finish(i, "length")
+            live = [k for k, i in enumerate(rows) if answers[i] is None]
+            if not live:
                 break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
+            past = getattr(result, cache)
+            if len(live) < len(rows) and isinstance(past, DynamicCache):
+                keep = torch.tensor(live, device=device)
+                past.batch_select_indices(keep)
+                mask, positions, step = mask[keep], positions[keep], step[live]
+                rows = [rows[k] for k in live]
+                per_row.close()  # row k of the batch is now another request: its adapters follow
+                per_row.enter_context(adapter_per_row(model, [names[i] for i in rows]))
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             result = model(input_ids=step.to(device), attention_mask=mask, position_ids=positions,
-                           **{cache: getattr(result, cache)}, use_cache=True)
-    return [{"text": tokenizer.decode(o, skip_special_tokens=True), "tokens": len(o), "finish_reason": f}
-            for o, f in zip(out, finish)]
+                           **{cache: past}, use_cache=True)
+    return answers
