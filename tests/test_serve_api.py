@@ -766,3 +766,83 @@ def test_a_finished_row_is_answered_at_once_and_leaves_the_batch(gen_client):
     assert answered_at == {0: 1, 2: 5}
     alone = [run(jobs([spec]))[0] for spec in specs]
     assert [a["text"] for a in together] == [a["text"] for a in alone]
+
+
+@pytest.mark.parametrize("prompt", [[2, 16], [2, 10, 11, 12, 13, 14, 15, 16, 17]], ids=["shorter", "longer"])
+def test_a_request_that_comes_while_a_batch_decodes_joins_it(gen_client, prompt):
+    """Continuous batching: ``more`` hands over a request after the running rows have 3 tokens; it joins after
+    its own prefill (its prompt shorter or longer than the batch's cache: either side is left-padded) and gets
+    the text it gets alone (greedy), answered while the batch goes on."""
+    from lorafit.serve.engine import GenerateRequest, Job, generate_batch
+
+    service = gen_client.service
+    registry = service.registry
+
+    def job(ids, adapter, max_new):
+        req = GenerateRequest(ids=ids, max_new_tokens=max_new, temperature=0.0, top_p=1.0, seed=None,
+                              stop_ids=frozenset())
+        made = Job(rows=1, payload=req, entry=registry.acquire(adapter) if adapter else None)
+        made.future.set_running_or_notify_cancel()
+        return made
+
+    def run(batch, more=None):
+        try:
+            return generate_batch(service.model, service.tokenizer, registry.model_lock, batch, more=more,
+                                  max_rows=4)
+        finally:
+            for j in batch:
+                if j.entry is not None:
+                    registry.release(j.entry)
+
+    running = [job([2, 10, 11, 12], "chat", 10), job([2, 13, 14], None, 10)]
+    late = job(prompt, "poet", 4)
+    progress, asked, answered_at = {"tokens": 0}, [], []
+    running[0].on_token = lambda _row, _text: progress.__setitem__("tokens", progress["tokens"] + 1)
+
+    def more(room):
+        asked.append(room)
+        return [late] if progress["tokens"] == 3 else []
+
+    late.future.add_done_callback(lambda _f: answered_at.append(progress["tokens"]))
+    sizes = []
+    hook = service.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = run(running, more)
+    finally:
+        hook.remove()
+    assert set(asked) == {2, 1} and answered_at == [6]  # it joined at 3 tokens, took 4 of its own
+    assert sizes[:5] == [2, 2, 2, 1, 3] and len(sizes) == 1 + 9 + 1  # prefill 2, 2 steps, its prefill, 3 rows
+    alone = run([job([2, 10, 11, 12], "chat", 10), job([2, 13, 14], None, 10)])
+    joined_alone = run([job(prompt, "poet", 4)])
+    assert [a["text"] for a in together] == [a["text"] for a in alone]
+    assert late.future.result()["text"] == joined_alone[0]["text"] and late.future.result()["tokens"] == 4
+
+
+def test_over_http_a_short_request_joins_a_long_generation_and_is_answered_first(gen_client):
+    """The server's wiring of continuous batching: a request that arrives while a 16-token generation decodes
+    (each forward slowed to 30 ms) is answered while that one still runs, not after it."""
+    service = gen_client.service
+    for adapter in ("chat", "poet"):  # loaded first: loading takes the model lock, which a running batch holds
+        assert gen_client.post("/v1/generate", json={"prompt": "hi", "adapter": adapter,
+                                                     "max_new_tokens": 1}).status_code == 200
+    forwards = []
+
+    def slow(_module, _args, kwargs):
+        forwards.append(kwargs["input_ids"].shape[0])
+        time.sleep(0.03)
+
+    hook = service.model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(gen_client.post, "/v1/generate",  # greedy: 16 tokens without the stop token
+                               json={"prompt": "the plot was", "adapter": "poet", "max_new_tokens": 16})
+            _wait(lambda: len(forwards) >= 3, "the long generation to be decoding")
+            short = gen_client.post("/v1/generate", json={"prompt": "the movie", "adapter": "chat",
+                                                          "max_new_tokens": 2})
+            assert short.status_code == 200 and short.json()["tokens"] <= 2
+            assert not long.done()
+            assert long.result(timeout=60).json()["tokens"] == 16
+    finally:
+        hook.remove()
+    assert 2 in forwards  # the two decoded in one batch

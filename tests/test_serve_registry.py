@@ -335,6 +335,51 @@ def test_the_batcher_survives_its_queue_emptied_by_cancels_while_it_waits(bert):
     batcher.close(10)
 
 
+def test_a_running_batch_takes_in_queued_jobs_of_its_head_in_arrival_order(bert):
+    """take_more (continuous batching) takes the jobs at the front of the queue with the batch's head, within
+    the room; it stops at a job of another head, which goes next; the jobs it took are answered by the batch
+    (or get its error), and their adapter references are given back with the batch's."""
+    from lorafit.serve.engine import Batcher, Job
+
+    model_dir, adapters = bert
+    reg = AdapterRegistry(sm.load(model_dir), adapters)
+    started, go, took = threading.Event(), threading.Event(), []
+
+    class Headed(Job):
+        def __init__(self, head, rows=1, entry=None):
+            super().__init__(rows=rows, payload=None, entry=entry)
+            self._head = head
+
+        @property
+        def head(self):
+            return self._head
+
+    def run(batch):
+        if not started.is_set():  # the first batch
+            started.set()
+            go.wait(30)
+            took.extend(batcher.take_more(("x",), 3))
+            for job in took[:-1]:
+                job.future.set_result("joined")  # the last one is left unanswered by this run
+        return ["own"] * len(batch)
+
+    batcher = Batcher(run, reg, max_wait=0.0)
+    first = batcher.submit(Headed(("x",)))
+    assert started.wait(30)
+    entry = reg.acquire(sorted(p.name for p in adapters.iterdir())[0])
+    queued = [Headed(("x",), entry=entry), Headed(("x",), rows=2), Headed(("x",)), Headed(("y",)), Headed(("x",))]
+    for job in queued:
+        batcher.submit(job)
+    go.set()
+    assert first.result(10) == "own"
+    assert took == queued[:2]  # 3 rows of room: the third x job would make 4
+    assert queued[0].future.result(10) == "joined" and entry.refs == 0
+    with pytest.raises(RuntimeError, match="ended without it"):
+        queued[1].future.result(10)
+    assert [j.future.result(10) for j in queued[2:]] == ["own"] * 3  # x's next batch stopped at y, y, then x
+    batcher.close(10)
+
+
 def test_files_rewritten_in_place_under_requests(bert, tmp_path):
     """One thread rewrites a's files in place (copy, truncate, partial write) between the contents of
     a (r=2) and b (r=3) while others run forwards: no crash and no error; every output is a's or b's;

@@ -82,8 +82,9 @@ class Service:
             def run(jobs):
                 return classify_batch(model, tokenizer, lock, self.limits.max_text_tokens, jobs)
         else:
-            def run(jobs):
-                return generate_batch(model, tokenizer, lock, jobs)
+            def run(jobs):  # requests that come while it decodes join it (continuous batching)
+                return generate_batch(model, tokenizer, lock, jobs, more=lambda room: self.batcher.take_more(
+                    jobs[0].head, room), max_rows=self.limits.max_batch)
         self.batcher = Batcher(run, registry, max_batch=self.limits.max_batch,
                                max_wait=self.limits.max_wait_ms / 1000, max_queue=self.limits.max_queue,
                                on_batch=self.metrics.observe_batch)

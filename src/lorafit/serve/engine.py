@@ -10,9 +10,10 @@ of 2 and 4 logits). Others wait, in arrival order, for the next batch.
 The queue holds at most ``max_queue`` rows: beyond that ``submit`` refuses (the
 server answers 503), so a burst cannot make every later request wait without end.
 A job cancelled while queued (its client left, or it timed out) leaves the queue
-and never runs; a generation cancelled while running stops at its next token. A
-generation batch answers each row when it is done and decodes on without it; new
-requests wait for the next batch.
+and never runs; a generation cancelled while running stops at its next token.
+Generation batches are continuous: each row is answered when it is done and leaves
+the batch, and jobs queued meanwhile join it (``Batcher.take_more``) while the
+oldest waiting job has the batch's head.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Batcher:
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._joined: list[Job] = []
         self._thread = threading.Thread(target=self._loop, name="lorafit-batcher", daemon=True)
         self._thread.start()
 
@@ -131,6 +133,20 @@ class Batcher:
             self._jobs = deque(job for job in self._jobs if id(job) not in taken)
             return batch
 
+    def take_more(self, head: tuple, room: int) -> list[Job]:
+        """For a batch that is running (``run`` calls this on the worker thread): the jobs at the front of the
+        queue whose ``head`` is the batch's, up to ``room`` rows, marked running. None when the oldest waiting
+        job has another head: the batch then drains, and that job's batch goes next."""
+        taken = []
+        with self._cond:
+            rows = 0
+            while self._jobs and self._jobs[0].head == head and rows + self._jobs[0].rows <= room:
+                taken.append(self._jobs.popleft())
+                rows += taken[-1].rows
+        started = [job for job in taken if self._start(job)]
+        self._joined.extend(started)
+        return started
+
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             batch = [job for job in batch if self._start(job)]
@@ -138,21 +154,26 @@ class Batcher:
                 continue
             if self.on_batch:
                 self.on_batch(sum(j.rows for j in batch))
+            self._joined: list[Job] = []  # what take_more adds to this batch
             try:
                 results = self.run(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the requests, the worker keeps going
                 results = [exc] * len(batch)
             finally:
-                for job in batch:
+                for job in batch + self._joined:
                     if job.entry is not None:
                         self.registry.release(job.entry)
             for job, result in zip(batch, results):
-                if job.future.done():  # answered by run itself, before the rest of its batch finished
+                if job.future.done():  # answered by run itself, as soon as it was done
                     continue
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            for job in self._joined:  # run answers those it took in; if it failed first, they get its error
+                if not job.future.done():
+                    job.future.set_exception(failed or RuntimeError("the batch it joined ended without it"))
 
     def _start(self, job: Job) -> bool:
         """Mark ``job`` running (it can no longer be cancelled while queued); False if it was."""
@@ -269,86 +290,165 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job]) -> list:
-    """Decode all jobs together, each with its adapter and its own sampling settings. A row that finishes
-    (stop token, length, or its client gone) is answered at once, and leaves the batch where the model's
-    cache can drop rows: the others decode without it."""
-    reqs: list[GenerateRequest] = [job.payload for job in jobs]
-    n = len(reqs)
-    width = max(len(r.ids) for r in reqs)
+def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
+                   more: Callable[[int], list[Job]] | None = None, max_rows: int = 0) -> list:
+    """Decode all jobs together, each with its adapter and its own sampling settings. A row that is done (stop
+    token, length, or its client gone) is answered at once and leaves the batch. ``more(room)``, where given,
+    hands over up to ``room`` rows of requests that came since (answered through their futures the same way):
+    they join the running batch after their prefill, up to ``max_rows`` rows. Dropping and joining rows needs
+    transformers' ``DynamicCache``; with another cache, rows stay to the end and nothing joins. Returns the
+    answers of ``jobs``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, r in enumerate(reqs):  # left padding: every row's next token goes in the same column
-        ids[i, width - len(r.ids):] = torch.tensor(r.ids)
-        mask[i, width - len(r.ids):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     device = model.device
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    gens = []
-    for r in reqs:
-        g = torch.Generator()
-        g.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        gens.append(g)
-    out: list[list[int]] = [[] for _ in reqs]
-    answers: list[dict | None] = [None] * n
-    names = [job.entry.internal if job.entry else None for job in jobs]
     cache = _cache_name(model)
-
-    def finish(i: int, reason: str) -> None:
-        answers[i] = {"text": tokenizer.decode(out[i], skip_special_tokens=True), "tokens": len(out[i]),
-                      "finish_reason": reason}
-        if not jobs[i].cancelled:
-            jobs[i].future.set_result(answers[i])  # the batcher leaves an answered job alone
-
-    for i, r in enumerate(reqs):
-        if r.max_new_tokens == 0:
-            finish(i, "length")
-    if all(answers):
-        return answers
-    from transformers import DynamicCache  # the cache that can drop rows
-
-    rows = list(range(n))  # the batch's rows (indices of jobs), in the cache's order
+    decoding = _Decoding(tokenizer)
+    rows = decoding.add(jobs)
+    if not rows:
+        return decoding.answers[:len(jobs)]
     with contextlib.ExitStack() as stack:
         stack.enter_context(lock)
         stack.enter_context(torch.inference_mode())
-        per_row = stack.enter_context(contextlib.ExitStack())
-        per_row.enter_context(adapter_per_row(model, names))
-        result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        adapters = stack.enter_context(contextlib.ExitStack())  # adapter_per_row of the rows as they are now
+        logits, past, mask = _prefill(model, decoding, rows, pad, device, adapters, cache)
         while True:
-            # one copy from the device a token: each row's choice, stop check and streaming happen on the host
-            logits = result.logits[:, -1].float().cpu()
-            step = torch.full((len(rows), 1), pad, dtype=torch.long)
-            for k, i in enumerate(rows):
-                r, job = reqs[i], jobs[i]
-                if answers[i] is not None:
-                    continue
-                if job.cancelled:  # its client has gone: stop spending time on it
-                    finish(i, "cancelled")
-                    continue
-                token = _choose(logits[k], r, gens[i])
-                if token in r.stop_ids:
-                    finish(i, "stop")
-                    continue
-                out[i].append(token)
-                step[k, 0] = token
-                if job.on_token:
-                    job.on_token(i, tokenizer.decode(out[i], skip_special_tokens=True))
-                if len(out[i]) >= r.max_new_tokens:
-                    finish(i, "length")
-            live = [k for k, i in enumerate(rows) if answers[i] is None]
+            step = decoding.choose(rows, logits)
+            live = [k for k, i in enumerate(rows) if decoding.answers[i] is None]
+            elastic = _elastic(past)
             if not live:
                 break
-            past = getattr(result, cache)
-            if len(live) < len(rows) and isinstance(past, DynamicCache):
-                keep = torch.tensor(live, device=device)
+            if len(live) < len(rows) and elastic:  # the done rows leave: their cache rows with them
+                keep = torch.tensor(live, dtype=torch.long, device=device)
                 past.batch_select_indices(keep)
-                mask, positions, step = mask[keep], positions[keep], step[live]
-                rows = [rows[k] for k in live]
-                per_row.close()  # row k of the batch is now another request: its adapters follow
-                per_row.enter_context(adapter_per_row(model, [names[i] for i in rows]))
+                mask, step, rows = mask[keep], step[live], [rows[k] for k in live]
+            if more is not None and elastic and len(rows) < max_rows:
+                joining = decoding.add(more(max_rows - len(rows)))
+                if joining:
+                    new_logits, new_past, new_mask = _prefill(model, decoding, joining, pad, device, adapters, cache)
+                    new_step = decoding.choose(joining, new_logits)
+                    left = [k for k, i in enumerate(joining) if decoding.answers[i] is None]
+                    if left and _elastic(new_past):
+                        keep = torch.tensor(left, dtype=torch.long, device=device)
+                        new_past.batch_select_indices(keep)
+                        mask = _joined(past, new_past, mask, new_mask[keep])
+                        step = torch.cat([step, new_step[left]])
+                        rows = rows + [joining[k] for k in left]
+            adapters.close()  # row k of the batch may now be another request: its adapters follow
+            adapters.enter_context(adapter_per_row(model, [decoding.names[i] for i in rows]))
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
+            positions = mask.sum(-1, keepdim=True) - 1  # each row's own count of real tokens
             result = model(input_ids=step.to(device), attention_mask=mask, position_ids=positions,
                            **{cache: past}, use_cache=True)
-    return answers
+            logits, past = result.logits[:, -1], getattr(result, cache)
+    return decoding.answers[:len(jobs)]
+
+
+class _Decoding:
+    """The requests of one generation batch, by index in the order they came: tokens so far, sampler, adapter
+    and answer (set, and its job's future with it, when the request is done)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.jobs: list[Job] = []
+        self.gens: list[torch.Generator] = []
+        self.out: list[list[int]] = []
+        self.answers: list[dict | None] = []
+        self.names: list[str | None] = []
+
+    def add(self, jobs: list[Job]) -> list[int]:
+        """Indices of the new requests that want tokens (those asking for none are answered here)."""
+        rows = []
+        for job in jobs:
+            r: GenerateRequest = job.payload
+            g = torch.Generator()
+            g.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.jobs.append(job)
+            self.gens.append(g)
+            self.out.append([])
+            self.answers.append(None)
+            self.names.append(job.entry.internal if job.entry else None)
+            i = len(self.jobs) - 1
+            if r.max_new_tokens == 0:
+                self.finish(i, "length")
+            else:
+                rows.append(i)
+        return rows
+
+    def finish(self, i: int, reason: str) -> None:
+        self.answers[i] = {"text": self.tokenizer.decode(self.out[i], skip_special_tokens=True),
+                           "tokens": len(self.out[i]), "finish_reason": reason}
+        if not self.jobs[i].future.done():
+            self.jobs[i].future.set_result(self.answers[i])  # the batcher leaves an answered job alone
+
+    def choose(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row (the pad id for rows that are done); answers the rows that finish."""
+        # one copy from the device a token: each row's choice, stop check and streaming happen on the host
+        logits = logits.float().cpu()
+        step = torch.zeros((len(rows), 1), dtype=torch.long)
+        for k, i in enumerate(rows):
+            job = self.jobs[i]
+            r: GenerateRequest = job.payload
+            if self.answers[i] is not None:
+                continue
+            if job.cancelled:  # its client has gone: stop spending time on it
+                self.finish(i, "cancelled")
+                continue
+            token = _choose(logits[k], r, self.gens[i])
+            if token in r.stop_ids:
+                self.finish(i, "stop")
+                continue
+            self.out[i].append(token)
+            step[k, 0] = token
+            if job.on_token:
+                job.on_token(i, self.tokenizer.decode(self.out[i], skip_special_tokens=True))
+            if len(self.out[i]) >= r.max_new_tokens:
+                self.finish(i, "length")
+        return step
+
+
+def _prefill(model, decoding: _Decoding, rows: list[int], pad: int, device, adapters: contextlib.ExitStack,
+             cache: str):
+    """The prompts of ``rows``, left-padded into one batch (every row's next token in the same column) and run
+    with their adapters: last logits, cache, attention mask."""
+    reqs = [decoding.jobs[i].payload for i in rows]
+    width = max(len(r.ids) for r in reqs)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(reqs):
+        ids[k, width - len(r.ids):] = torch.tensor(r.ids)
+        mask[k, width - len(r.ids):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    adapters.close()
+    adapters.enter_context(adapter_per_row(model, [decoding.names[i] for i in rows]))
+    result = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   use_cache=True)
+    return result.logits[:, -1], getattr(result, cache), mask.to(device)
+
+
+def _elastic(past) -> bool:
+    """Whether rows can leave and join this cache: transformers' DynamicCache of plain layers (not sliding
+    windows, whose layers keep other state)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # transformers before the cache layers
+        return False
+    return type(past) is DynamicCache and all(type(layer) is DynamicLayer and layer.is_initialized
+                                               for layer in past.layers)
+
+
+def _joined(past, new_past, mask: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    """``new_past``'s rows appended to ``past`` (in place), the shorter side left-padded with masked-out
+    entries; returns the joined attention mask."""
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - t.shape[dim]
+        if not missing:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for layer, new in zip(past.layers, new_past.layers, strict=True):
+        layer.keys = torch.cat([left(layer.keys, -2), left(new.keys, -2)])
+        layer.values = torch.cat([left(layer.values, -2), left(new.values, -2)])
+    return torch.cat([left(mask, 1), left(new_mask, 1)])
