@@ -33,7 +33,7 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow")
+         "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -516,6 +516,13 @@ def bench_serve(args, out: dict) -> None:
     from benchmarks import serve_load
 
     out["serve"] = serve_load.run(args, _print)
+
+
+def bench_serve_generate(args, out: dict) -> None:
+    """Generation serving, continuous against static batching (see benchmarks/serve_generate.py)."""
+    from benchmarks import serve_generate
+
+    out["serve_generate"] = serve_generate.run(args, _print)
 
 
 def bench_ddp(args, out: dict) -> None:

@@ -16,8 +16,7 @@ from lorafit.kernels import LowRank, lora_linear
 from lorafit.layers.base import LoraLayer
 from lorafit.layers.init import kasa_truncate_, loftq_init, mica_init, olora_init, pissa_init
 from lorafit.quantize import BLOCK_SIZE, LOFTQ_GRID
-from lorafit.quantized_base import (dense_dtype, dense_shape, dense_source, dense_weight, is_quantized,
-                                     is_torchao_linear)
+from lorafit.quantized_base import dense_dtype, dense_shape, dense_source, dense_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -25,11 +24,16 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+_PLAIN_WEIGHTS = (nn.Parameter, torch.Tensor)
+
+
 def _fusable(base: nn.Module) -> bool:
     """The fused paths replace the base layer's forward, so only for the plain layer types, without hooks, and
-    with a plain weight (a torchao weight computes through its own kernels)."""
-    plain = (type(base).forward is nn.Linear.forward and not is_torchao_linear(base)) or is_gpt2_conv1d(base)
-    return plain and not base._forward_hooks and not base._forward_pre_hooks
+    with a plain weight: a tensor subclass (torchao's quantized weights) computes through its own kernels.
+    (A type test rather than is_torchao_linear's module-name test, which torch.compile cannot trace.)"""
+    plain = type(base).forward is nn.Linear.forward or is_gpt2_conv1d(base)
+    return (plain and type(base.weight) in _PLAIN_WEIGHTS and not base._forward_hooks
+            and not base._forward_pre_hooks)
 
 
 def rewrite_problem(base: nn.Module, init: bool | str | LoftQ, r: int) -> str | None:
