@@ -61,3 +61,17 @@ def smollm2(quick: bool, seed: int = 0) -> torch.nn.Module:
     folder = spec.submodule_search_locations[0]
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                 dtype=torch.float32)
+
+
+def save_random_adapters(model: torch.nn.Module, directories: list[Path], seed: int = 0) -> None:
+    """One adapter directory per entry of ``directories``: ``model``'s attached adapter "default" with fresh
+    random factors (scale 0.02) each time."""
+    import lorafit
+
+    params = lorafit.adapter_parameters(model, "default")
+    g = torch.Generator().manual_seed(seed)
+    for directory in directories:
+        with torch.no_grad():
+            for p in params.values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        lorafit.save_adapter(model, directory)

@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 import lorafit
 from benchmarks import models
 from benchmarks.timing import table
@@ -47,13 +45,7 @@ def _registry(quick: bool, root: Path) -> AdapterRegistry:
     model = models.smollm2(quick).eval()
     donor = models.smollm2(quick)
     lorafit.attach(donor, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    params = lorafit.adapter_parameters(donor, "default")
-    g = torch.Generator().manual_seed(0)
-    for i in range(ADAPTERS):
-        with torch.no_grad():
-            for p in params.values():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        lorafit.save_adapter(donor, root / f"task{i}")
+    models.save_random_adapters(donor, [root / f"task{i}" for i in range(ADAPTERS)])
     return AdapterRegistry(model, root)
 
 

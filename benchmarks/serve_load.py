@@ -25,8 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 import lorafit
 from benchmarks import models
 from benchmarks.memory_probe import _status_kb
@@ -59,13 +57,7 @@ def _make_adapters(quick: bool, root: Path, count: int) -> tuple[str, Path]:
         AutoTokenizer.from_pretrained(models.minilm_dir())  # fail early if the tokenizer is missing
         targets = ["query", "key", "value", "dense"]
     lorafit.attach(model, lorafit.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="SEQ_CLS"))
-    params = lorafit.adapter_parameters(model, "default")
-    g = torch.Generator().manual_seed(0)
-    for i in range(count):
-        with torch.no_grad():
-            for p in params.values():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        lorafit.save_adapter(model, root / "adapters" / f"task{i:03d}")
+    models.save_random_adapters(model, [root / "adapters" / f"task{i:03d}" for i in range(count)])
     return spec, root / "adapters"
 
 

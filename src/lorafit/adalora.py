@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lorafit.config import LoraConfig
+from lorafit.file_factors import by_module
 
 _FACTORS = ("lora_A", "lora_E", "lora_B")
 # AdaLoRA's LoRA options that mean the same for the LoRA it computes; the rest (its rank schedule, its
@@ -46,14 +47,8 @@ def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str,
     alpha = float(alpha) if alpha > 0 else float(init_r)  # AdaLoRA's own fallback
     applied = alpha / (init_r + 1e-5)  # what AdaLoRA multiplies B diag(E) A by
 
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        module, _, factor = key.rpartition(".")
-        if factor in _FACTORS and module.startswith(prefix):
-            factors.setdefault(module.removeprefix(prefix), {})[factor] = t
-        else:
-            out[key] = t  # modules_to_save copies and biases: as a LoRA file holds them
+    # out: modules_to_save copies and biases, as a LoRA file holds them
+    factors, out = by_module(tensors, _FACTORS, prefix)
     ranks: dict[str, int] = {}
     for name, f in factors.items():
         missing = [x for x in _FACTORS if x not in f]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from lorafit.config import LoraConfig, pattern_key
+from lorafit.file_factors import by_module
 
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -52,14 +53,7 @@ def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str,
     ``tensors`` (its weights, keyed ``prefix`` + module + factor); ``source`` names the config file in errors."""
     kind = data["peft_type"]
     names = LOHA_FACTORS if kind == "LOHA" else LOKR_FACTORS
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        module, _, factor = key.rpartition(".")
-        if factor in names and module.startswith(prefix):
-            factors.setdefault(module.removeprefix(prefix), {})[factor] = t
-        else:
-            out[key] = t  # modules_to_save copies: as a LoRA file holds them
+    factors, out = by_module(tensors, names, prefix)  # out: modules_to_save copies, as a LoRA file holds them
     if not factors:
         raise ValueError(f"{source}: a {_NAMES[kind]} adapter whose weights hold no {_NAMES[kind]} factor "
                          f"({', '.join(names)})")

@@ -1,0 +1,21 @@
+"""The tensors of a PEFT adapter file grouped by the module they adapt, for the readers that turn another
+adapter type's factors into a LoRA's (adalora.py, lycoris.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def by_module(tensors: dict[str, torch.Tensor], names: tuple[str, ...], prefix: str
+              ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``{module: {factor: tensor}}`` of the keys ``prefix + module + "." + factor`` whose factor is one of
+    ``names``, and every other tensor as it is keyed (modules_to_save copies, biases)."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        module, _, factor = key.rpartition(".")
+        if factor in names and module.startswith(prefix):
+            factors.setdefault(module.removeprefix(prefix), {})[factor] = t
+        else:
+            rest[key] = t
+    return factors, rest
