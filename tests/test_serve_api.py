@@ -719,7 +719,7 @@ def test_bounded_soak_leaves_memory_where_it_was(dirs, tmp_path):
 
 
 
-def test_a_finished_row_is_answered_at_once_and_leaves_the_batch(gen_client):
+def test_a_finished_row_is_answered_at_once_and_leaves_the_batch(gen_client, monkeypatch):
     """A batch whose rows want 2, 9 and 5 tokens (each with its adapter): the short ones are answered while the
     long one still decodes, and every row's text is the one it gets in a batch of its own (greedy)."""
     from lorafit.serve.engine import GenerateRequest, Job, generate_batch
@@ -752,15 +752,27 @@ def test_a_finished_row_is_answered_at_once_and_leaves_the_batch(gen_client):
     answered_at = {}
     for k in (0, 2):
         batch[k].future.add_done_callback(lambda _f, k=k: answered_at.__setitem__(k, progress["long"]))
-    sizes = []
+    sizes, plans = [], []
     hook = service.model.register_forward_pre_hook(
         lambda _m, _args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    from lorafit.serve import engine
+
+    per_row = engine.adapter_per_row
+
+    def planned(model, rows):
+        plans.append(list(rows))
+        return per_row(model, rows)
+
+    monkeypatch.setattr(engine, "adapter_per_row", planned)
     try:
         together = run(batch)
     finally:
         hook.remove()
     assert [a["tokens"] for a in together] == [2, 9, 5]
     assert sizes == [3, 3, 2, 2, 2, 1, 1, 1, 1]  # the prefill, then one forward a token, for the rows left
+    # the rows' adapters planned for the prefill and again only when rows left (not every token)
+    internal = {e.name: e.internal for e in (batch[0].entry, batch[1].entry)}
+    assert plans == [[internal["chat"], internal["poet"], None], [internal["poet"], None], [internal["poet"]]]
     # answered in the step of their own last token (the long row's tokens so far: rows are decided in order,
     # so row 0's second token comes before the long row's second), long before the long row's ninth
     assert answered_at == {0: 1, 2: 5}

@@ -316,13 +316,16 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
             elastic = _elastic(past)
             if not live:
                 break
+            replan = False  # whether row k of the batch is now another request (its adapters must follow)
             if len(live) < len(rows) and elastic:  # the done rows leave: their cache rows with them
                 keep = torch.tensor(live, dtype=torch.long, device=device)
                 past.batch_select_indices(keep)
                 mask, step, rows = mask[keep], step[live], [rows[k] for k in live]
+                replan = True
             if more is not None and elastic and len(rows) < max_rows:
                 joining = decoding.add(more(max_rows - len(rows)))
                 if joining:
+                    replan = True  # the prefill below runs with the joining rows' adapters
                     new_logits, new_past, new_mask = _prefill(model, decoding, joining, pad, device, adapters, cache)
                     new_step = decoding.choose(joining, new_logits)
                     left = [k for k, i in enumerate(joining) if decoding.answers[i] is None]
@@ -332,8 +335,9 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
                         mask = _joined(past, new_past, mask, new_mask[keep])
                         step = torch.cat([step, new_step[left]])
                         rows = rows + [joining[k] for k in left]
-            adapters.close()  # row k of the batch may now be another request: its adapters follow
-            adapters.enter_context(adapter_per_row(model, [decoding.names[i] for i in rows]))
+            if replan:
+                adapters.close()
+                adapters.enter_context(adapter_per_row(model, [decoding.names[i] for i in rows]))
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
             positions = mask.sum(-1, keepdim=True) - 1  # each row's own count of real tokens
             result = model(input_ids=step.to(device), attention_mask=mask, position_ids=positions,
