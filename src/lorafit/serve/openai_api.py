@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafit.serve.app import (ADAPTER_ERROR_STATUS, FiniteJSONRoute, GenerateBody, Message, ServiceDep, Service,
-                               _generate_request, _generation)
+                               _generate_request, _generation, _invalid)
 from lorafit.serve.engine import Job
 from lorafit.serve.registry import AdapterError, AdapterNotFound, check_name
 
@@ -120,10 +120,6 @@ class ChatMessage(BaseModel):
 class ChatBody(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=0)
-
-
-def _invalid(field: str, msg: str) -> HTTPException:
-    return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
 
 def _refuse_unsupported(body: _Common) -> None:
