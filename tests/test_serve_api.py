@@ -858,3 +858,22 @@ def test_over_http_a_short_request_joins_a_long_generation_and_is_answered_first
     finally:
         hook.remove()
     assert 2 in forwards  # the two decoded in one batch
+
+
+def test_stop_texts_end_the_answer_before_them_also_across_tokens_and_in_streams(gen_client):
+    """``stop``: the answer ends before the first stop text it would contain, one that spans two tokens
+    included; streamed deltas hold back a tail that may still become a stop text, so it never shows."""
+    body = {"prompt": "the movie", "max_new_tokens": 14}
+    free = gen_client.post("/v1/generate", json=body).json()["text"]
+    words = free.split(" ")
+    spanning = f"{words[2][-1]} {words[3][0]}"  # the end of one word and the start of the next
+    for stop in ([words[4]], [spanning], ["never there", words[5]]):
+        cut = min(free.find(s) for s in stop if s in free)
+        got = gen_client.post("/v1/generate", json={**body, "stop": stop}).json()
+        assert (got["text"], got["finish_reason"]) == (free[:cut], "stop"), stop
+        with gen_client.stream("POST", "/v1/generate", json={**body, "stop": stop, "stream": True}) as r:
+            events = [e for e in r.read().decode().split("\n\n") if e.strip()]
+        deltas = [json.loads(e.removeprefix("data: "))["delta"] for e in events if e.startswith("data: ")]
+        assert "".join(deltas) == free[:cut] and all(not any(s in d for s in stop) for d in deltas)
+    too_many = gen_client.post("/v1/generate", json={**body, "stop": ["a", "b", "c", "d", "e"]})
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "stop"]

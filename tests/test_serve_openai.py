@@ -125,13 +125,13 @@ def test_streams_are_openai_chunks_that_add_up_to_the_answer(served, chat):
 def test_what_lorafit_does_not_compute_is_refused_naming_the_field(served):
     _, app, client = served
     base = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-    for field, value in [("n", 2), ("stop", ["\n"]), ("logprobs", True), ("presence_penalty", 0.5),
+    for field, value in [("n", 2), ("logprobs", True), ("presence_penalty", 0.5),
                          ("tools", [{"type": "function", "function": {"name": "f"}}])]:
         r = client.post("/v1/chat/completions", json={**base, field: value})
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (field, r.text)
         assert f"does not support {field}" in r.json()["error"]["message"]
     # OpenAI's other fields, and the "not used" values of those above, are accepted
-    r = client.post("/v1/chat/completions", json={**base, "user": "u1", "n": 1, "stop": None, "logprobs": False,
+    r = client.post("/v1/chat/completions", json={**base, "user": "u1", "n": 1, "logprobs": False,
                                                   "metadata": {"k": "v"}})
     assert r.status_code == 200, r.text
     # content as OpenAI's text parts, and its "developer" role, are the plain text and "system" of the template
@@ -167,3 +167,26 @@ def test_a_classification_server_has_no_completions(tmp_path):
         r = client.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "a"}]})
         assert r.status_code == 404
         assert client.get("/v1/models").json()["data"][0]["id"] == str(bert)
+
+
+def test_stop_strings_end_the_answer_before_them(served):
+    """OpenAI's ``stop`` (a string or up to 4): the answer is /v1/generate's with the same stop texts, ending
+    before the first of them, with finish_reason "stop"; streamed, the stop text never reaches the client."""
+    _, app, client = served
+    messages = [{"role": "user", "content": "hello world"}]
+    free = generate(client, messages=messages, adapter="poet", max_new_tokens=12, temperature=0)["text"]
+    stop = free.split()[3]
+    assert free.find(stop) > 0
+    want = generate(client, messages=messages, adapter="poet", max_new_tokens=12, temperature=0, stop=[stop])
+    assert want["text"] == free[:free.find(stop)] and want["finish_reason"] == "stop"
+    got = ask(app, lambda c: c.chat.completions.create(model="poet", messages=messages, max_tokens=12,
+                                                       temperature=0, stop=stop))
+    assert got.choices[0].message.content == want["text"] and got.choices[0].finish_reason == "stop"
+
+    async def streamed(c):
+        stream = await c.chat.completions.create(model="poet", messages=messages, max_tokens=12, temperature=0,
+                                                 stop=["zzz", stop], stream=True)
+        return [chunk async for chunk in stream]
+    chunks = ask(app, streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
+    assert chunks[-1].choices[0].finish_reason == "stop"

@@ -6,7 +6,8 @@
     DELETE /v1/adapters/{name}          unload (Authorization: Bearer TOKEN)
     POST   /v1/classify                 {"texts": [...], "adapter": name|null} -> labels and probabilities
     POST   /v1/generate                 {"prompt" | "messages", "adapter", "max_new_tokens", "temperature",
-                                         "top_p", "seed", "stream"} -> text (server-sent events if stream)
+                                         "top_p", "seed", "stop", "stream"} -> text (server-sent events if
+                                         stream); the text ends before the first "stop" string it would hold
     GET    /metrics                     Prometheus text format (OpenMetrics if the Accept header asks)
     GET    /v1/models, POST /v1/completions, POST /v1/chat/completions: OpenAI's API (openai_api.py)
 
@@ -168,6 +169,7 @@ class GenerateBody(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(default=None, max_length=4)
     stream: bool = False
 
 
@@ -284,7 +286,8 @@ async def _generate_request(service: Service, body: GenerateBody) -> GenerateReq
         raise _invalid(field, f"the prompt has {len(ids)} tokens; allowed 1..{limits.max_prompt_tokens}")
     stop = {t for t in [tokenizer.eos_token_id] if t is not None}
     return GenerateRequest(ids=ids, max_new_tokens=max_new_tokens, temperature=body.temperature,
-                           top_p=body.top_p, seed=body.seed, stop_ids=frozenset(stop))
+                           top_p=body.top_p, seed=body.seed, stop_ids=frozenset(stop),
+                           stop_texts=tuple(body.stop or ()))
 
 
 async def _generation(service: Service, job: Job):

@@ -271,6 +271,7 @@ class GenerateRequest:
     top_p: float
     seed: int | None
     stop_ids: frozenset[int]
+    stop_texts: tuple[str, ...] = ()  # the answer ends before the first of these it would contain
 
 
 def _choose(logits: torch.Tensor, req: GenerateRequest, gen: torch.Generator) -> int:
@@ -377,14 +378,15 @@ class _Decoding:
                 rows.append(i)
         return rows
 
-    def finish(self, i: int, reason: str) -> None:
-        self.answers[i] = {"text": self.tokenizer.decode(self.out[i], skip_special_tokens=True),
-                           "tokens": len(self.out[i]), "finish_reason": reason}
+    def finish(self, i: int, reason: str, text: str | None = None) -> None:
+        if text is None:
+            text = self.tokenizer.decode(self.out[i], skip_special_tokens=True)
+        self.answers[i] = {"text": text, "tokens": len(self.out[i]), "finish_reason": reason}
         if not self.jobs[i].future.done():
             self.jobs[i].future.set_result(self.answers[i])  # the batcher leaves an answered job alone
 
     def choose(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row (the pad id for rows that are done); answers the rows that finish."""
+        """The next token of each row (0 for rows that are done); answers the rows that finish."""
         # one copy from the device a token: each row's choice, stop check and streaming happen on the host
         logits = logits.float().cpu()
         step = torch.zeros((len(rows), 1), dtype=torch.long)
@@ -402,11 +404,23 @@ class _Decoding:
                 continue
             self.out[i].append(token)
             step[k, 0] = token
-            if job.on_token:
-                job.on_token(i, self.tokenizer.decode(self.out[i], skip_special_tokens=True))
+            if r.stop_texts or job.on_token:
+                text = self.tokenizer.decode(self.out[i], skip_special_tokens=True)
+                cut = min((at for at in (text.find(t) for t in r.stop_texts) if at >= 0), default=-1)
+                if cut >= 0:
+                    self.finish(i, "stop", text[:cut])
+                    continue
+                if job.on_token:  # without a tail that may still become a stop text
+                    job.on_token(i, text[:len(text) - _stop_prefix(text, r.stop_texts)])
             if len(self.out[i]) >= r.max_new_tokens:
                 self.finish(i, "length")
         return step
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``stops``."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if stop.startswith(text[-n:])), default=0)
 
 
 def _prefill(model, decoding: _Decoding, rows: list[int], pad: int, device, adapters: contextlib.ExitStack,

@@ -5,13 +5,14 @@ built on them) talk to a generation server by pointing their base URL at ``http:
 
     GET  /v1/models             the base model, then every adapter
     POST /v1/completions        {"model", "prompt", "max_tokens" (16), "temperature" (1), "top_p", "seed",
-                                 "stream", "stream_options"}
+                                 "stop", "stream", "stream_options"}
     POST /v1/chat/completions   {"model", "messages", "max_completion_tokens" | "max_tokens" (the server's
-                                 limit), "temperature" (1), "top_p", "seed", "stream", "stream_options"}
+                                 limit), "temperature" (1), "top_p", "seed", "stop", "stream",
+                                 "stream_options"}
 
 Defaults are OpenAI's. Requests go through the same batching, limits and errors as ``/v1/generate``.
-What lorafit does not compute is refused with a 422 naming the field (``n`` > 1, stop sequences, log
-probabilities, penalties, logit biases, tools, a response format other than text, ``echo``, ``suffix``);
+What lorafit does not compute is refused with a 422 naming the field (``n`` > 1, log probabilities,
+penalties, logit biases, tools, a response format other than text, ``echo``, ``suffix``);
 other fields are accepted and ignored (``user``, ``metadata``, ...). Streams are server-sent events of
 OpenAI's chunks, ending with ``data: [DONE]``.
 """
@@ -72,7 +73,7 @@ router = APIRouter(route_class=OpenAIRoute)
 
 # fields OpenAI defines that change what is computed, with the values that mean "not used"
 _UNSUPPORTED: dict[str, tuple] = {
-    "n": (None, 1), "best_of": (None, 1), "stop": (None, "", []), "logprobs": (None, False, 0),
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0),
     "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}), "echo": (None, False),
@@ -93,6 +94,7 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -170,9 +172,10 @@ async def _answer(service: Service, request: Request, body: _Common,
     _refuse_unsupported(body)
     adapter = _adapter(service, body.model)
     try:
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
         req = await _generate_request(service, GenerateBody(
             adapter=adapter, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            seed=body.seed, **prompt))
+            seed=body.seed, stop=[t for t in stop or [] if t] or None, **prompt))
     except HTTPException as exc:
         for error in exc.detail if isinstance(exc.detail, list) else []:
             error["loc"] = [_FIELDS.get(part, part) for part in error["loc"]]
