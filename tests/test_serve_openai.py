@@ -167,6 +167,9 @@ def test_a_classification_server_has_no_completions(tmp_path):
         r = client.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "a"}]})
         assert r.status_code == 404
         assert client.get("/v1/models").json()["data"][0]["id"] == str(bert)
+    named = build_service(str(bert), tmp_path / "adapters", token=None, model_name="tiny-bert")  # --served-model-name
+    with TestClient(create_app(named)) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == client.get("/health").json()["model"] == "tiny-bert"
 
 
 def test_stop_strings_end_the_answer_before_them(served):

@@ -184,6 +184,8 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--model", required=True, help="'minilm' (all-MiniLM-L6-v2), 'smollm2-135m' or a local "
                                                    "transformers model dir")
     sv.add_argument("--adapters", required=True, metavar="DIR", help="directory whose subdirectories are adapters")
+    sv.add_argument("--served-model-name", metavar="NAME", help="the base model's name in /health and as OpenAI's "
+                    "`model` (default: --model as given)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--token", help="token for POST/DELETE /v1/adapters (or env LORAFIT_SERVE_TOKEN); "

@@ -16,10 +16,11 @@ from lorafit.serve.registry import AdapterRegistry
 def build_service(model: str, adapters: str | Path, *, token: str | None = None, max_adapters: int | None = None,
                   max_adapter_mb: float | None = None, pin: list[str] | None = None, num_labels: int | None = None,
                   limits: Limits | None = None, preload: bool = False, device: str | torch.device | None = None,
-                  dtype: torch.dtype = torch.float32, quantize: int = 0) -> Service:
+                  dtype: torch.dtype = torch.float32, quantize: int = 0, model_name: str | None = None) -> Service:
     """The model (in ``dtype`` on ``device``, default: CUDA when there is a GPU), its adapter registry and the
     request batching, for ``create_app``. ``quantize`` 4 or 8 keeps the base's linear layers in NF4 or int8
-    (lorafit.quantize), all but the output head, which adapters may save a copy of."""
+    (lorafit.quantize), all but the output head, which adapters may save a copy of. ``model_name``: what
+    /health and OpenAI's ``model`` call the base model (default: ``model`` as given)."""
     adapters = Path(adapters)
     if not adapters.is_dir():
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
@@ -38,7 +39,7 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
     if preload:
         for name in registry.available()[: max_adapters or None]:
             registry.load(name)
-    return Service(base, tokenizer, task, registry, limits=limits, token=token, model_name=model)
+    return Service(base, tokenizer, task, registry, limits=limits, token=token, model_name=model_name or model)
 
 
 # The heads of causal LMs and classifiers stay full precision: an adapter's modules_to_save copy of one must train
@@ -66,7 +67,7 @@ def serve(args) -> int:
     service = build_service(args.model, args.adapters, token=token, max_adapters=args.max_adapters,
                             max_adapter_mb=args.max_adapter_mb, pin=args.pin, num_labels=args.num_labels,
                             limits=limits, preload=args.preload, device=args.device, dtype=getattr(torch, args.dtype),
-                            quantize=args.quantize)
+                            quantize=args.quantize, model_name=args.served_model_name)
     app = create_app(service)
     device = service.model.device
     where = f"{torch.get_num_threads()} torch threads" if device.type == "cpu" else str(device)
