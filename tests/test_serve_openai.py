@@ -150,7 +150,9 @@ def test_what_lorafit_does_not_compute_is_refused_naming_the_field(served):
     assert caught.value.code == "model_not_found"
     for body, field in [({"model": "chat", "prompt": ["a", "b"]}, "prompt"), ({"model": "chat"}, "prompt"),
                         ({"model": "chat", "prompt": "a", "temperature": "hot"}, "temperature"),
-                        ({"model": "../x", "prompt": "a"}, "model")]:
+                        ({"model": "../x", "prompt": "a"}, "model"),
+                        ({"model": "chat", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                        ({"model": "chat", "prompt": "a", "stop": "x" * 201}, "stop")]:
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (body, r.text)
     stream = client.post("/v1/chat/completions", json={**base, "stream": True})

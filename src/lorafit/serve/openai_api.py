@@ -23,7 +23,7 @@ import contextlib
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,7 +60,7 @@ class OpenAIRoute(FiniteJSONRoute):
 def _error(status: int, detail: Any, headers: dict | None = None, code: str | None = None,
            param: str | None = None) -> JSONResponse:
     if isinstance(detail, list):  # validation errors: each names its field by its location in the body
-        fields = [str(e["loc"][-1]) for e in detail if e.get("loc")]
+        fields = [str(e["loc"][1]) for e in detail if len(e.get("loc", ())) > 1 and e["loc"][0] == "body"]
         param = param or (fields[0] if fields else None)
         detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:]) or 'body'}: {e.get('msg')}"
                            for e in detail)
@@ -83,6 +83,9 @@ _UNSUPPORTED: dict[str, tuple] = {
 _FIELDS = {"max_new_tokens": "max_tokens", "adapter": "model"}
 
 
+StopText = Annotated[str, Field(max_length=200)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -94,7 +97,7 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = Field(default=None, max_length=4)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
