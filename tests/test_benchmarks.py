@@ -57,12 +57,12 @@ def test_quick_benchmark_suite_runs(side_by_side):
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
                   "Initialisations against the default", "LoftQ against QLoRA's start",
-                  "Arrow routing, lorafit against PEFT"):
+                  "Arrow routing, lorafit against PEFT", "Generation serving"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
-                         "mixed", "serve", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits",
-                         "loftq", "arrow"}
+                         "mixed", "serve", "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens",
+                         "optimizer", "inits", "loftq", "arrow"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -74,6 +74,9 @@ def test_quick_benchmark_suite_runs(side_by_side):
     assert all(t > 0 for t in data["mixed"]["median_s"].values())
     assert data["serve"]["churn"]["failed"] == 0 and data["serve"]["1 adapters"]["failed"] == 0
     assert data["serve"]["quantize 4"]["failed"] == 0 and data["serve"]["quantize 4"]["req_per_s"] > 0
+    generation = data["serve_generate"]["modes"]
+    assert set(generation) == {"static", "continuous"} and all(m["tokens_per_s"] > 0 and m["p90_s"] >= 0
+                                                               for m in generation.values())
     assert data["ddp"]["lora"]["bytes_per_step"] == 4 * data["ddp"]["lora"]["trainable"]
     assert data["ddp"]["full"]["bytes_per_step"] == 4 * data["ddp"]["full"]["trainable"]
     e2e = data["e2e"]["results"]
