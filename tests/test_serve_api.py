@@ -833,7 +833,7 @@ def test_a_request_that_comes_while_a_batch_decodes_joins_it(gen_client, prompt)
 
 def test_over_http_a_short_request_joins_a_long_generation_and_is_answered_first(gen_client):
     """The server's wiring of continuous batching: a request that arrives while a 16-token generation decodes
-    (each forward slowed to 30 ms) is answered while that one still runs, not after it."""
+    (each forward slowed to 50 ms) is answered while that one still runs, not after it."""
     service = gen_client.service
     for adapter in ("chat", "poet"):  # loaded first: loading takes the model lock, which a running batch holds
         assert gen_client.post("/v1/generate", json={"prompt": "hi", "adapter": adapter,
@@ -842,7 +842,7 @@ def test_over_http_a_short_request_joins_a_long_generation_and_is_answered_first
 
     def slow(_module, _args, kwargs):
         forwards.append(kwargs["input_ids"].shape[0])
-        time.sleep(0.03)
+        time.sleep(0.05)
 
     hook = service.model.register_forward_pre_hook(slow, with_kwargs=True)
     try:
