@@ -154,12 +154,14 @@ def quantize_base(model: nn.Module, bits: int = 4, block_size: int = BLOCK_SIZE,
     ``modules_to_save`` are not. A layer whose weight LoftQ already put on a quantization grid keeps exactly
     that weight: it is quantized with LoftQ's block size and without double quantization, and must be asked
     for the bits LoftQ used."""
+    from lorafit.quantized_base import is_torchao_linear  # here: quantized_base builds on this module
+
     targets = []
     for name, m in model.named_modules():
         parts = name.split(".")
         # a torchao layer is quantized already (its weight is not a float tensor to quantize)
-        if type(m) is not nn.Linear or type(m.weight).__module__.startswith("torchao.") \
-                or "modules_to_save" in parts or "original_module" in parts:
+        if type(m) is not nn.Linear or is_torchao_linear(m) or "modules_to_save" in parts \
+                or "original_module" in parts:
             continue
         logical = ".".join(p for p in parts if p != "base_layer")
         if any(logical == s or logical.endswith("." + s) for s in skip):

@@ -154,7 +154,7 @@ class Batcher:
                 continue
             if self.on_batch:
                 self.on_batch(sum(j.rows for j in batch))
-            self._joined: list[Job] = []  # what take_more adds to this batch
+            self._joined = []  # what take_more adds to this batch
             try:
                 results = self.run(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the requests, the worker keeps going
@@ -311,10 +311,10 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
         stack.enter_context(torch.inference_mode())
         adapters = stack.enter_context(contextlib.ExitStack())  # adapter_per_row of the rows as they are now
         logits, past, mask = _prefill(model, decoding, rows, pad, device, adapters, cache)
+        elastic = _elastic(past)  # the model's kind of cache: the same for every forward of the batch
         while True:
             step = decoding.choose(rows, logits)
             live = [k for k, i in enumerate(rows) if decoding.answers[i] is None]
-            elastic = _elastic(past)
             if not live:
                 break
             replan = False  # whether row k of the batch is now another request (its adapters must follow)
@@ -330,7 +330,7 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
                     new_logits, new_past, new_mask = _prefill(model, decoding, joining, pad, device, adapters, cache)
                     new_step = decoding.choose(joining, new_logits)
                     left = [k for k, i in enumerate(joining) if decoding.answers[i] is None]
-                    if left and _elastic(new_past):
+                    if left:
                         keep = torch.tensor(left, dtype=torch.long, device=device)
                         new_past.batch_select_indices(keep)
                         mask = _joined(past, new_past, mask, new_mask[keep])
@@ -434,12 +434,12 @@ def _prefill(model, decoding: _Decoding, rows: list[int], pad: int, device, adap
     for k, r in enumerate(reqs):
         ids[k, width - len(r.ids):] = torch.tensor(r.ids)
         mask[k, width - len(r.ids):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     adapters.close()
     adapters.enter_context(adapter_per_row(model, [decoding.names[i] for i in rows]))
-    result = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                   use_cache=True)
-    return result.logits[:, -1], getattr(result, cache), mask.to(device)
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return result.logits[:, -1], getattr(result, cache), mask
 
 
 def _elastic(past) -> bool:
