@@ -831,6 +831,54 @@ def test_a_request_that_comes_while_a_batch_decodes_joins_it(gen_client, prompt)
     assert late.future.result()["text"] == joined_alone[0]["text"] and late.future.result()["tokens"] == 4
 
 
+def test_a_batch_scores_echoed_prompts_and_computes_last_logits_only_when_none_asks(gen_client):
+    """Rows asking for their prompt's log-probabilities (echo) and rows that do not, in one left-padded batch,
+    get what they get alone; the prefill asks the model for its last position's logits only when no row
+    echoes (a prompt's other logits are [tokens, vocabulary] per row)."""
+    from dataclasses import replace
+
+    from lorafit.serve.engine import GenerateRequest, Job, generate_batch
+
+    service = gen_client.service
+    registry = service.registry
+    plain = GenerateRequest(ids=[2, 10, 11, 12, 13, 14], max_new_tokens=3, temperature=0.0, top_p=1.0, seed=None,
+                            stop_ids=frozenset())
+    reqs = [(replace(plain, ids=[2, 13], echo=True, logprobs=2), "poet"), (plain, "chat"),
+            (replace(plain, logprobs=0, max_new_tokens=2), None), (replace(plain, echo=True, max_new_tokens=0), None)]
+
+    def run(specs):
+        jobs = [Job(rows=1, payload=req, entry=registry.acquire(adapter) if adapter else None)
+                for req, adapter in specs]
+        for job in jobs:
+            job.future.set_running_or_notify_cancel()
+        try:
+            return generate_batch(service.model, service.tokenizer, registry.model_lock, jobs)
+        finally:
+            for job in jobs:
+                if job.entry is not None:
+                    registry.release(job.entry)
+
+    kept = []
+    hook = service.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: kept.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+    try:
+        together = run(reqs)
+        alone = [run([spec])[0] for spec in reqs]
+    finally:
+        hook.remove()
+    assert kept[0] is None and kept.count(1) == 2  # the batch's prefill, then those of rows 1 and 2 alone
+    for got, want in zip(together, alone):
+        assert got["text"] == want["text"] and got.keys() == want.keys()
+        for key in ("logprobs", "prompt_logprobs"):
+            for a, b in zip(got.get(key) or [], want.get(key) or []):
+                assert a.token == b.token and [t for t, _ in a.top] == [t for t, _ in b.top]
+                assert a.logprob == b.logprob is None or abs(a.logprob - b.logprob) < 1e-5
+    assert len(together[0]["prompt_logprobs"]) == 2 and len(together[0]["logprobs"]) == 3
+    assert "logprobs" not in together[1] and "prompt_logprobs" not in together[1]
+    assert len(together[2]["logprobs"]) == 2 and all(s.top == [] for s in together[2]["logprobs"])
+    assert together[3]["tokens"] == 0 and len(together[3]["prompt_logprobs"]) == 6
+
+
 def test_over_http_a_short_request_joins_a_long_generation_and_is_answered_first(gen_client):
     """The server's wiring of continuous batching: a request that arrives while a 16-token generation decodes
     (each forward slowed to 50 ms) is answered while that one still runs, not after it."""

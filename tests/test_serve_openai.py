@@ -5,6 +5,9 @@ import asyncio
 import json
 
 import pytest
+import torch
+
+import lorafit
 
 pytest.importorskip("fastapi")
 pytest.importorskip("transformers")
@@ -125,7 +128,7 @@ def test_streams_are_openai_chunks_that_add_up_to_the_answer(served, chat):
 def test_what_lorafit_does_not_compute_is_refused_naming_the_field(served):
     _, app, client = served
     base = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-    for field, value in [("n", 2), ("logprobs", True), ("presence_penalty", 0.5),
+    for field, value in [("best_of", 2), ("echo", True), ("presence_penalty", 0.5),
                          ("tools", [{"type": "function", "function": {"name": "f"}}])]:
         r = client.post("/v1/chat/completions", json={**base, field: value})
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (field, r.text)
@@ -148,7 +151,7 @@ def test_what_lorafit_does_not_compute_is_refused_naming_the_field(served):
     with pytest.raises(openai.NotFoundError, match="'nope'") as caught:
         ask(app, lambda c: c.chat.completions.create(model="nope", messages=base["messages"]))
     assert caught.value.code == "model_not_found"
-    for body, field in [({"model": "chat", "prompt": ["a", "b"]}, "prompt"), ({"model": "chat"}, "prompt"),
+    for body, field in [({"model": "chat", "prompt": []}, "prompt"), ({"model": "chat"}, "prompt"),
                         ({"model": "chat", "prompt": "a", "temperature": "hot"}, "temperature"),
                         ({"model": "../x", "prompt": "a"}, "model"),
                         ({"model": "chat", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -195,3 +198,148 @@ def test_stop_strings_end_the_answer_before_them(served):
     chunks = ask(app, streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def reference_logprobs(ids: list[int], adapter_dir) -> torch.Tensor:
+    """log p(token | tokens before) of every position of ``ids`` under the base model with the adapter, as a
+    model of its own computes them (row j scores the token after position j)."""
+    model = sm.load(adapter_dir.parent.parent / "tiny-llama")
+    lorafit.load_adapter(model, adapter_dir)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_need(served):
+    """lm-evaluation-harness's ``local-completions`` sends token ids with ``echo``, ``logprobs`` 1 and
+    ``max_tokens`` 1 and sums ``token_logprobs`` past the context: those are the adapter's log-likelihoods,
+    for prompts of different lengths in one request (one left-padded batch), and the greedy token's is the
+    largest of its ``top_logprobs``."""
+    service, app, client = served
+    prompts = [[2, 5, 9, 13, 21, 8, 30], [2, 17, 4], [2, 6, 6, 11, 12, 13, 14, 15, 16, 4, 5]]
+    r = client.post("/v1/completions", json={"model": "poet", "prompt": prompts, "max_tokens": 1, "logprobs": 1,
+                                             "echo": True, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for ids, choice in zip(prompts, choices):
+        want = reference_logprobs(ids, service.registry.root / "poet")
+        logs = choice["logprobs"]
+        assert len(logs["token_logprobs"]) == len(logs["tokens"]) == len(logs["text_offset"]) == len(ids) + 1
+        assert logs["token_logprobs"][0] is None and logs["top_logprobs"][0] is None
+        scored = torch.tensor(logs["token_logprobs"][1:len(ids)])
+        torch.testing.assert_close(scored, want[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0],
+                                   atol=1e-4, rtol=0)
+        assert logs["tokens"][-1].strip() == service.tokenizer.decode([int(want[-1].argmax())])
+        assert abs(logs["token_logprobs"][-1] - float(want[-1].max())) < 1e-4
+        assert logs["token_logprobs"][-1] == max(logs["top_logprobs"][-1].values())
+        for j, top in enumerate(logs["top_logprobs"][1:len(ids)]):  # the likeliest, and the token itself
+            assert abs(max(top.values()) - float(want[j].max())) < 1e-4 and len(top) in (1, 2)
+        assert logs["text_offset"] == sorted(logs["text_offset"]) and logs["text_offset"][0] == 0
+        assert choice["text"].startswith(service.tokenizer.decode(ids))
+    # max_tokens 0 scores the prompt alone; a text prompt is tokenized as /v1/generate does (with <s>)
+    r = client.post("/v1/completions", json={"model": "poet", "prompt": "hello the movie", "max_tokens": 0,
+                                             "logprobs": 0, "echo": True})
+    logs = r.json()["choices"][0]["logprobs"]
+    ids = service.tokenizer("hello the movie")["input_ids"]
+    assert r.json()["choices"][0]["text"] == "hello the movie" and r.json()["usage"]["completion_tokens"] == 0
+    want = reference_logprobs(ids, service.registry.root / "poet")
+    torch.testing.assert_close(torch.tensor(logs["token_logprobs"][1:]),
+                               want[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
+    # through OpenAI's SDK, whose types have no null in token_logprobs, where OpenAI's API (and vLLM) put
+    # the first prompt token's: parsed without the strict check
+    got = ask(app, lambda c: c.completions.create(model="poet", prompt=prompts[1], max_tokens=2, logprobs=3,
+                                                  echo=True, temperature=0), strict=False)
+    assert got.choices[0].logprobs.token_logprobs[0] is None and len(got.choices[0].logprobs.tokens) == 5
+
+
+def test_chat_logprobs_are_the_chosen_tokens_with_top_alternatives(served):
+    service, app, client = served
+    messages = [{"role": "user", "content": "hello world"}]
+    got = ask(app, lambda c: c.chat.completions.create(model="chat", messages=messages, max_tokens=5,
+                                                       temperature=0, logprobs=True, top_logprobs=3))
+    content = got.choices[0].logprobs.content
+    prompt = service.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = service.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    chosen = service.tokenizer(got.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    assert len(content) == len(chosen) == got.usage.completion_tokens
+    want = reference_logprobs(ids + chosen, service.registry.root / "chat")[len(ids) - 1:-1]
+    for j, entry in enumerate(content):
+        assert abs(entry.logprob - float(want[j, chosen[j]])) < 1e-4
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the chosen token is the likeliest
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                 reverse=True)
+        torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs]), want[j].topk(3).values,
+                                   atol=1e-4, rtol=0)
+        assert bytes(entry.bytes).decode() == entry.token
+    assert "".join(e.token for e in content).strip() == got.choices[0].message.content
+    # sampled tokens are scored too (the model's log-probabilities, not the tempered ones)
+    hot = client.post("/v1/chat/completions", json={"model": "chat", "messages": messages, "max_tokens": 4,
+                                                    "temperature": 1.5, "seed": 4, "logprobs": True}).json()
+    assert all(e["top_logprobs"] == [] and e["logprob"] < 0 for e in hot["choices"][0]["logprobs"]["content"])
+
+
+def test_a_stop_text_keeps_the_logprobs_of_the_tokens_up_to_it(served):
+    service, _, client = served
+    body = {"model": "chat", "prompt": "hello world", "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    free = client.post("/v1/completions", json=body).json()["choices"][0]
+    stop = free["text"].split()[3]
+    cut = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == free["text"][:free["text"].find(stop)]
+    kept = len(cut["logprobs"]["tokens"])
+    assert cut["logprobs"]["token_logprobs"] == free["logprobs"]["token_logprobs"][:kept]
+    # the kept tokens reach the stop text, and one fewer would not reach the cut
+    assert len("".join(free["logprobs"]["tokens"][:kept]).strip()) >= len(cut["text"])
+    assert len("".join(free["logprobs"]["tokens"][:kept - 1]).strip()) < len(cut["text"])
+
+
+def test_n_choices_of_several_prompts_are_each_a_seeded_generation(served):
+    """``n`` choices of each prompt, in OpenAI's order (prompt by prompt); with a seed, choice j samples as
+    /v1/generate with seed + j does; usage counts each prompt once. Streamed, the choices' chunks add up to
+    the same texts."""
+    _, app, client = served
+    prompts = ["hello the movie", "what is the plot"]
+    body = {"model": "chat", "prompt": prompts, "max_tokens": 6, "temperature": 1.2, "seed": 40, "n": 3}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    want = [generate(client, prompt=p, adapter="chat", max_new_tokens=6, temperature=1.2, seed=40 + j)
+            for p in prompts for j in range(3)]
+    assert texts == [w["text"] for w in want] and len(set(texts[:3])) > 1
+    assert [c["index"] for c in r.json()["choices"]] == list(range(6))
+    usage = r.json()["usage"]
+    tokenizer = served[0].tokenizer
+    assert usage["prompt_tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert usage["completion_tokens"] == sum(w["tokens"] for w in want)
+
+    async def streamed(c):
+        stream = await c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hello"}],
+                                                 max_tokens=6, temperature=1.2, seed=40, n=2, stream=True)
+        return [chunk async for chunk in stream]
+    chunks = ask(app, streamed)
+    chat = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user",
+                       "content": "hello"}], "max_tokens": 6, "temperature": 1.2, "seed": 40, "n": 2}).json()
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == chat["choices"][index]["message"]["content"]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason is not None
+
+
+def test_logprobs_and_choices_refuse_what_they_cannot_do(served):
+    service, _, client = served
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    completion = {"model": "chat", "prompt": "hello", "max_tokens": 2}
+    for path, body, field in [
+            ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+            ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+            ("/v1/chat/completions", {**chat, "logprobs": True, "stream": True}, "logprobs"),
+            ("/v1/completions", {**completion, "echo": True, "stream": True}, "echo"),
+            ("/v1/completions", {**completion, "logprobs": 21}, "logprobs"),
+            ("/v1/completions", {**completion, "n": 0}, "n"),
+            ("/v1/completions", {**completion, "prompt": ["hello"] * 8, "n": 9}, "n"),  # 72 > --max-texts 64
+            ("/v1/completions", {**completion, "prompt": [2, 5, 10_000]}, "prompt"),  # not a token of the model
+            ("/v1/completions", {**completion, "prompt": [[2, 5], []]}, "prompt"),
+            ("/v1/completions", {**completion, "prompt": [2] * 25}, "prompt")]:  # over max_prompt_tokens 24
+        r = client.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, (body, r.text)
+    assert "10000" in client.post("/v1/completions", json={**completion, "prompt": [2, 10_000]}).json()["error"][
+        "message"]

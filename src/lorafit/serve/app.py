@@ -101,14 +101,24 @@ class Service:
     async def run(self, job: Job, request: Request | None = None):
         """``job``'s result, once its batch has run; 503 if the queue is full, shutting down or too slow.
         With ``request``, a client that disconnects first gets its job dropped (499, which nobody reads)."""
+        return (await self.run_all([job], request))[0]
+
+    async def run_all(self, jobs: list[Job], request: Request | None = None) -> list:
+        """The results of ``jobs``, queued together (so that they can share batches), as ``run``'s: the first
+        error ends the request and drops the jobs still to run."""
+        futures = []
         try:
-            future = self.batcher.submit(job)
+            for job in jobs:
+                futures.append(self.batcher.submit(job))
         except RuntimeError as exc:
-            if job.entry is not None:
-                self.registry.release(job.entry)
+            for job in jobs[len(futures):]:
+                if job.entry is not None:
+                    self.registry.release(job.entry)
+            for job in jobs[:len(futures)]:
+                self.batcher.cancel(job)
             headers = {"Retry-After": "1"} if isinstance(exc, QueueFull) else None
             raise HTTPException(503, str(exc), headers=headers) from None
-        result = asyncio.wrap_future(future)
+        result = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout_s
@@ -130,7 +140,8 @@ class Service:
             if gone is not None:
                 gone.cancel()
             result.cancel()  # no one waits for it now: a later error of the batch is not "never retrieved"
-            self.batcher.cancel(job)  # a no-op once done; else (timed out, client gone) dropped or stopped
+            for job in jobs:
+                self.batcher.cancel(job)  # a no-op once done; else (timed out, client gone) dropped or stopped
 
 
 async def _disconnect(request: Request) -> None:
@@ -269,19 +280,26 @@ async def generate(body: GenerateBody, service: ServiceDep, request: Request):
     return {"adapter": body.adapter, **result}
 
 
-async def _generate_request(service: Service, body: GenerateBody) -> GenerateRequest:
+async def _generate_request(service: Service, body: GenerateBody, ids: list[int] | None = None) -> GenerateRequest:
+    """The request ``body`` asks for; ``ids``: a prompt given as token ids (body's prompt and messages unset)."""
     limits, tokenizer = service.limits, service.tokenizer
     field = "messages" if body.messages else "prompt"
-    if (body.prompt is None) == (body.messages is None):
+    if ids is None and (body.prompt is None) == (body.messages is None):
         raise _invalid("prompt", "give exactly one of prompt and messages")
     max_new_tokens = min(64, limits.max_new_tokens) if body.max_new_tokens is None else body.max_new_tokens
     if max_new_tokens > limits.max_new_tokens:
         raise _invalid("max_new_tokens", f"{max_new_tokens}; allowed up to {limits.max_new_tokens}")
-    chars = len(body.prompt) if body.prompt is not None else sum(len(m.content) for m in body.messages)
-    if chars > limits.max_prompt_tokens * CHARS_PER_TOKEN:  # surely too many tokens: not worth tokenizing
-        raise _invalid(field, f"the prompt has {chars} characters; allowed up to "
-                              f"{limits.max_prompt_tokens * CHARS_PER_TOKEN} ({limits.max_prompt_tokens} tokens)")
-    ids = await run_in_threadpool(_prompt_ids, tokenizer, body.prompt, body.messages)  # off the event loop
+    if ids is None:
+        chars = len(body.prompt) if body.prompt is not None else sum(len(m.content) for m in body.messages)
+        if chars > limits.max_prompt_tokens * CHARS_PER_TOKEN:  # surely too many tokens: not worth tokenizing
+            raise _invalid(field, f"the prompt has {chars} characters; allowed up to "
+                                  f"{limits.max_prompt_tokens * CHARS_PER_TOKEN} ({limits.max_prompt_tokens} tokens)")
+        ids = await run_in_threadpool(_prompt_ids, tokenizer, body.prompt, body.messages)  # off the event loop
+    else:
+        # an id past the embedding would fail in the forward: a 500, and on a GPU a broken CUDA context
+        vocabulary = service.model.get_input_embeddings().num_embeddings
+        if bad := [i for i in ids if not 0 <= i < vocabulary]:
+            raise _invalid(field, f"token id {bad[0]} is not in the model's vocabulary of {vocabulary} tokens")
     if len(ids) > limits.max_prompt_tokens or not ids:
         raise _invalid(field, f"the prompt has {len(ids)} tokens; allowed 1..{limits.max_prompt_tokens}")
     stop = {t for t in [tokenizer.eos_token_id] if t is not None}

@@ -272,6 +272,26 @@ class GenerateRequest:
     seed: int | None
     stop_ids: frozenset[int]
     stop_texts: tuple[str, ...] = ()  # the answer ends before the first of these it would contain
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and the k likeliest tokens'
+    echo: bool = False  # the prompt's tokens' log-probabilities too (each given the tokens before it)
+
+
+@dataclass
+class Scored:
+    """A token and its log-probability under the model (before temperature and top-p), with the ``k`` likeliest
+    tokens at that place; the first prompt token has no log-probability (nothing precedes it)."""
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+def _scored(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[Scored]:
+    """``tokens[j]``'s log-probability in row ``j`` of ``logprobs`` ([n, vocabulary]) and the row's top ``k``,
+    copied from the device at once."""
+    chosen = logprobs.gather(-1, tokens[:, None].to(logprobs.device))[:, 0].cpu().tolist()
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = values.cpu().tolist(), ids.cpu().tolist()
+    return [Scored(int(t), lp, list(zip(i, v))) for t, lp, i, v in zip(tokens.tolist(), chosen, ids, values)]
 
 
 def _choose(logits: torch.Tensor, req: GenerateRequest, gen: torch.Generator) -> int:
@@ -291,6 +311,14 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _logits_kwarg(model) -> str | None:
+    """The forward's argument that computes logits for the last positions only (a prompt's other logits are
+    a [tokens, vocabulary] tensor per row that only echoed log-probabilities read): ``logits_to_keep``, or
+    ``num_logits_to_keep`` in transformers before 4.50; None if the model has neither."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+
+
 def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
                    more: Callable[[int], list[Job]] | None = None, max_rows: int = 0) -> list:
     """Decode all jobs together, each with its adapter and its own sampling settings. A row that is done (stop
@@ -301,7 +329,7 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
     answers of ``jobs``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model.device
-    cache = _cache_name(model)
+    cache, last_only = _cache_name(model), _logits_kwarg(model)
     decoding = _Decoding(tokenizer)
     rows = decoding.add(jobs)
     if not rows:
@@ -310,7 +338,7 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
         stack.enter_context(lock)
         stack.enter_context(torch.inference_mode())
         adapters = stack.enter_context(contextlib.ExitStack())  # adapter_per_row of the rows as they are now
-        logits, past, mask = _prefill(model, decoding, rows, pad, device, adapters, cache)
+        logits, past, mask = _prefill(model, decoding, rows, pad, device, adapters, cache, last_only)
         elastic = _elastic(past)  # the model's kind of cache: the same for every forward of the batch
         while True:
             step = decoding.choose(rows, logits)
@@ -327,7 +355,8 @@ def generate_batch(model, tokenizer, lock: FairLock, jobs: list[Job],
                 joining = decoding.add(more(max_rows - len(rows)))
                 if joining:
                     replan = True  # the prefill below runs with the joining rows' adapters
-                    new_logits, new_past, new_mask = _prefill(model, decoding, joining, pad, device, adapters, cache)
+                    new_logits, new_past, new_mask = _prefill(model, decoding, joining, pad, device, adapters, cache,
+                                                              last_only)
                     new_step = decoding.choose(joining, new_logits)
                     left = [k for k, i in enumerate(joining) if decoding.answers[i] is None]
                     if left:
@@ -358,6 +387,8 @@ class _Decoding:
         self.out: list[list[int]] = []
         self.answers: list[dict | None] = []
         self.names: list[str | None] = []
+        self.scores: list[list[Scored]] = []  # of the tokens in out, for requests that ask for logprobs
+        self.prompt_scores: list[list[Scored] | None] = []  # for requests that ask for echo
 
     def add(self, jobs: list[Job]) -> list[int]:
         """Indices of the new requests that want tokens (those asking for none are answered here)."""
@@ -371,17 +402,25 @@ class _Decoding:
             self.out.append([])
             self.answers.append(None)
             self.names.append(job.entry.internal if job.entry else None)
+            self.scores.append([])
+            self.prompt_scores.append(None)
             i = len(self.jobs) - 1
-            if r.max_new_tokens == 0:
+            if r.max_new_tokens == 0 and not r.echo:  # an echo is computed by the prefill
                 self.finish(i, "length")
             else:
                 rows.append(i)
         return rows
 
-    def finish(self, i: int, reason: str, text: str | None = None) -> None:
+    def finish(self, i: int, reason: str, text: str | None = None, scored: int | None = None) -> None:
+        """Answer request ``i``: its text (``text``: cut at a stop text, whose first ``scored`` tokens hold it)."""
         if text is None:
             text = self.tokenizer.decode(self.out[i], skip_special_tokens=True)
+        r: GenerateRequest = self.jobs[i].payload
         self.answers[i] = {"text": text, "tokens": len(self.out[i]), "finish_reason": reason}
+        if r.logprobs is not None:
+            self.answers[i]["logprobs"] = self.scores[i][:scored]
+        if r.echo:
+            self.answers[i]["prompt_logprobs"] = self.prompt_scores[i]
         if not self.jobs[i].future.done():
             self.jobs[i].future.set_result(self.answers[i])  # the batcher leaves an answered job alone
 
@@ -398,23 +437,48 @@ class _Decoding:
             if job.cancelled:  # its client has gone: stop spending time on it
                 self.finish(i, "cancelled")
                 continue
+            if r.max_new_tokens == 0:  # only its prompt's scores (echo)
+                self.finish(i, "length")
+                continue
             token = _choose(logits[k], r, self.gens[i])
             if token in r.stop_ids:
                 self.finish(i, "stop")
                 continue
+            if r.logprobs is not None:
+                self.scores[i] += _scored(logits[k:k + 1].log_softmax(-1), torch.tensor([token]), r.logprobs)
             self.out[i].append(token)
             step[k, 0] = token
             if r.stop_texts or job.on_token:
                 text = self.tokenizer.decode(self.out[i], skip_special_tokens=True)
                 cut = min((at for at in (text.find(t) for t in r.stop_texts) if at >= 0), default=-1)
                 if cut >= 0:
-                    self.finish(i, "stop", text[:cut])
+                    scored = self._tokens_before(i, cut) if r.logprobs is not None else None
+                    self.finish(i, "stop", text[:cut], scored)
                     continue
                 if job.on_token:  # without a tail that may still become a stop text
                     job.on_token(i, text[:len(text) - _stop_prefix(text, r.stop_texts)])
             if len(self.out[i]) >= r.max_new_tokens:
                 self.finish(i, "length")
         return step
+
+    def _tokens_before(self, i: int, cut: int) -> int:
+        """How many of request ``i``'s tokens it takes to reach character ``cut`` of its text (the last of them
+        may hold more: the start of a stop text)."""
+        n = len(self.out[i])
+        while n > 0 and len(self.tokenizer.decode(self.out[i][:n - 1], skip_special_tokens=True)) >= cut:
+            n -= 1
+        return n
+
+    def score_prompts(self, rows: list[int], logits: torch.Tensor) -> None:
+        """The prompt scores of the rows that ask for an echo, from their prefill's left-padded logits."""
+        width = logits.shape[1]
+        for k, i in enumerate(rows):
+            r: GenerateRequest = self.jobs[i].payload
+            if r.echo:
+                n = len(r.ids)
+                logprobs = logits[k, width - n:width - 1].float().log_softmax(-1)
+                self.prompt_scores[i] = [Scored(r.ids[0], None, []),
+                                         *_scored(logprobs, torch.tensor(r.ids[1:]), r.logprobs or 0)]
 
 
 def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
@@ -424,9 +488,9 @@ def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
 
 
 def _prefill(model, decoding: _Decoding, rows: list[int], pad: int, device, adapters: contextlib.ExitStack,
-             cache: str):
+             cache: str, last_only: str | None):
     """The prompts of ``rows``, left-padded into one batch (every row's next token in the same column) and run
-    with their adapters: last logits, cache, attention mask."""
+    with their adapters: last logits, cache, attention mask. Scores the prompts that ask for it."""
     reqs = [decoding.jobs[i].payload for i in rows]
     width = max(len(r.ids) for r in reqs)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -438,7 +502,11 @@ def _prefill(model, decoding: _Decoding, rows: list[int], pad: int, device, adap
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     adapters.close()
     adapters.enter_context(adapter_per_row(model, [decoding.names[i] for i in rows]))
-    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    echo = any(r.echo for r in reqs)
+    keep = {last_only: 1} if last_only and not echo else {}
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    if echo:
+        decoding.score_prompts(rows, result.logits)
     return result.logits[:, -1], getattr(result, cache), mask
 
 

@@ -4,25 +4,31 @@ built on them) talk to a generation server by pointing their base URL at ``http:
 ``/health`` reports (which wins over an adapter of the same name).
 
     GET  /v1/models             the base model, then every adapter
-    POST /v1/completions        {"model", "prompt", "max_tokens" (16), "temperature" (1), "top_p", "seed",
-                                 "stop", "stream", "stream_options"}
+    POST /v1/completions        {"model", "prompt" (a text, token ids, or a list of either), "max_tokens" (16),
+                                 "temperature" (1), "top_p", "seed", "stop", "n" (1), "logprobs" (0..20),
+                                 "echo", "stream", "stream_options"}
     POST /v1/chat/completions   {"model", "messages", "max_completion_tokens" | "max_tokens" (the server's
-                                 limit), "temperature" (1), "top_p", "seed", "stop", "stream",
-                                 "stream_options"}
+                                 limit), "temperature" (1), "top_p", "seed", "stop", "n" (1), "logprobs",
+                                 "top_logprobs" (0..20), "stream", "stream_options"}
 
-Defaults are OpenAI's. Requests go through the same batching, limits and errors as ``/v1/generate``.
-What lorafit does not compute is refused with a 422 naming the field (``n`` > 1, log probabilities,
-penalties, logit biases, tools, a response format other than text, ``echo``, ``suffix``);
-other fields are accepted and ignored (``user``, ``metadata``, ...). Streams are server-sent events of
-OpenAI's chunks, ending with ``data: [DONE]``.
+Defaults are OpenAI's. Requests go through the same batching, limits and errors as ``/v1/generate``; a
+request's prompts and choices are queued together, so they share batches. Log-probabilities are the model's
+(before temperature and top-p). ``echo`` with ``logprobs`` scores the prompt's tokens too, which is how
+evaluation harnesses (lm-evaluation-harness's ``local-completions``) compute a model's log-likelihood of a
+text: ``max_tokens`` 0 scores the prompt alone. What lorafit does not compute is refused with a 422 naming
+the field (penalties, logit biases, tools, a response format other than text, ``best_of``, ``suffix``,
+log-probabilities or ``echo`` in a stream); other fields are accepted and ignored (``user``, ``metadata``,
+...). Streams are server-sent events of OpenAI's chunks, ending with ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
@@ -32,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorafit.serve.app import (ADAPTER_ERROR_STATUS, FiniteJSONRoute, GenerateBody, Message, ServiceDep, Service,
                                _generate_request, _generation, _invalid)
-from lorafit.serve.engine import Job
+from lorafit.serve.engine import GenerateRequest, Job, Scored
 from lorafit.serve.registry import AdapterError, AdapterNotFound, check_name
 
 
@@ -71,19 +77,21 @@ def _error(status: int, detail: Any, headers: dict | None = None, code: str | No
 
 router = APIRouter(route_class=OpenAIRoute)
 
-# fields OpenAI defines that change what is computed, with the values that mean "not used"
+# fields OpenAI defines that change what is computed, with the values that mean "not used" (a body that
+# declares the field itself checks it: echo and logprobs are the completions', top_logprobs the chat's)
 _UNSUPPORTED: dict[str, tuple] = {
-    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "best_of": (None, 1), "top_logprobs": (None, 0), "echo": (None, False),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}), "echo": (None, False),
-    "suffix": (None, ""),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}), "suffix": (None, ""),
 }
 # lorafit's field names in /v1/generate's errors, as this API calls them
 _FIELDS = {"max_new_tokens": "max_tokens", "adapter": "model"}
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 
 
 StopText = Annotated[str, Field(max_length=200)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -98,12 +106,16 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: StopText | list[StopText] | None = Field(default=None, max_length=4)
+    n: int = Field(default=1, ge=1)  # choices per prompt; with a seed, choice j samples with seed + j
     stream: bool = False
     stream_options: StreamOptions | None = None
 
 
 class CompletionBody(_Common):
-    prompt: str | list[str]
+    # a text, texts, token ids (as evaluation harnesses send them, tokenized their way) or lists of them
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
 
 class TextPart(BaseModel):
@@ -125,6 +137,8 @@ class ChatMessage(BaseModel):
 class ChatBody(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 def _refuse_unsupported(body: _Common) -> None:
@@ -151,12 +165,11 @@ def models(service: ServiceDep):
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, service: ServiceDep, request: Request):
     prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise _invalid("prompt", f"{len(prompt)} prompts; lorafit serve takes one a request")
-        prompt = prompt[0]
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        prompt = [prompt]
+    prompts = [{"prompt": p} if isinstance(p, str) else {"ids": p} for p in prompt]
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    return await _answer(service, request, body, "text_completion", max_tokens, prompt=prompt)
+    return await _answer(service, request, body, "text_completion", max_tokens, prompts, body.logprobs, body.echo)
 
 
 @router.post("/v1/chat/completions")
@@ -164,73 +177,159 @@ async def chat_completions(body: ChatBody, service: ServiceDep, request: Request
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = service.limits.max_new_tokens
+    if body.top_logprobs is not None and not body.logprobs:
+        raise _invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _answer(service, request, body, "chat.completion", max_tokens,
-                         messages=[m.plain() for m in body.messages])
+                         [{"messages": [m.plain() for m in body.messages]}], logprobs)
 
 
 async def _answer(service: Service, request: Request, body: _Common,
-                  kind: Literal["text_completion", "chat.completion"], max_tokens: int, **prompt: Any):
+                  kind: Literal["text_completion", "chat.completion"], max_tokens: int, prompts: list[dict],
+                  logprobs: int | None, echo: bool = False):
+    """Every choice of every prompt (each prompt's ``n`` in a row, as OpenAI orders them), batched together."""
     if service.task != "generate":
         raise HTTPException(404, f"this server does {service.task}, not generation")
     _refuse_unsupported(body)
+    if len(prompts) * body.n > service.limits.max_texts:
+        raise _invalid("n", f"{len(prompts)} prompts x n={body.n} choices; allowed up to "
+                            f"{service.limits.max_texts} a request (lorafit serve --max-texts)")
+    if body.stream and (logprobs is not None or echo):
+        raise _invalid("logprobs" if logprobs is not None else "echo", "not available with stream; leave it out "
+                       "or set stream to false")
     adapter = _adapter(service, body.model)
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    common = GenerateBody(adapter=adapter, max_new_tokens=max_tokens, temperature=body.temperature,
+                          top_p=body.top_p, seed=body.seed, stop=[t for t in stop or [] if t] or None)
     try:
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        req = await _generate_request(service, GenerateBody(
-            adapter=adapter, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            seed=body.seed, stop=[t for t in stop or [] if t] or None, **prompt))
+        reqs = [await _generate_request(service, common.model_copy(update={k: v for k, v in p.items() if k != "ids"}),
+                                        p.get("ids")) for p in prompts]
     except HTTPException as exc:
         for error in exc.detail if isinstance(exc.detail, list) else []:
             error["loc"] = [_FIELDS.get(part, part) for part in error["loc"]]
         raise
-    entry = await service.acquire(adapter)
-    job = Job(rows=1, payload=req, entry=entry)
+    choices = [(p, replace(req, seed=None if body.seed is None else (body.seed + j) % 2**63, logprobs=logprobs,
+                           echo=echo))
+               for p, req in zip(prompts, reqs) for j in range(body.n)]
+    jobs = [Job(rows=1, payload=req, entry=await service.acquire(adapter)) for _, req in choices]
     head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()), "model": body.model}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    prompt_tokens = sum(len(req.ids) for req in reqs)
     if body.stream:
-        return StreamingResponse(_chunks(service, job, head, kind, len(req.ids), include_usage),
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_chunks(service, jobs, head, kind, prompt_tokens, include_usage),
                                  media_type="text/event-stream")
-    result = await service.run(job, request)
-    choice = {"index": 0, "finish_reason": _finish(result["finish_reason"])}
-    if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": result["text"]}
-    else:
-        choice.update(text=result["text"], logprobs=None)
-    return {**head, "object": kind, "choices": [choice], "usage": _usage(len(req.ids), result["tokens"])}
+    results = await service.run_all(jobs, request)
+    out = []
+    for index, ((prompt, req), result) in enumerate(zip(choices, results)):
+        choice = {"index": index, "finish_reason": _finish(result["finish_reason"])}
+        if kind == "chat.completion":
+            choice["message"] = {"role": "assistant", "content": result["text"]}
+            choice["logprobs"] = None if logprobs is None else _chat_logprobs(service.tokenizer, req, result)
+        else:
+            text = result["text"]
+            if echo:
+                text = prompt.get("prompt", service.tokenizer.decode(req.ids)) + text
+            logs = None if logprobs is None else _completion_logprobs(service.tokenizer, req, result)
+            choice.update(text=text, logprobs=logs)
+        out.append(choice)
+    usage = _usage(prompt_tokens, sum(r["tokens"] for r in results))
+    return {**head, "object": kind, "choices": out, "usage": usage}
 
 
-async def _chunks(service: Service, job: Job, head: dict, kind: str, prompt_tokens: int, include_usage: bool):
+def _piece(tokenizer, before: list[int], token: int) -> str:
+    """``token``'s text where it follows ``before`` (tokenizers that mark a word's start, such as
+    SentencePiece's, drop that space in a token decoded alone)."""
+    context = before[-4:]
+    start = len(tokenizer.decode(context, skip_special_tokens=False).rstrip("\ufffd")) if context else 0
+    return tokenizer.decode([*context, token], skip_special_tokens=False)[start:]
+
+
+def _scored_tokens(req: GenerateRequest, result: dict) -> list[tuple[list[int], Scored]]:
+    """The scored tokens of a choice (the prompt's first if echoed), each with the ids before it."""
+    scored = [*(result.get("prompt_logprobs") or []), *result.get("logprobs", [])]
+    start = 0 if result.get("prompt_logprobs") else len(req.ids)
+    ids = [*req.ids, *(s.token for s in result.get("logprobs", []))]
+    return [(ids[:start + j], s) for j, s in enumerate(scored)]
+
+
+def _completion_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
+    """The completions API's log-probabilities: ``text_offset`` counts characters from the start of the
+    choice's text; a token's ``top_logprobs`` holds the ``logprobs`` likeliest and the token itself."""
+    tokens, offsets, at = [], [], 0
+    top = []
+    for before, s in _scored_tokens(req, result):
+        tokens.append(_piece(tokenizer, before, s.token))
+        offsets.append(at)
+        at += len(tokens[-1])
+        top.append(None if s.logprob is None else
+                   {**{_piece(tokenizer, before, t): lp for t, lp in s.top}, tokens[-1]: s.logprob})
+    return {"tokens": tokens, "token_logprobs": [s.logprob for _, s in _scored_tokens(req, result)],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
+    def entry(before: list[int], token: int, logprob: float) -> dict:
+        text = _piece(tokenizer, before, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [{**entry(before, s.token, s.logprob), "top_logprobs": [entry(before, t, lp) for t, lp in s.top]}
+               for before, s in _scored_tokens(req, result)]
+    return {"content": content, "refusal": None}
+
+
+async def _chunks(service: Service, jobs: list[Job], head: dict, kind: str, prompt_tokens: int,
+                  include_usage: bool):
+    """The choices' streams, merged as their pieces come (each chunk names its choice's index)."""
     chat = kind == "chat.completion"
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def event(data: dict) -> str:
         return f"data: {json.dumps(data)}\n\n"
 
-    def chunk(piece: str | None, finish: str | None = None, delta: dict | None = None) -> str:
+    def chunk(index: int, piece: str | None, finish: str | None = None, delta: dict | None = None) -> str:
         if chat:
-            choice = {"index": 0, "delta": delta or ({} if piece is None else {"content": piece}),
+            choice = {"index": index, "delta": delta or ({} if piece is None else {"content": piece}),
                       "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}
         return event({**head, "choices": [choice]})
 
-    async with contextlib.aclosing(_generation(service, job)) as pieces:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def follow(index: int, job: Job) -> None:
+        async with contextlib.aclosing(_generation(service, job)) as pieces:
+            async for item in pieces:
+                queue.put_nowait((index, item))
+        queue.put_nowait((index, None))
+
+    followers = [asyncio.ensure_future(follow(i, job)) for i, job in enumerate(jobs)]
+    try:
         if chat:
-            yield chunk(None, delta={"role": "assistant", "content": ""})
-        async for what, *value in pieces:
+            for index in range(len(jobs)):
+                yield chunk(index, None, delta={"role": "assistant", "content": ""})
+        running, completion_tokens = len(jobs), 0
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+                continue
+            what, *value = item
             if what == "delta":
-                yield chunk(value[0])
+                yield chunk(index, value[0])
             elif what == "error":
                 status, detail = value
                 message = detail if isinstance(detail, str) else json.dumps(detail)
                 yield event({"error": {"message": message, "type": "server_error", "code": status}})
                 return
             else:
-                result = value[0]
-                yield chunk(None, _finish(result["finish_reason"]))
-                if include_usage:
-                    yield event({**head, "choices": [], "usage": _usage(prompt_tokens, result["tokens"])})
+                completion_tokens += value[0]["tokens"]
+                yield chunk(index, None, _finish(value[0]["finish_reason"]))
+        if include_usage:
+            yield event({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    finally:
+        for follower in followers:  # the client has gone, or a choice failed: the others stop
+            follower.cancel()
     yield "data: [DONE]\n\n"
 
 
@@ -241,4 +340,3 @@ def _finish(reason: str) -> str:
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
