@@ -642,7 +642,8 @@ def test_a_queued_request_whose_client_left_is_never_computed(dirs, tmp_path):
                 _wait(lambda: jobs[1].future.cancelled(), "the job of the client that left to be cancelled")
             assert first.result(60).status_code == 200
         assert httpx.post(f"{url}/v1/classify", json={"texts": ["after"]}, timeout=60).status_code == 200
-        assert _sample(service, "lorafit_batch_rows_sum") == 2  # "first" and "after": the job of the client that left never ran
+        # "first" and "after": the job of the client that left never ran
+        assert _sample(service, "lorafit_batch_rows_sum") == 2
         with httpx.Client(base_url=url) as client:
             got = _scrape(client)
         assert got[("lorafit_requests_cancelled_total", ())] == 1

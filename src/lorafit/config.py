@@ -217,7 +217,8 @@ class LoraConfig:
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None and (
-            not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save)
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(m, str) and m for m in self.modules_to_save)
         ):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         if self.bias not in BIAS_MODES:
@@ -260,7 +261,8 @@ class LoraConfig:
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-            if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                      for i in items):
                 raise ValueError(f"layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}")
             if isinstance(self.target_modules, str):
                 raise ValueError(

@@ -121,7 +121,8 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, key=None, t: int = 0, scale: float 
 
 
 def grad_a_and_up(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, key, t: int, scale_a: float, scale_up: float,
-                  out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_a(G, x, key, t, scale_a), up(G, A^T, scale_up, out, None, dtype, key, t)): A's gradient and dx's
     low-rank part of a masked adapter. On CUDA one Triton kernel computes both (one launch, one hash of the
     mask per tile); elsewhere the two products above.
