@@ -30,14 +30,35 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def side_by_side(request, tmp_path_factory):
-    """The results (futures) of the long checks the collected tests are marked with (tests/side_by_side.py)."""
+@pytest.fixture(scope="session", autouse=True)
+def _side_by_side_checks(request, tmp_path_factory):
+    """The long checks the collected tests are marked with (tests/side_by_side.py), started with the session:
+    one runs beside the suite, whose torch gets one core fewer meanwhile."""
     wanted = {m.args[0] for item in request.session.items for m in item.iter_markers("side_by_side")}
-    yield from _side_by_side.run(wanted, lambda key: tmp_path_factory.mktemp(re.sub(r"\W+", "-", key)))
+    if not wanted:
+        yield None
+        return
+    checks = _side_by_side.Checks(wanted, lambda key: tmp_path_factory.mktemp(re.sub(r"\W+", "-", key)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    checks.add_worker()
+    try:
+        yield checks
+    finally:
+        torch.set_num_threads(threads)
+        checks.close()
+
+
+@pytest.fixture
+def side_by_side(_side_by_side_checks):
+    """The results (futures) of the long checks; the marked tests run last, so a second worker joins now."""
+    _side_by_side_checks.add_worker()
+    return _side_by_side_checks.results
 
 
 def pytest_collection_modifyitems(config, items):
+    # the tests that wait for a long check come last: the suite runs beside the checks until then
+    items.sort(key=lambda item: item.get_closest_marker("side_by_side") is not None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
