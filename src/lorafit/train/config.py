@@ -30,10 +30,11 @@ from typing import Any
 
 from lorafit.config import LoraConfig
 
-TASKS = ("classification", "causal_lm", "seq2seq")
+TASKS = ("classification", "causal_lm", "seq2seq", "preference")
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
-LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
+                   "preference": "CAUSAL_LM"}
 METHODS = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
@@ -82,6 +83,9 @@ class DataSection:
     output_field: str | None = None
     messages_field: str | None = None
     instruction: str | None = None  # a fixed instruction put before every example (e.g. "Summarize:")
+    # preference (DPO): the prompt as for generation (instruction / input fields), and two responses to it
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
     # evaluation of generation: ROUGE against each of these fields (the best one per row); a validation or
     # test row without output_field takes the first as its target (e.g. DialogSum's summary1..summary3)
     reference_fields: list[str] | None = None
@@ -98,6 +102,7 @@ class TaskSection:
     max_new_tokens: int = 64  # generation during evaluation
     generate_rows: int = 0  # evaluate ROUGE on generations for this many eval rows (0: loss/perplexity only)
     packing: bool = False  # causal_lm: training examples packed into sequences of up to max_length tokens
+    dpo_beta: float = 0.1  # preference: how far from the base model the rewards let the adapter go (DPO's beta)
 
 
 @dataclass
@@ -277,7 +282,7 @@ class RunConfig:
         if self.data.labels is not None and (not self.data.labels or len(set(map(str, self.data.labels)))
                                              != len(self.data.labels)):
             bad("data.labels", f"must be a non-empty list of distinct labels, got {self.data.labels}")
-        if self.task.type != "classification" and not (self.data.output_field or self.data.messages_field):
+        if self.task.type in ("causal_lm", "seq2seq") and not (self.data.output_field or self.data.messages_field):
             bad("data.output_field", f"(or data.messages_field) is required for task.type = {self.task.type!r}")
         refs = self.data.reference_fields
         if refs is not None and (not refs or not all(isinstance(f, str) and f for f in refs)):
@@ -287,6 +292,8 @@ class RunConfig:
                 "(not for classification or data.messages_field)")
         if self.task.packing and self.task.type != "causal_lm":
             bad("task.packing", f"is for causal_lm; task.type is {self.task.type!r}")
+        if self.task.type == "preference":
+            self._validate_preference(bad)
         if self.task.type == "seq2seq" and self.data.messages_field:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
         if self.model.quantize not in QUANTIZE_BITS:
@@ -315,6 +322,26 @@ class RunConfig:
             if self.model.quantize and loftq_bits and loftq_bits != self.model.quantize:
                 bad("lora.loftq_config", f"loftq_bits = {loftq_bits} fits a base quantized to {loftq_bits} bits, "
                     f"and model.quantize = {self.model.quantize}: set them alike")
+
+    def _validate_preference(self, bad) -> None:
+        if not (math.isfinite(self.task.dpo_beta) and self.task.dpo_beta > 0):
+            bad("task.dpo_beta", f"must be a finite number > 0, got {self.task.dpo_beta}")
+        for key in ("data.chosen_field", "data.rejected_field"):
+            if not isinstance(self.get(key), str) or not self.get(key):
+                bad(key, f"must be a field name, got {self.get(key)!r}")
+        if self.data.chosen_field == self.data.rejected_field:
+            bad("data.rejected_field", f"is data.chosen_field too ({self.data.chosen_field!r}): a pair needs two")
+        for key, why in (("data.messages_field", "reads a prompt (data.instruction_field / data.input_field) and "
+                                                 "two responses (data.chosen_field, data.rejected_field)"),
+                         ("data.output_field", "reads data.chosen_field and data.rejected_field"),
+                         ("data.reference_fields", "scores responses, it does not generate them")):
+            if self.get(key):
+                bad(key, f"is not used by task.type = 'preference', which {why}")
+        if self.task.generate_rows:
+            bad("task.generate_rows", "is for causal_lm and seq2seq; task.type 'preference' evaluates rewards")
+        if self.train.method != "lora":
+            bad("train.method", "must be 'lora' for task.type = 'preference': its reference model is the base "
+                "model with the adapter switched off, and full fine-tuning leaves no base to compare with")
 
     def lora_config(self, base_model: str | None = None) -> LoraConfig:
         """The adapter this run attaches: [lora], with ``task_type`` from task.type and

@@ -50,10 +50,12 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
         if d.text_pair_field:
             pairs.append(("data.text_pair_field", d.text_pair_field))
         return pairs
-    if d.messages_field:
+    if task == "preference":
+        pairs = [("data.chosen_field", d.chosen_field), ("data.rejected_field", d.rejected_field)]
+    elif d.messages_field:
         return [("data.messages_field", d.messages_field)]
-    # evaluation rows may carry data.reference_fields instead of the output field (check_fields)
-    pairs = [] if split != "train" and d.reference_fields else [("data.output_field", d.output_field)]
+    else:  # evaluation rows may carry data.reference_fields instead of the output field (check_fields)
+        pairs = [] if split != "train" and d.reference_fields else [("data.output_field", d.output_field)]
     for key in ("instruction_field", "input_field"):
         if getattr(d, key):
             pairs.append((f"data.{key}", getattr(d, key)))

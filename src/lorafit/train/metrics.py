@@ -164,7 +164,7 @@ class RunSummary:
     model: str
     """model.name as configured."""
     task: str
-    """task.type: "classification", "causal_lm" or "seq2seq"."""
+    """task.type: "classification", "causal_lm", "seq2seq" or "preference"."""
     params: ParamCounts
     """Trainable and total parameter counts."""
     steps: int

@@ -70,14 +70,14 @@ def load_model(source: ModelSource, task: str, dtype: str, labels: list | None =
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 source.path, num_labels=len(labels), id2label=id2label,
                 label2id={v: i for i, v in id2label.items()}, **kwargs)
-        elif task == "causal_lm":
+        elif task in ("causal_lm", "preference"):
             model = transformers.AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
         else:
             model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source.path, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             kind = {"classification": "sequence classification", "causal_lm": "a causal LM",
-                    "seq2seq": "an encoder-decoder (seq2seq) LM"}[task]
+                    "preference": "a causal LM", "seq2seq": "an encoder-decoder (seq2seq) LM"}[task]
             raise ValueError(f"model {source.path!r} cannot be loaded for {kind} (task.type = {task!r}): "
                              f"{str(exc).splitlines()[0]}") from None
         raise

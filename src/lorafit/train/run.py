@@ -505,6 +505,7 @@ TRAINED_BY = "_lorafit_train"  # in model.__dict__: what an earlier train() did 
 _TASK_MODELS = {"classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier",
                                    "AutoModelForSequenceClassification"),
                 "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
+                "preference": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder (seq2seq) LM",
                             "AutoModelForSeq2SeqLM")}
 
@@ -710,7 +711,8 @@ def _check_metric(prep: Prepared, data: Encoded) -> str:
     config = prep.config
     metric = config.train.metric or prep.task.metric
     if data.validation:
-        probe = {"classification": ("eval_loss", "accuracy", "macro_f1")}.get(
+        probe = {"classification": ("eval_loss", "accuracy", "macro_f1"),
+                 "preference": ("eval_loss", "reward_accuracy", "reward_margin")}.get(
             config.task.type, ("eval_loss", "perplexity") + (("rouge1", "rouge2", "rougeL")
                                                              if config.task.generate_rows else ()))
         if metric not in probe:

@@ -70,7 +70,8 @@ def _feature_types() -> dict[str, Any]:
     except ImportError:  # encode_dataset is then never called
         return {}
     ids = List(Value("int32"))  # token ids and -100 fit, at half the bytes of int64
-    return {"input_ids": ids, "labels": ids, "prompt_ids": ids, "token_type_ids": List(Value("int8")),
+    return {"input_ids": ids, "labels": ids, "prompt_ids": ids, "rejected_ids": ids, "rejected_labels": ids,
+            "token_type_ids": List(Value("int8")),
             "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string"))}
 
 
@@ -105,8 +106,10 @@ def rows_to_columns(rows: list[dict], fields: list[str] | None = None) -> dict[s
 
 
 def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task:
+    from lorafit.train.preference import Preference  # it builds on CausalLM
+
     kind = config.task.type
-    cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq}[kind]
+    cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference}[kind]
     return cls(config, tokenizer, labels)
 
 

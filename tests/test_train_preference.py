@@ -1,0 +1,176 @@
+"""task.type = "preference": DPO with the base model (the adapter switched off) as the reference model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import lorafit  # noqa: E402
+from lorafit.train import evaluate, train  # noqa: E402
+from lorafit.train import tasks  # noqa: E402
+from lorafit.train.config import RunConfig  # noqa: E402
+from lorafit.train.preference import Preference  # noqa: E402
+from tests.test_train_loop import Crash, adapter_tensors, assert_same_tensors, crash_at  # noqa: E402
+from tests.test_train_support import FILLER, NEGATIVE, POSITIVE, tiny_llama_dir, toml_config, write_jsonl  # noqa: E402
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """A prompt about a film; the chosen review says a positive word, the rejected one a negative word, in the
+    same filler (DPO's sentiment-steering task, in miniature)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = "review " + " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 4)))
+        filler = [rng.choice(FILLER) for _ in range(rng.randint(2, 5))]
+        at = rng.randrange(len(filler) + 1)
+        chosen, rejected = (" ".join(filler[:at] + [rng.choice(words)] + filler[at:]) for words in (POSITIVE, NEGATIVE))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def preference_setup(tmp_path: Path, n_train: int = 64, n_val: int = 32, extra: str = "") -> Path:
+    rows = preference_rows(n_train + n_val)
+    model_dir = tiny_llama_dir(tmp_path, [{"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]}
+                                          for r in rows])
+    write_jsonl(tmp_path / "train.jsonl", rows[:n_train])
+    write_jsonl(tmp_path / "val.jsonl", rows[n_train:])
+    return toml_config(tmp_path / "dpo.toml", f"""
+output_dir = "{tmp_path / 'run'}"
+[model]
+name = "{model_dir}"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+validation = "{tmp_path / 'val.jsonl'}"
+instruction_field = "prompt"
+[task]
+type = "preference"
+max_length = 32
+dpo_beta = 0.5
+[lora]
+r = 4
+lora_alpha = 8
+target_modules = ["q_proj", "v_proj", "down_proj"]
+[train]
+epochs = 6
+batch_size = 8
+lr = 2e-2
+eval_every = 8
+log_every = 2
+num_threads = 1
+{extra}
+""")
+
+
+def sequence_logp(model: nn.Module, ids: list[int], labels: list[int]) -> torch.Tensor:
+    """The summed log-probability of the labelled tokens of one unpadded sequence, from full logits."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    targets = torch.tensor(labels[1:])
+    keep = targets != tasks.IGNORE
+    return logits.log_softmax(-1)[keep].gather(-1, targets[keep][:, None]).sum()
+
+
+@pytest.mark.parametrize("plain_head", [True, False], ids=["chunked-head", "model-logits"])
+def test_the_loss_is_dpo_s_with_the_base_model_as_reference(tmp_path, plain_head, monkeypatch):
+    """The batch's loss is the sum over pairs of -log sigmoid(beta * ((pc - rc) - (pr - rr))), the reference
+    model a separate copy of the base (no adapter), each response scored alone without padding; its gradient
+    reaches the adapter, and the reference forward leaves the adapter on afterwards."""
+    rows = preference_rows(3, seed=5)
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path, [
+        {"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
+    base = copy.deepcopy(llama)
+    lorafit.attach(llama, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(1)
+    for name, p in llama.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.2)
+    config = RunConfig()
+    config.task.type, config.task.dpo_beta, config.task.max_length = "preference", 0.3, 64
+    config.data.instruction_field = "prompt"
+    task = Preference(config, tok)
+    monkeypatch.setattr(tasks, "LOSS_CHUNK_LOGITS", 5 * len(tok))  # several chunks
+    task._plain_head = plain_head
+    features = task.encode(rows, "train").features
+    assert len(features) == 3
+    batch = task.collate(features)
+    assert batch["input_ids"].shape[0] == 6 and int(batch["units"]) == 3
+    loss = task.loss_sum(llama, batch)
+    want = torch.zeros(())
+    for f in features:
+        sides = (("input_ids", "labels"), ("rejected_ids", "rejected_labels"))
+        pc, pr = (sequence_logp(llama, f[ids], f[labels]) for ids, labels in sides)
+        with torch.no_grad():
+            rc, rr = (sequence_logp(base, f[ids], f[labels]) for ids, labels in sides)
+        want = want - nn.functional.logsigmoid(0.3 * ((pc - rc) - (pr - rr)))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    grads = {n: p.grad for n, p in llama.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads) and all(g.abs().sum() > 0 for g in grads.values())
+    assert not any(getattr(m, "disabled", False) for m in llama.modules())  # the adapter is on again
+    # a fresh adapter (B = 0) is the reference model itself: every reward is 0, the loss log 2 a pair
+    fresh = copy.deepcopy(base)
+    lorafit.attach(fresh, lorafit.LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        torch.testing.assert_close(task.loss_sum(fresh, batch), torch.tensor(3 * 0.6931472), rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_learns_the_preferred_responses_and_writes_a_causal_lm_adapter(tmp_path):
+    config = preference_setup(tmp_path)
+    summary = train(config, progress=False)
+    run = tmp_path / "run"
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+    assert summary["task"] == "preference"
+    # held-out pairs: the chosen review gets the larger reward far more often than chance, by a margin
+    assert evals[-1]["reward_accuracy"] >= 0.75 and evals[-1]["reward_margin"] > 0.8, evals[-1]
+    assert summary["validation"]["eval_loss"] < 0.45 and summary["best"]["metric"] == "eval_loss"
+    # the base model is the reference itself: every reward 0, the loss log 2
+    base = evaluate(run, split="validation", base=True)
+    assert base["reward_margin"] == 0 and base["eval_loss"] == pytest.approx(0.6931472, abs=1e-6)
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "CAUSAL_LM" and adapter_config["r"] == 4
+    # the saved adapter, reloaded by `lorafit eval`, gives the run's validation numbers
+    again = evaluate(run, split="validation")
+    assert again["reward_accuracy"] == pytest.approx(summary["validation"]["reward_accuracy"])
+    assert again["eval_loss"] == pytest.approx(summary["validation"]["eval_loss"], abs=1e-5)
+    # the trained model prefers the chosen responses by its own likelihood too (PEFT loads the adapter)
+    peft = pytest.importorskip("peft")
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama"),
+                                           run / "adapter")
+    assert isinstance(model, peft.PeftModel)
+
+
+def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    config = preference_setup(tmp_path, n_train=32, n_val=8)
+    args = ["train.epochs=3", "train.save_every=3", "train.eval_every=6", "train.grad_accum=2",
+            "train.batch_size=4", "lora.lora_dropout=0.2"]
+    full = train(config, args + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    resumed_args = args + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, resumed_args, callbacks=(crash_at(8),), progress=False)  # last checkpoint: step 6
+    resumed = train(config, resumed_args, resume=True, progress=False)
+    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+    assert resumed["validation"] == pytest.approx(full["validation"], abs=1e-6)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.method='full'", "train.method must be 'lora' for task.type = 'preference'"),
+    ("task.dpo_beta=0", "task.dpo_beta must be a finite number > 0"),
+    ("data.rejected_field='chosen'", "data.rejected_field is data.chosen_field too"),
+    ("data.messages_field='messages'", "data.messages_field is not used by task.type = 'preference'"),
+    ("task.generate_rows=4", "task.generate_rows is for causal_lm and seq2seq"),
+    ("task.packing=true", "task.packing is for causal_lm"),
+    ("data.chosen_field='better'", "field 'better' (data.chosen_field) not found"),
+])
+def test_what_preference_training_cannot_use_is_refused_naming_the_setting(tmp_path, setting, message):
+    config = preference_setup(tmp_path, n_train=8, n_val=4)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(config, [setting], progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
