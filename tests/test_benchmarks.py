@@ -38,7 +38,7 @@ def _alpaca(tmp: Path) -> Path:
     return data
 
 
-_program("benchmarks", "--quick", "--json", "{out}/bench.json", seconds=225, key="bench:quick")
+_program("benchmarks", "--quick", "--json", "{out}/bench.json", seconds=500, key="bench:quick")
 _program("benchmarks.gpu", "--quick", "--out", "{out}", seconds=120, key="bench:gpu-quick", data=True)
 _program("benchmarks.kernels_gpu", "--quick", "--out", "{out}", seconds=20, key="bench:kernels-quick")
 
