@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -220,37 +221,43 @@ async def _answer(service: Service, request: Request, body: _Common,
         return StreamingResponse(_chunks(service, jobs, head, kind, prompt_tokens, include_usage),
                                  media_type="text/event-stream")
     results = await service.run_all(jobs, request)
+    # decoding every scored token (and its alternatives) is the tokenizer's work: off the event loop
+    out = await run_in_threadpool(_choices, service.tokenizer, kind, choices, results, logprobs, echo)
+    usage = _usage(prompt_tokens, sum(r["tokens"] for r in results))
+    return {**head, "object": kind, "choices": out, "usage": usage}
+
+
+def _choices(tokenizer, kind: str, choices: list[tuple[dict, GenerateRequest]], results: list[dict],
+             logprobs: int | None, echo: bool) -> list[dict]:
     out = []
     for index, ((prompt, req), result) in enumerate(zip(choices, results)):
         choice = {"index": index, "finish_reason": _finish(result["finish_reason"])}
         if kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": result["text"]}
-            choice["logprobs"] = None if logprobs is None else _chat_logprobs(service.tokenizer, req, result)
+            choice["logprobs"] = None if logprobs is None else _chat_logprobs(tokenizer, req, result)
         else:
             text = result["text"]
             if echo:
-                text = prompt.get("prompt", service.tokenizer.decode(req.ids)) + text
-            logs = None if logprobs is None else _completion_logprobs(service.tokenizer, req, result)
+                text = prompt.get("prompt", tokenizer.decode(req.ids)) + text
+            logs = None if logprobs is None else _completion_logprobs(tokenizer, req, result)
             choice.update(text=text, logprobs=logs)
         out.append(choice)
-    usage = _usage(prompt_tokens, sum(r["tokens"] for r in results))
-    return {**head, "object": kind, "choices": out, "usage": usage}
+    return out
 
 
-def _piece(tokenizer, before: list[int], token: int) -> str:
-    """``token``'s text where it follows ``before`` (tokenizers that mark a word's start, such as
-    SentencePiece's, drop that space in a token decoded alone)."""
-    context = before[-4:]
+def _piece(tokenizer, context: list[int], token: int) -> str:
+    """``token``'s text where it follows the few tokens of ``context`` (tokenizers that mark a word's start, such
+    as SentencePiece's, drop that space in a token decoded alone)."""
     start = len(tokenizer.decode(context, skip_special_tokens=False).rstrip("\ufffd")) if context else 0
     return tokenizer.decode([*context, token], skip_special_tokens=False)[start:]
 
 
 def _scored_tokens(req: GenerateRequest, result: dict) -> list[tuple[list[int], Scored]]:
-    """The scored tokens of a choice (the prompt's first if echoed), each with the ids before it."""
+    """The scored tokens of a choice (the prompt's first if echoed), each with the few ids before it."""
     scored = [*(result.get("prompt_logprobs") or []), *result.get("logprobs", [])]
     start = 0 if result.get("prompt_logprobs") else len(req.ids)
     ids = [*req.ids, *(s.token for s in result.get("logprobs", []))]
-    return [(ids[:start + j], s) for j, s in enumerate(scored)]
+    return [(ids[max(0, start + j - 4):start + j], s) for j, s in enumerate(scored)]
 
 
 def _completion_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
