@@ -122,6 +122,34 @@ def test_the_loss_is_dpo_s_with_the_base_model_as_reference(tmp_path, plain_head
         torch.testing.assert_close(task.loss_sum(fresh, batch), torch.tensor(3 * 0.6931472), rtol=1e-5, atol=1e-5)
 
 
+def test_conversational_pairs_encode_as_the_text_pairs_they_are(tmp_path):
+    """TRL's conversational preference rows (a prompt of messages, responses of messages) and whole
+    conversations without a prompt field give the tokens and labels of the text form; anything else is refused
+    naming the field."""
+    rows = preference_rows(4, seed=2)
+    tiny_llama_dir(tmp_path, [{"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]}
+                              for r in rows])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
+
+    def encoded(rows, **data):
+        config = RunConfig()
+        config.task.type = "preference"
+        for key, value in data.items():
+            setattr(config.data, key, value)
+        return Preference(config, tok).encode(rows, "train").features
+
+    text = encoded(rows, instruction_field="prompt")
+    user = [{"role": "user", "content": r["prompt"]} for r in rows]
+    conversational = [{"prompt": [u], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": r["rejected"]}]} for u, r in zip(user, rows)]
+    whole = [{"chosen": [u, {"role": "assistant", "content": r["chosen"]}],
+              "rejected": [u, {"role": "assistant", "content": r["rejected"]}]} for u, r in zip(user, rows)]
+    assert len(text) == 4
+    assert encoded(conversational, instruction_field="prompt") == text == encoded(whole)
+    with pytest.raises(ValueError, match="field 'rejected' must hold a text or a list of"):
+        encoded([{"chosen": "fine", "rejected": 3}])
+
+
 def test_dpo_learns_the_preferred_responses_and_writes_a_causal_lm_adapter(tmp_path):
     config = preference_setup(tmp_path)
     summary = train(config, progress=False)

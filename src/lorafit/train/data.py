@@ -59,7 +59,8 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
     for key in ("instruction_field", "input_field"):
         if getattr(d, key):
             pairs.append((f"data.{key}", getattr(d, key)))
-    if not any(key in ("data.instruction_field", "data.input_field") for key, _ in pairs) and not d.instruction:
+    prompted = any(key in ("data.instruction_field", "data.input_field") for key, _ in pairs) or d.instruction
+    if not prompted and task != "preference":  # preference responses may be whole conversations
         raise ValueError("data: a generation task needs data.instruction_field or data.input_field (the prompt), "
                          "or data.messages_field")
     return pairs

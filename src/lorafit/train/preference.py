@@ -38,9 +38,9 @@ class Preference(CausalLM):
         d, max_len = self.config.data, self.config.task.max_length
         conversations = []
         for row in columns_to_rows(batch):
-            prompt = {"role": "user", "content": self._prompt_text(row)}
+            prompt = self._prompt_messages(row)
             for field in (d.chosen_field, d.rejected_field):
-                conversations.append(self._pieces([prompt, {"role": "assistant", "content": str(row[field])}]))
+                conversations.append(self._pieces(prompt + _turns(row[field], field)))
         ids = iter(self._ids_many([text for pieces in conversations for text, _ in pieces]))
         encoded = [self._join(pieces, [next(ids) for _ in pieces]) for pieces in conversations]
         out: dict[str, list] = {name: [] for name in (*PAIR_FIELDS, "length")}
@@ -53,6 +53,18 @@ class Preference(CausalLM):
                 out[name].append(value)
             out["length"].append(max(len(chosen), len(rejected)))
         return out
+
+    def _prompt_messages(self, row: dict) -> list[dict]:
+        """The prompt as chat messages: a user turn of the instruction and input fields (a prompt field that
+        holds messages, as conversational preference data sets have it, is those messages), or none when
+        the config names no prompt (the responses are then whole conversations)."""
+        d = self.config.data
+        given = row.get(d.instruction_field) if d.instruction_field else None
+        if isinstance(given, list):
+            return _turns(given, d.instruction_field) + ([{"role": "user", "content": str(row[d.input_field])}]
+                                                         if d.input_field and row.get(d.input_field) else [])
+        text = self._prompt_text(row)
+        return [{"role": "user", "content": text}] if text else []
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         """The chosen responses' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""
@@ -116,6 +128,18 @@ class Preference(CausalLM):
         loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
         pairs = max(pairs, 1)
         return {"eval_loss": loss / pairs, "reward_accuracy": right / pairs, "reward_margin": margin / pairs}
+
+
+def _turns(value, field: str) -> list[dict]:
+    """A response as chat messages: a text is the assistant's turn; a list of ``{"role", "content"}`` messages is
+    taken as it is (every assistant turn in it is scored: turns the two responses share cancel in the loss)."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in value):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise ValueError(f"field {field!r} must hold a text or a list of {{'role', 'content'}} messages, got "
+                     f"{str(value)[:80]!r}")
 
 
 def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
