@@ -33,7 +33,8 @@ from lorafit.train import allocator
 HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modules are HashedDropout
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
-         "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow")
+         "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow",
+         "dpo")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -523,6 +524,13 @@ def bench_serve_generate(args, out: dict) -> None:
     from benchmarks import serve_generate
 
     out["serve_generate"] = serve_generate.run(args, _print)
+
+
+def bench_dpo(args, out: dict) -> None:
+    """DPO step, lorafit train against TRL's DPOTrainer with PEFT (see benchmarks/dpo_step.py)."""
+    from benchmarks import dpo_step
+
+    out["dpo"] = dpo_step.run(args, _print)
 
 
 def bench_ddp(args, out: dict) -> None:

@@ -1,0 +1,167 @@
+"""DPO training step: ``lorafit train`` (task.type = "preference") against TRL's DPOTrainer with a PEFT LoRA,
+the way each is used: each trainer runs in a process of its own on the same pairs, model and adapter.
+
+SmolLM2-135M-Instruct (a tiny random Llama with --quick), LoRA r=16 (alpha 32, dropout 0) on every linear
+layer, beta 0.1, batch 4 pairs, max length 96 tokens, AdamW at 5e-4 without warm-up. The pairs are SST-2's
+(examples/sst2_preferences.py: a positive review preferred to a negative one of about its length) as TRL's
+conversational rows, which lorafit reads as they are: the same chat template renders both. Both run in
+float32 without activation checkpointing (TRL's defaults, bf16 and checkpointing, are turned off). Both compute the
+reference model as the base with the adapter switched off, without gradients, in every step (TRL's default;
+no precomputed reference). Reported: the median time of a training step after two warm-up steps, the time
+from the worker's start (its imports done) to the end of the first step (loading the model, tokenizing the
+pairs, setting up), and the process's peak RSS; medians over interleaved rounds. Skipped without ``trl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+INSTRUCTION = "Write a positive one-sentence movie review."
+BATCH = 4
+MAX_LENGTH = 96
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def _rows(data: Path | None, count: int) -> list[dict]:
+    """Conversational preference rows (TRL's format): a prompt of messages, each response one message."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples.sst2_preferences import pairs
+    from lorafit.train.config import default_data_dir
+
+    source = (data or default_data_dir()) / "sst2" / "train.jsonl"
+    made = pairs(source, count, seed=0) if source.is_file() else [
+        {"chosen": f"good film {i}", "rejected": f"bad film {i}"} for i in range(count)]
+    return [{"prompt": [{"role": "user", "content": INSTRUCTION}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in made]
+
+
+def _model_and_tokenizer(quick: bool):
+    """The tiny Llama and the serve tests' tokenizer, or SmolLM2 from lorafit's converted copy of the GGUF file
+    (transformers' Trainer refuses to train a model loaded from GGUF)."""
+    if quick:
+        from benchmarks import models
+        from tests import serve_models
+
+        return models.smollm2(True), serve_models.tokenizer(causal=True)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.base_models import resolve_model
+
+    path = resolve_model("smollm2-135m").path
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def _lorafit(quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
+    """The times at which the steps ended."""
+    from lorafit.train import train
+
+    marks: list[float] = []
+    config = {"output_dir": str(tmp / "run"), "model": {"name": "given"},
+              "data": {"train": str(rows_file), "instruction_field": "prompt"},
+              "task": {"type": "preference", "max_length": MAX_LENGTH, "dpo_beta": 0.1},
+              "lora": dict(LORA), "train": {"batch_size": BATCH, "max_steps": steps, "lr": 5e-4,
+                                            "scheduler": "constant", "eval_every": steps, "save_every": steps,
+                                            "log_every": steps, "keep_best": False}}
+    model, tokenizer = _model_and_tokenizer(quick)
+    train(config, model=model, tokenizer=tokenizer,
+          callbacks=(lambda state: marks.append(time.perf_counter()),), progress=False)
+    return marks
+
+
+def _trl(quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
+    """The times at which the steps ended."""
+    import datasets
+    import peft
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    marks: list[float] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    args = DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=BATCH, max_steps=steps,
+                     learning_rate=5e-4, lr_scheduler_type="constant", beta=0.1, max_length=MAX_LENGTH,
+                     logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     # TRL's defaults are bf16 autocast and activation checkpointing: off, as lorafit's run is
+                     bf16=False, gradient_checkpointing=False)
+    model, tokenizer = _model_and_tokenizer(quick)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer,
+                         peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Marks()])
+    trainer.train()
+    return marks
+
+
+def _worker(args) -> None:
+    """Each step's seconds; the first counts from here: loading the model, tokenizing the pairs, setting up."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _lorafit if args.worker == "lorafit" else _trl
+        marks = run(args.quick, Path(args.rows), args.steps, Path(tmp))
+    steps = [b - a for a, b in zip([start, *marks], marks)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"steps": steps, "peak_rss": peak}))
+
+
+def run(args, emit) -> dict:
+    """The interleaved rounds (called by ``python -m benchmarks``)."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        emit("DPO step, lorafit against TRL + PEFT", "skipped: trl is not installed (pip install --no-deps trl)")
+        return {"skipped": "trl is not installed"}
+    steps, rounds = (4, 1) if args.quick else (12, 3)
+    results: dict[str, list[dict]] = {"lorafit": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "pairs.jsonl"
+        rows_file.write_text("".join(json.dumps(r) + "\n" for r in _rows(getattr(args, "data", None),
+                                                                          steps * BATCH)))
+        for _ in range(rounds):
+            for worker in ("lorafit", "trl"):
+                command = [sys.executable, "-m", "benchmarks.dpo_step", "--worker", worker, "--rows", str(rows_file),
+                           "--steps", str(steps), *(["--quick"] if args.quick else [])]
+                proc = subprocess.run(command, capture_output=True, text=True, check=False,
+                                      cwd=Path(__file__).resolve().parents[1])
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{worker} worker failed:\n{proc.stderr[-3000:]}")
+                results[worker].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary = {}
+    for worker, runs in results.items():
+        summary[worker] = {"step_s": statistics.median(statistics.median(r["steps"][2:] or r["steps"]) for r in runs),
+                           "first_step_s": statistics.median(r["steps"][0] for r in runs),
+                           "peak_rss_gib": statistics.median(r["peak_rss"] for r in runs) / 2**30}
+    from benchmarks.timing import table
+
+    lf, tr = summary["lorafit"], summary["trl"]
+    summary["step_ratio"] = lf["step_s"] / tr["step_s"]
+    summary["rss_ratio"] = lf["peak_rss_gib"] / tr["peak_rss_gib"]
+    emit(f"DPO step, lorafit against TRL + PEFT ({'tiny Llama' if args.quick else 'SmolLM2-135M-Instruct'}, "
+         f"batch {BATCH} pairs, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)",
+         table([[name, f"{s['step_s']:.3f}", f"{s['first_step_s']:.2f}", f"{s['peak_rss_gib']:.2f}"]
+                for name, s in (("lorafit train (preference)", lf), ("TRL DPOTrainer + PEFT", tr))],
+               ["trainer", "step (s)", "set-up + first step (s)", "peak RSS (GiB)"])
+         + f"\n\nlorafit / TRL: step time {summary['step_ratio']:.2f}x, peak RSS {summary['rss_ratio']:.2f}x")
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=["lorafit", "trl"], required=True)
+    parser.add_argument("--rows", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--quick", action="store_true")
+    _worker(parser.parse_args())
