@@ -147,8 +147,12 @@ def run(args, emit) -> dict:
     from benchmarks.timing import table
 
     lf, tr = summary["lorafit"], summary["trl"]
-    summary["step_ratio"] = lf["step_s"] / tr["step_s"]
-    summary["rss_ratio"] = lf["peak_rss_gib"] / tr["peak_rss_gib"]
+    # ratios within each round (the two processes ran one after the other), then their median
+    step = [statistics.median(a["steps"][2:] or a["steps"]) / statistics.median(b["steps"][2:] or b["steps"])
+            for a, b in zip(results["lorafit"], results["trl"])]
+    summary["step_ratio"] = statistics.median(step)
+    summary["rss_ratio"] = statistics.median(a["peak_rss"] / b["peak_rss"]
+                                             for a, b in zip(results["lorafit"], results["trl"]))
     emit(f"DPO step, lorafit against TRL + PEFT ({'tiny Llama' if args.quick else 'SmolLM2-135M-Instruct'}, "
          f"batch {BATCH} pairs, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)",
          table([[name, f"{s['step_s']:.3f}", f"{s['first_step_s']:.2f}", f"{s['peak_rss_gib']:.2f}"]
