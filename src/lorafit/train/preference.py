@@ -76,15 +76,12 @@ class Preference(CausalLM):
         batch.update(loss_positions(labels))
         return batch
 
-    def _beta(self) -> float:
-        return self.config.task.dpo_beta
-
     def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The implicit rewards ``beta * (p - r)`` of each pair's chosen and rejected response."""
         policy = self.sequence_logps(model, batch)
         with torch.no_grad(), lorafit.disabled(unwrap(model)):
             reference = self.sequence_logps(model, batch)
-        rewards = self._beta() * (policy - reference)
+        rewards = self.config.task.dpo_beta * (policy - reference)
         pairs = rewards.shape[0] // 2
         return rewards[:pairs], rewards[pairs:]
 
