@@ -83,7 +83,8 @@ class DataSection:
     output_field: str | None = None
     messages_field: str | None = None
     instruction: str | None = None  # a fixed instruction put before every example (e.g. "Summarize:")
-    # preference (DPO): the prompt as for generation (instruction / input fields), and two responses to it
+    # preference (DPO): the prompt as for generation (instruction / input fields), and two responses to it, each
+    # a text or a list of chat messages (without a prompt field, whole conversations)
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     # evaluation of generation: ROUGE against each of these fields (the best one per row); a validation or
