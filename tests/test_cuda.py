@@ -210,6 +210,56 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
+    """task.type "preference": the DPO loss of a batch of pairs on the GPU is the CPU's in float32 (the
+    reference forward with the adapter switched off included), and its steps never wait for the GPU."""
+    from lorafit.train.config import RunConfig
+    from lorafit.train.loop import on_device
+    from lorafit.train.preference import Preference
+    from lorafit.train.tasks import IGNORE
+
+    class Tok:
+        chat_template, pad_token_id = None, 0
+
+        def __len__(self) -> int:
+            return 256
+
+    model = _llama(dtype)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    config = RunConfig()
+    config.task.type = "preference"
+    feats = []
+    for n, m in ((30, 24), (12, 19), (25, 25)):
+        chosen, rejected = (torch.randint(1, 256, (k,), generator=gen).tolist() for k in (n, m))
+        feats.append({"input_ids": chosen, "labels": [IGNORE] * 6 + chosen[6:],
+                      "rejected_ids": rejected, "rejected_labels": [IGNORE] * 6 + rejected[6:]})
+    cpu_batch = Preference(config, Tok()).collate(feats)
+    cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
+    with torch.no_grad():
+        want = Preference(config, Tok()).loss_sum(cpu_model, cpu_batch)
+    task = Preference(config, Tok())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    with torch.no_grad():
+        got = task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE)))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+
+    def step():
+        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 3).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    _steps_without_sync(step)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 def test_float16_weights_train_on_cuda(tmp_path):
     """`lorafit train` on float16 weights: float32 adapters under fp16 autocast with loss scaling, through the
     fused path and its Triton masks in float16; the losses stay finite and fall."""
