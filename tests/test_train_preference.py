@@ -168,11 +168,17 @@ def test_dpo_learns_the_preferred_responses_and_writes_a_causal_lm_adapter(tmp_p
     again = evaluate(run, split="validation")
     assert again["reward_accuracy"] == pytest.approx(summary["validation"]["reward_accuracy"])
     assert again["eval_loss"] == pytest.approx(summary["validation"]["eval_loss"], abs=1e-5)
-    # the trained model prefers the chosen responses by its own likelihood too (PEFT loads the adapter)
+    # PEFT loads the adapter to the logits lorafit gives with it
     peft = pytest.importorskip("peft")
-    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama"),
-                                           run / "adapter")
-    assert isinstance(model, peft.PeftModel)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    ours = copy.deepcopy(base)
+    lorafit.load_adapter(ours, run / "adapter")
+    theirs = peft.PeftModel.from_pretrained(base, run / "adapter")
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+        assert not torch.allclose(ours(input_ids=ids).logits, plain(input_ids=ids).logits)  # the adapter counts
 
 
 def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):

@@ -245,43 +245,46 @@ def _choices(tokenizer, kind: str, choices: list[tuple[dict, GenerateRequest]], 
     return out
 
 
-def _piece(tokenizer, context: list[int], token: int) -> str:
-    """``token``'s text where it follows the few tokens of ``context`` (tokenizers that mark a word's start, such
-    as SentencePiece's, drop that space in a token decoded alone)."""
+def _pieces(tokenizer, context: list[int], tokens: list[int]) -> list[str]:
+    """Each of ``tokens``' text where it follows the few tokens of ``context`` (tokenizers that mark a word's
+    start, such as SentencePiece's, drop that space in a token decoded alone)."""
     start = len(tokenizer.decode(context, skip_special_tokens=False).rstrip("\ufffd")) if context else 0
-    return tokenizer.decode([*context, token], skip_special_tokens=False)[start:]
+    return [tokenizer.decode([*context, token], skip_special_tokens=False)[start:] for token in tokens]
 
 
-def _scored_tokens(req: GenerateRequest, result: dict) -> list[tuple[list[int], Scored]]:
-    """The scored tokens of a choice (the prompt's first if echoed), each with the few ids before it."""
+def _scored_tokens(tokenizer, req: GenerateRequest, result: dict) -> list[tuple[Scored, str, list[str]]]:
+    """The scored tokens of a choice (the prompt's first if echoed), each with its text and its alternatives'."""
     scored = [*(result.get("prompt_logprobs") or []), *result.get("logprobs", [])]
     start = 0 if result.get("prompt_logprobs") else len(req.ids)
     ids = [*req.ids, *(s.token for s in result.get("logprobs", []))]
-    return [(ids[max(0, start + j - 4):start + j], s) for j, s in enumerate(scored)]
+    out = []
+    for j, s in enumerate(scored):
+        text, *alternatives = _pieces(tokenizer, ids[max(0, start + j - 4):start + j],
+                                      [s.token, *(t for t, _ in s.top)])
+        out.append((s, text, alternatives))
+    return out
 
 
 def _completion_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
     """The completions API's log-probabilities: ``text_offset`` counts characters from the start of the
     choice's text; a token's ``top_logprobs`` holds the ``logprobs`` likeliest and the token itself."""
-    tokens, offsets, at = [], [], 0
-    top = []
-    for before, s in _scored_tokens(req, result):
-        tokens.append(_piece(tokenizer, before, s.token))
+    scored = _scored_tokens(tokenizer, req, result)
+    offsets, at = [], 0
+    for _, text, _ in scored:
         offsets.append(at)
-        at += len(tokens[-1])
-        top.append(None if s.logprob is None else
-                   {**{_piece(tokenizer, before, t): lp for t, lp in s.top}, tokens[-1]: s.logprob})
-    return {"tokens": tokens, "token_logprobs": [s.logprob for _, s in _scored_tokens(req, result)],
+        at += len(text)
+    top = [None if s.logprob is None else {**{a: lp for a, (_, lp) in zip(alternatives, s.top)}, text: s.logprob}
+           for s, text, alternatives in scored]
+    return {"tokens": [text for _, text, _ in scored], "token_logprobs": [s.logprob for s, _, _ in scored],
             "top_logprobs": top, "text_offset": offsets}
 
 
 def _chat_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
-    def entry(before: list[int], token: int, logprob: float) -> dict:
-        text = _piece(tokenizer, before, token)
+    def entry(text: str, logprob: float) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    content = [{**entry(before, s.token, s.logprob), "top_logprobs": [entry(before, t, lp) for t, lp in s.top]}
-               for before, s in _scored_tokens(req, result)]
+    content = [{**entry(text, s.logprob), "top_logprobs": [entry(a, lp) for a, (_, lp) in zip(alternatives, s.top)]}
+               for s, text, alternatives in _scored_tokens(tokenizer, req, result)]
     return {"content": content, "refusal": None}
 
 

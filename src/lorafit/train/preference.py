@@ -20,8 +20,7 @@ from torch import nn
 
 import lorafit
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
-from lorafit.train.tasks import IGNORE, LOSS_CHUNK_LOGITS, CausalLM, _forward_hidden, _head_is_plain, _mask_at, \
-    columns_to_rows, loss_positions, rows_at
+from lorafit.train.tasks import IGNORE, CausalLM, columns_to_rows, loss_positions, rows_at
 
 PAIR_FIELDS = ("input_ids", "labels", "rejected_ids", "rejected_labels")
 
@@ -90,23 +89,9 @@ class Preference(CausalLM):
         return -nn.functional.logsigmoid(chosen - rejected).sum()
 
     def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each row's summed log-probability of its response tokens, from logits at those positions only (a
-        chunk of them at a time, as causal_lm's loss computes them)."""
-        positions, targets = batch["loss_positions"], batch["loss_targets"]
-        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-        if self._plain_head is None:
-            self._plain_head = _head_is_plain(model, inputs, positions)
-        if self._plain_head:
-            hidden, _ = _forward_hidden(model, inputs, positions[:0])
-            head = unwrap(model).get_output_embeddings()
-            picked = hidden.flatten(0, 1)[positions]
-            rows = max(1, LOSS_CHUNK_LOGITS // len(self.tok))
-            token_logps = torch.cat([_token_logps(head, h, y) for h, y in zip(picked.split(rows),
-                                                                               targets.split(rows))])
-        else:
-            logits = model(**inputs, logits_to_keep=_mask_at(batch["input_ids"], positions)).logits
-            token_logps = -nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        row_of = torch.div(positions, batch["input_ids"].shape[1], rounding_mode="floor")
+        """Each row's summed log-probability of its response tokens (causal_lm's per-token losses, negated)."""
+        token_logps = -self.token_losses(model, batch)
+        row_of = torch.div(batch["loss_positions"], batch["input_ids"].shape[1], rounding_mode="floor")
         return torch.zeros(batch["input_ids"].shape[0], device=token_logps.device).index_add(0, row_of, token_logps)
 
     @torch.no_grad()
@@ -137,13 +122,3 @@ def _turns(value, field: str) -> list[dict]:
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
     raise ValueError(f"field {field!r} must hold a text or a list of {{'role', 'content'}} messages, got "
                      f"{str(value)[:80]!r}")
-
-
-def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) of each row, its logits recomputed in the backward pass instead of kept (checkpointing)."""
-    def logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return -nn.functional.cross_entropy(head(h).float(), y, reduction="none")
-
-    if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(logps, hidden, targets, use_reentrant=False)
-    return logps(hidden, targets)

@@ -494,9 +494,13 @@ class CausalLM(_Generative):
         return batch
 
     def loss_sum(self, model, batch) -> torch.Tensor:
-        """Logits only at the positions that carry loss, a chunk of rows at a time: full-vocabulary float32
-        logits for every position would be batch x length x vocabulary floats, gigabytes per batch. The
-        positions come with the batch (``loss_positions``), so the host never waits for the device here."""
+        return self.token_losses(model, batch).sum()
+
+    def token_losses(self, model, batch) -> torch.Tensor:
+        """The cross entropy at each position that carries loss (``loss_positions``' order). Logits only at
+        those positions, a chunk of rows at a time: full-vocabulary float32 logits for every position would be
+        batch x length x vocabulary floats, gigabytes per batch. The positions come with the batch
+        (``loss_positions``), so the host never waits for the device here."""
         positions, targets = batch["loss_positions"], batch["loss_targets"]
         # use_cache: the config's default (True) would keep every layer's keys and values for a next token.
         # No attention mask: collate pads on the right, so under causal attention no real token sees the padding
@@ -510,7 +514,7 @@ class CausalLM(_Generative):
             self._plain_head = _head_is_plain(model, inputs, positions)
         if not self._plain_head:  # the model's own head and logit transform, at the loss positions (a boolean mask)
             logits = model(**inputs, logits_to_keep=_mask_at(batch["input_ids"], positions)).logits
-            return nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
         hidden, _ = _forward_hidden(model, inputs, positions[:0])  # no position: the head runs below
         rows = max(1, LOSS_CHUNK_LOGITS // len(self.tok))
         return chunked_cross_entropy(unwrap(model).get_output_embeddings(), hidden.flatten(0, 1)[positions], targets,
@@ -535,18 +539,16 @@ LOSS_CHUNK_LOGITS = 1 << 23  # logits per chunk of the causal-LM loss: 32 MiB in
 
 
 def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
-    """The summed cross entropy of ``head(hidden)`` against ``targets``, ``rows`` rows at a time.
+    """The cross entropy of each row of ``head(hidden)`` against ``targets``, ``rows`` rows at a time.
 
     With gradients, each chunk's logits are recomputed in the backward pass (checkpointing) instead of
     kept, so one chunk's logits exist at a time in both passes."""
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+    def chunk_losses(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(h).float(), y, reduction="none")
 
-    total = torch.zeros((), device=hidden.device)
-    for h, y in zip(hidden.split(rows), targets.split(rows)):
-        total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(h, y))
-    return total
+    losses = [checkpoint(chunk_losses, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk_losses(h, y)
+              for h, y in zip(hidden.split(rows), targets.split(rows))]
+    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
