@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -122,6 +123,71 @@ def test_the_loss_is_dpo_s_with_the_base_model_as_reference(tmp_path, plain_head
         torch.testing.assert_close(task.loss_sum(fresh, batch), torch.tensor(3 * 0.6931472), rtol=1e-5, atol=1e-5)
 
 
+def _pair_loss(kind: str, beta: float, gamma: float, sft: float, policy, reference, tokens) -> torch.Tensor:
+    """One pair's loss from its papers' formulas, in float64: ``policy``/``reference`` the summed log-probabilities
+    (chosen, rejected), ``tokens`` the responses' token counts."""
+    (pc, pr), (rc, rr), (nc, nr) = [[torch.as_tensor(x, dtype=torch.float64) for x in xs]
+                                    for xs in (policy, reference, tokens)]
+    logsigmoid = nn.functional.logsigmoid
+    if kind == "dpo":
+        loss = -logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    elif kind == "ipo":
+        loss = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+    elif kind == "hinge":
+        loss = torch.relu(1 - beta * ((pc - rc) - (pr - rr)))
+    elif kind == "simpo":
+        loss = -logsigmoid(beta * (pc / nc - pr / nr) - gamma)
+    else:  # orpo: odds of the per-token probability
+        odds_c, odds_r = ((p / n).exp() / (1 - (p / n).exp()) for p, n in ((pc, nc), (pr, nr)))
+        loss = -pc / nc - beta * logsigmoid(odds_c.log() - odds_r.log())
+    return loss + sft * -pc / nc
+
+
+@pytest.mark.parametrize("kind, gamma, sft", [("dpo", 0.5, 0.7), ("ipo", 0.5, 0.0), ("hinge", 0.5, 0.3),
+                                              ("simpo", 1.3, 0.0), ("orpo", 0.5, 0.0)])
+def test_each_preference_loss_is_its_paper_s_formula(tmp_path, kind, gamma, sft):
+    """task.preference_loss: each loss, and the RPO term (task.sft_weight), equal their formulas computed from
+    each response scored alone; the reference-free losses (simpo, orpo) run the model once per batch, the others
+    twice; the evaluation's rewards are the ones the loss compares."""
+    rows = preference_rows(3, seed=6)
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path, [
+        {"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
+    base = copy.deepcopy(llama)
+    lorafit.attach(llama, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(2)
+    for name, p in llama.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.2)
+    config = RunConfig()
+    config.task.type, config.task.max_length, config.data.instruction_field = "preference", 64, "prompt"
+    config.task.preference_loss, config.task.dpo_beta, config.task.simpo_gamma = kind, 0.4, gamma
+    config.task.sft_weight = sft
+    task = Preference(config, tok)
+    task._plain_head = True  # no probing forward of the model's head
+    features = task.encode(rows, "train").features
+    batch = task.collate(features)
+    forwards = []
+    llama.model.layers[0].register_forward_hook(lambda *_: forwards.append(1))
+    loss = task.loss_sum(llama, batch)
+    assert len(forwards) == (1 if kind in ("simpo", "orpo") else 2)
+    want = torch.zeros((), dtype=torch.float64)
+    sides = (("input_ids", "labels"), ("rejected_ids", "rejected_labels"))
+    for f in features:
+        with torch.no_grad():
+            policy = [sequence_logp(llama, f[ids], f[labels]) for ids, labels in sides]
+            reference = [sequence_logp(base, f[ids], f[labels]) for ids, labels in sides]
+        tokens = [sum(x != tasks.IGNORE for x in f[labels][1:]) for _, labels in sides]
+        want = want + _pair_loss(kind, 0.4, gamma, sft, policy, reference, tokens)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in llama.named_parameters() if "lora_" in n)
+    evals = task.evaluate(llama, features, torch.device("cpu"), 8, contextlib.nullcontext)
+    assert evals["eval_loss"] == pytest.approx(float(want) / 3, abs=1e-5)
+    scores = task.pair_scores(llama, batch)
+    assert evals["reward_margin"] == pytest.approx(float((scores.chosen - scores.rejected).mean()), abs=1e-5)
+
+
 def test_conversational_pairs_encode_as_the_text_pairs_they_are(tmp_path):
     """TRL's conversational preference rows (a prompt of messages, responses of messages) and whole
     conversations without a prompt field give the tokens and labels of the text form; anything else is refused
@@ -181,6 +247,23 @@ def test_dpo_learns_the_preferred_responses_and_writes_a_causal_lm_adapter(tmp_p
         assert not torch.allclose(ours(input_ids=ids).logits, plain(input_ids=ids).logits)  # the adapter counts
 
 
+@pytest.mark.parametrize("kind, method", [("ipo", "lora"), ("simpo", "full"), ("orpo", "lora")])
+def test_the_other_losses_learn_the_preferred_responses(tmp_path, kind, method):
+    """IPO with the adapter, SimPO fine-tuning the whole model (no reference needed), ORPO with the adapter: each
+    ranks held-out chosen responses above rejected ones after training; the untrained model (the adapter off) does
+    at most by chance."""
+    beta = {"ipo": 0.5, "simpo": 2.0, "orpo": 0.5}[kind]
+    lr = "2e-3" if method == "full" else "2e-2"
+    config = preference_setup(tmp_path)
+    args = [f"task.preference_loss='{kind}'", f"task.dpo_beta={beta}", f"train.method='{method}'", f"train.lr={lr}"]
+    summary = train(config, args, progress=False)
+    assert summary["validation"]["reward_accuracy"] >= 0.75, summary["validation"]
+    assert summary["validation"]["reward_margin"] > 0
+    if method == "lora":
+        base = evaluate(tmp_path / "run", split="validation", base=True)
+        assert base["reward_accuracy"] <= 0.5 and summary["validation"]["eval_loss"] < base["eval_loss"]
+
+
 def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
     config = preference_setup(tmp_path, n_train=32, n_val=8)
     args = ["train.epochs=3", "train.save_every=3", "train.eval_every=6", "train.grad_accum=2",
@@ -195,8 +278,13 @@ def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("train.method='full'", "train.method must be 'lora' for task.type = 'preference'"),
+    ("train.method='full'", "train.method must be 'lora' for task.preference_loss = 'dpo'"),
     ("task.dpo_beta=0", "task.dpo_beta must be a finite number > 0"),
+    ("task.preference_loss='kto'", "task.preference_loss must be one of dpo, ipo, hinge, simpo, orpo, got 'kto'"),
+    ("task.simpo_gamma=1.0", "task.simpo_gamma is SimPO's margin; task.preference_loss is 'dpo'"),
+    ("task.sft_weight=-1", "task.sft_weight must be a finite number >= 0"),
+    ("task.preference_loss='orpo' task.sft_weight=1", "task.sft_weight adds an NLL term"),
+    ("task.type='causal_lm' data.output_field='chosen'", "task.dpo_beta is for task.type = 'preference'"),
     ("data.rejected_field='chosen'", "data.rejected_field is data.chosen_field too"),
     ("data.messages_field='messages'", "data.messages_field is not used by task.type = 'preference'"),
     ("task.generate_rows=4", "task.generate_rows is for causal_lm and seq2seq"),
@@ -206,5 +294,5 @@ def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
 def test_what_preference_training_cannot_use_is_refused_naming_the_setting(tmp_path, setting, message):
     config = preference_setup(tmp_path, n_train=8, n_val=4)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train(config, [setting], progress=False)
+        train(config, setting.split(" "), progress=False)
     assert not (tmp_path / "run" / "adapter").exists()

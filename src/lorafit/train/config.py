@@ -36,6 +36,8 @@ TASKS = ("classification", "causal_lm", "seq2seq", "preference")
 LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
                    "preference": "CAUSAL_LM"}
 METHODS = ("lora", "full")
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # they score responses without a reference model
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet")
@@ -103,7 +105,13 @@ class TaskSection:
     max_new_tokens: int = 64  # generation during evaluation
     generate_rows: int = 0  # evaluate ROUGE on generations for this many eval rows (0: loss/perplexity only)
     packing: bool = False  # causal_lm: training examples packed into sequences of up to max_length tokens
-    dpo_beta: float = 0.1  # preference: how far from the base model the rewards let the adapter go (DPO's beta)
+    # preference: the loss (PREFERENCE_LOSSES; train/preference.py has their formulas), its beta (DPO's: how far
+    # from the reference model the rewards let the adapter go; SimPO's paper uses about 2), SimPO's target margin,
+    # and the weight of an added NLL of the chosen responses (RPO)
+    preference_loss: str = "dpo"
+    dpo_beta: float = 0.1
+    simpo_gamma: float = 0.5
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -295,6 +303,10 @@ class RunConfig:
             bad("task.packing", f"is for causal_lm; task.type is {self.task.type!r}")
         if self.task.type == "preference":
             self._validate_preference(bad)
+        else:
+            for name in ("preference_loss", "dpo_beta", "simpo_gamma", "sft_weight"):
+                if getattr(self.task, name) != getattr(TaskSection, name):
+                    bad(f"task.{name}", f"is for task.type = 'preference'; task.type is {self.task.type!r}")
         if self.task.type == "seq2seq" and self.data.messages_field:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
         if self.model.quantize not in QUANTIZE_BITS:
@@ -325,8 +337,19 @@ class RunConfig:
                     f"and model.quantize = {self.model.quantize}: set them alike")
 
     def _validate_preference(self, bad) -> None:
-        if not (math.isfinite(self.task.dpo_beta) and self.task.dpo_beta > 0):
-            bad("task.dpo_beta", f"must be a finite number > 0, got {self.task.dpo_beta}")
+        t = self.task
+        if t.preference_loss not in PREFERENCE_LOSSES:
+            bad("task.preference_loss", f"must be one of {', '.join(PREFERENCE_LOSSES)}, got {t.preference_loss!r}")
+        if not (math.isfinite(t.dpo_beta) and t.dpo_beta > 0):
+            bad("task.dpo_beta", f"must be a finite number > 0, got {t.dpo_beta}")
+        if not math.isfinite(t.simpo_gamma):
+            bad("task.simpo_gamma", f"must be a finite number, got {t.simpo_gamma}")
+        if t.simpo_gamma != TaskSection.simpo_gamma and t.preference_loss != "simpo":
+            bad("task.simpo_gamma", f"is SimPO's margin; task.preference_loss is {t.preference_loss!r}")
+        if not (math.isfinite(t.sft_weight) and t.sft_weight >= 0):
+            bad("task.sft_weight", f"must be a finite number >= 0, got {t.sft_weight}")
+        if t.sft_weight and t.preference_loss == "orpo":
+            bad("task.sft_weight", "adds an NLL term that task.preference_loss = 'orpo' already holds (weight 1)")
         for key in ("data.chosen_field", "data.rejected_field"):
             if not isinstance(self.get(key), str) or not self.get(key):
                 bad(key, f"must be a field name, got {self.get(key)!r}")
@@ -340,9 +363,10 @@ class RunConfig:
                 bad(key, f"is not used by task.type = 'preference', which {why}")
         if self.task.generate_rows:
             bad("task.generate_rows", "is for causal_lm and seq2seq; task.type 'preference' evaluates rewards")
-        if self.train.method != "lora":
-            bad("train.method", "must be 'lora' for task.type = 'preference': its reference model is the base "
-                "model with the adapter switched off, and full fine-tuning leaves no base to compare with")
+        if self.train.method != "lora" and t.preference_loss not in REFERENCE_FREE_LOSSES:
+            bad("train.method", f"must be 'lora' for task.preference_loss = {t.preference_loss!r}: its reference "
+                "model is the base model with the adapter switched off, and full fine-tuning leaves no base to compare "
+                f"with (the reference-free losses {' and '.join(REFERENCE_FREE_LOSSES)} train either)")
 
     def lora_config(self, base_model: str | None = None) -> LoraConfig:
         """The adapter this run attaches: [lora], with ``task_type`` from task.type and

@@ -1,28 +1,50 @@
-"""``task.type = "preference"``: Direct Preference Optimization (DPO, Rafailov et al. 2023) of a causal LM.
+"""``task.type = "preference"``: preference optimization of a causal LM (DPO and its relatives).
 
 Each row is a prompt with a preferred (``data.chosen_field``) and a dispreferred (``data.rejected_field``)
-response. The adapter learns to raise the chosen response's log-likelihood relative to the reference model and
-lower the rejected one's: per pair, ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` with ``p`` the trained
-model's summed log-probabilities of a response's tokens and ``r`` the reference model's. With LoRA the
-reference model is the base model itself, the adapter switched off (``lorafit.disabled``): no second copy of
-the weights, where DPO's usual recipe keeps one.
+response. The adapter learns to score the chosen response above the rejected one; ``task.preference_loss``
+picks how, each pair's loss a function of the two responses' implicit rewards (``beta = task.dpo_beta``; ``p``
+the trained model's summed log-probabilities of a response's tokens, ``r`` the reference model's, ``p̄`` and
+``r̄`` the same per token, ``m`` the chosen reward minus the rejected one):
+
+- ``"dpo"`` (Rafailov et al. 2023): rewards ``beta (p - r)``, loss ``-log sigmoid(m)``;
+- ``"ipo"`` (Azar et al. 2023): rewards ``beta (p̄ - r̄)``, loss ``(m / beta - 1 / (2 beta))^2``, a target margin
+  instead of an ever larger one (per-token log-ratios, as TRL computes IPO);
+- ``"hinge"`` (SLiC, Zhao et al. 2023): DPO's rewards, loss ``max(0, 1 - m)``;
+- ``"simpo"`` (Meng et al. 2024): no reference model, rewards ``beta p̄``, loss ``-log sigmoid(m - gamma)``;
+- ``"orpo"`` (Hong et al. 2024): no reference model, the chosen response's per-token NLL ``-p̄c`` plus
+  ``-beta log sigmoid(log odds(p̄c) - log odds(p̄r))``, ``odds(x) = e^x / (1 - e^x)``; rewards ``beta p̄``.
+
+``task.sft_weight`` adds that much of the chosen response's per-token NLL to any of them (RPO's term). With
+LoRA the reference model is the base model itself, the adapter switched off (``lorafit.disabled``): no second
+copy of the weights, where the usual recipe keeps one; the reference-free losses skip that forward altogether
+(and train full fine-tuning too).
 
 Prompts and responses are rendered with the chat template as causal_lm's instruction rows are (the prompt a
-user turn, the response the assistant's); only response tokens are scored. Evaluation reports the mean DPO
-loss (``eval_loss``), how often the chosen response gets the larger implicit reward ``beta * (p - r)``
-(``reward_accuracy``) and the mean difference of the two rewards (``reward_margin``).
+user turn, the response the assistant's); only response tokens are scored. Evaluation reports the mean loss
+(``eval_loss``), how often the chosen response gets the larger reward (``reward_accuracy``) and the mean
+difference of the two rewards (``reward_margin``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 import lorafit
+from lorafit.train.config import REFERENCE_FREE_LOSSES
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.tasks import IGNORE, CausalLM, columns_to_rows, loss_positions, rows_at
 
 PAIR_FIELDS = ("input_ids", "labels", "rejected_ids", "rejected_labels")
+
+
+class PairScores(NamedTuple):
+    chosen: torch.Tensor  # each pair's implicit rewards
+    rejected: torch.Tensor
+    chosen_per_token: torch.Tensor  # the trained model's mean log-probability of a response token
+    rejected_per_token: torch.Tensor
 
 
 class Preference(CausalLM):
@@ -75,24 +97,47 @@ class Preference(CausalLM):
         batch.update(loss_positions(labels))
         return batch
 
-    def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The implicit rewards ``beta * (p - r)`` of each pair's chosen and rejected response."""
-        policy = self.sequence_logps(model, batch)
-        with torch.no_grad(), lorafit.disabled(unwrap(model)):
-            reference = self.sequence_logps(model, batch)
-        rewards = self.config.task.dpo_beta * (policy - reference)
+    def pair_scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairScores:
+        """Each pair's implicit rewards under task.preference_loss, and the per-token log-probabilities."""
+        t = self.config.task
+        logps, tokens = self.sequence_logps(model, batch)
+        per_token = logps / tokens
+        if t.preference_loss in REFERENCE_FREE_LOSSES:
+            rewards = t.dpo_beta * per_token
+        else:
+            with torch.no_grad(), lorafit.disabled(unwrap(model)):
+                reference, _ = self.sequence_logps(model, batch)
+            ratio = logps - reference
+            rewards = t.dpo_beta * (ratio / tokens if t.preference_loss == "ipo" else ratio)
         pairs = rewards.shape[0] // 2
-        return rewards[:pairs], rewards[pairs:]
+        return PairScores(rewards[:pairs], rewards[pairs:], per_token[:pairs], per_token[pairs:])
+
+    def pair_losses(self, s: PairScores) -> torch.Tensor:
+        t = self.config.task
+        beta, margin = t.dpo_beta, s.chosen - s.rejected
+        if t.preference_loss == "dpo":
+            loss = -nn.functional.logsigmoid(margin)
+        elif t.preference_loss == "ipo":
+            loss = (margin / beta - 1 / (2 * beta)) ** 2
+        elif t.preference_loss == "hinge":
+            loss = torch.relu(1 - margin)
+        elif t.preference_loss == "simpo":
+            loss = -nn.functional.logsigmoid(margin - t.simpo_gamma)
+        else:  # orpo
+            loss = -s.chosen_per_token - beta * nn.functional.logsigmoid(
+                _log_odds(s.chosen_per_token) - _log_odds(s.rejected_per_token))
+        return loss - t.sft_weight * s.chosen_per_token
 
     def loss_sum(self, model, batch) -> torch.Tensor:
-        chosen, rejected = self.rewards(model, batch)
-        return -nn.functional.logsigmoid(chosen - rejected).sum()
+        return self.pair_losses(self.pair_scores(model, batch)).sum()
 
-    def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each row's summed log-probability of its response tokens (causal_lm's per-token losses, negated)."""
+    def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed log-probability of its response tokens (causal_lm's per-token losses, negated), and
+        how many tokens that is."""
         token_logps = -self.token_losses(model, batch)
         row_of = torch.div(batch["loss_positions"], batch["input_ids"].shape[1], rounding_mode="floor")
-        return torch.zeros(batch["input_ids"].shape[0], device=token_logps.device).index_add(0, row_of, token_logps)
+        zeros = torch.zeros(batch["input_ids"].shape[0], device=token_logps.device)
+        return zeros.index_add(0, row_of, token_logps), zeros.index_add(0, row_of, torch.ones_like(token_logps))
 
     @torch.no_grad()
     def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
@@ -101,11 +146,11 @@ class Preference(CausalLM):
         for idx in self._eval_batches(features, batch_size, dist, device):
             batch = {k: v.to(device) for k, v in self.collate(rows_at(features, idx or [0])).items()}
             with autocast():
-                chosen, rejected = self.rewards(model, batch)
+                scores = self.pair_scores(model, batch)
             if idx is not None:
-                loss += float(-nn.functional.logsigmoid(chosen - rejected).sum())
-                right += float((chosen > rejected).sum())
-                margin += float((chosen - rejected).sum())
+                loss += float(self.pair_losses(scores).sum())
+                right += float((scores.chosen > scores.rejected).sum())
+                margin += float((scores.chosen - scores.rejected).sum())
                 pairs += len(idx)
         loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
         pairs = max(pairs, 1)
@@ -122,3 +167,10 @@ def _turns(value, field: str) -> list[dict]:
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
     raise ValueError(f"field {field!r} must hold a text or a list of {{'role', 'content'}} messages, got "
                      f"{str(value)[:80]!r}")
+
+
+def _log_odds(per_token_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` of ``p = exp(per_token_logp)``; expm1 keeps ``1 - p`` exact near ``p = 1``, and
+    the clamp keeps a response the model is certain of finite."""
+    x = per_token_logp.clamp(max=-1e-6)
+    return x - torch.log(-torch.expm1(x))
