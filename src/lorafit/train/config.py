@@ -30,11 +30,12 @@ from typing import Any
 
 from lorafit.config import LoraConfig
 
-TASKS = ("classification", "causal_lm", "seq2seq", "preference")
+TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward")
+PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one preferred
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
 LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
-                   "preference": "CAUSAL_LM"}
+                   "preference": "CAUSAL_LM", "reward": "SEQ_CLS"}
 METHODS = ("lora", "full")
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # they score responses without a reference model
@@ -112,6 +113,7 @@ class TaskSection:
     dpo_beta: float = 0.1
     simpo_gamma: float = 0.5
     sft_weight: float = 0.0
+    reward_centering: float = 0.0  # reward: weight of (chosen score + rejected score)^2, keeping scores near 0
 
 
 @dataclass
@@ -301,12 +303,18 @@ class RunConfig:
                 "(not for classification or data.messages_field)")
         if self.task.packing and self.task.type != "causal_lm":
             bad("task.packing", f"is for causal_lm; task.type is {self.task.type!r}")
+        if self.task.type in PAIR_TASKS:
+            self._validate_pairs(bad)
         if self.task.type == "preference":
             self._validate_preference(bad)
-        else:
-            for name in ("preference_loss", "dpo_beta", "simpo_gamma", "sft_weight"):
-                if getattr(self.task, name) != getattr(TaskSection, name):
-                    bad(f"task.{name}", f"is for task.type = 'preference'; task.type is {self.task.type!r}")
+        for task, names in (("preference", ("preference_loss", "dpo_beta", "simpo_gamma", "sft_weight")),
+                            ("reward", ("reward_centering",))):
+            for name in names:
+                if self.task.type != task and getattr(self.task, name) != getattr(TaskSection, name):
+                    bad(f"task.{name}", f"is for task.type = {task!r}; task.type is {self.task.type!r}")
+        if self.task.type == "reward" and not (math.isfinite(self.task.reward_centering)
+                                               and self.task.reward_centering >= 0):
+            bad("task.reward_centering", f"must be a finite number >= 0, got {self.task.reward_centering}")
         if self.task.type == "seq2seq" and self.data.messages_field:
             bad("data.messages_field", "is for causal_lm chat data; seq2seq reads input_field -> output_field")
         if self.model.quantize not in QUANTIZE_BITS:
@@ -336,6 +344,22 @@ class RunConfig:
                 bad("lora.loftq_config", f"loftq_bits = {loftq_bits} fits a base quantized to {loftq_bits} bits, "
                     f"and model.quantize = {self.model.quantize}: set them alike")
 
+    def _validate_pairs(self, bad) -> None:
+        kind = self.task.type
+        for key in ("data.chosen_field", "data.rejected_field"):
+            if not isinstance(self.get(key), str) or not self.get(key):
+                bad(key, f"must be a field name, got {self.get(key)!r}")
+        if self.data.chosen_field == self.data.rejected_field:
+            bad("data.rejected_field", f"is data.chosen_field too ({self.data.chosen_field!r}): a pair needs two")
+        for key, why in (("data.messages_field", "reads a prompt (data.instruction_field / data.input_field) and "
+                                                 "two responses (data.chosen_field, data.rejected_field)"),
+                         ("data.output_field", "reads data.chosen_field and data.rejected_field"),
+                         ("data.reference_fields", "scores responses, it does not generate them")):
+            if self.get(key):
+                bad(key, f"is not used by task.type = {kind!r}, which {why}")
+        if self.task.generate_rows:
+            bad("task.generate_rows", f"is for causal_lm and seq2seq; task.type {kind!r} evaluates scores")
+
     def _validate_preference(self, bad) -> None:
         t = self.task
         if t.preference_loss not in PREFERENCE_LOSSES:
@@ -350,19 +374,6 @@ class RunConfig:
             bad("task.sft_weight", f"must be a finite number >= 0, got {t.sft_weight}")
         if t.sft_weight and t.preference_loss == "orpo":
             bad("task.sft_weight", "adds an NLL term that task.preference_loss = 'orpo' already holds (weight 1)")
-        for key in ("data.chosen_field", "data.rejected_field"):
-            if not isinstance(self.get(key), str) or not self.get(key):
-                bad(key, f"must be a field name, got {self.get(key)!r}")
-        if self.data.chosen_field == self.data.rejected_field:
-            bad("data.rejected_field", f"is data.chosen_field too ({self.data.chosen_field!r}): a pair needs two")
-        for key, why in (("data.messages_field", "reads a prompt (data.instruction_field / data.input_field) and "
-                                                 "two responses (data.chosen_field, data.rejected_field)"),
-                         ("data.output_field", "reads data.chosen_field and data.rejected_field"),
-                         ("data.reference_fields", "scores responses, it does not generate them")):
-            if self.get(key):
-                bad(key, f"is not used by task.type = 'preference', which {why}")
-        if self.task.generate_rows:
-            bad("task.generate_rows", "is for causal_lm and seq2seq; task.type 'preference' evaluates rewards")
         if self.train.method != "lora" and t.preference_loss not in REFERENCE_FREE_LOSSES:
             bad("train.method", f"must be 'lora' for task.preference_loss = {t.preference_loss!r}: its reference "
                 "model is the base model with the adapter switched off, and full fine-tuning leaves no base to compare "

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafit.train.config import RunConfig, expand_path
+from lorafit.train.config import PAIR_TASKS, RunConfig, expand_path
 from lorafit.train.sources import cache_dir, decode_error, is_hub_name, open_source  # noqa: F401 (re-exported)
 
 Rows = Any  # a datasets.Dataset, an IterableDataset (streamed training rows) or a list of dicts
@@ -50,7 +50,7 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
         if d.text_pair_field:
             pairs.append(("data.text_pair_field", d.text_pair_field))
         return pairs
-    if task == "preference":
+    if task in PAIR_TASKS:
         pairs = [("data.chosen_field", d.chosen_field), ("data.rejected_field", d.rejected_field)]
     elif d.messages_field:
         return [("data.messages_field", d.messages_field)]
@@ -60,7 +60,7 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
         if getattr(d, key):
             pairs.append((f"data.{key}", getattr(d, key)))
     prompted = any(key in ("data.instruction_field", "data.input_field") for key, _ in pairs) or d.instruction
-    if not prompted and task != "preference":  # preference responses may be whole conversations
+    if not prompted and task not in PAIR_TASKS:  # a pair's responses may be whole conversations
         raise ValueError("data: a generation task needs data.instruction_field or data.input_field (the prompt), "
                          "or data.messages_field")
     return pairs

@@ -60,7 +60,8 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(source: ModelSource, task: str, dtype: str, labels: list | None = None):
-    """The model for ``task``: a sequence classifier (new head), a causal LM or a seq2seq LM."""
+    """The model for ``task``: a sequence classifier (new head; one output, the score, for a reward model), a
+    causal LM or a seq2seq LM."""
     transformers = _transformers()
     kwargs = dict(source.kwargs, dtype=resolve_dtype(dtype))
     try:
@@ -70,6 +71,9 @@ def load_model(source: ModelSource, task: str, dtype: str, labels: list | None =
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 source.path, num_labels=len(labels), id2label=id2label,
                 label2id={v: i for i, v in id2label.items()}, **kwargs)
+        elif task == "reward":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                source.path, num_labels=1, id2label={0: "reward"}, label2id={"reward": 0}, **kwargs)
         elif task in ("causal_lm", "preference"):
             model = transformers.AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
         else:
@@ -77,6 +81,7 @@ def load_model(source: ModelSource, task: str, dtype: str, labels: list | None =
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             kind = {"classification": "sequence classification", "causal_lm": "a causal LM",
+                    "reward": "a reward model (sequence classification, one output)",
                     "preference": "a causal LM", "seq2seq": "an encoder-decoder (seq2seq) LM"}[task]
             raise ValueError(f"model {source.path!r} cannot be loaded for {kind} (task.type = {task!r}): "
                              f"{str(exc).splitlines()[0]}") from None

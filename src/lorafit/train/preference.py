@@ -35,6 +35,7 @@ from torch import nn
 import lorafit
 from lorafit.train.config import REFERENCE_FREE_LOSSES
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
+from lorafit.train.pairs import PairRows, turns
 from lorafit.train.tasks import IGNORE, CausalLM, columns_to_rows, loss_positions, rows_at
 
 PAIR_FIELDS = ("input_ids", "labels", "rejected_ids", "rejected_labels")
@@ -47,13 +48,9 @@ class PairScores(NamedTuple):
     rejected_per_token: torch.Tensor
 
 
-class Preference(CausalLM):
+class Preference(PairRows, CausalLM):
     metric = "eval_loss"
     unit = "pairs"
-
-    def cache_key(self, kind: str) -> tuple:
-        d = self.config.data
-        return (*super().cache_key(kind), d.chosen_field, d.rejected_field)
 
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         d, max_len = self.config.data, self.config.task.max_length
@@ -61,7 +58,8 @@ class Preference(CausalLM):
         for row in columns_to_rows(batch):
             prompt = self._prompt_messages(row)
             for field in (d.chosen_field, d.rejected_field):
-                conversations.append(self._pieces(prompt + _turns(row[field], field)))
+                # every assistant turn of a response is scored: turns the two responses share cancel in the loss
+                conversations.append(self._pieces(prompt + turns(row[field], field)))
         ids = iter(self._ids_many([text for pieces in conversations for text, _ in pieces]))
         encoded = [self._join(pieces, [next(ids) for _ in pieces]) for pieces in conversations]
         out: dict[str, list] = {name: [] for name in (*PAIR_FIELDS, "length")}
@@ -74,18 +72,6 @@ class Preference(CausalLM):
                 out[name].append(value)
             out["length"].append(max(len(chosen), len(rejected)))
         return out
-
-    def _prompt_messages(self, row: dict) -> list[dict]:
-        """The prompt as chat messages: a user turn of the instruction and input fields (a prompt field that
-        holds messages, as conversational preference data sets have it, is those messages), or none when
-        the config names no prompt (the responses are then whole conversations)."""
-        d = self.config.data
-        given = row.get(d.instruction_field) if d.instruction_field else None
-        if isinstance(given, list):
-            return _turns(given, d.instruction_field) + ([{"role": "user", "content": str(row[d.input_field])}]
-                                                         if d.input_field and row.get(d.input_field) else [])
-        text = self._prompt_text(row)
-        return [{"role": "user", "content": text}] if text else []
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         """The chosen responses' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""
@@ -155,18 +141,6 @@ class Preference(CausalLM):
         loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
         pairs = max(pairs, 1)
         return {"eval_loss": loss / pairs, "reward_accuracy": right / pairs, "reward_margin": margin / pairs}
-
-
-def _turns(value, field: str) -> list[dict]:
-    """A response as chat messages: a text is the assistant's turn; a list of ``{"role", "content"}`` messages is
-    taken as it is (every assistant turn in it is scored: turns the two responses share cancel in the loss)."""
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in value):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-    raise ValueError(f"field {field!r} must hold a text or a list of {{'role', 'content'}} messages, got "
-                     f"{str(value)[:80]!r}")
 
 
 def _log_odds(per_token_logp: torch.Tensor) -> torch.Tensor:

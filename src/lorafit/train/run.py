@@ -165,7 +165,7 @@ def prepare(config: RunConfig, model: nn.Module | None = None, tokenizer: Any = 
         torch.manual_seed(config.train.seed)  # a new classification head is initialised here
         model = load_model(source, config.task.type, config.model.dtype, labels)
     check_max_length(model, config.task.max_length)
-    if config.task.type == "classification" and getattr(model.config, "pad_token_id", None) is None:
+    if config.task.type in ("classification", "reward") and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
     task = build_task(config, tokenizer, labels)
     return Prepared(config, source, model, tokenizer, task, splits, labels, device)
@@ -183,7 +183,7 @@ def encode_split(prep: Prepared, split: str) -> Sequence[dict]:
         return []
     features, skipped = encode_dataset(prep.task, rows, split)
     if skipped:
-        print(f"lorafit: {skipped} of {len(rows)} {split} rows skipped: no response token fits into "
+        print(f"lorafit: {skipped} of {len(rows)} {split} rows skipped: {prep.task.skipped_because} "
               f"task.max_length = {prep.config.task.max_length}")
     if not len(features):
         raise ValueError(f"{prep.splits.sources[split]}: no usable {split} rows (empty data set after encoding; "
@@ -506,6 +506,8 @@ _TASK_MODELS = {"classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NA
                                    "AutoModelForSequenceClassification"),
                 "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "preference": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
+                "reward": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier with one output "
+                           "(num_labels=1)", "AutoModelForSequenceClassification"),
                 "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder (seq2seq) LM",
                             "AutoModelForSeq2SeqLM")}
 
@@ -592,6 +594,12 @@ def check_given_fits(prep: Prepared, model_given: bool, tokenizer_given: bool) -
                              f"{n} classes ({shown}); load the model with num_labels={n}, e.g. "
                              f"AutoModelForSequenceClassification.from_pretrained(..., num_labels={n}), or leave "
                              "model= out and lorafit builds a head of the right size from model.name")
+    if model_given and prep.config.task.type == "reward":
+        head = _head_size(prep.model)
+        if head is not None and head[0] != 1:
+            raise ValueError(f"model= has a classification head with {head[0]} outputs ({head[1]}); a reward model "
+                             "scores with one: load it with AutoModelForSequenceClassification.from_pretrained(..., "
+                             "num_labels=1), or leave model= out and lorafit builds one from model.name")
     if model_given or tokenizer_given:
         embeddings = prep.model.get_input_embeddings()
         rows = getattr(embeddings, "num_embeddings", None)
@@ -712,7 +720,8 @@ def _check_metric(prep: Prepared, data: Encoded) -> str:
     metric = config.train.metric or prep.task.metric
     if data.validation:
         probe = {"classification": ("eval_loss", "accuracy", "macro_f1"),
-                 "preference": ("eval_loss", "reward_accuracy", "reward_margin")}.get(
+                 "preference": ("eval_loss", "reward_accuracy", "reward_margin"),
+                 "reward": ("eval_loss", "accuracy", "reward_margin")}.get(
             config.task.type, ("eval_loss", "perplexity") + (("rouge1", "rouge2", "rougeL")
                                                              if config.task.generate_rows else ()))
         if metric not in probe:

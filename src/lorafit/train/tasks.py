@@ -71,7 +71,7 @@ def _feature_types() -> dict[str, Any]:
         return {}
     ids = List(Value("int32"))  # token ids and -100 fit, at half the bytes of int64
     return {"input_ids": ids, "labels": ids, "prompt_ids": ids, "rejected_ids": ids, "rejected_labels": ids,
-            "token_type_ids": List(Value("int8")),
+            "token_type_ids": List(Value("int8")), "rejected_token_type_ids": List(Value("int8")),
             "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string"))}
 
 
@@ -106,16 +106,19 @@ def rows_to_columns(rows: list[dict], fields: list[str] | None = None) -> dict[s
 
 
 def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task:
-    from lorafit.train.preference import Preference  # it builds on CausalLM
+    from lorafit.train.preference import Preference  # they build on the tasks here
+    from lorafit.train.reward import Reward
 
     kind = config.task.type
-    cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference}[kind]
+    cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference,
+           "reward": Reward}[kind]
     return cls(config, tokenizer, labels)
 
 
 class Task:
     metric = "eval_loss"  # the default "best" metric
     unit = "tokens"
+    skipped_because = "no response token fits into"  # why encode_batch leaves rows out
 
     def __init__(self, config: RunConfig, tokenizer, labels: list | None = None) -> None:
         self.config = config

@@ -1,0 +1,106 @@
+"""``task.type = "reward"``: a reward model from preference pairs (Bradley-Terry, as InstructGPT trains one).
+
+The model is a sequence classifier with one output, its score of a conversation; per pair the loss is
+``-log sigmoid(sc - sr)`` with ``sc`` the chosen conversation's score and ``sr`` the rejected one's, plus
+``task.reward_centering * (sc + sr)^2`` (Eisenstein et al. 2023) when set, which keeps the scores near 0
+(only their differences are learned otherwise). The adapter is a SEQ_CLS one: the new score head trains and
+is saved with it, and PEFT's ``AutoPeftModelForSequenceClassification`` loads it.
+
+A conversation is the prompt and a response rendered with the tokenizer's chat template, where it has one
+(decoder LMs: the score is read at the last token); a tokenizer without one (BERT-style encoders) reads the
+prompt and the response as a text pair. Evaluation reports the mean loss (``eval_loss``), how often the chosen
+response scores higher (``accuracy``) and the mean score difference (``reward_margin``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafit.train.distributed import SINGLE, Distributed
+from lorafit.train.pairs import PairRows, turns
+from lorafit.train.tasks import Task, columns_to_rows, rows_at
+
+SIDES = (("input_ids", "token_type_ids"), ("rejected_ids", "rejected_token_type_ids"))
+
+
+class Reward(PairRows, Task):
+    metric = "accuracy"
+    unit = "pairs"
+    skipped_because = "the two conversations do not differ within"
+
+    def __init__(self, config, tokenizer, labels=None) -> None:
+        super().__init__(config, tokenizer, labels)
+        # token type ids only where a text pair gets them (BERT), so that every batch has the same columns
+        self.token_types = not tokenizer.chat_template and "token_type_ids" in tokenizer("a", "b")
+
+    def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
+        d = self.config.data
+        rows = columns_to_rows(batch)
+        encoded = [self._encode(self._prompt_messages(row), turns(row[field], field))
+                   for row in rows for field in (d.chosen_field, d.rejected_field)]
+        names = [name for side in SIDES for name in (side if self.token_types else side[:1])]
+        out: dict[str, list] = {name: [] for name in (*names, "length")}
+        for (chosen, chosen_types), (rejected, rejected_types) in zip(encoded[::2], encoded[1::2]):
+            if chosen == rejected and chosen_types == rejected_types:
+                continue  # max_length cut both responses off where they differ: the pair says nothing
+            values = (chosen, chosen_types, rejected, rejected_types) if self.token_types else (chosen, rejected)
+            for name, value in zip(names, values):
+                out[name].append(value)
+            out["length"].append(max(len(chosen), len(rejected)))
+        return out
+
+    def _encode(self, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int] | None]:
+        """A conversation's token ids (and token type ids, where the tokenizer makes them), at most
+        task.max_length of them."""
+        max_len = self.config.task.max_length
+        if self.tok.chat_template:
+            text = self.tok.apply_chat_template(prompt + response, tokenize=False)
+            ids = self.tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            return ids[:max_len], None
+        first, second = ("\n".join(m["content"] for m in messages) for messages in (prompt, response))
+        enc = self.tok(first or second, second if first else None, truncation=True, max_length=max_len,
+                       return_attention_mask=False)
+        return enc["input_ids"], enc["token_type_ids"] if self.token_types else None
+
+    def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        """The chosen conversations' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""
+        seqs = [f["input_ids"] for f in feats] + [f["rejected_ids"] for f in feats]
+        batch = {"input_ids": self._pad(seqs, self.pad_id),
+                 "attention_mask": self._pad([[1] * len(s) for s in seqs], 0), "units": torch.tensor(len(feats))}
+        if self.token_types:
+            batch["token_type_ids"] = self._pad([f["token_type_ids"] for f in feats]
+                                                + [f["rejected_token_type_ids"] for f in feats], 0)
+        return batch
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pair's chosen and rejected score, in float32."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        scores = model(**inputs).logits[:, 0].float()
+        pairs = scores.shape[0] // 2
+        return scores[:pairs], scores[pairs:]
+
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        loss = -nn.functional.logsigmoid(chosen - rejected)
+        centering = self.config.task.reward_centering
+        return loss + centering * (chosen + rejected) ** 2 if centering else loss
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        return self.pair_losses(*self.scores(model, batch)).sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
+        model.eval()
+        loss, right, margin, pairs = 0.0, 0.0, 0.0, 0
+        for idx in self._eval_batches(features, batch_size, dist, device):
+            batch = {k: v.to(device) for k, v in self.collate(rows_at(features, idx or [0])).items()}
+            with autocast():
+                chosen, rejected = self.scores(model, batch)
+            if idx is not None:
+                loss += float(self.pair_losses(chosen, rejected).sum())
+                right += float((chosen > rejected).sum())
+                margin += float((chosen - rejected).sum())
+                pairs += len(idx)
+        loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
+        pairs = max(pairs, 1)
+        return {"eval_loss": loss / pairs, "accuracy": right / pairs, "reward_margin": margin / pairs}
