@@ -210,10 +210,12 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
-    """task.type "preference": the DPO loss of a batch of pairs on the GPU is the CPU's in float32 (the
-    reference forward with the adapter switched off included), and its steps never wait for the GPU."""
+def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype, loss):
+    """task.type "preference": the loss of a batch of pairs on the GPU is the CPU's in float32 (DPO's reference
+    forward with the adapter switched off included; ORPO's log odds without one), and its steps never wait for
+    the GPU."""
     from lorafit.train.config import RunConfig
     from lorafit.train.loop import on_device
     from lorafit.train.preference import Preference
@@ -233,7 +235,7 @@ def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     config = RunConfig()
-    config.task.type = "preference"
+    config.task.type, config.task.preference_loss = "preference", loss
     feats = []
     for n, m in ((30, 24), (12, 19), (25, 25)):
         chosen, rejected = (torch.randint(1, 256, (k,), generator=gen).tolist() for k in (n, m))
@@ -253,6 +255,49 @@ def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
 
     def step():
         (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 3).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    _steps_without_sync(step)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_reward_model_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
+    """task.type "reward": the scores of a right-padded batch of pairs (read at each row's last real token) and
+    their loss on the GPU are the CPU's, and its steps never wait for the GPU."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from lorafit.train.config import RunConfig
+    from lorafit.train.loop import on_device
+    from lorafit.train.reward import Reward
+
+    class Tok:
+        chat_template, pad_token_id = "{{ messages }}", 0
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    model = LlamaForSequenceClassification(cfg).to(DEVICE, dtype)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="SEQ_CLS"))
+    config = RunConfig()
+    config.task.type, config.task.reward_centering = "reward", 0.01
+    gen = torch.Generator().manual_seed(5)
+    feats = [{"input_ids": torch.randint(1, 256, (n,), generator=gen).tolist(),
+              "rejected_ids": torch.randint(1, 256, (m,), generator=gen).tolist()} for n, m in ((30, 24), (12, 19))]
+    task = Reward(config, Tok())
+    cpu_batch = task.collate(feats)
+    cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
+    with torch.no_grad():
+        want = torch.stack(task.scores(cpu_model, cpu_batch))
+        got = torch.stack(task.scores(model, on_device(cpu_batch, torch.device(DEVICE))))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+    def step():
+        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 2).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
 

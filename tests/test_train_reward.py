@@ -25,9 +25,11 @@ def reward_setup(tmp_path: Path, n_train: int = 64, n_val: int = 32, encoder: bo
     rows = preference_rows(n_train + n_val)
     texts = [{"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]
     if encoder:
-        model_dir, targets = tiny_bert_dir(tmp_path, [{"text": " ".join(t.values())} for t in texts]), '"query", "value"'
+        model_dir = tiny_bert_dir(tmp_path, [{"text": " ".join(t.values())} for t in texts])
+        targets = '"query", "value"'
     else:
-        model_dir, targets = tiny_llama_dir(tmp_path, texts), '"q_proj", "v_proj", "down_proj"'
+        model_dir = tiny_llama_dir(tmp_path, texts)
+        targets = '"q_proj", "v_proj", "down_proj"'
     write_jsonl(tmp_path / "train.jsonl", rows[:n_train])
     write_jsonl(tmp_path / "val.jsonl", rows[n_train:])
     return toml_config(tmp_path / "reward.toml", f"""
