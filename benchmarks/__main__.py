@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., moe, tokens, inits, loftq, arrow
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., inits, loftq, arrow, dpo, reward
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -34,7 +34,7 @@ HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modu
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
          "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow",
-         "dpo")
+         "dpo", "reward")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -527,10 +527,17 @@ def bench_serve_generate(args, out: dict) -> None:
 
 
 def bench_dpo(args, out: dict) -> None:
-    """DPO step, lorafit train against TRL's DPOTrainer with PEFT (see benchmarks/dpo_step.py)."""
-    from benchmarks import dpo_step
+    """DPO step, lorafit train against TRL's DPOTrainer with PEFT (see benchmarks/trl_step.py)."""
+    from benchmarks import trl_step
 
-    out["dpo"] = dpo_step.run(args, _print)
+    out["dpo"] = trl_step.run(args, _print, "dpo")
+
+
+def bench_reward(args, out: dict) -> None:
+    """Reward-model step, lorafit train against TRL's RewardTrainer with PEFT (see benchmarks/trl_step.py)."""
+    from benchmarks import trl_step
+
+    out["reward"] = trl_step.run(args, _print, "reward")
 
 
 def bench_ddp(args, out: dict) -> None:

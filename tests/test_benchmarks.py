@@ -57,12 +57,13 @@ def test_quick_benchmark_suite_runs(side_by_side):
                   "End to end: lorafit train on SST-2", "Adapters on bfloat16 weights", "Mixture of experts",
                   "Trainable token rows", "AdamW step: fused against foreach",
                   "Initialisations against the default", "LoftQ against QLoRA's start",
-                  "Arrow routing, lorafit against PEFT", "Generation serving", "DPO step, lorafit against TRL"):
+                  "Arrow routing, lorafit against PEFT", "Generation serving", "DPO step, lorafit against TRL",
+                  "Reward-model step, lorafit against TRL"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
                          "mixed", "serve", "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens",
-                         "optimizer", "inits", "loftq", "arrow", "dpo"}
+                         "optimizer", "inits", "loftq", "arrow", "dpo", "reward"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -100,8 +101,9 @@ def test_quick_benchmark_suite_runs(side_by_side):
     loftq = data["loftq"]
     assert len(loftq["starts"]) == 3 and all(r["final_eval_loss"] > 0 for r in loftq["starts"].values())
     assert all(loss > 0 for r in loftq["trained"].values() for loss in r["eval_loss"].values())
-    dpo = data["dpo"]  # TRL is not a dependency: the part says it skipped without it
-    assert dpo == {"skipped": "trl is not installed"} or (dpo["lorafit"]["step_s"] > 0 and dpo["trl"]["step_s"] > 0)
+    for part in ("dpo", "reward"):  # TRL is not a dependency: the part says it skipped without it
+        got = data[part]
+        assert got == {"skipped": "trl is not installed"} or (got["lorafit"]["step_s"] > 0 and got["trl"]["step_s"] > 0)
     moe = data["moe"]
     assert len(moe["median_s"]) == 6 and all(t > 0 for t in moe["median_s"].values())
     assert moe["trainable"]["lorafit, float32"] == moe["trainable"]["PEFT, float32"] > 0

@@ -1,15 +1,20 @@
-"""DPO training step: ``lorafit train`` (task.type = "preference") against TRL's DPOTrainer with a PEFT LoRA,
-the way each is used: each trainer runs in a process of its own on the same pairs, model and adapter.
+"""Training steps on preference pairs, ``lorafit train`` against TRL with a PEFT LoRA, the way each is used:
+each trainer runs in a process of its own on the same pairs, model and adapter.
+
+- ``dpo``: task.type = "preference" (DPO, beta 0.1) against TRL's DPOTrainer. Both compute the reference
+  model as the base with the adapter switched off, without gradients, in every step (TRL's default; no
+  precomputed reference).
+- ``reward``: task.type = "reward" (a one-output sequence classifier, the Bradley-Terry loss, reward centering
+  0.01) against TRL's RewardTrainer; the new score head trains with the adapter in both.
 
 SmolLM2-135M-Instruct (a tiny random Llama with --quick), LoRA r=16 (alpha 32, dropout 0) on every linear
-layer, beta 0.1, batch 4 pairs, max length 96 tokens, AdamW at 5e-4 without warm-up. The pairs are SST-2's
+layer, batch 4 pairs, max length 96 tokens, AdamW at 5e-4 without warm-up. The pairs are SST-2's
 (examples/sst2_preferences.py: a positive review preferred to a negative one of about its length) as TRL's
 conversational rows, which lorafit reads as they are: the same chat template renders both. Both run in
-float32 without activation checkpointing (TRL's defaults, bf16 and checkpointing, are turned off). Both compute the
-reference model as the base with the adapter switched off, without gradients, in every step (TRL's default;
-no precomputed reference). Reported: the median time of a training step after two warm-up steps, the time
-from the worker's start (its imports done) to the end of the first step (loading the model, tokenizing the
-pairs, setting up), and the process's peak RSS; medians over interleaved rounds. Skipped without ``trl``.
+float32 without activation checkpointing (TRL's defaults, bf16 and checkpointing, are turned off). Reported:
+the median time of a training step after two warm-up steps, the time from the worker's start (its imports
+done) to the end of the first step (loading the model, tokenizing the pairs, setting up), and the process's
+peak RSS; medians over interleaved rounds. Skipped without ``trl``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ INSTRUCTION = "Write a positive one-sentence movie review."
 BATCH = 4
 MAX_LENGTH = 96
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+CENTERING = 0.01  # reward: the weight of the squared score sum (TRL's center_rewards_coefficient)
+TITLES = {"dpo": ("DPO step, lorafit against TRL + PEFT", "lorafit train (preference)", "TRL DPOTrainer + PEFT"),
+          "reward": ("Reward-model step, lorafit against TRL + PEFT", "lorafit train (reward)",
+                     "TRL RewardTrainer + PEFT")}
 
 
 def _rows(data: Path | None, count: int) -> list[dict]:
@@ -44,46 +53,61 @@ def _rows(data: Path | None, count: int) -> list[dict]:
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in made]
 
 
-def _model_and_tokenizer(quick: bool):
-    """The tiny Llama and the serve tests' tokenizer, or SmolLM2 from lorafit's converted copy of the GGUF file
-    (transformers' Trainer refuses to train a model loaded from GGUF)."""
+def _model_and_tokenizer(kind: str, quick: bool):
+    """A causal LM (dpo) or a one-output classifier (reward): the tiny Llama and the serve tests' tokenizer, or
+    SmolLM2 from lorafit's converted copy of the GGUF file (transformers' Trainer refuses to train a model loaded
+    from GGUF)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
     if quick:
         from benchmarks import models
         from tests import serve_models
 
-        return models.smollm2(True), serve_models.tokenizer(causal=True)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        tokenizer = serve_models.tokenizer(causal=True)
+        model = models.smollm2(True)
+        if kind == "reward":
+            torch.manual_seed(0)
+            model.config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(model.config)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     from lorafit.base_models import resolve_model
 
     path = resolve_model("smollm2-135m").path
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)  # the new score head
+    model = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if kind == "dpo" else
+             AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
-def _lorafit(quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
+def _lorafit(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
     """The times at which the steps ended."""
     from lorafit.train import train
 
     marks: list[float] = []
+    task = ({"type": "preference", "dpo_beta": 0.1} if kind == "dpo" else
+            {"type": "reward", "reward_centering": CENTERING})
     config = {"output_dir": str(tmp / "run"), "model": {"name": "given"},
               "data": {"train": str(rows_file), "instruction_field": "prompt"},
-              "task": {"type": "preference", "max_length": MAX_LENGTH, "dpo_beta": 0.1},
+              "task": {**task, "max_length": MAX_LENGTH},
               "lora": dict(LORA), "train": {"batch_size": BATCH, "max_steps": steps, "lr": 5e-4,
                                             "scheduler": "constant", "eval_every": steps, "save_every": steps,
                                             "log_every": steps, "keep_best": False}}
-    model, tokenizer = _model_and_tokenizer(quick)
+    model, tokenizer = _model_and_tokenizer(kind, quick)
     train(config, model=model, tokenizer=tokenizer,
           callbacks=(lambda state: marks.append(time.perf_counter()),), progress=False)
     return marks
 
 
-def _trl(quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
+def _trl(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
     """The times at which the steps ended."""
     import datasets
     import peft
     from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     marks: list[float] = []
 
@@ -92,16 +116,21 @@ def _trl(quick: bool, rows_file: Path, steps: int, tmp: Path) -> list[float]:
             marks.append(time.perf_counter())
 
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    args = DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=BATCH, max_steps=steps,
-                     learning_rate=5e-4, lr_scheduler_type="constant", beta=0.1, max_length=MAX_LENGTH,
-                     logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
-                     dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                     # TRL's defaults are bf16 autocast and activation checkpointing: off, as lorafit's run is
-                     bf16=False, gradient_checkpointing=False)
-    model, tokenizer = _model_and_tokenizer(quick)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer,
-                         peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Marks()])
+    common = dict(output_dir=str(tmp / "trl"), per_device_train_batch_size=BATCH, max_steps=steps,
+                  learning_rate=5e-4, lr_scheduler_type="constant", max_length=MAX_LENGTH,
+                  logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
+                  dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                  # TRL's defaults are bf16 autocast and activation checkpointing: off, as lorafit's run is
+                  bf16=False, gradient_checkpointing=False)
+    model, tokenizer = _model_and_tokenizer(kind, quick)
+    if kind == "dpo":
+        trainer_class, args = DPOTrainer, DPOConfig(beta=0.1, **common)
+    else:
+        trainer_class, args = RewardTrainer, RewardConfig(center_rewards_coefficient=CENTERING, **common)
+    task_type = "CAUSAL_LM" if kind == "dpo" else "SEQ_CLS"
+    trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                            processing_class=tokenizer, peft_config=peft.LoraConfig(task_type=task_type, **LORA),
+                            callbacks=[Marks()])
     trainer.train()
     return marks
 
@@ -111,18 +140,19 @@ def _worker(args) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = _lorafit if args.worker == "lorafit" else _trl
-        marks = run(args.quick, Path(args.rows), args.steps, Path(tmp))
+        marks = run(args.kind, args.quick, Path(args.rows), args.steps, Path(tmp))
     steps = [b - a for a, b in zip([start, *marks], marks)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"steps": steps, "peak_rss": peak}))
 
 
-def run(args, emit) -> dict:
-    """The interleaved rounds (called by ``python -m benchmarks``)."""
+def run(args, emit, kind: str) -> dict:
+    """The interleaved rounds of ``kind`` ("dpo" or "reward"; called by ``python -m benchmarks``)."""
+    title, ours, theirs = TITLES[kind]
     try:
         import trl  # noqa: F401
     except ImportError:
-        emit("DPO step, lorafit against TRL + PEFT", "skipped: trl is not installed (pip install --no-deps trl)")
+        emit(title, "skipped: trl is not installed (pip install --no-deps trl)")
         return {"skipped": "trl is not installed"}
     steps, rounds = (4, 1) if args.quick else (12, 3)
     results: dict[str, list[dict]] = {"lorafit": [], "trl": []}
@@ -132,8 +162,8 @@ def run(args, emit) -> dict:
                                                                           steps * BATCH)))
         for _ in range(rounds):
             for worker in ("lorafit", "trl"):
-                command = [sys.executable, "-m", "benchmarks.dpo_step", "--worker", worker, "--rows", str(rows_file),
-                           "--steps", str(steps), *(["--quick"] if args.quick else [])]
+                command = [sys.executable, "-m", "benchmarks.trl_step", "--worker", worker, "--kind", kind,
+                           "--rows", str(rows_file), "--steps", str(steps), *(["--quick"] if args.quick else [])]
                 proc = subprocess.run(command, capture_output=True, text=True, check=False,
                                       cwd=Path(__file__).resolve().parents[1])
                 if proc.returncode != 0:
@@ -153,10 +183,10 @@ def run(args, emit) -> dict:
     summary["step_ratio"] = statistics.median(step)
     summary["rss_ratio"] = statistics.median(a["peak_rss"] / b["peak_rss"]
                                              for a, b in zip(results["lorafit"], results["trl"]))
-    emit(f"DPO step, lorafit against TRL + PEFT ({'tiny Llama' if args.quick else 'SmolLM2-135M-Instruct'}, "
+    emit(f"{title} ({'tiny Llama' if args.quick else 'SmolLM2-135M-Instruct'}, "
          f"batch {BATCH} pairs, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)",
          table([[name, f"{s['step_s']:.3f}", f"{s['first_step_s']:.2f}", f"{s['peak_rss_gib']:.2f}"]
-                for name, s in (("lorafit train (preference)", lf), ("TRL DPOTrainer + PEFT", tr))],
+                for name, s in ((ours, lf), (theirs, tr))],
                ["trainer", "step (s)", "set-up + first step (s)", "peak RSS (GiB)"])
          + f"\n\nlorafit / TRL: step time {summary['step_ratio']:.2f}x, peak RSS {summary['rss_ratio']:.2f}x")
     return summary
@@ -165,6 +195,7 @@ def run(args, emit) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=["lorafit", "trl"], required=True)
+    parser.add_argument("--kind", choices=list(TITLES), required=True)
     parser.add_argument("--rows", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--quick", action="store_true")
