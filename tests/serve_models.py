@@ -29,10 +29,11 @@ def tokenizer(causal: bool):
         tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                        eos_token="</s>", chat_template=CHAT_TEMPLATE)
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
+                                   sep_token="[SEP]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def bert_dir(root: Path) -> Path:

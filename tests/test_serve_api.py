@@ -100,6 +100,48 @@ def test_classify_matches_the_adapter_alone(cls_client, dirs):
     assert rows["pos-neg"]["hits"] == 2 and rows["pos-neg"]["loaded"]
 
 
+def test_text_pairs_and_one_output_heads(dirs, tmp_path):
+    """text_pairs: each text's second text, tokenized as the pair a classifier trained on pairs saw (rows with and
+    without one may share a batch); an adapter with a one-output head (a reward model) answers its raw score."""
+    from lorafit.serve.engine import Job, classify_batch
+
+    _, bert, _ = dirs
+    adapters = tmp_path / "adapters"
+    sm.make_adapter(bert, adapters / "nli", seed=3)
+    sm.make_adapter(bert, adapters / "reward", seed=4, num_labels=1)
+    service = build_service(str(bert), adapters, limits=Limits(max_texts=8, max_wait_ms=200))
+    tok = sm.tokenizer(causal=False)
+    texts, pairs = ["great movie", "the plot", "fun"], ["it was fun", "was boring and bad", "great"]
+
+    def direct(adapter, second):
+        model = sm.load(bert)
+        lorafit.load_adapter(model, adapters / adapter)
+        with torch.no_grad():
+            return model(**tok(texts, second, padding=True, return_tensors="pt")).logits
+
+    with TestClient(create_app(service)) as client:
+        for second in (pairs, None):
+            body = {"texts": texts, "adapter": "nli", **({"text_pairs": second} if second else {})}
+            results = client.post("/v1/classify", json=body).json()["results"]
+            got = torch.tensor([list(r["probabilities"].values()) for r in results])
+            torch.testing.assert_close(got, direct("nli", second).softmax(-1), atol=1e-5, rtol=1e-4)
+        # one batch of a request with pairs and one without gives each what it gives alone
+        entry = service.registry.acquire("nli")
+        jobs = [Job(rows=3, payload=list(zip(texts, pairs)), entry=entry),
+                Job(rows=3, payload=[(t, None) for t in texts], entry=entry)]
+        mixed = classify_batch(service.registry.model, tok, service.registry.model_lock, 32, jobs)
+        for results, second in zip(mixed, (pairs, None)):
+            got = torch.tensor([list(r["probabilities"].values()) for r in results])
+            torch.testing.assert_close(got, direct("nli", second).softmax(-1), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(direct("nli", pairs), direct("nli", None))
+        scored = client.post("/v1/classify", json={"texts": texts, "text_pairs": pairs, "adapter": "reward"}).json()
+        assert all(set(r) == {"label", "score"} for r in scored["results"])
+        torch.testing.assert_close(torch.tensor([r["score"] for r in scored["results"]]),
+                                   direct("reward", pairs)[:, 0], atol=1e-5, rtol=1e-4)
+        r = client.post("/v1/classify", json={"texts": texts, "text_pairs": pairs[:2]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "text_pairs"]
+
+
 def test_a_quantized_base_serves_what_the_adapter_gives_on_it(dirs):
     """--quantize 4: the base's linear layers in NF4, the classifier head (which adapters save a copy of) not; each
     row of a mixed batch gives what its adapter gives on the same quantized model."""
@@ -500,8 +542,8 @@ def test_texts_are_cut_before_tokenizing(dirs):
 
     text = "great fun but the plot was boring " * 30_000  # ~1 MB
     lock = threading.Lock()
-    cut = classify_batch(model, recording, lock, 8, [Job(rows=1, payload=[text], entry=None)])
-    whole = classify_batch(model, tok, lock, 8, [Job(rows=1, payload=[text], entry=None)])
+    cut = classify_batch(model, recording, lock, 8, [Job(rows=1, payload=[(text, None)], entry=None)])
+    whole = classify_batch(model, tok, lock, 8, [Job(rows=1, payload=[(text, None)], entry=None)])
     assert max(seen) == 8 * CHARS_PER_TOKEN and cut == whole
 
 

@@ -244,7 +244,7 @@ def test_heads_of_different_sizes_share_the_server_not_a_batch(bert, tmp_path):
     order = ["two", "four", None, "four-b", "two", "four"]
     entries = [reg.acquire(n) if n else None for n in order]
     assert entries[0].head and entries[1].head == entries[3].head != entries[0].head and entries[2] is None
-    jobs = [Job(rows=len(texts[n]), payload=texts[n], entry=e) for n, e in zip(order, entries)]
+    jobs = [Job(rows=len(texts[n]), payload=[(t, None) for t in texts[n]], entry=e) for n, e in zip(order, entries)]
     name_of = {id(job): n for job, n in zip(jobs, order)}
     batches = []
 
@@ -591,7 +591,7 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
     reg._new_version = recording
 
     def request(name, cancel=False):
-        job = Job(rows=2, payload=["good fun", "dull"], entry=reg.acquire(name) if name else None)
+        job = Job(rows=2, payload=[("good fun", None), ("dull", None)], entry=reg.acquire(name) if name else None)
         future = service.batcher.submit(job)
         if cancel:
             service.batcher.cancel(job)

@@ -4,7 +4,8 @@
     GET    /v1/adapters                 name, rank, size, loaded, pinned, hits of every adapter
     POST   /v1/adapters                 {"name", "pin"?}: load or reload (Authorization: Bearer TOKEN)
     DELETE /v1/adapters/{name}          unload (Authorization: Bearer TOKEN)
-    POST   /v1/classify                 {"texts": [...], "adapter": name|null} -> labels and probabilities
+    POST   /v1/classify                 {"texts": [...], "text_pairs": [...]|null, "adapter": name|null}
+                                         -> labels and probabilities (a one-output head: its score)
     POST   /v1/generate                 {"prompt" | "messages", "adapter", "max_new_tokens", "temperature",
                                          "top_p", "seed", "stop", "stream"} -> text (server-sent events if
                                          stream); the text ends before the first "stop" string it would hold
@@ -168,6 +169,7 @@ class Message(BaseModel):
 class ClassifyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(min_length=1)  # at most limits.max_texts
+    text_pairs: list[str] | None = None  # each text's second text, for adapters trained on pairs
     adapter: AdapterName | None = None
 
 
@@ -262,8 +264,13 @@ async def classify(body: ClassifyBody, service: ServiceDep, request: Request):
         raise HTTPException(404, f"this server does {service.task}, not classification")
     if len(body.texts) > service.limits.max_texts:
         raise _invalid("texts", f"{len(body.texts)} texts; allowed up to {service.limits.max_texts}")
+    if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
+        raise _invalid("text_pairs", f"{len(body.text_pairs)} second texts for {len(body.texts)} texts; give one "
+                       "for each")
+    pairs = body.text_pairs or [None] * len(body.texts)
     entry = await service.acquire(body.adapter)
-    results = await service.run(Job(rows=len(body.texts), payload=body.texts, entry=entry), request)
+    results = await service.run(Job(rows=len(body.texts), payload=list(zip(body.texts, pairs)), entry=entry),
+                                request)
     return {"adapter": body.adapter, "results": results}
 
 

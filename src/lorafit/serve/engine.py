@@ -237,14 +237,21 @@ CHARS_PER_TOKEN = 16
 
 
 def classify_batch(model, tokenizer, lock: FairLock, max_tokens: int, jobs: list[Job]) -> list:
-    texts, names = [], []
-    for job in jobs:
-        texts += [text[:max_tokens * CHARS_PER_TOKEN] for text in job.payload]
-        names += [job.entry.internal if job.entry else None] * len(job.payload)
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    """Each job's payload is a list of (text, second text of a pair or None). A head with one output (a reward
+    model's) gives its raw score; a classifier's gives the probabilities of its classes."""
+    cut = max_tokens * CHARS_PER_TOKEN
+    texts = [(text[:cut], pair if pair is None else pair[:cut]) for job in jobs for text, pair in job.payload]
+    names = [job.entry.internal if job.entry else None for job in jobs for _ in job.payload]
+    if all(pair is None for _, pair in texts):  # one call: a fast tokenizer works through the texts in parallel
+        enc = tokenizer([text for text, _ in texts], padding=True, truncation=True, max_length=max_tokens,
+                        return_tensors="pt")
+    else:  # rows with and without a second text: each its own encoding, padded together
+        enc = tokenizer.pad([tokenizer(text, pair, truncation=True, max_length=max_tokens) for text, pair in texts],
+                            return_tensors="pt")
     with lock, torch.inference_mode(), adapter_per_row(model, names):
         logits = model(**enc.to(model.device)).logits
-    probs = logits.float().softmax(-1).cpu()  # one copy from the device: the rows are read one number at a time
+    logits = logits.float().cpu()  # one copy from the device: the rows are read one number at a time
+    probs = logits.softmax(-1)
     id2label = getattr(model.config, "id2label", None) or {}
     size = probs.shape[-1]  # one head size per batch (the batcher groups by head)
     if len(id2label) != size:  # the base model's names do not fit an adapter's head of another size
@@ -254,7 +261,10 @@ def classify_batch(model, tokenizer, lock: FairLock, max_tokens: int, jobs: list
         # the registry checked that an adapter's labels.json fits its head
         names_ = (job.entry and job.entry.labels) or [id2label.get(i, f"LABEL_{i}") for i in range(size)]
         rows = []
-        for p in probs[start:start + job.rows]:
+        for raw, p in zip(logits[start:start + job.rows], probs[start:start + job.rows]):
+            if size == 1:
+                rows.append({"label": names_[0], "score": float(raw[0])})
+                continue
             best = int(p.argmax())
             rows.append({"label": names_[best], "score": float(p[best]),
                          "probabilities": {names_[i]: float(v) for i, v in enumerate(p)}})
