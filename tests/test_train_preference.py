@@ -188,6 +188,44 @@ def test_each_preference_loss_is_its_paper_s_formula(tmp_path, kind, gamma, sft)
     assert evals["reward_margin"] == pytest.approx(float((scores.chosen - scores.rejected).mean()), abs=1e-5)
 
 
+def test_later_evaluations_reuse_the_reference_log_probabilities(tmp_path):
+    """The reference model (the base) scores an evaluation split alike every time: after the first evaluation
+    only the adapted model runs, and the metrics equal a fresh evaluation's after the adapter changed."""
+    rows = preference_rows(10, seed=7)
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path, [
+        {"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
+    lorafit.attach(llama, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    config = RunConfig()
+    config.task.type, config.task.max_length, config.data.instruction_field = "preference", 64, "prompt"
+
+    def task():
+        made = Preference(config, tok)
+        made._plain_head = True
+        return made
+
+    cached = task()
+    features = cached.encode(rows, "train").features
+    forwards = []
+    llama.model.layers[0].register_forward_hook(lambda *_: forwards.append(1))
+
+    def evaluate(t, feats=features):
+        forwards.clear()
+        return t.evaluate(llama, feats, torch.device("cpu"), 4, contextlib.nullcontext), len(forwards)
+
+    _, first = evaluate(cached)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    again, later = evaluate(cached)
+    fresh, _ = evaluate(task())
+    assert later * 2 == first and again == pytest.approx(fresh, abs=1e-6) and again["reward_margin"] != 0
+    _, other = evaluate(cached, features[:6])  # another split: its reference is computed
+    assert other == 2 * len(range(0, 6, 4))
+
+
 def test_conversational_pairs_encode_as_the_text_pairs_they_are(tmp_path):
     """TRL's conversational preference rows (a prompt of messages, responses of messages) and whole
     conversations without a prompt field give the tokens and labels of the text form; anything else is refused

@@ -46,11 +46,16 @@ class PairScores(NamedTuple):
     rejected: torch.Tensor
     chosen_per_token: torch.Tensor  # the trained model's mean log-probability of a response token
     rejected_per_token: torch.Tensor
+    reference: torch.Tensor | None  # each row's summed log-probability under the reference model (None: not used)
 
 
 class Preference(PairRows, CausalLM):
     metric = "eval_loss"
     unit = "pairs"
+
+    def __init__(self, config, tokenizer, labels=None) -> None:
+        super().__init__(config, tokenizer, labels)
+        self._eval_reference: tuple | None = None  # (key, each evaluation batch's reference log-probabilities, held)
 
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         d, max_len = self.config.data, self.config.task.max_length
@@ -83,20 +88,23 @@ class Preference(PairRows, CausalLM):
         batch.update(loss_positions(labels))
         return batch
 
-    def pair_scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairScores:
-        """Each pair's implicit rewards under task.preference_loss, and the per-token log-probabilities."""
+    def pair_scores(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                    reference: torch.Tensor | None = None) -> PairScores:
+        """Each pair's implicit rewards under task.preference_loss, and the per-token log-probabilities;
+        ``reference``: the batch's reference log-probabilities, where they are known already."""
         t = self.config.task
         logps, tokens = self.sequence_logps(model, batch)
         per_token = logps / tokens
         if t.preference_loss in REFERENCE_FREE_LOSSES:
-            rewards = t.dpo_beta * per_token
+            rewards, reference = t.dpo_beta * per_token, None
         else:
-            with torch.no_grad(), lorafit.disabled(unwrap(model)):
-                reference, _ = self.sequence_logps(model, batch)
+            if reference is None:
+                with torch.no_grad(), lorafit.disabled(unwrap(model)):
+                    reference, _ = self.sequence_logps(model, batch)
             ratio = logps - reference
             rewards = t.dpo_beta * (ratio / tokens if t.preference_loss == "ipo" else ratio)
         pairs = rewards.shape[0] // 2
-        return PairScores(rewards[:pairs], rewards[pairs:], per_token[:pairs], per_token[pairs:])
+        return PairScores(rewards[:pairs], rewards[pairs:], per_token[:pairs], per_token[pairs:], reference)
 
     def pair_losses(self, s: PairScores) -> torch.Tensor:
         t = self.config.task
@@ -128,16 +136,24 @@ class Preference(PairRows, CausalLM):
     @torch.no_grad()
     def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
         model.eval()
+        # The reference model (the frozen base, in eval mode) scores the same batches alike at every evaluation of a
+        # run: its log-probabilities are kept from the first, which halves the forwards of the later ones.
+        held = (features, unwrap(model))  # held with the key, so that their ids stay theirs
+        key = (id(features), id(held[1]), batch_size, str(device), dist.rank)
+        known = self._eval_reference[1] if self._eval_reference and self._eval_reference[0] == key else None
+        references = []
         loss, right, margin, pairs = 0.0, 0.0, 0.0, 0
-        for idx in self._eval_batches(features, batch_size, dist, device):
+        for i, idx in enumerate(self._eval_batches(features, batch_size, dist, device)):
             batch = {k: v.to(device) for k, v in self.collate(rows_at(features, idx or [0])).items()}
             with autocast():
-                scores = self.pair_scores(model, batch)
+                scores = self.pair_scores(model, batch, known[i] if known else None)
+            references.append(scores.reference)
             if idx is not None:
                 loss += float(self.pair_losses(scores).sum())
                 right += float((scores.chosen > scores.rejected).sum())
                 margin += float((scores.chosen - scores.rejected).sum())
                 pairs += len(idx)
+        self._eval_reference = (key, references, held)
         loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
         pairs = max(pairs, 1)
         return {"eval_loss": loss / pairs, "reward_accuracy": right / pairs, "reward_margin": margin / pairs}
