@@ -198,6 +198,22 @@ def test_dpo_under_two_processes(tmp_path, mode):
         assert s2["validation"][key] == pytest.approx(s1["validation"][key], abs=1e-4), key
 
 
+def test_a_reward_model_under_two_processes(tmp_path):
+    """A reward model (a one-output classifier and its new score head, trained with the adapter) under DDP ends
+    where one process does, its evaluation summed over both processes' pairs."""
+    from tests.test_train_reward import reward_setup
+
+    config = reward_setup(tmp_path, n_train=32, n_val=9)
+    args = ["train.epochs=2", "train.adam_eps=1e-5", "task.reward_centering=0.01",
+            f"output_dir={json.dumps(str(tmp_path / 'one'))}"]
+    train(config, args, progress=False)
+    finish(torchrun(config, tmp_path / "ddp", *(x for a in args[:3] for x in ("--set", a))))
+    assert_same_adapter(tmp_path / "one", tmp_path / "ddp", atol=1e-4)
+    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "ddp"))
+    for key in ("eval_loss", "accuracy", "reward_margin"):
+        assert s2["validation"][key] == pytest.approx(s1["validation"][key], abs=1e-4), key
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_expert_weight_adapters_under_two_processes(tmp_path, mode):
     """target_parameters on a Mixtral's expert stacks: the sums formed again in backward come from the weights
