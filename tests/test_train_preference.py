@@ -23,6 +23,10 @@ from tests.test_train_loop import Crash, adapter_tensors, assert_same_tensors, c
 from tests.test_train_support import FILLER, NEGATIVE, POSITIVE, tiny_llama_dir, toml_config, write_jsonl  # noqa: E402
 
 
+TARGETS = '"q_proj", "v_proj", "down_proj"'
+DPO_TASK = 'type = "preference"\ndpo_beta = 0.5'
+
+
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
     """A prompt about a film; the chosen review says a positive word, the rejected one a negative word, in the
     same filler (DPO's sentiment-steering task, in miniature)."""
@@ -37,10 +41,12 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def preference_setup(tmp_path: Path, n_train: int = 64, n_val: int = 32, extra: str = "") -> Path:
+def preference_setup(tmp_path: Path, n_train: int = 64, n_val: int = 32, extra: str = "", task: str = DPO_TASK,
+                     model_dir: Path | None = None, targets: str = TARGETS) -> Path:
+    """Preference rows, a tiny Llama (or ``model_dir``) and a run config with ``task`` in its [task] section."""
     rows = preference_rows(n_train + n_val)
-    model_dir = tiny_llama_dir(tmp_path, [{"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]}
-                                          for r in rows])
+    model_dir = model_dir or tiny_llama_dir(tmp_path, [{"instruction": r["prompt"], "input": r["chosen"],
+                                                        "output": r["rejected"]} for r in rows])
     write_jsonl(tmp_path / "train.jsonl", rows[:n_train])
     write_jsonl(tmp_path / "val.jsonl", rows[n_train:])
     return toml_config(tmp_path / "dpo.toml", f"""
@@ -52,13 +58,12 @@ train = "{tmp_path / 'train.jsonl'}"
 validation = "{tmp_path / 'val.jsonl'}"
 instruction_field = "prompt"
 [task]
-type = "preference"
+{task}
 max_length = 32
-dpo_beta = 0.5
 [lora]
 r = 4
 lora_alpha = 8
-target_modules = ["q_proj", "v_proj", "down_proj"]
+target_modules = [{targets}]
 [train]
 epochs = 6
 batch_size = 8
@@ -68,6 +73,20 @@ log_every = 2
 num_threads = 1
 {extra}
 """)
+
+
+def adapted_llama(tmp_path: Path, rows: list[dict], seed: int) -> tuple[nn.Module, nn.Module, object]:
+    """A tiny Llama (its vocabulary from ``rows``) with a random adapter (B != 0), a copy of the base without
+    one, and the tokenizer."""
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path, [
+        {"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]))
+    base = copy.deepcopy(llama)
+    lorafit.attach(llama, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(seed)
+    for name, p in llama.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.2)
+    return llama, base, transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
 
 
 def sequence_logp(model: nn.Module, ids: list[int], labels: list[int]) -> torch.Tensor:
@@ -84,15 +103,7 @@ def test_the_loss_is_dpo_s_with_the_base_model_as_reference(tmp_path, plain_head
     model a separate copy of the base (no adapter), each response scored alone without padding; its gradient
     reaches the adapter, and the reference forward leaves the adapter on afterwards."""
     rows = preference_rows(3, seed=5)
-    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path, [
-        {"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]))
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
-    base = copy.deepcopy(llama)
-    lorafit.attach(llama, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    torch.manual_seed(1)
-    for name, p in llama.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p, std=0.2)
+    llama, base, tok = adapted_llama(tmp_path, rows, seed=1)
     config = RunConfig()
     config.task.type, config.task.dpo_beta, config.task.max_length = "preference", 0.3, 64
     config.data.instruction_field = "prompt"
@@ -150,15 +161,7 @@ def test_each_preference_loss_is_its_paper_s_formula(tmp_path, kind, gamma, sft)
     each response scored alone; the reference-free losses (simpo, orpo) run the model once per batch, the others
     twice; the evaluation's rewards are the ones the loss compares."""
     rows = preference_rows(3, seed=6)
-    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path, [
-        {"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]))
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
-    base = copy.deepcopy(llama)
-    lorafit.attach(llama, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    torch.manual_seed(2)
-    for name, p in llama.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p, std=0.2)
+    llama, base, tok = adapted_llama(tmp_path, rows, seed=2)
     config = RunConfig()
     config.task.type, config.task.max_length, config.data.instruction_field = "preference", 64, "prompt"
     config.task.preference_loss, config.task.dpo_beta, config.task.simpo_gamma = kind, 0.4, gamma

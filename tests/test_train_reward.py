@@ -17,45 +17,18 @@ from lorafit.train import evaluate, train  # noqa: E402
 from lorafit.train.config import RunConfig  # noqa: E402
 from lorafit.train.reward import Reward  # noqa: E402
 from tests.test_train_loop import Crash, adapter_tensors, assert_same_tensors, crash_at  # noqa: E402
-from tests.test_train_preference import preference_rows  # noqa: E402
-from tests.test_train_support import tiny_bert_dir, tiny_llama_dir, toml_config, write_jsonl  # noqa: E402
+from tests.test_train_preference import TARGETS, preference_rows, preference_setup  # noqa: E402
+from tests.test_train_support import tiny_bert_dir, tiny_llama_dir  # noqa: E402
 
 
-def reward_setup(tmp_path: Path, n_train: int = 64, n_val: int = 32, encoder: bool = False, extra: str = "") -> Path:
-    rows = preference_rows(n_train + n_val)
-    texts = [{"instruction": r["prompt"], "input": r["chosen"], "output": r["rejected"]} for r in rows]
+def reward_setup(tmp_path: Path, n_train: int = 64, n_val: int = 32, encoder: bool = False) -> Path:
+    """preference_setup's rows and config for task.type = "reward": a tiny Llama, or with ``encoder`` a tiny BERT."""
+    model_dir = None
     if encoder:
-        model_dir = tiny_bert_dir(tmp_path, [{"text": " ".join(t.values())} for t in texts])
-        targets = '"query", "value"'
-    else:
-        model_dir = tiny_llama_dir(tmp_path, texts)
-        targets = '"q_proj", "v_proj", "down_proj"'
-    write_jsonl(tmp_path / "train.jsonl", rows[:n_train])
-    write_jsonl(tmp_path / "val.jsonl", rows[n_train:])
-    return toml_config(tmp_path / "reward.toml", f"""
-output_dir = "{tmp_path / 'run'}"
-[model]
-name = "{model_dir}"
-[data]
-train = "{tmp_path / 'train.jsonl'}"
-validation = "{tmp_path / 'val.jsonl'}"
-instruction_field = "prompt"
-[task]
-type = "reward"
-max_length = 32
-[lora]
-r = 4
-lora_alpha = 8
-target_modules = [{targets}]
-[train]
-epochs = 6
-batch_size = 8
-lr = 2e-2
-eval_every = 8
-log_every = 2
-num_threads = 1
-{extra}
-""")
+        rows = preference_rows(n_train + n_val)
+        model_dir = tiny_bert_dir(tmp_path, [{"text": " ".join(r.values())} for r in rows])
+    return preference_setup(tmp_path, n_train, n_val, task='type = "reward"', model_dir=model_dir,
+                            targets='"query", "value"' if encoder else TARGETS)
 
 
 def tiny_reward_model(tmp_path: Path, rows: list[dict]):
