@@ -262,6 +262,53 @@ def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype, loss):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def test_a_kto_step_matches_the_cpu_and_never_waits_for_the_gpu():
+    """task.type "kto": four forwards a step (the rows with gradients; the mismatched rows and the reference on
+    both without), a KL estimate and per-row branches by label, all on the GPU: the loss is the CPU's and its
+    steps never wait for the GPU."""
+    from lorafit.train.config import RunConfig
+    from lorafit.train.kto import KTO
+    from lorafit.train.loop import on_device
+    from lorafit.train.tasks import IGNORE
+
+    class Tok:
+        chat_template, pad_token_id = None, 0
+
+        def __len__(self) -> int:
+            return 256
+
+    model = _llama(torch.float32)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    config = RunConfig()
+    config.task.type = "kto"
+    feats = []
+    for n, m, good in ((30, 24, 1), (12, 19, 0), (25, 25, 1)):
+        seq, kl = (torch.randint(1, 256, (k,), generator=gen).tolist() for k in (n, m))
+        feats.append({"input_ids": seq, "labels": [IGNORE] * 6 + seq[6:], "kl_ids": kl,
+                      "kl_labels": [IGNORE] * 6 + kl[6:], "label": good})
+    task = KTO(config, Tok())
+    cpu_batch = task.collate(feats)
+    with torch.no_grad():
+        want = KTO(config, Tok()).loss_sum(copy.deepcopy(model).to("cpu"), cpu_batch)
+        got = task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE)))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+    def step():
+        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 3).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    _steps_without_sync(step)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_reward_model_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
     """task.type "reward": the scores of a right-padded batch of pairs (read at each row's last real token) and

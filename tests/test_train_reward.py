@@ -144,7 +144,7 @@ def test_a_resumed_reward_run_ends_where_an_uninterrupted_one_does(tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ("task.reward_centering=-1", "task.reward_centering must be a finite number >= 0"),
-    ("task.dpo_beta=0.5", "task.dpo_beta is for task.type = 'preference'; task.type is 'reward'"),
+    ("task.dpo_beta=0.5", "task.dpo_beta is for task.type = 'preference' or 'kto'; task.type is 'reward'"),
     ("task.type='preference' task.reward_centering=0.1", "task.reward_centering is for task.type = 'reward'"),
     ("data.rejected_field='chosen'", "data.rejected_field is data.chosen_field too"),
     ("data.output_field='chosen'", "data.output_field is not used by task.type = 'reward'"),

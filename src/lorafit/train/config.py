@@ -30,12 +30,12 @@ from typing import Any
 
 from lorafit.config import LoraConfig
 
-TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward")
+TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto")
 PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one preferred
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
 LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
-                   "preference": "CAUSAL_LM", "reward": "SEQ_CLS"}
+                   "preference": "CAUSAL_LM", "reward": "SEQ_CLS", "kto": "CAUSAL_LM"}
 METHODS = ("lora", "full")
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # they score responses without a reference model
@@ -114,6 +114,9 @@ class TaskSection:
     simpo_gamma: float = 0.5
     sft_weight: float = 0.0
     reward_centering: float = 0.0  # reward: weight of (chosen score + rejected score)^2, keeping scores near 0
+    # kto (its beta is dpo_beta): the weights of the desirable and the undesirable completions' losses
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
 
 @dataclass
@@ -307,11 +310,15 @@ class RunConfig:
             self._validate_pairs(bad)
         if self.task.type == "preference":
             self._validate_preference(bad)
-        for task, names in (("preference", ("preference_loss", "dpo_beta", "simpo_gamma", "sft_weight")),
-                            ("reward", ("reward_centering",))):
+        if self.task.type == "kto":
+            self._validate_kto(bad)
+        for tasks, names in ((("preference",), ("preference_loss", "simpo_gamma", "sft_weight")),
+                             (("preference", "kto"), ("dpo_beta",)), (("reward",), ("reward_centering",)),
+                             (("kto",), ("kto_desirable_weight", "kto_undesirable_weight"))):
             for name in names:
-                if self.task.type != task and getattr(self.task, name) != getattr(TaskSection, name):
-                    bad(f"task.{name}", f"is for task.type = {task!r}; task.type is {self.task.type!r}")
+                if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
+                    bad(f"task.{name}", f"is for task.type = {' or '.join(map(repr, tasks))}; task.type is "
+                        f"{self.task.type!r}")
         if self.task.type == "reward" and not (math.isfinite(self.task.reward_centering)
                                                and self.task.reward_centering >= 0):
             bad("task.reward_centering", f"must be a finite number >= 0, got {self.task.reward_centering}")
@@ -359,6 +366,29 @@ class RunConfig:
                 bad(key, f"is not used by task.type = {kind!r}, which {why}")
         if self.task.generate_rows:
             bad("task.generate_rows", f"is for causal_lm and seq2seq; task.type {kind!r} evaluates scores")
+
+    def _validate_kto(self, bad) -> None:
+        t, d = self.task, self.data
+        if not d.output_field:
+            bad("data.output_field", "is required for task.type = 'kto': the field of each row's completion")
+        if not (isinstance(d.label_field, str) and d.label_field):
+            bad("data.label_field", f"must be the field that says whether a completion is desirable, got "
+                f"{d.label_field!r}")
+        if not (math.isfinite(t.dpo_beta) and t.dpo_beta > 0):
+            bad("task.dpo_beta", f"must be a finite number > 0, got {t.dpo_beta}")
+        for key in ("task.kto_desirable_weight", "task.kto_undesirable_weight"):
+            if not (math.isfinite(self.get(key)) and self.get(key) > 0):
+                bad(key, f"must be a finite number > 0, got {self.get(key)}")
+        for key, why in (("data.messages_field", "reads a prompt (data.instruction_field / data.input_field) and a "
+                                                 "completion (data.output_field)"),
+                         ("data.reference_fields", "scores completions, it does not generate them")):
+            if self.get(key):
+                bad(key, f"is not used by task.type = 'kto', which {why}")
+        if t.generate_rows:
+            bad("task.generate_rows", "is for causal_lm and seq2seq; task.type 'kto' evaluates rewards")
+        if self.train.method != "lora":
+            bad("train.method", "must be 'lora' for task.type = 'kto': its reference model is the base model with "
+                "the adapter switched off, and full fine-tuning leaves no base to compare with")
 
     def _validate_preference(self, bad) -> None:
         t = self.task

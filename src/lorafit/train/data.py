@@ -52,6 +52,8 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
         return pairs
     if task in PAIR_TASKS:
         pairs = [("data.chosen_field", d.chosen_field), ("data.rejected_field", d.rejected_field)]
+    elif task == "kto":
+        pairs = [("data.output_field", d.output_field), ("data.label_field", d.label_field)]
     elif d.messages_field:
         return [("data.messages_field", d.messages_field)]
     else:  # evaluation rows may carry data.reference_fields instead of the output field (check_fields)
@@ -60,7 +62,7 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
         if getattr(d, key):
             pairs.append((f"data.{key}", getattr(d, key)))
     prompted = any(key in ("data.instruction_field", "data.input_field") for key, _ in pairs) or d.instruction
-    if not prompted and task not in PAIR_TASKS:  # a pair's responses may be whole conversations
+    if not prompted and task not in (*PAIR_TASKS, "kto"):  # their responses may be whole conversations
         raise ValueError("data: a generation task needs data.instruction_field or data.input_field (the prompt), "
                          "or data.messages_field")
     return pairs

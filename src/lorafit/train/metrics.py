@@ -164,7 +164,7 @@ class RunSummary:
     model: str
     """model.name as configured."""
     task: str
-    """task.type: "classification", "causal_lm", "seq2seq", "preference" or "reward"."""
+    """task.type: "classification", "causal_lm", "seq2seq", "preference", "reward" or "kto"."""
     params: ParamCounts
     """Trainable and total parameter counts."""
     steps: int

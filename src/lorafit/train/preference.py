@@ -52,6 +52,7 @@ class PairScores(NamedTuple):
 class Preference(PairRows, CausalLM):
     metric = "eval_loss"
     unit = "pairs"
+    eval_totals = ("loss", "right", "margin", "pairs")  # eval_sums' names
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)
@@ -133,6 +134,16 @@ class Preference(PairRows, CausalLM):
         zeros = torch.zeros(batch["input_ids"].shape[0], device=token_logps.device)
         return zeros.index_add(0, row_of, token_logps), zeros.index_add(0, row_of, torch.ones_like(token_logps))
 
+    def eval_sums(self, scores: PairScores, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """What an evaluation batch adds to the split's totals (summed over batches and processes)."""
+        return {"loss": float(self.pair_losses(scores).sum()), "right": float((scores.chosen > scores.rejected).sum()),
+                "margin": float((scores.chosen - scores.rejected).sum()), "pairs": int(batch["units"])}
+
+    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        pairs = max(totals["pairs"], 1)
+        return {"eval_loss": totals["loss"] / pairs, "reward_accuracy": totals["right"] / pairs,
+                "reward_margin": totals["margin"] / pairs}
+
     @torch.no_grad()
     def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
         model.eval()
@@ -141,22 +152,18 @@ class Preference(PairRows, CausalLM):
         held = (features, unwrap(model))  # held with the key, so that their ids stay theirs
         key = (id(features), id(held[1]), batch_size, str(device), dist.rank)
         known = self._eval_reference[1] if self._eval_reference and self._eval_reference[0] == key else None
-        references = []
-        loss, right, margin, pairs = 0.0, 0.0, 0.0, 0
+        references, totals = [], {}
         for i, idx in enumerate(self._eval_batches(features, batch_size, dist, device)):
             batch = {k: v.to(device) for k, v in self.collate(rows_at(features, idx or [0])).items()}
             with autocast():
                 scores = self.pair_scores(model, batch, known[i] if known else None)
             references.append(scores.reference)
             if idx is not None:
-                loss += float(self.pair_losses(scores).sum())
-                right += float((scores.chosen > scores.rejected).sum())
-                margin += float((scores.chosen - scores.rejected).sum())
-                pairs += len(idx)
+                for name, value in self.eval_sums(scores, batch).items():
+                    totals[name] = totals.get(name, 0) + value
         self._eval_reference = (key, references, held)
-        loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
-        pairs = max(pairs, 1)
-        return {"eval_loss": loss / pairs, "reward_accuracy": right / pairs, "reward_margin": margin / pairs}
+        names = self.eval_totals  # every process sums the same names, batches or none
+        return self.eval_metrics(dict(zip(names, dist.all_reduce_sum([totals.get(n, 0.0) for n in names], device))))
 
 
 def _log_odds(per_token_logp: torch.Tensor) -> torch.Tensor:

@@ -506,6 +506,7 @@ _TASK_MODELS = {"classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NA
                                    "AutoModelForSequenceClassification"),
                 "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "preference": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
+                "kto": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "reward": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier with one output "
                            "(num_labels=1)", "AutoModelForSequenceClassification"),
                 "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder (seq2seq) LM",
@@ -721,7 +722,8 @@ def _check_metric(prep: Prepared, data: Encoded) -> str:
     if data.validation:
         probe = {"classification": ("eval_loss", "accuracy", "macro_f1"),
                  "preference": ("eval_loss", "reward_accuracy", "reward_margin"),
-                 "reward": ("eval_loss", "accuracy", "reward_margin")}.get(
+                 "reward": ("eval_loss", "accuracy", "reward_margin"),
+                 "kto": ("eval_loss", "reward_accuracy", "reward_margin", "kl")}.get(
             config.task.type, ("eval_loss", "perplexity") + (("rouge1", "rouge2", "rougeL")
                                                              if config.task.generate_rows else ()))
         if metric not in probe:

@@ -71,6 +71,7 @@ def _feature_types() -> dict[str, Any]:
         return {}
     ids = List(Value("int32"))  # token ids and -100 fit, at half the bytes of int64
     return {"input_ids": ids, "labels": ids, "prompt_ids": ids, "rejected_ids": ids, "rejected_labels": ids,
+            "kl_ids": ids, "kl_labels": ids,
             "token_type_ids": List(Value("int8")), "rejected_token_type_ids": List(Value("int8")),
             "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string"))}
 
@@ -106,12 +107,13 @@ def rows_to_columns(rows: list[dict], fields: list[str] | None = None) -> dict[s
 
 
 def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task:
-    from lorafit.train.preference import Preference  # they build on the tasks here
+    from lorafit.train.kto import KTO  # they build on the tasks here
+    from lorafit.train.preference import Preference
     from lorafit.train.reward import Reward
 
     kind = config.task.type
     cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference,
-           "reward": Reward}[kind]
+           "reward": Reward, "kto": KTO}[kind]
     return cls(config, tokenizer, labels)
 
 
