@@ -62,8 +62,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     prep = load_run(args.run_dir, None, None)
-    if prep.config.task.type != "preference" or not prep.config.data.instruction:
-        raise SystemExit(f"{args.run_dir}: a preference run with a fixed data.instruction (its prompt) is needed")
+    if prep.config.task.type not in ("preference", "kto") or not prep.config.data.instruction:
+        raise SystemExit(f"{args.run_dir}: a preference or kto run with a fixed data.instruction (its prompt) is "
+                         "needed")
+    method = prep.config.task.preference_loss if prep.config.task.type == "preference" else "kto"
+    adapted_name = f"with the {method.upper()} adapter"
     prompt = prep.task._render([{"role": "user", "content": prep.config.data.instruction}], generation_prompt=True)
     prompt_ids = prep.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with lorafit.disabled(prep.model):
@@ -73,12 +76,12 @@ def main() -> None:
     print(f"prompt: {prep.config.data.instruction!r}; {args.samples} samples each, judged by {args.judge}")
     print(f"| model | positive answers | mean P({args.positive}) |\n|---|---:|---:|")
     rows = []
-    for name, texts in (("base model (adapter off)", base), ("with the DPO adapter", adapted)):
+    for name, texts in (("base model (adapter off)", base), (adapted_name, adapted)):
         probs = positive_probability(judge, texts, args.positive)
         share = sum(p > 0.5 for p in probs) / len(probs)
         print(f"| {name} | {100 * share:.1f} % | {sum(probs) / len(probs):.3f} |")
         rows += [{"model": name, "text": t, "p_positive": p} for t, p in zip(texts, probs)]
-    for name in ("base model (adapter off)", "with the DPO adapter"):
+    for name in ("base model (adapter off)", adapted_name):
         print(f"-- {name}, first 3:")
         for row in [r for r in rows if r["model"] == name][:3]:
             print(f"   {row['p_positive']:.2f}  {row['text'][:160]!r}")
