@@ -51,7 +51,6 @@ class PairScores(NamedTuple):
 
 class Preference(PairRows, CausalLM):
     metric = "eval_loss"
-    unit = "pairs"
     eval_totals = ("loss", "right", "margin", "pairs")  # eval_sums' names
 
     def __init__(self, config, tokenizer, labels=None) -> None:

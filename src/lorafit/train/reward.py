@@ -26,7 +26,6 @@ SIDES = (("input_ids", "token_type_ids"), ("rejected_ids", "rejected_token_type_
 
 class Reward(PairRows, Task):
     metric = "accuracy"
-    unit = "pairs"
     skipped_because = "the two conversations do not differ within"
 
     def __init__(self, config, tokenizer, labels=None) -> None:

@@ -119,7 +119,6 @@ def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task
 
 class Task:
     metric = "eval_loss"  # the default "best" metric
-    unit = "tokens"
     skipped_because = "no response token fits into"  # why encode_batch leaves rows out
 
     def __init__(self, config: RunConfig, tokenizer, labels: list | None = None) -> None:
@@ -198,7 +197,6 @@ class Task:
 
 class Classification(Task):
     metric = "accuracy"
-    unit = "examples"
 
     def __init__(self, config, tokenizer, labels) -> None:
         super().__init__(config, tokenizer, labels)
