@@ -119,6 +119,24 @@ def test_an_encoder_reward_model_reads_prompt_and_response_as_a_text_pair(tmp_pa
     assert summary["validation"]["accuracy"] >= 0.8, summary["validation"]
 
 
+def test_a_decoder_tokenizer_without_a_chat_template_gets_the_default_one(tmp_path):
+    """No chat template and no separator token (a GPT-2-style tokenizer): a text pair would run the prompt into
+    the response, so the conversation is rendered with causal_lm's default template."""
+    from lorafit.train.tasks import DEFAULT_CHAT_TEMPLATE
+
+    rows = preference_rows(2, seed=3)
+    _, tok, _ = tiny_reward_model(tmp_path, rows)
+    tok.chat_template, tok.sep_token = None, None
+    config = RunConfig()
+    config.task.type, config.data.instruction_field = "reward", "prompt"
+    task = Reward(config, tok)
+    features = task.encode(rows, "train").features
+    text = tok.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]},
+                                    {"role": "assistant", "content": rows[0]["chosen"]}],
+                                   chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=False)
+    assert not task.text_pair and features[0]["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
 def test_pairs_that_max_length_cuts_to_the_same_tokens_are_left_out(tmp_path):
     rows = preference_rows(4, seed=1)
     rows[0]["prompt"] = " ".join(["the film"] * 40)  # past max_length: both sides end inside the prompt

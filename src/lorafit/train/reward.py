@@ -6,10 +6,11 @@ The model is a sequence classifier with one output, its score of a conversation;
 (only their differences are learned otherwise). The adapter is a SEQ_CLS one: the new score head trains and
 is saved with it, and PEFT's ``AutoPeftModelForSequenceClassification`` loads it.
 
-A conversation is the prompt and a response rendered with the tokenizer's chat template, where it has one
-(decoder LMs: the score is read at the last token); a tokenizer without one (BERT-style encoders) reads the
-prompt and the response as a text pair. Evaluation reports the mean loss (``eval_loss``), how often the chosen
-response scores higher (``accuracy``) and the mean score difference (``reward_margin``).
+A conversation is the prompt and a response rendered with the tokenizer's chat template (decoder LMs: the score
+is read at the last token); an encoder's tokenizer without one (it has a separator token: BERT, RoBERTa) reads
+the prompt and the response as a text pair, and a decoder's without one gets causal_lm's default template.
+Evaluation reports the mean loss (``eval_loss``), how often the chosen response scores higher (``accuracy``)
+and the mean score difference (``reward_margin``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.pairs import PairRows, turns
-from lorafit.train.tasks import Task, columns_to_rows, rows_at
+from lorafit.train.tasks import DEFAULT_CHAT_TEMPLATE, Task, columns_to_rows, rows_at
 
 SIDES = (("input_ids", "token_type_ids"), ("rejected_ids", "rejected_token_type_ids"))
 
@@ -30,8 +31,12 @@ class Reward(PairRows, Task):
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)
+        # An encoder's tokenizer separates a text pair ([SEP]); a decoder's without a chat template would run the
+        # prompt into the response, so it gets causal_lm's default template instead.
+        self.text_pair = not tokenizer.chat_template and getattr(tokenizer, "sep_token", None) is not None
+        self.template = None if self.text_pair else tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         # token type ids only where a text pair gets them (BERT), so that every batch has the same columns
-        self.token_types = not tokenizer.chat_template and "token_type_ids" in tokenizer("a", "b")
+        self.token_types = self.text_pair and "token_type_ids" in tokenizer("a", "b")
 
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         d = self.config.data
@@ -53,8 +58,8 @@ class Reward(PairRows, Task):
         """A conversation's token ids (and token type ids, where the tokenizer makes them), at most
         task.max_length of them."""
         max_len = self.config.task.max_length
-        if self.tok.chat_template:
-            text = self.tok.apply_chat_template(prompt + response, tokenize=False)
+        if not self.text_pair:
+            text = self.tok.apply_chat_template(prompt + response, chat_template=self.template, tokenize=False)
             ids = self.tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
             return ids[:max_len], None
         first, second = ("\n".join(m["content"] for m in messages) for messages in (prompt, response))
