@@ -40,12 +40,13 @@ class Reward(PairRows, Task):
 
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         d = self.config.data
-        rows = columns_to_rows(batch)
-        encoded = [self._encode(self._prompt_messages(row), turns(row[field], field))
-                   for row in rows for field in (d.chosen_field, d.rejected_field)]
+        conversations = [(self._prompt_messages(row), turns(row[field], field))
+                         for row in columns_to_rows(batch) for field in (d.chosen_field, d.rejected_field)]
+        ids, types = self._encode(conversations)
         names = [name for side in SIDES for name in (side if self.token_types else side[:1])]
         out: dict[str, list] = {name: [] for name in (*names, "length")}
-        for (chosen, chosen_types), (rejected, rejected_types) in zip(encoded[::2], encoded[1::2]):
+        for i in range(0, len(ids), 2):
+            (chosen, rejected), (chosen_types, rejected_types) = ids[i:i + 2], types[i:i + 2]
             if chosen == rejected and chosen_types == rejected_types:
                 continue  # max_length cut both responses off where they differ: the pair says nothing
             values = (chosen, chosen_types, rejected, rejected_types) if self.token_types else (chosen, rejected)
@@ -54,18 +55,22 @@ class Reward(PairRows, Task):
             out["length"].append(max(len(chosen), len(rejected)))
         return out
 
-    def _encode(self, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int] | None]:
-        """A conversation's token ids (and token type ids, where the tokenizer makes them), at most
-        task.max_length of them."""
+    def _encode(self, conversations: list[tuple[list[dict], list[dict]]]) -> tuple[list, list]:
+        """The (prompt, response) conversations' token ids, at most task.max_length each, and their token type
+        ids (None each where the tokenizer makes none); one call to the tokenizer for them all."""
         max_len = self.config.task.max_length
+        if not conversations:
+            return [], []
         if not self.text_pair:
-            text = self.tok.apply_chat_template(prompt + response, chat_template=self.template, tokenize=False)
-            ids = self.tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            return ids[:max_len], None
-        first, second = ("\n".join(m["content"] for m in messages) for messages in (prompt, response))
-        enc = self.tok(first or second, second if first else None, truncation=True, max_length=max_len,
-                       return_attention_mask=False)
-        return enc["input_ids"], enc["token_type_ids"] if self.token_types else None
+            texts = [self.tok.apply_chat_template(prompt + response, chat_template=self.template, tokenize=False)
+                     for prompt, response in conversations]
+            ids = self.tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            return [x[:max_len] for x in ids], [None] * len(ids)
+        firsts, seconds = ([("\n".join(m["content"] for m in messages)) for messages in part]
+                           for part in zip(*conversations))
+        pairs = (firsts, seconds) if any(firsts) else (seconds,)  # no prompt at all: the responses alone
+        enc = self.tok(*pairs, truncation=True, max_length=max_len, return_attention_mask=False)
+        return enc["input_ids"], enc["token_type_ids"] if self.token_types else [None] * len(enc["input_ids"])
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         """The chosen conversations' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""
