@@ -16,8 +16,8 @@ import lorafit  # noqa: E402
 from lorafit.train import evaluate, train  # noqa: E402
 from lorafit.train.config import RunConfig  # noqa: E402
 from lorafit.train.kto import KTO  # noqa: E402
-from tests.test_train_loop import Crash, adapter_tensors, assert_same_tensors, crash_at  # noqa: E402
-from tests.test_train_preference import adapted_llama, preference_rows, preference_setup, sequence_logp  # noqa: E402
+from tests.test_train_preference import (adapted_llama, assert_resume_matches, preference_rows,  # noqa: E402
+                                        preference_setup, sequence_logp)
 from tests.test_train_support import write_jsonl  # noqa: E402
 
 
@@ -99,15 +99,7 @@ def test_kto_learns_which_completions_are_desirable(tmp_path):
 
 def test_a_resumed_kto_run_ends_where_an_uninterrupted_one_does(tmp_path):
     config = kto_setup(tmp_path, n_train=32, n_val=8)
-    args = ["train.epochs=3", "train.save_every=3", "train.eval_every=6", "train.grad_accum=2",
-            "train.batch_size=4", "lora.lora_dropout=0.2"]
-    full = train(config, args + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
-    resumed_args = args + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
-    with pytest.raises(Crash):
-        train(config, resumed_args, callbacks=(crash_at(8),), progress=False)
-    resumed = train(config, resumed_args, resume=True, progress=False)
-    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
-    assert resumed["validation"] == pytest.approx(full["validation"], abs=1e-6)
+    assert_resume_matches(config, tmp_path)
 
 
 @pytest.mark.parametrize("setting, message", [

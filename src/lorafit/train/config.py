@@ -352,40 +352,39 @@ class RunConfig:
                     f"and model.quantize = {self.model.quantize}: set them alike")
 
     def _validate_pairs(self, bad) -> None:
-        kind = self.task.type
         for key in ("data.chosen_field", "data.rejected_field"):
             if not isinstance(self.get(key), str) or not self.get(key):
                 bad(key, f"must be a field name, got {self.get(key)!r}")
         if self.data.chosen_field == self.data.rejected_field:
             bad("data.rejected_field", f"is data.chosen_field too ({self.data.chosen_field!r}): a pair needs two")
-        for key, why in (("data.messages_field", "reads a prompt (data.instruction_field / data.input_field) and "
-                                                 "two responses (data.chosen_field, data.rejected_field)"),
-                         ("data.output_field", "reads data.chosen_field and data.rejected_field"),
+        self._validate_scoring(bad, "two responses (data.chosen_field, data.rejected_field)",
+                               ("data.output_field", "reads data.chosen_field and data.rejected_field"))
+
+    def _validate_scoring(self, bad, responses: str, *more: tuple[str, str]) -> None:
+        """What the tasks that score given responses share (preference, reward, kto): no generation settings, and
+        a positive beta where they use one."""
+        kind = self.task.type
+        for key, why in (("data.messages_field", f"reads a prompt (data.instruction_field / data.input_field) and "
+                                                 f"{responses}"), *more,
                          ("data.reference_fields", "scores responses, it does not generate them")):
             if self.get(key):
                 bad(key, f"is not used by task.type = {kind!r}, which {why}")
         if self.task.generate_rows:
             bad("task.generate_rows", f"is for causal_lm and seq2seq; task.type {kind!r} evaluates scores")
+        if kind in ("preference", "kto") and not (math.isfinite(self.task.dpo_beta) and self.task.dpo_beta > 0):
+            bad("task.dpo_beta", f"must be a finite number > 0, got {self.task.dpo_beta}")
 
     def _validate_kto(self, bad) -> None:
-        t, d = self.task, self.data
+        d = self.data
         if not d.output_field:
             bad("data.output_field", "is required for task.type = 'kto': the field of each row's completion")
         if not (isinstance(d.label_field, str) and d.label_field):
             bad("data.label_field", f"must be the field that says whether a completion is desirable, got "
                 f"{d.label_field!r}")
-        if not (math.isfinite(t.dpo_beta) and t.dpo_beta > 0):
-            bad("task.dpo_beta", f"must be a finite number > 0, got {t.dpo_beta}")
         for key in ("task.kto_desirable_weight", "task.kto_undesirable_weight"):
             if not (math.isfinite(self.get(key)) and self.get(key) > 0):
                 bad(key, f"must be a finite number > 0, got {self.get(key)}")
-        for key, why in (("data.messages_field", "reads a prompt (data.instruction_field / data.input_field) and a "
-                                                 "completion (data.output_field)"),
-                         ("data.reference_fields", "scores completions, it does not generate them")):
-            if self.get(key):
-                bad(key, f"is not used by task.type = 'kto', which {why}")
-        if t.generate_rows:
-            bad("task.generate_rows", "is for causal_lm and seq2seq; task.type 'kto' evaluates rewards")
+        self._validate_scoring(bad, "a completion (data.output_field)")
         if self.train.method != "lora":
             bad("train.method", "must be 'lora' for task.type = 'kto': its reference model is the base model with "
                 "the adapter switched off, and full fine-tuning leaves no base to compare with")
@@ -394,8 +393,6 @@ class RunConfig:
         t = self.task
         if t.preference_loss not in PREFERENCE_LOSSES:
             bad("task.preference_loss", f"must be one of {', '.join(PREFERENCE_LOSSES)}, got {t.preference_loss!r}")
-        if not (math.isfinite(t.dpo_beta) and t.dpo_beta > 0):
-            bad("task.dpo_beta", f"must be a finite number > 0, got {t.dpo_beta}")
         if not math.isfinite(t.simpo_gamma):
             bad("task.simpo_gamma", f"must be a finite number, got {t.simpo_gamma}")
         if t.simpo_gamma != TaskSection.simpo_gamma and t.preference_loss != "simpo":
