@@ -134,8 +134,9 @@ def run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float = 9
         with open(log, "a") as fh:
             fh.write(json.dumps({"block": block.where()}) + "\n")
         if block.lang == "bash":
-            # Background jobs (a server) end with their block.
-            script = f"set -euo pipefail\n{block.text}\n{{ kill $(jobs -p) 2>/dev/null; wait; }} || true\n"
+            # Background jobs (a server) end with their block, also when a command fails: left running, they
+            # would hold the block's output open until the timeout.
+            script = f"set -euo pipefail\ntrap '{{ kill $(jobs -p) 2>/dev/null; wait; }} || true' EXIT\n{block.text}\n"
             cmd = ["bash", "-c", script]
         else:
             cmd = [sys.executable, str(SHIM), "python-block", block.text]

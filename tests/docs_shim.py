@@ -97,8 +97,11 @@ def lorafit(args: list[str]) -> None:
         run(command, [*real, *args, *sets(small)])
     elif sub == "demo":
         run(command, [*real, *args, "--epochs", "1"])
-    elif sub == "serve":
-        run(command, [*real, *args, "--port", PORT])
+    elif sub == "serve":  # on the model the docs' training commands trained their adapters on, named as given
+        model = args.index("--model") + 1
+        stand_in = small_model({"model.name": args[model]}).get("model.name", args[model])
+        run(command, [*real, sub, "--served-model-name", args[model], *args[1:model], stand_in, *args[model + 1:],
+                      "--port", PORT])
     elif sub in ("merge", "inspect", "convert", "--version", "--help"):
         run(command, [*real, *args])
     else:

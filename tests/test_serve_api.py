@@ -103,7 +103,7 @@ def test_classify_matches_the_adapter_alone(cls_client, dirs):
 def test_text_pairs_and_one_output_heads(dirs, tmp_path):
     """text_pairs: each text's second text, tokenized as the pair a classifier trained on pairs saw (rows with and
     without one may share a batch); an adapter with a one-output head (a reward model) answers its raw score."""
-    from lorafit.serve.engine import Job, classify_batch
+    from lorafit.serve.engine import ClassifyRow, Job, classify_batch
 
     _, bert, _ = dirs
     adapters = tmp_path / "adapters"
@@ -127,8 +127,8 @@ def test_text_pairs_and_one_output_heads(dirs, tmp_path):
             torch.testing.assert_close(got, direct("nli", second).softmax(-1), atol=1e-5, rtol=1e-4)
         # one batch of a request with pairs and one without gives each what it gives alone
         entry = service.registry.acquire("nli")
-        jobs = [Job(rows=3, payload=list(zip(texts, pairs)), entry=entry),
-                Job(rows=3, payload=[(t, None) for t in texts], entry=entry)]
+        jobs = [Job(rows=3, payload=[ClassifyRow(t, p) for t, p in zip(texts, pairs)], entry=entry),
+                Job(rows=3, payload=[ClassifyRow(t) for t in texts], entry=entry)]
         mixed = classify_batch(service.registry.model, tok, service.registry.model_lock, 32, jobs)
         for results, second in zip(mixed, (pairs, None)):
             got = torch.tensor([list(r["probabilities"].values()) for r in results])
@@ -140,6 +140,121 @@ def test_text_pairs_and_one_output_heads(dirs, tmp_path):
                                    direct("reward", pairs)[:, 0], atol=1e-5, rtol=1e-4)
         r = client.post("/v1/classify", json={"texts": texts, "text_pairs": pairs[:2]})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "text_pairs"]
+
+
+REWARD_ROWS = [{"prompt": "what was the movie", "chosen": "great fun", "rejected": "very boring"},
+               {"prompt": "how was it", "chosen": "good",
+                "rejected": "the plot was awful and boring but the music was really good"}]
+
+
+def reward_conversations_and_features(tokenizer):
+    """REWARD_ROWS' four conversations (each prompt with its chosen, then its rejected response) and the features
+    lorafit train's reward task encodes them to."""
+    from lorafit.train.config import RunConfig
+    from lorafit.train.reward import Reward
+
+    config = RunConfig()
+    config.task.type, config.data.instruction_field = "reward", "prompt"
+    features = Reward(config, tokenizer).encode(REWARD_ROWS, "train").features
+    conversations = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
+                     for row in REWARD_ROWS for side in ("chosen", "rejected")]
+    return conversations, features
+
+
+def test_a_causal_lm_serves_reward_scores_of_conversations_as_training_encoded_them(dirs, tmp_path):
+    """--task classify loads a causal LM as a sequence classifier (its config without a pad token: the server sets
+    the tokenizer's, where the score is read), so a reward adapter trained on it is served; each conversation is
+    rendered with the chat template and tokenized as the reward task encoded it, and scores what the adapted model
+    gives those tokens alone. Texts and conversations may share a batch."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.serve.engine import ClassifyRow, Job, classify_batch, conversation_row
+
+    _, _, llama = dirs
+    base = tmp_path / "llama-no-pad"
+    shutil.copytree(llama, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                p.normal_(std=0.3)
+    adapters = tmp_path / "adapters"
+    lorafit.save_adapter(model, adapters / "reward")
+    assert json.loads((adapters / "reward" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    with pytest.raises(ValueError, match="--task generate needs a causal LM"):
+        build_service(str(dirs[1]), adapters, task="generate")
+    service = build_service(str(base), adapters, task="classify", limits=Limits(max_wait_ms=50))
+    assert service.task == "classify" and service.model.config.pad_token_id == service.tokenizer.pad_token_id
+    conversations, features = reward_conversations_and_features(service.tokenizer)
+    model.eval()
+    with torch.no_grad():
+        want = torch.stack([model(input_ids=torch.tensor([f[key]])).logits[0, 0]
+                            for f in features for key in ("input_ids", "rejected_ids")])
+    with TestClient(create_app(service)) as client:
+        r = client.post("/v1/classify", json={"conversations": conversations, "adapter": "reward"})
+        assert r.status_code == 200, r.text
+        torch.testing.assert_close(torch.tensor([x["score"] for x in r.json()["results"]]), want, atol=1e-5,
+                                   rtol=1e-4)
+        for body, field in [({"texts": ["fun"], "conversations": conversations}, "texts"), ({}, "texts"),
+                            ({"conversations": conversations, "text_pairs": ["a"] * 4}, "text_pairs"),
+                            ({"conversations": [[]]}, "conversations")]:
+            r = client.post("/v1/classify", json=body)
+            assert r.status_code == 422 and field in r.json()["detail"][0]["loc"], (body, r.text)
+    # a plain text (the tokenizer's special tokens added) and a rendered conversation (its template's only) in one
+    # batch give what each gives alone
+    entry = service.registry.acquire("reward")
+    text_job = Job(rows=1, payload=[ClassifyRow("the movie was great")], entry=entry)
+    chat_job = Job(rows=1, payload=[conversation_row(service.tokenizer, conversations[3])], entry=entry)
+    mixed = classify_batch(service.model, service.tokenizer, service.registry.model_lock, 64, [text_job, chat_job])
+    alone = [classify_batch(service.model, service.tokenizer, service.registry.model_lock, 64, [job])[0]
+             for job in (text_job, chat_job)]
+    assert [rows[0]["score"] for rows in mixed] == pytest.approx([rows[0]["score"] for rows in alone], abs=1e-5)
+    assert mixed[1][0]["score"] == pytest.approx(float(want[3]), abs=1e-5)
+
+
+def test_an_encoder_reward_model_scores_a_conversation_as_its_prompt_and_response_pair(dirs, tmp_path):
+    """An encoder's tokenizer without a chat template: a conversation is served as the text pair (the messages before
+    the last, the last) the reward task trained the model on, token types included."""
+    _, bert, _ = dirs
+    adapters = tmp_path / "adapters"
+    sm.make_adapter(bert, adapters / "reward", seed=6, num_labels=1)
+    service = build_service(str(bert), adapters, limits=Limits(max_wait_ms=50))
+    conversations, features = reward_conversations_and_features(service.tokenizer)
+    assert "token_type_ids" in features[0]
+    model = sm.load(bert)
+    lorafit.load_adapter(model, adapters / "reward")
+    with torch.no_grad():
+        want = torch.stack([model(input_ids=torch.tensor([f[key]]),
+                                  token_type_ids=torch.tensor([f[types]])).logits[0, 0]
+                            for f in features for key, types in (("input_ids", "token_type_ids"),
+                                                                 ("rejected_ids", "rejected_token_type_ids"))])
+    with TestClient(create_app(service)) as client:
+        r = client.post("/v1/classify", json={"conversations": conversations, "adapter": "reward"})
+    torch.testing.assert_close(torch.tensor([x["score"] for x in r.json()["results"]]), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("template", ["the tokenizer's", "none"])
+def test_a_chat_prompt_is_served_as_training_rendered_it(dirs, template):
+    """/v1/generate's messages become the prompt tokens causal_lm training put before the assistant's turn, with
+    the tokenizer's chat template or, without one, the default template training used."""
+    from transformers import AutoTokenizer
+
+    from lorafit.serve.app import Message, _prompt_ids
+    from lorafit.train.config import RunConfig
+    from lorafit.train.tasks import IGNORE, CausalLM
+
+    tok = AutoTokenizer.from_pretrained(dirs[2])
+    if template == "none":
+        tok.chat_template = None
+    messages = [{"role": "system", "content": "hello"}, {"role": "user", "content": "what was the movie"},
+                {"role": "assistant", "content": "great fun"}]
+    ids, labels = CausalLM(RunConfig(), tok).encode_messages(messages)
+    prompt = ids[:next(i for i, label in enumerate(labels) if label != IGNORE)]
+    assert _prompt_ids(tok, None, [Message(**m) for m in messages[:2]]) == prompt
 
 
 def test_a_quantized_base_serves_what_the_adapter_gives_on_it(dirs):
@@ -530,7 +645,7 @@ def test_request_timeout_is_503_and_the_job_never_runs(dirs, tmp_path):
 def test_texts_are_cut_before_tokenizing(dirs):
     """A megabyte of text costs what a page does: the tokenizer sees at most 16 characters per token
     kept, and the result is the same as for the whole text."""
-    from lorafit.serve.engine import CHARS_PER_TOKEN, Job, classify_batch
+    from lorafit.serve.engine import CHARS_PER_TOKEN, ClassifyRow, Job, classify_batch
 
     _, bert, _ = dirs
     model, tok = sm.load(bert), sm.tokenizer(causal=False)
@@ -542,8 +657,8 @@ def test_texts_are_cut_before_tokenizing(dirs):
 
     text = "great fun but the plot was boring " * 30_000  # ~1 MB
     lock = threading.Lock()
-    cut = classify_batch(model, recording, lock, 8, [Job(rows=1, payload=[(text, None)], entry=None)])
-    whole = classify_batch(model, tok, lock, 8, [Job(rows=1, payload=[(text, None)], entry=None)])
+    cut = classify_batch(model, recording, lock, 8, [Job(rows=1, payload=[ClassifyRow(text)], entry=None)])
+    whole = classify_batch(model, tok, lock, 8, [Job(rows=1, payload=[ClassifyRow(text)], entry=None)])
     assert max(seen) == 8 * CHARS_PER_TOKEN and cut == whole
 
 

@@ -230,7 +230,7 @@ def test_thread_safety_under_load_unload_and_eviction(bert, tmp_path):
 def test_heads_of_different_sizes_share_the_server_not_a_batch(bert, tmp_path):
     """2- and 4-class heads on a 3-class base: each batched forward holds one head shape; every
     result has its adapter's number of classes and equals that adapter alone."""
-    from lorafit.serve.engine import Batcher, Job, classify_batch
+    from lorafit.serve.engine import Batcher, ClassifyRow, Job, classify_batch
 
     model_dir, _ = bert
     adapters = tmp_path / "adapters"
@@ -244,7 +244,8 @@ def test_heads_of_different_sizes_share_the_server_not_a_batch(bert, tmp_path):
     order = ["two", "four", None, "four-b", "two", "four"]
     entries = [reg.acquire(n) if n else None for n in order]
     assert entries[0].head and entries[1].head == entries[3].head != entries[0].head and entries[2] is None
-    jobs = [Job(rows=len(texts[n]), payload=[(t, None) for t in texts[n]], entry=e) for n, e in zip(order, entries)]
+    jobs = [Job(rows=len(texts[n]), payload=[ClassifyRow(t) for t in texts[n]], entry=e)
+            for n, e in zip(order, entries)]
     name_of = {id(job): n for job, n in zip(jobs, order)}
     batches = []
 
@@ -563,7 +564,7 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
     pytest.importorskip("prometheus_client")
     from lorafit.model import lora_layers, saved_modules
     from lorafit.serve.app import Limits
-    from lorafit.serve.engine import Job
+    from lorafit.serve.engine import ClassifyRow, Job
     from lorafit.serve.server import build_service
 
     model_dir, adapters = bert
@@ -591,7 +592,8 @@ def test_retired_versions_leave_no_references(bert, tmp_path):
     reg._new_version = recording
 
     def request(name, cancel=False):
-        job = Job(rows=2, payload=[("good fun", None), ("dull", None)], entry=reg.acquire(name) if name else None)
+        job = Job(rows=2, payload=[ClassifyRow("good fun"), ClassifyRow("dull")],
+                  entry=reg.acquire(name) if name else None)
         future = service.batcher.submit(job)
         if cancel:
             service.batcher.cancel(job)

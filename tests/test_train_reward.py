@@ -121,7 +121,7 @@ def test_an_encoder_reward_model_reads_prompt_and_response_as_a_text_pair(tmp_pa
 def test_a_decoder_tokenizer_without_a_chat_template_gets_the_default_one(tmp_path):
     """No chat template and no separator token (a GPT-2-style tokenizer): a text pair would run the prompt into
     the response, so the conversation is rendered with causal_lm's default template."""
-    from lorafit.train.tasks import DEFAULT_CHAT_TEMPLATE
+    from lorafit.chat import DEFAULT_CHAT_TEMPLATE
 
     rows = preference_rows(2, seed=3)
     _, tok, _ = tiny_reward_model(tmp_path, rows)

@@ -180,10 +180,14 @@ def _add_serve_parser(sub) -> None:
                         description="Serve a base model and the adapters in DIR (each subdirectory is a PEFT "
                                     "adapter, loaded on first use, least recently used evicted) with an HTTP API: "
                                     "classification for a sequence-classification model (e.g. minilm), generation "
-                                    "for a causal LM. Requests are batched across adapters.")
+                                    "for a causal LM (or classification and reward scores with --task classify). "
+                                    "Requests are batched across adapters.")
     sv.add_argument("--model", required=True, help="'minilm' (all-MiniLM-L6-v2), 'smollm2-135m' or a local "
                                                    "transformers model dir")
     sv.add_argument("--adapters", required=True, metavar="DIR", help="directory whose subdirectories are adapters")
+    sv.add_argument("--task", choices=["generate", "classify"],
+                    help="generate (a causal LM) or classify (a sequence classifier; a causal LM loads as one, to "
+                         "serve classification and reward-model adapters trained on it); default: what --model is")
     sv.add_argument("--served-model-name", metavar="NAME", help="the base model's name in /health and as OpenAI's "
                     "`model` (default: --model as given)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

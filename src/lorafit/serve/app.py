@@ -4,7 +4,8 @@
     GET    /v1/adapters                 name, rank, size, loaded, pinned, hits of every adapter
     POST   /v1/adapters                 {"name", "pin"?}: load or reload (Authorization: Bearer TOKEN)
     DELETE /v1/adapters/{name}          unload (Authorization: Bearer TOKEN)
-    POST   /v1/classify                 {"texts": [...], "text_pairs": [...]|null, "adapter": name|null}
+    POST   /v1/classify                 {"texts": [...], "text_pairs": [...]|null, "adapter": name|null} or
+                                         {"conversations": [[{"role", "content"}, ...], ...], "adapter"}
                                          -> labels and probabilities (a one-output head: its score)
     POST   /v1/generate                 {"prompt" | "messages", "adapter", "max_new_tokens", "temperature",
                                          "top_p", "seed", "stop", "stream"} -> text (server-sent events if
@@ -37,13 +38,16 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
+from lorafit.chat import render
 from lorafit.serve.engine import (
     CHARS_PER_TOKEN,
     Batcher,
+    ClassifyRow,
     GenerateRequest,
     Job,
     QueueFull,
     classify_batch,
+    conversation_row,
     generate_batch,
 )
 from lorafit.serve.metrics import Metrics
@@ -168,8 +172,11 @@ class Message(BaseModel):
 
 class ClassifyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(min_length=1)  # at most limits.max_texts
+    texts: list[str] | None = Field(default=None, min_length=1)  # at most limits.max_texts
     text_pairs: list[str] | None = None  # each text's second text, for adapters trained on pairs
+    # instead of texts: chat conversations (a reward model's prompt and response), rendered as training rendered them
+    conversations: list[Annotated[list[Message], Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, min_length=1)
     adapter: AdapterName | None = None
 
 
@@ -262,15 +269,24 @@ def unload_adapter(name: Annotated[str, Path(max_length=200)], service: ServiceD
 async def classify(body: ClassifyBody, service: ServiceDep, request: Request):
     if service.task != "classify":
         raise HTTPException(404, f"this server does {service.task}, not classification")
-    if len(body.texts) > service.limits.max_texts:
-        raise _invalid("texts", f"{len(body.texts)} texts; allowed up to {service.limits.max_texts}")
-    if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
-        raise _invalid("text_pairs", f"{len(body.text_pairs)} second texts for {len(body.texts)} texts; give one "
-                       "for each")
-    pairs = body.text_pairs or [None] * len(body.texts)
+    if (body.texts is None) == (body.conversations is None):
+        raise _invalid("texts", "give either texts or conversations")
+    field, items = ("texts", body.texts) if body.texts is not None else ("conversations", body.conversations)
+    if len(items) > service.limits.max_texts:
+        raise _invalid(field, f"{len(items)} {field}; allowed up to {service.limits.max_texts}")
+    if body.text_pairs is not None:
+        if body.texts is None:
+            raise _invalid("text_pairs", "goes with texts, not with conversations")
+        if len(body.text_pairs) != len(body.texts):
+            raise _invalid("text_pairs", f"{len(body.text_pairs)} second texts for {len(body.texts)} texts; give "
+                           "one for each")
+    if body.texts is not None:
+        rows = [ClassifyRow(text, pair) for text, pair in zip(body.texts, body.text_pairs or [None] * len(items))]
+    else:  # chat templates are the tokenizer's work: off the event loop
+        rows = await run_in_threadpool(lambda: [conversation_row(service.tokenizer, [m.model_dump() for m in chat])
+                                                for chat in body.conversations])
     entry = await service.acquire(body.adapter)
-    results = await service.run(Job(rows=len(body.texts), payload=list(zip(body.texts, pairs)), entry=entry),
-                                request)
+    results = await service.run(Job(rows=len(rows), payload=rows, entry=entry), request)
     return {"adapter": body.adapter, "results": results}
 
 
@@ -399,12 +415,8 @@ def create_app(service: Service) -> "Gate":
 
 
 def _prompt_ids(tokenizer, prompt: str | None, messages: list[Message] | None) -> list[int]:
-    if messages is not None:
-        chat = [m.model_dump() for m in messages]
-        if getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        else:
-            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+    if messages is not None:  # rendered as lorafit train renders a prompt (chat.render)
+        prompt = render(tokenizer, [m.model_dump() for m in messages], generation_prompt=True)
     return tokenizer(prompt, add_special_tokens=messages is None)["input_ids"]
 
 

@@ -26,11 +26,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from lorafit.base_models import resolve_model
 from lorafit.batched import adapter_per_row
+from lorafit.chat import reads_text_pairs, render, text_pair
 from lorafit.serve.registry import AdapterRegistry, Entry, FairLock
 
 
@@ -191,10 +193,14 @@ def serving_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(spec: str, num_labels: int | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, task: str | None = None):
     """(model, tokenizer, task) for ``--model``: a built-in name of ``lorafit train`` (``minilm``,
     ``smollm2-135m``) or a local transformers model directory, in ``dtype`` on ``device`` (None: CUDA when
     there is a GPU, else the CPU).
+
+    ``task`` (``--task``): ``generate`` or ``classify``; None: what the checkpoint is (``model_task``). A causal
+    LM loads for ``classify`` as a sequence classifier, as ``lorafit train`` loads it for a classifier or a reward
+    model (task.type ``classification``, ``reward``), so adapters trained that way are served.
 
     A classifier keeps the head its checkpoint describes (``num_labels`` of its config;
     2, randomly initialised, for a model without a head such as minilm) unless
@@ -209,16 +215,29 @@ def load_model(spec: str, num_labels: int | None = None, device: str | torch.dev
     source = resolve_model(spec, "--model")
     path, kwargs = source.path, source.kwargs
     config = AutoConfig.from_pretrained(path, **kwargs)
-    if model_task(config, kwargs) == "generate":
+    natural = model_task(config, kwargs)
+    task = task or natural
+    if task not in ("generate", "classify"):
+        raise ValueError(f"--task must be 'generate' or 'classify', got {task!r}")
+    if task == "generate":
+        if natural != "generate":
+            raise ValueError(f"--task generate needs a causal LM; {spec!r} is a "
+                             f"{'/'.join(config.architectures or [config.model_type])}: serve it with --task classify")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        task = "generate"
     else:
         labels = num_labels or getattr(config, "num_labels", 2)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=dtype, **kwargs)
-        task = "classify"
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels, dtype=dtype, **kwargs)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            raise ValueError(f"--model {spec!r} cannot be loaded as a sequence classifier (--task classify): "
+                             f"{str(exc).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if task == "classify" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a decoder's score is read at its last non-pad token
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer, task
 
@@ -236,18 +255,37 @@ def model_task(config, kwargs: dict) -> str:
 CHARS_PER_TOKEN = 16
 
 
+class ClassifyRow(NamedTuple):
+    text: str
+    pair: str | None = None  # the second text of a pair
+    special_tokens: bool = True  # False: a rendered conversation, whose chat template wrote the special tokens
+
+
+def conversation_row(tokenizer, messages: list[dict]) -> ClassifyRow:
+    """A conversation to classify or score, rendered as ``lorafit train`` rendered the reward model's (and
+    preference) conversations: with the chat template, or for an encoder without one as the text pair of the
+    messages before the last and the last (the prompt and its response)."""
+    if not reads_text_pairs(tokenizer):
+        return ClassifyRow(render(tokenizer, messages), special_tokens=False)
+    first, second = text_pair(messages[:-1], messages[-1:])
+    return ClassifyRow(first, second) if first else ClassifyRow(second)  # no prompt: the response alone
+
+
 def classify_batch(model, tokenizer, lock: FairLock, max_tokens: int, jobs: list[Job]) -> list:
-    """Each job's payload is a list of (text, second text of a pair or None). A head with one output (a reward
-    model's) gives its raw score; a classifier's gives the probabilities of its classes."""
+    """Each job's payload is a list of ClassifyRow. A head with one output (a reward model's) gives its raw score;
+    a classifier's gives the probabilities of its classes."""
     cut = max_tokens * CHARS_PER_TOKEN
-    texts = [(text[:cut], pair if pair is None else pair[:cut]) for job in jobs for text, pair in job.payload]
+    inputs = [row._replace(text=row.text[:cut], pair=row.pair and row.pair[:cut])
+              for job in jobs for row in job.payload]
     names = [job.entry.internal if job.entry else None for job in jobs for _ in job.payload]
-    if all(pair is None for _, pair in texts):  # one call: a fast tokenizer works through the texts in parallel
-        enc = tokenizer([text for text, _ in texts], padding=True, truncation=True, max_length=max_tokens,
-                        return_tensors="pt")
-    else:  # rows with and without a second text: each its own encoding, padded together
-        enc = tokenizer.pad([tokenizer(text, pair, truncation=True, max_length=max_tokens) for text, pair in texts],
-                            return_tensors="pt")
+    special = inputs[0].special_tokens
+    if all(row.pair is None and row.special_tokens == special for row in inputs):
+        # one call: a fast tokenizer works through the texts in parallel
+        enc = tokenizer([row.text for row in inputs], padding=True, truncation=True, max_length=max_tokens,
+                        add_special_tokens=special, return_tensors="pt")
+    else:  # rows of different kinds: each its own encoding, padded together
+        enc = tokenizer.pad([tokenizer(row.text, row.pair, truncation=True, max_length=max_tokens,
+                                       add_special_tokens=row.special_tokens) for row in inputs], return_tensors="pt")
     with lock, torch.inference_mode(), adapter_per_row(model, names):
         logits = model(**enc.to(model.device)).logits
     logits = logits.float().cpu()  # one copy from the device: the rows are read one number at a time

@@ -16,11 +16,13 @@ from lorafit.serve.registry import AdapterRegistry
 def build_service(model: str, adapters: str | Path, *, token: str | None = None, max_adapters: int | None = None,
                   max_adapter_mb: float | None = None, pin: list[str] | None = None, num_labels: int | None = None,
                   limits: Limits | None = None, preload: bool = False, device: str | torch.device | None = None,
-                  dtype: torch.dtype = torch.float32, quantize: int = 0, model_name: str | None = None) -> Service:
+                  dtype: torch.dtype = torch.float32, quantize: int = 0, model_name: str | None = None,
+                  task: str | None = None) -> Service:
     """The model (in ``dtype`` on ``device``, default: CUDA when there is a GPU), its adapter registry and the
     request batching, for ``create_app``. ``quantize`` 4 or 8 keeps the base's linear layers in NF4 or int8
     (lorafit.quantize), all but the output head, which adapters may save a copy of. ``model_name``: what
-    /health and OpenAI's ``model`` call the base model (default: ``model`` as given)."""
+    /health and OpenAI's ``model`` call the base model (default: ``model`` as given). ``task``: ``generate`` or
+    ``classify`` (None: what the model is; a causal LM can be served as a classifier or reward model)."""
     adapters = Path(adapters)
     if not adapters.is_dir():
         raise ValueError(f"--adapters {str(adapters)!r} is not a directory")
@@ -28,7 +30,7 @@ def build_service(model: str, adapters: str | Path, *, token: str | None = None,
         raise ValueError(f"--quantize must be 0 (none), 4 (NF4) or 8 (int8), got {quantize!r}")
     device = serving_device(device)
     # quantized layer by layer on the device from the CPU's copy: only the quantized model ever reaches it
-    base, tokenizer, task = load_model(model, num_labels, "cpu" if quantize else device, dtype)
+    base, tokenizer, task = load_model(model, num_labels, "cpu" if quantize else device, dtype, task)
     if quantize:
         quantize_base(base, bits=quantize, skip=OUTPUT_HEADS, compute_dtype=dtype, device=device)
         base.to(device)
@@ -67,7 +69,7 @@ def serve(args) -> int:
     service = build_service(args.model, args.adapters, token=token, max_adapters=args.max_adapters,
                             max_adapter_mb=args.max_adapter_mb, pin=args.pin, num_labels=args.num_labels,
                             limits=limits, preload=args.preload, device=args.device, dtype=getattr(torch, args.dtype),
-                            quantize=args.quantize, model_name=args.served_model_name)
+                            quantize=args.quantize, model_name=args.served_model_name, task=args.task)
     app = create_app(service)
     device = service.model.device
     where = f"{torch.get_num_threads()} torch threads" if device.type == "cpu" else str(device)

@@ -8,7 +8,8 @@ is saved with it, and PEFT's ``AutoPeftModelForSequenceClassification`` loads it
 
 A conversation is the prompt and a response rendered with the tokenizer's chat template (decoder LMs: the score
 is read at the last token); an encoder's tokenizer without one (it has a separator token: BERT, RoBERTa) reads
-the prompt and the response as a text pair, and a decoder's without one gets causal_lm's default template.
+the prompt and the response as a text pair, and a decoder's without one gets the default template (lorafit.chat),
+as ``lorafit serve --task classify`` renders the conversations it scores.
 Evaluation reports the mean loss (``eval_loss``), how often the chosen response scores higher (``accuracy``)
 and the mean score difference (``reward_margin``).
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.chat import reads_text_pairs, render, text_pair
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.pairs import PairRows, turns
-from lorafit.train.tasks import DEFAULT_CHAT_TEMPLATE, Task, columns_to_rows, rows_at
+from lorafit.train.tasks import Task, columns_to_rows, rows_at
 
 SIDES = (("input_ids", "token_type_ids"), ("rejected_ids", "rejected_token_type_ids"))
 
@@ -31,10 +33,7 @@ class Reward(PairRows, Task):
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)
-        # An encoder's tokenizer separates a text pair ([SEP]); a decoder's without a chat template would run the
-        # prompt into the response, so it gets causal_lm's default template instead.
-        self.text_pair = not tokenizer.chat_template and getattr(tokenizer, "sep_token", None) is not None
-        self.template = None if self.text_pair else tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.text_pair = reads_text_pairs(tokenizer)
         # token type ids only where a text pair gets them (BERT), so that every batch has the same columns
         self.token_types = self.text_pair and "token_type_ids" in tokenizer("a", "b")
 
@@ -62,12 +61,10 @@ class Reward(PairRows, Task):
         if not conversations:
             return [], []
         if not self.text_pair:
-            texts = [self.tok.apply_chat_template(prompt + response, chat_template=self.template, tokenize=False)
-                     for prompt, response in conversations]
+            texts = [render(self.tok, prompt + response) for prompt, response in conversations]
             ids = self.tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
             return [x[:max_len] for x in ids], [None] * len(ids)
-        firsts, seconds = ([("\n".join(m["content"] for m in messages)) for messages in part]
-                           for part in zip(*conversations))
+        firsts, seconds = map(list, zip(*(text_pair(prompt, response) for prompt, response in conversations)))
         pairs = (firsts, seconds) if any(firsts) else (seconds,)  # no prompt at all: the responses alone
         enc = self.tok(*pairs, truncation=True, max_length=max_len, return_attention_mask=False)
         return enc["input_ids"], enc["token_type_ids"] if self.token_types else [None] * len(enc["input_ids"])

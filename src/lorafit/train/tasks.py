@@ -27,18 +27,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorafit.chat import render
 from lorafit.train.config import RunConfig
 from lorafit.train.data import FeatureTable, eval_batches, lengths_of, rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 
 IGNORE = -100
-# Used when a tokenizer has no chat template of its own (base models, tests).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
 @dataclass
 class Encoded:
     features: list[dict[str, Any]]  # token id lists per example
@@ -340,15 +334,11 @@ class CausalLM(_Generative):
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)
-        self.template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         self.uses_model_template = bool(tokenizer.chat_template)
         self._plain_head: bool | None = None  # are the logits the output embeddings of the hidden state?
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        if not messages:
-            return ""
-        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                            add_generation_prompt=generation_prompt)
+        return render(self.tok, messages, generation_prompt)
 
     def messages(self, row: dict) -> list[dict]:
         d = self.config.data
