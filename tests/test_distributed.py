@@ -181,17 +181,19 @@ def test_causal_lm_loss_positions_only_under_two_processes(tmp_path, mode):
     assert s2["validation"]["eval_loss"] == pytest.approx(s1["validation"]["eval_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_dpo_under_two_processes(tmp_path, mode):
+@pytest.mark.parametrize("mode, precompute", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_dpo_under_two_processes(tmp_path, mode, precompute):
     """DPO runs the model twice a step, the second time without gradients and with the adapter switched off
     (the reference model): through DDP's wrapper, and FSDP's sharded layers, the run ends where one process
-    does."""
+    does. With task.precompute_reference each process computes half the examples' reference before the model is
+    sharded, and both get all of them."""
     from tests.test_train_preference import preference_setup
 
     config = preference_setup(tmp_path, n_train=32, n_val=8)
-    args = ["train.epochs=2", "train.adam_eps=1e-5", f"output_dir={json.dumps(str(tmp_path / 'one'))}"]
+    args = ["train.epochs=2", "train.adam_eps=1e-5", f"task.precompute_reference={str(precompute).lower()}",
+            f"output_dir={json.dumps(str(tmp_path / 'one'))}"]
     train(config, args, progress=False)
-    finish(torchrun(config, tmp_path / mode, *(x for a in args[:2] for x in ("--set", a)),
+    finish(torchrun(config, tmp_path / mode, *(x for a in args[:3] for x in ("--set", a)),
                     "--set", f"train.distributed={mode}"))
     assert_same_adapter(tmp_path / "one", tmp_path / mode, atol=1e-4)
     s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", mode))

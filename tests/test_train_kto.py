@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -16,6 +17,7 @@ import lorafit  # noqa: E402
 from lorafit.train import evaluate, train  # noqa: E402
 from lorafit.train.config import RunConfig  # noqa: E402
 from lorafit.train.kto import KTO  # noqa: E402
+from lorafit.train.reference import with_reference  # noqa: E402
 from tests.test_train_preference import (adapted_llama, assert_resume_matches, preference_rows,  # noqa: E402
                                         preference_setup, sequence_logp)
 from tests.test_train_support import write_jsonl  # noqa: E402
@@ -71,6 +73,14 @@ def test_the_loss_is_kto_s_with_the_kl_estimate_from_mismatched_rows(tmp_path):
     loss.backward()
     grads = {n for n, p in llama.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("lora_" in n for n in grads)
+    # precomputed (task.precompute_reference), the reference log-probabilities of the rows and of the mismatched
+    # rows give the same loss, and the step runs the model twice instead of four times
+    known = with_reference(task, llama, features, torch.device("cpu"), 3, contextlib.nullcontext)
+    forwards = []
+    llama.model.layers[0].register_forward_hook(lambda *_: forwards.append(1))
+    torch.testing.assert_close(task.loss_sum(llama, task.collate(known.rows(range(4)))), loss.detach(), rtol=1e-5,
+                               atol=1e-5)
+    assert len(forwards) == 2
     # a fresh adapter (B = 0) is the reference itself: r = z = 0, each row's loss half its weight
     fresh = copy.deepcopy(base)
     lorafit.attach(fresh, lorafit.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -97,13 +107,24 @@ def test_kto_learns_which_completions_are_desirable(tmp_path):
     assert adapter_config["task_type"] == "CAUSAL_LM"
 
 
+def test_full_fine_tuning_trains_kto_from_precomputed_references(tmp_path):
+    """The whole model fine-tuned, its reference the model as loaded (task.precompute_reference): desirable
+    completions gain reward on held-out rows, and `lorafit eval` compares with the model the run started from."""
+    config = kto_setup(tmp_path, n_train=128, n_val=64)
+    summary = train(config, ["train.method='full'", "task.precompute_reference=true", "train.lr=1e-3"],
+                    progress=False)
+    val = summary["validation"]
+    assert val["reward_margin"] > 0.5 and val["eval_loss"] < 0.5, val
+    assert evaluate(tmp_path / "run", split="validation") == pytest.approx(val, abs=1e-4)
+
+
 def test_a_resumed_kto_run_ends_where_an_uninterrupted_one_does(tmp_path):
     config = kto_setup(tmp_path, n_train=32, n_val=8)
     assert_resume_matches(config, tmp_path)
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("train.method='full'", "train.method must be 'lora' for task.type = 'kto'"),
+    ("train.method='full'", "train.method = 'full' with task.type = 'kto', which compares with a reference model"),
     ("task.kto_undesirable_weight=0", "task.kto_undesirable_weight must be a finite number > 0"),
     ("task.dpo_beta=-1", "task.dpo_beta must be a finite number > 0"),
     ("data.label_field='thumbs'", "field 'thumbs' (data.label_field) not found"),

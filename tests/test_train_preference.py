@@ -324,8 +324,71 @@ def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert_resume_matches(config, tmp_path)
 
 
+def test_a_precomputed_reference_gives_the_step_s_loss_with_one_forward(tmp_path):
+    """task.precompute_reference: each example's reference log-probabilities computed once (in evaluation batches,
+    its rows in another company); a training batch made of them gives the loss the step computes with the reference
+    forward, and the step runs the model once."""
+    from lorafit.train.reference import REFERENCE, with_reference
+
+    rows = preference_rows(10, seed=2)
+    llama, _, tok = adapted_llama(tmp_path, rows, seed=5)
+    config = RunConfig()
+    config.task.type, config.task.max_length, config.data.instruction_field = "preference", 64, "prompt"
+    task = Preference(config, tok)
+    features = task.encode(rows, "train").features
+    known = with_reference(task, llama, features, torch.device("cpu"), 3, contextlib.nullcontext)
+    assert len(known) == len(features) and all(len(f[REFERENCE]) == 2 for f in known)
+    forwards = []
+    llama.model.layers[0].register_forward_hook(lambda *_: forwards.append(1))
+    picked = [7, 0, 4, 9]
+    inline = task.loss_sum(llama, task.collate([features[i] for i in picked]))
+    assert len(forwards) == 2
+    forwards.clear()
+    batch = task.collate(known.rows(picked))
+    loss = task.loss_sum(llama, batch)
+    assert len(forwards) == 1 and batch[REFERENCE].shape == (8,)
+    torch.testing.assert_close(loss, inline, rtol=1e-5, atol=1e-5)
+
+
+def test_precomputed_references_train_dpo_as_the_inline_reference_does(tmp_path):
+    """With LoRA the precomputed reference is the inline one (the base, the adapter off): the runs end with the
+    same adapter. A resumed run computes them again before its checkpoint loads and ends where an uninterrupted one
+    does."""
+    config = preference_setup(tmp_path, n_train=32, n_val=8)
+    args = ["train.epochs=2"]
+    train(config, [*args, f"output_dir={json.dumps(str(tmp_path / 'inline'))}"], progress=False)
+    summary = train(config, [*args, "task.precompute_reference=true",
+                             f"output_dir={json.dumps(str(tmp_path / 'pre'))}"], progress=False)
+    inline, pre = adapter_tensors(tmp_path / "inline"), adapter_tensors(tmp_path / "pre")
+    for name in inline:
+        torch.testing.assert_close(pre[name], inline[name], rtol=1e-3, atol=1e-4)
+    assert summary["validation"]["reward_margin"] > 0
+    assert_resume_matches(config, tmp_path, "task.precompute_reference=true")
+
+
+def test_full_fine_tuning_trains_dpo_from_precomputed_references(tmp_path):
+    """Full fine-tuning has no base to switch back to: with task.precompute_reference the model as loaded is the
+    reference, for training and evaluation alike, and `lorafit eval` compares the fine-tuned model with the model
+    the run started from (the run's own numbers again; the starting model's rewards are 0)."""
+    config = preference_setup(tmp_path)
+    summary = train(config, ["train.method='full'", "task.precompute_reference=true", "train.lr=2e-3",
+                             "train.epochs=3"], progress=False)
+    assert summary["validation"]["reward_accuracy"] >= 0.75 and summary["validation"]["reward_margin"] > 0.5, \
+        summary["validation"]
+    again = evaluate(tmp_path / "run", split="validation")
+    assert again == pytest.approx(summary["validation"], abs=1e-4)
+    start = evaluate(tmp_path / "run", split="validation", base=True)
+    assert start["reward_margin"] == 0 and start["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
 @pytest.mark.parametrize("setting, message", [
-    ("train.method='full'", "train.method must be 'lora' for task.preference_loss = 'dpo'"),
+    ("train.method='full'", "train.method = 'full' with task.preference_loss = 'dpo', which compares with a "
+                            "reference model, needs task.precompute_reference = true"),
+    ("task.preference_loss='simpo' task.dpo_beta=2 task.precompute_reference=true",
+     "task.precompute_reference task.preference_loss = 'simpo' uses no reference model"),
+    ("task.type='causal_lm' data.output_field='chosen' task.dpo_beta=0.1 task.precompute_reference=true",
+     "task.precompute_reference is for task.type = 'preference' or 'kto'"),
+    ("data.streaming=true task.precompute_reference=true", "task.precompute_reference needs every example"),
     ("task.dpo_beta=0", "task.dpo_beta must be a finite number > 0"),
     ("task.preference_loss='kto'", "task.preference_loss must be one of dpo, ipo, hinge, simpo, orpo, got 'kto'"),
     ("task.simpo_gamma=1.0", "task.simpo_gamma is SimPO's margin; task.preference_loss is 'dpo'"),

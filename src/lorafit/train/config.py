@@ -117,6 +117,9 @@ class TaskSection:
     # kto (its beta is dpo_beta): the weights of the desirable and the undesirable completions' losses
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    # preference and kto: the reference model's log-probabilities of every example computed once, before the first
+    # step (one forward fewer per step; full fine-tuning needs them, having no base to switch back to)
+    precompute_reference: bool = False
 
 
 @dataclass
@@ -313,7 +316,8 @@ class RunConfig:
         if self.task.type == "kto":
             self._validate_kto(bad)
         for tasks, names in ((("preference",), ("preference_loss", "simpo_gamma", "sft_weight")),
-                             (("preference", "kto"), ("dpo_beta",)), (("reward",), ("reward_centering",)),
+                             (("preference", "kto"), ("dpo_beta", "precompute_reference")),
+                             (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight"))):
             for name in names:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
@@ -373,6 +377,16 @@ class RunConfig:
             bad("task.generate_rows", f"is for causal_lm and seq2seq; task.type {kind!r} evaluates scores")
         if kind in ("preference", "kto") and not (math.isfinite(self.task.dpo_beta) and self.task.dpo_beta > 0):
             bad("task.dpo_beta", f"must be a finite number > 0, got {self.task.dpo_beta}")
+        if self.task.precompute_reference and self.data.streaming:
+            bad("task.precompute_reference", "needs every example before the first step; data.streaming = true reads "
+                "them as training goes")
+
+    def _check_reference(self, bad, what: str) -> None:
+        """Full fine-tuning of a loss with a reference model: only from precomputed log-probabilities."""
+        if self.train.method != "lora" and not self.task.precompute_reference:
+            bad("train.method", f"= {self.train.method!r} with {what}, which compares with a reference model, needs "
+                "task.precompute_reference = true: the reference is otherwise the base model with the adapter "
+                "switched off, and full fine-tuning leaves no base to switch back to")
 
     def _validate_kto(self, bad) -> None:
         d = self.data
@@ -385,9 +399,7 @@ class RunConfig:
             if not (math.isfinite(self.get(key)) and self.get(key) > 0):
                 bad(key, f"must be a finite number > 0, got {self.get(key)}")
         self._validate_scoring(bad, "a completion (data.output_field)")
-        if self.train.method != "lora":
-            bad("train.method", "must be 'lora' for task.type = 'kto': its reference model is the base model with "
-                "the adapter switched off, and full fine-tuning leaves no base to compare with")
+        self._check_reference(bad, "task.type = 'kto'")
 
     def _validate_preference(self, bad) -> None:
         t = self.task
@@ -401,10 +413,12 @@ class RunConfig:
             bad("task.sft_weight", f"must be a finite number >= 0, got {t.sft_weight}")
         if t.sft_weight and t.preference_loss == "orpo":
             bad("task.sft_weight", "adds an NLL term that task.preference_loss = 'orpo' already holds (weight 1)")
-        if self.train.method != "lora" and t.preference_loss not in REFERENCE_FREE_LOSSES:
-            bad("train.method", f"must be 'lora' for task.preference_loss = {t.preference_loss!r}: its reference "
-                "model is the base model with the adapter switched off, and full fine-tuning leaves no base to compare "
-                f"with (the reference-free losses {' and '.join(REFERENCE_FREE_LOSSES)} train either)")
+        if t.preference_loss in REFERENCE_FREE_LOSSES:
+            if t.precompute_reference:
+                bad("task.precompute_reference", f"task.preference_loss = {t.preference_loss!r} uses no reference "
+                    "model")
+        else:
+            self._check_reference(bad, f"task.preference_loss = {t.preference_loss!r}")
 
     def lora_config(self, base_model: str | None = None) -> LoraConfig:
         """The adapter this run attaches: [lora], with ``task_type`` from task.type and

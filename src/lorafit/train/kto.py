@@ -27,7 +27,8 @@ from torch import nn
 import lorafit
 from lorafit.train.distributed import unwrap
 from lorafit.train.pairs import turns
-from lorafit.train.preference import Preference
+from lorafit.train.preference import Preference, with_reference_column
+from lorafit.train.reference import REFERENCE
 from lorafit.train.tasks import IGNORE, columns_to_rows, loss_positions
 
 KL = "kl_"  # the prefix of the mismatched rows' tensors in a batch
@@ -74,7 +75,7 @@ class KTO(Preference):
                     **loss_positions(labels)}
             batch.update({prefix + k: v for k, v in part.items()})
         batch["attention_mask"] = self._pad([[1] * len(f["input_ids"]) for f in feats], 0)  # the tokens trained on
-        return batch
+        return with_reference_column(batch, feats)
 
     def pair_scores(self, model: nn.Module, batch: dict[str, torch.Tensor],
                     reference: torch.Tensor | None = None) -> KTOScores:
@@ -82,13 +83,21 @@ class KTO(Preference):
         logps, _ = self.sequence_logps(model, batch)
         with torch.no_grad():
             kl_logps, _ = self.sequence_logps(model, mismatched)
-            if reference is None:
-                with lorafit.disabled(unwrap(model)):
-                    reference = torch.cat([self.sequence_logps(model, b)[0] for b in (batch, mismatched)])
+        if reference is None:
+            reference = batch.get(REFERENCE)
+        if reference is None:
+            reference = self.reference_logps(model, batch)
         rows = logps.shape[0]
         beta = self.config.task.dpo_beta
         kl = beta * (kl_logps - reference[rows:]).mean().clamp(min=0)
         return KTOScores(beta * (logps - reference[:rows]), kl, batch["desirable"], reference)
+
+    @torch.no_grad()
+    def reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference log-probabilities of the rows, then of the mismatched rows."""
+        mismatched = {k[len(KL):]: v for k, v in batch.items() if k.startswith(KL)}
+        with lorafit.disabled(unwrap(model)):
+            return torch.cat([self.sequence_logps(model, b)[0] for b in (batch, mismatched)])
 
     def pair_losses(self, s: KTOScores) -> torch.Tensor:
         t = self.config.task

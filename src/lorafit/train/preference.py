@@ -36,6 +36,7 @@ import lorafit
 from lorafit.train.config import REFERENCE_FREE_LOSSES
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.pairs import PairRows, turns
+from lorafit.train.reference import REFERENCE
 from lorafit.train.tasks import IGNORE, CausalLM, columns_to_rows, loss_positions, rows_at
 
 PAIR_FIELDS = ("input_ids", "labels", "rejected_ids", "rejected_labels")
@@ -86,7 +87,7 @@ class Preference(PairRows, CausalLM):
                  "attention_mask": self._pad([[1] * len(s) for s in seqs], 0),
                  "units": torch.tensor(len(feats))}
         batch.update(loss_positions(labels))
-        return batch
+        return with_reference_column(batch, feats)
 
     def pair_scores(self, model: nn.Module, batch: dict[str, torch.Tensor],
                     reference: torch.Tensor | None = None) -> PairScores:
@@ -99,12 +100,20 @@ class Preference(PairRows, CausalLM):
             rewards, reference = t.dpo_beta * per_token, None
         else:
             if reference is None:
-                with torch.no_grad(), lorafit.disabled(unwrap(model)):
-                    reference, _ = self.sequence_logps(model, batch)
+                reference = batch.get(REFERENCE)
+            if reference is None:
+                reference = self.reference_logps(model, batch)
             ratio = logps - reference
             rewards = t.dpo_beta * (ratio / tokens if t.preference_loss == "ipo" else ratio)
         pairs = rewards.shape[0] // 2
         return PairScores(rewards[:pairs], rewards[pairs:], per_token[:pairs], per_token[pairs:], reference)
+
+    @torch.no_grad()
+    def reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's summed log-probability under the reference model: the base, its adapter switched off (a model
+        without adapters, as full fine-tuning starts, is its own reference)."""
+        with lorafit.disabled(unwrap(model)):
+            return self.sequence_logps(model, batch)[0]
 
     def pair_losses(self, s: PairScores) -> torch.Tensor:
         t = self.config.task
@@ -163,6 +172,14 @@ class Preference(PairRows, CausalLM):
         self._eval_reference = (key, references, held)
         names = self.eval_totals  # every process sums the same names, batches or none
         return self.eval_metrics(dict(zip(names, dist.all_reduce_sum([totals.get(n, 0.0) for n in names], device))))
+
+
+def with_reference_column(batch: dict[str, torch.Tensor], feats: list[dict]) -> dict[str, torch.Tensor]:
+    """The batch with its rows' precomputed reference log-probabilities (task.precompute_reference), where the
+    features have them: the examples' first rows, then their second ones, as the batch holds them."""
+    if feats and REFERENCE in feats[0]:
+        batch[REFERENCE] = torch.tensor([f[REFERENCE] for f in feats], dtype=torch.float32).T.reshape(-1)
+    return batch
 
 
 def _log_odds(per_token_logp: torch.Tensor) -> torch.Tensor:

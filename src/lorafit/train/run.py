@@ -69,6 +69,7 @@ from lorafit.train.models import (
     resolve_model,
     transformer_blocks,
 )
+from lorafit.train.reference import with_reference
 from lorafit.train.tasks import Task, build_task, encode_dataset
 
 CONFIG_FILE = "config.toml"
@@ -650,6 +651,7 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
     put_back_dropout = _ready_model(prep, data)
     try:
         report = lorafit.trainable_parameters(prep.model)
+        data, reference_seconds = _precompute_reference(prep, data, dist)
         dist.barrier()  # every process has checked its inputs (and seen the output directory as it was)
         if not dist.is_main:
             return TrainResult(_train_worker(prep, dist, out, resume_from, data, metric, callbacks),
@@ -663,6 +665,9 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
               f"{config.train.method}, {_rows_text(prep, data)}, {total_steps(len(data.train), config.train)} steps, "
               f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}\n"
               f"  {_processes(dist)}")
+        if reference_seconds is not None:
+            print(f"  the reference model's log-probabilities of every example computed in {reference_seconds:.1f} s "
+                  "(task.precompute_reference)")
         if prep.float16_autocast:
             print("  float16 weights: the adapters train in float32 under float16 autocast with loss scaling "
                   "(as with train.fp16 = true)")
@@ -713,6 +718,18 @@ def _encode_splits(prep: Prepared) -> Encoded:
         print(f"lorafit: {n_rows} train rows packed into {len(train)} sequences of up to "
               f"{prep.config.task.max_length} tokens")
     return Encoded(train, *(encode_split(prep, split) for split in HELD_OUT))
+
+
+def _precompute_reference(prep: Prepared, data: Encoded, dist: Distributed) -> tuple[Encoded, float | None]:
+    """With task.precompute_reference, every split's examples with the reference log-probabilities of the model
+    as the run starts (before a resumed run's checkpoint is loaded, so the same again), and the seconds taken."""
+    if not prep.config.task.precompute_reference:
+        return data, None
+    start = time.perf_counter()
+    splits = {split: with_reference(prep.task, prep.model, features, prep.device, prep.config.train.eval_batch_size,
+                                    _autocast(prep), dist) if len(features) else features
+              for split, features in ((f.name, getattr(data, f.name)) for f in dataclasses.fields(data))}
+    return Encoded(**splits), time.perf_counter() - start
 
 
 def _check_metric(prep: Prepared, data: Encoded) -> str:
@@ -972,6 +989,12 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
         raise ValueError(f"the run's config has no {split} data; set it, e.g. "
                          f"{arg_names.set_one.format(f'data.{split}=FILE')}")
     features = encode_split(prep, split)
+    if prep.config.task.precompute_reference and prep.config.train.method == "full" and adapter is None and not base:
+        # the fine-tuned model is compared with the model the run started from, as in training
+        start = load_run(run_dir, overrides, None, base=True, names=arg_names)
+        features = with_reference(start.task, start.model, features, start.device, start.config.train.eval_batch_size,
+                                  _autocast(start))
+        del start
     extra = {"per_class": True} if per_class and prep.config.task.type == "classification" else {}
     return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep),
                               **extra)
