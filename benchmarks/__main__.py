@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., inits, loftq, arrow, dpo, reward
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., inits, loftq, arrow, dpo, dpo_precomputed, reward
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -34,7 +34,7 @@ HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modu
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
          "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow",
-         "dpo", "reward")
+         "dpo", "dpo_precomputed", "reward")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -531,6 +531,13 @@ def bench_dpo(args, out: dict) -> None:
     from benchmarks import trl_step
 
     out["dpo"] = trl_step.run(args, _print, "dpo")
+
+
+def bench_dpo_precomputed(args, out: dict) -> None:
+    """DPO step with precomputed reference log-probabilities, lorafit against TRL (see benchmarks/trl_step.py)."""
+    from benchmarks import trl_step
+
+    out["dpo_precomputed"] = trl_step.run(args, _print, "dpo_precomputed")
 
 
 def bench_reward(args, out: dict) -> None:

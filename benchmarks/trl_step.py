@@ -4,6 +4,10 @@ each trainer runs in a process of its own on the same pairs, model and adapter.
 - ``dpo``: task.type = "preference" (DPO, beta 0.1) against TRL's DPOTrainer. Both compute the reference
   model as the base with the adapter switched off, without gradients, in every step (TRL's default; no
   precomputed reference).
+- ``dpo_precomputed``: the same with the reference model's log-probabilities precomputed before the first step
+  (lorafit's task.precompute_reference, TRL's precompute_ref_log_probs), and lorafit's DPO with the reference in
+  every step in the same rounds, so that what precomputing saves is a ratio from one run. The first step
+  includes the precomputing.
 - ``reward``: task.type = "reward" (a one-output sequence classifier, the Bradley-Terry loss, reward centering
   0.01) against TRL's RewardTrainer; the new score head trains with the adapter in both.
 
@@ -35,8 +39,12 @@ MAX_LENGTH = 96
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 CENTERING = 0.01  # reward: the weight of the squared score sum (TRL's center_rewards_coefficient)
 TITLES = {"dpo": ("DPO step, lorafit against TRL + PEFT", "lorafit train (preference)", "TRL DPOTrainer + PEFT"),
+          "dpo_precomputed": ("DPO step with precomputed reference log-probabilities, lorafit against TRL + PEFT",
+                              "lorafit train (preference, precompute_reference)",
+                              "TRL DPOTrainer + PEFT (precompute_ref_log_probs)"),
           "reward": ("Reward-model step, lorafit against TRL + PEFT", "lorafit train (reward)",
                      "TRL RewardTrainer + PEFT")}
+INLINE = "lorafit train (preference, the reference in every step)"  # dpo_precomputed's third worker
 
 
 def _rows(data: Path | None, count: int) -> list[dict]:
@@ -54,9 +62,9 @@ def _rows(data: Path | None, count: int) -> list[dict]:
 
 
 def _model_and_tokenizer(kind: str, quick: bool):
-    """A causal LM (dpo) or a one-output classifier (reward): the tiny Llama and the serve tests' tokenizer, or
-    SmolLM2 from lorafit's converted copy of the GGUF file (transformers' Trainer refuses to train a model loaded
-    from GGUF)."""
+    """A causal LM (dpo, dpo_precomputed) or a one-output classifier (reward): the tiny Llama and the serve tests'
+    tokenizer, or SmolLM2 from lorafit's converted copy of the GGUF file (transformers' Trainer refuses to train a
+    model loaded from GGUF)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -77,7 +85,7 @@ def _model_and_tokenizer(kind: str, quick: bool):
     path = resolve_model("smollm2-135m").path
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)  # the new score head
-    model = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if kind == "dpo" else
+    model = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if kind != "reward" else
              AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -88,8 +96,8 @@ def _lorafit(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> 
     from lorafit.train import train
 
     marks: list[float] = []
-    task = ({"type": "preference", "dpo_beta": 0.1} if kind == "dpo" else
-            {"type": "reward", "reward_centering": CENTERING})
+    task = ({"type": "preference", "dpo_beta": 0.1, "precompute_reference": kind == "dpo_precomputed"}
+            if kind != "reward" else {"type": "reward", "reward_centering": CENTERING})
     config = {"output_dir": str(tmp / "run"), "model": {"name": "given"},
               "data": {"train": str(rows_file), "instruction_field": "prompt"},
               "task": {**task, "max_length": MAX_LENGTH},
@@ -123,11 +131,12 @@ def _trl(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> list
                   # TRL's defaults are bf16 autocast and activation checkpointing: off, as lorafit's run is
                   bf16=False, gradient_checkpointing=False)
     model, tokenizer = _model_and_tokenizer(kind, quick)
-    if kind == "dpo":
-        trainer_class, args = DPOTrainer, DPOConfig(beta=0.1, **common)
+    if kind != "reward":
+        trainer_class, args = DPOTrainer, DPOConfig(beta=0.1, precompute_ref_log_probs=kind == "dpo_precomputed",
+                                                    **common)
     else:
         trainer_class, args = RewardTrainer, RewardConfig(center_rewards_coefficient=CENTERING, **common)
-    task_type = "CAUSAL_LM" if kind == "dpo" else "SEQ_CLS"
+    task_type = "CAUSAL_LM" if kind != "reward" else "SEQ_CLS"
     trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=tokenizer, peft_config=peft.LoraConfig(task_type=task_type, **LORA),
                             callbacks=[Marks()])
@@ -155,20 +164,24 @@ def run(args, emit, kind: str) -> dict:
         emit(title, "skipped: trl is not installed (pip install --no-deps trl)")
         return {"skipped": "trl is not installed"}
     steps, rounds = (4, 1) if args.quick else (12, 3)
-    results: dict[str, list[dict]] = {"lorafit": [], "trl": []}
+    # (result key, worker, its kind)
+    workers = [("lorafit", "lorafit", kind), ("trl", "trl", kind)]
+    if kind == "dpo_precomputed":
+        workers.append(("inline", "lorafit", "dpo"))
+    results: dict[str, list[dict]] = {key: [] for key, _, _ in workers}
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "pairs.jsonl"
         rows_file.write_text("".join(json.dumps(r) + "\n" for r in _rows(getattr(args, "data", None),
                                                                           steps * BATCH)))
         for _ in range(rounds):
-            for worker in ("lorafit", "trl"):
-                command = [sys.executable, "-m", "benchmarks.trl_step", "--worker", worker, "--kind", kind,
+            for key, worker, worker_kind in workers:
+                command = [sys.executable, "-m", "benchmarks.trl_step", "--worker", worker, "--kind", worker_kind,
                            "--rows", str(rows_file), "--steps", str(steps), *(["--quick"] if args.quick else [])]
                 proc = subprocess.run(command, capture_output=True, text=True, check=False,
                                       cwd=Path(__file__).resolve().parents[1])
                 if proc.returncode != 0:
-                    raise RuntimeError(f"{worker} worker failed:\n{proc.stderr[-3000:]}")
-                results[worker].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    raise RuntimeError(f"{key} worker failed:\n{proc.stderr[-3000:]}")
+                results[key].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     summary = {}
     for worker, runs in results.items():
         summary[worker] = {"step_s": statistics.median(statistics.median(r["steps"][2:] or r["steps"]) for r in runs),
@@ -176,19 +189,25 @@ def run(args, emit, kind: str) -> dict:
                            "peak_rss_gib": statistics.median(r["peak_rss"] for r in runs) / 2**30}
     from benchmarks.timing import table
 
-    lf, tr = summary["lorafit"], summary["trl"]
-    # ratios within each round (the two processes ran one after the other), then their median
-    step = [statistics.median(a["steps"][2:] or a["steps"]) / statistics.median(b["steps"][2:] or b["steps"])
-            for a, b in zip(results["lorafit"], results["trl"])]
-    summary["step_ratio"] = statistics.median(step)
+    def step_ratio(a_key: str, b_key: str) -> float:
+        """Within each round (the processes ran one after the other), then the median."""
+        return statistics.median(statistics.median(a["steps"][2:] or a["steps"]) /
+                                 statistics.median(b["steps"][2:] or b["steps"])
+                                 for a, b in zip(results[a_key], results[b_key]))
+
+    summary["step_ratio"] = step_ratio("lorafit", "trl")
     summary["rss_ratio"] = statistics.median(a["peak_rss"] / b["peak_rss"]
                                              for a, b in zip(results["lorafit"], results["trl"]))
+    names = {"lorafit": ours, "trl": theirs, "inline": INLINE}
+    text = table([[names[key], f"{s['step_s']:.3f}", f"{s['first_step_s']:.2f}", f"{s['peak_rss_gib']:.2f}"]
+                  for key, s in summary.items() if isinstance(s, dict)],
+                 ["trainer", "step (s)", "set-up + first step (s)", "peak RSS (GiB)"])
+    text += f"\n\nlorafit / TRL: step time {summary['step_ratio']:.2f}x, peak RSS {summary['rss_ratio']:.2f}x"
+    if "inline" in results:
+        summary["precomputed_over_inline"] = step_ratio("lorafit", "inline")
+        text += f"; lorafit precomputed / reference in every step: {summary['precomputed_over_inline']:.2f}x"
     emit(f"{title} ({'tiny Llama' if args.quick else 'SmolLM2-135M-Instruct'}, "
-         f"batch {BATCH} pairs, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)",
-         table([[name, f"{s['step_s']:.3f}", f"{s['first_step_s']:.2f}", f"{s['peak_rss_gib']:.2f}"]
-                for name, s in ((ours, lf), (theirs, tr))],
-               ["trainer", "step (s)", "set-up + first step (s)", "peak RSS (GiB)"])
-         + f"\n\nlorafit / TRL: step time {summary['step_ratio']:.2f}x, peak RSS {summary['rss_ratio']:.2f}x")
+         f"batch {BATCH} pairs, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)", text)
     return summary
 
 

@@ -63,7 +63,7 @@ def test_quick_benchmark_suite_runs(side_by_side):
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
                          "mixed", "serve", "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens",
-                         "optimizer", "inits", "loftq", "arrow", "dpo", "reward"}
+                         "optimizer", "inits", "loftq", "arrow", "dpo", "dpo_precomputed", "reward"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -101,9 +101,10 @@ def test_quick_benchmark_suite_runs(side_by_side):
     loftq = data["loftq"]
     assert len(loftq["starts"]) == 3 and all(r["final_eval_loss"] > 0 for r in loftq["starts"].values())
     assert all(loss > 0 for r in loftq["trained"].values() for loss in r["eval_loss"].values())
-    for part in ("dpo", "reward"):  # TRL is not a dependency: the part says it skipped without it
+    for part in ("dpo", "dpo_precomputed", "reward"):  # TRL is not a dependency: the part says it skipped without it
         got = data[part]
         assert got == {"skipped": "trl is not installed"} or (got["lorafit"]["step_s"] > 0 and got["trl"]["step_s"] > 0)
+    assert "skipped" in data["dpo_precomputed"] or data["dpo_precomputed"]["inline"]["step_s"] > 0
     moe = data["moe"]
     assert len(moe["median_s"]) == 6 and all(t > 0 for t in moe["median_s"].values())
     assert moe["trainable"]["lorafit, float32"] == moe["trainable"]["PEFT, float32"] > 0
