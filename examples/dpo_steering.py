@@ -5,7 +5,8 @@ with its adapter, scored by a sentiment classifier (a lorafit classification run
     python examples/dpo_steering.py runs/dpo-sst2-smollm2 --judge runs/sst2-minilm-lora --samples 64
 
 The prompt is the run's ``data.instruction`` through the model's chat template, as training rendered it. The
-same seeds sample the base model (the adapter switched off) and the adapted one (temperature 1, top-p 1, up to
+same seeds sample the base model (the adapter switched off; for a fully fine-tuned run, the model it started
+from) and the trained one (temperature 1, top-p 1, up to
 ``--max-new-tokens``), and the judge's probability of its positive class (``--positive``, SST-2's "1") is
 averaged; an answer counts as positive where that probability is over 0.5. Prints one row per model and
 writes OUT/generations.jsonl when ``--out`` is given.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 import lorafit
+from lorafit.chat import render
 from lorafit.train.run import load_run
 
 
@@ -66,22 +68,30 @@ def main() -> None:
         raise SystemExit(f"{args.run_dir}: a preference or kto run with a fixed data.instruction (its prompt) is "
                          "needed")
     method = prep.config.task.preference_loss if prep.config.task.type == "preference" else "kto"
-    adapted_name = f"with the {method.upper()} adapter"
-    prompt = prep.task._render([{"role": "user", "content": prep.config.data.instruction}], generation_prompt=True)
+    full = prep.config.train.method == "full"
+    base_name = "base model" + ("" if full else " (adapter off)")
+    adapted_name = f"fine-tuned with {method.upper()}" if full else f"with the {method.upper()} adapter"
+    prompt = render(prep.tokenizer, [{"role": "user", "content": prep.config.data.instruction}],
+                    generation_prompt=True)
     prompt_ids = prep.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    with lorafit.disabled(prep.model):
-        base = sample(prep, prompt_ids, args.samples, args.max_new_tokens, args.seed, args.batch)
     adapted = sample(prep, prompt_ids, args.samples, args.max_new_tokens, args.seed, args.batch)
+    if full:  # the model the run started from, loaded anew
+        del prep.model
+        base = sample(load_run(args.run_dir, None, None, base=True), prompt_ids, args.samples, args.max_new_tokens,
+                      args.seed, args.batch)
+    else:
+        with lorafit.disabled(prep.model):
+            base = sample(prep, prompt_ids, args.samples, args.max_new_tokens, args.seed, args.batch)
     judge = load_run(args.judge, None, None)
     print(f"prompt: {prep.config.data.instruction!r}; {args.samples} samples each, judged by {args.judge}")
     print(f"| model | positive answers | mean P({args.positive}) |\n|---|---:|---:|")
     rows = []
-    for name, texts in (("base model (adapter off)", base), (adapted_name, adapted)):
+    for name, texts in ((base_name, base), (adapted_name, adapted)):
         probs = positive_probability(judge, texts, args.positive)
         share = sum(p > 0.5 for p in probs) / len(probs)
         print(f"| {name} | {100 * share:.1f} % | {sum(probs) / len(probs):.3f} |")
         rows += [{"model": name, "text": t, "p_positive": p} for t, p in zip(texts, probs)]
-    for name in ("base model (adapter off)", adapted_name):
+    for name in (base_name, adapted_name):
         print(f"-- {name}, first 3:")
         for row in [r for r in rows if r["model"] == name][:3]:
             print(f"   {row['p_positive']:.2f}  {row['text'][:160]!r}")

@@ -175,12 +175,6 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     from lorafit.train.master_weights import MasterWeights
     from lorafit.train.tasks import IGNORE, CausalLM
 
-    class Tok:
-        chat_template, pad_token_id = None, 0
-
-        def __len__(self) -> int:
-            return 256
-
     model = _llama(torch.bfloat16)
     lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,6 +204,39 @@ def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
+class Tok:
+    """What the preference tasks read of a tokenizer when the features are made already."""
+    chat_template, pad_token_id = None, 0
+
+    def __len__(self) -> int:
+        return 256
+
+
+def _adapted_llama(dtype: torch.dtype, seed: int):
+    """The tiny Llama on the GPU with an all-linear adapter whose B factors are random (the adapter counts), and
+    the generator that drew them (for the batch's tokens)."""
+    model = _llama(dtype)
+    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model, gen
+
+
+def _pairs(gen: torch.Generator) -> list[dict]:
+    """Three preference pairs of random tokens, the first 6 of each the prompt."""
+    from lorafit.train.tasks import IGNORE
+
+    feats = []
+    for n, m in ((30, 24), (12, 19), (25, 25)):
+        chosen, rejected = (torch.randint(1, 256, (k,), generator=gen).tolist() for k in (n, m))
+        feats.append({"input_ids": chosen, "labels": [IGNORE] * 6 + chosen[6:],
+                      "rejected_ids": rejected, "rejected_labels": [IGNORE] * 6 + rejected[6:]})
+    return feats
+
+
 @pytest.mark.parametrize("loss", ["dpo", "orpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype, loss):
@@ -219,28 +246,11 @@ def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype, loss):
     from lorafit.train.config import RunConfig
     from lorafit.train.loop import on_device
     from lorafit.train.preference import Preference
-    from lorafit.train.tasks import IGNORE
 
-    class Tok:
-        chat_template, pad_token_id = None, 0
-
-        def __len__(self) -> int:
-            return 256
-
-    model = _llama(dtype)
-    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model, gen = _adapted_llama(dtype, seed=3)
     config = RunConfig()
     config.task.type, config.task.preference_loss = "preference", loss
-    feats = []
-    for n, m in ((30, 24), (12, 19), (25, 25)):
-        chosen, rejected = (torch.randint(1, 256, (k,), generator=gen).tolist() for k in (n, m))
-        feats.append({"input_ids": chosen, "labels": [IGNORE] * 6 + chosen[6:],
-                      "rejected_ids": rejected, "rejected_labels": [IGNORE] * 6 + rejected[6:]})
+    feats = _pairs(gen)
     cpu_batch = Preference(config, Tok()).collate(feats)
     cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
     with torch.no_grad():
@@ -262,6 +272,41 @@ def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype, loss):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precomputed_references_give_the_inline_loss_and_never_wait_for_the_gpu(dtype):
+    """task.precompute_reference on the GPU: the reference log-probabilities computed once (in evaluation batches)
+    give the loss of the step that runs the reference itself, and a step with them never waits for the GPU."""
+    import contextlib
+
+    from lorafit.train.config import RunConfig
+    from lorafit.train.loop import on_device
+    from lorafit.train.preference import Preference
+    from lorafit.train.reference import with_reference
+
+    model, gen = _adapted_llama(dtype, seed=6)
+    config = RunConfig()
+    config.task.type = "preference"
+    task = Preference(config, Tok())
+    feats = _pairs(gen)
+    known = with_reference(task, model, feats, torch.device(DEVICE), 2, contextlib.nullcontext)
+    with torch.no_grad():
+        inline = task.loss_sum(model, on_device(task.collate(feats), torch.device(DEVICE)))
+        got = task.loss_sum(model, on_device(task.collate(known.rows(range(3))), torch.device(DEVICE)))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), inline.float(), rtol=tol, atol=tol)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    batch = task.collate(known.rows(range(3)))
+
+    def step():
+        (task.loss_sum(model, on_device(batch, torch.device(DEVICE))) / 3).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    _steps_without_sync(step)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 def test_a_kto_step_matches_the_cpu_and_never_waits_for_the_gpu():
     """task.type "kto": four forwards a step (the rows with gradients; the mismatched rows and the reference on
     both without), a KL estimate and per-row branches by label, all on the GPU: the loss is the CPU's and its
@@ -271,19 +316,7 @@ def test_a_kto_step_matches_the_cpu_and_never_waits_for_the_gpu():
     from lorafit.train.loop import on_device
     from lorafit.train.tasks import IGNORE
 
-    class Tok:
-        chat_template, pad_token_id = None, 0
-
-        def __len__(self) -> int:
-            return 256
-
-    model = _llama(torch.float32)
-    lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model, gen = _adapted_llama(torch.float32, seed=4)
     config = RunConfig()
     config.task.type = "kto"
     feats = []

@@ -217,21 +217,23 @@ def test_a_reward_model_under_two_processes(tmp_path):
         assert s2["validation"][key] == pytest.approx(s1["validation"][key], abs=1e-4), key
 
 
-def test_kto_under_two_processes(tmp_path):
-    """KTO runs the model four times a step through DDP's wrapper (once with gradients). Its KL estimate is each
-    process's own (as in TRL), so the run does not end exactly where one process does: the adapter is the same
-    one up to that (its factors point the same way, with the same size)."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kto_under_two_processes(tmp_path, mode):
+    """KTO runs the model four times a step through DDP's wrapper or FSDP's sharded layers (once with gradients).
+    Its KL estimate is each process's own (as in TRL), so the run does not end exactly where one process does: the
+    adapter is the same one up to that (its factors point the same way, with the same size)."""
     from tests.test_train_kto import kto_setup
 
     config = kto_setup(tmp_path, n_train=32, n_val=8)
     args = ["train.epochs=2", "train.adam_eps=1e-5", f"output_dir={json.dumps(str(tmp_path / 'one'))}"]
     train(config, args, progress=False)
-    finish(torchrun(config, tmp_path / "ddp", *(x for a in args[:2] for x in ("--set", a))))
-    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "ddp")
+    finish(torchrun(config, tmp_path / mode, *(x for a in args[:2] for x in ("--set", a)),
+                    "--set", f"train.distributed={mode}"))
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / mode)
     assert one.keys() == two.keys()
     a, b = (torch.cat([t[k].flatten() for k in sorted(t) if "lora_B" in k]) for t in (one, two))
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99 and 0.95 < b.norm() / a.norm() < 1.05
-    s2 = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / mode / "summary.json").read_text())
     assert all(math.isfinite(v) for v in s2["validation"].values())
 
 
