@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks`` (or ``make bench``).
 
     python -m benchmarks                 # everything on the real models (several minutes)
-    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., inits, loftq, arrow, dpo, dpo_precomputed, reward
+    python -m benchmarks --only train    # one part (see PARTS): train, memory, ..., loftq, arrow, dpo, reward
     python -m benchmarks --quick         # tiny random models, 2 reps: proves the suite runs (CI)
 
 Every timing is interleaved (each round runs every variant once, in rotating
@@ -319,7 +319,8 @@ def bench_infer(args, out: dict) -> None:
 
     times = interleaved({k: run(m) for k, m in models_.items()}, reps=args.reps * 2, warmup=2)
     rows = [[k, f"{1000 * median(v):.1f}", f"{ratio(times, k, 'base'):.3f}"] for k, v in times.items()]
-    _print(f"Inference, batch {batch} x {seq}, r=8 on query/key/value/dense", table(rows, ["model", "median ms", "x base"]))
+    _print(f"Inference, batch {batch} x {seq}, r=8 on query/key/value/dense",
+           table(rows, ["model", "median ms", "x base"]))
     out["infer"] = {k: median(v) for k, v in times.items()}
 
 
