@@ -134,38 +134,41 @@ def test_the_loss_is_dpo_s_with_the_base_model_as_reference(tmp_path, plain_head
         torch.testing.assert_close(task.loss_sum(fresh, batch), torch.tensor(3 * 0.6931472), rtol=1e-5, atol=1e-5)
 
 
-def _pair_loss(kind: str, beta: float, gamma: float, sft: float, policy, reference, tokens) -> torch.Tensor:
+def _pair_loss(kind: str, beta: float, gamma: float, sft: float, policy, reference, tokens,
+               smoothing: float = 0.0) -> torch.Tensor:
     """One pair's loss from its papers' formulas, in float64: ``policy``/``reference`` the summed log-probabilities
-    (chosen, rejected), ``tokens`` the responses' token counts."""
+    (chosen, rejected), ``tokens`` the responses' token counts; ``smoothing``: conservative DPO's share of pairs
+    taken to be swapped."""
     (pc, pr), (rc, rr), (nc, nr) = [[torch.as_tensor(x, dtype=torch.float64) for x in xs]
                                     for xs in (policy, reference, tokens)]
     logsigmoid = nn.functional.logsigmoid
-    if kind == "dpo":
-        loss = -logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    if kind in ("dpo", "simpo"):
+        x = beta * ((pc - rc) - (pr - rr)) if kind == "dpo" else beta * (pc / nc - pr / nr) - gamma
+        loss = -(1 - smoothing) * logsigmoid(x) - smoothing * logsigmoid(-x)
     elif kind == "ipo":
         loss = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
     elif kind == "hinge":
         loss = torch.relu(1 - beta * ((pc - rc) - (pr - rr)))
-    elif kind == "simpo":
-        loss = -logsigmoid(beta * (pc / nc - pr / nr) - gamma)
     else:  # orpo: odds of the per-token probability
         odds_c, odds_r = ((p / n).exp() / (1 - (p / n).exp()) for p, n in ((pc, nc), (pr, nr)))
         loss = -pc / nc - beta * logsigmoid(odds_c.log() - odds_r.log())
     return loss + sft * -pc / nc
 
 
-@pytest.mark.parametrize("kind, gamma, sft", [("dpo", 0.5, 0.7), ("ipo", 0.5, 0.0), ("hinge", 0.5, 0.3),
-                                              ("simpo", 1.3, 0.0), ("orpo", 0.5, 0.0)])
-def test_each_preference_loss_is_its_paper_s_formula(tmp_path, kind, gamma, sft):
-    """task.preference_loss: each loss, and the RPO term (task.sft_weight), equal their formulas computed from
-    each response scored alone; the reference-free losses (simpo, orpo) run the model once per batch, the others
-    twice; the evaluation's rewards are the ones the loss compares."""
+@pytest.mark.parametrize("kind, gamma, sft, smoothing", [
+    ("dpo", 0.5, 0.7, 0.0), ("dpo", 0.5, 0.0, 0.2), ("ipo", 0.5, 0.0, 0.0), ("hinge", 0.5, 0.3, 0.0),
+    ("simpo", 1.3, 0.0, 0.0), ("simpo", 1.3, 0.0, 0.1), ("orpo", 0.5, 0.0, 0.0)])
+def test_each_preference_loss_is_its_paper_s_formula(tmp_path, kind, gamma, sft, smoothing):
+    """task.preference_loss: each loss, the RPO term (task.sft_weight) and conservative DPO's label smoothing
+    (task.label_smoothing) equal their formulas computed from each response scored alone; the reference-free
+    losses (simpo, orpo) run the model once per batch, the others twice; the evaluation's rewards are the ones
+    the loss compares."""
     rows = preference_rows(3, seed=6)
     llama, base, tok = adapted_llama(tmp_path, rows, seed=2)
     config = RunConfig()
     config.task.type, config.task.max_length, config.data.instruction_field = "preference", 64, "prompt"
     config.task.preference_loss, config.task.dpo_beta, config.task.simpo_gamma = kind, 0.4, gamma
-    config.task.sft_weight = sft
+    config.task.sft_weight, config.task.label_smoothing = sft, smoothing
     task = Preference(config, tok)
     task._plain_head = True  # no probing forward of the model's head
     features = task.encode(rows, "train").features
@@ -181,7 +184,7 @@ def test_each_preference_loss_is_its_paper_s_formula(tmp_path, kind, gamma, sft)
             policy = [sequence_logp(llama, f[ids], f[labels]) for ids, labels in sides]
             reference = [sequence_logp(base, f[ids], f[labels]) for ids, labels in sides]
         tokens = [sum(x != tasks.IGNORE for x in f[labels][1:]) for _, labels in sides]
-        want = want + _pair_loss(kind, 0.4, gamma, sft, policy, reference, tokens)
+        want = want + _pair_loss(kind, 0.4, gamma, sft, policy, reference, tokens, smoothing)
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in llama.named_parameters() if "lora_" in n)
@@ -389,6 +392,8 @@ def test_full_fine_tuning_trains_dpo_from_precomputed_references(tmp_path):
     ("task.type='causal_lm' data.output_field='chosen' task.dpo_beta=0.1 task.precompute_reference=true",
      "task.precompute_reference is for task.type = 'preference' or 'kto'"),
     ("data.streaming=true task.precompute_reference=true", "task.precompute_reference needs every example"),
+    ("task.label_smoothing=0.5", "task.label_smoothing must be a number in "),
+    ("task.preference_loss='ipo' task.label_smoothing=0.1", "task.label_smoothing is for the sigmoid losses"),
     ("task.dpo_beta=0", "task.dpo_beta must be a finite number > 0"),
     ("task.preference_loss='kto'", "task.preference_loss must be one of dpo, ipo, hinge, simpo, orpo, got 'kto'"),
     ("task.simpo_gamma=1.0", "task.simpo_gamma is SimPO's margin; task.preference_loss is 'dpo'"),

@@ -38,12 +38,15 @@ def tiny_reward_model(tmp_path: Path, rows: list[dict]):
     return model_dir, tok, model
 
 
-@pytest.mark.parametrize("centering", [0.0, 0.3])
-def test_the_loss_is_bradley_terry_on_each_conversation_s_score(tmp_path, centering):
-    """The batch loss is the sum over pairs of -log sigmoid(sc - sr) (+ centering (sc + sr)^2), each score the
-    model's output for the conversation alone, without padding: the padded batch reads the last real token. Its
-    gradient reaches the adapter and the new score head, nothing else."""
+@pytest.mark.parametrize("centering, margins", [(0.0, None), (0.3, None), (0.0, [1.5, "0", -0.5])])
+def test_the_loss_is_bradley_terry_on_each_conversation_s_score(tmp_path, centering, margins):
+    """The batch loss is the sum over pairs of -log sigmoid(sc - sr - m) (+ centering (sc + sr)^2), each score the
+    model's output for the conversation alone, without padding: the padded batch reads the last real token; m each
+    row's data.margin_field (a number or its text), else 0. Its gradient reaches the adapter and the new score
+    head, nothing else."""
     rows = preference_rows(3, seed=4)
+    if margins is not None:
+        rows = [{**row, "margin": m} for row, m in zip(rows, margins)]
     _, tok, model = tiny_reward_model(tmp_path, rows)
     lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
     torch.manual_seed(3)
@@ -53,6 +56,7 @@ def test_the_loss_is_bradley_terry_on_each_conversation_s_score(tmp_path, center
     config = RunConfig()
     config.task.type, config.task.max_length, config.task.reward_centering = "reward", 64, centering
     config.data.instruction_field = "prompt"
+    config.data.margin_field = "margin" if margins is not None else None
     task = Reward(config, tok)
     features = task.encode(rows, "train").features
     assert len(features) == 3 and not task.token_types
@@ -66,7 +70,8 @@ def test_the_loss_is_bradley_terry_on_each_conversation_s_score(tmp_path, center
                                         {"role": "assistant", "content": row["chosen"]}], tokenize=False)
         assert f["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
         sc, sr = (model(input_ids=torch.tensor([f[key]])).logits[0, 0] for key in ("input_ids", "rejected_ids"))
-        want = want - nn.functional.logsigmoid(sc - sr) + centering * (sc + sr) ** 2
+        m = float(row.get("margin", 0))
+        want = want - nn.functional.logsigmoid(sc - sr - m) + centering * (sc + sr) ** 2
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -158,12 +163,23 @@ def test_a_resumed_reward_run_ends_where_an_uninterrupted_one_does(tmp_path):
     ("data.rejected_field='chosen'", "data.rejected_field is data.chosen_field too"),
     ("data.output_field='chosen'", "data.output_field is not used by task.type = 'reward'"),
     ("data.rejected_field='worse'", "field 'worse' (data.rejected_field) not found"),
+    ("data.margin_field='margin'", "field 'margin' (data.margin_field) not found"),
+    ("task.type='preference' data.margin_field='margin'", "data.margin_field is for task.type = 'reward'"),
 ])
 def test_what_reward_training_cannot_use_is_refused_naming_the_setting(tmp_path, setting, message):
     config = reward_setup(tmp_path, n_train=8, n_val=4)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(config, setting.split(" "), progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_margin_that_is_not_a_number_names_the_field(tmp_path):
+    rows = preference_rows(2, seed=1)
+    _, tok, _ = tiny_reward_model(tmp_path, rows)
+    config = RunConfig()
+    config.task.type, config.data.instruction_field, config.data.margin_field = "reward", "prompt", "margin"
+    with pytest.raises(ValueError, match=r"field 'margin' \(data.margin_field\) must hold a finite number, got 'much'"):
+        Reward(config, tok).encode([{**rows[0], "margin": 1}, {**rows[1], "margin": "much"}], "train")
 
 
 def test_a_given_classifier_must_have_one_output(tmp_path):

@@ -90,6 +90,7 @@ class DataSection:
     # a text or a list of chat messages (without a prompt field, whole conversations)
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    margin_field: str | None = None  # reward: how far each pair's chosen score must lead (Llama 2's margin loss)
     # evaluation of generation: ROUGE against each of these fields (the best one per row); a validation or
     # test row without output_field takes the first as its target (e.g. DialogSum's summary1..summary3)
     reference_fields: list[str] | None = None
@@ -113,6 +114,9 @@ class TaskSection:
     dpo_beta: float = 0.1
     simpo_gamma: float = 0.5
     sft_weight: float = 0.0
+    # dpo, simpo: the share of pairs taken to be labelled the wrong way round (conservative DPO): the loss of each
+    # pair is then (1 - label_smoothing) of its own plus label_smoothing of the swapped pair's
+    label_smoothing: float = 0.0
     reward_centering: float = 0.0  # reward: weight of (chosen score + rejected score)^2, keeping scores near 0
     # kto (its beta is dpo_beta): the weights of the desirable and the undesirable completions' losses
     kto_desirable_weight: float = 1.0
@@ -315,7 +319,7 @@ class RunConfig:
             self._validate_preference(bad)
         if self.task.type == "kto":
             self._validate_kto(bad)
-        for tasks, names in ((("preference",), ("preference_loss", "simpo_gamma", "sft_weight")),
+        for tasks, names in ((("preference",), ("preference_loss", "simpo_gamma", "sft_weight", "label_smoothing")),
                              (("preference", "kto"), ("dpo_beta", "precompute_reference")),
                              (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight"))):
@@ -323,6 +327,8 @@ class RunConfig:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
                     bad(f"task.{name}", f"is for task.type = {' or '.join(map(repr, tasks))}; task.type is "
                         f"{self.task.type!r}")
+        if self.data.margin_field is not None and self.task.type != "reward":
+            bad("data.margin_field", f"is for task.type = 'reward'; task.type is {self.task.type!r}")
         if self.task.type == "reward" and not (math.isfinite(self.task.reward_centering)
                                                and self.task.reward_centering >= 0):
             bad("task.reward_centering", f"must be a finite number >= 0, got {self.task.reward_centering}")
@@ -411,6 +417,11 @@ class RunConfig:
             bad("task.simpo_gamma", f"is SimPO's margin; task.preference_loss is {t.preference_loss!r}")
         if not (math.isfinite(t.sft_weight) and t.sft_weight >= 0):
             bad("task.sft_weight", f"must be a finite number >= 0, got {t.sft_weight}")
+        if not (math.isfinite(t.label_smoothing) and 0 <= t.label_smoothing < 0.5):
+            bad("task.label_smoothing", f"must be a number in [0, 0.5), got {t.label_smoothing}")
+        if t.label_smoothing and t.preference_loss not in ("dpo", "simpo"):
+            bad("task.label_smoothing", f"is for the sigmoid losses dpo and simpo; task.preference_loss is "
+                f"{t.preference_loss!r}")
         if t.sft_weight and t.preference_loss == "orpo":
             bad("task.sft_weight", "adds an NLL term that task.preference_loss = 'orpo' already holds (weight 1)")
         if t.preference_loss in REFERENCE_FREE_LOSSES:

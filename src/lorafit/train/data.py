@@ -52,6 +52,8 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
         return pairs
     if task in PAIR_TASKS:
         pairs = [("data.chosen_field", d.chosen_field), ("data.rejected_field", d.rejected_field)]
+        if d.margin_field:
+            pairs.append(("data.margin_field", d.margin_field))
     elif task == "kto":
         pairs = [("data.output_field", d.output_field), ("data.label_field", d.label_field)]
     elif d.messages_field:

@@ -14,7 +14,9 @@ the trained model's summed log-probabilities of a response's tokens, ``r`` the r
 - ``"orpo"`` (Hong et al. 2024): no reference model, the chosen response's per-token NLL ``-p̄c`` plus
   ``-beta log sigmoid(log odds(p̄c) - log odds(p̄r))``, ``odds(x) = e^x / (1 - e^x)``; rewards ``beta p̄``.
 
-``task.sft_weight`` adds that much of the chosen response's per-token NLL to any of them (RPO's term). With
+``task.sft_weight`` adds that much of the chosen response's per-token NLL to any of them (RPO's term);
+``task.label_smoothing`` ``e`` makes DPO's and SimPO's ``-log sigmoid(x)`` ``-(1 - e) log sigmoid(x) - e log
+sigmoid(-x)`` (conservative DPO, Mitchell 2023: pairs whose labels are wrong with probability ``e``). With
 LoRA the reference model is the base model itself, the adapter switched off (``lorafit.disabled``): no second
 copy of the weights, where the usual recipe keeps one; the reference-free losses skip that forward altogether
 (and train full fine-tuning too).
@@ -118,14 +120,15 @@ class Preference(PairRows, CausalLM):
     def pair_losses(self, s: PairScores) -> torch.Tensor:
         t = self.config.task
         beta, margin = t.dpo_beta, s.chosen - s.rejected
-        if t.preference_loss == "dpo":
-            loss = -nn.functional.logsigmoid(margin)
+        if t.preference_loss in ("dpo", "simpo"):
+            x = margin - t.simpo_gamma if t.preference_loss == "simpo" else margin
+            loss = -nn.functional.logsigmoid(x)
+            if t.label_smoothing:  # conservative DPO: a share of the pairs taken to be swapped
+                loss = (1 - t.label_smoothing) * loss - t.label_smoothing * nn.functional.logsigmoid(-x)
         elif t.preference_loss == "ipo":
             loss = (margin / beta - 1 / (2 * beta)) ** 2
         elif t.preference_loss == "hinge":
             loss = torch.relu(1 - margin)
-        elif t.preference_loss == "simpo":
-            loss = -nn.functional.logsigmoid(margin - t.simpo_gamma)
         else:  # orpo
             loss = -s.chosen_per_token - beta * nn.functional.logsigmoid(
                 _log_odds(s.chosen_per_token) - _log_odds(s.rejected_per_token))

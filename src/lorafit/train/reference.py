@@ -18,7 +18,7 @@ import torch
 from lorafit.train.data import eval_batches, lengths_of, rows_at
 from lorafit.train.distributed import SINGLE, Distributed
 
-REFERENCE = "reference"  # the feature key (and batch key) of an example's reference log-probabilities
+REFERENCE = "reference_logps"  # the feature key (and batch key) of an example's reference log-probabilities
 
 
 class WithReference(Sequence):

@@ -3,7 +3,9 @@
 The model is a sequence classifier with one output, its score of a conversation; per pair the loss is
 ``-log sigmoid(sc - sr)`` with ``sc`` the chosen conversation's score and ``sr`` the rejected one's, plus
 ``task.reward_centering * (sc + sr)^2`` (Eisenstein et al. 2023) when set, which keeps the scores near 0
-(only their differences are learned otherwise). The adapter is a SEQ_CLS one: the new score head trains and
+(only their differences are learned otherwise). With ``data.margin_field`` each pair's margin ``m`` asks the
+chosen score to lead by that much: ``-log sigmoid(sc - sr - m)`` (Llama 2's reward models, a graded preference
+scale mapped to margins). The adapter is a SEQ_CLS one: the new score head trains and
 is saved with it, and PEFT's ``AutoPeftModelForSequenceClassification`` loads it.
 
 A conversation is the prompt and a response rendered with the tokenizer's chat template (decoder LMs: the score
@@ -15,6 +17,8 @@ and the mean score difference (``reward_margin``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -37,20 +41,26 @@ class Reward(PairRows, Task):
         # token type ids only where a text pair gets them (BERT), so that every batch has the same columns
         self.token_types = self.text_pair and "token_type_ids" in tokenizer("a", "b")
 
+    def cache_key(self, kind: str) -> tuple:
+        return (*super().cache_key(kind), self.config.data.margin_field)
+
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         d = self.config.data
+        rows = columns_to_rows(batch)
         conversations = [(self._prompt_messages(row), turns(row[field], field))
-                         for row in columns_to_rows(batch) for field in (d.chosen_field, d.rejected_field)]
+                         for row in rows for field in (d.chosen_field, d.rejected_field)]
         ids, types = self._encode(conversations)
         names = [name for side in SIDES for name in (side if self.token_types else side[:1])]
-        out: dict[str, list] = {name: [] for name in (*names, "length")}
-        for i in range(0, len(ids), 2):
+        out: dict[str, list] = {name: [] for name in (*names, *(("margin",) if d.margin_field else ()), "length")}
+        for row, i in zip(rows, range(0, len(ids), 2)):
             (chosen, rejected), (chosen_types, rejected_types) = ids[i:i + 2], types[i:i + 2]
             if chosen == rejected and chosen_types == rejected_types:
                 continue  # max_length cut both responses off where they differ: the pair says nothing
             values = (chosen, chosen_types, rejected, rejected_types) if self.token_types else (chosen, rejected)
             for name, value in zip(names, values):
                 out[name].append(value)
+            if d.margin_field:
+                out["margin"].append(_margin(row[d.margin_field], d.margin_field))
             out["length"].append(max(len(chosen), len(rejected)))
         return out
 
@@ -77,6 +87,8 @@ class Reward(PairRows, Task):
         if self.token_types:
             batch["token_type_ids"] = self._pad([f["token_type_ids"] for f in feats]
                                                 + [f["rejected_token_type_ids"] for f in feats], 0)
+        if feats and "margin" in feats[0]:
+            batch["margin"] = torch.tensor([f["margin"] for f in feats], dtype=torch.float32)
         return batch
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +98,14 @@ class Reward(PairRows, Task):
         pairs = scores.shape[0] // 2
         return scores[:pairs], scores[pairs:]
 
-    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-        loss = -nn.functional.logsigmoid(chosen - rejected)
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor,
+                    margin: torch.Tensor | None = None) -> torch.Tensor:
+        loss = -nn.functional.logsigmoid(chosen - rejected - (margin if margin is not None else 0))
         centering = self.config.task.reward_centering
         return loss + centering * (chosen + rejected) ** 2 if centering else loss
 
     def loss_sum(self, model, batch) -> torch.Tensor:
-        return self.pair_losses(*self.scores(model, batch)).sum()
+        return self.pair_losses(*self.scores(model, batch), batch.get("margin")).sum()
 
     @torch.no_grad()
     def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
@@ -103,10 +116,21 @@ class Reward(PairRows, Task):
             with autocast():
                 chosen, rejected = self.scores(model, batch)
             if idx is not None:
-                loss += float(self.pair_losses(chosen, rejected).sum())
+                loss += float(self.pair_losses(chosen, rejected, batch.get("margin")).sum())
                 right += float((chosen > rejected).sum())
                 margin += float((chosen - rejected).sum())
                 pairs += len(idx)
         loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
         pairs = max(pairs, 1)
         return {"eval_loss": loss / pairs, "accuracy": right / pairs, "reward_margin": margin / pairs}
+
+
+def _margin(value, field: str) -> float:
+    """A pair's margin as a float: a finite number (or its text, as a CSV file holds it)."""
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        margin = float("nan")
+    if isinstance(value, bool) or not math.isfinite(margin):
+        raise ValueError(f"field {field!r} (data.margin_field) must hold a finite number, got {value!r}")
+    return margin

@@ -67,7 +67,8 @@ def _feature_types() -> dict[str, Any]:
     return {"input_ids": ids, "labels": ids, "prompt_ids": ids, "rejected_ids": ids, "rejected_labels": ids,
             "kl_ids": ids, "kl_labels": ids,
             "token_type_ids": List(Value("int8")), "rejected_token_type_ids": List(Value("int8")),
-            "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string"))}
+            "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string")),
+            "margin": Value("float32")}
 
 
 _FEATURE_TYPES = _feature_types()
