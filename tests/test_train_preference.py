@@ -384,6 +384,24 @@ def test_full_fine_tuning_trains_dpo_from_precomputed_references(tmp_path):
     assert start["reward_margin"] == 0 and start["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
 
 
+def test_a_resumed_full_fine_tuning_run_computes_the_same_references_again(tmp_path):
+    """Fully fine-tuned, a crashed run's resume computes the references again from the model as loaded, before
+    its checkpoint loads: it ends with the uninterrupted run's weights and numbers."""
+    from safetensors.torch import load_file
+
+    config = preference_setup(tmp_path, n_train=16, n_val=8)
+    args = ["train.method='full'", "task.precompute_reference=true", "train.lr=2e-3", "train.epochs=3",
+            "train.batch_size=4", "train.save_every=3", "train.eval_every=6"]
+    full = train(config, args + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    resumed_args = args + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, resumed_args, callbacks=(crash_at(8),), progress=False)  # last checkpoint: step 6
+    resumed = train(config, resumed_args, resume=True, progress=False)
+    assert_same_tensors(*(load_file(tmp_path / run / "model" / "model.safetensors") for run in ("a", "b")))
+    assert resumed["validation"] == pytest.approx(full["validation"], abs=1e-6)
+    assert full["validation"]["reward_margin"] != 0
+
+
 @pytest.mark.parametrize("setting, message", [
     ("train.method='full'", "train.method = 'full' with task.preference_loss = 'dpo', which compares with a "
                             "reference model, needs task.precompute_reference = true"),
