@@ -327,6 +327,34 @@ def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert_resume_matches(config, tmp_path)
 
 
+def test_a_long_prompt_keeps_its_end_within_max_prompt_length(tmp_path):
+    """task.max_prompt_length: a prompt over that many tokens keeps its last ones, so the responses still fit into
+    max_length (without it such a pair is left out); the responses' tokens are kept whole, and KTO's rows alike."""
+    from lorafit.train.kto import KTO
+
+    rows = preference_rows(2, seed=5)
+    rows[0]["prompt"] = " ".join(["the film was"] * 30)  # 90 words: past max_length on its own
+    _, _, tok = adapted_llama(tmp_path, rows, seed=1)
+    config = RunConfig()
+    config.task.type, config.task.max_length, config.data.instruction_field = "preference", 48, "prompt"
+    whole = Preference(config, tok).encode(rows, "train")
+    assert len(whole.features) == 1 and whole.skipped == 1
+    config.task.max_prompt_length = 16
+    cut = Preference(config, tok).encode(rows, "train").features
+    assert len(cut) == 2
+    config.task.max_length = 512
+    full = Preference(config, tok).encode(rows, "train").features
+    for side, labels in (("input_ids", "labels"), ("rejected_ids", "rejected_labels")):
+        first = next(i for i, x in enumerate(cut[0][labels]) if x != tasks.IGNORE)
+        assert first == 16 and cut[0][side] == full[0][side][-len(cut[0][side]):]  # the end of the long prompt
+        assert cut[1][side] == full[1][side]  # a short prompt as it was
+    config.task.type, config.data.output_field, config.data.label_field = "kto", "completion", "label"
+    config.task.max_length = 48
+    kto_rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
+    kto = KTO(config, tok).encode(kto_rows, "train").features
+    assert len(kto) == 2 and next(i for i, x in enumerate(kto[0]["labels"]) if x != tasks.IGNORE) == 16
+
+
 def test_a_precomputed_reference_gives_the_step_s_loss_with_one_forward(tmp_path):
     """task.precompute_reference: each example's reference log-probabilities computed once (in evaluation batches,
     its rows in another company); a training batch made of them gives the loss the step computes with the reference
@@ -412,6 +440,8 @@ def test_a_resumed_full_fine_tuning_run_computes_the_same_references_again(tmp_p
     ("data.streaming=true task.precompute_reference=true", "task.precompute_reference needs every example"),
     ("task.label_smoothing=0.5", "task.label_smoothing must be a number in "),
     ("task.preference_loss='ipo' task.label_smoothing=0.1", "task.label_smoothing is for the sigmoid losses"),
+    ("task.max_prompt_length=32", "task.max_prompt_length must be a whole number of tokens between 1 and "
+                                  "task.max_length - 1 (31), got 32"),
     ("task.dpo_beta=0", "task.dpo_beta must be a finite number > 0"),
     ("task.preference_loss='kto'", "task.preference_loss must be one of dpo, ipo, hinge, simpo, orpo, got 'kto'"),
     ("task.simpo_gamma=1.0", "task.simpo_gamma is SimPO's margin; task.preference_loss is 'dpo'"),

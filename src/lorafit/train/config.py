@@ -124,6 +124,9 @@ class TaskSection:
     # preference and kto: the reference model's log-probabilities of every example computed once, before the first
     # step (one forward fewer per step; full fine-tuning needs them, having no base to switch back to)
     precompute_reference: bool = False
+    # preference and kto: a prompt longer than this many tokens keeps its end (the turns nearest the response), so
+    # that max_length leaves room for the responses; None: prompts are cut only by max_length, from the end
+    max_prompt_length: int | None = None
 
 
 @dataclass
@@ -320,7 +323,7 @@ class RunConfig:
         if self.task.type == "kto":
             self._validate_kto(bad)
         for tasks, names in ((("preference",), ("preference_loss", "simpo_gamma", "sft_weight", "label_smoothing")),
-                             (("preference", "kto"), ("dpo_beta", "precompute_reference")),
+                             (("preference", "kto"), ("dpo_beta", "precompute_reference", "max_prompt_length")),
                              (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight"))):
             for name in names:
@@ -383,6 +386,11 @@ class RunConfig:
             bad("task.generate_rows", f"is for causal_lm and seq2seq; task.type {kind!r} evaluates scores")
         if kind in ("preference", "kto") and not (math.isfinite(self.task.dpo_beta) and self.task.dpo_beta > 0):
             bad("task.dpo_beta", f"must be a finite number > 0, got {self.task.dpo_beta}")
+        limit = self.task.max_prompt_length
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not
+                                  0 < limit < self.task.max_length):
+            bad("task.max_prompt_length", f"must be a whole number of tokens between 1 and task.max_length - 1 "
+                f"({self.task.max_length - 1}), got {limit!r}")
         if self.task.precompute_reference and self.data.streaming:
             bad("task.precompute_reference", "needs every example before the first step; data.streaming = true reads "
                 "them as training goes")

@@ -55,7 +55,7 @@ class KTO(Preference):
         conversations = [self._pieces(p + c) for p, c in zip(prompts, completions)]
         conversations += [self._pieces(p + completions[(i + 1) % len(rows)]) for i, p in enumerate(prompts)]
         ids = iter(self._ids_many([text for pieces in conversations for text, _ in pieces]))
-        encoded = [self._join(pieces, [next(ids) for _ in pieces]) for pieces in conversations]
+        encoded = [self._cut_prompt(*self._join(pieces, [next(ids) for _ in pieces])) for pieces in conversations]
         out: dict[str, list] = {name: [] for name in ("input_ids", "labels", "kl_ids", "kl_labels", "label", "length")}
         for (seq, seq_labels), (kl, kl_labels), label in zip(encoded[:len(rows)], encoded[len(rows):], labels):
             seq, seq_labels, kl, kl_labels = seq[:max_len], seq_labels[:max_len], kl[:max_len], kl_labels[:max_len]

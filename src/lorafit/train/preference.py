@@ -22,7 +22,8 @@ copy of the weights, where the usual recipe keeps one; the reference-free losses
 (and train full fine-tuning too).
 
 Prompts and responses are rendered with the chat template as causal_lm's instruction rows are (the prompt a
-user turn, the response the assistant's); only response tokens are scored. Evaluation reports the mean loss
+user turn, the response the assistant's); only response tokens are scored. ``task.max_prompt_length`` keeps the
+end of a longer prompt, so that ``task.max_length`` leaves room for the responses. Evaluation reports the mean loss
 (``eval_loss``), how often the chosen response gets the larger reward (``reward_accuracy``) and the mean
 difference of the two rewards (``reward_margin``).
 """
@@ -69,7 +70,7 @@ class Preference(PairRows, CausalLM):
                 # every assistant turn of a response is scored: turns the two responses share cancel in the loss
                 conversations.append(self._pieces(prompt + turns(row[field], field)))
         ids = iter(self._ids_many([text for pieces in conversations for text, _ in pieces]))
-        encoded = [self._join(pieces, [next(ids) for _ in pieces]) for pieces in conversations]
+        encoded = [self._cut_prompt(*self._join(pieces, [next(ids) for _ in pieces])) for pieces in conversations]
         out: dict[str, list] = {name: [] for name in (*PAIR_FIELDS, "length")}
         for (chosen, chosen_labels), (rejected, rejected_labels) in zip(encoded[::2], encoded[1::2]):
             chosen, chosen_labels = chosen[:max_len], chosen_labels[:max_len]
@@ -80,6 +81,19 @@ class Preference(PairRows, CausalLM):
                 out[name].append(value)
             out["length"].append(max(len(chosen), len(rejected)))
         return out
+
+    def cache_key(self, kind: str) -> tuple:
+        return (*super().cache_key(kind), self.config.task.max_prompt_length)
+
+    def _cut_prompt(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """A conversation's tokens with its prompt (everything before the first response token) cut to its last
+        task.max_prompt_length tokens, as TRL keeps a prompt's end."""
+        keep = self.config.task.max_prompt_length
+        if keep is None:
+            return ids, labels
+        first = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+        drop = max(0, first - keep)
+        return ids[drop:], labels[drop:]
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         """The chosen responses' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""
