@@ -19,7 +19,8 @@ the trained model's summed log-probabilities of a response's tokens, ``r`` the r
 sigmoid(-x)`` (conservative DPO, Mitchell 2023: pairs whose labels are wrong with probability ``e``). With
 LoRA the reference model is the base model itself, the adapter switched off (``lorafit.disabled``): no second
 copy of the weights, where the usual recipe keeps one; the reference-free losses skip that forward altogether
-(and train full fine-tuning too).
+(and train full fine-tuning too). ``task.precompute_reference`` computes the reference's log-probabilities once,
+before training (train/reference.py), which full fine-tuning of the others needs.
 
 Prompts and responses are rendered with the chat template as causal_lm's instruction rows are (the prompt a
 user turn, the response the assistant's); only response tokens are scored. ``task.max_prompt_length`` keeps the
