@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import lorafit
+from lorafit.chat import render
 from lorafit.train.config import expand_path, load_config
 from lorafit.train.data import read_rows
 from lorafit.train.run import CONFIG_FILE, load_run, prepare
@@ -85,8 +86,7 @@ def main() -> None:
     for row in rows:
         # messages() wants the answer field; the prompt is everything before it
         messages = task.messages({**row, out_field: row.get(out_field, "")})[:-1]
-        text = tok.apply_chat_template(messages, chat_template=task.template, tokenize=False,
-                                       add_generation_prompt=True)
+        text = render(tok, messages, generation_prompt=True)
         prompts.append(tok(text, add_special_tokens=False)["input_ids"])
 
     has_adapter = is_run and config.train.method == "lora"
