@@ -338,9 +338,6 @@ class CausalLM(_Generative):
         self.uses_model_template = bool(tokenizer.chat_template)
         self._plain_head: bool | None = None  # are the logits the output embeddings of the hidden state?
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return render(self.tok, messages, generation_prompt)
-
     def messages(self, row: dict) -> list[dict]:
         d = self.config.data
         if d.messages_field:
@@ -360,8 +357,8 @@ class CausalLM(_Generative):
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(messages[:i], generation_prompt=True)
-            full = self._render(messages[: i + 1], generation_prompt=False)
+            prompt = render(self.tok, messages[:i], generation_prompt=True)
+            full = render(self.tok, messages[: i + 1], generation_prompt=False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise ValueError("the chat template does not render a conversation as a prefix of its "
                                  "continuation, so response tokens cannot be told apart; set a simpler "
@@ -395,7 +392,7 @@ class CausalLM(_Generative):
         for row in columns_to_rows(batch):
             messages = self.messages(row)
             pieces = self._pieces(messages)
-            prompt = self._render(messages[:-1], generation_prompt=True) \
+            prompt = render(self.tok, messages[:-1], generation_prompt=True) \
                 if generating and messages[-1]["role"] == "assistant" else None
             plans.append((row, messages, pieces, prompt))
             texts += [text for text, _ in pieces] + ([prompt] if prompt is not None else [])
