@@ -115,6 +115,7 @@ SCRIPTS = {
     "examples/dialogsum_rouge.py": ["--rows", "2"],
     "examples/sst2_preferences.py": ["--train-pairs", "32", "--validation-pairs", "8"],
     "examples/dpo_steering.py": ["--samples", "2", "--batch", "2", "--max-new-tokens", "8"],
+    "examples/best_of_n.py": ["--samples", "2", "--n", "2", "--batch", "2", "--max-new-tokens", "8"],
     "examples/compare_generations.py": ["--rows", "1", "--max-new-tokens", "8"],
     "examples/rank_study.py": ["--ranks", "1", "2", "--set", "train.max_steps=2", "--set", "train.eval_every=2",
                                *sets(ROWS)],
