@@ -22,7 +22,7 @@ import torch
 from dpo_steering import positive_probability, sample
 
 import lorafit
-from lorafit.chat import reads_text_pairs, render
+from lorafit.chat import reads_text_pairs, render, text_pair
 from lorafit.train.run import load_run
 
 
@@ -34,8 +34,8 @@ def reward_scores(reward, prompt: list[dict], answers: list[str], batch: int) ->
     for start in range(0, len(answers), batch):
         part = answers[start:start + batch]
         if reads_text_pairs(tok):
-            first = "\n".join(m["content"] for m in prompt)
-            enc = tok([first] * len(part), part, padding=True, truncation=True, max_length=max_length,
+            firsts, seconds = zip(*(text_pair(prompt, [{"role": "assistant", "content": a}]) for a in part))
+            enc = tok(list(firsts), list(seconds), padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
         else:
             texts = [render(tok, prompt + [{"role": "assistant", "content": a}]) for a in part]

@@ -166,6 +166,24 @@ def _steps_without_sync(step) -> None:
     torch.cuda.synchronize()
 
 
+def _task_steps_without_sync(task, model, cpu_batch: dict) -> None:
+    """A lorafit train step of ``task`` on the batch (its loss per unit, backward, AdamW on the trainable
+    parameters) never waits for the GPU (``_steps_without_sync``), and leaves the parameters finite."""
+    from lorafit.train.loop import on_device
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    units = int(cpu_batch["units"])
+
+    def step():
+        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / units).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    _steps_without_sync(step)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 def test_a_causal_lm_training_step_never_waits_for_the_gpu():
     """`lorafit train`'s causal-LM step on a right-padded batch from collate (no attention mask reaches the
     model; the loss positions come with the batch), LoRA with dropout, backward and AdamW on the bf16 adapters'
@@ -256,20 +274,11 @@ def test_a_dpo_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype, loss):
     with torch.no_grad():
         want = Preference(config, Tok()).loss_sum(cpu_model, cpu_batch)
     task = Preference(config, Tok())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     with torch.no_grad():
         got = task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE)))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
-
-    def step():
-        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 3).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    _steps_without_sync(step)
-    assert all(torch.isfinite(p).all() for p in params)
+    _task_steps_without_sync(task, model, cpu_batch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -294,17 +303,7 @@ def test_precomputed_references_give_the_inline_loss_and_never_wait_for_the_gpu(
         got = task.loss_sum(model, on_device(task.collate(known.rows(range(3))), torch.device(DEVICE)))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), inline.float(), rtol=tol, atol=tol)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    batch = task.collate(known.rows(range(3)))
-
-    def step():
-        (task.loss_sum(model, on_device(batch, torch.device(DEVICE))) / 3).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    _steps_without_sync(step)
-    assert all(torch.isfinite(p).all() for p in params)
+    _task_steps_without_sync(task, model, task.collate(known.rows(range(3))))
 
 
 def test_a_kto_step_matches_the_cpu_and_never_waits_for_the_gpu():
@@ -330,16 +329,7 @@ def test_a_kto_step_matches_the_cpu_and_never_waits_for_the_gpu():
         want = KTO(config, Tok()).loss_sum(copy.deepcopy(model).to("cpu"), cpu_batch)
         got = task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE)))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-
-    def step():
-        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 3).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    _steps_without_sync(step)
-    assert all(torch.isfinite(p).all() for p in params)
+    _task_steps_without_sync(task, model, cpu_batch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -373,16 +363,7 @@ def test_a_reward_model_step_matches_the_cpu_and_never_waits_for_the_gpu(dtype):
         got = torch.stack(task.scores(model, on_device(cpu_batch, torch.device(DEVICE))))
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-
-    def step():
-        (task.loss_sum(model, on_device(cpu_batch, torch.device(DEVICE))) / 2).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    _steps_without_sync(step)
-    assert all(torch.isfinite(p).all() for p in params)
+    _task_steps_without_sync(task, model, cpu_batch)
 
 
 def test_float16_weights_train_on_cuda(tmp_path):

@@ -15,17 +15,13 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def template_of(tokenizer) -> str:
-    """The chat template the tokenizer's conversations are rendered with: its own, else the default one."""
-    return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-
-
 def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
     """The conversation as text (tokenize it without adding special tokens: the template writes those it wants);
     ``generation_prompt`` ends it where the assistant's next turn starts."""
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, chat_template=template_of(tokenizer), tokenize=False,
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
 

@@ -27,8 +27,8 @@ from torch import nn
 import lorafit
 from lorafit.train.distributed import unwrap
 from lorafit.train.pairs import turns
-from lorafit.train.preference import Preference, with_reference_column
-from lorafit.train.reference import REFERENCE
+from lorafit.train.preference import Preference
+from lorafit.train.reference import with_reference_column
 from lorafit.train.tasks import IGNORE, columns_to_rows, loss_positions
 
 KL = "kl_"  # the prefix of the mismatched rows' tensors in a batch
@@ -83,10 +83,7 @@ class KTO(Preference):
         logps, _ = self.sequence_logps(model, batch)
         with torch.no_grad():
             kl_logps, _ = self.sequence_logps(model, mismatched)
-        if reference is None:
-            reference = batch.get(REFERENCE)
-        if reference is None:
-            reference = self.reference_logps(model, batch)
+        reference = self._reference(model, batch, reference)
         rows = logps.shape[0]
         beta = self.config.task.dpo_beta
         kl = beta * (kl_logps - reference[rows:]).mean().clamp(min=0)

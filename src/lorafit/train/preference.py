@@ -40,7 +40,7 @@ import lorafit
 from lorafit.train.config import REFERENCE_FREE_LOSSES
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.pairs import PairRows, turns
-from lorafit.train.reference import REFERENCE
+from lorafit.train.reference import REFERENCE, with_reference_column
 from lorafit.train.tasks import IGNORE, CausalLM, columns_to_rows, loss_positions, rows_at
 
 PAIR_FIELDS = ("input_ids", "labels", "rejected_ids", "rejected_labels")
@@ -116,10 +116,7 @@ class Preference(PairRows, CausalLM):
         if t.preference_loss in REFERENCE_FREE_LOSSES:
             rewards, reference = t.dpo_beta * per_token, None
         else:
-            if reference is None:
-                reference = batch.get(REFERENCE)
-            if reference is None:
-                reference = self.reference_logps(model, batch)
+            reference = self._reference(model, batch, reference)
             ratio = logps - reference
             rewards = t.dpo_beta * (ratio / tokens if t.preference_loss == "ipo" else ratio)
         pairs = rewards.shape[0] // 2
@@ -131,6 +128,15 @@ class Preference(PairRows, CausalLM):
         without adapters, as full fine-tuning starts, is its own reference)."""
         with lorafit.disabled(unwrap(model)):
             return self.sequence_logps(model, batch)[0]
+
+    def _reference(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                   known: torch.Tensor | None) -> torch.Tensor:
+        """The batch's reference log-probabilities: ``known`` (an evaluation's, kept from an earlier one), else the
+        precomputed ones the batch carries (task.precompute_reference), else the reference model's now."""
+        if known is not None:
+            return known
+        carried = batch.get(REFERENCE)
+        return carried if carried is not None else self.reference_logps(model, batch)
 
     def pair_losses(self, s: PairScores) -> torch.Tensor:
         t = self.config.task
@@ -190,14 +196,6 @@ class Preference(PairRows, CausalLM):
         self._eval_reference = (key, references, held)
         names = self.eval_totals  # every process sums the same names, batches or none
         return self.eval_metrics(dict(zip(names, dist.all_reduce_sum([totals.get(n, 0.0) for n in names], device))))
-
-
-def with_reference_column(batch: dict[str, torch.Tensor], feats: list[dict]) -> dict[str, torch.Tensor]:
-    """The batch with its rows' precomputed reference log-probabilities (task.precompute_reference), where the
-    features have them: the examples' first rows, then their second ones, as the batch holds them."""
-    if feats and REFERENCE in feats[0]:
-        batch[REFERENCE] = torch.tensor([f[REFERENCE] for f in feats], dtype=torch.float32).T.reshape(-1)
-    return batch
 
 
 def _log_odds(per_token_logp: torch.Tensor) -> torch.Tensor:

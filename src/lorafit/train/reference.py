@@ -50,6 +50,14 @@ class WithReference(Sequence):
         return lengths_of(self.features)
 
 
+def with_reference_column(batch: dict[str, torch.Tensor], feats: list[dict]) -> dict[str, torch.Tensor]:
+    """A collated batch with its rows' reference log-probabilities, where the features carry them: the examples'
+    first rows, then their second ones, as the batch holds them."""
+    if feats and REFERENCE in feats[0]:
+        batch[REFERENCE] = torch.tensor([f[REFERENCE] for f in feats], dtype=torch.float32).T.reshape(-1)
+    return batch
+
+
 @torch.no_grad()
 def with_reference(task, model: torch.nn.Module, features: Sequence[dict], device: torch.device, batch_size: int,
                    autocast, dist: Distributed = SINGLE) -> WithReference:

@@ -726,10 +726,13 @@ def _precompute_reference(prep: Prepared, data: Encoded, dist: Distributed) -> t
     if not prep.config.task.precompute_reference:
         return data, None
     start = time.perf_counter()
-    splits = {split: with_reference(prep.task, prep.model, features, prep.device, prep.config.train.eval_batch_size,
-                                    _autocast(prep), dist) if len(features) else features
-              for split, features in ((f.name, getattr(data, f.name)) for f in dataclasses.fields(data))}
-    return Encoded(**splits), time.perf_counter() - start
+
+    def precomputed(features: Sequence[dict]) -> Sequence[dict]:
+        return with_reference(prep.task, prep.model, features, prep.device, prep.config.train.eval_batch_size,
+                              _autocast(prep), dist) if len(features) else features
+
+    data = Encoded(*map(precomputed, (data.train, data.validation, data.test)))
+    return data, time.perf_counter() - start
 
 
 def _check_metric(prep: Prepared, data: Encoded) -> str:

@@ -33,6 +33,8 @@ from lorafit.train.data import FeatureTable, eval_batches, lengths_of, rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 
 IGNORE = -100
+
+
 @dataclass
 class Encoded:
     features: list[dict[str, Any]]  # token id lists per example
@@ -501,10 +503,12 @@ class CausalLM(_Generative):
         inputs = {"input_ids": batch["input_ids"], "use_cache": False}
         if "position_ids" in batch:  # packed: transformers masks attention across the examples these mark
             inputs["position_ids"] = batch["position_ids"]
-        if self._plain_head is None:
+        # FSDP (fully_shard gives the model unshard): the head's weight is a shard outside the model's forward. The
+        # model may be sharded after its first batches (task.precompute_reference's run before), so asked each time.
+        sharded = hasattr(model, "unshard")
+        if not sharded and self._plain_head is None:
             self._plain_head = _head_is_plain(model, inputs, positions)
-        # sharded since (FSDP after task.precompute_reference's forwards): the head's weight is a shard
-        if not self._plain_head or _sharded(model):  # the model's own head and logit transform, at the loss positions
+        if sharded or not self._plain_head:  # the model's own head and logit transform, at the loss positions
             logits = model(**inputs, logits_to_keep=_mask_at(batch["input_ids"], positions)).logits
             return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
         hidden, _ = _forward_hidden(model, inputs, positions[:0])  # no position: the head runs below
@@ -573,17 +577,13 @@ def _forward_hidden(model: nn.Module, inputs: dict, logits_to_keep: torch.Tensor
     return captured[0], logits
 
 
-def _sharded(model: nn.Module) -> bool:
-    return hasattr(model, "unshard")  # a module sharded by FSDP's fully_shard
-
-
 def _head_is_plain(model: nn.Module, inputs: dict, positions: torch.Tensor) -> bool:
     """Whether the logits are the output embeddings of the hidden state, so the loss can apply them itself.
 
-    Not under FSDP (the head's weight is resharded after the forward), nor for a model that transforms its
-    logits (Gemma's soft-capping, Cohere's and Granite's scales): compared on the first loss position."""
+    Not for a model that transforms its logits (Gemma's soft-capping, Cohere's and Granite's scales): compared on
+    the first loss position. (Never asked under FSDP, whose ``unshard`` module keeps the head's weight sharded.)"""
     head = unwrap(model).get_output_embeddings()
-    if head is None or _sharded(model):
+    if head is None:
         return False
     ids = inputs["input_ids"]
     first = _mask_at(ids, positions[:1])
