@@ -123,6 +123,30 @@ def test_an_encoder_reward_model_reads_prompt_and_response_as_a_text_pair(tmp_pa
     assert summary["validation"]["accuracy"] >= 0.8, summary["validation"]
 
 
+def test_an_encoder_reads_each_row_as_lorafit_serve_scores_it_whatever_rows_share_its_batch(tmp_path):
+    """Rows with and without a prompt in one tokenized batch: each row gets the tokens it gets alone (the text
+    pair, or the response alone), which are the tokens /v1/classify scores its conversation on."""
+    from lorafit.serve.engine import conversation_row
+
+    reward_setup(tmp_path, encoder=True)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-bert")
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    rc = RunConfig()
+    rc.task.type, rc.data.instruction_field = "reward", "prompt"
+    rows = preference_rows(4, seed=5)
+    rows[1]["prompt"] = rows[3]["prompt"] = ""
+    task = Reward(rc, tok)
+    together = task.encode(rows, "train").features
+    alone = [task.encode([row], "train").features[0] for row in rows]
+    assert together == alone
+    for row, feature in zip(rows, together):
+        messages = [{"role": "user", "content": row["prompt"]}] if row["prompt"] else []
+        served = conversation_row(tok, messages + [{"role": "assistant", "content": row["chosen"]}])
+        enc = tok(served.text, served.pair)
+        assert feature["input_ids"] == enc["input_ids"] and feature["token_type_ids"] == enc["token_type_ids"]
+    assert tok.sep_token_id not in together[1]["input_ids"][1:-1]  # no empty first text before the response
+
+
 def test_a_decoder_tokenizer_without_a_chat_template_gets_the_default_one(tmp_path):
     """No chat template and no separator token (a GPT-2-style tokenizer): a text pair would run the prompt into
     the response, so the conversation is rendered with causal_lm's default template."""

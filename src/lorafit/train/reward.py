@@ -66,7 +66,9 @@ class Reward(PairRows, Task):
 
     def _encode(self, conversations: list[tuple[list[dict], list[dict]]]) -> tuple[list, list]:
         """The (prompt, response) conversations' token ids, at most task.max_length each, and their token type
-        ids (None each where the tokenizer makes none); one call to the tokenizer for them all."""
+        ids (None each where the tokenizer makes none). An encoder reads a conversation with a prompt as the text
+        pair and one without as its response alone, row by row (as ``lorafit serve`` scores it), so a row's
+        tokens never depend on the rows it is tokenized with."""
         max_len = self.config.task.max_length
         if not conversations:
             return [], []
@@ -74,10 +76,21 @@ class Reward(PairRows, Task):
             texts = [render(self.tok, prompt + response) for prompt, response in conversations]
             ids = self.tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
             return [x[:max_len] for x in ids], [None] * len(ids)
-        firsts, seconds = map(list, zip(*(text_pair(prompt, response) for prompt, response in conversations)))
-        pairs = (firsts, seconds) if any(firsts) else (seconds,)  # no prompt at all: the responses alone
-        enc = self.tok(*pairs, truncation=True, max_length=max_len, return_attention_mask=False)
-        return enc["input_ids"], enc["token_type_ids"] if self.token_types else [None] * len(enc["input_ids"])
+        texts = [text_pair(prompt, response) for prompt, response in conversations]
+        ids: list = [None] * len(texts)
+        types: list = [None] * len(texts)
+        for with_prompt in (True, False):
+            rows = [i for i, (first, _) in enumerate(texts) if bool(first) == with_prompt]
+            if not rows:
+                continue
+            seconds = [texts[i][1] for i in rows]
+            args = ([texts[i][0] for i in rows], seconds) if with_prompt else (seconds,)
+            enc = self.tok(*args, truncation=True, max_length=max_len, return_attention_mask=False)
+            for j, i in enumerate(rows):
+                ids[i] = enc["input_ids"][j]
+                if self.token_types:
+                    types[i] = enc["token_type_ids"][j]
+        return ids, types
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         """The chosen conversations' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""

@@ -41,7 +41,7 @@ class Encoded:
     skipped: int = 0  # rows that could not fit a single target token into max_length
 
 
-ENCODING_VERSION = 1  # part of the tokenization cache key: bump when encode_batch changes what it writes
+ENCODING_VERSION = 2  # part of the tokenization cache key: bump when encode_batch changes what it writes
 
 
 def encode_dataset(task: Task, rows, split: str) -> tuple[FeatureTable, int]:
