@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import lorafit
+from lorafit import vera
 from lorafit.io import CONFIG_NAME
 
 
@@ -83,6 +84,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     labels = lorafit.read_labels(args.dir)
     if labels is not None:
         print(f"labels: {', '.join(labels)}")
+    if vera.SHARED_A in tensors:
+        print(f"VeRA: each lora_A below is at the shared width of {vera.SHARED_A}; loading cuts it to its layer's "
+              "input size")
     rows = [(name, str(list(t.shape)), str(t.dtype).removeprefix("torch.")) for name, t in sorted(tensors.items())]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(("tensor", "shape", "dtype"))]
     print()
@@ -99,6 +103,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def cmd_convert(args: argparse.Namespace) -> int:
     config, tensors = lorafit.read_adapter(args.src)  # AdaLoRA and BD-LoRA files come back as plain LoRA
+    if vera.SHARED_A in tensors:
+        raise ValueError(f"{args.src}: a VeRA adapter's A factors are its shared projection cut to each layer's input "
+                         "size, which only the base model knows; load it onto the model and save it "
+                         "(lorafit.load_adapter(model, SRC); lorafit.save_adapter(model, OUT)): a LoRA file")
     labels = lorafit.read_labels(args.src)
     out = Path(args.out)
     if out.resolve() != Path(args.src).resolve() and (out / CONFIG_NAME).exists() and not args.overwrite:

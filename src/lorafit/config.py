@@ -412,8 +412,8 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads LoRA adapters ('LORA'), and "
-                             "AdaLoRA, LoHa and LoKr adapter directories ('ADALORA', 'LOHA', 'LOKR') through "
-                             "load_adapter / read_adapter")
+                             "AdaLoRA, LoHa, LoKr and VeRA adapter directories ('ADALORA', 'LOHA', 'LOKR', "
+                             "'VERA') through load_adapter / read_adapter")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown: list[str] = []

@@ -1,5 +1,5 @@
 """The tensors of a PEFT adapter file grouped by the module they adapt, for the readers that turn another
-adapter type's factors into a LoRA's (adalora.py, lycoris.py)."""
+adapter type's factors into a LoRA's (adalora.py, lycoris.py, vera.py)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,8 @@ def by_module(tensors: dict[str, torch.Tensor], names: tuple[str, ...], prefix: 
         else:
             rest[key] = t
     return factors, rest
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    # factors multiplied in at least float32: a bf16 file's factors are exact there, their products would not be
+    return t.to(torch.promote_types(t.dtype, torch.float32))

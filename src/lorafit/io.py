@@ -25,7 +25,7 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from lorafit import adalora, lycoris
+from lorafit import adalora, lycoris, vera
 from lorafit.config import LoraConfig, modifies_base_weight
 from lorafit.model import (adapter_configs, adapter_parameters, attach, detach, drop_saved_copy, lora_layers,
                            saved_modules, tied_lora_heads)
@@ -308,7 +308,7 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
                   ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and tensors of an adapter from its files' bytes; ``source`` (its directory) names it in errors."""
     data = _config_data(config_json, f"{source}/{CONFIG_NAME}")
-    if not _is_adalora(data) and not lycoris.is_lycoris(data):
+    if not _is_adalora(data) and not lycoris.is_lycoris(data) and not vera.is_vera(data):
         config = LoraConfig.from_dict(data, source=f"{source}/{CONFIG_NAME}")
     try:
         tensors = tensors_from_bytes(weights)
@@ -318,6 +318,8 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
         return adalora.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
     if lycoris.is_lycoris(data):
         return lycoris.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
+    if vera.is_vera(data):
+        return vera.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
     if isinstance(data, dict) and data.get("use_bdlora"):
         tensors = _expand_block_diagonal(tensors, data["use_bdlora"], f"{source}/{CONFIG_NAME}")
     return config, tensors
@@ -340,6 +342,8 @@ def adapter_rank(config_json: bytes, source: str = CONFIG_NAME) -> int | None:
     data = _config_data(config_json, source)
     if lycoris.is_lycoris(data):
         return None
+    if vera.is_vera(data):
+        return vera.rank(data, source)
     return adalora.initial_rank(data, source) if _is_adalora(data) else LoraConfig.from_dict(data, source=source).r
 
 
@@ -421,6 +425,7 @@ def load_adapter_state(
         _without_unsaved_copies(source, model, name, config, tensors)
         _fit_head_sizes(model, name, tensors, trainable)
         expected = {peft_key(k, name): p for k, p in adapter_parameters(model, name).items()}
+        tensors = vera.sliced_to_layers(expected, tensors)
         tensors = _without_base_copies(source, model, expected, tensors)
         tensors = _without_tied_copies(source, _tied_head_keys(model, name), expected, tensors)
         tensors = _with_conv_kernels(source, expected, tensors)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from lorafit.config import LoraConfig, pattern_key
-from lorafit.file_factors import by_module
+from lorafit.file_factors import at_least_float32, by_module
 
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -108,11 +108,11 @@ def _loha(f: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.T
 
 def _lokr(f: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if "lokr_w1" in f:
-        p1, q1 = _whole(_float(f["lokr_w1"]), "lokr_w1", where)
+        p1, q1 = _whole(at_least_float32(f["lokr_w1"]), "lokr_w1", where)
     else:
         p1, q1 = _low_rank(f, "lokr_w1_a", "lokr_w1_b", None, where)
     if "lokr_w2" in f:
-        w2 = _float(f["lokr_w2"])
+        w2 = at_least_float32(f["lokr_w2"])
         if w2.dim() == 3:
             # PEFT builds a Conv1d's change as torch.kron of a matrix and this 3-d tensor, reshaped to the
             # kernel: not the Kronecker product of two matrices, so taken as the dense change it is
@@ -129,11 +129,11 @@ def _low_rank(f: dict[str, torch.Tensor], a_key: str, b_key: str, t_key: str | N
     missing = [k for k in (a_key, b_key) if k not in f]
     if missing:
         raise ValueError(f"{where} has no {' or '.join(missing)} tensor")
-    wa, wb = _float(f[a_key]), _float(f[b_key])
+    wa, wb = at_least_float32(f[a_key]), at_least_float32(f[b_key])
     t = f.get(t_key) if t_key else None
     if t is not None:
         # CP form: ΔW[p, q, k, l] = Σ_ij t[i, j, k, l] wa[i, p] wb[j, q], so U = waᵀ and V = t ×_j wb
-        t = _float(t)
+        t = at_least_float32(t)
         if t.dim() != 4 or wa.dim() != 2 or wb.dim() != 2 or t.shape[:2] != (wa.shape[0], wb.shape[0]):
             raise ValueError(f"{where}: {t_key} {list(t.shape)}, {a_key} {list(wa.shape)} and {b_key} "
                              f"{list(wb.shape)} are not a CP decomposition (r x r x k x k, r x out, r x in)")
@@ -166,8 +166,3 @@ def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # torch.kron views its inputs, which fails for a transposed r = 1 factor: contiguous() keeps that one's
     # strides (a size-1 dimension's stride does not count), a clone does not
     return torch.kron(x.clone(memory_format=torch.contiguous_format), y.clone(memory_format=torch.contiguous_format))
-
-
-def _float(t: torch.Tensor) -> torch.Tensor:
-    # products in at least float32: a bf16 file's factors are exact there, their products would not be
-    return t.to(torch.promote_types(t.dtype, torch.float32))

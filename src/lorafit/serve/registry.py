@@ -46,7 +46,7 @@ import lorafit
 from lorafit.batched import param_shapes
 from lorafit.config import modifies_base_weight
 from lorafit.io import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, adapter_rank, parse_labels
-from lorafit.model import saved_modules
+from lorafit.model import adapter_parameters, saved_modules
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 FILES = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME)
@@ -308,7 +308,7 @@ class AdapterRegistry:
         except (ValueError, KeyError) as exc:
             raise BadAdapter(f"adapter {name!r}: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
         return Entry(name=name, internal=internal, digest=digest, signature=signature, rank=config.r,
-                     nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), labels=labels, head=head)
+                     nbytes=_attached_bytes(self.model, internal), labels=labels, head=head)
 
     def _over_capacity(self, keep: str) -> list[Entry]:
         """Least recently used unpinned adapters to evict (called with ``_lock`` held)."""
@@ -426,3 +426,9 @@ def _peek(path: Path) -> tuple[int | None, int | None]:
         return adapter_rank((path / CONFIG_NAME).read_bytes(), str(path / CONFIG_NAME)), size
     except (OSError, ValueError):
         return None, size
+
+
+def _attached_bytes(model: nn.Module, name: str) -> int:
+    """The memory adapter ``name`` holds in the model: its parameters as attached, which can differ from its file's
+    tensors (a VeRA file's factors at the shared width; bfloat16 factors loaded into a float32 model)."""
+    return sum(p.numel() * p.element_size() for p in adapter_parameters(model, name).values())
