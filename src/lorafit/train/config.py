@@ -168,6 +168,9 @@ class TrainSection:
     # "hashed": the model's nn.Dropout modules draw lorafit's hashed masks (faster on a CPU, a different
     # random stream), see lorafit.layers.hashed_dropout
     model_dropout: str = "torch"
+    # causal_lm, seq2seq: NEFTune's noise on the input embeddings while training, of size alpha / sqrt(length x
+    # width) (the paper and TRL use 5 to 15); 0: off. See lorafit.train.neftune
+    neftune_noise_alpha: float = 0.0
     group_by_length: bool = True
     log_every: int = 10
     tensorboard: bool = False
@@ -295,7 +298,7 @@ class RunConfig:
         if self.train.lorafa and self.train.loraplus_lr_ratio != 1:
             bad("train.lorafa", "freezes A, so LoRA+'s ratio of B's rate to A's means nothing; set "
                 "train.loraplus_lr_ratio = 1")
-        for key in ("train.weight_decay", "train.max_grad_norm"):
+        for key in ("train.weight_decay", "train.max_grad_norm", "train.neftune_noise_alpha"):
             if not (math.isfinite(self.get(key)) and self.get(key) >= 0):
                 bad(key, f"must be a finite number >= 0, got {self.get(key)}")
         if not 0.0 <= self.train.warmup_ratio < 1.0:
@@ -314,6 +317,9 @@ class RunConfig:
         if refs and (self.task.type == "classification" or self.data.messages_field):
             bad("data.reference_fields", "is for generation tasks that read data.output_field "
                 "(not for classification or data.messages_field)")
+        if self.train.neftune_noise_alpha and self.task.type not in ("causal_lm", "seq2seq"):
+            bad("train.neftune_noise_alpha", f"is for instruction tuning (causal_lm, seq2seq); task.type is "
+                f"{self.task.type!r}")
         if self.task.packing and self.task.type != "causal_lm":
             bad("task.packing", f"is for causal_lm; task.type is {self.task.type!r}")
         if self.task.type in PAIR_TASKS:

@@ -69,6 +69,7 @@ from lorafit.train.models import (
     resolve_model,
     transformer_blocks,
 )
+from lorafit.train.neftune import add_embedding_noise
 from lorafit.train.reference import with_reference
 from lorafit.train.tasks import Task, build_task, encode_dataset
 
@@ -276,8 +277,9 @@ def check_invocation(tokens: list[int], rows: Sequence[dict]) -> None:
 
 def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[], None]:
     """The model made ready to train by train.method (and model.quantize, train.model_dropout,
-    train.gradient_checkpointing, train.compile), on its device. Returns what puts the model's own dropout
-    modules and uncompiled blocks back: a caller's model= leaves the run as it came, adapter aside.
+    train.neftune_noise_alpha, train.gradient_checkpointing, train.compile), on its device. Returns what puts the
+    model's own dropout modules, embedding forward and uncompiled blocks back: a caller's model= leaves the run as
+    it came, adapter aside.
     ``train_rows``: the encoded training rows, which an EVA initialisation runs the model on."""
     model = prep.model
     dtypes = {p.dtype for p in model.parameters()}
@@ -322,7 +324,16 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    put_back_dropout = _use_hashed_dropout(model) if prep.config.train.model_dropout == "hashed" else lambda: None
+    put_backs = []  # what gives the model its own modules and forwards back, undone last first
+    if prep.config.train.model_dropout == "hashed":
+        put_backs.append(_use_hashed_dropout(model))
+    if prep.config.train.neftune_noise_alpha:
+        put_backs.append(add_embedding_noise(model, prep.config.train.neftune_noise_alpha))
+
+    def put_back() -> None:
+        for undo in reversed(put_backs):
+            undo()
+
     try:
         model.to(prep.device)
         if prep.config.train.gradient_checkpointing:
@@ -334,16 +345,11 @@ def apply_method(prep: Prepared, train_rows: Sequence[dict] = ()) -> Callable[[]
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model.config, "use_cache"):
                 model.config.use_cache = False
-        put_back_compile = _compile_blocks(model, prep.config.train.compile_backend) if prep.config.train.compile \
-            else lambda: None
+        if prep.config.train.compile:
+            put_backs.append(_compile_blocks(model, prep.config.train.compile_backend))
     except BaseException:
-        put_back_dropout()
+        put_back()
         raise
-
-    def put_back() -> None:
-        put_back_compile()
-        put_back_dropout()
-
     return put_back
 
 
@@ -648,7 +654,7 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
     check_given_fits(prep, model is not None, tokenizer is not None)
     data = _encode_splits(prep)
     metric = _check_metric(prep, data)
-    put_back_dropout = _ready_model(prep, data)
+    put_back_model = _ready_model(prep, data)
     try:
         report = lorafit.trainable_parameters(prep.model)
         data, reference_seconds = _precompute_reference(prep, data, dist)
@@ -674,6 +680,9 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         settings = prep.train_settings()
         sixteen_bit = {str(p.dtype).removeprefix("torch.") for p in prep.model.parameters()
                        if p.requires_grad and p.dtype in SIXTEEN_BIT}
+        if config.train.neftune_noise_alpha:
+            print(f"  NEFTune: uniform noise of size {config.train.neftune_noise_alpha:g} / sqrt(length x width) on "
+                  "the input embeddings in training steps (train.neftune_noise_alpha)")
         if settings.lorafa:
             print("  LoRA-FA: the A factors stay as initialised, B's gradients are projected before each step "
                   "(train.lorafa)")
@@ -689,7 +698,7 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         summary = _finish(prep, dist, out, state, data, metric, report, wall_start - earlier_seconds)
         return TrainResult(summary, prep.model.eval(), prep.tokenizer, prep.labels)
     finally:
-        put_back_dropout()
+        put_back_model()
 
 
 def _check_inputs(config: RunConfig, dist: Distributed, resume: bool, overwrite: bool, model: nn.Module | None,
@@ -756,18 +765,18 @@ def _check_metric(prep: Prepared, data: Encoded) -> str:
 
 def _ready_model(prep: Prepared, data: Encoded) -> Callable[[], None]:
     """The model as the run trains it: an earlier train()'s adapter off, the method applied, the packing checked.
-    Returns what puts the model's own dropout modules back (train.model_dropout = "hashed") once the run ends."""
+    Returns what apply_method returns: what puts the model's own modules and forwards back once the run ends."""
     _take_off_earlier_run(prep.model)
-    put_back_dropout = apply_method(prep, data.train)
+    put_back_model = apply_method(prep, data.train)
     prep.model.__dict__[TRAINED_BY] = {"method": prep.config.train.method, "quantize": prep.config.model.quantize,
                                        "adapter": "default"}
     try:
         if prep.config.task.packing:
             prep.task.check_packing(prep.model, data.train, prep.device)
     except BaseException:
-        put_back_dropout()
+        put_back_model()
         raise
-    return put_back_dropout
+    return put_back_model
 
 
 def _write_run_start(prep: Prepared, out: Path, resume_from: Path | None, overwrite: bool, data: Encoded) -> None:
