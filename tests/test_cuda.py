@@ -184,17 +184,22 @@ def _task_steps_without_sync(task, model, cpu_batch: dict) -> None:
     assert all(torch.isfinite(p).all() for p in params)
 
 
-def test_a_causal_lm_training_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("neftune", [False, True])
+def test_a_causal_lm_training_step_never_waits_for_the_gpu(neftune):
     """`lorafit train`'s causal-LM step on a right-padded batch from collate (no attention mask reaches the
     model; the loss positions come with the batch), LoRA with dropout, backward and AdamW on the bf16 adapters'
-    float32 masters: no host sync after the first step (which checks the model's head once)."""
+    float32 masters, and NEFTune's noisy embeddings: no host sync after the first step (which checks the model's
+    head once)."""
     from lorafit.train.config import RunConfig
     from lorafit.train.loop import on_device
     from lorafit.train.master_weights import MasterWeights
+    from lorafit.train.neftune import add_embedding_noise
     from lorafit.train.tasks import IGNORE, CausalLM
 
     model = _llama(torch.bfloat16)
     lorafit.attach(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    if neftune:
+        add_embedding_noise(model, 5.0)
     params = [p for p in model.parameters() if p.requires_grad]
     masters = MasterWeights(model)
     assert len(masters.masters) == len(params)
@@ -457,11 +462,13 @@ def test_quantize_base_onto_the_gpu_gives_the_cpu_codes_and_moves_nothing_else(b
     torch.testing.assert_close(on_device.to(DEVICE)(x.to(DEVICE)).cpu(), cpu_model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tmp_path):
+@pytest.mark.parametrize("neftune", [0, 5])
+def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tmp_path, neftune):
     """`lorafit train` on the GPU with LoRA dropout (mask keys drawn from the CUDA generator, masks in Triton),
-    killed by an exception after a checkpoint and resumed: the checkpoint restores the CUDA random state, so
-    the adapter ends where an uninterrupted run's does (to the float32 rounding the first steps' torch stand-ins
-    for still-compiling kernels, and attention's backward, may differ by)."""
+    and NEFTune's noise (from the CUDA generator too), killed by an exception after a checkpoint and resumed:
+    the checkpoint restores the CUDA random state, so the adapter ends where an uninterrupted run's does (to the
+    float32 rounding the first steps' torch stand-ins for still-compiling kernels, and attention's backward, may
+    differ by)."""
     import json
 
     from lorafit.train import train
@@ -471,7 +478,7 @@ def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tm
     lora = 'r = 4\nlora_alpha = 8\nlora_dropout = 0.2\ntarget_modules = "all-linear"'
     config = instruction_setup(tmp_path, 24, lora=lora,
                                train="epochs = 3\nbatch_size = 4\nlr = 1e-3\nsave_every = 5\nlog_every = 1")
-    device = ["model.dtype=float32", f"model.device={DEVICE}"]
+    device = ["model.dtype=float32", f"model.device={DEVICE}", f"train.neftune_noise_alpha={neftune}"]
     full = train(config, device + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
     args = device + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
     with pytest.raises(Crash):
