@@ -30,7 +30,7 @@ from typing import Any
 
 from lorafit.config import LoraConfig
 
-TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto")
+TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto", "grpo")
 PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one preferred
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
@@ -127,6 +127,16 @@ class TaskSection:
     # preference and kto: a prompt longer than this many tokens keeps its end (the turns nearest the response), so
     # that max_length leaves room for the responses; None: prompts are cut only by max_length, from the end
     max_prompt_length: int | None = None
+    # grpo: completions sampled per prompt (a group), their temperature, and the weight of the KL estimate against
+    # the base model (0: no reference model runs)
+    num_generations: int = 4
+    temperature: float = 1.0
+    grpo_beta: float = 0.0
+    # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
+    # class whose probability is the reward; and/or a Python function "path/to/file.py:name"; both: their sum
+    reward_model: str | None = None
+    reward_label: str | None = None
+    reward_function: str | None = None
 
 
 @dataclass
@@ -328,10 +338,14 @@ class RunConfig:
             self._validate_preference(bad)
         if self.task.type == "kto":
             self._validate_kto(bad)
+        if self.task.type == "grpo":
+            self._validate_grpo(bad)
         for tasks, names in ((("preference",), ("preference_loss", "simpo_gamma", "sft_weight", "label_smoothing")),
                              (("preference", "kto"), ("dpo_beta", "precompute_reference", "max_prompt_length")),
                              (("reward",), ("reward_centering",)),
-                             (("kto",), ("kto_desirable_weight", "kto_undesirable_weight"))):
+                             (("kto",), ("kto_desirable_weight", "kto_undesirable_weight")),
+                             (("grpo",), ("num_generations", "temperature", "grpo_beta", "reward_model",
+                                          "reward_label", "reward_function"))):
             for name in names:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
                     bad(f"task.{name}", f"is for task.type = {' or '.join(map(repr, tasks))}; task.type is "
@@ -420,6 +434,32 @@ class RunConfig:
                 bad(key, f"must be a finite number > 0, got {self.get(key)}")
         self._validate_scoring(bad, "a completion (data.output_field)")
         self._check_reference(bad, "task.type = 'kto'")
+
+    def _validate_grpo(self, bad) -> None:
+        t = self.task
+        if not (t.reward_model or t.reward_function):
+            bad("task.reward_model", "(a lorafit reward or classification run) or task.reward_function (a Python "
+                "function) is required for task.type = 'grpo': what scores the completions")
+        if t.reward_label is not None and not t.reward_model:
+            bad("task.reward_label", "names a class of task.reward_model's classifier; task.reward_model is not set")
+        if t.num_generations < 2:
+            bad("task.num_generations", f"must be >= 2 (a group's rewards are compared), got {t.num_generations}")
+        if not (math.isfinite(t.temperature) and t.temperature > 0):
+            bad("task.temperature", f"must be a finite number > 0, got {t.temperature}")
+        if not (math.isfinite(t.grpo_beta) and t.grpo_beta >= 0):
+            bad("task.grpo_beta", f"must be a finite number >= 0, got {t.grpo_beta}")
+        if t.max_new_tokens >= t.max_length:
+            bad("task.max_new_tokens", f"({t.max_new_tokens}) must leave room for a prompt within task.max_length "
+                f"({t.max_length})")
+        if t.generate_rows or self.data.reference_fields:
+            bad("task.generate_rows" if t.generate_rows else "data.reference_fields", "is for causal_lm and "
+                "seq2seq's ROUGE; task.type 'grpo' evaluates the reward of sampled completions")
+        if t.grpo_beta and self.train.method != "lora":
+            bad("train.method", f"= {self.train.method!r} with task.grpo_beta > 0 compares with a reference model, "
+                "the base with the adapter switched off, which full fine-tuning leaves none of; set task.grpo_beta = 0")
+        if self.train.distributed == "fsdp":
+            bad("train.distributed", "= 'fsdp' is not supported for task.type 'grpo' (sampling from a sharded "
+                "model); use 'ddp'")
 
     def _validate_preference(self, bad) -> None:
         t = self.task

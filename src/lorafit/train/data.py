@@ -56,6 +56,10 @@ def required_fields(config: RunConfig, split: str = "train") -> list[tuple[str, 
             pairs.append(("data.margin_field", d.margin_field))
     elif task == "kto":
         pairs = [("data.output_field", d.output_field), ("data.label_field", d.label_field)]
+    elif task == "grpo":  # prompts; a reference where the config names one
+        if d.messages_field:
+            return [("data.messages_field", d.messages_field)]
+        pairs = [("data.output_field", d.output_field)] if d.output_field else []
     elif d.messages_field:
         return [("data.messages_field", d.messages_field)]
     else:  # evaluation rows may carry data.reference_fields instead of the output field (check_fields)

@@ -269,6 +269,16 @@ class _Session:
                                      "(empty targets?)")
         return loss
 
+    def task_log(self) -> dict[str, float]:
+        """What the task reports of its training batches since the last log line (grpo: the samples' mean reward
+        and length), over every process's batches; a collective."""
+        report = getattr(self.task, "train_log", None)
+        if report is None:
+            return {}
+        sums = report()
+        totals = self.dist.all_reduce_sum([v for pair in sums.values() for v in pair], self.device)
+        return {name: totals[2 * i] / max(totals[2 * i + 1], 1) for i, name in enumerate(sums)}
+
     def after_step(self, step: dict[str, Any]) -> None:
         """The progress bar, the train log line, evaluation and checkpoint when due, the callbacks. Values are
         read back from the device only where a log line or a callback needs them."""
@@ -281,7 +291,9 @@ class _Session:
             self.read_back()
             speed = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             loss = self.window_loss / max(self.window_units, 1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}")
+            task_log = self.task_log()
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{speed:.0f}",
+                                 **{name: f"{value:.3f}" for name, value in task_log.items()})
             # whole_tensor: under FSDP a collective, so every process reads the norm
             grad_norm = None if step["grad_norm"] is None else float(whole_tensor(step["grad_norm"]))
             if self.dist.is_main:
@@ -289,6 +301,7 @@ class _Session:
                           "tokens_per_s": speed}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
+                record.update(task_log)
                 self.log.write(record)
             self.window_loss, self.window_units = 0.0, 0
         evaluated = False
@@ -379,8 +392,10 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     """The batch's tensors on ``device``. To a GPU they go from pinned memory with non_blocking: a copy from
     pageable memory would wait for every kernel already queued."""
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    # values that are not tensors (grpo's prompt messages) stay on the host
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def _micro_batch(task: Task, rows: list[dict], dist: Distributed) -> tuple[dict, bool]:

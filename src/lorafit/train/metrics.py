@@ -69,7 +69,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(records: list[dict[str, Any]], metric: str, path: Path, title: str = "") -> Path | None:
-    """Training loss and evaluation loss (left), the selection metric (right), against the step."""
+    """Training loss and evaluation loss (left), the selection metric (right; grpo's training samples' reward
+    beside it), against the step."""
     try:
         import matplotlib
 
@@ -84,7 +85,7 @@ def plot_curves(records: list[dict[str, Any]], metric: str, path: Path, title: s
     ax = axes[0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-    if evals:
+    if evals and "eval_loss" in evals[0]:  # grpo evaluates rewards, no loss
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
@@ -93,7 +94,12 @@ def plot_curves(records: list[dict[str, Any]], metric: str, path: Path, title: s
     ax = axes[1]
     shown = metric if evals and metric in evals[0] else None
     if shown:
-        ax.plot([r["step"] for r in evals], [r[shown] for r in evals], "o-", color="C2")
+        ax.plot([r["step"] for r in evals], [r[shown] for r in evals], "o-", color="C2", label=f"validation {shown}")
+        sampled = [r for r in train if shown in r]  # grpo: the training samples' reward too
+        if sampled:
+            ax.plot([r["step"] for r in sampled], [r[shown] for r in sampled], color="C1", lw=1,
+                    label=f"training samples' {shown}")
+            ax.legend()
         ax.set_ylabel(f"validation {shown}")
     else:
         ax.text(0.5, 0.5, "no validation data", ha="center", va="center", transform=ax.transAxes)
@@ -164,7 +170,7 @@ class RunSummary:
     model: str
     """model.name as configured."""
     task: str
-    """task.type: "classification", "causal_lm", "seq2seq", "preference", "reward" or "kto"."""
+    """task.type: "classification", "causal_lm", "seq2seq", "preference", "reward", "kto" or "grpo"."""
     params: ParamCounts
     """Trainable and total parameter counts."""
     steps: int

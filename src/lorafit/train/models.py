@@ -74,7 +74,7 @@ def load_model(source: ModelSource, task: str, dtype: str, labels: list | None =
         elif task == "reward":
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 source.path, num_labels=1, id2label={0: "reward"}, label2id={"reward": 0}, **kwargs)
-        elif task in ("causal_lm", "preference", "kto"):
+        elif task in ("causal_lm", "preference", "kto", "grpo"):
             model = transformers.AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
         else:
             model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source.path, **kwargs)
@@ -82,7 +82,7 @@ def load_model(source: ModelSource, task: str, dtype: str, labels: list | None =
         if "Unrecognized configuration class" in str(exc):
             kind = {"classification": "sequence classification", "causal_lm": "a causal LM",
                     "reward": "a reward model (sequence classification, one output)",
-                    "preference": "a causal LM", "kto": "a causal LM",
+                    "preference": "a causal LM", "kto": "a causal LM", "grpo": "a causal LM",
                     "seq2seq": "an encoder-decoder (seq2seq) LM"}[task]
             raise ValueError(f"model {source.path!r} cannot be loaded for {kind} (task.type = {task!r}): "
                              f"{str(exc).splitlines()[0]}") from None

@@ -514,6 +514,7 @@ _TASK_MODELS = {"classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NA
                 "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "preference": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "kto": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
+                "grpo": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM", "AutoModelForCausalLM"),
                 "reward": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier with one output "
                            "(num_labels=1)", "AutoModelForSequenceClassification"),
                 "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "an encoder-decoder (seq2seq) LM",
@@ -752,7 +753,8 @@ def _check_metric(prep: Prepared, data: Encoded) -> str:
         probe = {"classification": ("eval_loss", "accuracy", "macro_f1"),
                  "preference": ("eval_loss", "reward_accuracy", "reward_margin"),
                  "reward": ("eval_loss", "accuracy", "reward_margin"),
-                 "kto": ("eval_loss", "reward_accuracy", "reward_margin", "kl")}.get(
+                 "kto": ("eval_loss", "reward_accuracy", "reward_margin", "kl"),
+                 "grpo": ("reward", "completion_length")}.get(
             config.task.type, ("eval_loss", "perplexity") + (("rouge1", "rouge2", "rougeL")
                                                              if config.task.generate_rows else ()))
         if metric not in probe:

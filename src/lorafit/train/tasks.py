@@ -70,7 +70,7 @@ def _feature_types() -> dict[str, Any]:
             "kl_ids": ids, "kl_labels": ids,
             "token_type_ids": List(Value("int8")), "rejected_token_type_ids": List(Value("int8")),
             "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string")),
-            "margin": Value("float32")}
+            "margin": Value("float32"), "prompt_messages": Value("string")}
 
 
 _FEATURE_TYPES = _feature_types()
@@ -104,13 +104,14 @@ def rows_to_columns(rows: list[dict], fields: list[str] | None = None) -> dict[s
 
 
 def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task:
-    from lorafit.train.kto import KTO  # they build on the tasks here
+    from lorafit.train.grpo import GRPO  # they build on the tasks here
+    from lorafit.train.kto import KTO
     from lorafit.train.preference import Preference
     from lorafit.train.reward import Reward
 
     kind = config.task.type
     cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference,
-           "reward": Reward, "kto": KTO}[kind]
+           "reward": Reward, "kto": KTO, "grpo": GRPO}[kind]
     return cls(config, tokenizer, labels)
 
 

@@ -1,0 +1,130 @@
+"""What scores a completion for ``task.type = "grpo"``: a lorafit run's model (``task.reward_model``) and/or a
+Python function (``task.reward_function``); with both, their sum.
+
+- A **reward run** (``task.type = "reward"``) scores the conversation, the prompt and the completion as the
+  assistant's turn, rendered as its training rendered them (lorafit.chat: the chat template, or an encoder's
+  text pair), cut at its ``task.max_length``.
+- A **classification run** gives the probability of one of its classes (``task.reward_label``) for the
+  completion's text alone (a sentiment or toxicity judge).
+- A **function** ``"path/to/file.py:name"`` (or ``"package.module:name"``) is called as ``name(prompts,
+  completions, references)`` with lists of the prompts' texts (their messages' contents, a line each), the
+  completions' texts and each row's reference (``data.output_field``, or None) and returns one number per
+  completion.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lorafit.chat import reads_text_pairs, render, text_pair
+
+SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
+
+Scorer = Callable[[list[list[dict]], list[str], list], list[float]]
+
+
+def build_scorer(reward_model: str | None, reward_label: str | None, reward_function: str | None) -> Scorer:
+    """One scorer from the task's settings (the config has checked that at least one is set)."""
+    parts: list[Scorer] = []
+    if reward_model:
+        parts.append(run_scorer(reward_model, reward_label))
+    if reward_function:
+        parts.append(function_scorer(reward_function))
+
+    def score(prompts: list[list[dict]], completions: list[str], references: list) -> list[float]:
+        totals = [0.0] * len(completions)
+        for part in parts:
+            totals = [t + s for t, s in zip(totals, part(prompts, completions, references))]
+        return totals
+
+    return score
+
+
+def run_scorer(run_dir: str, label: str | None) -> Scorer:
+    from lorafit.train.run import load_run  # run.py builds tasks, which build scorers
+
+    run = load_run(run_dir, None, None)
+    run.model.eval()
+    kind = run.config.task.type
+    tok, max_length = run.tokenizer, run.config.task.max_length
+    if kind == "reward":
+        if label is not None:
+            raise ValueError(f"task.reward_label is for a classification run's model; {run_dir} is a reward run, "
+                             "whose score is the reward")
+
+        def encode(prompts, completions):
+            answers = [[{"role": "assistant", "content": c}] for c in completions]
+            if reads_text_pairs(tok):
+                firsts, seconds = zip(*(text_pair(p, a) for p, a in zip(prompts, answers)))
+                return tok(list(firsts), list(seconds), padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")
+            texts = [render(tok, p + a) for p, a in zip(prompts, answers)]
+            return tok(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt")
+
+        def read(logits):
+            return logits[:, 0]
+    elif kind == "classification":
+        classes = [str(run.model.config.id2label[i]) for i in range(run.model.config.num_labels)]
+        if label not in classes:
+            raise ValueError(f"task.reward_label must name the class of {run_dir} whose probability is the reward; "
+                             f"got {label!r}, its classes: {', '.join(map(repr, classes))}")
+        index = classes.index(label)
+
+        def encode(prompts, completions):
+            return tok(list(completions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+        def read(logits):
+            return logits.softmax(-1)[:, index]
+    else:
+        raise ValueError(f"task.reward_model: {run_dir} is a {kind!r} run; a reward run or a classification run "
+                         "scores completions")
+
+    @torch.no_grad()
+    def score(prompts, completions, references):
+        out: list[float] = []
+        for start in range(0, len(completions), SCORE_BATCH):
+            enc = encode(prompts[start:start + SCORE_BATCH], completions[start:start + SCORE_BATCH])
+            out += read(run.model(**enc.to(run.device)).logits.float()).tolist()
+        return out
+
+    return score
+
+
+def function_scorer(spec: str) -> Scorer:
+    """The function ``spec`` names: ``"file.py:name"`` (a path, relative to the working directory) or
+    ``"module:name"``."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"task.reward_function must be 'path/to/file.py:function' or 'module:function', got {spec!r}")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise FileNotFoundError(f"task.reward_function: {where} does not exist")
+        loaded = importlib.util.spec_from_file_location(f"lorafit_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"task.reward_function: {where} has no function {name!r}")
+
+    def score(prompts, completions, references):
+        texts = [text_pair(p, [])[0] for p in prompts]
+        values = list(fn(texts, list(completions), list(references)))
+        if len(values) != len(completions):
+            raise ValueError(f"task.reward_function {spec}: returned {len(values)} rewards for {len(completions)} "
+                             "completions")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"task.reward_function {spec}: returned {bad[0]!r}; a reward is a finite number")
+        return [float(v) for v in values]
+
+    return score
