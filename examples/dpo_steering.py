@@ -1,4 +1,4 @@
-"""What a preference run changed in what the model writes: sampled answers to the run's prompt, without and
+"""What a preference, KTO or GRPO run changed in what the model writes: sampled answers to the run's prompt, without and
 with its adapter, scored by a sentiment classifier (a lorafit classification run on SST-2).
 
     lorafit train examples/sst2_minilm.toml --output-dir runs/sst2-minilm-lora       # the judge
@@ -64,10 +64,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     prep = load_run(args.run_dir, None, None)
-    if prep.config.task.type not in ("preference", "kto") or not prep.config.data.instruction:
-        raise SystemExit(f"{args.run_dir}: a preference or kto run with a fixed data.instruction (its prompt) is "
-                         "needed")
-    method = prep.config.task.preference_loss if prep.config.task.type == "preference" else "kto"
+    kind = prep.config.task.type
+    if kind not in ("preference", "kto", "grpo") or not prep.config.data.instruction:
+        raise SystemExit(f"{args.run_dir}: a preference, kto or grpo run with a fixed data.instruction (its prompt) "
+                         "is needed")
+    method = prep.config.task.preference_loss if kind == "preference" else kind
     full = prep.config.train.method == "full"
     base_name = "base model" + ("" if full else " (adapter off)")
     adapted_name = f"fine-tuned with {method.upper()}" if full else f"with the {method.upper()} adapter"

@@ -492,6 +492,34 @@ def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tm
                                    msg=key)  # other masks after the resume would move them by about lr
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grpo_trains_on_cuda_and_resumes_to_the_same_samples(tmp_path, dtype):
+    """`lorafit train` with task.type = "grpo" on the GPU: sampling, the rewards, the loss with the KL term (the
+    base, the adapter off), in float32 and bfloat16; in float32 a resumed run draws the uninterrupted run's samples
+    (the checkpoint restores the CUDA random state) and ends at its adapter (in bfloat16 a rounding difference
+    in the logits may flip a sample)."""
+    import json
+
+    from lorafit.train import train
+    from tests.test_train_grpo import grpo_setup
+    from tests.test_train_loop import Crash, adapter_tensors, crash_at
+
+    config, settings = grpo_setup(tmp_path, extra=["task.grpo_beta=0.1", "train.save_every=3",
+                                                   f"model.dtype={dtype}", f"model.device={DEVICE}"])
+    full = train(config, settings + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
+    assert 0 <= full["validation"]["reward"] <= 1 and full["validation"]["completion_length"] > 0
+    if dtype == "bfloat16":
+        return
+    args = settings + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
+    with pytest.raises(Crash):
+        train(config, args, callbacks=(crash_at(8),), progress=False)  # the last checkpoint: step 6
+    train(config, args, resume=True, progress=False)
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), atol=1e-3 * max(1.0, a[key].abs().max().item()),
+                                   rtol=1e-2, msg=key)
+
+
 def test_lorafit_serve_on_cuda(tmp_path):
     """`lorafit serve` with its model on the GPU: classification across adapters gives the probabilities the
     model gives on the CPU, and greedy generation with an adapter gives transformers' generate on the GPU."""
