@@ -44,6 +44,7 @@ class GRPO(CausalLM):
         super().__init__(config, tokenizer, labels)
         self._scorer = None  # loaded at the first reward: a run's model is a second model in memory
         self._log = [0.0, 0.0, 0]  # rewards, completion tokens and completions since train_log was read
+        self._tokens = 0  # the last loss_sum's: its prompts, each as often as it was sampled, and completions
 
     def cache_key(self, kind: str) -> tuple:
         return (*super().cache_key(kind), self.config.data.output_field)
@@ -97,10 +98,12 @@ class GRPO(CausalLM):
         rewards = self._rewards(batch, completions, t.num_generations)
         groups = rewards.view(-1, t.num_generations)
         advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+        completion_tokens = int(mask.sum())
         self._log[0] += float(rewards.sum())
-        self._log[1] += float(mask.sum())
+        self._log[1] += completion_tokens
         self._log[2] += len(completions)
         prompt_mask = batch["attention_mask"].repeat_interleave(t.num_generations, dim=0)
+        self._tokens = int(prompt_mask.sum()) + completion_tokens
         logp = self.completion_logps(model, seqs, prompt_mask, mask.shape[1])
         per_token = -advantages.to(logp.device)[:, None] * torch.exp(logp - logp.detach())
         if t.grpo_beta:
@@ -110,6 +113,9 @@ class GRPO(CausalLM):
             per_token = per_token + t.grpo_beta * (torch.exp(diff) - diff - 1)
         weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
         return (per_token * weights).sum()
+
+    def trained_tokens(self, counted: int) -> int:
+        return self._tokens
 
     def train_log(self) -> dict[str, tuple[float, float]]:
         """The mean reward and completion length of the training samples since the last call, as (sum, count)

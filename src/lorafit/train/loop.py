@@ -234,7 +234,7 @@ class _Session:
                     scaled = scaled + kasa_loss(self.model)
                 self.scaler.scale(scaled).backward()
             if real:
-                self.pending.add(loss, tokens, state.step + 1)
+                self.pending.add(loss, self.task.trained_tokens(tokens), state.step + 1)
         state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
         if self.masters:
             self.masters.take_grads()

@@ -177,6 +177,11 @@ class Task:
     def num_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["units"])
 
+    def trained_tokens(self, counted: int) -> int:
+        """The tokens the last ``loss_sum`` trained on, for the tokens per second; ``counted``: its batch's
+        (the attention mask's count, taken on the host before the batch went to the device)."""
+        return counted
+
     def _eval_batches(self, features: list[dict], batch_size: int, dist: Distributed,
                       device: torch.device) -> list[list[int] | None]:
         """This process's evaluation batches (indices into ``features``). Under FSDP every process must run
