@@ -57,6 +57,7 @@ def test_grpo_raises_a_function_s_reward_and_evaluates_it_reproducibly(tmp_path)
     assert len(sampled) == 16 and sum(sampled[-4:]) > sum(sampled[:4]) + 0.8, sampled
     assert all(0 < r["completion_length"] <= 8 for r in logged if r["type"] == "train")
     assert (tmp_path / "run" / "curves.png").is_file()
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.2])

@@ -35,7 +35,7 @@ PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
 LORA_TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
-                   "preference": "CAUSAL_LM", "reward": "SEQ_CLS", "kto": "CAUSAL_LM"}
+                   "preference": "CAUSAL_LM", "reward": "SEQ_CLS", "kto": "CAUSAL_LM", "grpo": "CAUSAL_LM"}
 METHODS = ("lora", "full")
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # they score responses without a reference model
