@@ -140,8 +140,11 @@ class GRPO(CausalLM):
         finally:
             model.train(training)
         completion = seqs[:, batch["input_ids"].shape[1]:]
-        ends = completion == self.tok.eos_token_id
-        mask = ((ends.cumsum(1) - ends.long()) == 0).to(torch.float32)  # through the first end token
+        if self.tok.eos_token_id is None:  # nothing ends a completion early
+            mask = torch.ones_like(completion, dtype=torch.float32)
+        else:
+            ends = completion == self.tok.eos_token_id
+            mask = ((ends.cumsum(1) - ends.long()) == 0).to(torch.float32)  # through the first end token
         texts = self.tok.batch_decode(completion.masked_fill(mask == 0, self.pad_id), skip_special_tokens=True)
         return seqs, mask, [text.strip() for text in texts]
 
