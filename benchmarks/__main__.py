@@ -34,7 +34,7 @@ HASHED = ", hashed model dropout"  # the label of variants whose nn.Dropout modu
 BOUND = "floor + low-rank products alone"
 PARTS = ("train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora", "mixed", "serve",
          "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens", "optimizer", "inits", "loftq", "arrow",
-         "dpo", "dpo_precomputed", "reward")
+         "dpo", "dpo_precomputed", "reward", "grpo")
 
 
 def _variant_key(variant: str, dropout: float, model_dropout: str) -> str:
@@ -546,6 +546,13 @@ def bench_reward(args, out: dict) -> None:
     from benchmarks import trl_step
 
     out["reward"] = trl_step.run(args, _print, "reward")
+
+
+def bench_grpo(args, out: dict) -> None:
+    """GRPO step, lorafit train against TRL's GRPOTrainer with PEFT (see benchmarks/trl_step.py)."""
+    from benchmarks import trl_step
+
+    out["grpo"] = trl_step.run(args, _print, "grpo")
 
 
 def bench_ddp(args, out: dict) -> None:

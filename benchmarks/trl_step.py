@@ -10,6 +10,11 @@ each trainer runs in a process of its own on the same pairs, model and adapter.
   includes the precomputing.
 - ``reward``: task.type = "reward" (a one-output sequence classifier, the Bradley-Terry loss, reward centering
   0.01) against TRL's RewardTrainer; the new score head trains with the adapter in both.
+- ``grpo``: task.type = "grpo" against TRL's GRPOTrainer (generating with transformers, no vLLM): each step
+  samples 4 completions of each of 4 prompts (the instruction below; temperature 1, up to 40 tokens), scores
+  them with one Python function (the share of positive words), and takes one update, beta 0 (no reference
+  model; TRL's default). The losses normalise differently (lorafit's per completion, TRL's default "dapo" per
+  token), which costs the same. Sampling is random, so a step's time varies with how long the completions run.
 
 SmolLM2-135M-Instruct (a tiny random Llama with --quick), LoRA r=16 (alpha 32, dropout 0) on every linear
 layer, batch 4 pairs, max length 96 tokens, AdamW at 5e-4 without warm-up. The pairs are SST-2's
@@ -43,12 +48,25 @@ TITLES = {"dpo": ("DPO step, lorafit against TRL + PEFT", "lorafit train (prefer
                               "lorafit train (preference, precompute_reference)",
                               "TRL DPOTrainer + PEFT (precompute_ref_log_probs)"),
           "reward": ("Reward-model step, lorafit against TRL + PEFT", "lorafit train (reward)",
-                     "TRL RewardTrainer + PEFT")}
+                     "TRL RewardTrainer + PEFT"),
+          "grpo": ("GRPO step, lorafit against TRL + PEFT", "lorafit train (grpo)", "TRL GRPOTrainer + PEFT")}
+GENERATIONS, COMPLETION_TOKENS = 4, 40  # grpo: completions per prompt, and their length at most
+POSITIVE_WORDS = {"good", "great", "wonderful", "moving", "brilliant", "beautiful", "fun", "funny", "best", "love"}
 INLINE = "lorafit train (preference, the reference in every step)"  # dpo_precomputed's third worker
 
 
-def _rows(data: Path | None, count: int) -> list[dict]:
-    """Conversational preference rows (TRL's format): a prompt of messages, each response one message."""
+def positive_words(prompts, completions, *_, **__) -> list[float]:
+    """grpo's reward, called by lorafit (texts) and by TRL (conversational completions: lists of messages): the
+    share of a completion's words that are in POSITIVE_WORDS."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(w.strip(".,!").lower() in POSITIVE_WORDS for w in t.split()) / max(len(t.split()), 1) for t in texts]
+
+
+def _rows(data: Path | None, count: int, kind: str = "dpo") -> list[dict]:
+    """Conversational preference rows (TRL's format): a prompt of messages, each response one message; for grpo
+    the prompts alone."""
+    if kind == "grpo":
+        return [{"prompt": [{"role": "user", "content": INSTRUCTION}]} for _ in range(count)]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from examples.sst2_preferences import pairs
     from lorafit.train.config import default_data_dir
@@ -96,10 +114,13 @@ def _lorafit(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> 
     from lorafit.train import train
 
     marks: list[float] = []
-    task = ({"type": "preference", "dpo_beta": 0.1, "precompute_reference": kind == "dpo_precomputed"}
-            if kind != "reward" else {"type": "reward", "reward_centering": CENTERING})
+    task = {"reward": {"type": "reward", "reward_centering": CENTERING},
+            "grpo": {"type": "grpo", "num_generations": GENERATIONS, "max_new_tokens": COMPLETION_TOKENS,
+                     "reward_function": "benchmarks.trl_step:positive_words"}}.get(
+        kind, {"type": "preference", "dpo_beta": 0.1, "precompute_reference": kind == "dpo_precomputed"})
+    prompts = {"messages_field": "prompt"} if kind == "grpo" else {"instruction_field": "prompt"}
     config = {"output_dir": str(tmp / "run"), "model": {"name": "given"},
-              "data": {"train": str(rows_file), "instruction_field": "prompt"},
+              "data": {"train": str(rows_file), **prompts},
               "task": {**task, "max_length": MAX_LENGTH},
               "lora": dict(LORA), "train": {"batch_size": BATCH, "max_steps": steps, "lr": 5e-4,
                                             "scheduler": "constant", "eval_every": steps, "save_every": steps,
@@ -115,7 +136,7 @@ def _trl(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> list
     import datasets
     import peft
     from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
     marks: list[float] = []
 
@@ -125,21 +146,28 @@ def _trl(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> list
 
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     common = dict(output_dir=str(tmp / "trl"), per_device_train_batch_size=BATCH, max_steps=steps,
-                  learning_rate=5e-4, lr_scheduler_type="constant", max_length=MAX_LENGTH,
+                  learning_rate=5e-4, lr_scheduler_type="constant",
                   logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
                   dataloader_num_workers=0, seed=0, disable_tqdm=True,
                   # TRL's defaults are bf16 autocast and activation checkpointing: off, as lorafit's run is
                   bf16=False, gradient_checkpointing=False)
     model, tokenizer = _model_and_tokenizer(kind, quick)
-    if kind != "reward":
+    extra = {}
+    if kind == "grpo":  # a batch counts completions: 4 prompts' groups
+        trainer_class = GRPOTrainer
+        args = GRPOConfig(beta=0.0, num_generations=GENERATIONS, max_completion_length=COMPLETION_TOKENS,
+                          temperature=1.0, **{**common, "per_device_train_batch_size": BATCH * GENERATIONS})
+        extra = {"reward_funcs": [positive_words]}
+    elif kind != "reward":
         trainer_class, args = DPOTrainer, DPOConfig(beta=0.1, precompute_ref_log_probs=kind == "dpo_precomputed",
-                                                    **common)
+                                                    max_length=MAX_LENGTH, **common)
     else:
-        trainer_class, args = RewardTrainer, RewardConfig(center_rewards_coefficient=CENTERING, **common)
+        trainer_class, args = RewardTrainer, RewardConfig(center_rewards_coefficient=CENTERING,
+                                                          max_length=MAX_LENGTH, **common)
     task_type = "CAUSAL_LM" if kind != "reward" else "SEQ_CLS"
     trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=tokenizer, peft_config=peft.LoraConfig(task_type=task_type, **LORA),
-                            callbacks=[Marks()])
+                            callbacks=[Marks()], **extra)
     trainer.train()
     return marks
 
@@ -163,7 +191,8 @@ def run(args, emit, kind: str) -> dict:
     except ImportError:
         emit(title, "skipped: trl is not installed (pip install --no-deps trl)")
         return {"skipped": "trl is not installed"}
-    steps, rounds = (4, 1) if args.quick else (12, 3)
+    # grpo's steps sample 16 completions: fewer of them still give 6 timed steps a round
+    steps, rounds = (4, 1) if args.quick else ((8, 3) if kind == "grpo" else (12, 3))
     # (result key, worker, its kind)
     workers = [("lorafit", "lorafit", kind), ("trl", "trl", kind)]
     if kind == "dpo_precomputed":
@@ -172,7 +201,7 @@ def run(args, emit, kind: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "pairs.jsonl"
         rows_file.write_text("".join(json.dumps(r) + "\n" for r in _rows(getattr(args, "data", None),
-                                                                          steps * BATCH)))
+                                                                          steps * BATCH, kind)))
         for _ in range(rounds):
             for key, worker, worker_kind in workers:
                 command = [sys.executable, "-m", "benchmarks.trl_step", "--worker", worker, "--kind", worker_kind,
@@ -206,8 +235,9 @@ def run(args, emit, kind: str) -> dict:
     if "inline" in results:
         summary["precomputed_over_inline"] = step_ratio("lorafit", "inline")
         text += f"; lorafit precomputed / reference in every step: {summary['precomputed_over_inline']:.2f}x"
+    batch = f"{BATCH} prompts x {GENERATIONS} completions" if kind == "grpo" else f"{BATCH} pairs"
     emit(f"{title} ({'tiny Llama' if args.quick else 'SmolLM2-135M-Instruct'}, "
-         f"batch {BATCH} pairs, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)", text)
+         f"batch {batch}, r=16 all-linear, {steps} steps, {rounds} interleaved rounds, medians)", text)
     return summary
 
 

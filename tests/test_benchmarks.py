@@ -58,12 +58,12 @@ def test_quick_benchmark_suite_runs(side_by_side):
                   "Trainable token rows", "AdamW step: fused against foreach",
                   "Initialisations against the default", "LoftQ against QLoRA's start",
                   "Arrow routing, lorafit against PEFT", "Generation serving", "DPO step, lorafit against TRL",
-                  "Reward-model step, lorafit against TRL"):
+                  "Reward-model step, lorafit against TRL", "GRPO step, lorafit against TRL"):
         assert title in proc.stdout
     data = json.loads(out.read_text())
     assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
                          "mixed", "serve", "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens",
-                         "optimizer", "inits", "loftq", "arrow", "dpo", "dpo_precomputed", "reward"}
+                         "optimizer", "inits", "loftq", "arrow", "dpo", "dpo_precomputed", "reward", "grpo"}
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())
@@ -101,7 +101,7 @@ def test_quick_benchmark_suite_runs(side_by_side):
     loftq = data["loftq"]
     assert len(loftq["starts"]) == 3 and all(r["final_eval_loss"] > 0 for r in loftq["starts"].values())
     assert all(loss > 0 for r in loftq["trained"].values() for loss in r["eval_loss"].values())
-    for part in ("dpo", "dpo_precomputed", "reward"):  # TRL is not a dependency: the part says it skipped without it
+    for part in ("dpo", "dpo_precomputed", "reward", "grpo"):  # TRL is not a dependency: skipped without it
         got = data[part]
         assert got == {"skipped": "trl is not installed"} or (got["lorafit"]["step_s"] > 0 and got["trl"]["step_s"] > 0)
     assert "skipped" in data["dpo_precomputed"] or data["dpo_precomputed"]["inline"]["step_s"] > 0

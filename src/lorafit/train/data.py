@@ -128,7 +128,7 @@ def check_fields(rows: Rows, config: RunConfig, source: str, split: str = "train
                                                            for m in msgs)):
                 raise ValueError(f"{source}: row {i}: {config.data.messages_field!r} must be a list of "
                                  "{'role': ..., 'content': ...} messages")
-            if not any(m["role"] == "assistant" for m in msgs):
+            if config.task.type != "grpo" and not any(m["role"] == "assistant" for m in msgs):  # grpo: prompts
                 raise ValueError(f"{source}: row {i} has no assistant message to learn from")
     if config.task.type == "classification" and whole:
         check_labels(rows, config.data.label_field, source)
