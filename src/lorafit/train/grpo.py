@@ -69,7 +69,8 @@ class GRPO(CausalLM):
         """Each row's prompt, rendered up to where the assistant's turn starts, its messages (for the reward) and
         its reference; rows whose prompt leaves fewer than task.max_new_tokens of task.max_length are left out."""
         t = self.config.task
-        prompts, references = zip(*map(self.prompt_and_reference, columns_to_rows(batch))) if batch else ((), ())
+        rows = [self.prompt_and_reference(row) for row in columns_to_rows(batch)]
+        prompts, references = [p for p, _ in rows], [r for _, r in rows]
         ids = self._ids_many([render(self.tok, p, generation_prompt=True) for p in prompts])
         out: dict[str, list] = {"input_ids": [], "prompt_messages": [], "reference": [], "length": []}
         for prompt, reference, x in zip(prompts, references, ids):
