@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lorafit.config import LoraConfig
-from lorafit.file_factors import by_module
+from lorafit.file_factors import by_module, positive_int
 
 _FACTORS = ("lora_A", "lora_E", "lora_B")
 # AdaLoRA's LoRA options that mean the same for the LoRA it computes; the rest (its rank schedule, its
@@ -30,10 +30,7 @@ _KEPT = ("lora_dropout", "fan_in_fan_out", "bias", "modules_to_save", "task_type
 
 def initial_rank(data: dict[str, Any], source: str) -> int:
     """The rank AdaLoRA started from (``init_r``): the r of the LoRA it loads as, every module's rank at most."""
-    init_r = data.get("init_r", 12)
-    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
-        raise ValueError(f"{source}: init_r must be an integer >= 1, got {init_r!r}")
-    return init_r
+    return positive_int(data, "init_r", 12, source)
 
 
 def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, source: str

@@ -3,6 +3,8 @@ adapter type's factors into a LoRA's (adalora.py, lycoris.py, vera.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -19,6 +21,14 @@ def by_module(tensors: dict[str, torch.Tensor], names: tuple[str, ...], prefix: 
         else:
             rest[key] = t
     return factors, rest
+
+
+def positive_int(data: dict[str, Any], key: str, default: int, source: str) -> int:
+    """An integer >= 1 of an adapter config (its default where the config has none)."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {key} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lorafit.config import LoraConfig
-from lorafit.file_factors import at_least_float32, by_module
+from lorafit.file_factors import at_least_float32, by_module, positive_int
 
 SHARED_A = "base_model.vera_A"
 SHARED_B = "base_model.vera_B"
@@ -37,10 +37,7 @@ def is_vera(data: Any) -> bool:
 
 
 def rank(data: dict[str, Any], source: str) -> int:
-    r = data.get("r", 256)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{source}: r must be an integer >= 1, got {r!r}")
-    return r
+    return positive_int(data, "r", 256, source)  # PEFT's default r for VeRA
 
 
 def as_lora(data: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, source: str
