@@ -60,12 +60,15 @@ def test_grpo_raises_a_function_s_reward_and_evaluates_it_reproducibly(tmp_path)
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.2])
-def test_the_loss_is_grpo_s_group_relative_objective(tmp_path, beta):
+@pytest.mark.parametrize("beta, form, scale", [(0.0, "grpo", True), (0.2, "grpo", True), (0.2, "dr_grpo", False)])
+def test_the_loss_is_grpo_s_group_relative_objective(tmp_path, beta, form, scale):
     """On fixed samples and rewards: the loss's gradient is that of -A_i mean_t log p_it (plus beta times the
-    k3 KL estimate against the base model), its value beta times that estimate (the advantages of a group sum
-    to 0)."""
-    config, settings = grpo_setup(tmp_path, extra=[f"task.grpo_beta={beta}", "task.num_generations=3"])
+    k3 KL estimate against the base model), and its value that of -A_i mean_t 1 + beta KL (with the paper's
+    mean over tokens the advantages' part is 0: a group's sum to 0); Dr. GRPO's form divides token sums by
+    max_new_tokens and leaves the advantages unscaled."""
+    config, settings = grpo_setup(tmp_path, extra=[f"task.grpo_beta={beta}", "task.num_generations=3",
+                                                   f"task.grpo_loss={form}",
+                                                   f"task.scale_rewards={str(scale).lower()}"])
     prep = prepare(load_config(config, settings))
     lorafit.attach(prep.model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
@@ -86,17 +89,19 @@ def test_the_loss_is_grpo_s_group_relative_objective(tmp_path, beta):
     got = torch.autograd.grad(loss, params)
 
     groups = rewards.view(2, 3)
-    advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+    advantages = groups - groups.mean(1, keepdim=True)
+    advantages = (advantages / (groups.std(1, keepdim=True) + 1e-4) if scale else advantages).flatten()
+    length = mask.sum(1) if form == "grpo" else 8  # task.max_new_tokens
     prompt_mask = batch["attention_mask"].repeat_interleave(3, dim=0)
     logp = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
     with torch.no_grad(), lorafit.disabled(prep.model):
         ref = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
     kl = torch.exp(ref - logp) - (ref - logp) - 1
-    per_seq = ((-advantages[:, None] * logp + beta * kl) * mask).sum(1) / mask.sum(1)
+    per_seq = ((-advantages[:, None] * logp + beta * kl) * mask).sum(1) / length
     want = torch.autograd.grad(per_seq.sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    expected_value = beta * ((kl * mask).sum(1) / mask.sum(1)).sum()
+    expected_value = (((-advantages[:, None] + beta * kl) * mask).sum(1) / length).sum()  # the ratio's value is 1
     torch.testing.assert_close(loss.detach(), expected_value.detach(), atol=1e-5, rtol=1e-5)
     assert mask.sum() < mask.numel() or all(len(c.split()) for c in completions)  # masks end at the eos
 
@@ -161,6 +166,7 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "train.distributed=fsdp"], "'fsdp' is not supported"),
     ([*GRPO, "task.max_new_tokens=48"], "must leave room for a prompt"),
     (["task.num_generations=3"], "task.num_generations is for task.type = 'grpo'"),
+    ([*GRPO, "task.grpo_loss=dapo"], "task.grpo_loss must be one of 'grpo', 'dr_grpo', got 'dapo'"),
 ])
 def test_what_grpo_cannot_use_is_refused_naming_the_setting(tmp_path, settings, message):
     config = instruction_setup(tmp_path, 8, lora=LORA, train=TRAIN)

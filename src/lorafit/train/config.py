@@ -31,6 +31,7 @@ from typing import Any
 from lorafit.config import LoraConfig
 
 TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto", "grpo")
+GRPO_LOSSES = ("grpo", "dr_grpo")
 PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one preferred
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
@@ -132,6 +133,11 @@ class TaskSection:
     num_generations: int = 4
     temperature: float = 1.0
     grpo_beta: float = 0.0
+    # grpo: "grpo" averages each completion's tokens (the paper); "dr_grpo" divides every completion's token sum by
+    # task.max_new_tokens (Dr. GRPO: no preference for short right answers or long wrong ones); scale_rewards
+    # divides a group's advantages by its standard deviation (Dr. GRPO leaves that out too)
+    grpo_loss: str = "grpo"
+    scale_rewards: bool = True
     # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
     # class whose probability is the reward; and/or a Python function "path/to/file.py:name"; both: their sum
     reward_model: str | None = None
@@ -344,8 +350,8 @@ class RunConfig:
                              (("preference", "kto"), ("dpo_beta", "precompute_reference", "max_prompt_length")),
                              (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight")),
-                             (("grpo",), ("num_generations", "temperature", "grpo_beta", "reward_model",
-                                          "reward_label", "reward_function"))):
+                             (("grpo",), ("num_generations", "temperature", "grpo_beta", "grpo_loss",
+                                          "scale_rewards", "reward_model", "reward_label", "reward_function"))):
             for name in names:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
                     bad(f"task.{name}", f"is for task.type = {' or '.join(map(repr, tasks))}; task.type is "
@@ -446,6 +452,8 @@ class RunConfig:
             bad("task.num_generations", f"must be >= 2 (a group's rewards are compared), got {t.num_generations}")
         if not (math.isfinite(t.temperature) and t.temperature > 0):
             bad("task.temperature", f"must be a finite number > 0, got {t.temperature}")
+        if t.grpo_loss not in GRPO_LOSSES:
+            bad("task.grpo_loss", f"must be one of {', '.join(map(repr, GRPO_LOSSES))}, got {t.grpo_loss!r}")
         if not (math.isfinite(t.grpo_beta) and t.grpo_beta >= 0):
             bad("task.grpo_beta", f"must be a finite number >= 0, got {t.grpo_beta}")
         if t.max_new_tokens >= t.max_length:

@@ -7,7 +7,9 @@ in ``data.messages_field``, a last assistant turn there being the reference), op
 dropout) samples ``task.num_generations`` completions of every prompt (``task.temperature``, at most
 ``task.max_new_tokens`` tokens, up to and with the end-of-sequence token); the reward (lorafit.train.rewards)
 scores each; a completion's advantage is its reward minus its group's mean, over the group's standard
-deviation (+ 1e-4). The loss of a completion is the mean over its tokens of
+deviation (+ 1e-4; not with ``task.scale_rewards = false``). The loss of a completion is the mean over its
+tokens (``task.grpo_loss = "grpo"``; ``"dr_grpo"``: their sum over ``task.max_new_tokens``, Dr. GRPO's
+constant) of
 
     -A exp(log p - sg(log p)) + β (exp(r - log p) - (r - log p) - 1)
 
@@ -97,8 +99,7 @@ class GRPO(CausalLM):
         policy = unwrap(model)
         seqs, mask, completions = self.sample(policy, batch, t.num_generations)
         rewards = self._rewards(batch, completions, t.num_generations)
-        groups = rewards.view(-1, t.num_generations)
-        advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+        advantages = group_advantages(rewards, t.num_generations, t.scale_rewards)
         completion_tokens = int(mask.sum())
         self._log[0] += float(rewards.sum())
         self._log[1] += completion_tokens
@@ -112,8 +113,9 @@ class GRPO(CausalLM):
                 reference = self.completion_logps(policy, seqs, prompt_mask, mask.shape[1])
             diff = reference - logp
             per_token = per_token + t.grpo_beta * (torch.exp(diff) - diff - 1)
-        weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
-        return (per_token * weights).sum()
+        # per completion, its tokens' mean (grpo) or their sum over the longest a completion may be (dr_grpo)
+        length = mask.sum(1, keepdim=True).clamp(min=1) if t.grpo_loss == "grpo" else t.max_new_tokens
+        return (per_token * mask / length).sum()
 
     def trained_tokens(self, counted: int) -> int:
         return self._tokens
@@ -184,3 +186,11 @@ class GRPO(CausalLM):
                 n += len(completions)
         total, tokens, n = dist.all_reduce_sum([total, tokens, n], device)
         return {"reward": total / max(n, 1), "completion_length": tokens / max(n, 1)}
+
+
+def group_advantages(rewards: torch.Tensor, per_prompt: int, scale: bool) -> torch.Tensor:
+    """Each completion's reward minus its group's mean (the completions of one prompt, ``per_prompt`` in a row),
+    over the group's standard deviation + 1e-4 where ``scale``."""
+    groups = rewards.view(-1, per_prompt)
+    centred = groups - groups.mean(1, keepdim=True)
+    return (centred / (groups.std(1, keepdim=True) + 1e-4) if scale else centred).flatten()
