@@ -182,3 +182,11 @@ def test_a_reward_function_that_misbehaves_is_named(tmp_path):
     config, settings = grpo_setup(tmp_path, reward="missing")
     with pytest.raises(ValueError, match=r"task.reward_function: .*rewards.py has no function 'missing'"):
         train(config, settings, overwrite=True, progress=False)
+
+
+def test_the_example_reward_checks_the_first_word_against_the_label():
+    from examples.rewards import sentiment_label
+
+    got = sentiment_label(["p"] * 5, ["Positive.", "negative, surely", "The review is positive", "", "positive"],
+                          [1, "0", "1", "1", "0"])
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
