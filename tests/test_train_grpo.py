@@ -139,18 +139,23 @@ def test_a_classification_run_s_probability_is_the_reward_and_references_reach_f
     assert 0 <= summary["validation"]["reward"] <= 2
 
 
-def test_a_reward_run_scores_the_conversation_as_its_training_encoded_it(tmp_path):
+@pytest.mark.parametrize("encoder", [False, True])
+def test_a_reward_run_scores_the_conversation_as_its_training_encoded_it(tmp_path, encoder):
+    """A decoder's chat-template conversation, or an encoder's text pair (the response alone without a prompt):
+    the scores the reward run gives the pairs' rows."""
     from tests.test_train_reward import reward_setup
 
-    train(reward_setup(tmp_path), ["train.epochs=1"], progress=False)
+    train(reward_setup(tmp_path, encoder=encoder), ["train.epochs=1"], progress=False)
     run = load_run(tmp_path / "run", None, None)
-    prompt = [{"role": "user", "content": "say something"}]
-    row = {"prompt": "say something", "chosen": "a great film", "rejected": "a dull film"}
-    feature = run.task.encode([row], "train").features[0]
-    with torch.no_grad():
-        chosen, rejected = run.task.scores(run.model, run.task.collate([feature]))
-    got = run_scorer(str(tmp_path / "run"), None)([prompt, prompt], ["a great film", "a dull film"], [None, None])
-    torch.testing.assert_close(torch.tensor(got), torch.cat([chosen, rejected]), atol=1e-5, rtol=0)
+    scorer = run_scorer(str(tmp_path / "run"), None)
+    for text in ("say something", ""):
+        prompt = [{"role": "user", "content": text}] if text else []
+        row = {"prompt": text, "chosen": "a great film", "rejected": "a dull film"}
+        feature = run.task.encode([row], "train").features[0]
+        with torch.no_grad():
+            chosen, rejected = run.task.scores(run.model, run.task.collate([feature]))
+        got = scorer([prompt, prompt], ["a great film", "a dull film"], [None, None])
+        torch.testing.assert_close(torch.tensor(got), torch.cat([chosen, rejected]), atol=1e-5, rtol=0)
 
 
 GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=8"]

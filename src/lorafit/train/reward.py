@@ -49,7 +49,7 @@ class Reward(PairRows, Task):
         rows = columns_to_rows(batch)
         conversations = [(self._prompt_messages(row), turns(row[field], field))
                          for row in rows for field in (d.chosen_field, d.rejected_field)]
-        ids, types = self._encode(conversations)
+        ids, types = self.encode_conversations(conversations)
         names = [name for side in SIDES for name in (side if self.token_types else side[:1])]
         out: dict[str, list] = {name: [] for name in (*names, *(("margin",) if d.margin_field else ()), "length")}
         for row, i in zip(rows, range(0, len(ids), 2)):
@@ -64,7 +64,7 @@ class Reward(PairRows, Task):
             out["length"].append(max(len(chosen), len(rejected)))
         return out
 
-    def _encode(self, conversations: list[tuple[list[dict], list[dict]]]) -> tuple[list, list]:
+    def encode_conversations(self, conversations: list[tuple[list[dict], list[dict]]]) -> tuple[list, list]:
         """The (prompt, response) conversations' token ids, at most task.max_length each, and their token type
         ids (None each where the tokenizer makes none). An encoder reads a conversation with a prompt as the text
         pair and one without as its response alone, row by row (as ``lorafit serve`` scores it), so a row's
@@ -103,6 +103,21 @@ class Reward(PairRows, Task):
         if feats and "margin" in feats[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in feats], dtype=torch.float32)
         return batch
+
+    @torch.no_grad()
+    def score_conversations(self, model: nn.Module, conversations: list[tuple[list[dict], list[dict]]],
+                            device: torch.device, batch_size: int) -> list[float]:
+        """Each (prompt, response) conversation's score, encoded as training encodes them (GRPO's reward)."""
+        ids, types = self.encode_conversations(conversations)
+        out: list[float] = []
+        for start in range(0, len(ids), batch_size):
+            part = ids[start:start + batch_size]
+            batch = {"input_ids": self._pad(part, self.pad_id),
+                     "attention_mask": self._pad([[1] * len(s) for s in part], 0)}
+            if self.token_types:
+                batch["token_type_ids"] = self._pad(types[start:start + batch_size], 0)
+            out += model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float().tolist()
+        return out
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each pair's chosen and rejected score, in float32."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.chat import reads_text_pairs, render, text_pair
+from lorafit.chat import text_pair
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
 
@@ -51,50 +51,36 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
 
     run = load_run(run_dir, None, None)
     run.model.eval()
-    kind = run.config.task.type
-    tok, max_length = run.tokenizer, run.config.task.max_length
+    kind, tok = run.config.task.type, run.tokenizer
     if kind == "reward":
         if label is not None:
             raise ValueError(f"task.reward_label is for a classification run's model; {run_dir} is a reward run, "
                              "whose score is the reward")
 
-        def encode(prompts, completions):
-            answers = [[{"role": "assistant", "content": c}] for c in completions]
-            if reads_text_pairs(tok):
-                firsts, seconds = zip(*(text_pair(p, a) for p, a in zip(prompts, answers)))
-                return tok(list(firsts), list(seconds), padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")
-            texts = [render(tok, p + a) for p, a in zip(prompts, answers)]
-            return tok(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
-                       return_tensors="pt")
+        def score(prompts, completions, references):
+            conversations = [(p, [{"role": "assistant", "content": c}]) for p, c in zip(prompts, completions)]
+            return run.task.score_conversations(run.model, conversations, run.device, SCORE_BATCH)
 
-        def read(logits):
-            return logits[:, 0]
-    elif kind == "classification":
+        return score
+    if kind == "classification":
         classes = [str(run.model.config.id2label[i]) for i in range(run.model.config.num_labels)]
         if label not in classes:
             raise ValueError(f"task.reward_label must name the class of {run_dir} whose probability is the reward; "
                              f"got {label!r}, its classes: {', '.join(map(repr, classes))}")
         index = classes.index(label)
 
-        def encode(prompts, completions):
-            return tok(list(completions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        @torch.no_grad()
+        def score(prompts, completions, references):
+            out: list[float] = []
+            for start in range(0, len(completions), SCORE_BATCH):
+                enc = tok(completions[start:start + SCORE_BATCH], padding=True, truncation=True,
+                          max_length=run.config.task.max_length, return_tensors="pt")
+                out += run.model(**enc.to(run.device)).logits.float().softmax(-1)[:, index].tolist()
+            return out
 
-        def read(logits):
-            return logits.softmax(-1)[:, index]
-    else:
-        raise ValueError(f"task.reward_model: {run_dir} is a {kind!r} run; a reward run or a classification run "
-                         "scores completions")
-
-    @torch.no_grad()
-    def score(prompts, completions, references):
-        out: list[float] = []
-        for start in range(0, len(completions), SCORE_BATCH):
-            enc = encode(prompts[start:start + SCORE_BATCH], completions[start:start + SCORE_BATCH])
-            out += read(run.model(**enc.to(run.device)).logits.float()).tolist()
-        return out
-
-    return score
+        return score
+    raise ValueError(f"task.reward_model: {run_dir} is a {kind!r} run; a reward run or a classification run scores "
+                     "completions")
 
 
 def function_scorer(spec: str) -> Scorer:
