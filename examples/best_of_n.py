@@ -17,33 +17,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 
-import torch
-from dpo_steering import positive_probability, sample
+from dpo_steering import judge, sample
 
 import lorafit
-from lorafit.chat import reads_text_pairs, render, text_pair
-from lorafit.train.run import load_run
-
-
-def reward_scores(reward, prompt: list[dict], answers: list[str], batch: int) -> list[float]:
-    """The reward model's score of each answer to ``prompt``: the conversation through the chat template, or an
-    encoder's (prompt, answer) text pair, cut at the reward run's task.max_length as in its training."""
-    tok, max_length = reward.tokenizer, reward.config.task.max_length
-    scores: list[float] = []
-    for start in range(0, len(answers), batch):
-        part = answers[start:start + batch]
-        if reads_text_pairs(tok):
-            firsts, seconds = zip(*(text_pair(prompt, [{"role": "assistant", "content": a}]) for a in part))
-            enc = tok(list(firsts), list(seconds), padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
-        else:
-            texts = [render(tok, prompt + [{"role": "assistant", "content": a}]) for a in part]
-            enc = tok(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
-        with torch.no_grad():
-            scores += reward.model(**enc.to(reward.device)).logits[:, 0].float().tolist()
-    return scores
+from lorafit.chat import render
+from lorafit.train.config import load_config
+from lorafit.train.rewards import run_scorer
+from lorafit.train.run import CONFIG_FILE, load_run
 
 
 def main() -> None:
@@ -63,11 +45,11 @@ def main() -> None:
     policy = load_run(args.policy, None, None)
     if not policy.config.data.instruction:
         raise SystemExit(f"{args.policy}: a run with a fixed data.instruction (its prompt) is needed")
-    reward = load_run(args.reward, None, None)
-    if reward.config.task.type != "reward":
-        raise SystemExit(f"{args.reward}: a reward run (task.type = 'reward') is needed, got "
-                         f"{reward.config.task.type!r}")
-    judge = load_run(args.judge, None, None)
+    kind = load_config(Path(args.reward) / CONFIG_FILE).task.type
+    if kind != "reward":
+        raise SystemExit(f"{args.reward}: a reward run (task.type = 'reward') is needed, got {kind!r}")
+    reward = run_scorer(args.reward, None)  # conversations encoded as the reward run's training encoded them
+    positive_probability = judge(args.judge, args.positive)
     prompt = [{"role": "user", "content": policy.config.data.instruction}]
     prompt_ids = policy.tokenizer(render(policy.tokenizer, prompt, generation_prompt=True),
                                   add_special_tokens=False)["input_ids"]
@@ -80,8 +62,8 @@ def main() -> None:
     for name, switch in models:
         with switch:
             answers = sample(policy, prompt_ids, args.samples * args.n, args.max_new_tokens, args.seed, args.batch)
-        scores = reward_scores(reward, prompt, answers, args.batch)
-        judged = positive_probability(judge, answers, args.positive)
+        scores = reward([prompt] * len(answers), answers, [None] * len(answers))
+        judged = positive_probability(answers)
         draws = [range(i, i + args.n) for i in range(0, len(answers), args.n)]
         picks = {"first answer (no selection)": [d[0] for d in draws],
                  f"reward model's best of {args.n}": [max(d, key=scores.__getitem__) for d in draws],

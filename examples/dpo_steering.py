@@ -22,6 +22,7 @@ import torch
 
 import lorafit
 from lorafit.chat import render
+from lorafit.train.rewards import run_scorer
 from lorafit.train.run import load_run
 
 
@@ -40,16 +41,14 @@ def sample(prep, prompt_ids: list[int], count: int, max_new_tokens: int, seed: i
     return out
 
 
-def positive_probability(judge, texts: list[str], positive: str) -> list[float]:
-    model, tok = judge.model, judge.tokenizer
-    names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]  # the run's saved classes
-    if positive not in names:
-        raise SystemExit(f"--positive {positive!r} is not a class of the judge; its classes: {', '.join(names)}")
-    index = names.index(positive)
-    enc = tok(texts, padding=True, truncation=True, max_length=judge.config.task.max_length, return_tensors="pt")
-    with torch.no_grad():
-        probs = model(**enc.to(judge.device)).logits.float().softmax(-1)[:, index]
-    return probs.tolist()
+def judge(run_dir: str, positive: str):
+    """What gives each text the judge's probability of its class ``positive``: the classification run's scorer
+    that GRPO's rewards use (lorafit.train.rewards)."""
+    try:
+        score = run_scorer(run_dir, positive)
+    except ValueError as exc:
+        raise SystemExit(f"--positive: {exc}") from None
+    return lambda texts: score([[]] * len(texts), texts, [None] * len(texts))
 
 
 def main() -> None:
@@ -83,12 +82,12 @@ def main() -> None:
     else:
         with lorafit.disabled(prep.model):
             base = sample(prep, prompt_ids, args.samples, args.max_new_tokens, args.seed, args.batch)
-    judge = load_run(args.judge, None, None)
+    positive_probability = judge(args.judge, args.positive)
     print(f"prompt: {prep.config.data.instruction!r}; {args.samples} samples each, judged by {args.judge}")
     print(f"| model | positive answers | mean P({args.positive}) |\n|---|---:|---:|")
     rows = []
     for name, texts in ((base_name, base), (adapted_name, adapted)):
-        probs = positive_probability(judge, texts, args.positive)
+        probs = positive_probability(texts)
         share = sum(p > 0.5 for p in probs) / len(probs)
         print(f"| {name} | {100 * share:.1f} % | {sum(probs) / len(probs):.3f} |")
         rows += [{"model": name, "text": t, "p_positive": p} for t, p in zip(texts, probs)]

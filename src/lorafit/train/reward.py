@@ -95,11 +95,9 @@ class Reward(PairRows, Task):
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         """The chosen conversations' rows, then the rejected ones', in one right-padded batch; a unit is a pair."""
         seqs = [f["input_ids"] for f in feats] + [f["rejected_ids"] for f in feats]
-        batch = {"input_ids": self._pad(seqs, self.pad_id),
-                 "attention_mask": self._pad([[1] * len(s) for s in seqs], 0), "units": torch.tensor(len(feats))}
-        if self.token_types:
-            batch["token_type_ids"] = self._pad([f["token_type_ids"] for f in feats]
-                                                + [f["rejected_token_type_ids"] for f in feats], 0)
+        types = [f["token_type_ids"] for f in feats] + [f["rejected_token_type_ids"] for f in feats] \
+            if self.token_types else None
+        batch = {**self._padded(seqs, types), "units": torch.tensor(len(feats))}
         if feats and "margin" in feats[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in feats], dtype=torch.float32)
         return batch
@@ -111,13 +109,17 @@ class Reward(PairRows, Task):
         ids, types = self.encode_conversations(conversations)
         out: list[float] = []
         for start in range(0, len(ids), batch_size):
-            part = ids[start:start + batch_size]
-            batch = {"input_ids": self._pad(part, self.pad_id),
-                     "attention_mask": self._pad([[1] * len(s) for s in part], 0)}
-            if self.token_types:
-                batch["token_type_ids"] = self._pad(types[start:start + batch_size], 0)
+            batch = self._padded(ids[start:start + batch_size], types[start:start + batch_size])
             out += model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float().tolist()
         return out
+
+    def _padded(self, seqs: list[list[int]], types: list | None) -> dict[str, torch.Tensor]:
+        """Right-padded token ids with their attention mask, and token type ids where the tokenizer makes them."""
+        batch = {"input_ids": self._pad(seqs, self.pad_id),
+                 "attention_mask": self._pad([[1] * len(s) for s in seqs], 0)}
+        if self.token_types:
+            batch["token_type_ids"] = self._pad(types, 0)
+        return batch
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each pair's chosen and rejected score, in float32."""
