@@ -329,17 +329,21 @@ def test_launch_instructions_are_in_the_help():
     assert "--nnodes M" in text and "--rdzv-endpoint" in text and "train.distributed=fsdp" in text
 
 
-def test_grpo_under_two_processes(tmp_path):
+@pytest.mark.parametrize("extra, steps", [([], 32),
+                                          (["task.scale_rewards='batch'", "task.grpo_loss=dapo",
+                                            "task.num_iterations=2", "train.epochs=2"], 32)])
+def test_grpo_under_two_processes(tmp_path, extra, steps):
     """GRPO samples in each process from DDP's model (its own prompts), scores and all-reduces the gradients of
     the sampled completions; evaluation shares the prompts out and sums the rewards. The reward rises as in one
-    process."""
+    process; also with the advantages scaled by all the processes' rewards, the loss over all their tokens and
+    two steps on each batch of samples."""
     from lorafit.train import evaluate
     from tests.test_train_grpo import grpo_setup
 
-    config, settings = grpo_setup(tmp_path)
+    config, settings = grpo_setup(tmp_path, extra=extra)
     finish(torchrun(config, tmp_path / "ddp", *(x for s in settings for x in ("--set", s))))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     base = evaluate(tmp_path / "ddp", base=True)
     assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
     logged = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if r["type"] == "train" and "reward" in r] == list(range(2, 33, 2))
+    assert [r["step"] for r in logged if r["type"] == "train" and "reward" in r] == list(range(2, steps + 1, 2))

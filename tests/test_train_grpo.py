@@ -60,58 +60,132 @@ def test_grpo_raises_a_function_s_reward_and_evaluates_it_reproducibly(tmp_path)
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 
-@pytest.mark.parametrize("beta, form, scale", [(0.0, "grpo", True), (0.2, "grpo", True), (0.2, "dr_grpo", False)])
-def test_the_loss_is_grpo_s_group_relative_objective(tmp_path, beta, form, scale):
-    """On fixed samples and rewards: the loss's gradient is that of -A_i mean_t log p_it (plus beta times the
-    k3 KL estimate against the base model), and its value that of -A_i mean_t 1 + beta KL (with the paper's
-    mean over tokens the advantages' part is 0: a group's sum to 0); Dr. GRPO's form divides token sums by
-    max_new_tokens and leaves the advantages unscaled."""
+def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_learn(tmp_path):
+    """Two reward functions, weighted; two clipped steps on each batch of samples, DAPO's token sum and
+    clip-higher: the reward rises, and the log and the evaluation report each reward, whose weighted sum is the
+    reward, and the share of clipped tokens."""
+    config, settings = grpo_setup(tmp_path, extra=[
+        f"task.reward_function=['{tmp_path / 'rewards.py'}:great', '{tmp_path / 'rewards.py'}:echo']",
+        "task.reward_weights=[1.0, 0.5]", "task.num_iterations=2", "task.grpo_loss=dapo",
+        "task.grpo_epsilon_high=0.28"])
+    summary = train(config, settings, progress=False)
+    base = evaluate(tmp_path / "run", base=True)
+    assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
+    for metrics in (summary["validation"], base):
+        assert set(metrics) == {"reward", "reward/great", "reward/echo", "completion_length"}
+        assert metrics["reward"] == pytest.approx(metrics["reward/great"] + 0.5 * metrics["reward/echo"])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in logged if r["type"] == "train"]
+    assert [r["step"] for r in trained] == list(range(2, 65, 2))  # 8 batches of samples x 2 steps x 4 epochs
+    for r in trained:
+        assert r["reward"] == pytest.approx(r["reward/great"] + 0.5 * r["reward/echo"])
+        assert 0 <= r["clip_ratio"] <= 0.5  # a log line covers both steps on a batch; the first clips nothing
+    assert any(r["clip_ratio"] > 0 for r in trained)
+
+
+def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high, max_new_tokens):
+    """The GRPO loss of the module docstring, written out: the clipped ratio per token or per completion, the
+    k3 KL term, and the four ways of adding the token losses up (as the sum the loop divides by its units)."""
+    log_ratio = logp - old
+    if level == "sequence":
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    ratio = log_ratio.exp()
+    a = advantages[:, None]
+    per_token = -torch.minimum(ratio * a, ratio.clamp(low, high) * a)
+    per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    total = per_token * mask
+    return {"grpo": lambda: (total.sum(1) / mask.sum(1).clamp(min=1)).sum(),
+            "dr_grpo": lambda: total.sum() / max_new_tokens,
+            "bnpo": lambda: total.sum() / mask.sum().clamp(min=1),
+            "dapo": lambda: total.sum()}[form]()
+
+
+@pytest.mark.parametrize("beta, form, scale, level, truncated", [
+    (0.0, "grpo", "true", "token", False), (0.2, "grpo", "true", "token", False),
+    (0.2, "dr_grpo", "false", "token", False), (0.0, "bnpo", "'batch'", "token", True),
+    (0.1, "dapo", "'group'", "sequence", True), (0.0, "grpo", "'none'", "sequence", False)])
+def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, form, scale, level, truncated):
+    """On fixed samples and rewards, two steps on one batch of samples (task.num_iterations = 2): the loss's
+    value and gradient are those of the formula, on the first step (the ratio is 1: -A log p's gradient) and on
+    the second, after the weights moved, where the clip cuts off some tokens and not others. The advantages
+    are scaled per group, over the step's rewards or not at all; completions that did not end can be left out;
+    the units returned for the loop are the completions, 1 per micro-batch (bnpo) or the tokens (dapo)."""
     config, settings = grpo_setup(tmp_path, extra=[f"task.grpo_beta={beta}", "task.num_generations=3",
-                                                   f"task.grpo_loss={form}",
-                                                   f"task.scale_rewards={str(scale).lower()}"])
+                                                   f"task.grpo_loss={form}", f"task.scale_rewards={scale}",
+                                                   f"task.importance_sampling_level={level}",
+                                                   f"task.mask_truncated_completions={str(truncated).lower()}",
+                                                   "task.num_iterations=2", "task.grpo_epsilon=0.02",
+                                                   "task.grpo_epsilon_high=0.04", "task.max_new_tokens=6"])
     prep = prepare(load_config(config, settings))
     lorafit.attach(prep.model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
+    bs = [p for name, p in prep.model.named_parameters() if "lora_B" in name]
     with torch.no_grad():
-        for name, p in prep.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for p in bs:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     task = prep.task
     batch = task.collate(task.encode([{"instruction": "repeat", "input": "a great movie", "output": "x"},
                                       {"instruction": "repeat", "input": "the plot", "output": "y"}], "train").features)
     torch.manual_seed(1)
     seqs, mask, completions = task.sample(prep.model, batch, 3)
+    eos = task.tok.eos_token_id
+    seqs[1, batch["input_ids"].shape[1] + 1] = eos  # one completion surely ends early, one surely does not
+    seqs[2, batch["input_ids"].shape[1]:] = 1 if eos == 0 else 0
+    ends = seqs[:, batch["input_ids"].shape[1]:] == eos
+    mask = ((ends.cumsum(1) - ends.long()) == 0).float()
     rewards = torch.tensor([0.0, 1.0, 0.5, 2.0, 2.0, -1.0])
     task.sample = lambda model, b, n: (seqs, mask, completions)
-    task._rewards = lambda b, c, n: rewards
-    params = [p for p in prep.model.parameters() if p.requires_grad]
-    loss = task.loss_sum(prep.model, batch)
-    got = torch.autograd.grad(loss, params)
+    task._scores = lambda b, c, n: rewards[:, None]
+    units = task.prepare_window(prep.model, [(batch, True)])
 
+    loss_mask = mask * ends.any(1, keepdim=True) if truncated else mask
+    assert torch.equal(batch["completion_mask"], loss_mask) and loss_mask[2].sum() == (0 if truncated else 6)
+    assert units == {"grpo": None, "dr_grpo": None, "bnpo": [1], "dapo": [int(loss_mask.sum())]}[form]
     groups = rewards.view(2, 3)
     advantages = groups - groups.mean(1, keepdim=True)
-    advantages = (advantages / (groups.std(1, keepdim=True) + 1e-4) if scale else advantages).flatten()
-    length = mask.sum(1) if form == "grpo" else 8  # task.max_new_tokens
+    std = {"true": groups.std(1, keepdim=True), "'group'": groups.std(1, keepdim=True), "false": None,
+           "'none'": None, "'batch'": rewards.std()}[scale]
+    advantages = (advantages if std is None else advantages / (std + 1e-4)).flatten()
+    torch.testing.assert_close(batch["advantages"], advantages)
+
     prompt_mask = batch["attention_mask"].repeat_interleave(3, dim=0)
-    logp = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
-    with torch.no_grad(), lorafit.disabled(prep.model):
-        ref = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
-    kl = torch.exp(ref - logp) - (ref - logp) - 1
-    per_seq = ((-advantages[:, None] * logp + beta * kl) * mask).sum(1) / length
-    want = torch.autograd.grad(per_seq.sum(), params)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    expected_value = (((-advantages[:, None] + beta * kl) * mask).sum(1) / length).sum()  # the ratio's value is 1
-    torch.testing.assert_close(loss.detach(), expected_value.detach(), atol=1e-5, rtol=1e-5)
-    assert mask.sum() < mask.numel() or all(len(c.split()) for c in completions)  # masks end at the eos
+    with torch.no_grad():
+        old = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
+        with lorafit.disabled(prep.model):
+            ref = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
+    params = [p for p in prep.model.parameters() if p.requires_grad]
+    for step in range(2):
+        if step == 1:  # an optimizer step's worth of change; the samples and old log-probabilities stay
+            with torch.no_grad():
+                for p in bs:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        loss = task.loss_sum(prep.model, batch)
+        got = torch.autograd.grad(loss, params)
+        logp = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
+        want_loss = expected_loss(logp, old if step else logp.detach(), ref, loss_mask, advantages, beta, form, level,
+                                  0.98, 1.04, 6)
+        want = torch.autograd.grad(want_loss, params)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=1e-5, rtol=1e-5)
+    clip = task.train_log()["clip_ratio"]
+    assert 0 < clip[0] < clip[1], clip  # the second step clipped some of its tokens, not all
+    ratio = (logp - old).exp()
+    assert ((ratio - 1).abs() > 0.04)[loss_mask > 0].any() and ((ratio - 1).abs() < 0.02)[loss_mask > 0].any()
 
 
-def test_a_resumed_grpo_run_samples_what_an_uninterrupted_one_does(tmp_path):
-    config, settings = grpo_setup(tmp_path, extra=["train.save_every=3", "task.grpo_beta=0.1"])
+@pytest.mark.parametrize("extra", [["train.save_every=3", "task.grpo_beta=0.1"],
+                                   ["train.save_every=4", "task.num_iterations=2", "task.grpo_loss=dapo",
+                                    "task.scale_rewards='batch'", "train.grad_accum=2", "train.batch_size=2",
+                                    "train.epochs=2"]])
+def test_a_resumed_grpo_run_samples_what_an_uninterrupted_one_does(tmp_path, extra):
+    """Also with two steps on each batch of samples: checkpoints fall between batches, so a resumed run samples
+    anew where the uninterrupted one did."""
+    config, settings = grpo_setup(tmp_path, extra=extra)
     train(config, settings + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
     args = settings + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
     with pytest.raises(Crash):
-        train(config, args, callbacks=(crash_at(8),), progress=False)  # the last checkpoint: step 6
+        train(config, args, callbacks=(crash_at(7),), progress=False)  # the last checkpoint: step 6 or 4
     train(config, args, resume=True, progress=False)
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
 
@@ -171,7 +245,17 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "train.distributed=fsdp"], "'fsdp' is not supported"),
     ([*GRPO, "task.max_new_tokens=48"], "must leave room for a prompt"),
     (["task.num_generations=3"], "task.num_generations is for task.type = 'grpo'"),
-    ([*GRPO, "task.grpo_loss=dapo"], "task.grpo_loss must be one of 'grpo', 'dr_grpo', got 'dapo'"),
+    ([*GRPO, "task.grpo_loss=ppo"], "task.grpo_loss must be one of 'grpo', 'dr_grpo', 'bnpo', 'dapo', got 'ppo'"),
+    ([*GRPO, "task.scale_rewards='std'"], "task.scale_rewards must be true, false or one of 'group', 'batch', 'none'"),
+    ([*GRPO, "task.scale_rewards=1"], "task.scale_rewards must be true or false or a string, got 1"),
+    ([*GRPO, "task.reward_weights=[1, 2]"], r"task.reward_weights must have one weight per reward \(1: "),
+    ([*GRPO, "task.reward_function=['x.py:f', '']"], "task.reward_function must name a function"),
+    ([*GRPO, "task.num_iterations=0"], "task.num_iterations must be >= 1"),
+    ([*GRPO, "task.grpo_epsilon_high=-0.1"], "task.grpo_epsilon_high must be a finite number > 0"),
+    ([*GRPO, "task.importance_sampling_level=seq"], "task.importance_sampling_level must be one of 'token', "),
+    ([*GRPO, "task.num_iterations=2", "train.save_every=3"],
+     r"train.save_every \(3\) must be a multiple of task.num_iterations \(2\)"),
+    (["task.num_iterations=2"], "task.num_iterations is for task.type = 'grpo'"),
 ])
 def test_what_grpo_cannot_use_is_refused_naming_the_setting(tmp_path, settings, message):
     config = instruction_setup(tmp_path, 8, lora=LORA, train=TRAIN)

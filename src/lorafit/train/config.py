@@ -31,7 +31,9 @@ from typing import Any
 from lorafit.config import LoraConfig
 
 TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto", "grpo")
-GRPO_LOSSES = ("grpo", "dr_grpo")
+GRPO_LOSSES = ("grpo", "dr_grpo", "bnpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one preferred
 # PEFT's task_type for each task.type: written to adapter_config.json (AutoPeftModel picks the model class by
 # it), and SEQ_CLS makes lorafit.attach train and save the new classification head with the adapter.
@@ -133,16 +135,38 @@ class TaskSection:
     num_generations: int = 4
     temperature: float = 1.0
     grpo_beta: float = 0.0
-    # grpo: "grpo" averages each completion's tokens (the paper); "dr_grpo" divides every completion's token sum by
-    # task.max_new_tokens (Dr. GRPO: no preference for short right answers or long wrong ones); scale_rewards
-    # divides a group's advantages by its standard deviation (Dr. GRPO leaves that out too)
+    # grpo: how the token losses add up (train/grpo.py): "grpo" averages each completion's tokens (the paper);
+    # "dr_grpo" divides every completion's token sum by task.max_new_tokens (Dr. GRPO); "bnpo" averages the tokens
+    # of each micro-batch; "dapo" the tokens of the whole step (DAPO; TRL's default). scale_rewards divides the
+    # advantages by the standard deviation of each group's rewards ("group" or true), of the step's ("batch"), or
+    # not at all ("none" or false, as Dr. GRPO recommends)
     grpo_loss: str = "grpo"
-    scale_rewards: bool = True
+    scale_rewards: bool | str = True
+    # grpo: steps taken on each batch of samples (PPO's epochs, the paper's mu); the ratio of the policy to the one
+    # that sampled is clipped to [1 - grpo_epsilon, 1 + grpo_epsilon_high] (DAPO's clip-higher: 0.28; None: the
+    # same as grpo_epsilon), per token or, with importance_sampling_level = "sequence", per completion (GSPO)
+    num_iterations: int = 1
+    grpo_epsilon: float = 0.2
+    grpo_epsilon_high: float | None = None
+    importance_sampling_level: str = "token"
+    # grpo: completions that reach task.max_new_tokens without ending carry no loss (DAPO's overlong filtering)
+    mask_truncated_completions: bool = False
     # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
-    # class whose probability is the reward; and/or a Python function "path/to/file.py:name"; both: their sum
+    # class whose probability is the reward; and/or Python functions "path/to/file.py:name" (one or a list); the
+    # reward is their sum, or weighted by reward_weights (one per reward: the run first, then the functions)
     reward_model: str | None = None
     reward_label: str | None = None
-    reward_function: str | None = None
+    reward_function: str | list[str] | None = None
+    reward_weights: list[float] | None = None
+
+    def reward_functions(self) -> list[str]:
+        """task.reward_function as a list (it may name one function or several)."""
+        f = self.reward_function
+        return [f] if isinstance(f, str) else list(f or [])
+
+    def reward_scaling(self) -> str:
+        """task.scale_rewards as one of SCALE_REWARDS (true is "group", false "none")."""
+        return {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
 
 
 @dataclass
@@ -351,7 +375,9 @@ class RunConfig:
                              (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight")),
                              (("grpo",), ("num_generations", "temperature", "grpo_beta", "grpo_loss",
-                                          "scale_rewards", "reward_model", "reward_label", "reward_function"))):
+                                          "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
+                                          "importance_sampling_level", "mask_truncated_completions",
+                                          "reward_model", "reward_label", "reward_function", "reward_weights"))):
             for name in names:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
                     bad(f"task.{name}", f"is for task.type = {' or '.join(map(repr, tasks))}; task.type is "
@@ -443,7 +469,8 @@ class RunConfig:
 
     def _validate_grpo(self, bad) -> None:
         t = self.task
-        if not (t.reward_model or t.reward_function):
+        functions = t.reward_functions()
+        if not (t.reward_model or functions):
             bad("task.reward_model", "(a lorafit reward or classification run) or task.reward_function (a Python "
                 "function) is required for task.type = 'grpo': what scores the completions")
         if t.reward_label is not None and not t.reward_model:
@@ -454,6 +481,33 @@ class RunConfig:
             bad("task.temperature", f"must be a finite number > 0, got {t.temperature}")
         if t.grpo_loss not in GRPO_LOSSES:
             bad("task.grpo_loss", f"must be one of {', '.join(map(repr, GRPO_LOSSES))}, got {t.grpo_loss!r}")
+        if isinstance(t.scale_rewards, str) and t.scale_rewards not in SCALE_REWARDS:
+            bad("task.scale_rewards", f"must be true, false or one of {', '.join(map(repr, SCALE_REWARDS))}, got "
+                f"{t.scale_rewards!r}")
+        if not all(f.strip() for f in functions) or (isinstance(t.reward_function, list) and not functions):
+            bad("task.reward_function", f"must name a function ('path/to/file.py:name') or a list of them, got "
+                f"{t.reward_function!r}")
+        count = bool(t.reward_model) + len(functions)
+        if t.reward_weights is not None:
+            if len(t.reward_weights) != count:
+                bad("task.reward_weights", f"must have one weight per reward ({count}: task.reward_model first, then "
+                    f"task.reward_function's), got {len(t.reward_weights)}")
+            if not all(math.isfinite(w) for w in t.reward_weights):
+                bad("task.reward_weights", f"must be finite numbers, got {t.reward_weights}")
+        if t.num_iterations < 1:
+            bad("task.num_iterations", f"must be >= 1, got {t.num_iterations}")
+        for key in ("grpo_epsilon", "grpo_epsilon_high"):
+            value = getattr(t, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                bad(f"task.{key}", f"must be a finite number > 0, got {value}")
+        if t.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            bad("task.importance_sampling_level", f"must be one of {', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}, "
+                f"got {t.importance_sampling_level!r}")
+        # a checkpoint mid-way through a batch's steps would need its samples to resume from
+        for key in ("train.eval_every", "train.save_every"):
+            if t.num_iterations > 1 and self.get(key) % t.num_iterations:
+                bad(key, f"({self.get(key)}) must be a multiple of task.num_iterations ({t.num_iterations}): "
+                    "evaluations and checkpoints come between batches of samples, not within one")
         if not (math.isfinite(t.grpo_beta) and t.grpo_beta >= 0):
             bad("task.grpo_beta", f"must be a finite number >= 0, got {t.grpo_beta}")
         if t.max_new_tokens >= t.max_length:
@@ -630,9 +684,10 @@ def _matches(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is list or hint is list:
-        return "a list" + (f" of {_describe(args[0])}s" if args else "")
-    if args and len(args) < len(typing.get_args(hint)):  # Optional[X]
-        return _describe(args[0]) if len(args) == 1 else " or ".join(_describe(a) for a in args)
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return "a list" + (f" of {plural.get(args[0], str(args[0]))}" if args else "")
+    if args:  # a union, None left out (an Optional setting may also be unset)
+        return " or ".join(_describe(a) for a in args)
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 

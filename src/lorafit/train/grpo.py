@@ -3,29 +3,37 @@ reinforcement learning from a reward.
 
 Each row is a prompt (as for causal_lm: ``data.instruction`` and the instruction/input fields, or chat messages
 in ``data.messages_field``, a last assistant turn there being the reference), optionally with a reference
-(``data.output_field``) that a reward function may compare with. Each step, the model as it is (eval mode: no
-dropout) samples ``task.num_generations`` completions of every prompt (``task.temperature``, at most
-``task.max_new_tokens`` tokens, up to and with the end-of-sequence token); the reward (lorafit.train.rewards)
-scores each; a completion's advantage is its reward minus its group's mean, over the group's standard
-deviation (+ 1e-4; not with ``task.scale_rewards = false``). The loss of a completion is the mean over its
-tokens (``task.grpo_loss = "grpo"``; ``"dr_grpo"``: their sum over ``task.max_new_tokens``, Dr. GRPO's
-constant) of
+(``data.output_field``) that a reward function may compare with.
 
-    -A exp(log p - sg(log p)) + β (exp(r - log p) - (r - log p) - 1)
+Before each batch's steps, the model as it is (eval mode: no dropout) samples ``task.num_generations``
+completions of every prompt of every micro-batch (``task.temperature``, at most ``task.max_new_tokens`` tokens,
+up to and with the end-of-sequence token); the rewards (lorafit.train.rewards) score each. A completion's
+advantage is its reward minus its group's mean, divided by the standard deviation (+ 1e-4) of its group's rewards
+(``task.scale_rewards = "group"``), of the step's (``"batch"``), or by nothing (``"none"``). The model then takes
+``task.num_iterations`` optimizer steps on these samples; the loss of a completion token is
 
-with ``log p`` the token's log-probability under the model, ``sg`` stop-gradient, ``r`` the reference model's
-(the base, the adapter switched off) and ``β = task.grpo_beta`` (0, TRL's default, runs no reference model).
-The first term's gradient is ``-A ∇ log p``: one update per batch of samples, so GRPO's clipped ratio is 1 and
-its clip never acts. A step's loss is the mean over its completions.
+    -min(ρ A, clip(ρ, 1 - ε, 1 + ε_high) A) + β (exp(r - log p) - (r - log p) - 1)
+
+with ``log p`` the token's log-probability under the model, ``ρ = exp(log p - log p_old)`` its ratio to the
+model of the batch's first step (per token, or with ``task.importance_sampling_level = "sequence"`` the exponent
+of the completion's mean log-ratio: GSPO), ``r`` the reference model's log-probability (the base, the adapter
+switched off) and ``β = task.grpo_beta`` (0, TRL's default, runs no reference model). On the first step ρ is 1
+and its gradient is that of ``log p``: with one iteration (the default) the clip never acts. The token losses add
+up per ``task.grpo_loss``: each completion's mean, summed over the step's completions and divided by their count
+("grpo"); each completion's sum over ``task.max_new_tokens`` ("dr_grpo"); each micro-batch's token mean, averaged
+over the micro-batches ("bnpo"); or the step's token sum over its token count ("dapo"). With
+``task.mask_truncated_completions``, completions that did not end carry no loss.
 
 Evaluation samples one completion of each prompt (the run's seed, its own random stream, so every evaluation
 draws alike and training's draws are untouched) and reports the mean reward (``reward``, the default
-``train.metric``) and the mean completion length in tokens.
+``train.metric``; with several rewards also each one's, ``reward/NAME``) and the mean completion length in
+tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from torch import nn
@@ -34,7 +42,7 @@ import lorafit
 from lorafit.chat import render
 from lorafit.train.data import rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
-from lorafit.train.rewards import build_scorer
+from lorafit.train.rewards import build_rewards
 from lorafit.train.tasks import CausalLM, columns_to_rows
 
 
@@ -44,18 +52,20 @@ class GRPO(CausalLM):
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)
-        self._scorer = None  # loaded at the first reward: a run's model is a second model in memory
-        self._log = [0.0, 0.0, 0]  # rewards, completion tokens and completions since train_log was read
+        self._rewards = None  # loaded at the first reward: a run's model is a second model in memory
+        self._log: dict[str, list] = {}  # what train_log reports, as [sum, count] since it was last read
         self._tokens = 0  # the last loss_sum's: its prompts, each as often as it was sampled, and completions
 
     def cache_key(self, kind: str) -> tuple:
         return (*super().cache_key(kind), self.config.data.output_field)
 
-    def scorer(self):
-        if self._scorer is None:
-            t = self.config.task
-            self._scorer = build_scorer(t.reward_model, t.reward_label, t.reward_function)
-        return self._scorer
+    def rewards(self) -> list:
+        if self._rewards is None:
+            self._rewards = build_rewards(self.config.task)
+        return self._rewards
+
+    def passes_per_window(self) -> int:
+        return self.config.task.num_iterations
 
     def prompt_and_reference(self, row: dict) -> tuple[list[dict], str | None]:
         d = self.config.data
@@ -94,38 +104,121 @@ class GRPO(CausalLM):
                 "units": torch.tensor(len(feats) * self.config.task.num_generations)}
 
     # -- training ---------------------------------------------------------------------
-    def loss_sum(self, model, batch) -> torch.Tensor:
+    @torch.no_grad()
+    def prepare_window(self, model, micro: list[tuple[dict, bool]], dist: Distributed = SINGLE) -> list[int] | None:
+        """Samples and scores the completions of every micro-batch of a step (the batch dicts gain them), before
+        the step's first forward: the advantages may depend on the whole step's rewards ("batch" scaling) and the
+        loss's units on its tokens ("dapo"), which this returns (None: the completions, as collated). A
+        micro-batch this process has no rows of (DDP pads with one) gets a one-token stand-in that carries no
+        loss."""
         t = self.config.task
         policy = unwrap(model)
+        real = [batch for batch, mine in micro if mine]
+        for batch, mine in micro:
+            if mine:
+                self._sample_and_score(policy, batch)
+            else:
+                ids = batch["input_ids"]
+                batch.update(seqs=torch.cat([ids, ids[:, -1:]], 1), prompt_mask=batch["attention_mask"],
+                             completion_mask=ids.new_zeros(ids.shape[0], 1, dtype=torch.float32),
+                             advantages=torch.zeros(ids.shape[0]), trained_tokens=0)
+        scaling = t.reward_scaling()
+        divisor = None  # "group": each group's own standard deviation
+        if scaling == "none":
+            divisor = 1.0
+        elif scaling == "batch":  # the standard deviation of all the step's rewards, every process's
+            mine = torch.cat([b["rewards"] for b in real]).double() if real else torch.zeros(0, dtype=torch.float64)
+            n, total, squares = dist.all_reduce_sum([len(mine), float(mine.sum()), float((mine * mine).sum())],
+                                                    micro[0][0]["input_ids"].device)
+            divisor = math.sqrt(max(squares - total * total / max(n, 1), 0.0) / max(n - 1, 1)) + 1e-4
+        for batch in real:
+            batch["advantages"] = group_advantages(batch.pop("rewards"), t.num_generations, divisor)
+        if t.grpo_loss == "dapo":  # the loop divides by the step's completion tokens
+            return [int(batch["completion_mask"].sum()) if mine else 0 for batch, mine in micro]
+        if t.grpo_loss == "bnpo":  # each micro-batch's token mean counts once
+            return [int(mine) for _, mine in micro]
+        return None
+
+    def _sample_and_score(self, policy: nn.Module, batch: dict) -> None:
+        t = self.config.task
         seqs, mask, completions = self.sample(policy, batch, t.num_generations)
-        rewards = self._rewards(batch, completions, t.num_generations)
-        advantages = group_advantages(rewards, t.num_generations, t.scale_rewards)
-        completion_tokens = int(mask.sum())
-        self._log[0] += float(rewards.sum())
-        self._log[1] += completion_tokens
-        self._log[2] += len(completions)
+        parts = self._scores(batch, completions, t.num_generations)
+        rewards = self._weighted(parts)
+        self._add_log(rewards, parts, mask)
         prompt_mask = batch["attention_mask"].repeat_interleave(t.num_generations, dim=0)
-        self._tokens = int(prompt_mask.sum()) + completion_tokens
-        logp = self.completion_logps(model, seqs, prompt_mask, mask.shape[1])
-        per_token = -advantages.to(logp.device)[:, None] * torch.exp(logp - logp.detach())
+        batch.update(seqs=seqs, prompt_mask=prompt_mask, rewards=rewards,
+                     trained_tokens=int(prompt_mask.sum()) + int(mask.sum()))
+        if t.mask_truncated_completions and self.tok.eos_token_id is not None:
+            ended = (seqs[:, batch["input_ids"].shape[1]:] == self.tok.eos_token_id).any(1, keepdim=True)
+            mask = mask * ended
+        batch["completion_mask"] = mask
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        t = self.config.task
+        seqs, mask = batch["seqs"], batch["completion_mask"]
+        logp = self.completion_logps(model, seqs, batch["prompt_mask"], mask.shape[1])
+        old = batch.get("old_logps")
+        if old is None:  # the batch's first step: the model that sampled is this one
+            old = logp.detach()
+            if t.num_iterations > 1:
+                batch["old_logps"] = old
+        log_ratio = logp - old
+        if t.importance_sampling_level == "sequence":
+            log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(log_ratio)
+        advantages = batch["advantages"].to(logp.device)[:, None]
+        low, high = 1 - t.grpo_epsilon, 1 + (t.grpo_epsilon if t.grpo_epsilon_high is None else t.grpo_epsilon_high)
+        per_token = -torch.min(ratio * advantages, ratio.clamp(low, high) * advantages)
+        if t.num_iterations > 1:  # how much of the later steps the clip cuts off
+            clipped = ((ratio < low) & (advantages < 0)) | ((ratio > high) & (advantages > 0))
+            self._add("clip_ratio", (clipped * mask).sum().detach(), mask.sum())
         if t.grpo_beta:
-            with torch.no_grad(), lorafit.disabled(policy):
-                reference = self.completion_logps(policy, seqs, prompt_mask, mask.shape[1])
+            reference = batch.get("reference_logps")
+            if reference is None:
+                policy = unwrap(model)
+                with torch.no_grad(), lorafit.disabled(policy):
+                    reference = self.completion_logps(policy, seqs, batch["prompt_mask"], mask.shape[1])
+                if t.num_iterations > 1:
+                    batch["reference_logps"] = reference
             diff = reference - logp
             per_token = per_token + t.grpo_beta * (torch.exp(diff) - diff - 1)
-        # per completion, its tokens' mean (grpo) or their sum over the longest a completion may be (dr_grpo)
-        length = mask.sum(1, keepdim=True).clamp(min=1) if t.grpo_loss == "grpo" else t.max_new_tokens
-        return (per_token * mask / length).sum()
+        self._tokens = batch["trained_tokens"]
+        total = per_token * mask
+        if t.grpo_loss == "grpo":
+            return (total.sum(1) / mask.sum(1).clamp(min=1)).sum()
+        if t.grpo_loss == "dr_grpo":
+            return total.sum() / t.max_new_tokens
+        if t.grpo_loss == "bnpo":
+            return total.sum() / mask.sum().clamp(min=1)
+        return total.sum()  # dapo: the loop divides by the step's tokens
 
     def trained_tokens(self, counted: int) -> int:
         return self._tokens
 
+    def _add(self, name: str, value, count) -> None:
+        entry = self._log.setdefault(name, [0.0, 0.0])
+        entry[0] += value
+        entry[1] += count
+
+    def _add_log(self, rewards: torch.Tensor, parts: torch.Tensor, mask: torch.Tensor) -> None:
+        n = len(rewards)
+        self._add("reward", float(rewards.sum()), n)
+        self._add("completion_length", float(mask.sum()), n)
+        if parts.shape[1] > 1:
+            for (name, _), column in zip(self.rewards(), parts.T):
+                self._add(f"reward/{name}", float(column.sum()), n)
+
     def train_log(self) -> dict[str, tuple[float, float]]:
-        """The mean reward and completion length of the training samples since the last call, as (sum, count)
-        pairs (the loop sums them over the processes)."""
-        rewards, tokens, n = self._log
-        self._log = [0.0, 0.0, 0]
-        return {"reward": (rewards, n), "completion_length": (tokens, n)}
+        """The training samples' mean reward (each reward's too, when there are several) and completion length
+        since the last call, and with several iterations the share of completion tokens whose ratio the clip cut
+        off; as (sum, count) pairs that the loop sums over the processes. Every process reports the same names."""
+        rewards = self.rewards()
+        names = ["reward", "completion_length", *(f"reward/{name}" for name, _ in rewards if len(rewards) > 1)]
+        if self.config.task.num_iterations > 1:
+            names.append("clip_ratio")
+        out = {name: tuple(float(v) for v in self._log.get(name, (0.0, 0.0))) for name in names}
+        self._log = {}
+        return out
 
     @torch.no_grad()
     def sample(self, model: nn.Module, batch: dict, per_prompt: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -163,15 +256,24 @@ class GRPO(CausalLM):
                        logits_to_keep=width + 1).logits[:, :-1]
         return -nn.functional.cross_entropy(logits.float().transpose(1, 2), seqs[:, -width:], reduction="none")
 
-    def _rewards(self, batch: dict, completions: list[str], per_prompt: int) -> torch.Tensor:
+    def _scores(self, batch: dict, completions: list[str], per_prompt: int) -> torch.Tensor:
+        """Each reward's score of each completion: completions x rewards."""
         prompts = [p for p in batch["prompts"] for _ in range(per_prompt)]
         references = [r for r in batch["references"] for _ in range(per_prompt)]
-        return torch.tensor(self.scorer()(prompts, completions, references), dtype=torch.float32)
+        return torch.tensor([score(prompts, completions, references) for _, score in self.rewards()],
+                            dtype=torch.float32).T.reshape(len(completions), -1)
+
+    def _weighted(self, parts: torch.Tensor) -> torch.Tensor:
+        """The reward of each completion: its scores' sum, or their sum weighted by task.reward_weights."""
+        weights = self.config.task.reward_weights
+        return parts.sum(1) if weights is None else parts @ torch.tensor(weights, dtype=torch.float32)
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
         model.eval()
-        total, tokens, n = 0.0, 0.0, 0
+        rewards = self.rewards()
+        sums = torch.zeros(len(rewards) + 2, dtype=torch.float64)  # the reward, each reward's score, the tokens
+        n = 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.config.train.seed)
             for idx in self._eval_batches(features, batch_size, dist, device):
@@ -181,16 +283,22 @@ class GRPO(CausalLM):
                     _, mask, completions = self.sample(unwrap(model), batch, 1)
                 if idx is None:
                     continue
-                total += float(self._rewards(batch, completions, 1).sum())
-                tokens += float(mask.sum())
+                parts = self._scores(batch, completions, 1)
+                sums[0] += float(self._weighted(parts).sum())
+                sums[1:-1] += parts.sum(0).double()
+                sums[-1] += float(mask.sum())
                 n += len(completions)
-        total, tokens, n = dist.all_reduce_sum([total, tokens, n], device)
-        return {"reward": total / max(n, 1), "completion_length": tokens / max(n, 1)}
+        *sums, n = dist.all_reduce_sum([*sums.tolist(), n], device)
+        out = {"reward": sums[0] / max(n, 1)}
+        if len(rewards) > 1:
+            out.update({f"reward/{name}": value / max(n, 1) for (name, _), value in zip(rewards, sums[1:-1])})
+        out["completion_length"] = sums[-1] / max(n, 1)
+        return out
 
 
-def group_advantages(rewards: torch.Tensor, per_prompt: int, scale: bool) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, per_prompt: int, divisor: float | None = None) -> torch.Tensor:
     """Each completion's reward minus its group's mean (the completions of one prompt, ``per_prompt`` in a row),
-    over the group's standard deviation + 1e-4 where ``scale``."""
+    over ``divisor``, or with None over its group's standard deviation + 1e-4."""
     groups = rewards.view(-1, per_prompt)
     centred = groups - groups.mean(1, keepdim=True)
-    return (centred / (groups.std(1, keepdim=True) + 1e-4) if scale else centred).flatten()
+    return (centred / (groups.std(1, keepdim=True) + 1e-4 if divisor is None else divisor)).flatten()

@@ -118,8 +118,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, t: TrainSectio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, t.scheduler))
 
 
-def total_steps(n_rows: int, t: TrainSection) -> int:
-    return t.max_steps or t.epochs * steps_per_epoch(n_rows, t.batch_size, t.grad_accum)
+def total_steps(n_rows: int, t: TrainSection, passes: int = 1) -> int:
+    """The run's optimizer steps; ``passes``: steps per window of micro-batches (Task.passes_per_window)."""
+    return t.max_steps or t.epochs * steps_per_epoch(n_rows, t.batch_size, t.grad_accum) * passes
 
 
 def autocast_for(device: torch.device, t: TrainSection) -> Callable[[], contextlib.AbstractContextManager]:
@@ -154,7 +155,8 @@ def fit(
     if t.lorafa:  # A was frozen when the adapter was attached
         stepped = (lambda p: masters.for_optimizer([p])[0]) if masters else (lambda p: p)
         LoraFAProjection(model, active_adapters(model), stepped).register(optimizer)
-    total = total_steps(len(train_features), t)
+    passes = task.passes_per_window()
+    total = total_steps(len(train_features), t, passes)
     scheduler = build_scheduler(optimizer, total, t)
     state = LoopState()
     if resume_from is not None:
@@ -170,8 +172,12 @@ def fit(
         batches = _Lookahead(train_batches(train_features, t.batch_size, t.seed, state.epoch, t.group_by_length,
                                            skip=state.batch_in_epoch))
         while batches.more() and state.step < total and not state.stopped_early:
-            loss = run.optimizer_step(batches.take(t.grad_accum))
-            run.after_step(loss)
+            micro = run.micro_batches(batches.take(t.grad_accum))
+            for i in range(passes):  # evaluations and checkpoints fall between windows (the config checks)
+                if state.step >= total:
+                    break
+                loss = run.optimizer_step(micro, last_pass=i == passes - 1)
+                run.after_step(loss)
         if state.stopped_early:
             break
         if not batches.more():
@@ -209,33 +215,44 @@ class _Session:
         self.pending = _Pending()  # the loss and tokens of the steps not yet read back from the device
         self.clock = time.perf_counter()  # train_seconds are counted up to here
 
-    def optimizer_step(self, window: list[list[dict]]) -> dict[str, Any]:
-        """One optimizer step over ``window``'s micro-batches (gradients accumulated); returns its units, lr and
-        gradient norm (a device tensor, or None without clipping).
+    def micro_batches(self, window: list[list[dict]]) -> list[_Micro]:
+        """``window``'s micro-batches: this process's rows of each, collated and sent to the device, with their
+        units and tokens counted on the host; then the task's preparation (grpo samples and scores here)."""
+        micro = []
+        for rows in window:
+            batch, real = _micro_batch(self.task, rows, self.dist)
+            micro.append(_Micro(on_device(batch, self.device), real, self.task.num_units(batch) if real else 0,
+                                int(batch["attention_mask"].sum()) if real else 0, len(rows)))
+        with self.autocast():
+            units = self.task.prepare_window(self.wrapped, [(m.batch, m.real) for m in micro], self.dist)
+        for m, u in zip(micro, units or ()):
+            m.units = u
+        return micro
+
+    def optimizer_step(self, micro: list[_Micro], last_pass: bool = True) -> dict[str, Any]:
+        """One optimizer step over the micro-batches of a window (gradients accumulated); returns its units, lr
+        and gradient norm (a device tensor, or None without clipping). ``last_pass``: the last step on this
+        window (Task.passes_per_window), after which the data position moves on.
 
         Nothing here waits for the device: the step's loss stays a device tensor (``_Pending``), the tokens
         are counted on the CPU batch, and batches reach a GPU from pinned memory without blocking. Reading a
         value back would make the host wait for the queued work each step, and the GPU would then sit idle
         while the host collates the next batch and issues its kernels."""
         t, state, dist = self.t, self.state, self.dist
-        micro = [_micro_batch(self.task, rows, dist) for rows in window]
-        local_units = sum(self.task.num_units(b) for b, real in micro if real)
-        units = int(dist.all_reduce_sum([local_units], self.device)[0])
-        for j, (batch, real) in enumerate(micro):
-            tokens = int(batch["attention_mask"].sum()) if real else 0
-            batch = on_device(batch, self.device)
+        units = int(dist.all_reduce_sum([sum(m.units for m in micro)], self.device)[0])
+        for j, m in enumerate(micro):
             with dist.accumulating(self.wrapped, last=j == len(micro) - 1):
                 with self.autocast():
-                    loss = self.task.loss_sum(self.wrapped, batch)
-                if not real:
+                    loss = self.task.loss_sum(self.wrapped, m.batch)
+                if not m.real:
                     loss = loss * 0.0  # this process has no row here but must join the gradient sync
                 scaled = loss / max(units, 1)
                 if self.kasa and j == len(micro) - 1:
                     scaled = scaled + kasa_loss(self.model)
                 self.scaler.scale(scaled).backward()
-            if real:
-                self.pending.add(loss, self.task.trained_tokens(tokens), state.step + 1)
-        state.train_rows += sum(len(rows) for rows in window)  # the global micro-batches' rows
+            if m.real:
+                self.pending.add(loss, self.task.trained_tokens(m.tokens), state.step + 1)
+        state.train_rows += sum(m.rows for m in micro)  # the global micro-batches' rows, each step's
         if self.masters:
             self.masters.take_grads()
         grad_norm = None
@@ -250,7 +267,8 @@ class _Session:
         # the masters' gradients are zeroed, not dropped: take_grads copies into them without allocating
         self.optimizer.zero_grad(set_to_none=not self.masters)
         state.step += 1
-        state.batch_in_epoch += len(window)
+        if last_pass:
+            state.batch_in_epoch += len(micro)
         self.window_units += units
         return {"units": units, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 
@@ -396,6 +414,17 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     # values that are not tensors (grpo's prompt messages) stay on the host
     return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+@dataclass
+class _Micro:
+    """A micro-batch of a step: the batch on the device, whether this process has rows in it, its units and
+    tokens (counted on the host) and the global micro-batch's rows."""
+    batch: dict
+    real: bool
+    units: int
+    tokens: int
+    rows: int
 
 
 def _micro_batch(task: Task, rows: list[dict], dist: Distributed) -> tuple[dict, bool]:

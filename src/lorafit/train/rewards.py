@@ -1,5 +1,6 @@
-"""What scores a completion for ``task.type = "grpo"``: a lorafit run's model (``task.reward_model``) and/or a
-Python function (``task.reward_function``); with both, their sum.
+"""What scores a completion for ``task.type = "grpo"``: a lorafit run's model (``task.reward_model``) and/or
+Python functions (``task.reward_function``, one or a list); with several, their sum, or their weighted sum
+(``task.reward_weights``).
 
 - A **reward run** (``task.type = "reward"``) scores the conversation, the prompt and the completion as the
   assistant's turn, rendered as its training rendered them (lorafit.chat: the chat template, or an encoder's
@@ -29,21 +30,17 @@ SCORE_BATCH = 32  # completions per forward of a reward or classification run's 
 Scorer = Callable[[list[list[dict]], list[str], list], list[float]]
 
 
-def build_scorer(reward_model: str | None, reward_label: str | None, reward_function: str | None) -> Scorer:
-    """One scorer from the task's settings (the config has checked that at least one is set)."""
-    parts: list[Scorer] = []
-    if reward_model:
-        parts.append(run_scorer(reward_model, reward_label))
-    if reward_function:
-        parts.append(function_scorer(reward_function))
-
-    def score(prompts: list[list[dict]], completions: list[str], references: list) -> list[float]:
-        totals = [0.0] * len(completions)
-        for part in parts:
-            totals = [t + s for t, s in zip(totals, part(prompts, completions, references))]
-        return totals
-
-    return score
+def build_rewards(t) -> list[tuple[str, Scorer]]:
+    """The rewards task section ``t`` names, each with the name its mean is logged under: "model" for the run,
+    a function's own name (the config has checked that there is at least one)."""
+    named: list[tuple[str, Scorer]] = []
+    if t.reward_model:
+        named.append(("model", run_scorer(t.reward_model, t.reward_label)))
+    for spec in t.reward_functions():
+        named.append((spec.rpartition(":")[2], function_scorer(spec)))
+    names = [name for name, _ in named]
+    # two functions of one name (from two files) are told apart by their place
+    return [(name if names.count(name) == 1 else f"{name}_{i}", scorer) for i, (name, scorer) in enumerate(named)]
 
 
 def run_scorer(run_dir: str, label: str | None) -> Scorer:

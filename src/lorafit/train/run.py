@@ -668,8 +668,9 @@ def _train(config: RunConfig, dist: Distributed, device: torch.device | None, wa
         # read now: the checkpoint directory is replaced by newer ones as the run goes
         earlier_seconds = json.loads((resume_from / "state.json").read_text())["train_seconds"] if resume_from \
             else 0.0
+        steps = total_steps(len(data.train), config.train, prep.task.passes_per_window())
         print(f"lorafit train: {config.model.name} ({prep.source.path}), {config.task.type}, method "
-              f"{config.train.method}, {_rows_text(prep, data)}, {total_steps(len(data.train), config.train)} steps, "
+              f"{config.train.method}, {_rows_text(prep, data)}, {steps} steps, "
               f"{'resuming from ' + str(resume_from) if resume_from else 'fresh start'}\n  {report}\n"
               f"  {_processes(dist)}")
         if reference_seconds is not None:

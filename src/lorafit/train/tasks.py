@@ -177,6 +177,18 @@ class Task:
     def num_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["units"])
 
+    def passes_per_window(self) -> int:
+        """Optimizer steps taken on each window of micro-batches (grpo: task.num_iterations on one batch of
+        samples); 1: every step reads new rows."""
+        return 1
+
+    def prepare_window(self, model: nn.Module, micro: list[tuple[dict, bool]],
+                       dist: Distributed = SINGLE) -> list[int] | None:
+        """Called with a step's micro-batches (on the device, each with whether this process has rows in it)
+        before its first forward; may add to the batch dicts (grpo samples and scores completions here) and
+        return each micro-batch's units when they differ from collate's. Nothing by default."""
+        return None
+
     def trained_tokens(self, counted: int) -> int:
         """The tokens the last ``loss_sum`` trained on, for the tokens per second; ``counted``: its batch's
         (the attention mask's count, taken on the host before the batch went to the device)."""
