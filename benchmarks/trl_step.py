@@ -13,8 +13,8 @@ each trainer runs in a process of its own on the same pairs, model and adapter.
 - ``grpo``: task.type = "grpo" against TRL's GRPOTrainer (generating with transformers, no vLLM): each step
   samples 4 completions of each of 4 prompts (the instruction below; temperature 1, up to 40 tokens), scores
   them with one Python function (the share of positive words), and takes one update, beta 0 (no reference
-  model; TRL's default). The losses normalise differently (lorafit's per completion, TRL's default "dapo" per
-  token), which costs the same. Sampling is random, so a step's time varies with how long the completions run.
+  model; TRL's default), both with DAPO's loss (the step's token sum over its tokens: TRL's default, lorafit's
+  task.grpo_loss = "dapo"). Sampling is random, so a step's time varies with how long the completions run.
 
 SmolLM2-135M-Instruct (a tiny random Llama with --quick), LoRA r=16 (alpha 32, dropout 0) on every linear
 layer, batch 4 pairs, max length 96 tokens, AdamW at 5e-4 without warm-up. The pairs are SST-2's
@@ -116,7 +116,7 @@ def _lorafit(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> 
     marks: list[float] = []
     task = {"reward": {"type": "reward", "reward_centering": CENTERING},
             "grpo": {"type": "grpo", "num_generations": GENERATIONS, "max_new_tokens": COMPLETION_TOKENS,
-                     "reward_function": "benchmarks.trl_step:positive_words"}}.get(
+                     "grpo_loss": "dapo", "reward_function": "benchmarks.trl_step:positive_words"}}.get(
         kind, {"type": "preference", "dpo_beta": 0.1, "precompute_reference": kind == "dpo_precomputed"})
     prompts = {"messages_field": "prompt"} if kind == "grpo" else {"instruction_field": "prompt"}
     config = {"output_dir": str(tmp / "run"), "model": {"name": "given"},
@@ -155,8 +155,9 @@ def _trl(kind: str, quick: bool, rows_file: Path, steps: int, tmp: Path) -> list
     extra = {}
     if kind == "grpo":  # a batch counts completions: 4 prompts' groups
         trainer_class = GRPOTrainer
-        args = GRPOConfig(beta=0.0, num_generations=GENERATIONS, max_completion_length=COMPLETION_TOKENS,
-                          temperature=1.0, **{**common, "per_device_train_batch_size": BATCH * GENERATIONS})
+        args = GRPOConfig(beta=0.0, loss_type="dapo", num_generations=GENERATIONS,
+                          max_completion_length=COMPLETION_TOKENS, temperature=1.0,
+                          **{**common, "per_device_train_batch_size": BATCH * GENERATIONS})
         extra = {"reward_funcs": [positive_words]}
     elif kind != "reward":
         trainer_class, args = DPOTrainer, DPOConfig(beta=0.1, precompute_ref_log_probs=kind == "dpo_precomputed",

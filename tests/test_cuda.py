@@ -495,20 +495,25 @@ def test_a_resumed_causal_lm_run_on_cuda_ends_where_an_uninterrupted_one_does(tm
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_grpo_trains_on_cuda_and_resumes_to_the_same_samples(tmp_path, dtype):
     """`lorafit train` with task.type = "grpo" on the GPU: sampling, the rewards, the loss with the KL term (the
-    base, the adapter off), in float32 and bfloat16; in float32 a resumed run draws the uninterrupted run's samples
-    (the checkpoint restores the CUDA random state) and ends at its adapter (in bfloat16 a rounding difference
-    in the logits may flip a sample)."""
+    base, the adapter off), in float32 and bfloat16; in bfloat16 with two clipped steps per batch of samples,
+    DAPO's loss and batch-scaled advantages, the reward rises as on the CPU. In float32 a resumed run draws the
+    uninterrupted run's samples (the checkpoint restores the CUDA random state) and ends at its adapter (in
+    bfloat16 a rounding difference in the logits may flip a sample)."""
     import json
 
-    from lorafit.train import train
+    from lorafit.train import evaluate, train
     from tests.test_train_grpo import grpo_setup
     from tests.test_train_loop import Crash, adapter_tensors, crash_at
 
-    config, settings = grpo_setup(tmp_path, extra=["task.grpo_beta=0.1", "train.save_every=3",
-                                                   f"model.dtype={dtype}", f"model.device={DEVICE}"])
+    extra = ["train.save_every=3"] if dtype == "float32" else \
+        ["task.num_iterations=2", "task.grpo_loss=dapo", "task.scale_rewards='batch'", "train.save_every=4"]
+    config, settings = grpo_setup(tmp_path, extra=["task.grpo_beta=0.1", f"model.dtype={dtype}",
+                                                   f"model.device={DEVICE}", *extra])
     full = train(config, settings + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
     assert 0 <= full["validation"]["reward"] <= 1 and full["validation"]["completion_length"] > 0
     if dtype == "bfloat16":
+        base = evaluate(tmp_path / "a", base=True)
+        assert full["validation"]["reward"] > base["reward"] + 0.3, (full["validation"], base)
         return
     args = settings + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
     with pytest.raises(Crash):

@@ -83,6 +83,32 @@ def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_lea
     assert any(r["clip_ratio"] > 0 for r in trained)
 
 
+def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_path):
+    """task.top_k = 1 samples the greedy completion every time; the log-probabilities the loss uses are those
+    of the logits over task.temperature, the distribution the completions were drawn from (as TRL's)."""
+    config, settings = grpo_setup(tmp_path, extra=["task.top_k=1", "task.temperature=0.5", "task.top_p=0.9"])
+    prep = prepare(load_config(config, settings))
+    task = prep.task
+    batch = task.collate(task.encode([{"instruction": "repeat", "input": "a great movie", "output": "x"},
+                                      {"instruction": "say", "input": "the plot", "output": "y"}], "train").features)
+    seqs, mask, _ = task.sample(prep.model, batch, 3)
+    greedy = prep.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 do_sample=False, max_new_tokens=8, pad_token_id=task.pad_id,
+                                 eos_token_id=task.tok.eos_token_id)
+    width = batch["input_ids"].shape[1]
+    for i in range(6):
+        n = int(mask[i].sum())
+        assert torch.equal(seqs[i, width:width + n], greedy[i // 3, width:width + n])
+    prompt_mask = batch["attention_mask"].repeat_interleave(3, dim=0)
+    got = task.completion_logps(prep.model, seqs, prompt_mask, seqs.shape[1] - width)
+    with torch.no_grad():
+        attention = torch.cat([prompt_mask, torch.ones_like(seqs[:, width:])], 1)
+        logits = prep.model(input_ids=seqs, attention_mask=attention,
+                            position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.float()
+    want = (logits[:, width - 1:-1] / 0.5).log_softmax(-1).gather(-1, seqs[:, width:, None])[..., 0]
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+
+
 def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high, max_new_tokens):
     """The GRPO loss of the module docstring, written out: the clipped ratio per token or per completion, the
     k3 KL term, and the four ways of adding the token losses up (as the sum the loop divides by its units)."""
@@ -251,6 +277,8 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "task.reward_weights=[1, 2]"], r"task.reward_weights must have one weight per reward \(1: "),
     ([*GRPO, "task.reward_function=['x.py:f', '']"], "task.reward_function must name a function"),
     ([*GRPO, "task.num_iterations=0"], "task.num_iterations must be >= 1"),
+    ([*GRPO, "task.top_p=0"], "task.top_p must be > 0 and <= 1"),
+    ([*GRPO, "task.top_k=-1"], r"task.top_k must be >= 0 \(0: off\)"),
     ([*GRPO, "task.grpo_epsilon_high=-0.1"], "task.grpo_epsilon_high must be a finite number > 0"),
     ([*GRPO, "task.importance_sampling_level=seq"], "task.importance_sampling_level must be one of 'token', "),
     ([*GRPO, "task.num_iterations=2", "train.save_every=3"],

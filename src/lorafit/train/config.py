@@ -130,10 +130,13 @@ class TaskSection:
     # preference and kto: a prompt longer than this many tokens keeps its end (the turns nearest the response), so
     # that max_length leaves room for the responses; None: prompts are cut only by max_length, from the end
     max_prompt_length: int | None = None
-    # grpo: completions sampled per prompt (a group), their temperature, and the weight of the KL estimate against
-    # the base model (0: no reference model runs)
+    # grpo: completions sampled per prompt (a group), their temperature (the log-probabilities the loss uses are
+    # the tempered ones, as TRL's), nucleus and top-k sampling (1.0 and 0: off; the loss does not correct for
+    # them), and the weight of the KL estimate against the base model (0: no reference model runs)
     num_generations: int = 4
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
     grpo_beta: float = 0.0
     # grpo: how the token losses add up (train/grpo.py): "grpo" averages each completion's tokens (the paper);
     # "dr_grpo" divides every completion's token sum by task.max_new_tokens (Dr. GRPO); "bnpo" averages the tokens
@@ -374,7 +377,7 @@ class RunConfig:
                              (("preference", "kto"), ("dpo_beta", "precompute_reference", "max_prompt_length")),
                              (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight")),
-                             (("grpo",), ("num_generations", "temperature", "grpo_beta", "grpo_loss",
+                             (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
                                           "reward_model", "reward_label", "reward_function", "reward_weights"))):
@@ -479,6 +482,10 @@ class RunConfig:
             bad("task.num_generations", f"must be >= 2 (a group's rewards are compared), got {t.num_generations}")
         if not (math.isfinite(t.temperature) and t.temperature > 0):
             bad("task.temperature", f"must be a finite number > 0, got {t.temperature}")
+        if not 0 < t.top_p <= 1:
+            bad("task.top_p", f"must be > 0 and <= 1, got {t.top_p}")
+        if t.top_k < 0:
+            bad("task.top_k", f"must be >= 0 (0: off), got {t.top_k}")
         if t.grpo_loss not in GRPO_LOSSES:
             bad("task.grpo_loss", f"must be one of {', '.join(map(repr, GRPO_LOSSES))}, got {t.grpo_loss!r}")
         if isinstance(t.scale_rewards, str) and t.scale_rewards not in SCALE_REWARDS:

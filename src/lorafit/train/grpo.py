@@ -6,23 +6,25 @@ in ``data.messages_field``, a last assistant turn there being the reference), op
 (``data.output_field``) that a reward function may compare with.
 
 Before each batch's steps, the model as it is (eval mode: no dropout) samples ``task.num_generations``
-completions of every prompt of every micro-batch (``task.temperature``, at most ``task.max_new_tokens`` tokens,
-up to and with the end-of-sequence token); the rewards (lorafit.train.rewards) score each. A completion's
-advantage is its reward minus its group's mean, divided by the standard deviation (+ 1e-4) of its group's rewards
-(``task.scale_rewards = "group"``), of the step's (``"batch"``), or by nothing (``"none"``). The model then takes
-``task.num_iterations`` optimizer steps on these samples; the loss of a completion token is
+completions of every prompt of every micro-batch (``task.temperature``, ``task.top_p``, ``task.top_k``, at
+most ``task.max_new_tokens`` tokens, up to and with the end-of-sequence token); the rewards
+(lorafit.train.rewards) score each. A completion's advantage is its reward minus its group's mean, divided by
+the standard deviation (+ 1e-4) of its group's rewards (``task.scale_rewards = "group"``), of the step's
+(``"batch"``), or by nothing (``"none"``). The model then takes ``task.num_iterations`` optimizer steps on
+these samples; the loss of a completion token is
 
     -min(ρ A, clip(ρ, 1 - ε, 1 + ε_high) A) + β (exp(r - log p) - (r - log p) - 1)
 
-with ``log p`` the token's log-probability under the model, ``ρ = exp(log p - log p_old)`` its ratio to the
-model of the batch's first step (per token, or with ``task.importance_sampling_level = "sequence"`` the exponent
-of the completion's mean log-ratio: GSPO), ``r`` the reference model's log-probability (the base, the adapter
-switched off) and ``β = task.grpo_beta`` (0, TRL's default, runs no reference model). On the first step ρ is 1
-and its gradient is that of ``log p``: with one iteration (the default) the clip never acts. The token losses add
-up per ``task.grpo_loss``: each completion's mean, summed over the step's completions and divided by their count
-("grpo"); each completion's sum over ``task.max_new_tokens`` ("dr_grpo"); each micro-batch's token mean, averaged
-over the micro-batches ("bnpo"); or the step's token sum over its token count ("dapo"). With
-``task.mask_truncated_completions``, completions that did not end carry no loss.
+with ``log p`` the token's log-probability under the model at the temperature, ``ρ = exp(log p - log p_old)``
+its ratio to the model of the batch's first step (per token, or with ``task.importance_sampling_level =
+"sequence"`` the exponent of the completion's mean log-ratio: GSPO), ``r`` the reference model's
+log-probability (the base, the adapter switched off) and ``β = task.grpo_beta`` (0, TRL's default, runs no
+reference model). On the first step ρ is 1 and its gradient is that of ``log p``: with one iteration (the
+default) the clip never acts. The token losses add up per ``task.grpo_loss``: each completion's mean, summed
+over the step's completions and divided by their count ("grpo"); each completion's sum over
+``task.max_new_tokens`` ("dr_grpo"); each micro-batch's token mean, averaged over the micro-batches ("bnpo");
+or the step's token sum over its token count ("dapo"). With ``task.mask_truncated_completions``, completions
+that did not end carry no loss.
 
 Evaluation samples one completion of each prompt (the run's seed, its own random stream, so every evaluation
 draws alike and training's draws are untouched) and reports the mean reward (``reward``, the default
@@ -230,7 +232,7 @@ class GRPO(CausalLM):
         model.eval()
         try:
             seqs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  do_sample=True, temperature=t.temperature, top_k=0, top_p=1.0,
+                                  do_sample=True, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
                                   num_return_sequences=per_prompt, max_new_tokens=t.max_new_tokens,
                                   pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id, use_cache=True)
         finally:
@@ -246,15 +248,16 @@ class GRPO(CausalLM):
 
     def completion_logps(self, model: nn.Module, seqs: torch.Tensor, prompt_mask: torch.Tensor,
                          width: int) -> torch.Tensor:
-        """Each completion token's log-probability (float32), rows x ``width`` (the completions' part of
-        ``seqs``); ``prompt_mask`` marks the prompts' real tokens, whose left padding is masked and skipped in the
-        positions, as generation saw them. The tokens after a completion's end see only what precedes them, and
-        carry no loss."""
+        """Each completion token's log-probability (float32) at task.temperature, the distribution it was sampled
+        from, rows x ``width`` (the completions' part of ``seqs``); ``prompt_mask`` marks the prompts' real
+        tokens, whose left padding is masked and skipped in the positions, as generation saw them. The tokens
+        after a completion's end see only what precedes them, and carry no loss."""
         attention = torch.cat([prompt_mask, prompt_mask.new_ones(seqs.shape[0], width)], dim=1)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=seqs, attention_mask=attention, position_ids=positions, use_cache=False,
                        logits_to_keep=width + 1).logits[:, :-1]
-        return -nn.functional.cross_entropy(logits.float().transpose(1, 2), seqs[:, -width:], reduction="none")
+        logits = logits.float() / self.config.task.temperature
+        return -nn.functional.cross_entropy(logits.transpose(1, 2), seqs[:, -width:], reduction="none")
 
     def _scores(self, batch: dict, completions: list[str], per_prompt: int) -> torch.Tensor:
         """Each reward's score of each completion: completions x rewards."""
