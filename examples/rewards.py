@@ -2,6 +2,8 @@
 
 lorafit calls one as ``NAME(prompts, completions, references)``: lists of the prompts' texts, the sampled
 completions' texts and each row's reference (data.output_field, or None), one reward per completion back.
+A function that names more parameters after those three gets the rows' columns of those names, a list each
+(``**kwargs``: every column).
 """
 
 from __future__ import annotations

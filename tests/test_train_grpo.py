@@ -31,6 +31,12 @@ def echo(prompts, completions, references):
 
 def short(prompts, completions, references):
     return [0.0]
+
+
+def aligned(prompts, completions, references, input, weight=2.0):
+    """Each row's input column, which its prompt must hold; 1 for a completion that repeats a word of it."""
+    assert len(input) == len(prompts) and all(x in p for p, x in zip(prompts, input)), (prompts, input)
+    return [float(any(w in c.split() for w in x.split())) for c, x in zip(completions, input)]
 '''
 LORA = 'r = 8\nlora_alpha = 16\ntarget_modules = "all-linear"'
 TRAIN = "epochs = 4\nbatch_size = 4\nlr = 3e-2\nlog_every = 2\nnum_threads = 1"
@@ -81,6 +87,34 @@ def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_lea
         assert r["reward"] == pytest.approx(r["reward/great"] + 0.5 * r["reward/echo"])
         assert 0 <= r["clip_ratio"] <= 0.5  # a log line covers both steps on a batch; the first clips nothing
     assert any(r["clip_ratio"] > 0 for r in trained)
+
+
+def test_reward_functions_get_the_row_columns_they_name(tmp_path):
+    """A function's parameters after the first three are row columns, a list each aligned with the completions
+    (all of them with **kwargs; none for a function without); a column the rows lack is named; a GRPO run hands
+    every completion its own row's columns."""
+    from lorafit.train.rewards import function_scorer
+
+    (tmp_path / "cols.py").write_text(
+        "def named(prompts, completions, references, label, *, extra=None, absent=None):\n"
+        "    assert absent is None\n"
+        "    return [float(l) + (e or 0) for l, e in zip(label, extra)]\n"
+        "def every(prompts, completions, references, **columns):\n"
+        "    return [len(columns) + float(columns['label'][i]) for i in range(len(completions))]\n"
+        "def plain(p, c, r):\n"
+        "    return [1.0] * len(c)\n")
+    rows = [{"text": "a", "label": 1, "extra": 10}, {"text": "b", "label": 0}]
+    args = ([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], ["x", "y"], [None, None], rows)
+    assert function_scorer(f"{tmp_path / 'cols.py'}:named")(*args) == [11.0, 0.0]  # extra: None in row 2
+    assert function_scorer(f"{tmp_path / 'cols.py'}:every")(*args) == [4.0, 3.0]
+    assert function_scorer(f"{tmp_path / 'cols.py'}:plain")(*args) == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"cols.py:named: asks for the column 'label', which the rows do not have "
+                                         r"\(their columns: text\)"):
+        function_scorer(f"{tmp_path / 'cols.py'}:named")(*args[:3], [{"text": "a"}, {"text": "b"}])
+
+    config, settings = grpo_setup(tmp_path, reward="aligned", extra=["train.epochs=1"])
+    summary = train(config, settings, progress=False)
+    assert 0 <= summary["validation"]["reward"] <= 1
 
 
 def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_path):

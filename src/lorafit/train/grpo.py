@@ -80,19 +80,22 @@ class GRPO(CausalLM):
         return [{"role": "user", "content": self._prompt_text(row)}], None if reference is None else str(reference)
 
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
-        """Each row's prompt, rendered up to where the assistant's turn starts, its messages (for the reward) and
-        its reference; rows whose prompt leaves fewer than task.max_new_tokens of task.max_length are left out."""
+        """Each row's prompt, rendered up to where the assistant's turn starts, its messages (for the reward), its
+        reference and all its columns; rows whose prompt leaves fewer than task.max_new_tokens of task.max_length
+        are left out."""
         t = self.config.task
-        rows = [self.prompt_and_reference(row) for row in columns_to_rows(batch)]
+        raw = columns_to_rows(batch)
+        rows = [self.prompt_and_reference(row) for row in raw]
         prompts, references = [p for p, _ in rows], [r for _, r in rows]
         ids = self._ids_many([render(self.tok, p, generation_prompt=True) for p in prompts])
-        out: dict[str, list] = {"input_ids": [], "prompt_messages": [], "reference": [], "length": []}
-        for prompt, reference, x in zip(prompts, references, ids):
+        out: dict[str, list] = {"input_ids": [], "prompt_messages": [], "reference": [], "row": [], "length": []}
+        for prompt, reference, row, x in zip(prompts, references, raw, ids):
             if len(x) + t.max_new_tokens > t.max_length:
                 continue
             out["input_ids"].append(x)
             out["prompt_messages"].append(json.dumps(prompt))
             out["reference"].append(None if reference is None else [reference])
+            out["row"].append(json.dumps(row, default=str))  # every column, for reward functions that ask
             out["length"].append(len(x))
         return out
 
@@ -103,6 +106,7 @@ class GRPO(CausalLM):
                 "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in feats], 0, left=True),
                 "prompts": [json.loads(f["prompt_messages"]) for f in feats],
                 "references": [f["reference"][0] if f.get("reference") else None for f in feats],
+                "rows": [json.loads(f["row"]) for f in feats],
                 "units": torch.tensor(len(feats) * self.config.task.num_generations)}
 
     # -- training ---------------------------------------------------------------------
@@ -263,7 +267,8 @@ class GRPO(CausalLM):
         """Each reward's score of each completion: completions x rewards."""
         prompts = [p for p in batch["prompts"] for _ in range(per_prompt)]
         references = [r for r in batch["references"] for _ in range(per_prompt)]
-        return torch.tensor([score(prompts, completions, references) for _, score in self.rewards()],
+        rows = [r for r in batch["rows"] for _ in range(per_prompt)]
+        return torch.tensor([score(prompts, completions, references, rows) for _, score in self.rewards()],
                             dtype=torch.float32).T.reshape(len(completions), -1)
 
     def _weighted(self, parts: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,15 @@ Python functions (``task.reward_function``, one or a list); with several, their 
 - A **function** ``"path/to/file.py:name"`` (or ``"package.module:name"``) is called as ``name(prompts,
   completions, references)`` with lists of the prompts' texts (their messages' contents, a line each), the
   completions' texts and each row's reference (``data.output_field``, or None) and returns one number per
-  completion.
+  completion. The rows' other columns come as keyword arguments, a list each, when the function names them as
+  parameters after those three (all of them when it takes ``**kwargs``, as TRL's reward functions do).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,8 @@ from lorafit.chat import text_pair
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
 
-Scorer = Callable[[list[list[dict]], list[str], list], list[float]]
+# (prompts' messages, completions, references, the rows' columns or None) -> a reward per completion
+Scorer = Callable[..., list[float]]
 
 
 def build_rewards(t) -> list[tuple[str, Scorer]]:
@@ -54,7 +57,7 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
             raise ValueError(f"task.reward_label is for a classification run's model; {run_dir} is a reward run, "
                              "whose score is the reward")
 
-        def score(prompts, completions, references):
+        def score(prompts, completions, references, rows=None):
             conversations = [(p, [{"role": "assistant", "content": c}]) for p, c in zip(prompts, completions)]
             return run.task.score_conversations(run.model, conversations, run.device, SCORE_BATCH)
 
@@ -67,7 +70,7 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
         index = classes.index(label)
 
         @torch.no_grad()
-        def score(prompts, completions, references):
+        def score(prompts, completions, references, rows=None):
             out: list[float] = []
             for start in range(0, len(completions), SCORE_BATCH):
                 enc = tok(completions[start:start + SCORE_BATCH], padding=True, truncation=True,
@@ -99,9 +102,20 @@ def function_scorer(spec: str) -> Scorer:
     if not callable(fn):
         raise ValueError(f"task.reward_function: {where} has no function {name!r}")
 
-    def score(prompts, completions, references):
+    named, required, every = _column_parameters(fn)
+
+    def score(prompts, completions, references, rows=None):
         texts = [text_pair(p, [])[0] for p in prompts]
-        values = list(fn(texts, list(completions), list(references)))
+        columns = {}
+        if rows and (named or every):
+            present = {k for row in rows for k in row}
+            missing = [k for k in required if k not in present]
+            if missing:
+                raise ValueError(f"task.reward_function {spec}: asks for the column {missing[0]!r}, which the rows do "
+                                 f"not have (their columns: {', '.join(sorted(present))})")
+            keys = (present if every else present & set(named)) - set(_POSITIONAL)
+            columns = {k: [row.get(k) for row in rows] for k in sorted(keys)}
+        values = list(fn(texts, list(completions), list(references), **columns))
         if len(values) != len(completions):
             raise ValueError(f"task.reward_function {spec}: returned {len(values)} rewards for {len(completions)} "
                              "completions")
@@ -111,3 +125,18 @@ def function_scorer(spec: str) -> Scorer:
         return [float(v) for v in values]
 
     return score
+
+
+_POSITIONAL = ("prompts", "completions", "references")
+
+
+def _column_parameters(fn) -> tuple[list[str], list[str], bool]:
+    """The row columns ``fn`` takes as keywords: the names of its parameters after the first three, those of
+    them without a default, and whether it takes ``**kwargs`` (then every column)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the three lists only
+        return [], [], False
+    every = any(p.kind is p.VAR_KEYWORD for p in params)
+    named = [p for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in named], [p.name for p in named if p.default is p.empty], every

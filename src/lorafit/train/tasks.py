@@ -41,7 +41,7 @@ class Encoded:
     skipped: int = 0  # rows that could not fit a single target token into max_length
 
 
-ENCODING_VERSION = 2  # part of the tokenization cache key: bump when encode_batch changes what it writes
+ENCODING_VERSION = 3  # part of the tokenization cache key: bump when encode_batch changes what it writes
 
 
 def encode_dataset(task: Task, rows, split: str) -> tuple[FeatureTable, int]:
@@ -70,7 +70,7 @@ def _feature_types() -> dict[str, Any]:
             "kl_ids": ids, "kl_labels": ids,
             "token_type_ids": List(Value("int8")), "rejected_token_type_ids": List(Value("int8")),
             "label": Value("int32"), "length": Value("int32"), "reference": List(Value("string")),
-            "margin": Value("float32"), "prompt_messages": Value("string")}
+            "margin": Value("float32"), "prompt_messages": Value("string"), "row": Value("string")}
 
 
 _FEATURE_TYPES = _feature_types()
