@@ -397,17 +397,32 @@ def test_precomputed_references_train_dpo_as_the_inline_reference_does(tmp_path)
     assert_resume_matches(config, tmp_path, "task.precompute_reference=true")
 
 
-def test_full_fine_tuning_trains_dpo_from_precomputed_references(tmp_path):
+def test_full_fine_tuning_trains_dpo_from_precomputed_references(tmp_path, monkeypatch):
     """Full fine-tuning has no base to switch back to: with task.precompute_reference the model as loaded is the
     reference, for training and evaluation alike, and `lorafit eval` compares the fine-tuned model with the model
-    the run started from (the run's own numbers again; the starting model's rewards are 0)."""
+    the run started from (the run's own numbers again; the starting model's rewards are 0), loading the
+    fine-tuned model only once the starting one is gone."""
+    import weakref
+
+    import lorafit.train.run as run_module
+
     config = preference_setup(tmp_path)
     summary = train(config, ["train.method='full'", "task.precompute_reference=true", "train.lr=2e-3",
                              "train.epochs=3"], progress=False)
     assert summary["validation"]["reward_accuracy"] >= 0.75 and summary["validation"]["reward_margin"] > 0.5, \
         summary["validation"]
+    loaded, load_run = [], run_module.load_run
+
+    def one_at_a_time(*args, **kwargs):
+        assert all(model() is None for model in loaded), "an earlier load_run's model is still in memory"
+        prep = load_run(*args, **kwargs)
+        loaded.append(weakref.ref(prep.model))
+        return prep
+
+    monkeypatch.setattr(run_module, "load_run", one_at_a_time)
     again = evaluate(tmp_path / "run", split="validation")
-    assert again == pytest.approx(summary["validation"], abs=1e-4)
+    assert again == pytest.approx(summary["validation"], abs=1e-4) and len(loaded) == 2
+    monkeypatch.undo()
     start = evaluate(tmp_path / "run", split="validation", base=True)
     assert start["reward_margin"] == 0 and start["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
 

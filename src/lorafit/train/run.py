@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -999,20 +1000,34 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if base and adapter is not None:
         raise ValueError(f"evaluate the base model ({arg_names.base}) or an adapter ({arg_names.adapter}), not both")
-    prep = load_run(run_dir, overrides, adapter, base, arg_names)
-    if not getattr(prep.splits, split):
-        raise ValueError(f"the run's config has no {split} data; set it, e.g. "
-                         f"{arg_names.set_one.format(f'data.{split}=FILE')}")
-    features = encode_split(prep, split)
-    if prep.config.task.precompute_reference and prep.config.train.method == "full" and adapter is None and not base:
-        # the fine-tuned model is compared with the model the run started from, as in training
+    config_path = Path(run_dir) / CONFIG_FILE
+    config = load_config(config_path, overrides, overrides_source=arg_names.overrides) if config_path.is_file() \
+        else None  # load_run says what is missing
+    features = None
+    if config is not None and config.task.precompute_reference and config.train.method == "full" \
+            and adapter is None and not base:
+        # the fine-tuned model is compared with the model the run started from, as in training: its
+        # log-probabilities first, so that the two models are never in memory together
         start = load_run(run_dir, overrides, None, base=True, names=arg_names)
+        _check_split(start, split, arg_names)
+        features = encode_split(start, split)
         features = with_reference(start.task, start.model, features, start.device, start.config.train.eval_batch_size,
                                   _autocast(start))
         del start
+        gc.collect()
+    prep = load_run(run_dir, overrides, adapter, base, arg_names)
+    _check_split(prep, split, arg_names)
+    if features is None:
+        features = encode_split(prep, split)
     extra = {"per_class": True} if per_class and prep.config.task.type == "classification" else {}
     return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep),
                               **extra)
+
+
+def _check_split(prep: Prepared, split: str, arg_names: ArgNames) -> None:
+    if not getattr(prep.splits, split):
+        raise ValueError(f"the run's config has no {split} data; set it, e.g. "
+                         f"{arg_names.set_one.format(f'data.{split}=FILE')}")
 
 
 def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
