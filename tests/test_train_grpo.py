@@ -117,6 +117,35 @@ def test_reward_functions_get_the_row_columns_they_name(tmp_path):
     assert 0 <= summary["validation"]["reward"] <= 1
 
 
+def test_compiled_blocks_train_and_sampling_runs_them_eagerly(tmp_path, monkeypatch):
+    """train.compile with grpo: the training forwards run the compiled blocks, sampling runs them eagerly (each
+    new cache length would compile them again, until torch's recompile limit turned them eager for training
+    too), and the reward rises as in eager mode."""
+    from torch._dynamo.utils import counters
+
+    from lorafit.train.grpo import GRPO
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_while_sampling = []
+    sample = GRPO.sample
+
+    def watched(self, *args, **kwargs):
+        before = counters["frames"]["total"]
+        out = sample(self, *args, **kwargs)
+        compiled_while_sampling.append(counters["frames"]["total"] - before)
+        return out
+
+    monkeypatch.setattr(GRPO, "sample", watched)
+    config, settings = grpo_setup(tmp_path, extra=["train.compile=true", "train.compile_backend=aot_eager"])
+    summary = train(config, settings, progress=False)
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["frames"].get("recompile_limit")
+    assert len(compiled_while_sampling) > 16 and not any(compiled_while_sampling)
+    monkeypatch.undo()
+    base = evaluate(tmp_path / "run", base=True)
+    assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
+
+
 def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_path):
     """task.top_k = 1 samples the greedy completion every time; the log-probabilities the loss uses are those
     of the logits over task.temperature, the distribution the completions were drawn from (as TRL's)."""

@@ -45,7 +45,7 @@ from lorafit.chat import render
 from lorafit.train.data import rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.rewards import build_rewards
-from lorafit.train.tasks import CausalLM, columns_to_rows
+from lorafit.train.tasks import CausalLM, columns_to_rows, eager_generation
 
 
 class GRPO(CausalLM):
@@ -235,10 +235,11 @@ class GRPO(CausalLM):
         training = model.training
         model.eval()
         try:
-            seqs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  do_sample=True, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
-                                  num_return_sequences=per_prompt, max_new_tokens=t.max_new_tokens,
-                                  pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id, use_cache=True)
+            with eager_generation():
+                seqs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      do_sample=True, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+                                      num_return_sequences=per_prompt, max_new_tokens=t.max_new_tokens,
+                                      pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id, use_cache=True)
         finally:
             model.train(training)
         completion = seqs[:, batch["input_ids"].shape[1]:]

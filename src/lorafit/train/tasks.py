@@ -16,6 +16,7 @@ optimizer step: accumulated micro-batches then equal one large batch.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import math
@@ -540,13 +541,21 @@ class CausalLM(_Generative):
         for idx in eval_batches([len(p) for p in prompts], batch_size):
             ids = self._pad([prompts[i] for i in idx], self.pad_id, left=True).to(device)
             mask = self._pad([[1] * len(prompts[i]) for i in idx], 0, left=True).to(device)
-            with autocast():
+            with autocast(), eager_generation():
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.config.task.max_new_tokens,
                                      do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id,
                                      synced_gpus=synced)
             for j, i in enumerate(idx):
                 out[i] = self.tok.decode(gen[j, ids.shape[1]:], skip_special_tokens=True).strip()
         return out
+
+
+def eager_generation() -> contextlib.AbstractContextManager:
+    """Generation runs train.compile's compiled blocks eagerly: each new cache length would otherwise compile
+    the blocks again, until torch's recompile limit sends them to eager mode anyway (torch < 2.6 has no
+    stances, and generation then compiles)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 LOSS_CHUNK_LOGITS = 1 << 23  # logits per chunk of the causal-LM loss: 32 MiB in float32
@@ -650,7 +659,7 @@ class Seq2Seq(_Generative):
         for idx in eval_batches([len(p) for p in prompts], batch_size):
             ids = self._pad([prompts[i] for i in idx], self.pad_id).to(device)
             mask = self._pad([[1] * len(prompts[i]) for i in idx], 0).to(device)
-            with autocast():
+            with autocast(), eager_generation():
                 gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, synced_gpus=synced,
                                      max_new_tokens=self.config.task.max_new_tokens)
             for j, i in enumerate(idx):
