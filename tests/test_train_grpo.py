@@ -77,6 +77,8 @@ def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_lea
     summary = train(config, settings, progress=False)
     base = evaluate(tmp_path / "run", base=True)
     assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
+    assert {"reward_std", "flat_groups", "clip_ratio"} <= set(json.loads(
+        (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0]))
     for metrics in (summary["validation"], base):
         assert set(metrics) == {"reward", "reward/great", "reward/echo", "completion_length"}
         assert metrics["reward"] == pytest.approx(metrics["reward/great"] + 0.5 * metrics["reward/echo"])
@@ -243,6 +245,7 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
         with lorafit.disabled(prep.model):
             ref = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
     params = [p for p in prep.model.parameters() if p.requires_grad]
+    kl_sum = 0.0
     for step in range(2):
         if step == 1:  # an optimizer step's worth of change; the samples and old log-probabilities stay
             with torch.no_grad():
@@ -257,8 +260,15 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=1e-5, rtol=1e-5)
-    clip = task.train_log()["clip_ratio"]
+        kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * loss_mask).sum())
+    log = task.train_log()
+    clip = log["clip_ratio"]
     assert 0 < clip[0] < clip[1], clip  # the second step clipped some of its tokens, not all
+    assert log["reward_std"] == pytest.approx((float(groups.std(1).sum()), 2)) and log["flat_groups"] == (0.0, 2)
+    if beta:
+        assert log["kl"] == pytest.approx((kl_sum, 2 * float(loss_mask.sum())), rel=1e-5)
+    else:
+        assert "kl" not in log
     ratio = (logp - old).exp()
     assert ((ratio - 1).abs() > 0.04)[loss_mask > 0].any() and ((ratio - 1).abs() < 0.02)[loss_mask > 0].any()
 

@@ -187,7 +187,9 @@ class GRPO(CausalLM):
                 if t.num_iterations > 1:
                     batch["reference_logps"] = reference
             diff = reference - logp
-            per_token = per_token + t.grpo_beta * (torch.exp(diff) - diff - 1)
+            kl = torch.exp(diff) - diff - 1
+            self._add("kl", (kl.detach() * mask).sum(), mask.sum())
+            per_token = per_token + t.grpo_beta * kl
         self._tokens = batch["trained_tokens"]
         total = per_token * mask
         if t.grpo_loss == "grpo":
@@ -208,19 +210,29 @@ class GRPO(CausalLM):
 
     def _add_log(self, rewards: torch.Tensor, parts: torch.Tensor, mask: torch.Tensor) -> None:
         n = len(rewards)
+        groups = rewards.view(-1, self.config.task.num_generations)
         self._add("reward", float(rewards.sum()), n)
+        self._add("reward_std", float(groups.std(1).sum()), len(groups))
+        # a group whose completions all scored alike has no advantage to learn from
+        self._add("flat_groups", float((groups.amax(1) == groups.amin(1)).sum()), len(groups))
         self._add("completion_length", float(mask.sum()), n)
         if parts.shape[1] > 1:
             for (name, _), column in zip(self.rewards(), parts.T):
                 self._add(f"reward/{name}", float(column.sum()), n)
 
     def train_log(self) -> dict[str, tuple[float, float]]:
-        """The training samples' mean reward (each reward's too, when there are several) and completion length
-        since the last call, and with several iterations the share of completion tokens whose ratio the clip cut
-        off; as (sum, count) pairs that the loop sums over the processes. Every process reports the same names."""
-        rewards = self.rewards()
-        names = ["reward", "completion_length", *(f"reward/{name}" for name, _ in rewards if len(rewards) > 1)]
-        if self.config.task.num_iterations > 1:
+        """Since the last call: the training samples' mean reward (each reward's too, when there are several),
+        the mean standard deviation of a group's rewards, the share of groups whose completions all scored alike
+        (no advantage to learn from), the mean completion length, with task.grpo_beta the mean per-token KL
+        estimate against the reference, and with several iterations the share of completion tokens whose ratio
+        the clip cut off; as (sum, count) pairs that the loop sums over the processes. Every process reports the
+        same names."""
+        t, rewards = self.config.task, self.rewards()
+        names = ["reward", *(f"reward/{name}" for name, _ in rewards if len(rewards) > 1), "reward_std",
+                 "flat_groups", "completion_length"]
+        if t.grpo_beta:
+            names.append("kl")
+        if t.num_iterations > 1:
             names.append("clip_ratio")
         out = {name: tuple(float(v) for v in self._log.get(name, (0.0, 0.0))) for name in names}
         self._log = {}
