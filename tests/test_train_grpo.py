@@ -148,9 +148,10 @@ def test_compiled_blocks_train_and_sampling_runs_them_eagerly(tmp_path, monkeypa
     assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
 
 
-def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_path):
-    """task.top_k = 1 samples the greedy completion every time; the log-probabilities the loss uses are those
-    of the logits over task.temperature, the distribution the completions were drawn from (as TRL's)."""
+def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_path, monkeypatch):
+    """task.top_k = 1 samples the greedy completion every time; the log-probabilities the loss uses, and their
+    gradients, are those of the logits over task.temperature, the distribution the completions were drawn from
+    (as TRL's), whether the head runs in chunks of rows or the model gives its logits."""
     config, settings = grpo_setup(tmp_path, extra=["task.top_k=1", "task.temperature=0.5", "task.top_p=0.9"])
     prep = prepare(load_config(config, settings))
     task = prep.task
@@ -165,13 +166,23 @@ def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_p
         n = int(mask[i].sum())
         assert torch.equal(seqs[i, width:width + n], greedy[i // 3, width:width + n])
     prompt_mask = batch["attention_mask"].repeat_interleave(3, dim=0)
-    got = task.completion_logps(prep.model, seqs, prompt_mask, seqs.shape[1] - width)
-    with torch.no_grad():
-        attention = torch.cat([prompt_mask, torch.ones_like(seqs[:, width:])], 1)
-        logits = prep.model(input_ids=seqs, attention_mask=attention,
-                            position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.float()
+    lorafit.attach(prep.model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    params = [p for p in prep.model.parameters() if p.requires_grad]
+    attention = torch.cat([prompt_mask, torch.ones_like(seqs[:, width:])], 1)
+    logits = prep.model(input_ids=seqs, attention_mask=attention,
+                        position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.float()
     want = (logits[:, width - 1:-1] / 0.5).log_softmax(-1).gather(-1, seqs[:, width:, None])[..., 0]
-    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(want.shape)
+    want_grads = torch.autograd.grad((want * weights).sum(), params)
+    # the head's chunks (a few rows each here) or, for a model whose logits are not its head's, its own logits
+    monkeypatch.setattr("lorafit.train.grpo.LOSS_CHUNK_LOGITS", 5 * len(task.tok))
+    for plain in (None, False):
+        task._plain_head = plain
+        got = task.completion_logps(prep.model, seqs, prompt_mask, seqs.shape[1] - width)
+        torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad((got * weights).sum(), params), want_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # float32 sums in another order
+        assert task._plain_head is (plain is None)  # the tiny Llama's logits are its head's
 
 
 def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high, max_new_tokens):

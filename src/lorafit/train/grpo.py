@@ -45,7 +45,8 @@ from lorafit.chat import render
 from lorafit.train.data import rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.rewards import build_rewards
-from lorafit.train.tasks import CausalLM, columns_to_rows, eager_generation
+from lorafit.train.tasks import (LOSS_CHUNK_LOGITS, CausalLM, _forward_hidden, _head_is_plain,
+                                  chunked_cross_entropy, columns_to_rows, eager_generation)
 
 
 class GRPO(CausalLM):
@@ -268,13 +269,28 @@ class GRPO(CausalLM):
         """Each completion token's log-probability (float32) at task.temperature, the distribution it was sampled
         from, rows x ``width`` (the completions' part of ``seqs``); ``prompt_mask`` marks the prompts' real
         tokens, whose left padding is masked and skipped in the positions, as generation saw them. The tokens
-        after a completion's end see only what precedes them, and carry no loss."""
+        after a completion's end see only what precedes them, and carry no loss.
+
+        The head runs on the completion positions a chunk of rows at a time (recomputed in backward), as
+        causal_lm's loss does: full-vocabulary float32 logits of every sampled token would be gigabytes for long
+        completions. A model whose logits are not its head's output (soft-capping) gets them from its forward."""
         attention = torch.cat([prompt_mask, prompt_mask.new_ones(seqs.shape[0], width)], dim=1)
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=seqs, attention_mask=attention, position_ids=positions, use_cache=False,
-                       logits_to_keep=width + 1).logits[:, :-1]
-        logits = logits.float() / self.config.task.temperature
-        return -nn.functional.cross_entropy(logits.transpose(1, 2), seqs[:, -width:], reduction="none")
+        inputs = {"input_ids": seqs, "attention_mask": attention, "use_cache": False,
+                  "position_ids": (attention.cumsum(1) - 1).clamp(min=0)}
+        targets = seqs[:, -width:]
+        temperature = self.config.task.temperature
+        if self._plain_head is None:
+            first = torch.tensor([seqs.shape[1] - width - 1], device=seqs.device)  # predicts a first completion token
+            self._plain_head = _head_is_plain(model, inputs, first)
+        if not self._plain_head:
+            logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+            return -nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        hidden, _ = _forward_hidden(model, inputs, torch.zeros(0, dtype=torch.long, device=seqs.device))
+        head = unwrap(model).get_output_embeddings()
+        rows = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
+        losses = chunked_cross_entropy(lambda h: head(h) / temperature, hidden[:, -width - 1:-1].flatten(0, 1),
+                                       targets.flatten(), rows)
+        return -losses.view(-1, width)
 
     def _scores(self, batch: dict, completions: list[str], per_prompt: int) -> torch.Tensor:
         """Each reward's score of each completion: completions x rewards."""

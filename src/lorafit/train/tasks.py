@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -561,7 +562,8 @@ def eager_generation() -> contextlib.AbstractContextManager:
 LOSS_CHUNK_LOGITS = 1 << 23  # logits per chunk of the causal-LM loss: 32 MiB in float32
 
 
-def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+def chunked_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                          rows: int) -> torch.Tensor:
     """The cross entropy of each row of ``head(hidden)`` against ``targets``, ``rows`` rows at a time.
 
     With gradients, each chunk's logits are recomputed in the backward pass (checkpointing) instead of
