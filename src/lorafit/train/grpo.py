@@ -45,7 +45,7 @@ from lorafit.chat import render
 from lorafit.train.data import rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.rewards import build_rewards
-from lorafit.train.tasks import (LOSS_CHUNK_LOGITS, CausalLM, _forward_hidden, _head_is_plain,
+from lorafit.train.tasks import (LOSS_CHUNK_LOGITS, CausalLM, forward_hidden, head_is_plain,
                                   chunked_cross_entropy, columns_to_rows, eager_generation)
 
 
@@ -281,11 +281,11 @@ class GRPO(CausalLM):
         temperature = self.config.task.temperature
         if self._plain_head is None:
             first = torch.tensor([seqs.shape[1] - width - 1], device=seqs.device)  # predicts a first completion token
-            self._plain_head = _head_is_plain(model, inputs, first)
+            self._plain_head = head_is_plain(model, inputs, first)
         if not self._plain_head:
             logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
             return -nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        hidden, _ = _forward_hidden(model, inputs, torch.zeros(0, dtype=torch.long, device=seqs.device))
+        hidden, _ = forward_hidden(model, inputs, torch.zeros(0, dtype=torch.long, device=seqs.device))
         head = unwrap(model).get_output_embeddings()
         rows = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
         losses = chunked_cross_entropy(lambda h: head(h) / temperature, hidden[:, -width - 1:-1].flatten(0, 1),

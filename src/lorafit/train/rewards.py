@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lorafit.chat import text_pair
+from lorafit.train.config import TaskSection
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
 
@@ -33,7 +34,7 @@ SCORE_BATCH = 32  # completions per forward of a reward or classification run's 
 Scorer = Callable[..., list[float]]
 
 
-def build_rewards(t) -> list[tuple[str, Scorer]]:
+def build_rewards(t: TaskSection) -> list[tuple[str, Scorer]]:
     """The rewards task section ``t`` names, each with the name its mean is logged under: "model" for the run,
     a function's own name (the config has checked that there is at least one)."""
     named: list[tuple[str, Scorer]] = []

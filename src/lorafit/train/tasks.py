@@ -527,11 +527,11 @@ class CausalLM(_Generative):
         # model may be sharded after its first batches (task.precompute_reference's run before), so asked each time.
         sharded = hasattr(model, "unshard")
         if not sharded and self._plain_head is None:
-            self._plain_head = _head_is_plain(model, inputs, positions)
+            self._plain_head = head_is_plain(model, inputs, positions)
         if sharded or not self._plain_head:  # the model's own head and logit transform, at the loss positions
             logits = model(**inputs, logits_to_keep=_mask_at(batch["input_ids"], positions)).logits
             return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        hidden, _ = _forward_hidden(model, inputs, positions[:0])  # no position: the head runs below
+        hidden, _ = forward_hidden(model, inputs, positions[:0])  # no position: the head runs below
         rows = max(1, LOSS_CHUNK_LOGITS // len(self.tok))
         return chunked_cross_entropy(unwrap(model).get_output_embeddings(), hidden.flatten(0, 1)[positions], targets,
                                      rows)
@@ -593,7 +593,7 @@ def _mask_at(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return flat.index_fill_(0, positions, True).view_as(ids)
 
 
-def _forward_hidden(model: nn.Module, inputs: dict, logits_to_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_hidden(model: nn.Module, inputs: dict, logits_to_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The body's output (what the head reads) and the model's logits at ``logits_to_keep`` (transformers'
     argument: a boolean mask, or positions kept in every row), from one forward through ``model`` itself: a
     DDP wrapper must see the forward to sync the gradients."""
@@ -606,7 +606,7 @@ def _forward_hidden(model: nn.Module, inputs: dict, logits_to_keep: torch.Tensor
     return captured[0], logits
 
 
-def _head_is_plain(model: nn.Module, inputs: dict, positions: torch.Tensor) -> bool:
+def head_is_plain(model: nn.Module, inputs: dict, positions: torch.Tensor) -> bool:
     """Whether the logits are the output embeddings of the hidden state, so the loss can apply them itself.
 
     Not for a model that transforms its logits (Gemma's soft-capping, Cohere's and Granite's scales): compared on
@@ -618,7 +618,7 @@ def _head_is_plain(model: nn.Module, inputs: dict, positions: torch.Tensor) -> b
     first = _mask_at(ids, positions[:1])
     # fork_rng: dropout draws no random numbers here, so a resumed run draws what an uninterrupted one did
     with torch.no_grad(), torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
-        hidden, logits = _forward_hidden(model, inputs, first)
+        hidden, logits = forward_hidden(model, inputs, first)
         return torch.allclose(head(hidden[first]), logits)
 
 
