@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-WORDS = ["the", "movie", "was", "great", "bad", "slow", "fast", "funny", "dull", "plot", "actor", "scene", "story", "music", "ending", "long", "short", "loved", "hated", "boring", "brilliant", "dark", "light", "warm", "cold", "simple", "clever", "odd", "fine", "weak", "strong", "quiet", "loud"]
+WORDS = ["the", "movie", "was", "great", "bad", "slow", "fast", "funny", "dull", "plot", "actor", "scene", "story",
+         "music", "ending", "long", "short", "loved", "hated", "boring", "brilliant", "dark", "light", "warm", "cold",
+         "simple", "clever", "odd", "fine", "weak", "strong", "quiet", "loud"]
 MODELS = {"classification": "minilm", "causal_lm": "smollm2-135m"}
 
 CHILD = r"""

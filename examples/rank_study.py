@@ -39,7 +39,8 @@ def main() -> None:
             train(args.config, overrides, resume=run_kind(run_dir) == "run", progress=False)
         s = read_summary(run_dir)
         metric = s["best"]["metric"] if s["best"] else "accuracy"
-        rows.append({"r": r, "trainable": s["params"]["trainable"], "trainable_percent": s["params"]["trainable_percent"],
+        rows.append({"r": r, "trainable": s["params"]["trainable"],
+                     "trainable_percent": s["params"]["trainable_percent"],
                      "metric": metric, "validation": (s["validation"] or {}).get(metric),
                      "test": (s["test"] or {}).get(metric), "wall_time_s": s["wall_time_s"]})
     (out / "rank_study.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -11,7 +11,8 @@ def _two_adapters(**second):
     torch.manual_seed(0)
     model = Mixed().eval()
     lorafit.attach(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_KINDS), "a")
-    lorafit.attach(model, LoraConfig(r=second.pop("r", 2), lora_alpha=3, use_rslora=True, rank_pattern=second.pop("ranks", {}),
+    lorafit.attach(model, LoraConfig(r=second.pop("r", 2), lora_alpha=3, use_rslora=True,
+                                     rank_pattern=second.pop("ranks", {}),
                                      target_modules=second.pop("targets", ALL_KINDS)), "b")
     randomize_adapters(model, scale=0.3)
     return model
@@ -78,7 +79,8 @@ def test_linear_is_an_approximation_with_measured_error():
 
 def test_bad_combinations_are_refused():
     model = _two_adapters(targets=["mlp.0", "mlp.2"])
-    with pytest.raises(ValueError, match=r"adapters 'a' and 'b' adapt different modules \(only 'a': \['conv1', 'conv2', 'embed'\]"):
+    with pytest.raises(ValueError,
+                       match=r"adapters 'a' and 'b' adapt different modules \(only 'a': \['conv1', 'conv2', 'embed'\]"):
         lorafit.combine_adapters(model, {"a": 1.0, "b": 1.0}, "ab")
     with pytest.raises(KeyError, match=r"no adapters named \['c'\]"):
         lorafit.combine_adapters(model, {"c": 1.0}, "x")

@@ -82,7 +82,8 @@ def test_unknown_keys_warn_not_fail():
 def test_peft_bookkeeping_keys_are_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "auto_mapping": None, "use_dora": False, "megatron_config": None})
+        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "auto_mapping": None, "use_dora": False,
+                              "megatron_config": None})
 
 
 def test_features_lorafit_lacks_are_refused_not_ignored():

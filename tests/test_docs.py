@@ -48,5 +48,6 @@ def test_only_commands_are_tagged_as_commands():
     for doc in documents():
         text = doc.read_text(encoding="utf-8")
         untagged = [text[:m.start()].count("\n") + 1
-                    for m in re.finditer(r"^[ \t]*```(\w*)\n.*?^[ \t]*```", text, flags=re.DOTALL | re.MULTILINE) if not m.group(1)]
+                    for m in re.finditer(r"^[ \t]*```(\w*)\n.*?^[ \t]*```", text, flags=re.DOTALL | re.MULTILINE)
+                    if not m.group(1)]
         assert not untagged, f"{doc.relative_to(REPO)}: fences without a language at lines {untagged}"

@@ -16,13 +16,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 
-from fastapi.testclient import TestClient
+from fastapi.testclient import TestClient  # noqa: E402
 
-import lorafit
-from lorafit.cli import main
-from lorafit.serve.app import Limits, create_app
-from lorafit.serve.server import build_service
-from tests.test_train_support import tiny_bert_dir
+import lorafit  # noqa: E402
+from lorafit.cli import main  # noqa: E402
+from lorafit.serve.app import Limits, create_app  # noqa: E402
+from lorafit.serve.server import build_service  # noqa: E402
+from tests.test_train_support import tiny_bert_dir  # noqa: E402
 
 CLASSES = {  # named classes, as a user's own data has them; sorted order is billing, shipping, technical
     "shipping": "parcel delivery courier tracking late box address",

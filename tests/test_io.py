@@ -120,7 +120,8 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
     with pytest.raises(ValueError) as info:
         lorafit.load_adapter(base, path)
     msg = str(info.value)
-    assert "tensor 'base_model.model.mlp.0.lora_A.weight' has shape [4, 13] in the file but the model needs [4, 12]" in msg
+    assert ("tensor 'base_model.model.mlp.0.lora_A.weight' has shape [4, 13] in the file but the model needs "
+            "[4, 12]") in msg
     assert "another base model" in msg
     # the failed load left the model as it was
     assert not any(isinstance(m, LoraLayer) for m in base.modules())
@@ -174,7 +175,8 @@ def test_pissa_olora_export_as_plain_lora_of_the_original_weights(tmp_path, init
     torch.manual_seed(0)
     original = Mixed().eval()
     model = copy.deepcopy(original)
-    lorafit.attach(model, LoraConfig(r=3, lora_alpha=6, init_lora_weights=init, target_modules=["mlp.0", "mlp.2", "proj"],
+    lorafit.attach(model, LoraConfig(r=3, lora_alpha=6, init_lora_weights=init,
+                                     target_modules=["mlp.0", "mlp.2", "proj"],
                                      rank_pattern={"proj": 2}, alpha_pattern={"mlp.2": 1}))
     with torch.no_grad():  # "training"
         for name, p in model.named_parameters():

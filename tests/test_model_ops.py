@@ -132,7 +132,8 @@ def test_only_adapter_parameters_train():
     changed = step()
     # The zero factor (B; A for embeddings) gates the other's gradient: the first step moves only it
     zero_factor = {n for n in start if ".lora_B." in n or ".lora_embedding_A." in n}
-    assert changed == zero_factor | {"classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias"}
+    assert changed == zero_factor | {"classifier.modules_to_save.default.weight",
+                                     "classifier.modules_to_save.default.bias"}
     changed = step()
     assert any(".lora_A." in n for n in changed) and "embed.lora_embedding_B.default" in changed
     assert all(".lora_" in n or ".modules_to_save." in n for n in changed), changed
@@ -173,7 +174,8 @@ def test_target_that_matches_nothing_lists_existing_names():
 
 def test_unsupported_layer_type_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    with pytest.raises(ValueError, match=r"matches '1', a LayerNorm; lorafit can adapt Linear \(also quantized\), Embedding"):
+    with pytest.raises(ValueError,
+                       match=r"matches '1', a LayerNorm; lorafit can adapt Linear \(also quantized\), Embedding"):
         lorafit.attach(model, LoraConfig(target_modules=["1"]))
     mha = nn.Sequential(nn.MultiheadAttention(8, 2))
     with pytest.raises(ValueError, match="nn.MultiheadAttention"):
@@ -206,7 +208,8 @@ def test_modules_to_save_is_a_trainable_copy():
 def test_exclude_and_layer_selection():
     model = nn.Module()
     model.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(4, 4), "v": nn.Linear(4, 4)}) for _ in range(3))
-    lorafit.attach(model, LoraConfig(target_modules=["q", "v"], layers_to_transform=[0, 2], exclude_modules=["layers.2.v"]))
+    lorafit.attach(model, LoraConfig(target_modules=["q", "v"], layers_to_transform=[0, 2],
+                                     exclude_modules=["layers.2.v"]))
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
     assert adapted == ["layers.0.q", "layers.0.v", "layers.2.q"]
     model2 = nn.Module()

@@ -103,7 +103,8 @@ def test_lora_on_nf4_base_trains_and_merges_into_a_float_model():
 def test_block_size_that_does_not_fit_is_named():
     model = nn.Sequential(nn.Linear(10, 7))
     before = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=r"0: a weight of shape \[7, 10\] \(70 values\) does not split into blocks of 64"):
+    with pytest.raises(ValueError,
+                       match=r"0: a weight of shape \[7, 10\] \(70 values\) does not split into blocks of 64"):
         quantize_base(model, skip=())
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before[0].weight)
     with pytest.raises(ValueError, match="bits must be 4"):

@@ -63,7 +63,8 @@ def bert_classifier(setup: Path, num_labels: int) -> nn.Module:
 
 
 SUMMARY_KEYS = ["method", "lora_r", "model", "task", "params", "steps", "epochs_done", "early_stopped", "train_tokens",
-                "train_rows_seen", "train_time_s", "eval_time_s", "train_tokens_per_s", "peak_memory_bytes", "peak_memory_method",
+                "train_rows_seen", "train_time_s", "eval_time_s", "train_tokens_per_s", "peak_memory_bytes",
+                "peak_memory_method",
                 "device", "threads", "processes", "distributed", "gradient_bytes_all_reduced_per_step", "best",
                 "final_weights", "validation", "test", "output", "wall_time_s"]
 

@@ -21,11 +21,11 @@ from tests.test_train_support import (
 pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from lorafit.train import run
-from lorafit.train.config import load_config
-from lorafit.train.data import FeatureTable, epoch_batches, lengths_of, load_splits
-from lorafit.train.metrics import format_summary
-from lorafit.train.tasks import Classification
+from lorafit.train import run  # noqa: E402
+from lorafit.train.config import load_config  # noqa: E402
+from lorafit.train.data import FeatureTable, epoch_batches, lengths_of, load_splits  # noqa: E402
+from lorafit.train.metrics import format_summary  # noqa: E402
+from lorafit.train.tasks import Classification  # noqa: E402
 
 
 @pytest.fixture(scope="module")

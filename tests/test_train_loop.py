@@ -149,7 +149,8 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
     assert resumed["best"] == full["best"] and resumed["steps"] == full["steps"]
     assert resumed["validation"] == pytest.approx(full["validation"], abs=1e-6)
     # metrics.jsonl holds each step once, as if never interrupted
-    steps = [(r["type"], r["step"]) for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())]
+    logged = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    steps = [(r["type"], r["step"]) for r in map(json.loads, logged)]
     assert len(steps) == len(set(steps))
 
 
