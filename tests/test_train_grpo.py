@@ -91,6 +91,44 @@ def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_lea
     assert any(r["clip_ratio"] > 0 for r in trained)
 
 
+def test_a_step_samples_all_its_micro_batches_at_once_and_cuts_each_to_its_own_width(tmp_path, monkeypatch):
+    """One generation for the prompts of every micro-batch of a step; each micro-batch then keeps its own rows,
+    cut to its prompt width and its longest completion: the prompts are its own, the cut-off columns were
+    padding, and the completions' log-probabilities are those of the uncut sequences."""
+    config, settings = grpo_setup(tmp_path)
+    prep = prepare(load_config(config, settings))
+    task = prep.task
+    rows = [{"instruction": "repeat", "input": "a great movie with a great cast and a great plot", "output": "x"},
+            {"instruction": "say", "input": "hi", "output": "y"}]
+    micro = [(task.collate(task.encode([row], "train").features), True) for row in rows]
+    calls, sample = [], task.sample
+
+    def counted(model, batch, n):
+        out = sample(model, batch, n)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(task, "sample", counted)
+    torch.manual_seed(0)
+    task.prepare_window(prep.model, micro)
+    assert len(calls) == 1 and calls[0][0].shape[0] == 8  # 2 prompts x 4 completions in one generation
+    joined, joined_mask, _ = calls[0]
+    width = max(b["input_ids"].shape[1] for b, _ in micro)
+    assert micro[0][0]["input_ids"].shape[1] > micro[1][0]["input_ids"].shape[1]  # two prompt widths
+    for k, (batch, _) in enumerate(micro):
+        own, longest = batch["input_ids"].shape[1], batch["completion_mask"].shape[1]
+        assert torch.equal(batch["seqs"][:, :own], batch["input_ids"].repeat_interleave(4, dim=0))
+        assert batch["completion_mask"][:, -1].any() and longest <= joined_mask.shape[1]
+        assert not joined_mask[4 * k:4 * k + 4, longest:].any()  # what was cut off carried no completion token
+        rows_joined = joined[4 * k:4 * k + 4]
+        with torch.no_grad():
+            alone = task.completion_logps(prep.model, batch["seqs"], batch["prompt_mask"], longest)
+            padded_mask = torch.nn.functional.pad(batch["prompt_mask"], (width - own, 0))
+            uncut = task.completion_logps(prep.model, rows_joined, padded_mask, joined.shape[1] - width)
+        real = batch["completion_mask"] > 0
+        torch.testing.assert_close(alone[real], uncut[:, :longest][real], atol=1e-5, rtol=1e-5)
+
+
 def test_reward_functions_get_the_row_columns_they_name(tmp_path):
     """A function's parameters after the first three are row columns, a list each aligned with the completions
     (all of them with **kwargs; none for a function without); a column the rows lack is named; a GRPO run hands

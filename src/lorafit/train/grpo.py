@@ -121,10 +121,10 @@ class GRPO(CausalLM):
         t = self.config.task
         policy = unwrap(model)
         real = [batch for batch, mine in micro if mine]
+        if real:
+            self._sample_and_score(policy, real)
         for batch, mine in micro:
-            if mine:
-                self._sample_and_score(policy, batch)
-            else:
+            if not mine:
                 ids = batch["input_ids"]
                 batch.update(seqs=torch.cat([ids, ids[:, -1:]], 1), prompt_mask=batch["attention_mask"],
                              completion_mask=ids.new_zeros(ids.shape[0], 1, dtype=torch.float32),
@@ -146,19 +146,38 @@ class GRPO(CausalLM):
             return [int(mine) for _, mine in micro]
         return None
 
-    def _sample_and_score(self, policy: nn.Module, batch: dict) -> None:
-        t = self.config.task
-        seqs, mask, completions = self.sample(policy, batch, t.num_generations)
-        parts = self._scores(batch, completions, t.num_generations)
+    def _sample_and_score(self, policy: nn.Module, batches: list[dict]) -> None:
+        """Samples the completions of all ``batches``' prompts in one generation (a GPU generates many rows for
+        about the time of few) and scores them in one call per reward; then gives each micro-batch its rows, cut
+        to its own prompt width and its longest completion, so that its training forward carries no more padding
+        than it would alone."""
+        t, n = self.config.task, self.config.task.num_generations
+        width = max(b["input_ids"].shape[1] for b in batches)
+
+        def left_padded(key: str, value: int) -> torch.Tensor:
+            return torch.cat([nn.functional.pad(b[key], (width - b[key].shape[1], 0), value=value) for b in batches])
+
+        joined = {"input_ids": left_padded("input_ids", self.pad_id),
+                  "attention_mask": left_padded("attention_mask", 0),
+                  **{key: [x for b in batches for x in b[key]] for key in ("prompts", "references", "rows")}}
+        seqs, mask, completions = self.sample(policy, joined, n)
+        parts = self._scores(joined, completions, n)
         rewards = self._weighted(parts)
         self._add_log(rewards, parts, mask)
-        prompt_mask = batch["attention_mask"].repeat_interleave(t.num_generations, dim=0)
-        batch.update(seqs=seqs, prompt_mask=prompt_mask, rewards=rewards,
-                     trained_tokens=int(prompt_mask.sum()) + int(mask.sum()))
+        loss_mask = mask
         if t.mask_truncated_completions and self.tok.eos_token_id is not None:
-            ended = (seqs[:, batch["input_ids"].shape[1]:] == self.tok.eos_token_id).any(1, keepdim=True)
-            mask = mask * ended
-        batch["completion_mask"] = mask
+            loss_mask = mask * (seqs[:, width:] == self.tok.eos_token_id).any(1, keepdim=True)
+        lengths = mask.sum(1).long().tolist()
+        start = 0
+        for b in batches:
+            rows, own = b["input_ids"].shape[0] * n, b["input_ids"].shape[1]
+            end = start + rows
+            longest = max(lengths[start:end])
+            prompt_mask = b["attention_mask"].repeat_interleave(n, dim=0)
+            b.update(seqs=seqs[start:end, width - own:width + longest], prompt_mask=prompt_mask,
+                     completion_mask=loss_mask[start:end, :longest], rewards=rewards[start:end],
+                     trained_tokens=int(prompt_mask.sum()) + sum(lengths[start:end]))
+            start = end
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         t = self.config.task
