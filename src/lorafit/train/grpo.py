@@ -317,7 +317,7 @@ class GRPO(CausalLM):
         references = [r for r in batch["references"] for _ in range(per_prompt)]
         rows = [r for r in batch["rows"] for _ in range(per_prompt)]
         return torch.tensor([score(prompts, completions, references, rows) for _, score in self.rewards()],
-                            dtype=torch.float32).T.reshape(len(completions), -1)
+                            dtype=torch.float32).T
 
     def _weighted(self, parts: torch.Tensor) -> torch.Tensor:
         """The reward of each completion: its scores' sum, or their sum weighted by task.reward_weights."""
