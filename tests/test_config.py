@@ -17,7 +17,7 @@ from lorafit import LoraConfig
         ({"lora_dropout": 1.0}, "lora_dropout must be a number with 0 <= lora_dropout < 1, got 1.0"),
         ({"lora_dropout": -0.1}, "0 <= lora_dropout < 1"),
         ({"init_lora_weights": "xavier"}, "init_lora_weights must be one of True, False, 'gaussian', 'orthogonal', "
-                                          "'pissa', 'olora', 'eva', 'loftq', 'corda', 'lora_ga', 'mica' or "
+                                          "'nora', 'pissa', 'olora', 'eva', 'loftq', 'corda', 'lora_ga', 'mica' or "
                                           "'pissa_niter_N', got 'xavier'"),
         ({"init_lora_weights": 1}, "init_lora_weights must be one of"),
         ({"bias": "some"}, "bias must be one of 'none', 'all', 'lora_only', got 'some'"),
@@ -83,12 +83,15 @@ def test_peft_bookkeeping_keys_are_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "auto_mapping": None, "use_dora": False,
-                              "megatron_config": None})
+                              "megatron_config": None, "astra_config": None, "peft_version": "0.22.0"})
 
 
 def test_features_lorafit_lacks_are_refused_not_ignored():
     with pytest.raises(ValueError, match="use_qalora=True uses a PEFT feature lorafit does not implement"):
         LoraConfig.from_dict({"peft_type": "LORA", "use_qalora": True})
+    with pytest.raises(ValueError, match="astra_config=.*uses a PEFT feature lorafit does not implement"):
+        LoraConfig.from_dict({"peft_type": "LORA", "init_lora_weights": "astra", "astra_config": {"verbose": False}})
+    assert LoraConfig().to_dict()["peft_version"] == "0.22.0"  # how PEFT >= 0.22 reads the file (lorafit.io)
     with pytest.raises(ValueError, match="peft_type is 'IA3'"):
         LoraConfig.from_dict({"peft_type": "IA3"})
 

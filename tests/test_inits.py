@@ -94,3 +94,50 @@ def test_eva_needs_data_and_says_where_to_give_it():
         lorafit.LoraConfig(init_lora_weights="eva", eva_config=[1])
     with pytest.raises(ValueError, match="init_lora_weights='orthogonal' is not supported with target_parameters"):
         lorafit.LoraConfig(init_lora_weights="orthogonal", target_parameters=["mlp.experts.gate_up_proj"])
+
+
+PEFT_HAS_NORA = tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22)
+
+
+def test_nora_starts_as_a_no_op_with_each_column_of_a_a_unit_vector_per_expert():
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(24, 40))
+    layer.add_adapter("default", r=6, scale=1.0, init="nora")
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    torch.testing.assert_close(a.norm(dim=0), torch.ones(24))
+    assert torch.equal(b, torch.zeros_like(b)) and a.std() > 0.1  # random directions, not a fixed basis
+
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                        num_experts_per_tok=2, vocab_size=64)
+    moe = transformers.MixtralForCausalLM(config)
+    lorafit.attach(moe, lorafit.LoraConfig(r=4, target_parameters=["mlp.experts.down_proj"], init_lora_weights="nora"))
+    experts = moe.model.layers[0].mlp.experts
+    a = experts.factors_a["default"]  # (experts * r, in): expert e's rows at e*r ... e*r + r - 1
+    torch.testing.assert_close(a.view(3, 4, -1).norm(dim=1), torch.ones(3, a.shape[-1]))
+
+    with pytest.raises(ValueError, match="init_lora_weights='nora' is only supported for Linear layers, not conv"):
+        lorafit.attach(nn.Sequential(nn.Conv2d(3, 8, 3)), lorafit.LoraConfig(target_modules=["0"],
+                                                                            init_lora_weights="nora"))
+    with pytest.raises(ValueError, match="init_lora_weights='nora' is not supported for Embedding layers"):
+        lorafit.attach(nn.Sequential(nn.Embedding(10, 8)), lorafit.LoraConfig(target_modules=["0"],
+                                                                             init_lora_weights="nora"))
+
+
+@pytest.mark.skipif(not PEFT_HAS_NORA, reason="NoRA came with PEFT 0.22")
+def test_a_peft_nora_adapter_loads_to_the_same_logits_and_round_trips_its_config(tmp_path):
+    made = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="nora"))
+    a = made.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    torch.testing.assert_close(a.norm(dim=0), torch.ones(a.shape[1]))  # the same rule as lorafit's
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if ".lora_B" in name:
+                p.normal_(std=0.1)
+    made.save_pretrained(tmp_path / "peft")
+    ours = lorafit.load_adapter(llama(), tmp_path / "peft")
+    torch.testing.assert_close(logits(ours), logits(made.eval()), rtol=1e-5, atol=1e-5)
+    assert lorafit.adapter_configs(ours)["default"].init_lora_weights == "nora"
+    lorafit.save_adapter(ours, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(llama(), tmp_path / "again")
+    assert again.peft_config["default"].init_lora_weights == "nora"
+    torch.testing.assert_close(logits(again), logits(ours), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -111,17 +113,20 @@ def test_the_attention_computes_with_both_projections_changed_forward_and_backwa
     assert (ours[KEPT] - base[KEPT]).abs().max() > 1e-2
 
 
+# PEFT before 0.22 adds the out-projection's change twice (W + 2 s B A; huggingface/peft#3774); from 0.22 on once,
+# and it doubles lora_B when it reads an older file. lorafit reads PEFT's files the same way.
+PEFT_ADDS_OUT_PROJ_TWICE = tuple(int(v) for v in peft.__version__.split(".")[:2]) < (0, 22)
+
+
 def test_peft_and_lorafit_read_each_others_files(tmp_path):
     config = dict(r=4, lora_alpha=8, target_modules=TARGETS)
-    theirs = peft.get_peft_model(net(), peft.LoraConfig(init_lora_weights=False, **config))
-    # peft <= 0.21 adds the out-projection's change twice (W + 2 s B A; huggingface/peft#3774): compared with
-    # B = 0 there, where both agree; the formula test above checks lorafit's out-projection.
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "out_proj.lora_B" in name:
-                p.zero_()
+    theirs = peft.get_peft_model(net(), peft.LoraConfig(init_lora_weights=False, **config))  # every B non-zero
     theirs.save_pretrained(tmp_path / "peft")
-    ours = lorafit.load_adapter(net(), tmp_path / "peft")
+    if PEFT_ADDS_OUT_PROJ_TWICE:
+        with pytest.warns(UserWarning, match=r"applied nn.MultiheadAttention's out_proj change twice; .*layers.1"):
+            ours = lorafit.load_adapter(net(), tmp_path / "peft")
+    else:
+        ours = lorafit.load_adapter(net(), tmp_path / "peft")
     theirs.train(), ours.train()  # PEFT's adapters are skipped by the encoder's fused path in eval mode
     torch.testing.assert_close(ours(X), theirs(X), rtol=1e-5, atol=1e-5)
     assert (ours(X) - net().train()(X)).abs().max() > 1e-2
@@ -137,8 +142,57 @@ def test_peft_and_lorafit_read_each_others_files(tmp_path):
     assert "base_model.model.block.attn.base_layer.out_proj.lora_B.weight" in ours_state
     for key, tensor in ours_state.items():
         torch.testing.assert_close(theirs_state[key], tensor, rtol=0, atol=0)
+    if not PEFT_ADDS_OUT_PROJ_TWICE:
+        torch.testing.assert_close(back.train()(X), ours.train()(X), rtol=1e-5, atol=1e-5)
     reloaded = lorafit.load_adapter(net(), tmp_path / "ours").train()
     torch.testing.assert_close(reloaded(X), ours.train()(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("version, doubled", [
+    ("0.21.2", True), ("0.17.1", True), ("0.21.0.dev0@abc123", True),  # released before the fix
+    ("0.21.1.dev0@abc123", False), ("0.22.0", False), ("0.22.0rc1", False), ("1.0.0", False),
+    (None, False),  # lorafit before it wrote a version: it has ensure_weight_tying, which PEFT < 0.18 never wrote
+    ("no version", "refused"),
+])
+def test_a_file_s_version_says_whether_its_out_proj_change_counts_twice(tmp_path, version, doubled):
+    model = lorafit.attach(net(), lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize(model)
+    lorafit.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    assert data["peft_version"] == "0.22.0"
+    if version is None:
+        del data["peft_version"]
+    else:
+        data["peft_version"] = version
+    path.write_text(json.dumps(data))
+    saved = lorafit.adapter_state_dict(model)
+    if doubled == "refused":
+        with pytest.raises(ValueError, match="adapter_config.json: peft_version 'no version' is not a version"):
+            lorafit.read_adapter(tmp_path)
+        return
+    if doubled:
+        with pytest.warns(UserWarning, match=f"written by PEFT {version}, which applied"):
+            _, tensors = lorafit.read_adapter(tmp_path)
+    else:
+        _, tensors = lorafit.read_adapter(tmp_path)
+    for key, t in saved.items():
+        factor = 2 if doubled and key.endswith(".base_layer.out_proj.lora_B.weight") else 1
+        torch.testing.assert_close(tensors[key], factor * t, rtol=0, atol=0)
+
+
+def test_a_file_from_peft_before_it_wrote_its_version_counts_the_out_proj_change_twice(tmp_path):
+    model = lorafit.attach(net(), lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize(model)
+    lorafit.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    del data["peft_version"], data["ensure_weight_tying"]
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="written by PEFT before 0.18"):
+        loaded = lorafit.load_adapter(net(), tmp_path)
+    key = "base_model.model.block.attn.base_layer.out_proj.lora_B.weight"
+    assert torch.equal(lorafit.adapter_state_dict(loaded)[key], 2 * lorafit.adapter_state_dict(model)[key])
 
 
 def test_all_linear_adapts_each_attention_whole_and_the_file_names_what_it_adapted(tmp_path):

@@ -480,7 +480,8 @@ def test_peft_classifier_with_implicit_head_loads_in_lorafit(tmp_path):
     train_randomly(trained)
     trained.eval()
     peft_save(trained, tmp_path)
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["modules_to_save"] == ["classifier", "score"]
+    # PEFT 0.22 lists DistilBERT's pre_classifier too
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["modules_to_save"][:2] == ["classifier", "score"]
 
     loaded = lorafit.load_adapter(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(outputs(loaded, inputs), outputs(trained, inputs), atol=ATOL, rtol=0)

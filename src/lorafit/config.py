@@ -17,13 +17,17 @@ from typing import Any, NamedTuple, Union
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "pissa", "olora", "eva", "loftq", "corda", "lora_ga", "mica")
+INIT_SCHEMES = (True, False, "gaussian", "orthogonal", "nora", "pissa", "olora", "eva", "loftq", "corda", "lora_ga",
+                "mica")
 # PiSSA from a randomized SVD with this many subspace iterations (PEFT's name)
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
 # PEFT's LoftQConfig fields and defaults
 LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}
 # PEFT's KasaConfig: the weights of KaSA's two regularizers (lorafit.kasa_loss)
 KASA_DEFAULTS = {"beta": 1e-4, "gamma": 1e-3}
+# The PEFT release whose reading of the files lorafit writes matches lorafit's: from 0.22 on, PEFT adds an
+# nn.MultiheadAttention adapter's out-projection change once, as lorafit does (lorafit.io reads older files).
+PEFT_FORMAT_VERSION = "0.22.0"
 
 
 class LoftQ(NamedTuple):
@@ -65,6 +69,8 @@ _PEFT_OFF_VALUES: dict[str, Any] = {
     "runtime_config": None,
     "arrow_config": None,
     "monteclora_config": None,
+    # ASTRA (PEFT 0.22) trains against a base whose weights its initialization rewrote
+    "astra_config": None,
 }
 # Keys PEFT writes that carry no meaning for lorafit (bookkeeping only).
 _PEFT_IGNORED = {"peft_type", "auto_mapping", "revision", "peft_version", "qalora_group_size", "modules_to_tie",
@@ -104,7 +110,8 @@ class LoraConfig:
 
     ``init_lora_weights``: ``True`` (A random, B = 0), ``"gaussian"`` (A normal
     with std 1/r), ``"orthogonal"`` (A and B both random from orthogonal halves
-    of one matrix, so B A = 0; r even), ``"pissa"`` / ``"pissa_niter_N"``
+    of one matrix, so B A = 0; r even), ``"nora"`` (NoRA: A random with each
+    column a unit vector, B = 0; not on convolutions or embeddings), ``"pissa"`` / ``"pissa_niter_N"``
     (exact / randomized SVD of W) and ``"olora"`` (QR of W), which move W's
     principal part into the factors, or ``False`` (both random, not a no-op).
     ``"eva"`` (A from the principal directions of the layers' inputs on data,
@@ -398,7 +405,7 @@ class LoraConfig:
     # -- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON object PEFT writes as ``adapter_config.json``."""
-        out: dict[str, Any] = {"peft_type": "LORA"}
+        out: dict[str, Any] = {"peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, (list, tuple)) else value

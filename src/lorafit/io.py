@@ -322,7 +322,41 @@ def parse_adapter(config_json: bytes, weights: bytes, source: str = "adapter"
         return vera.as_lora(data, tensors, PREFIX, f"{source}/{CONFIG_NAME}")
     if isinstance(data, dict) and data.get("use_bdlora"):
         tensors = _expand_block_diagonal(tensors, data["use_bdlora"], f"{source}/{CONFIG_NAME}")
-    return config, tensors
+    return config, _with_out_proj_applied_once(data, tensors, f"{source}/{CONFIG_NAME}")
+
+
+# An nn.MultiheadAttention adapter's out-projection factors: only that wrapper adapts a module inside the
+# base layer of another adapted module.
+_OUT_PROJ_B = ".base_layer.out_proj.lora_B.weight"
+_VERSION = re.compile(r"([0-9]+)\.([0-9]+)\.([0-9]+)")
+
+
+def _with_out_proj_applied_once(data: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
+                                ) -> dict[str, torch.Tensor]:
+    """PEFT before 0.22 added the out-projection change of an nn.MultiheadAttention adapter twice (W + 2 s B A,
+    huggingface/peft#3774). Its files keep computing what they computed there: as PEFT 0.22 does, their
+    out_proj ``lora_B`` is doubled on reading (and saved doubled, with a version that says so)."""
+    keys = [key for key in tensors if key.endswith(_OUT_PROJ_B)]
+    if not keys:
+        return tensors
+    version = data.get("peft_version")
+    if version is None:
+        # PEFT writes its version from 0.18 on, the release that added ensure_weight_tying; lorafit wrote that key,
+        # and no version, before it followed PEFT 0.22
+        twice = "ensure_weight_tying" not in data
+    else:
+        match = _VERSION.match(str(version).partition("@")[0])
+        if match is None:
+            raise ValueError(f"{source}: peft_version {version!r} is not a version number like '0.22.0'")
+        release = tuple(int(part) for part in match.groups())
+        # PEFT's own rule: its development versions after 0.21.0 carry the fix already
+        twice = release < (0, 21, 1) or (release < (0, 22, 0) and "dev" not in str(version))
+    if not twice:
+        return tensors
+    warnings.warn(f"{source}: written by PEFT {version or 'before 0.18'}, which applied nn.MultiheadAttention's "
+                  f"out_proj change twice; its lora_B is doubled so that the adapter computes what it did there "
+                  f"({_few(keys)})", stacklevel=3)
+    return {key: 2 * t if key in keys else t for key, t in tensors.items()}
 
 
 def _config_data(config_json: bytes, source: str) -> Any:

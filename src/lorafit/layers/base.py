@@ -232,6 +232,12 @@ class LoraLayer(InPlaceOf):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             elif init == "orthogonal":
                 orthogonal_pair_(a, b)
+            elif init == "nora":
+                # NoRA (PEFT 0.22): each input feature's column of A (per expert) a unit vector, B = 0
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                columns = a.view(-1, self.rank[name], a.shape[-1])
+                columns.div_(columns.norm(dim=1, keepdim=True).clamp_min(1e-6))
+                nn.init.zeros_(b)
             elif init == "eva":
                 raise ValueError("init_lora_weights='eva' takes A from the layers' inputs on data: attach it with "
                                  "lorafit.attach_eva(model, config, batches)")

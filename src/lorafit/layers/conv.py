@@ -63,7 +63,7 @@ class Conv(LoraLayer):
         super().add_adapter(name, r, scale, dropout, init, dtype, use_dora, bias, kasa)
 
     def init_factors(self, name: str, init: bool | str | None) -> None:
-        if modifies_base_weight(init):
+        if modifies_base_weight(init) or init == "nora":
             raise ValueError(f"init_lora_weights={init!r} is only supported for Linear layers, not convolutions")
         super().init_factors(name, init)
 
