@@ -91,28 +91,46 @@ def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_lea
     assert any(r["clip_ratio"] > 0 for r in trained)
 
 
-def test_a_step_samples_all_its_micro_batches_at_once_and_cuts_each_to_its_own_width(tmp_path, monkeypatch):
-    """One generation for the prompts of every micro-batch of a step; each micro-batch then keeps its own rows,
-    cut to its prompt width and its longest completion: the prompts are its own, the cut-off columns were
-    padding, and the completions' log-probabilities are those of the uncut sequences."""
-    config, settings = grpo_setup(tmp_path)
+@pytest.mark.parametrize("cap, calls_made", [(0, [8]), (4, [4, 4])])
+def test_a_step_samples_all_its_micro_batches_at_once_and_cuts_each_to_its_own_width(tmp_path, monkeypatch, cap,
+                                                                                      calls_made):
+    """One generation for the prompts of every micro-batch of a step (or generations of at most
+    task.generation_batch_size completions, joined); each micro-batch then keeps its own rows, cut to its prompt
+    width and its longest completion: the prompts are its own, the cut-off columns were padding, and the
+    completions' log-probabilities are those of the uncut sequences."""
+    config, settings = grpo_setup(tmp_path, extra=[f"task.generation_batch_size={cap}", "task.max_new_tokens=12"])
     prep = prepare(load_config(config, settings))
     task = prep.task
     rows = [{"instruction": "repeat", "input": "a great movie with a great cast and a great plot", "output": "x"},
             {"instruction": "say", "input": "hi", "output": "y"}]
     micro = [(task.collate(task.encode([row], "train").features), True) for row in rows]
-    calls, sample = [], task.sample
+    calls, joins, sample, sample_in_calls = [], [], task.sample, task._sample_in_calls
 
     def counted(model, batch, n):
-        out = sample(model, batch, n)
-        calls.append(out)
-        return out
+        seqs, mask, texts = sample(model, batch, n)
+        if calls:  # as if all of the second generation's completions had ended 3 tokens early
+            seqs, mask = seqs[:, :-3], mask[:, :-3]
+        calls.append((seqs, mask, texts))
+        return calls[-1]
+
+    def joined_(model, batch, n):
+        joins.append(sample_in_calls(model, batch, n))
+        return joins[-1]
 
     monkeypatch.setattr(task, "sample", counted)
+    monkeypatch.setattr(task, "_sample_in_calls", joined_)
     torch.manual_seed(0)
     task.prepare_window(prep.model, micro)
-    assert len(calls) == 1 and calls[0][0].shape[0] == 8  # 2 prompts x 4 completions in one generation
-    joined, joined_mask, _ = calls[0]
+    assert [c[0].shape[0] for c in calls] == calls_made  # 2 prompts x 4 completions
+    joined, joined_mask, texts = joins[0]
+    assert len(texts) == 8 and joined.shape[1] == max(c[0].shape[1] for c in calls)
+    if cap:  # the joined calls: each one's rows, padded on the right with masked columns
+        for k, (seqs, mask, _) in enumerate(calls):
+            assert torch.equal(joined[4 * k:4 * k + 4, :seqs.shape[1]], seqs)
+            assert torch.equal(joined_mask[4 * k:4 * k + 4, :mask.shape[1]], mask)
+            assert not joined_mask[4 * k:4 * k + 4, mask.shape[1]:].any()
+        assert calls[1][0].shape[1] == joined.shape[1] - 3
+        assert (joined[4:, -3:] == task.pad_id).all()
     width = max(b["input_ids"].shape[1] for b, _ in micro)
     assert micro[0][0]["input_ids"].shape[1] > micro[1][0]["input_ids"].shape[1]  # two prompt widths
     for k, (batch, _) in enumerate(micro):
@@ -406,6 +424,10 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "task.num_iterations=2", "train.save_every=3"],
      r"train.save_every \(3\) must be a multiple of task.num_iterations \(2\)"),
     (["task.num_iterations=2"], "task.num_iterations is for task.type = 'grpo'"),
+    ([*GRPO, "task.generation_batch_size=2"],
+     r"task.generation_batch_size must be 0 \(a step's completions in one generation\) or at least "
+     r"task.num_generations \(4\)"),
+    (["task.generation_batch_size=8"], "task.generation_batch_size is for task.type = 'grpo'"),
 ])
 def test_what_grpo_cannot_use_is_refused_naming_the_setting(tmp_path, settings, message):
     config = instruction_setup(tmp_path, 8, lora=LORA, train=TRAIN)

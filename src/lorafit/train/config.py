@@ -154,6 +154,9 @@ class TaskSection:
     importance_sampling_level: str = "token"
     # grpo: completions that reach task.max_new_tokens without ending carry no loss (DAPO's overlong filtering)
     mask_truncated_completions: bool = False
+    # grpo: the most completions one generation samples (0: all of a step's, every micro-batch's, in one); a
+    # smaller number holds fewer KV caches at once, for a large grad_accum, at the cost of more generations
+    generation_batch_size: int = 0
     # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
     # class whose probability is the reward; and/or Python functions "path/to/file.py:name" (one or a list); the
     # reward is their sum, or weighted by reward_weights (one per reward: the run first, then the functions)
@@ -380,6 +383,7 @@ class RunConfig:
                              (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
+                                          "generation_batch_size",
                                           "reward_model", "reward_label", "reward_function", "reward_weights"))):
             for name in names:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):
@@ -503,6 +507,9 @@ class RunConfig:
                 bad("task.reward_weights", f"must be finite numbers, got {t.reward_weights}")
         if t.num_iterations < 1:
             bad("task.num_iterations", f"must be >= 1, got {t.num_iterations}")
+        if t.generation_batch_size and t.generation_batch_size < t.num_generations:
+            bad("task.generation_batch_size", f"must be 0 (a step's completions in one generation) or at least "
+                f"task.num_generations ({t.num_generations}), one prompt's group, got {t.generation_batch_size}")
         for key in ("grpo_epsilon", "grpo_epsilon_high"):
             value = getattr(t, key)
             if value is not None and not (math.isfinite(value) and value > 0):

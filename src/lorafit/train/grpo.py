@@ -160,7 +160,7 @@ class GRPO(CausalLM):
         joined = {"input_ids": left_padded("input_ids", self.pad_id),
                   "attention_mask": left_padded("attention_mask", 0),
                   **{key: [x for b in batches for x in b[key]] for key in ("prompts", "references", "rows")}}
-        seqs, mask, completions = self.sample(policy, joined, n)
+        seqs, mask, completions = self._sample_in_calls(policy, joined, n)
         parts = self._scores(joined, completions, n)
         rewards = self._weighted(parts)
         self._add_log(rewards, parts, mask)
@@ -178,6 +178,20 @@ class GRPO(CausalLM):
                      completion_mask=loss_mask[start:end, :longest], rewards=rewards[start:end],
                      trained_tokens=int(prompt_mask.sum()) + sum(lengths[start:end]))
             start = end
+
+    def _sample_in_calls(self, policy: nn.Module, joined: dict, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``sample`` in generations of at most task.generation_batch_size completions (0: one for all), whose
+        sequences and masks are padded on the right to the longest: their KV caches need not fit at once."""
+        cap, prompts = self.config.task.generation_batch_size, joined["input_ids"].shape[0]
+        per_call = max(cap // n, 1) if cap else prompts
+        if per_call >= prompts:
+            return self.sample(policy, joined, n)
+        calls = [self.sample(policy, {key: value[start:start + per_call] for key, value in joined.items()}, n)
+                 for start in range(0, prompts, per_call)]
+        length = max(seqs.shape[1] for seqs, _, _ in calls)
+        seqs = torch.cat([nn.functional.pad(s, (0, length - s.shape[1]), value=self.pad_id) for s, _, _ in calls])
+        mask = torch.cat([nn.functional.pad(m, (0, length - s.shape[1])) for s, m, _ in calls])
+        return seqs, mask, [text for _, _, texts in calls for text in texts]
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         t = self.config.task
