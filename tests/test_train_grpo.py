@@ -149,8 +149,9 @@ def test_a_step_samples_all_its_micro_batches_at_once_and_cuts_each_to_its_own_w
 
 def test_reward_functions_get_the_row_columns_they_name(tmp_path):
     """A function's parameters after the first three are row columns, a list each aligned with the completions
-    (all of them with **kwargs; none for a function without); a column the rows lack is named; a GRPO run hands
-    every completion its own row's columns."""
+    (all of them with **kwargs; none for a function without); one with a parameter named completions gets the
+    lists by name, as TRL calls reward functions; a column the rows lack is named; a GRPO run hands every
+    completion its own row's columns."""
     from lorafit.train.rewards import function_scorer
 
     (tmp_path / "cols.py").write_text(
@@ -160,12 +161,19 @@ def test_reward_functions_get_the_row_columns_they_name(tmp_path):
         "def every(prompts, completions, references, **columns):\n"
         "    return [len(columns) + float(columns['label'][i]) for i in range(len(completions))]\n"
         "def plain(p, c, r):\n"
-        "    return [1.0] * len(c)\n")
+        "    return [1.0] * len(c)\n"
+        "def trl(completions, label, **kwargs):\n"  # as TRL calls it: by name, the rest among **kwargs
+        "    assert kwargs['prompts'] == ['a', 'b'] and kwargs['references'] == [None, None], kwargs\n"
+        "    return [float(l) + len(c) for c, l in zip(completions, label)]\n"
+        "def completions_only(completions):\n"
+        "    return [len(c) + 1.0 for c in completions]\n")
     rows = [{"text": "a", "label": 1, "extra": 10}, {"text": "b", "label": 0}]
     args = ([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], ["x", "y"], [None, None], rows)
     assert function_scorer(f"{tmp_path / 'cols.py'}:named")(*args) == [11.0, 0.0]  # extra: None in row 2
     assert function_scorer(f"{tmp_path / 'cols.py'}:every")(*args) == [4.0, 3.0]
     assert function_scorer(f"{tmp_path / 'cols.py'}:plain")(*args) == [1.0, 1.0]
+    assert function_scorer(f"{tmp_path / 'cols.py'}:trl")(*args) == [2.0, 1.0]
+    assert function_scorer(f"{tmp_path / 'cols.py'}:completions_only")(*args) == [2.0, 2.0]
     with pytest.raises(ValueError, match=r"cols.py:named: asks for the column 'label', which the rows do not have "
                                          r"\(their columns: text\)"):
         function_scorer(f"{tmp_path / 'cols.py'}:named")(*args[:3], [{"text": "a"}, {"text": "b"}])
@@ -376,7 +384,12 @@ def test_a_classification_run_s_probability_is_the_reward_and_references_reach_f
     summary = train(config, settings[:1] + [f"task.reward_model='{judge_dir / 'run'}'", "task.reward_label='1'",
                                             f"task.reward_function='{policy_dir / 'rewards.py'}:echo'",
                                             "task.max_new_tokens=8", "train.epochs=1"], progress=False)
-    assert 0 <= summary["validation"]["reward"] <= 2
+    validation = summary["validation"]
+    assert 0 < validation["reward/model"] < 1 and 0 <= validation["reward/echo"] <= 1  # a probability; 0 or 1
+    assert validation["reward"] == pytest.approx(validation["reward/model"] + validation["reward/echo"])
+    logged = [json.loads(line) for line in (policy_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in (r for r in logged if r["type"] == "train"):
+        assert 0 < r["reward/model"] < 1 and r["reward"] == pytest.approx(r["reward/model"] + r["reward/echo"])
 
 
 @pytest.mark.parametrize("encoder", [False, True])

@@ -11,7 +11,9 @@ Python functions (``task.reward_function``, one or a list); with several, their 
   completions, references)`` with lists of the prompts' texts (their messages' contents, a line each), the
   completions' texts and each row's reference (``data.output_field``, or None) and returns one number per
   completion. The rows' other columns come as keyword arguments, a list each, when the function names them as
-  parameters after those three (all of them when it takes ``**kwargs``, as TRL's reward functions do).
+  parameters after those three (all of them when it takes ``**kwargs``, as TRL's reward functions do). A
+  function with a parameter named ``completions`` gets those three by name instead, each only where it names
+  it or takes ``**kwargs``, as TRL calls them: ``def reward(completions, answer, **kwargs)`` works as written.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def function_scorer(spec: str) -> Scorer:
     if not callable(fn):
         raise ValueError(f"task.reward_function: {where} has no function {name!r}")
 
-    named, required, every = _column_parameters(fn)
+    by_name, named, required, every = _parameters(fn)
 
     def score(prompts, completions, references, rows=None):
         texts = [text_pair(p, [])[0] for p in prompts]
@@ -116,7 +118,12 @@ def function_scorer(spec: str) -> Scorer:
                                  f"not have (their columns: {', '.join(sorted(present))})")
             keys = (present if every else present & set(named)) - set(_POSITIONAL)
             columns = {k: [row.get(k) for row in rows] for k in sorted(keys)}
-        values = list(fn(texts, list(completions), list(references), **columns))
+        given = {"prompts": texts, "completions": list(completions), "references": list(references)}
+        if by_name:
+            values = fn(**{k: v for k, v in given.items() if every or k in by_name}, **columns)
+        else:
+            values = fn(*given.values(), **columns)
+        values = list(values)
         if len(values) != len(completions):
             raise ValueError(f"task.reward_function {spec}: returned {len(values)} rewards for {len(completions)} "
                              "completions")
@@ -131,13 +138,17 @@ def function_scorer(spec: str) -> Scorer:
 _POSITIONAL = ("prompts", "completions", "references")
 
 
-def _column_parameters(fn) -> tuple[list[str], list[str], bool]:
-    """The row columns ``fn`` takes as keywords: the names of its parameters after the first three, those of
-    them without a default, and whether it takes ``**kwargs`` (then every column)."""
+def _parameters(fn) -> tuple[set[str], list[str], list[str], bool]:
+    """How ``fn`` is called: the names of the three lists it takes by name (empty: the first three parameters, by
+    position; by name where one parameter is called ``completions``), the row columns it takes as keywords (its
+    other parameters), those of them without a default, and whether it takes ``**kwargs`` (then every column)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: the three lists only
-        return [], [], False
+        return set(), [], [], False
     every = any(p.kind is p.VAR_KEYWORD for p in params)
-    named = [p for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return [p.name for p in named], [p.name for p in named if p.default is p.empty], every
+    keywords = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    by_name = {p.name for p in keywords if p.name in _POSITIONAL} if "completions" in {p.name for p in keywords} \
+        else set()
+    named = [p for p in keywords if p.name not in _POSITIONAL] if by_name else keywords[3:]
+    return by_name, [p.name for p in named], [p.name for p in named if p.default is p.empty], every
