@@ -345,12 +345,13 @@ def _with_out_proj_applied_once(data: dict[str, Any], tensors: dict[str, torch.T
         # and no version, before it followed PEFT 0.22
         twice = "ensure_weight_tying" not in data
     else:
-        match = _VERSION.match(str(version).partition("@")[0])
+        number = str(version).partition("@")[0]  # a development version names its commit after "@"
+        match = _VERSION.match(number)
         if match is None:
             raise ValueError(f"{source}: peft_version {version!r} is not a version number like '0.22.0'")
         release = tuple(int(part) for part in match.groups())
         # PEFT's own rule: its development versions after 0.21.0 carry the fix already
-        twice = release < (0, 21, 1) or (release < (0, 22, 0) and "dev" not in str(version))
+        twice = release < (0, 21, 1) or (release < (0, 22, 0) and "dev" not in number)
     if not twice:
         return tensors
     warnings.warn(f"{source}: written by PEFT {version or 'before 0.18'}, which applied nn.MultiheadAttention's "
