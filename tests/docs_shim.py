@@ -54,9 +54,27 @@ def sets(pairs: dict) -> list[str]:
     return [arg for key, value in pairs.items() for arg in ("--set", f"{key}={value}")]
 
 
+def _load_config():
+    """lorafit.train.config's load_config without importing the lorafit and lorafit.train packages (torch,
+    transformers, datasets: about 3 s of a command that only reads a TOML file before the real program starts).
+    The config modules import nothing but the standard library and each other; this process then execs."""
+    import importlib.util
+    import types
+
+    if "lorafit" not in sys.modules:
+        root = importlib.util.find_spec("lorafit").submodule_search_locations[0]  # finds it, runs nothing
+        for name, where in (("lorafit", root), ("lorafit.train", os.path.join(root, "train"))):
+            package = types.ModuleType(name)
+            package.__path__ = [where]
+            sys.modules[name] = package
+    from lorafit.train.config import load_config
+
+    return load_config
+
+
 def run_config(args: list[str], path: str) -> dict:
     """The run config a command would use: the file plus the command's own --set overrides."""
-    from lorafit.train.config import load_config
+    load_config = _load_config()
 
     overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
     config = load_config(path, overrides)
