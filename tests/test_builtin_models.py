@@ -47,13 +47,10 @@ def test_the_converted_smollm2_equals_the_gguf_file(gguf_package, tmp_path, monk
     assert texts[0] == texts[1]
     ids = [tok(texts[0], return_tensors="pt").input_ids for tok in tokenizers]
     assert torch.equal(ids[0], ids[1])
-    logits = []
-    for model in (loaded.pop(), transformers.AutoModelForCausalLM.from_pretrained(converted.path,
-                                                                                   dtype=torch.float32)):
-        with torch.no_grad():
-            logits.append(model.eval()(ids[0]).logits)
-        del model
-    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    with torch.no_grad():
+        from_gguf = loaded.pop().eval()(ids[0]).logits  # one model in memory at a time
+        model = transformers.AutoModelForCausalLM.from_pretrained(converted.path, dtype=torch.float32).eval()
+        torch.testing.assert_close(model(ids[0]).logits, from_gguf, rtol=0, atol=0)
 
 
 def test_an_unwritable_cache_falls_back_to_the_gguf_file(gguf_package, tmp_path, monkeypatch):

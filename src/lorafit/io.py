@@ -357,7 +357,7 @@ def _with_out_proj_applied_once(data: dict[str, Any], tensors: dict[str, torch.T
     warnings.warn(f"{source}: written by PEFT {version or 'before 0.18'}, which applied nn.MultiheadAttention's "
                   f"out_proj change twice; its lora_B is doubled so that the adapter computes what it did there "
                   f"({_few(keys)})", stacklevel=3)
-    return {key: 2 * t if key in keys else t for key, t in tensors.items()}
+    return {**tensors, **{key: 2 * tensors[key] for key in keys}}
 
 
 def _config_data(config_json: bytes, source: str) -> Any:

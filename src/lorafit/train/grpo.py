@@ -166,7 +166,8 @@ class GRPO(CausalLM):
         self._add_log(rewards, parts, mask)
         loss_mask = mask
         if t.mask_truncated_completions and self.tok.eos_token_id is not None:
-            loss_mask = mask * (seqs[:, width:] == self.tok.eos_token_id).any(1, keepdim=True)
+            # an end token within the completion's own tokens: the columns after it may be padding of any id
+            loss_mask = mask * ((seqs[:, width:] == self.tok.eos_token_id) & (mask > 0)).any(1, keepdim=True)
         lengths = mask.sum(1).long().tolist()
         start = 0
         for b in batches:
