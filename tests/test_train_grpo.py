@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,96 @@ def test_reward_functions_get_the_row_columns_they_name(tmp_path):
     assert 0 <= summary["validation"]["reward"] <= 1
 
 
+def test_trl_style_functions_get_chat_data_as_messages_token_ids_and_may_pass_on_a_completion():
+    """TRL's forms: with chat data a function called by name gets each prompt as its messages and each completion
+    as an assistant message (a positional function still gets texts); completion_ids reach a function that names
+    them or takes them among **kwargs; None (not judged) is NaN, and numbers of other types are read."""
+    import numpy as np
+
+    from lorafit.train.rewards import function_scorer
+
+    prompts = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"}],
+               [{"role": "user", "content": "b"}]]
+    seen = {}
+
+    def trl(prompts, completions, completion_ids, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, kwargs=kwargs)
+        return [np.float32(0.5), None]
+
+    def positional(p, c, r, completion_ids):
+        seen.update(positional=(p, c, completion_ids))
+        return torch.tensor([1.0, 2.0])
+
+    module = type(sys)("chat_rewards")
+    module.trl, module.positional = trl, positional
+    sys.modules["chat_rewards"] = module
+    try:
+        args = (prompts, ["x y", "z"], [None, "ref"], [{"label": 1}, {"label": 0}], [[5, 6, 2], [7]])
+        got = function_scorer("chat_rewards:trl", conversational=True)(*args)
+        assert got[0] == 0.5 and math.isnan(got[1])
+        assert seen["prompts"] == prompts
+        assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in ("x y", "z")]
+        assert seen["ids"] == [[5, 6, 2], [7]] and seen["kwargs"] == {"references": [None, "ref"], "label": [1, 0]}
+        assert function_scorer("chat_rewards:trl")(*args)[0] == 0.5  # not chat data: texts
+        assert seen["prompts"] == ["be brief\na", "b"] and seen["completions"] == ["x y", "z"]
+        assert function_scorer("chat_rewards:positional", conversational=True)(*args) == [1.0, 2.0]
+        assert seen["positional"] == (["be brief\na", "b"], ["x y", "z"], [[5, 6, 2], [7]])
+        with pytest.raises(ValueError, match="chat_rewards:positional: asks for completion_ids"):
+            function_scorer("chat_rewards:positional")(*args[:4])
+        module.trl = lambda completions, **kwargs: ["1", float("inf")]
+        with pytest.raises(ValueError, match=r"chat_rewards:trl: returned '1'; a reward is a finite number, or None"):
+            function_scorer("chat_rewards:trl")(*args)
+    finally:
+        del sys.modules["chat_rewards"]
+
+
+CHAT_REWARDS = '''
+def judged(completions, prompts, kind, completion_ids, **kwargs):
+    """TRL's conversational form; the share of max_new_tokens a completion took, for prompts of kind "a" only."""
+    assert all(p[-1]["role"] == "user" and c[0]["role"] == "assistant" for p, c in zip(prompts, completions))
+    assert all(0 < len(ids) <= 8 for ids in completion_ids) and len(kind) == len(completions)
+    return [len(ids) / 8 if k == "a" else None for ids, k in zip(completion_ids, kind)]
+
+
+def one(prompts, completions, references):
+    return [1.0] * len(completions)
+
+
+def unjudged(completions, **kwargs):
+    return [None] * len(completions)
+'''
+
+
+def test_a_grpo_run_on_chat_data_adds_only_the_rewards_that_judged_a_completion(tmp_path):
+    """Chat rows (data.messages_field) with a TRL-style function that judges half the prompts: a completion's
+    reward is the sum of the rewards that judged it, each reward's mean is over its own judged completions, and a
+    completion that no reward judges is warned of and gets 0."""
+    from tests.test_train_support import instruction_rows, write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": f"{r['instruction']} {r['input']}"}],
+             "kind": "ab"[i % 2]} for i, r in enumerate(instruction_rows(24))]
+    config = instruction_setup(tmp_path, 16, 8, lora=LORA, train=TRAIN)  # the model; its rows' words, as messages
+    write_jsonl(tmp_path / "train.jsonl", rows[:16])
+    write_jsonl(tmp_path / "val.jsonl", rows[16:])
+    (tmp_path / "chat.py").write_text(CHAT_REWARDS)
+    settings = ["task.type=grpo", "data.messages_field='messages'", "data.instruction_field=''",
+                "data.input_field=''", "data.output_field=''", "task.max_new_tokens=8", "train.epochs=1",
+                f"task.reward_function=['{tmp_path / 'chat.py'}:judged', '{tmp_path / 'chat.py'}:one']"]
+    validation = train(config, settings, progress=False)["validation"]
+    assert 0 < validation["reward/judged"] <= 1 and validation["reward/one"] == 1
+    # half the validation prompts are of kind "a": only their completions carry judged's reward
+    assert validation["reward"] == pytest.approx(1 + validation["reward/judged"] / 2)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["reward/judged"] <= 1 and r["reward/one"] == 1 for r in logged if r["type"] == "train")
+
+    task = prepare(load_config(config, [*settings[:-1], f"task.reward_function='{tmp_path / 'chat.py'}:unjudged'",
+                                        f"output_dir='{tmp_path / 'unjudged'}'"])).task
+    parts = torch.full((4, 1), math.nan)
+    with pytest.warns(UserWarning, match="every reward returned None for 4 of a step's 4 completions"):
+        task._add_log(task._weighted(parts), parts, torch.ones(4, 2))
+    assert task._weighted(parts).tolist() == [0.0] * 4
+
+
 def test_compiled_blocks_train_and_sampling_runs_them_eagerly(tmp_path, monkeypatch):
     """train.compile with grpo: the training forwards run the compiled blocks, sampling runs them eagerly (each
     new cache length would compile them again, until torch's recompile limit turned them eager for training
@@ -301,7 +393,7 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
     mask = ((ends.cumsum(1) - ends.long()) == 0).float()
     rewards = torch.tensor([0.0, 1.0, 0.5, 2.0, 2.0, -1.0])
     task.sample = lambda model, b, n: (seqs, mask, completions)
-    task._scores = lambda b, c, n: rewards[:, None]
+    task._scores = lambda b, c, n, ids: rewards[:, None]
     units = task.prepare_window(prep.model, [(batch, True)])
 
     loss_mask = mask * ends.any(1, keepdim=True) if truncated else mask

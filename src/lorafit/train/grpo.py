@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -58,13 +59,14 @@ class GRPO(CausalLM):
         self._rewards = None  # loaded at the first reward: a run's model is a second model in memory
         self._log: dict[str, list] = {}  # what train_log reports, as [sum, count] since it was last read
         self._tokens = 0  # the last loss_sum's: its prompts, each as often as it was sampled, and completions
+        self._warned_unjudged = False  # of completions that no reward judged (every function returned None)
 
     def cache_key(self, kind: str) -> tuple:
         return (*super().cache_key(kind), self.config.data.output_field)
 
     def rewards(self) -> list:
         if self._rewards is None:
-            self._rewards = build_rewards(self.config.task)
+            self._rewards = build_rewards(self.config.task, conversational=bool(self.config.data.messages_field))
         return self._rewards
 
     def passes_per_window(self) -> int:
@@ -108,6 +110,7 @@ class GRPO(CausalLM):
                 "prompts": [json.loads(f["prompt_messages"]) for f in feats],
                 "references": [f["reference"][0] if f.get("reference") else None for f in feats],
                 "rows": [json.loads(f["row"]) for f in feats],
+                "prompt_tokens": sum(len(f["input_ids"]) for f in feats),
                 "units": torch.tensor(len(feats) * self.config.task.num_generations)}
 
     # -- training ---------------------------------------------------------------------
@@ -161,14 +164,15 @@ class GRPO(CausalLM):
                   "attention_mask": left_padded("attention_mask", 0),
                   **{key: [x for b in batches for x in b[key]] for key in ("prompts", "references", "rows")}}
         seqs, mask, completions = self._sample_in_calls(policy, joined, n)
-        parts = self._scores(joined, completions, n)
+        lengths = mask.sum(1).long().tolist()
+        ids = [row[:length] for row, length in zip(seqs[:, width:].tolist(), lengths)]
+        parts = self._scores(joined, completions, n, ids)
         rewards = self._weighted(parts)
         self._add_log(rewards, parts, mask)
         loss_mask = mask
         if t.mask_truncated_completions and self.tok.eos_token_id is not None:
             # an end token within the completion's own tokens: the columns after it may be padding of any id
             loss_mask = mask * ((seqs[:, width:] == self.tok.eos_token_id) & (mask > 0)).any(1, keepdim=True)
-        lengths = mask.sum(1).long().tolist()
         start = 0
         for b in batches:
             rows, own = b["input_ids"].shape[0] * n, b["input_ids"].shape[1]
@@ -177,7 +181,7 @@ class GRPO(CausalLM):
             prompt_mask = b["attention_mask"].repeat_interleave(n, dim=0)
             b.update(seqs=seqs[start:end, width - own:width + longest], prompt_mask=prompt_mask,
                      completion_mask=loss_mask[start:end, :longest], rewards=rewards[start:end],
-                     trained_tokens=int(prompt_mask.sum()) + sum(lengths[start:end]))
+                     trained_tokens=b["prompt_tokens"] * n + sum(lengths[start:end]))
             start = end
 
     def _sample_in_calls(self, policy: nn.Module, joined: dict, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -251,9 +255,14 @@ class GRPO(CausalLM):
         # a group whose completions all scored alike has no advantage to learn from
         self._add("flat_groups", float((groups.amax(1) == groups.amin(1)).sum()), len(groups))
         self._add("completion_length", float(mask.sum()), n)
-        if parts.shape[1] > 1:
+        if parts.shape[1] > 1:  # each reward's mean over the completions it judged
             for (name, _), column in zip(self.rewards(), parts.T):
-                self._add(f"reward/{name}", float(column.sum()), n)
+                self._add(f"reward/{name}", float(column.nansum()), int((~column.isnan()).sum()))
+        unjudged = int(parts.isnan().all(1).sum())
+        if unjudged and not self._warned_unjudged:  # once a run: it may hold for every step
+            self._warned_unjudged = True
+            warnings.warn(f"task.reward_function: every reward returned None for {unjudged} of a step's {n} "
+                          "completions; a completion no reward judges gets the reward 0", stacklevel=2)
 
     def train_log(self) -> dict[str, tuple[float, float]]:
         """Since the last call: the training samples' mean reward (each reward's too, when there are several),
@@ -326,24 +335,27 @@ class GRPO(CausalLM):
                                        targets.flatten(), rows)
         return -losses.view(-1, width)
 
-    def _scores(self, batch: dict, completions: list[str], per_prompt: int) -> torch.Tensor:
-        """Each reward's score of each completion: completions x rewards."""
+    def _scores(self, batch: dict, completions: list[str], per_prompt: int, ids: list[list[int]]) -> torch.Tensor:
+        """Each reward's score of each completion (``ids``: their token ids): completions x rewards, NaN where a
+        function did not judge one."""
         prompts = [p for p in batch["prompts"] for _ in range(per_prompt)]
         references = [r for r in batch["references"] for _ in range(per_prompt)]
         rows = [r for r in batch["rows"] for _ in range(per_prompt)]
-        return torch.tensor([score(prompts, completions, references, rows) for _, score in self.rewards()],
+        return torch.tensor([score(prompts, completions, references, rows, ids) for _, score in self.rewards()],
                             dtype=torch.float32).T
 
     def _weighted(self, parts: torch.Tensor) -> torch.Tensor:
-        """The reward of each completion: its scores' sum, or their sum weighted by task.reward_weights."""
-        weights = self.config.task.reward_weights
-        return parts.sum(1) if weights is None else parts @ torch.tensor(weights, dtype=torch.float32)
+        """The reward of each completion: the sum of the scores that judged it, or their sum weighted by
+        task.reward_weights."""
+        weights, judged = self.config.task.reward_weights, parts.nan_to_num(0.0)
+        return judged.sum(1) if weights is None else judged @ torch.tensor(weights, dtype=torch.float32)
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, model, features, device, batch_size, autocast, dist: Distributed = SINGLE) -> dict[str, float]:
         model.eval()
         rewards = self.rewards()
         sums = torch.zeros(len(rewards) + 2, dtype=torch.float64)  # the reward, each reward's score, the tokens
+        judged = torch.zeros(len(rewards), dtype=torch.float64)  # each reward's judged completions
         n = 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.config.train.seed)
@@ -351,18 +363,23 @@ class GRPO(CausalLM):
                 batch = self.collate(rows_at(features, idx or [0]))
                 batch.update({k: batch[k].to(device) for k in ("input_ids", "attention_mask")})
                 with autocast():
-                    _, mask, completions = self.sample(unwrap(model), batch, 1)
+                    seqs, mask, completions = self.sample(unwrap(model), batch, 1)
                 if idx is None:
                     continue
-                parts = self._scores(batch, completions, 1)
+                lengths = mask.sum(1).long().tolist()
+                ids = [row[:length] for row, length in zip(seqs[:, batch["input_ids"].shape[1]:].tolist(), lengths)]
+                parts = self._scores(batch, completions, 1, ids)
                 sums[0] += float(self._weighted(parts).sum())
-                sums[1:-1] += parts.sum(0).double()
-                sums[-1] += float(mask.sum())
+                sums[1:-1] += parts.nansum(0).double()
+                judged += (~parts.isnan()).sum(0).double()
+                sums[-1] += sum(lengths)
                 n += len(completions)
-        *sums, n = dist.all_reduce_sum([*sums.tolist(), n], device)
+        *sums, n = dist.all_reduce_sum([*sums.tolist(), *judged.tolist(), n], device)
+        sums, judged = sums[:len(rewards) + 2], sums[len(rewards) + 2:]
         out = {"reward": sums[0] / max(n, 1)}
         if len(rewards) > 1:
-            out.update({f"reward/{name}": value / max(n, 1) for (name, _), value in zip(rewards, sums[1:-1])})
+            out.update({f"reward/{name}": value / max(count, 1)
+                        for (name, _), value, count in zip(rewards, sums[1:-1], judged)})
         out["completion_length"] = sums[-1] / max(n, 1)
         return out
 

@@ -10,10 +10,15 @@ Python functions (``task.reward_function``, one or a list); with several, their 
 - A **function** ``"path/to/file.py:name"`` (or ``"package.module:name"``) is called as ``name(prompts,
   completions, references)`` with lists of the prompts' texts (their messages' contents, a line each), the
   completions' texts and each row's reference (``data.output_field``, or None) and returns one number per
-  completion. The rows' other columns come as keyword arguments, a list each, when the function names them as
-  parameters after those three (all of them when it takes ``**kwargs``, as TRL's reward functions do). A
-  function with a parameter named ``completions`` gets those three by name instead, each only where it names
-  it or takes ``**kwargs``, as TRL calls them: ``def reward(completions, answer, **kwargs)`` works as written.
+  completion, or None for a completion it does not judge (a reward for some kinds of prompt only): a completion's
+  reward is then the (weighted) sum of the rewards that judged it, and each reward's logged mean is over the
+  completions it judged. The rows' other columns come as keyword arguments, a list each, when the function names
+  them as parameters after those three (all of them when it takes ``**kwargs``), and ``completion_ids`` (each
+  completion's token ids, through its end token) when it names that.
+- A function with a parameter named ``completions`` is called as TRL calls its reward functions: the lists by
+  name, each only where it names it or takes ``**kwargs`` (``def reward(completions, answer, **kwargs)`` works as
+  written), and for chat data (``data.messages_field``) in TRL's conversational form: a prompt as its list of
+  messages, a completion as ``[{"role": "assistant", "content": text}]``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,18 +38,20 @@ from lorafit.train.config import TaskSection
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
 
-# (prompts' messages, completions, references, the rows' columns or None) -> a reward per completion
+# (prompts' messages, completions' texts, references, the rows or None, the completions' token ids or None)
+#   -> a reward per completion, NaN where a function returned None
 Scorer = Callable[..., list[float]]
 
 
-def build_rewards(t: TaskSection) -> list[tuple[str, Scorer]]:
+def build_rewards(t: TaskSection, conversational: bool = False) -> list[tuple[str, Scorer]]:
     """The rewards task section ``t`` names, each with the name its mean is logged under: "model" for the run,
-    a function's own name (the config has checked that there is at least one)."""
+    a function's own name (the config has checked that there is at least one); ``conversational``: the rows
+    are chat messages (what TRL-style functions get, see ``function_scorer``)."""
     named: list[tuple[str, Scorer]] = []
     if t.reward_model:
         named.append(("model", run_scorer(t.reward_model, t.reward_label)))
     for spec in t.reward_functions():
-        named.append((spec.rpartition(":")[2], function_scorer(spec)))
+        named.append((spec.rpartition(":")[2], function_scorer(spec, conversational)))
     names = [name for name, _ in named]
     # two functions of one name (from two files) are told apart by their place
     return [(name if names.count(name) == 1 else f"{name}_{i}", scorer) for i, (name, scorer) in enumerate(named)]
@@ -60,7 +68,7 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
             raise ValueError(f"task.reward_label is for a classification run's model; {run_dir} is a reward run, "
                              "whose score is the reward")
 
-        def score(prompts, completions, references, rows=None):
+        def score(prompts, completions, references, rows=None, completion_ids=None):
             conversations = [(p, [{"role": "assistant", "content": c}]) for p, c in zip(prompts, completions)]
             return run.task.score_conversations(run.model, conversations, run.device, SCORE_BATCH)
 
@@ -73,7 +81,7 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
         index = classes.index(label)
 
         @torch.no_grad()
-        def score(prompts, completions, references, rows=None):
+        def score(prompts, completions, references, rows=None, completion_ids=None):
             out: list[float] = []
             for start in range(0, len(completions), SCORE_BATCH):
                 enc = tok(completions[start:start + SCORE_BATCH], padding=True, truncation=True,
@@ -86,9 +94,9 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
                      "completions")
 
 
-def function_scorer(spec: str) -> Scorer:
+def function_scorer(spec: str, conversational: bool = False) -> Scorer:
     """The function ``spec`` names: ``"file.py:name"`` (a path, relative to the working directory) or
-    ``"module:name"``."""
+    ``"module:name"``; ``conversational``: TRL-style functions get the prompts and completions as messages."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise ValueError(f"task.reward_function must be 'path/to/file.py:function' or 'module:function', got {spec!r}")
@@ -105,10 +113,11 @@ def function_scorer(spec: str) -> Scorer:
     if not callable(fn):
         raise ValueError(f"task.reward_function: {where} has no function {name!r}")
 
-    by_name, named, required, every = _parameters(fn)
+    trl_style, by_name, named, required, every = _parameters(fn)
 
-    def score(prompts, completions, references, rows=None):
-        texts = [text_pair(p, [])[0] for p in prompts]
+    def score(prompts, completions, references, rows=None, completion_ids=None):
+        if "completion_ids" in by_name and completion_ids is None:
+            raise ValueError(f"task.reward_function {spec}: asks for completion_ids, which this caller does not have")
         columns = {}
         if rows and (named or every):
             present = {k for row in rows for k in row}
@@ -116,39 +125,64 @@ def function_scorer(spec: str) -> Scorer:
             if missing:
                 raise ValueError(f"task.reward_function {spec}: asks for the column {missing[0]!r}, which the rows do "
                                  f"not have (their columns: {', '.join(sorted(present))})")
-            keys = (present if every else present & set(named)) - set(_POSITIONAL)
+            keys = (present if every else present & set(named)) - set(_GIVEN)
             columns = {k: [row.get(k) for row in rows] for k in sorted(keys)}
-        given = {"prompts": texts, "completions": list(completions), "references": list(references)}
-        if by_name:
-            values = fn(**{k: v for k, v in given.items() if every or k in by_name}, **columns)
+        texts = [text_pair(p, [])[0] for p in prompts]
+        if trl_style and conversational:
+            given = {"prompts": [list(p) for p in prompts],
+                     "completions": [[{"role": "assistant", "content": c}] for c in completions]}
         else:
-            values = fn(*given.values(), **columns)
+            given = {"prompts": texts, "completions": list(completions)}
+        given.update(references=list(references), completion_ids=completion_ids)
+        # TRL-style **kwargs take all of them (completion_ids where this caller has them)
+        wanted = _GIVEN if trl_style and every else by_name
+        keywords = {k: given[k] for k in wanted if k in by_name or given[k] is not None}
+        if trl_style:
+            values = fn(**keywords, **columns)
+        else:
+            values = fn(texts, list(completions), list(references), **keywords, **columns)
         values = list(values)
         if len(values) != len(completions):
             raise ValueError(f"task.reward_function {spec}: returned {len(values)} rewards for {len(completions)} "
                              "completions")
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        out = [_reward(v) for v in values]
+        bad = [v for v, x in zip(values, out) if x is None]
         if bad:
-            raise ValueError(f"task.reward_function {spec}: returned {bad[0]!r}; a reward is a finite number")
-        return [float(v) for v in values]
+            raise ValueError(f"task.reward_function {spec}: returned {bad[0]!r}; a reward is a finite number, or "
+                             "None for a completion the function does not judge")
+        return out
 
     return score
 
 
-_POSITIONAL = ("prompts", "completions", "references")
+def _reward(value) -> float | None:
+    """``value`` as a reward (NaN for None, which means "not judged"), or None when it is not a finite number."""
+    if value is None:
+        return math.nan
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
-def _parameters(fn) -> tuple[set[str], list[str], list[str], bool]:
-    """How ``fn`` is called: the names of the three lists it takes by name (empty: the first three parameters, by
-    position; by name where one parameter is called ``completions``), the row columns it takes as keywords (its
-    other parameters), those of them without a default, and whether it takes ``**kwargs`` (then every column)."""
+# what a function gets besides the rows' columns: the first three also by position
+_GIVEN = ("prompts", "completions", "references", "completion_ids")
+
+
+def _parameters(fn) -> tuple[bool, set[str], list[str], list[str], bool]:
+    """How ``fn`` is called: whether by name (TRL's way, where one parameter is called ``completions``; else the
+    first three parameters by position), which of ``_GIVEN`` it names (and so takes by name), the row columns it
+    takes as keywords (its other parameters), those of them without a default, and whether it takes ``**kwargs``
+    (then every column, and when called by name everything of ``_GIVEN``)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: the three lists only
-        return set(), [], [], False
+        return False, set(), [], [], False
     every = any(p.kind is p.VAR_KEYWORD for p in params)
     keywords = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    by_name = {p.name for p in keywords if p.name in _POSITIONAL} if "completions" in {p.name for p in keywords} \
-        else set()
-    named = [p for p in keywords if p.name not in _POSITIONAL] if by_name else keywords[3:]
-    return by_name, [p.name for p in named], [p.name for p in named if p.default is p.empty], every
+    trl_style = "completions" in {p.name for p in keywords}
+    rest = keywords if trl_style else keywords[3:]
+    by_name = {p.name for p in rest if p.name in _GIVEN}
+    named = [p for p in rest if p.name not in _GIVEN]
+    return trl_style, by_name, [p.name for p in named], [p.name for p in named if p.default is p.empty], every
