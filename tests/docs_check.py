@@ -9,7 +9,9 @@ The commands run as written, made small: every program a block calls goes throug
 (``docs_shim.py``) that adds arguments shrinking the work (two optimizer steps, a few rows, a few
 generated tokens) and logs what it ran. What cannot run here (installing packages, more machines)
 is logged as not run, with the reason; the shim refuses anything it does not know, so a new kind of
-command in the docs fails the check until it is taught.
+command in the docs fails the check until it is taught. ``lorafit``, the example scripts and the python blocks
+start as forks of a process that has imported torch, transformers and lorafit once (docs_forkserver.py): most of
+a small command's time was those imports.
 
     python tests/docs_check.py [DOC ...]     # runs the documents, prints every command and what ran
 """
@@ -22,12 +24,14 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().with_name("docs_shim.py")
+FORKSERVER = SHIM.with_name("docs_forkserver.py")
 SHIMMED = ("lorafit", "python", "python3", "torchrun", "pip", "curl", "make")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -128,7 +132,22 @@ def prepare(workdir: Path) -> dict[str, str]:
 
 
 def run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float = 900) -> list[dict]:
-    """The document's blocks, one process each, in a ``prepare``d ``workdir``: safe in a thread of its own."""
+    """The document's blocks, one process each, in a ``prepare``d ``workdir``: safe in a thread of its own. The
+    programs they call start as children of a fork server (docs_forkserver.py) that has imported torch,
+    transformers and lorafit once, where their environment is the document's."""
+    with tempfile.TemporaryDirectory(prefix="docs-") as sockets:  # short: a socket's path has 107 bytes at most
+        env = {**env, "DOCS_FORKSERVER": os.path.join(sockets, "fork")}
+        with open(workdir / ".forkserver.log", "w") as server_log:
+            server = subprocess.Popen([sys.executable, str(FORKSERVER), env["DOCS_FORKSERVER"]], cwd=workdir,
+                                      env=env, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
+        try:
+            return _run_blocks(doc, workdir, env, timeout)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+def _run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float) -> list[dict]:
     log = Path(env["DOCS_LOG"])
     for block in blocks(doc):
         with open(log, "a") as fh:
@@ -167,8 +186,6 @@ def format_log(records: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    import tempfile
-
     sys.path.insert(0, str(REPO))  # tests.test_train_support, when run as a script
 
     docs = [Path(a).resolve() for a in argv] or documents()
