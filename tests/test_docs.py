@@ -23,8 +23,8 @@ def _check(doc):
 
 
 if (_data_dir() / "sst2").is_dir():
-    for _doc in DOCUMENTS:  # about 20 s a block, most of it starting a process and loading a model
-        register(f"docs:{_doc.relative_to(REPO)}", len(blocks(_doc)) * 20, _check(_doc))
+    for _doc in DOCUMENTS:  # about 5 s a block, the commands forked from a server that imported their modules
+        register(f"docs:{_doc.relative_to(REPO)}", len(blocks(_doc)) * 5, _check(_doc))
 
 
 @pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.side_by_side(f"docs:{d.relative_to(REPO)}"))
