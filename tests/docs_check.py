@@ -10,7 +10,7 @@ The commands run as written, made small: every program a block calls goes throug
 generated tokens) and logs what it ran. What cannot run here (installing packages, more machines)
 is logged as not run, with the reason; the shim refuses anything it does not know, so a new kind of
 command in the docs fails the check until it is taught. ``lorafit``, the example scripts and the python blocks
-start as forks of a process that has imported torch, transformers and lorafit once (docs_forkserver.py): most of
+start as forks of a process that has imported torch, transformers and lorafit once (forkserver.py): most of
 a small command's time was those imports.
 
     python tests/docs_check.py [DOC ...]     # runs the documents, prints every command and what ran
@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().with_name("docs_shim.py")
-FORKSERVER = SHIM.with_name("docs_forkserver.py")
+FORKSERVER = SHIM.with_name("forkserver.py")
 SHIMMED = ("lorafit", "python", "python3", "torchrun", "pip", "curl", "make")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -133,12 +133,12 @@ def prepare(workdir: Path) -> dict[str, str]:
 
 def run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float = 900) -> list[dict]:
     """The document's blocks, one process each, in a ``prepare``d ``workdir``: safe in a thread of its own. The
-    programs they call start as children of a fork server (docs_forkserver.py) that has imported torch,
+    programs they call start as children of a fork server (forkserver.py) that has imported torch,
     transformers and lorafit once, where their environment is the document's."""
     with tempfile.TemporaryDirectory(prefix="docs-") as sockets:  # short: a socket's path has 107 bytes at most
-        env = {**env, "DOCS_FORKSERVER": os.path.join(sockets, "fork")}
+        env = {**env, "FORKSERVER": os.path.join(sockets, "fork")}
         with open(workdir / ".forkserver.log", "w") as server_log:
-            server = subprocess.Popen([sys.executable, str(FORKSERVER), env["DOCS_FORKSERVER"]], cwd=workdir,
+            server = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", env["FORKSERVER"]], cwd=workdir,
                                       env=env, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
         try:
             return _run_blocks(doc, workdir, env, timeout)

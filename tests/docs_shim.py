@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from forkserver import forked  # this file's directory is on sys.path: it runs as a script
 
 REAL_BIN = Path(os.environ.get("DOCS_REAL_BIN", Path(sys.executable).parent))
 PORT = os.environ.get("DOCS_PORT", "8000")
@@ -38,36 +39,10 @@ def run(command: list[str], real: list[str]) -> None:
     log(command, real)
     sys.stdout.flush()
     if real[0] == str(REAL_BIN / "lorafit"):
-        forked({"kind": "lorafit", "argv": real})
+        forked({"kind": "lorafit", "argv": real, "path0": str(REAL_BIN)})
     elif real[0] == sys.executable and real[1].endswith(".py"):
         forked({"kind": "script", "argv": real[1:]})
     os.execv(real[0], real)
-
-
-def forked(request: dict) -> None:
-    """Runs ``request`` in a child of the docs check's fork server (docs_forkserver.py), which has imported
-    torch, transformers and lorafit already, and exits with its status; returns where there is no server or
-    it leaves the command to this process (another environment)."""
-    path = os.environ.get("DOCS_FORKSERVER")
-    if not path:
-        return
-    from docs_forkserver import receive, send_request
-
-    try:
-        conn = send_request(path, {**request, "cwd": os.getcwd(), "env": dict(os.environ)})
-    except (FileNotFoundError, ConnectionRefusedError):  # the server is still importing
-        return
-    pid = int.from_bytes(receive(conn, 8), "big")
-    if not pid:
-        conn.close()
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a block's trap stops a background server
-        signal.signal(sig, lambda number, _: os.kill(pid, number))
-    try:
-        code = int.from_bytes(receive(conn, 8), "big", signed=True)
-    except ConnectionError:
-        sys.exit(f"docs check: the fork server went away while running {shlex.join(request['argv'])}")
-    sys.exit(code if code >= 0 else 128 - code)
 
 
 def not_run(command: list[str], reason: str) -> None:

@@ -1,8 +1,11 @@
 """Multi-process training through torchrun on CPU (gloo): DDP and FSDP end where one process ends.
 
-Each test launches ``torchrun --standalone --nproc-per-node 2 -m lorafit train`` on a
-tiny random BERT, exactly as a user would, and compares the adapter with a
-one-process run of the same config (same global batch, same seed). LoRA dropout
+Each test launches ``torchrun --standalone --nproc-per-node 2 ... lorafit train`` on a
+tiny random BERT, as a user would, and compares the adapter with a
+one-process run of the same config (same global batch, same seed). The workers are
+forks of a server that imported lorafit's modules once (tests/forkserver.py), except
+in the killed-run test, which starts them as ``-m lorafit`` (as do the README's
+torchrun commands in the docs check). LoRA dropout
 is 0 here: with dropout the processes draw their own masks, so the runs are
 equally valid but not bitwise comparable.
 """
@@ -12,9 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +35,30 @@ from lorafit.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+FORKSERVER = REPO / "tests" / "forkserver.py"
 
 
-def torchrun(config: Path, out: Path, *extra: str, nproc: int = 2, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lorafit", "train", str(config), "--output-dir", str(out), "--no-progress", *extra]
+@pytest.fixture(scope="module", autouse=True)
+def forkserver():
+    """A server that has imported torch, transformers and lorafit, whose forks the workers are
+    (tests/forkserver.py): most of a tiny run's time in a new worker process was those imports."""
+    sockets = tempfile.mkdtemp(prefix="dist-")  # short: a socket's path has 107 bytes at most
+    ENV["FORKSERVER"] = os.path.join(sockets, "fork")
+    server = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", ENV["FORKSERVER"]], env=ENV,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    yield
+    server.terminate()
+    server.wait(timeout=60)
+    del ENV["FORKSERVER"]
+    shutil.rmtree(sockets, ignore_errors=True)
+
+
+def torchrun(config: Path, out: Path, *extra: str, nproc: int = 2, forked: bool = True,
+             **popen) -> subprocess.Popen:
+    """``torchrun -m lorafit train``; with ``forked``, each worker a fork of the fork server."""
+    worker = ["--no-python", sys.executable, str(FORKSERVER), "lorafit"] if forked else ["-m", "lorafit"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker,
+           "train", str(config), "--output-dir", str(out), "--no-progress", *extra]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -293,7 +317,7 @@ def test_bfloat16_adapters_step_on_float32_masters_under_two_processes(tmp_path,
 def test_a_killed_distributed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mode):
     config, one = setup
     run = tmp_path / "killed"
-    proc = torchrun(config, run, "--set", f"train.distributed={mode}")
+    proc = torchrun(config, run, "--set", f"train.distributed={mode}", forked=False)  # the workers: its children
     pointer = run / "checkpoints" / "latest.json"
     deadline = time.time() + 120
     while not pointer.is_file() and proc.poll() is None and time.time() < deadline:

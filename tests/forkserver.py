@@ -1,17 +1,20 @@
-"""A fork server for the docs check: one process imports what the documented commands import (torch,
-transformers, datasets, matplotlib, lorafit) and forks a child for each command the shim hands it, so that a
-command does not spend 5-8 s of its few seconds importing them again.
+"""A fork server for the tests that run lorafit as a program (the docs check, the torchrun tests): one process
+imports what those programs import (torch, transformers, datasets, matplotlib, lorafit) and forks a child for
+each command a client hands it, so that a command does not spend 5-8 s of its few seconds importing them again.
 
-    docs_forkserver.py SOCKET        (started by docs_check.run_blocks with the documents' environment)
+    forkserver.py serve SOCKET          the server, started with the environment its commands will have
+    forkserver.py lorafit ARG...        ``python -m lorafit ARG...`` through the server named by $FORKSERVER
+                                        (a torchrun worker: ``torchrun --no-python python forkserver.py ...``)
 
-The shim sends its standard streams (as file descriptors), its working directory, its environment and what to
+The client sends its standard streams (as file descriptors), its working directory, its environment and what to
 run; the child takes them over and runs it as the program would (``lorafit.cli.main``, a script as
-``__main__``, a python block); the server answers the child's pid, then its exit status. A command whose
-environment differs from the server's (a variable set on the command line, which a library may read at import)
-gets pid 0: the shim runs it itself, as a new process. When the shim goes away before its child ends (killed),
-the child is killed too.
+``__main__``, a docs python block); the server answers the child's pid, then its exit status, and the client
+exits with it, passing on the signals it gets. A command whose environment differs from the server's (a
+variable set on the command line, which a library may read at import) gets pid 0: the client runs it itself,
+as a new process, and so it does while the server is still importing. Only the variables torchrun gives its
+workers may be added. When a client goes away before its child ends (killed), the child is killed too.
 
-No thread runs here: a fork copies only the calling thread, so the server waits for children in one loop.
+No thread runs in the server: a fork copies only the calling thread, so it waits for children in one loop.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ PRELOAD = ("torch", "transformers", "datasets", "safetensors.torch", "lorafit.cl
            "transformers.models.bert.modeling_bert", "lorafit.serve.server")
 # what bash or the shim's start changes in a command's environment, which no library reads at import
 IGNORED = {"PWD", "OLDPWD", "SHLVL", "_"}
+# what torchrun adds to a worker's environment (torch.distributed reads it when the process group starts)
+LAUNCHER = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+            "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+
+
+def same_environment(env: dict[str, str], baseline: dict[str, str]) -> bool:
+    """Whether a command with ``env`` may run in a child of a server started with ``baseline``."""
+    changed = {k for k in env.keys() | baseline.keys() if env.get(k) != baseline.get(k)} - IGNORED
+    return all(k not in baseline and (k in LAUNCHER or k.startswith("TORCHELASTIC_")) for k in changed)
 
 
 def receive(conn: socket.socket, n: int) -> bytes:
@@ -57,14 +69,38 @@ def send_request(path: str, request: dict) -> socket.socket:
     return conn
 
 
-def run_child(request: dict, streams: list[int]) -> None:
-    """In the forked child: become the command and exit with its status."""
+def forked(request: dict) -> None:
+    """Runs ``request`` in a child of the server named by $FORKSERVER and exits with its status; returns where
+    there is no server (yet) or it leaves the command to this process."""
+    path = os.environ.get("FORKSERVER")
+    if not path:
+        return
+    try:
+        conn = send_request(path, {**request, "cwd": os.getcwd(), "env": dict(os.environ)})
+    except (FileNotFoundError, ConnectionRefusedError):  # the server is still importing
+        return
+    pid = int.from_bytes(receive(conn, 8), "big")
+    if not pid:
+        conn.close()
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a block's trap or torchrun stopping a worker
+        signal.signal(sig, lambda number, _: os.kill(pid, number))
+    try:
+        code = int.from_bytes(receive(conn, 8), "big", signed=True)
+    except ConnectionError:
+        sys.exit(f"forkserver: the server went away while running {' '.join(request['argv'])}")
+    sys.exit(code if code >= 0 else 128 - code)
+
+
+def run_child(request: dict, streams: list[int], added: dict[str, str]) -> None:
+    """In the forked child: become the command (its environment plus what the server's imports ``added``) and
+    exit with its status."""
     for target, fd in enumerate(streams):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**added, **request["env"]})
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -72,11 +108,11 @@ def run_child(request: dict, streams: list[int]) -> None:
     code = 0
     try:
         kind = request["kind"]
-        # sys.path[0] as the program's own start sets it (this server's is the shim's directory)
+        # sys.path[0] as the program's own start sets it (this server's is the tests' directory)
         if kind == "lorafit":
             from lorafit.cli import main
 
-            sys.path[0] = str(Path(sys.argv[0]).parent)
+            sys.path[0] = request["path0"]
             code = main(sys.argv[1:])
         elif kind == "script":
             sys.path[0] = str(Path(sys.argv[0]).resolve().parent)
@@ -110,6 +146,7 @@ def run_child(request: dict, streams: list[int]) -> None:
 
 
 def serve(path: str) -> None:
+    baseline = dict(os.environ)  # the commands' environment; imports add to it (inductor: its cache directory)
     import matplotlib
 
     matplotlib.use("Agg")  # as lorafit.train.metrics does, before pyplot
@@ -118,7 +155,7 @@ def serve(path: str) -> None:
             importlib.import_module(name)
         except ImportError:  # an extra that is not installed: its commands import (and fail) themselves
             pass
-    baseline = {k: v for k, v in os.environ.items() if k not in IGNORED}
+    added = {k: v for k, v in os.environ.items() if baseline.get(k) != v}  # what a new process's imports add too
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -133,8 +170,7 @@ def serve(path: str) -> None:
                     conn, _ = listener.accept()
                     _, streams, _, _ = socket.recv_fds(conn, 1, 3)
                     request = json.loads(receive(conn, int.from_bytes(receive(conn, 8), "big")))
-                    env = {k: v for k, v in request["env"].items() if k not in IGNORED}
-                    if env != baseline:
+                    if not same_environment(request["env"], baseline):
                         for fd in streams:
                             os.close(fd)
                         conn.sendall((0).to_bytes(8, "big"))
@@ -148,7 +184,7 @@ def serve(path: str) -> None:
                         conn.close()
                         for other in children.values():
                             other.close()
-                        run_child(request, streams)
+                        run_child(request, streams, added)
                     for fd in streams:
                         os.close(fd)
                     conn.sendall(pid.to_bytes(8, "big"))
@@ -180,7 +216,19 @@ def serve(path: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        os.unlink(path)
+
+
+def main() -> None:
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2])
+    elif sys.argv[1] == "lorafit":
+        args = sys.argv[2:]
+        forked({"kind": "lorafit", "argv": ["lorafit", *args], "path0": os.getcwd()})  # as `python -m` sets it
+        os.execv(sys.executable, [sys.executable, "-m", "lorafit", *args])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} serve SOCKET | lorafit ARG...")
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    main()
