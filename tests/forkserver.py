@@ -54,13 +54,13 @@ def receive(conn: socket.socket, n: int) -> bytes:
     while len(data) < n:
         chunk = conn.recv(n - len(data))
         if not chunk:
-            raise ConnectionError("the shim went away")
+            raise ConnectionError("the other end closed the connection")
         data += chunk
     return data
 
 
 def send_request(path: str, request: dict) -> socket.socket:
-    """The shim's side: connects, hands over fds 0-2 and ``request``; returns the connection."""
+    """The client's side: connects, hands over fds 0-2 and ``request``; returns the connection."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
     socket.send_fds(conn, [b"r"], [0, 1, 2])
@@ -190,7 +190,7 @@ def serve(path: str) -> None:
                     conn.sendall(pid.to_bytes(8, "big"))
                     children[pid] = conn
                     selector.register(conn, selectors.EVENT_READ, pid)
-                else:  # the shim closed its end before its child ended: it was killed
+                else:  # the client closed its end before its child ended: it was killed
                     try:
                         os.kill(key.data, signal.SIGKILL)
                     except ProcessLookupError:

@@ -327,15 +327,19 @@ def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_p
     attention = torch.cat([prompt_mask, torch.ones_like(seqs[:, width:])], 1)
     logits = prep.model(input_ids=seqs, attention_mask=attention,
                         position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.float()
-    want = (logits[:, width - 1:-1] / 0.5).log_softmax(-1).gather(-1, seqs[:, width:, None])[..., 0]
+    tempered = (logits[:, width - 1:-1] / 0.5).log_softmax(-1)
+    want = tempered.gather(-1, seqs[:, width:, None])[..., 0]
+    want_entropy = -(tempered.exp() * tempered).sum(-1)
     weights = torch.randn(want.shape)
     want_grads = torch.autograd.grad((want * weights).sum(), params)
     # the head's chunks (a few rows each here) or, for a model whose logits are not its head's, its own logits
     monkeypatch.setattr("lorafit.train.grpo.LOSS_CHUNK_LOGITS", 5 * len(task.tok))
     for plain in (None, False):
         task._plain_head = plain
-        got = task.completion_logps(prep.model, seqs, prompt_mask, seqs.shape[1] - width)
+        got, entropy = task.completion_logps(prep.model, seqs, prompt_mask, seqs.shape[1] - width, entropy=True)
         torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy, want_entropy.detach(), atol=1e-5, rtol=1e-5)
+        assert not entropy.requires_grad and (entropy > 0).all()
         for a, b in zip(torch.autograd.grad((got * weights).sum(), params), want_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # float32 sums in another order
         assert task._plain_head is (plain is None)  # the tiny Llama's logits are its head's
@@ -412,7 +416,7 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
         with lorafit.disabled(prep.model):
             ref = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
     params = [p for p in prep.model.parameters() if p.requires_grad]
-    kl_sum = 0.0
+    kl_sum = entropy_sum = 0.0
     for step in range(2):
         if step == 1:  # an optimizer step's worth of change; the samples and old log-probabilities stay
             with torch.no_grad():
@@ -428,7 +432,11 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=1e-5, rtol=1e-5)
         kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * loss_mask).sum())
+        with torch.no_grad():
+            entropy_sum += float((task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1], entropy=True)[1]
+                                  * loss_mask).sum())
     log = task.train_log()
+    assert log["entropy"] == pytest.approx((entropy_sum, 2 * float(loss_mask.sum())), rel=1e-5)
     clip = log["clip_ratio"]
     assert 0 < clip[0] < clip[1], clip  # the second step clipped some of its tokens, not all
     assert log["reward_std"] == pytest.approx((float(groups.std(1).sum()), 2)) and log["flat_groups"] == (0.0, 2)

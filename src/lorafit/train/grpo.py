@@ -46,8 +46,8 @@ from lorafit.chat import render
 from lorafit.train.data import rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
 from lorafit.train.rewards import build_rewards
-from lorafit.train.tasks import (LOSS_CHUNK_LOGITS, CausalLM, forward_hidden, head_is_plain,
-                                  chunked_cross_entropy, columns_to_rows, eager_generation)
+from lorafit.train.tasks import (LOSS_CHUNK_LOGITS, CausalLM, chunked_cross_entropy, columns_to_rows,
+                                  eager_generation, forward_hidden, head_is_plain, row_entropy)
 
 
 class GRPO(CausalLM):
@@ -201,7 +201,8 @@ class GRPO(CausalLM):
     def loss_sum(self, model, batch) -> torch.Tensor:
         t = self.config.task
         seqs, mask = batch["seqs"], batch["completion_mask"]
-        logp = self.completion_logps(model, seqs, batch["prompt_mask"], mask.shape[1])
+        logp, entropy = self.completion_logps(model, seqs, batch["prompt_mask"], mask.shape[1], entropy=True)
+        self._add("entropy", (entropy * mask).sum(), mask.sum())
         old = batch.get("old_logps")
         if old is None:  # the batch's first step: the model that sampled is this one
             old = logp.detach()
@@ -267,13 +268,15 @@ class GRPO(CausalLM):
     def train_log(self) -> dict[str, tuple[float, float]]:
         """Since the last call: the training samples' mean reward (each reward's too, when there are several),
         the mean standard deviation of a group's rewards, the share of groups whose completions all scored alike
-        (no advantage to learn from), the mean completion length, with task.grpo_beta the mean per-token KL
+        (no advantage to learn from), the mean completion length, the mean entropy of the distributions the
+        trained completion tokens were drawn from (at the temperature; its fall to 0 is a policy collapsing onto
+        one answer), with task.grpo_beta the mean per-token KL
         estimate against the reference, and with several iterations the share of completion tokens whose ratio
         the clip cut off; as (sum, count) pairs that the loop sums over the processes. Every process reports the
         same names."""
         t, rewards = self.config.task, self.rewards()
         names = ["reward", *(f"reward/{name}" for name, _ in rewards if len(rewards) > 1), "reward_std",
-                 "flat_groups", "completion_length"]
+                 "flat_groups", "completion_length", "entropy"]
         if t.grpo_beta:
             names.append("kl")
         if t.num_iterations > 1:
@@ -308,11 +311,12 @@ class GRPO(CausalLM):
         return seqs, mask, [text.strip() for text in texts]
 
     def completion_logps(self, model: nn.Module, seqs: torch.Tensor, prompt_mask: torch.Tensor,
-                         width: int) -> torch.Tensor:
+                         width: int, entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Each completion token's log-probability (float32) at task.temperature, the distribution it was sampled
         from, rows x ``width`` (the completions' part of ``seqs``); ``prompt_mask`` marks the prompts' real
         tokens, whose left padding is masked and skipped in the positions, as generation saw them. The tokens
-        after a completion's end see only what precedes them, and carry no loss.
+        after a completion's end see only what precedes them, and carry no loss. With ``entropy``, also the
+        entropy of the distribution each token was drawn from (no gradient), from the same logits.
 
         The head runs on the completion positions a chunk of rows at a time (recomputed in backward), as
         causal_lm's loss does: full-vocabulary float32 logits of every sampled token would be gigabytes for long
@@ -327,13 +331,16 @@ class GRPO(CausalLM):
             self._plain_head = head_is_plain(model, inputs, first)
         if not self._plain_head:
             logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
-            return -nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            logp = -nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            return (logp, row_entropy(logits)) if entropy else logp
         hidden, _ = forward_hidden(model, inputs, torch.zeros(0, dtype=torch.long, device=seqs.device))
         head = unwrap(model).get_output_embeddings()
         rows = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
-        losses = chunked_cross_entropy(lambda h: head(h) / temperature, hidden[:, -width - 1:-1].flatten(0, 1),
-                                       targets.flatten(), rows)
-        return -losses.view(-1, width)
+        out = chunked_cross_entropy(lambda h: head(h) / temperature, hidden[:, -width - 1:-1].flatten(0, 1),
+                                    targets.flatten(), rows, entropy)
+        if entropy:
+            return -out[0].view(-1, width), out[1].view(-1, width)
+        return -out.view(-1, width)
 
     def _scores(self, batch: dict, completions: list[str], per_prompt: int, ids: list[list[int]]) -> torch.Tensor:
         """Each reward's score of each completion (``ids``: their token ids): completions x rewards, NaN where a
