@@ -511,6 +511,63 @@ def test_a_reward_run_scores_the_conversation_as_its_training_encoded_it(tmp_pat
         torch.testing.assert_close(torch.tensor(got), torch.cat([chosen, rejected]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("encoder", [False, True])
+def test_a_pretrained_reward_model_scores_the_conversation_and_a_classifier_a_class(tmp_path, encoder):
+    """A transformers sequence-classification model that is not a lorafit run: with one output, a decoder's score
+    of the conversation its chat template renders and an encoder's of the (prompt, completion) text pair, each
+    as the model scores it alone; with classes, the probability of task.reward_label for the completion's text.
+    A GRPO run trains against it."""
+    from lorafit.chat import render
+    from lorafit.train.rewards import pretrained_scorer
+    from tests.test_train_support import instruction_rows, tiny_bert_dir, tiny_llama_dir
+
+    rows = instruction_rows(16)
+    base = tiny_bert_dir(tmp_path, [{"text": f"{r['instruction']} {r['input']} {r['output']}"} for r in rows]) \
+        if encoder else tiny_llama_dir(tmp_path, rows)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    for labels, name in ((1, "rm"), (2, "judge")):
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=labels, id2label={0: "no", 1: "yes"} if labels == 2 else {0: "score"},
+            label2id={"no": 0, "yes": 1} if labels == 2 else {"score": 0}, pad_token_id=tok.pad_token_id)
+        torch.nn.init.normal_(model.score.weight if hasattr(model, "score") else model.classifier.weight, std=1.0)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    prompts = [[{"role": "user", "content": "repeat a great movie"}], [{"role": "user", "content": "say hi"}],
+               [{"role": "system", "content": "be brief"}, {"role": "user", "content": "repeat the plot"}]]
+    completions = ["a great movie with a great cast", "hi", "the"]
+    scorer = pretrained_scorer(str(tmp_path / "rm"), None, "cpu", 48)
+    got = scorer(prompts, completions, [None] * 3)
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        for p, c, g in zip(prompts, completions, got):
+            if encoder:  # BERT's tokenizer has a separator and no template: a text pair
+                enc = tok("\n".join(m["content"] for m in p), c, return_tensors="pt")
+            else:
+                enc = tok(render(tok, [*p, {"role": "assistant", "content": c}]), add_special_tokens=False,
+                          return_tensors="pt")
+            assert g == pytest.approx(float(rm(**enc).logits[0, 0]), abs=1e-5)
+    assert len(set(got)) == 3  # the scores tell the completions apart
+
+    judge = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "judge").eval()
+    with torch.no_grad():
+        want = judge(**tok(completions, padding=True, return_tensors="pt")).logits.softmax(-1)[:, 1]
+    got = pretrained_scorer(str(tmp_path / "judge"), "yes", "cpu", 48)(prompts, completions, [None] * 3)
+    torch.testing.assert_close(torch.tensor(got), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"task.reward_label must name the class of .*judge.* got None, its "
+                                         r"classes: 'no', 'yes'"):
+        pretrained_scorer(str(tmp_path / "judge"), None, "cpu", 48)
+    with pytest.raises(ValueError, match=r"task.reward_label is for a classifier; .*rm has one output"):
+        pretrained_scorer(str(tmp_path / "rm"), "yes", "cpu", 48)
+    if encoder:
+        return
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    config, settings = grpo_setup(policy, extra=["train.epochs=1"])
+    summary = train(config, [settings[0], f"task.reward_model='{tmp_path / 'rm'}'", *settings[2:]], progress=False)
+    assert math.isfinite(summary["validation"]["reward"])
+
+
 GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=8"]
 
 

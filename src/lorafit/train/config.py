@@ -158,7 +158,8 @@ class TaskSection:
     # smaller number holds fewer KV caches at once, for a large grad_accum, at the cost of more generations
     generation_batch_size: int = 0
     # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
-    # class whose probability is the reward; and/or Python functions "path/to/file.py:name" (one or a list); the
+    # class whose probability is the reward, or a transformers sequence-classification model (a reward model, or a
+    # classifier with that class); and/or Python functions "path/to/file.py:name" (one or a list); the
     # reward is their sum, or weighted by reward_weights (one per reward: the run first, then the functions)
     reward_model: str | None = None
     reward_label: str | None = None
@@ -478,8 +479,9 @@ class RunConfig:
         t = self.task
         functions = t.reward_functions()
         if not (t.reward_model or functions):
-            bad("task.reward_model", "(a lorafit reward or classification run) or task.reward_function (a Python "
-                "function) is required for task.type = 'grpo': what scores the completions")
+            bad("task.reward_model", "(a lorafit reward or classification run, or a sequence-classification model) "
+                "or task.reward_function (a Python function) is required for task.type = 'grpo': what scores the "
+                "completions")
         if t.reward_label is not None and not t.reward_model:
             bad("task.reward_label", "names a class of task.reward_model's classifier; task.reward_model is not set")
         if t.num_generations < 2:

@@ -66,7 +66,8 @@ class GRPO(CausalLM):
 
     def rewards(self) -> list:
         if self._rewards is None:
-            self._rewards = build_rewards(self.config.task, conversational=bool(self.config.data.messages_field))
+            self._rewards = build_rewards(self.config.task, conversational=bool(self.config.data.messages_field),
+                                          device=self.config.model.device)
         return self._rewards
 
     def passes_per_window(self) -> int:

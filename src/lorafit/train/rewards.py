@@ -7,6 +7,11 @@ Python functions (``task.reward_function``, one or a list); with several, their 
   text pair), cut at its ``task.max_length``.
 - A **classification run** gives the probability of one of its classes (``task.reward_label``) for the
   completion's text alone (a sentiment or toxicity judge).
+- A **transformers sequence-classification model** that is not a lorafit run (a directory, a hub name in the
+  local cache, or a built-in name): with one output (a reward model, TRL's or OpenAssistant's), its score of the
+  conversation, rendered with its tokenizer's chat template (the completion as the assistant's turn), or as the
+  text pair (prompt, completion) for an encoder without a template, as lorafit.chat renders any scored
+  conversation; with classes, the probability of ``task.reward_label`` for the completion's text.
 - A **function** ``"path/to/file.py:name"`` (or ``"package.module:name"``) is called as ``name(prompts,
   completions, references)`` with lists of the prompts' texts (their messages' contents, a line each), the
   completions' texts and each row's reference (``data.output_field``, or None) and returns one number per
@@ -33,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.chat import text_pair
+from lorafit.chat import reads_text_pairs, render, text_pair
 from lorafit.train.config import TaskSection
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
@@ -43,13 +48,16 @@ SCORE_BATCH = 32  # completions per forward of a reward or classification run's 
 Scorer = Callable[..., list[float]]
 
 
-def build_rewards(t: TaskSection, conversational: bool = False) -> list[tuple[str, Scorer]]:
+def build_rewards(t: TaskSection, conversational: bool = False, device: str = "auto") -> list[tuple[str, Scorer]]:
     """The rewards task section ``t`` names, each with the name its mean is logged under: "model" for the run,
     a function's own name (the config has checked that there is at least one); ``conversational``: the rows
-    are chat messages (what TRL-style functions get, see ``function_scorer``)."""
+    are chat messages (what TRL-style functions get, see ``function_scorer``); ``device``: model.device, where a
+    pretrained model scores (a run's own config says where it runs)."""
     named: list[tuple[str, Scorer]] = []
     if t.reward_model:
-        named.append(("model", run_scorer(t.reward_model, t.reward_label)))
+        is_run = (Path(t.reward_model) / "config.toml").is_file()
+        named.append(("model", run_scorer(t.reward_model, t.reward_label) if is_run else
+                      pretrained_scorer(t.reward_model, t.reward_label, device, t.max_length)))
     for spec in t.reward_functions():
         named.append((spec.rpartition(":")[2], function_scorer(spec, conversational)))
     names = [name for name, _ in named]
@@ -74,24 +82,73 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
 
         return score
     if kind == "classification":
-        classes = [str(run.model.config.id2label[i]) for i in range(run.model.config.num_labels)]
-        if label not in classes:
-            raise ValueError(f"task.reward_label must name the class of {run_dir} whose probability is the reward; "
-                             f"got {label!r}, its classes: {', '.join(map(repr, classes))}")
-        index = classes.index(label)
-
-        @torch.no_grad()
-        def score(prompts, completions, references, rows=None, completion_ids=None):
-            out: list[float] = []
-            for start in range(0, len(completions), SCORE_BATCH):
-                enc = tok(completions[start:start + SCORE_BATCH], padding=True, truncation=True,
-                          max_length=run.config.task.max_length, return_tensors="pt")
-                out += run.model(**enc.to(run.device)).logits.float().softmax(-1)[:, index].tolist()
-            return out
-
-        return score
+        return _class_probability(run.model, tok, run.device, label, run.config.task.max_length, run_dir)
     raise ValueError(f"task.reward_model: {run_dir} is a {kind!r} run; a reward run or a classification run scores "
                      "completions")
+
+
+def _class_probability(model, tok, device, label: str | None, max_length: int, name: str) -> Scorer:
+    """The classifier's probability of class ``label`` for each completion's text."""
+    classes = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    if label not in classes:
+        raise ValueError(f"task.reward_label must name the class of {name} whose probability is the reward; "
+                         f"got {label!r}, its classes: {', '.join(map(repr, classes))}")
+    index = classes.index(label)
+
+    @torch.no_grad()
+    def score(prompts, completions, references, rows=None, completion_ids=None):
+        out: list[float] = []
+        for start in range(0, len(completions), SCORE_BATCH):
+            enc = tok(completions[start:start + SCORE_BATCH], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            out += model(**enc.to(device)).logits.float().softmax(-1)[:, index].tolist()
+        return out
+
+    return score
+
+
+def pretrained_scorer(name: str, label: str | None, device_name: str, max_length: int) -> Scorer:
+    """A transformers sequence-classification model that is not a lorafit run, in its saved dtype, on
+    ``device_name`` (model.device); ``max_length``: task.max_length, where the model has no position limit."""
+    from lorafit.train.models import _transformers, load_tokenizer, position_limit, resolve_model
+    from lorafit.train.run import select_device  # run.py builds tasks, which build scorers
+
+    source = resolve_model(name, "task.reward_model")
+    tok = load_tokenizer(source)
+    try:
+        model = _transformers().AutoModelForSequenceClassification.from_pretrained(source.path, dtype="auto",
+                                                                                 **source.kwargs)
+    except ValueError as exc:
+        raise ValueError(f"task.reward_model {name!r} is neither a lorafit run (no config.toml) nor a sequence "
+                         f"classification model: {str(exc).splitlines()[0]}") from None
+    if model.config.pad_token_id is None:  # it finds each row's last token by the padding
+        model.config.pad_token_id = tok.pad_token_id
+    device = select_device(device_name)
+    model.to(device).eval()
+    limit = min(position_limit(model) or max_length, getattr(tok, "model_max_length", max_length) or max_length)
+    if model.config.num_labels > 1 or label is not None:
+        if model.config.num_labels == 1:
+            raise ValueError(f"task.reward_label is for a classifier; {name} has one output, a reward model's "
+                             "score, which is the reward")
+        return _class_probability(model, tok, device, label, limit, name)
+    pairs = reads_text_pairs(tok)
+
+    @torch.no_grad()
+    def score(prompts, completions, references, rows=None, completion_ids=None):
+        out: list[float] = []
+        for start in range(0, len(completions), SCORE_BATCH):
+            ps, cs = prompts[start:start + SCORE_BATCH], completions[start:start + SCORE_BATCH]
+            if pairs:
+                enc = tok([text_pair(p, [])[0] for p in ps], cs, padding=True, truncation=True, max_length=limit,
+                          return_tensors="pt")
+            else:  # the template writes the special tokens it wants
+                texts = [render(tok, [*p, {"role": "assistant", "content": c}]) for p, c in zip(ps, cs)]
+                enc = tok(texts, add_special_tokens=False, padding=True, truncation=True, max_length=limit,
+                          return_tensors="pt")
+            out += model(**enc.to(device)).logits[:, 0].float().tolist()
+        return out
+
+    return score
 
 
 def function_scorer(spec: str, conversational: bool = False) -> Scorer:
