@@ -559,6 +559,9 @@ def test_a_pretrained_reward_model_scores_the_conversation_and_a_classifier_a_cl
         pretrained_scorer(str(tmp_path / "judge"), None, "cpu", 48)
     with pytest.raises(ValueError, match=r"task.reward_label is for a classifier; .*rm has one output"):
         pretrained_scorer(str(tmp_path / "rm"), "yes", "cpu", 48)
+    with pytest.raises(ValueError, match=r"tiny-.* is neither a lorafit run \(no config.toml\) nor a trained "
+                                         r"sequence-classification model: it has no .*(classifier|score).weight"):
+        pretrained_scorer(str(base), None, "cpu", 48)  # a base model: its head would be random
     if encoder:
         return
     policy = tmp_path / "policy"

@@ -30,6 +30,7 @@ from typing import Any
 
 from lorafit.config import LoraConfig
 
+CONFIG_FILE = "config.toml"  # a run directory's copy of its config: what makes a directory a lorafit run
 TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto", "grpo")
 GRPO_LOSSES = ("grpo", "dr_grpo", "bnpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from lorafit.chat import reads_text_pairs, render, text_pair
-from lorafit.train.config import TaskSection
+from lorafit.train.config import CONFIG_FILE, TaskSection
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
 
@@ -55,7 +55,7 @@ def build_rewards(t: TaskSection, conversational: bool = False, device: str = "a
     pretrained model scores (a run's own config says where it runs)."""
     named: list[tuple[str, Scorer]] = []
     if t.reward_model:
-        is_run = (Path(t.reward_model) / "config.toml").is_file()
+        is_run = (Path(t.reward_model) / CONFIG_FILE).is_file()
         named.append(("model", run_scorer(t.reward_model, t.reward_label) if is_run else
                       pretrained_scorer(t.reward_model, t.reward_label, device, t.max_length)))
     for spec in t.reward_functions():
@@ -116,11 +116,14 @@ def pretrained_scorer(name: str, label: str | None, device_name: str, max_length
     source = resolve_model(name, "task.reward_model")
     tok = load_tokenizer(source)
     try:
-        model = _transformers().AutoModelForSequenceClassification.from_pretrained(source.path, dtype="auto",
-                                                                                 **source.kwargs)
+        model, loading = _transformers().AutoModelForSequenceClassification.from_pretrained(
+            source.path, dtype="auto", output_loading_info=True, **source.kwargs)
     except ValueError as exc:
-        raise ValueError(f"task.reward_model {name!r} is neither a lorafit run (no config.toml) nor a sequence "
+        raise ValueError(f"task.reward_model {name!r} is neither a lorafit run (no {CONFIG_FILE}) nor a sequence "
                          f"classification model: {str(exc).splitlines()[0]}") from None
+    if loading["missing_keys"]:  # a base model: its head would be new random weights, its rewards noise
+        raise ValueError(f"task.reward_model {name!r} is neither a lorafit run (no {CONFIG_FILE}) nor a trained "
+                         f"sequence-classification model: it has no {', '.join(sorted(loading['missing_keys']))}")
     if model.config.pad_token_id is None:  # it finds each row's last token by the padding
         model.config.pad_token_id = tok.pad_token_id
     device = select_device(device_name)

@@ -46,7 +46,7 @@ from lorafit.lorafa import LoraFAProjection
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
-from lorafit.train.config import RunConfig, TrainSection, load_config
+from lorafit.train.config import CONFIG_FILE, RunConfig, TrainSection, load_config
 from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed, train_batches
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import LoopState, fit, keeps_masters, on_device, total_steps
@@ -74,7 +74,6 @@ from lorafit.train.neftune import add_embedding_noise
 from lorafit.train.reference import with_reference
 from lorafit.train.tasks import Task, build_task, encode_dataset
 
-CONFIG_FILE = "config.toml"
 RUN_MARKERS = (CONFIG_FILE, "checkpoints", "summary.json", "metrics.jsonl")
 
 
