@@ -168,12 +168,16 @@ def serve(path: str) -> None:
             for key, _ in selector.select(timeout=0.1):
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
-                    _, streams, _, _ = socket.recv_fds(conn, 1, 3)
-                    request = json.loads(receive(conn, int.from_bytes(receive(conn, 8), "big")))
-                    if not same_environment(request["env"], baseline):
+                    streams: list[int] = []
+                    try:
+                        _, streams, _, _ = socket.recv_fds(conn, 1, 3)
+                        request = json.loads(receive(conn, int.from_bytes(receive(conn, 8), "big")))
+                        if len(streams) != 3 or not same_environment(request["env"], baseline):
+                            conn.sendall((0).to_bytes(8, "big"))  # the client runs it itself
+                            raise ConnectionAbortedError
+                    except (OSError, ValueError):  # also a client gone before it finished asking
                         for fd in streams:
                             os.close(fd)
-                        conn.sendall((0).to_bytes(8, "big"))
                         conn.close()
                         continue
                     sys.stdout.flush()
@@ -187,9 +191,12 @@ def serve(path: str) -> None:
                         run_child(request, streams, added)
                     for fd in streams:
                         os.close(fd)
-                    conn.sendall(pid.to_bytes(8, "big"))
                     children[pid] = conn
-                    selector.register(conn, selectors.EVENT_READ, pid)
+                    try:
+                        conn.sendall(pid.to_bytes(8, "big"))
+                        selector.register(conn, selectors.EVENT_READ, pid)
+                    except OSError:  # the client has gone: so does its child
+                        os.kill(pid, signal.SIGKILL)
                 else:  # the client closed its end before its child ended: it was killed
                     try:
                         os.kill(key.data, signal.SIGKILL)
