@@ -69,8 +69,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(records: list[dict[str, Any]], metric: str, path: Path, title: str = "") -> Path | None:
-    """Training loss and evaluation loss (left), the selection metric (right; grpo's training samples' reward
-    beside it), against the step."""
+    """Training loss and evaluation loss (left; grpo's policy entropy beside them), the selection metric (right;
+    grpo's training samples' reward beside it), against the step."""
     try:
         import matplotlib
 
@@ -89,8 +89,14 @@ def plot_curves(records: list[dict[str, Any]], metric: str, path: Path, title: s
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
+    drawn = [r for r in train if "entropy" in r]  # grpo: its policy's entropy, which collapse drives to 0
+    if drawn:
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in drawn], [r["entropy"] for r in drawn], color="C3", lw=1, label="entropy")
+        twin.set_ylabel("entropy (nats)")
+        twin.legend(loc="upper right")
     ax = axes[1]
     shown = metric if evals and metric in evals[0] else None
     if shown:
