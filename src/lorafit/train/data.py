@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -300,7 +301,19 @@ def _label_key(value: int | str) -> tuple:
 # -- batching ------------------------------------------------------------------------
 
 
-class FeatureTable(Sequence):
+class RowTable(Sequence):
+    """Features read a batch of rows at a time through ``rows(indices)``; an index or a slice reads through it."""
+
+    @abstractmethod
+    def rows(self, indices: Sequence[int]) -> list[dict]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.rows(range(*i.indices(len(self))))
+        return self.rows([int(i)])[0]
+
+
+class FeatureTable(RowTable):
     """Encoded examples in an Arrow table (what ``Task.encode_batch`` wrote through ``Dataset.map``), read a
     batch at a time: ``table[i]`` and ``table.rows(indices)`` are dicts of token id lists, as in a list of
     features, without the fields a row does not have."""
@@ -311,11 +324,6 @@ class FeatureTable(Sequence):
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.rows(range(*i.indices(len(self))))
-        return self.rows([int(i)])[0]
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.dataset.iter(batch_size=1024):

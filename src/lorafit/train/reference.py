@@ -15,13 +15,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from lorafit.train.data import eval_batches, lengths_of, rows_at
+from lorafit.train.data import RowTable, eval_batches, lengths_of, rows_at
 from lorafit.train.distributed import SINGLE, Distributed
 
 REFERENCE = "reference_logps"  # the feature key (and batch key) of an example's reference log-probabilities
 
 
-class WithReference(Sequence):
+class WithReference(RowTable):
     """``features`` whose rows carry their reference log-probabilities (``REFERENCE``: one number for each row
     the task's batch holds for the example: a pair's chosen and rejected response, a KTO completion and its
     mismatched row)."""
@@ -33,11 +33,6 @@ class WithReference(Sequence):
 
     def __len__(self) -> int:
         return len(self.features)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.rows(range(*i.indices(len(self))))
-        return self.rows([int(i)])[0]
 
     def __iter__(self) -> Iterator[dict]:
         for i, row in enumerate(self.features):
