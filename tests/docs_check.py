@@ -31,7 +31,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().with_name("docs_shim.py")
-FORKSERVER = SHIM.with_name("forkserver.py")
 SHIMMED = ("lorafit", "python", "python3", "torchrun", "pip", "curl", "make")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -135,16 +134,10 @@ def run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float = 9
     """The document's blocks, one process each, in a ``prepare``d ``workdir``: safe in a thread of its own. The
     programs they call start as children of a fork server (forkserver.py) that has imported torch,
     transformers and lorafit once, where their environment is the document's."""
-    with tempfile.TemporaryDirectory(prefix="docs-") as sockets:  # short: a socket's path has 107 bytes at most
-        env = {**env, "FORKSERVER": os.path.join(sockets, "fork")}
-        with open(workdir / ".forkserver.log", "w") as server_log:
-            server = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", env["FORKSERVER"]], cwd=workdir,
-                                      env=env, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
-        try:
-            return _run_blocks(doc, workdir, env, timeout)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    from tests.forkserver import started  # REPO is on sys.path (main puts it there when run as a script)
+
+    with open(workdir / ".forkserver.log", "w") as server_log, started(env, workdir, server_log) as env:
+        return _run_blocks(doc, workdir, env, timeout)
 
 
 def _run_blocks(doc: Path, workdir: Path, env: dict[str, str], timeout: float) -> list[dict]:

@@ -20,6 +20,7 @@ No thread runs in the server: a fork copies only the calling thread, so it waits
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -27,9 +28,12 @@ import runpy
 import selectors
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 # what most documented commands import; a command needing more imports it itself
@@ -47,6 +51,21 @@ def same_environment(env: dict[str, str], baseline: dict[str, str]) -> bool:
     """Whether a command with ``env`` may run in a child of a server started with ``baseline``."""
     changed = {k for k in env.keys() | baseline.keys() if env.get(k) != baseline.get(k)} - IGNORED
     return all(k not in baseline and (k in LAUNCHER or k.startswith("TORCHELASTIC_")) for k in changed)
+
+
+@contextlib.contextmanager
+def started(env: dict[str, str], cwd=None, log=subprocess.DEVNULL) -> Iterator[dict[str, str]]:
+    """A server for commands with environment ``env`` while the block runs; yields ``env`` with $FORKSERVER
+    naming it (its clients run as new processes until it has imported)."""
+    with tempfile.TemporaryDirectory(prefix="fork-") as sockets:  # short: a socket's path has 107 bytes at most
+        env = {**env, "FORKSERVER": os.path.join(sockets, "fork")}
+        server = subprocess.Popen([sys.executable, __file__, "serve", env["FORKSERVER"]], cwd=cwd, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            yield env
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def receive(conn: socket.socket, n: int) -> bytes:
@@ -101,7 +120,7 @@ def run_child(request: dict, streams: list[int], added: dict[str, str]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update({**added, **request["env"]})
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = list(request["argv"])

@@ -73,9 +73,7 @@ def test_quick_benchmark_suite_runs(side_by_side):
                   "Arrow routing, lorafit against PEFT", "Generation serving", "DPO step, lorafit against TRL",
                   "Reward-model step, lorafit against TRL", "GRPO step, lorafit against TRL"):
         assert title in stdout
-    assert set(data) == {"train", "amp", "host", "compile", "memory", "infer", "load", "smollm", "padding", "qlora",
-                         "mixed", "serve", "serve_generate", "ddp", "e2e", "adapter_dtype", "moe", "tokens",
-                         "optimizer", "inits", "loftq", "arrow", "dpo", "dpo_precomputed", "reward", "grpo"}
+    assert set(data) == set(PARTS)
     assert all(t > 0 for t in data["train"]["median_s"].values())
     assert all(t > 0 for t in data["amp"]["median_s"].values())
     assert all(t > 0 for t in data["host"]["median_s"].values())

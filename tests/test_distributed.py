@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.forkserver import started
 from tests.test_train_support import classification_setup, instruction_setup
 
 transformers = pytest.importorskip("transformers")
@@ -42,15 +41,10 @@ FORKSERVER = REPO / "tests" / "forkserver.py"
 def forkserver():
     """A server that has imported torch, transformers and lorafit, whose forks the workers are
     (tests/forkserver.py): most of a tiny run's time in a new worker process was those imports."""
-    sockets = tempfile.mkdtemp(prefix="dist-")  # short: a socket's path has 107 bytes at most
-    ENV["FORKSERVER"] = os.path.join(sockets, "fork")
-    server = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", ENV["FORKSERVER"]], env=ENV,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    yield
-    server.terminate()
-    server.wait(timeout=60)
+    with started(ENV) as env:
+        ENV["FORKSERVER"] = env["FORKSERVER"]
+        yield
     del ENV["FORKSERVER"]
-    shutil.rmtree(sockets, ignore_errors=True)
 
 
 def torchrun(config: Path, out: Path, *extra: str, nproc: int = 2, forked: bool = True,

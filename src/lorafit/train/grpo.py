@@ -165,8 +165,7 @@ class GRPO(CausalLM):
                   "attention_mask": left_padded("attention_mask", 0),
                   **{key: [x for b in batches for x in b[key]] for key in ("prompts", "references", "rows")}}
         seqs, mask, completions = self._sample_in_calls(policy, joined, n)
-        lengths = mask.sum(1).long().tolist()
-        ids = [row[:length] for row, length in zip(seqs[:, width:].tolist(), lengths)]
+        lengths, ids = completion_tokens(seqs, mask, width)
         parts = self._scores(joined, completions, n, ids)
         rewards = self._weighted(parts)
         self._add_log(rewards, parts, mask)
@@ -374,8 +373,7 @@ class GRPO(CausalLM):
                     seqs, mask, completions = self.sample(unwrap(model), batch, 1)
                 if idx is None:
                     continue
-                lengths = mask.sum(1).long().tolist()
-                ids = [row[:length] for row, length in zip(seqs[:, batch["input_ids"].shape[1]:].tolist(), lengths)]
+                lengths, ids = completion_tokens(seqs, mask, batch["input_ids"].shape[1])
                 parts = self._scores(batch, completions, 1, ids)
                 sums[0] += float(self._weighted(parts).sum())
                 sums[1:-1] += parts.nansum(0).double()
@@ -390,6 +388,13 @@ class GRPO(CausalLM):
                         for (name, _), value, count in zip(rewards, sums[1:-1], judged)})
         out["completion_length"] = sums[-1] / max(n, 1)
         return out
+
+
+def completion_tokens(seqs: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[list[int], list[list[int]]]:
+    """Each completion's length (its mask's tokens) and token ids, of sequences whose prompts are ``width``
+    wide: one copy to the host, which the rewards read."""
+    lengths = mask.sum(1).long().tolist()
+    return lengths, [row[:length] for row, length in zip(seqs[:, width:].tolist(), lengths)]
 
 
 def group_advantages(rewards: torch.Tensor, per_prompt: int, divisor: float | None = None) -> torch.Tensor:

@@ -187,12 +187,11 @@ def function_scorer(spec: str, conversational: bool = False) -> Scorer:
                                  f"not have (their columns: {', '.join(sorted(present))})")
             keys = (present if every else present & set(named)) - set(_GIVEN)
             columns = {k: [row.get(k) for row in rows] for k in sorted(keys)}
-        texts = [text_pair(p, [])[0] for p in prompts]
         if trl_style and conversational:
             given = {"prompts": [list(p) for p in prompts],
                      "completions": [[{"role": "assistant", "content": c}] for c in completions]}
         else:
-            given = {"prompts": texts, "completions": list(completions)}
+            given = {"prompts": [text_pair(p, [])[0] for p in prompts], "completions": list(completions)}
         given.update(references=list(references), completion_ids=completion_ids)
         # TRL-style **kwargs take all of them (completion_ids where this caller has them)
         wanted = _GIVEN if trl_style and every else by_name
@@ -200,7 +199,7 @@ def function_scorer(spec: str, conversational: bool = False) -> Scorer:
         if trl_style:
             values = fn(**keywords, **columns)
         else:
-            values = fn(texts, list(completions), list(references), **keywords, **columns)
+            values = fn(given["prompts"], given["completions"], given["references"], **keywords, **columns)
         values = list(values)
         if len(values) != len(completions):
             raise ValueError(f"task.reward_function {spec}: returned {len(values)} rewards for {len(completions)} "
