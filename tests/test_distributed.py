@@ -347,21 +347,29 @@ def test_launch_instructions_are_in_the_help():
     assert "--nnodes M" in text and "--rdzv-endpoint" in text and "train.distributed=fsdp" in text
 
 
-@pytest.mark.parametrize("extra, steps", [([], 32),
-                                          (["task.scale_rewards='batch'", "task.grpo_loss=dapo",
-                                            "task.num_iterations=2", "train.epochs=2"], 32)])
-def test_grpo_under_two_processes(tmp_path, extra, steps):
+@pytest.mark.parametrize("reward, extra, steps", [
+    ("great", [], 32),
+    ("great", ["task.scale_rewards='batch'", "task.grpo_loss=dapo", "task.num_iterations=2", "train.epochs=2"], 32),
+    ("great_logged", ["task.log_completions=true"], 32)])
+def test_grpo_under_two_processes(tmp_path, reward, extra, steps):
     """GRPO samples in each process from DDP's model (its own prompts), scores and all-reduces the gradients of
     the sampled completions; evaluation shares the prompts out and sums the rewards. The reward rises as in one
     process; also with the advantages scaled by all the processes' rewards, the loss over all their tokens and
-    two steps on each batch of samples."""
+    two steps on each batch of samples. A metric that one process's reward function logs is averaged over what
+    was logged, and completions.jsonl holds every process's completions."""
     from lorafit.train import evaluate
     from tests.test_train_grpo import grpo_setup
 
-    config, settings = grpo_setup(tmp_path, extra=extra)
+    config, settings = grpo_setup(tmp_path, reward, extra=extra)
     finish(torchrun(config, tmp_path / "ddp", *(x for s in settings for x in ("--set", s))))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     base = evaluate(tmp_path / "ddp", base=True)
     assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
     logged = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["type"] == "train" and "reward" in r] == list(range(2, steps + 1, 2))
+    if reward == "great_logged":
+        assert all(r["main_only"] == 1.0 and r["everywhere"] == 2.0 for r in logged if "reward" in r)
+        assert summary["validation"]["main_only"] == 1.0 and summary["validation"]["everywhere"] == 2.0
+        samples = [json.loads(line) for line in (tmp_path / "ddp" / "completions.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in samples] == [step for step in range(1, steps + 1) for _ in range(16)]
+        assert all(r["chars"] == len(r["completion"]) for r in samples)

@@ -35,6 +35,15 @@ def short(prompts, completions, references):
     return [0.0]
 
 
+def great_logged(completions, trainer_state, log_metric, log_extra, **kwargs):
+    """great's reward, TRL-style; logs a metric in process 0 only, one in every process, a column."""
+    if trainer_state.is_world_process_zero:
+        log_metric("main_only", 1.0)
+    log_metric("everywhere", 2.0)
+    log_extra("chars", [len(c) for c in completions])
+    return great(None, completions, None)
+
+
 def aligned(prompts, completions, references, input, weight=2.0):
     """Each row's input column, which its prompt must hold; 1 for a completion that repeats a word of it."""
     assert len(input) == len(prompts) and all(x in p for p, x in zip(prompts, input)), (prompts, input)
@@ -214,7 +223,10 @@ def test_trl_style_functions_get_chat_data_as_messages_token_ids_and_may_pass_on
         assert got[0] == 0.5 and math.isnan(got[1])
         assert seen["prompts"] == prompts
         assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in ("x y", "z")]
-        assert seen["ids"] == [[5, 6, 2], [7]] and seen["kwargs"] == {"references": [None, "ref"], "label": [1, 0]}
+        assert seen["ids"] == [[5, 6, 2], [7]]
+        assert {k: v for k, v in seen["kwargs"].items() if not callable(v)} == {"references": [None, "ref"],
+                                                                                 "label": [1, 0]}
+        assert set(seen["kwargs"]) == {"references", "label", "log_metric", "log_extra"}  # no trainer_state here
         assert function_scorer("chat_rewards:trl")(*args)[0] == 0.5  # not chat data: texts
         assert seen["prompts"] == ["be brief\na", "b"] and seen["completions"] == ["x y", "z"]
         assert function_scorer("chat_rewards:positional", conversational=True)(*args) == [1.0, 2.0]
@@ -226,6 +238,132 @@ def test_trl_style_functions_get_chat_data_as_messages_token_ids_and_may_pass_on
             function_scorer("chat_rewards:trl")(*args)
     finally:
         del sys.modules["chat_rewards"]
+
+
+def test_reward_functions_get_the_trainer_state_and_log_metrics_and_columns():
+    """TRL's trainer_state, log_metric and log_extra: a function called by name with **kwargs gets all three, a
+    positional one those it names; metrics add up into (sum, count), columns are one value per completion, and
+    misuse is refused naming the function."""
+    from lorafit.train.rewards import RewardCall, function_scorer
+
+    def trl(completions, trainer_state, **kwargs):
+        kwargs["log_metric"]("progress", trainer_state.global_step / trainer_state.max_steps)
+        kwargs["log_metric"]("progress", torch.tensor(1.0))
+        kwargs["log_extra"]("words", [len(c.split()) for c in completions])
+        return [1.0] * len(completions)
+
+    def positional(p, c, r, log_metric):
+        log_metric("mean_length", sum(map(len, c)) / len(c))
+        return [0.0] * len(c)
+
+    module = type(sys)("logging_rewards")
+    module.trl, module.positional = trl, positional
+    sys.modules["logging_rewards"] = module
+    try:
+        state = transformers.TrainerState(global_step=3, max_steps=12)
+        call = RewardCall(state, reserved=frozenset({"reward"}))
+        args = ([[{"role": "user", "content": "a"}]] * 2, ["x y", "zzzz"], [None, None])
+        assert function_scorer("logging_rewards:trl")(*args, call=call) == [1.0, 1.0]
+        assert function_scorer("logging_rewards:positional")(*args, call=call) == [0.0, 0.0]
+        assert call.metrics == {"progress": [1.25, 2], "mean_length": [3.5, 1]} and call.extra == {"words": [2, 1]}
+        for bad, message in ((lambda **k: k["log_metric"]("reward", 1.0), r"log_metric\('reward'\) names one of"),
+                             (lambda **k: k["log_metric"]("reward/x", 1.0), r"log_metric\('reward/x'\) names one"),
+                             (lambda **k: k["log_metric"]("m", float("nan")), r"log_metric\('m', nan\): a metric is"),
+                             (lambda **k: k["log_extra"]("w", [1]), r"log_extra\('w'\) got 1 values for 2")):
+            module.trl = lambda completions, **kwargs: bad(**kwargs) or [1.0, 1.0]
+            with pytest.raises(ValueError, match="task.reward_function logging_rewards:trl: " + message):
+                function_scorer("logging_rewards:trl")(*args, call=call)
+    finally:
+        del sys.modules["logging_rewards"]
+
+
+def test_async_reward_functions_run_concurrently_also_under_a_running_event_loop():
+    """Two async functions that each wait for the other's start finish only when they run at once; score_all
+    awaits them on its own loop, so a caller inside an event loop (a notebook) may call it; what an async
+    function returns is checked as a plain one's return is."""
+    import asyncio
+
+    from lorafit.train.rewards import function_scorer, score_all
+
+    started = {}
+
+    def waiting_for(me: str, other: str):
+        async def reward(completions, **kwargs):
+            started.setdefault(me, asyncio.Event()).set()
+            await asyncio.wait_for(started.setdefault(other, asyncio.Event()).wait(), timeout=10)
+            return [float(len(c)) for c in completions]
+        return reward
+
+    module = type(sys)("async_rewards")
+    module.first, module.second = waiting_for("first", "second"), waiting_for("second", "first")
+    module.wrong = waiting_for("wrong", "wrong")
+    sys.modules["async_rewards"] = module
+    try:
+        rewards = [(name, function_scorer(f"async_rewards:{name}")) for name in ("first", "second")]
+        args = ([[{"role": "user", "content": "p"}]] * 2, ["ab", "c"], [None, None], None, None)
+
+        async def in_a_notebook():
+            return score_all(rewards, *args)
+
+        assert asyncio.run(in_a_notebook()) == [[2.0, 1.0], [2.0, 1.0]]
+        started.clear()
+        assert score_all(rewards, *args) == [[2.0, 1.0], [2.0, 1.0]]
+        module.wrong = lambda completions: asyncio.sleep(0, result=[1.0])  # an awaitable, of one reward
+        with pytest.raises(ValueError, match="async_rewards:wrong: returned 1 rewards for 2 completions"):
+            score_all([("wrong", function_scorer("async_rewards:wrong"))], *args)
+    finally:
+        del sys.modules["async_rewards"]
+
+
+LOGGING_REWARDS = '''
+import asyncio
+
+
+def counted(completions, trainer_state, log_metric, log_extra, **kwargs):
+    """The share of "great" words; logs the step it scores for and each completion's word count."""
+    log_metric("scored_at_step", trainer_state.global_step)
+    log_metric("of_steps", trainer_state.max_steps)
+    log_extra("words", [len(c.split()) for c in completions])
+    return [sum(w == "great" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+async def later(completions, **kwargs):
+    await asyncio.sleep(0)
+    return [0.5] * len(completions)
+'''
+
+
+def test_a_grpo_run_logs_its_completions_and_what_reward_functions_log(tmp_path):
+    """task.log_completions: every training completion is a line of completions.jsonl, with the step it trains,
+    its rewards, its advantage (its group's, centred and scaled) and the columns functions logged; log_metric's
+    values are averaged into metrics.jsonl's train lines and the evaluation; trainer_state says where training
+    stands; an async function is awaited."""
+    (tmp_path / "logging.py").write_text(LOGGING_REWARDS)
+    config, settings = grpo_setup(tmp_path, extra=[
+        f"task.reward_function=['{tmp_path / 'logging.py'}:counted', '{tmp_path / 'logging.py'}:later']",
+        "task.log_completions=true", "train.epochs=1"])
+    summary = train(config, settings, progress=False)
+    assert summary["validation"]["scored_at_step"] == 8 and summary["validation"]["of_steps"] == 8
+    assert summary["validation"]["reward/later"] == 0.5
+    assert evaluate(tmp_path / "run")["scored_at_step"] == 8 and evaluate(tmp_path / "run", base=True)["of_steps"] == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in logged if r["type"] == "train"]
+    # log_every = 2: each line averages the two steps' calls, made with 0 and 1, 2 and 3, ... steps done
+    assert [r["scored_at_step"] for r in trained] == [0.5, 2.5, 4.5, 6.5] and all(r["of_steps"] == 8
+                                                                                   for r in trained)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [step for step in range(1, 9) for _ in range(16)]  # 4 prompts x 4
+    for r in samples:
+        assert r["words"] == len(r["completion"].split()) and 0 < r["length"] <= 8
+        assert r["reward"] == pytest.approx(r["rewards"]["counted"] + 0.5) and r["rewards"]["later"] == 0.5
+    for start in range(0, len(samples), 4):  # a group: one prompt's completions, in a row
+        group = samples[start:start + 4]
+        assert len({r["prompt"] for r in group}) == 1 and isinstance(group[0]["prompt"], str)
+        rewards = torch.tensor([r["reward"] for r in group])
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        assert [r["advantage"] for r in group] == pytest.approx(expected.tolist(), abs=1e-5)
+    step_rewards = [sum(r["reward"] for r in samples if r["step"] in (s, s + 1)) / 32 for s in (1, 3, 5, 7)]
+    assert [r["reward"] for r in trained] == pytest.approx(step_rewards, abs=1e-5)
 
 
 CHAT_REWARDS = '''
@@ -448,13 +586,13 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
     assert ((ratio - 1).abs() > 0.04)[loss_mask > 0].any() and ((ratio - 1).abs() < 0.02)[loss_mask > 0].any()
 
 
-@pytest.mark.parametrize("extra", [["train.save_every=3", "task.grpo_beta=0.1"],
+@pytest.mark.parametrize("extra", [["train.save_every=3", "task.grpo_beta=0.1", "task.log_completions=true"],
                                    ["train.save_every=4", "task.num_iterations=2", "task.grpo_loss=dapo",
                                     "task.scale_rewards='batch'", "train.grad_accum=2", "train.batch_size=2",
                                     "train.epochs=2"]])
 def test_a_resumed_grpo_run_samples_what_an_uninterrupted_one_does(tmp_path, extra):
     """Also with two steps on each batch of samples: checkpoints fall between batches, so a resumed run samples
-    anew where the uninterrupted one did."""
+    anew where the uninterrupted one did; completions.jsonl loses the lines of the steps taken again."""
     config, settings = grpo_setup(tmp_path, extra=extra)
     train(config, settings + [f"output_dir={json.dumps(str(tmp_path / 'a'))}"], progress=False)
     args = settings + [f"output_dir={json.dumps(str(tmp_path / 'b'))}"]
@@ -462,6 +600,11 @@ def test_a_resumed_grpo_run_samples_what_an_uninterrupted_one_does(tmp_path, ext
         train(config, args, callbacks=(crash_at(7),), progress=False)  # the last checkpoint: step 6 or 4
     train(config, args, resume=True, progress=False)
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
+    if "task.log_completions=true" in extra:
+        lines = [(tmp_path / run / "completions.jsonl").read_text().splitlines() for run in ("a", "b")]
+        assert len(lines[0]) == 32 * 16 and lines[0] == lines[1]
+    else:
+        assert not (tmp_path / "a" / "completions.jsonl").exists()
 
 
 def test_a_classification_run_s_probability_is_the_reward_and_references_reach_functions(tmp_path):
@@ -621,6 +764,7 @@ def test_a_reward_function_that_misbehaves_is_named(tmp_path):
 def test_the_example_reward_checks_the_first_word_against_the_label():
     from examples.rewards import sentiment_label
 
+    logged = []
     got = sentiment_label(["p"] * 5, ["Positive.", "negative, surely", "The review is positive", "", "positive"],
-                          [1, "0", "1", "1", "0"])
-    assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
+                          [1, "0", "1", "1", "0"], log_metric=lambda name, value: logged.append((name, value)))
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0] and logged == [("label_answers", 0.6)]

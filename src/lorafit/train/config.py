@@ -158,6 +158,9 @@ class TaskSection:
     # grpo: the most completions one generation samples (0: all of a step's, every micro-batch's, in one); a
     # smaller number holds fewer KV caches at once, for a large grad_accum, at the cost of more generations
     generation_batch_size: int = 0
+    # grpo: every training completion a line of the run's completions.jsonl (its step, prompt, text, rewards,
+    # advantage, and what reward functions logged with log_extra), to read what the policy learns to write
+    log_completions: bool = False
     # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
     # class whose probability is the reward, or a transformers sequence-classification model (a reward model, or a
     # classifier with that class); and/or Python functions "path/to/file.py:name" (one or a list); the
@@ -385,7 +388,7 @@ class RunConfig:
                              (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
-                                          "generation_batch_size",
+                                          "generation_batch_size", "log_completions",
                                           "reward_model", "reward_label", "reward_function", "reward_weights"))):
             for name in names:
                 if self.task.type not in tasks and getattr(self.task, name) != getattr(TaskSection, name):

@@ -26,6 +26,10 @@ over the step's completions and divided by their count ("grpo"); each completion
 or the step's token sum over its token count ("dapo"). With ``task.mask_truncated_completions``, completions
 that did not end carry no loss.
 
+With ``task.log_completions``, every training completion is a line of the run's ``completions.jsonl``: the
+step it trains, its prompt, its text and length, its reward (each reward's too, None where one did not judge
+it), its advantage, and the columns reward functions logged with ``log_extra``.
+
 Evaluation samples one completion of each prompt (the run's seed, its own random stream, so every evaluation
 draws alike and training's draws are untouched) and reports the mean reward (``reward``, the default
 ``train.metric``; with several rewards also each one's, ``reward/NAME``) and the mean completion length in
@@ -42,10 +46,10 @@ import torch
 from torch import nn
 
 import lorafit
-from lorafit.chat import render
+from lorafit.chat import render, text_pair
 from lorafit.train.data import rows_at
 from lorafit.train.distributed import SINGLE, Distributed, unwrap
-from lorafit.train.rewards import build_rewards
+from lorafit.train.rewards import RewardCall, build_rewards, score_all
 from lorafit.train.tasks import (LOSS_CHUNK_LOGITS, CausalLM, chunked_cross_entropy, columns_to_rows,
                                   eager_generation, forward_hidden, head_is_plain, row_entropy)
 
@@ -60,6 +64,8 @@ class GRPO(CausalLM):
         self._log: dict[str, list] = {}  # what train_log reports, as [sum, count] since it was last read
         self._tokens = 0  # the last loss_sum's: its prompts, each as often as it was sampled, and completions
         self._warned_unjudged = False  # of completions that no reward judged (every function returned None)
+        self._state = _trainer_state(0, 0, 0.0, True)  # reward functions' trainer_state
+        self._samples: list[dict] = []  # task.log_completions: the last window's, for completions.jsonl
 
     def cache_key(self, kind: str) -> tuple:
         return (*super().cache_key(kind), self.config.data.output_field)
@@ -72,6 +78,19 @@ class GRPO(CausalLM):
 
     def passes_per_window(self) -> int:
         return self.config.task.num_iterations
+
+    def training_progress(self, step: int, max_steps: int, epoch: float, is_main: bool) -> None:
+        self._state = _trainer_state(step, max_steps, epoch, is_main)
+
+    def take_samples(self) -> list[dict] | None:
+        if not self.config.task.log_completions:
+            return None
+        samples, self._samples = self._samples, []
+        return samples
+
+    def _reward_call(self) -> RewardCall:
+        own = {"reward", "reward_std", "flat_groups", "completion_length", "entropy", "kl", "clip_ratio"}
+        return RewardCall(self._state, reserved=frozenset(own | _LOOP_FIELDS))
 
     def prompt_and_reference(self, row: dict) -> tuple[list[dict], str | None]:
         d = self.config.data
@@ -144,6 +163,8 @@ class GRPO(CausalLM):
             divisor = math.sqrt(max(squares - total * total / max(n, 1), 0.0) / max(n - 1, 1)) + 1e-4
         for batch in real:
             batch["advantages"] = group_advantages(batch.pop("rewards"), t.num_generations, divisor)
+            for sample, advantage in zip(batch.pop("samples", ()), batch["advantages"].tolist()):
+                self._samples.append({**sample, "advantage": advantage})
         if t.grpo_loss == "dapo":  # the loop divides by the step's completion tokens
             return [int(batch["completion_mask"].sum()) if mine else 0 for batch, mine in micro]
         if t.grpo_loss == "bnpo":  # each micro-batch's token mean counts once
@@ -166,9 +187,14 @@ class GRPO(CausalLM):
                   **{key: [x for b in batches for x in b[key]] for key in ("prompts", "references", "rows")}}
         seqs, mask, completions = self._sample_in_calls(policy, joined, n)
         lengths, ids = completion_tokens(seqs, mask, width)
-        parts = self._scores(joined, completions, n, ids)
+        call = self._reward_call()
+        parts = self._scores(joined, completions, n, ids, call)
         rewards = self._weighted(parts)
         self._add_log(rewards, parts, mask)
+        for name, (total, count) in call.metrics.items():
+            self._add(name, total, count)
+        samples = self._sample_records(joined, completions, n, lengths, rewards, parts, call.extra) \
+            if t.log_completions else None
         loss_mask = mask
         if t.mask_truncated_completions and self.tok.eos_token_id is not None:
             # an end token within the completion's own tokens: the columns after it may be padding of any id
@@ -182,7 +208,24 @@ class GRPO(CausalLM):
             b.update(seqs=seqs[start:end, width - own:width + longest], prompt_mask=prompt_mask,
                      completion_mask=loss_mask[start:end, :longest], rewards=rewards[start:end],
                      trained_tokens=b["prompt_tokens"] * n + sum(lengths[start:end]))
+            if samples is not None:
+                b["samples"] = samples[start:end]
             start = end
+
+    def _sample_records(self, joined: dict, completions: list[str], n: int, lengths: list[int],
+                        rewards: torch.Tensor, parts: torch.Tensor, extra: dict[str, list]) -> list[dict]:
+        """completions.jsonl's lines of a window's completions, but for the advantage (and the loop's step)."""
+        chat = bool(self.config.data.messages_field)
+        names = [name for name, _ in self.rewards()]
+        out = []
+        for i, (text, length, reward, scores) in enumerate(zip(completions, lengths, rewards.tolist(),
+                                                                parts.tolist())):
+            prompt = joined["prompts"][i // n]
+            out.append({"prompt": prompt if chat else text_pair(prompt, [])[0], "completion": text,
+                        "length": length, "reward": reward,
+                        "rewards": {name: None if math.isnan(v) else v for name, v in zip(names, scores)},
+                        **{column: values[i] for column, values in extra.items()}})
+        return out
 
     def _sample_in_calls(self, policy: nn.Module, joined: dict, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """``sample`` in generations of at most task.generation_batch_size completions (0: one for all), whose
@@ -273,7 +316,7 @@ class GRPO(CausalLM):
         one answer), with task.grpo_beta the mean per-token KL
         estimate against the reference, and with several iterations the share of completion tokens whose ratio
         the clip cut off; as (sum, count) pairs that the loop sums over the processes. Every process reports the
-        same names."""
+        same names, but for those of reward functions' log_metric, which the loop joins."""
         t, rewards = self.config.task, self.rewards()
         names = ["reward", *(f"reward/{name}" for name, _ in rewards if len(rewards) > 1), "reward_std",
                  "flat_groups", "completion_length", "entropy"]
@@ -281,6 +324,7 @@ class GRPO(CausalLM):
             names.append("kl")
         if t.num_iterations > 1:
             names.append("clip_ratio")
+        names += [name for name in self._log if name not in names]  # what reward functions logged (log_metric)
         out = {name: tuple(float(v) for v in self._log.get(name, (0.0, 0.0))) for name in names}
         self._log = {}
         return out
@@ -342,13 +386,14 @@ class GRPO(CausalLM):
             return -out[0].view(-1, width), out[1].view(-1, width)
         return -out.view(-1, width)
 
-    def _scores(self, batch: dict, completions: list[str], per_prompt: int, ids: list[list[int]]) -> torch.Tensor:
+    def _scores(self, batch: dict, completions: list[str], per_prompt: int, ids: list[list[int]],
+                call: RewardCall) -> torch.Tensor:
         """Each reward's score of each completion (``ids``: their token ids): completions x rewards, NaN where a
         function did not judge one."""
         prompts = [p for p in batch["prompts"] for _ in range(per_prompt)]
         references = [r for r in batch["references"] for _ in range(per_prompt)]
         rows = [r for r in batch["rows"] for _ in range(per_prompt)]
-        return torch.tensor([score(prompts, completions, references, rows, ids) for _, score in self.rewards()],
+        return torch.tensor(score_all(self.rewards(), prompts, completions, references, rows, ids, call),
                             dtype=torch.float32).T
 
     def _weighted(self, parts: torch.Tensor) -> torch.Tensor:
@@ -364,6 +409,7 @@ class GRPO(CausalLM):
         sums = torch.zeros(len(rewards) + 2, dtype=torch.float64)  # the reward, each reward's score, the tokens
         judged = torch.zeros(len(rewards), dtype=torch.float64)  # each reward's judged completions
         n = 0
+        call = self._reward_call()  # reward functions' log_metric values are averaged over the whole evaluation
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.config.train.seed)
             for idx in self._eval_batches(features, batch_size, dist, device):
@@ -374,20 +420,36 @@ class GRPO(CausalLM):
                 if idx is None:
                     continue
                 lengths, ids = completion_tokens(seqs, mask, batch["input_ids"].shape[1])
-                parts = self._scores(batch, completions, 1, ids)
+                parts = self._scores(batch, completions, 1, ids, call)
+                call.extra.clear()  # log_extra's columns are for training's completions.jsonl
                 sums[0] += float(self._weighted(parts).sum())
                 sums[1:-1] += parts.nansum(0).double()
                 judged += (~parts.isnan()).sum(0).double()
                 sums[-1] += sum(lengths)
                 n += len(completions)
-        *sums, n = dist.all_reduce_sum([*sums.tolist(), *judged.tolist(), n], device)
-        sums, judged = sums[:len(rewards) + 2], sums[len(rewards) + 2:]
+        logged = sorted(set().union(*dist.gather_objects(list(call.metrics))))  # every process's log_metric names
+        logged_sums = [x for name in logged for x in call.metrics.get(name, (0.0, 0))]
+        k = len(rewards)
+        totals = dist.all_reduce_sum([*sums.tolist(), *judged.tolist(), *logged_sums, n], device)
+        sums, judged, logged_sums, n = totals[:k + 2], totals[k + 2:2 * k + 2], totals[2 * k + 2:-1], totals[-1]
         out = {"reward": sums[0] / max(n, 1)}
         if len(rewards) > 1:
             out.update({f"reward/{name}": value / max(count, 1)
                         for (name, _), value, count in zip(rewards, sums[1:-1], judged)})
         out["completion_length"] = sums[-1] / max(n, 1)
+        out.update({name: logged_sums[2 * i] / max(logged_sums[2 * i + 1], 1) for i, name in enumerate(logged)})
         return out
+
+
+# what the loop writes beside a task's metrics in metrics.jsonl
+_LOOP_FIELDS = {"type", "split", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}
+
+
+def _trainer_state(step: int, max_steps: int, epoch: float, is_main: bool):
+    """TRL's ``trainer_state`` argument of reward functions: where training stands, as transformers.Trainer's."""
+    from transformers import TrainerState
+
+    return TrainerState(global_step=step, max_steps=max_steps, epoch=epoch, is_world_process_zero=is_main)
 
 
 def completion_tokens(seqs: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[list[int], list[list[int]]]:

@@ -33,10 +33,10 @@ from lorafit.model import active_adapters, adapter_configs
 from lorafit.optimizer_groups import optimizer_groups
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.config import TrainSection
-from lorafit.train.data import steps_per_epoch, train_batches
+from lorafit.train.data import StreamedFeatures, steps_per_epoch, train_batches
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.master_weights import MasterWeights
-from lorafit.train.metrics import MetricsLog
+from lorafit.train.metrics import COMPLETIONS_FILE, MetricsLog
 from lorafit.train.tasks import Task
 
 
@@ -159,14 +159,17 @@ def fit(
     total = total_steps(len(train_features), t, passes)
     scheduler = build_scheduler(optimizer, total, t)
     state = LoopState()
+    samples_log = MetricsLog(run_dir / COMPLETIONS_FILE)
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, dist, masters))
         if dist.is_main:
             log.truncate_after(state.step)
+            samples_log.truncate_after(state.step)
     if state.finished:
         return state
-    run = _Session(model, wrapped, optimizer, scheduler, masters, task, eval_features, t, device, run_dir, log,
-                   metric, state, total, callbacks, dist, _progress_bar(total, state.step, progress and dist.is_main))
+    run = _Session(model, wrapped, optimizer, scheduler, masters, task, train_features, eval_features, t, device,
+                   run_dir, log, samples_log, metric, state, total, callbacks, dist,
+                   _progress_bar(total, state.step, progress and dist.is_main))
     wrapped.train()
     while state.step < total and not state.stopped_early:
         batches = _Lookahead(train_batches(train_features, t.batch_size, t.seed, state.epoch, t.group_by_length,
@@ -191,13 +194,17 @@ class _Session:
     checkpoint need, and the counters that are not saved (speed, the loss of the current log window)."""
 
     def __init__(self, model, wrapped, optimizer, scheduler, masters: MasterWeights | None, task: Task,
-                 eval_features: Sequence[dict], t: TrainSection, device: torch.device, run_dir: Path,
-                 log: MetricsLog, metric: str, state: LoopState, total: int, callbacks, dist: Distributed,
-                 bar) -> None:
+                 train_features: Sequence[dict], eval_features: Sequence[dict], t: TrainSection,
+                 device: torch.device, run_dir: Path, log: MetricsLog, samples_log: MetricsLog, metric: str,
+                 state: LoopState, total: int, callbacks, dist: Distributed, bar) -> None:
         self.model, self.wrapped, self.optimizer, self.scheduler = model, wrapped, optimizer, scheduler
         self.masters = masters
         self.task, self.eval_features, self.t, self.device = task, eval_features, t, device
-        self.run_dir, self.log, self.metric, self.state, self.total = run_dir, log, metric, state, total
+        self.run_dir, self.log, self.samples_log = run_dir, log, samples_log
+        self.metric, self.state, self.total = metric, state, total
+        # a streamed split's length is unknown until it ends: its epoch counts whole
+        self.batches_per_epoch = None if isinstance(train_features, StreamedFeatures) else \
+            math.ceil(len(train_features) / t.batch_size)
         self.callbacks, self.dist, self.bar = callbacks, dist, bar
         self.autocast = autocast_for(device, t)
         # KaSA adapters train with their regularizers added to the task's loss, once a step
@@ -223,11 +230,24 @@ class _Session:
             batch, real = _micro_batch(self.task, rows, self.dist)
             micro.append(_Micro(on_device(batch, self.device), real, self.task.num_units(batch) if real else 0,
                                 int(batch["attention_mask"].sum()) if real else 0, len(rows)))
+        self.tell_progress()
         with self.autocast():
             units = self.task.prepare_window(self.wrapped, [(m.batch, m.real) for m in micro], self.dist)
         for m, u in zip(micro, units or ()):
             m.units = u
+        samples = self.task.take_samples()
+        if samples is not None:
+            gathered = self.dist.gather_objects(samples)
+            if self.dist.is_main:
+                self.samples_log.extend({"step": self.state.step + 1, **record} for part in gathered
+                                        for record in part)
         return micro
+
+    def tell_progress(self) -> None:
+        """The task's view of where training stands (Task.training_progress)."""
+        state = self.state
+        epoch = state.epoch + (state.batch_in_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0)
+        self.task.training_progress(state.step, self.total, epoch, self.dist.is_main)
 
     def optimizer_step(self, micro: list[_Micro], last_pass: bool = True) -> dict[str, Any]:
         """One optimizer step over the micro-batches of a window (gradients accumulated); returns its units, lr
@@ -294,8 +314,12 @@ class _Session:
         if report is None:
             return {}
         sums = report()
-        totals = self.dist.all_reduce_sum([v for pair in sums.values() for v in pair], self.device)
-        return {name: totals[2 * i] / max(totals[2 * i + 1], 1) for i, name in enumerate(sums)}
+        names = list(sums)
+        if self.dist.enabled:  # names a reward function logged may differ between processes (grpo's log_metric)
+            names = list(dict.fromkeys(name for part in self.dist.gather_objects(names) for name in part))
+        pairs = [v for name in names for v in sums.get(name, (0.0, 0.0))]
+        totals = self.dist.all_reduce_sum(pairs, self.device)
+        return {name: totals[2 * i] / max(totals[2 * i + 1], 1) for i, name in enumerate(names)}
 
     def after_step(self, step: dict[str, Any]) -> None:
         """The progress bar, the train log line, evaluation and checkpoint when due, the callbacks. Values are
@@ -362,6 +386,7 @@ class _Session:
         """Validation metrics now; the best weights saved when they improved, early stopping counted."""
         t, state, dist = self.t, self.state, self.dist
         self.read_back()
+        self.tell_progress()
         started = time.perf_counter()
         metrics = self.task.evaluate(self.model, self.eval_features, self.device, t.eval_batch_size, self.autocast,
                                      dist)

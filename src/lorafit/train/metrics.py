@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ import torch
 from lorafit.io import atomic_write
 
 
+COMPLETIONS_FILE = "completions.jsonl"  # grpo's sampled completions (task.log_completions), beside metrics.jsonl
+
+
 class MetricsLog:
-    """Append-only ``metrics.jsonl``: one JSON object per line, flushed at once.
+    """Append-only ``metrics.jsonl`` (or ``completions.jsonl``): one JSON object per line, flushed at once.
 
     On resume, lines from steps after the checkpoint (written before the
     interruption, and about to be written again) are dropped first.
@@ -42,6 +46,14 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._to_tensorboard(record)
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Many lines at once (grpo's completions); values JSON cannot hold are written as their str."""
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(record, default=str) + "\n" for record in records))
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
         if self.writer is not None:
             prefix = record.get("split", record.get("type", ""))
             for key, value in record.items():

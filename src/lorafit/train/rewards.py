@@ -24,17 +24,31 @@ Python functions (``task.reward_function``, one or a list); with several, their 
   name, each only where it names it or takes ``**kwargs`` (``def reward(completions, answer, **kwargs)`` works as
   written), and for chat data (``data.messages_field``) in TRL's conversational form: a prompt as its list of
   messages, a completion as ``[{"role": "assistant", "content": text}]``.
+- Either kind of function also gets, where it names them (or, called by name, takes ``**kwargs``), TRL's
+  ``trainer_state`` (a ``transformers.TrainerState``: ``global_step``, the optimizer steps done, ``max_steps``,
+  ``epoch``, for a reward that changes as training goes on), ``log_metric(name, value)`` (a number averaged into
+  the run's log under ``name``: metrics.jsonl, the progress bar, the evaluation's results) and
+  ``log_extra(column, values)`` (one value per completion, a column of ``completions.jsonl`` with
+  ``task.log_completions``).
+- A function may be ``async`` (or return an awaitable): the async functions of a round run concurrently, on one
+  event loop that lasts the run (a client a function keeps stays bound to it), in a thread of its own, so that
+  they also run where the caller already runs an event loop (a notebook).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
 import math
 import numbers
+import os
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,9 +57,48 @@ from lorafit.train.config import CONFIG_FILE, TaskSection
 
 SCORE_BATCH = 32  # completions per forward of a reward or classification run's model
 
-# (prompts' messages, completions' texts, references, the rows or None, the completions' token ids or None)
-#   -> a reward per completion, NaN where a function returned None
-Scorer = Callable[..., list[float]]
+# (prompts' messages, completions' texts, references, the rows or None, the completions' token ids or None,
+#  the RewardCall or None) -> a reward per completion, NaN where a function returned None; an async function's
+#  scorer returns an awaitable of that list (score_all awaits it)
+Scorer = Callable[..., Any]
+
+
+@dataclass
+class RewardCall:
+    """What the rewards of one round of completions share besides them: the training's position (TRL's
+    ``trainer_state``) and what functions log through ``log_metric`` and ``log_extra``."""
+
+    trainer_state: Any = None
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, count]
+    extra: dict[str, list] = field(default_factory=dict)  # column -> one value per completion
+    reserved: frozenset[str] = frozenset()  # the run's own metric names, which log_metric may not take
+
+
+def score_all(rewards: list[tuple[str, Scorer]], prompts: list, completions: list[str], references: list,
+              rows: list | None, completion_ids: list | None, call: RewardCall | None = None) -> list[list[float]]:
+    """Each reward's scores of the completions; the async functions' calls run concurrently."""
+    results = [score(prompts, completions, references, rows, completion_ids, call) for _, score in rewards]
+    waiting = [i for i, result in enumerate(results) if inspect.isawaitable(result)]
+    if waiting:
+        async def together():
+            return await asyncio.gather(*(results[i] for i in waiting))
+
+        for i, result in zip(waiting, asyncio.run_coroutine_threadsafe(together(), _event_loop()).result()):
+            results[i] = result
+    return results
+
+
+_LOOP: tuple[int, asyncio.AbstractEventLoop] | None = None  # (the process that started it, the loop)
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop async reward functions run on, in a daemon thread, started at the first need."""
+    global _LOOP
+    if _LOOP is None or _LOOP[0] != os.getpid():  # a forked process inherits the loop but not its thread
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="lorafit-rewards", daemon=True).start()
+        _LOOP = (os.getpid(), loop)
+    return _LOOP[1]
 
 
 def build_rewards(t: TaskSection, conversational: bool = False, device: str = "auto") -> list[tuple[str, Scorer]]:
@@ -76,7 +129,7 @@ def run_scorer(run_dir: str, label: str | None) -> Scorer:
             raise ValueError(f"task.reward_label is for a classification run's model; {run_dir} is a reward run, "
                              "whose score is the reward")
 
-        def score(prompts, completions, references, rows=None, completion_ids=None):
+        def score(prompts, completions, references, rows=None, completion_ids=None, call=None):
             conversations = [(p, [{"role": "assistant", "content": c}]) for p, c in zip(prompts, completions)]
             return run.task.score_conversations(run.model, conversations, run.device, SCORE_BATCH)
 
@@ -96,7 +149,7 @@ def _class_probability(model, tok, device, label: str | None, max_length: int, n
     index = classes.index(label)
 
     @torch.no_grad()
-    def score(prompts, completions, references, rows=None, completion_ids=None):
+    def score(prompts, completions, references, rows=None, completion_ids=None, call=None):
         out: list[float] = []
         for start in range(0, len(completions), SCORE_BATCH):
             enc = tok(completions[start:start + SCORE_BATCH], padding=True, truncation=True, max_length=max_length,
@@ -137,7 +190,7 @@ def pretrained_scorer(name: str, label: str | None, device_name: str, max_length
     pairs = reads_text_pairs(tok)
 
     @torch.no_grad()
-    def score(prompts, completions, references, rows=None, completion_ids=None):
+    def score(prompts, completions, references, rows=None, completion_ids=None, call=None):
         out: list[float] = []
         for start in range(0, len(completions), SCORE_BATCH):
             ps, cs = prompts[start:start + SCORE_BATCH], completions[start:start + SCORE_BATCH]
@@ -175,7 +228,7 @@ def function_scorer(spec: str, conversational: bool = False) -> Scorer:
 
     trl_style, by_name, named, required, every = _parameters(fn)
 
-    def score(prompts, completions, references, rows=None, completion_ids=None):
+    def score(prompts, completions, references, rows=None, completion_ids=None, call=None):
         if "completion_ids" in by_name and completion_ids is None:
             raise ValueError(f"task.reward_function {spec}: asks for completion_ids, which this caller does not have")
         columns = {}
@@ -192,7 +245,9 @@ def function_scorer(spec: str, conversational: bool = False) -> Scorer:
                      "completions": [[{"role": "assistant", "content": c}] for c in completions]}
         else:
             given = {"prompts": [text_pair(p, [])[0] for p in prompts], "completions": list(completions)}
-        given.update(references=list(references), completion_ids=completion_ids)
+        call = call or RewardCall()
+        given.update(references=list(references), completion_ids=completion_ids, trainer_state=call.trainer_state,
+                     log_metric=_metric_logger(spec, call), log_extra=_extra_logger(spec, call, len(completions)))
         # TRL-style **kwargs take all of them (completion_ids where this caller has them)
         wanted = _GIVEN if trl_style and every else by_name
         keywords = {k: given[k] for k in wanted if k in by_name or given[k] is not None}
@@ -200,6 +255,14 @@ def function_scorer(spec: str, conversational: bool = False) -> Scorer:
             values = fn(**keywords, **columns)
         else:
             values = fn(given["prompts"], given["completions"], given["references"], **keywords, **columns)
+        if inspect.isawaitable(values):
+            return checked_later(values, completions)
+        return checked(values, completions)
+
+    async def checked_later(awaitable, completions):
+        return checked(await awaitable, completions)
+
+    def checked(values, completions) -> list[float]:
         values = list(values)
         if len(values) != len(completions):
             raise ValueError(f"task.reward_function {spec}: returned {len(values)} rewards for {len(completions)} "
@@ -214,6 +277,41 @@ def function_scorer(spec: str, conversational: bool = False) -> Scorer:
     return score
 
 
+def _metric_logger(spec: str, call: RewardCall) -> Callable[[str, Any], None]:
+    """TRL's ``log_metric(name, value)``: ``value`` added into the mean the run logs under ``name``."""
+    def log_metric(name: str, value) -> None:
+        number = _reward(value)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"task.reward_function {spec}: log_metric's name must be a non-empty string, got "
+                             f"{name!r}")
+        if name in call.reserved or name.startswith("reward/"):
+            raise ValueError(f"task.reward_function {spec}: log_metric({name!r}) names one of the run's own metrics; "
+                             "give it a name of its own")
+        if number is None or math.isnan(number):
+            raise ValueError(f"task.reward_function {spec}: log_metric({name!r}, {value!r}): a metric is a finite "
+                             "number")
+        entry = call.metrics.setdefault(name, [0.0, 0])
+        entry[0] += number
+        entry[1] += 1
+
+    return log_metric
+
+
+def _extra_logger(spec: str, call: RewardCall, n: int) -> Callable[[str, Any], None]:
+    """TRL's ``log_extra(column, values)``: a value per completion, for the completions log."""
+    def log_extra(column: str, values) -> None:
+        values = list(values)
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"task.reward_function {spec}: log_extra's column must be a non-empty string, got "
+                             f"{column!r}")
+        if len(values) != n:
+            raise ValueError(f"task.reward_function {spec}: log_extra({column!r}) got {len(values)} values for {n} "
+                             "completions")
+        call.extra[column] = values
+
+    return log_extra
+
+
 def _reward(value) -> float | None:
     """``value`` as a reward (NaN for None, which means "not judged"), or None when it is not a finite number."""
     if value is None:
@@ -226,7 +324,7 @@ def _reward(value) -> float | None:
 
 
 # what a function gets besides the rows' columns: the first three also by position
-_GIVEN = ("prompts", "completions", "references", "completion_ids")
+_GIVEN = ("prompts", "completions", "references", "completion_ids", "trainer_state", "log_metric", "log_extra")
 
 
 def _parameters(fn) -> tuple[bool, set[str], list[str], list[str], bool]:

@@ -11,6 +11,7 @@ Output directory::
     model/               the fine-tuned model + tokenizer, save_pretrained format (method = "full")
     data.json            where each split came from, the class names, rows per split (a stream's: null)
     metrics.jsonl        one line per log / evaluation
+    completions.jsonl    grpo with task.log_completions: one line per sampled training completion
     curves.png           loss and validation metric against the step
     summary.json         trainable parameters, peak memory, wall time, best and final metrics
     checkpoints/         the latest resumable state, and the best weights
@@ -52,6 +53,7 @@ from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import LoopState, fit, keeps_masters, on_device, total_steps
 from lorafit.train.master_weights import SIXTEEN_BIT
 from lorafit.train.metrics import (
+    COMPLETIONS_FILE,
     BestEval,
     MetricsLog,
     ParamCounts,
@@ -790,6 +792,7 @@ def _write_run_start(prep: Prepared, out: Path, resume_from: Path | None, overwr
     if resume_from is None:
         ckpt.atomic_write_text(out / CONFIG_FILE, prep.config.to_toml())
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / COMPLETIONS_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a run that died before its first checkpoint
     ckpt.atomic_write_json(out / "data.json", {
         "sources": prep.splits.sources, "labels": prep.labels,
@@ -1019,6 +1022,10 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
     if features is None:
         features = encode_split(prep, split)
     extra = {"per_class": True} if per_class and prep.config.task.type == "classification" else {}
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file() and not base:  # grpo's reward functions see the finished run's trainer_state
+        done = json.loads(summary.read_text())
+        prep.task.training_progress(done["steps"], done["steps"], done.get("epochs_done") or 0.0, True)
     return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep),
                               **extra)
 

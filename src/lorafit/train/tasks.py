@@ -184,6 +184,16 @@ class Task:
         samples); 1: every step reads new rows."""
         return 1
 
+    def training_progress(self, step: int, max_steps: int, epoch: float, is_main: bool) -> None:
+        """Where training stands (optimizer steps done, of how many; the epoch, fractional; whether this is
+        process 0), told before each window's preparation and each evaluation (grpo hands it to reward
+        functions as TRL's trainer_state). Nothing by default."""
+
+    def take_samples(self) -> list[dict] | None:
+        """What the task sampled for the last window, one record each, for the run's completions.jsonl (grpo
+        with task.log_completions); None, on every process alike: the task keeps no such log."""
+        return None
+
     def prepare_window(self, model: nn.Module, micro: list[tuple[dict, bool]],
                        dist: Distributed = SINGLE) -> list[int] | None:
         """Called with a step's micro-batches (on the device, each with whether this process has rows in it)
