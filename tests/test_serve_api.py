@@ -906,7 +906,7 @@ def test_a_finished_row_is_answered_at_once_and_leaves_the_batch(gen_client, mon
     specs = [([2, 10, 11, 12], "chat", 2), ([2, 13], "poet", 9), ([2, 14, 15], None, 5)]
     batch = jobs(specs)
     progress = {"long": 0}
-    batch[1].on_token = lambda _row, _text: progress.__setitem__("long", progress["long"] + 1)
+    batch[1].on_token = lambda _row, _text, _scored: progress.__setitem__("long", progress["long"] + 1)
     answered_at = {}
     for k in (0, 2):
         batch[k].future.add_done_callback(lambda _f, k=k: answered_at.__setitem__(k, progress["long"]))
@@ -967,7 +967,7 @@ def test_a_request_that_comes_while_a_batch_decodes_joins_it(gen_client, prompt)
     running = [job([2, 10, 11, 12], "chat", 10), job([2, 13, 14], None, 10)]
     late = job(prompt, "poet", 4)
     progress, asked, answered_at = {"tokens": 0}, [], []
-    running[0].on_token = lambda _row, _text: progress.__setitem__("tokens", progress["tokens"] + 1)
+    running[0].on_token = lambda _row, _text, _scored: progress.__setitem__("tokens", progress["tokens"] + 1)
 
     def more(room):
         asked.append(room)

@@ -200,6 +200,54 @@ def test_stop_strings_end_the_answer_before_them(served):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completion"])
+def test_streamed_logprobs_are_the_answer_s_split_by_the_chunks_that_bring_their_text(served, chat):
+    """With logprobs in a stream, each chunk carries the scores of the tokens whose text it brings: joined, they
+    are the unstreamed answer's (text_offset included), also where a stop text ends the answer and the tokens
+    of the held-back tail that might have become it came later or not at all."""
+    _, app, client = served
+    messages = [{"role": "user", "content": "what is the plot"}]
+    body = dict(model="chat", max_tokens=12, temperature=1.2, seed=5)
+    free = generate(client, adapter="chat", max_new_tokens=12, temperature=1.2, seed=5,
+                    **({"messages": messages} if chat else {"prompt": "what is the plot"}))["text"]
+    words = free.split()
+    assert len(words) > 3
+    # a stop text that word 1 ends begins holds back the token that ends it, which comes with the next one; the
+    # other ends the answer
+    for stop in (None, [words[1][-1] + "éé", words[3]]):
+        if chat:
+            async def call(c, **extra):
+                return await c.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, stop=stop,
+                                                       **body, **extra)
+        else:
+            async def call(c, **extra):
+                return await c.completions.create(prompt="what is the plot", logprobs=2, stop=stop, **body, **extra)
+
+        async def streamed(c):
+            return [chunk async for chunk in await call(c, stream=True)]
+        whole = ask(app, call, strict=chat).choices[0]
+        chunks = [c.choices[0] for c in ask(app, streamed, strict=chat) if c.choices]
+        if chat:
+            want = [t.model_dump() for t in whole.logprobs.content]
+            got = [t.model_dump() for c in chunks if c.logprobs for t in c.logprobs.content]
+            texts = [(c.delta.content or "", [t.token for t in c.logprobs.content] if c.logprobs else [])
+                     for c in chunks]
+            assert "".join(text for text, _ in texts) == whole.message.content
+        else:
+            want = whole.logprobs.model_dump()
+            got = {key: [x for c in chunks if c.logprobs for x in getattr(c.logprobs, key)] for key in want}
+            texts = [(c.text, c.logprobs.tokens if c.logprobs else []) for c in chunks]
+            assert "".join(text for text, _ in texts) == whole.text
+        assert got == want and len(want) > 1
+        # no token's score comes before its text (the first token reads with the space the prompt puts before
+        # it; the last, with the start of the stop text that ended the answer)
+        last = max(k for k, (_, tokens) in enumerate(texts) if tokens)
+        for k in range(last):
+            sent = "".join(text for text, _ in texts[:k + 1]).lstrip()
+            assert sent.startswith("".join(t for _, tokens in texts[:k + 1] for t in tokens).lstrip()), texts
+        assert any(text and not tokens for text, tokens in texts) == (stop is not None), texts
+
+
 def reference_logprobs(ids: list[int], adapter_dir) -> torch.Tensor:
     """log p(token | tokens before) of every position of ``ids`` under the base model with the adapter, as a
     model of its own computes them (row j scores the token after position j)."""
@@ -331,7 +379,6 @@ def test_logprobs_and_choices_refuse_what_they_cannot_do(served):
     for path, body, field in [
             ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
             ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-            ("/v1/chat/completions", {**chat, "logprobs": True, "stream": True}, "logprobs"),
             ("/v1/completions", {**completion, "echo": True, "stream": True}, "echo"),
             ("/v1/completions", {**completion, "logprobs": 21}, "logprobs"),
             ("/v1/completions", {**completion, "n": 0}, "n"),

@@ -332,30 +332,32 @@ async def _generate_request(service: Service, body: GenerateBody, ids: list[int]
 
 
 async def _generation(service: Service, job: Job):
-    """A streamed generation as it comes: ``("delta", new text)`` items, then ``("done", result)`` or
-    ``("error", status, detail)``. If the consumer stops early (the client has gone; close it with
-    ``contextlib.aclosing``), the generation stops at its next token."""
+    """A streamed generation as it comes: ``("delta", new text, the scores of its tokens)`` items (the scores
+    empty unless the request asks for logprobs; a delta's text may be empty where its tokens wrote nothing),
+    then ``("done", result)`` or ``("error", status, detail)``. If the consumer stops early (the client has
+    gone; close it with ``contextlib.aclosing``), the generation stops at its next token."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
-    def deliver(_row, text):
+    def deliver(_row, text, scored):
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, text)
+            loop.call_soon_threadsafe(queue.put_nowait, (text, scored))
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
     job.on_token = deliver
     task = asyncio.ensure_future(service.run(job))
     task.add_done_callback(lambda _t: queue.put_nowait(None))
-    sent = ""
+    sent, scored, passed = "", [], 0  # the text and the scores sent, those waiting for their text
     try:
-        while (text := await queue.get()) is not None:
-            # the first bytes of a multi-byte character decode to U+FFFD until the token that completes it
-            # arrives: hold such a tail back, for a piece once sent cannot be taken back
-            ready = text.rstrip("\ufffd")
-            if len(ready) > len(sent) and ready.startswith(sent):
-                yield "delta", ready[len(sent):]
-                sent = ready
+        # the engine holds back a tail that may become a stop text or is an unfinished character, for a piece
+        # once sent cannot be taken back
+        while (item := await queue.get()) is not None:
+            text, new = item
+            scored += new
+            if len(text) > len(sent) and text.startswith(sent):
+                yield "delta", text[len(sent):], scored
+                sent, passed, scored = text, passed + len(scored), []
         try:
             result = task.result()
         except HTTPException as exc:
@@ -364,8 +366,10 @@ async def _generation(service: Service, job: Job):
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             yield "error", 500, str(exc)
             return
-        if result["text"].startswith(sent) and len(result["text"]) > len(sent):
-            yield "delta", result["text"][len(sent):]
+        rest = result["text"][len(sent):] if result["text"].startswith(sent) else ""
+        left = result.get("logprobs", [])[passed:]
+        if rest or left:
+            yield "delta", rest, left
         yield "done", result
     finally:
         if not task.done():  # the client has gone
@@ -378,7 +382,8 @@ async def _events(service: Service, adapter: str | None, job: Job):
     async with contextlib.aclosing(_generation(service, job)) as pieces:
         async for kind, *value in pieces:
             if kind == "delta":
-                yield f"data: {json.dumps({'delta': value[0]})}\n\n"
+                if value[0]:  # not a delta of scores only: this stream sends the scores with done
+                    yield f"data: {json.dumps({'delta': value[0]})}\n\n"
             elif kind == "error":
                 yield f"event: error\ndata: {json.dumps({'status': value[0], 'detail': value[1]})}\n\n"
             else:

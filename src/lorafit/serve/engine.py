@@ -42,7 +42,9 @@ class Job:
     payload: object
     entry: Entry | None  # None: the base model
     future: Future = field(default_factory=Future)
-    on_token: Callable[[int, str], None] | None = None  # streaming generation: (row, text so far)
+    # streaming generation: (row, its text so far, the scored tokens that text now holds that were not passed on
+    # before: empty unless the request asks for logprobs)
+    on_token: Callable[[int, str, list], None] | None = None
     queued: float = 0.0  # time.monotonic() at submit
     cancelled: bool = False  # set by Batcher.cancel; read by the worker between tokens
 
@@ -436,6 +438,7 @@ class _Decoding:
         self.answers: list[dict | None] = []
         self.names: list[str | None] = []
         self.scores: list[list[Scored]] = []  # of the tokens in out, for requests that ask for logprobs
+        self.streamed: list[int] = []  # of those scores, how many on_token has passed on
         self.prompt_scores: list[list[Scored] | None] = []  # for requests that ask for echo
 
     def add(self, jobs: list[Job]) -> list[int]:
@@ -451,6 +454,7 @@ class _Decoding:
             self.answers.append(None)
             self.names.append(job.entry.internal if job.entry else None)
             self.scores.append([])
+            self.streamed.append(0)
             self.prompt_scores.append(None)
             i = len(self.jobs) - 1
             if r.max_new_tokens == 0 and not r.echo:  # an echo is computed by the prefill
@@ -503,11 +507,23 @@ class _Decoding:
                     scored = self._tokens_before(i, cut) if r.logprobs is not None else None
                     self.finish(i, "stop", text[:cut], scored)
                     continue
-                if job.on_token:  # without a tail that may still become a stop text
-                    job.on_token(i, text[:len(text) - _stop_prefix(text, r.stop_texts)])
+                if job.on_token:  # without a tail that may still become a stop text, or an unfinished character
+                    shown = text[:len(text) - _stop_prefix(text, r.stop_texts)].rstrip("\ufffd")
+                    job.on_token(i, shown, [] if r.logprobs is None else self._newly_shown(i, text, shown))
             if len(self.out[i]) >= r.max_new_tokens:
                 self.finish(i, "length")
         return step
+
+    def _newly_shown(self, i: int, text: str, shown: str) -> list[Scored]:
+        """The scores of request ``i``'s tokens whose text lies within ``shown`` (its text ``text`` so far, less
+        a held-back tail) that were not passed on before."""
+        n = len(self.out[i])
+        if len(shown) < len(text):  # the tokens that hold the tail wait for the text they make
+            while n > self.streamed[i] and len(self.tokenizer.decode(self.out[i][:n],
+                                                                     skip_special_tokens=True)) > len(shown):
+                n -= 1
+        new, self.streamed[i] = self.scores[i][self.streamed[i]:n], max(n, self.streamed[i])
+        return new
 
     def _tokens_before(self, i: int, cut: int) -> int:
         """How many of request ``i``'s tokens it takes to reach character ``cut`` of its text (the last of them

@@ -17,8 +17,10 @@ request's prompts and choices are queued together, so they share batches. Log-pr
 evaluation harnesses (lm-evaluation-harness's ``local-completions``) compute a model's log-likelihood of a
 text: ``max_tokens`` 0 scores the prompt alone. What lorafit does not compute is refused with a 422 naming
 the field (penalties, logit biases, tools, a response format other than text, ``best_of``, ``suffix``,
-log-probabilities or ``echo`` in a stream); other fields are accepted and ignored (``user``, ``metadata``,
-...). Streams are server-sent events of OpenAI's chunks, ending with ``data: [DONE]``.
+``echo`` in a stream); other fields are accepted and ignored (``user``, ``metadata``, ...). Streams are
+server-sent events of OpenAI's chunks, ending with ``data: [DONE]``; with ``logprobs``, a chunk carries the
+log-probabilities of the tokens whose text it brings (a token that ends in an unfinished character or in what
+may become a stop text waits for the chunk that completes it).
 """
 
 from __future__ import annotations
@@ -195,9 +197,8 @@ async def _answer(service: Service, request: Request, body: _Common,
     if len(prompts) * body.n > service.limits.max_texts:
         raise _invalid("n", f"{len(prompts)} prompts x n={body.n} choices; allowed up to "
                             f"{service.limits.max_texts} a request (lorafit serve --max-texts)")
-    if body.stream and (logprobs is not None or echo):
-        raise _invalid("logprobs" if logprobs is not None else "echo", "not available with stream; leave it out "
-                       "or set stream to false")
+    if body.stream and echo:
+        raise _invalid("echo", "not available with stream; leave it out or set stream to false")
     adapter = _adapter(service, body.model)
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     common = GenerateBody(adapter=adapter, max_new_tokens=max_tokens, temperature=body.temperature,
@@ -218,8 +219,8 @@ async def _answer(service: Service, request: Request, body: _Common,
     prompt_tokens = sum(len(req.ids) for req in reqs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chunks(service, jobs, head, kind, prompt_tokens, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_chunks(service, jobs, [req for _, req in choices], head, kind, prompt_tokens,
+                                         include_usage), media_type="text/event-stream")
     results = await service.run_all(jobs, request)
     # decoding every scored token (and its alternatives) is the tokenizer's work: off the event loop
     out = await run_in_threadpool(_choices, service.tokenizer, kind, choices, results, logprobs, echo)
@@ -232,14 +233,17 @@ def _choices(tokenizer, kind: str, choices: list[tuple[dict, GenerateRequest]], 
     out = []
     for index, ((prompt, req), result) in enumerate(zip(choices, results)):
         choice = {"index": index, "finish_reason": _finish(result["finish_reason"])}
+        # an echo scores the prompt's tokens from the first; else the scored tokens follow the prompt
+        before, scored = ([], [*result["prompt_logprobs"], *result.get("logprobs", [])]) if echo else \
+            (req.ids, result.get("logprobs", []))
         if kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": result["text"]}
-            choice["logprobs"] = None if logprobs is None else _chat_logprobs(tokenizer, req, result)
+            choice["logprobs"] = None if logprobs is None else _chat_logprobs(tokenizer, before, scored)
         else:
             text = result["text"]
             if echo:
                 text = prompt.get("prompt", tokenizer.decode(req.ids)) + text
-            logs = None if logprobs is None else _completion_logprobs(tokenizer, req, result)
+            logs = None if logprobs is None else _completion_logprobs(tokenizer, before, scored)
             choice.update(text=text, logprobs=logs)
         out.append(choice)
     return out
@@ -252,57 +256,74 @@ def _pieces(tokenizer, context: list[int], tokens: list[int]) -> list[str]:
     return [tokenizer.decode([*context, token], skip_special_tokens=False)[start:] for token in tokens]
 
 
-def _scored_tokens(tokenizer, req: GenerateRequest, result: dict) -> list[tuple[Scored, str, list[str]]]:
-    """The scored tokens of a choice (the prompt's first if echoed), each with its text and its alternatives'."""
-    scored = [*(result.get("prompt_logprobs") or []), *result.get("logprobs", [])]
-    start = 0 if result.get("prompt_logprobs") else len(req.ids)
-    ids = [*req.ids, *(s.token for s in result.get("logprobs", []))]
+def _scored_tokens(tokenizer, before: list[int], scored: list[Scored]) -> list[tuple[Scored, str, list[str]]]:
+    """Scored tokens that follow the ids ``before``, each with its text and its alternatives'."""
+    ids = [*before, *(s.token for s in scored)]
     out = []
-    for j, s in enumerate(scored):
-        text, *alternatives = _pieces(tokenizer, ids[max(0, start + j - 4):start + j],
-                                      [s.token, *(t for t, _ in s.top)])
+    for j, s in enumerate(scored, start=len(before)):
+        text, *alternatives = _pieces(tokenizer, ids[max(0, j - 4):j], [s.token, *(t for t, _ in s.top)])
         out.append((s, text, alternatives))
     return out
 
 
-def _completion_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
-    """The completions API's log-probabilities: ``text_offset`` counts characters from the start of the
-    choice's text; a token's ``top_logprobs`` holds the ``logprobs`` likeliest and the token itself."""
-    scored = _scored_tokens(tokenizer, req, result)
-    offsets, at = [], 0
-    for _, text, _ in scored:
+def _completion_logprobs(tokenizer, before: list[int], scored: list[Scored], offset: int = 0) -> dict:
+    """The completions API's log-probabilities of tokens that follow ``before``: ``text_offset`` counts
+    characters from the start of the choice's text, where these tokens' first is at ``offset``; a token's
+    ``top_logprobs`` holds the ``logprobs`` likeliest and the token itself."""
+    tokens = _scored_tokens(tokenizer, before, scored)
+    offsets, at = [], offset
+    for _, text, _ in tokens:
         offsets.append(at)
         at += len(text)
     top = [None if s.logprob is None else {**{a: lp for a, (_, lp) in zip(alternatives, s.top)}, text: s.logprob}
-           for s, text, alternatives in scored]
-    return {"tokens": [text for _, text, _ in scored], "token_logprobs": [s.logprob for s, _, _ in scored],
+           for s, text, alternatives in tokens]
+    return {"tokens": [text for _, text, _ in tokens], "token_logprobs": [s.logprob for s, _, _ in tokens],
             "top_logprobs": top, "text_offset": offsets}
 
 
-def _chat_logprobs(tokenizer, req: GenerateRequest, result: dict) -> dict:
+def _chat_logprobs(tokenizer, before: list[int], scored: list[Scored]) -> dict:
     def entry(text: str, logprob: float) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = [{**entry(text, s.logprob), "top_logprobs": [entry(a, lp) for a, (_, lp) in zip(alternatives, s.top)]}
-               for s, text, alternatives in _scored_tokens(tokenizer, req, result)]
+               for s, text, alternatives in _scored_tokens(tokenizer, before, scored)]
     return {"content": content, "refusal": None}
 
 
-async def _chunks(service: Service, jobs: list[Job], head: dict, kind: str, prompt_tokens: int,
-                  include_usage: bool):
-    """The choices' streams, merged as their pieces come (each chunk names its choice's index)."""
+async def _chunks(service: Service, jobs: list[Job], reqs: list[GenerateRequest], head: dict, kind: str,
+                  prompt_tokens: int, include_usage: bool):
+    """The choices' streams, merged as their pieces come (each chunk names its choice's index); with logprobs,
+    a piece's chunk carries its tokens' log-probabilities."""
     chat = kind == "chat.completion"
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    tokenizer = service.tokenizer
+    before = [list(req.ids) for req in reqs]  # each choice's ids so far: the context of its next tokens' texts
+    offsets = [0] * len(reqs)  # the completions API's text_offset of each choice's next token
 
     def event(data: dict) -> str:
         return f"data: {json.dumps(data)}\n\n"
 
-    def chunk(index: int, piece: str | None, finish: str | None = None, delta: dict | None = None) -> str:
+    def logprobs_of(index: int, scored: list[Scored]) -> dict | None:
+        if reqs[index].logprobs is None:
+            return None
+        if chat:
+            logs = _chat_logprobs(tokenizer, before[index][-4:], scored)
+        else:
+            logs = _completion_logprobs(tokenizer, before[index][-4:], scored, offsets[index])
+            offsets[index] += sum(map(len, logs["tokens"]))
+        before[index] += [s.token for s in scored]
+        return logs
+
+    def chunk(index: int, piece: str | None, finish: str | None = None, delta: dict | None = None,
+              scored: list[Scored] | None = None) -> str:
+        logs = None if scored is None else logprobs_of(index, scored)
         if chat:
             choice = {"index": index, "delta": delta or ({} if piece is None else {"content": piece}),
                       "finish_reason": finish}
+            if logs is not None:
+                choice["logprobs"] = logs
         else:
-            choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": piece or "", "logprobs": logs, "finish_reason": finish}
         return event({**head, "choices": [choice]})
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -326,7 +347,7 @@ async def _chunks(service: Service, jobs: list[Job], head: dict, kind: str, prom
                 continue
             what, *value = item
             if what == "delta":
-                yield chunk(index, value[0])
+                yield chunk(index, value[0], scored=value[1])
             elif what == "error":
                 status, detail = value
                 message = detail if isinstance(detail, str) else json.dumps(detail)
