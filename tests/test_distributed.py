@@ -350,13 +350,14 @@ def test_launch_instructions_are_in_the_help():
 @pytest.mark.parametrize("reward, extra, steps", [
     ("great", [], 32),
     ("great", ["task.scale_rewards='batch'", "task.grpo_loss=dapo", "task.num_iterations=2", "train.epochs=2"], 32),
-    ("great_logged", ["task.log_completions=true"], 32)])
+    ("great_logged", ["task.log_completions=true", "task.top_entropy_quantile=0.5"], 32)])
 def test_grpo_under_two_processes(tmp_path, reward, extra, steps):
     """GRPO samples in each process from DDP's model (its own prompts), scores and all-reduces the gradients of
     the sampled completions; evaluation shares the prompts out and sums the rewards. The reward rises as in one
     process; also with the advantages scaled by all the processes' rewards, the loss over all their tokens and
     two steps on each batch of samples. A metric that one process's reward function logs is averaged over what
-    was logged, and completions.jsonl holds every process's completions."""
+    was logged, and completions.jsonl holds every process's completions; the entropy quantile of
+    task.top_entropy_quantile is over every process's tokens."""
     from lorafit.train import evaluate
     from tests.test_train_grpo import grpo_setup
 
@@ -373,3 +374,26 @@ def test_grpo_under_two_processes(tmp_path, reward, extra, steps):
         samples = [json.loads(line) for line in (tmp_path / "ddp" / "completions.jsonl").read_text().splitlines()]
         assert [r["step"] for r in samples] == [step for step in range(1, steps + 1) for _ in range(16)]
         assert all(r["chars"] == len(r["completion"]) for r in samples)
+
+
+def _gather_worker(rank: int, port: int, out: Path) -> None:
+    from lorafit.train.distributed import Distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mine = torch.arange(3 - 2 * rank, dtype=torch.float32) + 10 * rank  # 3 values, then 1
+        (out / f"{rank}.json").write_text(json.dumps(Distributed(rank, 2).gather_cat(mine).tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_cat_joins_every_process_s_values_of_any_length(tmp_path):
+    """What task.top_entropy_quantile's quantile is taken over: each process's tokens, however many."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_gather_worker, args=(port, tmp_path), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [0.0, 1.0, 2.0, 10.0]

@@ -181,7 +181,8 @@ def test_reward_functions_get_the_row_columns_they_name(tmp_path):
     rows = [{"text": "a", "label": 1, "extra": 10}, {"text": "b", "label": 0}]
     args = ([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], ["x", "y"], [None, None], rows)
     assert function_scorer(f"{tmp_path / 'cols.py'}:named")(*args) == [11.0, 0.0]  # extra: None in row 2
-    assert function_scorer(f"{tmp_path / 'cols.py'}:every")(*args) == [4.0, 3.0]
+    # called by name (it has a completions parameter): the three columns and TRL's log_metric and log_extra
+    assert function_scorer(f"{tmp_path / 'cols.py'}:every")(*args) == [6.0, 5.0]
     assert function_scorer(f"{tmp_path / 'cols.py'}:plain")(*args) == [1.0, 1.0]
     assert function_scorer(f"{tmp_path / 'cols.py'}:trl")(*args) == [2.0, 1.0]
     assert function_scorer(f"{tmp_path / 'cols.py'}:completions_only")(*args) == [2.0, 2.0]
@@ -483,15 +484,21 @@ def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_p
         assert task._plain_head is (plain is None)  # the tiny Llama's logits are its head's
 
 
-def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high, max_new_tokens):
-    """The GRPO loss of the module docstring, written out: the clipped ratio per token or per completion, the
-    k3 KL term, and the four ways of adding the token losses up (as the sum the loop divides by its units)."""
+def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high, max_new_tokens,
+                  delta=None, rho=1.0, entropy=None):
+    """The GRPO loss of the module docstring, written out: the clipped ratio per token or per completion (capped
+    at ``delta`` where the advantage is negative), on the tokens whose ``entropy`` is in the top ``rho`` share,
+    the k3 KL term on all, and the four ways of adding the token losses up (as the sum the loop divides by its
+    units)."""
     log_ratio = logp - old
     if level == "sequence":
         log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
     ratio = log_ratio.exp()
     a = advantages[:, None]
-    per_token = -torch.minimum(ratio * a, ratio.clamp(low, high) * a)
+    first = ratio if delta is None else torch.where(a < 0, ratio.clamp(max=delta), ratio)  # above 1 + ε_high
+    per_token = -torch.minimum(first * a, ratio.clamp(low, high) * a)
+    if rho < 1:
+        per_token = per_token * (entropy >= torch.quantile(entropy[mask > 0], 1 - rho)) * (mask > 0)
     per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
     total = per_token * mask
     return {"grpo": lambda: (total.sum(1) / mask.sum(1).clamp(min=1)).sum(),
@@ -500,22 +507,27 @@ def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high
             "dapo": lambda: total.sum()}[form]()
 
 
-@pytest.mark.parametrize("beta, form, scale, level, truncated", [
-    (0.0, "grpo", "true", "token", False), (0.2, "grpo", "true", "token", False),
-    (0.2, "dr_grpo", "false", "token", False), (0.0, "bnpo", "'batch'", "token", True),
-    (0.1, "dapo", "'group'", "sequence", True), (0.0, "grpo", "'none'", "sequence", False)])
-def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, form, scale, level, truncated):
+@pytest.mark.parametrize("beta, form, scale, level, truncated, delta, rho", [
+    (0.0, "grpo", "true", "token", False, None, 1.0), (0.2, "grpo", "true", "token", False, 1.05, 0.5),
+    (0.2, "dr_grpo", "false", "token", False, None, 1.0), (0.0, "bnpo", "'batch'", "token", True, None, 1.0),
+    (0.1, "dapo", "'group'", "sequence", True, 1.041, 0.2), (0.0, "grpo", "'none'", "sequence", False, None, 1.0)])
+def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, form, scale, level, truncated, delta,
+                                                            rho):
     """On fixed samples and rewards, two steps on one batch of samples (task.num_iterations = 2): the loss's
     value and gradient are those of the formula, on the first step (the ratio is 1: -A log p's gradient) and on
     the second, after the weights moved, where the clip cuts off some tokens and not others. The advantages
     are scaled per group, over the step's rewards or not at all; completions that did not end can be left out;
-    the units returned for the loop are the completions, 1 per micro-batch (bnpo) or the tokens (dapo)."""
+    the units returned for the loop are the completions, 1 per micro-batch (bnpo) or the tokens (dapo). Also
+    with INTELLECT-2's cap on the ratio (task.grpo_delta) and the policy term on the highest-entropy tokens only
+    (task.top_entropy_quantile)."""
     config, settings = grpo_setup(tmp_path, extra=[f"task.grpo_beta={beta}", "task.num_generations=3",
                                                    f"task.grpo_loss={form}", f"task.scale_rewards={scale}",
                                                    f"task.importance_sampling_level={level}",
                                                    f"task.mask_truncated_completions={str(truncated).lower()}",
                                                    "task.num_iterations=2", "task.grpo_epsilon=0.02",
-                                                   "task.grpo_epsilon_high=0.04", "task.max_new_tokens=6"])
+                                                   "task.grpo_epsilon_high=0.04", "task.max_new_tokens=6",
+                                                   f"task.top_entropy_quantile={rho}",
+                                                   *([f"task.grpo_delta={delta}"] if delta else [])])
     prep = prepare(load_config(config, settings))
     lorafit.attach(prep.model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
@@ -535,7 +547,7 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
     mask = ((ends.cumsum(1) - ends.long()) == 0).float()
     rewards = torch.tensor([0.0, 1.0, 0.5, 2.0, 2.0, -1.0])
     task.sample = lambda model, b, n: (seqs, mask, completions)
-    task._scores = lambda b, c, n, ids: rewards[:, None]
+    task._scores = lambda b, c, n, ids, call: rewards[:, None]
     units = task.prepare_window(prep.model, [(batch, True)])
 
     loss_mask = mask * ends.any(1, keepdim=True) if truncated else mask
@@ -562,17 +574,15 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
                     p.add_(torch.randn(p.shape, generator=g) * 0.01)
         loss = task.loss_sum(prep.model, batch)
         got = torch.autograd.grad(loss, params)
-        logp = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1])
+        logp, entropy = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1], entropy=True)
         want_loss = expected_loss(logp, old if step else logp.detach(), ref, loss_mask, advantages, beta, form, level,
-                                  0.98, 1.04, 6)
+                                  0.98, 1.04, 6, delta, rho, entropy)
         want = torch.autograd.grad(want_loss, params)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=1e-5, rtol=1e-5)
-        kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * loss_mask).sum())
-        with torch.no_grad():
-            entropy_sum += float((task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1], entropy=True)[1]
-                                  * loss_mask).sum())
+        kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * loss_mask).sum().detach())
+        entropy_sum += float((entropy * loss_mask).sum())
     log = task.train_log()
     assert log["entropy"] == pytest.approx((entropy_sum, 2 * float(loss_mask.sum())), rel=1e-5)
     clip = log["clip_ratio"]
@@ -584,6 +594,11 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
         assert "kl" not in log
     ratio = (logp - old).exp()
     assert ((ratio - 1).abs() > 0.04)[loss_mask > 0].any() and ((ratio - 1).abs() < 0.02)[loss_mask > 0].any()
+    if delta:  # the cap acted: a negative advantage's ratio went past it
+        if level == "sequence":
+            log_ratio = ((logp - old) * loss_mask).sum(1, keepdim=True) / loss_mask.sum(1, keepdim=True).clamp(min=1)
+            ratio = log_ratio.exp()
+        assert ((ratio > delta) & (advantages[:, None] < 0)).expand_as(loss_mask)[loss_mask > 0].any()
 
 
 @pytest.mark.parametrize("extra", [["train.save_every=3", "task.grpo_beta=0.1", "task.log_completions=true"],
@@ -744,6 +759,12 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
      r"task.generation_batch_size must be 0 \(a step's completions in one generation\) or at least "
      r"task.num_generations \(4\)"),
     (["task.generation_batch_size=8"], "task.generation_batch_size is for task.type = 'grpo'"),
+    ([*GRPO, "task.grpo_epsilon_high=0.28", "task.grpo_delta=1.2"],
+     r"task.grpo_delta must be a finite number above the clip's upper end 1 \+ task.grpo_epsilon_high \(1.28\); "
+     "got 1.2"),
+    ([*GRPO, "task.top_entropy_quantile=1.5"], r"task.top_entropy_quantile must be between 0 \(only the highest"),
+    (["task.top_entropy_quantile=0.2"], "task.top_entropy_quantile is for task.type = 'grpo'"),
+    (["task.log_completions=true"], "task.log_completions is for task.type = 'grpo'"),
 ])
 def test_what_grpo_cannot_use_is_refused_naming_the_setting(tmp_path, settings, message):
     config = instruction_setup(tmp_path, 8, lora=LORA, train=TRAIN)

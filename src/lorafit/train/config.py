@@ -153,6 +153,12 @@ class TaskSection:
     grpo_epsilon: float = 0.2
     grpo_epsilon_high: float | None = None
     importance_sampling_level: str = "token"
+    # grpo: INTELLECT-2's two-sided clip: the ratio is also capped at grpo_delta (> 1 + grpo_epsilon_high), which
+    # bounds the loss where the advantage is negative (None: off); top_entropy_quantile keeps the policy term on
+    # that top share of each micro-batch's completion tokens by entropy (every process's; Wang et al., 2025,
+    # "Beyond the 80/20 rule": 0.2), the KL term on all of them (1.0: every token)
+    grpo_delta: float | None = None
+    top_entropy_quantile: float = 1.0
     # grpo: completions that reach task.max_new_tokens without ending carry no loss (DAPO's overlong filtering)
     mask_truncated_completions: bool = False
     # grpo: the most completions one generation samples (0: all of a step's, every micro-batch's, in one); a
@@ -388,6 +394,7 @@ class RunConfig:
                              (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
+                                          "grpo_delta", "top_entropy_quantile",
                                           "generation_batch_size", "log_completions",
                                           "reward_model", "reward_label", "reward_function", "reward_weights"))):
             for name in names:
@@ -520,6 +527,14 @@ class RunConfig:
             value = getattr(t, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 bad(f"task.{key}", f"must be a finite number > 0, got {value}")
+        high = 1 + (t.grpo_epsilon if t.grpo_epsilon_high is None else t.grpo_epsilon_high)
+        if t.grpo_delta is not None and not (math.isfinite(t.grpo_delta) and t.grpo_delta > high):
+            # below the clip's upper end it would cap the ratio of positive advantages too
+            bad("task.grpo_delta", f"must be a finite number above the clip's upper end 1 + task.grpo_epsilon_high "
+                f"({high:g}); got {t.grpo_delta}")
+        if not 0 <= t.top_entropy_quantile <= 1:
+            bad("task.top_entropy_quantile", f"must be between 0 (only the highest-entropy token) and 1 (every "
+                f"token), got {t.top_entropy_quantile}")
         if t.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             bad("task.importance_sampling_level", f"must be one of {', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}, "
                 f"got {t.importance_sampling_level!r}")

@@ -78,6 +78,19 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def gather_cat(self, values: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D ``values`` (their lengths may differ), joined in rank order, on every process."""
+        if not self.enabled:
+            return values
+        count = torch.tensor([values.numel()], device=values.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        torch.distributed.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        padded = torch.nn.functional.pad(values, (0, max(counts) - values.numel()))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()

@@ -17,14 +17,17 @@ these samples; the loss of a completion token is
 
 with ``log p`` the token's log-probability under the model at the temperature, ``ρ = exp(log p - log p_old)``
 its ratio to the model of the batch's first step (per token, or with ``task.importance_sampling_level =
-"sequence"`` the exponent of the completion's mean log-ratio: GSPO), ``r`` the reference model's
+"sequence"`` the exponent of the completion's mean log-ratio: GSPO; in the first term capped at
+``task.grpo_delta`` where set: INTELLECT-2's two-sided clip), ``r`` the reference model's
 log-probability (the base, the adapter switched off) and ``β = task.grpo_beta`` (0, TRL's default, runs no
 reference model). On the first step ρ is 1 and its gradient is that of ``log p``: with one iteration (the
 default) the clip never acts. The token losses add up per ``task.grpo_loss``: each completion's mean, summed
 over the step's completions and divided by their count ("grpo"); each completion's sum over
 ``task.max_new_tokens`` ("dr_grpo"); each micro-batch's token mean, averaged over the micro-batches ("bnpo");
 or the step's token sum over its token count ("dapo"). With ``task.mask_truncated_completions``, completions
-that did not end carry no loss.
+that did not end carry no loss. With ``task.top_entropy_quantile`` ρ < 1, the first term counts only on the
+tokens whose entropy is in the top ρ share of the micro-batch's, every process's (Wang et al., 2025: the
+"forking" tokens), as TRL does.
 
 With ``task.log_completions``, every training completion is a line of the run's ``completions.jsonl``: the
 step it trains, its prompt, its text and length, its reward (each reward's too, None where one did not judge
@@ -66,6 +69,7 @@ class GRPO(CausalLM):
         self._warned_unjudged = False  # of completions that no reward judged (every function returned None)
         self._state = _trainer_state(0, 0, 0.0, True)  # reward functions' trainer_state
         self._samples: list[dict] = []  # task.log_completions: the last window's, for completions.jsonl
+        self._dist = SINGLE  # the processes of the last window (task.top_entropy_quantile's quantile is over all)
 
     def cache_key(self, kind: str) -> tuple:
         return (*super().cache_key(kind), self.config.data.output_field)
@@ -142,6 +146,7 @@ class GRPO(CausalLM):
         micro-batch this process has no rows of (DDP pads with one) gets a one-token stand-in that carries no
         loss."""
         t = self.config.task
+        self._dist = dist
         policy = unwrap(model)
         real = [batch for batch, mine in micro if mine]
         if real:
@@ -257,10 +262,13 @@ class GRPO(CausalLM):
         ratio = torch.exp(log_ratio)
         advantages = batch["advantages"].to(logp.device)[:, None]
         low, high = 1 - t.grpo_epsilon, 1 + (t.grpo_epsilon if t.grpo_epsilon_high is None else t.grpo_epsilon_high)
-        per_token = -torch.min(ratio * advantages, ratio.clamp(low, high) * advantages)
         if t.num_iterations > 1:  # how much of the later steps the clip cuts off
             clipped = ((ratio < low) & (advantages < 0)) | ((ratio > high) & (advantages > 0))
             self._add("clip_ratio", (clipped * mask).sum().detach(), mask.sum())
+        capped = ratio if t.grpo_delta is None else ratio.clamp(max=t.grpo_delta)
+        per_token = -torch.min(capped * advantages, ratio.clamp(low, high) * advantages)
+        if t.top_entropy_quantile < 1:
+            per_token = per_token * self._high_entropy(entropy, mask)
         if t.grpo_beta:
             reference = batch.get("reference_logps")
             if reference is None:
@@ -285,6 +293,15 @@ class GRPO(CausalLM):
 
     def trained_tokens(self, counted: int) -> int:
         return self._tokens
+
+    def _high_entropy(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The completion tokens whose entropy is at least the (1 - task.top_entropy_quantile) quantile of the
+        micro-batch's, every process's (the "forking" tokens where the policy chooses between paths)."""
+        every = self._dist.gather_cat(entropy[mask > 0].float())
+        if every.numel() == 0:
+            return torch.zeros_like(mask)
+        threshold = torch.quantile(every, 1 - self.config.task.top_entropy_quantile)
+        return ((entropy >= threshold) & (mask > 0)).to(mask.dtype)
 
     def _add(self, name: str, value, count) -> None:
         entry = self._log.setdefault(name, [0.0, 0.0])
