@@ -297,11 +297,10 @@ class GRPO(CausalLM):
     def _high_entropy(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The completion tokens whose entropy is at least the (1 - task.top_entropy_quantile) quantile of the
         micro-batch's, every process's (the "forking" tokens where the policy chooses between paths)."""
-        every = self._dist.gather_cat(entropy[mask > 0].float())
-        if every.numel() == 0:
-            return torch.zeros_like(mask)
-        threshold = torch.quantile(every, 1 - self.config.task.top_entropy_quantile)
-        return ((entropy >= threshold) & (mask > 0)).to(mask.dtype)
+        # NaN for the other places, which nanquantile leaves out: no host sync to select the tokens
+        every = self._dist.gather_cat(entropy.float().masked_fill(mask == 0, math.nan).flatten())
+        threshold = torch.nanquantile(every, 1 - self.config.task.top_entropy_quantile)
+        return ((entropy >= threshold) & (mask > 0)).to(mask.dtype)  # no token at all: NaN, nothing selected
 
     def _add(self, name: str, value, count) -> None:
         entry = self._log.setdefault(name, [0.0, 0.0])
