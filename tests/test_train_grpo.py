@@ -102,6 +102,16 @@ def test_weighted_rewards_are_logged_each_and_two_steps_per_batch_of_samples_lea
     assert any(r["clip_ratio"] > 0 for r in trained)
 
 
+@pytest.mark.parametrize("form", ["cispo", "sapo", "luspo"])
+def test_trl_s_other_objectives_raise_the_reward_too(tmp_path, form):
+    """cispo, sapo and luspo, two steps on each batch of samples (where they part from the clipped objective)."""
+    config, settings = grpo_setup(tmp_path, extra=[f"task.grpo_loss={form}", "task.num_iterations=2",
+                                                   "train.epochs=2"])
+    summary = train(config, settings, progress=False)
+    base = evaluate(tmp_path / "run", base=True)
+    assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
+
+
 @pytest.mark.parametrize("cap, calls_made", [(0, [8]), (4, [4, 4])])
 def test_a_step_samples_all_its_micro_batches_at_once_and_cuts_each_to_its_own_width(tmp_path, monkeypatch, cap,
                                                                                       calls_made):
@@ -495,22 +505,34 @@ def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high
         log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
     ratio = log_ratio.exp()
     a = advantages[:, None]
-    first = ratio if delta is None else torch.where(a < 0, ratio.clamp(max=delta), ratio)  # above 1 + ε_high
-    per_token = -torch.minimum(first * a, ratio.clamp(low, high) * a)
+    if form == "cispo":
+        per_token = -ratio.clamp(max=high).detach() * a * logp
+    elif form == "sapo":
+        tau = torch.where(a > 0, SAPO_TAU[0], SAPO_TAU[1])
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+    else:
+        first = ratio if delta is None else torch.where(a < 0, ratio.clamp(max=delta), ratio)  # above 1 + ε_high
+        per_token = -torch.minimum(first * a, ratio.clamp(low, high) * a)
     if rho < 1:
         per_token = per_token * (entropy >= torch.quantile(entropy[mask > 0], 1 - rho)) * (mask > 0)
     per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
     total = per_token * mask
     return {"grpo": lambda: (total.sum(1) / mask.sum(1).clamp(min=1)).sum(),
+            "sapo": lambda: (total.sum(1) / mask.sum(1).clamp(min=1)).sum(),
             "dr_grpo": lambda: total.sum() / max_new_tokens,
             "bnpo": lambda: total.sum() / mask.sum().clamp(min=1),
-            "dapo": lambda: total.sum()}[form]()
+            "dapo": lambda: total.sum(), "cispo": lambda: total.sum(), "luspo": lambda: total.sum()}[form]()
+
+
+SAPO_TAU = (2.0, 3.0)  # task.sapo_temperature_pos and _neg in the loss test
 
 
 @pytest.mark.parametrize("beta, form, scale, level, truncated, delta, rho", [
     (0.0, "grpo", "true", "token", False, None, 1.0), (0.2, "grpo", "true", "token", False, 1.05, 0.5),
     (0.2, "dr_grpo", "false", "token", False, None, 1.0), (0.0, "bnpo", "'batch'", "token", True, None, 1.0),
-    (0.1, "dapo", "'group'", "sequence", True, 1.041, 0.2), (0.0, "grpo", "'none'", "sequence", False, None, 1.0)])
+    (0.1, "dapo", "'group'", "sequence", True, 1.041, 0.2), (0.0, "grpo", "'none'", "sequence", False, None, 1.0),
+    (0.0, "cispo", "true", "token", False, None, 1.0), (0.1, "sapo", "'group'", "token", True, None, 0.5),
+    (0.0, "luspo", "true", "sequence", False, None, 1.0)])
 def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, form, scale, level, truncated, delta,
                                                             rho):
     """On fixed samples and rewards, two steps on one batch of samples (task.num_iterations = 2): the loss's
@@ -527,7 +549,10 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
                                                    "task.num_iterations=2", "task.grpo_epsilon=0.02",
                                                    "task.grpo_epsilon_high=0.04", "task.max_new_tokens=6",
                                                    f"task.top_entropy_quantile={rho}",
-                                                   *([f"task.grpo_delta={delta}"] if delta else [])])
+                                                   *([f"task.grpo_delta={delta}"] if delta else []),
+                                                   *([f"task.sapo_temperature_pos={SAPO_TAU[0]}",
+                                                      f"task.sapo_temperature_neg={SAPO_TAU[1]}"]
+                                                     if form == "sapo" else [])])
     prep = prepare(load_config(config, settings))
     lorafit.attach(prep.model, lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
@@ -552,7 +577,8 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
 
     loss_mask = mask * ends.any(1, keepdim=True) if truncated else mask
     assert torch.equal(batch["completion_mask"], loss_mask) and loss_mask[2].sum() == (0 if truncated else 6)
-    assert units == {"grpo": None, "dr_grpo": None, "bnpo": [1], "dapo": [int(loss_mask.sum())]}[form]
+    assert units == {"grpo": None, "dr_grpo": None, "bnpo": [1], "dapo": [int(loss_mask.sum())], "sapo": None,
+                     "cispo": [int(loss_mask.sum())], "luspo": None}[form]
     groups = rewards.view(2, 3)
     advantages = groups - groups.mean(1, keepdim=True)
     std = {"true": groups.std(1, keepdim=True), "'group'": groups.std(1, keepdim=True), "false": None,
@@ -585,8 +611,11 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
         entropy_sum += float((entropy * loss_mask).sum())
     log = task.train_log()
     assert log["entropy"] == pytest.approx((entropy_sum, 2 * float(loss_mask.sum())), rel=1e-5)
-    clip = log["clip_ratio"]
-    assert 0 < clip[0] < clip[1], clip  # the second step clipped some of its tokens, not all
+    if form == "sapo":  # no clip
+        assert "clip_ratio" not in log
+    else:
+        clip = log["clip_ratio"]
+        assert 0 < clip[0] < clip[1], clip  # the second step clipped (cispo: capped) some of its tokens, not all
     assert log["reward_std"] == pytest.approx((float(groups.std(1).sum()), 2)) and log["flat_groups"] == (0.0, 2)
     if beta:
         assert log["kl"] == pytest.approx((kl_sum, 2 * float(loss_mask.sum())), rel=1e-5)
@@ -742,7 +771,8 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "train.distributed=fsdp"], "'fsdp' is not supported"),
     ([*GRPO, "task.max_new_tokens=48"], "must leave room for a prompt"),
     (["task.num_generations=3"], "task.num_generations is for task.type = 'grpo'"),
-    ([*GRPO, "task.grpo_loss=ppo"], "task.grpo_loss must be one of 'grpo', 'dr_grpo', 'bnpo', 'dapo', got 'ppo'"),
+    ([*GRPO, "task.grpo_loss=ppo"],
+     "task.grpo_loss must be one of 'grpo', 'dr_grpo', 'bnpo', 'dapo', 'cispo', 'sapo', 'luspo', got 'ppo'"),
     ([*GRPO, "task.scale_rewards='std'"], "task.scale_rewards must be true, false or one of 'group', 'batch', 'none'"),
     ([*GRPO, "task.scale_rewards=1"], "task.scale_rewards must be true or false or a string, got 1"),
     ([*GRPO, "task.reward_weights=[1, 2]"], r"task.reward_weights must have one weight per reward \(1: "),
@@ -765,6 +795,11 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "task.top_entropy_quantile=1.5"], r"task.top_entropy_quantile must be between 0 \(only the highest"),
     (["task.top_entropy_quantile=0.2"], "task.top_entropy_quantile is for task.type = 'grpo'"),
     (["task.log_completions=true"], "task.log_completions is for task.type = 'grpo'"),
+    ([*GRPO, "task.sapo_temperature_neg=2"], "task.sapo_temperature_neg is for task.grpo_loss = 'sapo'; "
+                                             "task.grpo_loss is 'grpo'"),
+    ([*GRPO, "task.grpo_loss=sapo", "task.sapo_temperature_pos=0"], "task.sapo_temperature_pos must be a finite"),
+    ([*GRPO, "task.grpo_loss=cispo", "task.grpo_delta=2"], "task.grpo_delta caps the ratio of the clipped "
+                                                           "objective; task.grpo_loss = 'cispo' has no clip"),
 ])
 def test_what_grpo_cannot_use_is_refused_naming_the_setting(tmp_path, settings, message):
     config = instruction_setup(tmp_path, 8, lora=LORA, train=TRAIN)

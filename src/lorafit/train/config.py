@@ -32,7 +32,7 @@ from lorafit.config import LoraConfig
 
 CONFIG_FILE = "config.toml"  # a run directory's copy of its config: what makes a directory a lorafit run
 TASKS = ("classification", "causal_lm", "seq2seq", "preference", "reward", "kto", "grpo")
-GRPO_LOSSES = ("grpo", "dr_grpo", "bnpo", "dapo")
+GRPO_LOSSES = ("grpo", "dr_grpo", "bnpo", "dapo", "cispo", "sapo", "luspo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 PAIR_TASKS = ("preference", "reward")  # rows of a prompt and two responses, one preferred
@@ -144,7 +144,13 @@ class TaskSection:
     # of each micro-batch; "dapo" the tokens of the whole step (DAPO; TRL's default). scale_rewards divides the
     # advantages by the standard deviation of each group's rewards ("group" or true), of the step's ("batch"), or
     # not at all ("none" or false, as Dr. GRPO recommends)
+    # "cispo" (MiniMax-M1) weighs each token's policy gradient by its ratio capped at 1 + grpo_epsilon_high,
+    # without gradient, summed as "dapo"; "sapo" replaces the clip by a sigmoid gate of temperature
+    # sapo_temperature_pos (positive advantages) or sapo_temperature_neg, averaged as "grpo"; "luspo" sums each
+    # completion's clipped token losses and averages the completions (length-unbiased GSPO)
     grpo_loss: str = "grpo"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     scale_rewards: bool | str = True
     # grpo: steps taken on each batch of samples (PPO's epochs, the paper's mu); the ratio of the policy to the one
     # that sampled is clipped to [1 - grpo_epsilon, 1 + grpo_epsilon_high] (DAPO's clip-higher: 0.28; None: the
@@ -394,7 +400,8 @@ class RunConfig:
                              (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
-                                          "grpo_delta", "top_entropy_quantile",
+                                          "grpo_delta", "top_entropy_quantile", "sapo_temperature_pos",
+                                          "sapo_temperature_neg",
                                           "generation_batch_size", "log_completions",
                                           "reward_model", "reward_label", "reward_function", "reward_weights"))):
             for name in names:
@@ -527,6 +534,14 @@ class RunConfig:
             value = getattr(t, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 bad(f"task.{key}", f"must be a finite number > 0, got {value}")
+        for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not (math.isfinite(getattr(t, key)) and getattr(t, key) > 0):
+                bad(f"task.{key}", f"must be a finite number > 0, got {getattr(t, key)}")
+            if t.grpo_loss != "sapo" and getattr(t, key) != getattr(TaskSection, key):
+                bad(f"task.{key}", f"is for task.grpo_loss = 'sapo'; task.grpo_loss is {t.grpo_loss!r}")
+        if t.grpo_delta is not None and t.grpo_loss in ("cispo", "sapo"):
+            bad("task.grpo_delta", f"caps the ratio of the clipped objective; task.grpo_loss = {t.grpo_loss!r} has "
+                "no clip")
         high = 1 + (t.grpo_epsilon if t.grpo_epsilon_high is None else t.grpo_epsilon_high)
         if t.grpo_delta is not None and not (math.isfinite(t.grpo_delta) and t.grpo_delta > high):
             # below the clip's upper end it would cap the ratio of positive advantages too

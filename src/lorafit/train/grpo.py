@@ -25,7 +25,12 @@ default) the clip never acts. The token losses add up per ``task.grpo_loss``: ea
 over the step's completions and divided by their count ("grpo"); each completion's sum over
 ``task.max_new_tokens`` ("dr_grpo"); each micro-batch's token mean, averaged over the micro-batches ("bnpo");
 or the step's token sum over its token count ("dapo"). With ``task.mask_truncated_completions``, completions
-that did not end carry no loss. With ``task.top_entropy_quantile`` ρ < 1, the first term counts only on the
+that did not end carry no loss. Three more of TRL's losses change the first term too: "cispo" (MiniMax-M1)
+``-sg(min(ρ, 1 + ε_high)) A log p``, whose gradient no token loses to the clip, added up as "dapo"; "sapo"
+(soft adaptive policy optimization) ``-σ(τ (ρ - 1)) (4 / τ) A``, a smooth gate in place of the clip, with
+``τ = task.sapo_temperature_pos`` where A > 0 and ``task.sapo_temperature_neg`` elsewhere, added up as "grpo";
+"luspo" the clipped term summed over each completion's tokens (not averaged: length-unbiased GSPO), averaged
+over the step's completions. With ``task.top_entropy_quantile`` ρ < 1, the first term counts only on the
 tokens whose entropy is in the top ρ share of the micro-batch's, every process's (Wang et al., 2025: the
 "forking" tokens), as TRL does.
 
@@ -170,7 +175,7 @@ class GRPO(CausalLM):
             batch["advantages"] = group_advantages(batch.pop("rewards"), t.num_generations, divisor)
             for sample, advantage in zip(batch.pop("samples", ()), batch["advantages"].tolist()):
                 self._samples.append({**sample, "advantage": advantage})
-        if t.grpo_loss == "dapo":  # the loop divides by the step's completion tokens
+        if t.grpo_loss in ("dapo", "cispo"):  # the loop divides by the step's completion tokens
             return [int(batch["completion_mask"].sum()) if mine else 0 for batch, mine in micro]
         if t.grpo_loss == "bnpo":  # each micro-batch's token mean counts once
             return [int(mine) for _, mine in micro]
@@ -262,11 +267,18 @@ class GRPO(CausalLM):
         ratio = torch.exp(log_ratio)
         advantages = batch["advantages"].to(logp.device)[:, None]
         low, high = 1 - t.grpo_epsilon, 1 + (t.grpo_epsilon if t.grpo_epsilon_high is None else t.grpo_epsilon_high)
-        if t.num_iterations > 1:  # how much of the later steps the clip cuts off
-            clipped = ((ratio < low) & (advantages < 0)) | ((ratio > high) & (advantages > 0))
+        if t.num_iterations > 1 and t.grpo_loss != "sapo":  # how much of the later steps the clip cuts off
+            clipped = ratio > high if t.grpo_loss == "cispo" else \
+                ((ratio < low) & (advantages < 0)) | ((ratio > high) & (advantages > 0))
             self._add("clip_ratio", (clipped * mask).sum().detach(), mask.sum())
-        capped = ratio if t.grpo_delta is None else ratio.clamp(max=t.grpo_delta)
-        per_token = -torch.min(capped * advantages, ratio.clamp(low, high) * advantages)
+        if t.grpo_loss == "cispo":  # the capped ratio weighs the token's policy gradient, which is never cut off
+            per_token = -ratio.clamp(max=high).detach() * advantages * logp
+        elif t.grpo_loss == "sapo":  # a smooth gate, 1 at ratio 1 (4 sigmoid' = 1), in place of the clip
+            tau = torch.where(advantages > 0, t.sapo_temperature_pos, t.sapo_temperature_neg)
+            per_token = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * advantages
+        else:
+            capped = ratio if t.grpo_delta is None else ratio.clamp(max=t.grpo_delta)
+            per_token = -torch.min(capped * advantages, ratio.clamp(low, high) * advantages)
         if t.top_entropy_quantile < 1:
             per_token = per_token * self._high_entropy(entropy, mask)
         if t.grpo_beta:
@@ -283,13 +295,13 @@ class GRPO(CausalLM):
             per_token = per_token + t.grpo_beta * kl
         self._tokens = batch["trained_tokens"]
         total = per_token * mask
-        if t.grpo_loss == "grpo":
+        if t.grpo_loss in ("grpo", "sapo"):
             return (total.sum(1) / mask.sum(1).clamp(min=1)).sum()
         if t.grpo_loss == "dr_grpo":
             return total.sum() / t.max_new_tokens
         if t.grpo_loss == "bnpo":
             return total.sum() / mask.sum().clamp(min=1)
-        return total.sum()  # dapo: the loop divides by the step's tokens
+        return total.sum()  # dapo and cispo: the loop divides by the step's tokens; luspo: by its completions
 
     def trained_tokens(self, counted: int) -> int:
         return self._tokens
@@ -338,7 +350,7 @@ class GRPO(CausalLM):
                  "flat_groups", "completion_length", "entropy"]
         if t.grpo_beta:
             names.append("kl")
-        if t.num_iterations > 1:
+        if t.num_iterations > 1 and t.grpo_loss != "sapo":  # sapo has no clip
             names.append("clip_ratio")
         names += [name for name in self._log if name not in names]  # what reward functions logged (log_metric)
         out = {name: tuple(float(v) for v in self._log.get(name, (0.0, 0.0))) for name in names}
