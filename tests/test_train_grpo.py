@@ -480,7 +480,8 @@ def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_p
     want = tempered.gather(-1, seqs[:, width:, None])[..., 0]
     want_entropy = -(tempered.exp() * tempered).sum(-1)
     weights = torch.randn(want.shape)
-    want_grads = torch.autograd.grad((want * weights).sum(), params)
+    want_grads = torch.autograd.grad((want * weights).sum(), params, retain_graph=True)
+    want_entropy_grads = torch.autograd.grad((want_entropy * weights).sum(), params)
     # the head's chunks (a few rows each here) or, for a model whose logits are not its head's, its own logits
     monkeypatch.setattr("lorafit.train.grpo.LOSS_CHUNK_LOGITS", 5 * len(task.tok))
     for plain in (None, False):
@@ -491,15 +492,35 @@ def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_p
         assert not entropy.requires_grad and (entropy > 0).all()
         for a, b in zip(torch.autograd.grad((got * weights).sum(), params), want_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # float32 sums in another order
+        _, entropy = task.completion_logps(prep.model, seqs, prompt_mask, seqs.shape[1] - width, entropy=True,
+                                           entropy_grad=True)  # task.entropy_coef's: with its gradient
+        torch.testing.assert_close(entropy.detach(), want_entropy.detach(), atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad((entropy * weights).sum(), params), want_entropy_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         assert task._plain_head is (plain is None)  # the tiny Llama's logits are its head's
 
 
+def test_the_entropy_of_logits_with_minus_infinity_has_a_finite_gradient():
+    """A -inf logit (a model that masks tokens out) adds nothing to the entropy nor NaN to its gradient."""
+    from lorafit.train.tasks import row_entropy
+
+    logits = torch.tensor([[0.5, float("-inf"), 1.5, -1.0]], requires_grad=True)
+    entropy = row_entropy(logits, grad=True)
+    (grad,) = torch.autograd.grad(entropy.sum(), logits)
+    finite = torch.tensor([[0.5, 1.5, -1.0]], requires_grad=True)
+    logp = finite.log_softmax(-1)
+    (want,) = torch.autograd.grad(-(logp.exp() * logp).sum(), finite)
+    torch.testing.assert_close(entropy.detach(), -(logp.exp() * logp).sum(-1).detach())
+    assert grad[0, 1] == 0 and torch.allclose(grad[0, [0, 2, 3]], want[0])
+    assert not row_entropy(logits).requires_grad
+
+
 def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high, max_new_tokens,
-                  delta=None, rho=1.0, entropy=None):
+                  delta=None, rho=1.0, entropy=None, coef=0.0):
     """The GRPO loss of the module docstring, written out: the clipped ratio per token or per completion (capped
-    at ``delta`` where the advantage is negative), on the tokens whose ``entropy`` is in the top ``rho`` share,
-    the k3 KL term on all, and the four ways of adding the token losses up (as the sum the loop divides by its
-    units)."""
+    at ``delta`` where the advantage is negative; or cispo's or sapo's term) less ``coef`` times the ``entropy``,
+    on the tokens whose entropy is in the top ``rho`` share, the k3 KL term on all, and the ways of adding the
+    token losses up (as the sum the loop divides by its units)."""
     log_ratio = logp - old
     if level == "sequence":
         log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -513,8 +534,9 @@ def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high
     else:
         first = ratio if delta is None else torch.where(a < 0, ratio.clamp(max=delta), ratio)  # above 1 + ε_high
         per_token = -torch.minimum(first * a, ratio.clamp(low, high) * a)
+    per_token = per_token - coef * entropy  # the entropy bonus
     if rho < 1:
-        per_token = per_token * (entropy >= torch.quantile(entropy[mask > 0], 1 - rho)) * (mask > 0)
+        per_token = per_token * (entropy >= torch.quantile(entropy[mask > 0].detach(), 1 - rho)) * (mask > 0)
     per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
     total = per_token * mask
     return {"grpo": lambda: (total.sum(1) / mask.sum(1).clamp(min=1)).sum(),
@@ -527,28 +549,29 @@ def expected_loss(logp, old, ref, mask, advantages, beta, form, level, low, high
 SAPO_TAU = (2.0, 3.0)  # task.sapo_temperature_pos and _neg in the loss test
 
 
-@pytest.mark.parametrize("beta, form, scale, level, truncated, delta, rho", [
-    (0.0, "grpo", "true", "token", False, None, 1.0), (0.2, "grpo", "true", "token", False, 1.05, 0.5),
-    (0.2, "dr_grpo", "false", "token", False, None, 1.0), (0.0, "bnpo", "'batch'", "token", True, None, 1.0),
-    (0.1, "dapo", "'group'", "sequence", True, 1.041, 0.2), (0.0, "grpo", "'none'", "sequence", False, None, 1.0),
-    (0.0, "cispo", "true", "token", False, None, 1.0), (0.1, "sapo", "'group'", "token", True, None, 0.5),
-    (0.0, "luspo", "true", "sequence", False, None, 1.0)])
+@pytest.mark.parametrize("beta, form, scale, level, truncated, delta, rho, coef", [
+    (0.0, "grpo", "true", "token", False, None, 1.0, 0.0), (0.2, "grpo", "true", "token", False, 1.05, 0.5, 0.3),
+    (0.2, "dr_grpo", "false", "token", False, None, 1.0, 0.0), (0.0, "bnpo", "'batch'", "token", True, None, 1.0, 0.1),
+    (0.1, "dapo", "'group'", "sequence", True, 1.041, 0.2, 0.0),
+    (0.0, "grpo", "'none'", "sequence", False, None, 1.0, 0.0),
+    (0.0, "cispo", "true", "token", False, None, 1.0, 0.0), (0.1, "sapo", "'group'", "token", True, None, 0.5, 0.2),
+    (0.0, "luspo", "true", "sequence", False, None, 1.0, 0.0)])
 def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, form, scale, level, truncated, delta,
-                                                            rho):
+                                                            rho, coef):
     """On fixed samples and rewards, two steps on one batch of samples (task.num_iterations = 2): the loss's
     value and gradient are those of the formula, on the first step (the ratio is 1: -A log p's gradient) and on
     the second, after the weights moved, where the clip cuts off some tokens and not others. The advantages
     are scaled per group, over the step's rewards or not at all; completions that did not end can be left out;
     the units returned for the loop are the completions, 1 per micro-batch (bnpo) or the tokens (dapo). Also
-    with INTELLECT-2's cap on the ratio (task.grpo_delta) and the policy term on the highest-entropy tokens only
-    (task.top_entropy_quantile)."""
+    with INTELLECT-2's cap on the ratio (task.grpo_delta), the policy term on the highest-entropy tokens only
+    (task.top_entropy_quantile) and an entropy bonus (task.entropy_coef)."""
     config, settings = grpo_setup(tmp_path, extra=[f"task.grpo_beta={beta}", "task.num_generations=3",
                                                    f"task.grpo_loss={form}", f"task.scale_rewards={scale}",
                                                    f"task.importance_sampling_level={level}",
                                                    f"task.mask_truncated_completions={str(truncated).lower()}",
                                                    "task.num_iterations=2", "task.grpo_epsilon=0.02",
                                                    "task.grpo_epsilon_high=0.04", "task.max_new_tokens=6",
-                                                   f"task.top_entropy_quantile={rho}",
+                                                   f"task.top_entropy_quantile={rho}", f"task.entropy_coef={coef}",
                                                    *([f"task.grpo_delta={delta}"] if delta else []),
                                                    *([f"task.sapo_temperature_pos={SAPO_TAU[0]}",
                                                       f"task.sapo_temperature_neg={SAPO_TAU[1]}"]
@@ -600,15 +623,16 @@ def test_the_loss_is_grpo_s_clipped_group_relative_objective(tmp_path, beta, for
                     p.add_(torch.randn(p.shape, generator=g) * 0.01)
         loss = task.loss_sum(prep.model, batch)
         got = torch.autograd.grad(loss, params)
-        logp, entropy = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1], entropy=True)
+        logp, entropy = task.completion_logps(prep.model, seqs, prompt_mask, mask.shape[1], entropy=True,
+                                              entropy_grad=True)
         want_loss = expected_loss(logp, old if step else logp.detach(), ref, loss_mask, advantages, beta, form, level,
-                                  0.98, 1.04, 6, delta, rho, entropy)
+                                  0.98, 1.04, 6, delta, rho, entropy, coef)
         want = torch.autograd.grad(want_loss, params)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(loss.detach(), want_loss.detach(), atol=1e-5, rtol=1e-5)
         kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * loss_mask).sum().detach())
-        entropy_sum += float((entropy * loss_mask).sum())
+        entropy_sum += float((entropy * loss_mask).sum().detach())
     log = task.train_log()
     assert log["entropy"] == pytest.approx((entropy_sum, 2 * float(loss_mask.sum())), rel=1e-5)
     if form == "sapo":  # no clip
@@ -795,6 +819,7 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     ([*GRPO, "task.top_entropy_quantile=1.5"], r"task.top_entropy_quantile must be between 0 \(only the highest"),
     (["task.top_entropy_quantile=0.2"], "task.top_entropy_quantile is for task.type = 'grpo'"),
     (["task.log_completions=true"], "task.log_completions is for task.type = 'grpo'"),
+    ([*GRPO, "task.entropy_coef=inf"], "task.entropy_coef must be a finite number"),
     ([*GRPO, "task.sapo_temperature_neg=2"], "task.sapo_temperature_neg is for task.grpo_loss = 'sapo'; "
                                              "task.grpo_loss is 'grpo'"),
     ([*GRPO, "task.grpo_loss=sapo", "task.sapo_temperature_pos=0"], "task.sapo_temperature_pos must be a finite"),

@@ -165,6 +165,10 @@ class TaskSection:
     # "Beyond the 80/20 rule": 0.2), the KL term on all of them (1.0: every token)
     grpo_delta: float | None = None
     top_entropy_quantile: float = 1.0
+    # grpo: an entropy bonus: -entropy_coef x the entropy of each completion token's distribution joins its policy
+    # term (on the tokens top_entropy_quantile keeps), added up as the loss is; it holds a policy back from
+    # collapsing onto one answer (0: off)
+    entropy_coef: float = 0.0
     # grpo: completions that reach task.max_new_tokens without ending carry no loss (DAPO's overlong filtering)
     mask_truncated_completions: bool = False
     # grpo: the most completions one generation samples (0: all of a step's, every micro-batch's, in one); a
@@ -400,7 +404,8 @@ class RunConfig:
                              (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
-                                          "grpo_delta", "top_entropy_quantile", "sapo_temperature_pos",
+                                          "grpo_delta", "top_entropy_quantile", "entropy_coef",
+                                          "sapo_temperature_pos",
                                           "sapo_temperature_neg",
                                           "generation_batch_size", "log_completions",
                                           "reward_model", "reward_label", "reward_function", "reward_weights"))):
@@ -547,6 +552,8 @@ class RunConfig:
             # below the clip's upper end it would cap the ratio of positive advantages too
             bad("task.grpo_delta", f"must be a finite number above the clip's upper end 1 + task.grpo_epsilon_high "
                 f"({high:g}); got {t.grpo_delta}")
+        if not math.isfinite(t.entropy_coef):
+            bad("task.entropy_coef", f"must be a finite number (0: no entropy bonus), got {t.entropy_coef}")
         if not 0 <= t.top_entropy_quantile <= 1:
             bad("task.top_entropy_quantile", f"must be between 0 (only the highest-entropy token) and 1 (every "
                 f"token), got {t.top_entropy_quantile}")

@@ -32,7 +32,9 @@ that did not end carry no loss. Three more of TRL's losses change the first term
 "luspo" the clipped term summed over each completion's tokens (not averaged: length-unbiased GSPO), averaged
 over the step's completions. With ``task.top_entropy_quantile`` ρ < 1, the first term counts only on the
 tokens whose entropy is in the top ρ share of the micro-batch's, every process's (Wang et al., 2025: the
-"forking" tokens), as TRL does.
+"forking" tokens), as TRL does. ``task.entropy_coef`` c adds ``-c H`` to each token's first term, H the entropy
+of the distribution the token was drawn from (at the temperature), so that the policy does not collapse onto
+one answer; it is added up as the rest (TRL averages it over the tokens whatever the loss).
 
 With ``task.log_completions``, every training completion is a line of the run's ``completions.jsonl``: the
 step it trains, its prompt, its text and length, its reward (each reward's too, None where one did not judge
@@ -254,8 +256,9 @@ class GRPO(CausalLM):
     def loss_sum(self, model, batch) -> torch.Tensor:
         t = self.config.task
         seqs, mask = batch["seqs"], batch["completion_mask"]
-        logp, entropy = self.completion_logps(model, seqs, batch["prompt_mask"], mask.shape[1], entropy=True)
-        self._add("entropy", (entropy * mask).sum(), mask.sum())
+        logp, entropy = self.completion_logps(model, seqs, batch["prompt_mask"], mask.shape[1], entropy=True,
+                                              entropy_grad=bool(t.entropy_coef))
+        self._add("entropy", (entropy.detach() * mask).sum(), mask.sum())
         old = batch.get("old_logps")
         if old is None:  # the batch's first step: the model that sampled is this one
             old = logp.detach()
@@ -279,8 +282,10 @@ class GRPO(CausalLM):
         else:
             capped = ratio if t.grpo_delta is None else ratio.clamp(max=t.grpo_delta)
             per_token = -torch.min(capped * advantages, ratio.clamp(low, high) * advantages)
+        if t.entropy_coef:  # a bonus for the entropy of the distributions the tokens were drawn from
+            per_token = per_token - t.entropy_coef * entropy
         if t.top_entropy_quantile < 1:
-            per_token = per_token * self._high_entropy(entropy, mask)
+            per_token = per_token * self._high_entropy(entropy.detach(), mask)
         if t.grpo_beta:
             reference = batch.get("reference_logps")
             if reference is None:
@@ -382,13 +387,15 @@ class GRPO(CausalLM):
         texts = self.tok.batch_decode(completion.masked_fill(mask == 0, self.pad_id), skip_special_tokens=True)
         return seqs, mask, [text.strip() for text in texts]
 
-    def completion_logps(self, model: nn.Module, seqs: torch.Tensor, prompt_mask: torch.Tensor,
-                         width: int, entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def completion_logps(self, model: nn.Module, seqs: torch.Tensor, prompt_mask: torch.Tensor, width: int,
+                         entropy: bool = False, entropy_grad: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Each completion token's log-probability (float32) at task.temperature, the distribution it was sampled
         from, rows x ``width`` (the completions' part of ``seqs``); ``prompt_mask`` marks the prompts' real
         tokens, whose left padding is masked and skipped in the positions, as generation saw them. The tokens
         after a completion's end see only what precedes them, and carry no loss. With ``entropy``, also the
-        entropy of the distribution each token was drawn from (no gradient), from the same logits.
+        entropy of the distribution each token was drawn from, from the same logits (with a gradient only with
+        ``entropy_grad``: task.entropy_coef's bonus).
 
         The head runs on the completion positions a chunk of rows at a time (recomputed in backward), as
         causal_lm's loss does: full-vocabulary float32 logits of every sampled token would be gigabytes for long
@@ -404,12 +411,12 @@ class GRPO(CausalLM):
         if not self._plain_head:
             logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float() / temperature
             logp = -nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            return (logp, row_entropy(logits)) if entropy else logp
+            return (logp, row_entropy(logits, entropy_grad)) if entropy else logp
         hidden, _ = forward_hidden(model, inputs, torch.zeros(0, dtype=torch.long, device=seqs.device))
         head = unwrap(model).get_output_embeddings()
         rows = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
         out = chunked_cross_entropy(lambda h: head(h) / temperature, hidden[:, -width - 1:-1].flatten(0, 1),
-                                    targets.flatten(), rows, entropy)
+                                    targets.flatten(), rows, entropy, entropy_grad)
         if entropy:
             return -out[0].view(-1, width), out[1].view(-1, width)
         return -out.view(-1, width)

@@ -573,16 +573,18 @@ LOSS_CHUNK_LOGITS = 1 << 23  # logits per chunk of the causal-LM loss: 32 MiB in
 
 
 def chunked_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
-                          rows: int, entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          rows: int, entropy: bool = False, entropy_grad: bool = False
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The cross entropy of each row of ``head(hidden)`` against ``targets``, ``rows`` rows at a time; with
-    ``entropy``, also each row's entropy of ``softmax(head(hidden))``, without a gradient (for logging).
+    ``entropy``, also each row's entropy of ``softmax(head(hidden))``, with a gradient only with
+    ``entropy_grad`` (for logging, or for an entropy bonus).
 
     With gradients, each chunk's logits are recomputed in the backward pass (checkpointing) instead of
     kept, so one chunk's logits exist at a time in both passes."""
     def chunk_losses(h: torch.Tensor, y: torch.Tensor):
         logits = head(h).float()
         losses = nn.functional.cross_entropy(logits, y, reduction="none")
-        return (losses, row_entropy(logits)) if entropy else losses
+        return (losses, row_entropy(logits, entropy_grad)) if entropy else losses
 
     chunks = [checkpoint(chunk_losses, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk_losses(h, y)
               for h, y in zip(hidden.split(rows), targets.split(rows))]
@@ -593,14 +595,19 @@ def chunked_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: 
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
-@torch.no_grad()
-def row_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """The entropy of softmax(logits) over the last dimension, in float32 (a -inf logit adds 0), computed
-    LOSS_CHUNK_LOGITS logits at a time: the probabilities are one more buffer of their size."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    rows = max(1, LOSS_CHUNK_LOGITS // max(flat.shape[1], 1))
-    parts = [torch.special.entr(chunk.float().softmax(-1)).sum(-1) for chunk in flat.split(rows)]
-    return (torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)).view(logits.shape[:-1])
+def row_entropy(logits: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """The entropy of softmax(logits) over the last dimension, in float32 (a -inf logit adds 0, and no NaN to
+    the gradient), computed LOSS_CHUNK_LOGITS logits at a time: the log-probabilities are one more buffer of
+    their size; with a gradient only with ``grad``."""
+    def entropy(chunk: torch.Tensor) -> torch.Tensor:
+        logp = chunk.float().log_softmax(-1)
+        return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        flat = logits.reshape(-1, logits.shape[-1])
+        rows = max(1, LOSS_CHUNK_LOGITS // max(flat.shape[1], 1))
+        parts = [entropy(chunk) for chunk in flat.split(rows)]
+        return (torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)).view(logits.shape[:-1])
 
 
 def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
