@@ -500,6 +500,29 @@ def test_samples_follow_top_k_and_the_loss_reads_the_tempered_distribution(tmp_p
         assert task._plain_head is (plain is None)  # the tiny Llama's logits are its head's
 
 
+def test_min_p_and_the_repetition_penalty_reach_the_sampler(tmp_path):
+    """task.min_p near 1 keeps only the likeliest token: the greedy completion; a large task.repetition_penalty
+    keeps a greedy completion from repeating any token it has seen, the prompt's included."""
+    config, settings = grpo_setup(tmp_path, extra=["task.min_p=0.999"])
+    prep = prepare(load_config(config, settings))
+    task = prep.task
+    batch = task.collate(task.encode([{"instruction": "repeat", "input": "a great movie", "output": "x"}],
+                                     "train").features)
+    width = batch["input_ids"].shape[1]
+    seqs, mask, _ = task.sample(prep.model, batch, 3)
+    greedy = prep.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 do_sample=False, max_new_tokens=8, pad_token_id=task.pad_id,
+                                 eos_token_id=task.tok.eos_token_id)
+    for i in range(3):
+        n = int(mask[i].sum())
+        assert torch.equal(seqs[i, width:width + n], greedy[0, width:width + n])
+    task.config.task.min_p, task.config.task.top_k, task.config.task.repetition_penalty = 0.0, 1, 1e4
+    seqs, mask, _ = task.sample(prep.model, batch, 1)
+    tokens = seqs[0, :width + int(mask[0].sum())].tolist()
+    assert len(set(tokens[width:])) == len(tokens[width:]) and not set(tokens[width:]) & set(tokens[:width])
+    assert greedy[0, width:].tolist() != tokens[width:]  # the penalty changed the answer
+
+
 def test_the_entropy_of_logits_with_minus_infinity_has_a_finite_gradient():
     """A -inf logit (a model that masks tokens out) adds nothing to the entropy nor NaN to its gradient."""
     from lorafit.train.tasks import row_entropy
@@ -820,6 +843,8 @@ GRPO = ["task.type=grpo", "task.reward_function='x.py:f'", "task.max_new_tokens=
     (["task.top_entropy_quantile=0.2"], "task.top_entropy_quantile is for task.type = 'grpo'"),
     (["task.log_completions=true"], "task.log_completions is for task.type = 'grpo'"),
     ([*GRPO, "task.entropy_coef=inf"], "task.entropy_coef must be a finite number"),
+    ([*GRPO, "task.min_p=1"], r"task.min_p must be >= 0 and < 1 \(0: off\)"),
+    ([*GRPO, "task.repetition_penalty=0"], r"task.repetition_penalty must be a finite number > 0 \(1: off\)"),
     ([*GRPO, "task.sapo_temperature_neg=2"], "task.sapo_temperature_neg is for task.grpo_loss = 'sapo'; "
                                              "task.grpo_loss is 'grpo'"),
     ([*GRPO, "task.grpo_loss=sapo", "task.sapo_temperature_pos=0"], "task.sapo_temperature_pos must be a finite"),

@@ -132,12 +132,15 @@ class TaskSection:
     # that max_length leaves room for the responses; None: prompts are cut only by max_length, from the end
     max_prompt_length: int | None = None
     # grpo: completions sampled per prompt (a group), their temperature (the log-probabilities the loss uses are
-    # the tempered ones, as TRL's), nucleus and top-k sampling (1.0 and 0: off; the loss does not correct for
-    # them), and the weight of the KL estimate against the base model (0: no reference model runs)
+    # the tempered ones, as TRL's), nucleus, top-k and min-p sampling and transformers' repetition penalty (1.0, 0,
+    # 0.0 and 1.0: off; the loss does not correct for them, as TRL's does not), and the weight of the KL estimate
+    # against the base model (0: no reference model runs)
     num_generations: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     grpo_beta: float = 0.0
     # grpo: how the token losses add up (train/grpo.py): "grpo" averages each completion's tokens (the paper);
     # "dr_grpo" divides every completion's token sum by task.max_new_tokens (Dr. GRPO); "bnpo" averages the tokens
@@ -401,7 +404,8 @@ class RunConfig:
                              (("preference", "kto"), ("dpo_beta", "precompute_reference", "max_prompt_length")),
                              (("reward",), ("reward_centering",)),
                              (("kto",), ("kto_desirable_weight", "kto_undesirable_weight")),
-                             (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "grpo_beta", "grpo_loss",
+                             (("grpo",), ("num_generations", "temperature", "top_p", "top_k", "min_p",
+                                          "repetition_penalty", "grpo_beta", "grpo_loss",
                                           "scale_rewards", "num_iterations", "grpo_epsilon", "grpo_epsilon_high",
                                           "importance_sampling_level", "mask_truncated_completions",
                                           "grpo_delta", "top_entropy_quantile", "entropy_coef",
@@ -515,6 +519,10 @@ class RunConfig:
             bad("task.top_p", f"must be > 0 and <= 1, got {t.top_p}")
         if t.top_k < 0:
             bad("task.top_k", f"must be >= 0 (0: off), got {t.top_k}")
+        if not 0 <= t.min_p < 1:
+            bad("task.min_p", f"must be >= 0 and < 1 (0: off), got {t.min_p}")
+        if not (math.isfinite(t.repetition_penalty) and t.repetition_penalty > 0):
+            bad("task.repetition_penalty", f"must be a finite number > 0 (1: off), got {t.repetition_penalty}")
         if t.grpo_loss not in GRPO_LOSSES:
             bad("task.grpo_loss", f"must be one of {', '.join(map(repr, GRPO_LOSSES))}, got {t.grpo_loss!r}")
         if isinstance(t.scale_rewards, str) and t.scale_rewards not in SCALE_REWARDS:

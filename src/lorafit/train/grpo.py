@@ -374,6 +374,7 @@ class GRPO(CausalLM):
             with eager_generation():
                 seqs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       do_sample=True, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+                                      min_p=t.min_p or None, repetition_penalty=t.repetition_penalty,
                                       num_return_sequences=per_prompt, max_new_tokens=t.max_new_tokens,
                                       pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id, use_cache=True)
         finally:
