@@ -525,6 +525,23 @@ def test_grpo_trains_on_cuda_and_resumes_to_the_same_samples(tmp_path, dtype):
                                    rtol=1e-2, msg=key)
 
 
+@pytest.mark.parametrize("loss", ["cispo", "sapo"])
+def test_grpo_s_other_objectives_and_entropy_terms_train_on_cuda(tmp_path, loss):
+    """bfloat16 on the GPU: TRL's cispo or sapo with two steps on each batch of samples, the entropy bonus (its
+    gradient through the chunked head) and the policy term on the highest-entropy half of the tokens (the
+    quantile taken on the device): the reward rises as on the CPU."""
+    from lorafit.train import evaluate, train
+    from tests.test_train_grpo import grpo_setup
+
+    config, settings = grpo_setup(tmp_path, extra=["model.dtype=bfloat16", f"model.device={DEVICE}",
+                                                   f"task.grpo_loss={loss}", "task.num_iterations=2",
+                                                   "task.entropy_coef=0.01", "task.top_entropy_quantile=0.5",
+                                                   "train.epochs=2"])
+    summary = train(config, settings, progress=False)
+    base = evaluate(tmp_path / "run", base=True)
+    assert summary["validation"]["reward"] > base["reward"] + 0.3, (summary["validation"], base)
+
+
 def test_lorafit_serve_on_cuda(tmp_path):
     """`lorafit serve` with its model on the GPU: classification across adapters gives the probabilities the
     model gives on the CPU, and greedy generation with an adapter gives transformers' generate on the GPU."""
