@@ -371,8 +371,10 @@ def test_grpo_under_two_processes(tmp_path, reward, extra, steps):
     if reward == "great_logged":
         assert all(r["main_only"] == 1.0 and r["everywhere"] == 2.0 for r in logged if "reward" in r)
         assert summary["validation"]["main_only"] == 1.0 and summary["validation"]["everywhere"] == 2.0
-        samples = [json.loads(line) for line in (tmp_path / "ddp" / "completions.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (tmp_path / "ddp" / "completions.jsonl").read_text().splitlines()]
+        samples = [r for r in lines if r["split"] == "train"]
         assert [r["step"] for r in samples] == [step for step in range(1, steps + 1) for _ in range(16)]
+        assert len([r for r in lines if r["split"] == "validation"]) == 4 * 8  # every process's prompts
         assert all(r["chars"] == len(r["completion"]) for r in samples)
 
 

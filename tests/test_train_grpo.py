@@ -346,7 +346,8 @@ async def later(completions, **kwargs):
 
 def test_a_grpo_run_logs_its_completions_and_what_reward_functions_log(tmp_path):
     """task.log_completions: every training completion is a line of completions.jsonl, with the step it trains,
-    its rewards, its advantage (its group's, centred and scaled) and the columns functions logged; log_metric's
+    its rewards, its advantage (its group's, centred and scaled) and the columns functions logged, and so is
+    every completion the evaluation sampled; log_metric's
     values are averaged into metrics.jsonl's train lines and the evaluation; trainer_state says where training
     stands; an async function is awaited."""
     (tmp_path / "logging.py").write_text(LOGGING_REWARDS)
@@ -362,8 +363,13 @@ def test_a_grpo_run_logs_its_completions_and_what_reward_functions_log(tmp_path)
     # log_every = 2: each line averages the two steps' calls, made with 0 and 1, 2 and 3, ... steps done
     assert [r["scored_at_step"] for r in trained] == [0.5, 2.5, 4.5, 6.5] and all(r["of_steps"] == 8
                                                                                    for r in trained)
-    samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    samples = [r for r in lines if r["split"] == "train"]
     assert [r["step"] for r in samples] == [step for step in range(1, 9) for _ in range(16)]  # 4 prompts x 4
+    evaluated = [r for r in lines if r["split"] == "validation"]  # after the last step: one per prompt
+    assert [r["step"] for r in evaluated] == [8] * 8 and lines[-8:] == evaluated
+    assert all("advantage" not in r and r["words"] == len(r["completion"].split()) for r in evaluated)
+    assert sum(r["reward"] for r in evaluated) / 8 == pytest.approx(summary["validation"]["reward"])
     for r in samples:
         assert r["words"] == len(r["completion"].split()) and 0 < r["length"] <= 8
         assert r["reward"] == pytest.approx(r["rewards"]["counted"] + 0.5) and r["rewards"]["later"] == 0.5
@@ -693,7 +699,7 @@ def test_a_resumed_grpo_run_samples_what_an_uninterrupted_one_does(tmp_path, ext
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
     if "task.log_completions=true" in extra:
         lines = [(tmp_path / run / "completions.jsonl").read_text().splitlines() for run in ("a", "b")]
-        assert len(lines[0]) == 32 * 16 and lines[0] == lines[1]
+        assert len(lines[0]) == 32 * 16 + 4 * 8 and lines[0] == lines[1]  # 32 steps' 16 and 4 evaluations' 8
     else:
         assert not (tmp_path / "a" / "completions.jsonl").exists()
 

@@ -178,7 +178,8 @@ class TaskSection:
     # smaller number holds fewer KV caches at once, for a large grad_accum, at the cost of more generations
     generation_batch_size: int = 0
     # grpo: every training completion a line of the run's completions.jsonl (its step, prompt, text, rewards,
-    # advantage, and what reward functions logged with log_extra), to read what the policy learns to write
+    # advantage, and what reward functions logged with log_extra), and every completion the evaluations during
+    # training sample, to read what the policy learns to write
     log_completions: bool = False
     # grpo: what scores a completion (lorafit.train.rewards): a lorafit reward run, or a classification run with the
     # class whose probability is the reward, or a transformers sequence-classification model (a reward model, or a

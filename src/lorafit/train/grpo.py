@@ -38,7 +38,8 @@ one answer; it is added up as the rest (TRL averages it over the tokens whatever
 
 With ``task.log_completions``, every training completion is a line of the run's ``completions.jsonl``: the
 step it trains, its prompt, its text and length, its reward (each reward's too, None where one did not judge
-it), its advantage, and the columns reward functions logged with ``log_extra``.
+it), its advantage, and the columns reward functions logged with ``log_extra``; so is every completion an
+evaluation during training samples (``"split": "validation"``, at the steps done, without an advantage).
 
 Evaluation samples one completion of each prompt (the run's seed, its own random stream, so every evaluation
 draws alike and training's draws are untouched) and reports the mean reward (``reward``, the default
@@ -205,7 +206,7 @@ class GRPO(CausalLM):
         self._add_log(rewards, parts, mask)
         for name, (total, count) in call.metrics.items():
             self._add(name, total, count)
-        samples = self._sample_records(joined, completions, n, lengths, rewards, parts, call.extra) \
+        samples = self._sample_records("train", joined, completions, n, lengths, rewards, parts, call.extra) \
             if t.log_completions else None
         loss_mask = mask
         if t.mask_truncated_completions and self.tok.eos_token_id is not None:
@@ -224,16 +225,17 @@ class GRPO(CausalLM):
                 b["samples"] = samples[start:end]
             start = end
 
-    def _sample_records(self, joined: dict, completions: list[str], n: int, lengths: list[int],
+    def _sample_records(self, split: str, joined: dict, completions: list[str], n: int, lengths: list[int],
                         rewards: torch.Tensor, parts: torch.Tensor, extra: dict[str, list]) -> list[dict]:
-        """completions.jsonl's lines of a window's completions, but for the advantage (and the loop's step)."""
+        """completions.jsonl's lines of completions of ``joined``'s prompts, ``n`` each: all but a training
+        completion's advantage (and the loop's step)."""
         chat = bool(self.config.data.messages_field)
         names = [name for name, _ in self.rewards()]
         out = []
         for i, (text, length, reward, scores) in enumerate(zip(completions, lengths, rewards.tolist(),
                                                                 parts.tolist())):
             prompt = joined["prompts"][i // n]
-            out.append({"prompt": prompt if chat else text_pair(prompt, [])[0], "completion": text,
+            out.append({"split": split, "prompt": prompt if chat else text_pair(prompt, [])[0], "completion": text,
                         "length": length, "reward": reward,
                         "rewards": {name: None if math.isnan(v) else v for name, v in zip(names, scores)},
                         **{column: values[i] for column, values in extra.items()}})
@@ -457,8 +459,12 @@ class GRPO(CausalLM):
                     continue
                 lengths, ids = completion_tokens(seqs, mask, batch["input_ids"].shape[1])
                 parts = self._scores(batch, completions, 1, ids, call)
-                call.extra.clear()  # log_extra's columns are for training's completions.jsonl
-                sums[0] += float(self._weighted(parts).sum())
+                weighted = self._weighted(parts)
+                if self.config.task.log_completions:
+                    self._samples += self._sample_records("validation", batch, completions, 1, lengths, weighted,
+                                                          parts, call.extra)
+                call.extra.clear()
+                sums[0] += float(weighted.sum())
                 sums[1:-1] += parts.nansum(0).double()
                 judged += (~parts.isnan()).sum(0).double()
                 sums[-1] += sum(lengths)

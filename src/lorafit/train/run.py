@@ -11,7 +11,7 @@ Output directory::
     model/               the fine-tuned model + tokenizer, save_pretrained format (method = "full")
     data.json            where each split came from, the class names, rows per split (a stream's: null)
     metrics.jsonl        one line per log / evaluation
-    completions.jsonl    grpo with task.log_completions: one line per sampled training completion
+    completions.jsonl    grpo with task.log_completions: one line per sampled completion (training, evaluation)
     curves.png           loss and validation metric against the step
     summary.json         trainable parameters, peak memory, wall time, best and final metrics
     checkpoints/         the latest resumable state, and the best weights
