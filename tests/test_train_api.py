@@ -166,6 +166,29 @@ def test_errors_name_python_arguments_not_cli_flags(setup, finished, tmp_path):
     assert "choose a new directory or pass overwrite=True" in message(lambda: merge(finished, other))
 
 
+def test_eval_samples_are_each_example_s_prediction_and_probabilities(setup, finished, tmp_path, capsys):
+    """evaluate(samples=FILE) / `lorafit eval --samples FILE`: a line per example, in the split's order, whose
+    predictions make the metrics; the file is replaced whole; what cannot be written is refused up front."""
+    from lorafit import cli
+
+    out = tmp_path / "predictions.jsonl"
+    out.write_text("an older file\n")
+    metrics = evaluate(finished, samples=out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["example"] for r in lines] == list(range(len(lines))) and len(lines) > 8
+    for r in lines:
+        assert r["split"] == "validation" and set(r["probabilities"]) == {r["label"], *r["probabilities"]}
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5) and r["text"]
+        assert r["predicted"] == max(r["probabilities"], key=r["probabilities"].get)
+    assert metrics["accuracy"] == pytest.approx(sum(r["predicted"] == r["label"] for r in lines) / len(lines))
+    assert cli.main(["eval", str(finished), "--samples", str(tmp_path / "cli.jsonl"), "--json"]) == 0
+    assert (tmp_path / "cli.jsonl").read_text() == out.read_text()
+    assert cli.main(["eval", str(finished), "--samples", str(tmp_path / "missing" / "x.jsonl")]) == 2
+    assert "--samples: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="samples: .* must be a file in an existing directory"):
+        evaluate(finished, samples=tmp_path)
+
+
 def test_cli_errors_still_name_the_flags(setup, finished, capsys):
     from lorafit import cli
 

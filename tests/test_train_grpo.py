@@ -358,6 +358,10 @@ def test_a_grpo_run_logs_its_completions_and_what_reward_functions_log(tmp_path)
     assert summary["validation"]["scored_at_step"] == 8 and summary["validation"]["of_steps"] == 8
     assert summary["validation"]["reward/later"] == 0.5
     assert evaluate(tmp_path / "run")["scored_at_step"] == 8 and evaluate(tmp_path / "run", base=True)["of_steps"] == 0
+    metrics = evaluate(tmp_path / "run", samples=tmp_path / "samples.jsonl")  # `lorafit eval --samples`
+    again = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["example"] for r in again] == list(range(8)) and "advantage" not in again[0]
+    assert sum(r["reward"] for r in again) / 8 == pytest.approx(metrics["reward"])
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in logged if r["type"] == "train"]
     # log_every = 2: each line averages the two steps' calls, made with 0 and 1, 2 and 3, ... steps done

@@ -342,6 +342,19 @@ num_threads = 1
     with pytest.raises(ValueError, match="not both"):
         evaluate(tmp_path / "run", base=True, adapter=tmp_path / "run" / "adapter")
 
+    # samples: the generations the ROUGE scores were computed from, a line per generated example
+    from lorafit.train.tasks import rouge
+
+    metrics = evaluate(tmp_path / "run", samples=tmp_path / "generations.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [r["example"] for r in lines] == [0, 1, 2, 3] and {r["split"] for r in lines} == {"validation"}
+    assert all(r["prompt"].startswith("<|user|> repeat") and r["references"] for r in lines)
+    assert rouge([r["references"] for r in lines], [r["generation"] for r in lines]) == pytest.approx(
+        {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL")})
+    with pytest.raises(ValueError, match=r"samples: this run's evaluation generates nothing \(task.generate_rows = 0\)"
+                                         r"; ask for generations with overrides=\['task.generate_rows=N'\]"):
+        evaluate(tmp_path / "run", overrides=["task.generate_rows=0"], samples=tmp_path / "none.jsonl")
+
 
 def test_seq2seq_t5_summarization_learns(tmp_path):
     rows = instruction_rows(40)

@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.train.run import CLI_ARGS
 
     metrics = evaluate(args.run_dir, split=args.split, overrides=args.set, adapter=args.adapter, base=args.base,
-                       per_class=True, arg_names=CLI_ARGS)
+                       per_class=True, arg_names=CLI_ARGS, samples=args.samples)
     if args.json:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
         return 0
@@ -301,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "adapter: the same metrics, zero-shot")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--samples", metavar="FILE", help="also write each example's output as a line of JSON: a "
+                                                      "classifier's prediction and class probabilities, the "
+                                                      "generations (causal_lm, seq2seq: task.generate_rows of "
+                                                      "them), grpo's sampled completions and rewards")
     ev.set_defaults(func=cmd_eval)
 
     mg = sub.add_parser("merge", help="write the base model with a run's adapter merged in",

@@ -76,7 +76,7 @@ class GRPO(CausalLM):
         self._tokens = 0  # the last loss_sum's: its prompts, each as often as it was sampled, and completions
         self._warned_unjudged = False  # of completions that no reward judged (every function returned None)
         self._state = _trainer_state(0, 0, 0.0, True)  # reward functions' trainer_state
-        self._samples: list[dict] = []  # task.log_completions: the last window's, for completions.jsonl
+        self.keep_samples = config.task.log_completions  # every sampled completion, for completions.jsonl
         self._dist = SINGLE  # the processes of the last window (task.top_entropy_quantile's quantile is over all)
 
     def cache_key(self, kind: str) -> tuple:
@@ -93,12 +93,6 @@ class GRPO(CausalLM):
 
     def training_progress(self, step: int, max_steps: int, epoch: float, is_main: bool) -> None:
         self._state = _trainer_state(step, max_steps, epoch, is_main)
-
-    def take_samples(self) -> list[dict] | None:
-        if not self.config.task.log_completions:
-            return None
-        samples, self._samples = self._samples, []
-        return samples
 
     def _reward_call(self) -> RewardCall:
         own = {"reward", "reward_std", "flat_groups", "completion_length", "entropy", "kl", "clip_ratio"}
@@ -206,8 +200,8 @@ class GRPO(CausalLM):
         self._add_log(rewards, parts, mask)
         for name, (total, count) in call.metrics.items():
             self._add(name, total, count)
-        samples = self._sample_records("train", joined, completions, n, lengths, rewards, parts, call.extra) \
-            if t.log_completions else None
+        samples = self._sample_records(None, joined, completions, n, lengths, rewards, parts, call.extra) \
+            if self.keep_samples else None
         loss_mask = mask
         if t.mask_truncated_completions and self.tok.eos_token_id is not None:
             # an end token within the completion's own tokens: the columns after it may be padding of any id
@@ -225,17 +219,19 @@ class GRPO(CausalLM):
                 b["samples"] = samples[start:end]
             start = end
 
-    def _sample_records(self, split: str, joined: dict, completions: list[str], n: int, lengths: list[int],
-                        rewards: torch.Tensor, parts: torch.Tensor, extra: dict[str, list]) -> list[dict]:
-        """completions.jsonl's lines of completions of ``joined``'s prompts, ``n`` each: all but a training
-        completion's advantage (and the loop's step)."""
+    def _sample_records(self, examples: list[int] | None, joined: dict, completions: list[str], n: int,
+                        lengths: list[int], rewards: torch.Tensor, parts: torch.Tensor,
+                        extra: dict[str, list]) -> list[dict]:
+        """The records of completions of ``joined``'s prompts, ``n`` each (of the evaluation's ``examples``, by
+        index): all but a training completion's advantage (and the loop's step and split)."""
         chat = bool(self.config.data.messages_field)
         names = [name for name, _ in self.rewards()]
         out = []
         for i, (text, length, reward, scores) in enumerate(zip(completions, lengths, rewards.tolist(),
                                                                 parts.tolist())):
             prompt = joined["prompts"][i // n]
-            out.append({"split": split, "prompt": prompt if chat else text_pair(prompt, [])[0], "completion": text,
+            out.append({**({} if examples is None else {"example": examples[i // n]}),
+                        "prompt": prompt if chat else text_pair(prompt, [])[0], "completion": text,
                         "length": length, "reward": reward,
                         "rewards": {name: None if math.isnan(v) else v for name, v in zip(names, scores)},
                         **{column: values[i] for column, values in extra.items()}})
@@ -460,9 +456,9 @@ class GRPO(CausalLM):
                 lengths, ids = completion_tokens(seqs, mask, batch["input_ids"].shape[1])
                 parts = self._scores(batch, completions, 1, ids, call)
                 weighted = self._weighted(parts)
-                if self.config.task.log_completions:
-                    self._samples += self._sample_records("validation", batch, completions, 1, lengths, weighted,
-                                                          parts, call.extra)
+                if self.keep_samples:
+                    self._samples += self._sample_records(idx, batch, completions, 1, lengths, weighted, parts,
+                                                          call.extra)
                 call.extra.clear()
                 sums[0] += float(weighted.sum())
                 sums[1:-1] += parts.nansum(0).double()

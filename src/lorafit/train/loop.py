@@ -235,16 +235,18 @@ class _Session:
             units = self.task.prepare_window(self.wrapped, [(m.batch, m.real) for m in micro], self.dist)
         for m, u in zip(micro, units or ()):
             m.units = u
-        self.write_samples(self.state.step + 1)  # the first step that trains on them
+        self.write_samples(self.state.step + 1, "train")  # the first step that trains on them
         return micro
 
-    def write_samples(self, step: int) -> None:
-        """What the task sampled since the last call, every process's, to completions.jsonl (Task.take_samples)."""
+    def write_samples(self, step: int, split: str) -> None:
+        """What the task produced since the last call, every process's, to completions.jsonl (Task.take_samples:
+        grpo's completions with task.log_completions)."""
         samples = self.task.take_samples()
         if samples is not None:
             gathered = self.dist.gather_objects(samples)
             if self.dist.is_main:
-                self.samples_log.extend({"step": step, **record} for part in gathered for record in part)
+                self.samples_log.extend({"step": step, "split": split, **record} for part in gathered
+                                        for record in part)
 
     def tell_progress(self) -> None:
         """The task's view of where training stands (Task.training_progress)."""
@@ -394,7 +396,7 @@ class _Session:
         metrics = self.task.evaluate(self.model, self.eval_features, self.device, t.eval_batch_size, self.autocast,
                                      dist)
         state.eval_seconds += time.perf_counter() - started
-        self.write_samples(state.step)
+        self.write_samples(state.step, "validation")
         self.wrapped.train()
         state.last_eval_step = state.step
         value = metrics[self.metric]

@@ -108,11 +108,12 @@ class ArgNames:
     set_one: str = "overrides=[{!r}]"  # how to pass one override, e.g. data.test=FILE
     base: str = "base=True"
     adapter: str = "adapter=DIR"
+    samples: str = "samples"
 
 
 PYTHON_ARGS = ArgNames()
 CLI_ARGS = ArgNames(resume="--resume", overwrite="--overwrite", overrides="--set", set_one="--set {}", base="--base",
-                    adapter="--adapter")
+                    adapter="--adapter", samples="--samples")
 
 
 def _as_config(config: RunConfig | str | os.PathLike | dict, overrides, names: ArgNames = PYTHON_ARGS) -> RunConfig:
@@ -994,10 +995,17 @@ def _use_saved_labels(config: RunConfig, run_dir: Path, adapter_dir: Path) -> No
 
 def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=None,
              adapter: str | os.PathLike | None = None, base: bool = False,
-             per_class: bool = False, arg_names: ArgNames = PYTHON_ARGS) -> dict[str, Any]:
+             per_class: bool = False, arg_names: ArgNames = PYTHON_ARGS,
+             samples: str | os.PathLike | None = None) -> dict[str, Any]:
     """Metrics of a finished run's adapter (or fine-tuned model) on ``split``; with ``base``, of the model the
     run started from, without the adapter (what the run gained is the difference). For classification,
-    ``per_class`` adds ``"per_class": {class name: {"precision", "recall", "f1", "support"}}``."""
+    ``per_class`` adds ``"per_class": {class name: {"precision", "recall", "f1", "support"}}``.
+
+    ``samples``: a JSON Lines file (replaced) that gets a line per example the evaluation produced an output
+    for, with ``example``, its index among the split's encoded examples: a classification run's text, label,
+    predicted class and class probabilities; a causal_lm or seq2seq run's prompt, generation and references
+    (the task.generate_rows examples it generates for); a grpo run's prompt, sampled completion, reward and each
+    reward's score."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if base and adapter is not None:
@@ -1005,6 +1013,8 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
     config_path = Path(run_dir) / CONFIG_FILE
     config = load_config(config_path, overrides, overrides_source=arg_names.overrides) if config_path.is_file() \
         else None  # load_run says what is missing
+    if samples is not None and config is not None:
+        _check_samples(config, Path(samples), arg_names)
     features = None
     if config is not None and config.task.precompute_reference and config.train.method == "full" \
             and adapter is None and not base:
@@ -1026,8 +1036,27 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
     if summary.is_file() and not base:  # grpo's reward functions see the finished run's trainer_state
         done = json.loads(summary.read_text())
         prep.task.training_progress(done["steps"], done["steps"], done.get("epochs_done") or 0.0, True)
-    return prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size, _autocast(prep),
-                              **extra)
+    prep.task.keep_samples = samples is not None
+    metrics = prep.task.evaluate(prep.model, features, prep.device, prep.config.train.eval_batch_size,
+                                 _autocast(prep), **extra)
+    if samples is not None:
+        records = sorted(prep.task.take_samples(), key=lambda r: r["example"])
+        ckpt.atomic_write_text(Path(samples), "".join(
+            json.dumps({"split": split, **r}, ensure_ascii=False, default=str) + "\n" for r in records))
+    return metrics
+
+
+def _check_samples(config: RunConfig, path: Path, arg_names: ArgNames) -> None:
+    """Before anything loads: the run's evaluation has per-example outputs to write, and ``path`` can be written."""
+    kind = config.task.type
+    if kind not in ("classification", "causal_lm", "seq2seq", "grpo"):
+        raise ValueError(f"{arg_names.samples}: a {kind!r} run's evaluation has no output per example to write; "
+                         "it is for classification, causal_lm, seq2seq and grpo runs")
+    if kind in ("causal_lm", "seq2seq") and not config.task.generate_rows:
+        raise ValueError(f"{arg_names.samples}: this run's evaluation generates nothing (task.generate_rows = 0); "
+                         f"ask for generations with {arg_names.set_one.format('task.generate_rows=N')}")
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"{arg_names.samples}: {str(path)!r} must be a file in an existing directory")
 
 
 def _check_split(prep: Prepared, split: str, arg_names: ArgNames) -> None:

@@ -120,6 +120,7 @@ def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task
 class Task:
     metric = "eval_loss"  # the default "best" metric
     skipped_because = "no response token fits into"  # why encode_batch leaves rows out
+    writes_samples = False  # whether evaluate can record its per-example outputs (keep_samples)
 
     def __init__(self, config: RunConfig, tokenizer, labels: list | None = None) -> None:
         self.config = config
@@ -127,6 +128,10 @@ class Task:
         self.labels = labels
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._tokenizer_key: str | None = None
+        # record what evaluate (and grpo's training) produce per example, for take_samples: `lorafit eval
+        # --samples`, grpo's task.log_completions
+        self.keep_samples = False
+        self._samples: list[dict] = []
 
     def encode_batch(self, batch: dict[str, list], split: str) -> dict[str, list]:
         """Rows as columns (``Dataset.map(batched=True)``) -> encoded examples as columns, each with its
@@ -190,9 +195,13 @@ class Task:
         functions as TRL's trainer_state). Nothing by default."""
 
     def take_samples(self) -> list[dict] | None:
-        """What the task sampled for the last window, one record each, for the run's completions.jsonl (grpo
-        with task.log_completions); None, on every process alike: the task keeps no such log."""
-        return None
+        """What the task produced since the last call, a record per example (this process's): an evaluation's
+        predictions or generations, grpo's sampled completions; None, on every process alike, unless
+        ``keep_samples``."""
+        if not self.keep_samples:
+            return None
+        samples, self._samples = self._samples, []
+        return samples
 
     def prepare_window(self, model: nn.Module, micro: list[tuple[dict, bool]],
                        dist: Distributed = SINGLE) -> list[int] | None:
@@ -224,6 +233,7 @@ class Task:
 
 class Classification(Task):
     metric = "accuracy"
+    writes_samples = True
 
     def __init__(self, config, tokenizer, labels) -> None:
         super().__init__(config, tokenizer, labels)
@@ -277,6 +287,8 @@ class Classification(Task):
             loss += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             preds += logits.argmax(-1).tolist()
             gold += batch["labels"].tolist()
+            if self.keep_samples:
+                self._samples += self._sample_records(idx, rows_at(features, idx), logits)
         parts = dist.gather_objects((preds, gold, loss))
         preds, gold = [p for part in parts for p in part[0]], [g for part in parts for g in part[1]]
         loss = sum(part[2] for part in parts)
@@ -286,6 +298,14 @@ class Classification(Task):
         if per_class:
             metrics["per_class"] = class_report(preds, gold, list(self.label_ids))
         return metrics
+
+    def _sample_records(self, idx: list[int], rows: list[dict], logits: torch.Tensor) -> list[dict]:
+        """Each example's text (as the model read it), label, predicted class and class probabilities."""
+        names = list(self.label_ids)
+        return [{"example": i, "text": self.tok.decode(row["input_ids"], skip_special_tokens=True),
+                 "label": names[row["label"]], "predicted": names[int(p.argmax())],
+                 "probabilities": dict(zip(names, p.tolist()))}
+                for i, row, p in zip(idx, rows, logits.softmax(-1))]
 
 
 def class_report(preds: list[int], gold: list[int], names: list[str]) -> dict[str, dict[str, float]]:
@@ -313,6 +333,8 @@ def macro_f1(preds: list[int], gold: list[int], n_classes: int) -> float:
 
 
 class _Generative(Task):
+    writes_samples = True  # the generations of task.generate_rows examples
+
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         ids = self._pad([f["input_ids"] for f in feats], self.pad_id)
         labels = self._pad([f["labels"] for f in feats], IGNORE)
@@ -346,12 +368,18 @@ class _Generative(Task):
         out["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
         n = self.config.task.generate_rows
         if n:
-            rows = dist.shard(list(itertools.islice((f for f in features if f.get("reference") is not None), n)))
+            numbered = dist.shard(list(itertools.islice(
+                ((i, f) for i, f in enumerate(features) if f.get("reference") is not None), n)))
+            rows = [f for _, f in numbered]
             prompts = [f["prompt_ids"] for f in rows]
             if dist.fsdp:  # same number of generate calls everywhere; the extra outputs are dropped
                 most = int(dist.all_reduce_max(len(prompts), device))
                 prompts += [features[0].get("prompt_ids", features[0]["input_ids"])] * (most - len(prompts))
             predictions = self.generate(model, prompts, device, batch_size, autocast, synced=dist.fsdp)
+            if self.keep_samples:
+                self._samples += [{"example": i, "prompt": self.tok.decode(f["prompt_ids"], skip_special_tokens=True),
+                                   "generation": text, "references": f["reference"]}
+                                  for (i, f), text in zip(numbered, predictions)]
             parts = dist.gather_objects(([f["reference"] for f in rows], predictions[:len(rows)]))
             out.update(rouge([r for part in parts for r in part[0]], [p for part in parts for p in part[1]]))
         return out
