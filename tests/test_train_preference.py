@@ -278,6 +278,9 @@ def test_dpo_learns_the_preferred_responses_and_writes_a_causal_lm_adapter(tmp_p
     again = evaluate(run, split="validation")
     assert again["reward_accuracy"] == pytest.approx(summary["validation"]["reward_accuracy"])
     assert again["eval_loss"] == pytest.approx(summary["validation"]["eval_loss"], abs=1e-5)
+    with pytest.raises(ValueError, match="samples: a 'preference' run's evaluation has no output per example to "
+                                         "write; it is for classification, causal_lm, seq2seq, reward, grpo runs"):
+        evaluate(run, samples=tmp_path / "pairs.jsonl")
     # PEFT loads the adapter to the logits lorafit gives with it
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")

@@ -89,9 +89,16 @@ def test_a_reward_model_learns_the_preferred_responses_and_peft_loads_it(tmp_pat
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
     # `lorafit eval` reloads the adapter (and its score head) to the run's numbers
-    again = evaluate(run, split="validation")
+    again = evaluate(run, split="validation", samples=tmp_path / "pairs.jsonl")
     assert again["accuracy"] == pytest.approx(summary["validation"]["accuracy"])
     assert again["eval_loss"] == pytest.approx(summary["validation"]["eval_loss"], abs=1e-5)
+    # --samples: each pair's conversations and scores, which the metrics come from
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [p["example"] for p in pairs] == list(range(len(pairs))) and all(p["chosen"] != p["rejected"]
+                                                                            for p in pairs)
+    assert again["accuracy"] == pytest.approx(sum(p["right"] for p in pairs) / len(pairs))
+    assert again["reward_margin"] == pytest.approx(
+        sum(p["chosen_score"] - p["rejected_score"] for p in pairs) / len(pairs), rel=1e-5)
     # PEFT loads it onto a one-output classifier to the scores lorafit gives
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny-llama", num_labels=1)

@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", metavar="FILE", help="also write each example's output as a line of JSON: a "
                                                       "classifier's prediction and class probabilities, the "
                                                       "generations (causal_lm, seq2seq: task.generate_rows of "
-                                                      "them), grpo's sampled completions and rewards")
+                                                      "them), a reward model's scores of each pair, grpo's "
+                                                      "sampled completions and rewards")
     ev.set_defaults(func=cmd_eval)
 
     mg = sub.add_parser("merge", help="write the base model with a run's adapter merged in",

@@ -57,6 +57,7 @@ class PairScores(NamedTuple):
 class Preference(PairRows, CausalLM):
     metric = "eval_loss"
     eval_totals = ("loss", "right", "margin", "pairs")  # eval_sums' names
+    writes_samples = False  # its evaluation generates nothing (CausalLM's generations are not run)
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)

@@ -34,6 +34,7 @@ SIDES = (("input_ids", "token_type_ids"), ("rejected_ids", "rejected_token_type_
 class Reward(PairRows, Task):
     metric = "accuracy"
     skipped_because = "the two conversations do not differ within"
+    writes_samples = True  # each pair's two conversations and scores
 
     def __init__(self, config, tokenizer, labels=None) -> None:
         super().__init__(config, tokenizer, labels)
@@ -150,9 +151,23 @@ class Reward(PairRows, Task):
                 right += float((chosen > rejected).sum())
                 margin += float((chosen - rejected).sum())
                 pairs += len(idx)
+                if self.keep_samples:
+                    self._samples += self._sample_records(idx, rows_at(features, idx), chosen, rejected)
         loss, right, margin, pairs = dist.all_reduce_sum([loss, right, margin, pairs], device)
         pairs = max(pairs, 1)
         return {"eval_loss": loss / pairs, "accuracy": right / pairs, "reward_margin": margin / pairs}
+
+
+    def _sample_records(self, idx: list[int], rows: list[dict], chosen: torch.Tensor,
+                        rejected: torch.Tensor) -> list[dict]:
+        """Each pair's two conversations (as the model read them), their scores, and whether it ranked them
+        right."""
+        def text(ids: list[int]) -> str:
+            return self.tok.decode(ids, skip_special_tokens=True)
+
+        return [{"example": i, "chosen": text(f["input_ids"]), "rejected": text(f["rejected_ids"]),
+                 "chosen_score": c, "rejected_score": r, "right": c > r}
+                for i, f, c, r in zip(idx, rows, chosen.tolist(), rejected.tolist())]
 
 
 def _margin(value, field: str) -> float:

@@ -47,7 +47,7 @@ from lorafit.lorafa import LoraFAProjection
 from lorafit.targeting import SEQ_CLS_HEADS
 from lorafit.train import allocator, distributed
 from lorafit.train import checkpoint as ckpt
-from lorafit.train.config import CONFIG_FILE, RunConfig, TrainSection, load_config
+from lorafit.train.config import CONFIG_FILE, TASKS, RunConfig, TrainSection, load_config
 from lorafit.train.data import HELD_OUT, Splits, StreamedFeatures, label_set, load_splits, streamed, train_batches
 from lorafit.train.distributed import SINGLE, Distributed
 from lorafit.train.loop import LoopState, fit, keeps_masters, on_device, total_steps
@@ -74,7 +74,7 @@ from lorafit.train.models import (
 )
 from lorafit.train.neftune import add_embedding_noise
 from lorafit.train.reference import with_reference
-from lorafit.train.tasks import Task, build_task, encode_dataset
+from lorafit.train.tasks import Task, build_task, encode_dataset, task_class
 
 RUN_MARKERS = (CONFIG_FILE, "checkpoints", "summary.json", "metrics.jsonl")
 
@@ -1004,8 +1004,8 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
     ``samples``: a JSON Lines file (replaced) that gets a line per example the evaluation produced an output
     for, with ``example``, its index among the split's encoded examples: a classification run's text, label,
     predicted class and class probabilities; a causal_lm or seq2seq run's prompt, generation and references
-    (the task.generate_rows examples it generates for); a grpo run's prompt, sampled completion, reward and each
-    reward's score."""
+    (the task.generate_rows examples it generates for); a reward run's chosen and rejected conversations and
+    their scores; a grpo run's prompt, sampled completion, reward and each reward's score."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if base and adapter is not None:
@@ -1049,9 +1049,10 @@ def evaluate(run_dir: str | os.PathLike, split: str = "validation", overrides=No
 def _check_samples(config: RunConfig, path: Path, arg_names: ArgNames) -> None:
     """Before anything loads: the run's evaluation has per-example outputs to write, and ``path`` can be written."""
     kind = config.task.type
-    if kind not in ("classification", "causal_lm", "seq2seq", "grpo"):
+    if not task_class(kind).writes_samples:
+        writers = [k for k in TASKS if task_class(k).writes_samples]
         raise ValueError(f"{arg_names.samples}: a {kind!r} run's evaluation has no output per example to write; "
-                         "it is for classification, causal_lm, seq2seq and grpo runs")
+                         f"it is for {', '.join(writers)} runs")
     if kind in ("causal_lm", "seq2seq") and not config.task.generate_rows:
         raise ValueError(f"{arg_names.samples}: this run's evaluation generates nothing (task.generate_rows = 0); "
                          f"ask for generations with {arg_names.set_one.format('task.generate_rows=N')}")

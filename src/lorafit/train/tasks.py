@@ -106,15 +106,18 @@ def rows_to_columns(rows: list[dict], fields: list[str] | None = None) -> dict[s
 
 
 def build_task(config: RunConfig, tokenizer, labels: list | None = None) -> Task:
+    return task_class(config.task.type)(config, tokenizer, labels)
+
+
+def task_class(kind: str) -> type[Task]:
+    """The Task of task.type ``kind``."""
     from lorafit.train.grpo import GRPO  # they build on the tasks here
     from lorafit.train.kto import KTO
     from lorafit.train.preference import Preference
     from lorafit.train.reward import Reward
 
-    kind = config.task.type
-    cls = {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference,
-           "reward": Reward, "kto": KTO, "grpo": GRPO}[kind]
-    return cls(config, tokenizer, labels)
+    return {"classification": Classification, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "preference": Preference,
+            "reward": Reward, "kto": KTO, "grpo": GRPO}[kind]
 
 
 class Task:
