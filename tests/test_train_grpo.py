@@ -370,8 +370,9 @@ def test_a_grpo_run_logs_its_completions_and_what_reward_functions_log(tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     samples = [r for r in lines if r["split"] == "train"]
     assert [r["step"] for r in samples] == [step for step in range(1, 9) for _ in range(16)]  # 4 prompts x 4
-    evaluated = [r for r in lines if r["split"] == "validation"]  # after the last step: one per prompt
+    evaluated = [r for r in lines if r["split"] == "validation"]  # after the last step: one per prompt, in order
     assert [r["step"] for r in evaluated] == [8] * 8 and lines[-8:] == evaluated
+    assert [r["example"] for r in evaluated] == list(range(8))
     assert all("advantage" not in r and r["words"] == len(r["completion"].split()) for r in evaluated)
     assert sum(r["reward"] for r in evaluated) / 8 == pytest.approx(summary["validation"]["reward"])
     for r in samples:

@@ -243,10 +243,10 @@ class _Session:
         grpo's completions with task.log_completions)."""
         samples = self.task.take_samples()
         if samples is not None:
-            gathered = self.dist.gather_objects(samples)
-            if self.dist.is_main:
-                self.samples_log.extend({"step": step, "split": split, **record} for part in gathered
-                                        for record in part)
+            records = [record for part in self.dist.gather_objects(samples) for record in part]
+            if self.dist.is_main:  # an evaluation's in the split's order (its batches go longest first)
+                records.sort(key=lambda record: record.get("example", 0))
+                self.samples_log.extend({"step": step, "split": split, **record} for record in records)
 
     def tell_progress(self) -> None:
         """The task's view of where training stands (Task.training_progress)."""
