@@ -95,8 +95,7 @@ class GRPO(CausalLM):
         self._state = _trainer_state(step, max_steps, epoch, is_main)
 
     def _reward_call(self) -> RewardCall:
-        own = {"reward", "reward_std", "flat_groups", "completion_length", "entropy", "kl", "clip_ratio"}
-        return RewardCall(self._state, reserved=frozenset(own | _LOOP_FIELDS))
+        return RewardCall(self._state, reserved=frozenset({*_TRAIN_METRICS, *_LOOP_FIELDS}))
 
     def prompt_and_reference(self, row: dict) -> tuple[list[dict], str | None]:
         d = self.config.data
@@ -349,12 +348,10 @@ class GRPO(CausalLM):
         the clip cut off; as (sum, count) pairs that the loop sums over the processes. Every process reports the
         same names, but for those of reward functions' log_metric, which the loop joins."""
         t, rewards = self.config.task, self.rewards()
-        names = ["reward", *(f"reward/{name}" for name, _ in rewards if len(rewards) > 1), "reward_std",
-                 "flat_groups", "completion_length", "entropy"]
-        if t.grpo_beta:
-            names.append("kl")
-        if t.num_iterations > 1 and t.grpo_loss != "sapo":  # sapo has no clip
-            names.append("clip_ratio")
+        shown = {"kl": bool(t.grpo_beta), "clip_ratio": t.num_iterations > 1 and t.grpo_loss != "sapo"}  # sapo: no clip
+        names = [name for name in _TRAIN_METRICS if shown.get(name, True)]
+        if len(rewards) > 1:
+            names[1:1] = [f"reward/{name}" for name, _ in rewards]
         names += [name for name in self._log if name not in names]  # what reward functions logged (log_metric)
         out = {name: tuple(float(v) for v in self._log.get(name, (0.0, 0.0))) for name in names}
         self._log = {}
@@ -479,7 +476,9 @@ class GRPO(CausalLM):
         return out
 
 
-# what the loop writes beside a task's metrics in metrics.jsonl
+# train_log's metrics, in its order (with several rewards each one's "reward/NAME" follows "reward"), and what the
+# loop writes beside them in metrics.jsonl: names a reward function's log_metric may not take
+_TRAIN_METRICS = ("reward", "reward_std", "flat_groups", "completion_length", "entropy", "kl", "clip_ratio")
 _LOOP_FIELDS = {"type", "split", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}
 
 

@@ -157,7 +157,6 @@ class Reward(PairRows, Task):
         pairs = max(pairs, 1)
         return {"eval_loss": loss / pairs, "accuracy": right / pairs, "reward_margin": margin / pairs}
 
-
     def _sample_records(self, idx: list[int], rows: list[dict], chosen: torch.Tensor,
                         rejected: torch.Tensor) -> list[dict]:
         """Each pair's two conversations (as the model read them), their scores, and whether it ranked them

@@ -614,8 +614,12 @@ def chunked_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: 
     kept, so one chunk's logits exist at a time in both passes."""
     def chunk_losses(h: torch.Tensor, y: torch.Tensor):
         logits = head(h).float()
-        losses = nn.functional.cross_entropy(logits, y, reduction="none")
-        return (losses, row_entropy(logits, entropy_grad)) if entropy else losses
+        if not entropy:
+            return nn.functional.cross_entropy(logits, y, reduction="none")
+        logp = logits.log_softmax(-1)  # once, for the loss and the entropy (a chunk is LOSS_CHUNK_LOGITS at most)
+        losses = -logp.gather(-1, y[:, None])[:, 0]
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return losses, _entropy(logp)
 
     chunks = [checkpoint(chunk_losses, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk_losses(h, y)
               for h, y in zip(hidden.split(rows), targets.split(rows))]
@@ -630,15 +634,16 @@ def row_entropy(logits: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """The entropy of softmax(logits) over the last dimension, in float32 (a -inf logit adds 0, and no NaN to
     the gradient), computed LOSS_CHUNK_LOGITS logits at a time: the log-probabilities are one more buffer of
     their size; with a gradient only with ``grad``."""
-    def entropy(chunk: torch.Tensor) -> torch.Tensor:
-        logp = chunk.float().log_softmax(-1)
-        return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
-
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         flat = logits.reshape(-1, logits.shape[-1])
         rows = max(1, LOSS_CHUNK_LOGITS // max(flat.shape[1], 1))
-        parts = [entropy(chunk) for chunk in flat.split(rows)]
+        parts = [_entropy(chunk.float().log_softmax(-1)) for chunk in flat.split(rows)]
         return (torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)).view(logits.shape[:-1])
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """The entropy of each row of log-probabilities; a -inf one adds 0, and no NaN to the gradient."""
+    return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
 def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
